@@ -1,0 +1,52 @@
+"""difftune: parameter-efficient fine-tuning of diffusion models.
+
+    import difftune
+    adapter = difftune.add_adapter(pipe.unet, "lora", targets="attn", rank=4)
+    ...train difftune.trainable_parameters(pipe.unet)...
+    difftune.save_adapter(pipe.unet, "out/adapter.safetensors")
+    difftune.load_adapter(fresh_pipe, "out/adapter.safetensors", scale=1.0)
+"""
+
+from ._version import __version__
+from .api import (
+    add_adapter,
+    count_trainable_parameters,
+    find_denoiser,
+    get_adapter,
+    has_adapter,
+    load_adapter,
+    merge_adapter,
+    named_trainable_parameters,
+    read_adapter_info,
+    remove_adapter,
+    save_adapter,
+    set_adapter_scale,
+    trainable_parameters,
+    unmerge_adapter,
+)
+from .errors import AdapterFileError, BaseModelMismatchError, DifftuneError, TargetError
+from .tuners import METHODS, register_method
+
+__all__ = [
+    "METHODS",
+    "AdapterFileError",
+    "BaseModelMismatchError",
+    "DifftuneError",
+    "TargetError",
+    "__version__",
+    "add_adapter",
+    "count_trainable_parameters",
+    "find_denoiser",
+    "get_adapter",
+    "has_adapter",
+    "load_adapter",
+    "merge_adapter",
+    "named_trainable_parameters",
+    "read_adapter_info",
+    "register_method",
+    "remove_adapter",
+    "save_adapter",
+    "set_adapter_scale",
+    "trainable_parameters",
+    "unmerge_adapter",
+]

@@ -1,0 +1,228 @@
+"""The public adapter API: attach, train, save, load, scale, merge, remove.
+
+Every function takes a denoiser (any ``nn.Module``); the ones that users call on
+pipelines (`load_adapter`, `add_adapter`) also accept a diffusers pipeline and act on
+its ``unet`` or ``transformer``. The attached adapter is kept on the module itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ._version import __version__
+from .adapter_file import (
+    DEFAULT_FILE_NAME,
+    FORMAT_VERSION,
+    METADATA_KEY,
+    check_fingerprint,
+    fingerprint,
+    read_adapter_file,
+    resolve_adapter_path,
+    write_safetensors,
+)
+from .errors import AdapterFileError, DifftuneError
+from .targeting import resolve_targets
+from .tuners import Adapter, get_method
+
+_ADAPTER_ATTRIBUTE = "_difftune_adapter"
+DENOISER_COMPONENTS = ("unet", "transformer")
+
+
+def find_denoiser(obj: Any) -> tuple[nn.Module, str]:
+    """Return ``(denoiser, component_name)`` for a pipeline or a model."""
+    for component in DENOISER_COMPONENTS:
+        denoiser = getattr(obj, component, None)
+        if isinstance(denoiser, nn.Module) and not isinstance(obj, nn.Module):
+            return denoiser, component
+    if isinstance(obj, nn.Module):
+        model = unwrap_model(obj)
+        kind = type(model).__name__
+        component = "unet" if "UNet" in kind else "transformer" if "Transformer" in kind else "model"
+        return model, component
+    raise DifftuneError(f"expected a diffusers pipeline or an nn.Module, got {type(obj).__name__}")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Look through DistributedDataParallel and torch.compile wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif type(model).__name__ in ("DistributedDataParallel", "DataParallel"):
+            model = model.module
+        else:
+            return model
+
+
+def get_adapter(model: Any) -> Adapter:
+    """The adapter attached to a model or pipeline; a clear error when there is none."""
+    denoiser, _ = find_denoiser(model)
+    adapter = denoiser.__dict__.get(_ADAPTER_ATTRIBUTE)
+    if adapter is None:
+        raise DifftuneError(f"no difftune adapter is attached to this {type(denoiser).__name__}")
+    return adapter
+
+
+def has_adapter(model: Any) -> bool:
+    denoiser, _ = find_denoiser(model)
+    return denoiser.__dict__.get(_ADAPTER_ATTRIBUTE) is not None
+
+
+def add_adapter(
+    model: Any, method: str = "lora", targets: str | Sequence[str] | None = None, **options: Any
+) -> Adapter:
+    """Attach a new adapter; only its parameters stay trainable. Returns the adapter.
+
+    ``targets`` is a preset (attn, attn-ff, conv, all), a regex on module names, or a
+    list of them; it defaults to the method's own default. ``options`` are the method's
+    (for LoRA: rank, alpha, dropout, init, use_dora).
+    """
+    denoiser, _ = find_denoiser(model)
+    if has_adapter(denoiser):
+        raise DifftuneError(f"a '{get_adapter(denoiser).method}' adapter is already attached; "
+                            "call difftune.remove_adapter() or merge_adapter() first")
+    adapter_class = get_method(method)
+    if targets is not None:
+        options["targets"] = targets if isinstance(targets, str) else list(targets)
+    config = adapter_class.config_class.from_options(method, options)
+    modules = resolve_targets(denoiser, config.targets)
+    adapter_class.check_targets(modules)
+
+    base_fingerprint = fingerprint(denoiser, modules)
+    requires_grad_before = {name: p.requires_grad for name, p in denoiser.named_parameters()}
+    denoiser.requires_grad_(False)
+    adapter = adapter_class(denoiser, config, modules)
+    adapter.attach(modules)
+    adapter.base_fingerprint = base_fingerprint
+    adapter.requires_grad_before = requires_grad_before
+    denoiser.__dict__[_ADAPTER_ATTRIBUTE] = adapter
+    return adapter
+
+
+def named_trainable_parameters(model: Any) -> list[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` for every trainable adapter parameter."""
+    return list(get_adapter(model).named_trainable_parameters())
+
+
+def trainable_parameters(model: Any) -> list[nn.Parameter]:
+    """The parameters to hand to an optimizer."""
+    return [p for _, p in named_trainable_parameters(model)]
+
+
+def count_trainable_parameters(model: Any) -> int:
+    return sum(p.numel() for p in trainable_parameters(model))
+
+
+def save_adapter(model: Any, path: str | os.PathLike, base_model: str | None = None) -> Path:
+    """Write the adapter to ``path`` (a ``.safetensors`` file, or a folder for adapter.safetensors).
+
+    The header records method, config, targets, the base-model fingerprint and the
+    difftune version. The write is atomic.
+    """
+    denoiser, component = find_denoiser(model)
+    adapter = get_adapter(denoiser)
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path / DEFAULT_FILE_NAME
+    if base_model is None:
+        base_model = getattr(getattr(denoiser, "config", None), "_name_or_path", None)
+    info = {
+        "format_version": FORMAT_VERSION,
+        "difftune_version": __version__,
+        "method": adapter.method,
+        "config": adapter.config.to_dict(),
+        "component": component,
+        "targets": adapter.target_names,
+        "base_model": base_model,
+        "fingerprint": adapter.base_fingerprint,
+        "extra": adapter.file_metadata(),
+    }
+    header = {METADATA_KEY: json.dumps(info, default=str), **adapter.extra_header(component)}
+    tensors = {f"{component}.{key}": value for key, value in adapter.adapter_state_dict().items()}
+    return write_safetensors(path, tensors, header)
+
+
+def read_adapter_info(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of an adapter file (method, config, targets, fingerprint, ...)."""
+    return read_adapter_file(path)[1]
+
+
+def load_adapter(pipeline_or_model: Any, path: str | os.PathLike, scale: float = 1.0) -> Adapter:
+    """Attach the adapter stored at ``path`` to a pipeline's denoiser (or a model).
+
+    Refuses pickle files, damaged files and base models that do not match the
+    fingerprint, before touching the model.
+    """
+    file_path = resolve_adapter_path(path)
+    tensors, info = read_adapter_file(file_path)
+    source = str(file_path)
+    denoiser, component = find_denoiser(pipeline_or_model)
+    adapter_class = get_method(info["method"])
+    for warning in check_fingerprint(denoiser, info["fingerprint"], source):
+        warnings.warn(warning, stacklevel=2)
+    prefix = f"{info['component']}."
+    if any(not key.startswith(prefix) for key in tensors):
+        raise AdapterFileError(f"{source}: tensor keys do not all start with '{prefix}'")
+    local = {key[len(prefix):]: value for key, value in tensors.items()}
+
+    options = dict(info["config"])
+    user_targets = options.pop("targets")
+    adapter = add_adapter(denoiser, adapter_class.method, targets=info["targets"], **options)
+    adapter.config.targets = user_targets
+    try:
+        adapter.check_file_metadata(info.get("extra", {}), source)
+        adapter.load_adapter_state_dict(local, source)
+    except BaseException:
+        remove_adapter(denoiser)
+        raise
+    if scale != 1.0:
+        adapter.set_scale(scale)
+    return adapter
+
+
+def set_adapter_scale(model: Any, scale: float) -> None:
+    """Strength at inference: W0 + scale·ΔW (0 gives the base model)."""
+    get_adapter(model).set_scale(scale)
+
+
+def merge_adapter(model: Any, unload: bool = True) -> nn.Module:
+    """Fold the adapter into plain weights (same outputs, no extra cost).
+
+    With ``unload=True`` (default) the adapter is removed for good and the model holds
+    plain modules. With ``unload=False`` it stays attached in merged form and
+    `unmerge_adapter` restores the exact original weights (kept in memory meanwhile).
+    """
+    denoiser, _ = find_denoiser(model)
+    adapter = get_adapter(denoiser)
+    if unload:
+        adapter.unload()
+        _forget(denoiser, adapter, restore_requires_grad=True)
+    else:
+        adapter.merge(keep_original=True)
+    return denoiser
+
+
+def unmerge_adapter(model: Any) -> None:
+    get_adapter(model).unmerge()
+
+
+def remove_adapter(model: Any) -> nn.Module:
+    """Restore the original modules and weights exactly, and their requires_grad flags."""
+    denoiser, _ = find_denoiser(model)
+    adapter = get_adapter(denoiser)
+    adapter.detach()
+    _forget(denoiser, adapter, restore_requires_grad=True)
+    return denoiser
+
+
+def _forget(denoiser: nn.Module, adapter: Adapter, restore_requires_grad: bool) -> None:
+    if restore_requires_grad:
+        for name, param in denoiser.named_parameters():
+            param.requires_grad_(adapter.requires_grad_before.get(name, param.requires_grad))
+    del denoiser.__dict__[_ADAPTER_ATTRIBUTE]

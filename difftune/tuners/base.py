@@ -1,0 +1,267 @@
+"""What every adapter method provides, and the shared machinery for layer-wrapping ones.
+
+`Adapter` is the model-level contract the public API (`difftune.api`) talks to: attach,
+trainable parameters, the tensors of a file, scale, merge/unmerge and detach. Methods
+that wrap individual layers (SVFit, TLoRA) subclass `LayerAdapter` and only write an
+`AdapterLayer`: the replace-in-parent, restore, merge and file plumbing lives here once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, ABCMeta, abstractmethod
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import DifftuneError
+from ..targeting import check_layer_types
+
+
+@dataclasses.dataclass
+class AdapterConfig:
+    """Options shared by every method; subclasses add their own fields."""
+
+    targets: str | list[str] = "attn"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_options(cls, method: str, options: dict[str, Any]) -> AdapterConfig:
+        """Build a config, naming unknown options instead of a bare TypeError."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise DifftuneError(
+                f"unknown option(s) for method '{method}': {', '.join(unknown)}. "
+                f"Valid options: {', '.join(sorted(known))}"
+            )
+        config = cls(**options)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Check option values; raise DifftuneError naming the option."""
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule called ``name`` is."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+class Adapter(ABC):
+    """One adapter attached to one model (a UNet, a DiT or any nn.Module)."""
+
+    method: ClassVar[str]
+    config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
+    supported_layers: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Conv2d)
+    supported_description: ClassVar[str] = "Linear and Conv2d layers"
+
+    def __init__(self, model: nn.Module, config: AdapterConfig, modules: dict[str, nn.Module]):
+        self.model = model
+        self.config = config
+        self.target_names = list(modules)
+        self.scale = 1.0
+        self.merged = False
+
+    @classmethod
+    def check_targets(cls, modules: dict[str, nn.Module]) -> None:
+        """Refuse, naming them, the targeted modules this method cannot adapt."""
+        check_layer_types(cls.method, modules, cls.supported_layers, cls.supported_description)
+
+    @abstractmethod
+    def attach(self, modules: dict[str, nn.Module]) -> None:
+        """Add the adapter so that the model's output is unchanged."""
+
+    @abstractmethod
+    def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """The parameters an optimizer should train, with their names in the model."""
+
+    @abstractmethod
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors that make up the adapter file, keyed by names relative to the model."""
+
+    @abstractmethod
+    def load_adapter_state_dict(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        """Inverse of `adapter_state_dict`; names ``source`` when keys are missing."""
+
+    @abstractmethod
+    def _apply_scale(self, scale: float) -> None:
+        """Make the unmerged forward use W0 + scale·ΔW."""
+
+    @abstractmethod
+    def _merge(self, keep_original: bool) -> None:
+        """Fold scale·ΔW into the base weights (forward then costs nothing extra)."""
+
+    @abstractmethod
+    def _unmerge(self) -> None:
+        """Restore the exact base weights kept by `_merge`."""
+
+    @abstractmethod
+    def _detach(self) -> None:
+        """Remove every trace of the adapter from the (unmerged) model."""
+
+    def file_metadata(self) -> dict[str, Any]:
+        """Method-specific facts stored in the file (for example what rebuilds a mask)."""
+        return {}
+
+    def check_file_metadata(self, extra: dict[str, Any], source: str) -> None:
+        """Refuse a file whose method-specific facts do not fit this base model."""
+
+    def extra_header(self, component: str) -> dict[str, str]:
+        """Additional safetensors header entries (for example diffusers' LoRA metadata)."""
+        return {}
+
+    # --- lifecycle helpers the public API uses --------------------------------------
+
+    def set_scale(self, scale: float) -> None:
+        was_merged = self.merged
+        if was_merged:
+            self.unmerge()
+        self.scale = float(scale)
+        self._apply_scale(self.scale)
+        if was_merged:
+            self.merge()
+
+    def merge(self, keep_original: bool = True) -> None:
+        if not self.merged:
+            self._merge(keep_original)
+            self.merged = True
+
+    def unmerge(self) -> None:
+        if self.merged:
+            self._unmerge()
+            self.merged = False
+
+    def detach(self) -> None:
+        """Restore the original modules and weights exactly."""
+        self.unmerge()
+        self._detach()
+
+    def unload(self) -> None:
+        """Fold the adapter into the weights for good and remove it (no extra memory)."""
+        if not self.merged:
+            self._merge(keep_original=False)
+        self._detach()
+        self.merged = False
+
+
+class AdapterLayer(nn.Module, metaclass=ABCMeta):
+    """Wraps one base layer. Subclasses define the adapted forward and the dense ΔW.
+
+    Contract: at scale α the layer computes (W0 + α·ΔW)·x + b, where ΔW is what
+    `delta_weight` returns; α = 0 gives the base layer exactly.
+    """
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.scale = 1.0
+        self.merged = False
+        self._original_weight: torch.Tensor | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        # diffusers reads attributes such as .weight or .in_features off projections.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+    @abstractmethod
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW at scale 1, in the base weight's shape, in float32."""
+
+    @abstractmethod
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Output at ``self.scale`` without building W densely when cheaper."""
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.merged or self.scale == 0.0:
+            return self.base_layer(x, *args, **kwargs)
+        return self.adapted_forward(x)
+
+    @torch.no_grad()
+    def merge(self, keep_original: bool) -> None:
+        weight = self.base_layer.weight
+        merged = weight.float() + self.scale * self.delta_weight().reshape(weight.shape)
+        if keep_original:
+            self._original_weight = weight.data
+        weight.data = merged.to(weight.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self._original_weight is None:
+            raise DifftuneError("adapter was merged without keeping the original weights")
+        self.base_layer.weight.data = self._original_weight
+        self._original_weight = None
+        self.merged = False
+
+
+class LayerAdapter(Adapter):
+    """An adapter made of one `AdapterLayer` per targeted module."""
+
+    @abstractmethod
+    def make_layer(self, name: str, module: nn.Module) -> AdapterLayer:
+        """Wrap one targeted module (its output must be unchanged at init)."""
+
+    def attach(self, modules: dict[str, nn.Module]) -> None:
+        self.layers: dict[str, AdapterLayer] = {}
+        for name, module in modules.items():
+            layer = self.make_layer(name, module)
+            replace_module(self.model, name, layer)
+            self.layers[name] = layer
+
+    def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        for name, layer in self.layers.items():
+            for pname, param in layer.named_parameters():
+                if not pname.startswith("base_layer.") and param.requires_grad:
+                    yield f"{name}.{pname}", param
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            f"{name}.{key}": tensor
+            for name, layer in self.layers.items()
+            for key, tensor in layer.state_dict().items()
+            if not key.startswith("base_layer.")
+        }
+
+    @torch.no_grad()
+    def load_adapter_state_dict(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        expected = self.adapter_state_dict()
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        if missing or unexpected:
+            raise DifftuneError(
+                f"{source}: adapter tensors do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
+        for key, target in expected.items():
+            value = tensors[key]
+            if value.shape != target.shape:
+                raise DifftuneError(f"{source}: tensor '{key}' has shape {list(value.shape)}, "
+                                    f"expected {list(target.shape)}")
+            target.copy_(value)
+
+    def _apply_scale(self, scale: float) -> None:
+        for layer in self.layers.values():
+            layer.scale = scale
+
+    def _merge(self, keep_original: bool) -> None:
+        for layer in self.layers.values():
+            layer.merge(keep_original)
+
+    def _unmerge(self) -> None:
+        for layer in self.layers.values():
+            layer.unmerge()
+
+    def _detach(self) -> None:
+        for name, layer in self.layers.items():
+            replace_module(self.model, name, layer.base_layer)
+        self.layers = {}
