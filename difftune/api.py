@@ -162,7 +162,7 @@ def load_adapter(pipeline_or_model: Any, path: str | os.PathLike, scale: float =
     file_path = resolve_adapter_path(path)
     tensors, info = read_adapter_file(file_path)
     source = str(file_path)
-    denoiser, component = find_denoiser(pipeline_or_model)
+    denoiser, _component = find_denoiser(pipeline_or_model)
     adapter_class = get_method(info["method"])
     for warning in check_fingerprint(denoiser, info["fingerprint"], source):
         warnings.warn(warning, stacklevel=2)

@@ -69,9 +69,8 @@ def offline_clip_tokenizer(words: tuple[str, ...] = (), model_max_length: int = 
         for char in alphabet:
             vocab[char + suffix] = len(vocab)
     merges: list[tuple[str, str]] = []
-    byte_encoder = ByteLevel.alphabet()  # noqa: F841  (documents that words are ASCII)
     for word in dict.fromkeys(w.lower() for w in words):
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        pieces = [*word[:-1], word[-1] + "</w>"]
         current = pieces[0]
         for piece in pieces[1:]:
             merges.append((current, piece))
@@ -252,3 +251,68 @@ TINY_BUILDERS = {
     "tiny-sdxl": tiny_sdxl_pipeline,
     "tiny-sd3": tiny_sd3_pipeline,
 }
+
+
+FAMILIES = ("sd", "sdxl", "sd3")
+
+
+def pipeline_family(pipeline: Any) -> str:
+    """``"sd"`` (SD 1.x/2.x), ``"sdxl"`` or ``"sd3"``; a clear error for anything else."""
+    from .errors import DifftuneError
+
+    kind = type(pipeline).__name__
+    if kind.startswith("StableDiffusionXL"):
+        return "sdxl"
+    if kind.startswith("StableDiffusion3"):
+        return "sd3"
+    if kind.startswith("StableDiffusion") and hasattr(pipeline, "unet"):
+        return "sd"
+    raise DifftuneError(
+        f"unsupported base model family: {kind}. Supported: StableDiffusionPipeline (SD 1.x/2.x), "
+        "StableDiffusionXLPipeline and StableDiffusion3Pipeline checkpoints"
+    )
+
+
+def load_pipeline(
+    name_or_path: str,
+    torch_dtype: torch.dtype | None = None,
+    revision: str | None = None,
+    variant: str | None = None,
+    **kwargs: Any,
+):
+    """Load a pipeline by built-in name, hub id or local folder.
+
+    Built-in names: ``builtin:tiny-sd``, ``builtin:tiny-sdxl``, ``builtin:tiny-sd3``
+    (random, for tests) and ``builtin:embedded`` (the small pretrained model in assets/).
+    Anything else goes to ``DiffusionPipeline.from_pretrained`` unchanged, so hub ids,
+    revisions and variants behave as in diffusers.
+    """
+    from .errors import DifftuneError
+
+    if name_or_path.startswith(BUILTIN_PREFIX):
+        name = name_or_path[len(BUILTIN_PREFIX):]
+        if name == "embedded":
+            if not (EMBEDDED_MODEL_DIR / "model_index.json").is_file():
+                raise DifftuneError(f"the embedded model is missing from {EMBEDDED_MODEL_DIR}")
+            name_or_path = str(EMBEDDED_MODEL_DIR)
+        elif name in TINY_BUILDERS:
+            pipe = TINY_BUILDERS[name](**kwargs)
+            return pipe.to(torch_dtype) if torch_dtype is not None else pipe
+        else:
+            raise DifftuneError(f"unknown built-in model '{name_or_path}'. Built-ins: "
+                                + ", ".join(BUILTIN_PREFIX + n for n in [*TINY_BUILDERS, "embedded"]))
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(
+        name_or_path, torch_dtype=torch_dtype, revision=revision, variant=variant, **kwargs
+    )
+    pipeline_family(pipe)
+    return pipe
+
+
+def build_denoiser_on_meta(config: dict[str, Any]) -> nn.Module:
+    """A UNet of the given config with no memory (meta device): for parameter counts."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        return UNet2DConditionModel(**config)

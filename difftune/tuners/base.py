@@ -110,7 +110,7 @@ class Adapter(ABC):
         """Method-specific facts stored in the file (for example what rebuilds a mask)."""
         return {}
 
-    def check_file_metadata(self, extra: dict[str, Any], source: str) -> None:
+    def check_file_metadata(self, extra: dict[str, Any], source: str) -> None:  # noqa: B027
         """Refuse a file whose method-specific facts do not fit this base model."""
 
     def extra_header(self, component: str) -> dict[str, str]:

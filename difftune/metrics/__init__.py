@@ -1,0 +1,1 @@
+"""Evaluation metrics: FID/KID, CLIP score, CLIP-I/CLIP-T, DINO, VLHI."""
