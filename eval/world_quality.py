@@ -3,7 +3,8 @@
     python eval/world_quality.py                      # assets/embedded_model, prints the table
     python eval/world_quality.py --prompts 200 --fid_images 500 --steps 25 --guidance_scale 5
 
-Writes quality.json and samples_grid.png (prompts as labels) into the model folder.
+Writes quality.json, samples_grid.png (prompts as labels) and world_examples.png (real
+held-out scenes with their captions) into the model folder.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from difftune.model_factory import EMBEDDED_MODEL_DIR
-from difftune.world.quality import SamplingSettings, markdown_table, quality_report
+from difftune.world.quality import SamplingSettings, markdown_table, quality_report, world_examples_grid
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     report = quality_report(args.model_dir, args.prompts, args.fid_images, settings)
     grid_path = args.grid or args.model_dir / "samples_grid.png"
     report.pop("grid").save(grid_path)
+    world_examples_grid().save(args.model_dir / "world_examples.png")
     report["wall_seconds"] = round(time.time() - started, 1)
     json_path = args.output_json or args.model_dir / "quality.json"
     json_path.write_text(json.dumps(report, indent=2) + "\n")

@@ -142,6 +142,12 @@ def labelled_grid(images: torch.Tensor, labels: list[str], columns: int = 6, sca
     return grid
 
 
+def world_examples_grid(count: int = 18, split: str = "heldout_a", columns: int = 6) -> Image.Image:
+    """Real scenes with their captions, to show what the world looks like."""
+    scenes = [world_scene(split, i) for i in range(count)]
+    return labelled_grid(real_images(split, count), [s.caption() for s in scenes], columns)
+
+
 def quality_report(model_dir: str | Path, prompt_count: int = 200, fid_count: int = 500,
                    settings: SamplingSettings | None = None, progress: bool = True) -> dict:
     """Everything of point 5: prompt following, FIDs, zero-shot CLIP accuracy, and the grid image."""
