@@ -111,6 +111,34 @@ def test_every_world_word_is_one_token():
     assert len(tokenizer(caption).input_ids) == len(caption.split()) + 2
 
 
+def test_hard_negatives_change_one_detail_and_are_false():
+    from difftune.world.clip_model import hard_negatives
+
+    rng = np.random.default_rng(0)
+    for index in range(100):
+        scene = world_scene("train", index)
+        caption = scene.caption(rng, 0.3)
+        shape_swap, second = hard_negatives(caption, rng)
+        old, new = caption.split(), shape_swap.split()
+        changed = [(a, b) for a, b in zip(old, new, strict=True) if a != b]
+        assert changed and all(b in SHAPES for _, b in changed if b not in ("a", "an"))
+        assert second != caption and sorted(second.split()) != sorted(new)
+        if scene.relation:
+            assert sorted(second.split()) == sorted(old)  # the same words, objects swapped
+
+
+def test_shorter_padding_gives_the_same_text_features():
+    from difftune.world.clip_model import text_features, tokenize
+
+    tokenizer = build_world_tokenizer()
+    model = build_world_clip(tokenizer, pretrain.PretrainConfig.tiny().clip_size)
+    captions = ["a red circle", "an orange dotted star at the left on a white background"]
+    full, short = tokenize(tokenizer, captions), tokenize(tokenizer, captions, padding="longest")
+    assert full.shape[1] == tokenizer.model_max_length > short.shape[1]
+    with torch.no_grad():
+        assert torch.allclose(text_features(model, full), text_features(model, short), atol=1e-5)
+
+
 def _coverage(obj) -> np.ndarray:
     """Fraction of each 64×64 pixel covered by the object (box filter of the 4× mask)."""
     mask = scenes.shape_mask(obj.shape, obj.center, obj.radius, obj.rotation)

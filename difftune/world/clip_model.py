@@ -14,7 +14,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .scenes import COLORS, SHAPES, WORLD_VOCABULARY, WorldObject, render_split, to_tensor, world_scene
+from .scenes import (
+    COLORS,
+    RELATIONS,
+    SHAPES,
+    WORLD_VOCABULARY,
+    WorldObject,
+    render_split,
+    to_tensor,
+    world_scene,
+)
 
 MAX_PROMPT_TOKENS = 32
 IMAGE_MEAN = (0.5, 0.5, 0.5)  # pixel values in [-1, 1], the same convention as the VAE
@@ -95,25 +104,71 @@ def build_image_processor():
     )
 
 
-def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
-    """Token ids padded to the full length, exactly as ``StableDiffusionPipeline`` encodes prompts."""
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+def tokenize(tokenizer, captions: list[str], padding: str = "max_length") -> torch.Tensor:
+    """Token ids padded to the full length, exactly as ``StableDiffusionPipeline`` encodes prompts.
+
+    ``padding="longest"`` is cheaper for CLIP training and gives the same pooled features:
+    the text tower is causal, so padding after the end token never reaches it.
+    """
+    return tokenizer(captions, padding=padding, max_length=tokenizer.model_max_length,
                      truncation=True, return_tensors="pt").input_ids
 
 
-def contrastive_loss(model, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+def hard_negatives(caption: str, rng: np.random.Generator) -> list[str]:
+    """Two false captions that differ from ``caption`` in one detail, for contrastive training.
+
+    In-batch negatives rarely differ from a caption only in its shape, so a contrastive
+    model learns colour, background and position long before shape. These supply
+    that signal directly: (1) one object's shape replaced; (2) for two objects, the
+    objects swapped around the relation (binding and order), for one object its colour
+    replaced.
+    """
+    words = caption.split()
+    negatives = [_replace_one(words, SHAPES, rng)]
+    relation = next((r for r in RELATIONS if f" {r} " in caption), None)
+    if relation is not None:
+        before, after = caption.split(f" {relation} ")
+        second, _, rest = after.partition(" on a ")
+        swapped = f"{second} {relation} {before}" + (f" on a {rest}" if rest else "")
+        negatives.append(swapped if swapped != caption else _replace_one(words, tuple(COLORS), rng))
+    else:
+        negatives.append(_replace_one(words, tuple(COLORS), rng))
+    return negatives
+
+
+def _replace_one(words: list[str], choices: tuple[str, ...], rng: np.random.Generator) -> str:
+    """Replace one word of ``choices`` (not a background colour) by another of them; fix articles."""
+    positions = [i for i, w in enumerate(words) if w in choices and words[i + 1:i + 2] != ["background"]]
+    new = list(words)
+    if positions:
+        index = positions[rng.integers(len(positions))]
+        others = [c for c in choices if c != words[index]]
+        new[index] = others[rng.integers(len(others))]
+    for i, word in enumerate(new[:-1]):
+        if word in ("a", "an"):
+            new[i] = "an" if new[i + 1][0] in "aeiou" else "a"
+    return " ".join(new)
+
+
+def contrastive_loss(model, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                     negative_input_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE over the batch; captions equal as text count as positives of each other.
 
     Short captions ("a red circle") repeat within a batch; treating identical texts as
-    matches instead of negatives removes contradictory targets.
+    matches instead of negatives removes contradictory targets. ``negative_input_ids``
+    (same padded length) are extra texts that only act as negatives for the images
+    (unless one equals an image's own caption).
     """
+    all_ids = input_ids if negative_input_ids is None else torch.cat([input_ids, negative_input_ids])
     image_embeds = F.normalize(image_features(model, pixel_values), dim=-1)
-    text_embeds = F.normalize(text_features(model, input_ids), dim=-1)
+    text_embeds = F.normalize(text_features(model, all_ids), dim=-1)
     logits = model.logit_scale.exp().clamp(max=100) * image_embeds @ text_embeds.T
-    same_text = (input_ids[:, None, :] == input_ids[None, :, :]).all(-1).float()
-    targets = same_text / same_text.sum(-1, keepdim=True)
+    matches = (input_ids[:, None, :] == all_ids[None, :, :]).all(-1).float()
+    targets = matches / matches.sum(-1, keepdim=True)
     loss_images = torch.sum(-targets * F.log_softmax(logits, dim=1), dim=1).mean()
-    loss_texts = torch.sum(-targets * F.log_softmax(logits.T, dim=1), dim=1).mean()
+    positives = len(input_ids)
+    text_targets = matches[:, :positives].T / matches[:, :positives].T.sum(-1, keepdim=True)
+    loss_texts = torch.sum(-text_targets * F.log_softmax(logits[:, :positives].T, dim=1), dim=1).mean()
     return (loss_images + loss_texts) / 2
 
 
@@ -213,6 +268,7 @@ __all__ = [
     "classify_color_shape",
     "color_shape_prompts",
     "contrastive_loss",
+    "hard_negatives",
     "image_features",
     "load_world_clip",
     "render_split",

@@ -30,6 +30,7 @@ from .clip_model import (
     build_world_tokenizer,
     classify_color_shape,
     contrastive_loss,
+    hard_negatives,
     load_world_clip,
     save_world_clip,
     single_object_scenes,
@@ -67,6 +68,7 @@ class PretrainConfig:
     clip: StageSettings = field(default_factory=lambda: StageSettings(
         steps=2000, batch_size=128, learning_rate=1e-3, warmup_steps=100, weight_decay=0.1))
     caption_drop_probability: float = 0.3  # each optional caption attribute, all stages
+    clip_hard_negatives: bool = True  # two one-detail-wrong captions per image
     vae_channels: tuple[int, ...] = (16, 32, 64)  # three levels: 64×64 → 16×16 latents
     vae_norm_groups: int = 16
     latent_channels: int = 4
@@ -322,8 +324,14 @@ def train_clip(data: TrainingData, stage_dir: Path, config: PretrainConfig, devi
 
     def loss_at_step(step: int) -> torch.Tensor:
         indices, captions = data.batch("clip", step, settings.batch_size)
-        input_ids = tokenize(tokenizer, captions).to(device)
-        return contrastive_loss(model, data.pixels(indices).to(device), input_ids)
+        negatives = []
+        if config.clip_hard_negatives:
+            rng = data.rng("clip", step + 1_000_000_007)
+            negatives = [n for caption in captions for n in hard_negatives(caption, rng)]
+        ids = tokenize(tokenizer, captions + negatives, padding="longest").to(device)
+        positives = len(captions)
+        return contrastive_loss(model, data.pixels(indices).to(device), ids[:positives],
+                                ids[positives:] if negatives else None)
 
     monitor_scenes = single_object_scenes("heldout_b", min(config.eval_scenes, 300))
     monitor_images = to_tensor(np.stack([render_scene(s) for s in monitor_scenes])).to(device)
