@@ -84,6 +84,28 @@ def build_world_clip(tokenizer, size: WorldClipSize = WorldClipSize(), seed: int
     return CLIPModel(config)
 
 
+@torch.no_grad()
+def whiten_patch_embedding(model, pixel_values: torch.Tensor, epsilon: float = 1e-2,
+                           gain: float = 0.5) -> None:
+    """Initialise the ViT patch embedding with PCA-whitened image patches of the training data.
+
+    A from-scratch ViT sits on a long plateau before it tells shapes apart (in a probe
+    here, shape accuracy stayed at chance for 400 steps); starting the patch embedding
+    at the data's principal patch directions, scaled to unit variance, shortens it
+    sharply. Directions beyond the patch dimension keep their random init.
+    """
+    embedding = model.vision_model.embeddings.patch_embedding
+    hidden, channels, patch, _ = embedding.weight.shape
+    patches = F.unfold(pixel_values.float(), patch, stride=patch).transpose(1, 2)
+    patches = patches.reshape(-1, channels * patch**2)
+    patches = patches - patches.mean(0)
+    eigenvalues, eigenvectors = torch.linalg.eigh(patches.T @ patches / len(patches))
+    eigenvalues, eigenvectors = eigenvalues.flip(0), eigenvectors.flip(1)
+    count = min(hidden, patches.shape[1])
+    whitened = (eigenvectors[:, :count] / torch.sqrt(eigenvalues[:count] + epsilon)).T * gain
+    embedding.weight[:count] = whitened.reshape(count, channels, patch, patch).to(embedding.weight.dtype)
+
+
 def build_image_processor():
     """The processor that turns PIL images into this CLIP's inputs (64×64, scaled to [-1, 1])."""
     import transformers
@@ -120,29 +142,29 @@ def hard_negatives(caption: str, rng: np.random.Generator) -> list[str]:
     In-batch negatives rarely differ from a caption only in its shape, so a contrastive
     model learns colour, background and position long before shape. These supply
     that signal directly: (1) one object's shape replaced; (2) for two objects, the
-    objects swapped around the relation (binding and order), for one object its colour
-    replaced.
+    objects swapped around the relation (binding and order), for one object another
+    wrong shape. Colour needs no help: in-batch negatives teach it within 200 steps.
     """
     words = caption.split()
-    negatives = [_replace_one(words, SHAPES, rng)]
+    first = _replace_one(words, SHAPES, rng)
     relation = next((r for r in RELATIONS if f" {r} " in caption), None)
     if relation is not None:
         before, after = caption.split(f" {relation} ")
         second, _, rest = after.partition(" on a ")
         swapped = f"{second} {relation} {before}" + (f" on a {rest}" if rest else "")
-        negatives.append(swapped if swapped != caption else _replace_one(words, tuple(COLORS), rng))
-    else:
-        negatives.append(_replace_one(words, tuple(COLORS), rng))
-    return negatives
+        return [first, swapped if swapped != caption else _replace_one(words, tuple(COLORS), rng)]
+    used = {w for w in first.split() if w in SHAPES} | {w for w in words if w in SHAPES}
+    return [first, _replace_one(words, SHAPES, rng, avoid=used)]
 
 
-def _replace_one(words: list[str], choices: tuple[str, ...], rng: np.random.Generator) -> str:
+def _replace_one(words: list[str], choices: tuple[str, ...], rng: np.random.Generator,
+                 avoid: set[str] = frozenset()) -> str:
     """Replace one word of ``choices`` (not a background colour) by another of them; fix articles."""
     positions = [i for i, w in enumerate(words) if w in choices and words[i + 1:i + 2] != ["background"]]
     new = list(words)
     if positions:
         index = positions[rng.integers(len(positions))]
-        others = [c for c in choices if c != words[index]]
+        others = [c for c in choices if c != words[index] and c not in avoid]
         new[index] = others[rng.integers(len(others))]
     for i, word in enumerate(new[:-1]):
         if word in ("a", "an"):
@@ -276,5 +298,6 @@ __all__ = [
     "single_object_scenes",
     "text_features",
     "tokenize",
+    "whiten_patch_embedding",
     "zero_shot_accuracy",
 ]

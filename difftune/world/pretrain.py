@@ -35,6 +35,7 @@ from .clip_model import (
     save_world_clip,
     single_object_scenes,
     tokenize,
+    whiten_patch_embedding,
     zero_shot_accuracy,
 )
 from .scenes import Scene, render_scene, to_tensor, world_scene
@@ -320,7 +321,9 @@ def train_clip(data: TrainingData, stage_dir: Path, config: PretrainConfig, devi
         model, tokenizer = load_world_clip(stage_dir / "final")
         return model.to(device), tokenizer, _read_record(stage_dir)
     tokenizer = build_world_tokenizer()
-    model = build_world_clip(tokenizer, config.clip_size, seed=config.seed).to(device)
+    model = build_world_clip(tokenizer, config.clip_size, seed=config.seed)
+    whiten_patch_embedding(model, data.pixels(np.arange(min(len(data), 2000))))
+    model.to(device)
 
     def loss_at_step(step: int) -> torch.Tensor:
         indices, captions = data.batch("clip", step, settings.batch_size)
