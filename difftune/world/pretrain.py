@@ -602,9 +602,11 @@ def save_embedded_model(pipe, clip_model, tokenizer, model_dir: Path,
 def pretrain_all(output_dir: Path, config: PretrainConfig, stages: tuple[str, ...] = STAGES,
                  device: str = "cpu", resume: bool = False, progress: bool = True,
                  model_dir: Path | None = None) -> dict:
-    """Run the requested stages in order (earlier stages must be finished when skipped).
+    """Run the requested stages in order: clip, vae, unet.
 
-    Returns the stage records; writes the assembled pipeline to ``model_dir`` when the
+    The UNet needs the CLIP and the VAE, finished in this call or an earlier one. The VAE
+    does not need the CLIP, so ``stages=("clip",)`` and ``stages=("vae",)`` can run in two
+    processes at once. Returns the stage records; writes the assembled pipeline to ``model_dir`` when the
     UNet stage is run (or already finished) and ``model_dir`` is given.
     """
     unknown = [s for s in stages if s not in STAGES]
@@ -620,14 +622,15 @@ def pretrain_all(output_dir: Path, config: PretrainConfig, stages: tuple[str, ..
             raise FileNotFoundError(f"stage '{stage}' is not finished in {output_dir}; "
                                     "include it in --stages")
 
-    need("clip")
-    clip_model, tokenizer, records["clip"] = train_clip(
-        data, output_dir / "clip", config, device, resume=resume or "clip" not in stages, progress=progress)
-    if "vae" not in stages and "unet" not in stages:
-        return records
-    need("vae")
-    vae, records["vae"] = train_vae(data, output_dir / "vae", config, device,
-                                    resume=resume or "vae" not in stages, progress=progress)
+    if {"clip", "unet"} & set(stages):
+        need("clip")
+        clip_model, tokenizer, records["clip"] = train_clip(data, output_dir / "clip", config, device,
+                                                            resume=resume or "clip" not in stages,
+                                                            progress=progress)
+    if {"vae", "unet"} & set(stages):
+        need("vae")
+        vae, records["vae"] = train_vae(data, output_dir / "vae", config, device,
+                                        resume=resume or "vae" not in stages, progress=progress)
     if "unet" not in stages:
         return records
     unet, records["unet"] = train_unet(data, output_dir / "unet", config, clip_model, tokenizer, vae, device,
