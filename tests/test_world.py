@@ -118,7 +118,8 @@ def test_hard_negatives_change_one_detail_and_are_false():
     for index in range(100):
         scene = world_scene("train", index)
         caption = scene.caption(rng, 0.3)
-        shape_swap, second = hard_negatives(caption, rng)
+        negatives = hard_negatives(caption, rng)
+        shape_swap, second = (negatives[1], negatives[0]) if scene.relation else negatives
         old, new = caption.split(), shape_swap.split()
         changed = [(a, b) for a, b in zip(old, new, strict=True) if a != b]
         assert changed and all(b in SHAPES for _, b in changed if b not in ("a", "an"))

@@ -24,11 +24,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .clip_model import (
+    AttributeHeads,
     WorldClipSize,
     accuracy_against,
     build_world_clip,
     build_world_tokenizer,
     classify_color_shape,
+    color_shape_prompts,
     contrastive_loss,
     hard_negatives,
     load_world_clip,
@@ -69,7 +71,9 @@ class PretrainConfig:
     clip: StageSettings = field(default_factory=lambda: StageSettings(
         steps=2000, batch_size=128, learning_rate=1e-3, warmup_steps=100, weight_decay=0.1))
     caption_drop_probability: float = 0.3  # each optional caption attribute, all stages
-    clip_hard_negatives: bool = True  # two one-detail-wrong captions per image
+    clip_hard_negatives: int = 1  # one-detail-wrong captions per image (0, 1 or 2)
+    clip_class_prompts: bool = True  # every batch also scores all "a {colour} {shape}" prompts
+    clip_attribute_loss_weight: float = 1.0  # auxiliary multi-label attribute probes on the image tower
     vae_channels: tuple[int, ...] = (16, 32, 64)  # three levels: 64×64 → 16×16 latents
     vae_norm_groups: int = 16
     latent_channels: int = 4
@@ -315,7 +319,13 @@ def _write_final_marker(stage_dir: Path, record: dict, metrics: dict, config: Pr
 
 def train_clip(data: TrainingData, stage_dir: Path, config: PretrainConfig, device: str = "cpu",
                resume: bool = False, progress: bool = True, stop_after: int | None = None):
-    """Contrastive pretraining of the world CLIP. Returns (model, tokenizer, record)."""
+    """Contrastive pretraining of the world CLIP. Returns (model, tokenizer, record).
+
+    Besides the captions of the batch, every image is scored against one hard negative
+    caption and all 56 "a {colour} {shape}" prompts, and linear attribute probes on the
+    image tower add a supervised signal (see ``AttributeHeads``): without them this ViT
+    does not learn shape within the CPU budget.
+    """
     settings = config.clip
     if resume and stage_finished(stage_dir, settings.steps):
         model, tokenizer = load_world_clip(stage_dir / "final")
@@ -323,18 +333,33 @@ def train_clip(data: TrainingData, stage_dir: Path, config: PretrainConfig, devi
     tokenizer = build_world_tokenizer()
     model = build_world_clip(tokenizer, config.clip_size, seed=config.seed)
     whiten_patch_embedding(model, data.pixels(np.arange(min(len(data), 2000))))
-    model.to(device)
+    # The optimiser trains the CLIP and the auxiliary attribute probes together.
+    trained = nn.ModuleDict({"clip": model, "attribute_heads": AttributeHeads(config.clip_size.vision_width)})
+    trained.to(device)
+
+    class_prompts, class_pairs = color_shape_prompts() if config.clip_class_prompts else ([], [])
 
     def loss_at_step(step: int) -> torch.Tensor:
         indices, captions = data.batch("clip", step, settings.batch_size)
-        negatives = []
-        if config.clip_hard_negatives:
-            rng = data.rng("clip", step + 1_000_000_007)
-            negatives = [n for caption in captions for n in hard_negatives(caption, rng)]
-        ids = tokenize(tokenizer, captions + negatives, padding="longest").to(device)
+        rng = data.rng("clip", step + 1_000_000_007)
+        negatives = [negative for caption in captions
+                     for negative in hard_negatives(caption, rng)[:config.clip_hard_negatives]]
+        extras = negatives + class_prompts
+        ids = tokenize(tokenizer, captions + extras, padding="longest").to(device)
+        # A class prompt is true of an image when one of its objects has that colour and shape.
+        extra_true = torch.zeros(len(captions), len(extras), dtype=torch.bool)
+        for row, index in enumerate(indices):
+            objects = {(o.color, o.shape) for o in data.scenes[index].objects}
+            for column, pair in enumerate(class_pairs):
+                extra_true[row, len(negatives) + column] = pair in objects
         positives = len(captions)
-        return contrastive_loss(model, data.pixels(indices).to(device), ids[:positives],
-                                ids[positives:] if negatives else None)
+        pooled = model.vision_model(pixel_values=data.pixels(indices).to(device)).pooler_output
+        loss = contrastive_loss(model, None, ids[:positives], ids[positives:] if extras else None,
+                                extra_true if extras else None, image_embeds=model.visual_projection(pooled))
+        if config.clip_attribute_loss_weight:
+            scenes = [data.scenes[i] for i in indices]
+            loss = loss + config.clip_attribute_loss_weight * trained["attribute_heads"].loss(pooled, scenes)
+        return loss
 
     monitor_scenes = single_object_scenes("heldout_b", min(config.eval_scenes, 300))
     monitor_images = to_tensor(np.stack([render_scene(s) for s in monitor_scenes])).to(device)
@@ -346,7 +371,7 @@ def train_clip(data: TrainingData, stage_dir: Path, config: PretrainConfig, devi
         metrics = accuracy_against(predictions, monitor_truth)
         return {k: round(v, 4) for k, v in metrics.items() if k != "count"}
 
-    record = run_stage("clip", model, settings, loss_at_step, stage_dir, resume, progress=progress,
+    record = run_stage("clip", trained, settings, loss_at_step, stage_dir, resume, progress=progress,
                        stop_after=stop_after, evaluate=monitor)
     if record["step"] >= settings.steps:
         save_world_clip(model, tokenizer, stage_dir / "final")
