@@ -9,6 +9,7 @@ from __future__ import annotations
 from ..errors import DifftuneError
 from .base import Adapter, AdapterConfig, AdapterLayer, LayerAdapter
 from .lora import LoraAdapter
+from .sara import SaraAdapter
 
 METHODS: dict[str, type[Adapter]] = {}
 
@@ -29,6 +30,7 @@ def get_method(name: str) -> type[Adapter]:
 
 
 register_method(LoraAdapter)
+register_method(SaraAdapter)
 
 __all__ = ["METHODS", "Adapter", "AdapterConfig", "AdapterLayer", "LayerAdapter",
            "get_method", "register_method"]
