@@ -39,6 +39,8 @@ DELTA_PREFIX = "sparse_delta_"
 _INDEX_PREFIX = "sparse_index_"
 _BASE_PREFIX = "sparse_base_"
 _FROZEN_PREFIX = "sparse_frozen_"
+_EAGER_WRITE = ("difftune writes the trained entries into the weights outside the compiled graph "
+                "(one graph break per adapted weight): compile with fullgraph=False, or merge first")
 _ROUTED_CLASSES: dict[tuple[type, tuple[str, ...]], type] = {}
 
 
@@ -110,6 +112,8 @@ class SparseEntries:
         delta = nn.Parameter(torch.zeros(index.numel(), dtype=delta_dtype, device=param.device))
         module.register_parameter(DELTA_PREFIX + name, delta)
         self._synced = self._sync_key(param)  # weight already equals base + 0
+        # state dicts read the Parameter directly: write pending values first
+        self._hook = module.register_state_dict_pre_hook(lambda *_: self.sync())
 
     # tensors live on the module so that .to()/.cuda() move them with the model
     @property
@@ -149,6 +153,7 @@ class SparseEntries:
         scale = self.scale if scale is None else scale
         return torch.add(self.base.float(), self.delta.detach().float(), alpha=scale)
 
+    @torch.compiler.disable(reason=_EAGER_WRITE)
     @torch.no_grad()
     def sync(self, param: torch.Tensor | None = None) -> None:
         """Write ``base + scale·delta`` into the weight if anything changed since last time."""
@@ -166,11 +171,6 @@ class SparseEntries:
             param.detach().index_put_(torch.unravel_index(self.index.long(), self.shape), values)
 
     def weight_for_forward(self, param: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            raise DifftuneError(
-                "unstructured backprop (SaRA) cannot run inside torch.compile: the trained entries "
-                "are written into the weights in place. Compile after difftune.merge_adapter(), "
-                "or train without torch.compile.")
         self.sync(param)
         if self.routing and torch.is_grad_enabled() and self.delta.requires_grad:
             return _RouteGradient.apply(self.delta, param, self)
@@ -202,6 +202,7 @@ class SparseEntries:
 
     def remove(self, restore_base: bool) -> None:
         """Drop the deltas; restore W0 exactly, or keep W0 + scale·delta in the weight."""
+        self._hook.remove()
         param = self.weight
         if restore_base:
             self.write(param, self.base.to(param.dtype))

@@ -10,7 +10,9 @@ Decisions where the paper is silent (ours), documented in the README:
 - the trainable tensor is the delta Δ = W − W0 (starts at 0): files hold exact deltas,
   so a loaded adapter reproduces the trained weights bit for bit at α = 1;
 - weight decay acts on the absolute values W0 + Δ of the still-trained entries, as in
-  the paper's AdamW, applied in `after_optimizer_step` (the optimizer group gets 0);
+  the paper's AdamW, applied in `after_optimizer_step` (the optimizer group gets 0):
+  v ← (v − u)(1 − lr·wd) for the Adam update u, where torch's AdamW computes
+  v(1 − lr·wd) − u; the two differ by lr·wd·u, a second-order term;
 - the low-rank term is returned by `regularization_loss` as a tensor whose value is
   λ·‖W ⊙ M‖_* and whose gradient is λ·(U Vᵀ)[M], so loss scaling, gradient
   accumulation and DDP treat it like the rest of the loss; the SVD runs once per
@@ -193,6 +195,7 @@ class SaraAdapter(Adapter):
         self.threshold, self.thresholds = file_threshold, thresholds
         for key, e in self.entries.items():
             e.delta.copy_(deltas[key])
+        self.sparse.sync()
 
     @classmethod
     def combine_files(
@@ -294,7 +297,7 @@ class SaraAdapter(Adapter):
             masked = torch.zeros(e.shape, dtype=torch.float32, device=values.device)
             masked.view(-1).index_put_((e.index,), values)
             subgradient, norm = nuclear_norm_subgradient(masked)
-            picked = subgradient.view(-1).index_select(0, e.index).to(e.delta.dtype)
+            picked = subgradient.reshape(-1).index_select(0, e.index).to(e.delta.dtype)
             if e.frozen is not None:
                 picked.masked_fill_(e.frozen, 0.0)
             gradients.append((e, picked))
@@ -315,6 +318,7 @@ class SaraAdapter(Adapter):
         at = self.config.progressive_at(max_steps)
         if at is not None and self.stage == 0 and step >= at:
             self.progressive_adjust(optimizer)
+        self.sparse.sync()  # the weights are current after every step (state dicts, reads)
 
     def _our_groups(self, optimizer: Any) -> list[tuple[dict[str, Any], list[SparseEntries]]]:
         by_id = {id(e.delta): e for e in self.entries.values()}
