@@ -351,10 +351,11 @@ class SaraAdapter(Adapter):
         for group, entries in groups:
             rate = float(group["lr"]) * self.weight_decay
             for e in entries:
-                decay = e.values(scale=1.0).mul_(rate).to(e.delta.dtype)
-                if e.frozen is not None:
-                    decay.masked_fill_(e.frozen, 0.0)
-                e.delta.sub_(decay)
+                if e.frozen is None:  # Δ ← Δ − rate·(W0 + Δ), in place
+                    e.delta.mul_(1.0 - rate).sub_(e.base.to(e.delta.dtype), alpha=rate)
+                else:
+                    decay = e.values(scale=1.0).mul_(rate).masked_fill_(e.frozen, 0.0)
+                    e.delta.sub_(decay.to(e.delta.dtype))
 
     @torch.no_grad()
     def progressive_adjust(self, optimizer: Any | None = None) -> int:
