@@ -406,3 +406,18 @@ def test_interrupted_and_resumed_runs_end_bit_exact(tmp_path):
             unet_step(pipe, adapter, optimizer, step, steps)
         assert difftune.save_adapter(pipe.unet, tmp_path / f"resumed-{interrupted}").read_bytes() == reference
         assert all(torch.equal(e.frozen, frozen[k]) for k, e in adapter.entries.items())
+
+
+def test_readme_sara_example_runs(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    example = next(b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if '"sara"' in b)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(example, "README.md", "exec"), namespace)
+    assert namespace["adapter"].stage == 1  # progressive adjustment ran at step 2 of 4
+    assert (tmp_path / "outputs/sara/adapter.safetensors").is_file()
+    loaded = difftune.get_adapter(namespace["fresh"])
+    assert all(torch.equal(loaded.entries[k].delta, e.delta) for k, e in namespace["adapter"].entries.items())
