@@ -103,7 +103,7 @@ class SparseEntries:
         self.scale = 1.0
         self.routing = True
         self._synced: tuple | None = None
-        index = compact_index(index.reshape(-1), param.numel())
+        index = compact_index(index.reshape(-1), param.numel()).to(param.device)
         with torch.no_grad():
             base = self._flat(param).index_select(0, index) if param.is_contiguous() \
                 else param.detach().reshape(-1).index_select(0, index)

@@ -17,7 +17,7 @@ from torch import nn
 
 import difftune
 from difftune.tuners.sara import SaraAdapter, auto_learning_rate
-from difftune.tuners.sara.low_rank import is_eligible
+from difftune.tuners.sara.low_rank import is_eligible, nuclear_norm_subgradient
 
 SD = {"budget": 0.05, "lambda_rank": 0.0, "progressive_step": None}
 
@@ -191,6 +191,18 @@ def test_model_parameters_reach_the_values_and_clipping_clips_them():
     assert norm == pytest.approx(float(grads.norm()), rel=1e-5) and norm > 1e-3
     clipped = torch.cat([p.grad for _, p in adapter.named_trainable_parameters()])
     assert float(clipped.norm()) == pytest.approx(1e-3, rel=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(200, 100), (100, 200), (150, 150), (400, 100)])
+def test_nuclear_norm_subgradient_is_u_v_transposed(shape):
+    gen = torch.Generator().manual_seed(0)
+    sparse = torch.randn(shape, generator=gen) * (torch.rand(shape, generator=gen) < 0.06)
+    low_rank = torch.randn(shape[0], 5, generator=gen) @ torch.randn(5, shape[1], generator=gen)
+    for matrix, rank in ((sparse, min(shape)), (low_rank, 5)):
+        u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+        gradient, value = nuclear_norm_subgradient(matrix)
+        torch.testing.assert_close(gradient.double(), u[:, :rank] @ vh[:rank], atol=1e-5, rtol=0)
+        assert value == pytest.approx(float(s.sum()), rel=1e-6)
 
 
 def test_low_rank_term_value_and_gradient_match_the_nuclear_norm():

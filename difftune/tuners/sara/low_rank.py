@@ -43,7 +43,11 @@ def nuclear_norm_subgradient(matrix: torch.Tensor) -> tuple[torch.Tensor, float]
         return torch.zeros_like(matrix, dtype=torch.float32), 0.0
     wide = matrix.shape[0] < matrix.shape[1]
     tall = matrix.T if wide else matrix
-    factor, value, resolved = _polar_factor(tall, torch.float32)
+    # near-square random-like matrices have σ_min ≈ 0 (Marchenko–Pastur): float32 is
+    # tried first only when the aspect ratio makes it likely to resolve them
+    resolved = False
+    if tall.shape[0] >= 1.5 * tall.shape[1]:
+        factor, value, resolved = _polar_factor(tall, torch.float32)
     if not resolved:
         factor, value, _ = _polar_factor(tall, torch.float64)
     factor = factor.float()
