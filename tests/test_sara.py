@@ -134,6 +134,7 @@ def test_options_are_checked_and_named():
     for options, message in [({"budget": 0}, "'budget'"), ({"budget": 12.5}, "'budget'"),
                              ({"threshold": -1.0}, "'threshold'"), ({"rank_samples": 0}, "'rank_samples'"),
                              ({"progressive_step": 2.5}, "'progressive_step'"),
+                             ({"progressive_step": -1}, "'progressive_step'"),
                              ({"lambda_rank": -1.0}, "'lambda_rank'"),
                              ({"threshold": 1e-30}, "selects no entry")]:
         with pytest.raises(difftune.DifftuneError, match=message):
@@ -288,7 +289,7 @@ def test_progressive_adjustment_freezes_grown_entries_and_keeps_moments_and_upda
 
 def test_progressive_off_trains_and_decay_in_the_optimizer_is_refused_with_progressive():
     model = mlp()
-    adapter = difftune.add_adapter(model, "sara", targets=r"\d", budget=0.3, progressive_step=None)
+    adapter = difftune.add_adapter(model, "sara", targets=r"\d", budget=0.3, progressive_step=0)
     before = weights(model)
     train_mlp(model, adapter, steps=3)
     assert adapter.stage == 0 and any(not torch.equal(v, before[k]) for k, v in weights(model).items())

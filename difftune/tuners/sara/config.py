@@ -14,7 +14,7 @@ class SaraConfig(AdapterConfig):
 
     ``budget`` (ours) replaces θ by a global quantile: a count (≥ 1) or a fraction
     (< 1) of the targeted entries. ``progressive_step`` is a step number (≥ 1) or a
-    fraction of training (< 1); None turns progressive adjustment off.
+    fraction of training (< 1); 0 or None turns progressive adjustment off.
     """
 
     targets: str | list[str] = option(
@@ -25,7 +25,7 @@ class SaraConfig(AdapterConfig):
     lambda_rank: float = option(5e-3, "weight λ of the nuclear-norm low-rank loss (0 turns it off)")
     rank_samples: int = option(1, "eligible matrices (2-D, both sides > 64) penalised per step")
     progressive_step: float | None = option(
-        0.5, "progressive adjustment at this step (≥ 1) or fraction of training (< 1); None: off")
+        0.5, "progressive adjustment at this step (≥ 1) or fraction of training (< 1); 0 or None: off")
     include_bias_norm: bool = option(
         False, "also select entries of the targeted layers' biases and of every norm layer")
     seed: int = option(0, "seed of the per-step draw of low-rank matrices")
@@ -45,13 +45,13 @@ class SaraConfig(AdapterConfig):
                                 f"got {self.rank_samples!r}")
         if self.progressive_step is not None:
             step = self.progressive_step
-            if not step > 0 or (step >= 1 and float(step) != int(step)):
+            if step < 0 or (step >= 1 and float(step) != int(step)):
                 raise DifftuneError(f"sara option 'progressive_step' must be a step ≥ 1, a fraction in "
-                                    f"(0, 1) or None, got {step!r}")
+                                    f"(0, 1), or 0/None for off, got {step!r}")
 
     def progressive_at(self, max_steps: int) -> int | None:
         """The optimizer step after which the mask shrinks, or None."""
-        if self.progressive_step is None:
+        if not self.progressive_step:
             return None
         if self.progressive_step >= 1:
             return int(self.progressive_step)

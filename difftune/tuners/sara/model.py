@@ -307,7 +307,7 @@ class SaraAdapter(Adapter):
     def after_optimizer_step(self, step: int, max_steps: int, optimizer: Any) -> None:
         groups = self._our_groups(optimizer)
         if any(float(group.get("weight_decay", 0.0)) for group, _ in groups) \
-                and self.config.progressive_step is not None:
+                and self.config.progressive_step:
             raise DifftuneError(
                 "sara: the optimizer decays the SaRA deltas itself (weight_decay > 0 in their "
                 "parameter group), which would move the entries progressive adjustment freezes. "
