@@ -128,8 +128,9 @@ def run_child(spec: dict) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        loss = F.mse_loss(unet(latents, timesteps, text).sample, noise)
+        # the low-rank term first: its decomposition's temporaries never meet the activations
         extra = adapter.regularization_loss() if adapter is not None else None
+        loss = F.mse_loss(unet(latents, timesteps, text).sample, noise)
         (loss if extra is None else loss + extra).backward()
         if adapter is not None:
             adapter.before_optimizer_step(step + 1, 10**6)

@@ -273,7 +273,12 @@ class SaraAdapter(Adapter):
         return [{"params": [p for _, p in self.named_trainable_parameters()], "weight_decay": 0.0}]
 
     def regularization_loss(self) -> torch.Tensor | None:
-        """λ·‖W ⊙ M‖_* over this step's sampled matrices (value), gradient λ·(U Vᵀ)[M]."""
+        """λ·‖W ⊙ M‖_* over this step's sampled matrices (value), gradient λ·(U Vᵀ)[M].
+
+        Computed once per optimizer step (cached while the weights do not change).
+        Calling it before the forward keeps the decomposition's temporaries (a few
+        dense copies of one matrix) off the activation peak.
+        """
         if self.config.lambda_rank == 0 or not self.eligible or self._merged_state:
             return None
         version = tuple(e.delta._version for e in self.entries.values())
