@@ -123,11 +123,11 @@ def run_child(spec: dict) -> dict:
     timesteps = torch.full((batch,), 500, device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, cpu_times = [], []
     for step in range(spec["steps"] + 1):
         if device.type == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         # the low-rank term first: its decomposition's temporaries never meet the activations
         extra = adapter.regularization_loss() if adapter is not None else None
         loss = F.mse_loss(unet(latents, timesteps, text).sample, noise)
@@ -142,8 +142,10 @@ def run_child(spec: dict) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     result = {"mode": mode, "budget": budget, "batch": batch, "trainable": int(trainable),
-              "seconds": statistics.median(times[1:]), "all_seconds": times}
+              "seconds": statistics.median(times[1:]), "all_seconds": times,
+              "cpu_seconds": statistics.median(cpu_times[1:])}
     if device.type == "cuda":
         result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     else:
@@ -261,28 +263,34 @@ def run_round(specs: list[dict]) -> list[dict]:
 
 def table(results: list[dict], args, machine: str) -> str:
     memory_name = "peak RSS" if args.device == "cpu" else "max_memory_allocated"
-    lines = [f"| mode | budget | batch | trainable | {memory_name} (GiB) | × LoRA r4 | s/step | × LoRA r4 |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| mode | budget | batch | trainable | {memory_name} (GiB) | × LoRA r4 | s/step | × LoRA r4 "
+             "| CPU s/step | × LoRA r4 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in results:
         reference = next((r for r in results if r["mode"] == "lora-r4" and r["batch"] == row["batch"]
                           and "error" not in r), None)
         budget = f"{row['budget'] / 1e6:g}M" if row.get("budget") else "–"
         if "error" in row:
             lines.append(f"| {LABELS[row['mode']]} | {budget} | {row['batch']} | – | failed: "
-                         f"{row['error'][:60]} | | | |")
+                         f"{row['error'][:60]} | | | | | |")
             continue
-        memory_ratio = f"{row['peak_gib'] / reference['peak_gib']:.2f}" if reference else "–"
-        time_ratio = f"{row['seconds'] / reference['seconds']:.2f}" if reference else "–"
+
+        def ratio(key: str, row=row, reference=reference) -> str:
+            return f"{row[key] / reference[key]:.2f}" if reference else "–"
+
         lines.append(f"| {LABELS[row['mode']]} | {budget} | {row['batch']} | {row['trainable'] / 1e6:.2f}M "
-                     f"| {row['peak_gib']:.2f} | {memory_ratio} | {row['seconds']:.2f} | {time_ratio} |")
+                     f"| {row['peak_gib']:.2f} | {ratio('peak_gib')} | {row['seconds']:.2f} "
+                     f"| {ratio('seconds')} | {row['cpu_seconds']:.2f} | {ratio('cpu_seconds')} |")
     resolution = args.resolution or (256 if args.device == "cpu" else 512)
     model = "SD 1.5-size UNet built from config" if args.unet == "sd15" else "tiny test UNet"
     rounds = f", fastest of {args.rounds} alternating rounds" if args.rounds > 1 else ""
     header = (f"Machine: {machine}. {model} (random weights), "
               f"{resolution} px ({resolution // 8}×{resolution // 8} latents), one training step "
               f"(forward, backward, clip 1.0, AdamW) repeated {args.steps}× after a warm-up, median "
-              f"time{rounds}; every mode in its own process. SaRA selects by budget over every Linear/Conv "
-              "weight; its default λ_rank = 5e-3 draws one eligible matrix per step for the "
+              f"time{rounds}; every mode in its own process. CPU s/step is the process's CPU "
+              "time (all threads): on a shared machine it is steadier than wall time. SaRA "
+              "selects by budget over every Linear/Conv weight; its default λ_rank = 5e-3 draws one "
+              "eligible matrix per step for the "
               "nuclear-norm subgradient (an eigen-decomposition, the 'λ_rank = 0' row shows its cost).")
     return header + "\n\n" + "\n".join(lines) + "\n"
 

@@ -15,8 +15,8 @@ Decisions where the paper is silent (ours), documented in the README:
   v(1 − lr·wd) − u; the two differ by lr·wd·u, a second-order term;
 - the low-rank term is returned by `regularization_loss` as a tensor whose value is
   λ·‖W ⊙ M‖_* and whose gradient is λ·(U Vᵀ)[M], so loss scaling, gradient
-  accumulation and DDP treat it like the rest of the loss; the SVD runs once per
-  optimizer step (cached while the weights do not change);
+  accumulation and DDP treat it like the rest of the loss; the decomposition runs once
+  per optimizer step (cached while the weights do not change);
 - progressive adjustment keeps every tensor's shape: entries that leave the set are
   frozen (zero gradient, their optimizer moments zeroed, no decay), survivors keep
   their moments, and the step's update is kept. Shapes never change, so optimizers,
