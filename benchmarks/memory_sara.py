@@ -206,7 +206,8 @@ def machine_description(args) -> str:
     if args.device == "cuda":
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
     return (f"{cpu}, {os.cpu_count()} cores{memory}, torch {torch.__version__}, "
-            f"{args.threads} threads, fp32")
+            f"{args.threads} threads (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}), "
+            f"fp32, load average {os.getloadavg()[0]:.1f} at the start")
 
 
 def plan(args) -> list[dict]:
@@ -247,6 +248,8 @@ def run_round(specs: list[dict]) -> list[dict]:
 
     results = []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    # idle OpenMP threads sleep instead of spinning: on a shared CPU this halves wall time
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     for spec in tqdm(specs, desc="modes", unit="process"):
         done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env,
                               capture_output=True, text=True, check=False)
