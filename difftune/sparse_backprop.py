@@ -104,11 +104,9 @@ class SparseEntries:
         self.routing = True
         self._synced: tuple | None = None
         index = compact_index(index.reshape(-1), param.numel()).to(param.device)
-        with torch.no_grad():
-            base = self._flat(param).index_select(0, index) if param.is_contiguous() \
-                else param.detach().reshape(-1).index_select(0, index)
+        base = param.detach().reshape(-1).index_select(0, index)  # logical order, any layout
         module.register_buffer(_INDEX_PREFIX + name, index, persistent=False)
-        module.register_buffer(_BASE_PREFIX + name, base.clone(), persistent=False)
+        module.register_buffer(_BASE_PREFIX + name, base, persistent=False)
         delta = nn.Parameter(torch.zeros(index.numel(), dtype=delta_dtype, device=param.device))
         module.register_parameter(DELTA_PREFIX + name, delta)
         self._synced = self._sync_key(param)  # weight already equals base + 0
@@ -165,8 +163,8 @@ class SparseEntries:
 
     @torch.no_grad()
     def write(self, param: torch.Tensor, values: torch.Tensor) -> None:
-        if param.is_contiguous():
-            self._flat(param).index_put_((self.index,), values)
+        if param.is_contiguous():  # scatter_ with int64 positions is the fastest write on CPU
+            self._flat(param).scatter_(0, self.index.long(), values)
         else:  # e.g. channels_last conv kernels: index the logical layout
             param.detach().index_put_(torch.unravel_index(self.index.long(), self.shape), values)
 
