@@ -25,6 +25,7 @@ from .api import (
     unmerge_adapter,
 )
 from .errors import AdapterFileError, BaseModelMismatchError, DifftuneError, TargetError
+from .params import format_parameter_table, parameter_table
 from .tuners import METHODS, register_method
 
 __all__ = [
@@ -37,11 +38,13 @@ __all__ = [
     "add_adapter",
     "count_trainable_parameters",
     "find_denoiser",
+    "format_parameter_table",
     "get_adapter",
     "has_adapter",
     "load_adapter",
     "merge_adapter",
     "named_trainable_parameters",
+    "parameter_table",
     "read_adapter_info",
     "register_method",
     "remove_adapter",

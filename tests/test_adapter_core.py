@@ -15,6 +15,8 @@ from difftune.api import find_denoiser
 # method -> (targets, options) that every family supports
 METHOD_CASES = {
     "lora": ("attn", {"rank": 4}),
+    "svfit": ("attn", {}),
+    "tlora": ("attn", {}),
 }
 
 

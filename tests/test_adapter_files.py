@@ -13,6 +13,8 @@ from difftune.api import find_denoiser
 
 METHOD_CASES = {
     "lora": [("attn", {"rank": 4, "alpha": 8.0}), ("all", {"rank": 2})],
+    "svfit": [("attn", {}), ("all", {"rank": 4})],
+    "tlora": [("attn", {}), ("all", {"residual": "lora", "rank": 2, "transform_rank": 1})],
 }
 
 
