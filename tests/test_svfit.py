@@ -265,3 +265,18 @@ def test_auto_mode_picks_the_cheaper_form():
 def test_bad_options_are_named(option, value, message):
     with pytest.raises(difftune.DifftuneError, match=message):
         difftune.add_adapter(nn.Sequential(nn.Linear(4, 4)), "svfit", targets="0", **{option: value})
+
+
+def test_cpu_svd_does_not_depend_on_the_thread_count():
+    """MKL's SVD differs in the last bits between thread counts; ours runs on one thread."""
+    matrix = torch.randn(300, 200, generator=torch.Generator().manual_seed(0))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        first = svf.singular_triplets(matrix)
+        torch.set_num_threads(1)
+        second = svf.singular_triplets(matrix)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    assert torch.get_num_threads() == threads

@@ -22,10 +22,21 @@ def singular_triplets(matrix: torch.Tensor, svd_dtype: str = "float32"
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD ``(U, σ, Vᵀ)`` of ``matrix`` computed in ``svd_dtype`` on its device.
 
+    On CPU it runs on one thread: MKL's result depends on the thread count (the last bits
+    of U, σ, V), so this keeps the training-time and load-time SVDs identical whatever
+    threads a process uses (and on a busy machine one thread was also the faster).
     Deterministic for the same matrix, device, dtype and torch build; see the README for
     what can differ elsewhere (near-equal singular values).
     """
-    return torch.linalg.svd(matrix.detach().to(SVD_DTYPES[svd_dtype]), full_matrices=False)
+    work = matrix.detach().to(SVD_DTYPES[svd_dtype])
+    if work.device.type != "cpu":
+        return torch.linalg.svd(work, full_matrices=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return torch.linalg.svd(work, full_matrices=False)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def rank_for_energy(sigma: torch.Tensor, energy: float) -> int:
