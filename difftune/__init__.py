@@ -25,7 +25,6 @@ from .api import (
     unmerge_adapter,
 )
 from .errors import AdapterFileError, BaseModelMismatchError, DifftuneError, TargetError
-from .params import format_parameter_table, parameter_table
 from .tuners import METHODS, register_method
 
 __all__ = [
@@ -53,3 +52,12 @@ __all__ = [
     "trainable_parameters",
     "unmerge_adapter",
 ]
+
+
+def __getattr__(name: str):
+    # imported lazily so that ``python -m difftune.params`` does not import itself twice
+    if name in ("parameter_table", "format_parameter_table"):
+        from . import params
+
+        return getattr(params, name)
+    raise AttributeError(f"module 'difftune' has no attribute {name!r}")
