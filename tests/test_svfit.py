@@ -280,3 +280,14 @@ def test_cpu_svd_does_not_depend_on_the_thread_count():
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
     assert torch.get_num_threads() == threads
+
+
+def test_full_rank_svfit_is_sixteen_times_smaller_than_lora_rank_8_on_square_weights():
+    """The paper's "16× fewer parameters than LoRA": d singular values against 8·(d + d)."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(320, 320), nn.Linear(640, 640))
+    difftune.add_adapter(model, "svfit", targets=r"\d", rank="full")
+    svfit_count = difftune.count_trainable_parameters(model)
+    difftune.remove_adapter(model)
+    difftune.add_adapter(model, "lora", targets=r"\d", rank=8)
+    assert difftune.count_trainable_parameters(model) == 16 * svfit_count == 16 * (320 + 640)
