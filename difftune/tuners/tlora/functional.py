@@ -101,28 +101,71 @@ def init_tr_cores(out_factors: tuple[int, ...], in_factors: tuple[int, ...], ran
 
 # --- applying T and Δ without building them -------------------------------------------
 
-def trm_apply(x: torch.Tensor, cores: list[torch.Tensor]) -> torch.Tensor:
-    """T·x for every row of ``x`` (N × in) by contracting one core at a time.
+def _contract_modes(state: torch.Tensor, names: list[str], contract: list[str],
+                    matrix: torch.Tensor, new: list[tuple[str, int]]) -> tuple[torch.Tensor, list[str]]:
+    """Contract the modes ``contract`` of ``state`` (its modes named ``names``) with
+    ``matrix`` as one matrix product: rows of ``matrix`` are the contracted modes in that
+    order, columns the ``new`` modes. The other modes keep their order, in front."""
+    keep = [name for name in names if name not in contract]
+    moved = state.permute([names.index(name) for name in keep + contract])
+    out = moved.reshape(-1, matrix.shape[0]) @ matrix
+    return (out.reshape(*moved.shape[:len(keep)], *[size for _, size in new]),
+            keep + [name for name, _ in new])
 
-    Cost per row ≈ in·R²·(I_1 + R·(I_2 + … + I_{D−1}) + I_D): for the paper's sizes and
-    R ≤ 2 a fraction of one in × in matrix-vector product.
+
+def trm_block(cores: list[torch.Tensor]) -> torch.Tensor:
+    """The dense block of a chain of TRM cores with its two end bonds left open:
+    (∏ I_d, ∏ J_d, R, R), i.e. A_1[i_1, j_1]···A_k[i_k, j_k] for every (i), (j)."""
+    state = cores[0]
+    if len(cores) == 1:
+        return state
+    rank = state.shape[-1]
+    names = ["i0", "j0", "left", "b1"]
+    for d in range(1, len(cores)):
+        core = cores[d]  # (I, J, b_d, b_{d+1})
+        state, names = _contract_modes(
+            state, names, [f"b{d}"], core.permute(2, 0, 1, 3).reshape(rank, -1),
+            [(f"i{d}", core.shape[0]), (f"j{d}", core.shape[1]), (f"b{d + 1}", rank)])
+    count = len(cores)
+    order = [names.index(n) for n in [*[f"i{d}" for d in range(count)], *[f"j{d}" for d in range(count)],
+                                      "left", f"b{count}"]]
+    rows = math.prod(core.shape[0] for core in cores)
+    return state.permute(order).reshape(rows, -1, rank, rank)
+
+
+def trm_split(factors: tuple[int, ...]) -> int:
+    """Where `trm_apply` cuts the ring into two blocks: the cut with the fewest flops,
+    i.e. the smallest (I_1···I_k) + (I_{k+1}···I_D)."""
+    return min(range(1, len(factors)), key=lambda k: math.prod(factors[:k]) + math.prod(factors[k:]))
+
+
+def trm_apply(x: torch.Tensor, cores: list[torch.Tensor]) -> torch.Tensor:
+    """T·x for every row of ``x`` (N × in) without building T.
+
+    The ring is cut into two dense blocks L (cores 1..k) and M (cores k+1..D), so that
+    T = Σ_{a, b} L[:, :, a, b] ⊗ M[:, :, b, a], a sum of R² Kronecker products; x is
+    multiplied by the R² slices of L, then of M: two matrix products of
+    N·R²·in·(I_L + I_M) multiply-adds in all, through an N·in·R² intermediate.
     """
     n, width = x.shape
     if len(cores) == 1:
         return x @ torch.einsum("ijaa->ij", cores[0]).T
-    rank = cores[0].shape[-1]
-    size = cores[0].shape[1]
-    rest = width // size
-    # state: (rows·i_1..i_{d−1}, a_0, a_{d−1}, j_d..j_D)
-    state = torch.einsum("njr,ijab->niabr", x.reshape(n, size, rest), cores[0])
-    state = state.reshape(-1, rank, rank, rest)
-    for core in cores[1:-1]:
-        size = core.shape[1]
-        rest //= size
-        state = torch.einsum("pxajr,ijab->pixbr", state.reshape(-1, rank, rank, size, rest), core)
-        state = state.reshape(-1, rank, rank, rest)
-    out = torch.einsum("pxaj,ijax->pi", state, cores[-1])
-    return out.reshape(n, width)
+    split = trm_split(tuple(core.shape[0] for core in cores))
+    left, right = trm_block(cores[:split]), trm_block(cores[split:])  # (I_L, J_L, a, b), (I_M, J_M, b, a)
+    (rows_l, cols_l, rank, _), (rows_m, cols_m) = left.shape, right.shape[:2]
+    pairs = rank * rank
+    left_stack = left.permute(2, 3, 0, 1).reshape(pairs * rows_l, cols_l)          # rows (a, b, i_L)
+    columns = x.reshape(n, cols_l, cols_m).transpose(0, 1).reshape(cols_l, n * cols_m)
+    partial = (left_stack @ columns).reshape(pairs, rows_l, n, cols_m)
+    partial = partial.permute(2, 1, 0, 3).reshape(n * rows_l, pairs * cols_m)        # cols (a, b, j_M)
+    right_stack = right.permute(3, 2, 1, 0).reshape(pairs * cols_m, rows_m)         # rows (a, b, j_M)
+    return (partial @ right_stack).reshape(n, width)
+
+
+# `trm_apply`'s skinny products and its N·in·R² intermediate run at about half the speed
+# per multiply-add of the big products of the dense path (measured on CPU for the SD
+# widths); the automatic forward choice weighs its flops by this.
+CONTRACTION_COST_FACTOR = 2.0
 
 
 def trm_apply_flops(factors: tuple[int, ...], rank: int) -> int:
@@ -130,8 +173,8 @@ def trm_apply_flops(factors: tuple[int, ...], rank: int) -> int:
     width = math.prod(factors)
     if len(factors) == 1:
         return width * width
-    middle = sum(factors[1:-1])
-    return width * rank * rank * (factors[0] + rank * middle + factors[-1])
+    split = trm_split(factors)
+    return width * rank * rank * (math.prod(factors[:split]) + math.prod(factors[split:]))
 
 
 def tr_chain(cores: list[torch.Tensor]) -> torch.Tensor:
@@ -157,13 +200,26 @@ def tr_factors(out_cores: list[torch.Tensor], in_cores: list[torch.Tensor]
 # --- dense builders: merging, the dense forward path, tests ----------------------------
 
 def trm_dense(cores: list[torch.Tensor]) -> torch.Tensor:
-    """T as an in × in matrix."""
-    block = cores[0]
-    for core in cores[1:]:
-        rows, cols = block.shape[0] * core.shape[0], block.shape[1] * core.shape[1]
-        block = torch.einsum("IJxa,ijab->IiJjxb", block, core).reshape(rows, cols, *block.shape[2:3],
-                                                                       core.shape[-1])
-    return torch.einsum("IJxx->IJ", block)
+    """T as an in × in matrix (about in²·R² multiply-adds)."""
+    count = len(cores)
+    if count == 1:
+        return torch.einsum("ijaa->ij", cores[0])
+    rank = cores[0].shape[-1]
+    state, names = cores[0], ["i0", "j0", "b0", "b1"]
+    for d in range(1, count):
+        core = cores[d]  # (I, J, b_d, b_{d+1})
+        if d < count - 1:
+            state, names = _contract_modes(
+                state, names, [f"b{d}"], core.permute(2, 0, 1, 3).reshape(rank, -1),
+                [(f"i{d}", core.shape[0]), (f"j{d}", core.shape[1]), (f"b{d + 1}", rank)])
+        else:  # the last core closes the ring: contract b_last and b_0 at once
+            state, names = _contract_modes(
+                state, names, [f"b{d}", "b0"], core.permute(2, 3, 0, 1).reshape(rank * rank, -1),
+                [(f"i{d}", core.shape[0]), (f"j{d}", core.shape[1])])
+    rows = [f"i{d}" for d in range(count)]
+    order = [names.index(name) for name in rows + [f"j{d}" for d in range(count)]]
+    size = math.prod(core.shape[0] for core in cores)
+    return state.permute(order).reshape(size, -1)
 
 
 def tr_dense(out_cores: list[torch.Tensor], in_cores: list[torch.Tensor]) -> torch.Tensor:

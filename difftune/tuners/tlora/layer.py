@@ -100,12 +100,14 @@ class TLoraLayer(AdapterLayer):
         width = input_channels(base)
         training = torch.is_grad_enabled() and self.tlora_transform[0].requires_grad
         passes = 3 if training else 1
-        contract = input_vectors(base, x) * tlf.trm_apply_flops(self.transform_factors, self.transform_rank)
+        contract = (input_vectors(base, x) * tlf.trm_apply_flops(self.transform_factors, self.transform_rank)
+                    * passes * tlf.CONTRACTION_COST_FACTOR)
+        # W0·T built per call (and, training, the weight gradient and its way back to T)
         build = width * width * self.transform_rank ** 2 + out * width * width * kernel_numel(base)
         dense = build * (2 if training else 1)
         if training:
             dense += output_positions(base, x) * out * k
-        return "factored" if contract * passes <= dense else "dense"
+        return "factored" if contract <= dense else "dense"
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
