@@ -182,7 +182,7 @@ def write_docs_section(header: str, table: str, device: torch.device) -> None:
     command = ("python benchmarks/speed_methods.py --write-docs" if device.type == "cpu" else
                "python benchmarks/speed_methods.py --device cuda --write-docs")
     body = (f"{SECTION}\n\n`{command}`\n\n"
-            f"{'CPU' if device.type == 'cpu' else 'GPU'}: {header}\n\n{table}\n")
+            f"{'CPU' if device.type == 'cpu' else 'GPU'} run. {header}\n\n{table}\n")
     if device.type == "cpu":
         body += "\nGPU (512 px): not measured: no GPU available.\n"
     text = DOCS.read_text()

@@ -28,8 +28,8 @@ class TLoraConfig(AdapterConfig):
     identity_reg: float = option(0.0, "weight of Σ‖A_d − I/R‖_F pulling T's cores to the identity "
                                       "(0: off, as the released script)")
     forward_mode: str = option(
-        "auto", "unmerged forward: factored (contract T's cores with x), dense (W0·T built per "
-                "call), or auto (the cheaper by a flop estimate, per call)")
+        "auto", "unmerged forward: factored (T applied to x without building it), dense (W0·T "
+                "built per call), or auto (the cheaper by a flop estimate, per call)")
 
     def validate(self) -> None:
         def positive_int(name: str, value) -> None:

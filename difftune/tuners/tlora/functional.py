@@ -6,7 +6,8 @@
   T[(i_1..i_D), (j_1..j_D)] = trace(A_1[i_1, j_1] ··· A_D[i_D, j_D]) with cores A_d of
   shape I_d × I_d × R × R. A_d[i, j] = δ_ij·𝟙/R gives T = I exactly in exact arithmetic
   (𝟙 the all-ones R × R matrix, 𝟙^D = R^(D−1)·𝟙, trace 𝟙 = R). R = 1 is a Kronecker
-  product A_1 ⊗ ··· ⊗ A_D.
+  product A_1 ⊗ ··· ⊗ A_D. T·x is applied without building T (`trm_apply`: the ring cut
+  into two dense blocks, R² Kronecker products as two matrix products).
 * Δ (out × K) is a tensor ring (TR) with output cores B_d (O_d × R × R) and input cores
   C_d (K_d × R × R): Δ[(o), (i)] = trace(B_1[o_1]···B_D[o_D]·C_1[i_1]···C_D[i_D]). With
   G[o, (x, y)] = (B_1···B_D)[o][x, y] and H[i, (x, y)] = (C_1···C_D)[i][y, x] this is
@@ -201,25 +202,16 @@ def tr_factors(out_cores: list[torch.Tensor], in_cores: list[torch.Tensor]
 
 def trm_dense(cores: list[torch.Tensor]) -> torch.Tensor:
     """T as an in × in matrix (about in²·R² multiply-adds)."""
-    count = len(cores)
-    if count == 1:
+    if len(cores) == 1:
         return torch.einsum("ijaa->ij", cores[0])
-    rank = cores[0].shape[-1]
-    state, names = cores[0], ["i0", "j0", "b0", "b1"]
-    for d in range(1, count):
-        core = cores[d]  # (I, J, b_d, b_{d+1})
-        if d < count - 1:
-            state, names = _contract_modes(
-                state, names, [f"b{d}"], core.permute(2, 0, 1, 3).reshape(rank, -1),
-                [(f"i{d}", core.shape[0]), (f"j{d}", core.shape[1]), (f"b{d + 1}", rank)])
-        else:  # the last core closes the ring: contract b_last and b_0 at once
-            state, names = _contract_modes(
-                state, names, [f"b{d}", "b0"], core.permute(2, 3, 0, 1).reshape(rank * rank, -1),
-                [(f"i{d}", core.shape[0]), (f"j{d}", core.shape[1])])
-    rows = [f"i{d}" for d in range(count)]
-    order = [names.index(name) for name in rows + [f"j{d}" for d in range(count)]]
-    size = math.prod(core.shape[0] for core in cores)
-    return state.permute(order).reshape(size, -1)
+    block = trm_block(cores[:-1])  # (I', J', a, b): the ring opened before the last core
+    last = cores[-1]               # (I, J, b, a) closes it
+    rank = last.shape[-1]
+    state, _ = _contract_modes(block, ["i", "j", "a", "b"], ["b", "a"],
+                               last.permute(2, 3, 0, 1).reshape(rank * rank, -1),
+                               [("i_last", last.shape[0]), ("j_last", last.shape[1])])
+    size = block.shape[0] * last.shape[0]
+    return state.permute(0, 2, 1, 3).reshape(size, size)
 
 
 def tr_dense(out_cores: list[torch.Tensor], in_cores: list[torch.Tensor]) -> torch.Tensor:
