@@ -10,6 +10,7 @@ it accepts the built-in names (``builtin:tiny-sd``, ``builtin:tiny-sdxl``,
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 BUILTIN_PREFIX = "builtin:"
+TINY_SAMPLE_SIZE = 32  # latent size of every tiny denoiser
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "embedded_model"
 
 # Denoiser configs of the real architectures, for parameter counts and benchmarks.
@@ -123,7 +125,7 @@ def tiny_sd_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64),
         layers_per_block=2,
-        sample_size=32,
+        sample_size=TINY_SAMPLE_SIZE,
         in_channels=4,
         out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -167,7 +169,7 @@ def tiny_sdxl_pipeline(seed: int = 0):
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64),
         layers_per_block=2,
-        sample_size=32,
+        sample_size=TINY_SAMPLE_SIZE,
         in_channels=4,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
@@ -216,7 +218,7 @@ def tiny_sd3_pipeline(seed: int = 0):
 
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(
-        sample_size=32,
+        sample_size=TINY_SAMPLE_SIZE,
         patch_size=1,
         in_channels=4,
         num_layers=2,
@@ -254,23 +256,89 @@ TINY_BUILDERS = {
 
 
 FAMILIES = ("sd", "sdxl", "sd3")
+TINY_FAMILIES = {"tiny-sd": "sd", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3"}
+TINY_RESOLUTION = TINY_SAMPLE_SIZE * 2  # the tiny VAE halves the size
+
+
+def family_of_class(class_name: str, has_unet: bool = True) -> str:
+    """``"sd"`` (SD 1.x/2.x), ``"sdxl"`` or ``"sd3"`` for a pipeline class name; refuse others."""
+    from .errors import DifftuneError
+
+    if class_name.startswith("StableDiffusionXL"):
+        return "sdxl"
+    if class_name.startswith("StableDiffusion3"):
+        return "sd3"
+    if class_name.startswith("StableDiffusion") and has_unet:
+        return "sd"
+    raise DifftuneError(
+        f"unsupported base model family: {class_name}. Supported: StableDiffusionPipeline (SD 1.x/2.x), "
+        "StableDiffusionXLPipeline and StableDiffusion3Pipeline checkpoints"
+    )
 
 
 def pipeline_family(pipeline: Any) -> str:
     """``"sd"`` (SD 1.x/2.x), ``"sdxl"`` or ``"sd3"``; a clear error for anything else."""
+    return family_of_class(type(pipeline).__name__, hasattr(pipeline, "unet"))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDescription:
+    """What a trainer must know about a base model before loading its weights."""
+
+    family: str
+    resolution: int  # the native training resolution in pixels
+
+
+def describe_model(name_or_path: str, revision: str | None = None) -> ModelDescription:
+    """Family and native resolution from configs only (no weights are read).
+
+    Lets scripts refuse an unsupported model, or flags that do not fit its family,
+    before the heavy loading starts.
+    """
     from .errors import DifftuneError
 
-    kind = type(pipeline).__name__
-    if kind.startswith("StableDiffusionXL"):
-        return "sdxl"
-    if kind.startswith("StableDiffusion3"):
-        return "sd3"
-    if kind.startswith("StableDiffusion") and hasattr(pipeline, "unet"):
-        return "sd"
-    raise DifftuneError(
-        f"unsupported base model family: {kind}. Supported: StableDiffusionPipeline (SD 1.x/2.x), "
-        "StableDiffusionXLPipeline and StableDiffusion3Pipeline checkpoints"
-    )
+    tiny = _tiny_name(name_or_path)
+    if tiny is not None:
+        return ModelDescription(TINY_FAMILIES[tiny], TINY_RESOLUTION)
+    location = _resolve_builtin(name_or_path)
+    from diffusers import AutoencoderKL, DiffusionPipeline, SD3Transformer2DModel, UNet2DConditionModel
+
+    try:
+        index = DiffusionPipeline.load_config(location, revision=revision)
+    except Exception as err:  # hub, network and file errors all mean the same to the user
+        raise DifftuneError(f"cannot read model_index.json of '{name_or_path}': {err}") from None
+    class_name = index.get("_class_name", "?")
+    family = family_of_class(class_name, "unet" in index)
+    denoiser_class, subfolder = (SD3Transformer2DModel, "transformer") if family == "sd3" else (
+        UNet2DConditionModel, "unet")
+    try:
+        denoiser_config = denoiser_class.load_config(location, subfolder=subfolder, revision=revision)
+        vae_config = AutoencoderKL.load_config(location, subfolder="vae", revision=revision)
+    except Exception as err:
+        raise DifftuneError(f"cannot read the {subfolder}/vae configs of '{name_or_path}': {err}") from None
+    vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    return ModelDescription(family, int(denoiser_config["sample_size"]) * vae_scale_factor)
+
+
+def _tiny_name(name_or_path: str) -> str | None:
+    """``tiny-sd`` for ``builtin:tiny-sd`` and the other tiny built-ins; None otherwise."""
+    name = name_or_path.removeprefix(BUILTIN_PREFIX)
+    return name if name_or_path.startswith(BUILTIN_PREFIX) and name in TINY_BUILDERS else None
+
+
+def _resolve_builtin(name_or_path: str) -> str:
+    """Map ``builtin:embedded`` to its folder; other names pass unchanged."""
+    from .errors import DifftuneError
+
+    if not name_or_path.startswith(BUILTIN_PREFIX):
+        return name_or_path
+    name = name_or_path[len(BUILTIN_PREFIX):]
+    if name == "embedded":
+        if not (EMBEDDED_MODEL_DIR / "model_index.json").is_file():
+            raise DifftuneError(f"the embedded model is missing from {EMBEDDED_MODEL_DIR}")
+        return str(EMBEDDED_MODEL_DIR)
+    raise DifftuneError(f"unknown built-in model '{name_or_path}'. Built-ins: "
+                        + ", ".join(BUILTIN_PREFIX + n for n in [*TINY_BUILDERS, "embedded"]))
 
 
 def load_pipeline(
@@ -287,20 +355,11 @@ def load_pipeline(
     Anything else goes to ``DiffusionPipeline.from_pretrained`` unchanged, so hub ids,
     revisions and variants behave as in diffusers.
     """
-    from .errors import DifftuneError
-
-    if name_or_path.startswith(BUILTIN_PREFIX):
-        name = name_or_path[len(BUILTIN_PREFIX):]
-        if name == "embedded":
-            if not (EMBEDDED_MODEL_DIR / "model_index.json").is_file():
-                raise DifftuneError(f"the embedded model is missing from {EMBEDDED_MODEL_DIR}")
-            name_or_path = str(EMBEDDED_MODEL_DIR)
-        elif name in TINY_BUILDERS:
-            pipe = TINY_BUILDERS[name](**kwargs)
-            return pipe.to(torch_dtype) if torch_dtype is not None else pipe
-        else:
-            raise DifftuneError(f"unknown built-in model '{name_or_path}'. Built-ins: "
-                                + ", ".join(BUILTIN_PREFIX + n for n in [*TINY_BUILDERS, "embedded"]))
+    tiny = _tiny_name(name_or_path)
+    if tiny is not None:
+        pipe = TINY_BUILDERS[tiny](**kwargs)
+        return pipe.to(torch_dtype) if torch_dtype is not None else pipe
+    name_or_path = _resolve_builtin(name_or_path)
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(
