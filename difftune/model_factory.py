@@ -116,24 +116,66 @@ def _tiny_vae(latent_channels: int = 4, **extra: Any):
     )
 
 
+# Denoisers of the tiny built-in pipelines: (diffusers class, config).
+TINY_DENOISERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "tiny-sd": ("UNet2DConditionModel", {
+        "block_out_channels": (32, 64),
+        "layers_per_block": 2,
+        "sample_size": TINY_SAMPLE_SIZE,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+        "cross_attention_dim": 32,
+        "attention_head_dim": (2, 4),
+        "norm_num_groups": 32,
+    }),
+    "tiny-sdxl": ("UNet2DConditionModel", {
+        "block_out_channels": (32, 64),
+        "layers_per_block": 2,
+        "sample_size": TINY_SAMPLE_SIZE,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+        "attention_head_dim": (2, 4),
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 8,
+        "transformer_layers_per_block": (1, 2),
+        "projection_class_embeddings_input_dim": 80,  # 6 time ids * 8 + pooled 32
+        "cross_attention_dim": 64,
+        "norm_num_groups": 32,
+    }),
+    "tiny-sd3": ("SD3Transformer2DModel", {
+        "sample_size": TINY_SAMPLE_SIZE,
+        "patch_size": 1,
+        "in_channels": 4,
+        "num_layers": 2,
+        "attention_head_dim": 8,
+        "num_attention_heads": 4,
+        "caption_projection_dim": 32,
+        "joint_attention_dim": 64,
+        "pooled_projection_dim": 64,
+        "out_channels": 4,
+    }),
+}
+
+
+def _tiny_denoiser(name: str) -> nn.Module:
+    import diffusers
+
+    class_name, config = TINY_DENOISERS[name]
+    return getattr(diffusers, class_name)(**config)
+
+
 def tiny_sd_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
     """A tiny SD 1.x-layout pipeline (1×1-conv proj_in/proj_out), random weights."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=TINY_SAMPLE_SIZE,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=(2, 4),
-        norm_num_groups=32,
-    )
+    unet = _tiny_denoiser("tiny-sd")
     vae = _tiny_vae()
     tokenizer = offline_clip_tokenizer()
     text_encoder = CLIPTextModel(_clip_text_config(tokenizer))
@@ -162,27 +204,11 @@ def tiny_sd_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
 
 def tiny_sdxl_pipeline(seed: int = 0):
     """A tiny SDXL-layout pipeline: two text encoders, added time ids, linear proj_in."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=TINY_SAMPLE_SIZE,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=80,  # 6 time ids * 8 + pooled 32
-        cross_attention_dim=64,
-        norm_num_groups=32,
-    )
+    unet = _tiny_denoiser("tiny-sdxl")
     vae = _tiny_vae()
     tokenizer = offline_clip_tokenizer()
     text_encoder = CLIPTextModel(_clip_text_config(tokenizer))
@@ -209,26 +235,11 @@ def tiny_sdxl_pipeline(seed: int = 0):
 
 def tiny_sd3_pipeline(seed: int = 0):
     """A tiny SD3 pipeline (MMDiT transformer, flow matching); no T5 encoder."""
-    from diffusers import (
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(
-        sample_size=TINY_SAMPLE_SIZE,
-        patch_size=1,
-        in_channels=4,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=4,
-        caption_projection_dim=32,
-        joint_attention_dim=64,
-        pooled_projection_dim=64,
-        out_channels=4,
-    )
+    transformer = _tiny_denoiser("tiny-sd3")
     vae = _tiny_vae(shift_factor=0.0609, scaling_factor=1.5035)
     tokenizer = offline_clip_tokenizer()
     text_encoder = CLIPTextModelWithProjection(_clip_text_config(tokenizer))
@@ -287,6 +298,8 @@ class ModelDescription:
 
     family: str
     resolution: int  # the native training resolution in pixels
+    denoiser_class: str  # diffusers class of the unet / transformer
+    denoiser_config: dict[str, Any]
 
 
 def describe_model(name_or_path: str, revision: str | None = None) -> ModelDescription:
@@ -299,7 +312,7 @@ def describe_model(name_or_path: str, revision: str | None = None) -> ModelDescr
 
     tiny = _tiny_name(name_or_path)
     if tiny is not None:
-        return ModelDescription(TINY_FAMILIES[tiny], TINY_RESOLUTION)
+        return ModelDescription(TINY_FAMILIES[tiny], TINY_RESOLUTION, *TINY_DENOISERS[tiny])
     location = _resolve_builtin(name_or_path)
     from diffusers import AutoencoderKL, DiffusionPipeline, SD3Transformer2DModel, UNet2DConditionModel
 
@@ -317,7 +330,8 @@ def describe_model(name_or_path: str, revision: str | None = None) -> ModelDescr
     except Exception as err:
         raise DifftuneError(f"cannot read the {subfolder}/vae configs of '{name_or_path}': {err}") from None
     vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
-    return ModelDescription(family, int(denoiser_config["sample_size"]) * vae_scale_factor)
+    resolution = int(denoiser_config["sample_size"]) * vae_scale_factor
+    return ModelDescription(family, resolution, denoiser_class.__name__, dict(denoiser_config))
 
 
 def _tiny_name(name_or_path: str) -> str | None:
@@ -369,9 +383,11 @@ def load_pipeline(
     return pipe
 
 
-def build_denoiser_on_meta(config: dict[str, Any]) -> nn.Module:
-    """A UNet of the given config with no memory (meta device): for parameter counts."""
-    from diffusers import UNet2DConditionModel
+def build_denoiser_on_meta(config: dict[str, Any], class_name: str = "UNet2DConditionModel") -> nn.Module:
+    """A denoiser of the given config with no memory (meta device): for parameter counts
+    and for checking adapter targets before any weights are loaded."""
+    import diffusers
 
+    model_class = getattr(diffusers, class_name)
     with torch.device("meta"):
-        return UNet2DConditionModel(**config)
+        return model_class.from_config(config)

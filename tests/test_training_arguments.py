@@ -105,7 +105,8 @@ def test_a_newly_registered_method_gets_prefixed_and_shared_flags(monkeypatch):
     with pytest.raises(SystemExit):  # choices come from the Literal
         arguments.parse_with_config(parser, ["--toy_mode", "c"])
     lora_args = arguments.parse_with_config(parser, ["--adapter", "lora", "--toy_threshold", "0.5"])
-    with pytest.raises(DifftuneError, match=r"--toy_threshold is an option of --adapter toy, not of --adapter lora"):
+    with pytest.raises(DifftuneError,
+                       match=r"--toy_threshold is an option of --adapter toy, not of --adapter lora"):
         arguments.adapter_options(lora_args, "lora")
 
 
@@ -146,7 +147,8 @@ def test_config_file_errors_name_the_file_and_key(tmp_path):
     parser = full_parser()
     bad_key = tmp_path / "a.yaml"
     bad_key.write_text("learning_rat: 1e-4\n")
-    with pytest.raises(DifftuneError, match=r"a.yaml: unknown option 'learning_rat' \(did you mean 'learning_rate'"):
+    with pytest.raises(DifftuneError,
+                       match=r"a.yaml: unknown option 'learning_rat' \(did you mean 'learning_rate'"):
         arguments.parse_with_config(parser, ["--config", str(bad_key)])
     bad_choice = tmp_path / "b.json"
     bad_choice.write_text('{"lr_scheduler": "sometimes"}')
@@ -166,7 +168,8 @@ def test_config_file_errors_name_the_file_and_key(tmp_path):
 
 def test_family_flags_refused_on_the_other_noise_process():
     parser = full_parser()
-    sd3_flags = arguments.parse_with_config(parser, ["--weighting_scheme", "cosmap", "--precondition_outputs"])
+    sd3_flags = arguments.parse_with_config(parser,
+                                            ["--weighting_scheme", "cosmap", "--precondition_outputs"])
     with pytest.raises(DifftuneError, match=r"--weighting_scheme, --precondition_outputs only apply to SD3"):
         arguments.check_family_flags(sd3_flags, "sdxl")
     arguments.check_family_flags(sd3_flags, "sd3")

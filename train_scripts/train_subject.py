@@ -25,8 +25,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import math
 import random
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -45,14 +47,13 @@ from tqdm.auto import tqdm
 import difftune
 from difftune.adapter_file import atomic_write
 from difftune.errors import DifftuneError
-from difftune.model_factory import describe_model, load_pipeline
+from difftune.model_factory import build_denoiser_on_meta, describe_model, load_pipeline
 from difftune.training import arguments, checkpointing
 from difftune.training.data import SubjectData, SubjectDataset, scan_image_folder, warn_small_images
 from difftune.training.families import LossOptions, training_family
 from difftune.training.model_card import write_model_card
 from difftune.training.prior import ensure_class_images
 from difftune.training.validation import generate_images, log_images, save_grid
-from difftune.tuners import get_method
 
 DEFAULT_LEARNING_RATE = 1e-4  # when neither --learning_rate nor the method gives one
 DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
@@ -64,7 +65,8 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, 
 # ---------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML or JSON file of options (keys are flag names without "
                                          "dashes); flags on the command line override it")
     arguments.add_model_arguments(parser)
@@ -91,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     prior.add_argument("--class_prompt", help="prompt of the class, e.g. 'a photo of dog'")
     prior.add_argument("--num_class_images", type=int, default=100, help="class images to use")
     prior.add_argument("--prior_loss_weight", type=float, default=1.0, help="weight of the prior loss")
-    prior.add_argument("--sample_batch_size", type=int, default=4, help="batch size of class-image generation")
+    prior.add_argument("--sample_batch_size", type=int, default=4,
+                       help="batch size of class-image generation")
     prior.add_argument("--class_inference_steps", type=int, default=50, help="sampler steps per class image")
     prior.add_argument("--prior_generation_precision", choices=("fp32", "fp16", "bf16"),
                        help="dtype of class-image generation (default: that of training)")
@@ -157,6 +160,7 @@ def adapter_digest(model: torch.nn.Module) -> str:
 
 
 def main(argv: list[str] | None = None) -> Path:
+    started = time.perf_counter()
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
 
@@ -164,7 +168,9 @@ def main(argv: list[str] | None = None) -> Path:
     model_info = describe_model(args.pretrained_model_name_or_path, args.revision)
     arguments.check_family_flags(args, model_info.family)
     method_options = arguments.adapter_options(args, args.adapter)
-    get_method(args.adapter).config_class.from_options(args.adapter, dict(method_options))
+    # options and targets checked on a weightless (meta-device) copy of the denoiser
+    difftune.check_adapter(build_denoiser_on_meta(model_info.denoiser_config, model_info.denoiser_class),
+                           args.adapter, targets=args.targets, **method_options)
     resolution = args.resolution or model_info.resolution
     instance_images = scan_image_folder(args.instance_data_dir, "--instance_data_dir", args.caption_column)
     warn_small_images(instance_images, resolution, "--instance_data_dir")
@@ -178,7 +184,8 @@ def main(argv: list[str] | None = None) -> Path:
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir),
                                             logging_dir=str(output_dir / args.logging_dir)),
-        # adapters may leave some parameters out of the graph (e.g. SD3's last context block)
+        # an adapter may own parameters that a forward pass never reaches (a target the model
+        # skips): DDP then waits for their gradients forever unless told to look for them
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     device, is_main = accelerator.device, accelerator.is_main_process
@@ -209,8 +216,8 @@ def main(argv: list[str] | None = None) -> Path:
         generation_dtype = DTYPES[args.prior_generation_precision or accelerator.mixed_precision]
         generator_pipeline = pipeline
         if generation_dtype != weight_dtype:
-            generator_pipeline = load_pipeline(args.pretrained_model_name_or_path, torch_dtype=generation_dtype,
-                                               **load_options).to(device)
+            generator_pipeline = load_pipeline(args.pretrained_model_name_or_path,
+                                               torch_dtype=generation_dtype, **load_options).to(device)
             generator_pipeline.set_progress_bar_config(disable=True)
             if args.prediction_type:
                 generator_pipeline.scheduler.register_to_config(prediction_type=args.prediction_type)
@@ -238,7 +245,9 @@ def main(argv: list[str] | None = None) -> Path:
         resolution=resolution, center_crop=args.center_crop, random_flip=args.random_flip, seed=seed,
         cache_latents=args.cache_latents, cache_prompts=args.pre_compute_text_embeddings, device=device)
     data.build_caches(show_progress=is_main)
-    validation_kwargs = family.pipeline_prompt_kwargs(args.validation_prompt) if args.validation_prompt else {}
+    validation_kwargs = {}
+    if args.validation_prompt:  # encoded now: the text encoders may leave the device below
+        validation_kwargs = family.pipeline_prompt_kwargs(args.validation_prompt)
     # The frozen encoders are not needed on the device between validations.
     offloaded = []
     if device.type != "cpu":
@@ -250,10 +259,11 @@ def main(argv: list[str] | None = None) -> Path:
     # -----------------------------------------------------------------------------------------
     # 4. Optimizer, schedule, resume
     # -----------------------------------------------------------------------------------------
-    world, batch_size, accumulation = accelerator.num_processes, args.train_batch_size, \
-        args.gradient_accumulation_steps
+    world = accelerator.num_processes
+    batch_size, accumulation = args.train_batch_size, args.gradient_accumulation_steps
     micro_batch = batch_size * world  # examples per micro-step over all processes
-    max_train_steps = args.max_train_steps or args.num_train_epochs * -(-len(dataset) // (micro_batch * accumulation))
+    steps_per_epoch = math.ceil(len(dataset) / (micro_batch * accumulation))
+    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     learning_rate = args.learning_rate or adapter.default_learning_rate() or DEFAULT_LEARNING_RATE
     if args.scale_lr:
         learning_rate *= micro_batch * accumulation
@@ -292,7 +302,8 @@ def main(argv: list[str] | None = None) -> Path:
               f"{len(adapter.target_names)} layers, {difftune.count_trainable_parameters(denoiser):,} "
               f"trainable parameters | {len(instance_images)} instance images{prior_text} | "
               f"{max_train_steps} steps x {micro_batch * accumulation} images (batch {batch_size} x "
-              f"{world} processes x {accumulation} accumulation) | lr {learning_rate:g} | seed {seed}{resumed}")
+              f"{world} processes x {accumulation} accumulation) | lr {learning_rate:g} | "
+              f"seed {seed}{resumed}")
 
     trainer_state = {"base_model": args.pretrained_model_name_or_path, "method": args.adapter,
                      "adapter_options": method_options, "targets": args.targets, "seed": seed,
@@ -302,6 +313,7 @@ def main(argv: list[str] | None = None) -> Path:
     # 5. Training loop
     # -----------------------------------------------------------------------------------------
     model.train()
+    first_step, loop_started = global_step, time.perf_counter()
     progress = tqdm(total=max_train_steps, initial=global_step, desc="training", disable=not is_main)
     while global_step < max_train_steps:
         step_loss = 0.0
@@ -355,6 +367,7 @@ def main(argv: list[str] | None = None) -> Path:
             save_grid(images, output_dir / "validation" / f"step-{global_step:06d}.png")
             log_images(accelerator, "validation", images, global_step)
     progress.close()
+    loop_seconds = time.perf_counter() - loop_started
     trainable_count = difftune.count_trainable_parameters(denoiser)
 
     # -----------------------------------------------------------------------------------------
@@ -378,7 +391,8 @@ def main(argv: list[str] | None = None) -> Path:
         sample_prompt = args.validation_prompt or args.instance_prompt
         if not args.skip_final_inference:
             del pipeline, family, data, model, denoiser
-            fresh = load_pipeline(args.pretrained_model_name_or_path, torch_dtype=weight_dtype, **load_options)
+            fresh = load_pipeline(args.pretrained_model_name_or_path, torch_dtype=weight_dtype,
+                                  **load_options)
             fresh.vae.to(torch.float32)
             if args.prediction_type:
                 fresh.scheduler.register_to_config(prediction_type=args.prediction_type)
@@ -394,7 +408,8 @@ def main(argv: list[str] | None = None) -> Path:
             sample_names = ["samples.png"]
         write_model_card(
             output_dir, base_model=args.pretrained_model_name_or_path, family=model_info.family,
-            method=args.adapter, options={k: v for k, v in adapter.config.to_dict().items() if k != "targets"},
+            method=args.adapter,
+            options={k: v for k, v in adapter.config.to_dict().items() if k != "targets"},
             targets=adapter.config.targets,
             trainable_parameters=trainable_count,
             steps=global_step, instance_prompt=args.instance_prompt, sample_images=sample_names,
@@ -403,7 +418,10 @@ def main(argv: list[str] | None = None) -> Path:
                       "learning rate": learning_rate, "lr scheduler": args.lr_scheduler,
                       "mixed precision": accelerator.mixed_precision, "seed": seed,
                       "prior preservation": args.with_prior_preservation})
-        print(f"adapter: {adapter_path}")
+        steps_run = global_step - first_step
+        total_seconds = time.perf_counter() - started
+        print(f"adapter: {adapter_path} | {steps_run} steps in {loop_seconds:.1f} s "
+              f"({loop_seconds / max(steps_run, 1):.3f} s/step), {total_seconds:.1f} s in all")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return adapter_path

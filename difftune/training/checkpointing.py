@@ -61,7 +61,8 @@ def resolve_checkpoint(output_dir: str | Path, spec: str | None) -> Path | None:
     if not path.is_dir():
         raise DifftuneError(f"--resume_from_checkpoint {spec}: no such checkpoint folder")
     if not (path / TRAINER_STATE).is_file():
-        raise DifftuneError(f"--resume_from_checkpoint {spec}: not a complete checkpoint (no {TRAINER_STATE})")
+        raise DifftuneError(
+            f"--resume_from_checkpoint {spec}: not a complete checkpoint (no {TRAINER_STATE})")
     return path
 
 

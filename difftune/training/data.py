@@ -139,7 +139,8 @@ def scan_image_folder(
                 image.load()
                 upright = ImageOps.exif_transpose(image)
                 width, height = upright.size
-        except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as err:
+        except (OSError, SyntaxError, ValueError, UnidentifiedImageError,
+                Image.DecompressionBombError) as err:
             raise DifftuneError(f"{flag}: cannot read image {path} (corrupt or truncated?): {err}") from None
         sidecar = path.with_suffix(CAPTION_SUFFIX)
         caption = sidecar.read_text().strip() if sidecar.is_file() else captions.get(path.name)
@@ -195,7 +196,8 @@ class SubjectDataset:
 
     def __init__(self, instance: Sequence[ImageRecord], instance_prompt: str,
                  class_images: Sequence[ImageRecord] = (), class_prompt: str | None = None):
-        self.instance = [Example(r, r.caption or instance_prompt, INSTANCE, i) for i, r in enumerate(instance)]
+        self.instance = [Example(r, r.caption or instance_prompt, INSTANCE, i)
+                         for i, r in enumerate(instance)]
         self.classes = [Example(r, class_prompt or "", CLASS, i) for i, r in enumerate(class_images)]
         if self.classes and class_prompt is None:
             raise DifftuneError("class images need a class prompt")
@@ -302,7 +304,8 @@ class SubjectData:
         if self._cache_prompts:
             prompts = self.dataset.prompts()
             encoded = self.encode_prompts(prompts)
-            self.prompt_cache = {p: {k: v[i:i + 1] for k, v in encoded.items()} for i, p in enumerate(prompts)}
+            self.prompt_cache = {prompt: {key: value[i:i + 1] for key, value in encoded.items()}
+                                 for i, prompt in enumerate(prompts)}
         if self._cache_latents:
             self.latent_cache = {}
             jobs = [(e, flip) for e in self.dataset.all_examples()

@@ -118,7 +118,8 @@ class TrainingFamily(ABC):
         noise = randn_per_example(latents.shape[1:], generators, latents.device)
         if self.options.noise_offset:
             channels = (latents.shape[1],) + (1,) * (latents.dim() - 2)
-            noise = noise + self.options.noise_offset * randn_per_example(channels, generators, latents.device)
+            offset = randn_per_example(channels, generators, latents.device)
+            noise = noise + self.options.noise_offset * offset
         return noise
 
     @abstractmethod
@@ -159,7 +160,8 @@ class NoisePredictionFamily(TrainingFamily):
 
     def add_noise(self, latents, noise, generators):
         steps = self.scheduler.config.num_train_timesteps
-        timesteps = torch.cat([torch.randint(0, steps, (1,), generator=g) for g in generators]).to(latents.device)
+        timesteps = torch.cat([torch.randint(0, steps, (1,), generator=g) for g in generators])
+        timesteps = timesteps.to(latents.device)
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         if self.prediction_type == "epsilon":
             target = noise
@@ -196,7 +198,10 @@ class FlowMatchingFamily(TrainingFamily):
         self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipeline.scheduler.config)
 
     def add_noise(self, latents, noise, generators):
-        from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+        from diffusers.training_utils import (
+            compute_density_for_timestep_sampling,
+            compute_loss_weighting_for_sd3,
+        )
 
         opts = self.options
         density = torch.cat([
@@ -269,8 +274,9 @@ class SD3Family(FlowMatchingFamily):
     denoiser_attribute = "transformer"
 
     def encode_prompts(self, prompts, with_negative=False):
-        outputs = self.pipeline.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=self.device,
-                                              num_images_per_prompt=1, do_classifier_free_guidance=with_negative)
+        outputs = self.pipeline.encode_prompt(
+            prompt=prompts, prompt_2=None, prompt_3=None, device=self.device, num_images_per_prompt=1,
+            do_classifier_free_guidance=with_negative)
         return _with_pooled(outputs, with_negative)
 
     def model_kwargs(self, noisy, batch):

@@ -3,7 +3,8 @@
 Images are written atomically, one file each (``class-00000.png``, ...), and kept: a
 later run with the same folder generates nothing, and a run killed mid-way keeps what
 it finished. Image ``class-k`` comes from its own generator seeded with (seed, k), so
-the set does not depend on the batch size or on the number of processes.
+the set does not depend (beyond float rounding) on the batch size or the number of
+processes.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ def ensure_class_images(
     numbers = missing_image_numbers(class_dir, num_class_images)
     if accelerator is not None:
         accelerator.wait_for_everyone()  # every process computed the same list before any write
+    if not numbers:
+        return 0
     mine = numbers[rank::world]
     if mine:
         class_dir.mkdir(parents=True, exist_ok=True)
