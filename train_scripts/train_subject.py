@@ -67,8 +67,9 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML or JSON file of options (keys are flag names without "
-                                         "dashes); flags on the command line override it")
+    parser.add_argument_group("config file").add_argument(
+        "--config", help="YAML or JSON file of options (keys are flag names without dashes); flags on the "
+                         "command line override it")
     arguments.add_model_arguments(parser)
 
     data = parser.add_argument_group("data")

@@ -123,8 +123,10 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> list[MethodFlag]:
             entry = entries.setdefault(dest, {"field": field.name, "annotation": annotation,
                                               "methods": [], "help": []})
             entry["methods"].append(method)
-            default = _default_of(field)
-            entry["help"].append(f"{method}: {field.metadata.get('help', field.name)} (default: {default})")
+            text = field.metadata.get("help", field.name)
+            if "default" not in text:
+                text += f" (default: {_default_of(field)})"
+            entry["help"].append(f"{method}: {text}")
     flags = []
     for dest, entry in entries.items():
         annotation = entry["annotation"]
