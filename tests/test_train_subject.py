@@ -273,3 +273,62 @@ def test_prior_preservation_generates_missing_class_images_once(train_subject, s
     train_subject("--config", config, "--output_dir", tmp_path / "again", "--max_train_steps", 1)
     assert "generating class images" not in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in class_dir.iterdir()} == stamps
+
+
+def test_method_training_hooks_are_called_in_order(train_subject, subject_dir, tmp_path, monkeypatch):
+    """A method sees: loss + regularization → backward → before_optimizer_step → clip → step →
+    after_optimizer_step; its learning-rate rule, and its training state across a resume."""
+    from accelerate import Accelerator
+
+    from difftune.tuners.lora import LoraAdapter
+
+    calls = []
+
+    class Recording(LoraAdapter):
+        method = "recording"
+
+        def default_learning_rate(self):
+            return 0.0123
+
+        def regularization_loss(self):
+            calls.append("regularization")
+            return 0.0 * sum(p.sum() for _, p in self.named_trainable_parameters())
+
+        def before_optimizer_step(self, step, max_steps):
+            grads = [p.grad for _, p in self.named_trainable_parameters()]
+            calls.append(("before", step, max_steps, all(g is not None for g in grads)))
+
+        def after_optimizer_step(self, step, max_steps, optimizer):
+            calls.append(("after", step, optimizer.param_groups[0]["lr"]))
+
+        def training_state(self):
+            return {"calls_so_far": torch.tensor(len(calls)), "note": "kept"}
+
+        def load_training_state(self, state):
+            calls.append(("load_training_state", state["note"], int(state["calls_so_far"])))
+
+    monkeypatch.setitem(difftune.METHODS, "recording", Recording)
+    original_clip, original_step = Accelerator.clip_grad_norm_, torch.optim.AdamW.step
+    original_load = torch.optim.AdamW.load_state_dict
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_",
+                        lambda self, *a, **k: calls.append("clip") or original_clip(self, *a, **k))
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: calls.append("step") or
+                        original_step(self, *a, **k))
+    monkeypatch.setattr(torch.optim.AdamW, "load_state_dict", lambda self, *a, **k: calls.append(
+        "load_optimizer") or original_load(self, *a, **k))
+    out = tmp_path / "hooks"
+    common = [*flags(subject_dir, out, "builtin:tiny-sd", 2), *QUIET, "--adapter", "recording",
+              "--gradient_accumulation_steps", 2, "--skip_final_inference", "--checkpointing_steps", 1]
+    train_subject(*common)
+    recorded_when_saved = len(calls)
+    steps = [c for c in calls if c != "load_optimizer"]  # accelerate reloads the state once when preparing
+    assert steps == ["regularization", "regularization", ("before", 0, 2, True), "clip", "step",
+                     ("after", 1, 0.0123), "regularization", "regularization", ("before", 1, 2, True), "clip",
+                     "step", ("after", 2, 0.0123)]
+    calls.clear()
+    train_subject(*common[:-1], 3, "--resume_from_checkpoint", "latest", "--max_train_steps", 3)
+    assert calls[0] == ("load_training_state", "kept", recorded_when_saved)
+    resumed = len(calls) - calls[::-1].index("load_optimizer") - 1  # the checkpoint's optimizer state
+    assert resumed > 0 and all(c == "load_optimizer" for c in calls[1:resumed + 1])
+    assert calls[resumed + 1:] == ["regularization", "regularization", ("before", 2, 3, True), "clip", "step",
+                                   ("after", 3, 0.0123)]
