@@ -268,7 +268,8 @@ TINY_BUILDERS = {
 
 FAMILIES = ("sd", "sdxl", "sd3")
 TINY_FAMILIES = {"tiny-sd": "sd", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3"}
-TINY_RESOLUTION = TINY_SAMPLE_SIZE * 2  # the tiny VAE halves the size
+TINY_VAE_SCALE_FACTOR = 2  # the tiny VAE has two blocks: it halves the size
+TINY_RESOLUTION = TINY_SAMPLE_SIZE * TINY_VAE_SCALE_FACTOR
 
 
 def family_of_class(class_name: str, has_unet: bool = True) -> str:
@@ -300,6 +301,7 @@ class ModelDescription:
     resolution: int  # the native training resolution in pixels
     denoiser_class: str  # diffusers class of the unet / transformer
     denoiser_config: dict[str, Any]
+    size_multiple: int  # image sides must be multiples of this (VAE factor x patch size)
 
 
 def describe_model(name_or_path: str, revision: str | None = None) -> ModelDescription:
@@ -312,7 +314,9 @@ def describe_model(name_or_path: str, revision: str | None = None) -> ModelDescr
 
     tiny = _tiny_name(name_or_path)
     if tiny is not None:
-        return ModelDescription(TINY_FAMILIES[tiny], TINY_RESOLUTION, *TINY_DENOISERS[tiny])
+        class_name, config = TINY_DENOISERS[tiny]
+        return ModelDescription(TINY_FAMILIES[tiny], TINY_RESOLUTION, class_name, config,
+                                TINY_VAE_SCALE_FACTOR * config.get("patch_size", 1))
     location = _resolve_builtin(name_or_path)
     from diffusers import AutoencoderKL, DiffusionPipeline, SD3Transformer2DModel, UNet2DConditionModel
 
@@ -331,7 +335,8 @@ def describe_model(name_or_path: str, revision: str | None = None) -> ModelDescr
         raise DifftuneError(f"cannot read the {subfolder}/vae configs of '{name_or_path}': {err}") from None
     vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
     resolution = int(denoiser_config["sample_size"]) * vae_scale_factor
-    return ModelDescription(family, resolution, denoiser_class.__name__, dict(denoiser_config))
+    return ModelDescription(family, resolution, denoiser_class.__name__, dict(denoiser_config),
+                            vae_scale_factor * int(denoiser_config.get("patch_size") or 1))
 
 
 def _tiny_name(name_or_path: str) -> str | None:

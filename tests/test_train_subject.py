@@ -170,7 +170,7 @@ def _bad_inputs(tmp_path, subject_dir):
         "flow flag on sd": ([*base, "--weighting_scheme", "cosmap"], "--weighting_scheme only apply to SD3"),
         "snr on sd3": ([*base, "--pretrained_model_name_or_path", "builtin:tiny-sd3", "--snr_gamma", "5"],
                        "--snr_gamma only apply to SD 1.x/2.x and SDXL"),
-        "resolution": ([*base, "--resolution", "60"], "--resolution must be a positive multiple of 8"),
+        "resolution": ([*base, "--resolution", "63"], "--resolution must be a multiple of 2 for builtin:tiny-sd"),
         "unsupported family": ([*base, "--pretrained_model_name_or_path", other],
                                "unsupported base model family: KandinskyV22Pipeline"),
         "unknown builtin": ([*base, "--pretrained_model_name_or_path", "builtin:huge"],

@@ -124,8 +124,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if given:
             raise DifftuneError(f"{' and '.join(given)} given without --with_prior_preservation: add the "
                                 "flag to train with the prior loss, or drop them")
-    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
-        raise DifftuneError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
+    if args.resolution is not None and args.resolution < 1:
+        raise DifftuneError(f"--resolution must be positive, got {args.resolution}")
     for name in ("num_class_images", "sample_batch_size", "class_inference_steps"):
         if getattr(args, name) < 1:
             raise DifftuneError(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -173,6 +173,9 @@ def main(argv: list[str] | None = None) -> Path:
     difftune.check_adapter(build_denoiser_on_meta(model_info.denoiser_config, model_info.denoiser_class),
                            args.adapter, targets=args.targets, **method_options)
     resolution = args.resolution or model_info.resolution
+    if resolution % model_info.size_multiple:
+        raise DifftuneError(f"--resolution must be a multiple of {model_info.size_multiple} for "
+                            f"{args.pretrained_model_name_or_path}, got {resolution}")
     instance_images = scan_image_folder(args.instance_data_dir, "--instance_data_dir", args.caption_column)
     warn_small_images(instance_images, resolution, "--instance_data_dir")
     resume_path = checkpointing.resolve_checkpoint(output_dir, args.resume_from_checkpoint)
