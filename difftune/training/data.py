@@ -335,14 +335,11 @@ class SubjectData:
         prepared = []
         to_encode = []
         for (_, example), generator in zip(ordered, generators, strict=True):
+            flip = self.random_flip and bool(torch.rand((), generator=generator) < 0.5)
             if self.latent_cache is not None:
-                flip = self.random_flip and bool(torch.rand((), generator=generator) < 0.5)
                 prepared.append(self.latent_cache[(example.kind, example.index, flip)])
-            else:
-                pixels, size, crop = resize_and_crop(open_rgb(example.record.path), self.resolution,
-                                                     self.center_crop, generator)
-                if self.random_flip and bool(torch.rand((), generator=generator) < 0.5):
-                    pixels = pixels.flip(-1)
+            else:  # the crop is drawn per step, from the example's generator
+                pixels, size, crop = self._pixels(example, flip, generator)
                 to_encode.append(pixels)
                 prepared.append(_PreparedImage(torch.empty(0), size, crop))
         if to_encode:
