@@ -78,8 +78,8 @@ def test_lora_flags_use_the_diffusers_names():
 
 @dataclasses.dataclass
 class _ToyConfig(AdapterConfig):
-    rank: int = option(2, "toy rank")
-    threshold: float = option(1e-3, "toy threshold")
+    rank: int | str | None = option(None, "toy rank: a number or 'full'")
+    threshold: float = option(1e-3, "toy threshold, a fraction (0.5 is 50%)")
     mode: typing.Literal["a", "b"] = option("a", "toy mode")
     progressive: bool = option(False, "toy switch")
     budget: int | float | None = option(None, "count or fraction")
@@ -101,7 +101,12 @@ def test_a_newly_registered_method_gets_prefixed_and_shared_flags(monkeypatch):
     fraction = arguments.parse_with_config(parser, ["--adapter", "toy", "--toy_budget", "0.05"])
     assert arguments.adapter_options(fraction, "toy") == {"budget": 0.05}
     help_text = " ".join(parser.format_help().split())
-    assert "toy: toy rank (default: 2)" in help_text and "lora: rank r of B·A" in help_text
+    assert "toy: toy rank: a number or 'full' (default: None)" in help_text
+    assert "lora: rank r of B·A" in help_text
+    assert "(0.5 is 50%)" in help_text
+    # the shared --rank accepts what any method takes: LoRA's ints and the toy's 'full'
+    full = arguments.parse_with_config(parser, ["--adapter", "toy", "--rank", "full"])
+    assert arguments.adapter_options(full, "toy") == {"rank": "full"}
     with pytest.raises(SystemExit):  # choices come from the Literal
         arguments.parse_with_config(parser, ["--toy_mode", "c"])
     lora_args = arguments.parse_with_config(parser, ["--adapter", "lora", "--toy_threshold", "0.5"])

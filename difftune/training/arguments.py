@@ -60,6 +60,12 @@ def _members(annotation: Any) -> tuple[Any, ...]:
     return typing.get_args(annotation) if _is_union(annotation) else (annotation,)
 
 
+def _without_none(annotation: Any) -> Any:
+    """``X | None`` → ``X`` (a flag that is not given is None anyway)."""
+    members = [m for m in _members(annotation) if m is not type(None)]
+    return members[0] if len(members) == 1 else typing.Union[tuple(members)]  # noqa: UP007
+
+
 def _parse_bool(text: str) -> bool:
     lowered = text.lower()
     if lowered in ("true", "yes", "1", "on"):
@@ -120,18 +126,20 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> list[MethodFlag]:
     for method in sorted(METHODS):
         for field, annotation in method_fields(METHODS[method]):
             dest = option_dest(method, field.name)
-            entry = entries.setdefault(dest, {"field": field.name, "annotation": annotation,
-                                              "methods": [], "help": []})
+            entry = entries.setdefault(dest, {"field": field.name, "annotations": [], "methods": [],
+                                              "help": []})
             entry["methods"].append(method)
+            entry["annotations"].append(annotation)
             text = field.metadata.get("help", field.name)
             if "default" not in text:
                 text += f" (default: {_default_of(field)})"
             entry["help"].append(f"{method}: {text}")
     flags = []
     for dest, entry in entries.items():
-        annotation = entry["annotation"]
+        # a shared flag (--rank) takes the values any of its methods accepts
+        annotation = _without_none(typing.Union[tuple(entry["annotations"])])  # noqa: UP007
         names = [f"--{dest}", *FLAG_ALIASES.get(dest, ())]
-        help_text = "; ".join(entry["help"])
+        help_text = "; ".join(entry["help"]).replace("%", "%%")  # argparse formats help with %
         if annotation is bool:
             group.add_argument(*names, dest=dest, action=argparse.BooleanOptionalAction, default=None,
                                help=help_text)
@@ -262,7 +270,7 @@ def flag_table_markdown(parser: argparse.ArgumentParser, skip_groups: Sequence[s
         for action in actions:
             names = ", ".join(f"`{o}`" for o in action.option_strings if not o.startswith("--no-"))
             default = "" if action.default in (None, argparse.SUPPRESS) else f"`{action.default}`"
-            text = (action.help or "").replace("|", "\\|").replace("\n", " ")
+            text = (action.help or "").replace("%%", "%").replace("|", "\\|").replace("\n", " ")
             out.append(f"| {names} | {default} | {text} |")
         out.append("")
     return "\n".join(out)
