@@ -279,7 +279,7 @@ def flag_table_markdown(parser: argparse.ArgumentParser, skip_groups: Sequence[s
 # --- flag groups shared by the training scripts -----------------------------------------
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
-                 "polynomial", "piecewise_constant")
+                 "polynomial")
 WEIGHTING_SCHEMES = ("logit_normal", "sigma_sqrt", "mode", "cosmap", "none")
 REPORT_TO = ("tensorboard", "wandb", "comet_ml", "all", "none")
 # Flags that only make sense for one kind of noise process.
