@@ -18,13 +18,7 @@ def full_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config")
     arguments.add_model_arguments(parser)
-    arguments.add_adapter_arguments(parser)
-    arguments.add_optimization_arguments(parser)
-    arguments.add_precision_arguments(parser)
-    arguments.add_loss_arguments(parser)
-    arguments.add_validation_arguments(parser)
-    arguments.add_checkpoint_arguments(parser)
-    arguments.add_logging_arguments(parser)
+    arguments.add_training_arguments(parser)
     return parser
 
 

@@ -100,13 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     prior.add_argument("--prior_generation_precision", choices=("fp32", "fp16", "bf16"),
                        help="dtype of class-image generation (default: that of training)")
 
-    arguments.add_adapter_arguments(parser)
-    arguments.add_optimization_arguments(parser)
-    arguments.add_precision_arguments(parser)
-    arguments.add_loss_arguments(parser)
-    arguments.add_validation_arguments(parser)
-    arguments.add_checkpoint_arguments(parser)
-    arguments.add_logging_arguments(parser)
+    arguments.add_training_arguments(parser)  # adapter, optimization, precision, loss, validation, ...
     return parser
 
 

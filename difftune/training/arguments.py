@@ -401,6 +401,18 @@ def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tracker_project_name", default="difftune-subject", help="tracker run name")
 
 
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every shared group after the model and data ones: adapter (with each method's
+    options), optimization, precision, loss, validation, checkpoints, logging."""
+    add_adapter_arguments(parser)
+    add_optimization_arguments(parser)
+    add_precision_arguments(parser)
+    add_loss_arguments(parser)
+    add_validation_arguments(parser)
+    add_checkpoint_arguments(parser)
+    add_logging_arguments(parser)
+
+
 def check_family_flags(args: argparse.Namespace, family: str) -> None:
     """Refuse flags that do not apply to the model's noise process (SD3 flows vs DDPM)."""
     wrong = FLOW_ONLY_FLAGS if family != "sd3" else DDPM_ONLY_FLAGS
