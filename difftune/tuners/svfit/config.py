@@ -22,7 +22,7 @@ class SVFitConfig(AdapterConfig):
 
     targets: str | list[str] = option("attn", "layers to adapt (preset, regex or list)")
     rank: int | str | None = option(
-        None, "singular values trained per matrix: an int, 'full', or unset to choose by --energy")
+        None, "singular values trained per matrix: an int, 'full', or unset to choose by energy")
     energy: float = option(0.99, "with rank unset: keep the fewest top singular values holding "
                                  "this fraction of Σσ²")
     alpha: float = option(1.0, "multiplier on the trained change U_r diag(s − σ) V_rᵀ (1 = paper)")
