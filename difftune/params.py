@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -70,12 +69,10 @@ def parameter_table(model: Any, rows: Sequence[tuple[str, str, dict[str, Any]]] 
         if method not in METHODS:
             continue
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # peft notes its leftover config on re-attach
-                adapter = add_adapter(denoiser, method, targets=targets, **dict(options))
-                layers = len(adapter.target_names)
-                count = count_trainable_parameters(denoiser)
-                remove_adapter(denoiser)
+            adapter = add_adapter(denoiser, method, targets=targets, **dict(options))
+            layers = len(adapter.target_names)
+            count = count_trainable_parameters(denoiser)
+            remove_adapter(denoiser)
             results.append(ParameterRow(label, method, dict(options), count, layers))
         except DifftuneError as err:
             results.append(ParameterRow(label, method, dict(options), None, None, note=str(err)))
