@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_CLIP_MEAN as PROCESSOR_MEAN
+from conftest import TINY_CLIP_STD as PROCESSOR_STD
+from conftest import save_tiny_vision_model
 from PIL import Image
 
 from difftune.errors import DifftuneError
@@ -28,47 +31,16 @@ from difftune.metrics import (
 )
 from difftune.metrics.features import extract_features, image_batches
 from difftune.metrics.reporting import image_grid, markdown_table, scatter_plot, write_csv
-from difftune.model_factory import offline_clip_tokenizer
-
-PROCESSOR_MEAN = [0.5, 0.4, 0.3]
-PROCESSOR_STD = [0.2, 0.25, 0.3]
 
 
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    tokenizer = offline_clip_tokenizer(words=("dog", "sks", "beach"), model_max_length=16)
-    config = CLIPConfig(
-        text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 37,
-                     "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 16,
-                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-                     "pad_token_id": tokenizer.pad_token_id},
-        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
-                       "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
-        projection_dim=24,
-    )
-    torch.manual_seed(0)
-    model = CLIPModel(config)
-    directory = tmp_path_factory.mktemp("clip")
-    model.save_pretrained(directory)
-    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
-                                   image_mean=PROCESSOR_MEAN, image_std=PROCESSOR_STD)
-    CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(directory)
-    return directory
+@pytest.fixture
+def clip_dir(tiny_clip_dir):
+    return tiny_clip_dir
 
 
 @pytest.fixture(scope="module", params=["dinov2", "vit"])
 def dino_dir(request, tmp_path_factory):
-    from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTModel
-
-    sizes = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 37,
-             "image_size": 32, "patch_size": 8}
-    torch.manual_seed(1)
-    model = Dinov2Model(Dinov2Config(**sizes)) if request.param == "dinov2" else ViTModel(ViTConfig(**sizes))
-    directory = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(directory)
-    return directory
+    return save_tiny_vision_model(tmp_path_factory.mktemp(request.param), request.param)
 
 
 def random_images(count: int, seed: int, size: int = 32) -> torch.Tensor:
