@@ -136,3 +136,20 @@ def write_tables(results: list[dict], output_dir: Path, title: str) -> None:
         lines.append(note)
     write_text(output_dir / "results.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def check_metric_sources(args: argparse.Namespace, model: str) -> None:
+    """Refuse a missing local CLIP/DINO folder or an unknown FID extractor before any long work."""
+    from .features import check_model_source
+
+    clip, dino, fid = resolve_metric_models(args, model)
+    check_model_source(clip, "CLIP")
+    if dino:
+        check_model_source(dino, "DINO")
+    if fid:
+        kind, _, source = fid.partition(":")
+        if kind not in ("inception", "clip", "dino") or (kind != "inception" and not source):
+            raise DifftuneError(f"--fid_extractor {fid}: use inception, inception:<weights file>, "
+                                "clip:<hub id or folder> or dino:<hub id or folder>")
+        if kind != "inception":
+            check_model_source(source, kind.upper())
