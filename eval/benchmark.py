@@ -253,12 +253,20 @@ def pipe_resolution(pipe: Any) -> int:
 
 
 def machine_description() -> dict[str, Any]:
+    """What the numbers were measured on: GPU (if any), CPU model and threads, versions."""
     import torch
 
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or
-            platform.machine(), "threads": torch.get_num_threads()}
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    info: dict[str, Any] = {}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
+    info.update({"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+                 "python": platform.python_version()})
     return info
 
 

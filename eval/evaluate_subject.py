@@ -55,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="class noun (default: the subject folder's subject.json)")
     parser.add_argument("--output_dir", type=Path, required=True)
     parser.add_argument("--overwrite", action="store_true", help="recompute runs that already have results")
+    parser.add_argument("--fid", action="store_true", help="also compute FID/KID against --class_data_dir")
+    parser.add_argument("--class_data_dir", type=Path, default=None, help="reference images for FID")
     add_evaluation_arguments(parser)
     args = parser.parse_args(argv)
     if not args.adapter and not args.include_base:

@@ -22,7 +22,10 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags shared with eval/benchmark.py: generation, metric models, FID, device."""
+    """Flags shared by the eval scripts: generation, metric models, FID extractor, device.
+
+    Each script adds its own switch for FID (``args.fid``) and its reference images.
+    """
     group = parser.add_argument_group("generation")
     group.add_argument("--prompts", default="auto",
                        help="prompt list file, or 'dreambooth' / 'world' (the lists in assets/prompts); "
@@ -42,8 +45,6 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dino_model", default="auto",
                        help=f"DINO / DINOv2 hub id or folder, or 'none'; auto: {HUB_DINO} for hub models, "
                             "none for builtin models (no DINO weights ship offline)")
-    group.add_argument("--fid", action="store_true", help="also compute FID/KID against --class_data_dir")
-    group.add_argument("--class_data_dir", type=Path, default=None, help="reference images for FID")
     group.add_argument("--fid_extractor", default="auto",
                        help="inception, inception:<weights file>, clip:<id or folder>, dino:<id or folder>; "
                             "auto: inception when torch-fidelity is installed, else clip:<the CLIP model>")
