@@ -90,10 +90,8 @@ class ImageFeatures(nn.Module):
         outputs = []
         for start in range(0, len(images), self.batch_size):
             batch = images[start:start + self.batch_size].to(self.mean.device)
-            features = self.encode(self.preprocess(batch).to(self.model_dtype))
-            if self.normalize:
-                features = F.normalize(features.float(), dim=-1)
-            outputs.append(features.double())
+            features = self.encode(self.preprocess(batch).to(self.model_dtype)).double()
+            outputs.append(F.normalize(features, dim=-1) if self.normalize else features)
         return torch.cat(outputs)
 
 
