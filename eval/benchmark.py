@@ -94,6 +94,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+# One colour per method in every plot.
+METHOD_COLORS = {"base": "#7f7f7f", "lora": "#1f77b4", "sara": "#d62728", "svfit": "#2ca02c",
+                 "tlora": "#9467bd"}
 TABLE_COLUMNS = ["method", "trainable_parameters", "peak_memory_gib", "step_time_s", "fid", "clip_score",
                  "dino", "clip_i", "clip_t", "vlhi"]
 TABLE_HEADERS = {"trainable_parameters": "trainable params", "peak_memory_gib": "peak memory (GiB)",
@@ -311,12 +314,13 @@ def write_report(args: argparse.Namespace, rows: list[dict], results: dict[str, 
     trained = [r for r in rows if r["method"] != "base"]
     fid_plot = scatter_plot([(r["trainable_parameters"], r["fid"], r["method"]) for r in trained],
                             "trainable parameters", "FID (lower is better)",
-                            title="FID vs trainable parameters", log_x=True)
+                            title="FID vs trainable parameters", log_x=True, colors=METHOD_COLORS)
     save_image(out / "fid_vs_params.png", fid_plot)
     has_dino = any(r["dino"] is not None for r in rows)
     x_key, x_label = ("dino", "DINO") if has_dino else ("clip_i", "CLIP-I (no DINO model)")
     fidelity_plot = scatter_plot([(r[x_key], r["clip_t"], r["method"]) for r in rows], x_label, "CLIP-T",
-                                 title=f"prompt fidelity (CLIP-T) vs subject fidelity ({x_label.split()[0]})")
+                                 title=f"prompt fidelity (CLIP-T) vs subject fidelity ({x_label.split()[0]})",
+                                 colors=METHOD_COLORS)
     save_image(out / "clip_t_vs_dino.png", fidelity_plot)
 
     kinds = sorted({r["peak_memory_kind"] for r in rows if r.get("peak_memory_kind")})

@@ -175,8 +175,13 @@ def _tick_label(value: float) -> str:
 
 
 def scatter_plot(points: Sequence[tuple[float, float, str]], x_label: str, y_label: str, title: str = "",
-                 log_x: bool = False, size: tuple[int, int] = (640, 460)) -> Image.Image:
-    """A labelled scatter plot: one coloured, named point per (x, y, label); None values are skipped."""
+                 log_x: bool = False, size: tuple[int, int] = (640, 460),
+                 colors: Mapping[str, str] | None = None) -> Image.Image:
+    """A labelled scatter plot: one coloured, named point per (x, y, label); None values are skipped.
+
+    ``colors`` maps labels to colours (so a method keeps its colour across plots); other
+    labels take the palette in order.
+    """
     points = [(float(x), float(y), label) for x, y, label in points
               if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)]
     if log_x and any(x <= 0 for x, _, _ in points):
@@ -232,7 +237,7 @@ def scatter_plot(points: Sequence[tuple[float, float, str]], x_label: str, y_lab
     draw.rectangle(plot, outline="black")
     for index, (x, y, label) in enumerate(points):
         px, py = to_px(x, y)
-        color = PALETTE[index % len(PALETTE)]
+        color = (colors or {}).get(label, PALETTE[index % len(PALETTE)])
         draw.ellipse([px - 5, py - 5, px + 5, py + 5], fill=color, outline="black")
         text_x = px + 8 if px + 8 + _text_width(draw, label, small) < plot[2] else px - 8 - _text_width(
             draw, label, small)
