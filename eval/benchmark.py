@@ -339,7 +339,8 @@ def write_report(args: argparse.Namespace, rows: list[dict], results: dict[str, 
         "CLIP = 100·max(cos, 0) with the prompt as written; CLIP-T = 100·cos with the identifier replaced "
         "by the class name; CLIP-I and DINO are mean cosines to the subject images. "
         "VLHI is computed among the trained methods only.",
-        f"Peak memory: {', '.join(kinds) or 'not recorded'}. Step time: median optimizer step.",
+        f"Peak memory: {', '.join(kinds) or 'not recorded'}. Step time: mean wall time per optimizer "
+        "step over the training loop (checkpoint saves included), as the trainer reports it.",
         fid_note(list(results.values())),
         "",
         "Flags per method: " + "; ".join(f"{m}: `{shlex.join(f) or '(defaults)'}`"

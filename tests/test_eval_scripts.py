@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import build, randomize_adapter
+from conftest import build, make_subject_images, randomize_adapter
 from PIL import Image
 
 import difftune
@@ -23,20 +23,9 @@ def load_script(name: str):
     return module
 
 
-def write_images(directory: Path, count: int, seed: int, size: int = 48) -> Path:
-    rng = np.random.default_rng(seed)
-    directory.mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        color = rng.integers(0, 256, 3)
-        array = np.full((size, size, 3), color, np.uint8)
-        array[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 255 - color
-        Image.fromarray(array).save(directory / f"{i:02d}.png")
-    return directory
-
-
 @pytest.fixture(scope="module")
-def subject_dir(tmp_path_factory):
-    directory = write_images(tmp_path_factory.mktemp("subject") / "toy", 3, seed=0)
+def toy_subject(tmp_path_factory):
+    directory = make_subject_images(tmp_path_factory.mktemp("subject") / "toy", 3, seed=0)
     (directory / "subject.json").write_text(json.dumps({"identifier": "sks", "class_name": "dog"}))
     return directory
 
@@ -66,12 +55,12 @@ def test_image_seeds_do_not_depend_on_batch_size():
     assert not np.array_equal(np.asarray(one[0]), np.asarray(one[1]))
 
 
-def test_evaluate_subject_end_to_end(tmp_path, subject_dir, lora_file, tiny_clip_dir, tiny_dino_dir, capsys):
+def test_evaluate_subject_end_to_end(tmp_path, toy_subject, lora_file, tiny_clip_dir, tiny_dino_dir, capsys):
     script = load_script("evaluate_subject")
-    class_dir = write_images(tmp_path / "class", 5, seed=1)
+    class_dir = make_subject_images(tmp_path / "class", 5, seed=1)
     out = tmp_path / "eval"
     argv = ["--pretrained_model_name_or_path", "builtin:tiny-sd", "--adapter", f"lora={lora_file}",
-            "--include_base", "--instance_data_dir", str(subject_dir), "--prompts", "dreambooth",
+            "--include_base", "--instance_data_dir", str(toy_subject), "--prompts", "dreambooth",
             "--num_prompts", "2", "--images_per_prompt", "2", "--num_inference_steps", "2", "--height", "64",
             "--width", "64", "--guidance_scale", "1", "--generation_batch_size", "3",
             "--clip_model", str(tiny_clip_dir), "--dino_model", str(tiny_dino_dir), "--fid",
@@ -91,7 +80,7 @@ def test_evaluate_subject_end_to_end(tmp_path, subject_dir, lora_file, tiny_clip
     # the numbers equal a recomputation from the saved files (float32 networks: 1e-6)
     lora = results[1]
     generated = load_images(out / "lora" / "toy" / "images")
-    reference = load_images(subject_dir)
+    reference = load_images(toy_subject)
     clip = ClipSimilarity.from_pretrained(tiny_clip_dir)
     dino = DinoSimilarity.from_pretrained(tiny_dino_dir)
     assert lora["clip_i"] == pytest.approx(clip.clip_i(generated, reference), abs=1e-6)
@@ -117,9 +106,9 @@ def test_evaluate_subject_end_to_end(tmp_path, subject_dir, lora_file, tiny_clip
     assert again[1]["clip_i"] == lora["clip_i"]
 
 
-def test_evaluate_subject_refuses_bad_input_before_loading_models(tmp_path, subject_dir):
+def test_evaluate_subject_refuses_bad_input_before_loading_models(tmp_path, toy_subject):
     script = load_script("evaluate_subject")
-    base = ["--pretrained_model_name_or_path", "builtin:tiny-sd", "--instance_data_dir", str(subject_dir),
+    base = ["--pretrained_model_name_or_path", "builtin:tiny-sd", "--instance_data_dir", str(toy_subject),
             "--output_dir", str(tmp_path)]
     with pytest.raises(difftune.DifftuneError, match="missing.safetensors does not exist"):
         script.main([*base, "--adapter", str(tmp_path / "missing.safetensors")])
@@ -129,11 +118,11 @@ def test_evaluate_subject_refuses_bad_input_before_loading_models(tmp_path, subj
         script.main([*base, "--include_base", "--fid"])  # --fid without --class_data_dir
 
 
-def test_half_precision_generation_with_adapter(tmp_path, subject_dir, lora_file, tiny_clip_dir):
+def test_half_precision_generation_with_adapter(tmp_path, toy_subject, lora_file, tiny_clip_dir):
     """The GPU path (pipeline in a 16-bit dtype, the loaded adapter moved to it) runs here in bf16."""
     script = load_script("evaluate_subject")
     results = script.main(["--pretrained_model_name_or_path", "builtin:tiny-sd", "--adapter", str(lora_file),
-                           "--instance_data_dir", str(subject_dir), "--dtype", "bf16", "--num_prompts", "1",
+                           "--instance_data_dir", str(toy_subject), "--dtype", "bf16", "--num_prompts", "1",
                            "--images_per_prompt", "1", "--num_inference_steps", "2", "--height", "64",
                            "--width", "64", "--guidance_scale", "1", "--clip_model", str(tiny_clip_dir),
                            "--dino_model", "none",

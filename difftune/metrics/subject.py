@@ -23,11 +23,11 @@ from PIL import Image
 from torch import nn
 
 from ..errors import DifftuneError
+from ..training.data import IMAGE_SUFFIXES
 from .features import extract_features
 from .fid import fid_from_features
 from .similarity import ClipSimilarity, DinoSimilarity, mean_pairwise_cosine, neutral_prompt
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 ASSETS_DIR = Path(__file__).resolve().parent.parent.parent / "assets"
 PROMPT_LISTS = {
     "dreambooth": ASSETS_DIR / "prompts" / "subject_prompts.txt",
