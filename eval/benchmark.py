@@ -41,6 +41,7 @@ from difftune.metrics.cli import (
     build_scorer,
     check_metric_sources,
     generation_settings,
+    load_eval_pipeline,
     resolve_device,
     resolve_prompt_file,
 )
@@ -216,14 +217,25 @@ def train_method(args: argparse.Namespace, subject: Subject, method: str, flags:
     log = output_dir / "train.log"
     print(f"{method}: training ({args.max_train_steps} steps), log in {log}\n  {shlex.join(command)}")
     start = time.perf_counter()
-    with open(log, "a") as handle:
-        handle.write(f"$ {shlex.join(command)}\n")
+    with open(log, "ab") as handle:
+        handle.write(f"$ {shlex.join(command)}\n".encode())
         handle.flush()
-        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT,
-                                   env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                                       filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
-        _, status, usage = os.wait4(process.pid, 0)
-        process.returncode = os.waitstatus_to_exitcode(status)
+        python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONPATH": python_path}
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.PIPE, cwd=ROOT, env=env)
+        # the trainer's progress bar (stderr) shows here live and is kept in the log
+        while chunk := process.stderr.read1(4096):
+            handle.write(chunk)
+            sys.stderr.write(chunk.decode(errors="replace"))
+            sys.stderr.flush()
+        process.stderr.close()
+        peak_rss = None
+        if hasattr(os, "wait4"):
+            _, status, usage = os.wait4(process.pid, 0)
+            process.returncode = os.waitstatus_to_exitcode(status)
+            peak_rss = usage.ru_maxrss * 1024  # Linux reports KiB
+        else:
+            process.wait()
     wall = time.perf_counter() - start
     if process.returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-30:])
@@ -233,7 +245,7 @@ def train_method(args: argparse.Namespace, subject: Subject, method: str, flags:
         raise DifftuneError(f"the trainer wrote no {summary_file}")
     summary = json.loads(summary_file.read_text())
     summary["wall_time_s"] = wall
-    summary["process_peak_rss_bytes"] = usage.ru_maxrss * 1024  # Linux reports KiB
+    summary["process_peak_rss_bytes"] = peak_rss
     summary_file.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -355,8 +367,6 @@ def write_report(args: argparse.Namespace, rows: list[dict], results: dict[str, 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
-    from difftune.model_factory import load_pipeline
-
     model = args.pretrained_model_name_or_path
     subject = Subject.from_dir(args.instance_data_dir, args.identifier, args.class_name)
     args.instance_prompt = args.instance_prompt or f"a {subject.identifier} {subject.class_name}"
@@ -366,7 +376,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device, dtype = resolve_device(args)
 
     if args.fid or args.with_prior_preservation:
-        pipe = load_pipeline(model, torch_dtype=dtype).to(device)
+        pipe = load_eval_pipeline(model, device, dtype)
         class_images = ensure_class_images(args, pipe)
         del pipe
 
@@ -380,7 +390,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         summaries[method] = train_method(args, subject, method, flags)
 
     scorer = build_scorer(args, model, device)
-    pipe = load_pipeline(model, torch_dtype=dtype).to(device)
+    pipe = load_eval_pipeline(model, device, dtype)
     runs = [] if args.no_base else [EvalRun("base", None, subject)]
     runs += [EvalRun(m, args.output_dir / "train" / m / ADAPTER_FILE, subject) for m in order]
     fid_reference = (str(args.class_data_dir), class_images) if args.fid else None

@@ -29,6 +29,7 @@ from difftune.metrics.cli import (
     add_evaluation_arguments,
     build_scorer,
     generation_settings,
+    load_eval_pipeline,
     resolve_device,
     resolve_prompt_file,
     write_tables,
@@ -101,8 +102,6 @@ def build_runs(args: argparse.Namespace) -> list[EvalRun]:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
-    from difftune.model_factory import load_pipeline
-
     model = args.pretrained_model_name_or_path
     device, dtype = resolve_device(args)
     runs = build_runs(args)  # validates every path before any heavy work
@@ -111,7 +110,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.fid:
         fid_reference = (str(args.class_data_dir), load_images(args.class_data_dir, "--class_data_dir"))
     scorer = build_scorer(args, model, device)
-    pipe = load_pipeline(model, torch_dtype=dtype).to(device)
+    pipe = load_eval_pipeline(model, device, dtype)
     results = evaluate_runs(pipe, runs, prompt_file, generation_settings(args), scorer, args.output_dir,
                             model, fid_reference=fid_reference, num_prompts=args.num_prompts,
                             overwrite=args.overwrite)

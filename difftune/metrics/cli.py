@@ -115,6 +115,20 @@ def build_scorer(args: argparse.Namespace, model: str, device: torch.device):
     return SubjectScorer(clip, dino, extractor, batch_size=args.metric_batch_size)
 
 
+def load_eval_pipeline(model: str, device: torch.device, dtype: torch.dtype):
+    """The pipeline to generate evaluation images: on ``device`` in ``dtype``, no safety checker.
+
+    A safety checker blacks out the images it flags, which would corrupt every metric.
+    (SDXL pipelines upcast their VAE themselves when its config asks for it.)
+    """
+    from ..model_factory import load_pipeline
+
+    pipe = load_pipeline(model, torch_dtype=dtype).to(device)
+    if getattr(pipe, "safety_checker", None) is not None:
+        pipe.safety_checker = None
+    return pipe
+
+
 def generation_settings(args: argparse.Namespace) -> GenerationSettings:
     return GenerationSettings(images_per_prompt=args.images_per_prompt, seed=args.eval_seed,
                               num_inference_steps=args.num_inference_steps,
