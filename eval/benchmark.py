@@ -113,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="embedded",
                         help="defaults for everything below: 'embedded' (CPU, offline) or 'sd15' (GPU, hub)")
     parser.add_argument("--output_dir", type=Path, required=True)
-    parser.add_argument("--methods", nargs="+", default=list(ALL_METHODS),
-                        help=f"methods to compare (default: {' '.join(ALL_METHODS)}); LoRA is the baseline")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help=f"methods to compare (default: those of {' '.join(ALL_METHODS)} that are "
+                             "installed); LoRA is the baseline")
     parser.add_argument("--method_args", action="append", default=[], metavar="METHOD=FLAGS",
                         help="trainer flags of one method, replacing its defaults, e.g. "
                              "'sara=--sara_threshold 2e-3' (repeatable)")
@@ -153,6 +154,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     preset = parser.parse_known_args(argv)[0].preset
     parser.set_defaults(**PRESETS[preset])
     args = parser.parse_args(argv)
+    if args.methods is None:
+        args.methods = [m for m in ALL_METHODS if m in difftune.METHODS]
+        missing = [m for m in ALL_METHODS if m not in difftune.METHODS]
+        if missing:
+            print(f"note: {', '.join(missing)} not registered in this difftune; "
+                  f"comparing {', '.join(args.methods)}")
     unknown = [m for m in args.methods if m not in difftune.METHODS]
     if unknown:
         parser.error(f"--methods: {', '.join(unknown)} not available here (registered: "

@@ -82,3 +82,14 @@ def test_benchmark_refuses_unknown_methods_and_bad_method_args(tmp_path):
     with pytest.raises(SystemExit):
         script.parse_args(["--output_dir", str(tmp_path), "--methods", "lora",
                            "--method_args", "svfit=--rank 2"])
+
+
+def test_sd15_preset_is_one_flag(tmp_path):
+    script = load_script("benchmark")
+    args = script.parse_args(["--preset", "sd15", "--output_dir", str(tmp_path)])
+    assert args.pretrained_model_name_or_path == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert (args.resolution, args.mixed_precision) == (512, "fp16")
+    assert (args.clip_model, args.dino_model) == ("openai/clip-vit-large-patch14", "facebook/dino-vits16")
+    embedded = script.parse_args(["--output_dir", str(tmp_path)])
+    assert embedded.pretrained_model_name_or_path == "builtin:embedded"
+    assert embedded.max_train_steps == args.max_train_steps // 2 and embedded.fid
