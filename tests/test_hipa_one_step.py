@@ -141,9 +141,9 @@ def test_generate_one_step_is_one_call_from_pure_noise_decoded_x0(name):
     denoiser, _ = difftune.find_denoiser(pipe)
     original = pipe.scheduler
     calls, handle = _capture_denoiser_calls(denoiser)
-    noise = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(5))
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))
     try:
-        images = generate_one_step(pipe, "a red circle", height=64, width=64, latents=noise,
+        images = generate_one_step(pipe, "a red circle", height=32, width=32, latents=noise,
                                    output_type="np").images
     finally:
         handle.remove()
@@ -167,7 +167,7 @@ def test_generate_one_step_with_a_loaded_adapter(tmp_path):
     path = difftune.save_adapter(trained.unet, tmp_path / "adapter.safetensors")
 
     def image(pipe):
-        return generate_one_step(pipe, "a red circle", height=64, width=64, output_type="np",
+        return generate_one_step(pipe, "a red circle", height=32, width=32, output_type="np",
                                  generator=torch.Generator().manual_seed(0)).images
 
     fresh = tiny_sd_pipeline()
