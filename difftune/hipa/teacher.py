@@ -23,7 +23,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -144,6 +143,14 @@ class TeacherCache:
     def sample_path(self, index: int) -> Path:
         return self.directory / SAMPLES_DIR / f"{index:06d}.safetensors"
 
+    def image_path(self, index: int) -> Path:
+        """The PNG of a sample (8-bit, converted from the full-precision decode)."""
+        return self.directory / IMAGES_DIR / f"{index:06d}.png"
+
+    def image(self, index: int) -> Image.Image:
+        with Image.open(self.image_path(self.entries[index]["index"])) as picture:
+            return picture.convert("RGB")
+
     def missing(self) -> list[int]:
         return [e["index"] for e in self.entries if not self.sample_path(e["index"]).is_file()]
 
@@ -163,13 +170,19 @@ class TeacherCache:
                 "prompt_index": entry["prompt_index"], "index": entry["index"]}
 
 
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) images in [-1, 1] as PIL images, converted as diffusers pipelines do."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    return VaeImageProcessor().postprocess(images.detach().float().cpu(), output_type="pil")
+
+
 def _write_sample(cache: TeacherCache, index: int, noise: torch.Tensor, latents: torch.Tensor,
                   image: torch.Tensor) -> None:
     """One sample: the tensors (atomically) and a PNG of the image."""
     tensors = {"noise": noise.float(), "latents": latents.float(), "image": image.half()}
-    pixels = ((image.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    png = cache.directory / IMAGES_DIR / f"{index:06d}.png"
-    atomic_write(png, lambda tmp: Image.fromarray(np.ascontiguousarray(pixels)).save(tmp, format="PNG"))
+    picture = to_pil(image[None])[0]
+    atomic_write(cache.image_path(index), lambda tmp: picture.save(tmp, format="PNG"))
     ready = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     # the tensor file last: its presence means the sample is finished
     atomic_write(cache.sample_path(index), lambda tmp: save_file(ready, tmp))
