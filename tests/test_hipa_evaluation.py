@@ -20,8 +20,9 @@ def comparison_setup(tmp_path_factory):
     """A teacher cache of the base model, then the same pipeline with a random LoRA."""
     directory = tmp_path_factory.mktemp("teacher")
     pipe = tiny_sd_pipeline()
-    cache = generate_teacher_samples(pipe, PROMPTS, directory, TeacherSettings(num_inference_steps=2, guidance_scale=1.0),
-                                     height=SIZE, width=SIZE, show_progress=False)
+    settings = TeacherSettings(num_inference_steps=2, guidance_scale=1.0)
+    cache = generate_teacher_samples(pipe, PROMPTS, directory, settings, height=SIZE, width=SIZE,
+                                     show_progress=False)
     difftune.add_adapter(pipe.unet, "lora", rank=4)
     randomize_adapter(pipe.unet, std=0.2)
     return pipe, cache, compare_with_teacher(pipe, cache, batch_size=1)
