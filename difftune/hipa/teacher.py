@@ -198,10 +198,14 @@ def generate_teacher_samples(
     batch_size: int = 1,
     model_name: str | None = None,
     show_progress: bool = True,
+    process_index: int = 0,
+    num_processes: int = 1,
 ) -> TeacherCache:
     """Generate (or finish generating) the teacher samples of ``prompts`` into ``directory``.
 
     ``pipe`` is the frozen base pipeline, with no adapter attached. Returns the cache.
+    With several processes, each calls this with its ``process_index`` and generates
+    every ``num_processes``-th missing sample; the caller waits for all before reading.
     """
     settings = settings or TeacherSettings()
     settings.validate()
@@ -246,9 +250,10 @@ def generate_teacher_samples(
         atomic_write(manifest_path, lambda tmp: Path(tmp).write_text(json.dumps(identity, indent=1)))
     cache = TeacherCache(directory)
 
-    todo = cache.missing()
-    progress = tqdm(total=len(entries), initial=len(entries) - len(todo), desc="teacher samples",
-                    unit="sample", disable=not show_progress)
+    missing = cache.missing()
+    todo = missing[process_index::num_processes]
+    progress = tqdm(total=len(entries), initial=len(entries) - len(missing), desc="teacher samples",
+                    unit="sample", disable=not show_progress or process_index != 0)
     original_scheduler = pipe.scheduler
     pipe.scheduler = scheduler
     try:

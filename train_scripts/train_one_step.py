@@ -1,0 +1,379 @@
+#!/usr/bin/env python
+"""One-step text-to-image generation with HiPA: train an adapter so that ONE denoiser call from
+pure noise gives the image the base model draws in many steps.
+
+    accelerate launch train_scripts/train_one_step.py \\
+        --pretrained_model_name_or_path builtin:embedded \\
+        --prompts_file assets/one_step_prompts.txt \\
+        --adapter lora --rank 16 --max_train_steps 2000 --output_dir outputs/one_step
+
+Plain `python train_scripts/train_one_step.py ...` works too; every option may come from a
+YAML or JSON file given with --config (flags override the file). The script reads top to
+bottom:
+  1. options, and every check that needs no model weights
+  2. the teacher cache: the frozen base model's multi-step samples of every prompt, from
+     stored noise (resumable: an interrupted generation continues where it stopped)
+  3. the adapter (LoRA rank 16 on attention by default) and the batches from the cache
+  4. optimizer, learning-rate schedule and, when asked, the checkpoint to resume
+  5. the loop: one-step x̂0 → VAE decode → HiPA loss against the teacher's sample;
+     checkpoints, and validation grids (one-step student | base one-step | teacher)
+  6. the adapter, loaded back into a fresh pipeline for one-step samples, and the
+     evaluation on held-out prompts (FID / CLIP score when metrics are configured)
+Supported bases: SD 1.x/2.x (epsilon and v prediction), SDXL and SD3 (flow matching).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import random
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    ProjectConfiguration,
+    broadcast_object_list,
+    set_seed,
+)
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params
+from tqdm.auto import tqdm
+
+import difftune
+from difftune.adapter_file import atomic_write
+from difftune.errors import DifftuneError
+from difftune.hipa.evaluation import compare_with_teacher, evaluate_comparison, results_markdown
+from difftune.hipa.loss import HiPALoss, HiPALossConfig
+from difftune.hipa.one_step import generate_one_step, one_step_timestep
+from difftune.hipa.teacher import TeacherSettings, generate_teacher_samples, read_prompts
+from difftune.hipa.training import OneStepData, one_step_loss
+from difftune.model_factory import describe_model, load_pipeline
+from difftune.training import arguments, checkpointing
+from difftune.training.families import LossOptions, training_family
+from difftune.training.validation import image_grid, log_images, save_grid
+from difftune.tuners import get_method
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEFAULT_PROMPTS = ASSETS / "one_step_prompts.txt"
+DEFAULT_EVAL_PROMPTS = ASSETS / "one_step_eval_prompts.txt"
+DEFAULT_LEARNING_RATE = 1e-4
+DEFAULT_LORA_RANK = 16  # about the paper's 3.3M parameters on SD 1.5 attention
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
+TEACHER_PREFIX = "teacher_"
+GRID_COLUMNS = 3  # one-step student | base one-step | teacher
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Options
+# ---------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML or JSON file of options (keys are flag names without "
+                                         "dashes); flags on the command line override it")
+    arguments.add_model_arguments(parser)
+
+    data = parser.add_argument_group("prompts and teacher")
+    data.add_argument("--prompts_file", default=str(DEFAULT_PROMPTS),
+                      help="training prompts, one a line (# comments and blank lines skipped)")
+    data.add_argument("--resolution", type=int, help="image size (default: the model's own)")
+    data.add_argument("--teacher_dir", help="teacher cache folder (default: <output_dir>/teacher); reuse one "
+                                            "across runs with the same base model and teacher settings")
+    data.add_argument("--teacher_batch_size", type=int, default=4, help="batch size of teacher generation")
+    arguments.add_dataclass_arguments(
+        parser, TeacherSettings, "teacher sampling", prefix=TEACHER_PREFIX,
+        description="how the frozen base model draws the targets (all recorded in the cache's manifest)")
+    arguments.add_dataclass_arguments(
+        parser, HiPALossConfig, "HiPA loss",
+        description="spatial + high-frequency terms between the decoded one-step x0 and the teacher's sample")
+
+    arguments.add_adapter_arguments(parser)
+    arguments.add_optimization_arguments(parser)
+    arguments.add_precision_arguments(parser)
+
+    validation = parser.add_argument_group("validation and evaluation")
+    validation.add_argument("--validation_steps", type=int, default=100,
+                            help="every N optimizer steps, save a grid: one-step student | base one-step | "
+                                 "teacher, for the first --num_validation_prompts training prompts")
+    validation.add_argument("--num_validation_prompts", type=int, default=4,
+                            help="rows of the validation grid")
+    validation.add_argument("--eval_prompts_file", default=str(DEFAULT_EVAL_PROMPTS),
+                            help="held-out prompts for the final comparison (their teacher samples are "
+                                 "cached in <teacher_dir>/eval)")
+    validation.add_argument("--skip_evaluation", action="store_true", help="no final comparison")
+
+    arguments.add_checkpoint_arguments(parser)
+    arguments.add_logging_arguments(parser)
+    parser.set_defaults(output_dir="outputs/one_step", tracker_project_name="difftune-one-step")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = arguments.parse_with_config(build_parser(), argv)
+    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
+        raise DifftuneError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
+    for name in ("teacher_batch_size", "num_validation_prompts"):
+        if getattr(args, name) < 1:
+            raise DifftuneError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    arguments.check_common_arguments(args)
+    arguments.dataclass_from_args(args, TeacherSettings, TEACHER_PREFIX).validate()
+    arguments.dataclass_from_args(args, HiPALossConfig).validate()
+    return args
+
+
+def adapter_options_with_defaults(args: argparse.Namespace) -> dict:
+    """The method's options from the flags; LoRA defaults to rank 16 here (HiPA's adapter size)."""
+    options = arguments.adapter_options(args, args.adapter)
+    if args.adapter == "lora":
+        options.setdefault("rank", DEFAULT_LORA_RANK)
+    return options
+
+
+def check_resume_fits(state: dict, settings: dict, path: Path) -> None:
+    """A checkpoint resumes only the run that wrote it: same base, method, options, teacher."""
+    for key, value in settings.items():
+        if state.get(key) != value:
+            raise DifftuneError(f"--resume_from_checkpoint {path}: it was trained with {key} "
+                                f"{state.get(key)!r}, this run asks for {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+    teacher_dir = Path(args.teacher_dir) if args.teacher_dir else output_dir / "teacher"
+    teacher_settings = arguments.dataclass_from_args(args, TeacherSettings, TEACHER_PREFIX)
+    loss_config = arguments.dataclass_from_args(args, HiPALossConfig)
+
+    # Everything until the model loads is cheap: refuse bad input here.
+    model_info = describe_model(args.pretrained_model_name_or_path, args.revision)
+    method_options = adapter_options_with_defaults(args)
+    get_method(args.adapter).config_class.from_options(args.adapter, dict(method_options))
+    loss_fn = HiPALoss(loss_config)  # loads LPIPS weights when asked: fails early if it cannot
+    prompts = read_prompts(args.prompts_file)
+    eval_prompts = [] if args.skip_evaluation else read_prompts(args.eval_prompts_file)
+    resolution = args.resolution or model_info.resolution
+    run_settings = {"base_model": args.pretrained_model_name_or_path, "method": args.adapter,
+                    "adapter_options": method_options, "targets": args.targets,
+                    "teacher": vars(teacher_settings), "resolution": resolution, "prompts": prompts,
+                    "loss": vars(loss_config)}
+    resume_path = checkpointing.resolve_checkpoint(output_dir, args.resume_from_checkpoint)
+    resume_state = checkpointing.read_trainer_state(resume_path) if resume_path else None
+    if resume_state:
+        check_resume_fits(resume_state, run_settings, resume_path)
+
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir),
+                                            logging_dir=str(output_dir / args.logging_dir)),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    device, is_main = accelerator.device, accelerator.is_main_process
+    weight_dtype = DTYPES[accelerator.mixed_precision]
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        checkpointing.remove_incomplete(output_dir)
+    seed = args.seed if args.seed is not None else (resume_state or {}).get("seed", random.randrange(2**31))
+    seed = broadcast_object_list([seed])[0]
+
+    # -----------------------------------------------------------------------------------------
+    # 2. The base model and its teacher samples
+    # -----------------------------------------------------------------------------------------
+    load_options = {"revision": args.revision, "variant": args.variant}
+    pipeline = load_pipeline(args.pretrained_model_name_or_path, torch_dtype=weight_dtype, **load_options)
+    pipeline.vae.to(torch.float32)  # fp16 VAEs give NaN latents and black images
+    pipeline.to(device)
+    pipeline.set_progress_bar_config(disable=True)
+
+    def teacher_cache(prompt_list: list[str], directory: Path):
+        with accelerator.autocast():
+            generate_teacher_samples(
+                pipeline, prompt_list, directory, teacher_settings, height=resolution, width=resolution,
+                batch_size=args.teacher_batch_size, model_name=args.pretrained_model_name_or_path,
+                show_progress=is_main, process_index=accelerator.process_index,
+                num_processes=accelerator.num_processes)
+        accelerator.wait_for_everyone()
+        return generate_teacher_samples(  # every sample exists now: this only checks and opens
+            pipeline, prompt_list, directory, teacher_settings, height=resolution, width=resolution,
+            model_name=args.pretrained_model_name_or_path, show_progress=False)
+
+    train_cache = teacher_cache(prompts, teacher_dir)
+    eval_cache = teacher_cache(eval_prompts, teacher_dir / "eval") if eval_prompts else None
+
+    # -----------------------------------------------------------------------------------------
+    # 3. Adapter, loss, batches
+    # -----------------------------------------------------------------------------------------
+    family = training_family(pipeline, device, LossOptions.from_args(args))
+    denoiser = family.denoiser
+    for frozen in (pipeline.vae, *family.text_encoders):
+        frozen.requires_grad_(False)
+    step_spec = one_step_timestep(pipeline.scheduler)
+    set_seed(seed)  # the adapter's initialisation
+    adapter = difftune.add_adapter(denoiser, args.adapter, targets=args.targets, **method_options)
+    cast_training_params(denoiser, torch.float32)
+    if args.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+        pipeline.vae.enable_gradient_checkpointing()  # the decoder is in the graph too
+    if args.enable_xformers_memory_efficient_attention:
+        denoiser.enable_xformers_memory_efficient_attention()
+    loss_fn.to(device)
+    data = OneStepData(train_cache, family.encode_prompts, seed, device)
+    validation_indices = list(range(min(args.num_validation_prompts, len(train_cache))))
+
+    # -----------------------------------------------------------------------------------------
+    # 4. Optimizer, schedule, resume
+    # -----------------------------------------------------------------------------------------
+    world, batch_size, accumulation = (accelerator.num_processes, args.train_batch_size,
+                                       args.gradient_accumulation_steps)
+    micro_batch = batch_size * world
+    steps_per_epoch = -(-len(data) // (micro_batch * accumulation))
+    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    learning_rate = args.learning_rate or adapter.default_learning_rate() or DEFAULT_LEARNING_RATE
+    if args.scale_lr:
+        learning_rate *= micro_batch * accumulation
+    global_step, samples_seen = 0, 0
+    if resume_path:
+        checkpointing.load_adapter_state(resume_path, denoiser, device)
+        global_step, samples_seen = resume_state["step"], resume_state["samples_seen"]
+    optimizer_class = torch.optim.AdamW
+    if args.use_8bit_adam:
+        import bitsandbytes
+
+        optimizer_class = bitsandbytes.optim.AdamW8bit
+    optimizer = optimizer_class(adapter.optimizer_parameter_groups(args.adam_weight_decay), lr=learning_rate,
+                                betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                                weight_decay=args.adam_weight_decay)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                 num_training_steps=max_train_steps, num_cycles=args.lr_num_cycles,
+                                 power=args.lr_power)
+    model, optimizer = accelerator.prepare(denoiser, optimizer)
+    if resume_path:
+        checkpointing.load_optimizer_state(resume_path, optimizer, lr_scheduler)
+        checkpointing.load_rng_state(resume_path, accelerator.process_index)
+
+    if is_main:
+        accelerator.init_trackers(args.tracker_project_name, config={
+            k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+        resumed = f" | resumed at step {global_step}" if resume_path else ""
+        print(f"difftune one-step (HiPA) | {args.pretrained_model_name_or_path} ({model_info.family}, "
+              f"{resolution}px, {accelerator.mixed_precision}) | {args.adapter} on {adapter.config.targets}: "
+              f"{difftune.count_trainable_parameters(denoiser):,} trainable parameters | one step at t="
+              f"{float(step_spec.timestep):g} ({step_spec.prediction_type}) | {len(data)} teacher samples "
+              f"({teacher_settings.num_inference_steps} steps, CFG {teacher_settings.guidance_scale}) | "
+              f"{max_train_steps} steps x {micro_batch * accumulation} | lr {learning_rate:g} | seed {seed}"
+              f"{resumed}")
+
+    def validate(step: int) -> None:
+        denoiser.eval()
+        with accelerator.autocast():
+            comparison = compare_with_teacher(pipeline, train_cache, validation_indices)
+        denoiser.train()
+        images = comparison.side_by_side()
+        save_grid(images, output_dir / "validation" / f"step-{step:06d}.png", columns=GRID_COLUMNS)
+        log_images(accelerator, "one-step student | base one-step | teacher",
+                   [image_grid(images, GRID_COLUMNS)], step)
+
+    # -----------------------------------------------------------------------------------------
+    # 5. Training loop
+    # -----------------------------------------------------------------------------------------
+    model.train()
+    progress = tqdm(total=max_train_steps, initial=global_step, desc="training", disable=not is_main)
+    while global_step < max_train_steps:
+        logs: dict[str, float] = {}
+        for micro_step in range(accumulation):
+            first = samples_seen + micro_step * micro_batch + accelerator.process_index * batch_size
+            batch = data.batch(range(first, first + batch_size))
+            sync = micro_step == accumulation - 1
+            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                loss, terms, _ = one_step_loss(family, model, step_spec, batch, loss_fn)
+                regularization = adapter.regularization_loss()
+                if regularization is not None:
+                    loss = loss + regularization
+                accelerator.backward(loss / accumulation)
+            for name, value in {"loss": loss.detach(), **terms}.items():
+                logs[name] = logs.get(name, 0.0) + value.item() / accumulation
+        adapter.before_optimizer_step(global_step, max_train_steps)
+        if args.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(difftune.trainable_parameters(denoiser), args.max_grad_norm)
+        optimizer.step()
+        adapter.after_optimizer_step(global_step + 1, max_train_steps, optimizer)
+        if not accelerator.optimizer_step_was_skipped:
+            lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        global_step += 1
+        samples_seen += micro_batch * accumulation
+
+        logs["lr"] = lr_scheduler.get_last_lr()[0]
+        progress.update(1)
+        progress.set_postfix(loss=f"{logs['loss']:.4f}")
+        accelerator.log(logs, step=global_step)
+        if global_step % args.checkpointing_steps == 0:
+            checkpointing.save_checkpoint(
+                output_dir, global_step, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                trainer_state={**run_settings, "seed": seed, "samples_seen": samples_seen},
+                accelerator=accelerator, total_limit=args.checkpoints_total_limit,
+                base_model=args.pretrained_model_name_or_path)
+        if global_step % args.validation_steps == 0 and is_main:
+            validate(global_step)
+    progress.close()
+
+    # -----------------------------------------------------------------------------------------
+    # 6. Save; reload into a fresh pipeline; one-step samples; evaluation
+    # -----------------------------------------------------------------------------------------
+    accelerator.wait_for_everyone()
+    adapter_path = output_dir / "adapter.safetensors"
+    if is_main:
+        difftune.save_adapter(accelerator.unwrap_model(model), adapter_path,
+                              base_model=args.pretrained_model_name_or_path)
+        del pipeline, family, data, model, denoiser
+        fresh = load_pipeline(args.pretrained_model_name_or_path, torch_dtype=weight_dtype, **load_options)
+        fresh.vae.to(torch.float32)
+        if args.prediction_type:
+            fresh.scheduler.register_to_config(prediction_type=args.prediction_type)
+        difftune.load_adapter(fresh, adapter_path)  # what gets sampled is the saved file
+        fresh.to(device)
+        fresh.set_progress_bar_config(disable=True)
+        with accelerator.autocast():
+            final = compare_with_teacher(fresh, eval_cache or train_cache,
+                                         None if eval_cache else validation_indices)
+            sample = generate_one_step(fresh, (eval_prompts or prompts)[0], height=resolution,
+                                       width=resolution, generator=torch.Generator(device).manual_seed(seed))
+        sample = sample.images[0]
+        sample.save(output_dir / "one_step_sample.png")
+        grid = save_grid(final.side_by_side(), output_dir / "comparison.png", columns=GRID_COLUMNS)
+        log_images(accelerator, "final: one-step student | base one-step | teacher",
+                   [image_grid(final.side_by_side(), GRID_COLUMNS)], global_step)
+        summary = {"steps": global_step, "adapter": str(adapter_path), "comparison": str(grid),
+                   "prompts": final.prompts, "heldout": bool(eval_cache)}
+        metrics = evaluation_metrics(args)
+        if metrics is not None:
+            results = evaluate_comparison(final, metrics)
+            summary["results"] = results
+            table = results_markdown(results)
+            atomic_write(output_dir / "evaluation.md", lambda tmp: Path(tmp).write_text(table))
+            print(table)
+        atomic_write(output_dir / "evaluation.json",
+                     lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2, default=str)))
+        print(f"adapter: {adapter_path}\none-step student | base one-step | teacher: {grid}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return adapter_path
+
+
+def evaluation_metrics(args: argparse.Namespace):
+    """FID / CLIP-score implementation for the final comparison (None: images only)."""
+    return None
+
+
+if __name__ == "__main__":
+    main()
