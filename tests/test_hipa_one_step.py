@@ -187,3 +187,22 @@ def test_refusals():
         one_step_scheduler(zero_snr)
     v_zero_snr = DDIMScheduler.from_config(zero_snr.config, prediction_type="v_prediction")
     assert one_step_timestep(v_zero_snr).alpha_prod == pytest.approx(0.0, abs=1e-6)  # v works there
+
+
+def test_readme_one_step_snippet_runs(tmp_path, monkeypatch):
+    """The README's HiPA inference example, with the tiny model in place of the embedded one."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("## One-step generation (HiPA)"):]
+    snippet = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    assert "generate_one_step(pipe" in snippet and "num_inference_steps=1" in snippet
+    monkeypatch.chdir(tmp_path)
+    trained = tiny_sd_pipeline()
+    difftune.add_adapter(trained.unet, "lora", rank=4)
+    difftune.save_adapter(trained.unet, tmp_path / "outputs/one_step/adapter.safetensors")
+    snippet = snippet.replace('"builtin:embedded"', '"builtin:tiny-sd"')
+    namespace: dict = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    assert namespace["image"].size == (64, 64)
