@@ -5,7 +5,13 @@ import pytest
 import torch
 
 import difftune
-from difftune.hipa.evaluation import COLUMNS, compare_with_teacher, evaluate_comparison, results_markdown
+from difftune.hipa.evaluation import (
+    COLUMNS,
+    DifftuneMetrics,
+    compare_with_teacher,
+    evaluate_comparison,
+    results_markdown,
+)
 from difftune.hipa.one_step import generate_one_step
 from difftune.hipa.teacher import TeacherSettings, generate_teacher_samples
 from difftune.model_factory import tiny_sd_pipeline
@@ -75,7 +81,8 @@ def test_metrics_per_column_against_teacher_or_real_reference(comparison_setup):
     assert to_real["teacher"]["fid"]["fid"] == pytest.approx(0.0)  # same images, other order
     assert to_real["teacher"]["clip_score"] == 2.0
     table = results_markdown(to_teacher)
-    assert "| teacher | 2 | 2.000 | — | — |" in table
+    assert "| teacher | 2 | 2.000 | — | — | — |" in table
+    assert "| base one-step | 2 | 2.000 |" in table and "mean pixel" in table
 
 
 def test_compare_needs_an_adapter(comparison_setup):
@@ -88,3 +95,17 @@ def test_teacher_cache_noise_drives_the_student(comparison_setup):
     pipe, _, comparison = comparison_setup
     other = torch.randn(4, 16, 16, generator=torch.Generator().manual_seed(99))
     assert not np.array_equal(_one_step(pipe, PROMPTS[0], other), np.asarray(comparison.student[0]))
+
+
+def test_difftune_metrics_give_labelled_fid_and_clip_scores(comparison_setup, tiny_clip_dir):
+    _, _, comparison = comparison_setup
+    metrics = DifftuneMetrics(str(tiny_clip_dir), f"clip:{tiny_clip_dir}")
+    results = evaluate_comparison(comparison, metrics, reference=comparison.teacher)
+    assert results["teacher"]["fid"]["fid"] == pytest.approx(0.0, abs=1e-3)  # the reference itself
+    student = results["one-step student"]
+    assert student["fid"]["extractor"] == f"clip:{tiny_clip_dir}"
+    assert student["fid"]["real_count"] == student["fid"]["generated_count"] == len(PROMPTS)
+    assert all(0.0 <= row["clip_score"] <= 100.0 for row in results.values())
+    assert f"clip:{tiny_clip_dir}" in results_markdown(results)
+    without_fid = DifftuneMetrics(str(tiny_clip_dir))
+    assert "fid" not in evaluate_comparison(comparison, without_fid)["base one-step"]

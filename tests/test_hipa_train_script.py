@@ -38,11 +38,13 @@ def command(output_dir, prompt_files, *extra, model="builtin:tiny-sd"):
             "--output_dir", str(output_dir), *extra]
 
 
-def test_teacher_train_save_load_one_step_image(tmp_path, prompt_files):
+def test_teacher_train_save_load_one_step_image(tmp_path, prompt_files, tiny_clip_dir):
     out = tmp_path / "run"
     adapter_path = train_one_step.main(command(out, prompt_files, "--max_train_steps", "2",
                                                "--validation_steps", "2", "--num_validation_prompts", "2",
-                                               "--checkpointing_steps", "1", "--report_to", "tensorboard"))
+                                               "--checkpointing_steps", "1", "--report_to", "tensorboard",
+                                               "--eval_clip_model", str(tiny_clip_dir),
+                                               "--eval_fid_extractor", f"clip:{tiny_clip_dir}"))
     # teacher caches of the training and the held-out prompts, complete
     for folder, count in ((out / "teacher", 3), (out / "teacher" / "eval", 2)):
         manifest = json.loads((folder / "manifest.json").read_text())
@@ -55,7 +57,11 @@ def test_teacher_train_save_load_one_step_image(tmp_path, prompt_files):
     teacher_png = np.asarray(Image.open(out / "teacher" / "eval" / "images" / "000001.png"))
     assert np.array_equal(np.asarray(comparison)[SIZE:, 2 * SIZE:], teacher_png)
     assert list((out / "logs").rglob("events.out.tfevents.*"))
-    assert json.loads((out / "evaluation.json").read_text())["heldout"] is True
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert evaluation["heldout"] is True and evaluation["prompts"] == ["a pink heart", "a cyan cross"]
+    assert set(evaluation["results"]) == {"one-step student", "base one-step", "teacher"}
+    assert evaluation["results"]["base one-step"]["fid_reference"] == "teacher samples"
+    assert "| one-step student | 2 |" in (out / "evaluation.md").read_text()
     # the trained adapter differs from its start, and the saved file gives the saved sample
     assert [p.name for p in sorted(out.glob("checkpoint-*"))] == ["checkpoint-1", "checkpoint-2"]
     assert difftune.read_adapter_info(adapter_path)["config"]["rank"] == 4
@@ -99,6 +105,7 @@ def test_flow_matching_model_trains(tmp_path, prompt_files):
     (["--num_validation_prompts", "0"], "num_validation_prompts"),
     (["--lpips_weights", "missing.safetensors"], "lpips_weights"),
     (["--resume_from_checkpoint", "no/such/folder"], "no such checkpoint"),
+    (["--eval_clip_model", "no/such/clip"], "eval_clip_model"),
 ])
 def test_bad_input_is_refused_before_loading(tmp_path, prompt_files, extra, message, monkeypatch):
     def no_loading(*args, **kwargs):

@@ -45,11 +45,18 @@ from tqdm.auto import tqdm
 import difftune
 from difftune.adapter_file import atomic_write
 from difftune.errors import DifftuneError
-from difftune.hipa.evaluation import compare_with_teacher, evaluate_comparison, results_markdown
+from difftune.hipa.evaluation import (
+    DifftuneMetrics,
+    compare_with_teacher,
+    evaluate_comparison,
+    results_markdown,
+)
 from difftune.hipa.loss import HiPALoss, HiPALossConfig
 from difftune.hipa.one_step import generate_one_step, one_step_timestep
 from difftune.hipa.teacher import TeacherSettings, generate_teacher_samples, read_prompts
 from difftune.hipa.training import OneStepData, one_step_loss
+from difftune.metrics.cli import BUILTIN_EMBEDDED, EMBEDDED_CLIP, HUB_CLIP
+from difftune.metrics.features import check_model_source
 from difftune.model_factory import describe_model, load_pipeline
 from difftune.training import arguments, checkpointing
 from difftune.training.families import LossOptions, training_family
@@ -105,6 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
                             help="held-out prompts for the final comparison (their teacher samples are "
                                  "cached in <teacher_dir>/eval)")
     validation.add_argument("--skip_evaluation", action="store_true", help="no final comparison")
+    validation.add_argument("--eval_clip_model", default="auto",
+                            help="CLIP hub id or folder for the CLIP score, or 'none'; auto: the embedded "
+                                 f"model's CLIP for {BUILTIN_EMBEDDED}, none for the random tiny built-ins, "
+                                 f"else {HUB_CLIP}")
+    validation.add_argument("--eval_fid_extractor", default="auto",
+                            help="FID features: inception, inception:<weights file>, clip:<id or folder>, "
+                                 "dino:<id or folder>, or 'none'; auto: inception when torch-fidelity is "
+                                 "installed, else clip:<the CLIP model>. FID is taken against the teacher's "
+                                 "samples (or --eval_reference_dir), comparable only within one setting")
+    validation.add_argument("--eval_reference_dir", help="real images to take FID against instead")
+    validation.add_argument("--eval_metric_batch_size", type=int, default=32,
+                            help="batch size of the metric models")
 
     arguments.add_checkpoint_arguments(parser)
     arguments.add_logging_arguments(parser)
@@ -116,13 +135,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = arguments.parse_with_config(build_parser(), argv)
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
         raise DifftuneError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
-    for name in ("teacher_batch_size", "num_validation_prompts"):
+    for name in ("teacher_batch_size", "num_validation_prompts", "eval_metric_batch_size"):
         if getattr(args, name) < 1:
             raise DifftuneError(f"--{name} must be at least 1, got {getattr(args, name)}")
     arguments.check_common_arguments(args)
     arguments.dataclass_from_args(args, TeacherSettings, TEACHER_PREFIX).validate()
     arguments.dataclass_from_args(args, HiPALossConfig).validate()
     return args
+
+
+def metric_sources(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """(CLIP model, FID extractor spec) for the final evaluation; None where there is none."""
+    from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
+
+    model = args.pretrained_model_name_or_path
+    clip = args.eval_clip_model
+    if clip == "auto":
+        clip = str(EMBEDDED_CLIP) if model == BUILTIN_EMBEDDED else None if model.startswith("builtin:") \
+            else HUB_CLIP
+    clip = None if clip == "none" else clip
+    fid = args.eval_fid_extractor
+    if fid == "auto":
+        fid = ("inception" if _TORCH_FIDELITY_AVAILABLE else f"clip:{clip}") if clip else None
+    fid = None if fid == "none" else fid
+    if fid and not clip:
+        raise DifftuneError("--eval_fid_extractor needs --eval_clip_model too (the evaluation reports both)")
+    try:
+        if clip:
+            check_model_source(clip, "CLIP")
+        if fid and ":" in fid and not fid.startswith("inception"):
+            check_model_source(fid.partition(":")[2], fid.partition(":")[0].upper())
+    except FileNotFoundError as err:
+        raise DifftuneError(f"--eval_clip_model / --eval_fid_extractor: {err}") from None
+    return clip, fid
 
 
 def adapter_options_with_defaults(args: argparse.Namespace) -> dict:
@@ -159,6 +204,11 @@ def main(argv: list[str] | None = None) -> Path:
     loss_fn = HiPALoss(loss_config)  # loads LPIPS weights when asked: fails early if it cannot
     prompts = read_prompts(args.prompts_file)
     eval_prompts = [] if args.skip_evaluation else read_prompts(args.eval_prompts_file)
+    clip_model, fid_extractor = (None, None) if args.skip_evaluation else metric_sources(args)
+    reference_images = load_reference_images(args.eval_reference_dir) if args.eval_reference_dir else None
+    # the metric networks load now, on the CPU, so a missing one fails before training
+    metrics = DifftuneMetrics(clip_model, fid_extractor, batch_size=args.eval_metric_batch_size) \
+        if clip_model else None
     resolution = args.resolution or model_info.resolution
     run_settings = {"base_model": args.pretrained_model_name_or_path, "method": args.adapter,
                     "adapter_options": method_options, "targets": args.targets,
@@ -355,9 +405,8 @@ def main(argv: list[str] | None = None) -> Path:
                    [image_grid(final.side_by_side(), GRID_COLUMNS)], global_step)
         summary = {"steps": global_step, "adapter": str(adapter_path), "comparison": str(grid),
                    "prompts": final.prompts, "heldout": bool(eval_cache)}
-        metrics = evaluation_metrics(args)
         if metrics is not None:
-            results = evaluate_comparison(final, metrics)
+            results = evaluate_comparison(final, metrics.to(device), reference_images)
             summary["results"] = results
             table = results_markdown(results)
             atomic_write(output_dir / "evaluation.md", lambda tmp: Path(tmp).write_text(table))
@@ -370,9 +419,11 @@ def main(argv: list[str] | None = None) -> Path:
     return adapter_path
 
 
-def evaluation_metrics(args: argparse.Namespace):
-    """FID / CLIP-score implementation for the final comparison (None: images only)."""
-    return None
+def load_reference_images(folder: str) -> list:
+    """Real images for FID, every image file of a folder (sorted by name)."""
+    from difftune.training.data import open_rgb, scan_image_folder
+
+    return [open_rgb(record.path) for record in scan_image_folder(folder, "--eval_reference_dir")]
 
 
 if __name__ == "__main__":

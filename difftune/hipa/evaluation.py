@@ -88,11 +88,49 @@ def compare_with_teacher(pipe: Any, cache: TeacherCache, indices: Sequence[int] 
 class OneStepMetrics(Protocol):
     """What the evaluation needs from a metrics implementation."""
 
-    def fid(self, reference: Sequence[Image.Image], generated: Sequence[Image.Image]) -> dict[str, Any]:
-        """FID of ``generated`` against ``reference``: ``{"fid": float, ...how it was measured}``."""
+    def fid(self, reference: Sequence[Image.Image], generated: Sequence[Image.Image]
+            ) -> dict[str, Any] | None:
+        """FID of ``generated`` against ``reference``: ``{"fid": float, ...how it was measured}``,
+        or None when this implementation computes no FID."""
 
     def clip_score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> float:
         """Mean CLIP score of image i with prompt i."""
+
+
+class DifftuneMetrics:
+    """`OneStepMetrics` on ``difftune.metrics``: CLIP score (100·cos, floored at 0) and FID/KID.
+
+    ``clip_model`` is a CLIP hub id or local folder; ``fid_extractor`` a spec of
+    `difftune.metrics.load_feature_extractor` (``inception``, ``clip:<model>``, ...) or
+    None for no FID. Every FID comes with its extractor, resize mode and sample counts.
+    """
+
+    def __init__(self, clip_model: str, fid_extractor: str | None = None, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, batch_size: int = 32):
+        from ..metrics import ClipSimilarity, load_feature_extractor
+
+        options = {"device": device, "dtype": dtype, "batch_size": batch_size}
+        self.clip = ClipSimilarity.from_pretrained(clip_model, **options)
+        self.extractor = load_feature_extractor(fid_extractor, **options) if fid_extractor else None
+        self.batch_size = batch_size
+
+    def to(self, device: str | torch.device) -> DifftuneMetrics:
+        self.clip.to(device)
+        if self.extractor is not None:
+            self.extractor.to(device)
+        return self
+
+    def fid(self, reference: Sequence[Image.Image], generated: Sequence[Image.Image]
+            ) -> dict[str, Any] | None:
+        from ..metrics import compute_fid
+
+        if self.extractor is None:
+            return None
+        return compute_fid(list(reference), list(generated), self.extractor, batch_size=self.batch_size,
+                           progress=False).to_dict()
+
+    def clip_score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> float:
+        return float(self.clip.clip_score(list(images), list(prompts)).mean())
 
 
 def evaluate_comparison(comparison: Comparison, metrics: OneStepMetrics,
@@ -109,18 +147,27 @@ def evaluate_comparison(comparison: Comparison, metrics: OneStepMetrics,
         row: dict[str, Any] = {"images": len(images),
                                "clip_score": float(metrics.clip_score(images, comparison.prompts))}
         if reference is not None or name != "teacher":
-            row["fid"] = metrics.fid(reference if reference is not None else comparison.teacher, images)
-            row["fid_reference"] = reference_name
+            fid = metrics.fid(reference if reference is not None else comparison.teacher, images)
+            if fid is not None:
+                row["fid"] = fid
+                row["fid_reference"] = reference_name
         results[name] = row
     return results
 
 
 def results_markdown(results: dict[str, dict[str, Any]]) -> str:
-    """The results as a Markdown table (FID cells carry the setting they were measured in)."""
-    lines = ["| generator | images | CLIP score | FID | FID reference |", "|---|---|---|---|---|"]
+    """The results as a Markdown table; each FID carries the setting it was measured in."""
+    lines = ["| generator | images | CLIP score | FID | FID reference | FID setting |",
+             "|---|---|---|---|---|---|"]
     for name, row in results.items():
         fid = row.get("fid")
-        fid_text = "—" if fid is None else f"{fid['fid']:.3f}"
+        if fid is None:
+            fid_text, setting = "—", "—"
+        else:
+            fid_text = f"{fid['fid']:.3f}"
+            setting = ", ".join(str(fid[k]) for k in ("extractor", "num_features", "resize") if k in fid)
+            if "real_count" in fid:
+                setting += f", {fid['real_count']} reference / {fid['generated_count']} generated"
         lines.append(f"| {name} | {row['images']} | {row['clip_score']:.3f} | {fid_text} | "
-                     f"{row.get('fid_reference', '—')} |")
+                     f"{row.get('fid_reference', '—')} | {setting} |")
     return "\n".join(lines) + "\n"
