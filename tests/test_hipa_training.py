@@ -107,3 +107,17 @@ def test_training_lowers_the_loss(name, tmp_path):
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.97 * losses[0] and losses[-1] == min(losses), losses
+
+
+def test_bf16_autocast_step_has_finite_gradients(tmp_path):
+    """Mixed precision as the trainer runs it on CPU: bf16 autocast, fp32 adapter weights."""
+    pipe, _, family, data = setup("sd-v", tmp_path, PROMPTS[:1])
+    step = one_step_timestep(pipe.scheduler)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, terms, _ = one_step_loss(family, family.denoiser, step, data.batch([0]), HiPALoss())
+    assert all(torch.isfinite(v) for v in terms.values())
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    grads = [p.grad for p in difftune.trainable_parameters(family.denoiser)]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
