@@ -10,6 +10,7 @@
 from ._version import __version__
 from .api import (
     add_adapter,
+    check_adapter,
     count_trainable_parameters,
     find_denoiser,
     get_adapter,
@@ -35,6 +36,7 @@ __all__ = [
     "TargetError",
     "__version__",
     "add_adapter",
+    "check_adapter",
     "count_trainable_parameters",
     "find_denoiser",
     "get_adapter",

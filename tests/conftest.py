@@ -69,3 +69,54 @@ def randomize_adapter(model, std: float = 0.05, seed: int = 1) -> None:
     with torch.no_grad():
         for param in difftune.trainable_parameters(model):
             param.add_(torch.randn(param.shape, generator=gen) * std)
+
+
+# --- the subject trainer (train_scripts/train_subject.py) --------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_SUBJECT = os.path.join(ROOT, "train_scripts", "train_subject.py")
+
+
+def make_subject_images(folder, count: int = 3, size=(72, 64), seed: int = 0):
+    """A few small images of one made-up "subject": a coloured disc on a varying background."""
+    import numpy as np
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size[1], 0:size[0]]
+    for i in range(count):
+        background = rng.integers(0, 255, 3)
+        image = np.empty((size[1], size[0], 3), dtype=np.uint8)
+        image[:] = background
+        cx, cy = size[0] // 2 + rng.integers(-8, 8), size[1] // 2 + rng.integers(-8, 8)
+        image[(xx - cx) ** 2 + (yy - cy) ** 2 < 18 ** 2] = (230, 40, 40)
+        Image.fromarray(image).save(os.path.join(folder, f"subject_{i}.png"))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def train_subject():
+    """``run(*flags)``: train_subject.main in this process (fast), accelerate state reset after."""
+    import importlib.util
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    spec = importlib.util.spec_from_file_location("train_subject", TRAIN_SUBJECT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def run(*flags):
+        try:
+            return module.main([str(flag) for flag in flags])
+        finally:
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
+
+    run.module = module
+    return run
+
+
+@pytest.fixture
+def subject_dir(tmp_path):
+    return make_subject_images(tmp_path / "subject")

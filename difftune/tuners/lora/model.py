@@ -27,6 +27,7 @@ class LoraAdapter(Adapter):
     config_class = LoraConfig
     supported_layers = (nn.Linear, nn.Conv2d)
     supported_description = "Linear and Conv2d layers"
+    diffusers_lora_file = True
 
     config: LoraConfig
 
