@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import randomize_adapter
 
 import difftune
 from difftune.hipa.evaluation import (
@@ -15,7 +16,6 @@ from difftune.hipa.evaluation import (
 from difftune.hipa.one_step import generate_one_step
 from difftune.hipa.teacher import TeacherSettings, generate_teacher_samples
 from difftune.model_factory import tiny_sd_pipeline
-from tests.conftest import randomize_adapter
 
 SIZE = 32
 PROMPTS = ["a red circle", "a blue square"]

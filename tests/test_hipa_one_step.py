@@ -5,6 +5,7 @@ import functools
 import numpy as np
 import pytest
 import torch
+from conftest import randomize_adapter
 from diffusers import DDIMScheduler
 from torch import nn
 
@@ -22,7 +23,6 @@ from difftune.hipa.one_step import (
     x0_from_v,
 )
 from difftune.model_factory import tiny_sd3_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
-from tests.conftest import randomize_adapter
 
 PIPELINES = {
     "sd-epsilon": lambda: tiny_sd_pipeline(),

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from test_hipa_loss import natural_image
 
 import difftune
 from difftune.hipa.loss import HiPALoss
@@ -10,7 +11,6 @@ from difftune.hipa.teacher import TeacherSettings, generate_teacher_samples
 from difftune.hipa.training import OneStepData, one_step_loss, predict_x0_with_family
 from difftune.model_factory import tiny_sd3_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
 from difftune.training.families import LossOptions, training_family
-from tests.test_hipa_loss import natural_image
 
 SIZE = 32
 PROMPTS = ["a red circle", "a blue square", "a green star"]

@@ -55,8 +55,6 @@ from difftune.hipa.loss import HiPALoss, HiPALossConfig
 from difftune.hipa.one_step import generate_one_step, one_step_timestep
 from difftune.hipa.teacher import TeacherSettings, generate_teacher_samples, read_prompts
 from difftune.hipa.training import OneStepData, one_step_loss
-from difftune.metrics.cli import BUILTIN_EMBEDDED, EMBEDDED_CLIP, HUB_CLIP
-from difftune.metrics.features import check_model_source
 from difftune.model_factory import describe_model, load_pipeline
 from difftune.training import arguments, checkpointing
 from difftune.training.families import LossOptions, training_family
@@ -114,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     validation.add_argument("--skip_evaluation", action="store_true", help="no final comparison")
     validation.add_argument("--eval_clip_model", default="auto",
                             help="CLIP hub id or folder for the CLIP score, or 'none'; auto: the embedded "
-                                 f"model's CLIP for {BUILTIN_EMBEDDED}, none for the random tiny built-ins, "
-                                 f"else {HUB_CLIP}")
+                                 "model's CLIP for builtin:embedded, none for the random tiny built-ins, "
+                                 "else openai/clip-vit-large-patch14")
     validation.add_argument("--eval_fid_extractor", default="auto",
                             help="FID features: inception, inception:<weights file>, clip:<id or folder>, "
                                  "dino:<id or folder>, or 'none'; auto: inception when torch-fidelity is "
@@ -145,24 +143,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def metric_sources(args: argparse.Namespace) -> tuple[str | None, str | None]:
-    """(CLIP model, FID extractor spec) for the final evaluation; None where there is none."""
+    """(CLIP model, FID extractor spec) for the final evaluation; (None, None) for images only."""
+    model, clip, fid = args.pretrained_model_name_or_path, args.eval_clip_model, args.eval_fid_extractor
+    if clip == "auto" and model.startswith("builtin:") and model != "builtin:embedded":
+        clip = "none"  # the tiny built-ins are random: no metric means anything
+    if clip == "none":
+        if fid not in ("auto", "none"):
+            raise DifftuneError("--eval_fid_extractor needs --eval_clip_model (the evaluation reports both)")
+        return None, None
+    from difftune.metrics.cli import BUILTIN_EMBEDDED, EMBEDDED_CLIP, HUB_CLIP
+    from difftune.metrics.features import check_model_source
     from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
 
-    model = args.pretrained_model_name_or_path
-    clip = args.eval_clip_model
     if clip == "auto":
-        clip = str(EMBEDDED_CLIP) if model == BUILTIN_EMBEDDED else None if model.startswith("builtin:") \
-            else HUB_CLIP
-    clip = None if clip == "none" else clip
-    fid = args.eval_fid_extractor
+        clip = str(EMBEDDED_CLIP) if model == BUILTIN_EMBEDDED else HUB_CLIP
     if fid == "auto":
-        fid = ("inception" if _TORCH_FIDELITY_AVAILABLE else f"clip:{clip}") if clip else None
+        fid = "inception" if _TORCH_FIDELITY_AVAILABLE else f"clip:{clip}"
     fid = None if fid == "none" else fid
-    if fid and not clip:
-        raise DifftuneError("--eval_fid_extractor needs --eval_clip_model too (the evaluation reports both)")
     try:
-        if clip:
-            check_model_source(clip, "CLIP")
+        check_model_source(clip, "CLIP")
         if fid and ":" in fid and not fid.startswith("inception"):
             check_model_source(fid.partition(":")[2], fid.partition(":")[0].upper())
     except FileNotFoundError as err:
