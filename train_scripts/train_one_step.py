@@ -27,19 +27,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import random
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import (
-    DistributedDataParallelKwargs,
-    ProjectConfiguration,
-    broadcast_object_list,
-    set_seed,
-)
-from diffusers.optimization import get_scheduler
-from diffusers.training_utils import cast_training_params
 from tqdm.auto import tqdm
 
 import difftune
@@ -56,17 +46,15 @@ from difftune.hipa.one_step import generate_one_step, one_step_timestep
 from difftune.hipa.teacher import TeacherSettings, generate_teacher_samples, read_prompts
 from difftune.hipa.training import OneStepData, one_step_loss
 from difftune.model_factory import describe_model, load_pipeline
-from difftune.training import arguments, checkpointing
+from difftune.training import arguments, checkpointing, loop
 from difftune.training.families import LossOptions, training_family
+from difftune.training.loop import DTYPES
 from difftune.training.validation import image_grid, log_images, save_grid
-from difftune.tuners import get_method
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_PROMPTS = ASSETS / "one_step_prompts.txt"
 DEFAULT_EVAL_PROMPTS = ASSETS / "one_step_eval_prompts.txt"
-DEFAULT_LEARNING_RATE = 1e-4
 DEFAULT_LORA_RANK = 16  # about the paper's 3.3M parameters on SD 1.5 attention
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
 TEACHER_PREFIX = "teacher_"
 GRID_COLUMNS = 3  # one-step student | base one-step | teacher
 
@@ -199,7 +187,7 @@ def main(argv: list[str] | None = None) -> Path:
     # Everything until the model loads is cheap: refuse bad input here.
     model_info = describe_model(args.pretrained_model_name_or_path, args.revision)
     method_options = adapter_options_with_defaults(args)
-    get_method(args.adapter).config_class.from_options(args.adapter, dict(method_options))
+    resolution = loop.check_before_loading(args, model_info, method_options)
     loss_fn = HiPALoss(loss_config)  # loads LPIPS weights when asked: fails early if it cannot
     prompts = read_prompts(args.prompts_file)
     eval_prompts = [] if args.skip_evaluation else read_prompts(args.eval_prompts_file)
@@ -208,7 +196,6 @@ def main(argv: list[str] | None = None) -> Path:
     # the metric networks load now, on the CPU, so a missing one fails before training
     metrics = DifftuneMetrics(clip_model, fid_extractor, batch_size=args.eval_metric_batch_size) \
         if clip_model else None
-    resolution = args.resolution or model_info.resolution
     run_settings = {"base_model": args.pretrained_model_name_or_path, "method": args.adapter,
                     "adapter_options": method_options, "targets": args.targets,
                     "teacher": vars(teacher_settings), "resolution": resolution, "prompts": prompts,
@@ -218,22 +205,10 @@ def main(argv: list[str] | None = None) -> Path:
     if resume_state:
         check_resume_fits(resume_state, run_settings, resume_path)
 
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir),
-                                            logging_dir=str(output_dir / args.logging_dir)),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-    )
+    accelerator = loop.create_accelerator(args, output_dir)
     device, is_main = accelerator.device, accelerator.is_main_process
     weight_dtype = DTYPES[accelerator.mixed_precision]
-    if args.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-    if is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        checkpointing.remove_incomplete(output_dir)
-    seed = args.seed if args.seed is not None else (resume_state or {}).get("seed", random.randrange(2**31))
-    seed = broadcast_object_list([seed])[0]
+    seed = loop.resolve_seed(args, resume_state)
 
     # -----------------------------------------------------------------------------------------
     # 2. The base model and its teacher samples
@@ -267,14 +242,9 @@ def main(argv: list[str] | None = None) -> Path:
     for frozen in (pipeline.vae, *family.text_encoders):
         frozen.requires_grad_(False)
     step_spec = one_step_timestep(pipeline.scheduler)
-    set_seed(seed)  # the adapter's initialisation
-    adapter = difftune.add_adapter(denoiser, args.adapter, targets=args.targets, **method_options)
-    cast_training_params(denoiser, torch.float32)
+    adapter = loop.attach_trainable_adapter(denoiser, args, method_options, seed)
     if args.gradient_checkpointing:
-        denoiser.enable_gradient_checkpointing()
         pipeline.vae.enable_gradient_checkpointing()  # the decoder is in the graph too
-    if args.enable_xformers_memory_efficient_attention:
-        denoiser.enable_xformers_memory_efficient_attention()
     loss_fn.to(device)
     data = OneStepData(train_cache, family.encode_prompts, seed, device)
     validation_indices = list(range(min(args.num_validation_prompts, len(train_cache))))
@@ -287,28 +257,15 @@ def main(argv: list[str] | None = None) -> Path:
     micro_batch = batch_size * world
     steps_per_epoch = -(-len(data) // (micro_batch * accumulation))
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    learning_rate = args.learning_rate or adapter.default_learning_rate() or DEFAULT_LEARNING_RATE
-    if args.scale_lr:
-        learning_rate *= micro_batch * accumulation
+    learning_rate = loop.learning_rate(args, adapter, micro_batch * accumulation)
     global_step, samples_seen = 0, 0
     if resume_path:
         checkpointing.load_adapter_state(resume_path, denoiser, device)
         global_step, samples_seen = resume_state["step"], resume_state["samples_seen"]
-    optimizer_class = torch.optim.AdamW
-    if args.use_8bit_adam:
-        import bitsandbytes
-
-        optimizer_class = bitsandbytes.optim.AdamW8bit
-    optimizer = optimizer_class(adapter.optimizer_parameter_groups(args.adam_weight_decay), lr=learning_rate,
-                                betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-                                weight_decay=args.adam_weight_decay)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
-                                 num_training_steps=max_train_steps, num_cycles=args.lr_num_cycles,
-                                 power=args.lr_power)
+    optimizer, lr_scheduler = loop.create_optimizer(args, adapter, learning_rate, max_train_steps)
     model, optimizer = accelerator.prepare(denoiser, optimizer)
     if resume_path:
-        checkpointing.load_optimizer_state(resume_path, optimizer, lr_scheduler)
-        checkpointing.load_rng_state(resume_path, accelerator.process_index)
+        loop.resume_optimizer_and_rng(resume_path, optimizer, lr_scheduler, accelerator)
 
     if is_main:
         accelerator.init_trackers(args.tracker_project_name, config={
@@ -351,18 +308,10 @@ def main(argv: list[str] | None = None) -> Path:
                 accelerator.backward(loss / accumulation)
             for name, value in {"loss": loss.detach(), **terms}.items():
                 logs[name] = logs.get(name, 0.0) + value.item() / accumulation
-        adapter.before_optimizer_step(global_step, max_train_steps)
-        if args.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(difftune.trainable_parameters(denoiser), args.max_grad_norm)
-        optimizer.step()
-        adapter.after_optimizer_step(global_step + 1, max_train_steps, optimizer)
-        if not accelerator.optimizer_step_was_skipped:
-            lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        logs["lr"] = loop.optimizer_step(accelerator, adapter, denoiser, optimizer, lr_scheduler, global_step,
+                                         max_train_steps, args.max_grad_norm)
         global_step += 1
         samples_seen += micro_batch * accumulation
-
-        logs["lr"] = lr_scheduler.get_last_lr()[0]
         progress.update(1)
         progress.set_postfix(loss=f"{logs['loss']:.4f}")
         accelerator.log(logs, step=global_step)
