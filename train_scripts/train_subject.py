@@ -47,6 +47,7 @@ from difftune.training.families import LossOptions, training_family
 from difftune.training.loop import DTYPES
 from difftune.training.model_card import write_model_card
 from difftune.training.prior import ensure_class_images
+from difftune.training.summary import reset_peak_memory, write_train_summary
 from difftune.training.validation import generate_images, log_images, save_grid
 
 DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
@@ -261,6 +262,7 @@ def main(argv: list[str] | None = None) -> Path:
     # 5. Training loop
     # -----------------------------------------------------------------------------------------
     model.train()
+    reset_peak_memory(device)
     first_step, loop_started = global_step, time.perf_counter()
     progress = tqdm(total=max_train_steps, initial=global_step, desc="training", disable=not is_main)
     while global_step < max_train_steps:
@@ -361,6 +363,11 @@ def main(argv: list[str] | None = None) -> Path:
                       "prior preservation": args.with_prior_preservation})
         steps_run = global_step - first_step
         total_seconds = time.perf_counter() - started
+        write_train_summary(output_dir, device, method=args.adapter, trainable_parameters=trainable_count,
+                            steps=global_step, steps_this_run=steps_run,
+                            step_time_s=loop_seconds / max(steps_run, 1), seed=seed,
+                            resolution=resolution, batch_size=micro_batch * accumulation,
+                            mixed_precision=accelerator.mixed_precision)
         print(f"adapter: {adapter_path} | {steps_run} steps in {loop_seconds:.1f} s "
               f"({loop_seconds / max(steps_run, 1):.3f} s/step), {total_seconds:.1f} s in all")
     accelerator.wait_for_everyone()
