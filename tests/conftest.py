@@ -147,14 +147,17 @@ def make_subject_images(folder, count: int = 3, size=(72, 64), seed: int = 0):
     return folder
 
 
-@pytest.fixture(scope="session")
-def train_subject():
-    """``run(*flags)``: train_subject.main in this process (fast), accelerate state reset after."""
+def train_script_runner(path: str):
+    """``run(*flags)``: the script's main() in this process (fast), accelerate state reset after.
+
+    ``run.module`` is the loaded script, for monkeypatching its names.
+    """
     import importlib.util
 
     from accelerate.state import AcceleratorState, GradientState
 
-    spec = importlib.util.spec_from_file_location("train_subject", TRAIN_SUBJECT)
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
 
@@ -167,6 +170,11 @@ def train_subject():
 
     run.module = module
     return run
+
+
+@pytest.fixture(scope="session")
+def train_subject():
+    return train_script_runner(TRAIN_SUBJECT)
 
 
 @pytest.fixture
