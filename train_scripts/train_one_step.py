@@ -139,9 +139,10 @@ def metric_sources(args: argparse.Namespace) -> tuple[str | None, str | None]:
         if fid not in ("auto", "none"):
             raise DifftuneError("--eval_fid_extractor needs --eval_clip_model (the evaluation reports both)")
         return None, None
+    from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
+
     from difftune.metrics.cli import BUILTIN_EMBEDDED, EMBEDDED_CLIP, HUB_CLIP
     from difftune.metrics.features import check_model_source
-    from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
 
     if clip == "auto":
         clip = str(EMBEDDED_CLIP) if model == BUILTIN_EMBEDDED else HUB_CLIP
