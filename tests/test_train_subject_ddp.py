@@ -21,6 +21,9 @@ def test_two_processes_end_identical_and_match_one_process_with_the_same_global_
               "--instance_prompt", "a photo of sks disc", "--max_train_steps", "3",
               "--checkpointing_steps", "3",
               "--learning_rate", "1e-3", "--random_flip", "--seed", "0", "--report_to", "none",
+              # Adam's first updates are ~sign(g): a gradient entry near 0 flips with the order
+              # of float sums. A large epsilon keeps the update continuous in g.
+              "--adam_epsilon", "1e-2",
               "--skip_final_inference"]
     two, one = tmp_path / "two", tmp_path / "one"
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -41,8 +44,7 @@ def test_two_processes_end_identical_and_match_one_process_with_the_same_global_
     distributed, single = load_file(two / "adapter.safetensors"), load_file(one / "adapter.safetensors")
     assert distributed.keys() == single.keys()
     for key in single:
-        # Same samples and noise; only the order of float sums differs, which Adam's
-        # normalised first steps amplify to ~1e-4 of a tensor's scale. A different batch
+        # Same samples and noise; only the order of float sums differs. A different batch
         # or noise moves every tensor by its whole scale.
         scale = single[key].abs().max()
         assert (distributed[key] - single[key]).abs().max() <= 1e-3 * scale, key

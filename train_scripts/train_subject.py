@@ -26,38 +26,31 @@ import argparse
 import contextlib
 import hashlib
 import math
-import random
 import shutil
 import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import (
-    DistributedDataParallelKwargs,
-    ProjectConfiguration,
-    broadcast_object_list,
     gather_object,
-    set_seed,
 )
-from diffusers.optimization import get_scheduler
-from diffusers.training_utils import cast_training_params, offload_models
+from diffusers.training_utils import offload_models
 from tqdm.auto import tqdm
 
 import difftune
 from difftune.adapter_file import atomic_write
 from difftune.errors import DifftuneError
-from difftune.model_factory import build_denoiser_on_meta, describe_model, load_pipeline
-from difftune.training import arguments, checkpointing
+from difftune.model_factory import describe_model, load_pipeline
+from difftune.training import arguments, checkpointing, loop
 from difftune.training.data import SubjectData, SubjectDataset, scan_image_folder, warn_small_images
 from difftune.training.families import LossOptions, training_family
+from difftune.training.loop import DTYPES
 from difftune.training.model_card import write_model_card
 from difftune.training.prior import ensure_class_images
+from difftune.training.summary import reset_peak_memory, write_train_summary
 from difftune.training.validation import generate_images, log_images, save_grid
 
-DEFAULT_LEARNING_RATE = 1e-4  # when neither --learning_rate nor the method gives one
 DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "no": torch.float32}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,13 +156,7 @@ def main(argv: list[str] | None = None) -> Path:
     model_info = describe_model(args.pretrained_model_name_or_path, args.revision)
     arguments.check_family_flags(args, model_info.family)
     method_options = arguments.adapter_options(args, args.adapter)
-    # options and targets checked on a weightless (meta-device) copy of the denoiser
-    difftune.check_adapter(build_denoiser_on_meta(model_info.denoiser_config, model_info.denoiser_class),
-                           args.adapter, targets=args.targets, **method_options)
-    resolution = args.resolution or model_info.resolution
-    if resolution % model_info.size_multiple:
-        raise DifftuneError(f"--resolution must be a multiple of {model_info.size_multiple} for "
-                            f"{args.pretrained_model_name_or_path}, got {resolution}")
+    resolution = loop.check_before_loading(args, model_info, method_options)
     instance_images = scan_image_folder(args.instance_data_dir, "--instance_data_dir", args.caption_column)
     warn_small_images(instance_images, resolution, "--instance_data_dir")
     resume_path = checkpointing.resolve_checkpoint(output_dir, args.resume_from_checkpoint)
@@ -177,24 +164,10 @@ def main(argv: list[str] | None = None) -> Path:
     if resume_state:
         check_resume_fits(resume_state, args, method_options, resume_path)
 
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir),
-                                            logging_dir=str(output_dir / args.logging_dir)),
-        # an adapter may own parameters that a forward pass never reaches (a target the model
-        # skips): DDP then waits for their gradients forever unless told to look for them
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-    )
+    accelerator = loop.create_accelerator(args, output_dir)
     device, is_main = accelerator.device, accelerator.is_main_process
     weight_dtype = DTYPES[accelerator.mixed_precision]
-    if args.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-    if is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        checkpointing.remove_incomplete(output_dir)
-    seed = args.seed if args.seed is not None else (resume_state or {}).get("seed", random.randrange(2**31))
-    seed = broadcast_object_list([seed])[0]  # a drawn seed must be the same on every process
+    seed = loop.resolve_seed(args, resume_state)
 
     # -----------------------------------------------------------------------------------------
     # 2. Base model, class images, adapter
@@ -226,13 +199,7 @@ def main(argv: list[str] | None = None) -> Path:
         del generator_pipeline
         class_images = scan_image_folder(args.class_data_dir, "--class_data_dir")[:args.num_class_images]
 
-    set_seed(seed)  # the adapter's initialisation
-    adapter = difftune.add_adapter(denoiser, args.adapter, targets=args.targets, **method_options)
-    cast_training_params(denoiser, torch.float32)  # trainable parameters stay fp32 under fp16/bf16
-    if args.gradient_checkpointing:
-        denoiser.enable_gradient_checkpointing()
-    if args.enable_xformers_memory_efficient_attention:
-        denoiser.enable_xformers_memory_efficient_attention()
+    adapter = loop.attach_trainable_adapter(denoiser, args, method_options, seed)
 
     # -----------------------------------------------------------------------------------------
     # 3. Data
@@ -262,33 +229,17 @@ def main(argv: list[str] | None = None) -> Path:
     micro_batch = batch_size * world  # examples per micro-step over all processes
     steps_per_epoch = math.ceil(len(dataset) / (micro_batch * accumulation))
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    learning_rate = args.learning_rate or adapter.default_learning_rate() or DEFAULT_LEARNING_RATE
-    if args.scale_lr:
-        learning_rate *= micro_batch * accumulation
+    learning_rate = loop.learning_rate(args, adapter, micro_batch * accumulation)
 
     global_step, samples_seen = 0, 0
     if resume_path:
         checkpointing.load_adapter_state(resume_path, denoiser, device)
         global_step, samples_seen = resume_state["step"], resume_state["samples_seen"]
-    parameter_groups = adapter.optimizer_parameter_groups(args.adam_weight_decay)
-    if args.use_8bit_adam:
-        import bitsandbytes
-
-        optimizer_class = bitsandbytes.optim.AdamW8bit
-    else:
-        optimizer_class = torch.optim.AdamW
-    optimizer = optimizer_class(parameter_groups, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                eps=args.adam_epsilon, weight_decay=args.adam_weight_decay)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
-                                 num_training_steps=max_train_steps, num_cycles=args.lr_num_cycles,
-                                 power=args.lr_power)
+    optimizer, lr_scheduler = loop.create_optimizer(args, adapter, learning_rate, max_train_steps)
     # The schedule is stepped once per optimizer step by this script, so it is not prepared.
     model, optimizer = accelerator.prepare(denoiser, optimizer)
     if resume_path:
-        checkpointing.load_optimizer_state(resume_path, optimizer, lr_scheduler)
-        if not checkpointing.load_rng_state(resume_path, accelerator.process_index) and is_main:
-            print(f"warning: {resume_path} has no random state for process {accelerator.process_index}; "
-                  "the run continues but is not bit-identical to an uninterrupted one")
+        loop.resume_optimizer_and_rng(resume_path, optimizer, lr_scheduler, accelerator)
 
     if is_main:
         accelerator.init_trackers(args.tracker_project_name, config={
@@ -311,6 +262,7 @@ def main(argv: list[str] | None = None) -> Path:
     # 5. Training loop
     # -----------------------------------------------------------------------------------------
     model.train()
+    reset_peak_memory(device)
     first_step, loop_started = global_step, time.perf_counter()
     progress = tqdm(total=max_train_steps, initial=global_step, desc="training", disable=not is_main)
     while global_step < max_train_steps:
@@ -333,18 +285,11 @@ def main(argv: list[str] | None = None) -> Path:
                 accelerator.backward(loss / accumulation)
             step_loss += loss.item() / accumulation
 
-        adapter.before_optimizer_step(global_step, max_train_steps)
-        if args.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(difftune.trainable_parameters(denoiser), args.max_grad_norm)
-        optimizer.step()
-        adapter.after_optimizer_step(global_step + 1, max_train_steps, optimizer)
-        if not accelerator.optimizer_step_was_skipped:
-            lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        current_lr = loop.optimizer_step(accelerator, adapter, denoiser, optimizer, lr_scheduler, global_step,
+                                         max_train_steps, args.max_grad_norm)
         global_step += 1
         samples_seen += micro_batch * accumulation
 
-        current_lr = lr_scheduler.get_last_lr()[0]
         progress.update(1)
         progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{current_lr:.2e}")
         accelerator.log({"loss": step_loss, "lr": current_lr}, step=global_step)
@@ -418,6 +363,11 @@ def main(argv: list[str] | None = None) -> Path:
                       "prior preservation": args.with_prior_preservation})
         steps_run = global_step - first_step
         total_seconds = time.perf_counter() - started
+        write_train_summary(output_dir, device, method=args.adapter, trainable_parameters=trainable_count,
+                            steps=global_step, steps_this_run=steps_run,
+                            step_time_s=loop_seconds / max(steps_run, 1), seed=seed,
+                            resolution=resolution, batch_size=micro_batch * accumulation,
+                            mixed_precision=accelerator.mixed_precision)
         print(f"adapter: {adapter_path} | {steps_run} steps in {loop_seconds:.1f} s "
               f"({loop_seconds / max(steps_run, 1):.3f} s/step), {total_seconds:.1f} s in all")
     accelerator.wait_for_everyone()

@@ -174,6 +174,37 @@ def adapter_options(args: argparse.Namespace, method: str) -> dict[str, Any]:
     return options
 
 
+def add_dataclass_arguments(parser: argparse.ArgumentParser, config_class: type, title: str,
+                            prefix: str = "", description: str | None = None) -> list[str]:
+    """One flag ``--<prefix><field>`` per field of an options dataclass (fields made with ``option()``).
+
+    For option sets that are not adapter methods (a loss, a teacher sampler): the flag
+    defaults to the field's default and its help is the field's help. Returns the dests.
+    """
+    group = parser.add_argument_group(title, description)
+    hints = typing.get_type_hints(config_class)
+    dests = []
+    for field in dataclasses.fields(config_class):
+        annotation, default, dest = hints[field.name], _default_of(field), prefix + field.name
+        help_text = field.metadata.get("help", field.name)
+        if "default" not in help_text:
+            help_text += f" (default: {default})"
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %
+        if annotation is bool:
+            group.add_argument(f"--{dest}", action=argparse.BooleanOptionalAction, default=default,
+                               help=help_text)
+        else:
+            group.add_argument(f"--{dest}", type=_value_parser(annotation), default=default,
+                               metavar=dest.upper(), help=help_text)
+        dests.append(dest)
+    return dests
+
+
+def dataclass_from_args(args: argparse.Namespace, config_class: type, prefix: str = "") -> Any:
+    """The options dataclass filled from flags made by `add_dataclass_arguments`."""
+    return config_class(**{f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(config_class)})
+
+
 # --- config files -----------------------------------------------------------------------
 
 def _config_flag_names(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
@@ -439,7 +470,7 @@ def check_common_arguments(args: argparse.Namespace) -> None:
         value = getattr(args, name, None)
         if value is not None and value < 0:
             raise DifftuneError(f"--{name} must not be negative, got {value}")
-    if args.snr_gamma is not None and args.snr_gamma <= 0:
+    if getattr(args, "snr_gamma", None) is not None and args.snr_gamma <= 0:
         raise DifftuneError(f"--snr_gamma must be positive, got {args.snr_gamma}")
     if args.learning_rate is not None and args.learning_rate <= 0:
         raise DifftuneError(f"--learning_rate must be positive, got {args.learning_rate}")

@@ -55,9 +55,9 @@ def image_grid(images: Sequence[Image.Image], columns: int | None = None) -> Ima
     return grid
 
 
-def save_grid(images: Sequence[Image.Image], path: str | Path) -> Path:
-    """Write the grid as PNG atomically; returns the path."""
-    grid = image_grid(images)
+def save_grid(images: Sequence[Image.Image], path: str | Path, columns: int | None = None) -> Path:
+    """Write the grid (rows of ``columns``, near-square by default) as PNG atomically; returns the path."""
+    grid = image_grid(images, columns)
     return atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 
