@@ -6,6 +6,7 @@ missing), (b) a copy plus high-pass-filtered noise and (c) a copy plus a smooth 
 ramp of the same energy as (b). Prints one Markdown table with the unweighted terms and
 each term's weighted share of the total under the default weights.
 
+    pip install scikit-image   # the photographs and the blur; not a difftune dependency
     python benchmarks/hipa_loss_terms.py [--size 256] [--radius 0.25]
 """
 
