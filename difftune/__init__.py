@@ -39,11 +39,13 @@ __all__ = [
     "check_adapter",
     "count_trainable_parameters",
     "find_denoiser",
+    "format_parameter_table",
     "get_adapter",
     "has_adapter",
     "load_adapter",
     "merge_adapter",
     "named_trainable_parameters",
+    "parameter_table",
     "read_adapter_info",
     "register_method",
     "remove_adapter",
@@ -52,3 +54,12 @@ __all__ = [
     "trainable_parameters",
     "unmerge_adapter",
 ]
+
+
+def __getattr__(name: str):
+    # imported lazily so that ``python -m difftune.params`` does not import itself twice
+    if name in ("parameter_table", "format_parameter_table"):
+        from . import params
+
+        return getattr(params, name)
+    raise AttributeError(f"module 'difftune' has no attribute {name!r}")

@@ -7,6 +7,7 @@ its ``unet`` or ``transformer``. The attached adapter is kept on the module itse
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -92,8 +93,17 @@ def add_adapter(
     base_fingerprint = fingerprint(denoiser, modules)
     requires_grad_before = {name: p.requires_grad for name, p in denoiser.named_parameters()}
     denoiser.requires_grad_(False)
-    adapter = adapter_class(denoiser, config, modules)
-    adapter.attach(modules)
+    try:
+        adapter = adapter_class(denoiser, config, modules)
+        adapter.attach(modules)
+    except BaseException:
+        # leave the model as it was: undo a partial attach and the frozen flags
+        if "adapter" in locals():
+            with contextlib.suppress(Exception):
+                adapter._detach()
+        for name, param in denoiser.named_parameters():
+            param.requires_grad_(requires_grad_before.get(name, param.requires_grad))
+        raise
     adapter.base_fingerprint = base_fingerprint
     adapter.requires_grad_before = requires_grad_before
     denoiser.__dict__[_ADAPTER_ATTRIBUTE] = adapter

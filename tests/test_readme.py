@@ -34,6 +34,17 @@ def test_python_example_runs(tmp_path, monkeypatch):
     assert (tmp_path / "outputs/example/adapter.safetensors").is_file()
 
 
+def test_method_examples_run(tmp_path, monkeypatch):
+    """The SVFit and TLoRA sections' examples run as printed."""
+    monkeypatch.chdir(tmp_path)
+    examples = [b for b in _code_blocks("python") if '"svfit"' in b or '"tlora"' in b]
+    assert len(examples) == 2
+    for example in examples:
+        exec(compile(example, "README.md", "exec"), {})
+    assert (tmp_path / "outputs/svfit/adapter.safetensors").is_file()
+    assert (tmp_path / "outputs/tlora/adapter.safetensors").is_file()
+
+
 def _subject_section() -> str:
     start = README.index("## Subject-driven training")
     return README[start:README.index("\n## ", start + 1)]

@@ -9,6 +9,8 @@ from __future__ import annotations
 from ..errors import DifftuneError
 from .base import Adapter, AdapterConfig, AdapterLayer, LayerAdapter
 from .lora import LoraAdapter
+from .svfit import SVFitAdapter
+from .tlora import TLoraAdapter
 
 METHODS: dict[str, type[Adapter]] = {}
 
@@ -29,6 +31,8 @@ def get_method(name: str) -> type[Adapter]:
 
 
 register_method(LoraAdapter)
+register_method(SVFitAdapter)
+register_method(TLoraAdapter)
 
 __all__ = ["METHODS", "Adapter", "AdapterConfig", "AdapterLayer", "LayerAdapter",
            "get_method", "register_method"]
