@@ -7,6 +7,7 @@ its ``unet`` or ``transformer``. The attached adapter is kept on the module itse
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -87,22 +88,51 @@ def add_adapter(
     if has_adapter(denoiser):
         raise DifftuneError(f"a '{get_adapter(denoiser).method}' adapter is already attached; "
                             "call difftune.remove_adapter() or merge_adapter() first")
+    adapter_class, config, modules = _plan_adapter(denoiser, method, targets, options)
+
+    base_fingerprint = fingerprint(denoiser, modules)
+    requires_grad_before = {name: p.requires_grad for name, p in denoiser.named_parameters()}
+    denoiser.requires_grad_(False)
+    try:
+        adapter = adapter_class(denoiser, config, modules)
+        adapter.attach(modules)
+    except BaseException:
+        # leave the model as it was: undo a partial attach and the frozen flags
+        if "adapter" in locals():
+            with contextlib.suppress(Exception):
+                adapter._detach()
+        for name, param in denoiser.named_parameters():
+            param.requires_grad_(requires_grad_before.get(name, param.requires_grad))
+        raise
+    adapter.base_fingerprint = base_fingerprint
+    adapter.requires_grad_before = requires_grad_before
+    denoiser.__dict__[_ADAPTER_ATTRIBUTE] = adapter
+    return adapter
+
+
+def check_adapter(
+    model: Any, method: str = "lora", targets: str | Sequence[str] | None = None, **options: Any
+) -> dict[str, nn.Module]:
+    """Refuse a bad method, option or target as `add_adapter` would, without attaching.
+
+    Works on a model built on the meta device, so scripts can check before loading any
+    weights. Returns the modules the adapter would attach to, by name.
+    """
+    denoiser, _ = find_denoiser(model)
+    return _plan_adapter(denoiser, method, targets, dict(options))[2]
+
+
+def _plan_adapter(
+    denoiser: nn.Module, method: str, targets: str | Sequence[str] | None, options: dict[str, Any]
+) -> tuple[type[Adapter], Any, dict[str, nn.Module]]:
+    """Method class, validated config and target modules for an adapter."""
     adapter_class = get_method(method)
     if targets is not None:
         options["targets"] = targets if isinstance(targets, str) else list(targets)
     config = adapter_class.config_class.from_options(method, options)
     modules = resolve_targets(denoiser, config.targets)
     adapter_class.check_targets(modules)
-
-    base_fingerprint = fingerprint(denoiser, modules)
-    requires_grad_before = {name: p.requires_grad for name, p in denoiser.named_parameters()}
-    denoiser.requires_grad_(False)
-    adapter = adapter_class(denoiser, config, modules)
-    adapter.attach(modules)
-    adapter.base_fingerprint = base_fingerprint
-    adapter.requires_grad_before = requires_grad_before
-    denoiser.__dict__[_ADAPTER_ATTRIBUTE] = adapter
-    return adapter
+    return adapter_class, config, modules
 
 
 def named_trainable_parameters(model: Any) -> list[tuple[str, nn.Parameter]]:

@@ -4,6 +4,8 @@ Methods are parametrised through the registry, so every method registered in
 difftune.METHODS is held to the same contract.
 """
 
+import warnings
+
 import pytest
 import torch
 from conftest import build, denoise, denoiser_inputs, randomize_adapter
@@ -17,6 +19,8 @@ METHOD_CASES = {
     "lora": ("attn", {"rank": 4}),
     # tiny random models have other magnitudes than SD: select by budget
     "sara": ("all", {"budget": 0.05}),
+    "svfit": ("attn", {}),
+    "tlora": ("attn", {}),
 }
 
 
@@ -121,6 +125,16 @@ def test_scale_interpolates_the_weight_change(method, targets, options):
     assert (w1 - w0).abs().max() > 0
     torch.testing.assert_close(merged_weight(0.5), w0 + 0.5 * (w1 - w0), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(merged_weight(0.0), w0, atol=0, rtol=0)
+
+
+def test_removed_lora_leaves_no_peft_config_behind():
+    model = build("sd").unet
+    difftune.add_adapter(model, "lora", targets="attn")
+    difftune.remove_adapter(model)
+    assert not hasattr(model, "peft_config")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # peft warns when it finds a stale config
+        difftune.add_adapter(model, "lora", targets="attn")
 
 
 def test_one_adapter_at_a_time():

@@ -1,5 +1,6 @@
 """Adapter files: save → fresh pipeline → identical images, diffusers interop, refusals."""
 
+import copy
 import json
 
 import pytest
@@ -14,6 +15,8 @@ from difftune.api import find_denoiser
 METHOD_CASES = {
     "lora": [("attn", {"rank": 4, "alpha": 8.0}), ("all", {"rank": 2})],
     "sara": [("all", {"budget": 0.05}), ("attn", {"budget": 3000, "include_bias_norm": True})],
+    "svfit": [("attn", {}), ("all", {"rank": 4})],
+    "tlora": [("attn", {}), ("all", {"residual": "lora", "rank": 2, "transform_rank": 1})],
 }
 
 
@@ -44,6 +47,36 @@ def test_saved_adapter_reproduces_images_in_a_fresh_pipeline(family, method, tar
     assert abs(generate(fresh) - images).max() == 0
     difftune.set_adapter_scale(fresh, 0.0)
     assert abs(generate(fresh) - base_images).max() == 0
+
+
+@pytest.mark.parametrize(("method", "targets", "options"), [
+    pytest.param(m, *METHOD_CASES[m][0], id=m) for m in METHOD_CASES if m in difftune.METHODS])
+def test_resume_from_saved_adapter_and_optimizer_continues_exactly(method, targets, options, tmp_path):
+    """Training 4 steps equals 2 steps, save (adapter file + optimizer state), fresh model, 2 steps."""
+    def train(model, optimizer, inputs, steps):
+        for _ in range(steps):
+            optimizer.zero_grad()
+            model(**inputs, return_dict=False)[0].square().mean().backward()
+            optimizer.step()
+
+    pipe = build("sd")
+    inputs = denoiser_inputs(pipe)
+    difftune.add_adapter(pipe.unet, method, targets=targets, **options)
+    optimizer = torch.optim.AdamW(difftune.trainable_parameters(pipe.unet), lr=1e-2)
+    train(pipe.unet, optimizer, inputs, 2)
+    path = difftune.save_adapter(pipe.unet, tmp_path / "checkpoint")
+    optimizer_state = copy.deepcopy(optimizer.state_dict())
+    train(pipe.unet, optimizer, inputs, 2)
+
+    resumed = build("sd")
+    difftune.load_adapter(resumed, path)
+    resumed_optimizer = torch.optim.AdamW(difftune.trainable_parameters(resumed.unet), lr=1e-2)
+    resumed_optimizer.load_state_dict(optimizer_state)
+    train(resumed.unet, resumed_optimizer, inputs, 2)
+    expected = dict(difftune.named_trainable_parameters(pipe.unet))
+    got = dict(difftune.named_trainable_parameters(resumed.unet))
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
 
 
 def test_metadata_records_method_config_targets_fingerprint(tmp_path):

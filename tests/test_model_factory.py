@@ -8,6 +8,7 @@ from difftune import DifftuneError
 from difftune.model_factory import (
     SD15_UNET_CONFIG,
     build_denoiser_on_meta,
+    describe_model,
     load_pipeline,
     offline_clip_tokenizer,
     pipeline_family,
@@ -64,3 +65,27 @@ def test_sd15_unet_on_meta_device_has_the_real_size():
     unet = build_denoiser_on_meta(SD15_UNET_CONFIG)
     assert all(p.device.type == "meta" for p in unet.parameters())
     assert sum(p.numel() for p in unet.parameters()) == 859_520_964
+
+
+def test_describe_model_reads_family_resolution_and_denoiser_without_weights(family, tmp_path):
+    pipe = build(family)
+    denoiser = pipe.transformer if family == "sd3" else pipe.unet
+    folder = tmp_path / family
+    pipe.save_pretrained(folder)
+    name = {"sd": "builtin:tiny-sd", "sdxl": "builtin:tiny-sdxl", "sd3": "builtin:tiny-sd3"}[family]
+    for described in (describe_model(name), describe_model(str(folder))):
+        assert described.family == pipeline_family(pipe) == family
+        assert described.resolution == denoiser.config.sample_size * pipe.vae_scale_factor
+        patch = getattr(denoiser.config, "patch_size", None) or 1
+        assert described.size_multiple == pipe.vae_scale_factor * patch
+        meta = build_denoiser_on_meta(described.denoiser_config, described.denoiser_class)
+        assert {n: p.shape for n, p in meta.named_parameters()} == {
+            n: p.shape for n, p in denoiser.named_parameters()}
+
+
+def test_describe_model_refuses_other_families_and_missing_models(tmp_path):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline", "transformer": []}')
+    with pytest.raises(DifftuneError, match="unsupported base model family: FluxPipeline"):
+        describe_model(str(tmp_path))
+    with pytest.raises(DifftuneError, match="cannot read model_index.json of 'no/such-model'"):
+        describe_model("no/such-model")

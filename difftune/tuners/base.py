@@ -69,6 +69,9 @@ class Adapter(ABC):
     config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
     supported_layers: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Conv2d)
     supported_description: ClassVar[str] = "Linear and Conv2d layers"
+    # True when the adapter file is also a diffusers LoRA file (`pipe.load_lora_weights`),
+    # so trainers also write it under diffusers' default name.
+    diffusers_lora_file: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, config: AdapterConfig, modules: dict[str, nn.Module]):
         self.model = model
