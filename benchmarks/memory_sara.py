@@ -14,8 +14,8 @@ its own process so that peak memory is its own:
 
 CPU: peak RSS (``ru_maxrss``) at 256 px, batch 1. GPU (``--device cuda``):
 ``torch.cuda.max_memory_allocated`` at 512 px, batches 1/4/8. The table goes to stdout
-and into its section of docs/benchmarks.md, a bar chart next to it. Run it alone (full
-fine-tuning needs about 14 GiB), e.g. ``flock /work/heavy.lock python benchmarks/memory_sara.py``.
+and into its section of docs/benchmarks.md, a bar chart next to it. Run it alone on the machine
+(full fine-tuning needs about 14 GiB).
 
     python benchmarks/memory_sara.py                  # CPU, budgets 5M/20M/50M
     python benchmarks/memory_sara.py --device cuda --batch_sizes 1 4 8
