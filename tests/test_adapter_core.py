@@ -17,6 +17,8 @@ from difftune.api import find_denoiser
 # method -> (targets, options) that every family supports
 METHOD_CASES = {
     "lora": ("attn", {"rank": 4}),
+    # tiny random models have other magnitudes than SD: select by budget
+    "sara": ("all", {"budget": 0.05}),
     "svfit": ("attn", {}),
     "tlora": ("attn", {}),
 }

@@ -14,6 +14,7 @@ from difftune.api import find_denoiser
 
 METHOD_CASES = {
     "lora": [("attn", {"rank": 4, "alpha": 8.0}), ("all", {"rank": 2})],
+    "sara": [("all", {"budget": 0.05}), ("attn", {"budget": 3000, "include_bias_norm": True})],
     "svfit": [("attn", {}), ("all", {"rank": 4})],
     "tlora": [("attn", {}), ("all", {"residual": "lora", "rank": 2, "transform_rank": 1})],
 }

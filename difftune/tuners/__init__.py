@@ -9,6 +9,7 @@ from __future__ import annotations
 from ..errors import DifftuneError
 from .base import Adapter, AdapterConfig, AdapterLayer, LayerAdapter
 from .lora import LoraAdapter
+from .sara import SaraAdapter
 from .svfit import SVFitAdapter
 from .tlora import TLoraAdapter
 
@@ -31,6 +32,7 @@ def get_method(name: str) -> type[Adapter]:
 
 
 register_method(LoraAdapter)
+register_method(SaraAdapter)
 register_method(SVFitAdapter)
 register_method(TLoraAdapter)
 

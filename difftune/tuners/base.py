@@ -128,6 +128,18 @@ class Adapter(ABC):
         """Additional safetensors header entries (for example diffusers' LoRA metadata)."""
         return {}
 
+    @classmethod
+    def combine_files(
+        cls, files: list[tuple[dict[str, torch.Tensor], dict[str, Any]]], scales: list[float],
+        sources: list[str],
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Fold several files of this method into one with ΔW = Σ scaleᵢ·ΔWᵢ.
+
+        ``files`` are ``(tensors, info)`` pairs as `read_adapter_file` returns them, with
+        the component prefix already removed from the tensor names.
+        """
+        raise DifftuneError(f"method '{cls.method}' cannot combine several adapter files into one")
+
     # --- training hooks: no-ops unless a method needs them ----------------------------
     # The trainer calls them in this order each optimizer step: forward (+ the
     # regularization_loss) → backward → before_optimizer_step → clip → optimizer.step
