@@ -10,6 +10,7 @@
 from ._version import __version__
 from .api import (
     add_adapter,
+    check_adapter,
     count_trainable_parameters,
     find_denoiser,
     get_adapter,
@@ -35,13 +36,16 @@ __all__ = [
     "TargetError",
     "__version__",
     "add_adapter",
+    "check_adapter",
     "count_trainable_parameters",
     "find_denoiser",
+    "format_parameter_table",
     "get_adapter",
     "has_adapter",
     "load_adapter",
     "merge_adapter",
     "named_trainable_parameters",
+    "parameter_table",
     "read_adapter_info",
     "register_method",
     "remove_adapter",
@@ -50,3 +54,12 @@ __all__ = [
     "trainable_parameters",
     "unmerge_adapter",
 ]
+
+
+def __getattr__(name: str):
+    # imported lazily so that ``python -m difftune.params`` does not import itself twice
+    if name in ("parameter_table", "format_parameter_table"):
+        from . import params
+
+        return getattr(params, name)
+    raise AttributeError(f"module 'difftune' has no attribute {name!r}")

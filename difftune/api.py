@@ -7,6 +7,7 @@ its ``unet`` or ``transformer``. The attached adapter is kept on the module itse
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -87,22 +88,51 @@ def add_adapter(
     if has_adapter(denoiser):
         raise DifftuneError(f"a '{get_adapter(denoiser).method}' adapter is already attached; "
                             "call difftune.remove_adapter() or merge_adapter() first")
+    adapter_class, config, modules = _plan_adapter(denoiser, method, targets, options)
+
+    base_fingerprint = fingerprint(denoiser, modules)
+    requires_grad_before = {name: p.requires_grad for name, p in denoiser.named_parameters()}
+    denoiser.requires_grad_(False)
+    try:
+        adapter = adapter_class(denoiser, config, modules)
+        adapter.attach(modules)
+    except BaseException:
+        # leave the model as it was: undo a partial attach and the frozen flags
+        if "adapter" in locals():
+            with contextlib.suppress(Exception):
+                adapter._detach()
+        for name, param in denoiser.named_parameters():
+            param.requires_grad_(requires_grad_before.get(name, param.requires_grad))
+        raise
+    adapter.base_fingerprint = base_fingerprint
+    adapter.requires_grad_before = requires_grad_before
+    denoiser.__dict__[_ADAPTER_ATTRIBUTE] = adapter
+    return adapter
+
+
+def check_adapter(
+    model: Any, method: str = "lora", targets: str | Sequence[str] | None = None, **options: Any
+) -> dict[str, nn.Module]:
+    """Refuse a bad method, option or target as `add_adapter` would, without attaching.
+
+    Works on a model built on the meta device, so scripts can check before loading any
+    weights. Returns the modules the adapter would attach to, by name.
+    """
+    denoiser, _ = find_denoiser(model)
+    return _plan_adapter(denoiser, method, targets, dict(options))[2]
+
+
+def _plan_adapter(
+    denoiser: nn.Module, method: str, targets: str | Sequence[str] | None, options: dict[str, Any]
+) -> tuple[type[Adapter], Any, dict[str, nn.Module]]:
+    """Method class, validated config and target modules for an adapter."""
     adapter_class = get_method(method)
     if targets is not None:
         options["targets"] = targets if isinstance(targets, str) else list(targets)
     config = adapter_class.config_class.from_options(method, options)
     modules = resolve_targets(denoiser, config.targets)
     adapter_class.check_targets(modules)
-
-    base_fingerprint = fingerprint(denoiser, modules)
-    requires_grad_before = {name: p.requires_grad for name, p in denoiser.named_parameters()}
-    denoiser.requires_grad_(False)
-    adapter = adapter_class(denoiser, config, modules)
-    adapter.attach(modules)
-    adapter.base_fingerprint = base_fingerprint
-    adapter.requires_grad_before = requires_grad_before
-    denoiser.__dict__[_ADAPTER_ATTRIBUTE] = adapter
-    return adapter
+    return adapter_class, config, modules
 
 
 def named_trainable_parameters(model: Any) -> list[tuple[str, nn.Parameter]]:
@@ -153,23 +183,50 @@ def read_adapter_info(path: str | os.PathLike) -> dict[str, Any]:
     return read_adapter_file(path)[1]
 
 
-def load_adapter(pipeline_or_model: Any, path: str | os.PathLike, scale: float = 1.0) -> Adapter:
+def load_adapter(
+    pipeline_or_model: Any,
+    path: str | os.PathLike | Sequence[str | os.PathLike],
+    scale: float | Sequence[float] = 1.0,
+) -> Adapter:
     """Attach the adapter stored at ``path`` to a pipeline's denoiser (or a model).
 
     Refuses pickle files, damaged files and base models that do not match the
-    fingerprint, before touching the model.
+    fingerprint, before touching the model. A list of paths (one method) is combined
+    into one adapter with ΔW = Σ scaleᵢ·ΔWᵢ, ``scale`` then giving one weight per file;
+    methods that can do this implement `Adapter.combine_files` (SaRA does).
     """
-    file_path = resolve_adapter_path(path)
-    tensors, info = read_adapter_file(file_path)
-    source = str(file_path)
+    single = isinstance(path, (str, os.PathLike))
+    paths = [path] if single else list(path)
+    if not paths:
+        raise DifftuneError("load_adapter: no adapter path given")
     denoiser, _component = find_denoiser(pipeline_or_model)
-    adapter_class = get_method(info["method"])
-    for warning in check_fingerprint(denoiser, info["fingerprint"], source):
-        warnings.warn(warning, stacklevel=2)
-    prefix = f"{info['component']}."
-    if any(not key.startswith(prefix) for key in tensors):
-        raise AdapterFileError(f"{source}: tensor keys do not all start with '{prefix}'")
-    local = {key[len(prefix):]: value for key, value in tensors.items()}
+    files, sources = [], []
+    for each in paths:
+        file_path = resolve_adapter_path(each)
+        tensors, info = read_adapter_file(file_path)
+        source = str(file_path)
+        get_method(info["method"])
+        for warning in check_fingerprint(denoiser, info["fingerprint"], source):
+            warnings.warn(warning, stacklevel=2)
+        prefix = f"{info['component']}."
+        if any(not key.startswith(prefix) for key in tensors):
+            raise AdapterFileError(f"{source}: tensor keys do not all start with '{prefix}'")
+        files.append(({key[len(prefix):]: value for key, value in tensors.items()}, info))
+        sources.append(source)
+    adapter_class = get_method(files[0][1]["method"])
+    if single:
+        (local, info), source = files[0], sources[0]
+    else:
+        scales = [float(scale)] * len(files) if isinstance(scale, (int, float)) else [float(s) for s in scale]
+        if len(scales) != len(files):
+            raise DifftuneError(f"load_adapter: {len(files)} files but {len(scales)} scales")
+        kinds = {(info["method"], info["component"]) for _, info in files}
+        if len(kinds) > 1:
+            raise DifftuneError("load_adapter: cannot combine files of different methods/components: "
+                                + ", ".join(f"{s} ({i['method']}, {i['component']})"
+                                            for s, (_, i) in zip(sources, files, strict=True)))
+        local, info = adapter_class.combine_files(files, scales, sources)
+        source, scale = " + ".join(sources), 1.0
 
     options = dict(info["config"])
     user_targets = options.pop("targets")

@@ -10,6 +10,7 @@ it accepts the built-in names (``builtin:tiny-sd``, ``builtin:tiny-sdxl``,
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 BUILTIN_PREFIX = "builtin:"
+TINY_SAMPLE_SIZE = 32  # latent size of every tiny denoiser
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "embedded_model"
 
 # Denoiser configs of the real architectures, for parameter counts and benchmarks.
@@ -144,24 +146,66 @@ def _tiny_vae(latent_channels: int = 4, **extra: Any):
     )
 
 
+# Denoisers of the tiny built-in pipelines: (diffusers class, config).
+TINY_DENOISERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "tiny-sd": ("UNet2DConditionModel", {
+        "block_out_channels": (32, 64),
+        "layers_per_block": 2,
+        "sample_size": TINY_SAMPLE_SIZE,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+        "cross_attention_dim": 32,
+        "attention_head_dim": (2, 4),
+        "norm_num_groups": 32,
+    }),
+    "tiny-sdxl": ("UNet2DConditionModel", {
+        "block_out_channels": (32, 64),
+        "layers_per_block": 2,
+        "sample_size": TINY_SAMPLE_SIZE,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+        "attention_head_dim": (2, 4),
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 8,
+        "transformer_layers_per_block": (1, 2),
+        "projection_class_embeddings_input_dim": 80,  # 6 time ids * 8 + pooled 32
+        "cross_attention_dim": 64,
+        "norm_num_groups": 32,
+    }),
+    "tiny-sd3": ("SD3Transformer2DModel", {
+        "sample_size": TINY_SAMPLE_SIZE,
+        "patch_size": 1,
+        "in_channels": 4,
+        "num_layers": 2,
+        "attention_head_dim": 8,
+        "num_attention_heads": 4,
+        "caption_projection_dim": 32,
+        "joint_attention_dim": 64,
+        "pooled_projection_dim": 64,
+        "out_channels": 4,
+    }),
+}
+
+
+def _tiny_denoiser(name: str) -> nn.Module:
+    import diffusers
+
+    class_name, config = TINY_DENOISERS[name]
+    return getattr(diffusers, class_name)(**config)
+
+
 def tiny_sd_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
     """A tiny SD 1.x-layout pipeline (1×1-conv proj_in/proj_out), random weights."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=(2, 4),
-        norm_num_groups=32,
-    )
+    unet = _tiny_denoiser("tiny-sd")
     vae = _tiny_vae()
     tokenizer = offline_clip_tokenizer()
     text_encoder = CLIPTextModel(_clip_text_config(tokenizer))
@@ -190,27 +234,11 @@ def tiny_sd_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
 
 def tiny_sdxl_pipeline(seed: int = 0):
     """A tiny SDXL-layout pipeline: two text encoders, added time ids, linear proj_in."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=80,  # 6 time ids * 8 + pooled 32
-        cross_attention_dim=64,
-        norm_num_groups=32,
-    )
+    unet = _tiny_denoiser("tiny-sdxl")
     vae = _tiny_vae()
     tokenizer = offline_clip_tokenizer()
     text_encoder = CLIPTextModel(_clip_text_config(tokenizer))
@@ -237,26 +265,11 @@ def tiny_sdxl_pipeline(seed: int = 0):
 
 def tiny_sd3_pipeline(seed: int = 0):
     """A tiny SD3 pipeline (MMDiT transformer, flow matching); no T5 encoder."""
-    from diffusers import (
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(
-        sample_size=32,
-        patch_size=1,
-        in_channels=4,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=4,
-        caption_projection_dim=32,
-        joint_attention_dim=64,
-        pooled_projection_dim=64,
-        out_channels=4,
-    )
+    transformer = _tiny_denoiser("tiny-sd3")
     vae = _tiny_vae(shift_factor=0.0609, scaling_factor=1.5035)
     tokenizer = offline_clip_tokenizer()
     text_encoder = CLIPTextModelWithProjection(_clip_text_config(tokenizer))
@@ -284,23 +297,97 @@ TINY_BUILDERS = {
 
 
 FAMILIES = ("sd", "sdxl", "sd3")
+TINY_FAMILIES = {"tiny-sd": "sd", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3"}
+TINY_VAE_SCALE_FACTOR = 2  # the tiny VAE has two blocks: it halves the size
+TINY_RESOLUTION = TINY_SAMPLE_SIZE * TINY_VAE_SCALE_FACTOR
+
+
+def family_of_class(class_name: str, has_unet: bool = True) -> str:
+    """``"sd"`` (SD 1.x/2.x), ``"sdxl"`` or ``"sd3"`` for a pipeline class name; refuse others."""
+    from .errors import DifftuneError
+
+    if class_name.startswith("StableDiffusionXL"):
+        return "sdxl"
+    if class_name.startswith("StableDiffusion3"):
+        return "sd3"
+    if class_name.startswith("StableDiffusion") and has_unet:
+        return "sd"
+    raise DifftuneError(
+        f"unsupported base model family: {class_name}. Supported: StableDiffusionPipeline (SD 1.x/2.x), "
+        "StableDiffusionXLPipeline and StableDiffusion3Pipeline checkpoints"
+    )
 
 
 def pipeline_family(pipeline: Any) -> str:
     """``"sd"`` (SD 1.x/2.x), ``"sdxl"`` or ``"sd3"``; a clear error for anything else."""
+    return family_of_class(type(pipeline).__name__, hasattr(pipeline, "unet"))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDescription:
+    """What a trainer must know about a base model before loading its weights."""
+
+    family: str
+    resolution: int  # the native training resolution in pixels
+    denoiser_class: str  # diffusers class of the unet / transformer
+    denoiser_config: dict[str, Any]
+    size_multiple: int  # image sides must be multiples of this (VAE factor x patch size)
+
+
+def describe_model(name_or_path: str, revision: str | None = None) -> ModelDescription:
+    """Family and native resolution from configs only (no weights are read).
+
+    Lets scripts refuse an unsupported model, or flags that do not fit its family,
+    before the heavy loading starts.
+    """
     from .errors import DifftuneError
 
-    kind = type(pipeline).__name__
-    if kind.startswith("StableDiffusionXL"):
-        return "sdxl"
-    if kind.startswith("StableDiffusion3"):
-        return "sd3"
-    if kind.startswith("StableDiffusion") and hasattr(pipeline, "unet"):
-        return "sd"
-    raise DifftuneError(
-        f"unsupported base model family: {kind}. Supported: StableDiffusionPipeline (SD 1.x/2.x), "
-        "StableDiffusionXLPipeline and StableDiffusion3Pipeline checkpoints"
-    )
+    tiny = _tiny_name(name_or_path)
+    if tiny is not None:
+        class_name, config = TINY_DENOISERS[tiny]
+        return ModelDescription(TINY_FAMILIES[tiny], TINY_RESOLUTION, class_name, config,
+                                TINY_VAE_SCALE_FACTOR * config.get("patch_size", 1))
+    location = _resolve_builtin(name_or_path)
+    from diffusers import AutoencoderKL, DiffusionPipeline, SD3Transformer2DModel, UNet2DConditionModel
+
+    try:
+        index = DiffusionPipeline.load_config(location, revision=revision)
+    except Exception as err:  # hub, network and file errors all mean the same to the user
+        raise DifftuneError(f"cannot read model_index.json of '{name_or_path}': {err}") from None
+    class_name = index.get("_class_name", "?")
+    family = family_of_class(class_name, "unet" in index)
+    denoiser_class, subfolder = (SD3Transformer2DModel, "transformer") if family == "sd3" else (
+        UNet2DConditionModel, "unet")
+    try:
+        denoiser_config = denoiser_class.load_config(location, subfolder=subfolder, revision=revision)
+        vae_config = AutoencoderKL.load_config(location, subfolder="vae", revision=revision)
+    except Exception as err:
+        raise DifftuneError(f"cannot read the {subfolder}/vae configs of '{name_or_path}': {err}") from None
+    vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    resolution = int(denoiser_config["sample_size"]) * vae_scale_factor
+    return ModelDescription(family, resolution, denoiser_class.__name__, dict(denoiser_config),
+                            vae_scale_factor * int(denoiser_config.get("patch_size") or 1))
+
+
+def _tiny_name(name_or_path: str) -> str | None:
+    """``tiny-sd`` for ``builtin:tiny-sd`` and the other tiny built-ins; None otherwise."""
+    name = name_or_path.removeprefix(BUILTIN_PREFIX)
+    return name if name_or_path.startswith(BUILTIN_PREFIX) and name in TINY_BUILDERS else None
+
+
+def _resolve_builtin(name_or_path: str) -> str:
+    """Map ``builtin:embedded`` to its folder; other names pass unchanged."""
+    from .errors import DifftuneError
+
+    if not name_or_path.startswith(BUILTIN_PREFIX):
+        return name_or_path
+    name = name_or_path[len(BUILTIN_PREFIX):]
+    if name == "embedded":
+        if not (EMBEDDED_MODEL_DIR / "model_index.json").is_file():
+            raise DifftuneError(f"the embedded model is missing from {EMBEDDED_MODEL_DIR}")
+        return str(EMBEDDED_MODEL_DIR)
+    raise DifftuneError(f"unknown built-in model '{name_or_path}'. Built-ins: "
+                        + ", ".join(BUILTIN_PREFIX + n for n in [*TINY_BUILDERS, "embedded"]))
 
 
 def load_pipeline(
@@ -317,20 +404,11 @@ def load_pipeline(
     Anything else goes to ``DiffusionPipeline.from_pretrained`` unchanged, so hub ids,
     revisions and variants behave as in diffusers.
     """
-    from .errors import DifftuneError
-
-    if name_or_path.startswith(BUILTIN_PREFIX):
-        name = name_or_path[len(BUILTIN_PREFIX):]
-        if name == "embedded":
-            if not (EMBEDDED_MODEL_DIR / "model_index.json").is_file():
-                raise DifftuneError(f"the embedded model is missing from {EMBEDDED_MODEL_DIR}")
-            name_or_path = str(EMBEDDED_MODEL_DIR)
-        elif name in TINY_BUILDERS:
-            pipe = TINY_BUILDERS[name](**kwargs)
-            return pipe.to(torch_dtype) if torch_dtype is not None else pipe
-        else:
-            raise DifftuneError(f"unknown built-in model '{name_or_path}'. Built-ins: "
-                                + ", ".join(BUILTIN_PREFIX + n for n in [*TINY_BUILDERS, "embedded"]))
+    tiny = _tiny_name(name_or_path)
+    if tiny is not None:
+        pipe = TINY_BUILDERS[tiny](**kwargs)
+        return pipe.to(torch_dtype) if torch_dtype is not None else pipe
+    name_or_path = _resolve_builtin(name_or_path)
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(
@@ -340,9 +418,11 @@ def load_pipeline(
     return pipe
 
 
-def build_denoiser_on_meta(config: dict[str, Any]) -> nn.Module:
-    """A UNet of the given config with no memory (meta device): for parameter counts."""
-    from diffusers import UNet2DConditionModel
+def build_denoiser_on_meta(config: dict[str, Any], class_name: str = "UNet2DConditionModel") -> nn.Module:
+    """A denoiser of the given config with no memory (meta device): for parameter counts
+    and for checking adapter targets before any weights are loaded."""
+    import diffusers
 
+    model_class = getattr(diffusers, class_name)
     with torch.device("meta"):
-        return UNet2DConditionModel(**config)
+        return model_class.from_config(config)

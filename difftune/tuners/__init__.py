@@ -9,6 +9,9 @@ from __future__ import annotations
 from ..errors import DifftuneError
 from .base import Adapter, AdapterConfig, AdapterLayer, LayerAdapter
 from .lora import LoraAdapter
+from .sara import SaraAdapter
+from .svfit import SVFitAdapter
+from .tlora import TLoraAdapter
 
 METHODS: dict[str, type[Adapter]] = {}
 
@@ -29,6 +32,9 @@ def get_method(name: str) -> type[Adapter]:
 
 
 register_method(LoraAdapter)
+register_method(SaraAdapter)
+register_method(SVFitAdapter)
+register_method(TLoraAdapter)
 
 __all__ = ["METHODS", "Adapter", "AdapterConfig", "AdapterLayer", "LayerAdapter",
            "get_method", "register_method"]

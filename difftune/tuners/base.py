@@ -20,11 +20,19 @@ from ..errors import DifftuneError
 from ..targeting import check_layer_types
 
 
+def option(default: Any, help: str, **kwargs: Any) -> Any:
+    """A config field with its help text; the trainer turns each into a CLI flag."""
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda: default, metadata={"help": help}, **kwargs)
+    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+
+
 @dataclasses.dataclass
 class AdapterConfig:
     """Options shared by every method; subclasses add their own fields."""
 
-    targets: str | list[str] = "attn"
+    targets: str | list[str] = option(
+        "attn", "preset (attn, attn-ff, conv, all), regex on module names, or a list of them")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -61,6 +69,9 @@ class Adapter(ABC):
     config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
     supported_layers: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Conv2d)
     supported_description: ClassVar[str] = "Linear and Conv2d layers"
+    # True when the adapter file is also a diffusers LoRA file (`pipe.load_lora_weights`),
+    # so trainers also write it under diffusers' default name.
+    diffusers_lora_file: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, config: AdapterConfig, modules: dict[str, nn.Module]):
         self.model = model
@@ -116,6 +127,49 @@ class Adapter(ABC):
     def extra_header(self, component: str) -> dict[str, str]:
         """Additional safetensors header entries (for example diffusers' LoRA metadata)."""
         return {}
+
+    @classmethod
+    def combine_files(
+        cls, files: list[tuple[dict[str, torch.Tensor], dict[str, Any]]], scales: list[float],
+        sources: list[str],
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Fold several files of this method into one with ΔW = Σ scaleᵢ·ΔWᵢ.
+
+        ``files`` are ``(tensors, info)`` pairs as `read_adapter_file` returns them, with
+        the component prefix already removed from the tensor names.
+        """
+        raise DifftuneError(f"method '{cls.method}' cannot combine several adapter files into one")
+
+    # --- training hooks: no-ops unless a method needs them ----------------------------
+    # The trainer calls them in this order each optimizer step: forward (+ the
+    # regularization_loss) → backward → before_optimizer_step → clip → optimizer.step
+    # → after_optimizer_step.
+
+    def default_learning_rate(self) -> float | None:
+        """A method's own learning-rate rule, used when the user gives none."""
+        return None
+
+    def optimizer_parameter_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """Parameter groups for the optimizer (a method may exempt some from decay)."""
+        params = [p for _, p in self.named_trainable_parameters()]
+        return [{"params": params, "weight_decay": weight_decay}]
+
+    def regularization_loss(self) -> torch.Tensor | None:
+        """An extra loss term added to the training loss, if the method has one."""
+        return None
+
+    def before_optimizer_step(self, step: int, max_steps: int) -> None:  # noqa: B027
+        """Called after the (accumulated) backward and before gradient clipping."""
+
+    def after_optimizer_step(self, step: int, max_steps: int, optimizer: Any) -> None:  # noqa: B027
+        """Called after each optimizer step (``step`` counts completed steps)."""
+
+    def training_state(self) -> dict[str, Any]:
+        """Extra state a checkpoint must keep to resume exactly (tensors or JSON values)."""
+        return {}
+
+    def load_training_state(self, state: dict[str, Any]) -> None:  # noqa: B027
+        """Restore `training_state`; called before the optimizer state is loaded."""
 
     # --- lifecycle helpers the public API uses --------------------------------------
 

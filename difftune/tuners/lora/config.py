@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from ...errors import DifftuneError
-from ..base import AdapterConfig
+from ..base import AdapterConfig, option
 
 
 @dataclasses.dataclass
@@ -17,13 +17,13 @@ class LoraConfig(AdapterConfig):
     ``"pissa"``, ``"olora"``, ...) are passed through.
     """
 
-    targets: str | list[str] = "attn"
-    rank: int = 4
-    alpha: float | None = None
-    dropout: float = 0.0
-    init: str | bool = "gaussian"
-    use_dora: bool = False
-    use_rslora: bool = False
+    targets: str | list[str] = option("attn", "layers to adapt (preset, regex or list)")
+    rank: int = option(4, "rank r of B·A")
+    alpha: float | None = option(None, "scale numerator: ΔW = alpha/rank · B·A (default: rank)")
+    dropout: float = option(0.0, "dropout on the LoRA branch input")
+    init: str | bool = option("gaussian", "peft init_lora_weights: gaussian, true, pissa, olora, ...")
+    use_dora: bool = option(False, "weight-decomposed LoRA (DoRA)")
+    use_rslora: bool = option(False, "rank-stabilised scale alpha/sqrt(rank)")
 
     def validate(self) -> None:
         if not isinstance(self.rank, int) or self.rank < 1:

@@ -27,6 +27,7 @@ class LoraAdapter(Adapter):
     config_class = LoraConfig
     supported_layers = (nn.Linear, nn.Conv2d)
     supported_description = "Linear and Conv2d layers"
+    diffusers_lora_file = True
 
     config: LoraConfig
 
@@ -96,6 +97,13 @@ class LoraAdapter(Adapter):
         for name, layer in self.layers.items():
             replace_module(self.model, name, layer.get_base_layer())
         self.layers = {}
+        # peft leaves its config on the model; without this a later LoRA (ours or
+        # diffusers' load_lora_weights) finds a stale "default" adapter entry
+        configs = self.model.__dict__.get("peft_config")
+        if isinstance(configs, dict):
+            configs.pop(PEFT_ADAPTER_NAME, None)
+            if not configs:
+                del self.model.__dict__["peft_config"]
 
     def extra_header(self, component: str) -> dict[str, str]:
         """diffusers reads rank/alpha from here, so alpha != rank survives reloading."""

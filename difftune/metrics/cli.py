@@ -1,0 +1,170 @@
+"""Command-line pieces shared by the eval/ scripts: evaluation flags, model defaults, tables.
+
+``eval/evaluate_subject.py`` and ``eval/benchmark.py`` take the same generation, metric
+and device flags and resolve their ``auto`` defaults the same way, here.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from ..errors import DifftuneError
+from .subject import ASSETS_DIR, PROMPT_LISTS, GenerationSettings
+
+BUILTIN_EMBEDDED = "builtin:embedded"
+EMBEDDED_CLIP = ASSETS_DIR / "embedded_model" / "world_clip"
+HUB_CLIP = "openai/clip-vit-large-patch14"
+HUB_DINO = "facebook/dino-vits16"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by the eval scripts: generation, metric models, FID extractor, device.
+
+    Each script adds its own switch for FID (``args.fid``) and its reference images.
+    """
+    group = parser.add_argument_group("generation")
+    group.add_argument("--prompts", default="auto",
+                       help="prompt list file, or 'dreambooth' / 'world' (the lists in assets/prompts); "
+                            "auto: 'world' for builtin:embedded, else 'dreambooth'")
+    group.add_argument("--num_prompts", type=int, default=None, help="use only the first N prompts")
+    group.add_argument("--images_per_prompt", type=int, default=4)
+    group.add_argument("--num_inference_steps", type=int, default=25)
+    group.add_argument("--guidance_scale", type=float, default=7.5)
+    group.add_argument("--height", type=int, default=None, help="default: the pipeline's")
+    group.add_argument("--width", type=int, default=None, help="default: the pipeline's")
+    group.add_argument("--generation_batch_size", type=int, default=8)
+    group.add_argument("--eval_seed", type=int, default=0, help="seed of the generated images")
+    group = parser.add_argument_group("metrics")
+    group.add_argument("--clip_model", default="auto",
+                       help="CLIP hub id or folder; auto: the world CLIP for builtin:embedded, "
+                            f"else {HUB_CLIP}")
+    group.add_argument("--dino_model", default="auto",
+                       help=f"DINO / DINOv2 hub id or folder, or 'none'; auto: {HUB_DINO} for hub models, "
+                            "none for builtin models (no DINO weights ship offline)")
+    group.add_argument("--fid_extractor", default="auto",
+                       help="inception, inception:<weights file>, clip:<id or folder>, dino:<id or folder>; "
+                            "auto: inception when torch-fidelity is installed, else clip:<the CLIP model>")
+    group.add_argument("--fid_antialias", choices=["true", "false"], default=None,
+                       help="resize antialiasing of the FID extractor (default: false for Inception, as "
+                            "torch-fidelity; true for CLIP/DINO)")
+    group.add_argument("--metric_batch_size", type=int, default=32)
+    group = parser.add_argument_group("device")
+    group.add_argument("--device", default="auto", help="cuda, cpu, ...; auto: cuda when available")
+    group.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                       help="generation dtype; auto: fp16 on cuda, fp32 otherwise")
+    group.add_argument("--metric_dtype", choices=list(DTYPES), default="fp32",
+                       help="dtype of the CLIP/DINO/Inception networks (statistics are always float64)")
+
+
+def resolve_device(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if args.device == "auto" else args.device)
+    if args.dtype == "auto":
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = DTYPES[args.dtype]
+    return device, dtype
+
+
+def resolve_prompt_file(args: argparse.Namespace, model: str) -> Path:
+    choice = args.prompts
+    if choice == "auto":
+        choice = "world" if model == BUILTIN_EMBEDDED else "dreambooth"
+    path = PROMPT_LISTS.get(choice, Path(choice))
+    if not path.is_file():
+        raise DifftuneError(f"--prompts: {path} does not exist (or use 'dreambooth' / 'world')")
+    return path
+
+
+def resolve_metric_models(args: argparse.Namespace, model: str) -> tuple[str, str | None, str | None]:
+    """(CLIP, DINO or None, FID extractor spec or None) from the auto defaults."""
+    from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
+
+    clip = args.clip_model
+    if clip == "auto":
+        clip = str(EMBEDDED_CLIP) if model == BUILTIN_EMBEDDED else HUB_CLIP
+    dino = args.dino_model
+    if dino == "auto":
+        dino = None if model.startswith("builtin:") else HUB_DINO
+    elif dino == "none":
+        dino = None
+    fid = None
+    if args.fid:
+        fid = args.fid_extractor
+        if fid == "auto":
+            fid = "inception" if _TORCH_FIDELITY_AVAILABLE else f"clip:{clip}"
+    return clip, dino, fid
+
+
+def build_scorer(args: argparse.Namespace, model: str, device: torch.device):
+    """Load the metric networks once (before any generation), so a missing model fails early."""
+    from difftune.metrics import ClipSimilarity, DinoSimilarity, load_feature_extractor
+    from difftune.metrics.subject import SubjectScorer
+
+    clip_name, dino_name, fid_spec = resolve_metric_models(args, model)
+    dtype = DTYPES[args.metric_dtype]
+    options = {"device": device, "dtype": dtype, "batch_size": args.metric_batch_size}
+    clip = ClipSimilarity.from_pretrained(clip_name, **options)
+    dino = DinoSimilarity.from_pretrained(dino_name, **options) if dino_name else None
+    antialias = None if args.fid_antialias is None else args.fid_antialias == "true"
+    extractor = load_feature_extractor(fid_spec, antialias=antialias, **options) if fid_spec else None
+    return SubjectScorer(clip, dino, extractor, batch_size=args.metric_batch_size)
+
+
+def load_eval_pipeline(model: str, device: torch.device, dtype: torch.dtype):
+    """The pipeline to generate evaluation images: on ``device`` in ``dtype``, no safety checker.
+
+    A safety checker blacks out the images it flags, which would corrupt every metric.
+    (SDXL pipelines upcast their VAE themselves when its config asks for it.)
+    """
+    from ..model_factory import load_pipeline
+
+    pipe = load_pipeline(model, torch_dtype=dtype).to(device)
+    if getattr(pipe, "safety_checker", None) is not None:
+        pipe.safety_checker = None
+    return pipe
+
+
+def generation_settings(args: argparse.Namespace) -> GenerationSettings:
+    return GenerationSettings(images_per_prompt=args.images_per_prompt, seed=args.eval_seed,
+                              num_inference_steps=args.num_inference_steps,
+                              guidance_scale=args.guidance_scale, height=args.height, width=args.width,
+                              batch_size=args.generation_batch_size)
+
+
+def write_tables(results: list[dict], output_dir: Path, title: str) -> None:
+    from difftune.metrics.reporting import markdown_table, write_csv, write_json, write_text
+    from difftune.metrics.subject import SUMMARY_COLUMNS, SUMMARY_HEADERS, fid_note, summary_rows
+
+    rows = summary_rows(results)
+    write_json(output_dir / "results.json", results)
+    write_csv(output_dir / "results.csv", rows, SUMMARY_COLUMNS)
+    note = fid_note(results)
+    models = sorted({(r["clip_model"], r["dino_model"]) for r in results})
+    lines = [f"# {title}", "", markdown_table(rows, SUMMARY_COLUMNS, SUMMARY_HEADERS)]
+    lines += [f"CLIP: {c}; DINO: {d or 'not computed'}." for c, d in models]
+    if note:
+        lines.append(note)
+    write_text(output_dir / "results.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def check_metric_sources(args: argparse.Namespace, model: str) -> None:
+    """Refuse a missing local CLIP/DINO folder or an unknown FID extractor before any long work."""
+    from .features import check_model_source
+
+    clip, dino, fid = resolve_metric_models(args, model)
+    check_model_source(clip, "CLIP")
+    if dino:
+        check_model_source(dino, "DINO")
+    if fid:
+        kind, _, source = fid.partition(":")
+        if kind not in ("inception", "clip", "dino") or (kind != "inception" and not source):
+            raise DifftuneError(f"--fid_extractor {fid}: use inception, inception:<weights file>, "
+                                "clip:<hub id or folder> or dino:<hub id or folder>")
+        if kind != "inception":
+            check_model_source(source, kind.upper())

@@ -1,0 +1,334 @@
+"""The DreamBooth evaluation protocol: generate from a prompt list, score against the subject.
+
+For one (model, subject): N images per prompt, each from its own seeded generator (so an
+image does not depend on the batch it was drawn in), then
+
+- DINO and CLIP-I: mean cosine between every generated image and every subject image,
+- CLIP-T: prompt fidelity with the identifier replaced by the class name,
+- CLIP score: prompt fidelity with the prompt as written (floored at 0),
+- FID/KID (optional): generated images against a reference folder (e.g. class images).
+
+``eval/evaluate_subject.py`` and ``eval/benchmark.py`` are thin command lines over this.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from ..errors import DifftuneError
+from ..training.data import IMAGE_SUFFIXES
+from .features import extract_features
+from .fid import fid_from_features
+from .similarity import ClipSimilarity, DinoSimilarity, mean_pairwise_cosine, neutral_prompt
+
+ASSETS_DIR = Path(__file__).resolve().parent.parent.parent / "assets"
+PROMPT_LISTS = {
+    "dreambooth": ASSETS_DIR / "prompts" / "subject_prompts.txt",
+    "world": ASSETS_DIR / "prompts" / "world_subject_prompts.txt",
+}
+SUBJECT_FILE = "subject.json"
+
+
+def load_images(directory: str | Path, what: str = "image folder") -> list[Image.Image]:
+    """All images of a folder (sorted by name) as RGB PIL images; a clear error if there are none."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DifftuneError(f"{what} {directory} does not exist")
+    files = sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DifftuneError(f"{what} {directory} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return [Image.open(p).convert("RGB") for p in files]
+
+
+@dataclass
+class Subject:
+    """A DreamBooth subject: reference images, the identifier token and the class noun."""
+
+    name: str
+    directory: Path
+    identifier: str
+    class_name: str
+    images: list[Image.Image] = field(repr=False)
+
+    @classmethod
+    def from_dir(cls, directory: str | Path, identifier: str | None = None,
+                 class_name: str | None = None) -> Subject:
+        """Images of a folder; identifier / class from the arguments, else the folder's subject.json."""
+        directory = Path(directory)
+        meta: dict[str, Any] = {}
+        meta_file = directory / SUBJECT_FILE
+        if meta_file.is_file():
+            meta = json.loads(meta_file.read_text())
+        identifier = identifier or meta.get("identifier") or "sks"
+        class_name = class_name or meta.get("class_name")
+        if not class_name:
+            raise DifftuneError(f"no class name for the subject in {directory}: pass --class_name "
+                                f"or put {{\"class_name\": ...}} in {meta_file}")
+        images = load_images(directory, "subject folder")
+        return cls(meta.get("name") or directory.name, directory, identifier, class_name, images)
+
+
+def load_prompts(path: str | Path, identifier: str, class_name: str, limit: int | None = None) -> list[str]:
+    """Prompt templates, one a line (# comments); ``{subject}`` → "identifier class", ``{class}``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DifftuneError(f"prompt list {path} does not exist")
+    templates = [line.strip() for line in path.read_text().splitlines()
+                 if line.strip() and not line.lstrip().startswith("#")]
+    if not templates:
+        raise DifftuneError(f"prompt list {path} holds no prompts")
+    prompts = []
+    for number, template in enumerate(templates, 1):
+        try:
+            prompts.append(template.format(subject=f"{identifier} {class_name}", identifier=identifier,
+                                           **{"class": class_name}))
+        except (KeyError, IndexError) as error:
+            raise DifftuneError(f"{path}, prompt {number}: unknown placeholder {error} "
+                                "(use {subject}, {identifier}, {class})") from error
+    return prompts[:limit] if limit else prompts
+
+
+@dataclass
+class GenerationSettings:
+    """How images are drawn; part of every result so runs can be compared (and resumed)."""
+
+    images_per_prompt: int = 4
+    seed: int = 0
+    num_inference_steps: int = 25
+    guidance_scale: float = 7.5
+    height: int | None = None
+    width: int | None = None
+    batch_size: int = 8
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def image_seed(settings: GenerationSettings, prompt_index: int, image_index: int) -> int:
+    """Seed of image k of prompt p: the same in every run, whatever the batch size."""
+    return settings.seed * 1_000_003 + prompt_index * settings.images_per_prompt + image_index
+
+
+def generate_images(pipe: Any, prompts: list[str], settings: GenerationSettings,
+                    desc: str = "generate") -> list[list[Image.Image]]:
+    """``images_per_prompt`` PIL images for each prompt, in prompt order."""
+    from tqdm.auto import tqdm
+
+    jobs = [(p, k) for p in range(len(prompts)) for k in range(settings.images_per_prompt)]
+    images: list[list[Image.Image]] = [[] for _ in prompts]
+    device = getattr(pipe, "device", torch.device("cpu"))
+    generator_device = "cpu" if device.type == "mps" else device
+    pipe.set_progress_bar_config(disable=True)
+    with tqdm(total=len(jobs), desc=desc, unit="img") as bar:
+        for start in range(0, len(jobs), settings.batch_size):
+            batch = jobs[start:start + settings.batch_size]
+            generators = [torch.Generator(generator_device).manual_seed(image_seed(settings, p, k))
+                          for p, k in batch]
+            output = pipe(prompt=[prompts[p] for p, _ in batch],
+                          num_inference_steps=settings.num_inference_steps,
+                          guidance_scale=settings.guidance_scale, height=settings.height,
+                          width=settings.width, generator=generators, output_type="pil")
+            for (p, _), image in zip(batch, output.images, strict=True):
+                images[p].append(image)
+            bar.update(len(batch))
+    return images
+
+
+class SubjectScorer:
+    """The protocol's metrics for one subject; reference embeddings and features are cached."""
+
+    def __init__(self, clip: ClipSimilarity, dino: DinoSimilarity | None = None,
+                 fid_extractor: nn.Module | None = None, batch_size: int = 32) -> None:
+        self.clip = clip
+        self.dino = dino
+        self.fid_extractor = fid_extractor
+        self.batch_size = batch_size
+        self._cache: dict[tuple[str, str], torch.Tensor] = {}
+
+    def _reference(self, kind: str, key: str, images: list[Image.Image]) -> torch.Tensor:
+        if (kind, key) not in self._cache:
+            if kind == "clip":
+                features = self.clip.image_embeddings(images)
+            elif kind == "dino":
+                features = self.dino.image_embeddings(images)
+            else:
+                features = extract_features(self.fid_extractor, images, self.batch_size,
+                                            f"FID reference {key}")
+            self._cache[(kind, key)] = features
+        return self._cache[(kind, key)]
+
+    def score(self, generated: list[list[Image.Image]], prompts: list[str], subject: Subject,
+              fid_reference: tuple[str, list[Image.Image]] | None = None) -> dict[str, Any]:
+        """Metrics of generated images (per prompt lists) against the subject; per-prompt detail too."""
+        flat = [image for group in generated for image in group]
+        flat_prompts = [prompt for prompt, group in zip(prompts, generated, strict=True) for _ in group]
+        counts = [len(group) for group in generated]
+        key = str(subject.directory)
+        clip_embeddings = self.clip.image_embeddings(flat, desc="CLIP embeddings")
+        clip_ref = self._reference("clip", key, subject.images)
+        neutral = [neutral_prompt(p, subject.identifier, subject.class_name) for p in flat_prompts]
+        clip_t = self.clip.clip_score(None, neutral, floor=False, image_embeddings=clip_embeddings)
+        clip_score = self.clip.clip_score(None, flat_prompts, floor=True, image_embeddings=clip_embeddings)
+        clip_i_matrix = clip_embeddings @ clip_ref.T
+        dino_matrix = None
+        if self.dino is not None:
+            dino_embeddings = self.dino.image_embeddings(flat, desc="DINO embeddings")
+            dino_matrix = dino_embeddings @ self._reference("dino", key, subject.images).T
+
+        per_prompt = []
+        start = 0
+        for prompt, count in zip(prompts, counts, strict=True):
+            rows = slice(start, start + count)
+            per_prompt.append({
+                "prompt": prompt,
+                "clip_t": float(clip_t[rows].mean()),
+                "clip_score": float(clip_score[rows].mean()),
+                "clip_i": float(clip_i_matrix[rows].mean()),
+                "dino": float(dino_matrix[rows].mean()) if dino_matrix is not None else None,
+            })
+            start += count
+        result: dict[str, Any] = {
+            "subject": subject.name,
+            "identifier": subject.identifier,
+            "class_name": subject.class_name,
+            "generated_images": len(flat),
+            "reference_images": len(subject.images),
+            "prompts": len(prompts),
+            "dino": float(dino_matrix.mean()) if dino_matrix is not None else None,
+            "clip_i": mean_pairwise_cosine(clip_embeddings, clip_ref),
+            "clip_t": float(clip_t.mean()),
+            "clip_score": float(clip_score.mean()),
+            "clip_model": self.clip.name,
+            "dino_model": self.dino.name if self.dino is not None else None,
+            "fid": None,
+            "per_prompt": per_prompt,
+        }
+        if fid_reference is not None and self.fid_extractor is not None:
+            name, images = fid_reference
+            real = self._reference("fid", name, images)
+            fake = extract_features(self.fid_extractor, flat, self.batch_size, "FID generated")
+            result["fid"] = fid_from_features(real, fake, self.fid_extractor).to_dict()
+        return result
+
+
+# ---------------------------------------------------------------- many adapters × subjects
+
+@dataclass
+class EvalRun:
+    """One row of an evaluation: a name, an adapter file (None: the base model), a subject."""
+
+    name: str
+    adapter: Path | None
+    subject: Subject
+    scale: float = 1.0
+
+
+def run_signature(run: EvalRun, prompts: list[str], settings: GenerationSettings, scorer: SubjectScorer,
+                  fid_reference: str | None, model: str) -> dict[str, Any]:
+    """Everything a stored result depends on; a result with another signature is recomputed."""
+    adapter_stamp = None
+    if run.adapter is not None:
+        stat = Path(run.adapter).stat()
+        adapter_stamp = [str(run.adapter), stat.st_size, stat.st_mtime_ns]
+    return {
+        "model": model,
+        "adapter": adapter_stamp,
+        "scale": run.scale,
+        "subject": str(run.subject.directory),
+        "prompts": prompts,
+        "generation": settings.to_dict(),
+        "clip_model": scorer.clip.name,
+        "dino_model": scorer.dino.name if scorer.dino is not None else None,
+        "fid_reference": fid_reference,
+        "fid_extractor": getattr(scorer.fid_extractor, "name", None) if fid_reference else None,
+    }
+
+
+def evaluate_runs(pipe: Any, runs: list[EvalRun], prompt_file: str | Path, settings: GenerationSettings,
+                  scorer: SubjectScorer, output_dir: str | Path, model: str,
+                  fid_reference: tuple[str, list[Image.Image]] | None = None,
+                  num_prompts: int | None = None, overwrite: bool = False,
+                  grid_cell: int = 128) -> list[dict[str, Any]]:
+    """Generate, save images and a grid, score; ``output_dir/<name>/<subject>/metrics.json`` per run.
+
+    A run whose ``metrics.json`` has the same signature is read back, not recomputed.
+    """
+    import difftune
+
+    from .reporting import image_grid, read_json, save_image, write_json
+
+    output_dir = Path(output_dir)
+    denoiser, _ = difftune.find_denoiser(pipe)
+    results = []
+    for run in runs:
+        prompts = load_prompts(prompt_file, run.subject.identifier, run.subject.class_name, num_prompts)
+        signature = run_signature(run, prompts, settings, scorer, fid_reference and fid_reference[0], model)
+        run_dir = output_dir / run.name / run.subject.name
+        metrics_file = run_dir / "metrics.json"
+        if not overwrite and metrics_file.is_file():
+            stored = read_json(metrics_file)
+            if stored.get("signature") == signature:
+                print(f"{run.name} / {run.subject.name}: up to date, read from {metrics_file}")
+                results.append(stored)
+                continue
+        if run.adapter is not None:
+            difftune.load_adapter(pipe, run.adapter, scale=run.scale)
+            # the adapter's tensors join the pipeline's device and dtype (fp16 generation on GPU)
+            denoiser.to(device=pipe.device, dtype=pipe.dtype)
+        try:
+            generated = generate_images(pipe, prompts, settings, desc=f"{run.name} / {run.subject.name}")
+        finally:
+            if run.adapter is not None:
+                difftune.remove_adapter(pipe)
+        for p, group in enumerate(generated):
+            for k, image in enumerate(group):
+                save_image(run_dir / "images" / f"p{p:02d}_{k}.png", image)
+        grid = image_grid([image for group in generated for image in group],
+                          columns=settings.images_per_prompt, row_captions=prompts, cell_size=grid_cell)
+        save_image(run_dir / "grid.png", grid)
+        metrics = scorer.score(generated, prompts, run.subject, fid_reference)
+        info = difftune.read_adapter_info(run.adapter) if run.adapter is not None else {}
+        result = {"name": run.name, "method": info.get("method", "base"),
+                  "adapter": str(run.adapter or ""), "scale": run.scale, **metrics,
+                  "grid": str(grid_path_relative(run_dir / "grid.png", output_dir)), "signature": signature}
+        write_json(metrics_file, result)
+        results.append(result)
+    return results
+
+
+def grid_path_relative(path: Path, root: Path) -> Path:
+    try:
+        return path.relative_to(root)
+    except ValueError:
+        return path
+
+
+SUMMARY_COLUMNS = ["name", "method", "subject", "generated_images", "dino", "clip_i", "clip_t",
+                   "clip_score", "fid", "kid"]
+SUMMARY_HEADERS = {"name": "run", "generated_images": "images", "dino": "DINO", "clip_i": "CLIP-I",
+                   "clip_t": "CLIP-T", "clip_score": "CLIP", "fid": "FID", "kid": "KID"}
+
+
+def summary_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Flat rows (FID/KID as numbers) for the markdown and CSV tables."""
+    rows = []
+    for result in results:
+        fid = result.get("fid") or {}
+        rows.append({**{k: result.get(k) for k in SUMMARY_COLUMNS}, "fid": fid.get("fid"),
+                     "kid": fid.get("kid_mean")})
+    return rows
+
+
+def fid_note(results: list[dict[str, Any]]) -> str:
+    """The FID setting of a table, stated once below it (every FID of one table shares it)."""
+    settings = {(f["extractor"], f["resize"], f["real_count"], f["generated_count"])
+                for r in results if (f := r.get("fid"))}
+    return "\n".join(f"FID/KID: {e}, {rz}, {rc} reference / {gc} generated images."
+                     for e, rz, rc, gc in sorted(settings))

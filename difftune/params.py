@@ -1,0 +1,145 @@
+"""How many parameters each method trains on a given model: a table to choose a budget by.
+
+    python -m difftune.params --model sd15-config            # SD 1.5 UNet, meta device
+    python -m difftune.params --model sdxl-config --targets attn
+    python -m difftune.params --model builtin:tiny-sd --row "svfit" --row "tlora:rank=4,residual=lora"
+
+Each row attaches one adapter, counts `count_trainable_parameters`, and removes it again
+(the model is restored exactly). ``sd15-config`` / ``sdxl-config`` build the real UNet
+architectures on the meta device (no memory, no download); methods whose size depends on
+the weights (SVFit's energy rule) need a real model and say so in their row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from .api import add_adapter, count_trainable_parameters, find_denoiser, has_adapter, remove_adapter
+from .errors import DifftuneError
+from .tuners import METHODS
+
+# (label, method, options): the configurations of the papers' parameter-count tables.
+DEFAULT_ROWS: list[tuple[str, str, dict[str, Any]]] = [
+    ("LoRA r=1", "lora", {"rank": 1}),
+    ("LoRA r=4", "lora", {"rank": 4}),
+    ("DoRA r=4", "lora", {"rank": 4, "use_dora": True}),
+    ("SVFit energy 0.99", "svfit", {}),
+    ("SVFit full rank", "svfit", {"rank": "full"}),
+    ("TLoRA Kronecker + TR R=2", "tlora", {"transform_rank": 1, "residual": "tr", "rank": 2}),
+    ("TLoRA TRM R=2 + TR R=6", "tlora", {"transform_rank": 2, "residual": "tr", "rank": 6}),
+    ("TLoRA* TRM R=2 + LoRA r=4", "tlora", {"transform_rank": 2, "residual": "lora", "rank": 4}),
+]
+
+META_MODELS = {"sd15-config": "SD15_UNET_CONFIG", "sdxl-config": "SDXL_UNET_CONFIG"}
+
+
+@dataclasses.dataclass
+class ParameterRow:
+    label: str
+    method: str
+    options: dict[str, Any]
+    trainable: int | None
+    layers: int | None
+    note: str = ""
+
+    @property
+    def millions(self) -> str:
+        return "–" if self.trainable is None else f"{self.trainable / 1e6:.3f}M"
+
+
+def parameter_table(model: Any, rows: Sequence[tuple[str, str, dict[str, Any]]] | None = None,
+                    targets: str | list[str] = "attn") -> list[ParameterRow]:
+    """Count the trainable parameters of each (label, method, options) on ``model``.
+
+    ``model`` is a pipeline or a denoiser without an adapter; it is left unchanged. Rows of
+    methods that are not registered are skipped; a row that cannot attach is reported with
+    the reason instead of a count.
+    """
+    denoiser, _ = find_denoiser(model)
+    if has_adapter(denoiser):
+        raise DifftuneError("parameter_table needs a model without an adapter attached")
+    results = []
+    for label, method, options in DEFAULT_ROWS if rows is None else rows:
+        if method not in METHODS:
+            continue
+        try:
+            adapter = add_adapter(denoiser, method, targets=targets, **dict(options))
+            layers = len(adapter.target_names)
+            count = count_trainable_parameters(denoiser)
+            remove_adapter(denoiser)
+            results.append(ParameterRow(label, method, dict(options), count, layers))
+        except DifftuneError as err:
+            results.append(ParameterRow(label, method, dict(options), None, None, note=str(err)))
+    return results
+
+
+def format_parameter_table(rows: Sequence[ParameterRow], title: str = "") -> str:
+    """A markdown table of `parameter_table` rows."""
+    lines = [f"{title}\n" if title else "",
+             "| configuration | method | options | layers | trainable | millions |",
+             "|---|---|---|---|---|---|"]
+    notes = []
+    for row in rows:
+        options = ", ".join(f"{k}={v}" for k, v in row.options.items()) or "defaults"
+        if row.trainable is None:
+            notes.append(row.note)
+            count = f"n/a ({len(notes)})"
+        else:
+            count = f"{row.trainable:,}"
+        layers = "" if row.layers is None else str(row.layers)
+        lines.append(f"| {row.label} | `{row.method}` | {options} | {layers} | {count} | {row.millions} |")
+    if notes:
+        lines.append("")
+        lines.extend(f"({i}) {note}" for i, note in enumerate(notes, 1))
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def parse_row(text: str) -> tuple[str, str, dict[str, Any]]:
+    """``method`` or ``method:key=value,key=value`` (values read as JSON when they parse)."""
+    method, _, rest = text.partition(":")
+    options: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise DifftuneError(f"--row {text!r}: expected key=value, got {item!r}")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value.strip()
+    return text, method.strip(), options
+
+
+def load_model(name: str) -> nn.Module:
+    """A meta-device UNet for ``sd15-config``/``sdxl-config``, else a pipeline's denoiser."""
+    from . import model_factory
+
+    if name in META_MODELS:
+        return model_factory.build_denoiser_on_meta(getattr(model_factory, META_MODELS[name]))
+    return find_denoiser(model_factory.load_pipeline(name))[0]
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="sd15-config",
+                        help=f"{', '.join(META_MODELS)} (meta device), or a built-in name, hub id "
+                             "or pipeline folder as the trainer takes")
+    parser.add_argument("--targets", default="attn", help="target preset, regex or module name")
+    parser.add_argument("--row", action="append", default=None, metavar="METHOD[:k=v,...]",
+                        help="a configuration to count (repeatable); default: the papers' set")
+    args = parser.parse_args(argv)
+    rows = None if args.row is None else [parse_row(r) for r in args.row]
+    table = format_parameter_table(parameter_table(load_model(args.model), rows, args.targets),
+                                   title=f"Trainable parameters on {args.model}, targets={args.targets}")
+    print(table)
+    return table
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,288 @@
+"""Unstructured backprop: train chosen entries of a model's parameters, and nothing else.
+
+SaRA's memory-saving mechanism, kept independent of SaRA so that any masked or
+selective fine-tuning (diff pruning, LT-SFT, ...) can use it: "train these entries of
+these parameters". For each chosen tensor W it keeps, per trained entry:
+
+- ``index``: the flat position (int32; int64 only for tensors of 2**31 entries or more),
+- ``base``: W0 at that position, in W's dtype (restores W exactly, gives ΔW and α),
+- ``delta``: an fp32 ``nn.Parameter`` of shape (nnz,), registered on the owning module
+  as ``sparse_delta_<name>`` so that ``model.parameters()``, optimizers,
+  ``clip_grad_norm_``, DDP and state dicts all see it (the base W stays frozen).
+
+W itself holds ``W0 + scale·delta`` at the chosen entries: the values are written into
+the weight in place (no dense copy) whenever ``delta``, the scale or W changed, so the
+layer's own forward reads a plain dense weight. While grad is enabled, reading
+``module.<name>`` goes through a small autograd Function whose output aliases W and
+whose backward turns the layer's dense weight gradient into delta's 1-D gradient
+``grad.flatten()[index]``. That dense gradient is a temporary of one layer's backward,
+freed as soon as it is gathered: no dense gradient is kept, the optimizer state is
+nnz-sized, and under DDP only the 1-D gradients are all-reduced.
+
+Entries can be frozen later (SaRA's progressive adjustment): their gradient is then
+returned as 0, the parameter keeps its shape (so optimizers and DDP buckets stay valid).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from .errors import DifftuneError
+
+_STATE = "_difftune_sparse_entries"
+DELTA_PREFIX = "sparse_delta_"
+_INDEX_PREFIX = "sparse_index_"
+_BASE_PREFIX = "sparse_base_"
+_FROZEN_PREFIX = "sparse_frozen_"
+_EAGER_WRITE = ("difftune writes the trained entries into the weights outside the compiled graph "
+                "(one graph break per adapted weight): compile with fullgraph=False, or merge first")
+_ROUTED_CLASSES: dict[tuple[type, tuple[str, ...]], type] = {}
+
+
+def compact_index(flat_index: torch.Tensor, numel: int) -> torch.Tensor:
+    """Flat positions in the smallest integer type that holds them (int32 when possible)."""
+    dtype = torch.int32 if numel < 2**31 else torch.int64
+    return flat_index.to(dtype)
+
+
+class _RouteGradient(torch.autograd.Function):
+    """Identity on the (already written) weight; backward gathers the trained entries."""
+
+    @staticmethod
+    def forward(ctx: Any, delta: torch.Tensor, weight: torch.Tensor, entries: SparseEntries):
+        ctx.entries = entries
+        return weight.view_as(weight)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor):
+        return ctx.entries.gather_gradient(grad), None, None
+
+
+def _routed_class(cls: type, names: tuple[str, ...]) -> type:
+    """A subclass of ``cls`` whose ``names`` attributes route gradients to the deltas."""
+    key = (cls, names)
+    if key not in _ROUTED_CLASSES:
+        namespace: dict[str, Any] = {"__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                                     "_difftune_original_class": cls}
+        for name in names:
+            namespace[name] = property(_routed_getter(name))
+        _ROUTED_CLASSES[key] = type(cls.__name__, (cls,), namespace)
+    return _ROUTED_CLASSES[key]
+
+
+def _original_class(module: nn.Module) -> type:
+    return getattr(type(module), "_difftune_original_class", type(module))
+
+
+def _routed_getter(name: str):
+    def getter(module: nn.Module) -> torch.Tensor:
+        param = module._parameters[name]
+        entries = module.__dict__[_STATE].get(name)
+        return param if entries is None else entries.weight_for_forward(param)
+
+    getter.__name__ = name
+    return getter
+
+
+class SparseEntries:
+    """The trained entries of one parameter tensor (``module.<name>``)."""
+
+    def __init__(self, module: nn.Module, name: str, index: torch.Tensor, delta_dtype: torch.dtype):
+        param = module._parameters[name]
+        if param is None:
+            raise DifftuneError(f"module {type(module).__name__} has no parameter '{name}'")
+        self.module = module
+        self.name = name
+        self.shape = tuple(param.shape)
+        self.scale = 1.0
+        self.routing = True
+        self._synced: tuple | None = None
+        index = compact_index(index.reshape(-1), param.numel()).to(param.device)
+        base = param.detach().reshape(-1).index_select(0, index)  # logical order, any layout
+        module.register_buffer(_INDEX_PREFIX + name, index, persistent=False)
+        module.register_buffer(_BASE_PREFIX + name, base, persistent=False)
+        delta = nn.Parameter(torch.zeros(index.numel(), dtype=delta_dtype, device=param.device))
+        module.register_parameter(DELTA_PREFIX + name, delta)
+        self._synced = self._sync_key(param)  # weight already equals base + 0
+        # state dicts read the Parameter directly: write pending values first
+        self._hook = module.register_state_dict_pre_hook(lambda *_: self.sync())
+
+    # tensors live on the module so that .to()/.cuda() move them with the model
+    @property
+    def index(self) -> torch.Tensor:
+        return self.module._buffers[_INDEX_PREFIX + self.name]
+
+    @property
+    def base(self) -> torch.Tensor:
+        return self.module._buffers[_BASE_PREFIX + self.name]
+
+    @property
+    def delta(self) -> nn.Parameter:
+        return self.module._parameters[DELTA_PREFIX + self.name]
+
+    @property
+    def frozen(self) -> torch.Tensor | None:
+        return self.module._buffers.get(_FROZEN_PREFIX + self.name)
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.module._parameters[self.name]
+
+    @property
+    def numel(self) -> int:
+        return self.index.numel()
+
+    @staticmethod
+    def _flat(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.detach().view(-1)
+
+    def _sync_key(self, param: torch.Tensor) -> tuple:
+        delta = self.delta
+        return (delta._version, delta.data_ptr(), self.scale, param._version, param.data_ptr())
+
+    def values(self, scale: float | None = None) -> torch.Tensor:
+        """``base + scale·delta`` at the trained entries, in float32 (scale defaults to ours)."""
+        scale = self.scale if scale is None else scale
+        return torch.add(self.base.float(), self.delta.detach().float(), alpha=scale)
+
+    @torch.compiler.disable(reason=_EAGER_WRITE)
+    @torch.no_grad()
+    def sync(self, param: torch.Tensor | None = None) -> None:
+        """Write ``base + scale·delta`` into the weight if anything changed since last time."""
+        param = self.weight if param is None else param
+        if self._sync_key(param) == self._synced:
+            return
+        self.write(param, self.values().to(param.dtype))
+        self._synced = self._sync_key(param)
+
+    @torch.no_grad()
+    def write(self, param: torch.Tensor, values: torch.Tensor) -> None:
+        if param.is_contiguous():  # scatter_ with int64 positions is the fastest write on CPU
+            self._flat(param).scatter_(0, self.index.long(), values)
+        else:  # e.g. channels_last conv kernels: index the logical layout
+            param.detach().index_put_(torch.unravel_index(self.index.long(), self.shape), values)
+
+    def weight_for_forward(self, param: torch.Tensor) -> torch.Tensor:
+        self.sync(param)
+        if self.routing and torch.is_grad_enabled() and self.delta.requires_grad:
+            return _RouteGradient.apply(self.delta, param, self)
+        return param
+
+    def gather_gradient(self, grad: torch.Tensor) -> torch.Tensor:
+        """The 1-D gradient of delta from the layer's dense weight gradient (then dropped)."""
+        if grad.is_contiguous():
+            picked = grad.view(-1).index_select(0, self.index)
+        else:
+            picked = grad[torch.unravel_index(self.index.long(), self.shape)]
+        picked = picked.to(self.delta.dtype)
+        if self.scale != 1.0:
+            picked.mul_(self.scale)
+        frozen = self.frozen
+        if frozen is not None:
+            picked.masked_fill_(frozen, 0.0)
+        return picked
+
+    def set_frozen(self, frozen: torch.Tensor | None) -> None:
+        """Freeze entries (bool over the nnz entries): their gradient becomes 0."""
+        name = _FROZEN_PREFIX + self.name
+        if frozen is None:
+            self.module._buffers.pop(name, None)
+            return
+        if frozen.shape != (self.numel,) or frozen.dtype != torch.bool:
+            raise DifftuneError(f"frozen mask for '{self.name}' must be bool of shape ({self.numel},)")
+        self.module.register_buffer(name, frozen.to(self.delta.device), persistent=False)
+
+    def remove(self, restore_base: bool) -> None:
+        """Drop the deltas; restore W0 exactly, or keep W0 + scale·delta in the weight."""
+        self._hook.remove()
+        param = self.weight
+        if restore_base:
+            self.write(param, self.base.to(param.dtype))
+        else:
+            self.sync(param)
+        for prefix in (_INDEX_PREFIX, _BASE_PREFIX, _FROZEN_PREFIX):
+            self.module._buffers.pop(prefix + self.name, None)
+        del self.module._parameters[DELTA_PREFIX + self.name]
+
+
+class SparseBackprop:
+    """Trains chosen entries of chosen parameter tensors of a model (see module docstring).
+
+    ``selection`` maps ``"<module name>.<parameter name>"`` to the flat indices of the
+    entries to train (sorted, unique; any integer dtype). Tensors with no entry are
+    skipped. The model's output is unchanged at attach (all deltas start at 0).
+    """
+
+    def __init__(self, model: nn.Module, selection: dict[str, torch.Tensor],
+                 delta_dtype: torch.dtype = torch.float32):
+        self.model = model
+        self.entries: dict[str, SparseEntries] = {}
+        self._module_names: dict[str, str] = {}
+        modules = dict(model.named_modules())
+        try:
+            for key, index in selection.items():
+                module_name, _, pname = key.rpartition(".")
+                module = modules.get(module_name)
+                if module is None or pname not in module._parameters:
+                    raise DifftuneError(f"no parameter '{key}' in {type(model).__name__}")
+                if index.numel() == 0:
+                    continue
+                if module.__dict__.get(_STATE, {}).get(pname) is not None:
+                    raise DifftuneError(f"'{key}' already has trained entries attached")
+                entries = SparseEntries(module, pname, index, delta_dtype)
+                self.entries[key] = entries
+                self._module_names[key] = module_name
+                state = module.__dict__.setdefault(_STATE, {})
+                state[pname] = entries
+                module.__class__ = _routed_class(_original_class(module), tuple(sorted(state)))
+        except BaseException:
+            self.detach(restore_base=True)
+            raise
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """``(name in model.named_parameters(), delta)`` for every trained tensor."""
+        for key, entries in self.entries.items():
+            yield f"{self._module_names[key]}.{DELTA_PREFIX}{entries.name}", entries.delta
+
+    @property
+    def num_selected(self) -> int:
+        return sum(e.numel for e in self.entries.values())
+
+    def index_bytes(self) -> int:
+        return sum(e.index.numel() * e.index.element_size() for e in self.entries.values())
+
+    def sync(self) -> None:
+        """Write every pending change into the weights (reads of ``module.weight`` do it too)."""
+        for entries in self.entries.values():
+            entries.sync()
+
+    def set_scale(self, scale: float) -> None:
+        for entries in self.entries.values():
+            entries.scale = float(scale)
+        self.sync()
+
+    def set_routing(self, enabled: bool) -> None:
+        """With routing off the weights are used as plain tensors (no gradient to deltas)."""
+        self.sync()
+        for entries in self.entries.values():
+            entries.routing = enabled
+
+    def detach(self, restore_base: bool = True) -> None:
+        """Remove every delta; restore the base weights exactly, or keep the trained ones."""
+        for key, entries in list(self.entries.items()):
+            module = entries.module
+            entries.remove(restore_base)
+            state = module.__dict__[_STATE]
+            state.pop(entries.name, None)
+            if state:
+                module.__class__ = _routed_class(_original_class(module), tuple(sorted(state)))
+            else:
+                module.__class__ = _original_class(module)
+                del module.__dict__[_STATE]
+            del self.entries[key]

@@ -1,0 +1,2 @@
+"""Machinery shared by the training scripts (train_scripts/): options, data, model families,
+class-image generation, checkpoints, validation samples and model cards."""

@@ -1,0 +1,362 @@
+"""Training images: folder checks, captions, preprocessing, caches and reproducible batches.
+
+Randomness is a pure function of the seed and of *where* it is used: the order of the
+examples is an endless stream of shuffled epochs, and every example drawn at stream
+position p gets its own generator seeded from (seed, p). Crops, flips, the VAE sample,
+the noise and the timestep of that example all come from it. So a resumed run sees
+exactly the batches and noise of an uninterrupted one, and N processes that each take
+a slice of the global batch see the same samples as one process taking all of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from ..errors import DifftuneError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+CAPTION_SUFFIX = ".txt"
+METADATA_FILE = "metadata.jsonl"
+CAPTION_KEYS = ("text", "caption", "prompt")
+INSTANCE, CLASS = 0, 1  # example kinds; class examples are the prior-preservation images
+
+
+class RandomDomain:
+    """Keys that keep the uses of the seed apart (see `sample_generator`)."""
+
+    EPOCH_ORDER = 0
+    EXAMPLE = 1
+    CACHED_CROP = 2
+    CLASS_IMAGE = 3
+    VALIDATION = 4
+
+
+def sample_generator(seed: int, *keys: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """A generator seeded from ``(seed, *keys)``: independent streams for independent uses."""
+    state = np.random.SeedSequence([int(seed), *map(int, keys)]).generate_state(2, dtype=np.uint32)
+    return torch.Generator(device).manual_seed(int(state[0]) << 31 ^ int(state[1]))
+
+
+# --- image folders --------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ImageRecord:
+    """One training image: where it is, its size after EXIF rotation, its own caption."""
+
+    path: Path
+    width: int
+    height: int
+    caption: str | None = None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB: transparency composited on white, 16-bit scaled down."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        gray = np.clip(values / peak * 255.0, 0, 255).round().astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        image.mode == "P" and "transparency" in image.info)
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """Open an image upright (EXIF orientation applied) as RGB."""
+    with Image.open(path) as image:
+        upright = ImageOps.exif_transpose(image)
+        return to_rgb(upright)
+
+
+def _read_metadata_captions(folder: Path, column: str | None, flag: str) -> dict[str, str]:
+    path = folder / METADATA_FILE
+    if not path.is_file():
+        return {}
+    keys = (column,) if column else CAPTION_KEYS
+    captions = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DifftuneError(f"{flag}: {path} line {number} is not JSON: {err}") from None
+        name = row.get("file_name")
+        caption = next((row[k] for k in keys if k in row), None)
+        if name is None or caption is None:
+            raise DifftuneError(f"{flag}: {path} line {number} needs 'file_name' and one of "
+                                f"{', '.join(repr(k) for k in keys)}")
+        captions[str(name)] = str(caption).strip()
+    return captions
+
+
+def scan_image_folder(
+    folder: str | Path,
+    flag: str = "--instance_data_dir",
+    caption_column: str | None = None,
+) -> list[ImageRecord]:
+    """Check an image folder and list its images (sorted by name) with their captions.
+
+    A missing or empty folder and an unreadable image are errors naming them; other
+    files are skipped with one warning that names them. Captions come from a sidecar
+    ``<image stem>.txt`` or else from ``metadata.jsonl`` (``file_name`` + ``text``,
+    ``caption`` or ``prompt``, or ``caption_column``).
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        raise DifftuneError(f"{flag} {folder}: no such folder")
+    if not folder.is_dir():
+        raise DifftuneError(f"{flag} {folder}: not a folder")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    image_stems = {p.stem for p in images}
+    skipped = [p.name for p in files if p.suffix.lower() not in IMAGE_SUFFIXES
+               and p.name != METADATA_FILE
+               and not (p.suffix.lower() == CAPTION_SUFFIX and p.stem in image_stems)]
+    if skipped:
+        warnings.warn(f"{flag} {folder}: skipping {len(skipped)} file(s) that are not images: "
+                      f"{', '.join(skipped[:10])}{' ...' if len(skipped) > 10 else ''}", stacklevel=2)
+    if not images:
+        raise DifftuneError(f"{flag} {folder}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
+    captions = _read_metadata_captions(folder, caption_column, flag)
+    records = []
+    for path in images:
+        try:
+            with Image.open(path) as image:
+                image.load()
+                upright = ImageOps.exif_transpose(image)
+                width, height = upright.size
+        except (OSError, SyntaxError, ValueError, UnidentifiedImageError,
+                Image.DecompressionBombError) as err:
+            raise DifftuneError(f"{flag}: cannot read image {path} (corrupt or truncated?): {err}") from None
+        sidecar = path.with_suffix(CAPTION_SUFFIX)
+        caption = sidecar.read_text().strip() if sidecar.is_file() else captions.get(path.name)
+        records.append(ImageRecord(path, width, height, caption or None))
+    return records
+
+
+def warn_small_images(records: Sequence[ImageRecord], resolution: int, flag: str) -> None:
+    small = [f"{r.path.name} ({r.width}x{r.height})" for r in records if min(r.width, r.height) < resolution]
+    if small:
+        warnings.warn(f"{flag}: {len(small)} image(s) smaller than --resolution {resolution} will be "
+                      f"upscaled (blurry training targets): {', '.join(small[:10])}", stacklevel=2)
+
+
+def resize_and_crop(
+    image: Image.Image, resolution: int, center_crop: bool, generator: torch.Generator
+) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+    """Shorter side to ``resolution``, then a square crop (centre or random).
+
+    Returns pixels in [-1, 1] (3, res, res), the original (height, width) and the crop's
+    (top, left): SDXL is conditioned on the last two.
+    """
+    width, height = image.size
+    scale = resolution / min(width, height)
+    new_width, new_height = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+    resized = image.resize((new_width, new_height), Image.Resampling.BICUBIC)
+    if center_crop:
+        top, left = (new_height - resolution) // 2, (new_width - resolution) // 2
+    else:
+        top = int(torch.randint(0, new_height - resolution + 1, (), generator=generator))
+        left = int(torch.randint(0, new_width - resolution + 1, (), generator=generator))
+    cropped = resized.crop((left, top, left + resolution, top + resolution))
+    pixels = torch.from_numpy(np.asarray(cropped, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+    return pixels.contiguous(), (height, width), (top, left)
+
+
+# --- the dataset and its stream ------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    record: ImageRecord
+    prompt: str
+    kind: int  # INSTANCE or CLASS
+    index: int  # position in its own image list
+
+
+class SubjectDataset:
+    """Instance images with their prompts, each paired with a class image under prior preservation.
+
+    As in DreamBooth, an epoch is max(#instance, #class) items and item i pairs instance
+    image i mod #instance with class image i mod #class.
+    """
+
+    def __init__(self, instance: Sequence[ImageRecord], instance_prompt: str,
+                 class_images: Sequence[ImageRecord] = (), class_prompt: str | None = None):
+        self.instance = [Example(r, r.caption or instance_prompt, INSTANCE, i)
+                         for i, r in enumerate(instance)]
+        self.classes = [Example(r, class_prompt or "", CLASS, i) for i, r in enumerate(class_images)]
+        if self.classes and class_prompt is None:
+            raise DifftuneError("class images need a class prompt")
+
+    def __len__(self) -> int:
+        return max(len(self.instance), len(self.classes))
+
+    @property
+    def with_prior(self) -> bool:
+        return bool(self.classes)
+
+    def item(self, index: int) -> list[Example]:
+        pair = [self.instance[index % len(self.instance)]]
+        if self.classes:
+            pair.append(self.classes[index % len(self.classes)])
+        return pair
+
+    def all_examples(self) -> list[Example]:
+        return [*self.instance, *self.classes]
+
+    def prompts(self) -> list[str]:
+        return list(dict.fromkeys(e.prompt for e in self.all_examples()))
+
+
+class SampleStream:
+    """Stream position → dataset index, over an endless sequence of shuffled epochs."""
+
+    def __init__(self, length: int, seed: int):
+        self.length = length
+        self.seed = seed
+        self._orders: dict[int, list[int]] = {}
+
+    def index(self, position: int) -> int:
+        epoch, offset = divmod(position, self.length)
+        if epoch not in self._orders:
+            generator = sample_generator(self.seed, RandomDomain.EPOCH_ORDER, epoch)
+            self._orders = {epoch: torch.randperm(self.length, generator=generator).tolist()}
+        return self._orders[epoch][offset]
+
+
+# --- batches -------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class TrainingBatch:
+    """What a training step needs; tensors are on the training device."""
+
+    moments: torch.Tensor  # VAE posterior (mean, logvar) concatenated on channels
+    conditioning: dict[str, torch.Tensor]  # prompt embeddings, keyed as the pipeline names them
+    original_sizes: torch.Tensor  # (B, 2) height, width before resizing
+    crops_top_left: torch.Tensor  # (B, 2)
+    is_prior: torch.Tensor  # (B,) bool: class images of prior preservation
+    generators: list[torch.Generator]  # one per example, for the rest of the step's randomness
+
+
+@dataclasses.dataclass
+class _PreparedImage:
+    moments: torch.Tensor
+    original_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
+
+
+class SubjectData:
+    """Turns stream positions into batches, from caches when enabled.
+
+    ``encode_images(pixels) -> moments`` and ``encode_prompts(prompts) -> dict`` come
+    from the model family. With ``cache_latents`` every image is encoded once (and once
+    flipped when ``random_flip``), its random crop drawn once per image; without it,
+    crops and flips are drawn per step. With ``cache_prompts`` each distinct prompt is
+    encoded once.
+    """
+
+    def __init__(
+        self,
+        dataset: SubjectDataset,
+        *,
+        encode_images: Callable[[torch.Tensor], torch.Tensor],
+        encode_prompts: Callable[[list[str]], dict[str, torch.Tensor]],
+        resolution: int,
+        center_crop: bool,
+        random_flip: bool,
+        seed: int,
+        cache_latents: bool,
+        cache_prompts: bool,
+        device: torch.device,
+        cache_batch_size: int = 8,
+    ):
+        self.dataset = dataset
+        self.encode_images = encode_images
+        self.encode_prompts = encode_prompts
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.seed = seed
+        self.device = device
+        self.cache_batch_size = cache_batch_size
+        self.stream = SampleStream(len(dataset), seed)
+        self.latent_cache: dict[tuple[int, int, bool], _PreparedImage] | None = None
+        self.prompt_cache: dict[str, dict[str, torch.Tensor]] | None = None
+        self._cache_latents = cache_latents
+        self._cache_prompts = cache_prompts
+
+    @torch.no_grad()
+    def build_caches(self, show_progress: bool = True) -> None:
+        if self._cache_prompts:
+            prompts = self.dataset.prompts()
+            encoded = self.encode_prompts(prompts)
+            self.prompt_cache = {prompt: {key: value[i:i + 1] for key, value in encoded.items()}
+                                 for i, prompt in enumerate(prompts)}
+        if self._cache_latents:
+            self.latent_cache = {}
+            jobs = [(e, flip) for e in self.dataset.all_examples()
+                    for flip in ((False, True) if self.random_flip else (False,))]
+            bar = tqdm(total=len(jobs), desc="caching latents", disable=not show_progress)
+            for start in range(0, len(jobs), self.cache_batch_size):
+                chunk = jobs[start:start + self.cache_batch_size]
+                prepared = [self._pixels(e, flip, sample_generator(
+                    self.seed, RandomDomain.CACHED_CROP, e.kind, e.index)) for e, flip in chunk]
+                moments = self.encode_images(torch.stack([p[0] for p in prepared]).to(self.device)).cpu()
+                for (example, flip), (_, size, crop), m in zip(chunk, prepared, moments, strict=True):
+                    self.latent_cache[(example.kind, example.index, flip)] = _PreparedImage(m, size, crop)
+                bar.update(len(chunk))
+            bar.close()
+
+    def _pixels(self, example: Example, flip: bool, generator: torch.Generator):
+        pixels, size, crop = resize_and_crop(open_rgb(example.record.path), self.resolution,
+                                             self.center_crop, generator)
+        return (pixels.flip(-1) if flip else pixels), size, crop
+
+    @torch.no_grad()
+    def batch(self, positions: Sequence[int]) -> TrainingBatch:
+        """The examples at these stream positions: instance examples first, then class ones."""
+        items = [(position, self.dataset.item(self.stream.index(position))) for position in positions]
+        ordered = [(p, pair[0]) for p, pair in items] + [(p, pair[1]) for p, pair in items if len(pair) > 1]
+        generators = [sample_generator(self.seed, RandomDomain.EXAMPLE, p, e.kind) for p, e in ordered]
+        prepared = []
+        to_encode = []
+        for (_, example), generator in zip(ordered, generators, strict=True):
+            flip = self.random_flip and bool(torch.rand((), generator=generator) < 0.5)
+            if self.latent_cache is not None:
+                prepared.append(self.latent_cache[(example.kind, example.index, flip)])
+            else:  # the crop is drawn per step, from the example's generator
+                pixels, size, crop = self._pixels(example, flip, generator)
+                to_encode.append(pixels)
+                prepared.append(_PreparedImage(torch.empty(0), size, crop))
+        if to_encode:
+            moments = self.encode_images(torch.stack(to_encode).to(self.device))
+        else:
+            moments = torch.stack([p.moments for p in prepared]).to(self.device)
+        prompts = [example.prompt for _, example in ordered]
+        if self.prompt_cache is not None:
+            conditioning = {key: torch.cat([self.prompt_cache[p][key] for p in prompts])
+                            for key in self.prompt_cache[prompts[0]]}
+        else:
+            conditioning = self.encode_prompts(prompts)
+        return TrainingBatch(
+            moments=moments,
+            conditioning=conditioning,
+            original_sizes=torch.tensor([p.original_size for p in prepared], device=self.device),
+            crops_top_left=torch.tensor([p.crop_top_left for p in prepared], device=self.device),
+            is_prior=torch.tensor([e.kind == CLASS for _, e in ordered], device=self.device),
+            generators=generators,
+        )

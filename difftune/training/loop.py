@@ -1,0 +1,132 @@
+"""The steps every training script takes the same way: checks before loading, accelerator, seed,
+adapter, optimizer and schedule, resume, and one optimizer step with the adapter's hooks.
+
+The scripts (train_subject.py, train_one_step.py) differ in their data and loss; what they
+share lives here once, so a fix (an fp16 rule, a resume detail) reaches every trainer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import difftune
+
+from ..errors import DifftuneError
+from ..model_factory import build_denoiser_on_meta
+from . import checkpointing
+
+DEFAULT_LEARNING_RATE = 1e-4  # when neither --learning_rate nor the method gives one
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "no": torch.float32}
+
+
+def check_before_loading(args: argparse.Namespace, model_info: Any, method_options: dict) -> int:
+    """Adapter options and targets on a weightless (meta-device) denoiser, and the resolution;
+    returns the resolution. Nothing heavy is loaded, so bad input fails in seconds."""
+    difftune.check_adapter(build_denoiser_on_meta(model_info.denoiser_config, model_info.denoiser_class),
+                           args.adapter, targets=args.targets, **method_options)
+    resolution = args.resolution or model_info.resolution
+    if resolution % model_info.size_multiple:
+        raise DifftuneError(f"--resolution must be a multiple of {model_info.size_multiple} for "
+                            f"{args.pretrained_model_name_or_path}, got {resolution}")
+    return resolution
+
+
+def create_accelerator(args: argparse.Namespace, output_dir: Path):
+    """The run's Accelerator (mixed precision, tracker, logging folder); prepares ``output_dir``."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir),
+                                            logging_dir=str(output_dir / args.logging_dir)),
+        # an adapter may own parameters that a forward pass never reaches (a target the model
+        # skips): DDP then waits for their gradients forever unless told to look for them
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        checkpointing.remove_incomplete(output_dir)
+    return accelerator
+
+
+def resolve_seed(args: argparse.Namespace, resume_state: dict | None) -> int:
+    """``--seed``, else the resumed run's, else a random one; the same on every process."""
+    from accelerate.utils import broadcast_object_list
+
+    seed = args.seed if args.seed is not None else (resume_state or {}).get("seed", random.randrange(2**31))
+    return broadcast_object_list([seed])[0]
+
+
+def attach_trainable_adapter(denoiser: nn.Module, args: argparse.Namespace, method_options: dict,
+                             seed: int):
+    """The adapter, seeded; trainable parameters in fp32 under fp16/bf16; memory options applied."""
+    from accelerate.utils import set_seed
+    from diffusers.training_utils import cast_training_params
+
+    set_seed(seed)  # the adapter's initialisation
+    adapter = difftune.add_adapter(denoiser, args.adapter, targets=args.targets, **method_options)
+    cast_training_params(denoiser, torch.float32)
+    if args.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    if args.enable_xformers_memory_efficient_attention:
+        denoiser.enable_xformers_memory_efficient_attention()
+    return adapter
+
+
+def learning_rate(args: argparse.Namespace, adapter: Any, examples_per_step: int) -> float:
+    """``--learning_rate``, else the method's own rule, else 1e-4; times the batch with --scale_lr."""
+    rate = args.learning_rate or adapter.default_learning_rate() or DEFAULT_LEARNING_RATE
+    return rate * examples_per_step if args.scale_lr else rate
+
+
+def create_optimizer(args: argparse.Namespace, adapter: Any, rate: float, max_train_steps: int):
+    """AdamW (or 8-bit AdamW) over the adapter's parameter groups, and the learning-rate schedule."""
+    from diffusers.optimization import get_scheduler
+
+    if args.use_8bit_adam:
+        import bitsandbytes
+
+        optimizer_class = bitsandbytes.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    optimizer = optimizer_class(adapter.optimizer_parameter_groups(args.adam_weight_decay), lr=rate,
+                                betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                                weight_decay=args.adam_weight_decay)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                 num_training_steps=max_train_steps, num_cycles=args.lr_num_cycles,
+                                 power=args.lr_power)
+    return optimizer, lr_scheduler
+
+
+def resume_optimizer_and_rng(resume_path: Path, optimizer: Any, lr_scheduler: Any, accelerator: Any) -> None:
+    """Optimizer and schedule state, and this process's random generators, from a checkpoint."""
+    checkpointing.load_optimizer_state(resume_path, optimizer, lr_scheduler)
+    restored = checkpointing.load_rng_state(resume_path, accelerator.process_index)
+    if not restored and accelerator.is_main_process:
+        print(f"warning: {resume_path} has no random state for process {accelerator.process_index}; "
+              "the run continues but is not bit-identical to an uninterrupted one")
+
+
+def optimizer_step(accelerator: Any, adapter: Any, denoiser: nn.Module, optimizer: Any, lr_scheduler: Any,
+                   step: int, max_train_steps: int, max_grad_norm: float) -> float:
+    """One optimizer step after the accumulated backward passes, with the adapter's hooks around it
+    (a method may change the update or its parameters there); returns the learning rate used."""
+    adapter.before_optimizer_step(step, max_train_steps)
+    if max_grad_norm > 0:
+        accelerator.clip_grad_norm_(difftune.trainable_parameters(denoiser), max_grad_norm)
+    optimizer.step()
+    adapter.after_optimizer_step(step + 1, max_train_steps, optimizer)
+    if not accelerator.optimizer_step_was_skipped:
+        lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return lr_scheduler.get_last_lr()[0]

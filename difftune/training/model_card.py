@@ -1,0 +1,77 @@
+"""A short README.md next to a trained adapter: what it is, how it was made, how to use it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..adapter_file import atomic_write
+
+
+def write_model_card(
+    output_dir: str | Path,
+    *,
+    base_model: str,
+    family: str,
+    method: str,
+    options: dict[str, Any],
+    targets: Sequence[str] | str,
+    trainable_parameters: int,
+    steps: int,
+    instance_prompt: str,
+    training: dict[str, Any],
+    sample_images: Sequence[str] = (),
+    sample_prompt: str | None = None,
+    diffusers_weight_name: str | None = None,
+) -> Path:
+    """Write ``README.md`` (hub-style front matter, then the facts and a usage snippet)."""
+    output_dir = Path(output_dir)
+    targets_text = targets if isinstance(targets, str) else ", ".join(targets)
+    lines = [
+        "---",
+        f"base_model: {json.dumps(base_model)}",
+        "library_name: difftune",
+        "tags:",
+        "- difftune",
+        f"- {method}",
+        "- dreambooth",
+        f"- {family}",
+        f"instance_prompt: {json.dumps(instance_prompt)}",
+        "---",
+        "",
+        f"# {method} adapter: subject-driven fine-tune of `{base_model}`",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| base model | `{base_model}` ({family}) |",
+        f"| method | `{method}` |",
+        f"| options | `{json.dumps(options, sort_keys=True, default=str)}` |",
+        f"| targets | `{targets_text}` |",
+        f"| trainable parameters | {trainable_parameters:,} |",
+        f"| optimizer steps | {steps} |",
+        f"| instance prompt | `{instance_prompt}` |",
+    ]
+    lines += [f"| {key.replace('_', ' ')} | `{value}` |" for key, value in training.items()]
+    if sample_images:
+        lines += ["", f"## Samples{f' for `{sample_prompt}`' if sample_prompt else ''}", ""]
+        lines += [f"![sample]({name})" for name in sample_images]
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "import difftune",
+        "from difftune.model_factory import load_pipeline",
+        f"pipe = load_pipeline({base_model!r})",
+        'difftune.load_adapter(pipe, "adapter.safetensors", scale=1.0)',
+        f"image = pipe({instance_prompt!r}).images[0]",
+        "```",
+        "",
+    ]
+    if diffusers_weight_name:
+        lines += ["The file is also a diffusers LoRA: `pipe.load_lora_weights(folder)` reads "
+                  f"`{diffusers_weight_name}`.", ""]
+    text = "\n".join(lines)
+    return atomic_write(output_dir / "README.md", lambda tmp: Path(tmp).write_text(text))

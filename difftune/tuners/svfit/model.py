@@ -1,0 +1,132 @@
+"""The SVFit adapter: one `SVFitLayer` per targeted Linear/Conv2d.
+
+Files hold, per layer, the trained s and the base's σ_1..σ_r (2r floats). On load the SVD
+is recomputed from the base weights; a base whose σ differ beyond rounding is refused
+naming the module, and a 2×2 sketch of each ΔW (in the file's metadata) detects a basis
+that rotated between the training-time and the load-time SVD (near-equal singular values
+on another device or library), which is reported as a warning.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ...errors import BaseModelMismatchError, DifftuneError
+from ..base import AdapterLayer, LayerAdapter, replace_module
+from ..layer_ops import WRAPPABLE_LAYERS, check_ungrouped
+from . import functional as svf
+from .config import SVFitConfig
+from .layer import SVFitLayer
+
+# |σ_file − σ_now| allowed, in units of σ_max·eps: the rounding of a weight stored in
+# another precision (fp16 pipeline, fp32 training) plus SVD rounding.
+SIGMA_WEIGHT_EPS_FACTOR = 4.0
+SIGMA_SVD_EPS_FACTOR = 64.0
+# A ΔW sketch may move by this fraction of its rounding scale before the basis counts as rotated.
+PROBE_RELATIVE_TOLERANCE = 1e-3
+PROBE_WEIGHT_EPS_FACTOR = 8.0
+
+
+class SVFitAdapter(LayerAdapter):
+    method = "svfit"
+    config_class = SVFitConfig
+    supported_layers = WRAPPABLE_LAYERS
+    supported_description = "Linear and (ungrouped) Conv2d layers"
+
+    config: SVFitConfig
+    layers: dict[str, SVFitLayer]
+
+    @classmethod
+    def check_targets(cls, modules: dict[str, nn.Module]) -> None:
+        super().check_targets(modules)
+        check_ungrouped(cls.method, modules)
+
+    def attach(self, modules: dict[str, nn.Module]) -> None:
+        self.layers = {}
+        for name, module in tqdm(modules.items(), desc="svfit: SVD of the targeted weights",
+                                 disable=len(modules) < 32 or None, leave=False):
+            layer = self.make_layer(name, module)
+            replace_module(self.model, name, layer)
+            self.layers[name] = layer
+
+    def make_layer(self, name: str, module: nn.Module) -> AdapterLayer:
+        return SVFitLayer(module, self.config, name)
+
+    def set_forward_mode(self, mode: str) -> None:
+        """Switch how the unmerged forward is computed (same outputs): auto, factored, dense."""
+        for layer in self.layers.values():
+            layer.forward_mode = mode
+        self.config.forward_mode = mode
+
+    # --- files -----------------------------------------------------------------------
+
+    def file_metadata(self) -> dict[str, Any]:
+        dtypes = {str(layer.base_layer.weight.dtype).removeprefix("torch.") for layer in self.layers.values()}
+        return {
+            "svd_dtype": self.config.svd_dtype,
+            "weight_dtypes": sorted(dtypes),
+            "ranks": {name: layer.rank for name, layer in self.layers.items()},
+            "probes": {name: svf.probe(layer.svfit_U, layer.delta_s(), layer.svfit_Vh)[0].flatten().tolist()
+                       for name, layer in self.layers.items()},
+        }
+
+    def check_file_metadata(self, extra: dict[str, Any], source: str) -> None:
+        self._file_extra = extra
+
+    @torch.no_grad()
+    def load_adapter_state_dict(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        extra = getattr(self, "_file_extra", {})
+        eps_weights = max([_eps(name) for name in extra.get("weight_dtypes", [])]
+                          + [_eps(layer.base_layer.weight.dtype) for layer in self.layers.values()])
+        eps_svd = max(_eps(extra.get("svd_dtype", "float32")), _eps(self.config.svd_dtype))
+        for name, layer in self.layers.items():
+            sigma = tensors.get(f"{name}.svfit_sigma")
+            if sigma is None:
+                continue  # the shared key check below names it
+            if sigma.ndim != 1:
+                raise DifftuneError(f"{source}: tensor '{name}.svfit_sigma' must be 1-D")
+            if sigma.shape[0] != layer.rank:
+                layer.set_rank(sigma.shape[0])  # the rank chosen at training time wins
+            found = layer.svfit_sigma.double().cpu()
+            gap = (sigma.double() - found).abs().max().item()
+            allowed = (SIGMA_WEIGHT_EPS_FACTOR * eps_weights + SIGMA_SVD_EPS_FACTOR * eps_svd) * max(
+                float(found[0]) if len(found) else 0.0, 1e-12)
+            if gap > allowed:
+                raise BaseModelMismatchError(
+                    f"{source}: the singular values of module '{name}' differ from the ones the "
+                    f"adapter was trained on (max difference {gap:.3g}, allowed {allowed:.3g}): "
+                    "this is not the same base model")
+        super().load_adapter_state_dict(tensors, source)
+        self._check_probes(extra.get("probes", {}), source, eps_weights)
+
+    def _check_probes(self, probes: dict[str, list[float]], source: str, eps_weights: float) -> None:
+        # U_r, V_r are kept in the base weight's dtype: a bf16 base moves the sketch by its eps
+        tolerance = max(PROBE_RELATIVE_TOLERANCE, PROBE_WEIGHT_EPS_FACTOR * eps_weights)
+        rotated = []
+        for name, layer in self.layers.items():
+            if name not in probes:
+                continue
+            sketch, scale = svf.probe(layer.svfit_U, layer.delta_s(), layer.svfit_Vh)
+            expected = torch.tensor(probes[name], dtype=torch.float64).reshape(sketch.shape)
+            error = (sketch - expected).abs()
+            if bool((error > tolerance * scale + 1e-12).any()):
+                rotated.append(f"{name} (sketch moved by {float((error / scale.clamp_min(1e-30)).max()):.2g} "
+                               "of its scale)")
+        if rotated:
+            warnings.warn(
+                f"{source}: the SVD basis of {len(rotated)} module(s) differs from the one the adapter was "
+                f"trained with: {', '.join(rotated[:4])}. Near-equal singular values let the SVD "
+                "return a rotated basis on another device, dtype or library, so outputs differ from "
+                "training there. Load on the training device and dtype (or merge the adapter into "
+                "the weights there) for exact outputs.", stacklevel=3)
+
+
+def _eps(dtype: str | torch.dtype) -> float:
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, torch.float32)
+    return torch.finfo(dtype).eps if dtype.is_floating_point else 0.0

@@ -1,0 +1,48 @@
+"""The TLoRA adapter: one `TLoraLayer` per targeted Linear/Conv2d."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..base import AdapterLayer, LayerAdapter
+from ..layer_ops import WRAPPABLE_LAYERS, check_ungrouped
+from . import functional as tlf
+from .config import TLoraConfig
+from .layer import TLoraLayer
+
+PAPER_LEARNING_RATE = 1e-4  # the published subject-driven recipe (SDXL, constant)
+
+
+class TLoraAdapter(LayerAdapter):
+    method = "tlora"
+    config_class = TLoraConfig
+    supported_layers = WRAPPABLE_LAYERS
+    supported_description = "Linear and (ungrouped) Conv2d layers"
+
+    config: TLoraConfig
+    layers: dict[str, TLoraLayer]
+
+    @classmethod
+    def check_targets(cls, modules: dict[str, nn.Module]) -> None:
+        super().check_targets(modules)
+        check_ungrouped(cls.method, modules)
+
+    def make_layer(self, name: str, module: nn.Module) -> AdapterLayer:
+        return TLoraLayer(module, self.config)
+
+    def set_forward_mode(self, mode: str) -> None:
+        """Switch how the unmerged forward is computed (same outputs): auto, factored, dense."""
+        for layer in self.layers.values():
+            layer.forward_mode = mode
+        self.config.forward_mode = mode
+
+    def default_learning_rate(self) -> float | None:
+        return PAPER_LEARNING_RATE
+
+    def regularization_loss(self) -> torch.Tensor | None:
+        """identity_reg · Σ_layers Σ_d ‖A_d − I/R‖_F (None when off)."""
+        if not self.config.identity_reg:
+            return None
+        total = sum(tlf.identity_distance(layer.transform_cores()) for layer in self.layers.values())
+        return self.config.identity_reg * total

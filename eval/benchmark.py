@@ -1,0 +1,414 @@
+"""Each method against LoRA: train LoRA, SaRA, SVFit and TLoRA the same way, evaluate, tabulate.
+
+Every method is trained by ``train_scripts/train_subject.py`` (a subprocess: same data,
+steps, seed and batch for all) and evaluated in this process with the same prompts,
+seeds and metric models (``difftune.metrics.subject``). Budgets are made comparable:
+LoRA (rank 4 on attention) is trained first and SaRA gets exactly LoRA's number of
+trainable parameters; SVFit and TLoRA use their papers' settings on attention.
+
+Writes under ``--output_dir``: ``train/<method>/`` (adapter, train_summary.json,
+train.log), ``eval/<method>/<subject>/`` (images, grid, metrics), ``class_images/``
+(the FID reference, made by the base model), and ``benchmark.md`` / ``.csv`` / ``.json``
+with ``fid_vs_params.png`` and ``clip_t_vs_dino.png``. Finished methods are neither
+retrained nor re-evaluated; an interrupted training resumes from its last checkpoint.
+
+    # the embedded default, offline on CPU
+    python eval/benchmark.py --output_dir outputs/benchmark
+
+    # SD 1.5 from the hub on a GPU: one flag
+    python eval/benchmark.py --preset sd15 --output_dir outputs/benchmark_sd15
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import difftune
+from difftune.errors import DifftuneError
+from difftune.metrics.cli import (
+    HUB_CLIP,
+    HUB_DINO,
+    add_evaluation_arguments,
+    build_scorer,
+    check_metric_sources,
+    generation_settings,
+    load_eval_pipeline,
+    resolve_device,
+    resolve_prompt_file,
+)
+from difftune.metrics.subject import ASSETS_DIR, EvalRun, Subject, evaluate_runs, load_images
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN_SCRIPT = ROOT / "train_scripts" / "train_subject.py"
+ADAPTER_FILE = "adapter.safetensors"
+SUMMARY_FILE = "train_summary.json"
+ALL_METHODS = ("lora", "sara", "svfit", "tlora")
+BASELINE = "lora"
+
+# Trainer flags per method (comparable budgets; see the module docstring). SaRA's budget is
+# filled in from LoRA's trainable parameter count unless --method_args sets SaRA's flags.
+METHOD_ARGS: dict[str, list[str]] = {
+    "lora": ["--targets", "attn", "--rank", "4"],
+    "sara": [],
+    "svfit": ["--targets", "attn"],
+    "tlora": ["--targets", "attn"],
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The embedded world model: minutes on a laptop CPU, fully offline.
+    "embedded": {
+        "pretrained_model_name_or_path": "builtin:embedded",
+        "instance_data_dir": ASSETS_DIR / "subject",
+        "max_train_steps": 200,
+        "train_batch_size": 4,
+        "mixed_precision": "no",
+        "images_per_prompt": 2,
+        "num_inference_steps": 25,
+        "guidance_scale": 5.0,  # the world model's sampling default
+        "num_class_images": 100,
+        "checkpointing_steps": 100,
+    },
+    # Stable Diffusion 1.5 from the hub, on a GPU (fp16 training and generation).
+    "sd15": {
+        "pretrained_model_name_or_path": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        "instance_data_dir": ASSETS_DIR / "subject",
+        "resolution": 512,
+        "max_train_steps": 400,
+        "train_batch_size": 1,
+        "mixed_precision": "fp16",
+        "images_per_prompt": 4,
+        "num_inference_steps": 25,
+        "guidance_scale": 7.5,
+        "num_class_images": 200,
+        "checkpointing_steps": 200,
+        "clip_model": HUB_CLIP,
+        "dino_model": HUB_DINO,
+    },
+}
+
+# One colour per method in every plot.
+METHOD_COLORS = {"base": "#7f7f7f", "lora": "#1f77b4", "sara": "#d62728", "svfit": "#2ca02c",
+                 "tlora": "#9467bd"}
+TABLE_COLUMNS = ["method", "trainable_parameters", "peak_memory_gib", "step_time_s", "fid", "clip_score",
+                 "dino", "clip_i", "clip_t", "vlhi"]
+TABLE_HEADERS = {"trainable_parameters": "trainable params", "peak_memory_gib": "peak memory (GiB)",
+                 "step_time_s": "step time (s)", "fid": "FID ↓", "clip_score": "CLIP ↑", "dino": "DINO ↑",
+                 "clip_i": "CLIP-I ↑", "clip_t": "CLIP-T ↑", "vlhi": "VLHI ↑"}
+
+
+# ---------------------------------------------------------------- options
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="embedded",
+                        help="defaults for everything below: 'embedded' (CPU, offline) or 'sd15' (GPU, hub)")
+    parser.add_argument("--output_dir", type=Path, required=True)
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help=f"methods to compare (default: those of {' '.join(ALL_METHODS)} that are "
+                             "installed); LoRA is the baseline")
+    parser.add_argument("--method_args", action="append", default=[], metavar="METHOD=FLAGS",
+                        help="trainer flags of one method, replacing its defaults, e.g. "
+                             "'sara=--sara_threshold 2e-3' (repeatable)")
+    parser.add_argument("--train_args", default="", help="extra trainer flags for every method")
+    parser.add_argument("--retrain", action="store_true", help="train again even if an adapter exists")
+    parser.add_argument("--no_base", action="store_true", help="do not evaluate the base model")
+    group = parser.add_argument_group("training (the same for every method)")
+    group.add_argument("--pretrained_model_name_or_path")
+    group.add_argument("--instance_data_dir", type=Path)
+    group.add_argument("--identifier", default=None, help="default: the subject's subject.json, else sks")
+    group.add_argument("--class_name", default=None, help="default: the subject's subject.json")
+    group.add_argument("--instance_prompt", default=None, help="default: 'a <identifier> <class>'")
+    group.add_argument("--class_prompt", default=None, help="default: 'a <class>' (class images, FID)")
+    group.add_argument("--max_train_steps", type=int)
+    group.add_argument("--train_batch_size", type=int)
+    group.add_argument("--learning_rate", type=float, default=None,
+                       help="one learning rate for all (default: each method's own rule)")
+    group.add_argument("--resolution", type=int, default=None)
+    group.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"))
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--checkpointing_steps", type=int)
+    group.add_argument("--with_prior_preservation", action="store_true",
+                       help="train with the prior loss on the class images")
+    group.add_argument("--num_class_images", type=int, help="class images (FID reference, prior)")
+    group.add_argument("--class_data_dir", type=Path, default=None,
+                       help="class images; missing ones are generated by the base model (default: "
+                            "<output_dir>/class_images)")
+    add_evaluation_arguments(parser)
+    parser.set_defaults(fid=True)
+    parser.add_argument("--no_fid", dest="fid", action="store_false", help="skip FID/KID")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    preset = parser.parse_known_args(argv)[0].preset
+    parser.set_defaults(**PRESETS[preset])
+    args = parser.parse_args(argv)
+    if args.methods is None:
+        args.methods = [m for m in ALL_METHODS if m in difftune.METHODS]
+        missing = [m for m in ALL_METHODS if m not in difftune.METHODS]
+        if missing:
+            print(f"note: {', '.join(missing)} not registered in this difftune; "
+                  f"comparing {', '.join(args.methods)}")
+    unknown = [m for m in args.methods if m not in difftune.METHODS]
+    if unknown:
+        parser.error(f"--methods: {', '.join(unknown)} not available here (registered: "
+                     f"{', '.join(sorted(difftune.METHODS))})")
+    if len(set(args.methods)) != len(args.methods):
+        parser.error("--methods lists a method twice")
+    overrides = {}
+    for spec in args.method_args:
+        method, sep, flags = spec.partition("=")
+        if not sep or method not in args.methods:
+            parser.error(f"--method_args {spec!r}: expected METHOD=FLAGS with METHOD one of {args.methods}")
+        overrides[method] = shlex.split(flags)
+    args.method_flags = {m: overrides.get(m, METHOD_ARGS.get(m, [])) for m in args.methods}
+    args.method_overridden = set(overrides)
+    if not TRAIN_SCRIPT.is_file():
+        parser.error(f"the trainer {TRAIN_SCRIPT} is missing")
+    args.class_data_dir = args.class_data_dir or args.output_dir / "class_images"
+    return args
+
+
+# ---------------------------------------------------------------- training (subprocesses)
+
+def trainer_command(args: argparse.Namespace, subject: Subject, method: str, flags: list[str],
+                    output_dir: Path) -> list[str]:
+    command = [sys.executable, str(TRAIN_SCRIPT),
+               "--pretrained_model_name_or_path", args.pretrained_model_name_or_path,
+               "--instance_data_dir", str(subject.directory),
+               "--instance_prompt", args.instance_prompt,
+               "--adapter", method, *flags,
+               "--max_train_steps", str(args.max_train_steps),
+               "--train_batch_size", str(args.train_batch_size),
+               "--seed", str(args.seed),
+               "--mixed_precision", args.mixed_precision,
+               "--checkpointing_steps", str(args.checkpointing_steps),
+               "--report_to", "none",
+               "--skip_final_inference",
+               "--output_dir", str(output_dir)]
+    if args.learning_rate is not None:
+        command += ["--learning_rate", str(args.learning_rate)]
+    if args.resolution is not None:
+        command += ["--resolution", str(args.resolution)]
+    if args.with_prior_preservation:
+        command += ["--with_prior_preservation", "--class_data_dir", str(args.class_data_dir),
+                    "--class_prompt", args.class_prompt, "--num_class_images", str(args.num_class_images)]
+    if any(output_dir.glob("checkpoint-*")):
+        command += ["--resume_from_checkpoint", "latest"]
+    return command + shlex.split(args.train_args)
+
+
+def train_method(args: argparse.Namespace, subject: Subject, method: str, flags: list[str]) -> dict[str, Any]:
+    """Run the trainer unless its adapter and summary exist; returns the training summary."""
+    output_dir = args.output_dir / "train" / method
+    adapter, summary_file = output_dir / ADAPTER_FILE, output_dir / SUMMARY_FILE
+    if adapter.is_file() and summary_file.is_file() and not args.retrain:
+        print(f"{method}: trained already ({adapter}), not retrained")
+        return json.loads(summary_file.read_text())
+    if args.retrain:
+        adapter.unlink(missing_ok=True)
+        summary_file.unlink(missing_ok=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    command = trainer_command(args, subject, method, flags, output_dir)
+    log = output_dir / "train.log"
+    print(f"{method}: training ({args.max_train_steps} steps), log in {log}\n  {shlex.join(command)}")
+    start = time.perf_counter()
+    with open(log, "ab") as handle:
+        handle.write(f"$ {shlex.join(command)}\n".encode())
+        handle.flush()
+        python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONPATH": python_path}
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.PIPE, cwd=ROOT, env=env)
+        # the trainer's progress bar (stderr) shows here live and is kept in the log
+        while chunk := process.stderr.read1(4096):
+            handle.write(chunk)
+            sys.stderr.write(chunk.decode(errors="replace"))
+            sys.stderr.flush()
+        process.stderr.close()
+        peak_rss = None
+        if hasattr(os, "wait4"):
+            _, status, usage = os.wait4(process.pid, 0)
+            process.returncode = os.waitstatus_to_exitcode(status)
+            peak_rss = usage.ru_maxrss * 1024  # Linux reports KiB
+        else:
+            process.wait()
+    wall = time.perf_counter() - start
+    if process.returncode != 0:
+        tail = "\n".join(log.read_text().splitlines()[-30:])
+        raise DifftuneError(f"training {method} failed (exit code {process.returncode}); "
+                            f"end of {log}:\n{tail}")
+    if not summary_file.is_file():
+        raise DifftuneError(f"the trainer wrote no {summary_file}")
+    summary = json.loads(summary_file.read_text())
+    summary["wall_time_s"] = wall
+    summary["process_peak_rss_bytes"] = peak_rss
+    summary_file.write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+# ---------------------------------------------------------------- class images and evaluation
+
+def ensure_class_images(args: argparse.Namespace, pipe: Any) -> list:
+    """The FID reference: ``num_class_images`` base-model images of the class prompt (kept on disk)."""
+    from difftune.training.prior import ensure_class_images as generate_missing
+
+    generate_missing(pipe, args.class_data_dir, args.class_prompt, args.num_class_images, seed=args.seed,
+                     resolution=args.height or pipe_resolution(pipe), batch_size=args.generation_batch_size,
+                     num_inference_steps=args.num_inference_steps)
+    return load_images(args.class_data_dir, "class images")[: args.num_class_images]
+
+
+def pipe_resolution(pipe: Any) -> int:
+    denoiser, _ = difftune.find_denoiser(pipe)
+    return int(denoiser.config.sample_size) * int(pipe.vae_scale_factor)
+
+
+def machine_description() -> dict[str, Any]:
+    """What the numbers were measured on: GPU (if any), CPU model and threads, versions."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    info: dict[str, Any] = {}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    info.update({"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+                 "python": platform.python_version()})
+    return info
+
+
+def benchmark_rows(methods: list[str], summaries: dict[str, dict], results: dict[str, dict]) -> list[dict]:
+    """One row per model (base first), with VLHI over the trained methods."""
+    from difftune.metrics import vlhi
+
+    rows = []
+    for name, result in results.items():
+        summary = summaries.get(name, {})
+        fid = (result.get("fid") or {}).get("fid")
+        peak = summary.get("peak_memory_bytes")
+        rows.append({
+            "method": name,
+            "trainable_parameters": summary.get("trainable_parameters", 0 if name == "base" else None),
+            "peak_memory_gib": peak / 2**30 if peak else None,
+            "peak_memory_kind": summary.get("peak_memory_kind"),
+            "step_time_s": summary.get("step_time_s"),
+            "fid": fid,
+            "clip_score": result.get("clip_score"),
+            "dino": result.get("dino"),
+            "clip_i": result.get("clip_i"),
+            "clip_t": result.get("clip_t"),
+        })
+    trained = [r for r in rows if r["method"] in methods]
+    index = vlhi({r["method"]: r["fid"] for r in trained}, {r["method"]: r["clip_score"] for r in trained})
+    for row in rows:
+        row["vlhi"] = index.get(row["method"])
+    return rows
+
+
+def write_report(args: argparse.Namespace, rows: list[dict], results: dict[str, dict], machine: dict) -> str:
+    from difftune.metrics.reporting import markdown_table, save_image, scatter_plot, write_csv, write_json
+    from difftune.metrics.subject import fid_note
+
+    out = args.output_dir
+    write_csv(out / "benchmark.csv", rows, [*TABLE_COLUMNS, "peak_memory_kind"])
+    write_json(out / "benchmark.json", {"rows": rows, "machine": machine, "preset": args.preset,
+                                        "model": args.pretrained_model_name_or_path,
+                                        "steps": args.max_train_steps, "seed": args.seed,
+                                        "method_flags": args.method_flags})
+    trained = [r for r in rows if r["method"] != "base"]
+    fid_plot = scatter_plot([(r["trainable_parameters"], r["fid"], r["method"]) for r in trained],
+                            "trainable parameters", "FID (lower is better)",
+                            title="FID vs trainable parameters", log_x=True, colors=METHOD_COLORS)
+    save_image(out / "fid_vs_params.png", fid_plot)
+    has_dino = any(r["dino"] is not None for r in rows)
+    x_key, x_label = ("dino", "DINO") if has_dino else ("clip_i", "CLIP-I (no DINO model)")
+    fidelity_plot = scatter_plot([(r[x_key], r["clip_t"], r["method"]) for r in rows], x_label, "CLIP-T",
+                                 title=f"prompt fidelity (CLIP-T) vs subject fidelity ({x_label.split()[0]})",
+                                 colors=METHOD_COLORS)
+    save_image(out / "clip_t_vs_dino.png", fidelity_plot)
+
+    kinds = sorted({r["peak_memory_kind"] for r in rows if r.get("peak_memory_kind")})
+    any_result = next(iter(results.values()))
+    lines = [
+        f"# Each method vs LoRA: {args.pretrained_model_name_or_path}",
+        "",
+        f"Subject '{any_result['subject']}' ({any_result['identifier']} {any_result['class_name']}), "
+        f"{args.max_train_steps} steps × batch {args.train_batch_size}, seed {args.seed}, "
+        f"{any_result['prompts']} prompts × {args.images_per_prompt} images per model. "
+        f"Machine: {', '.join(f'{k} {v}' for k, v in machine.items())}.",
+        "",
+        markdown_table(rows, TABLE_COLUMNS, TABLE_HEADERS,
+                       precision={"step_time_s": 3, "peak_memory_gib": 2}),
+        f"CLIP: {any_result['clip_model']}; DINO: {any_result['dino_model'] or 'not computed (no model)'}. "
+        "CLIP = 100·max(cos, 0) with the prompt as written; CLIP-T = 100·cos with the identifier replaced "
+        "by the class name; CLIP-I and DINO are mean cosines to the subject images. "
+        "VLHI is computed among the trained methods only.",
+        f"Peak memory: {', '.join(kinds) or 'not recorded'}. Step time: mean wall time per optimizer "
+        "step over the training loop (checkpoint saves included), as the trainer reports it.",
+        fid_note(list(results.values())),
+        "",
+        "Flags per method: " + "; ".join(f"{m}: `{shlex.join(f) or '(defaults)'}`"
+                                         for m, f in args.method_flags.items()),
+    ]
+    text = "\n".join(lines) + "\n"
+    from difftune.metrics.reporting import write_text
+
+    write_text(out / "benchmark.md", text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    model = args.pretrained_model_name_or_path
+    subject = Subject.from_dir(args.instance_data_dir, args.identifier, args.class_name)
+    args.instance_prompt = args.instance_prompt or f"a {subject.identifier} {subject.class_name}"
+    args.class_prompt = args.class_prompt or f"a {subject.class_name}"
+    prompt_file = resolve_prompt_file(args, model)
+    check_metric_sources(args, model)
+    device, dtype = resolve_device(args)
+
+    if args.fid or args.with_prior_preservation:
+        pipe = load_eval_pipeline(model, device, dtype)
+        class_images = ensure_class_images(args, pipe)
+        del pipe
+
+    summaries: dict[str, dict] = {}
+    order = sorted(args.methods, key=lambda m: m != BASELINE)  # LoRA first: SaRA's budget follows it
+    for method in order:
+        flags = list(args.method_flags[method])
+        if method == "sara" and "sara" not in args.method_overridden and BASELINE in summaries:
+            flags += ["--sara_budget", str(summaries[BASELINE]["trainable_parameters"])]
+            args.method_flags[method] = flags
+        summaries[method] = train_method(args, subject, method, flags)
+
+    scorer = build_scorer(args, model, device)
+    pipe = load_eval_pipeline(model, device, dtype)
+    runs = [] if args.no_base else [EvalRun("base", None, subject)]
+    runs += [EvalRun(m, args.output_dir / "train" / m / ADAPTER_FILE, subject) for m in order]
+    fid_reference = (str(args.class_data_dir), class_images) if args.fid else None
+    evaluated = evaluate_runs(pipe, runs, prompt_file, generation_settings(args), scorer,
+                              args.output_dir / "eval", model, fid_reference=fid_reference,
+                              num_prompts=args.num_prompts)
+    results = {r["name"]: r for r in evaluated}
+    rows = benchmark_rows(order, summaries, results)
+    print(write_report(args, rows, results, machine_description()))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""Shared fixtures. Tests run offline: no hub, tiny random models built from configs."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+from difftune.model_factory import TINY_BUILDERS
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+FAMILY_BUILDERS = {"sd": "tiny-sd", "sdxl": "tiny-sdxl", "sd3": "tiny-sd3"}
+
+
+def build(family: str, seed: int = 0):
+    return TINY_BUILDERS[FAMILY_BUILDERS[family]](seed)
+
+
+@pytest.fixture(params=list(FAMILY_BUILDERS))
+def family(request) -> str:
+    return request.param
+
+
+def denoiser_inputs(pipe, batch: int = 1, seed: int = 0) -> dict:
+    """Deterministic inputs for one denoiser forward call of any tiny family."""
+    gen = torch.Generator().manual_seed(seed)
+    if hasattr(pipe, "transformer"):
+        cfg = pipe.transformer.config
+        return {
+            "hidden_states": torch.randn(batch, cfg.in_channels, 32, 32, generator=gen),
+            "encoder_hidden_states": torch.randn(batch, 7, cfg.joint_attention_dim, generator=gen),
+            "pooled_projections": torch.randn(batch, cfg.pooled_projection_dim, generator=gen),
+            "timestep": torch.full((batch,), 500.0),
+        }
+    cfg = pipe.unet.config
+    inputs = {
+        "sample": torch.randn(batch, cfg.in_channels, 32, 32, generator=gen),
+        "timestep": torch.full((batch,), 500),
+        "encoder_hidden_states": torch.randn(batch, 7, cfg.cross_attention_dim, generator=gen),
+    }
+    if cfg.addition_embed_type == "text_time":
+        inputs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(batch, 32, generator=gen),
+            "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * batch),
+        }
+    return inputs
+
+
+def denoise(pipe, inputs: dict) -> torch.Tensor:
+    model = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
+    with torch.no_grad():
+        return model(**inputs, return_dict=False)[0]
+
+
+def generate(pipe, seed: int = 0, prompt: str = "a photo of a sks dog"):
+    gen = torch.Generator().manual_seed(seed)
+    return pipe(prompt, num_inference_steps=2, height=64, width=64, generator=gen,
+                output_type="np").images
+
+
+def randomize_adapter(model, std: float = 0.05, seed: int = 1) -> None:
+    """Give every trainable adapter parameter a random value (a stand-in for training)."""
+    import difftune
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in difftune.trainable_parameters(model):
+            param.add_(torch.randn(param.shape, generator=gen) * std)
+
+
+# ---------------------------------------------------------------- tiny metric models (saved, loaded by path)
+
+TINY_CLIP_MEAN = [0.5, 0.4, 0.3]
+TINY_CLIP_STD = [0.2, 0.25, 0.3]
+
+
+def save_tiny_clip(directory, seed: int = 0):
+    """A random 2-layer CLIPModel (32-px images, 24-d embeddings) with tokenizer and processor."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from difftune.model_factory import offline_clip_tokenizer
+
+    tokenizer = offline_clip_tokenizer(words=("dog", "sks", "beach"), model_max_length=16)
+    config = CLIPConfig(
+        text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 37,
+                     "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 16,
+                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                     "pad_token_id": tokenizer.pad_token_id},
+        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
+                       "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
+        projection_dim=24,
+    )
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(directory)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                   image_mean=TINY_CLIP_MEAN, image_std=TINY_CLIP_STD)
+    CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(directory)
+    return directory
+
+
+def save_tiny_vision_model(directory, kind: str = "dinov2", seed: int = 1):
+    """A random 2-layer Dinov2Model or ViTModel (32-px images, 32-d CLS), saved without a processor."""
+    from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTModel
+
+    sizes = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 37,
+             "image_size": 32, "patch_size": 8}
+    torch.manual_seed(seed)
+    model = Dinov2Model(Dinov2Config(**sizes)) if kind == "dinov2" else ViTModel(ViTConfig(**sizes))
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
+
+
+@pytest.fixture(scope="session")
+def tiny_dino_dir(tmp_path_factory):
+    return save_tiny_vision_model(tmp_path_factory.mktemp("tiny_dino"), "dinov2")
+
+
+# --- the subject trainer (train_scripts/train_subject.py) --------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_SUBJECT = os.path.join(ROOT, "train_scripts", "train_subject.py")
+
+
+def make_subject_images(folder, count: int = 3, size=(72, 64), seed: int = 0):
+    """A few small images of one made-up "subject": a coloured disc on a varying background."""
+    import numpy as np
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size[1], 0:size[0]]
+    for i in range(count):
+        background = rng.integers(0, 255, 3)
+        image = np.empty((size[1], size[0], 3), dtype=np.uint8)
+        image[:] = background
+        cx, cy = size[0] // 2 + rng.integers(-8, 8), size[1] // 2 + rng.integers(-8, 8)
+        image[(xx - cx) ** 2 + (yy - cy) ** 2 < 18 ** 2] = (230, 40, 40)
+        Image.fromarray(image).save(os.path.join(folder, f"subject_{i}.png"))
+    return folder
+
+
+def train_script_runner(path: str):
+    """``run(*flags)``: the script's main() in this process (fast), accelerate state reset after.
+
+    ``run.module`` is the loaded script, for monkeypatching its names.
+    """
+    import importlib.util
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def run(*flags):
+        try:
+            return module.main([str(flag) for flag in flags])
+        finally:
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
+
+    run.module = module
+    return run
+
+
+@pytest.fixture(scope="session")
+def train_subject():
+    return train_script_runner(TRAIN_SUBJECT)
+
+
+@pytest.fixture
+def subject_dir(tmp_path):
+    return make_subject_images(tmp_path / "subject")

@@ -1,0 +1,195 @@
+"""Adapter files: save → fresh pipeline → identical images, diffusers interop, refusals."""
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import build, denoise, denoiser_inputs, generate, randomize_adapter
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import difftune
+from difftune.api import find_denoiser
+
+METHOD_CASES = {
+    "lora": [("attn", {"rank": 4, "alpha": 8.0}), ("all", {"rank": 2})],
+    "sara": [("all", {"budget": 0.05}), ("attn", {"budget": 3000, "include_bias_norm": True})],
+    "svfit": [("attn", {}), ("all", {"rank": 4})],
+    "tlora": [("attn", {}), ("all", {"residual": "lora", "rank": 2, "transform_rank": 1})],
+}
+
+
+def cases():
+    return [pytest.param(m, t, o, id=f"{m}-{t}") for m, entries in METHOD_CASES.items()
+            if m in difftune.METHODS for t, o in entries]
+
+
+def trained(family: str, method: str, targets: str, options: dict, tmp_path):
+    pipe = build(family)
+    model, _ = find_denoiser(pipe)
+    difftune.add_adapter(model, method, targets=targets, **options)
+    randomize_adapter(model)
+    path = difftune.save_adapter(model, tmp_path / "run")
+    return pipe, path
+
+
+@pytest.mark.parametrize(("method", "targets", "options"), cases())
+def test_saved_adapter_reproduces_images_in_a_fresh_pipeline(family, method, targets, options, tmp_path):
+    pipe, path = trained(family, method, targets, options, tmp_path)
+    assert path.name == "adapter.safetensors"
+    images = generate(pipe)
+    base_images = generate(build(family))
+    assert abs(images - base_images).max() > 1e-3
+
+    fresh = build(family)
+    difftune.load_adapter(fresh, path)
+    assert abs(generate(fresh) - images).max() == 0
+    difftune.set_adapter_scale(fresh, 0.0)
+    assert abs(generate(fresh) - base_images).max() == 0
+
+
+@pytest.mark.parametrize(("method", "targets", "options"), [
+    pytest.param(m, *METHOD_CASES[m][0], id=m) for m in METHOD_CASES if m in difftune.METHODS])
+def test_resume_from_saved_adapter_and_optimizer_continues_exactly(method, targets, options, tmp_path):
+    """Training 4 steps equals 2 steps, save (adapter file + optimizer state), fresh model, 2 steps."""
+    def train(model, optimizer, inputs, steps):
+        for _ in range(steps):
+            optimizer.zero_grad()
+            model(**inputs, return_dict=False)[0].square().mean().backward()
+            optimizer.step()
+
+    pipe = build("sd")
+    inputs = denoiser_inputs(pipe)
+    difftune.add_adapter(pipe.unet, method, targets=targets, **options)
+    optimizer = torch.optim.AdamW(difftune.trainable_parameters(pipe.unet), lr=1e-2)
+    train(pipe.unet, optimizer, inputs, 2)
+    path = difftune.save_adapter(pipe.unet, tmp_path / "checkpoint")
+    optimizer_state = copy.deepcopy(optimizer.state_dict())
+    train(pipe.unet, optimizer, inputs, 2)
+
+    resumed = build("sd")
+    difftune.load_adapter(resumed, path)
+    resumed_optimizer = torch.optim.AdamW(difftune.trainable_parameters(resumed.unet), lr=1e-2)
+    resumed_optimizer.load_state_dict(optimizer_state)
+    train(resumed.unet, resumed_optimizer, inputs, 2)
+    expected = dict(difftune.named_trainable_parameters(pipe.unet))
+    got = dict(difftune.named_trainable_parameters(resumed.unet))
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+
+
+def test_metadata_records_method_config_targets_fingerprint(tmp_path):
+    pipe, path = trained("sd", "lora", "attn", {"rank": 4, "alpha": 8.0}, tmp_path)
+    info = difftune.read_adapter_info(path)
+    assert info["method"] == "lora"
+    assert info["config"]["rank"] == 4 and info["config"]["alpha"] == 8.0
+    assert info["config"]["targets"] == "attn"
+    assert info["difftune_version"] == difftune.__version__
+    assert info["component"] == "unet"
+    assert set(info["targets"]) == {n for n in info["fingerprint"]["shapes"]}
+    assert info["fingerprint"]["class"] == "UNet2DConditionModel"
+    name = info["targets"][0]
+    assert info["fingerprint"]["shapes"][name] == list(pipe.unet.get_submodule(name).weight.shape)
+
+
+@pytest.mark.parametrize("targets", ["attn", ["attn", "conv"]])
+def test_lora_file_loads_with_diffusers_load_lora_weights(family, targets, tmp_path):
+    if family == "sd3" and targets != "attn":
+        pytest.skip("the DiT has no conv layers")
+    pipe, path = trained(family, "lora", targets, {"rank": 4, "alpha": 8.0}, tmp_path)
+    images = generate(pipe)
+    fresh = build(family)
+    fresh.load_lora_weights(str(path.parent), weight_name=path.name)
+    assert abs(generate(fresh) - images).max() < 1e-6
+    fresh.set_adapters(["default_0"], adapter_weights=[0.0])
+    assert abs(generate(fresh) - generate(build(family))).max() < 1e-6
+
+
+def test_wrong_base_model_is_refused_naming_the_module(tmp_path):
+    _, path = trained("sd", "lora", "attn", {"rank": 4}, tmp_path)
+    other = build("sdxl")  # also a UNet2DConditionModel, other layout
+    with pytest.raises(difftune.BaseModelMismatchError, match=r"adapter\.safetensors.*module '.*'"):
+        difftune.load_adapter(other, path)
+    assert not difftune.has_adapter(other.unet)
+    with pytest.raises(difftune.BaseModelMismatchError, match="trained on a UNet2DConditionModel"):
+        difftune.load_adapter(build("sd3"), path)
+
+
+def test_config_difference_with_matching_shapes_only_warns(tmp_path):
+    _, path = trained("sd", "lora", "attn", {"rank": 4}, tmp_path)
+    fresh = build("sd")
+    fresh.unet.register_to_config(sample_size=48)
+    with pytest.warns(UserWarning, match="config differs"):
+        difftune.load_adapter(fresh, path)
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".pt", ".ckpt", ".pth"])
+def test_pickle_files_are_refused_without_being_read(suffix, tmp_path):
+    path = tmp_path / f"adapter{suffix}"
+    path.write_bytes(b"not even read")
+    with pytest.raises(difftune.AdapterFileError, match=f"refusing a pickle-based file \\({suffix}\\)"):
+        difftune.load_adapter(build("sd"), path)
+
+
+def test_truncated_and_corrupt_files_are_refused(tmp_path):
+    _, path = trained("sd", "lora", "attn", {"rank": 4}, tmp_path)
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) // 2])
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x00" * 64)
+    for bad in (truncated, corrupt):
+        fresh = build("sd")
+        with pytest.raises(difftune.AdapterFileError, match=bad.name):
+            difftune.load_adapter(fresh, bad)
+        assert not difftune.has_adapter(fresh.unet)
+
+
+def test_plain_safetensors_without_metadata_is_refused_with_a_hint(tmp_path):
+    path = tmp_path / "foreign.safetensors"
+    save_file({"unet.x.lora_A.weight": torch.zeros(2, 2)}, str(path))
+    with pytest.raises(difftune.AdapterFileError, match="not a difftune adapter.*load_lora_weights"):
+        difftune.load_adapter(build("sd"), path)
+
+
+def test_missing_file_and_folder_without_adapter(tmp_path):
+    with pytest.raises(difftune.AdapterFileError, match="no such adapter file"):
+        difftune.load_adapter(build("sd"), tmp_path / "nope.safetensors")
+    with pytest.raises(difftune.AdapterFileError, match="folder has no adapter.safetensors"):
+        difftune.load_adapter(build("sd"), tmp_path)
+
+
+def test_save_is_atomic_and_leaves_no_temporary_files(tmp_path, monkeypatch):
+    pipe, path = trained("sd", "lora", "attn", {"rank": 4}, tmp_path)
+    good = path.read_bytes()
+    import difftune.adapter_file as adapter_file
+
+    def failing_save(tensors, filename, metadata=None):
+        with open(filename, "wb") as handle:
+            handle.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(adapter_file, "save_file", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        difftune.save_adapter(pipe.unet, path)
+    assert path.read_bytes() == good, "a failed save must not damage the previous file"
+    assert [p.name for p in path.parent.iterdir()] == ["adapter.safetensors"]
+
+
+def test_lora_header_carries_diffusers_metadata(tmp_path):
+    _, path = trained("sd", "lora", "attn", {"rank": 4, "alpha": 8.0}, tmp_path)
+    with safe_open(str(path), framework="pt") as handle:
+        header = handle.metadata()
+        keys = list(handle.keys())
+    lora_meta = json.loads(header["lora_adapter_metadata"])
+    assert lora_meta["unet.r"] == 4 and lora_meta["unet.lora_alpha"] == 8.0
+    assert all(k.startswith("unet.") and (".lora_A." in k or ".lora_B." in k) for k in keys)
+
+
+def test_denoiser_of_a_model_and_of_a_pipeline():
+    pipe = build("sd3")
+    assert find_denoiser(pipe) == (pipe.transformer, "transformer")
+    assert find_denoiser(pipe.transformer) == (pipe.transformer, "transformer")
+    inputs = denoiser_inputs(pipe)
+    assert denoise(pipe, inputs).shape == inputs["hidden_states"].shape

@@ -1,0 +1,95 @@
+"""eval/benchmark.py end to end on the tiny offline pipeline: trains through train_subject.py, resumes."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import build, make_subject_images
+from PIL import Image
+from test_eval_scripts import load_script
+
+import difftune
+
+
+@pytest.fixture(scope="module")
+def benchmark_run(tmp_path_factory, tiny_clip_dir):
+    root = tmp_path_factory.mktemp("benchmark")
+    subject = make_subject_images(root / "subject", 3, size=(64, 64))
+    (subject / "subject.json").write_text(json.dumps({"identifier": "sks", "class_name": "dog"}))
+    methods = [m for m in ("lora", "sara") if m in difftune.METHODS]
+    argv = ["--output_dir", str(root / "out"), "--pretrained_model_name_or_path", "builtin:tiny-sd",
+            "--instance_data_dir", str(subject), "--methods", *methods, "--max_train_steps", "2",
+            "--train_batch_size", "1", "--resolution", "64", "--seed", "5", "--num_class_images", "3",
+            "--prompts", "dreambooth", "--num_prompts", "1", "--images_per_prompt", "2",
+            "--num_inference_steps", "2", "--guidance_scale", "1", "--clip_model", str(tiny_clip_dir)]
+    script = load_script("benchmark")
+    rows = script.main(argv)
+    return script, argv, root / "out", methods, rows
+
+
+def test_benchmark_trains_evaluates_and_tabulates(benchmark_run):
+    _, _, out, methods, rows = benchmark_run
+    assert [r["method"] for r in rows] == ["base", *methods]
+    for method in methods:
+        summary = json.loads((out / "train" / method / "train_summary.json").read_text())
+        assert summary["steps"] == 2 and summary["seed"] == 5 and summary["method"] == method
+        # the trainable count in the table is the adapter's, counted again on a fresh pipeline
+        pipe = build("sd")
+        difftune.load_adapter(pipe, out / "train" / method / "adapter.safetensors")
+        row = next(r for r in rows if r["method"] == method)
+        assert row["trainable_parameters"] == difftune.count_trainable_parameters(pipe.unet)
+        assert row["step_time_s"] > 0 and row["peak_memory_gib"] > 0
+        assert np.isfinite(row["fid"]) and np.isfinite(row["clip_t"])
+    if "sara" in methods:  # comparable budget: SaRA trains as many parameters as LoRA
+        lora, sara = (next(r for r in rows if r["method"] == m) for m in ("lora", "sara"))
+        assert sara["trainable_parameters"] == lora["trainable_parameters"]
+    table = (out / "benchmark.md").read_text()
+    assert "| method | trainable params | peak memory (GiB) | step time (s) | FID ↓ |" in table
+    assert "3 reference / 2 generated images" in table
+    assert (out / "benchmark.csv").read_text().count("\n") == len(rows) + 1
+    for plot in ("fid_vs_params.png", "clip_t_vs_dino.png"):
+        assert Image.open(out / plot).size == (640, 460)
+
+
+def test_benchmark_resumes_without_retraining(benchmark_run, capsys):
+    script, argv, out, methods, rows = benchmark_run
+    stamps = {m: (out / "train" / m / "adapter.safetensors").stat().st_mtime_ns for m in methods}
+    capsys.readouterr()
+    again = script.main(argv)
+    printed = capsys.readouterr().out
+    for method in methods:
+        assert f"{method}: trained already" in printed
+        assert (out / "train" / method / "adapter.safetensors").stat().st_mtime_ns == stamps[method]
+    assert "up to date" in printed
+    assert [r["fid"] for r in again] == [r["fid"] for r in rows]
+
+
+def test_interrupted_training_resumes_from_its_checkpoint(benchmark_run, tmp_path):
+    script, argv, _, _, _ = benchmark_run
+    args = script.parse_args([*argv[:1], str(tmp_path), *argv[2:]])
+    train_dir = tmp_path / "train" / "lora"
+    (train_dir / "checkpoint-1").mkdir(parents=True)
+    subject = script.Subject.from_dir(args.instance_data_dir)
+    command = script.trainer_command(args, subject, "lora", ["--rank", "4"], train_dir)
+    assert command[-2:] == ["--resume_from_checkpoint", "latest"]
+    assert command[command.index("--max_train_steps") + 1] == "2"
+
+
+def test_benchmark_refuses_unknown_methods_and_bad_method_args(tmp_path):
+    script = load_script("benchmark")
+    with pytest.raises(SystemExit):
+        script.parse_args(["--output_dir", str(tmp_path), "--methods", "lora", "nomethod"])
+    with pytest.raises(SystemExit):
+        script.parse_args(["--output_dir", str(tmp_path), "--methods", "lora",
+                           "--method_args", "svfit=--rank 2"])
+
+
+def test_sd15_preset_is_one_flag(tmp_path):
+    script = load_script("benchmark")
+    args = script.parse_args(["--preset", "sd15", "--output_dir", str(tmp_path)])
+    assert args.pretrained_model_name_or_path == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert (args.resolution, args.mixed_precision) == (512, "fp16")
+    assert (args.clip_model, args.dino_model) == ("openai/clip-vit-large-patch14", "facebook/dino-vits16")
+    embedded = script.parse_args(["--output_dir", str(tmp_path)])
+    assert embedded.pretrained_model_name_or_path == "builtin:embedded"
+    assert embedded.max_train_steps == args.max_train_steps // 2 and embedded.fid

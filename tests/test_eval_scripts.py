@@ -1,0 +1,132 @@
+"""eval/ scripts end to end on tiny offline models (small N): files, numbers, resume."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import build, make_subject_images, randomize_adapter
+from PIL import Image
+
+import difftune
+from difftune.metrics import ClipSimilarity, DinoSimilarity
+from difftune.metrics.subject import GenerationSettings, generate_images, load_images, load_prompts
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "eval" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def toy_subject(tmp_path_factory):
+    directory = make_subject_images(tmp_path_factory.mktemp("subject") / "toy", 3, seed=0)
+    (directory / "subject.json").write_text(json.dumps({"identifier": "sks", "class_name": "dog"}))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def lora_file(tmp_path_factory):
+    pipe = build("sd")
+    difftune.add_adapter(pipe.unet, "lora", targets="attn", rank=2)
+    randomize_adapter(pipe.unet, std=0.3)
+    return difftune.save_adapter(pipe.unet, tmp_path_factory.mktemp("lora") / "adapter.safetensors")
+
+
+def test_prompt_lists_have_25_prompts_and_fill_in_the_subject():
+    for name in ("subject_prompts.txt", "world_subject_prompts.txt"):
+        prompts = load_prompts(ROOT / "assets" / "prompts" / name, "sks", "dog")
+        assert len(prompts) == 25 and len(set(prompts)) == 25
+        assert all("sks dog" in p for p in prompts)
+
+
+def test_image_seeds_do_not_depend_on_batch_size():
+    pipe = build("sd")
+    settings = {"seed": 3, "num_inference_steps": 2, "guidance_scale": 1.0, "height": 64, "width": 64}
+    one = generate_images(pipe, ["a sks dog"], GenerationSettings(3, batch_size=1, **settings))[0]
+    three = generate_images(pipe, ["a sks dog"], GenerationSettings(3, batch_size=3, **settings))[0]
+    for a, b in zip(one, three, strict=True):
+        assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() <= 1
+    assert not np.array_equal(np.asarray(one[0]), np.asarray(one[1]))
+
+
+def test_evaluate_subject_end_to_end(tmp_path, toy_subject, lora_file, tiny_clip_dir, tiny_dino_dir, capsys):
+    script = load_script("evaluate_subject")
+    class_dir = make_subject_images(tmp_path / "class", 5, seed=1)
+    out = tmp_path / "eval"
+    argv = ["--pretrained_model_name_or_path", "builtin:tiny-sd", "--adapter", f"lora={lora_file}",
+            "--include_base", "--instance_data_dir", str(toy_subject), "--prompts", "dreambooth",
+            "--num_prompts", "2", "--images_per_prompt", "2", "--num_inference_steps", "2", "--height", "64",
+            "--width", "64", "--guidance_scale", "1", "--generation_batch_size", "3",
+            "--clip_model", str(tiny_clip_dir), "--dino_model", str(tiny_dino_dir), "--fid",
+            "--class_data_dir", str(class_dir), "--output_dir", str(out)]
+    results = script.main(argv)
+
+    assert [r["name"] for r in results] == ["base", "lora"]
+    assert [r["method"] for r in results] == ["base", "lora"]
+    for name in ("base", "lora"):
+        run_dir = out / name / "toy"
+        assert len(list((run_dir / "images").glob("*.png"))) == 4
+        assert Image.open(run_dir / "grid.png").size[0] > 2 * 128
+    base_image = np.asarray(Image.open(out / "base" / "toy" / "images" / "p00_0.png"))
+    lora_image = np.asarray(Image.open(out / "lora" / "toy" / "images" / "p00_0.png"))
+    assert not np.array_equal(base_image, lora_image)  # the adapter was applied
+
+    # the numbers equal a recomputation from the saved files (float32 networks: 1e-6)
+    lora = results[1]
+    generated = load_images(out / "lora" / "toy" / "images")
+    reference = load_images(toy_subject)
+    clip = ClipSimilarity.from_pretrained(tiny_clip_dir)
+    dino = DinoSimilarity.from_pretrained(tiny_dino_dir)
+    assert lora["clip_i"] == pytest.approx(clip.clip_i(generated, reference), abs=1e-6)
+    assert lora["dino"] == pytest.approx(dino.dino(generated, reference), abs=1e-6)
+    prompts = [p["prompt"] for p in lora["per_prompt"]]
+    assert prompts == ["a sks dog on a sandy beach at sunset", "a sks dog in a snowy pine forest"]
+    assert lora["clip_t"] == pytest.approx(
+        clip.clip_t(generated, [p for p in prompts for _ in range(2)], "sks", "dog"), abs=1e-4)
+    assert lora["fid"]["real_count"] == 5 and lora["fid"]["generated_count"] == 4
+    assert lora["fid"]["extractor"] == f"clip:{tiny_clip_dir}"
+
+    table = (out / "results.md").read_text()
+    assert "| run | method | subject | images | DINO | CLIP-I | CLIP-T | CLIP | FID | KID |" in table
+    assert "5 reference / 4 generated images" in table
+    assert (out / "results.csv").read_text().count("\n") == 3
+
+    # a second call reads the stored results instead of generating again
+    stamp = (out / "lora" / "toy" / "images" / "p00_0.png").stat().st_mtime_ns
+    capsys.readouterr()
+    again = script.main(argv)
+    assert "up to date" in capsys.readouterr().out
+    assert (out / "lora" / "toy" / "images" / "p00_0.png").stat().st_mtime_ns == stamp
+    assert again[1]["clip_i"] == lora["clip_i"]
+
+
+def test_evaluate_subject_refuses_bad_input_before_loading_models(tmp_path, toy_subject):
+    script = load_script("evaluate_subject")
+    base = ["--pretrained_model_name_or_path", "builtin:tiny-sd", "--instance_data_dir", str(toy_subject),
+            "--output_dir", str(tmp_path)]
+    with pytest.raises(difftune.DifftuneError, match="missing.safetensors does not exist"):
+        script.main([*base, "--adapter", str(tmp_path / "missing.safetensors")])
+    with pytest.raises(difftune.DifftuneError, match="holds no images"):
+        script.main([*base[:3], str(tmp_path), *base[4:], "--include_base", "--class_name", "dog"])
+    with pytest.raises(SystemExit):
+        script.main([*base, "--include_base", "--fid"])  # --fid without --class_data_dir
+
+
+def test_half_precision_generation_with_adapter(tmp_path, toy_subject, lora_file, tiny_clip_dir):
+    """The GPU path (pipeline in a 16-bit dtype, the loaded adapter moved to it) runs here in bf16."""
+    script = load_script("evaluate_subject")
+    results = script.main(["--pretrained_model_name_or_path", "builtin:tiny-sd", "--adapter", str(lora_file),
+                           "--instance_data_dir", str(toy_subject), "--dtype", "bf16", "--num_prompts", "1",
+                           "--images_per_prompt", "1", "--num_inference_steps", "2", "--height", "64",
+                           "--width", "64", "--guidance_scale", "1", "--clip_model", str(tiny_clip_dir),
+                           "--dino_model", "none",
+                           "--output_dir", str(tmp_path)])
+    assert results[0]["dino"] is None and np.isfinite(results[0]["clip_i"])
+    image = np.asarray(Image.open(tmp_path / results[0]["name"] / "toy" / "images" / "p00_0.png"))
+    assert image.std() > 0

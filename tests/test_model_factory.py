@@ -1,0 +1,91 @@
+"""The offline model factory: tokenizer, tiny pipelines, built-in names, save/reload."""
+
+import pytest
+import torch
+from conftest import build, generate
+
+from difftune import DifftuneError
+from difftune.model_factory import (
+    SD15_UNET_CONFIG,
+    build_denoiser_on_meta,
+    describe_model,
+    load_pipeline,
+    offline_clip_tokenizer,
+    pipeline_family,
+)
+
+
+def test_offline_tokenizer_is_a_real_tokenizer(tmp_path):
+    tokenizer = offline_clip_tokenizer(words=("circle", "red"))
+    assert len(tokenizer) > 2
+    ids = tokenizer("a red circle").input_ids
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+    # whole words become single tokens, other text still tokenizes byte by byte
+    assert len(ids) == 2 + 3
+    assert len(tokenizer("a blue square").input_ids) > 5
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = type(tokenizer).from_pretrained(tmp_path)
+    assert reloaded("a red circle").input_ids == ids
+
+
+def test_tiny_pipelines_are_deterministic_and_seed_dependent(family):
+    a, b = build(family, seed=0), build(family, seed=0)
+    for (name, p), (_, q) in zip(a.unet.named_parameters() if family != "sd3" else
+                                 a.transformer.named_parameters(),
+                                 b.unet.named_parameters() if family != "sd3" else
+                                 b.transformer.named_parameters(), strict=True):
+        assert torch.equal(p, q), name
+    assert pipeline_family(a) == family
+    assert abs(generate(build(family, seed=1)) - generate(a)).max() > 0
+
+
+def test_sd_layout_has_conv_projections_and_sdxl_linear():
+    sd, sdxl = build("sd"), build("sdxl")
+    assert isinstance(sd.unet.down_blocks[0].attentions[0].proj_in, torch.nn.Conv2d)
+    assert isinstance(sdxl.unet.down_blocks[1].attentions[0].proj_in, torch.nn.Linear)
+    assert sdxl.unet.config.addition_embed_type == "text_time"
+
+
+def test_builtin_names_and_folder_round_trip(tmp_path):
+    pipe = load_pipeline("builtin:tiny-sd")
+    pipe.save_pretrained(tmp_path / "tiny")
+    reloaded = load_pipeline(str(tmp_path / "tiny"))
+    reloaded.set_progress_bar_config(disable=True)
+    assert abs(generate(reloaded) - generate(pipe)).max() == 0
+    with pytest.raises(DifftuneError, match="unknown built-in model 'builtin:nope'"):
+        load_pipeline("builtin:nope")
+
+
+def test_unsupported_family_is_named():
+    with pytest.raises(DifftuneError, match="unsupported base model family: object"):
+        pipeline_family(object())
+
+
+def test_sd15_unet_on_meta_device_has_the_real_size():
+    unet = build_denoiser_on_meta(SD15_UNET_CONFIG)
+    assert all(p.device.type == "meta" for p in unet.parameters())
+    assert sum(p.numel() for p in unet.parameters()) == 859_520_964
+
+
+def test_describe_model_reads_family_resolution_and_denoiser_without_weights(family, tmp_path):
+    pipe = build(family)
+    denoiser = pipe.transformer if family == "sd3" else pipe.unet
+    folder = tmp_path / family
+    pipe.save_pretrained(folder)
+    name = {"sd": "builtin:tiny-sd", "sdxl": "builtin:tiny-sdxl", "sd3": "builtin:tiny-sd3"}[family]
+    for described in (describe_model(name), describe_model(str(folder))):
+        assert described.family == pipeline_family(pipe) == family
+        assert described.resolution == denoiser.config.sample_size * pipe.vae_scale_factor
+        patch = getattr(denoiser.config, "patch_size", None) or 1
+        assert described.size_multiple == pipe.vae_scale_factor * patch
+        meta = build_denoiser_on_meta(described.denoiser_config, described.denoiser_class)
+        assert {n: p.shape for n, p in meta.named_parameters()} == {
+            n: p.shape for n, p in denoiser.named_parameters()}
+
+
+def test_describe_model_refuses_other_families_and_missing_models(tmp_path):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline", "transformer": []}')
+    with pytest.raises(DifftuneError, match="unsupported base model family: FluxPipeline"):
+        describe_model(str(tmp_path))
+    with pytest.raises(DifftuneError, match="cannot read model_index.json of 'no/such-model'"):
+        describe_model("no/such-model")

@@ -1,0 +1,51 @@
+"""Two CPU processes under `accelerate launch` (DDP over gloo) against one process."""
+
+import os
+import socket
+import subprocess
+import sys
+
+from conftest import ROOT, TRAIN_SUBJECT
+from safetensors.torch import load_file
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_end_identical_and_match_one_process_with_the_same_global_batch(
+        train_subject, subject_dir, tmp_path):
+    common = ["--pretrained_model_name_or_path", "builtin:tiny-sd", "--instance_data_dir", str(subject_dir),
+              "--instance_prompt", "a photo of sks disc", "--max_train_steps", "3",
+              "--checkpointing_steps", "3",
+              "--learning_rate", "1e-3", "--random_flip", "--seed", "0", "--report_to", "none",
+              # Adam's first updates are ~sign(g): a gradient entry near 0 flips with the order
+              # of float sums. A large epsilon keeps the update continuous in g.
+              "--adam_epsilon", "1e-2",
+              "--skip_final_inference"]
+    two, one = tmp_path / "two", tmp_path / "one"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port())]
+    # ACCELERATE_USE_CPU makes accelerate run the processes on CPU with the gloo backend
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [*launch, TRAIN_SUBJECT, *common, "--train_batch_size", "1", "--output_dir", str(two)],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "adapter identical on all 2 processes" in result.stdout
+    assert "3 steps x 2 images (batch 1 x 2 processes x 1 accumulation)" in result.stdout
+    rng_files = {p.name for p in (two / "checkpoint-3").glob("rng_state_*.pt")}
+    assert rng_files == {"rng_state_0.pt", "rng_state_1.pt"}
+
+    train_subject(*common, "--train_batch_size", "2", "--output_dir", one)
+    distributed, single = load_file(two / "adapter.safetensors"), load_file(one / "adapter.safetensors")
+    assert distributed.keys() == single.keys()
+    for key in single:
+        # Same samples and noise; only the order of float sums differs. A different batch
+        # or noise moves every tensor by its whole scale.
+        scale = single[key].abs().max()
+        assert (distributed[key] - single[key]).abs().max() <= 1e-3 * scale, key
+    assert any(k.endswith("lora_B.weight") and single[k].abs().sum() > 0 for k in single)

@@ -1,0 +1,150 @@
+"""Checkpoints of the subject trainer: exact resume, atomic writes, killed runs."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, TRAIN_SUBJECT
+from safetensors.torch import load_file
+
+import difftune
+from difftune.model_factory import load_pipeline
+from difftune.training import checkpointing
+
+MODELS = {"sd": "builtin:tiny-sd", "sdxl": "builtin:tiny-sdxl", "sd3": "builtin:tiny-sd3"}
+
+
+def run_flags(subject_dir, out, model, method, steps=4):
+    # everything that carries state across steps: Adam moments, a warm-up + cosine schedule,
+    # random flips and crops, accumulation, and (LoRA) dropout drawn from the global generator
+    extra = ["--lora_dropout", "0.2"] if method == "lora" else []
+    return ["--pretrained_model_name_or_path", model, "--instance_data_dir", subject_dir,
+            "--instance_prompt", "a photo of sks disc", "--output_dir", out, "--adapter", method,
+            "--max_train_steps", steps, "--checkpointing_steps", 2, "--lr_scheduler", "cosine",
+            "--lr_warmup_steps", 1, "--learning_rate", 1e-3, "--random_flip",
+            "--gradient_accumulation_steps", 2,
+            "--seed", 11, "--report_to", "none", "--skip_final_inference", *extra]
+
+
+def interrupt_after_first_checkpoint(monkeypatch):
+    """Make the run die right after it has written its first checkpoint."""
+    original = checkpointing.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        original(*args, **kwargs)
+        raise KeyboardInterrupt("simulated interruption")
+
+    monkeypatch.setattr(checkpointing, "save_checkpoint", save_then_die)
+
+
+@pytest.mark.parametrize("method", sorted(difftune.METHODS))
+@pytest.mark.parametrize("family", list(MODELS))
+def test_interrupted_and_resumed_run_ends_bit_identical(train_subject, subject_dir, tmp_path, monkeypatch,
+                                                        family, method):
+    full, split = tmp_path / "full", tmp_path / "split"
+    train_subject(*run_flags(subject_dir, full, MODELS[family], method))
+    with monkeypatch.context() as patch:
+        interrupt_after_first_checkpoint(patch)
+        with pytest.raises(KeyboardInterrupt):
+            train_subject(*run_flags(subject_dir, split, MODELS[family], method))
+    assert not (split / "adapter.safetensors").exists()
+    assert [p.name for p in checkpointing.list_checkpoints(split)] == ["checkpoint-2"]
+    train_subject(*run_flags(subject_dir, split, MODELS[family], method),
+                  "--resume_from_checkpoint", "latest")
+
+    uninterrupted, resumed = load_file(full / "adapter.safetensors"), load_file(split / "adapter.safetensors")
+    assert uninterrupted.keys() == resumed.keys()
+    assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
+    assert any(not torch.equal(uninterrupted[k], load_file(split / "checkpoint-2" / "adapter.safetensors")[k])
+               for k in uninterrupted)  # the second half did change the adapter
+    for name in ("optimizer.pt", "scheduler.pt"):
+        a = torch.load(full / "checkpoint-4" / name, weights_only=True)
+        b = torch.load(split / "checkpoint-4" / name, weights_only=True)
+        assert str(a) == str(b)
+
+
+def test_latest_skips_incomplete_saves_and_total_limit(tmp_path):
+    for step in (2, 4, 10):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / checkpointing.TRAINER_STATE).write_text("{}")
+    (tmp_path / "checkpoint-12").mkdir()  # no trainer state: never finished
+    (tmp_path / ".checkpoint-14.tmp").mkdir()
+    assert checkpointing.resolve_checkpoint(tmp_path, "latest") == tmp_path / "checkpoint-10"
+    names = [p.name for p in checkpointing.list_checkpoints(tmp_path)]
+    assert names == [f"checkpoint-{s}" for s in (2, 4, 10)]
+    assert checkpointing.remove_incomplete(tmp_path) == [tmp_path / ".checkpoint-14.tmp"]
+    assert checkpointing.resolve_checkpoint(tmp_path / "empty", "latest") is None
+    with pytest.raises(difftune.DifftuneError, match="not a complete checkpoint"):
+        checkpointing.resolve_checkpoint(tmp_path, str(tmp_path / "checkpoint-12"))
+
+
+def test_a_failing_save_leaves_the_previous_checkpoint_intact(train_subject, subject_dir, tmp_path,
+                                                              monkeypatch):
+    out = tmp_path / "out"
+    calls = {"n": 0}
+    original = torch.save
+
+    def failing_second_optimizer_save(value, path, *args, **kwargs):
+        if "optimizer" in str(path):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise OSError("disk full")
+        return original(value, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", failing_second_optimizer_save)
+    with pytest.raises(OSError, match="disk full"):
+        train_subject(*run_flags(subject_dir, out, "builtin:tiny-sd", "lora", steps=4))
+    monkeypatch.undo()
+    assert [p.name for p in checkpointing.list_checkpoints(out)] == ["checkpoint-2"]
+    assert checkpointing.resolve_checkpoint(out, "latest") == out / "checkpoint-2"
+    assert list(out.glob(".checkpoint-4.tmp"))  # the half-written one, ignored and removed on restart
+    pipe = load_pipeline("builtin:tiny-sd")
+    difftune.load_adapter(pipe, out / "checkpoint-2")  # a checkpoint folder is an adapter folder
+
+
+def test_rng_state_round_trip():
+    import random
+
+    checkpointing.restore_rng_state(state := checkpointing.capture_rng_state())
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    random.random(), np.random.rand(), torch.rand(1)
+    checkpointing.restore_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1)) == expected
+
+
+def test_killed_run_leaves_a_loadable_checkpoint_and_resumes(train_subject, subject_dir, tmp_path, capsys):
+    """A real SIGKILL of a plain `python` run, then load and resume from what it left."""
+    out = tmp_path / "out"
+    flags = ["--pretrained_model_name_or_path", "builtin:tiny-sd", "--instance_data_dir", str(subject_dir),
+             "--instance_prompt", "a photo of sks disc", "--output_dir", str(out),
+             "--checkpointing_steps", "1",
+             "--report_to", "none", "--seed", "0", "--skip_final_inference"]
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, TRAIN_SUBJECT, *flags, "--max_train_steps", "100000"],
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while len(checkpointing.list_checkpoints(out)) < 3 and time.time() < deadline:
+            assert process.poll() is None, "the training run ended early"
+            time.sleep(0.2)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    latest = checkpointing.resolve_checkpoint(out, "latest")
+    assert latest is not None
+    pipe = load_pipeline("builtin:tiny-sd")
+    difftune.load_adapter(pipe, latest)
+    step = checkpointing.read_trainer_state(latest)["step"]
+    capsys.readouterr()
+    train_subject(*flags, "--max_train_steps", step + 1, "--resume_from_checkpoint", "latest")
+    assert f"resumed at step {step}" in capsys.readouterr().out
+    assert not list(out.glob(".checkpoint-*.tmp"))
+    newest = checkpointing.resolve_checkpoint(out, "latest")
+    assert checkpointing.read_trainer_state(newest)["step"] == step + 1

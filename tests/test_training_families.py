@@ -1,0 +1,167 @@
+"""Model families: noising, targets and loss weights against closed forms; prompts and conditions
+against the diffusers pipelines themselves."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import build
+
+from difftune.model_factory import tiny_sd_pipeline
+from difftune.training.data import TrainingBatch
+from difftune.training.families import (
+    FlowMatchingFamily,
+    LossOptions,
+    NoisePredictionFamily,
+    training_family,
+)
+
+CPU = torch.device("cpu")
+
+
+def generators(count, seed=0):
+    return [torch.Generator().manual_seed(seed + i) for i in range(count)]
+
+
+def alphas_cumprod(config):
+    """The scaled-linear DDPM schedule, written out."""
+    betas = np.linspace(config.beta_start ** 0.5, config.beta_end ** 0.5, config.num_train_timesteps) ** 2
+    return torch.tensor(np.cumprod(1 - betas), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_ddpm_noise_target_and_min_snr_weights(prediction_type):
+    pipe = tiny_sd_pipeline(prediction_type=prediction_type)
+    family = training_family(pipe, CPU, LossOptions(snr_gamma=5.0))
+    assert isinstance(family, NoisePredictionFamily) and family.prediction_type == prediction_type
+    latents = torch.randn(3, 4, 8, 8)
+    noise = torch.randn(3, 4, 8, 8)
+    noisy = family.add_noise(latents, noise, generators(3))
+    t = torch.cat([torch.randint(0, 1000, (1,), generator=g) for g in generators(3)])
+    assert torch.equal(noisy.timesteps, t)
+    a = alphas_cumprod(pipe.scheduler.config)[t].view(-1, 1, 1, 1)
+    assert torch.allclose(noisy.model_input, a.sqrt() * latents + (1 - a).sqrt() * noise, atol=1e-5)
+    expected = noise if prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * latents
+    assert torch.allclose(noisy.target, expected, atol=1e-5)
+    snr = (a / (1 - a)).flatten()
+    clipped = torch.minimum(snr, torch.tensor(5.0))
+    weight = clipped / snr if prediction_type == "epsilon" else clipped / (snr + 1)
+    assert torch.allclose(noisy.weights, weight, rtol=1e-4)
+    plain = training_family(pipe, CPU, LossOptions()).add_noise(latents, noise, generators(3))
+    assert torch.equal(plain.weights, torch.ones(3))
+
+
+def test_prediction_type_override_reaches_training_and_sampling():
+    pipe = tiny_sd_pipeline()
+    family = training_family(pipe, CPU, LossOptions(prediction_type="v_prediction"))
+    assert family.prediction_type == "v_prediction"
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+
+
+@pytest.mark.parametrize("scheme", ["logit_normal", "sigma_sqrt", "mode", "cosmap", "none"])
+def test_flow_matching_noise_target_and_weights(scheme):
+    pipe = build("sd3")
+    options = LossOptions(weighting_scheme=scheme, logit_mean=0.3, logit_std=0.7, mode_scale=1.29)
+    family = training_family(pipe, CPU, options)
+    assert isinstance(family, FlowMatchingFamily)
+    latents, noise = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+    noisy = family.add_noise(latents, noise, generators(4))
+    # the density written out: logit-normal, the "mode" warp, else uniform
+    u = []
+    for g in generators(4):
+        if scheme == "logit_normal":
+            u.append(torch.sigmoid(torch.normal(0.3, 0.7, (1,), generator=g)))
+        else:
+            r = torch.rand((1,), generator=g)
+            u.append(1 - r - 1.29 * (torch.cos(math.pi * r / 2) ** 2 - 1 + r) if scheme == "mode" else r)
+    index = (torch.cat(u) * 1000).long().clamp(0, 999)
+    shift = pipe.scheduler.config.shift
+    sigma = shift * (1 - index / 1000) / (1 + (shift - 1) * (1 - index / 1000))  # shifted linear schedule
+    sigma = sigma.float().view(-1, 1, 1, 1)
+    assert torch.allclose(noisy.sigmas, sigma, atol=1e-5)
+    assert torch.allclose(noisy.timesteps, sigma.flatten() * 1000, atol=1e-2)
+    assert torch.allclose(noisy.model_input, (1 - sigma) * latents + sigma * noise, atol=1e-5)
+    assert torch.allclose(noisy.target, noise - latents)
+    expected = {"sigma_sqrt": sigma ** -2, "cosmap": 2 / (math.pi * (1 - 2 * sigma + 2 * sigma ** 2))}.get(
+        scheme, torch.ones_like(sigma))
+    assert torch.allclose(noisy.weights, expected.flatten(), rtol=1e-5)
+
+
+def test_preconditioned_sd3_predicts_x0():
+    pipe = build("sd3")
+    family = training_family(pipe, CPU, LossOptions(precondition_outputs=True))
+    latents, noise = torch.randn(1, 4, 32, 32), torch.randn(1, 4, 32, 32)
+    noisy = family.add_noise(latents, noise, generators(1))
+    assert torch.equal(noisy.target, latents)
+    batch = TrainingBatch(None, family.encode_prompts(["a dog"]), None, None, None, [])
+    with torch.no_grad():
+        raw = pipe.transformer(hidden_states=noisy.model_input, timestep=noisy.timesteps,
+                               encoder_hidden_states=batch.conditioning["prompt_embeds"],
+                               pooled_projections=batch.conditioning["pooled_prompt_embeds"]).sample
+        prediction = family.predict(pipe.transformer, noisy, batch)
+    assert torch.allclose(prediction, noisy.model_input - noisy.sigmas * raw, atol=1e-6)
+
+
+def test_latents_are_sampled_and_scaled_per_family(family):
+    pipe = build(family)
+    fam = training_family(pipe, CPU, LossOptions())
+    pixels = torch.rand(2, 3, 64, 64) * 2 - 1
+    moments = fam.encode_images(pixels)
+    with torch.no_grad():
+        posterior = pipe.vae.encode(pixels).latent_dist
+    assert torch.allclose(moments, posterior.parameters)
+    latents = fam.latents_from_moments(moments, generators(2, seed=7))
+    eps = torch.stack([torch.randn(4, 32, 32, generator=g) for g in generators(2, seed=7)])
+    shift = pipe.vae.config.shift_factor or 0.0
+    expected = (posterior.mean + posterior.std * eps - shift) * pipe.vae.config.scaling_factor
+    assert torch.allclose(latents, expected, atol=1e-5)
+
+
+def test_noise_offset_adds_a_per_channel_constant():
+    fam = training_family(build("sd"), CPU, LossOptions(noise_offset=0.1))
+    latents = torch.zeros(2, 4, 8, 8)
+    noise = fam.sample_noise(latents, generators(2))
+    base = torch.stack([torch.randn(4, 8, 8, generator=g) for g in generators(2)])
+    offset = noise - base
+    assert torch.allclose(offset, offset[..., :1, :1].expand_as(offset), atol=1e-6)
+    assert 0 < offset.abs().max() < 1.0
+
+
+def test_prompt_embeddings_match_the_pipeline_and_sample_identically(family):
+    pipe = build(family)
+    fam = training_family(pipe, CPU, LossOptions())
+    with torch.no_grad():
+        ours = fam.encode_prompts(["a sks dog", "a dog"])
+    first = fam.pipeline_prompt_kwargs("a sks dog")
+    assert torch.equal(ours["prompt_embeds"][:1], first["prompt_embeds"])
+
+    def sample(**kwargs):
+        return pipe(**kwargs, num_inference_steps=2, height=64, width=64, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    assert np.allclose(sample(prompt="a sks dog"), sample(**first), atol=1e-6)
+
+
+def test_sdxl_conditions_are_the_pipeline_time_ids():
+    pipe = build("sdxl")
+    fam = training_family(pipe, CPU, LossOptions())
+    latents = torch.randn(2, 4, 32, 32)
+    batch = TrainingBatch(None, {}, torch.tensor([[100, 120], [64, 64]]), torch.tensor([[3, 5], [0, 0]]),
+                          None, [])
+    ids = fam.time_ids(batch, latents)
+    projection = pipe.text_encoder_2.config.projection_dim
+    for row, (size, crop) in enumerate([((100, 120), (3, 5)), ((64, 64), (0, 0))]):
+        reference = pipe._get_add_time_ids(size, crop, (64, 64), torch.float32, projection)
+        assert torch.equal(ids[row:row + 1], reference)
+
+
+def test_per_example_loss_is_the_weighted_mean_squared_error():
+    from difftune.training.families import NoisyInput
+
+    target = torch.randn(3, 4, 2, 2)
+    prediction = torch.randn(3, 4, 2, 2)
+    weights = torch.tensor([1.0, 0.5, 2.0])
+    loss = NoisePredictionFamily.per_example_loss(prediction, NoisyInput(None, None, target, weights))
+    expected = torch.stack([((prediction[i] - target[i]) ** 2).mean() * weights[i] for i in range(3)])
+    assert torch.allclose(loss, expected)

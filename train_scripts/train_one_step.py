@@ -1,0 +1,379 @@
+#!/usr/bin/env python
+"""One-step text-to-image generation with HiPA: train an adapter so that ONE denoiser call from
+pure noise gives the image the base model draws in many steps.
+
+    accelerate launch train_scripts/train_one_step.py \\
+        --pretrained_model_name_or_path builtin:embedded \\
+        --prompts_file assets/one_step_prompts.txt \\
+        --adapter lora --rank 16 --max_train_steps 2000 --output_dir outputs/one_step
+
+Plain `python train_scripts/train_one_step.py ...` works too; every option may come from a
+YAML or JSON file given with --config (flags override the file). The script reads top to
+bottom:
+  1. options, and every check that needs no model weights
+  2. the teacher cache: the frozen base model's multi-step samples of every prompt, from
+     stored noise (resumable: an interrupted generation continues where it stopped)
+  3. the adapter (LoRA rank 16 on attention by default) and the batches from the cache
+  4. optimizer, learning-rate schedule and, when asked, the checkpoint to resume
+  5. the loop: one-step x̂0 → VAE decode → HiPA loss against the teacher's sample;
+     checkpoints, and validation grids (one-step student | base one-step | teacher)
+  6. the adapter, loaded back into a fresh pipeline for one-step samples, and the
+     evaluation on held-out prompts (FID / CLIP score when metrics are configured)
+Supported bases: SD 1.x/2.x (epsilon and v prediction), SDXL and SD3 (flow matching).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import difftune
+from difftune.adapter_file import atomic_write
+from difftune.errors import DifftuneError
+from difftune.hipa.evaluation import (
+    DifftuneMetrics,
+    compare_with_teacher,
+    evaluate_comparison,
+    results_markdown,
+)
+from difftune.hipa.loss import HiPALoss, HiPALossConfig
+from difftune.hipa.one_step import generate_one_step, one_step_timestep
+from difftune.hipa.teacher import TeacherSettings, generate_teacher_samples, read_prompts
+from difftune.hipa.training import OneStepData, one_step_loss
+from difftune.model_factory import describe_model, load_pipeline
+from difftune.training import arguments, checkpointing, loop
+from difftune.training.families import LossOptions, training_family
+from difftune.training.loop import DTYPES
+from difftune.training.validation import image_grid, log_images, save_grid
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEFAULT_PROMPTS = ASSETS / "one_step_prompts.txt"
+DEFAULT_EVAL_PROMPTS = ASSETS / "one_step_eval_prompts.txt"
+DEFAULT_LORA_RANK = 16  # about the paper's 3.3M parameters on SD 1.5 attention
+TEACHER_PREFIX = "teacher_"
+GRID_COLUMNS = 3  # one-step student | base one-step | teacher
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Options
+# ---------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML or JSON file of options (keys are flag names without "
+                                         "dashes); flags on the command line override it")
+    arguments.add_model_arguments(parser)
+
+    data = parser.add_argument_group("prompts and teacher")
+    data.add_argument("--prompts_file", default=str(DEFAULT_PROMPTS),
+                      help="training prompts, one a line (# comments and blank lines skipped)")
+    data.add_argument("--resolution", type=int, help="image size (default: the model's own)")
+    data.add_argument("--teacher_dir", help="teacher cache folder (default: <output_dir>/teacher); reuse one "
+                                            "across runs with the same base model and teacher settings")
+    data.add_argument("--teacher_batch_size", type=int, default=4, help="batch size of teacher generation")
+    arguments.add_dataclass_arguments(
+        parser, TeacherSettings, "teacher sampling", prefix=TEACHER_PREFIX,
+        description="how the frozen base model draws the targets (all recorded in the cache's manifest)")
+    arguments.add_dataclass_arguments(
+        parser, HiPALossConfig, "HiPA loss",
+        description="spatial + high-frequency terms between the decoded one-step x0 and the teacher's sample")
+
+    arguments.add_adapter_arguments(parser)
+    arguments.add_optimization_arguments(parser)
+    arguments.add_precision_arguments(parser)
+
+    validation = parser.add_argument_group("validation and evaluation")
+    validation.add_argument("--validation_steps", type=int, default=100,
+                            help="every N optimizer steps, save a grid: one-step student | base one-step | "
+                                 "teacher, for the first --num_validation_prompts training prompts")
+    validation.add_argument("--num_validation_prompts", type=int, default=4,
+                            help="rows of the validation grid")
+    validation.add_argument("--eval_prompts_file", default=str(DEFAULT_EVAL_PROMPTS),
+                            help="held-out prompts for the final comparison (their teacher samples are "
+                                 "cached in <teacher_dir>/eval)")
+    validation.add_argument("--skip_evaluation", action="store_true", help="no final comparison")
+    validation.add_argument("--eval_clip_model", default="auto",
+                            help="CLIP hub id or folder for the CLIP score, or 'none'; auto: the embedded "
+                                 "model's CLIP for builtin:embedded, none for the random tiny built-ins, "
+                                 "else openai/clip-vit-large-patch14")
+    validation.add_argument("--eval_fid_extractor", default="auto",
+                            help="FID features: inception, inception:<weights file>, clip:<id or folder>, "
+                                 "dino:<id or folder>, or 'none'; auto: inception when torch-fidelity is "
+                                 "installed, else clip:<the CLIP model>. FID is taken against the teacher's "
+                                 "samples (or --eval_reference_dir), comparable only within one setting")
+    validation.add_argument("--eval_reference_dir", help="real images to take FID against instead")
+    validation.add_argument("--eval_metric_batch_size", type=int, default=32,
+                            help="batch size of the metric models")
+
+    arguments.add_checkpoint_arguments(parser)
+    arguments.add_logging_arguments(parser)
+    parser.set_defaults(output_dir="outputs/one_step", tracker_project_name="difftune-one-step")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = arguments.parse_with_config(build_parser(), argv)
+    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
+        raise DifftuneError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
+    for name in ("teacher_batch_size", "num_validation_prompts", "eval_metric_batch_size"):
+        if getattr(args, name) < 1:
+            raise DifftuneError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    arguments.check_common_arguments(args)
+    arguments.dataclass_from_args(args, TeacherSettings, TEACHER_PREFIX).validate()
+    arguments.dataclass_from_args(args, HiPALossConfig).validate()
+    return args
+
+
+def metric_sources(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """(CLIP model, FID extractor spec) for the final evaluation; (None, None) for images only."""
+    model, clip, fid = args.pretrained_model_name_or_path, args.eval_clip_model, args.eval_fid_extractor
+    if clip == "auto" and model.startswith("builtin:") and model != "builtin:embedded":
+        clip = "none"  # the tiny built-ins are random: no metric means anything
+    if clip == "none":
+        if fid not in ("auto", "none"):
+            raise DifftuneError("--eval_fid_extractor needs --eval_clip_model (the evaluation reports both)")
+        return None, None
+    from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
+
+    from difftune.metrics.cli import BUILTIN_EMBEDDED, EMBEDDED_CLIP, HUB_CLIP
+    from difftune.metrics.features import check_model_source
+
+    if clip == "auto":
+        clip = str(EMBEDDED_CLIP) if model == BUILTIN_EMBEDDED else HUB_CLIP
+    if fid == "auto":
+        fid = "inception" if _TORCH_FIDELITY_AVAILABLE else f"clip:{clip}"
+    fid = None if fid == "none" else fid
+    try:
+        check_model_source(clip, "CLIP")
+        if fid and ":" in fid and not fid.startswith("inception"):
+            check_model_source(fid.partition(":")[2], fid.partition(":")[0].upper())
+    except FileNotFoundError as err:
+        raise DifftuneError(f"--eval_clip_model / --eval_fid_extractor: {err}") from None
+    return clip, fid
+
+
+def adapter_options_with_defaults(args: argparse.Namespace) -> dict:
+    """The method's options from the flags; LoRA defaults to rank 16 here (HiPA's adapter size)."""
+    options = arguments.adapter_options(args, args.adapter)
+    if args.adapter == "lora":
+        options.setdefault("rank", DEFAULT_LORA_RANK)
+    return options
+
+
+def check_resume_fits(state: dict, settings: dict, path: Path) -> None:
+    """A checkpoint resumes only the run that wrote it: same base, method, options, teacher."""
+    for key, value in settings.items():
+        if state.get(key) != value:
+            raise DifftuneError(f"--resume_from_checkpoint {path}: it was trained with {key} "
+                                f"{state.get(key)!r}, this run asks for {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+    teacher_dir = Path(args.teacher_dir) if args.teacher_dir else output_dir / "teacher"
+    teacher_settings = arguments.dataclass_from_args(args, TeacherSettings, TEACHER_PREFIX)
+    loss_config = arguments.dataclass_from_args(args, HiPALossConfig)
+
+    # Everything until the model loads is cheap: refuse bad input here.
+    model_info = describe_model(args.pretrained_model_name_or_path, args.revision)
+    method_options = adapter_options_with_defaults(args)
+    resolution = loop.check_before_loading(args, model_info, method_options)
+    loss_fn = HiPALoss(loss_config)  # loads LPIPS weights when asked: fails early if it cannot
+    prompts = read_prompts(args.prompts_file)
+    eval_prompts = [] if args.skip_evaluation else read_prompts(args.eval_prompts_file)
+    clip_model, fid_extractor = (None, None) if args.skip_evaluation else metric_sources(args)
+    reference_images = load_reference_images(args.eval_reference_dir) if args.eval_reference_dir else None
+    # the metric networks load now, on the CPU, so a missing one fails before training
+    metrics = DifftuneMetrics(clip_model, fid_extractor, batch_size=args.eval_metric_batch_size) \
+        if clip_model else None
+    run_settings = {"base_model": args.pretrained_model_name_or_path, "method": args.adapter,
+                    "adapter_options": method_options, "targets": args.targets,
+                    "teacher": vars(teacher_settings), "resolution": resolution, "prompts": prompts,
+                    "loss": vars(loss_config)}
+    resume_path = checkpointing.resolve_checkpoint(output_dir, args.resume_from_checkpoint)
+    resume_state = checkpointing.read_trainer_state(resume_path) if resume_path else None
+    if resume_state:
+        check_resume_fits(resume_state, run_settings, resume_path)
+
+    accelerator = loop.create_accelerator(args, output_dir)
+    device, is_main = accelerator.device, accelerator.is_main_process
+    weight_dtype = DTYPES[accelerator.mixed_precision]
+    seed = loop.resolve_seed(args, resume_state)
+
+    # -----------------------------------------------------------------------------------------
+    # 2. The base model and its teacher samples
+    # -----------------------------------------------------------------------------------------
+    load_options = {"revision": args.revision, "variant": args.variant}
+    pipeline = load_pipeline(args.pretrained_model_name_or_path, torch_dtype=weight_dtype, **load_options)
+    pipeline.vae.to(torch.float32)  # fp16 VAEs give NaN latents and black images
+    pipeline.to(device)
+    pipeline.set_progress_bar_config(disable=True)
+
+    def teacher_cache(prompt_list: list[str], directory: Path):
+        with accelerator.autocast():
+            generate_teacher_samples(
+                pipeline, prompt_list, directory, teacher_settings, height=resolution, width=resolution,
+                batch_size=args.teacher_batch_size, model_name=args.pretrained_model_name_or_path,
+                show_progress=is_main, process_index=accelerator.process_index,
+                num_processes=accelerator.num_processes)
+        accelerator.wait_for_everyone()
+        return generate_teacher_samples(  # every sample exists now: this only checks and opens
+            pipeline, prompt_list, directory, teacher_settings, height=resolution, width=resolution,
+            model_name=args.pretrained_model_name_or_path, show_progress=False)
+
+    train_cache = teacher_cache(prompts, teacher_dir)
+    eval_cache = teacher_cache(eval_prompts, teacher_dir / "eval") if eval_prompts else None
+
+    # -----------------------------------------------------------------------------------------
+    # 3. Adapter, loss, batches
+    # -----------------------------------------------------------------------------------------
+    family = training_family(pipeline, device, LossOptions.from_args(args))
+    denoiser = family.denoiser
+    for frozen in (pipeline.vae, *family.text_encoders):
+        frozen.requires_grad_(False)
+    step_spec = one_step_timestep(pipeline.scheduler)
+    adapter = loop.attach_trainable_adapter(denoiser, args, method_options, seed)
+    if args.gradient_checkpointing:
+        pipeline.vae.enable_gradient_checkpointing()  # the decoder is in the graph too
+    loss_fn.to(device)
+    data = OneStepData(train_cache, family.encode_prompts, seed, device)
+    validation_indices = list(range(min(args.num_validation_prompts, len(train_cache))))
+
+    # -----------------------------------------------------------------------------------------
+    # 4. Optimizer, schedule, resume
+    # -----------------------------------------------------------------------------------------
+    world, batch_size, accumulation = (accelerator.num_processes, args.train_batch_size,
+                                       args.gradient_accumulation_steps)
+    micro_batch = batch_size * world
+    steps_per_epoch = -(-len(data) // (micro_batch * accumulation))
+    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    learning_rate = loop.learning_rate(args, adapter, micro_batch * accumulation)
+    global_step, samples_seen = 0, 0
+    if resume_path:
+        checkpointing.load_adapter_state(resume_path, denoiser, device)
+        global_step, samples_seen = resume_state["step"], resume_state["samples_seen"]
+    optimizer, lr_scheduler = loop.create_optimizer(args, adapter, learning_rate, max_train_steps)
+    model, optimizer = accelerator.prepare(denoiser, optimizer)
+    if resume_path:
+        loop.resume_optimizer_and_rng(resume_path, optimizer, lr_scheduler, accelerator)
+
+    if is_main:
+        accelerator.init_trackers(args.tracker_project_name, config={
+            k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+        resumed = f" | resumed at step {global_step}" if resume_path else ""
+        print(f"difftune one-step (HiPA) | {args.pretrained_model_name_or_path} ({model_info.family}, "
+              f"{resolution}px, {accelerator.mixed_precision}) | {args.adapter} on {adapter.config.targets}: "
+              f"{difftune.count_trainable_parameters(denoiser):,} trainable parameters | one step at t="
+              f"{float(step_spec.timestep):g} ({step_spec.prediction_type}) | {len(data)} teacher samples "
+              f"({teacher_settings.num_inference_steps} steps, CFG {teacher_settings.guidance_scale}) | "
+              f"{max_train_steps} steps x {micro_batch * accumulation} | lr {learning_rate:g} | seed {seed}"
+              f"{resumed}")
+
+    def validate(step: int) -> None:
+        denoiser.eval()
+        with accelerator.autocast():
+            comparison = compare_with_teacher(pipeline, train_cache, validation_indices)
+        denoiser.train()
+        images = comparison.side_by_side()
+        save_grid(images, output_dir / "validation" / f"step-{step:06d}.png", columns=GRID_COLUMNS)
+        log_images(accelerator, "one-step student | base one-step | teacher",
+                   [image_grid(images, GRID_COLUMNS)], step)
+
+    # -----------------------------------------------------------------------------------------
+    # 5. Training loop
+    # -----------------------------------------------------------------------------------------
+    model.train()
+    progress = tqdm(total=max_train_steps, initial=global_step, desc="training", disable=not is_main)
+    while global_step < max_train_steps:
+        logs: dict[str, float] = {}
+        for micro_step in range(accumulation):
+            first = samples_seen + micro_step * micro_batch + accelerator.process_index * batch_size
+            batch = data.batch(range(first, first + batch_size))
+            sync = micro_step == accumulation - 1
+            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                loss, terms, _ = one_step_loss(family, model, step_spec, batch, loss_fn)
+                regularization = adapter.regularization_loss()
+                if regularization is not None:
+                    loss = loss + regularization
+                accelerator.backward(loss / accumulation)
+            for name, value in {"loss": loss.detach(), **terms}.items():
+                logs[name] = logs.get(name, 0.0) + value.item() / accumulation
+        logs["lr"] = loop.optimizer_step(accelerator, adapter, denoiser, optimizer, lr_scheduler, global_step,
+                                         max_train_steps, args.max_grad_norm)
+        global_step += 1
+        samples_seen += micro_batch * accumulation
+        progress.update(1)
+        progress.set_postfix(loss=f"{logs['loss']:.4f}")
+        accelerator.log(logs, step=global_step)
+        if global_step % args.checkpointing_steps == 0:
+            checkpointing.save_checkpoint(
+                output_dir, global_step, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                trainer_state={**run_settings, "seed": seed, "samples_seen": samples_seen},
+                accelerator=accelerator, total_limit=args.checkpoints_total_limit,
+                base_model=args.pretrained_model_name_or_path)
+        if global_step % args.validation_steps == 0 and is_main:
+            validate(global_step)
+    progress.close()
+
+    # -----------------------------------------------------------------------------------------
+    # 6. Save; reload into a fresh pipeline; one-step samples; evaluation
+    # -----------------------------------------------------------------------------------------
+    accelerator.wait_for_everyone()
+    adapter_path = output_dir / "adapter.safetensors"
+    if is_main:
+        difftune.save_adapter(accelerator.unwrap_model(model), adapter_path,
+                              base_model=args.pretrained_model_name_or_path)
+        del pipeline, family, data, model, denoiser
+        fresh = load_pipeline(args.pretrained_model_name_or_path, torch_dtype=weight_dtype, **load_options)
+        fresh.vae.to(torch.float32)
+        if args.prediction_type:
+            fresh.scheduler.register_to_config(prediction_type=args.prediction_type)
+        difftune.load_adapter(fresh, adapter_path)  # what gets sampled is the saved file
+        fresh.to(device)
+        fresh.set_progress_bar_config(disable=True)
+        with accelerator.autocast():
+            final = compare_with_teacher(fresh, eval_cache or train_cache,
+                                         None if eval_cache else validation_indices)
+            sample = generate_one_step(fresh, (eval_prompts or prompts)[0], height=resolution,
+                                       width=resolution, generator=torch.Generator(device).manual_seed(seed))
+        sample = sample.images[0]
+        sample.save(output_dir / "one_step_sample.png")
+        grid = save_grid(final.side_by_side(), output_dir / "comparison.png", columns=GRID_COLUMNS)
+        log_images(accelerator, "final: one-step student | base one-step | teacher",
+                   [image_grid(final.side_by_side(), GRID_COLUMNS)], global_step)
+        summary = {"steps": global_step, "adapter": str(adapter_path), "comparison": str(grid),
+                   "prompts": final.prompts, "heldout": bool(eval_cache)}
+        if metrics is not None:
+            results = evaluate_comparison(final, metrics.to(device), reference_images)
+            summary["results"] = results
+            table = results_markdown(results)
+            atomic_write(output_dir / "evaluation.md", lambda tmp: Path(tmp).write_text(table))
+            print(table)
+        atomic_write(output_dir / "evaluation.json",
+                     lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2, default=str)))
+        print(f"adapter: {adapter_path}\none-step student | base one-step | teacher: {grid}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return adapter_path
+
+
+def load_reference_images(folder: str) -> list:
+    """Real images for FID, every image file of a folder (sorted by name)."""
+    from difftune.training.data import open_rgb, scan_image_folder
+
+    return [open_rgb(record.path) for record in scan_image_folder(folder, "--eval_reference_dir")]
+
+
+if __name__ == "__main__":
+    main()

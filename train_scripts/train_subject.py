@@ -1,0 +1,379 @@
+#!/usr/bin/env python
+"""Subject-driven (DreamBooth) training of a difftune adapter (LoRA, SaRA, SVFit, TLoRA, ...).
+
+    accelerate launch train_scripts/train_subject.py \\
+        --pretrained_model_name_or_path builtin:embedded \\
+        --instance_data_dir assets/subject --instance_prompt "a photo of sks toy" \\
+        --adapter lora --rank 4 --max_train_steps 400 --output_dir outputs/subject
+
+Plain `python train_scripts/train_subject.py ...` works too. Every option is a flag and
+may come from a YAML or JSON file given with --config (flags override the file).
+
+The script reads top to bottom:
+  1. options, and every check that needs no model weights (bad input fails in seconds)
+  2. the base model, missing class images for prior preservation, the adapter
+  3. the training data, with latent and prompt-embedding caches
+  4. optimizer, learning-rate schedule and, when asked, the checkpoint to resume
+  5. the training loop: checkpoints every --checkpointing_steps, samples every --validation_steps
+  6. the adapter (and a diffusers LoRA copy), a model card, and samples from a fresh pipeline
+     that loads the saved file
+Supported bases: SD 1.x/2.x (epsilon and v prediction), SDXL and SD3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from accelerate.utils import (
+    gather_object,
+)
+from diffusers.training_utils import offload_models
+from tqdm.auto import tqdm
+
+import difftune
+from difftune.adapter_file import atomic_write
+from difftune.errors import DifftuneError
+from difftune.model_factory import describe_model, load_pipeline
+from difftune.training import arguments, checkpointing, loop
+from difftune.training.data import SubjectData, SubjectDataset, scan_image_folder, warn_small_images
+from difftune.training.families import LossOptions, training_family
+from difftune.training.loop import DTYPES
+from difftune.training.model_card import write_model_card
+from difftune.training.prior import ensure_class_images
+from difftune.training.summary import reset_peak_memory, write_train_summary
+from difftune.training.validation import generate_images, log_images, save_grid
+
+DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Options
+# ---------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument_group("config file").add_argument(
+        "--config", help="YAML or JSON file of options (keys are flag names without dashes); flags on the "
+                         "command line override it")
+    arguments.add_model_arguments(parser)
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--instance_data_dir", help="folder of subject images (required)")
+    data.add_argument("--instance_prompt", help="prompt with the identifier, e.g. 'a photo of sks dog' "
+                                                "(required; per-image captions replace it)")
+    data.add_argument("--caption_column", help="metadata.jsonl key of per-image captions (default: text, "
+                                               "caption or prompt); a sidecar <image>.txt wins over it")
+    data.add_argument("--resolution", type=int, help="training resolution (default: the model's own)")
+    data.add_argument("--center_crop", action="store_true", help="centre crop instead of a random crop")
+    data.add_argument("--random_flip", action="store_true", help="flip images horizontally at random")
+    data.add_argument("--cache_latents", action=argparse.BooleanOptionalAction, default=True,
+                      help="encode every image once before training (a random crop is then drawn "
+                           "once per image; flips are cached both ways)")
+    data.add_argument("--pre_compute_text_embeddings", action=argparse.BooleanOptionalAction, default=True,
+                      help="encode every prompt once before training (the text encoders stay frozen)")
+
+    prior = parser.add_argument_group("prior preservation")
+    prior.add_argument("--with_prior_preservation", action="store_true",
+                       help="add the loss on class images of the base model (DreamBooth's prior loss)")
+    prior.add_argument("--class_data_dir", help="folder of class images; missing ones are generated and kept")
+    prior.add_argument("--class_prompt", help="prompt of the class, e.g. 'a photo of dog'")
+    prior.add_argument("--num_class_images", type=int, default=100, help="class images to use")
+    prior.add_argument("--prior_loss_weight", type=float, default=1.0, help="weight of the prior loss")
+    prior.add_argument("--sample_batch_size", type=int, default=4,
+                       help="batch size of class-image generation")
+    prior.add_argument("--class_inference_steps", type=int, default=50, help="sampler steps per class image")
+    prior.add_argument("--prior_generation_precision", choices=("fp32", "fp16", "bf16"),
+                       help="dtype of class-image generation (default: that of training)")
+
+    arguments.add_training_arguments(parser)  # adapter, optimization, precision, loss, validation, ...
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = arguments.parse_with_config(build_parser(), argv)
+    for name in ("instance_data_dir", "instance_prompt"):
+        if not getattr(args, name):
+            raise DifftuneError(f"--{name} is required (on the command line or in the --config file)")
+    if args.with_prior_preservation:
+        missing = [f"--{n}" for n in ("class_data_dir", "class_prompt") if not getattr(args, n)]
+        if missing:
+            raise DifftuneError(f"--with_prior_preservation needs {' and '.join(missing)}")
+    else:
+        given = [f"--{n}" for n in ("class_data_dir", "class_prompt") if getattr(args, n)]
+        if given:
+            raise DifftuneError(f"{' and '.join(given)} given without --with_prior_preservation: add the "
+                                "flag to train with the prior loss, or drop them")
+    if args.resolution is not None and args.resolution < 1:
+        raise DifftuneError(f"--resolution must be positive, got {args.resolution}")
+    for name in ("num_class_images", "sample_batch_size", "class_inference_steps"):
+        if getattr(args, name) < 1:
+            raise DifftuneError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    arguments.check_common_arguments(args)
+    return args
+
+
+def check_resume_fits(state: dict, args: argparse.Namespace, options: dict, path: Path) -> None:
+    """A checkpoint resumes only the run that wrote it: same base, method, options, targets."""
+    now = {"base_model": args.pretrained_model_name_or_path, "method": args.adapter,
+           "adapter_options": options, "targets": args.targets}
+    for key, value in now.items():
+        if state.get(key) != value:
+            raise DifftuneError(f"--resume_from_checkpoint {path}: it was trained with {key} "
+                                f"{state.get(key)!r}, this run asks for {value!r}")
+
+
+def subject_loss(per_example: torch.Tensor, is_prior: torch.Tensor, prior_loss_weight: float) -> torch.Tensor:
+    """Mean loss of the subject images, plus the weighted mean loss of the class images."""
+    loss = per_example[~is_prior].mean()
+    if is_prior.any():
+        loss = loss + prior_loss_weight * per_example[is_prior].mean()
+    return loss
+
+
+def adapter_digest(model: torch.nn.Module) -> str:
+    """A hash of the adapter tensors, to show that every process holds the same adapter."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(difftune.get_adapter(model).adapter_state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def main(argv: list[str] | None = None) -> Path:
+    started = time.perf_counter()
+    args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+
+    # Everything below until the model loads is cheap: refuse bad input here.
+    model_info = describe_model(args.pretrained_model_name_or_path, args.revision)
+    arguments.check_family_flags(args, model_info.family)
+    method_options = arguments.adapter_options(args, args.adapter)
+    resolution = loop.check_before_loading(args, model_info, method_options)
+    instance_images = scan_image_folder(args.instance_data_dir, "--instance_data_dir", args.caption_column)
+    warn_small_images(instance_images, resolution, "--instance_data_dir")
+    resume_path = checkpointing.resolve_checkpoint(output_dir, args.resume_from_checkpoint)
+    resume_state = checkpointing.read_trainer_state(resume_path) if resume_path else None
+    if resume_state:
+        check_resume_fits(resume_state, args, method_options, resume_path)
+
+    accelerator = loop.create_accelerator(args, output_dir)
+    device, is_main = accelerator.device, accelerator.is_main_process
+    weight_dtype = DTYPES[accelerator.mixed_precision]
+    seed = loop.resolve_seed(args, resume_state)
+
+    # -----------------------------------------------------------------------------------------
+    # 2. Base model, class images, adapter
+    # -----------------------------------------------------------------------------------------
+    load_options = {"revision": args.revision, "variant": args.variant}
+    pipeline = load_pipeline(args.pretrained_model_name_or_path, torch_dtype=weight_dtype, **load_options)
+    pipeline.vae.to(torch.float32)  # fp16 VAEs give NaN latents and black images
+    pipeline.to(device)
+    pipeline.set_progress_bar_config(disable=True)
+    family = training_family(pipeline, device, LossOptions.from_args(args))
+    denoiser = family.denoiser
+    for frozen in (pipeline.vae, *family.text_encoders):
+        frozen.requires_grad_(False)
+
+    class_images = []
+    if args.with_prior_preservation:
+        generation_dtype = DTYPES[args.prior_generation_precision or accelerator.mixed_precision]
+        generator_pipeline = pipeline
+        if generation_dtype != weight_dtype:
+            generator_pipeline = load_pipeline(args.pretrained_model_name_or_path,
+                                               torch_dtype=generation_dtype, **load_options).to(device)
+            generator_pipeline.set_progress_bar_config(disable=True)
+            if args.prediction_type:
+                generator_pipeline.scheduler.register_to_config(prediction_type=args.prediction_type)
+        ensure_class_images(generator_pipeline, args.class_data_dir, args.class_prompt, args.num_class_images,
+                            seed=seed, resolution=resolution, batch_size=args.sample_batch_size,
+                            num_inference_steps=args.class_inference_steps, accelerator=accelerator,
+                            autocast=accelerator.autocast())
+        del generator_pipeline
+        class_images = scan_image_folder(args.class_data_dir, "--class_data_dir")[:args.num_class_images]
+
+    adapter = loop.attach_trainable_adapter(denoiser, args, method_options, seed)
+
+    # -----------------------------------------------------------------------------------------
+    # 3. Data
+    # -----------------------------------------------------------------------------------------
+    dataset = SubjectDataset(instance_images, args.instance_prompt, class_images, args.class_prompt)
+    data = SubjectData(
+        dataset, encode_images=family.encode_images, encode_prompts=family.encode_prompts,
+        resolution=resolution, center_crop=args.center_crop, random_flip=args.random_flip, seed=seed,
+        cache_latents=args.cache_latents, cache_prompts=args.pre_compute_text_embeddings, device=device)
+    data.build_caches(show_progress=is_main)
+    validation_kwargs = {}
+    if args.validation_prompt:  # encoded now: the text encoders may leave the device below
+        validation_kwargs = family.pipeline_prompt_kwargs(args.validation_prompt)
+    # The frozen encoders are not needed on the device between validations.
+    offloaded = []
+    if device.type != "cpu":
+        offloaded = [*(family.text_encoders if args.pre_compute_text_embeddings else []),
+                     *([pipeline.vae] if args.cache_latents else [])]
+        for module in offloaded:
+            module.to("cpu")
+
+    # -----------------------------------------------------------------------------------------
+    # 4. Optimizer, schedule, resume
+    # -----------------------------------------------------------------------------------------
+    world = accelerator.num_processes
+    batch_size, accumulation = args.train_batch_size, args.gradient_accumulation_steps
+    micro_batch = batch_size * world  # examples per micro-step over all processes
+    steps_per_epoch = math.ceil(len(dataset) / (micro_batch * accumulation))
+    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    learning_rate = loop.learning_rate(args, adapter, micro_batch * accumulation)
+
+    global_step, samples_seen = 0, 0
+    if resume_path:
+        checkpointing.load_adapter_state(resume_path, denoiser, device)
+        global_step, samples_seen = resume_state["step"], resume_state["samples_seen"]
+    optimizer, lr_scheduler = loop.create_optimizer(args, adapter, learning_rate, max_train_steps)
+    # The schedule is stepped once per optimizer step by this script, so it is not prepared.
+    model, optimizer = accelerator.prepare(denoiser, optimizer)
+    if resume_path:
+        loop.resume_optimizer_and_rng(resume_path, optimizer, lr_scheduler, accelerator)
+
+    if is_main:
+        accelerator.init_trackers(args.tracker_project_name, config={
+            k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+        prior_text = f" + {len(class_images)} class images" if class_images else ""
+        resumed = f" | resumed at step {global_step} from {resume_path}" if resume_path else ""
+        print(f"difftune subject training | {args.pretrained_model_name_or_path} ({model_info.family}, "
+              f"{resolution}px, {accelerator.mixed_precision}) | {args.adapter} on {adapter.config.targets}: "
+              f"{len(adapter.target_names)} layers, {difftune.count_trainable_parameters(denoiser):,} "
+              f"trainable parameters | {len(instance_images)} instance images{prior_text} | "
+              f"{max_train_steps} steps x {micro_batch * accumulation} images (batch {batch_size} x "
+              f"{world} processes x {accumulation} accumulation) | lr {learning_rate:g} | "
+              f"seed {seed}{resumed}")
+
+    trainer_state = {"base_model": args.pretrained_model_name_or_path, "method": args.adapter,
+                     "adapter_options": method_options, "targets": args.targets, "seed": seed,
+                     "max_train_steps": max_train_steps}
+
+    # -----------------------------------------------------------------------------------------
+    # 5. Training loop
+    # -----------------------------------------------------------------------------------------
+    model.train()
+    reset_peak_memory(device)
+    first_step, loop_started = global_step, time.perf_counter()
+    progress = tqdm(total=max_train_steps, initial=global_step, desc="training", disable=not is_main)
+    while global_step < max_train_steps:
+        step_loss = 0.0
+        for micro_step in range(accumulation):
+            # This process's slice of the global micro-batch (see difftune.training.data).
+            first = samples_seen + micro_step * micro_batch + accelerator.process_index * batch_size
+            batch = data.batch(range(first, first + batch_size))
+            last = micro_step == accumulation - 1
+            with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                latents = family.latents_from_moments(batch.moments, batch.generators)
+                noise = family.sample_noise(latents, batch.generators)
+                noisy = family.add_noise(latents, noise, batch.generators)
+                prediction = family.predict(model, noisy, batch)
+                loss = subject_loss(family.per_example_loss(prediction, noisy), batch.is_prior,
+                                    args.prior_loss_weight)
+                regularization = adapter.regularization_loss()
+                if regularization is not None:
+                    loss = loss + regularization
+                accelerator.backward(loss / accumulation)
+            step_loss += loss.item() / accumulation
+
+        current_lr = loop.optimizer_step(accelerator, adapter, denoiser, optimizer, lr_scheduler, global_step,
+                                         max_train_steps, args.max_grad_norm)
+        global_step += 1
+        samples_seen += micro_batch * accumulation
+
+        progress.update(1)
+        progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{current_lr:.2e}")
+        accelerator.log({"loss": step_loss, "lr": current_lr}, step=global_step)
+
+        if global_step % args.checkpointing_steps == 0:
+            checkpointing.save_checkpoint(
+                output_dir, global_step, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                trainer_state={**trainer_state, "samples_seen": samples_seen}, accelerator=accelerator,
+                total_limit=args.checkpoints_total_limit, base_model=args.pretrained_model_name_or_path)
+        if args.validation_prompt and global_step % args.validation_steps == 0 and is_main:
+            denoiser.eval()
+            with offload_models(*offloaded, device=device, offload=bool(offloaded)):
+                images = generate_images(
+                    pipeline, validation_kwargs, num_images=args.num_validation_images, seed=seed,
+                    num_inference_steps=args.validation_inference_steps, resolution=resolution,
+                    guidance_scale=args.validation_guidance_scale, autocast=accelerator.autocast())
+            denoiser.train()
+            save_grid(images, output_dir / "validation" / f"step-{global_step:06d}.png")
+            log_images(accelerator, "validation", images, global_step)
+    progress.close()
+    loop_seconds = time.perf_counter() - loop_started
+    trainable_count = difftune.count_trainable_parameters(denoiser)
+
+    # -----------------------------------------------------------------------------------------
+    # 6. Save, model card, samples from the saved file
+    # -----------------------------------------------------------------------------------------
+    accelerator.wait_for_everyone()
+    if world > 1:
+        digests = gather_object([adapter_digest(denoiser)])
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"the adapters of the {world} processes differ: {digests}")
+        if is_main:
+            print(f"adapter identical on all {world} processes (sha256 {digests[0][:16]})")
+    adapter_path = output_dir / "adapter.safetensors"
+    if is_main:
+        difftune.save_adapter(accelerator.unwrap_model(model), adapter_path,
+                              base_model=args.pretrained_model_name_or_path)
+        diffusers_name = DIFFUSERS_LORA_NAME if adapter.diffusers_lora_file else None
+        if diffusers_name:
+            atomic_write(output_dir / diffusers_name, lambda tmp: shutil.copyfile(adapter_path, tmp))
+        sample_names = []
+        sample_prompt = args.validation_prompt or args.instance_prompt
+        if not args.skip_final_inference:
+            del pipeline, family, data, model, denoiser
+            fresh = load_pipeline(args.pretrained_model_name_or_path, torch_dtype=weight_dtype,
+                                  **load_options)
+            fresh.vae.to(torch.float32)
+            if args.prediction_type:
+                fresh.scheduler.register_to_config(prediction_type=args.prediction_type)
+            difftune.load_adapter(fresh, adapter_path)  # the saved file is what gets sampled
+            fresh.to(device)
+            fresh.set_progress_bar_config(disable=True)
+            images = generate_images(
+                fresh, {"prompt": sample_prompt}, num_images=args.num_validation_images, seed=seed,
+                num_inference_steps=args.validation_inference_steps, resolution=resolution,
+                guidance_scale=args.validation_guidance_scale, autocast=accelerator.autocast())
+            save_grid(images, output_dir / "samples.png")
+            log_images(accelerator, "final", images, global_step)
+            sample_names = ["samples.png"]
+        write_model_card(
+            output_dir, base_model=args.pretrained_model_name_or_path, family=model_info.family,
+            method=args.adapter,
+            options={k: v for k, v in adapter.config.to_dict().items() if k != "targets"},
+            targets=adapter.config.targets,
+            trainable_parameters=trainable_count,
+            steps=global_step, instance_prompt=args.instance_prompt, sample_images=sample_names,
+            sample_prompt=sample_prompt, diffusers_weight_name=diffusers_name,
+            training={"resolution": resolution, "batch size (global)": micro_batch * accumulation,
+                      "learning rate": learning_rate, "lr scheduler": args.lr_scheduler,
+                      "mixed precision": accelerator.mixed_precision, "seed": seed,
+                      "prior preservation": args.with_prior_preservation})
+        steps_run = global_step - first_step
+        total_seconds = time.perf_counter() - started
+        write_train_summary(output_dir, device, method=args.adapter, trainable_parameters=trainable_count,
+                            steps=global_step, steps_this_run=steps_run,
+                            step_time_s=loop_seconds / max(steps_run, 1), seed=seed,
+                            resolution=resolution, batch_size=micro_batch * accumulation,
+                            mixed_precision=accelerator.mixed_precision)
+        print(f"adapter: {adapter_path} | {steps_run} steps in {loop_seconds:.1f} s "
+              f"({loop_seconds / max(steps_run, 1):.3f} s/step), {total_seconds:.1f} s in all")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return adapter_path
+
+
+if __name__ == "__main__":
+    main()
