@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 import difftune
+from difftune.machine import cpu_name
 from difftune.model_factory import SD15_UNET_CONFIG
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,15 +65,7 @@ def parse_args() -> argparse.Namespace:
 def machine_description(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"CPU {cpu}, {os.cpu_count()} cores visible, {torch.get_num_threads()} torch threads, "
+    return (f"CPU {cpu_name()}, {os.cpu_count()} cores visible, {torch.get_num_threads()} torch threads, "
             f"torch {torch.__version__}")
 
 

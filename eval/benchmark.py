@@ -278,12 +278,9 @@ def machine_description() -> dict[str, Any]:
     """What the numbers were measured on: GPU (if any), CPU model and threads, versions."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
+    from difftune.machine import cpu_name
+
+    cpu = cpu_name()
     info: dict[str, Any] = {}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)

@@ -253,24 +253,15 @@ def main(argv: list[str] | None = None) -> Path:
     # -----------------------------------------------------------------------------------------
     # 4. Optimizer, schedule, resume
     # -----------------------------------------------------------------------------------------
-    world, batch_size, accumulation = (accelerator.num_processes, args.train_batch_size,
-                                       args.gradient_accumulation_steps)
-    micro_batch = batch_size * world
-    steps_per_epoch = -(-len(data) // (micro_batch * accumulation))
-    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    learning_rate = loop.learning_rate(args, adapter, micro_batch * accumulation)
-    global_step, samples_seen = 0, 0
-    if resume_path:
-        checkpointing.load_adapter_state(resume_path, denoiser, device)
-        global_step, samples_seen = resume_state["step"], resume_state["samples_seen"]
-    optimizer, lr_scheduler = loop.create_optimizer(args, adapter, learning_rate, max_train_steps)
-    model, optimizer = accelerator.prepare(denoiser, optimizer)
-    if resume_path:
-        loop.resume_optimizer_and_rng(resume_path, optimizer, lr_scheduler, accelerator)
+    batch_size = args.train_batch_size
+    plan = loop.prepare_optimization(args, accelerator, denoiser, adapter, len(data), resume_path,
+                                     resume_state, device)
+    model, optimizer, lr_scheduler = plan.model, plan.optimizer, plan.lr_scheduler
+    max_train_steps, learning_rate = plan.max_train_steps, plan.learning_rate
+    micro_batch, accumulation = plan.micro_batch, plan.accumulation
+    global_step, samples_seen = plan.global_step, plan.samples_seen
 
     if is_main:
-        accelerator.init_trackers(args.tracker_project_name, config={
-            k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
         resumed = f" | resumed at step {global_step}" if resume_path else ""
         print(f"difftune one-step (HiPA) | {args.pretrained_model_name_or_path} ({model_info.family}, "
               f"{resolution}px, {accelerator.mixed_precision}) | {args.adapter} on {adapter.config.targets}: "

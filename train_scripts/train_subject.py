@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import math
 import shutil
 import time
 from pathlib import Path
@@ -224,26 +223,15 @@ def main(argv: list[str] | None = None) -> Path:
     # -----------------------------------------------------------------------------------------
     # 4. Optimizer, schedule, resume
     # -----------------------------------------------------------------------------------------
-    world = accelerator.num_processes
-    batch_size, accumulation = args.train_batch_size, args.gradient_accumulation_steps
-    micro_batch = batch_size * world  # examples per micro-step over all processes
-    steps_per_epoch = math.ceil(len(dataset) / (micro_batch * accumulation))
-    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    learning_rate = loop.learning_rate(args, adapter, micro_batch * accumulation)
-
-    global_step, samples_seen = 0, 0
-    if resume_path:
-        checkpointing.load_adapter_state(resume_path, denoiser, device)
-        global_step, samples_seen = resume_state["step"], resume_state["samples_seen"]
-    optimizer, lr_scheduler = loop.create_optimizer(args, adapter, learning_rate, max_train_steps)
-    # The schedule is stepped once per optimizer step by this script, so it is not prepared.
-    model, optimizer = accelerator.prepare(denoiser, optimizer)
-    if resume_path:
-        loop.resume_optimizer_and_rng(resume_path, optimizer, lr_scheduler, accelerator)
+    world, batch_size = accelerator.num_processes, args.train_batch_size
+    plan = loop.prepare_optimization(args, accelerator, denoiser, adapter, len(dataset), resume_path,
+                                     resume_state, device)
+    model, optimizer, lr_scheduler = plan.model, plan.optimizer, plan.lr_scheduler
+    max_train_steps, learning_rate = plan.max_train_steps, plan.learning_rate
+    micro_batch, accumulation = plan.micro_batch, plan.accumulation
+    global_step, samples_seen = plan.global_step, plan.samples_seen
 
     if is_main:
-        accelerator.init_trackers(args.tracker_project_name, config={
-            k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
         prior_text = f" + {len(class_images)} class images" if class_images else ""
         resumed = f" | resumed at step {global_step} from {resume_path}" if resume_path else ""
         print(f"difftune subject training | {args.pretrained_model_name_or_path} ({model_info.family}, "

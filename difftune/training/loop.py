@@ -8,6 +8,7 @@ share lives here once, so a fix (an fp16 rule, a resume detail) reaches every tr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,47 @@ def resume_optimizer_and_rng(resume_path: Path, optimizer: Any, lr_scheduler: An
     if not restored and accelerator.is_main_process:
         print(f"warning: {resume_path} has no random state for process {accelerator.process_index}; "
               "the run continues but is not bit-identical to an uninterrupted one")
+
+
+@dataclasses.dataclass
+class Optimization:
+    """What the training loop steps: the prepared model, optimizer and schedule, and where it starts."""
+
+    model: nn.Module
+    optimizer: Any
+    lr_scheduler: Any
+    learning_rate: float
+    max_train_steps: int
+    micro_batch: int  # examples per micro-step over all processes
+    accumulation: int
+    global_step: int
+    samples_seen: int
+
+
+def prepare_optimization(args: argparse.Namespace, accelerator: Any, denoiser: nn.Module, adapter: Any,
+                         dataset_size: int, resume_path: Path | None, resume_state: dict | None,
+                         device: torch.device) -> Optimization:
+    """Steps and learning rate from the batch geometry, adapter state, optimizer and schedule (all
+    restored when resuming), and the model prepared by accelerate. The schedule is stepped once
+    per optimizer step by the script, so it is not prepared."""
+    micro_batch = args.train_batch_size * accelerator.num_processes
+    accumulation = args.gradient_accumulation_steps
+    steps_per_epoch = -(-dataset_size // (micro_batch * accumulation))
+    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    rate = learning_rate(args, adapter, micro_batch * accumulation)
+    global_step, samples_seen = 0, 0
+    if resume_path:
+        checkpointing.load_adapter_state(resume_path, denoiser, device)
+        global_step, samples_seen = resume_state["step"], resume_state["samples_seen"]
+    optimizer, lr_scheduler = create_optimizer(args, adapter, rate, max_train_steps)
+    model, optimizer = accelerator.prepare(denoiser, optimizer)
+    if resume_path:
+        resume_optimizer_and_rng(resume_path, optimizer, lr_scheduler, accelerator)
+    if accelerator.is_main_process:
+        accelerator.init_trackers(args.tracker_project_name, config={
+            k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+    return Optimization(model, optimizer, lr_scheduler, rate, max_train_steps, micro_batch, accumulation,
+                        global_step, samples_seen)
 
 
 def optimizer_step(accelerator: Any, adapter: Any, denoiser: nn.Module, optimizer: Any, lr_scheduler: Any,

@@ -55,6 +55,17 @@ class AdapterConfig:
         """Check option values; raise DifftuneError naming the option."""
 
 
+def check_tensor_names(expected: dict, given: dict, source: str) -> None:
+    """Refuse a file whose tensor names are not exactly the adapter's, naming a few of each side."""
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    if missing or unexpected:
+        raise DifftuneError(
+            f"{source}: adapter tensors do not fit the model: "
+            f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put ``new`` where the submodule called ``name`` is."""
     parent_name, _, child = name.rpartition(".")
@@ -290,12 +301,7 @@ class LayerAdapter(Adapter):
     @torch.no_grad()
     def load_adapter_state_dict(self, tensors: dict[str, torch.Tensor], source: str) -> None:
         expected = self.adapter_state_dict()
-        missing = sorted(set(expected) - set(tensors))
-        unexpected = sorted(set(tensors) - set(expected))
-        if missing or unexpected:
-            raise DifftuneError(
-                f"{source}: adapter tensors do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}"
-            )
+        check_tensor_names(expected, tensors, source)
         for key, target in expected.items():
             value = tensors[key]
             if value.shape != target.shape:

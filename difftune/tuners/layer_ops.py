@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import TargetError
+from .base import LayerAdapter
 
 WRAPPABLE_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 
@@ -28,6 +29,18 @@ def check_ungrouped(method: str, modules: dict[str, nn.Module]) -> None:
         shown = ", ".join(grouped[:8]) + (f" and {len(grouped) - 8} more" if len(grouped) > 8 else "")
         raise TargetError(f"{method} cannot adapt grouped convolutions: {shown}. "
                           "Narrow --targets to exclude them.")
+
+
+class WrappingLayerAdapter(LayerAdapter):
+    """A method that wraps every targeted Linear and ungrouped Conv2d layer (SVFit, TLoRA)."""
+
+    supported_layers = WRAPPABLE_LAYERS
+    supported_description = "Linear and (ungrouped) Conv2d layers"
+
+    @classmethod
+    def check_targets(cls, modules: dict[str, nn.Module]) -> None:
+        super().check_targets(modules)
+        check_ungrouped(cls.method, modules)
 
 
 def matrix_shape(module: nn.Module) -> tuple[int, int]:

@@ -15,8 +15,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ...errors import DifftuneError
-from ..base import Adapter, replace_module
+from ..base import Adapter, check_tensor_names, replace_module
 from .config import LoraConfig
 
 PEFT_ADAPTER_NAME = "default"
@@ -67,12 +66,7 @@ class LoraAdapter(Adapter):
     def load_adapter_state_dict(self, tensors: dict[str, torch.Tensor], source: str) -> None:
         from peft import set_peft_model_state_dict
 
-        expected = self.adapter_state_dict()
-        missing = sorted(set(expected) - set(tensors))
-        unexpected = sorted(set(tensors) - set(expected))
-        if missing or unexpected:
-            raise DifftuneError(f"{source}: LoRA tensors do not fit the model: missing "
-                                f"{missing[:3]}, unexpected {unexpected[:3]}")
+        check_tensor_names(self.adapter_state_dict(), tensors, source)
         set_peft_model_state_dict(self.model, tensors, adapter_name=PEFT_ADAPTER_NAME)
 
     def _apply_scale(self, scale: float) -> None:

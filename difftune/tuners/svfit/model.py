@@ -17,8 +17,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...errors import BaseModelMismatchError, DifftuneError
-from ..base import AdapterLayer, LayerAdapter, replace_module
-from ..layer_ops import WRAPPABLE_LAYERS, check_ungrouped
+from ..base import AdapterLayer, replace_module
+from ..layer_ops import WrappingLayerAdapter
 from . import functional as svf
 from .config import SVFitConfig
 from .layer import SVFitLayer
@@ -32,19 +32,12 @@ PROBE_RELATIVE_TOLERANCE = 1e-3
 PROBE_WEIGHT_EPS_FACTOR = 8.0
 
 
-class SVFitAdapter(LayerAdapter):
+class SVFitAdapter(WrappingLayerAdapter):
     method = "svfit"
     config_class = SVFitConfig
-    supported_layers = WRAPPABLE_LAYERS
-    supported_description = "Linear and (ungrouped) Conv2d layers"
 
     config: SVFitConfig
     layers: dict[str, SVFitLayer]
-
-    @classmethod
-    def check_targets(cls, modules: dict[str, nn.Module]) -> None:
-        super().check_targets(modules)
-        check_ungrouped(cls.method, modules)
 
     def attach(self, modules: dict[str, nn.Module]) -> None:
         self.layers = {}

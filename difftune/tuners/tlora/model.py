@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..base import AdapterLayer, LayerAdapter
-from ..layer_ops import WRAPPABLE_LAYERS, check_ungrouped
+from ..base import AdapterLayer
+from ..layer_ops import WrappingLayerAdapter
 from . import functional as tlf
 from .config import TLoraConfig
 from .layer import TLoraLayer
@@ -14,19 +14,12 @@ from .layer import TLoraLayer
 PAPER_LEARNING_RATE = 1e-4  # the published subject-driven recipe (SDXL, constant)
 
 
-class TLoraAdapter(LayerAdapter):
+class TLoraAdapter(WrappingLayerAdapter):
     method = "tlora"
     config_class = TLoraConfig
-    supported_layers = WRAPPABLE_LAYERS
-    supported_description = "Linear and (ungrouped) Conv2d layers"
 
     config: TLoraConfig
     layers: dict[str, TLoraLayer]
-
-    @classmethod
-    def check_targets(cls, modules: dict[str, nn.Module]) -> None:
-        super().check_targets(modules)
-        check_ungrouped(cls.method, modules)
 
     def make_layer(self, name: str, module: nn.Module) -> AdapterLayer:
         return TLoraLayer(module, self.config)
