@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -70,16 +71,45 @@ def offline_clip_tokenizer(words: tuple[str, ...] = (), model_max_length: int = 
     for suffix in ("", "</w>"):
         for char in alphabet:
             vocab[char + suffix] = len(vocab)
-    merges: list[tuple[str, str]] = []
+    merges: dict[tuple[str, str], int] = {}
+    byte_to_char = dict(zip(range(256), _byte_level_chars(), strict=True))
     for word in dict.fromkeys(w.lower() for w in words):
-        pieces = [*word[:-1], word[-1] + "</w>"]
-        current = pieces[0]
-        for piece in pieces[1:]:
-            merges.append((current, piece))
-            current = current + piece
-            vocab.setdefault(current, len(vocab))
-    merges = list(dict.fromkeys(merges))
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+        chars = [byte_to_char[b] for b in word.encode("utf-8")]
+        # Merges of earlier words can interrupt this word's chain, so merge what BPE
+        # leaves of it until one token remains. New merges rank after all older ones,
+        # which leaves the tokenization of earlier words unchanged.
+        pieces = _apply_bpe([*chars[:-1], chars[-1] + "</w>"], merges)
+        while len(pieces) > 1:
+            merges.setdefault((pieces[0], pieces[1]), len(merges))
+            vocab.setdefault(pieces[0] + pieces[1], len(vocab))
+            pieces = _apply_bpe(pieces, merges)
+    return CLIPTokenizer(vocab=vocab, merges=list(merges), model_max_length=model_max_length)
+
+
+def _byte_level_chars() -> list[str]:
+    """The printable character GPT-2/CLIP byte-level BPE uses for each byte value 0..255."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)}
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[byte] = chr(byte)
+        else:
+            chars[byte] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def _apply_bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Standard BPE: repeatedly merge the adjacent pair of lowest rank."""
+    pieces = list(pieces)
+    while len(pieces) > 1:
+        pairs = [(ranks.get(pair, len(ranks)), i) for i, pair in enumerate(itertools.pairwise(pieces))]
+        rank, index = min(pairs)
+        if rank == len(ranks):
+            break
+        pieces[index:index + 2] = [pieces[index] + pieces[index + 1]]
+    return pieces
 
 
 def _clip_text_config(tokenizer, hidden_size: int = 32, projection_dim: int = 32):

@@ -24,6 +24,16 @@ def test_setup_commands_install_pinned_torch_first():
         assert command.index("pip install torch==2.13.0") < command.index("pip install -e")
 
 
+def test_main_command_parses_with_the_trainer(train_subject):
+    import shlex
+
+    main_job = next(b for b in _code_blocks("bash") if b.startswith("# main job")).splitlines()[1]
+    command = shlex.split(main_job.split("&& python ")[-1])
+    args = train_subject.module.parse_args(command[command.index("train_scripts/train_subject.py") + 1:])
+    assert (ROOT / args.instance_data_dir).is_dir()
+    assert args.adapter == "sara"
+
+
 def test_python_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     example = _code_blocks("python")[0]
