@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import difftune
+import difftune.model_factory
 from difftune.errors import DifftuneError
 from difftune.hipa.one_step import generate_one_step
 from difftune.model_factory import load_pipeline
@@ -128,6 +129,6 @@ def test_bad_input_is_refused_before_loading(tmp_path, prompt_files, extra, mess
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr(run_script.module, "load_pipeline", no_loading)
+    monkeypatch.setattr(difftune.model_factory, "load_pipeline", no_loading)
     with pytest.raises(DifftuneError, match=message):
         run_script(*command(tmp_path / "bad", prompt_files, "--max_train_steps", "1", *extra))

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import difftune
+import difftune.model_factory
 from difftune.errors import DifftuneError
 from difftune.model_factory import load_pipeline
 from difftune.training.validation import generate_images, image_grid
@@ -110,7 +111,7 @@ def test_bf16_base_weights_with_fp32_trainable_parameters(train_subject, subject
         loaded.append(original(*args, **kwargs))
         return loaded[-1]
 
-    monkeypatch.setattr(train_subject.module, "load_pipeline", recording)
+    monkeypatch.setattr(difftune.model_factory, "load_pipeline", recording)  # what the trainer loads through
     out = tmp_path / "bf16"
     train_subject(*flags(subject_dir, out, "builtin:tiny-sd", 2), *QUIET, "--mixed_precision", "bf16",
                   "--skip_final_inference", "--checkpointing_steps", 2)
@@ -191,7 +192,8 @@ def test_bad_input_is_refused_before_loading_the_model(train_subject, subject_di
     def must_not_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the bad input was noticed")
 
-    monkeypatch.setattr(train_subject.module, "load_pipeline", must_not_load)
+    monkeypatch.setattr(difftune.model_factory, "load_pipeline", must_not_load)
+    monkeypatch.setattr(train_subject.module, "load_pipeline", must_not_load)  # class-image generation
     argv, message = _bad_inputs(tmp_path, subject_dir)[case]
     with pytest.raises(DifftuneError, match=message):
         train_subject(*argv)

@@ -45,7 +45,7 @@ from difftune.hipa.loss import HiPALoss, HiPALossConfig
 from difftune.hipa.one_step import generate_one_step, one_step_timestep
 from difftune.hipa.teacher import TeacherSettings, generate_teacher_samples, read_prompts
 from difftune.hipa.training import OneStepData, one_step_loss
-from difftune.model_factory import describe_model, load_pipeline
+from difftune.model_factory import describe_model
 from difftune.training import arguments, checkpointing, loop
 from difftune.training.families import LossOptions, training_family
 from difftune.training.loop import DTYPES
@@ -201,8 +201,7 @@ def main(argv: list[str] | None = None) -> Path:
                     "adapter_options": method_options, "targets": args.targets,
                     "teacher": vars(teacher_settings), "resolution": resolution, "prompts": prompts,
                     "loss": vars(loss_config)}
-    resume_path = checkpointing.resolve_checkpoint(output_dir, args.resume_from_checkpoint)
-    resume_state = checkpointing.read_trainer_state(resume_path) if resume_path else None
+    resume_path, resume_state = checkpointing.resume_point(output_dir, args.resume_from_checkpoint)
     if resume_state:
         check_resume_fits(resume_state, run_settings, resume_path)
 
@@ -214,11 +213,7 @@ def main(argv: list[str] | None = None) -> Path:
     # -----------------------------------------------------------------------------------------
     # 2. The base model and its teacher samples
     # -----------------------------------------------------------------------------------------
-    load_options = {"revision": args.revision, "variant": args.variant}
-    pipeline = load_pipeline(args.pretrained_model_name_or_path, torch_dtype=weight_dtype, **load_options)
-    pipeline.vae.to(torch.float32)  # fp16 VAEs give NaN latents and black images
-    pipeline.to(device)
-    pipeline.set_progress_bar_config(disable=True)
+    pipeline = loop.load_base_pipeline(args, weight_dtype, device)
 
     def teacher_cache(prompt_list: list[str], directory: Path):
         with accelerator.autocast():
@@ -326,13 +321,7 @@ def main(argv: list[str] | None = None) -> Path:
         difftune.save_adapter(accelerator.unwrap_model(model), adapter_path,
                               base_model=args.pretrained_model_name_or_path)
         del pipeline, family, data, model, denoiser
-        fresh = load_pipeline(args.pretrained_model_name_or_path, torch_dtype=weight_dtype, **load_options)
-        fresh.vae.to(torch.float32)
-        if args.prediction_type:
-            fresh.scheduler.register_to_config(prediction_type=args.prediction_type)
-        difftune.load_adapter(fresh, adapter_path)  # what gets sampled is the saved file
-        fresh.to(device)
-        fresh.set_progress_bar_config(disable=True)
+        fresh = loop.load_base_pipeline(args, weight_dtype, device, adapter_path)  # sample the saved file
         with accelerator.autocast():
             final = compare_with_teacher(fresh, eval_cache or train_cache,
                                          None if eval_cache else validation_indices)

@@ -158,8 +158,7 @@ def main(argv: list[str] | None = None) -> Path:
     resolution = loop.check_before_loading(args, model_info, method_options)
     instance_images = scan_image_folder(args.instance_data_dir, "--instance_data_dir", args.caption_column)
     warn_small_images(instance_images, resolution, "--instance_data_dir")
-    resume_path = checkpointing.resolve_checkpoint(output_dir, args.resume_from_checkpoint)
-    resume_state = checkpointing.read_trainer_state(resume_path) if resume_path else None
+    resume_path, resume_state = checkpointing.resume_point(output_dir, args.resume_from_checkpoint)
     if resume_state:
         check_resume_fits(resume_state, args, method_options, resume_path)
 
@@ -171,11 +170,7 @@ def main(argv: list[str] | None = None) -> Path:
     # -----------------------------------------------------------------------------------------
     # 2. Base model, class images, adapter
     # -----------------------------------------------------------------------------------------
-    load_options = {"revision": args.revision, "variant": args.variant}
-    pipeline = load_pipeline(args.pretrained_model_name_or_path, torch_dtype=weight_dtype, **load_options)
-    pipeline.vae.to(torch.float32)  # fp16 VAEs give NaN latents and black images
-    pipeline.to(device)
-    pipeline.set_progress_bar_config(disable=True)
+    pipeline = loop.load_base_pipeline(args, weight_dtype, device)
     family = training_family(pipeline, device, LossOptions.from_args(args))
     denoiser = family.denoiser
     for frozen in (pipeline.vae, *family.text_encoders):
@@ -187,7 +182,8 @@ def main(argv: list[str] | None = None) -> Path:
         generator_pipeline = pipeline
         if generation_dtype != weight_dtype:
             generator_pipeline = load_pipeline(args.pretrained_model_name_or_path,
-                                               torch_dtype=generation_dtype, **load_options).to(device)
+                                               torch_dtype=generation_dtype, revision=args.revision,
+                                               variant=args.variant).to(device)
             generator_pipeline.set_progress_bar_config(disable=True)
             if args.prediction_type:
                 generator_pipeline.scheduler.register_to_config(prediction_type=args.prediction_type)
@@ -322,14 +318,7 @@ def main(argv: list[str] | None = None) -> Path:
         sample_prompt = args.validation_prompt or args.instance_prompt
         if not args.skip_final_inference:
             del pipeline, family, data, model, denoiser
-            fresh = load_pipeline(args.pretrained_model_name_or_path, torch_dtype=weight_dtype,
-                                  **load_options)
-            fresh.vae.to(torch.float32)
-            if args.prediction_type:
-                fresh.scheduler.register_to_config(prediction_type=args.prediction_type)
-            difftune.load_adapter(fresh, adapter_path)  # the saved file is what gets sampled
-            fresh.to(device)
-            fresh.set_progress_bar_config(disable=True)
+            fresh = loop.load_base_pipeline(args, weight_dtype, device, adapter_path)  # sample the saved file
             images = generate_images(
                 fresh, {"prompt": sample_prompt}, num_images=args.num_validation_images, seed=seed,
                 num_inference_steps=args.validation_inference_steps, resolution=resolution,

@@ -150,6 +150,12 @@ def save_checkpoint(
 
 # --- load -----------------------------------------------------------------------------------
 
+def resume_point(output_dir: str | Path, spec: str | None) -> tuple[Path | None, dict[str, Any] | None]:
+    """``--resume_from_checkpoint`` resolved: the checkpoint folder and its trainer state, or Nones."""
+    path = resolve_checkpoint(output_dir, spec)
+    return path, (read_trainer_state(path) if path else None)
+
+
 def read_trainer_state(path: str | Path) -> dict[str, Any]:
     return json.loads((Path(path) / TRAINER_STATE).read_text())
 

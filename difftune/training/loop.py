@@ -68,6 +68,25 @@ def resolve_seed(args: argparse.Namespace, resume_state: dict | None) -> int:
     return broadcast_object_list([seed])[0]
 
 
+def load_base_pipeline(args: argparse.Namespace, dtype: torch.dtype, device: torch.device,
+                       adapter_path: Path | None = None):
+    """The base pipeline in ``dtype`` on ``device`` with an fp32 VAE (fp16 VAEs give NaN latents
+    and black images) and no progress bars. With ``adapter_path``: the saved adapter loaded and
+    ``--prediction_type`` set on the scheduler, so samples come from the file users get."""
+    from ..model_factory import load_pipeline
+
+    pipeline = load_pipeline(args.pretrained_model_name_or_path, torch_dtype=dtype,
+                             revision=args.revision, variant=args.variant)
+    pipeline.vae.to(torch.float32)
+    if adapter_path is not None:
+        if args.prediction_type:
+            pipeline.scheduler.register_to_config(prediction_type=args.prediction_type)
+        difftune.load_adapter(pipeline, adapter_path)
+    pipeline.to(device)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
 def attach_trainable_adapter(denoiser: nn.Module, args: argparse.Namespace, method_options: dict,
                              seed: int):
     """The adapter, seeded; trainable parameters in fp32 under fp16/bf16; memory options applied."""
