@@ -237,6 +237,23 @@ def test_clip_stage_resumes_exactly(tiny, tmp_path):
     assert _same_parameters(loaded, resumed) and len(tokenizer) == len(build_world_tokenizer())
 
 
+def test_clip_image_stage_locks_the_text_tower_and_resumes_exactly(tiny, tmp_path):
+    config, data = tiny
+    joint, tokenizer, _ = pretrain.train_clip(data, tmp_path / "clip", config, progress=False)
+    straight, _ = pretrain.train_clip_image(data, tmp_path / "a", config, joint, tokenizer, progress=False)
+    pretrain.train_clip_image(data, tmp_path / "b", config, joint, tokenizer, progress=False, stop_after=2)
+    resumed, record = pretrain.train_clip_image(data, tmp_path / "b", config, joint, tokenizer,
+                                                resume=True, progress=False)
+    assert record["step"] == 4 and _same_parameters(straight, resumed)
+    # The text tower is bit-identical to the joint stage's: it is the pipeline's text encoder.
+    assert _same_parameters(joint.text_model, resumed.text_model)
+    # Everything on the image side moved, and so did the text projection.
+    for name in ("vision_model", "visual_projection", "text_projection"):
+        assert not _same_parameters(getattr(joint, name), getattr(resumed, name)), name
+    loaded, _ = load_world_clip(tmp_path / "b" / "final")
+    assert _same_parameters(loaded, resumed)
+
+
 def test_vae_stage_resumes_exactly_and_sets_the_scaling_factor(tiny, tmp_path):
     config, data = tiny
     straight, _ = pretrain.train_vae(data, tmp_path / "a", config, progress=False)
@@ -275,7 +292,7 @@ def test_pretrain_all_writes_a_loadable_fp16_pipeline(tmp_path):
     config = replace(pretrain.PretrainConfig.tiny(steps=2), train_scenes=8)
     model_dir = tmp_path / "model"
     records = pretrain.pretrain_all(tmp_path / "run", config, progress=False, model_dir=model_dir)
-    assert [records[s]["step"] for s in pretrain.STAGES] == [2, 2, 2]
+    assert [records[s]["step"] for s in pretrain.STAGES] == [2, 2, 2, 2]
     with safe_open(str(model_dir / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as handle:
         assert handle.get_tensor(next(iter(handle.keys()))).dtype == torch.float16
     pipe = StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=torch.float32,
@@ -286,8 +303,11 @@ def test_pretrain_all_writes_a_loadable_fp16_pipeline(tmp_path):
     image = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
                  output_type="np").images
     assert image.shape == (1, 64, 64, 3)
-    clip_model, _ = load_world_clip(model_dir / "world_clip")
-    assert clip_model.config.text_config.hidden_size == pipe.text_encoder.config.hidden_size
+    clip_model, _ = load_world_clip(model_dir / "world_clip", dtype=torch.float16)
+    # The shipped CLIP is the image-tuned one, and its text tower is the pipeline's text encoder.
+    image_tuned, _ = load_world_clip(tmp_path / "run" / "clip_image" / "final")
+    assert _same_parameters(clip_model.vision_model, image_tuned.vision_model.half())
+    assert _same_parameters(clip_model.text_model, pipe.text_encoder.half())
     # Skipping a finished stage reuses it; skipping an unfinished one is refused.
     pretrain.pretrain_all(tmp_path / "run", config, stages=("unet",), resume=True, progress=False)
     with pytest.raises(FileNotFoundError, match="stage 'clip' is not finished"):

@@ -42,13 +42,17 @@ from .clip_model import (
 )
 from .scenes import Scene, render_scene, to_tensor, world_scene
 
-STAGES = ("clip", "vae", "unet")
-_STAGE_SALT = {"clip": 1, "vae": 2, "unet": 3}
+STAGES = ("clip", "clip_image", "vae", "unet")
+_STAGE_SALT = {"clip": 1, "vae": 2, "unet": 3, "clip_image": 4}
 
 
 @dataclass
 class StageSettings:
-    """Optimisation settings of one stage. ``schedule``: "cosine" (to 10%) or "constant"."""
+    """Optimisation settings of one stage. ``schedule``: "cosine" (to 10%) or "constant".
+
+    ``schedule_steps`` is the cosine's horizon when it differs from ``steps``: a stage can
+    stop part-way through its schedule (the joint CLIP stage does, see ``PretrainConfig``).
+    """
 
     steps: int
     batch_size: int
@@ -59,6 +63,7 @@ class StageSettings:
     max_grad_norm: float = 1.0
     checkpoint_every: int = 200
     log_every: int = 25
+    schedule_steps: int | None = None
 
 
 @dataclass
@@ -68,12 +73,19 @@ class PretrainConfig:
     train_scenes: int = 50_000
     seed: int = 0
     clip_size: WorldClipSize = field(default_factory=WorldClipSize)
+    # The joint stage stops halfway through its cosine: its text tower is then final (the
+    # UNet is trained on it) and only the image side goes on learning, in ``clip_image``.
     clip: StageSettings = field(default_factory=lambda: StageSettings(
-        steps=2000, batch_size=128, learning_rate=1e-3, warmup_steps=100, weight_decay=0.1))
+        steps=1000, batch_size=128, learning_rate=1e-3, warmup_steps=100, weight_decay=0.1,
+        schedule_steps=2000))
     caption_drop_probability: float = 0.3  # each optional caption attribute, all stages
     clip_hard_negatives: int = 1  # one-detail-wrong captions per image (0, 1 or 2)
     clip_class_prompts: bool = True  # every batch also scores all "a {colour} {shape}" prompts
     clip_attribute_loss_weight: float = 1.0  # auxiliary multi-label attribute probes on the image tower
+    # Image side only, text tower locked: the ViT needs thousands of steps to tell shapes apart.
+    clip_image: StageSettings = field(default_factory=lambda: StageSettings(
+        steps=4000, batch_size=64, learning_rate=1e-3, warmup_steps=100, weight_decay=0.1,
+        checkpoint_every=500))
     vae_channels: tuple[int, ...] = (16, 32, 64)  # three levels: 64×64 → 16×16 latents
     vae_norm_groups: int = 16
     latent_channels: int = 4
@@ -100,7 +112,7 @@ class PretrainConfig:
             train_scenes=16,
             clip_size=WorldClipSize(text_width=32, text_layers=1, vision_width=32, vision_layers=1,
                                     heads=2, patch_size=16, projection_dim=16),
-            clip=stage(), vae_channels=(8, 16, 16), vae_norm_groups=8, vae=stage(),
+            clip=stage(), clip_image=stage(), vae_channels=(8, 16, 16), vae_norm_groups=8, vae=stage(),
             unet_channels=(32, 32, 32), unet_norm_groups=8, unet_attention_heads=2,
             unet=stage(schedule="constant"), eval_scenes=8,
         )
@@ -182,7 +194,7 @@ def learning_rate_factor(step: int, settings: StageSettings) -> float:
     if settings.schedule == "constant":
         return warmup
     if settings.schedule == "cosine":
-        progress = min(step / max(settings.steps, 1), 1.0)
+        progress = min(step / max(settings.schedule_steps or settings.steps, 1), 1.0)
         return warmup * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
     raise ValueError(f"unknown learning-rate schedule '{settings.schedule}' (cosine or constant)")
 
@@ -240,7 +252,7 @@ def run_stage(name: str, model: nn.Module, settings: StageSettings,
     stage_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = stage_dir / "checkpoint.pt"
     optimizer = torch.optim.AdamW(_decay_groups(model, settings.weight_decay), lr=settings.learning_rate,
-                                  betas=(0.9, 0.98 if name == "clip" else 0.999))
+                                  betas=(0.9, 0.98 if name.startswith("clip") else 0.999))
     record = {"stage": name, "step": 0, "wall_seconds": 0.0, "log": [], "threads": torch.get_num_threads()}
     if checkpoint_path.is_file():
         if not resume:
@@ -317,31 +329,17 @@ def _write_final_marker(stage_dir: Path, record: dict, metrics: dict, config: Pr
 
 # ---------------------------------------------------------------- stage 1: CLIP
 
-def train_clip(data: TrainingData, stage_dir: Path, config: PretrainConfig, device: str = "cpu",
-               resume: bool = False, progress: bool = True, stop_after: int | None = None):
-    """Contrastive pretraining of the world CLIP. Returns (model, tokenizer, record).
-
-    Besides the captions of the batch, every image is scored against one hard negative
-    caption and all 56 "a {colour} {shape}" prompts, and linear attribute probes on the
-    image tower add a supervised signal (see ``AttributeHeads``): without them this ViT
-    does not learn shape within the CPU budget.
-    """
-    settings = config.clip
-    if resume and stage_finished(stage_dir, settings.steps):
-        model, tokenizer = load_world_clip(stage_dir / "final")
-        return model.to(device), tokenizer, _read_record(stage_dir)
-    tokenizer = build_world_tokenizer()
-    model = build_world_clip(tokenizer, config.clip_size, seed=config.seed)
-    whiten_patch_embedding(model, data.pixels(np.arange(min(len(data), 2000))))
-    # The optimiser trains the CLIP and the auxiliary attribute probes together.
-    trained = nn.ModuleDict({"clip": model, "attribute_heads": AttributeHeads(config.clip_size.vision_width)})
-    trained.to(device)
-
+def _clip_loss_function(model, heads: AttributeHeads, tokenizer, data: TrainingData, stage: str,
+                        settings: StageSettings, config: PretrainConfig, device: str
+                        ) -> Callable[[int], torch.Tensor]:
+    """The CLIP objective of batch ``step``: contrastive (captions, one hard negative per
+    image, all 56 "a {colour} {shape}" prompts) plus the attribute probes on the image tower.
+    With the text tower frozen, the same loss trains the image side only."""
     class_prompts, class_pairs = color_shape_prompts() if config.clip_class_prompts else ([], [])
 
     def loss_at_step(step: int) -> torch.Tensor:
-        indices, captions = data.batch("clip", step, settings.batch_size)
-        rng = data.rng("clip", step + 1_000_000_007)
+        indices, captions = data.batch(stage, step, settings.batch_size)
+        rng = data.rng(stage, step + 1_000_000_007)
         negatives = [negative for caption in captions
                      for negative in hard_negatives(caption, rng)[:config.clip_hard_negatives]]
         extras = negatives + class_prompts
@@ -358,30 +356,91 @@ def train_clip(data: TrainingData, stage_dir: Path, config: PretrainConfig, devi
                                 extra_true if extras else None, image_embeds=model.visual_projection(pooled))
         if config.clip_attribute_loss_weight:
             scenes = [data.scenes[i] for i in indices]
-            loss = loss + config.clip_attribute_loss_weight * trained["attribute_heads"].loss(pooled, scenes)
+            loss = loss + config.clip_attribute_loss_weight * heads.loss(pooled, scenes)
         return loss
 
-    monitor_scenes = single_object_scenes("heldout_b", min(config.eval_scenes, 300))
-    monitor_images = to_tensor(np.stack([render_scene(s) for s in monitor_scenes])).to(device)
-    monitor_truth = [(s.objects[0].color, s.objects[0].shape) for s in monitor_scenes]
+    return loss_at_step
+
+
+def _zero_shot_monitor(model, tokenizer, config: PretrainConfig, device: str) -> Callable[[], dict]:
+    """Zero-shot accuracy on a few held-out scenes (heldout_b; the final report uses heldout_a)."""
+    scenes = single_object_scenes("heldout_b", min(config.eval_scenes, 300))
+    images = to_tensor(np.stack([render_scene(s) for s in scenes])).to(device)
+    truth = [(s.objects[0].color, s.objects[0].shape) for s in scenes]
 
     def monitor() -> dict:
-        """Zero-shot accuracy on a few held-out scenes (heldout_b; the final report uses heldout_a)."""
-        predictions = classify_color_shape(model, tokenizer, monitor_images)
-        metrics = accuracy_against(predictions, monitor_truth)
+        metrics = accuracy_against(classify_color_shape(model, tokenizer, images), truth)
         return {k: round(v, 4) for k, v in metrics.items() if k != "count"}
 
+    return monitor
+
+
+def _finish_clip_stage(name: str, model, tokenizer, stage_dir: Path, record: dict, config: PretrainConfig,
+                       device: str, progress: bool) -> None:
+    save_world_clip(model, tokenizer, stage_dir / "final")
+    metrics = zero_shot_accuracy(model.cpu(), tokenizer, "heldout_a", config.eval_scenes)
+    model.to(device)
+    _write_final_marker(stage_dir, record, {"zero_shot_heldout_a": metrics}, config)
+    if progress:
+        tqdm.write(f"{name} zero-shot on heldout_a: colour {metrics['color']:.1%}, "
+                   f"shape {metrics['shape']:.1%}")
+
+
+def train_clip(data: TrainingData, stage_dir: Path, config: PretrainConfig, device: str = "cpu",
+               resume: bool = False, progress: bool = True, stop_after: int | None = None):
+    """Joint contrastive pretraining of both towers. Returns (model, tokenizer, record).
+
+    Besides the captions of the batch, every image is scored against one hard negative
+    caption and all 56 "a {colour} {shape}" prompts, and linear attribute probes on the
+    image tower add a supervised signal (see ``AttributeHeads``). This stage fixes the
+    text tower; shape is learned by the image tower later, in ``train_clip_image``.
+    """
+    settings = config.clip
+    if resume and stage_finished(stage_dir, settings.steps):
+        model, tokenizer = load_world_clip(stage_dir / "final")
+        return model.to(device), tokenizer, _read_record(stage_dir)
+    tokenizer = build_world_tokenizer()
+    model = build_world_clip(tokenizer, config.clip_size, seed=config.seed)
+    whiten_patch_embedding(model, data.pixels(np.arange(min(len(data), 2000))))
+    # The optimiser trains the CLIP and the auxiliary attribute probes together.
+    heads = AttributeHeads(config.clip_size.vision_width)
+    trained = nn.ModuleDict({"clip": model, "attribute_heads": heads}).to(device)
+    loss_at_step = _clip_loss_function(model, heads, tokenizer, data, "clip", settings, config, device)
     record = run_stage("clip", trained, settings, loss_at_step, stage_dir, resume, progress=progress,
-                       stop_after=stop_after, evaluate=monitor)
+                       stop_after=stop_after, evaluate=_zero_shot_monitor(model, tokenizer, config, device))
     if record["step"] >= settings.steps:
-        save_world_clip(model, tokenizer, stage_dir / "final")
-        metrics = zero_shot_accuracy(model.cpu(), tokenizer, "heldout_a", config.eval_scenes)
-        model.to(device)
-        _write_final_marker(stage_dir, record, {"zero_shot_heldout_a": metrics}, config)
-        if progress:
-            tqdm.write(f"clip zero-shot on heldout_a: colour {metrics['color']:.1%}, "
-                       f"shape {metrics['shape']:.1%}")
+        _finish_clip_stage("clip", model, tokenizer, stage_dir, record, config, device, progress)
     return model, tokenizer, record
+
+
+def train_clip_image(data: TrainingData, stage_dir: Path, config: PretrainConfig, clip_model, tokenizer,
+                     device: str = "cpu", resume: bool = False, progress: bool = True,
+                     stop_after: int | None = None):
+    """Go on training the image side of the joint CLIP with its text tower locked.
+
+    A from-scratch ViT on 64×64 scenes needs thousands of steps before it tells shapes
+    apart (colour takes 200); the text tower is done long before. Locking it lets the
+    UNet train on the final text encoder while the image tower, its projection, the text
+    projection and the temperature go on learning, each step three times cheaper than a
+    joint one. The text tower stays bit-identical, so the saved CLIP's text model is the
+    pipeline's text encoder. Returns (model, record).
+    """
+    settings = config.clip_image
+    if resume and stage_finished(stage_dir, settings.steps):
+        model, _ = load_world_clip(stage_dir / "final")
+        return model.to(device), _read_record(stage_dir)
+    model = type(clip_model)(clip_model.config)
+    model.load_state_dict(clip_model.state_dict())
+    model.text_model.requires_grad_(False)
+    torch.manual_seed(config.seed + _STAGE_SALT["clip_image"])  # fresh probes, the same in every run
+    heads = AttributeHeads(config.clip_size.vision_width)
+    trained = nn.ModuleDict({"clip": model, "attribute_heads": heads}).to(device)
+    loss_at_step = _clip_loss_function(model, heads, tokenizer, data, "clip_image", settings, config, device)
+    record = run_stage("clip_image", trained, settings, loss_at_step, stage_dir, resume, progress=progress,
+                       stop_after=stop_after, evaluate=_zero_shot_monitor(model, tokenizer, config, device))
+    if record["step"] >= settings.steps:
+        _finish_clip_stage("clip_image", model, tokenizer, stage_dir, record, config, device, progress)
+    return model, record
 
 
 def _read_record(stage_dir: Path) -> dict:
@@ -627,12 +686,13 @@ def save_embedded_model(pipe, clip_model, tokenizer, model_dir: Path,
 def pretrain_all(output_dir: Path, config: PretrainConfig, stages: tuple[str, ...] = STAGES,
                  device: str = "cpu", resume: bool = False, progress: bool = True,
                  model_dir: Path | None = None) -> dict:
-    """Run the requested stages in order: clip, vae, unet.
+    """Run the requested stages in order: clip, clip_image, vae, unet.
 
-    The UNet needs the CLIP and the VAE, finished in this call or an earlier one. The VAE
-    does not need the CLIP, so ``stages=("clip",)`` and ``stages=("vae",)`` can run in two
-    processes at once. Returns the stage records; writes the assembled pipeline to ``model_dir`` when the
-    UNet stage is run (or already finished) and ``model_dir`` is given.
+    ``clip_image`` and ``unet`` need the joint CLIP (its text tower); the UNet also needs
+    the VAE, finished in this call or an earlier one. Independent stages can run in
+    separate processes at once: ``clip`` with ``vae``, then ``clip_image`` with ``unet``.
+    Returns the stage records. Once ``clip_image`` and ``unet`` are both finished, the
+    pipeline and the world CLIP are written to ``model_dir`` (when given).
     """
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
@@ -643,29 +703,38 @@ def pretrain_all(output_dir: Path, config: PretrainConfig, stages: tuple[str, ..
     records: dict[str, dict] = {}
 
     def need(stage: str) -> None:
-        if stage not in stages and not stage_finished(output_dir / stage, getattr(config, stage).steps):
+        if stage not in stages and not finished(stage):
             raise FileNotFoundError(f"stage '{stage}' is not finished in {output_dir}; "
                                     "include it in --stages")
 
-    if {"clip", "unet"} & set(stages):
+    def finished(stage: str) -> bool:
+        return stage_finished(output_dir / stage, getattr(config, stage).steps)
+
+    if {"clip", "clip_image", "unet"} & set(stages):
         need("clip")
         clip_model, tokenizer, records["clip"] = train_clip(data, output_dir / "clip", config, device,
                                                             resume=resume or "clip" not in stages,
                                                             progress=progress)
+    if "clip_image" in stages:
+        _, records["clip_image"] = train_clip_image(data, output_dir / "clip_image", config, clip_model,
+                                                    tokenizer, device, resume=resume, progress=progress)
     if {"vae", "unet"} & set(stages):
         need("vae")
         vae, records["vae"] = train_vae(data, output_dir / "vae", config, device,
                                         resume=resume or "vae" not in stages, progress=progress)
-    if "unet" not in stages:
-        return records
-    unet, records["unet"] = train_unet(data, output_dir / "unet", config, clip_model, tokenizer, vae, device,
-                                       resume=resume, progress=progress)
-    if model_dir is not None and records["unet"]["step"] >= config.unet.steps:
-        pipe = assemble_pipeline(clip_model.cpu(), tokenizer, vae.cpu(), unet.cpu())
-        save_embedded_model(pipe, clip_model, tokenizer, model_dir)
+    if "unet" in stages:
+        unet, records["unet"] = train_unet(data, output_dir / "unet", config, clip_model, tokenizer, vae,
+                                           device, resume=resume, progress=progress)
+    if model_dir is not None and {"clip_image", "unet"} & set(stages) and all(map(finished, STAGES)):
+        world_clip, tokenizer = load_world_clip(output_dir / "clip_image" / "final")
+        vae, _ = train_vae(data, output_dir / "vae", config, resume=True, progress=False)
+        unet, _ = train_unet(data, output_dir / "unet", config, world_clip, tokenizer, vae,
+                             resume=True, progress=False)
+        pipe = assemble_pipeline(world_clip, tokenizer, vae, unet)
+        save_embedded_model(pipe, world_clip, tokenizer, model_dir)
         write_json_atomically({"config": config.to_json(), "stages": {
-            name: {k: v for k, v in record.items() if k != "log"} for name, record in records.items()}},
-            model_dir / "pretraining.json")
+            stage: {k: v for k, v in _read_record(output_dir / stage).items() if k != "log"}
+            for stage in STAGES}}, model_dir / "pretraining.json")
     return records
 
 
