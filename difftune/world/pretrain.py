@@ -83,9 +83,11 @@ class PretrainConfig:
     clip_class_prompts: bool = True  # every batch also scores all "a {colour} {shape}" prompts
     clip_attribute_loss_weight: float = 1.0  # auxiliary multi-label attribute probes on the image tower
     # Image side only, text tower locked: the ViT needs thousands of steps to tell shapes apart.
+    # A constant rate: shape accuracy climbs for 10k+ steps (47% after 2500 with a 4000-step
+    # cosine), and a longer run is then the same run continued.
     clip_image: StageSettings = field(default_factory=lambda: StageSettings(
-        steps=4000, batch_size=64, learning_rate=1e-3, warmup_steps=100, weight_decay=0.1,
-        checkpoint_every=500))
+        steps=10000, batch_size=64, learning_rate=1e-3, warmup_steps=100, weight_decay=0.1,
+        schedule="constant", checkpoint_every=500))
     vae_channels: tuple[int, ...] = (16, 32, 64)  # three levels: 64×64 → 16×16 latents
     vae_norm_groups: int = 16
     latent_channels: int = 4
