@@ -83,10 +83,10 @@ class PretrainConfig:
     clip_class_prompts: bool = True  # every batch also scores all "a {colour} {shape}" prompts
     clip_attribute_loss_weight: float = 1.0  # auxiliary multi-label attribute probes on the image tower
     # Image side only, text tower locked: the ViT needs thousands of steps to tell shapes apart.
-    # A constant rate: shape accuracy climbs for 10k+ steps (47% after 2500 with a 4000-step
-    # cosine), and a longer run is then the same run continued.
+    # A constant rate, so that a longer run is the same run continued. Held-out shape accuracy
+    # sits at 30-50% for 4000 steps, then jumps (84% at 6000, 96% at 7500).
     clip_image: StageSettings = field(default_factory=lambda: StageSettings(
-        steps=10000, batch_size=64, learning_rate=1e-3, warmup_steps=100, weight_decay=0.1,
+        steps=8000, batch_size=64, learning_rate=1e-3, warmup_steps=100, weight_decay=0.1,
         schedule="constant", checkpoint_every=500))
     vae_channels: tuple[int, ...] = (16, 32, 64)  # three levels: 64×64 → 16×16 latents
     vae_norm_groups: int = 16
@@ -98,7 +98,7 @@ class PretrainConfig:
     unet_norm_groups: int = 32
     unet_attention_heads: int = 8
     unet: StageSettings = field(default_factory=lambda: StageSettings(
-        steps=4000, batch_size=32, learning_rate=5e-4, warmup_steps=200, schedule="constant"))
+        steps=6000, batch_size=32, learning_rate=5e-4, warmup_steps=200, schedule="constant"))
     empty_prompt_probability: float = 0.1  # caption dropout for classifier-free guidance
     snr_gamma: float | None = 5.0  # Min-SNR-γ weighting of the ε loss; None = plain MSE
     ema_decay: float = 0.999
