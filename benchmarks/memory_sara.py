@@ -46,6 +46,7 @@ LABELS = {
     "sara-dense": "SaRA dense-masked (no hook)",
     "lora-budget": "peft LoRA, all layers, same budget",
     "full": "full fine-tuning",
+    "weight-grads": "weight gradients only (dropped, no optimizer)",
 }
 
 
@@ -108,11 +109,14 @@ def run_child(spec: dict) -> dict:
         groups = [{"params": list(masks), "weight_decay": 0.0}]
     elif mode == "full":
         groups = [{"params": list(unet.parameters()), "weight_decay": 1e-2}]
+    elif mode == "weight-grads":
+        drop_weight_gradients(unet)
+        groups = []
     else:
         raise SystemExit(f"unknown mode {mode}")
     params = [p for g in groups for p in g["params"]]
     trainable = sum(m.sum().item() for m in masks.values()) if masks else sum(p.numel() for p in params)
-    optimizer = torch.optim.AdamW(groups, lr=1e-4)
+    optimizer = torch.optim.AdamW(groups, lr=1e-4) if groups else None
 
     batch, latent = spec["batch"], spec["resolution"] // 8
     gen = torch.Generator().manual_seed(0)
@@ -133,11 +137,12 @@ def run_child(spec: dict) -> dict:
         (loss if extra is None else loss + extra).backward()
         if adapter is not None:
             adapter.before_optimizer_step(step + 1, 10**6)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        if adapter is not None:
-            adapter.after_optimizer_step(step + 1, 10**6, optimizer)
-        optimizer.zero_grad(set_to_none=True)
+        if optimizer is not None:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            if adapter is not None:
+                adapter.after_optimizer_step(step + 1, 10**6, optimizer)
+            optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
@@ -183,6 +188,18 @@ def dense_masks(unet, budget: float) -> dict:
     return masks
 
 
+def drop_weight_gradients(unet) -> None:
+    """The compute floor of training entries of every layer: each Linear/Conv weight (SaRA's
+    default targets) gets its dense gradient computed in backward, then dropped at once."""
+    from difftune.targeting import resolve_targets
+    from difftune.tuners.sara.selection import targeted_tensors
+
+    unet.requires_grad_(False)
+    for tensor in targeted_tensors(unet, resolve_targets(unet, "all"), include_bias_norm=False).values():
+        tensor.requires_grad_(True)
+        tensor.register_post_accumulate_grad_hook(lambda param: setattr(param, "grad", None))
+
+
 # --- the parent: run every mode, print and write the table -----------------------------------
 
 def machine_description(args) -> str:
@@ -205,7 +222,8 @@ def machine_description(args) -> str:
 
 
 def plan(args) -> list[dict]:
-    modes = args.modes or ["lora-r4", "sara", "sara-no-rank", "sara-dense", "lora-budget", "full"]
+    modes = args.modes or ["lora-r4", "weight-grads", "sara", "sara-no-rank", "sara-dense", "lora-budget",
+                           "full"]
     batches = args.batch_sizes or ([1] if args.device == "cpu" else [1, 4, 8])
     resolution = args.resolution or (256 if args.device == "cpu" else 512)
     specs = []

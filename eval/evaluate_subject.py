@@ -1,11 +1,16 @@
-"""Evaluate subject-driven adapters with the DreamBooth protocol: DINO, CLIP-I, CLIP-T (+ CLIP, FID).
+"""Evaluate subject-driven adapters with the DreamBooth protocol: DINO, CLIP-I, CLIP-T, PRES (+ CLIP, FID).
 
 For each adapter file and subject: ``--images_per_prompt`` images for every prompt of a
 prompt list (``{subject}`` becomes "identifier class"), then the metrics against the
 subject's images; optionally FID/KID against a reference folder (e.g. class images).
+Prior preservation: as many images, with the same seeds, from the class prompts (the
+prompts without the identifier: "a dog on the beach"); PRES is their mean DINO (without
+a DINO model: CLIP-I, reported as PRES-CLIP-I) to the subject's images, lower meaning the
+class is still drawn as a class, and class CLIP-T their CLIP-T against the class prompts.
 Writes, under ``--output_dir``: ``<run>/<subject>/images/*.png``, ``grid.png``,
-``metrics.json`` (with per-prompt numbers), and ``results.json`` / ``results.md`` /
-``results.csv`` for all runs. Runs whose results are already there are not redone.
+``class_images/*.png``, ``class_grid.png``, ``metrics.json`` (with per-prompt numbers),
+and ``results.json`` / ``results.md`` / ``results.csv`` for all runs. Runs whose results
+are already there are not redone.
 
     # the embedded default, offline on CPU
     python eval/evaluate_subject.py --adapter lora=outputs/lora/adapter.safetensors \\
@@ -58,6 +63,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="recompute runs that already have results")
     parser.add_argument("--fid", action="store_true", help="also compute FID/KID against --class_data_dir")
     parser.add_argument("--class_data_dir", type=Path, default=None, help="reference images for FID")
+    parser.add_argument("--no_class_prompts", action="store_true",
+                        help="skip the prior-preservation numbers (PRES, class CLIP-T) and the class-prompt "
+                             "images they need (by default every run also generates from the prompts "
+                             "without the identifier, same seeds)")
     add_evaluation_arguments(parser)
     args = parser.parse_args(argv)
     if not args.adapter and not args.include_base:
@@ -113,7 +122,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     pipe = load_eval_pipeline(model, device, dtype)
     results = evaluate_runs(pipe, runs, prompt_file, generation_settings(args), scorer, args.output_dir,
                             model, fid_reference=fid_reference, num_prompts=args.num_prompts,
-                            overwrite=args.overwrite)
+                            overwrite=args.overwrite, with_class_prompts=not args.no_class_prompts)
     write_tables(results, args.output_dir, f"Subject evaluation of {model}")
     return results
 

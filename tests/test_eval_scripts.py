@@ -6,12 +6,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import build, make_subject_images, randomize_adapter
 from PIL import Image
 
 import difftune
 from difftune.metrics import ClipSimilarity, DinoSimilarity
-from difftune.metrics.subject import GenerationSettings, generate_images, load_images, load_prompts
+from difftune.metrics.subject import (
+    GenerationSettings,
+    Subject,
+    class_prompts,
+    generate_images,
+    image_seed,
+    load_images,
+    load_prompts,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,6 +54,34 @@ def test_prompt_lists_have_25_prompts_and_fill_in_the_subject():
         assert all("sks dog" in p for p in prompts)
 
 
+def by_hand_mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean cosine over all (row of a, row of b) pairs, written out here, not taken from the library."""
+    a = a.double() / a.double().norm(dim=1, keepdim=True)
+    b = b.double() / b.double().norm(dim=1, keepdim=True)
+    return float(sum(float(x @ y) for x in a for y in b) / (len(a) * len(b)))
+
+
+def by_hand_clip_t(clip: ClipSimilarity, images: list, texts: list[str]) -> float:
+    """Mean 100 · cos(image i, text i) from the tiny CLIP's image and text embeddings."""
+    image_features, text_features = clip.image_embeddings(images), clip.text_embeddings(texts)
+    cosines = [float(i @ t / (i.norm() * t.norm()))
+               for i, t in zip(image_features, text_features, strict=True)]
+    return 100 * sum(cosines) / len(cosines)
+
+
+def test_class_prompts_drop_the_identifier_only():
+    subject = Subject("toy", Path("toy"), "sks", "dog", [])
+    prompts = load_prompts(ROOT / "assets" / "prompts" / "subject_prompts.txt", "sks", "dog")
+    classes = class_prompts(prompts, subject)
+    assert classes[0] == "a dog on a sandy beach at sunset"
+    assert classes[-1] == "a dog carved out of wood"
+    assert all("sks" not in c.split() and "dog" in c.split() for c in classes)
+    assert [c.replace("dog", "sks dog", 1) for c in classes] == prompts
+    # an identifier the prompt would keep is refused rather than generated from
+    with pytest.raises(difftune.DifftuneError, match="could not be removed"):
+        class_prompts(["a <v> dog"], Subject("toy", Path("toy"), "<v>", "dog", []))
+
+
 def test_image_seeds_do_not_depend_on_batch_size():
     pipe = build("sd")
     settings = {"seed": 3, "num_inference_steps": 2, "guidance_scale": 1.0, "height": 64, "width": 64}
@@ -73,6 +110,8 @@ def test_evaluate_subject_end_to_end(tmp_path, toy_subject, lora_file, tiny_clip
         run_dir = out / name / "toy"
         assert len(list((run_dir / "images").glob("*.png"))) == 4
         assert Image.open(run_dir / "grid.png").size[0] > 2 * 128
+        assert len(list((run_dir / "class_images").glob("*.png"))) == 4
+        assert Image.open(run_dir / "class_grid.png").size == Image.open(run_dir / "grid.png").size
     base_image = np.asarray(Image.open(out / "base" / "toy" / "images" / "p00_0.png"))
     lora_image = np.asarray(Image.open(out / "lora" / "toy" / "images" / "p00_0.png"))
     assert not np.array_equal(base_image, lora_image)  # the adapter was applied
@@ -92,10 +131,38 @@ def test_evaluate_subject_end_to_end(tmp_path, toy_subject, lora_file, tiny_clip
     assert lora["fid"]["real_count"] == 5 and lora["fid"]["generated_count"] == 4
     assert lora["fid"]["extractor"] == f"clip:{tiny_clip_dir}"
 
+    # prior preservation: the class prompts (no identifier), recomputed by hand from the saved class images
+    class_texts = [p["prompt"] for p in lora["class_prompts"]["per_prompt"]]
+    assert class_texts == ["a dog on a sandy beach at sunset", "a dog in a snowy pine forest"]
+    class_generated = load_images(out / "lora" / "toy" / "class_images")
+    assert len(class_generated) == lora["class_prompts"]["generated_images"] == 4
+    pres = by_hand_mean_cosine(dino.image_embeddings(class_generated), dino.image_embeddings(reference))
+    assert lora["pres"] == pytest.approx(pres, abs=1e-6)
+    assert lora["pres"] != pytest.approx(lora["dino"], abs=1e-6)  # other images than the subject prompts'
+    pres_clip_i = by_hand_mean_cosine(clip.image_embeddings(class_generated),
+                                      clip.image_embeddings(reference))
+    assert lora["pres_clip_i"] == pytest.approx(pres_clip_i, abs=1e-6)
+    class_clip_t = by_hand_clip_t(clip, class_generated, [p for p in class_texts for _ in range(2)])
+    assert lora["class_clip_t"] == pytest.approx(class_clip_t, abs=1e-4)
+
+    # the same seeds as the subject prompts: image k of prompt p, drawn here with the pipeline directly
+    from difftune.metrics.cli import load_eval_pipeline
+
+    pipe = load_eval_pipeline("builtin:tiny-sd", torch.device("cpu"), torch.float32)
+    settings = GenerationSettings(images_per_prompt=2, seed=0)
+    for folder, prompt in (("images", prompts[1]), ("class_images", class_texts[1])):
+        generator = torch.Generator().manual_seed(image_seed(settings, 1, 1))
+        drawn = pipe(prompt, num_inference_steps=2, guidance_scale=1.0, height=64, width=64,
+                     generator=generator).images[0]
+        saved = Image.open(out / "base" / "toy" / folder / "p01_1.png")
+        assert np.abs(np.asarray(drawn, np.int16) - np.asarray(saved, np.int16)).max() <= 1
+
     table = (out / "results.md").read_text()
-    assert "| run | method | subject | images | DINO | CLIP-I | CLIP-T | CLIP | FID | KID |" in table
+    assert ("| run | method | subject | images | DINO | CLIP-I | CLIP-T | CLIP | FID | KID | PRES "
+            "| class CLIP-T |") in table
     assert "5 reference / 4 generated images" in table
     assert (out / "results.csv").read_text().count("\n") == 3
+    assert (out / "results.csv").read_text().splitlines()[0].endswith(",fid,kid,pres,class_clip_t")
 
     # a second call reads the stored results instead of generating again
     stamp = (out / "lora" / "toy" / "images" / "p00_0.png").stat().st_mtime_ns
@@ -104,6 +171,38 @@ def test_evaluate_subject_end_to_end(tmp_path, toy_subject, lora_file, tiny_clip
     assert "up to date" in capsys.readouterr().out
     assert (out / "lora" / "toy" / "images" / "p00_0.png").stat().st_mtime_ns == stamp
     assert again[1]["clip_i"] == lora["clip_i"]
+    assert again[1]["pres"] == lora["pres"] and again[1]["class_clip_t"] == lora["class_clip_t"]
+
+
+def test_class_prompts_without_dino_and_switched_off(tmp_path, toy_subject, tiny_clip_dir):
+    """No DINO model: PRES comes from CLIP-I and says so; --no_class_prompts removes the columns only."""
+    script = load_script("evaluate_subject")
+    argv = ["--pretrained_model_name_or_path", "builtin:tiny-sd", "--include_base",
+            "--instance_data_dir", str(toy_subject), "--prompts", "dreambooth", "--num_prompts", "1",
+            "--images_per_prompt", "2", "--num_inference_steps", "2", "--height", "64", "--width", "64",
+            "--guidance_scale", "1", "--clip_model", str(tiny_clip_dir), "--dino_model", "none"]
+    with_class = script.main([*argv, "--output_dir", str(tmp_path / "with")])[0]
+    without = script.main([*argv, "--no_class_prompts", "--output_dir", str(tmp_path / "without")])[0]
+
+    assert with_class["pres"] is None
+    clip = ClipSimilarity.from_pretrained(tiny_clip_dir)
+    class_generated = load_images(tmp_path / "with" / "base" / "toy" / "class_images")
+    pres_clip_i = by_hand_mean_cosine(clip.image_embeddings(class_generated),
+                                      clip.image_embeddings(load_images(toy_subject)))
+    assert with_class["pres_clip_i"] == pytest.approx(pres_clip_i, abs=1e-6)
+    table = (tmp_path / "with" / "results.md").read_text()
+    assert "| KID | PRES-CLIP-I | class CLIP-T |" in table and "| PRES |" not in table
+    header = (tmp_path / "with" / "results.csv").read_text().splitlines()[0]
+    assert header.endswith(",kid,pres_clip_i,class_clip_t")
+
+    assert not {"pres", "pres_clip_i", "class_clip_t", "class_prompts"} & set(without)
+    assert not (tmp_path / "without" / "base" / "toy" / "class_images").exists()
+    table = (tmp_path / "without" / "results.md").read_text()
+    assert "PRES" not in table and "class CLIP-T" not in table
+    assert (tmp_path / "without" / "results.csv").read_text().splitlines()[0] == (
+        "name,method,subject,generated_images,dino,clip_i,clip_t,clip_score,fid,kid")
+    for key in ("generated_images", "dino", "clip_i", "clip_t", "clip_score", "per_prompt"):
+        assert without[key] == with_class[key]  # the existing columns do not change
 
 
 def test_evaluate_subject_refuses_bad_input_before_loading_models(tmp_path, toy_subject):

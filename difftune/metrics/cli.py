@@ -138,15 +138,21 @@ def generation_settings(args: argparse.Namespace) -> GenerationSettings:
 
 def write_tables(results: list[dict], output_dir: Path, title: str) -> None:
     from difftune.metrics.reporting import markdown_table, write_csv, write_json, write_text
-    from difftune.metrics.subject import SUMMARY_COLUMNS, SUMMARY_HEADERS, fid_note, summary_rows
+    from difftune.metrics.subject import SUMMARY_HEADERS, fid_note, summary_columns, summary_rows
 
     rows = summary_rows(results)
+    columns = summary_columns(results)
     write_json(output_dir / "results.json", results)
-    write_csv(output_dir / "results.csv", rows, SUMMARY_COLUMNS)
+    write_csv(output_dir / "results.csv", rows, columns)
     note = fid_note(results)
     models = sorted({(r["clip_model"], r["dino_model"]) for r in results})
-    lines = [f"# {title}", "", markdown_table(rows, SUMMARY_COLUMNS, SUMMARY_HEADERS)]
+    lines = [f"# {title}", "", markdown_table(rows, columns, SUMMARY_HEADERS)]
     lines += [f"CLIP: {c}; DINO: {d or 'not computed'}." for c, d in models]
+    if "class_clip_t" in columns:
+        embedding = "DINO" if "pres" in columns else "CLIP-I"
+        lines.append(f"{SUMMARY_HEADERS[columns[-2]]}: mean {embedding} cosine of the class-prompt images "
+                     "(the prompts without the identifier, same seeds) to the subject images; lower: the "
+                     "class prior is kept. class CLIP-T: those images against their class prompts.")
     if note:
         lines.append(note)
     write_text(output_dir / "results.md", "\n".join(lines) + "\n")

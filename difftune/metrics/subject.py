@@ -6,7 +6,11 @@ image does not depend on the batch it was drawn in), then
 - DINO and CLIP-I: mean cosine between every generated image and every subject image,
 - CLIP-T: prompt fidelity with the identifier replaced by the class name,
 - CLIP score: prompt fidelity with the prompt as written (floored at 0),
-- FID/KID (optional): generated images against a reference folder (e.g. class images).
+- FID/KID (optional): generated images against a reference folder (e.g. class images),
+- prior preservation (optional): the same prompts without the identifier ("a dog on the
+  beach"), same seeds; PRES is DINO between those images and the subject images (CLIP-I
+  without a DINO model; lower: the model still draws the class, not the subject) and
+  class CLIP-T their CLIP-T against those class prompts.
 
 ``eval/evaluate_subject.py`` and ``eval/benchmark.py`` are thin command lines over this.
 """
@@ -14,6 +18,7 @@ image does not depend on the batch it was drawn in), then
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,6 +98,21 @@ def load_prompts(path: str | Path, identifier: str, class_name: str, limit: int 
             raise DifftuneError(f"{path}, prompt {number}: unknown placeholder {error} "
                                 "(use {subject}, {identifier}, {class})") from error
     return prompts[:limit] if limit else prompts
+
+
+def class_prompts(prompts: list[str], subject: Subject) -> list[str]:
+    """The prompts without the identifier ("a sks dog on a beach" → "a dog on a beach").
+
+    These are the texts CLIP-T scores against; for prior preservation they are also
+    generated from. A prompt that still holds the identifier is refused.
+    """
+    result = [neutral_prompt(p, subject.identifier, subject.class_name) for p in prompts]
+    word = re.compile(rf"(?<!\w){re.escape(subject.identifier)}(?!\w)")
+    left = [p for p in result if word.search(p)]
+    if left:
+        raise DifftuneError(f"the identifier {subject.identifier!r} could not be removed from the prompt "
+                            f"{left[0]!r}; use another identifier or --no_class_prompts")
+    return result
 
 
 @dataclass
@@ -231,13 +251,18 @@ class EvalRun:
 
 
 def run_signature(run: EvalRun, prompts: list[str], settings: GenerationSettings, scorer: SubjectScorer,
-                  fid_reference: str | None, model: str) -> dict[str, Any]:
-    """Everything a stored result depends on; a result with another signature is recomputed."""
+                  fid_reference: str | None, model: str,
+                  class_prompt_list: list[str] | None = None) -> dict[str, Any]:
+    """Everything a stored result depends on; a result with another signature is recomputed.
+
+    The class prompts enter only when they are evaluated, so results stored without them
+    stay valid for runs without them.
+    """
     adapter_stamp = None
     if run.adapter is not None:
         stat = Path(run.adapter).stat()
         adapter_stamp = [str(run.adapter), stat.st_size, stat.st_mtime_ns]
-    return {
+    signature = {
         "model": model,
         "adapter": adapter_stamp,
         "scale": run.scale,
@@ -249,27 +274,35 @@ def run_signature(run: EvalRun, prompts: list[str], settings: GenerationSettings
         "fid_reference": fid_reference,
         "fid_extractor": getattr(scorer.fid_extractor, "name", None) if fid_reference else None,
     }
+    if class_prompt_list is not None:
+        signature["class_prompts"] = class_prompt_list
+    return signature
 
 
 def evaluate_runs(pipe: Any, runs: list[EvalRun], prompt_file: str | Path, settings: GenerationSettings,
                   scorer: SubjectScorer, output_dir: str | Path, model: str,
                   fid_reference: tuple[str, list[Image.Image]] | None = None,
                   num_prompts: int | None = None, overwrite: bool = False,
-                  grid_cell: int = 128) -> list[dict[str, Any]]:
+                  grid_cell: int = 128, with_class_prompts: bool = False) -> list[dict[str, Any]]:
     """Generate, save images and a grid, score; ``output_dir/<name>/<subject>/metrics.json`` per run.
 
+    ``with_class_prompts``: also generate from the class prompts (``class_images/``,
+    ``class_grid.png``) and report ``pres`` (DINO; None without a DINO model),
+    ``pres_clip_i`` and ``class_clip_t``, with per-prompt detail under ``class_prompts``.
     A run whose ``metrics.json`` has the same signature is read back, not recomputed.
     """
     import difftune
 
-    from .reporting import image_grid, read_json, save_image, write_json
+    from .reporting import read_json, write_json
 
     output_dir = Path(output_dir)
     denoiser, _ = difftune.find_denoiser(pipe)
     results = []
     for run in runs:
         prompts = load_prompts(prompt_file, run.subject.identifier, run.subject.class_name, num_prompts)
-        signature = run_signature(run, prompts, settings, scorer, fid_reference and fid_reference[0], model)
+        class_prompt_list = class_prompts(prompts, run.subject) if with_class_prompts else None
+        signature = run_signature(run, prompts, settings, scorer, fid_reference and fid_reference[0], model,
+                                  class_prompt_list)
         run_dir = output_dir / run.name / run.subject.name
         metrics_file = run_dir / "metrics.json"
         if not overwrite and metrics_file.is_file():
@@ -282,25 +315,46 @@ def evaluate_runs(pipe: Any, runs: list[EvalRun], prompt_file: str | Path, setti
             difftune.load_adapter(pipe, run.adapter, scale=run.scale)
             # the adapter's tensors join the pipeline's device and dtype (fp16 generation on GPU)
             denoiser.to(device=pipe.device, dtype=pipe.dtype)
+        desc = f"{run.name} / {run.subject.name}"
         try:
-            generated = generate_images(pipe, prompts, settings, desc=f"{run.name} / {run.subject.name}")
+            generated = generate_images(pipe, prompts, settings, desc=desc)
+            class_generated = None
+            if class_prompt_list is not None:  # the same seeds: image k of prompt p in both sets
+                class_generated = generate_images(pipe, class_prompt_list, settings, desc=f"{desc} (class)")
         finally:
             if run.adapter is not None:
                 difftune.remove_adapter(pipe)
-        for p, group in enumerate(generated):
-            for k, image in enumerate(group):
-                save_image(run_dir / "images" / f"p{p:02d}_{k}.png", image)
-        grid = image_grid([image for group in generated for image in group],
-                          columns=settings.images_per_prompt, row_captions=prompts, cell_size=grid_cell)
-        save_image(run_dir / "grid.png", grid)
+        grid = save_samples(run_dir, "", generated, prompts, settings.images_per_prompt, grid_cell)
         metrics = scorer.score(generated, prompts, run.subject, fid_reference)
         info = difftune.read_adapter_info(run.adapter) if run.adapter is not None else {}
         result = {"name": run.name, "method": info.get("method", "base"),
-                  "adapter": str(run.adapter or ""), "scale": run.scale, **metrics,
-                  "grid": str(grid_path_relative(run_dir / "grid.png", output_dir)), "signature": signature}
+                  "adapter": str(run.adapter or ""), "scale": run.scale, **metrics}
+        if class_generated is not None:
+            class_grid = save_samples(run_dir, "class_", class_generated, class_prompt_list,
+                                      settings.images_per_prompt, grid_cell)
+            prior = scorer.score(class_generated, class_prompt_list, run.subject)
+            # the class prompts hold no identifier, so prior["clip_t"] scores against them as written
+            result.update(pres=prior["dino"], pres_clip_i=prior["clip_i"], class_clip_t=prior["clip_t"],
+                          class_prompts={"generated_images": prior["generated_images"],
+                                         "clip_score": prior["clip_score"], "per_prompt": prior["per_prompt"],
+                                         "grid": str(grid_path_relative(class_grid, output_dir))})
+        result.update(grid=str(grid_path_relative(grid, output_dir)), signature=signature)
         write_json(metrics_file, result)
         results.append(result)
     return results
+
+
+def save_samples(run_dir: Path, prefix: str, generated: list[list[Image.Image]], prompts: list[str],
+                 columns: int, grid_cell: int) -> Path:
+    """``<prefix>images/p<prompt>_<k>.png`` and a captioned ``<prefix>grid.png``; returns the grid's path."""
+    from .reporting import image_grid, save_image
+
+    for p, group in enumerate(generated):
+        for k, image in enumerate(group):
+            save_image(run_dir / f"{prefix}images" / f"p{p:02d}_{k}.png", image)
+    grid = image_grid([image for group in generated for image in group], columns=columns,
+                      row_captions=prompts, cell_size=grid_cell)
+    return save_image(run_dir / f"{prefix}grid.png", grid)
 
 
 def grid_path_relative(path: Path, root: Path) -> Path:
@@ -312,8 +366,21 @@ def grid_path_relative(path: Path, root: Path) -> Path:
 
 SUMMARY_COLUMNS = ["name", "method", "subject", "generated_images", "dino", "clip_i", "clip_t",
                    "clip_score", "fid", "kid"]
+PRIOR_COLUMNS = ["pres", "pres_clip_i", "class_clip_t"]
 SUMMARY_HEADERS = {"name": "run", "generated_images": "images", "dino": "DINO", "clip_i": "CLIP-I",
-                   "clip_t": "CLIP-T", "clip_score": "CLIP", "fid": "FID", "kid": "KID"}
+                   "clip_t": "CLIP-T", "clip_score": "CLIP", "fid": "FID", "kid": "KID", "pres": "PRES",
+                   "pres_clip_i": "PRES-CLIP-I", "class_clip_t": "class CLIP-T"}
+
+
+def summary_columns(results: list[dict[str, Any]]) -> list[str]:
+    """SUMMARY_COLUMNS, then PRES and class CLIP-T where the class prompts were evaluated.
+
+    PRES is the DINO one; without a DINO model it is PRES-CLIP-I (CLIP image embeddings).
+    """
+    if all(r.get("class_clip_t") is None for r in results):
+        return list(SUMMARY_COLUMNS)
+    pres = "pres" if any(r.get("pres") is not None for r in results) else "pres_clip_i"
+    return [*SUMMARY_COLUMNS, pres, "class_clip_t"]
 
 
 def summary_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -321,7 +388,7 @@ def summary_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for result in results:
         fid = result.get("fid") or {}
-        rows.append({**{k: result.get(k) for k in SUMMARY_COLUMNS}, "fid": fid.get("fid"),
+        rows.append({**{k: result.get(k) for k in SUMMARY_COLUMNS + PRIOR_COLUMNS}, "fid": fid.get("fid"),
                      "kid": fid.get("kid_mean")})
     return rows
 

@@ -1,0 +1,44 @@
+"""The SaRA memory benchmark's modes, on the tiny UNet (the real run is SD 1.5 size)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def benchmark():
+    spec = importlib.util.spec_from_file_location("memory_sara", ROOT / "benchmarks" / "memory_sara.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_weight_gradient_floor_computes_and_drops_every_weight_gradient(benchmark):
+    from difftune.model_factory import tiny_sd_pipeline
+
+    unet = tiny_sd_pipeline().unet
+    benchmark.drop_weight_gradients(unet)
+    weights = [p for p in unet.parameters() if p.requires_grad]
+    kernels = [m.weight for m in unet.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    assert {id(w) for w in weights} == {id(k) for k in kernels}
+    seen = []
+    for weight in weights:  # runs after the floor's own hook: the gradient is already gone
+        weight.register_post_accumulate_grad_hook(lambda param: seen.append(param.grad is None))
+    sample = torch.randn(1, 4, 8, 8)
+    text = torch.randn(1, 4, unet.config.cross_attention_dim)
+    unet(sample, torch.tensor([10]), text).sample.square().mean().backward()
+    assert len(seen) == len(weights) and all(seen)
+
+
+@pytest.mark.parametrize("mode", ["lora-r4", "weight-grads", "sara"])
+def test_each_mode_runs_a_timed_step(benchmark, mode):
+    threads = torch.get_num_threads()
+    result = benchmark.run_child({"mode": mode, "budget": 2e4 if mode == "sara" else None, "batch": 1,
+                                  "resolution": 64, "device": "cpu", "steps": 1, "threads": threads,
+                                  "unet": "tiny"})
+    assert result["seconds"] > 0 and result["peak_gib"] > 0
+    assert (result["trainable"] == 0) == (mode == "weight-grads")
