@@ -24,14 +24,21 @@ def test_setup_commands_install_pinned_torch_first():
         assert command.index("pip install torch==2.13.0") < command.index("pip install -e")
 
 
-def test_main_command_parses_with_the_trainer(train_subject):
+def test_main_command_parses_with_the_trainer_and_the_evaluation(train_subject):
+    import importlib.util
     import shlex
 
     main_job = next(b for b in _code_blocks("bash") if b.startswith("# main job")).splitlines()[1]
-    command = shlex.split(main_job.split("&& python ")[-1])
-    args = train_subject.module.parse_args(command[command.index("train_scripts/train_subject.py") + 1:])
+    steps = {shlex.split(part)[0]: shlex.split(part)[1:] for part in main_job.split("&& python ")[1:]}
+    args = train_subject.module.parse_args(steps["train_scripts/train_subject.py"])
     assert (ROOT / args.instance_data_dir).is_dir()
-    assert args.adapter == "sara"
+    assert args.adapter == "sara" and args.pretrained_model_name_or_path == "builtin:embedded"
+    spec = importlib.util.spec_from_file_location("evaluate_subject", ROOT / "eval" / "evaluate_subject.py")
+    evaluate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate)
+    eval_args = evaluate.parse_args(steps["eval/evaluate_subject.py"])
+    # the evaluation reads the adapter the training writes
+    assert any(a.endswith(str(Path(args.output_dir) / "adapter.safetensors")) for a in eval_args.adapter)
 
 
 def test_python_example_runs(tmp_path, monkeypatch):
