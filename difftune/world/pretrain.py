@@ -377,6 +377,21 @@ def _zero_shot_monitor(model, tokenizer, config: PretrainConfig, device: str) ->
     return monitor
 
 
+def _run_clip_stage(name: str, model, tokenizer, data: TrainingData, stage_dir: Path, config: PretrainConfig,
+                    device: str, resume: bool, progress: bool, stop_after: int | None) -> dict:
+    """Train ``model`` (its trainable part) with new attribute probes; save it when finished."""
+    settings = getattr(config, name)
+    heads = AttributeHeads(config.clip_size.vision_width)
+    # The optimiser trains the CLIP and the auxiliary attribute probes together.
+    trained = nn.ModuleDict({"clip": model, "attribute_heads": heads}).to(device)
+    loss_at_step = _clip_loss_function(model, heads, tokenizer, data, name, settings, config, device)
+    record = run_stage(name, trained, settings, loss_at_step, stage_dir, resume, progress=progress,
+                       stop_after=stop_after, evaluate=_zero_shot_monitor(model, tokenizer, config, device))
+    if record["step"] >= settings.steps:
+        _finish_clip_stage(name, model, tokenizer, stage_dir, record, config, device, progress)
+    return record
+
+
 def _finish_clip_stage(name: str, model, tokenizer, stage_dir: Path, record: dict, config: PretrainConfig,
                        device: str, progress: bool) -> None:
     save_world_clip(model, tokenizer, stage_dir / "final")
@@ -404,14 +419,8 @@ def train_clip(data: TrainingData, stage_dir: Path, config: PretrainConfig, devi
     tokenizer = build_world_tokenizer()
     model = build_world_clip(tokenizer, config.clip_size, seed=config.seed)
     whiten_patch_embedding(model, data.pixels(np.arange(min(len(data), 2000))))
-    # The optimiser trains the CLIP and the auxiliary attribute probes together.
-    heads = AttributeHeads(config.clip_size.vision_width)
-    trained = nn.ModuleDict({"clip": model, "attribute_heads": heads}).to(device)
-    loss_at_step = _clip_loss_function(model, heads, tokenizer, data, "clip", settings, config, device)
-    record = run_stage("clip", trained, settings, loss_at_step, stage_dir, resume, progress=progress,
-                       stop_after=stop_after, evaluate=_zero_shot_monitor(model, tokenizer, config, device))
-    if record["step"] >= settings.steps:
-        _finish_clip_stage("clip", model, tokenizer, stage_dir, record, config, device, progress)
+    record = _run_clip_stage("clip", model, tokenizer, data, stage_dir, config, device, resume, progress,
+                             stop_after)
     return model, tokenizer, record
 
 
@@ -435,13 +444,8 @@ def train_clip_image(data: TrainingData, stage_dir: Path, config: PretrainConfig
     model.load_state_dict(clip_model.state_dict())
     model.text_model.requires_grad_(False)
     torch.manual_seed(config.seed + _STAGE_SALT["clip_image"])  # fresh probes, the same in every run
-    heads = AttributeHeads(config.clip_size.vision_width)
-    trained = nn.ModuleDict({"clip": model, "attribute_heads": heads}).to(device)
-    loss_at_step = _clip_loss_function(model, heads, tokenizer, data, "clip_image", settings, config, device)
-    record = run_stage("clip_image", trained, settings, loss_at_step, stage_dir, resume, progress=progress,
-                       stop_after=stop_after, evaluate=_zero_shot_monitor(model, tokenizer, config, device))
-    if record["step"] >= settings.steps:
-        _finish_clip_stage("clip_image", model, tokenizer, stage_dir, record, config, device, progress)
+    record = _run_clip_stage("clip_image", model, tokenizer, data, stage_dir, config, device, resume,
+                             progress, stop_after)
     return model, record
 
 
