@@ -171,12 +171,19 @@ def lora_rank_for(unet, budget: float) -> int:
     return max(1, round(budget / per_rank))
 
 
+def sara_default_tensors(unet) -> dict:
+    """The tensors SaRA selects from by default: every Linear/Conv weight, no biases or norms."""
+    from difftune.targeting import resolve_targets
+    from difftune.tuners.sara.selection import targeted_tensors
+
+    return targeted_tensors(unet, resolve_targets(unet, "all"), include_bias_norm=False)
+
+
 def dense_masks(unet, budget: float) -> dict:
     """SaRA without the hook: train whole weights, mask their gradients (bool per weight)."""
-    from difftune.targeting import resolve_targets
-    from difftune.tuners.sara.selection import budget_to_count, targeted_tensors, threshold_for_count
+    from difftune.tuners.sara.selection import budget_to_count, threshold_for_count
 
-    tensors = targeted_tensors(unet, resolve_targets(unet, "all"), include_bias_norm=False)
+    tensors = sara_default_tensors(unet)
     total = sum(t.numel() for t in tensors.values())
     threshold = threshold_for_count(tensors.values(), budget_to_count(budget, total))
     masks = {}
@@ -191,11 +198,8 @@ def dense_masks(unet, budget: float) -> dict:
 def drop_weight_gradients(unet) -> None:
     """The compute floor of training entries of every layer: each Linear/Conv weight (SaRA's
     default targets) gets its dense gradient computed in backward, then dropped at once."""
-    from difftune.targeting import resolve_targets
-    from difftune.tuners.sara.selection import targeted_tensors
-
     unet.requires_grad_(False)
-    for tensor in targeted_tensors(unet, resolve_targets(unet, "all"), include_bias_norm=False).values():
+    for tensor in sara_default_tensors(unet).values():
         tensor.requires_grad_(True)
         tensor.register_post_accumulate_grad_hook(lambda param: setattr(param, "grad", None))
 

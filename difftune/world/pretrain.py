@@ -449,6 +449,20 @@ def train_clip_image(data: TrainingData, stage_dir: Path, config: PretrainConfig
     return model, record
 
 
+def load_finished_vae(stage_dir: Path):
+    """The final VAE of a finished stage (with its latent ``scaling_factor``)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(stage_dir / "final").eval()
+
+
+def load_finished_unet(stage_dir: Path):
+    """The final (EMA) UNet of a finished stage."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(stage_dir / "final").eval()
+
+
 def _read_record(stage_dir: Path) -> dict:
     return json.loads((stage_dir / "final" / "stage.json").read_text())["record"]
 
@@ -487,11 +501,9 @@ def build_world_vae(config: PretrainConfig, seed: int = 0):
 def train_vae(data: TrainingData, stage_dir: Path, config: PretrainConfig, device: str = "cpu",
               resume: bool = False, progress: bool = True, stop_after: int | None = None):
     """L1 + MSE reconstruction with a small KL term; sets ``scaling_factor`` from the latents' std."""
-    from diffusers import AutoencoderKL
-
     settings = config.vae
     if resume and stage_finished(stage_dir, settings.steps):
-        return AutoencoderKL.from_pretrained(stage_dir / "final").to(device).eval(), _read_record(stage_dir)
+        return load_finished_vae(stage_dir).to(device), _read_record(stage_dir)
     vae = build_world_vae(config, seed=config.seed).to(device)
 
     def loss_at_step(step: int) -> torch.Tensor:
@@ -613,12 +625,9 @@ def train_unet(data: TrainingData, stage_dir: Path, config: PretrainConfig, clip
 
     Returns the EMA UNet and the stage record.
     """
-    from diffusers import UNet2DConditionModel
-
     settings = config.unet
     if resume and stage_finished(stage_dir, settings.steps):
-        unet = UNet2DConditionModel.from_pretrained(stage_dir / "final").to(device).eval()
-        return unet, _read_record(stage_dir)
+        return load_finished_unet(stage_dir).to(device), _read_record(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
     text_encoder = text_encoder_from_clip(clip_model)
     vae = vae.to(device).eval().requires_grad_(False)
@@ -729,14 +738,12 @@ def pretrain_all(output_dir: Path, config: PretrainConfig, stages: tuple[str, ..
         vae, records["vae"] = train_vae(data, output_dir / "vae", config, device,
                                         resume=resume or "vae" not in stages, progress=progress)
     if "unet" in stages:
-        unet, records["unet"] = train_unet(data, output_dir / "unet", config, clip_model, tokenizer, vae,
+        _, records["unet"] = train_unet(data, output_dir / "unet", config, clip_model, tokenizer, vae,
                                            device, resume=resume, progress=progress)
     if model_dir is not None and {"clip_image", "unet"} & set(stages) and all(map(finished, STAGES)):
         world_clip, tokenizer = load_world_clip(output_dir / "clip_image" / "final")
-        vae, _ = train_vae(data, output_dir / "vae", config, resume=True, progress=False)
-        unet, _ = train_unet(data, output_dir / "unet", config, world_clip, tokenizer, vae,
-                             resume=True, progress=False)
-        pipe = assemble_pipeline(world_clip, tokenizer, vae, unet)
+        pipe = assemble_pipeline(world_clip, tokenizer, load_finished_vae(output_dir / "vae"),
+                                 load_finished_unet(output_dir / "unet"))
         save_embedded_model(pipe, world_clip, tokenizer, model_dir)
         write_json_atomically({"config": config.to_json(), "stages": {
             stage: {k: v for k, v in _read_record(output_dir / stage).items() if k != "log"}
