@@ -33,6 +33,7 @@ def test_main_command_parses_with_the_trainer_and_the_evaluation(train_subject):
     args = train_subject.module.parse_args(steps["train_scripts/train_subject.py"])
     assert (ROOT / args.instance_data_dir).is_dir()
     assert args.adapter == "sara" and args.pretrained_model_name_or_path == "builtin:embedded"
+    assert args.seed is not None, "the main job's numbers in the README must be reproducible"
     spec = importlib.util.spec_from_file_location("evaluate_subject", ROOT / "eval" / "evaluate_subject.py")
     evaluate = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(evaluate)
