@@ -384,10 +384,11 @@ def test_shipped_pipeline_follows_held_out_prompts_offline():
     images = generate(pipe, prompts, SamplingSettings(steps=15, guidance_scale=5.0, seed=11))
     predictions = classify_color_shape(model, tokenizer, images)
     truth = [(s.objects[0].color, s.objects[0].shape) for s in held_out]
-    # Measured on 200 held-out captions: colour 72.5%, shape 28.5% (chance 12.5% and 14.3%);
-    # shapes are what the UNet is still learning, so only colour is held to here.
+    # Measured on 200 held-out captions: colour 76.0%, shape 47.0% (chance 12.5% and 14.3%);
+    # on these eight, 5 and 4. Three right shapes of eight happen by chance one time in ten.
     color_correct = sum(p[0] == t[0] for p, t in zip(predictions, truth, strict=True))
-    assert color_correct >= 5, list(zip(prompts, predictions, strict=True))
+    shape_correct = sum(p[1] == t[1] for p, t in zip(predictions, truth, strict=True))
+    assert color_correct >= 5 and shape_correct >= 3, list(zip(prompts, predictions, strict=True))
     # The same prompts with colours swapped must be classified differently: prompts matter.
     swapped = [p.replace(t[0], "green" if t[0] != "green" else "red")
                for p, t in zip(prompts, truth, strict=True)]

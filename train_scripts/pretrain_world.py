@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--clip_image_steps", type=int,
                         help="image-side CLIP steps with the text tower locked, default 8000 (batch 64)")
     parser.add_argument("--vae_steps", type=int, help="default 2000 (batch 32)")
-    parser.add_argument("--unet_steps", type=int, help="default 6000 (batch 32)")
+    parser.add_argument("--unet_steps", type=int, help="default 12000 (batch 32)")
     parser.add_argument("--train_scenes", type=int, help="rendered training scenes (default 50000)")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in --output_dir")
     parser.add_argument("--num_threads", type=int, default=None, help="torch CPU threads (default: torch's)")
