@@ -1,10 +1,14 @@
 """Two CPU processes under `accelerate launch` (DDP over gloo) against one process."""
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 from conftest import ROOT, TRAIN_SUBJECT
 from safetensors.torch import load_file
 
@@ -13,6 +17,47 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of a process (Linux /proc)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def run_launch(command: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """Run an `accelerate launch`; if it hangs, fail with every worker's Python stack.
+
+    The workers run in sessions of their own (torch elastic starts them so): on timeout each
+    gets SIGABRT, which faulthandler (PYTHONFAULTHANDLER) turns into a stack dump on the
+    shared stderr; the launcher then ends, and whatever is left is killed.
+    """
+    process = subprocess.Popen(command, env={**env, "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        workers = child_pids(process.pid)
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGABRT)
+        try:
+            stdout, stderr = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            for pid in {*workers, *child_pids(process.pid), process.pid}:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+        pytest.fail(f"the launch hung for {timeout} s; output and stacks:\n"
+                    f"{stdout[-3000:]}\n{stderr[-12000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def test_two_processes_end_identical_and_match_one_process_with_the_same_global_batch(
@@ -31,9 +76,8 @@ def test_two_processes_end_identical_and_match_one_process_with_the_same_global_
               "--main_process_port", str(free_port())]
     # ACCELERATE_USE_CPU makes accelerate run the processes on CPU with the gloo backend
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [*launch, TRAIN_SUBJECT, *common, "--train_batch_size", "1", "--output_dir", str(two)],
-        env=env, capture_output=True, text=True, timeout=300)
+    two_process_run = [*launch, TRAIN_SUBJECT, *common, "--train_batch_size", "1", "--output_dir", str(two)]
+    result = run_launch(two_process_run, env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "adapter identical on all 2 processes" in result.stdout
     assert "3 steps x 2 images (batch 1 x 2 processes x 1 accumulation)" in result.stdout
