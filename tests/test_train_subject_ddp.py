@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -35,19 +36,20 @@ def child_pids(pid: int) -> list[int]:
 def run_launch(command: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
     """Run an `accelerate launch`; if it hangs, fail with every worker's Python stack.
 
-    The workers run in sessions of their own (torch elastic starts them so): on timeout each
-    gets SIGABRT, which faulthandler (PYTHONFAULTHANDLER) turns into a stack dump on the
-    shared stderr; the launcher then ends, and whatever is left is killed.
+    The trainers print their stacks on SIGUSR1 (loop.enable_stack_dumps): on timeout each
+    worker is asked in turn, then the launcher is stopped (it stops its workers), and
+    whatever is left is killed.
     """
-    process = subprocess.Popen(command, env={**env, "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         workers = child_pids(process.pid)
         for pid in workers:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGABRT)
+                os.kill(pid, signal.SIGUSR1)
+            time.sleep(2)  # one dump at a time, not interleaved
+        process.terminate()
         try:
             stdout, stderr = process.communicate(timeout=30)
         except subprocess.TimeoutExpired:
@@ -55,7 +57,7 @@ def run_launch(command: list[str], env: dict[str, str], timeout: float) -> subpr
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             stdout, stderr = process.communicate()
-        pytest.fail(f"the launch hung for {timeout} s; output and stacks:\n"
+        pytest.fail(f"the launch hung for {timeout} s ({len(workers)} workers); output and stacks:\n"
                     f"{stdout[-3000:]}\n{stderr[-12000:]}")
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
@@ -93,3 +95,22 @@ def test_two_processes_end_identical_and_match_one_process_with_the_same_global_
         scale = single[key].abs().max()
         assert (distributed[key] - single[key]).abs().max() <= 1e-3 * scale, key
     assert any(k.endswith("lora_B.weight") and single[k].abs().sum() > 0 for k in single)
+
+
+def test_a_running_trainer_prints_its_stacks_on_sigusr1_and_carries_on():
+    script = ("from difftune.training.loop import enable_stack_dumps\n"
+              "import time\n"
+              "enable_stack_dumps()\n"
+              "print('ready', flush=True)\n"
+              "def waiting_for_a_collective():\n"
+              "    time.sleep(2)\n"
+              "waiting_for_a_collective()\n"
+              "print('carried on', flush=True)\n")
+    process = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": ROOT},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "ready"
+    process.send_signal(signal.SIGUSR1)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr
+    assert "carried on" in stdout
+    assert "in waiting_for_a_collective" in stderr

@@ -8,8 +8,12 @@ share lives here once, so a fix (an fp16 rule, a resume detail) reaches every tr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import faulthandler
 import random
+import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +61,18 @@ def create_accelerator(args: argparse.Namespace, output_dir: Path):
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         checkpointing.remove_incomplete(output_dir)
+    enable_stack_dumps()
     return accelerator
+
+
+def enable_stack_dumps() -> None:
+    """``kill -USR1 <pid>`` makes a running trainer print every thread's Python stack to
+    stderr and carry on: the way to see where a stuck (e.g. distributed) run waits."""
+    stderr = sys.__stderr__  # the process's own stderr (sys.stderr may be a capture without a file)
+    if not hasattr(signal, "SIGUSR1") or stderr is None:
+        return
+    with contextlib.suppress(OSError, ValueError):  # no file descriptor (e.g. some notebooks)
+        faulthandler.register(signal.SIGUSR1, file=stderr, all_threads=True)
 
 
 def resolve_seed(args: argparse.Namespace, resume_state: dict | None) -> int:
