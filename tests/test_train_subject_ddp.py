@@ -7,7 +7,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from conftest import ROOT, TRAIN_SUBJECT
@@ -20,19 +19,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def child_pids(pid: int) -> list[int]:
-    """Direct children of a process (Linux /proc)."""
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            children.append(int(stat.parent.name))
-    return children
-
-
 def run_launch(command: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
     """Run an `accelerate launch`; if it hangs, fail with every worker's Python stack.
 
@@ -40,22 +26,25 @@ def run_launch(command: list[str], env: dict[str, str], timeout: float) -> subpr
     worker is asked in turn, then the launcher is stopped (it stops its workers), and
     whatever is left is killed.
     """
+    import psutil  # an accelerate dependency
+
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        workers = child_pids(process.pid)
-        for pid in workers:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGUSR1)
+        launcher = psutil.Process(process.pid)
+        workers = launcher.children()
+        for worker in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.send_signal(signal.SIGUSR1)
             time.sleep(2)  # one dump at a time, not interleaved
         process.terminate()
         try:
             stdout, stderr = process.communicate(timeout=30)
         except subprocess.TimeoutExpired:
-            for pid in {*workers, *child_pids(process.pid), process.pid}:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            for leftover in {*workers, *launcher.children(), launcher}:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    leftover.kill()
             stdout, stderr = process.communicate()
         pytest.fail(f"the launch hung for {timeout} s ({len(workers)} workers); output and stacks:\n"
                     f"{stdout[-3000:]}\n{stderr[-12000:]}")

@@ -739,7 +739,7 @@ def pretrain_all(output_dir: Path, config: PretrainConfig, stages: tuple[str, ..
                                         resume=resume or "vae" not in stages, progress=progress)
     if "unet" in stages:
         _, records["unet"] = train_unet(data, output_dir / "unet", config, clip_model, tokenizer, vae,
-                                           device, resume=resume, progress=progress)
+                                        device, resume=resume, progress=progress)
     if model_dir is not None and {"clip_image", "unet"} & set(stages) and all(map(finished, STAGES)):
         world_clip, tokenizer = load_world_clip(output_dir / "clip_image" / "final")
         pipe = assemble_pipeline(world_clip, tokenizer, load_finished_vae(output_dir / "vae"),
