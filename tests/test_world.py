@@ -267,6 +267,24 @@ def test_vae_stage_resumes_exactly_and_sets_the_scaling_factor(tiny, tmp_path):
     assert 0.6 < float(latents.std()) < 1.6
 
 
+def test_vae_decoder_stage_trains_only_the_decoder_and_resumes_exactly(tiny, tmp_path):
+    config, data = tiny
+    joint, _ = pretrain.train_vae(data, tmp_path / "vae", config, progress=False)
+    straight, _ = pretrain.train_vae_decoder(data, tmp_path / "a", config, joint, progress=False)
+    pretrain.train_vae_decoder(data, tmp_path / "b", config, joint, progress=False, stop_after=2)
+    resumed, record = pretrain.train_vae_decoder(data, tmp_path / "b", config, joint, resume=True,
+                                                 progress=False)
+    assert record["step"] == 4 and _same_parameters(straight, resumed)
+    # The latent space is the joint stage's, bit for bit: the UNet trained on it stays valid.
+    for name in ("encoder", "quant_conv"):
+        assert _same_parameters(getattr(joint, name), getattr(resumed, name)), name
+    for name in ("decoder", "post_quant_conv"):
+        assert not _same_parameters(getattr(joint, name), getattr(resumed, name)), name
+    assert resumed.config.scaling_factor == joint.config.scaling_factor
+    loaded = pretrain.load_finished_vae(tmp_path / "b")
+    assert _same_parameters(loaded, resumed)
+
+
 def test_unet_stage_resumes_exactly_with_its_ema(tiny, tmp_path):
     config, data = tiny
     clip_model, tokenizer, _ = pretrain.train_clip(data, tmp_path / "clip", config, progress=False)
@@ -292,7 +310,7 @@ def test_pretrain_all_writes_a_loadable_fp16_pipeline(tmp_path):
     config = replace(pretrain.PretrainConfig.tiny(steps=2), train_scenes=8)
     model_dir = tmp_path / "model"
     records = pretrain.pretrain_all(tmp_path / "run", config, progress=False, model_dir=model_dir)
-    assert [records[s]["step"] for s in pretrain.STAGES] == [2, 2, 2, 2]
+    assert [records[s]["step"] for s in pretrain.STAGES] == [2, 2, 2, 2, 2]
     with safe_open(str(model_dir / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as handle:
         assert handle.get_tensor(next(iter(handle.keys()))).dtype == torch.float16
     pipe = StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=torch.float32,
@@ -308,6 +326,9 @@ def test_pretrain_all_writes_a_loadable_fp16_pipeline(tmp_path):
     image_tuned, _ = load_world_clip(tmp_path / "run" / "clip_image" / "final")
     assert _same_parameters(clip_model.vision_model, image_tuned.vision_model.half())
     assert _same_parameters(clip_model.text_model, pipe.text_encoder.half())
+    # The shipped VAE is the decoder-tuned one.
+    tuned_vae = pretrain.load_finished_vae(tmp_path / "run" / "vae_decoder")
+    assert _same_parameters(pipe.vae.decoder, tuned_vae.decoder.half().float())
     # Skipping a finished stage reuses it; skipping an unfinished one is refused.
     pretrain.pretrain_all(tmp_path / "run", config, stages=("unet",), resume=True, progress=False)
     with pytest.raises(FileNotFoundError, match="stage 'clip' is not finished"):

@@ -1,6 +1,7 @@
 """Pretrain the embedded model from scratch: world CLIP → VAE → UNet → StableDiffusionPipeline.
 
-Stages: clip (both towers), clip_image (image side, text tower locked), vae, unet.
+Stages: clip (both towers), clip_image (image side, text tower locked), vae (joint),
+vae_decoder (decoder alone on the frozen encoder's latents), unet.
 
     python train_scripts/pretrain_world.py --output_dir outputs/pretrain_world --num_threads 1
     # interrupted? the same command with --resume continues every stage where it stopped
@@ -34,12 +35,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model_dir", type=Path, default=EMBEDDED_MODEL_DIR,
                         help="where the assembled pipeline is saved (default: assets/embedded_model)")
     parser.add_argument("--stages", default=",".join(STAGES),
-                        help="comma-separated subset of clip,clip_image,vae,unet; skipped stages that "
-                             "others need must be finished")
+                        help="comma-separated subset of clip,clip_image,vae,vae_decoder,unet; "
+                             "skipped stages that others need must be finished")
     parser.add_argument("--clip_steps", type=int, help="joint CLIP steps, default 1000 (batch 128)")
     parser.add_argument("--clip_image_steps", type=int,
                         help="image-side CLIP steps with the text tower locked, default 8000 (batch 64)")
-    parser.add_argument("--vae_steps", type=int, help="default 2000 (batch 32)")
+    parser.add_argument("--vae_steps", type=int, help="joint VAE steps, default 2000 (batch 32)")
+    parser.add_argument("--vae_decoder_steps", type=int,
+                        help="decoder-only steps on the frozen encoder's latents, default 3000 (batch 32)")
     parser.add_argument("--unet_steps", type=int, help="default 12000 (batch 32)")
     parser.add_argument("--train_scenes", type=int, help="rendered training scenes (default 50000)")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in --output_dir")
@@ -52,7 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown or not stages:
         parser.error(f"--stages: unknown or empty {unknown or stages}; choose from {','.join(STAGES)}")
     args.stages = stages
-    for flag in ("clip_steps", "clip_image_steps", "vae_steps", "unet_steps", "train_scenes", "num_threads"):
+    for flag in ("clip_steps", "clip_image_steps", "vae_steps", "vae_decoder_steps", "unet_steps",
+                 "train_scenes", "num_threads"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             parser.error(f"--{flag} must be a positive integer, got {value}")
@@ -67,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.num_threads)
     config = PretrainConfig.tiny() if args.tiny else PretrainConfig()
     config = with_steps(config, clip=args.clip_steps, clip_image=args.clip_image_steps,
-                        vae=args.vae_steps, unet=args.unet_steps)
+                        vae=args.vae_steps, vae_decoder=args.vae_decoder_steps, unet=args.unet_steps)
     if args.train_scenes:
         config.train_scenes = args.train_scenes
 

@@ -1,5 +1,9 @@
 """Pretraining of the embedded model on the procedural world: CLIP, then VAE, then UNet.
 
+The VAE has two stages: the joint autoencoder, then its decoder alone on the frozen
+encoder's latents (the latent space the UNet learns is fixed by the encoder, so a
+sharper decoder improves every generated image without touching the UNet).
+
 Each stage is a function that trains one model from scratch with a tqdm bar and writes
 an atomic checkpoint (temp file, then ``os.replace``) every few steps; with
 ``resume=True`` it continues from the last checkpoint. A batch is a pure function of
@@ -9,6 +13,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -42,8 +47,8 @@ from .clip_model import (
 )
 from .scenes import Scene, render_scene, to_tensor, world_scene
 
-STAGES = ("clip", "clip_image", "vae", "unet")
-_STAGE_SALT = {"clip": 1, "vae": 2, "unet": 3, "clip_image": 4}
+STAGES = ("clip", "clip_image", "vae", "vae_decoder", "unet")
+_STAGE_SALT = {"clip": 1, "vae": 2, "unet": 3, "clip_image": 4, "vae_decoder": 5}
 
 
 @dataclass
@@ -94,6 +99,11 @@ class PretrainConfig:
     kl_weight: float = 1e-6
     vae: StageSettings = field(default_factory=lambda: StageSettings(
         steps=2000, batch_size=32, learning_rate=1e-3, warmup_steps=100))
+    # Decoder only, encoder frozen. After the joint stage the world CLIP recognises only 58% of
+    # reconstructed shapes and 71% of colours (blur, halos); 3000 decoder steps raise that to
+    # 70% / 89% and held-out PSNR by about 1.6 dB, at a third of a joint step's cost.
+    vae_decoder: StageSettings = field(default_factory=lambda: StageSettings(
+        steps=3000, batch_size=32, learning_rate=5e-4, warmup_steps=100, schedule="constant"))
     unet_channels: tuple[int, ...] = (64, 128, 128)
     unet_norm_groups: int = 32
     unet_attention_heads: int = 8
@@ -115,6 +125,7 @@ class PretrainConfig:
             clip_size=WorldClipSize(text_width=32, text_layers=1, vision_width=32, vision_layers=1,
                                     heads=2, patch_size=16, projection_dim=16),
             clip=stage(), clip_image=stage(), vae_channels=(8, 16, 16), vae_norm_groups=8, vae=stage(),
+            vae_decoder=stage(schedule="constant"),
             unet_channels=(32, 32, 32), unet_norm_groups=8, unet_attention_heads=2,
             unet=stage(schedule="constant"), eval_scenes=8,
         )
@@ -512,10 +523,8 @@ def train_vae(data: TrainingData, stage_dir: Path, config: PretrainConfig, devic
         posterior = vae.encode(pixels).latent_dist
         noise = torch.randn(posterior.mean.shape, generator=data.torch_generator("vae", step))
         latents = posterior.mean + posterior.std * noise.to(device)
-        reconstruction = vae.decode(latents).sample
-        error = reconstruction - pixels
         kl = posterior.kl().mean() / pixels[0].numel()
-        return error.abs().mean() + error.pow(2).mean() + config.kl_weight * kl
+        return reconstruction_loss(vae.decode(latents).sample, pixels) + config.kl_weight * kl
 
     record = run_stage("vae", vae, settings, loss_at_step, stage_dir, resume, progress=progress,
                        stop_after=stop_after)
@@ -529,6 +538,51 @@ def train_vae(data: TrainingData, stage_dir: Path, config: PretrainConfig, devic
         if progress:
             tqdm.write(f"vae: scaling_factor {scaling:.4f}, held-out PSNR {metrics['psnr_heldout_a']:.2f} dB")
     return vae, record
+
+
+def reconstruction_loss(reconstruction: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    """L1 + MSE: L1 keeps flat colours and edges sharp, MSE punishes the rare large error."""
+    error = reconstruction - pixels
+    return error.abs().mean() + error.pow(2).mean()
+
+
+def train_vae_decoder(data: TrainingData, stage_dir: Path, config: PretrainConfig, vae, device: str = "cpu",
+                      resume: bool = False, progress: bool = True, stop_after: int | None = None):
+    """The joint VAE's decoder (and post-quant conv) trained on, its encoder frozen.
+
+    Latents are sampled from the frozen posterior, as the UNet's are, so the decoder learns
+    the distribution it will be handed. The encoder, the latent space and the
+    ``scaling_factor`` stay exactly those of the joint stage.
+    """
+    settings = config.vae_decoder
+    if resume and stage_finished(stage_dir, settings.steps):
+        return load_finished_vae(stage_dir).to(device), _read_record(stage_dir)
+    tuned = copy.deepcopy(vae).to(device).requires_grad_(False)  # config (scaling_factor) included
+    tuned.decoder.requires_grad_(True)
+    tuned.post_quant_conv.requires_grad_(True)
+    frozen = [tuned.encoder, tuned.quant_conv]
+
+    def loss_at_step(step: int) -> torch.Tensor:
+        indices, _ = data.batch("vae_decoder", step, settings.batch_size)
+        pixels = data.pixels(indices).to(device)
+        with torch.no_grad():
+            for module in frozen:
+                module.eval()
+            posterior = tuned.encode(pixels).latent_dist
+            noise = torch.randn(posterior.mean.shape, generator=data.torch_generator("vae_decoder", step))
+            latents = posterior.mean + posterior.std * noise.to(device)
+        return reconstruction_loss(tuned.decode(latents).sample, pixels)
+
+    record = run_stage("vae_decoder", tuned, settings, loss_at_step, stage_dir, resume, progress=progress,
+                       stop_after=stop_after)
+    if record["step"] >= settings.steps:
+        tuned.eval()
+        tuned.save_pretrained(stage_dir / "final")
+        metrics = reconstruction_quality(tuned, config.eval_scenes, device)
+        _write_final_marker(stage_dir, record, metrics, config)
+        if progress:
+            tqdm.write(f"vae_decoder: held-out PSNR {metrics['psnr_heldout_a']:.2f} dB")
+    return tuned, record
 
 
 @torch.no_grad()
@@ -701,13 +755,14 @@ def save_embedded_model(pipe, clip_model, tokenizer, model_dir: Path,
 def pretrain_all(output_dir: Path, config: PretrainConfig, stages: tuple[str, ...] = STAGES,
                  device: str = "cpu", resume: bool = False, progress: bool = True,
                  model_dir: Path | None = None) -> dict:
-    """Run the requested stages in order: clip, clip_image, vae, unet.
+    """Run the requested stages in order: clip, clip_image, vae, vae_decoder, unet.
 
-    ``clip_image`` and ``unet`` need the joint CLIP (its text tower); the UNet also needs
-    the VAE, finished in this call or an earlier one. Independent stages can run in
-    separate processes at once: ``clip`` with ``vae``, then ``clip_image`` with ``unet``.
-    Returns the stage records. Once ``clip_image`` and ``unet`` are both finished, the
-    pipeline and the world CLIP are written to ``model_dir`` (when given).
+    ``clip_image`` and ``unet`` need the joint CLIP (its text tower); ``vae_decoder`` and
+    the UNet need the joint VAE (the UNet only its encoder), finished in this call or an
+    earlier one. Independent stages can run in separate processes at once: ``clip`` with
+    ``vae``, then ``clip_image`` with ``unet`` (and ``vae_decoder``). Returns the stage
+    records. Once every stage is finished and one of the last three ran in this call, the
+    pipeline (with the tuned decoder) and the world CLIP are written to ``model_dir``.
     """
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
@@ -733,16 +788,20 @@ def pretrain_all(output_dir: Path, config: PretrainConfig, stages: tuple[str, ..
     if "clip_image" in stages:
         _, records["clip_image"] = train_clip_image(data, output_dir / "clip_image", config, clip_model,
                                                     tokenizer, device, resume=resume, progress=progress)
-    if {"vae", "unet"} & set(stages):
+    if {"vae", "vae_decoder", "unet"} & set(stages):
         need("vae")
         vae, records["vae"] = train_vae(data, output_dir / "vae", config, device,
                                         resume=resume or "vae" not in stages, progress=progress)
+    if "vae_decoder" in stages:
+        _, records["vae_decoder"] = train_vae_decoder(data, output_dir / "vae_decoder", config, vae, device,
+                                                      resume=resume, progress=progress)
     if "unet" in stages:
         _, records["unet"] = train_unet(data, output_dir / "unet", config, clip_model, tokenizer, vae,
                                         device, resume=resume, progress=progress)
-    if model_dir is not None and {"clip_image", "unet"} & set(stages) and all(map(finished, STAGES)):
+    last_stages = {"clip_image", "vae_decoder", "unet"}
+    if model_dir is not None and last_stages & set(stages) and all(map(finished, STAGES)):
         world_clip, tokenizer = load_world_clip(output_dir / "clip_image" / "final")
-        pipe = assemble_pipeline(world_clip, tokenizer, load_finished_vae(output_dir / "vae"),
+        pipe = assemble_pipeline(world_clip, tokenizer, load_finished_vae(output_dir / "vae_decoder"),
                                  load_finished_unet(output_dir / "unet"))
         save_embedded_model(pipe, world_clip, tokenizer, model_dir)
         write_json_atomically({"config": config.to_json(), "stages": {
