@@ -405,14 +405,15 @@ def test_shipped_pipeline_follows_held_out_prompts_offline():
     images = generate(pipe, prompts, SamplingSettings(steps=15, guidance_scale=5.0, seed=11))
     predictions = classify_color_shape(model, tokenizer, images)
     truth = [(s.objects[0].color, s.objects[0].shape) for s in held_out]
-    # Measured on 200 held-out captions: colour 76.0%, shape 47.0% (chance 12.5% and 14.3%);
-    # on these eight, 5 and 4. Three right shapes of eight happen by chance one time in ten.
+    # Measured on 200 held-out captions: colour 89.0%, shape 60.5% (chance 12.5% and 14.3%);
+    # on these eight, 7 and 3. Three right shapes of eight happen by chance one time in ten,
+    # six right colours of eight about once in ten thousand.
     color_correct = sum(p[0] == t[0] for p, t in zip(predictions, truth, strict=True))
     shape_correct = sum(p[1] == t[1] for p, t in zip(predictions, truth, strict=True))
-    assert color_correct >= 5 and shape_correct >= 3, list(zip(prompts, predictions, strict=True))
+    assert color_correct >= 6 and shape_correct >= 3, list(zip(prompts, predictions, strict=True))
     # The same prompts with colours swapped must be classified differently: prompts matter.
     swapped = [p.replace(t[0], "green" if t[0] != "green" else "red")
                for p, t in zip(prompts, truth, strict=True)]
     swapped_images = generate(pipe, swapped, SamplingSettings(steps=15, guidance_scale=5.0, seed=11))
     swapped_predictions = classify_color_shape(model, tokenizer, swapped_images)
-    assert sum(p[0] != t[0] for p, t in zip(swapped_predictions, truth, strict=True)) >= 5
+    assert sum(p[0] != t[0] for p, t in zip(swapped_predictions, truth, strict=True)) >= 6  # measured 8
