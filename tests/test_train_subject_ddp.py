@@ -1,4 +1,5 @@
-"""Two CPU processes under `accelerate launch` (DDP over gloo) against one process."""
+"""Two CPU processes under `accelerate launch` (DDP over gloo) against one process, and the
+teardown order that keeps such a run from hanging at exit."""
 
 import contextlib
 import os
@@ -7,10 +8,15 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
+import weakref
 
 import pytest
+import torch
 from conftest import ROOT, TRAIN_SUBJECT
 from safetensors.torch import load_file
+
+from difftune.training import loop
 
 
 def free_port() -> int:
@@ -103,3 +109,55 @@ def test_a_running_trainer_prints_its_stacks_on_sigusr1_and_carries_on():
     assert process.returncode == 0, stderr
     assert "carried on" in stdout
     assert "in waiting_for_a_collective" in stderr
+
+
+class RecordingAccelerator:
+    """What loop.end_training uses of an Accelerator; its end_training, where accelerate
+    destroys the process group, records whether the DDP model still lived."""
+
+    num_processes = 2
+
+    def __init__(self, model_ref: weakref.ref):
+        self.model_ref, self.model_alive_at_end = model_ref, None
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    def end_training(self) -> None:
+        self.model_alive_at_end = self.model_ref() is not None
+
+
+@pytest.fixture
+def one_process_gloo_group():
+    """A real process group for real DDP wrappers, destroyed afterwards."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def ddp_linear() -> torch.nn.Module:
+    return torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
+
+
+def test_end_training_collects_a_dropped_ddp_model_before_the_process_group_goes(one_process_gloo_group):
+    ddp_model = ddp_linear()
+    accelerator = RecordingAccelerator(weakref.ref(ddp_model))
+    cycle = [ddp_model]
+    cycle.append(cycle)  # only the garbage collector frees it
+    del ddp_model, cycle
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loop.end_training(accelerator)
+    assert accelerator.model_alive_at_end is False
+
+
+def test_end_training_warns_when_the_caller_still_holds_the_ddp_model(one_process_gloo_group):
+    ddp_model = ddp_linear()
+    accelerator = RecordingAccelerator(weakref.ref(ddp_model))
+    with pytest.warns(RuntimeWarning, match="outlives training"):
+        loop.end_training(accelerator)
+    assert accelerator.model_alive_at_end is True

@@ -343,8 +343,8 @@ def main(argv: list[str] | None = None) -> Path:
         atomic_write(output_dir / "evaluation.json",
                      lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2, default=str)))
         print(f"adapter: {adapter_path}\none-step student | base one-step | teacher: {grid}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    model = plan = None  # the DDP wrapper goes before the process group (loop.end_training)
+    loop.end_training(accelerator)
     return adapter_path
 
 

@@ -347,8 +347,8 @@ def main(argv: list[str] | None = None) -> Path:
                             mixed_precision=accelerator.mixed_precision)
         print(f"adapter: {adapter_path} | {steps_run} steps in {loop_seconds:.1f} s "
               f"({loop_seconds / max(steps_run, 1):.3f} s/step), {total_seconds:.1f} s in all")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    model = plan = None  # the DDP wrapper goes before the process group (loop.end_training)
+    loop.end_training(accelerator)
     return adapter_path
 
 

@@ -11,9 +11,11 @@ import argparse
 import contextlib
 import dataclasses
 import faulthandler
+import gc
 import random
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +75,26 @@ def enable_stack_dumps() -> None:
         return
     with contextlib.suppress(OSError, ValueError):  # no file descriptor (e.g. some notebooks)
         faulthandler.register(signal.SIGUSR1, file=stderr, all_threads=True)
+
+
+def end_training(accelerator: Any) -> None:
+    """Destroy the process group once every DDP wrapper is gone; the caller drops its references first.
+
+    A DDP model's reducer holds the process group. Were it the last holder, the group would
+    be destroyed when the model is freed, with the GIL held, while a gloo worker thread still
+    needs the GIL to free the tensors of the last collective: both wait for ever (2 of 20
+    two-process CPU runs hung so at exit). Collected while the group is still registered, the
+    model leaves the group to ``destroy_process_group``, whose destructor releases the GIL.
+    """
+    accelerator.wait_for_everyone()
+    if accelerator.num_processes > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        gc.collect()  # a wrapper caught in a reference cycle goes now, not at exit
+        if any(issubclass(type(obj), DistributedDataParallel) for obj in gc.get_objects()):
+            warnings.warn("a DDP-wrapped model outlives training: destroying the process group "
+                          "may hang at exit", RuntimeWarning, stacklevel=2)
+    accelerator.end_training()
 
 
 def resolve_seed(args: argparse.Namespace, resume_state: dict | None) -> int:
