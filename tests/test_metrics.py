@@ -271,3 +271,14 @@ def test_tables_and_plots(tmp_path):
                       cell_size=16)
     assert grid.size == (2 * 16 + 3 * 2, 3 * (16 + 16 + 2) + 2)
     assert math.isclose(np.asarray(grid)[20, 10, 0], 255)
+
+
+def test_reports_name_the_shipped_clip_by_its_place_in_the_project_not_this_install():
+    from difftune.metrics.cli import EMBEDDED_CLIP
+    from difftune.metrics.subject import model_label
+
+    assert EMBEDDED_CLIP.is_absolute()
+    assert model_label(str(EMBEDDED_CLIP)) == "assets/embedded_model/world_clip"
+    assert model_label(f"clip:{EMBEDDED_CLIP}") == "clip:assets/embedded_model/world_clip"
+    for elsewhere in ("openai/clip-vit-large-patch14", "/data/models/clip", "clip:/data/models/clip"):
+        assert model_label(elsewhere) == elsewhere

@@ -41,6 +41,12 @@ PROMPT_LISTS = {
 SUBJECT_FILE = "subject.json"
 
 
+def model_label(name: str) -> str:
+    """A metric model as reports name it: a shipped asset by its place in the project
+    (``assets/...``), not by this install's absolute path, so shared results read the same."""
+    return name.replace(f"{ASSETS_DIR.parent}/", "")
+
+
 def load_images(directory: str | Path, what: str = "image folder") -> list[Image.Image]:
     """All images of a folder (sorted by name) as RGB PIL images; a clear error if there are none."""
     directory = Path(directory)
