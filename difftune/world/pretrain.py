@@ -108,7 +108,7 @@ class PretrainConfig:
     unet_norm_groups: int = 32
     unet_attention_heads: int = 8
     unet: StageSettings = field(default_factory=lambda: StageSettings(
-        steps=22000, batch_size=32, learning_rate=5e-4, warmup_steps=200, schedule="constant"))
+        steps=28000, batch_size=32, learning_rate=5e-4, warmup_steps=200, schedule="constant"))
     empty_prompt_probability: float = 0.1  # caption dropout for classifier-free guidance
     snr_gamma: float | None = 5.0  # Min-SNR-γ weighting of the ε loss; None = plain MSE
     ema_decay: float = 0.999
