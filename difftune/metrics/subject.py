@@ -18,6 +18,7 @@ image does not depend on the batch it was drawn in), then
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,7 +45,7 @@ SUBJECT_FILE = "subject.json"
 def model_label(name: str) -> str:
     """A metric model as reports name it: a shipped asset by its place in the project
     (``assets/...``), not by this install's absolute path, so shared results read the same."""
-    return name.replace(f"{ASSETS_DIR.parent}/", "")
+    return name.replace(f"{ASSETS_DIR.parent}{os.sep}", "")
 
 
 def load_images(directory: str | Path, what: str = "image folder") -> list[Image.Image]:
