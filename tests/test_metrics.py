@@ -282,3 +282,14 @@ def test_reports_name_the_shipped_clip_by_its_place_in_the_project_not_this_inst
     assert model_label(f"clip:{EMBEDDED_CLIP}") == "clip:assets/embedded_model/world_clip"
     for elsewhere in ("openai/clip-vit-large-patch14", "/data/models/clip", "clip:/data/models/clip"):
         assert model_label(elsewhere) == elsewhere
+
+
+def test_fid_note_names_the_shipped_clip_by_its_place_in_the_project():
+    from difftune.metrics.cli import EMBEDDED_CLIP
+    from difftune.metrics.subject import fid_note
+
+    fid = {"extractor": f"clip:{EMBEDDED_CLIP}", "resize": "shorter side to 64", "real_count": 100,
+           "generated_count": 20}
+    note = fid_note([{"fid": fid}, {"fid": dict(fid)}, {"fid": None}])
+    assert note == ("FID/KID: clip:assets/embedded_model/world_clip, shorter side to 64, "
+                    "100 reference / 20 generated images.")

@@ -404,5 +404,5 @@ def fid_note(results: list[dict[str, Any]]) -> str:
     """The FID setting of a table, stated once below it (every FID of one table shares it)."""
     settings = {(f["extractor"], f["resize"], f["real_count"], f["generated_count"])
                 for r in results if (f := r.get("fid"))}
-    return "\n".join(f"FID/KID: {e}, {rz}, {rc} reference / {gc} generated images."
+    return "\n".join(f"FID/KID: {model_label(e)}, {rz}, {rc} reference / {gc} generated images."
                      for e, rz, rc, gc in sorted(settings))
