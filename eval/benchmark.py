@@ -45,7 +45,7 @@ from difftune.metrics.cli import (
     resolve_device,
     resolve_prompt_file,
 )
-from difftune.metrics.subject import ASSETS_DIR, EvalRun, Subject, evaluate_runs, load_images, model_label
+from difftune.metrics.subject import ASSETS_DIR, EvalRun, Subject, evaluate_runs, load_images, models_note
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = ROOT / "train_scripts" / "train_subject.py"
@@ -341,7 +341,6 @@ def write_report(args: argparse.Namespace, rows: list[dict], results: dict[str, 
 
     kinds = sorted({r["peak_memory_kind"] for r in rows if r.get("peak_memory_kind")})
     any_result = next(iter(results.values()))
-    dino = any_result["dino_model"]
     lines = [
         f"# Each method vs LoRA: {args.pretrained_model_name_or_path}",
         "",
@@ -352,8 +351,7 @@ def write_report(args: argparse.Namespace, rows: list[dict], results: dict[str, 
         "",
         markdown_table(rows, TABLE_COLUMNS, TABLE_HEADERS,
                        precision={"step_time_s": 3, "peak_memory_gib": 2}),
-        f"CLIP: {model_label(any_result['clip_model'])}; "
-        f"DINO: {model_label(dino) if dino else 'not computed (no model)'}. "
+        f"{models_note(any_result['clip_model'], any_result['dino_model'], 'not computed (no model)')} "
         "CLIP = 100·max(cos, 0) with the prompt as written; CLIP-T = 100·cos with the identifier replaced "
         "by the class name; CLIP-I and DINO are mean cosines to the subject images. "
         "VLHI is computed among the trained methods only.",

@@ -293,3 +293,14 @@ def test_fid_note_names_the_shipped_clip_by_its_place_in_the_project():
     note = fid_note([{"fid": fid}, {"fid": dict(fid)}, {"fid": None}])
     assert note == ("FID/KID: clip:assets/embedded_model/world_clip, shorter side to 64, "
                     "100 reference / 20 generated images.")
+
+
+def test_models_note_names_the_shipped_clip_by_its_place_and_says_when_dino_is_missing():
+    from difftune.metrics.cli import EMBEDDED_CLIP
+    from difftune.metrics.subject import models_note
+
+    assert models_note(f"clip:{EMBEDDED_CLIP}", None) == (
+        "CLIP: clip:assets/embedded_model/world_clip; DINO: not computed.")
+    assert models_note("openai/clip-vit-base-patch32", "facebook/dino-vits16", "not computed (no model)") == (
+        "CLIP: openai/clip-vit-base-patch32; DINO: facebook/dino-vits16.")
+    assert models_note("clip", None, "not computed (no model)").endswith("DINO: not computed (no model).")

@@ -138,7 +138,7 @@ def generation_settings(args: argparse.Namespace) -> GenerationSettings:
 
 def write_tables(results: list[dict], output_dir: Path, title: str) -> None:
     from difftune.metrics.reporting import markdown_table, write_csv, write_json, write_text
-    from difftune.metrics.subject import SUMMARY_HEADERS, fid_note, model_label, summary_columns, summary_rows
+    from difftune.metrics.subject import SUMMARY_HEADERS, fid_note, models_note, summary_columns, summary_rows
 
     rows = summary_rows(results)
     columns = summary_columns(results)
@@ -147,7 +147,7 @@ def write_tables(results: list[dict], output_dir: Path, title: str) -> None:
     note = fid_note(results)
     models = sorted({(r["clip_model"], r["dino_model"]) for r in results})
     lines = [f"# {title}", "", markdown_table(rows, columns, SUMMARY_HEADERS)]
-    lines += [f"CLIP: {model_label(c)}; DINO: {model_label(d) if d else 'not computed'}." for c, d in models]
+    lines += [models_note(clip_model, dino_model) for clip_model, dino_model in models]
     if "class_clip_t" in columns:
         embedding = "DINO" if "pres" in columns else "CLIP-I"
         lines.append(f"{SUMMARY_HEADERS[columns[-2]]}: mean {embedding} cosine of the class-prompt images "

@@ -400,6 +400,12 @@ def summary_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def models_note(clip_model: str, dino_model: str | None, missing: str = "not computed") -> str:
+    """The metric models of a table, stated once below it and named by ``model_label``."""
+    dino = model_label(dino_model) if dino_model else missing
+    return f"CLIP: {model_label(clip_model)}; DINO: {dino}."
+
+
 def fid_note(results: list[dict[str, Any]]) -> str:
     """The FID setting of a table, stated once below it (every FID of one table shares it)."""
     settings = {(f["extractor"], f["resize"], f["real_count"], f["generated_count"])
