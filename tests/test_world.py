@@ -405,12 +405,12 @@ def test_shipped_pipeline_follows_held_out_prompts_offline():
     images = generate(pipe, prompts, SamplingSettings(steps=15, guidance_scale=5.0, seed=11))
     predictions = classify_color_shape(model, tokenizer, images)
     truth = [(s.objects[0].color, s.objects[0].shape) for s in held_out]
-    # Measured on 200 held-out captions: colour 96.0%, shape 75.5% (chance 12.5% and 14.3%);
-    # on these eight, 8 and 5. By chance six right colours of eight happen about once in
-    # 12000, four right shapes about twice in a hundred.
+    # Measured on 1000 held-out captions: colour 97.9%, shape 80.2% (chance 12.5% and 14.3%);
+    # on these eight, 8 and 6. By chance six right colours of eight happen about once in
+    # 12000, five right shapes about twice in a thousand.
     color_correct = sum(p[0] == t[0] for p, t in zip(predictions, truth, strict=True))
     shape_correct = sum(p[1] == t[1] for p, t in zip(predictions, truth, strict=True))
-    assert color_correct >= 6 and shape_correct >= 4, list(zip(prompts, predictions, strict=True))
+    assert color_correct >= 6 and shape_correct >= 5, list(zip(prompts, predictions, strict=True))
     # The same prompts with colours swapped must be classified differently: prompts matter.
     swapped = [p.replace(t[0], "green" if t[0] != "green" else "red")
                for p, t in zip(prompts, truth, strict=True)]

@@ -42,8 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="image-side CLIP steps with the text tower locked, default 8000 (batch 64)")
     parser.add_argument("--vae_steps", type=int, help="joint VAE steps, default 2000 (batch 32)")
     parser.add_argument("--vae_decoder_steps", type=int,
-                        help="decoder-only steps on the frozen encoder's latents, default 15000 (batch 32)")
-    parser.add_argument("--unet_steps", type=int, help="default 28000 (batch 32)")
+                        help="decoder-only steps on the frozen encoder's latents, default 24000 (batch 32)")
+    parser.add_argument("--unet_steps", type=int, help="default 32000 (batch 32)")
     parser.add_argument("--train_scenes", type=int, help="rendered training scenes (default 50000)")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in --output_dir")
     parser.add_argument("--num_threads", type=int, default=None, help="torch CPU threads (default: torch's)")
