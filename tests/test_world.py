@@ -303,6 +303,32 @@ def test_unet_stage_resumes_exactly_with_its_ema(tiny, tmp_path):
     assert not _same_parameters(raw, resumed)
 
 
+def _pretrain_script():
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "train_scripts" / "pretrain_world.py"
+    spec = importlib.util.spec_from_file_location("pretrain_world", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pretrain_script_help_states_the_config_defaults_and_bad_flags_are_named(capsys):
+    script = _pretrain_script()
+    with pytest.raises(SystemExit):
+        script.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    defaults = pretrain.PretrainConfig()
+    for stage in pretrain.STAGES:
+        settings = getattr(defaults, stage)
+        assert f"default {settings.steps} (batch {settings.batch_size})" in help_text, stage
+    assert f"(default {defaults.train_scenes})" in help_text
+    for flags, named in ((["--unet_steps", "0"], "--unet_steps"), (["--stages", "unet,vea"], "--stages")):
+        with pytest.raises(SystemExit):
+            script.parse_args(["--output_dir", "out", *flags])
+        assert named in capsys.readouterr().err
+
+
 def test_pretrain_all_writes_a_loadable_fp16_pipeline(tmp_path):
     from diffusers import StableDiffusionPipeline
     from safetensors import safe_open

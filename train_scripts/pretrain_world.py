@@ -37,14 +37,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stages", default=",".join(STAGES),
                         help="comma-separated subset of clip,clip_image,vae,vae_decoder,unet; "
                              "skipped stages that others need must be finished")
-    parser.add_argument("--clip_steps", type=int, help="joint CLIP steps, default 1000 (batch 128)")
+    defaults = PretrainConfig()  # the help states the config's own defaults, never a copy of them
+
+    def steps_help(stage: str, what: str = "") -> str:
+        settings = getattr(defaults, stage)
+        return f"{what}{', ' if what else ''}default {settings.steps} (batch {settings.batch_size})"
+
+    parser.add_argument("--clip_steps", type=int, help=steps_help("clip", "joint CLIP steps"))
     parser.add_argument("--clip_image_steps", type=int,
-                        help="image-side CLIP steps with the text tower locked, default 8000 (batch 64)")
-    parser.add_argument("--vae_steps", type=int, help="joint VAE steps, default 2000 (batch 32)")
+                        help=steps_help("clip_image", "image-side CLIP steps with the text tower locked"))
+    parser.add_argument("--vae_steps", type=int, help=steps_help("vae", "joint VAE steps"))
     parser.add_argument("--vae_decoder_steps", type=int,
-                        help="decoder-only steps on the frozen encoder's latents, default 24000 (batch 32)")
-    parser.add_argument("--unet_steps", type=int, help="default 32000 (batch 32)")
-    parser.add_argument("--train_scenes", type=int, help="rendered training scenes (default 50000)")
+                        help=steps_help("vae_decoder", "decoder-only steps on the frozen encoder's latents"))
+    parser.add_argument("--unet_steps", type=int, help=steps_help("unet"))
+    parser.add_argument("--train_scenes", type=int,
+                        help=f"rendered training scenes (default {defaults.train_scenes})")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in --output_dir")
     parser.add_argument("--num_threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
