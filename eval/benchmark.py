@@ -9,7 +9,10 @@ trainable parameters; SVFit and TLoRA use their papers' settings on attention.
 Writes under ``--output_dir``: ``train/<method>/`` (adapter, train_summary.json,
 train.log), ``eval/<method>/<subject>/`` (images, grid, metrics), ``class_images/``
 (the FID reference, made by the base model), and ``benchmark.md`` / ``.csv`` / ``.json``
-with ``fid_vs_params.png`` and ``clip_t_vs_dino.png``. Finished methods are neither
+with ``fid_vs_params.png``, ``clip_t_vs_dino.png`` and ``pres_vs_fidelity.png``. Every
+model also draws the prompts with the identifier removed (same seeds), so the table shows
+what fine-tuning cost the class (PRES, class CLIP-T) beside what it gained on the subject;
+``--no_class_prompts`` skips that half of the generation. Finished methods are neither
 retrained nor re-evaluated; an interrupted training resumes from its last checkpoint.
 
     # the embedded default, offline on CPU
@@ -45,7 +48,17 @@ from difftune.metrics.cli import (
     resolve_device,
     resolve_prompt_file,
 )
-from difftune.metrics.subject import ASSETS_DIR, EvalRun, Subject, evaluate_runs, load_images, models_note
+from difftune.metrics.subject import (
+    ASSETS_DIR,
+    PRIOR_COLUMNS,
+    SUMMARY_HEADERS,
+    EvalRun,
+    Subject,
+    evaluate_runs,
+    load_images,
+    models_note,
+    prior_columns,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = ROOT / "train_scripts" / "train_subject.py"
@@ -102,7 +115,8 @@ TABLE_COLUMNS = ["method", "trainable_parameters", "peak_memory_gib", "step_time
                  "dino", "clip_i", "clip_t", "vlhi"]
 TABLE_HEADERS = {"trainable_parameters": "trainable params", "peak_memory_gib": "peak memory (GiB)",
                  "step_time_s": "step time (s)", "fid": "FID ↓", "clip_score": "CLIP ↑", "dino": "DINO ↑",
-                 "clip_i": "CLIP-I ↑", "clip_t": "CLIP-T ↑", "vlhi": "VLHI ↑"}
+                 "clip_i": "CLIP-I ↑", "clip_t": "CLIP-T ↑", "vlhi": "VLHI ↑", "pres": "PRES ↓",
+                 "pres_clip_i": "PRES-CLIP-I ↓", "class_clip_t": "class CLIP-T ↑"}
 
 
 # ---------------------------------------------------------------- options
@@ -309,6 +323,7 @@ def benchmark_rows(methods: list[str], summaries: dict[str, dict], results: dict
             "dino": result.get("dino"),
             "clip_i": result.get("clip_i"),
             "clip_t": result.get("clip_t"),
+            **{column: result.get(column) for column in PRIOR_COLUMNS},
         })
     trained = [r for r in rows if r["method"] in methods]
     index = vlhi({r["method"]: r["fid"] for r in trained}, {r["method"]: r["clip_score"] for r in trained})
@@ -322,7 +337,9 @@ def write_report(args: argparse.Namespace, rows: list[dict], results: dict[str, 
     from difftune.metrics.subject import fid_note
 
     out = args.output_dir
-    write_csv(out / "benchmark.csv", rows, [*TABLE_COLUMNS, "peak_memory_kind"])
+    prior = prior_columns(list(results.values()))
+    columns = [*TABLE_COLUMNS[:-1], *prior, TABLE_COLUMNS[-1]]  # VLHI stays last
+    write_csv(out / "benchmark.csv", rows, [*columns, "peak_memory_kind"])
     write_json(out / "benchmark.json", {"rows": rows, "machine": machine, "preset": args.preset,
                                         "model": args.pretrained_model_name_or_path,
                                         "steps": args.max_train_steps, "seed": args.seed,
@@ -338,6 +355,13 @@ def write_report(args: argparse.Namespace, rows: list[dict], results: dict[str, 
                                  title=f"prompt fidelity (CLIP-T) vs subject fidelity ({x_label.split()[0]})",
                                  colors=METHOD_COLORS)
     save_image(out / "clip_t_vs_dino.png", fidelity_plot)
+    if prior:  # what fine-tuning gained on the subject against what it cost the class
+        pres_key = prior[0]
+        prior_plot = scatter_plot([(r[x_key], r[pres_key], r["method"]) for r in rows], x_label,
+                                  f"{SUMMARY_HEADERS[pres_key]} (lower is better)",
+                                  title=f"prior drift vs subject fidelity ({x_label.split()[0]})",
+                                  colors=METHOD_COLORS)
+        save_image(out / "pres_vs_fidelity.png", prior_plot)
 
     kinds = sorted({r["peak_memory_kind"] for r in rows if r.get("peak_memory_kind")})
     any_result = next(iter(results.values()))
@@ -349,12 +373,14 @@ def write_report(args: argparse.Namespace, rows: list[dict], results: dict[str, 
         f"{any_result['prompts']} prompts × {args.images_per_prompt} images per model. "
         f"Machine: {', '.join(f'{k} {v}' for k, v in machine.items())}.",
         "",
-        markdown_table(rows, TABLE_COLUMNS, TABLE_HEADERS,
+        markdown_table(rows, columns, TABLE_HEADERS,
                        precision={"step_time_s": 3, "peak_memory_gib": 2}),
         f"{models_note(any_result['clip_model'], any_result['dino_model'], 'not computed (no model)')} "
         "CLIP = 100·max(cos, 0) with the prompt as written; CLIP-T = 100·cos with the identifier replaced "
         "by the class name; CLIP-I and DINO are mean cosines to the subject images. "
-        "VLHI is computed among the trained methods only.",
+        + ("PRES is the same cosine for the images of the prompts without the identifier (same seeds; "
+           "lower: the model still draws its class), class CLIP-T their CLIP-T. " if prior else "")
+        + "VLHI is computed among the trained methods only.",
         f"Peak memory: {', '.join(kinds) or 'not recorded'}. Step time: mean wall time per optimizer "
         "step over the training loop (checkpoint saves included), as the trainer reports it.",
         fid_note(list(results.values())),
@@ -400,7 +426,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     fid_reference = (str(args.class_data_dir), class_images) if args.fid else None
     evaluated = evaluate_runs(pipe, runs, prompt_file, generation_settings(args), scorer,
                               args.output_dir / "eval", model, fid_reference=fid_reference,
-                              num_prompts=args.num_prompts)
+                              num_prompts=args.num_prompts, with_class_prompts=not args.no_class_prompts)
     results = {r["name"]: r for r in evaluated}
     rows = benchmark_rows(order, summaries, results)
     print(write_report(args, rows, results, machine_description()))

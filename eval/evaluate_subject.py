@@ -63,10 +63,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="recompute runs that already have results")
     parser.add_argument("--fid", action="store_true", help="also compute FID/KID against --class_data_dir")
     parser.add_argument("--class_data_dir", type=Path, default=None, help="reference images for FID")
-    parser.add_argument("--no_class_prompts", action="store_true",
-                        help="skip the prior-preservation numbers (PRES, class CLIP-T) and the class-prompt "
-                             "images they need (by default every run also generates from the prompts "
-                             "without the identifier, same seeds)")
     add_evaluation_arguments(parser)
     args = parser.parse_args(argv)
     if not args.adapter and not args.include_base:

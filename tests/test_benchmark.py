@@ -47,8 +47,38 @@ def test_benchmark_trains_evaluates_and_tabulates(benchmark_run):
     assert "| method | trainable params | peak memory (GiB) | step time (s) | FID ↓ |" in table
     assert "3 reference / 2 generated images" in table
     assert (out / "benchmark.csv").read_text().count("\n") == len(rows) + 1
-    for plot in ("fid_vs_params.png", "clip_t_vs_dino.png"):
+    for plot in ("fid_vs_params.png", "clip_t_vs_dino.png", "pres_vs_fidelity.png"):
         assert Image.open(out / plot).size == (640, 460)
+
+
+def run_metrics(out, method: str) -> dict:
+    return json.loads(next((out / "eval" / method).glob("*/metrics.json")).read_text())
+
+
+def test_benchmark_reports_what_each_method_cost_the_class(benchmark_run):
+    """PRES and class CLIP-T sit beside the subject numbers, from each run's own class-prompt images."""
+    _, _, out, _, rows = benchmark_run
+    table = (out / "benchmark.md").read_text()
+    assert "| CLIP-T ↑ | PRES-CLIP-I ↓ | class CLIP-T ↑ | VLHI ↑ |" in table  # no DINO model: CLIP-I PRES
+    for row in rows:
+        metrics = run_metrics(out, row["method"])
+        class_images = sorted(next((out / "eval" / row["method"]).glob("*/class_images")).iterdir())
+        assert len(class_images) == 2  # 1 prompt × 2 images, the identifier removed
+        assert row["pres_clip_i"] == metrics["pres_clip_i"] and np.isfinite(row["pres_clip_i"])
+        assert row["class_clip_t"] == metrics["class_clip_t"] and row["pres"] is None
+    header = (out / "benchmark.csv").read_text().splitlines()[0].split(",")
+    assert header[header.index("clip_t") + 1: header.index("vlhi")] == ["pres_clip_i", "class_clip_t"]
+
+
+def test_benchmark_without_class_prompts_has_no_prior_columns(benchmark_run, tmp_path):
+    script, argv, out, methods, rows = benchmark_run
+    args = script.parse_args([*argv, "--no_class_prompts"])
+    args.output_dir = tmp_path
+    results = {r["method"]: {**run_metrics(out, r["method"]), "class_clip_t": None, "pres_clip_i": None}
+               for r in rows}
+    text = script.write_report(args, script.benchmark_rows(methods, {}, results), results, {"cpu": "x"})
+    assert "| CLIP-T ↑ | VLHI ↑ |" in text and "PRES" not in text
+    assert not (tmp_path / "pres_vs_fidelity.png").exists()
 
 
 def test_benchmark_resumes_without_retraining(benchmark_run, capsys):

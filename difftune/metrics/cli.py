@@ -52,6 +52,10 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
                        help="resize antialiasing of the FID extractor (default: false for Inception, as "
                             "torch-fidelity; true for CLIP/DINO)")
     group.add_argument("--metric_batch_size", type=int, default=32)
+    group.add_argument("--no_class_prompts", action="store_true",
+                       help="skip the prior-preservation numbers (PRES, class CLIP-T) and the class-prompt "
+                            "images they need (by default every run also generates from the prompts "
+                            "without the identifier, same seeds)")
     group = parser.add_argument_group("device")
     group.add_argument("--device", default="auto", help="cuda, cpu, ...; auto: cuda when available")
     group.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",

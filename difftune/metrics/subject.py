@@ -379,15 +379,20 @@ SUMMARY_HEADERS = {"name": "run", "generated_images": "images", "dino": "DINO", 
                    "pres_clip_i": "PRES-CLIP-I", "class_clip_t": "class CLIP-T"}
 
 
-def summary_columns(results: list[dict[str, Any]]) -> list[str]:
-    """SUMMARY_COLUMNS, then PRES and class CLIP-T where the class prompts were evaluated.
+def prior_columns(results: list[dict[str, Any]]) -> list[str]:
+    """PRES and class CLIP-T where the class prompts were evaluated, else nothing.
 
     PRES is the DINO one; without a DINO model it is PRES-CLIP-I (CLIP image embeddings).
     """
     if all(r.get("class_clip_t") is None for r in results):
-        return list(SUMMARY_COLUMNS)
+        return []
     pres = "pres" if any(r.get("pres") is not None for r in results) else "pres_clip_i"
-    return [*SUMMARY_COLUMNS, pres, "class_clip_t"]
+    return [pres, "class_clip_t"]
+
+
+def summary_columns(results: list[dict[str, Any]]) -> list[str]:
+    """SUMMARY_COLUMNS, then ``prior_columns``."""
+    return [*SUMMARY_COLUMNS, *prior_columns(results)]
 
 
 def summary_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
