@@ -303,14 +303,18 @@ def test_unet_stage_resumes_exactly_with_its_ema(tiny, tmp_path):
     assert not _same_parameters(raw, resumed)
 
 
-def _pretrain_script():
+def _script(folder: str, name: str):
     import importlib.util
 
-    path = Path(__file__).resolve().parent.parent / "train_scripts" / "pretrain_world.py"
-    spec = importlib.util.spec_from_file_location("pretrain_world", path)
+    path = Path(__file__).resolve().parent.parent / folder / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _pretrain_script():
+    return _script("train_scripts", "pretrain_world")
 
 
 def test_pretrain_script_help_states_the_config_defaults_and_bad_flags_are_named(capsys):
@@ -417,6 +421,23 @@ def test_shipped_world_clip_classifies_held_out_scenes():
     model, tokenizer = load_world_clip(EMBEDDED_MODEL_DIR / "world_clip")
     accuracy = zero_shot_accuracy(model, tokenizer, "heldout_b", count=200)
     assert accuracy["color"] >= 0.9 and accuracy["shape"] >= 0.85, accuracy
+
+
+@needs_weights
+def test_unet_speed_benchmark_times_the_shipped_unet_first(capsys):
+    from diffusers import UNet2DConditionModel
+
+    script = _script("benchmarks", "world_unet_speed")
+    rows = script.main(["--steps", "1", "--warmup", "0", "--batch_size", "2"])
+    shipped = UNet2DConditionModel.from_pretrained(EMBEDDED_MODEL_DIR / "unet")
+    assert rows[0]["parameters"] == sum(p.numel() for p in shipped.parameters())
+    assert rows[0]["heads"] == shipped.config.attention_head_dim
+    assert len(rows) == len(script.VARIANTS) and all(r["steps_per_s"] > 0 for r in rows)
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    assert len(table) == len(rows) + 2 and table[2].startswith("| 64/128/128 | 8 |")  # header, rule, rows
+    with pytest.raises(SystemExit):
+        script.main(["--steps", "0"])
+    assert "--steps must be a positive integer" in capsys.readouterr().err
 
 
 @needs_weights
