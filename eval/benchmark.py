@@ -54,8 +54,10 @@ from difftune.metrics.subject import (
     SUMMARY_HEADERS,
     EvalRun,
     Subject,
+    class_prompts,
     evaluate_runs,
     load_images,
+    load_prompts,
     models_note,
     prior_columns,
 )
@@ -402,6 +404,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args.instance_prompt = args.instance_prompt or f"a {subject.identifier} {subject.class_name}"
     args.class_prompt = args.class_prompt or f"a {subject.class_name}"
     prompt_file = resolve_prompt_file(args, model)
+    prompts = load_prompts(prompt_file, subject.identifier, subject.class_name, args.num_prompts)
+    if not args.no_class_prompts:
+        class_prompts(prompts, subject)  # a prompt the identifier cannot leave fails now, not after training
     check_metric_sources(args, model)
     device, dtype = resolve_device(args)
 

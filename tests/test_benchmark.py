@@ -105,6 +105,15 @@ def test_interrupted_training_resumes_from_its_checkpoint(benchmark_run, tmp_pat
     assert command[command.index("--max_train_steps") + 1] == "2"
 
 
+def test_a_prompt_the_identifier_cannot_leave_is_refused_before_training(benchmark_run, tmp_path):
+    script, argv, _, _, _ = benchmark_run
+    out = tmp_path / "out"
+    argv = [*argv[:1], str(out), *argv[2:], "--identifier", "<v>"]  # not a word: "a <v> dog" keeps it
+    with pytest.raises(script.DifftuneError, match="could not be removed .*--no_class_prompts"):
+        script.main(argv)
+    assert not out.exists()  # nothing trained, no class images made
+
+
 def test_benchmark_refuses_unknown_methods_and_bad_method_args(tmp_path):
     script = load_script("benchmark")
     with pytest.raises(SystemExit):
