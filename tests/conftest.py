@@ -129,6 +129,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_SUBJECT = os.path.join(ROOT, "train_scripts", "train_subject.py")
 
 
+def load_script(path: str):
+    """A script of the repository (``path`` relative to its root, e.g. "eval/benchmark.py") as a module."""
+    import importlib.util
+
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def make_subject_images(folder, count: int = 3, size=(72, 64), seed: int = 0):
     """A few small images of one made-up "subject": a coloured disc on a varying background."""
     import numpy as np
@@ -152,14 +163,9 @@ def train_script_runner(path: str):
 
     ``run.module`` is the loaded script, for monkeypatching its names.
     """
-    import importlib.util
-
     from accelerate.state import AcceleratorState, GradientState
 
-    name = os.path.splitext(os.path.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(path)
 
     def run(*flags):
         try:

@@ -4,9 +4,8 @@ import json
 
 import numpy as np
 import pytest
-from conftest import build, make_subject_images
+from conftest import build, load_script, make_subject_images
 from PIL import Image
-from test_eval_scripts import load_script
 
 import difftune
 
@@ -22,7 +21,7 @@ def benchmark_run(tmp_path_factory, tiny_clip_dir):
             "--train_batch_size", "1", "--resolution", "64", "--seed", "5", "--num_class_images", "3",
             "--prompts", "dreambooth", "--num_prompts", "1", "--images_per_prompt", "2",
             "--num_inference_steps", "2", "--guidance_scale", "1", "--clip_model", str(tiny_clip_dir)]
-    script = load_script("benchmark")
+    script = load_script("eval/benchmark.py")
     rows = script.main(argv)
     return script, argv, root / "out", methods, rows
 
@@ -115,7 +114,7 @@ def test_a_prompt_the_identifier_cannot_leave_is_refused_before_training(benchma
 
 
 def test_benchmark_refuses_unknown_methods_and_bad_method_args(tmp_path):
-    script = load_script("benchmark")
+    script = load_script("eval/benchmark.py")
     with pytest.raises(SystemExit):
         script.parse_args(["--output_dir", str(tmp_path), "--methods", "lora", "nomethod"])
     with pytest.raises(SystemExit):
@@ -124,7 +123,7 @@ def test_benchmark_refuses_unknown_methods_and_bad_method_args(tmp_path):
 
 
 def test_sd15_preset_is_one_flag(tmp_path):
-    script = load_script("benchmark")
+    script = load_script("eval/benchmark.py")
     args = script.parse_args(["--preset", "sd15", "--output_dir", str(tmp_path)])
     assert args.pretrained_model_name_or_path == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert (args.resolution, args.mixed_precision) == (512, "fp16")

@@ -1,13 +1,12 @@
 """eval/ scripts end to end on tiny offline models (small N): files, numbers, resume."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import build, make_subject_images, randomize_adapter
+from conftest import build, load_script, make_subject_images, randomize_adapter
 from PIL import Image
 
 import difftune
@@ -23,13 +22,6 @@ from difftune.metrics.subject import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "eval" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +85,7 @@ def test_image_seeds_do_not_depend_on_batch_size():
 
 
 def test_evaluate_subject_end_to_end(tmp_path, toy_subject, lora_file, tiny_clip_dir, tiny_dino_dir, capsys):
-    script = load_script("evaluate_subject")
+    script = load_script("eval/evaluate_subject.py")
     class_dir = make_subject_images(tmp_path / "class", 5, seed=1)
     out = tmp_path / "eval"
     argv = ["--pretrained_model_name_or_path", "builtin:tiny-sd", "--adapter", f"lora={lora_file}",
@@ -176,7 +168,7 @@ def test_evaluate_subject_end_to_end(tmp_path, toy_subject, lora_file, tiny_clip
 
 def test_class_prompts_without_dino_and_switched_off(tmp_path, toy_subject, tiny_clip_dir):
     """No DINO model: PRES comes from CLIP-I and says so; --no_class_prompts removes the columns only."""
-    script = load_script("evaluate_subject")
+    script = load_script("eval/evaluate_subject.py")
     argv = ["--pretrained_model_name_or_path", "builtin:tiny-sd", "--include_base",
             "--instance_data_dir", str(toy_subject), "--prompts", "dreambooth", "--num_prompts", "1",
             "--images_per_prompt", "2", "--num_inference_steps", "2", "--height", "64", "--width", "64",
@@ -206,7 +198,7 @@ def test_class_prompts_without_dino_and_switched_off(tmp_path, toy_subject, tiny
 
 
 def test_evaluate_subject_refuses_bad_input_before_loading_models(tmp_path, toy_subject):
-    script = load_script("evaluate_subject")
+    script = load_script("eval/evaluate_subject.py")
     base = ["--pretrained_model_name_or_path", "builtin:tiny-sd", "--instance_data_dir", str(toy_subject),
             "--output_dir", str(tmp_path)]
     with pytest.raises(difftune.DifftuneError, match="missing.safetensors does not exist"):
@@ -219,7 +211,7 @@ def test_evaluate_subject_refuses_bad_input_before_loading_models(tmp_path, toy_
 
 def test_half_precision_generation_with_adapter(tmp_path, toy_subject, lora_file, tiny_clip_dir):
     """The GPU path (pipeline in a 16-bit dtype, the loaded adapter moved to it) runs here in bf16."""
-    script = load_script("evaluate_subject")
+    script = load_script("eval/evaluate_subject.py")
     results = script.main(["--pretrained_model_name_or_path", "builtin:tiny-sd", "--adapter", str(lora_file),
                            "--instance_data_dir", str(toy_subject), "--dtype", "bf16", "--num_prompts", "1",
                            "--images_per_prompt", "1", "--num_inference_steps", "2", "--height", "64",

@@ -1,20 +1,13 @@
 """The SaRA memory benchmark's modes, on the tiny UNet (the real run is SD 1.5 size)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def benchmark():
-    spec = importlib.util.spec_from_file_location("memory_sara", ROOT / "benchmarks" / "memory_sara.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/memory_sara.py")
 
 
 def test_weight_gradient_floor_computes_and_drops_every_weight_gradient(benchmark):

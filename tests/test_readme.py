@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+from conftest import load_script
+
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 
@@ -25,7 +27,6 @@ def test_setup_commands_install_pinned_torch_first():
 
 
 def test_main_command_parses_with_the_trainer_and_the_evaluation(train_subject):
-    import importlib.util
     import shlex
 
     main_job = next(b for b in _code_blocks("bash") if b.startswith("# main job")).splitlines()[1]
@@ -34,9 +35,7 @@ def test_main_command_parses_with_the_trainer_and_the_evaluation(train_subject):
     assert (ROOT / args.instance_data_dir).is_dir()
     assert args.adapter == "sara" and args.pretrained_model_name_or_path == "builtin:embedded"
     assert args.seed is not None, "the main job's numbers in the README must be reproducible"
-    spec = importlib.util.spec_from_file_location("evaluate_subject", ROOT / "eval" / "evaluate_subject.py")
-    evaluate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(evaluate)
+    evaluate = load_script("eval/evaluate_subject.py")
     eval_args = evaluate.parse_args(steps["eval/evaluate_subject.py"])
     # the evaluation reads the adapter the training writes
     assert any(a.endswith(str(Path(args.output_dir) / "adapter.safetensors")) for a in eval_args.adapter)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 
 from difftune.model_factory import EMBEDDED_MODEL_DIR
 from difftune.world import pretrain, scenes
@@ -303,22 +304,8 @@ def test_unet_stage_resumes_exactly_with_its_ema(tiny, tmp_path):
     assert not _same_parameters(raw, resumed)
 
 
-def _script(folder: str, name: str):
-    import importlib.util
-
-    path = Path(__file__).resolve().parent.parent / folder / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _pretrain_script():
-    return _script("train_scripts", "pretrain_world")
-
-
 def test_pretrain_script_help_states_the_config_defaults_and_bad_flags_are_named(capsys):
-    script = _pretrain_script()
+    script = load_script("train_scripts/pretrain_world.py")
     with pytest.raises(SystemExit):
         script.parse_args(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())
@@ -427,7 +414,7 @@ def test_shipped_world_clip_classifies_held_out_scenes():
 def test_unet_speed_benchmark_times_the_shipped_unet_first(capsys):
     from diffusers import UNet2DConditionModel
 
-    script = _script("benchmarks", "world_unet_speed")
+    script = load_script("benchmarks/world_unet_speed.py")
     rows = script.main(["--steps", "1", "--warmup", "0", "--batch_size", "2"])
     shipped = UNet2DConditionModel.from_pretrained(EMBEDDED_MODEL_DIR / "unet")
     assert rows[0]["parameters"] == sum(p.numel() for p in shipped.parameters())
