@@ -54,12 +54,11 @@ from difftune.metrics.subject import (
     SUMMARY_HEADERS,
     EvalRun,
     Subject,
-    class_prompts,
     evaluate_runs,
     load_images,
-    load_prompts,
     models_note,
     prior_columns,
+    run_prompts,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -404,9 +403,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args.instance_prompt = args.instance_prompt or f"a {subject.identifier} {subject.class_name}"
     args.class_prompt = args.class_prompt or f"a {subject.class_name}"
     prompt_file = resolve_prompt_file(args, model)
-    prompts = load_prompts(prompt_file, subject.identifier, subject.class_name, args.num_prompts)
-    if not args.no_class_prompts:
-        class_prompts(prompts, subject)  # a prompt the identifier cannot leave fails now, not after training
+    # a bad prompt file or an identifier the prompts keep fails now, not after every method has trained
+    run_prompts(prompt_file, subject, args.num_prompts, not args.no_class_prompts)
     check_metric_sources(args, model)
     device, dtype = resolve_device(args)
 

@@ -39,7 +39,7 @@ from difftune.metrics.cli import (
     resolve_prompt_file,
     write_tables,
 )
-from difftune.metrics.subject import EvalRun, Subject, evaluate_runs, load_images
+from difftune.metrics.subject import EvalRun, Subject, evaluate_runs, load_images, run_prompts
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device, dtype = resolve_device(args)
     runs = build_runs(args)  # validates every path before any heavy work
     prompt_file = resolve_prompt_file(args, model)
+    for run in runs:  # a bad prompt file or an identifier the prompts keep fails before any model loads
+        run_prompts(prompt_file, run.subject, args.num_prompts, not args.no_class_prompts)
     fid_reference = None
     if args.fid:
         fid_reference = (str(args.class_data_dir), load_images(args.class_data_dir, "--class_data_dir"))

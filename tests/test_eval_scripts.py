@@ -209,6 +209,23 @@ def test_evaluate_subject_refuses_bad_input_before_loading_models(tmp_path, toy_
         script.main([*base, "--include_base", "--fid"])  # --fid without --class_data_dir
 
 
+def test_evaluate_subject_refuses_a_prompt_the_identifier_keeps_before_loading_models(tmp_path, toy_subject,
+                                                                                     monkeypatch):
+    script = load_script("eval/evaluate_subject.py")
+
+    def no_models(*_args, **_kwargs):
+        raise AssertionError("a model was loaded before the prompts were checked")
+
+    monkeypatch.setattr(script, "build_scorer", no_models)
+    monkeypatch.setattr(script, "load_eval_pipeline", no_models)
+    argv = ["--pretrained_model_name_or_path", "builtin:tiny-sd", "--include_base", "--instance_data_dir",
+            str(toy_subject), "--identifier", "<v>", "--output_dir", str(tmp_path)]  # "a <v> dog" keeps it
+    with pytest.raises(difftune.DifftuneError, match="could not be removed .*--no_class_prompts"):
+        script.main(argv)
+    with pytest.raises(AssertionError, match="before the prompts were checked"):
+        script.main([*argv, "--no_class_prompts"])  # without class prompts the identifier may stay
+
+
 def test_half_precision_generation_with_adapter(tmp_path, toy_subject, lora_file, tiny_clip_dir):
     """The GPU path (pipeline in a 16-bit dtype, the loaded adapter moved to it) runs here in bf16."""
     script = load_script("eval/evaluate_subject.py")

@@ -286,6 +286,17 @@ def run_signature(run: EvalRun, prompts: list[str], settings: GenerationSettings
     return signature
 
 
+def run_prompts(prompt_file: str | Path, subject: Subject, num_prompts: int | None = None,
+                with_class_prompts: bool = False) -> tuple[list[str], list[str] | None]:
+    """A subject's prompts and, if asked, its class prompts: what ``evaluate_runs`` generates from.
+
+    Scripts call it before any heavy work, so that a bad prompt file or an identifier the
+    prompts cannot lose fails at once.
+    """
+    prompts = load_prompts(prompt_file, subject.identifier, subject.class_name, num_prompts)
+    return prompts, class_prompts(prompts, subject) if with_class_prompts else None
+
+
 def evaluate_runs(pipe: Any, runs: list[EvalRun], prompt_file: str | Path, settings: GenerationSettings,
                   scorer: SubjectScorer, output_dir: str | Path, model: str,
                   fid_reference: tuple[str, list[Image.Image]] | None = None,
@@ -306,8 +317,7 @@ def evaluate_runs(pipe: Any, runs: list[EvalRun], prompt_file: str | Path, setti
     denoiser, _ = difftune.find_denoiser(pipe)
     results = []
     for run in runs:
-        prompts = load_prompts(prompt_file, run.subject.identifier, run.subject.class_name, num_prompts)
-        class_prompt_list = class_prompts(prompts, run.subject) if with_class_prompts else None
+        prompts, class_prompt_list = run_prompts(prompt_file, run.subject, num_prompts, with_class_prompts)
         signature = run_signature(run, prompts, settings, scorer, fid_reference and fid_reference[0], model,
                                   class_prompt_list)
         run_dir = output_dir / run.name / run.subject.name
