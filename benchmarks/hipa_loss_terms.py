@@ -17,6 +17,7 @@ import argparse
 import torch
 from skimage import data, filters, transform
 
+from difftune.errors import run_main
 from difftune.hipa.loss import (
     HiPALossConfig,
     edge_loss,
@@ -76,4 +77,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

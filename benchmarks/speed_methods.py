@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 import difftune
+from difftune.errors import run_main
 from difftune.machine import cpu_name
 from difftune.model_factory import SD15_UNET_CONFIG
 
@@ -192,4 +193,4 @@ def write_docs_section(header: str, table: str, device: torch.device) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from difftune.errors import run_main
 from difftune.world.pretrain import PretrainConfig, build_world_unet
 
 # (block channels, attention heads); the first row is the shipped UNet. diffusers' UNet
@@ -93,4 +94,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

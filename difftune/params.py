@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 
 from .api import add_adapter, count_trainable_parameters, find_denoiser, has_adapter, remove_adapter
-from .errors import DifftuneError
+from .errors import DifftuneError, run_main
 from .tuners import METHODS
 
 # (label, method, options): the configurations of the papers' parameter-count tables.
@@ -142,4 +142,4 @@ def main(argv: Sequence[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

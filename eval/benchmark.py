@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import difftune
-from difftune.errors import DifftuneError
+from difftune.errors import DifftuneError, run_main
 from difftune.metrics.cli import (
     HUB_CLIP,
     HUB_DINO,
@@ -437,4 +437,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from difftune.errors import DifftuneError
+from difftune.errors import DifftuneError, run_main
 from difftune.metrics.cli import (
     BUILTIN_EMBEDDED,
     add_evaluation_arguments,
@@ -126,4 +126,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

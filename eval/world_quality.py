@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from difftune.errors import run_main
 from difftune.model_factory import EMBEDDED_MODEL_DIR
 from difftune.world.quality import SamplingSettings, markdown_table, quality_report, world_examples_grid
 
@@ -59,4 +60,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from difftune.errors import run_main
 from difftune.model_factory import EMBEDDED_MODEL_DIR
 from difftune.world.pretrain import STAGES, PretrainConfig, pretrain_all, with_steps
 
@@ -96,4 +97,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -18,6 +18,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import difftune
+from difftune.errors import run_main
 from difftune.model_factory import load_pipeline
 
 
@@ -88,4 +89,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

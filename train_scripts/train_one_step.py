@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 import difftune
 from difftune.adapter_file import atomic_write
-from difftune.errors import DifftuneError
+from difftune.errors import DifftuneError, run_main
 from difftune.hipa.evaluation import (
     DifftuneMetrics,
     compare_with_teacher,
@@ -356,4 +356,4 @@ def load_reference_images(folder: str) -> list:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 import difftune
 from difftune.adapter_file import atomic_write
-from difftune.errors import DifftuneError
+from difftune.errors import DifftuneError, run_main
 from difftune.model_factory import describe_model, load_pipeline
 from difftune.training import arguments, checkpointing, loop
 from difftune.training.data import SubjectData, SubjectDataset, scan_image_folder, warn_small_images
@@ -353,4 +353,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
