@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from difftune.errors import run_main
+from difftune.world.clip_model import MAX_PROMPT_TOKENS
 from difftune.world.pretrain import PretrainConfig, build_world_unet
 
 # (block channels, attention heads); the first row is the shipped UNet. diffusers' UNet
@@ -43,7 +44,7 @@ def steps_per_second(unet: torch.nn.Module, config: PretrainConfig, batch_size: 
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.unet.learning_rate)
     size = int(unet.config.sample_size)
     latents = torch.randn(batch_size, config.latent_channels, size, size)
-    text = torch.randn(batch_size, 32, config.clip_size.text_width)  # the world tokenizer's 32 tokens
+    text = torch.randn(batch_size, MAX_PROMPT_TOKENS, config.clip_size.text_width)
     timesteps = torch.randint(0, 1000, (batch_size,))
     noise = torch.randn_like(latents)
     times = []
