@@ -81,7 +81,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The embedded world model: minutes on a laptop CPU, fully offline.
     "embedded": {
         "pretrained_model_name_or_path": "builtin:embedded",
-        "instance_data_dir": ASSETS_DIR / "subject",
+        "instance_data_dir": ASSETS_DIR / "subjects" / "star",
         "max_train_steps": 200,
         "train_batch_size": 4,
         "mixed_precision": "no",
@@ -94,7 +94,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Stable Diffusion 1.5 from the hub, on a GPU (fp16 training and generation).
     "sd15": {
         "pretrained_model_name_or_path": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-        "instance_data_dir": ASSETS_DIR / "subject",
+        "instance_data_dir": ASSETS_DIR / "subjects" / "star",
         "resolution": 512,
         "max_train_steps": 400,
         "train_batch_size": 1,

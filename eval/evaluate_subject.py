@@ -14,7 +14,7 @@ are already there are not redone.
 
     # the embedded default, offline on CPU
     python eval/evaluate_subject.py --adapter lora=outputs/lora/adapter.safetensors \\
-        --instance_data_dir assets/subject --include_base --output_dir outputs/eval
+        --instance_data_dir assets/subjects/star --include_base --output_dir outputs/eval
 
     # SD 1.5 on a GPU (fp16 generation; CLIP ViT-L/14 and DINO ViT-S/16 from the hub)
     python eval/evaluate_subject.py \\

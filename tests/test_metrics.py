@@ -202,6 +202,11 @@ def test_neutral_prompt():
     assert neutral_prompt("a sks dog on the beach", "sks", "dog") == "a dog on the beach"
     assert neutral_prompt("a photo of sks on a table", "sks", "dog") == "a photo of dog on a table"
     assert neutral_prompt("a sksdog and asks", "sks", "dog") == "a sksdog and asks"
+    # the article follows the class that now comes after it; other articles are left alone
+    assert neutral_prompt("a large sks orange star", "sks", "orange star") == "a large orange star"
+    assert neutral_prompt("a sks orange star left of a ant", "sks", "orange star") == \
+        "an orange star left of a ant"
+    assert neutral_prompt("an sks dog", "sks", "dog") == "a dog"
 
 
 # ---------------------------------------------------------------- DINO

@@ -32,7 +32,7 @@ def test_run_main_turns_bad_input_into_an_argparse_style_error(capsys, monkeypat
 
 BAD_INPUT = [
     ("eval/evaluate_subject.py",
-     ["--adapter", "missing.safetensors", "--instance_data_dir", "assets/subject"],
+     ["--adapter", "missing.safetensors", "--instance_data_dir", "assets/subjects/star"],
      "evaluate_subject.py: error: --adapter missing.safetensors: missing.safetensors does not exist"),
     ("train_scripts/train_subject.py",
      ["--pretrained_model_name_or_path", "builtin:tiny-sd", "--instance_data_dir", "no_such_folder",

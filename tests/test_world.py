@@ -40,7 +40,9 @@ from difftune.world.scenes import (
 )
 
 torch.set_num_threads(1)
-SUBJECT_DIR = Path(__file__).resolve().parent.parent / "assets" / "subject"
+SUBJECTS_DIR = Path(__file__).resolve().parent.parent / "assets" / "subjects"
+needs_weights = pytest.mark.skipif(not (EMBEDDED_MODEL_DIR / "model_index.json").is_file(),
+                                   reason="the embedded model has not been trained into assets/ yet")
 
 
 # ---------------------------------------------------------------- the world
@@ -375,32 +377,78 @@ def test_world_clip_features_work_as_an_fid_extractor():
     assert fid.inception is features
 
 
-# ---------------------------------------------------------------- the DreamBooth subject
+# ---------------------------------------------------------------- the DreamBooth subjects
 
-def test_subject_assets_are_rendered_deterministically(tmp_path):
+@pytest.mark.parametrize("name", ["star", "heart", "diamond", "ring", "crescent"])
+def test_subject_assets_are_rendered_deterministically(tmp_path, name):
     from PIL import Image
 
     from difftune.world import subject
 
-    info = subject.write_subject_assets(tmp_path, count=5)
-    assert info["class_name"] in SHAPES and info["identifier"] == scenes.RARE_IDENTIFIER
-    assert info["instance_prompt"] == "a sks star" and info["class_prompt"] == "a star"
+    design = subject.SUBJECTS[name]
+    info = subject.write_subject_assets(tmp_path, name)
+    assert info["identifier"] == scenes.RARE_IDENTIFIER and info["class_shape"] in SHAPES
+    assert info["instance_prompt"] == f"a large sks {info['class_name']}"
+    assert info["class_prompt"] == f"a large {info['class_color']} {info['class_shape']}"
     images = [np.asarray(Image.open(tmp_path / entry["file"])) for entry in info["images"]]
-    for image in images:
-        # Two hues on one object: both the orange body and the blue centre are present.
-        for rgb in (subject.OUTER_RGB, subject.INNER_RGB):
-            assert (np.abs(image.astype(int) - rgb).max(-1) <= 2).sum() > 20
-    shipped = SUBJECT_DIR / "subject.json"
-    if shipped.is_file():
-        assert json.loads(shipped.read_text()) == info
-        for entry, image in zip(info["images"], images, strict=True):
-            np.testing.assert_array_equal(np.asarray(Image.open(SUBJECT_DIR / entry["file"])), image)
+    assert len({(e["background"], e["position"]) for e in info["images"]}) == len(images)
+    hues = {"star": ("orange", "blue"), "heart": ("red", "yellow"), "diamond": ("purple", "cyan"),
+            "ring": ("green",), "crescent": ("yellow",)}[name]
+    for image, entry in zip(images, info["images"], strict=True):
+        # Two hues on one object where the design says so, each covering more than a speck.
+        for hue in hues:
+            assert (np.abs(image.astype(int) - scenes.COLORS[hue]).max(-1) <= 2).sum() > 20, (name, hue)
+        # The background shows through where a new shape has its hole or bite.
+        background = np.asarray(scenes.BACKGROUNDS[entry["background"]])
+        centre = np.round(subject.subject_views(name)[info["images"].index(entry)]["center"]).astype(int)
+        pixel = image[centre[1], centre[0]].astype(int)
+        assert (np.abs(pixel - background).max() <= 2) == (name in ("ring", "crescent")), (name, pixel)
+    # Every image has a world caption that keeps the identifier before the class.
+    captions = [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
+    assert [c["file_name"] for c in captions] == [e["file"] for e in info["images"]]
+    for caption, entry in zip(captions, info["images"], strict=True):
+        assert caption["text"] == entry["caption"] == design.caption(entry["position"], entry["background"])
+        assert f"sks {info['class_name']}" in caption["text"] and entry["background"] in caption["text"]
+    shipped = SUBJECTS_DIR / name
+    assert (shipped / "subject.json").is_file(), f"{shipped} is not shipped"
+    stored = json.loads((shipped / "subject.json").read_text())
+    measured = stored.pop("measured")
+    assert stored == info
+    assert measured["class_shape_accuracy"] >= 0.8 and measured["class_color_accuracy"] >= 0.8
+    assert 0.3 < measured["ceiling_clip_i"] < 1.0
+    assert (shipped / "metadata.jsonl").read_text() == (tmp_path / "metadata.jsonl").read_text()
+    for entry, image in zip(info["images"], images, strict=True):
+        np.testing.assert_array_equal(np.asarray(Image.open(shipped / entry["file"])), image)
+
+
+@needs_weights
+def test_subject_measurement_matches_an_independent_count(tmp_path):
+    """measure_subject's accuracy and ceiling, recomputed here from its own images and embeddings."""
+    from PIL import Image
+
+    from difftune.metrics.similarity import ClipSimilarity
+    from difftune.world import subject
+    from difftune.world.quality import SamplingSettings, generate, load_embedded_pipeline
+
+    subject.write_subject_assets(tmp_path, "ring", count=3)
+    pipe = load_embedded_pipeline(EMBEDDED_MODEL_DIR)
+    model, tokenizer = load_world_clip(EMBEDDED_MODEL_DIR / "world_clip")
+    similarity = ClipSimilarity.from_pretrained(EMBEDDED_MODEL_DIR / "world_clip")
+    settings = SamplingSettings(steps=10, guidance_scale=5.0, seed=3, batch_size=8)
+    info = subject.measure_subject(tmp_path, pipe, model, tokenizer, similarity, class_images=8,
+                                   settings=settings)
+    assert json.loads((tmp_path / "subject.json").read_text())["measured"] == info["measured"]
+    class_images = generate(pipe, ["a large green circle"] * 8, settings)
+    predictions = classify_color_shape(model, tokenizer, class_images)
+    assert info["measured"]["class_shape_accuracy"] == sum(p[1] == "circle" for p in predictions) / 8
+    instance = [Image.open(tmp_path / f"instance_{i:02d}.png") for i in range(3)]
+    embeddings = similarity.image_embeddings(instance)
+    pairs = [float(embeddings[i] @ embeddings[j]) for i in range(3) for j in range(3) if i != j]
+    assert info["measured"]["ceiling_clip_i"] == pytest.approx(sum(pairs) / 6, abs=1e-4)
 
 
 # ---------------------------------------------------------------- the shipped model
 
-needs_weights = pytest.mark.skipif(not (EMBEDDED_MODEL_DIR / "model_index.json").is_file(),
-                                   reason="the embedded model has not been trained into assets/ yet")
 
 
 @needs_weights

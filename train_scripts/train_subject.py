@@ -3,7 +3,7 @@
 
     accelerate launch train_scripts/train_subject.py \\
         --pretrained_model_name_or_path builtin:embedded \\
-        --instance_data_dir assets/subject --instance_prompt "a photo of sks toy" \\
+        --instance_data_dir assets/subjects/star --instance_prompt "a large sks orange star" \\
         --adapter lora --rank 4 --max_train_steps 400 --output_dir outputs/subject
 
 Plain `python train_scripts/train_subject.py ...` works too. Every option is a flag and

@@ -45,13 +45,21 @@ def neutral_prompt(prompt: str, identifier: str, class_name: str) -> str:
     """The prompt with the subject identifier replaced by the class name, for CLIP-T.
 
     "a sks dog on the beach" → "a dog on the beach"; an identifier used alone ("a sks on
-    a table") becomes the class name ("a dog on a table").
+    a table") becomes the class name ("a dog on a table"); an article left before a vowel
+    is fixed ("a sks orange star" → "an orange star").
     """
     if not identifier:
         return prompt
-    word = re.escape(identifier)
-    with_class = re.sub(rf"\b{word}\s+{re.escape(class_name)}\b", class_name, prompt)
-    return re.sub(rf"\b{word}\b", class_name, with_class)
+    pattern = re.compile(rf"\b(?:([Aa]n?) )?{re.escape(identifier)}(?:\s+{re.escape(class_name)})?\b")
+
+    def replace(match: re.Match) -> str:
+        article = match.group(1)
+        if article is None:
+            return class_name
+        vowel = class_name[:1].lower() in "aeiou"
+        return f"{article[0]}{'n' if vowel else ''} {class_name}"
+
+    return pattern.sub(replace, prompt)
 
 
 class ClipSimilarity:
