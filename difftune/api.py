@@ -11,10 +11,11 @@ import contextlib
 import json
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ._version import __version__
@@ -34,6 +35,7 @@ from .tuners import Adapter, get_method
 
 _ADAPTER_ATTRIBUTE = "_difftune_adapter"
 DENOISER_COMPONENTS = ("unet", "transformer")
+TEXT_ENCODER_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 def find_denoiser(obj: Any) -> tuple[nn.Module, str]:
@@ -73,6 +75,24 @@ def get_adapter(model: Any) -> Adapter:
 def has_adapter(model: Any) -> bool:
     denoiser, _ = find_denoiser(model)
     return denoiser.__dict__.get(_ADAPTER_ATTRIBUTE) is not None
+
+
+def adapted_text_encoders(pipeline: Any) -> dict[str, nn.Module]:
+    """A pipeline's text encoders that carry an adapter, by component name (none for a bare model).
+
+    The subject trainer's ``--train_text_encoder`` attaches one beside the denoiser's, as
+    diffusers' DreamBooth scripts do; the file, scale, merge and remove then cover both.
+    """
+    if isinstance(pipeline, nn.Module):
+        return {}
+    encoders = {name: getattr(pipeline, name, None) for name in TEXT_ENCODER_COMPONENTS}
+    return {name: encoder for name, encoder in encoders.items()
+            if isinstance(encoder, nn.Module) and has_adapter(encoder)}
+
+
+def _adapted_modules(model: Any) -> list[nn.Module]:
+    """The denoiser, then every adapted text encoder of a pipeline."""
+    return [find_denoiser(model)[0], *adapted_text_encoders(model).values()]
 
 
 def add_adapter(
@@ -149,14 +169,18 @@ def count_trainable_parameters(model: Any) -> int:
     return sum(p.numel() for p in trainable_parameters(model))
 
 
-def save_adapter(model: Any, path: str | os.PathLike, base_model: str | None = None) -> Path:
+def save_adapter(model: Any, path: str | os.PathLike, base_model: str | None = None,
+                 text_encoders: Mapping[str, nn.Module] | None = None) -> Path:
     """Write the adapter to ``path`` (a ``.safetensors`` file, or a folder for adapter.safetensors).
 
     The header records method, config, targets, the base-model fingerprint and the
-    difftune version. The write is atomic.
+    difftune version. Text-encoder adapters go into the same file, under their component
+    names (``text_encoder.``): those of a pipeline are found by themselves, or pass
+    ``text_encoders={"text_encoder": module}`` with a bare denoiser. The write is atomic.
     """
     denoiser, component = find_denoiser(model)
     adapter = get_adapter(denoiser)
+    encoders = adapted_text_encoders(model) if text_encoders is None else dict(text_encoders)
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path / DEFAULT_FILE_NAME
@@ -165,17 +189,37 @@ def save_adapter(model: Any, path: str | os.PathLike, base_model: str | None = N
     info = {
         "format_version": FORMAT_VERSION,
         "difftune_version": __version__,
-        "method": adapter.method,
-        "config": adapter.config.to_dict(),
+        **_section_info(adapter),
         "component": component,
-        "targets": adapter.target_names,
         "base_model": base_model,
-        "fingerprint": adapter.base_fingerprint,
-        "extra": adapter.file_metadata(),
     }
-    header = {METADATA_KEY: json.dumps(info, default=str), **adapter.extra_header(component)}
-    tensors = {f"{component}.{key}": value for key, value in adapter.adapter_state_dict().items()}
-    return write_safetensors(path, tensors, header)
+    sections = {component: adapter}
+    if encoders:
+        sections.update({name: get_adapter(encoder) for name, encoder in encoders.items()})
+        info["text_encoders"] = {name: _section_info(sections[name]) for name in encoders}
+    tensors = {f"{name}.{key}": value for name, each in sections.items()
+               for key, value in each.adapter_state_dict().items()}
+    header = _merge_headers([each.extra_header(name) for name, each in sections.items()])
+    return write_safetensors(path, tensors, {METADATA_KEY: json.dumps(info, default=str), **header})
+
+
+def _section_info(adapter: Adapter) -> dict[str, Any]:
+    """What rebuilds one component's adapter: method, config, targets, fingerprint, method extras."""
+    return {"method": adapter.method, "config": adapter.config.to_dict(), "targets": adapter.target_names,
+            "fingerprint": adapter.base_fingerprint, "extra": adapter.file_metadata()}
+
+
+def _merge_headers(parts: list[dict[str, str]]) -> dict[str, str]:
+    """Header entries of several components; JSON objects under one key (diffusers' per-component
+    ``lora_adapter_metadata``) are merged, anything else must agree."""
+    merged: dict[str, str] = {}
+    for part in parts:
+        for key, value in part.items():
+            if key in merged and merged[key] != value:
+                merged[key] = json.dumps({**json.loads(merged[key]), **json.loads(value)}, sort_keys=True)
+            else:
+                merged[key] = value
+    return merged
 
 
 def read_adapter_info(path: str | os.PathLike) -> dict[str, Any]:
@@ -191,16 +235,18 @@ def load_adapter(
     """Attach the adapter stored at ``path`` to a pipeline's denoiser (or a model).
 
     Refuses pickle files, damaged files and base models that do not match the
-    fingerprint, before touching the model. A list of paths (one method) is combined
-    into one adapter with ΔW = Σ scaleᵢ·ΔWᵢ, ``scale`` then giving one weight per file;
-    methods that can do this implement `Adapter.combine_files` (SaRA does).
+    fingerprint, before touching the model. A file that also adapts text encoders
+    (``--train_text_encoder``) attaches those too, so it needs the pipeline. A list of
+    paths (one method) is combined into one adapter with ΔW = Σ scaleᵢ·ΔWᵢ, ``scale``
+    then giving one weight per file; methods that can do this implement
+    `Adapter.combine_files` (SaRA does). Returns the denoiser's adapter.
     """
     single = isinstance(path, (str, os.PathLike))
     paths = [path] if single else list(path)
     if not paths:
         raise DifftuneError("load_adapter: no adapter path given")
     denoiser, _component = find_denoiser(pipeline_or_model)
-    files, sources = [], []
+    files, sources, encoder_sections = [], [], {}
     for each in paths:
         file_path = resolve_adapter_path(each)
         tensors, info = read_adapter_file(file_path)
@@ -208,15 +254,23 @@ def load_adapter(
         get_method(info["method"])
         for warning in check_fingerprint(denoiser, info["fingerprint"], source):
             warnings.warn(warning, stacklevel=2)
-        prefix = f"{info['component']}."
-        if any(not key.startswith(prefix) for key in tensors):
-            raise AdapterFileError(f"{source}: tensor keys do not all start with '{prefix}'")
-        files.append(({key[len(prefix):]: value for key, value in tensors.items()}, info))
+        sections = split_sections(tensors, info, source)
+        encoder_sections = {name: (sections[name], section, _text_encoder(pipeline_or_model, name, source))
+                            for name, section in info.get("text_encoders", {}).items()}
+        for name, (_, section, encoder) in encoder_sections.items():
+            get_method(section["method"])
+            for warning in check_fingerprint(encoder, section["fingerprint"], f"{source} ({name})"):
+                warnings.warn(warning, stacklevel=2)
+        files.append((sections[info["component"]], info))
         sources.append(source)
     adapter_class = get_method(files[0][1]["method"])
     if single:
         (local, info), source = files[0], sources[0]
     else:
+        if any("text_encoders" in info for _, info in files):
+            raise DifftuneError("load_adapter: files with text-encoder adapters cannot be combined: "
+                                + ", ".join(s for s, (_, i) in zip(sources, files, strict=True)
+                                            if "text_encoders" in i))
         scales = [float(scale)] * len(files) if isinstance(scale, (int, float)) else [float(s) for s in scale]
         if len(scales) != len(files):
             raise DifftuneError(f"load_adapter: {len(files)} files but {len(scales)} scales")
@@ -228,24 +282,65 @@ def load_adapter(
         local, info = adapter_class.combine_files(files, scales, sources)
         source, scale = " + ".join(sources), 1.0
 
-    options = dict(info["config"])
-    user_targets = options.pop("targets")
-    adapter = add_adapter(denoiser, adapter_class.method, targets=info["targets"], **options)
-    adapter.config.targets = user_targets
+    attached: list[nn.Module] = []
     try:
-        adapter.check_file_metadata(info.get("extra", {}), source)
-        adapter.load_adapter_state_dict(local, source)
+        adapter = _attach_from_file(denoiser, info, local, source)
+        attached.append(denoiser)
+        for name, (tensors, section, encoder) in encoder_sections.items():
+            _attach_from_file(encoder, section, tensors, f"{source} ({name})")
+            attached.append(encoder)
     except BaseException:
-        remove_adapter(denoiser)
+        for module in attached:
+            remove_adapter(module)
         raise
     if scale != 1.0:
-        adapter.set_scale(scale)
+        for module in attached:
+            get_adapter(module).set_scale(scale)
+    return adapter
+
+
+def split_sections(tensors: dict[str, torch.Tensor], info: dict[str, Any],
+                   source: str) -> dict[str, dict[str, torch.Tensor]]:
+    """A file's tensors by component (``unet``, ``text_encoder``, ...), their prefixes removed."""
+    names = [info["component"], *info.get("text_encoders", {})]
+    sections: dict[str, dict[str, torch.Tensor]] = {name: {} for name in names}
+    for key, value in tensors.items():
+        name = next((n for n in names if key.startswith(f"{n}.")), None)
+        if name is None:
+            raise AdapterFileError(f"{source}: tensor '{key}' does not start with any of the file's "
+                                   f"components ({', '.join(f'{n}.' for n in names)})")
+        sections[name][key[len(name) + 1:]] = value
+    return sections
+
+
+def _text_encoder(pipeline: Any, name: str, source: str) -> nn.Module:
+    encoder = None if isinstance(pipeline, nn.Module) else getattr(pipeline, name, None)
+    if not isinstance(encoder, nn.Module):
+        raise DifftuneError(f"{source}: the adapter also adapts the {name}; load it into a pipeline that has "
+                            f"one (difftune.load_adapter(pipe, ...)), not into a bare model")
+    return encoder
+
+
+def _attach_from_file(model: nn.Module, section: dict[str, Any], tensors: dict[str, torch.Tensor],
+                      source: str) -> Adapter:
+    """Attach one component's adapter from its file section and load its tensors."""
+    options = dict(section["config"])
+    user_targets = options.pop("targets")
+    adapter = add_adapter(model, section["method"], targets=section["targets"], **options)
+    adapter.config.targets = user_targets
+    try:
+        adapter.check_file_metadata(section.get("extra", {}), source)
+        adapter.load_adapter_state_dict(tensors, source)
+    except BaseException:
+        remove_adapter(model)
+        raise
     return adapter
 
 
 def set_adapter_scale(model: Any, scale: float) -> None:
-    """Strength at inference: W0 + scale·ΔW (0 gives the base model)."""
-    get_adapter(model).set_scale(scale)
+    """Strength at inference: W0 + scale·ΔW (0 gives the base model); text encoders too."""
+    for module in _adapted_modules(model):
+        get_adapter(module).set_scale(scale)
 
 
 def merge_adapter(model: Any, unload: bool = True) -> nn.Module:
@@ -256,25 +351,31 @@ def merge_adapter(model: Any, unload: bool = True) -> nn.Module:
     `unmerge_adapter` restores the exact original weights (kept in memory meanwhile).
     """
     denoiser, _ = find_denoiser(model)
-    adapter = get_adapter(denoiser)
-    if unload:
-        adapter.unload()
-        _forget(denoiser, adapter, restore_requires_grad=True)
-    else:
-        adapter.merge(keep_original=True)
+    get_adapter(denoiser)  # a clear error when there is none
+    for module in _adapted_modules(model):
+        adapter = get_adapter(module)
+        if unload:
+            adapter.unload()
+            _forget(module, adapter, restore_requires_grad=True)
+        else:
+            adapter.merge(keep_original=True)
     return denoiser
 
 
 def unmerge_adapter(model: Any) -> None:
-    get_adapter(model).unmerge()
+    for module in _adapted_modules(model):
+        get_adapter(module).unmerge()
 
 
 def remove_adapter(model: Any) -> nn.Module:
-    """Restore the original modules and weights exactly, and their requires_grad flags."""
+    """Restore the original modules and weights exactly, and their requires_grad flags
+    (a pipeline's adapted text encoders too)."""
     denoiser, _ = find_denoiser(model)
-    adapter = get_adapter(denoiser)
-    adapter.detach()
-    _forget(denoiser, adapter, restore_requires_grad=True)
+    get_adapter(denoiser)  # a clear error when there is none
+    for module in _adapted_modules(model):
+        adapter = get_adapter(module)
+        adapter.detach()
+        _forget(module, adapter, restore_requires_grad=True)
     return denoiser
 
 

@@ -326,9 +326,12 @@ class SubjectData:
                                              self.center_crop, generator)
         return (pixels.flip(-1) if flip else pixels), size, crop
 
-    @torch.no_grad()
     def batch(self, positions: Sequence[int]) -> TrainingBatch:
-        """The examples at these stream positions: instance examples first, then class ones."""
+        """The examples at these stream positions: instance examples first, then class ones.
+
+        Images are encoded without gradients; uncached prompts are encoded with them, so a
+        text encoder that is being trained (``--train_text_encoder``) gets its gradient.
+        """
         items = [(position, self.dataset.item(self.stream.index(position))) for position in positions]
         ordered = [(p, pair[0]) for p, pair in items] + [(p, pair[1]) for p, pair in items if len(pair) > 1]
         generators = [sample_generator(self.seed, RandomDomain.EXAMPLE, p, e.kind) for p, e in ordered]
@@ -343,7 +346,8 @@ class SubjectData:
                 to_encode.append(pixels)
                 prepared.append(_PreparedImage(torch.empty(0), size, crop))
         if to_encode:
-            moments = self.encode_images(torch.stack(to_encode).to(self.device))
+            with torch.no_grad():
+                moments = self.encode_images(torch.stack(to_encode).to(self.device))
         else:
             moments = torch.stack([p.moments for p in prepared]).to(self.device)
         prompts = [example.prompt for _, example in ordered]

@@ -1,0 +1,49 @@
+"""Text-encoder training (``--train_text_encoder``): adapters on the CLIP text encoders.
+
+As in diffusers' DreamBooth scripts, the adapter goes on the attention projections
+(``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``) of every CLIP text encoder, with the
+same method and options as the denoiser's and a learning rate of its own. A frozen
+encoder gives "a sks dog" nearly the embedding of "a dog", so the denoiser alone can
+hardly tell the subject from its class; training the encoder gives the identifier a
+meaning of its own. The adapters are saved in the denoiser's file under their component
+names (``text_encoder.``, ``text_encoder_2.``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..api import add_adapter
+from ..errors import DifftuneError
+from ..tuners import Adapter
+
+TEXT_ENCODER_TARGETS = r"(.*\.)?self_attn\.(q_proj|k_proj|v_proj|out_proj)"
+CLIP_TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+TRAINABLE_FAMILIES = ("sd", "sdxl")
+
+
+def check_text_encoder_training(family: str) -> None:
+    """SD 1.x/2.x and SDXL only: SD3's T5 encoder is not covered (yet)."""
+    if family not in TRAINABLE_FAMILIES:
+        raise DifftuneError(f"--train_text_encoder supports SD 1.x/2.x and SDXL (CLIP text encoders); the base "
+                            f"model is {family}")
+
+
+def attach_text_encoder_adapters(pipeline: Any, method: str, options: dict[str, Any],
+                                 targets: str | list[str] = TEXT_ENCODER_TARGETS) -> dict[str, Adapter]:
+    """One adapter per CLIP text encoder of the pipeline, trainable parameters in fp32."""
+    from diffusers.training_utils import cast_training_params
+
+    adapters = {}
+    for name in CLIP_TEXT_ENCODERS:
+        encoder = getattr(pipeline, name, None)
+        if not isinstance(encoder, nn.Module):
+            continue
+        adapters[name] = add_adapter(encoder, method, targets=targets, **options)
+        cast_training_params(encoder, torch.float32)
+    if not adapters:
+        raise DifftuneError("--train_text_encoder: the pipeline has no CLIP text encoder")
+    return adapters
