@@ -27,7 +27,7 @@ def adapted(family: str, method: str, options: dict, seed: int = 1):
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_text_encoder_adapter_round_trips_through_one_file(method, tmp_path):
-    pipe, encoders = adapted("sd", method, METHODS[method])
+    pipe, _ = adapted("sd", method, METHODS[method])
     images = generate(pipe)
     path = difftune.save_adapter(pipe, tmp_path / "run")
     info = difftune.read_adapter_info(path)
@@ -35,7 +35,7 @@ def test_text_encoder_adapter_round_trips_through_one_file(method, tmp_path):
     section = info["text_encoders"]["text_encoder"]
     assert section["method"] == method and all("self_attn" in name for name in section["targets"])
     with safe_open(str(path), "pt") as handle:
-        keys = list(handle.keys())  # noqa: SIM118
+        keys = list(handle.keys())
     assert any(k.startswith("text_encoder.") for k in keys) and any(k.startswith("unet.") for k in keys)
 
     fresh = build("sd")

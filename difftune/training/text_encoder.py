@@ -28,8 +28,8 @@ TRAINABLE_FAMILIES = ("sd", "sdxl")
 def check_text_encoder_training(family: str) -> None:
     """SD 1.x/2.x and SDXL only: SD3's T5 encoder is not covered (yet)."""
     if family not in TRAINABLE_FAMILIES:
-        raise DifftuneError(f"--train_text_encoder supports SD 1.x/2.x and SDXL (CLIP text encoders); the base "
-                            f"model is {family}")
+        raise DifftuneError("--train_text_encoder supports SD 1.x/2.x and SDXL (CLIP text encoders); "
+                            f"the base model is {family}")
 
 
 def attach_text_encoder_adapters(pipeline: Any, method: str, options: dict[str, Any],
