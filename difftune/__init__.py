@@ -9,6 +9,7 @@
 
 from ._version import __version__
 from .api import (
+    adapted_text_encoders,
     add_adapter,
     check_adapter,
     count_trainable_parameters,
@@ -35,6 +36,7 @@ __all__ = [
     "DifftuneError",
     "TargetError",
     "__version__",
+    "adapted_text_encoders",
     "add_adapter",
     "check_adapter",
     "count_trainable_parameters",

@@ -415,7 +415,7 @@ def test_subject_assets_are_rendered_deterministically(tmp_path, name):
     measured = stored.pop("measured")
     assert stored == info
     assert measured["class_shape_accuracy"] >= 0.8 and measured["class_color_accuracy"] >= 0.8
-    assert 0.3 < measured["ceiling_clip_i"] < 1.0
+    assert 0.3 < measured["ceiling_clip_i"] < 1.0 and 0.2 < measured["vae_clip_i"] < 1.0
     assert (shipped / "metadata.jsonl").read_text() == (tmp_path / "metadata.jsonl").read_text()
     for entry, image in zip(info["images"], images, strict=True):
         np.testing.assert_array_equal(np.asarray(Image.open(shipped / entry["file"])), image)
@@ -445,6 +445,13 @@ def test_subject_measurement_matches_an_independent_count(tmp_path):
     embeddings = similarity.image_embeddings(instance)
     pairs = [float(embeddings[i] @ embeddings[j]) for i in range(3) for j in range(3) if i != j]
     assert info["measured"]["ceiling_clip_i"] == pytest.approx(sum(pairs) / 6, abs=1e-4)
+    # through the VAE, with diffusers' own image processing
+    with torch.no_grad():
+        pixels = pipe.image_processor.preprocess(instance)
+        decoded = pipe.vae.decode(pipe.vae.encode(pixels).latent_dist.mean).sample
+    rebuilt = similarity.image_embeddings(pipe.image_processor.postprocess(decoded, output_type="pil"))
+    pairs = [float(rebuilt[i] @ embeddings[j]) for i in range(3) for j in range(3) if i != j]
+    assert info["measured"]["vae_clip_i"] == pytest.approx(sum(pairs) / 6, abs=2e-3)
 
 
 # ---------------------------------------------------------------- the shipped model

@@ -47,6 +47,11 @@ from difftune.training.loop import DTYPES
 from difftune.training.model_card import write_model_card
 from difftune.training.prior import ensure_class_images
 from difftune.training.summary import reset_peak_memory, write_train_summary
+from difftune.training.text_encoder import (
+    TEXT_ENCODER_TARGETS,
+    attach_text_encoder_adapters,
+    check_text_encoder_training,
+)
 from difftune.training.validation import generate_images, log_images, save_grid
 
 DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
@@ -76,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--cache_latents", action=argparse.BooleanOptionalAction, default=True,
                       help="encode every image once before training (a random crop is then drawn "
                            "once per image; flips are cached both ways)")
-    data.add_argument("--pre_compute_text_embeddings", action=argparse.BooleanOptionalAction, default=True,
-                      help="encode every prompt once before training (the text encoders stay frozen)")
+    data.add_argument("--pre_compute_text_embeddings", action=argparse.BooleanOptionalAction, default=None,
+                      help="encode every prompt once before training (default: on, unless "
+                           "--train_text_encoder: a trained encoder must encode every step)")
 
     prior = parser.add_argument_group("prior preservation")
     prior.add_argument("--with_prior_preservation", action="store_true",
@@ -91,6 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
     prior.add_argument("--class_inference_steps", type=int, default=50, help="sampler steps per class image")
     prior.add_argument("--prior_generation_precision", choices=("fp32", "fp16", "bf16"),
                        help="dtype of class-image generation (default: that of training)")
+
+    text = parser.add_argument_group("text encoder")
+    text.add_argument("--train_text_encoder", action="store_true",
+                      help="also train an adapter (same method and options) on the attention of the CLIP "
+                           "text encoders, as diffusers' DreamBooth scripts do; saved in the same file "
+                           "(SD 1.x/2.x, SDXL)")
+    text.add_argument("--text_encoder_lr", type=float,
+                      help="learning rate of the text-encoder adapter (default: --learning_rate)")
+    text.add_argument("--text_encoder_targets", nargs="+",
+                      help="text-encoder modules to adapt (regex on whole module names; default: the "
+                           "q/k/v/out projections of every self-attention)")
 
     arguments.add_training_arguments(parser)  # adapter, optimization, precision, loss, validation, ...
     return parser
@@ -115,6 +132,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("num_class_images", "sample_batch_size", "class_inference_steps"):
         if getattr(args, name) < 1:
             raise DifftuneError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.train_text_encoder and args.pre_compute_text_embeddings:
+        raise DifftuneError("--pre_compute_text_embeddings cannot be used with --train_text_encoder: the "
+                            "encoder changes every step")
+    if not args.train_text_encoder and args.text_encoder_lr is not None:
+        raise DifftuneError("--text_encoder_lr given without --train_text_encoder")
+    if args.text_encoder_lr is not None and not args.text_encoder_lr > 0:
+        raise DifftuneError(f"--text_encoder_lr must be positive, got {args.text_encoder_lr}")
+    if args.pre_compute_text_embeddings is None:
+        args.pre_compute_text_embeddings = not args.train_text_encoder
     arguments.check_common_arguments(args)
     return args
 
@@ -122,7 +148,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def check_resume_fits(state: dict, args: argparse.Namespace, options: dict, path: Path) -> None:
     """A checkpoint resumes only the run that wrote it: same base, method, options, targets."""
     now = {"base_model": args.pretrained_model_name_or_path, "method": args.adapter,
-           "adapter_options": options, "targets": args.targets}
+           "adapter_options": options, "targets": args.targets,
+           "train_text_encoder": args.train_text_encoder}
     for key, value in now.items():
         if state.get(key) != value:
             raise DifftuneError(f"--resume_from_checkpoint {path}: it was trained with {key} "
@@ -154,6 +181,8 @@ def main(argv: list[str] | None = None) -> Path:
     # Everything below until the model loads is cheap: refuse bad input here.
     model_info = describe_model(args.pretrained_model_name_or_path, args.revision)
     arguments.check_family_flags(args, model_info.family)
+    if args.train_text_encoder:
+        check_text_encoder_training(model_info.family)
     method_options = arguments.adapter_options(args, args.adapter)
     resolution = loop.check_before_loading(args, model_info, method_options)
     instance_images = scan_image_folder(args.instance_data_dir, "--instance_data_dir", args.caption_column)
@@ -195,6 +224,16 @@ def main(argv: list[str] | None = None) -> Path:
         class_images = scan_image_folder(args.class_data_dir, "--class_data_dir")[:args.num_class_images]
 
     adapter = loop.attach_trainable_adapter(denoiser, args, method_options, seed)
+    text_encoders: dict[str, torch.nn.Module] = {}
+    if args.train_text_encoder:
+        if accelerator.num_processes > 1:
+            raise DifftuneError("--train_text_encoder runs in one process for now; launch without "
+                                "several processes, or train the denoiser alone")
+        attach_text_encoder_adapters(pipeline, args.adapter, method_options,
+                                     args.text_encoder_targets or TEXT_ENCODER_TARGETS)
+        text_encoders = difftune.adapted_text_encoders(pipeline)
+        for encoder in text_encoders.values():
+            encoder.train()
 
     # -----------------------------------------------------------------------------------------
     # 3. Data
@@ -221,7 +260,7 @@ def main(argv: list[str] | None = None) -> Path:
     # -----------------------------------------------------------------------------------------
     world, batch_size = accelerator.num_processes, args.train_batch_size
     plan = loop.prepare_optimization(args, accelerator, denoiser, adapter, len(dataset), resume_path,
-                                     resume_state, device)
+                                     resume_state, device, text_encoders, args.text_encoder_lr)
     model, optimizer, lr_scheduler = plan.model, plan.optimizer, plan.lr_scheduler
     max_train_steps, learning_rate = plan.max_train_steps, plan.learning_rate
     micro_batch, accumulation = plan.micro_batch, plan.accumulation
@@ -230,17 +269,22 @@ def main(argv: list[str] | None = None) -> Path:
     if is_main:
         prior_text = f" + {len(class_images)} class images" if class_images else ""
         resumed = f" | resumed at step {global_step} from {resume_path}" if resume_path else ""
+        text_rate = args.text_encoder_lr or learning_rate
+        text_part = "".join(
+            f" + {name} {len(difftune.get_adapter(e).target_names)} layers, "
+            f"{difftune.count_trainable_parameters(e):,} parameters (lr {text_rate:g})"
+            for name, e in text_encoders.items())
         print(f"difftune subject training | {args.pretrained_model_name_or_path} ({model_info.family}, "
               f"{resolution}px, {accelerator.mixed_precision}) | {args.adapter} on {adapter.config.targets}: "
               f"{len(adapter.target_names)} layers, {difftune.count_trainable_parameters(denoiser):,} "
-              f"trainable parameters | {len(instance_images)} instance images{prior_text} | "
+              f"trainable parameters{text_part} | {len(instance_images)} instance images{prior_text} | "
               f"{max_train_steps} steps x {micro_batch * accumulation} images (batch {batch_size} x "
               f"{world} processes x {accumulation} accumulation) | lr {learning_rate:g} | "
               f"seed {seed}{resumed}")
 
     trainer_state = {"base_model": args.pretrained_model_name_or_path, "method": args.adapter,
                      "adapter_options": method_options, "targets": args.targets, "seed": seed,
-                     "max_train_steps": max_train_steps}
+                     "max_train_steps": max_train_steps, "train_text_encoder": args.train_text_encoder}
 
     # -----------------------------------------------------------------------------------------
     # 5. Training loop
@@ -263,14 +307,15 @@ def main(argv: list[str] | None = None) -> Path:
                 prediction = family.predict(model, noisy, batch)
                 loss = subject_loss(family.per_example_loss(prediction, noisy), batch.is_prior,
                                     args.prior_loss_weight)
-                regularization = adapter.regularization_loss()
-                if regularization is not None:
-                    loss = loss + regularization
+                for each in (adapter, *map(difftune.get_adapter, text_encoders.values())):
+                    regularization = each.regularization_loss()
+                    if regularization is not None:
+                        loss = loss + regularization
                 accelerator.backward(loss / accumulation)
             step_loss += loss.item() / accumulation
 
         current_lr = loop.optimizer_step(accelerator, adapter, denoiser, optimizer, lr_scheduler, global_step,
-                                         max_train_steps, args.max_grad_norm)
+                                         max_train_steps, args.max_grad_norm, text_encoders)
         global_step += 1
         samples_seen += micro_batch * accumulation
 
@@ -282,9 +327,12 @@ def main(argv: list[str] | None = None) -> Path:
             checkpointing.save_checkpoint(
                 output_dir, global_step, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
                 trainer_state={**trainer_state, "samples_seen": samples_seen}, accelerator=accelerator,
-                total_limit=args.checkpoints_total_limit, base_model=args.pretrained_model_name_or_path)
+                total_limit=args.checkpoints_total_limit, base_model=args.pretrained_model_name_or_path,
+                text_encoders=text_encoders)
         if args.validation_prompt and global_step % args.validation_steps == 0 and is_main:
             denoiser.eval()
+            if text_encoders:  # the prompt's embedding changes as the encoders train
+                validation_kwargs = family.pipeline_prompt_kwargs(args.validation_prompt)
             with offload_models(*offloaded, device=device, offload=bool(offloaded)):
                 images = generate_images(
                     pipeline, validation_kwargs, num_images=args.num_validation_images, seed=seed,
@@ -310,7 +358,7 @@ def main(argv: list[str] | None = None) -> Path:
     adapter_path = output_dir / "adapter.safetensors"
     if is_main:
         difftune.save_adapter(accelerator.unwrap_model(model), adapter_path,
-                              base_model=args.pretrained_model_name_or_path)
+                              base_model=args.pretrained_model_name_or_path, text_encoders=text_encoders)
         diffusers_name = DIFFUSERS_LORA_NAME if adapter.diffusers_lora_file else None
         if diffusers_name:
             atomic_write(output_dir / diffusers_name, lambda tmp: shutil.copyfile(adapter_path, tmp))
@@ -337,7 +385,9 @@ def main(argv: list[str] | None = None) -> Path:
             training={"resolution": resolution, "batch size (global)": micro_batch * accumulation,
                       "learning rate": learning_rate, "lr scheduler": args.lr_scheduler,
                       "mixed precision": accelerator.mixed_precision, "seed": seed,
-                      "prior preservation": args.with_prior_preservation})
+                      "prior preservation": args.with_prior_preservation,
+                      "text encoder": (f"trained, lr {args.text_encoder_lr or learning_rate:g}"
+                                       if text_encoders else "frozen")})
         steps_run = global_step - first_step
         total_seconds = time.perf_counter() - started
         write_train_summary(output_dir, device, method=args.adapter, trainable_parameters=trainable_count,

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..adapter_file import atomic_write, read_adapter_file
-from ..api import find_denoiser, get_adapter, save_adapter
+from ..api import find_denoiser, get_adapter, save_adapter, split_sections
 from ..errors import DifftuneError
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -118,8 +118,11 @@ def save_checkpoint(
     accelerator: Any,
     total_limit: int | None = None,
     base_model: str | None = None,
+    text_encoders: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``checkpoint-<step>`` atomically on the main process; every process calls this."""
+    """Write ``checkpoint-<step>`` atomically on the main process; every process calls this.
+
+    Adapted ``text_encoders`` are saved in the same adapter file, with their training state."""
     output_dir = Path(output_dir)
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
     staging = output_dir / f".{CHECKPOINT_PREFIX}{step}.tmp"
@@ -131,8 +134,10 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         denoiser, _ = find_denoiser(accelerator.unwrap_model(model))
-        save_adapter(denoiser, staging, base_model=base_model)
+        save_adapter(denoiser, staging, base_model=base_model, text_encoders=text_encoders or {})
         _torch_save(staging / "adapter_training_state.pt", get_adapter(denoiser).training_state())
+        for name, encoder in (text_encoders or {}).items():
+            _torch_save(staging / f"adapter_training_state_{name}.pt", get_adapter(encoder).training_state())
         _torch_save(staging / "optimizer.pt", optimizer.state_dict())
         _torch_save(staging / "scheduler.pt", lr_scheduler.state_dict())
         state = {**trainer_state, "step": step, "num_processes": accelerator.num_processes}
@@ -166,15 +171,26 @@ def _torch_load(path: Path, device: torch.device | str = "cpu") -> Any:
     return torch.load(path, map_location=device, weights_only=True)
 
 
-def load_adapter_state(path: str | Path, model: Any, device: torch.device | str = "cpu") -> None:
-    """Restore the adapter tensors, then the method's training state (before the optimizer's)."""
+def load_adapter_state(path: str | Path, model: Any, device: torch.device | str = "cpu",
+                       text_encoders: dict[str, Any] | None = None) -> None:
+    """Restore the adapter tensors, then the method's training state (before the optimizer's);
+    the same for adapted ``text_encoders``, which the checkpoint must hold exactly."""
     path = Path(path)
     denoiser, _ = find_denoiser(model)
-    adapter = get_adapter(denoiser)
     tensors, info = read_adapter_file(path / "adapter.safetensors")
-    prefix = f"{info['component']}."
-    adapter.load_adapter_state_dict({k[len(prefix):]: v for k, v in tensors.items()}, str(path))
-    adapter.load_training_state(_torch_load(path / "adapter_training_state.pt", device))
+    sections = split_sections(tensors, info, str(path))
+    saved, wanted = set(info.get("text_encoders", {})), set(text_encoders or {})
+    if saved != wanted:
+        raise DifftuneError(f"{path}: the checkpoint adapts the text encoders {sorted(saved)}, this run "
+                            f"trains {sorted(wanted)} (--train_text_encoder must match the run that "
+                            "wrote it)")
+    modules = {info["component"]: (denoiser, "adapter_training_state.pt"),
+               **{name: (encoder, f"adapter_training_state_{name}.pt")
+                  for name, encoder in (text_encoders or {}).items()}}
+    for name, (module, state_file) in modules.items():
+        adapter = get_adapter(module)
+        adapter.load_adapter_state_dict(sections[name], str(path))
+        adapter.load_training_state(_torch_load(path / state_file, device))
 
 
 def load_optimizer_state(path: str | Path, optimizer: Any, lr_scheduler: Any) -> None:

@@ -16,6 +16,7 @@ import random
 import signal
 import sys
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -146,8 +147,12 @@ def learning_rate(args: argparse.Namespace, adapter: Any, examples_per_step: int
     return rate * examples_per_step if args.scale_lr else rate
 
 
-def create_optimizer(args: argparse.Namespace, adapter: Any, rate: float, max_train_steps: int):
-    """AdamW (or 8-bit AdamW) over the adapter's parameter groups, and the learning-rate schedule."""
+def create_optimizer(args: argparse.Namespace, adapter: Any, rate: float, max_train_steps: int,
+                     extra: Sequence[tuple[Any, float]] = ()):
+    """AdamW (or 8-bit AdamW) over the adapter's parameter groups, and the learning-rate schedule.
+
+    ``extra`` adds (adapter, learning rate) pairs, e.g. text-encoder adapters with their own rate;
+    the schedule scales every group's rate alike."""
     from diffusers.optimization import get_scheduler
 
     if args.use_8bit_adam:
@@ -156,7 +161,11 @@ def create_optimizer(args: argparse.Namespace, adapter: Any, rate: float, max_tr
         optimizer_class = bitsandbytes.optim.AdamW8bit
     else:
         optimizer_class = torch.optim.AdamW
-    optimizer = optimizer_class(adapter.optimizer_parameter_groups(args.adam_weight_decay), lr=rate,
+    groups = adapter.optimizer_parameter_groups(args.adam_weight_decay)
+    for extra_adapter, extra_rate in extra:
+        groups += [{**group, "lr": extra_rate}
+                   for group in extra_adapter.optimizer_parameter_groups(args.adam_weight_decay)]
+    optimizer = optimizer_class(groups, lr=rate,
                                 betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
                                 weight_decay=args.adam_weight_decay)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
@@ -191,20 +200,26 @@ class Optimization:
 
 def prepare_optimization(args: argparse.Namespace, accelerator: Any, denoiser: nn.Module, adapter: Any,
                          dataset_size: int, resume_path: Path | None, resume_state: dict | None,
-                         device: torch.device) -> Optimization:
+                         device: torch.device,
+                         text_encoders: Mapping[str, nn.Module] | None = None,
+                         text_encoder_lr: float | None = None) -> Optimization:
     """Steps and learning rate from the batch geometry, adapter state, optimizer and schedule (all
     restored when resuming), and the model prepared by accelerate. The schedule is stepped once
-    per optimizer step by the script, so it is not prepared."""
+    per optimizer step by the script, so it is not prepared. Adapted ``text_encoders`` train at
+    ``text_encoder_lr`` (default: the denoiser's rate)."""
     micro_batch = args.train_batch_size * accelerator.num_processes
     accumulation = args.gradient_accumulation_steps
     steps_per_epoch = -(-dataset_size // (micro_batch * accumulation))
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     rate = learning_rate(args, adapter, micro_batch * accumulation)
+    text_encoders = dict(text_encoders or {})
+    text_rate = text_encoder_lr or rate
     global_step, samples_seen = 0, 0
     if resume_path:
-        checkpointing.load_adapter_state(resume_path, denoiser, device)
+        checkpointing.load_adapter_state(resume_path, denoiser, device, text_encoders)
         global_step, samples_seen = resume_state["step"], resume_state["samples_seen"]
-    optimizer, lr_scheduler = create_optimizer(args, adapter, rate, max_train_steps)
+    extra = [(difftune.get_adapter(encoder), text_rate) for encoder in text_encoders.values()]
+    optimizer, lr_scheduler = create_optimizer(args, adapter, rate, max_train_steps, extra)
     model, optimizer = accelerator.prepare(denoiser, optimizer)
     if resume_path:
         resume_optimizer_and_rng(resume_path, optimizer, lr_scheduler, accelerator)
@@ -216,14 +231,21 @@ def prepare_optimization(args: argparse.Namespace, accelerator: Any, denoiser: n
 
 
 def optimizer_step(accelerator: Any, adapter: Any, denoiser: nn.Module, optimizer: Any, lr_scheduler: Any,
-                   step: int, max_train_steps: int, max_grad_norm: float) -> float:
-    """One optimizer step after the accumulated backward passes, with the adapter's hooks around it
-    (a method may change the update or its parameters there); returns the learning rate used."""
-    adapter.before_optimizer_step(step, max_train_steps)
+                   step: int, max_train_steps: int, max_grad_norm: float,
+                   text_encoders: Mapping[str, nn.Module] | None = None) -> float:
+    """One optimizer step after the accumulated backward passes, with the adapters' hooks around it
+    (a method may change the update or its parameters there); returns the learning rate used.
+    Adapted ``text_encoders`` get the same hooks, and their parameters share the gradient clip."""
+    adapters = [adapter, *(difftune.get_adapter(m) for m in (text_encoders or {}).values())]
+    for each in adapters:
+        each.before_optimizer_step(step, max_train_steps)
     if max_grad_norm > 0:
-        accelerator.clip_grad_norm_(difftune.trainable_parameters(denoiser), max_grad_norm)
+        parameters = [p for module in (denoiser, *(text_encoders or {}).values())
+                      for p in difftune.trainable_parameters(module)]
+        accelerator.clip_grad_norm_(parameters, max_grad_norm)
     optimizer.step()
-    adapter.after_optimizer_step(step + 1, max_train_steps, optimizer)
+    for each in adapters:
+        each.after_optimizer_step(step + 1, max_train_steps, optimizer)
     if not accelerator.optimizer_step_was_skipped:
         lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)

@@ -2,7 +2,7 @@
 
 World objects are one hue of one of seven shapes (textures only darken the hue). Each
 subject breaks that rule in one way: two hues on one object (a star inside a star, a
-two-coloured heart, a diamond with a cross of another colour) or a shape outside the
+two-coloured heart or diamond) or a shape outside the
 seven (a ring, a crescent), so the base model can only draw it after fine-tuning.
 
 Every subject has a *class* in the world's caption grammar, the colour and shape it
@@ -15,11 +15,12 @@ so that position and background stay tied to their words, not to the identifier.
     python -m difftune.world.subject assets/subjects            # render every subject
     python -m difftune.world.subject assets/subjects --measure  # and measure them on the base model
 
-``--measure`` stores two numbers in each ``subject.json``: how often the base model's
-images of the class prompt show the class shape and colour (world-CLIP zero-shot, the
-class is only useful if the base draws it), and the subject's ceiling, the mean
-pairwise CLIP-I of its instance images (a model that draws the subject exactly as the
-instance images vary scores about this).
+``--measure`` stores in each ``subject.json``: how often the base model's images of the
+class prompt show the class shape and colour (world-CLIP zero-shot: the class is only
+useful if the base draws it); the subject's ceiling, the mean pairwise CLIP-I of its
+instance images (a model that draws the subject exactly as the instance images vary
+scores about this); and the same for the instance images passed through the model's VAE,
+the ceiling of any denoiser fine-tune (the 4× VAE loses small two-hue patterns).
 """
 
 from __future__ import annotations
@@ -91,14 +92,12 @@ def _paint_two_tone_heart(canvas, center, radius, rotation):
     _paint(canvas, body * (u >= 0), "yellow")
 
 
-def _paint_diamond_with_cross(canvas, center, radius, rotation):
+def _paint_two_tone_diamond(canvas, center, radius, rotation):
     size = canvas.shape[0]
     body = shape_mask("diamond", center, radius, rotation, size)
-    u, v = _local_coords(center, rotation, size)
-    band = 0.18 * radius
-    cross = (np.abs(u) < band) | (np.abs(v) < band)
-    _paint(canvas, body * ~cross, "purple")
-    _paint(canvas, body * cross, "cyan")
+    _, v = _local_coords(center, rotation, size)
+    _paint(canvas, body * (v >= 0), "purple")
+    _paint(canvas, body * (v < 0), "cyan")
 
 
 def _paint_ring(canvas, center, radius, rotation):
@@ -151,8 +150,8 @@ SUBJECTS: dict[str, SubjectDesign] = {design.name: design for design in (
                   "on one object, which the world never draws", _paint_star_in_star),
     SubjectDesign("heart", "red", "heart", "a heart red on its left half and yellow on its right: two hues "
                   "on one object", _paint_two_tone_heart),
-    SubjectDesign("diamond", "purple", "diamond", "a purple diamond crossed corner to corner by a cyan "
-                  "plus: a pattern and a second hue the world never draws", _paint_diamond_with_cross),
+    SubjectDesign("diamond", "purple", "diamond", "a diamond cyan on its upper half and purple on its "
+                  "lower half: two hues on one object", _paint_two_tone_diamond),
     SubjectDesign("ring", "green", "circle", "a green ring, a circle with a hole showing the background: "
                   "a shape outside the world's seven", _paint_ring),
     SubjectDesign("crescent", "yellow", "circle", "a yellow crescent moon: a shape outside the world's "
@@ -268,20 +267,38 @@ def measure_subject(directory: str | Path, pipe, clip_model, clip_tokenizer, sim
     settings = settings or SamplingSettings()
     images = generate(pipe, [info["class_prompt"]] * class_images, settings)
     predictions = classify_color_shape(clip_model, clip_tokenizer, images)
-    instance = similarity.image_embeddings(load_images(directory, "subject folder"))
-    pairwise = cosine_matrix(instance, instance)
-    off_diagonal = pairwise[~torch.eye(len(instance), dtype=torch.bool)]
+    pictures = load_images(directory, "subject folder")
+    instance = similarity.image_embeddings(pictures)
+    reconstructed = similarity.image_embeddings(vae_round_trip(pipe, pictures))
+    off_diagonal = ~torch.eye(len(instance), dtype=torch.bool)
     info["measured"] = {
         "class_prompt_images": class_images,
         "class_shape_accuracy": float(np.mean([p[1] == info["class_shape"] for p in predictions])),
         "class_color_accuracy": float(np.mean([p[0] == info["class_color"] for p in predictions])),
-        "ceiling_clip_i": round(float(off_diagonal.mean()), 4),
+        "ceiling_clip_i": round(float(cosine_matrix(instance, instance)[off_diagonal].mean()), 4),
+        "vae_clip_i": round(float(cosine_matrix(reconstructed, instance)[off_diagonal].mean()), 4),
         "sampling": {"steps": settings.steps, "guidance_scale": settings.guidance_scale,
                      "seed": settings.seed},
         "judged_by": "world CLIP zero-shot (assets/embedded_model/world_clip)",
     }
     _write_json(directory / SUBJECT_FILE, info)
     return info
+
+
+def vae_round_trip(pipe, images: list) -> list:
+    """The images through the pipeline's VAE (encode, decode the mean): what any denoiser, however
+    well fine-tuned, can at best give back; a pattern the VAE loses cannot be learnt."""
+    import torch
+    from PIL import Image as PILImage
+
+    pixels = torch.stack([torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1)
+                          for image in images]).float() / 127.5 - 1
+    vae = pipe.vae
+    with torch.no_grad():
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean
+        decoded = vae.decode(latents).sample.float().clamp(-1, 1)
+    arrays = ((decoded.permute(0, 2, 3, 1).cpu().numpy() + 1) * 127.5).round().astype(np.uint8)
+    return [PILImage.fromarray(array) for array in arrays]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -319,12 +336,14 @@ def main(argv: list[str] | None = None) -> None:
         for name in tqdm(args.subjects, desc="measure", unit="subject"):
             measure_subject(args.directory / name, pipe, clip_model, clip_tokenizer, similarity,
                             args.class_images)
-    rows = ["| subject | class prompt | class shape / colour (base) | ceiling CLIP-I |", "|---|---|---|---|"]
+    rows = ["| subject | class prompt | class shape / colour (base) | ceiling CLIP-I | through the VAE |",
+            "|---|---|---|---|---|"]
     for name in args.subjects:
         info = _read_json(args.directory / name / SUBJECT_FILE)
         measured = info.get("measured")
         numbers = (f"{measured['class_shape_accuracy']:.0%} / {measured['class_color_accuracy']:.0%} | "
-                   f"{measured['ceiling_clip_i']:.3f}" if measured else "not measured | –")
+                   f"{measured['ceiling_clip_i']:.3f} | {measured['vae_clip_i']:.3f}" if measured
+                   else "not measured | – | –")
         rows.append(f"| {name} | {info['class_prompt']} | {numbers} |")
     print("\n".join(rows))
 
