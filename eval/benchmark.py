@@ -211,6 +211,7 @@ def trainer_command(args: argparse.Namespace, subject: Subject, method: str, fla
                "--checkpointing_steps", str(args.checkpointing_steps),
                "--report_to", "none",
                "--skip_final_inference",
+               "--no_recipe",  # every method on the benchmark's own, comparable settings
                "--output_dir", str(output_dir)]
     if args.learning_rate is not None:
         command += ["--learning_rate", str(args.learning_rate)]

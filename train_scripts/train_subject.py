@@ -40,7 +40,7 @@ import difftune
 from difftune.adapter_file import atomic_write
 from difftune.errors import DifftuneError, run_main
 from difftune.model_factory import describe_model, load_pipeline
-from difftune.training import arguments, checkpointing, loop
+from difftune.training import arguments, checkpointing, loop, recipes
 from difftune.training.data import SubjectData, SubjectDataset, scan_image_folder, warn_small_images
 from difftune.training.families import LossOptions, training_family
 from difftune.training.loop import DTYPES
@@ -109,12 +109,21 @@ def build_parser() -> argparse.ArgumentParser:
                       help="text-encoder modules to adapt (regex on whole module names; default: the "
                            "q/k/v/out projections of every self-attention)")
 
+    parser.add_argument_group("recipe").add_argument(
+        "--no_recipe", action="store_true",
+        help="do not fill unset flags from the base model's measured recipe (builtin:embedded has one "
+             "per method; the run prints what it applied)")
+
     arguments.add_training_arguments(parser)  # adapter, optimization, precision, loss, validation, ...
     return parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    args = arguments.parse_with_config(build_parser(), argv)
+    parser = build_parser()
+    tokens = arguments.command_tokens(parser, argv)
+    args = parser.parse_args(tokens)
+    # flags left unset take the measured recipe of this base model and method, if there is one
+    args.recipe = recipes.apply_recipe(args, recipes.given_destinations(parser, tokens))
     for name in ("instance_data_dir", "instance_prompt"):
         if not getattr(args, name):
             raise DifftuneError(f"--{name} is required (on the command line or in the --config file)")
@@ -267,6 +276,8 @@ def main(argv: list[str] | None = None) -> Path:
     global_step, samples_seen = plan.global_step, plan.samples_seen
 
     if is_main:
+        if args.recipe:
+            print(recipes.describe(args.recipe, args.pretrained_model_name_or_path, args.adapter))
         prior_text = f" + {len(class_images)} class images" if class_images else ""
         resumed = f" | resumed at step {global_step} from {resume_path}" if resume_path else ""
         text_rate = args.text_encoder_lr or learning_rate

@@ -50,7 +50,7 @@ def neutral_prompt(prompt: str, identifier: str, class_name: str) -> str:
     """
     if not identifier:
         return prompt
-    pattern = re.compile(rf"\b(?:([Aa]n?) )?{re.escape(identifier)}(?:\s+{re.escape(class_name)})?\b")
+    pattern = re.compile(rf"(?:\b([Aa]n?) )?\b{re.escape(identifier)}(?:\s+{re.escape(class_name)})?\b")
 
     def replace(match: re.Match) -> str:
         article = match.group(1)

@@ -280,6 +280,11 @@ def parse_with_config(
     parser: argparse.ArgumentParser, argv: Sequence[str] | None = None
 ) -> argparse.Namespace:
     """Parse ``argv``, reading ``--config`` first; command-line flags override the file."""
+    return parser.parse_args(command_tokens(parser, argv))
+
+
+def command_tokens(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> list[str]:
+    """The ``--config`` file's options as flags, then ``argv`` (so the command line wins)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
@@ -287,7 +292,7 @@ def parse_with_config(
     file_tokens: list[str] = []
     if known.config:
         file_tokens = config_to_argv(parser, read_config_file(known.config), f"--config {known.config}")
-    return parser.parse_args(file_tokens + argv)
+    return file_tokens + argv
 
 
 def flag_table_markdown(parser: argparse.ArgumentParser, skip_groups: Sequence[str] = ()) -> str:

@@ -1,0 +1,94 @@
+"""Measured training recipes per base model: the defaults of flags a user does not give.
+
+A recipe is what a measurement found to learn a subject with one method on one base
+model (``docs/recipes.md`` has the runs behind each number). The subject trainer applies
+the recipe of its base model and method to every flag left unset, on the command line
+and in ``--config``, and prints what it applied; a flag given by the user always wins,
+and ``--no_recipe`` turns recipes off.
+
+Prior preservation in a recipe takes the class prompt from the subject folder's
+``subject.json`` and keeps its class images in ``<output_dir>/class_images`` unless the
+flags say otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import DifftuneError
+
+SUBJECT_FILE = "subject.json"
+
+_EMBEDDED_PRIOR = {"with_prior_preservation": True, "num_class_images": 50, "class_inference_steps": 25}
+
+RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    "builtin:embedded": {
+        "lora": {"targets": ["all"], "rank": 16, "learning_rate": 1e-3, "max_train_steps": 600,
+                 **_EMBEDDED_PRIOR},
+        "sara": {"learning_rate": 1e-2, "max_train_steps": 600, **_EMBEDDED_PRIOR},
+        "svfit": {"learning_rate": 1e-2, "max_train_steps": 600, **_EMBEDDED_PRIOR},
+        "tlora": {"learning_rate": 1e-2, "max_train_steps": 600, **_EMBEDDED_PRIOR},
+    },
+}
+
+
+def recipe_for(model: str, method: str) -> dict[str, Any]:
+    return dict(RECIPES.get(model, {}).get(method, {}))
+
+
+def given_destinations(parser: argparse.ArgumentParser, tokens: list[str]) -> set[str]:
+    """The ``dest`` of every flag present in ``tokens`` (defaults left out)."""
+    defaults = {action: action.default for action in parser._actions}
+    try:
+        for action in parser._actions:
+            action.default = argparse.SUPPRESS
+        return set(vars(parser.parse_args(tokens)))
+    finally:
+        for action, default in defaults.items():
+            action.default = default
+
+
+def apply_recipe(args: argparse.Namespace, given: set[str]) -> dict[str, Any]:
+    """Set the recipe's values on ``args`` for flags not in ``given``; returns what was applied."""
+    if getattr(args, "no_recipe", False):
+        return {}
+    recipe = recipe_for(args.pretrained_model_name_or_path, args.adapter)
+    applied = {}
+    for name, value in recipe.items():
+        if name in given or not hasattr(args, name):
+            continue
+        setattr(args, name, value)
+        applied[name] = value
+    if args.with_prior_preservation and "with_prior_preservation" in applied:
+        if not args.class_prompt:
+            args.class_prompt = subject_class_prompt(args.instance_data_dir)
+            applied["class_prompt"] = args.class_prompt
+        if not args.class_data_dir and args.output_dir:
+            args.class_data_dir = str(Path(args.output_dir) / "class_images")
+            applied["class_data_dir"] = args.class_data_dir
+    return applied
+
+
+def subject_class_prompt(instance_data_dir: str | None) -> str:
+    """The ``class_prompt`` of a subject folder's ``subject.json``; a clear error when there is none."""
+    path = Path(instance_data_dir or ".") / SUBJECT_FILE
+    try:
+        prompt = json.loads(path.read_text()).get("class_prompt") if path.is_file() else None
+    except (OSError, json.JSONDecodeError) as error:
+        raise DifftuneError(f"{path}: unreadable ({error})") from None
+    if not prompt:
+        raise DifftuneError(f"the recipe trains with prior preservation but {path} gives no class_prompt: "
+                            "pass --class_prompt, or --no_recipe")
+    return prompt
+
+
+def describe(applied: dict[str, Any], model: str, method: str) -> str:
+    """One line for the log: which recipe filled which flags."""
+    if not applied:
+        return ""
+    values = ", ".join(f"--{name} {' '.join(map(str, value)) if isinstance(value, list) else value}"
+                       for name, value in applied.items())
+    return f"recipe for {model} + {method} (measured, docs/recipes.md): {values}"

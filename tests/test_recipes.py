@@ -1,0 +1,63 @@
+"""Measured recipes fill the flags a user leaves unset, for the base model and method they name."""
+
+import json
+
+import pytest
+
+import difftune
+from difftune.training import recipes
+
+STAR = "assets/subjects/star"
+
+
+def parse(train_subject, *flags, model="builtin:embedded", method="lora"):
+    return train_subject.module.parse_args(
+        ["--pretrained_model_name_or_path", model, "--instance_data_dir", STAR, "--instance_prompt",
+         "a large sks orange star", "--adapter", method, "--output_dir", "out", *map(str, flags)])
+
+
+@pytest.mark.parametrize("method", sorted(difftune.METHODS))
+def test_every_method_has_a_recipe_for_the_embedded_model(train_subject, method):
+    recipe = recipes.recipe_for("builtin:embedded", method)
+    args = parse(train_subject, method=method)
+    for name, value in recipe.items():
+        assert getattr(args, name) == value, name
+    prior = {"class_prompt": "a large orange star", "class_data_dir": "out/class_images"}
+    assert args.recipe == {**recipe, **prior}
+
+
+def test_given_flags_win_over_the_recipe(train_subject, tmp_path):
+    args = parse(train_subject, "--learning_rate", 5e-4, "--rank", 2)
+    assert args.learning_rate == 5e-4 and args.rank == 2
+    assert "learning_rate" not in args.recipe and "rank" not in args.recipe
+    assert args.max_train_steps == recipes.recipe_for("builtin:embedded", "lora")["max_train_steps"]
+    # a flag given in --config counts as given too
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"max_train_steps": 7}))
+    args = parse(train_subject, "--config", config)
+    assert args.max_train_steps == 7 and "max_train_steps" not in args.recipe
+    # an explicit prior prompt and folder are kept
+    args = parse(train_subject, "--class_prompt", "a large red star", "--class_data_dir", tmp_path)
+    assert args.class_prompt == "a large red star" and args.class_data_dir == str(tmp_path)
+
+
+def test_no_recipe_and_other_models_keep_the_plain_defaults(train_subject):
+    plain = parse(train_subject, "--no_recipe")
+    assert plain.recipe == {} and plain.learning_rate is None and not plain.with_prior_preservation
+    hub = parse(train_subject, model="builtin:tiny-sd")
+    assert hub.recipe == {} and hub.max_train_steps is None
+
+
+def test_recipe_prior_needs_a_class_prompt(train_subject, tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    with pytest.raises(difftune.DifftuneError, match=r"subject\.json gives no class_prompt.*--no_recipe"):
+        train_subject.module.parse_args(["--pretrained_model_name_or_path", "builtin:embedded",
+                                         "--instance_data_dir", str(tmp_path), "--instance_prompt", "a sks x",
+                                         "--output_dir", str(tmp_path / "out")])
+
+
+def test_describe_names_every_applied_flag():
+    line = recipes.describe({"learning_rate": 0.001, "targets": ["all"]}, "builtin:embedded", "lora")
+    assert line == ("recipe for builtin:embedded + lora (measured, docs/recipes.md): --learning_rate 0.001, "
+                    "--targets all")
+    assert recipes.describe({}, "m", "lora") == ""
