@@ -175,6 +175,22 @@ def test_dataset_pairs_instance_and_class_images(tmp_path):
     assert dataset.prompts() == ["a sks dog", "a dog"]
 
 
+
+def test_captioned_class_images_keep_their_captions(tmp_path):
+    import dataclasses
+
+    classes = _records(tmp_path, 2, "c")
+    classes[1] = dataclasses.replace(classes[1], caption="a small dog on a gray background")
+    dataset = SubjectDataset(_records(tmp_path, 2, "i"), "a sks dog", classes, "a dog")
+    assert [e.prompt for e in dataset.classes] == ["a dog", "a small dog on a gray background"]
+    # captions alone are enough; an uncaptioned class image needs the class prompt
+    captioned = [dataclasses.replace(r, caption=f"a dog {i}") for i, r in enumerate(classes)]
+    only_captions = SubjectDataset(_records(tmp_path, 1, "i"), "a sks dog", captioned)
+    assert [e.prompt for e in only_captions.classes] == ["a dog 0", "a dog 1"]
+    with pytest.raises(DifftuneError, match="class images need a class prompt"):
+        SubjectDataset(_records(tmp_path, 1, "i"), "a sks dog", classes)
+
+
 def _fake_encoders():
     def encode_images(pixels):  # a stand-in VAE: mean = 2x2 average pooling, logvar = -2
         mean = torch.nn.functional.avg_pool2d(pixels, 2)

@@ -198,9 +198,11 @@ class SubjectDataset:
                  class_images: Sequence[ImageRecord] = (), class_prompt: str | None = None):
         self.instance = [Example(r, r.caption or instance_prompt, INSTANCE, i)
                          for i, r in enumerate(instance)]
-        self.classes = [Example(r, class_prompt or "", CLASS, i) for i, r in enumerate(class_images)]
-        if self.classes and class_prompt is None:
-            raise DifftuneError("class images need a class prompt")
+        # a captioned class image keeps its caption, as instance images do
+        self.classes = [Example(r, r.caption or class_prompt or "", CLASS, i)
+                        for i, r in enumerate(class_images)]
+        if any(not e.prompt for e in self.classes):
+            raise DifftuneError("class images need a class prompt (or captions of their own)")
 
     def __len__(self) -> int:
         return max(len(self.instance), len(self.classes))
