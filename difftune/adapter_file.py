@@ -53,6 +53,15 @@ def write_safetensors(
     return atomic_write(path, lambda tmp: save_file(ready, tmp, metadata=metadata))
 
 
+def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding NaN or inf, else None."""
+    for key in sorted(tensors):
+        value = tensors[key]
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return key
+    return None
+
+
 def resolve_adapter_path(path: str | os.PathLike) -> Path:
     """Find the adapter file for a path (a file, or a folder holding adapter.safetensors)."""
     path = Path(path)

@@ -24,6 +24,7 @@ from .adapter_file import (
     METADATA_KEY,
     check_fingerprint,
     fingerprint,
+    first_non_finite,
     read_adapter_file,
     resolve_adapter_path,
     write_safetensors,
@@ -175,6 +176,9 @@ def save_adapter(model: Any, path: str | os.PathLike, base_model: str | None = N
     }
     header = {METADATA_KEY: json.dumps(info, default=str), **adapter.extra_header(component)}
     tensors = {f"{component}.{key}": value for key, value in adapter.adapter_state_dict().items()}
+    bad = first_non_finite(tensors)
+    if bad is not None:  # a diverged run must not leave a file that loads as NaN images
+        raise DifftuneError(f"{path}: not saved: adapter tensor '{bad}' holds NaN or inf values")
     return write_safetensors(path, tensors, header)
 
 

@@ -193,3 +193,14 @@ def test_denoiser_of_a_model_and_of_a_pipeline():
     assert find_denoiser(pipe.transformer) == (pipe.transformer, "transformer")
     inputs = denoiser_inputs(pipe)
     assert denoise(pipe, inputs).shape == inputs["hidden_states"].shape
+
+
+def test_an_adapter_holding_nan_or_inf_is_not_saved(tmp_path):
+    pipe, path = trained("sd", "lora", "attn", {"rank": 4}, tmp_path)
+    good = path.read_bytes()
+    with torch.no_grad():
+        difftune.trainable_parameters(pipe.unet)[3][0, 0] = float("nan")
+    with pytest.raises(difftune.DifftuneError, match=r"adapter.safetensors: not saved: adapter tensor "
+                                                     r"'unet\..*lora_.*' holds NaN or inf values"):
+        difftune.save_adapter(pipe.unet, path)
+    assert path.read_bytes() == good

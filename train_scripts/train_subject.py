@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> Path:
             step_loss += loss.item() / accumulation
 
         current_lr = loop.optimizer_step(accelerator, adapter, denoiser, optimizer, lr_scheduler, global_step,
-                                         max_train_steps, args.max_grad_norm)
+                                         max_train_steps, args.max_grad_norm, step_loss)
         global_step += 1
         samples_seen += micro_batch * accumulation
 

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import faulthandler
 import gc
+import math
 import random
 import signal
 import sys
@@ -215,15 +216,59 @@ def prepare_optimization(args: argparse.Namespace, accelerator: Any, denoiser: n
                         global_step, samples_seen)
 
 
+class NonFiniteTrainingError(DifftuneError):
+    """Training diverged: a loss, gradient or adapter parameter became NaN or infinite."""
+
+
+NON_FINITE_ADVICE = ("Lower --learning_rate (and keep --max_grad_norm clipping on), or train in higher "
+                     "precision (--mixed_precision no instead of fp16/bf16)")
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """One device sync for all tensors, not one per tensor."""
+    return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def check_finite(accelerator: Any, step: int, what: str, finite: bool) -> None:
+    """Stop the run on every process at once when ``finite`` is False on any of them.
+
+    Each process decides from its own loss; the verdict is shared (one small all-reduce) so no
+    process is left waiting in a collective while another one stops.
+    """
+    if accelerator.num_processes > 1:
+        flag = torch.tensor([0.0 if finite else 1.0], device=accelerator.device)
+        finite = accelerator.reduce(flag, reduction="sum").item() == 0
+    if not finite:
+        raise NonFiniteTrainingError(
+            f"training stopped at step {step + 1}: {what} is not finite (NaN or inf); nothing of this "
+            f"step was saved. {NON_FINITE_ADVICE}")
+
+
 def optimizer_step(accelerator: Any, adapter: Any, denoiser: nn.Module, optimizer: Any, lr_scheduler: Any,
-                   step: int, max_train_steps: int, max_grad_norm: float) -> float:
+                   step: int, max_train_steps: int, max_grad_norm: float, loss: float) -> float:
     """One optimizer step after the accumulated backward passes, with the adapter's hooks around it
-    (a method may change the update or its parameters there); returns the learning rate used."""
+    (a method may change the update or its parameters there); returns the learning rate used.
+
+    ``loss`` is the step's mean loss. A non-finite loss, gradient norm or updated parameter stops
+    training here (`NonFiniteTrainingError`), before a checkpoint or the adapter can be written:
+    a diverged run must not end with exit status 0 and a file of NaNs. Under fp16 with a gradient
+    scaler, overflowing gradients are the scaler's business (it skips the step), so only the loss
+    and the parameters are checked then.
+    """
+    check_finite(accelerator, step, f"the loss ({loss})", math.isfinite(loss))
+    parameters = difftune.trainable_parameters(denoiser)
     adapter.before_optimizer_step(step, max_train_steps)
     if max_grad_norm > 0:
-        accelerator.clip_grad_norm_(difftune.trainable_parameters(denoiser), max_grad_norm)
+        norm = accelerator.clip_grad_norm_(parameters, max_grad_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+    if accelerator.scaler is None and norm is not None:
+        norm = float(norm)
+        check_finite(accelerator, step, f"the gradient norm ({norm})", math.isfinite(norm))
     optimizer.step()
     adapter.after_optimizer_step(step + 1, max_train_steps, optimizer)
+    check_finite(accelerator, step, "an adapter parameter after the update",
+                 _all_finite([p.detach() for p in parameters]))
     if not accelerator.optimizer_step_was_skipped:
         lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
