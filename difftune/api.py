@@ -19,10 +19,12 @@ from torch import nn
 
 from ._version import __version__
 from .adapter_file import (
+    CHECKSUM_FIELD,
     DEFAULT_FILE_NAME,
     FORMAT_VERSION,
     METADATA_KEY,
     check_fingerprint,
+    content_checksum,
     fingerprint,
     first_non_finite,
     read_adapter_file,
@@ -174,11 +176,13 @@ def save_adapter(model: Any, path: str | os.PathLike, base_model: str | None = N
         "fingerprint": adapter.base_fingerprint,
         "extra": adapter.file_metadata(),
     }
-    header = {METADATA_KEY: json.dumps(info, default=str), **adapter.extra_header(component)}
     tensors = {f"{component}.{key}": value for key, value in adapter.adapter_state_dict().items()}
     bad = first_non_finite(tensors)
     if bad is not None:  # a diverged run must not leave a file that loads as NaN images
         raise DifftuneError(f"{path}: not saved: adapter tensor '{bad}' holds NaN or inf values")
+    info[CHECKSUM_FIELD] = content_checksum(tensors, info)
+    # sorted keys: identical adapters give byte-identical files
+    header = {METADATA_KEY: json.dumps(info, default=str, sort_keys=True), **adapter.extra_header(component)}
     return write_safetensors(path, tensors, header)
 
 
@@ -209,7 +213,10 @@ def load_adapter(
         file_path = resolve_adapter_path(each)
         tensors, info = read_adapter_file(file_path)
         source = str(file_path)
-        get_method(info["method"])
+        try:
+            get_method(info["method"]).config_class.from_options(info["method"], dict(info["config"]))
+        except DifftuneError as err:
+            raise AdapterFileError(f"{source}: header field 'method'/'config': {err}") from None
         for warning in check_fingerprint(denoiser, info["fingerprint"], source):
             warnings.warn(warning, stacklevel=2)
         prefix = f"{info['component']}."
@@ -237,8 +244,8 @@ def load_adapter(
     adapter = add_adapter(denoiser, adapter_class.method, targets=info["targets"], **options)
     adapter.config.targets = user_targets
     try:
-        adapter.check_file_metadata(info.get("extra", {}), source)
-        adapter.load_adapter_state_dict(local, source)
+        adapter.check_file_metadata(info["extra"], source)
+        adapter.load_file_tensors(local, source)
     except BaseException:
         remove_adapter(denoiser)
         raise
