@@ -134,7 +134,7 @@ def _tiny_vae(latent_channels: int = 4, **extra: Any):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        block_out_channels=(32, 64),
+        block_out_channels=(TINY_VAE_WIDTH, 64),
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
@@ -299,6 +299,7 @@ TINY_BUILDERS = {
 FAMILIES = ("sd", "sdxl", "sd3")
 TINY_FAMILIES = {"tiny-sd": "sd", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3"}
 TINY_VAE_SCALE_FACTOR = 2  # the tiny VAE has two blocks: it halves the size
+TINY_VAE_WIDTH = 32  # channels of its first block
 TINY_RESOLUTION = TINY_SAMPLE_SIZE * TINY_VAE_SCALE_FACTOR
 
 
@@ -332,6 +333,7 @@ class ModelDescription:
     denoiser_class: str  # diffusers class of the unet / transformer
     denoiser_config: dict[str, Any]
     size_multiple: int  # image sides must be multiples of this (VAE factor x patch size)
+    vae_width: int  # channels of the VAE encoder's first block: its activations bound memory from below
 
 
 def describe_model(name_or_path: str, revision: str | None = None) -> ModelDescription:
@@ -346,7 +348,7 @@ def describe_model(name_or_path: str, revision: str | None = None) -> ModelDescr
     if tiny is not None:
         class_name, config = TINY_DENOISERS[tiny]
         return ModelDescription(TINY_FAMILIES[tiny], TINY_RESOLUTION, class_name, config,
-                                TINY_VAE_SCALE_FACTOR * config.get("patch_size", 1))
+                                TINY_VAE_SCALE_FACTOR * config.get("patch_size", 1), TINY_VAE_WIDTH)
     location = _resolve_builtin(name_or_path)
     from diffusers import AutoencoderKL, DiffusionPipeline, SD3Transformer2DModel, UNet2DConditionModel
 
@@ -366,7 +368,8 @@ def describe_model(name_or_path: str, revision: str | None = None) -> ModelDescr
     vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
     resolution = int(denoiser_config["sample_size"]) * vae_scale_factor
     return ModelDescription(family, resolution, denoiser_class.__name__, dict(denoiser_config),
-                            vae_scale_factor * int(denoiser_config.get("patch_size") or 1))
+                            vae_scale_factor * int(denoiser_config.get("patch_size") or 1),
+                            int(vae_config["block_out_channels"][0]))
 
 
 def _tiny_name(name_or_path: str) -> str | None:

@@ -183,13 +183,22 @@ def _bad_inputs(tmp_path, subject_dir):
         "inf learning rate": ([*base, "--learning_rate", "inf"], "--learning_rate must be a finite number"),
         "adam beta1": ([*base, "--adam_beta1", "2"], r"--adam_beta1 must be in \[0, 1\)"),
         "adam epsilon": ([*base, "--adam_epsilon", "-1"], "--adam_epsilon must be positive"),
+        "output dir is a file": ([*base, "--output_dir", corrupt / "photo.jpg"],
+                                 r"--output_dir .*photo.jpg is a file, not a folder"),
+        "output dir not writable": ([*base, "--output_dir", "/proc/self/difftune-out"],
+                                    r"--output_dir /proc/self/difftune-out is not writable: "),
+        "absurd resolution": ([*base, "--resolution", "100000"],
+                              r"--resolution 100000 needs at least 2\d\d\d.\d GiB to encode one image, this "
+                              r"machine's (cpu|cuda) memory is .* GiB; use a smaller --resolution \(the "
+                              r"model's own is 64\)"),
     }
 
 
 BAD_INPUT_CASES = ["missing dir", "empty dir", "corrupt image", "no prompt", "unknown target",
                    "bad option value", "prior without class", "class without prior", "flow flag on sd",
                    "snr on sd3", "resolution", "unsupported family", "unknown builtin", "resume missing",
-                   "nan learning rate", "inf learning rate", "adam beta1", "adam epsilon"]
+                   "nan learning rate", "inf learning rate", "adam beta1", "adam epsilon",
+                   "output dir is a file", "output dir not writable", "absurd resolution"]
 
 
 @pytest.mark.parametrize("case", BAD_INPUT_CASES)
@@ -286,6 +295,24 @@ def test_a_non_finite_loss_stops_training_before_the_update(train_subject, subje
                       "--skip_final_inference")
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     assert not (out / "adapter.safetensors").exists()
+
+
+def test_a_read_only_output_dir_is_refused_before_loading(train_subject, subject_dir, tmp_path, monkeypatch):
+    import os
+
+    out = tmp_path / "read-only"
+    out.mkdir()
+    out.chmod(0o555)
+    if os.geteuid() == 0:  # root writes anywhere: make the write test fail as it would for a user
+        from difftune.training import loop
+
+        def denied(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(loop.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(difftune.model_factory, "load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(DifftuneError, match=r"--output_dir .*read-only is not writable: Permission denied"):
+        train_subject(*flags(subject_dir, out), *QUIET)
 
 
 def test_unknown_adapter_lists_the_methods(train_subject, subject_dir, tmp_path, capsys):

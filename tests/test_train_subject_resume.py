@@ -1,5 +1,6 @@
 """Checkpoints of the subject trainer: exact resume, atomic writes, killed runs."""
 
+import json
 import os
 import signal
 import subprocess
@@ -69,19 +70,51 @@ def test_interrupted_and_resumed_run_ends_bit_identical(train_subject, subject_d
 
 
 def test_latest_skips_incomplete_saves_and_total_limit(tmp_path):
-    for step in (2, 4, 10):
+    for step in (2, 4, 10, 16):
         folder = tmp_path / f"checkpoint-{step}"
         folder.mkdir()
         (folder / checkpointing.TRAINER_STATE).write_text("{}")
-    (tmp_path / "checkpoint-12").mkdir()  # no trainer state: never finished
+        (folder / "adapter.safetensors").write_bytes(b"x" * 10)
+        files = {"trainer_state.json": 2, "adapter.safetensors": 10}
+        (folder / checkpointing.COMPLETE_MARKER).write_text(json.dumps({"files": files}))
+    (tmp_path / "checkpoint-12").mkdir()  # no marker: never finished
+    (tmp_path / "checkpoint-12" / checkpointing.TRAINER_STATE).write_text("{}")
+    (tmp_path / "checkpoint-16" / "adapter.safetensors").unlink()  # half deleted (pruning killed)
+    (tmp_path / "checkpoint-4" / "adapter.safetensors").write_bytes(b"x")  # cut short
     (tmp_path / ".checkpoint-14.tmp").mkdir()
+    (tmp_path / ".checkpoint-1.pruned.tmp").mkdir()
+    (tmp_path / ".adapter.safetensors.k2j4.tmp").write_bytes(b"partial")  # a killed atomic_write
+    (tmp_path / "validation").mkdir()
+    (tmp_path / "validation" / ".step-000002.png.a1b2.tmp").write_bytes(b"partial")
+    (tmp_path / "keep.tmp").write_text("not ours")
     assert checkpointing.resolve_checkpoint(tmp_path, "latest") == tmp_path / "checkpoint-10"
     names = [p.name for p in checkpointing.list_checkpoints(tmp_path)]
-    assert names == [f"checkpoint-{s}" for s in (2, 4, 10)]
-    assert checkpointing.remove_incomplete(tmp_path) == [tmp_path / ".checkpoint-14.tmp"]
+    assert names == [f"checkpoint-{s}" for s in (2, 10)]
+    assert checkpointing.remove_incomplete(tmp_path) == [
+        tmp_path / ".checkpoint-1.pruned.tmp", tmp_path / ".checkpoint-14.tmp",
+        tmp_path / ".adapter.safetensors.k2j4.tmp", tmp_path / "validation" / ".step-000002.png.a1b2.tmp"]
+    assert (tmp_path / "keep.tmp").exists()
     assert checkpointing.resolve_checkpoint(tmp_path / "empty", "latest") is None
-    with pytest.raises(difftune.DifftuneError, match="not a complete checkpoint"):
-        checkpointing.resolve_checkpoint(tmp_path, str(tmp_path / "checkpoint-12"))
+    for step, reason in ((12, "no readable checkpoint_complete.json"),
+                         (16, "adapter.safetensors is missing or has another size"),
+                         (4, "adapter.safetensors is missing or has another size")):
+        with pytest.raises(difftune.DifftuneError, match=f"not a complete checkpoint: {reason}"):
+            checkpointing.resolve_checkpoint(tmp_path, str(tmp_path / f"checkpoint-{step}"))
+
+
+def test_a_checkpoint_pruning_killed_midway_never_counts_and_leftovers_go(train_subject, subject_dir,
+                                                                          tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".adapter.safetensors.x1y2.tmp").write_bytes(b"left by a killed save")
+    monkeypatch.setattr(checkpointing.shutil, "rmtree", lambda *args, **kwargs: None)  # killed mid-delete
+    train_subject(*run_flags(subject_dir, out, "builtin:tiny-sd", "lora", steps=2),
+                  "--checkpointing_steps", 1, "--checkpoints_total_limit", 1)
+    monkeypatch.undo()
+    assert not (out / ".adapter.safetensors.x1y2.tmp").exists()
+    assert [p.name for p in checkpointing.list_checkpoints(out)] == ["checkpoint-2"]
+    assert not (out / "checkpoint-1").exists() and (out / ".checkpoint-1.pruned.tmp").is_dir()
+    assert checkpointing.remove_incomplete(out) == [out / ".checkpoint-1.pruned.tmp"]
 
 
 def test_a_failing_save_leaves_the_previous_checkpoint_intact(train_subject, subject_dir, tmp_path,

@@ -6,11 +6,15 @@ A checkpoint is a folder ``checkpoint-<step>`` holding only what training change
 * ``adapter_training_state.pt``: the method's `training_state()` (masks, counters, ...);
 * ``optimizer.pt``, ``scheduler.pt``: their ``state_dict()``;
 * ``rng_state_<rank>.pt``: Python, NumPy and torch generators of each process;
-* ``trainer_state.json``: step, samples seen, seed and the run's settings, written last.
+* ``trainer_state.json``: step, samples seen, seed and the run's settings;
+* ``checkpoint_complete.json``: the name and size of every other file, written last.
 
 The base model is never saved. The folder is written as ``.checkpoint-<step>.tmp`` and
 renamed when complete, so a run killed mid-save leaves the previous checkpoint intact
-and no half-written one that ``latest`` could pick. ``.pt`` files hold only tensors and
+and no half-written one that ``latest`` could pick. A checkpoint counts (for ``latest``,
+resuming and ``--checkpoints_total_limit``) only while its marker lists files that are all
+there with their sizes; pruning renames a folder away before deleting it, and the next run
+removes what a killed save or pruning left behind. ``.pt`` files hold only tensors and
 plain values and are read with ``torch.load(weights_only=True)``: nothing is unpickled.
 """
 
@@ -26,12 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..adapter_file import atomic_write, read_adapter_file
+from ..adapter_file import atomic_write, read_adapter_file, remove_stale_temp_files
 from ..api import find_denoiser, get_adapter, save_adapter
 from ..errors import DifftuneError
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE = "trainer_state.json"
+COMPLETE_MARKER = "checkpoint_complete.json"
 _NAME = re.compile(rf"{CHECKPOINT_PREFIX}(\d+)")
 
 
@@ -46,8 +51,23 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     if not output_dir.is_dir():
         return []
     found = [p for p in output_dir.iterdir()
-             if p.is_dir() and checkpoint_step(p) is not None and (p / TRAINER_STATE).is_file()]
+             if p.is_dir() and checkpoint_step(p) is not None and incomplete_reason(p) is None]
     return sorted(found, key=checkpoint_step)
+
+
+def incomplete_reason(path: Path) -> str | None:
+    """Why a checkpoint folder is not complete (no marker, a listed file missing or cut), else None."""
+    try:
+        listed = json.loads((path / COMPLETE_MARKER).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"no readable {COMPLETE_MARKER} (an interrupted save, or written by an older difftune)"
+    if not isinstance(listed, dict):
+        return f"{COMPLETE_MARKER} is damaged"
+    for name, size in sorted(listed.items()):
+        file = path / name
+        if not file.is_file() or file.stat().st_size != size:
+            return f"{name} is missing or has another size than when it was saved"
+    return None
 
 
 def resolve_checkpoint(output_dir: str | Path, spec: str | None) -> Path | None:
@@ -60,19 +80,29 @@ def resolve_checkpoint(output_dir: str | Path, spec: str | None) -> Path | None:
     path = Path(spec)
     if not path.is_dir():
         raise DifftuneError(f"--resume_from_checkpoint {spec}: no such checkpoint folder")
-    if not (path / TRAINER_STATE).is_file():
-        raise DifftuneError(
-            f"--resume_from_checkpoint {spec}: not a complete checkpoint (no {TRAINER_STATE})")
+    reason = incomplete_reason(path)
+    if reason is not None:
+        raise DifftuneError(f"--resume_from_checkpoint {spec}: not a complete checkpoint: {reason}")
     return path
 
 
 def remove_incomplete(output_dir: str | Path) -> list[Path]:
-    """Delete the temporary folders of saves that were interrupted."""
+    """Delete what interrupted saves left: staging and half-pruned checkpoint folders, and the
+    temporary files of `atomic_write` in the output folder and its validation folder."""
     output_dir = Path(output_dir)
     stale = sorted(output_dir.glob(f".{CHECKPOINT_PREFIX}*.tmp")) if output_dir.is_dir() else []
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
+    for folder in (output_dir, output_dir / "validation"):
+        stale += remove_stale_temp_files(folder)
     return stale
+
+
+def _prune(path: Path) -> None:
+    """Remove a checkpoint so that no kill leaves a part of it that still counts: rename, then delete."""
+    doomed = path.with_name(f".{path.name}.pruned.tmp")
+    path.rename(doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 # --- random number generators ---------------------------------------------------------------
@@ -138,12 +168,15 @@ def save_checkpoint(
         state = {**trainer_state, "step": step, "num_processes": accelerator.num_processes}
         atomic_write(staging / TRAINER_STATE,
                      lambda tmp: Path(tmp).write_text(json.dumps(state, indent=2, default=str)))
+        files = {p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.is_file()}
+        atomic_write(staging / COMPLETE_MARKER,  # last: the checkpoint counts from here on
+                     lambda tmp: Path(tmp).write_text(json.dumps({"files": files}, indent=1)))
         if final.exists():  # the same step saved by an earlier run that was then resumed
-            shutil.rmtree(final)
+            _prune(final)
         staging.rename(final)
         if total_limit is not None:
             for old in list_checkpoints(output_dir)[:-total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
+                _prune(old)
     accelerator.wait_for_everyone()
     return final
 
@@ -173,7 +206,8 @@ def load_adapter_state(path: str | Path, model: Any, device: torch.device | str 
     adapter = get_adapter(denoiser)
     tensors, info = read_adapter_file(path / "adapter.safetensors")
     prefix = f"{info['component']}."
-    adapter.load_adapter_state_dict({k[len(prefix):]: v for k, v in tensors.items()}, str(path))
+    adapter.check_file_metadata(info["extra"], str(path))
+    adapter.load_file_tensors({k[len(prefix):]: v for k, v in tensors.items()}, str(path))
     adapter.load_training_state(_torch_load(path / "adapter_training_state.pt", device))
 
 

@@ -13,9 +13,11 @@ import dataclasses
 import faulthandler
 import gc
 import math
+import os
 import random
 import signal
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from torch import nn
 
 import difftune
 
+from .. import machine
 from ..errors import DifftuneError
 from ..model_factory import build_denoiser_on_meta
 from . import checkpointing
@@ -34,17 +37,50 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, 
 
 
 def check_before_loading(args: argparse.Namespace, model_info: Any, method_options: dict) -> int:
-    """Adapter options and targets on a weightless (meta-device) denoiser, and the resolution;
-    returns the resolution. Nothing heavy is loaded, so bad input fails in seconds."""
+    """Adapter options and targets on a weightless (meta-device) denoiser, the resolution (against
+    the machine's memory) and the output folder; returns the resolution. Nothing heavy is loaded,
+    so bad input fails in seconds."""
+    check_output_dir(Path(args.output_dir))
     difftune.check_adapter(build_denoiser_on_meta(model_info.denoiser_config, model_info.denoiser_class),
                            args.adapter, targets=args.targets, **method_options)
     resolution = args.resolution or model_info.resolution
     if resolution % model_info.size_multiple:
         raise DifftuneError(f"--resolution must be a multiple of {model_info.size_multiple} for "
                             f"{args.pretrained_model_name_or_path}, got {resolution}")
+    check_resolution_fits(resolution, model_info)
     return resolution
 
 
+def check_output_dir(output_dir: Path, flag: str = "--output_dir") -> None:
+    """Create ``output_dir`` or check that it is a writable folder, before any model loads: a run
+    must not train for hours and then fail at its first save."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise DifftuneError(f"{flag} {output_dir} is a file, not a folder")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=output_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise DifftuneError(f"{flag} {output_dir} is not writable: {err.strerror or err}") from None
+
+
+def check_resolution_fits(resolution: int, model_info: Any) -> None:
+    """Refuse a resolution whose smallest possible footprint exceeds the machine's memory.
+
+    Encoding one image through the VAE holds at least the fp32 image and its first block's
+    activation (``vae_width`` channels) twice over (convolution output, then normalisation):
+    a lower bound, so only resolutions that cannot run anywhere on this machine are refused,
+    with a message instead of the system killing the run minutes later.
+    """
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    available = machine.memory_bytes(device_type)
+    needed = resolution * resolution * (3 + 2 * model_info.vae_width) * 4
+    if available is not None and needed > available:
+        raise DifftuneError(
+            f"--resolution {resolution} needs at least {needed / 2**30:.1f} GiB to encode one image, "
+            f"this machine's {device_type} memory is {available / 2**30:.1f} GiB; use a smaller "
+            f"--resolution (the model's own is {model_info.resolution})")
 def create_accelerator(args: argparse.Namespace, output_dir: Path):
     """The run's Accelerator (mixed precision, tracker, logging folder); prepares ``output_dir``."""
     from accelerate import Accelerator
@@ -63,7 +99,7 @@ def create_accelerator(args: argparse.Namespace, output_dir: Path):
         torch.backends.cuda.matmul.allow_tf32 = True
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        checkpointing.remove_incomplete(output_dir)
+        checkpointing.remove_incomplete(output_dir)  # and temporary files of a killed save
     enable_stack_dumps()
     return accelerator
 
