@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch import nn
 
-from .errors import AdapterFileError, BaseModelMismatchError
+from .errors import AdapterFileError, BaseModelMismatchError, DifftuneError
 
 METADATA_KEY = "difftune"
 FORMAT_VERSION = 1
@@ -58,6 +58,21 @@ def atomic_write(path: str | os.PathLike, write: Any) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def check_output_dir(output_dir: str | os.PathLike, flag: str = "--output_dir") -> None:
+    """Create ``output_dir`` or check that it is a writable folder, before any model loads: a run
+    must not train for hours and then fail at its first save."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise DifftuneError(f"{flag} {output_dir} is a file, not a folder")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=TEMP_SUFFIX, dir=output_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise DifftuneError(f"{flag} {output_dir} is not writable: {err.strerror or err}") from None
 
 
 def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:

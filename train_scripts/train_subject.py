@@ -146,17 +146,24 @@ def adapter_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def main(argv: list[str] | None = None) -> Path:
-    started = time.perf_counter()
+def check_before_loading(argv: list[str] | None = None):
+    """Every check that needs no model weights (bad input fails in seconds): options, model family,
+    adapter options and targets, resolution, output folder, instance images. benchmark.py runs it on
+    its trainer flags before its own heavy work. Returns (args, model_info, method_options,
+    resolution, instance_images)."""
     args = parse_args(argv)
-    output_dir = Path(args.output_dir)
-
-    # Everything below until the model loads is cheap: refuse bad input here.
     model_info = describe_model(args.pretrained_model_name_or_path, args.revision)
     arguments.check_family_flags(args, model_info.family)
     method_options = arguments.adapter_options(args, args.adapter)
     resolution = loop.check_before_loading(args, model_info, method_options)
     instance_images = scan_image_folder(args.instance_data_dir, "--instance_data_dir", args.caption_column)
+    return args, model_info, method_options, resolution, instance_images
+
+
+def main(argv: list[str] | None = None) -> Path:
+    started = time.perf_counter()
+    args, model_info, method_options, resolution, instance_images = check_before_loading(argv)
+    output_dir = Path(args.output_dir)
     warn_small_images(instance_images, resolution, "--instance_data_dir")
     resume_path, resume_state = checkpointing.resume_point(output_dir, args.resume_from_checkpoint)
     if resume_state:

@@ -13,11 +13,9 @@ import dataclasses
 import faulthandler
 import gc
 import math
-import os
 import random
 import signal
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from torch import nn
 import difftune
 
 from .. import machine
+from ..adapter_file import check_output_dir
 from ..errors import DifftuneError
 from ..model_factory import build_denoiser_on_meta
 from . import checkpointing
@@ -49,20 +48,6 @@ def check_before_loading(args: argparse.Namespace, model_info: Any, method_optio
                             f"{args.pretrained_model_name_or_path}, got {resolution}")
     check_resolution_fits(resolution, model_info)
     return resolution
-
-
-def check_output_dir(output_dir: Path, flag: str = "--output_dir") -> None:
-    """Create ``output_dir`` or check that it is a writable folder, before any model loads: a run
-    must not train for hours and then fail at its first save."""
-    if output_dir.exists() and not output_dir.is_dir():
-        raise DifftuneError(f"{flag} {output_dir} is a file, not a folder")
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=output_dir)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        raise DifftuneError(f"{flag} {output_dir} is not writable: {err.strerror or err}") from None
 
 
 def check_resolution_fits(resolution: int, model_info: Any) -> None:
