@@ -13,6 +13,7 @@ import difftune
 import difftune.model_factory
 from difftune.errors import DifftuneError
 from difftune.model_factory import load_pipeline
+from difftune.training import checkpointing
 from difftune.training.validation import generate_images, image_grid
 
 MODELS = {"sd": "builtin:tiny-sd", "sdxl": "builtin:tiny-sdxl", "sd3": "builtin:tiny-sd3"}
@@ -125,7 +126,7 @@ def test_bf16_base_weights_with_fp32_trainable_parameters(train_subject, subject
     assert all(torch.isfinite(p).all() for p in trainable.values())
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["step"] == 2
-    optimizer = torch.load(out / "checkpoint-2" / "optimizer.pt", weights_only=True)
+    optimizer = checkpointing.load_state(out / "checkpoint-2" / "optimizer.safetensors")
     assert all(v["exp_avg"].dtype == torch.float32 for v in optimizer["state"].values())
 
 

@@ -63,9 +63,9 @@ def test_interrupted_and_resumed_run_ends_bit_identical(train_subject, subject_d
     assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
     assert any(not torch.equal(uninterrupted[k], load_file(split / "checkpoint-2" / "adapter.safetensors")[k])
                for k in uninterrupted)  # the second half did change the adapter
-    for name in ("optimizer.pt", "scheduler.pt"):
-        a = torch.load(full / "checkpoint-4" / name, weights_only=True)
-        b = torch.load(split / "checkpoint-4" / name, weights_only=True)
+    for name in ("optimizer.safetensors", "scheduler.safetensors"):
+        a = checkpointing.load_state(full / "checkpoint-4" / name)
+        b = checkpointing.load_state(split / "checkpoint-4" / name)
         assert str(a) == str(b)
 
 
@@ -121,16 +121,16 @@ def test_a_failing_save_leaves_the_previous_checkpoint_intact(train_subject, sub
                                                               monkeypatch):
     out = tmp_path / "out"
     calls = {"n": 0}
-    original = torch.save
+    original = checkpointing.save_state
 
-    def failing_second_optimizer_save(value, path, *args, **kwargs):
+    def failing_second_optimizer_save(path, value):
         if "optimizer" in str(path):
             calls["n"] += 1
             if calls["n"] == 2:
                 raise OSError("disk full")
-        return original(value, path, *args, **kwargs)
+        return original(path, value)
 
-    monkeypatch.setattr(torch, "save", failing_second_optimizer_save)
+    monkeypatch.setattr(checkpointing, "save_state", failing_second_optimizer_save)
     with pytest.raises(OSError, match="disk full"):
         train_subject(*run_flags(subject_dir, out, "builtin:tiny-sd", "lora", steps=4))
     monkeypatch.undo()
@@ -139,6 +139,43 @@ def test_a_failing_save_leaves_the_previous_checkpoint_intact(train_subject, sub
     assert list(out.glob(".checkpoint-4.tmp"))  # the half-written one, ignored and removed on restart
     pipe = load_pipeline("builtin:tiny-sd")
     difftune.load_adapter(pipe, out / "checkpoint-2")  # a checkpoint folder is an adapter folder
+
+
+def test_training_states_round_trip_exactly_through_safetensors(tmp_path):
+    params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, betas=(0.8, 0.95))
+    sum(p.sum() for p in params).backward()
+    optimizer.step()
+    state = {"optimizer": optimizer.state_dict(), "mixed": [1, 2.5, None, True, "x", (1, (2, 3))],
+             "bf16": torch.ones(2, dtype=torch.bfloat16), "ints": {7: torch.arange(3), "k": float("inf")}}
+    checkpointing.save_state(tmp_path / "s.safetensors", state)
+    back = checkpointing.load_state(tmp_path / "s.safetensors")
+    assert str(back) == str(state)
+    assert back["optimizer"]["param_groups"][0]["betas"] == (0.8, 0.95)
+    assert list(back["optimizer"]["state"]) == [0, 1] and back["ints"][7].dtype == torch.int64
+    moments = back["optimizer"]["state"][1]["exp_avg_sq"]
+    assert torch.equal(moments, state["optimizer"]["state"][1]["exp_avg_sq"])
+    again = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone()) for p in params], lr=1e-3)
+    again.load_state_dict(back["optimizer"])
+    assert str(again.state_dict()) == str(optimizer.state_dict())
+
+
+def test_a_damaged_optimizer_state_is_refused_naming_it_before_the_model_loads(train_subject, subject_dir,
+                                                                              tmp_path, monkeypatch):
+    import difftune.model_factory
+
+    out = tmp_path / "out"
+    train_subject(*run_flags(subject_dir, out, "builtin:tiny-sd", "lora", steps=1),
+                  "--checkpointing_steps", 1)
+    state_file = out / "checkpoint-1" / "optimizer.safetensors"
+    data = state_file.read_bytes()
+    state_file.write_bytes(data[:8] + b"{" * 40 + data[48:])  # same size: the marker still lists it
+    monkeypatch.setattr(difftune.model_factory, "load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(difftune.DifftuneError, match=r"checkpoint file .*checkpoint-1/optimizer.safetensors "
+                                                     r"is damaged \(truncated or not a difftune state\)"):
+        train_subject(*run_flags(subject_dir, out, "builtin:tiny-sd", "lora", steps=2),
+                      "--resume_from_checkpoint", "latest")
+    assert not list(out.glob("checkpoint-1/*.pt"))  # no pickle is written, none would be read
 
 
 def test_rng_state_round_trip():

@@ -3,9 +3,9 @@
 A checkpoint is a folder ``checkpoint-<step>`` holding only what training changes:
 
 * ``adapter.safetensors``: the adapter file (``difftune.load_adapter`` reads the folder);
-* ``adapter_training_state.pt``: the method's `training_state()` (masks, counters, ...);
-* ``optimizer.pt``, ``scheduler.pt``: their ``state_dict()``;
-* ``rng_state_<rank>.pt``: Python, NumPy and torch generators of each process;
+* ``adapter_training_state.safetensors``: the method's `training_state()` (masks, counters, ...);
+* ``optimizer.safetensors``, ``scheduler.safetensors``: their ``state_dict()``;
+* ``rng_state_<rank>.safetensors``: Python, NumPy and torch generators of each process;
 * ``trainer_state.json``: step, samples seen, seed and the run's settings;
 * ``checkpoint_complete.json``: the name and size of every other file, written last.
 
@@ -14,8 +14,10 @@ renamed when complete, so a run killed mid-save leaves the previous checkpoint i
 and no half-written one that ``latest`` could pick. A checkpoint counts (for ``latest``,
 resuming and ``--checkpoints_total_limit``) only while its marker lists files that are all
 there with their sizes; pruning renames a folder away before deleting it, and the next run
-removes what a killed save or pruning left behind. ``.pt`` files hold only tensors and
-plain values and are read with ``torch.load(weights_only=True)``: nothing is unpickled.
+removes what a killed save or pruning left behind. Training states are safetensors files
+(`save_state`): tensors as tensors, the rest of the structure as JSON in the header, so a
+resumed run reads back exactly what was saved and nothing is ever unpickled; every state file
+is read and checked when resuming, before the model loads.
 """
 
 from __future__ import annotations
@@ -30,9 +32,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..adapter_file import atomic_write, read_adapter_file, remove_stale_temp_files
+from ..adapter_file import (
+    atomic_write,
+    read_adapter_file,
+    read_safetensors,
+    remove_stale_temp_files,
+    write_safetensors,
+)
 from ..api import find_denoiser, get_adapter, save_adapter
-from ..errors import DifftuneError
+from ..errors import AdapterFileError, DifftuneError
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE = "trainer_state.json"
@@ -131,10 +139,75 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# --- save -----------------------------------------------------------------------------------
+# --- training states as safetensors ---------------------------------------------------------
 
-def _torch_save(path: Path, value: Any) -> None:
-    atomic_write(path, lambda tmp: torch.save(value, tmp))
+STATE_KEY = "difftune_state"
+STATE_FILES = ("adapter_training_state", "optimizer", "scheduler")  # plus rng_state_<rank>
+STATE_SUFFIX = ".safetensors"
+
+
+def _encode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """A JSON structure for ``value``; its tensors go to ``tensors`` under numbered keys. Dicts keep
+    their key types (optimizer states are keyed by int) and tuples stay tuples, so decoding gives
+    back the very structure a ``load_state_dict`` expects."""
+    if isinstance(value, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = value.detach().to("cpu").contiguous().clone()
+        return {"__tensor__": key}
+    if isinstance(value, dict):
+        return {"__dict__": [[_encode(k, tensors), _encode(v, tensors)] for k, v in value.items()]}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v, tensors) for v in value]}
+    if isinstance(value, list):
+        return [_encode(v, tensors) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"a training state holds a {type(value).__name__}, which save_state cannot store")
+
+
+def _decode(value: Any, tensors: dict[str, torch.Tensor], source: Path) -> Any:
+    if isinstance(value, list):
+        return [_decode(v, tensors, source) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if set(value) == {"__tensor__"} and value["__tensor__"] in tensors:
+        return tensors[value["__tensor__"]]
+    if set(value) == {"__tuple__"} and isinstance(value["__tuple__"], list):
+        return tuple(_decode(v, tensors, source) for v in value["__tuple__"])
+    if set(value) == {"__dict__"} and all(isinstance(p, list) and len(p) == 2 for p in value["__dict__"]):
+        return {_decode(k, tensors, source): _decode(v, tensors, source) for k, v in value["__dict__"]}
+    raise DifftuneError(f"checkpoint file {source} is damaged: unexpected entry {json.dumps(value)[:80]}")
+
+
+def save_state(path: Path, value: Any) -> None:
+    """Write a training state (nested dicts, lists and tuples of tensors and plain values) atomically."""
+    tensors: dict[str, torch.Tensor] = {}
+    structure = json.dumps(_encode(value, tensors))
+    write_safetensors(path, tensors, {STATE_KEY: structure})
+
+
+def load_state(path: Path, device: torch.device | str = "cpu") -> Any:
+    """Read a `save_state` file; a missing or damaged one is a DifftuneError naming it."""
+    if not path.is_file():
+        raise DifftuneError(f"checkpoint file {path} is missing")
+    try:
+        tensors, metadata = read_safetensors(path)
+        structure = json.loads(metadata[STATE_KEY])
+    except (AdapterFileError, KeyError, json.JSONDecodeError) as err:
+        raise DifftuneError(f"checkpoint file {path} is damaged (truncated or not a difftune state): "
+                            f"{str(err).splitlines()[0]}") from None
+    return _decode(structure, {k: v.to(device) for k, v in tensors.items()}, path)
+
+
+def check_states(path: Path) -> None:
+    """Read every state file of a checkpoint, so a damaged one fails before the model loads."""
+    for name in STATE_FILES:
+        load_state(path / f"{name}{STATE_SUFFIX}")
+    for rng_file in sorted(path.glob(f"rng_state_*{STATE_SUFFIX}")):
+        load_state(rng_file)
+
+
+# --- save -----------------------------------------------------------------------------------
 
 
 def save_checkpoint(
@@ -157,14 +230,14 @@ def save_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    _torch_save(staging / f"rng_state_{accelerator.process_index}.pt", capture_rng_state())
+    save_state(staging / f"rng_state_{accelerator.process_index}{STATE_SUFFIX}", capture_rng_state())
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         denoiser, _ = find_denoiser(accelerator.unwrap_model(model))
         save_adapter(denoiser, staging, base_model=base_model)
-        _torch_save(staging / "adapter_training_state.pt", get_adapter(denoiser).training_state())
-        _torch_save(staging / "optimizer.pt", optimizer.state_dict())
-        _torch_save(staging / "scheduler.pt", lr_scheduler.state_dict())
+        save_state(staging / f"adapter_training_state{STATE_SUFFIX}", get_adapter(denoiser).training_state())
+        save_state(staging / f"optimizer{STATE_SUFFIX}", optimizer.state_dict())
+        save_state(staging / f"scheduler{STATE_SUFFIX}", lr_scheduler.state_dict())
         state = {**trainer_state, "step": step, "num_processes": accelerator.num_processes}
         atomic_write(staging / TRAINER_STATE,
                      lambda tmp: Path(tmp).write_text(json.dumps(state, indent=2, default=str)))
@@ -186,17 +259,21 @@ def save_checkpoint(
 def resume_point(output_dir: str | Path, spec: str | None) -> tuple[Path | None, dict[str, Any] | None]:
     """``--resume_from_checkpoint`` resolved: the checkpoint folder and its trainer state, or Nones."""
     path = resolve_checkpoint(output_dir, spec)
-    return path, (read_trainer_state(path) if path else None)
+    if path is None:
+        return None, None
+    check_states(path)
+    return path, read_trainer_state(path)
 
 
 def read_trainer_state(path: str | Path) -> dict[str, Any]:
-    return json.loads((Path(path) / TRAINER_STATE).read_text())
-
-
-def _torch_load(path: Path, device: torch.device | str = "cpu") -> Any:
-    if not path.is_file():
-        raise DifftuneError(f"checkpoint file {path} is missing")
-    return torch.load(path, map_location=device, weights_only=True)
+    file = Path(path) / TRAINER_STATE
+    try:
+        state = json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise DifftuneError(f"checkpoint file {file} is damaged: {err}") from None
+    if not isinstance(state, dict):
+        raise DifftuneError(f"checkpoint file {file} is damaged: expected a JSON object")
+    return state
 
 
 def load_adapter_state(path: str | Path, model: Any, device: torch.device | str = "cpu") -> None:
@@ -208,19 +285,25 @@ def load_adapter_state(path: str | Path, model: Any, device: torch.device | str 
     prefix = f"{info['component']}."
     adapter.check_file_metadata(info["extra"], str(path))
     adapter.load_file_tensors({k[len(prefix):]: v for k, v in tensors.items()}, str(path))
-    adapter.load_training_state(_torch_load(path / "adapter_training_state.pt", device))
+    adapter.load_training_state(load_state(path / f"adapter_training_state{STATE_SUFFIX}", device))
 
 
 def load_optimizer_state(path: str | Path, optimizer: Any, lr_scheduler: Any) -> None:
+    """Optimizer and schedule state; one that does not fit this run's optimizer is named."""
     path = Path(path)
-    optimizer.load_state_dict(_torch_load(path / "optimizer.pt"))
-    lr_scheduler.load_state_dict(_torch_load(path / "scheduler.pt"))
+    for name, target in (("optimizer", optimizer), ("scheduler", lr_scheduler)):
+        file = path / f"{name}{STATE_SUFFIX}"
+        state = load_state(file)
+        try:
+            target.load_state_dict(state)
+        except (ValueError, KeyError, TypeError, RuntimeError) as err:
+            raise DifftuneError(f"checkpoint file {file} does not fit this run's {name}: {err}") from None
 
 
 def load_rng_state(path: str | Path, process_index: int) -> bool:
     """Restore this process's generators; False when the checkpoint has none for it."""
-    file = Path(path) / f"rng_state_{process_index}.pt"
+    file = Path(path) / f"rng_state_{process_index}{STATE_SUFFIX}"
     if not file.is_file():
         return False
-    restore_rng_state(_torch_load(file))
+    restore_rng_state(load_state(file))
     return True
