@@ -58,20 +58,23 @@ def mutate(data: bytes, tensors: dict, metadata: dict, rng: random.Random) -> tu
         value = rng.choice([0, 1, size - 1, size + 1, size + 8, len(data), 2**63, rng.randrange(2**64)])
         return kind, value.to_bytes(8, "little") + data[8:], value != size
     if kind == "metadata junk":
+        original = json.loads(metadata[METADATA_KEY])
         info = json.loads(metadata[METADATA_KEY])
-        choice = rng.randrange(4)
-        if choice == 0:
-            info.pop(rng.choice(sorted(info)))
-        elif choice == 1:
-            info[rng.choice(sorted(info))] = rng.choice(JUNK_VALUES)
-        elif choice == 2:
-            nested = rng.choice(["fingerprint", "config", "extra"])
-            if info[nested]:
+        while info == original:  # a real change each time, never a no-op
+            choice = rng.randrange(4)
+            if choice == 0:
+                info.pop(rng.choice(sorted(info)))
+            elif choice == 1:
+                info[rng.choice(sorted(info))] = rng.choice(JUNK_VALUES)
+            elif choice == 2:
+                nested = rng.choice([k for k in ("fingerprint", "config", "extra") if info[k]])
                 info[nested][rng.choice(sorted(info[nested]))] = rng.choice(JUNK_VALUES)
-        else:
-            junk = rng.choice(["", "[]", "{", "null", "7"])
-            return kind, rebuilt(tensors, {**metadata, METADATA_KEY: junk}), True
-        return kind, rebuilt(tensors, {**metadata, METADATA_KEY: json.dumps(info)}), False
+            else:
+                junk = rng.choice(["", "[]", "{", "null", "7"])
+                return kind, rebuilt(tensors, {**metadata, METADATA_KEY: junk}), True
+        # only dropping the checksum leaves a file that must load (as an older file would)
+        return kind, rebuilt(tensors, {**metadata, METADATA_KEY: json.dumps(info)}), \
+            set(original) - set(info) != {CHECKSUM_FIELD}
     if kind == "metadata extra key":  # unrelated header entries: loads, unchanged
         extra = {f"junk{rng.randrange(99)}": "x" * rng.randrange(50)}
         return kind, rebuilt(tensors, {**metadata, **extra}), False
