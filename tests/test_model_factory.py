@@ -116,3 +116,15 @@ def test_a_saved_fp16_embedded_model_declares_a_float32_text_encoder(tmp_path):
     again = StableDiffusionPipeline.from_pretrained(tmp_path)
     assert again.text_encoder.dtype == again.unet.dtype == torch.float32
     assert np.isfinite(generate(again)).all()
+
+
+def test_an_unreadable_hub_model_says_the_hub_is_offline(monkeypatch):
+    from huggingface_hub import constants
+
+    from difftune.model_factory import describe_model
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    offline = r"cannot read model_index.json of 'someone/no-such-model': .*\(the Hugging Face hub is offline"
+    with pytest.raises(DifftuneError, match=offline) as caught:
+        describe_model("someone/no-such-model")
+    assert "\n" not in str(caught.value)

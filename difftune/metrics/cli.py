@@ -78,9 +78,9 @@ def check_evaluation_arguments(args: argparse.Namespace, model: str) -> None:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise DifftuneError(f"--{name} must be at least 1, got {value}")
+    multiple = describe_model(model).size_multiple  # also: an unreadable model fails here, in one line
     sizes = {name: getattr(args, name) for name in ("height", "width") if getattr(args, name) is not None}
     if sizes:
-        multiple = describe_model(model).size_multiple
         for name, value in sizes.items():
             if value < 1 or value % multiple:
                 raise DifftuneError(f"--{name} must be a positive multiple of {multiple} for {model}, "
