@@ -66,6 +66,8 @@ def check_resolution_fits(resolution: int, model_info: Any) -> None:
             f"--resolution {resolution} needs at least {needed / 2**30:.1f} GiB to encode one image, "
             f"this machine's {device_type} memory is {available / 2**30:.1f} GiB; use a smaller "
             f"--resolution (the model's own is {model_info.resolution})")
+
+
 def create_accelerator(args: argparse.Namespace, output_dir: Path):
     """The run's Accelerator (mixed precision, tracker, logging folder); prepares ``output_dir``."""
     from accelerate import Accelerator
