@@ -178,6 +178,20 @@ def test_a_damaged_optimizer_state_is_refused_naming_it_before_the_model_loads(t
     assert not list(out.glob("checkpoint-1/*.pt"))  # no pickle is written, none would be read
 
 
+def test_a_disk_too_small_for_the_checkpoints_is_warned_about_before_training(train_subject, subject_dir,
+                                                                              tmp_path, monkeypatch):
+    import collections
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpointing.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.warns(UserWarning, match=r"take up to 0.0\d GiB, the disk has 0.00 GiB free; raise "
+                                         "--checkpointing_steps or set --checkpoints_total_limit"):
+        train_subject(*run_flags(subject_dir, tmp_path / "out", "builtin:tiny-sd", "lora", steps=1),
+                      "--checkpointing_steps", 1, "--skip_final_inference")
+    assert checkpointing.estimated_bytes(1000, 100, 10, None) == 10 * (12000 + 2**20) + 4000
+    assert checkpointing.estimated_bytes(1000, 100, 10, 2) == 3 * (12000 + 2**20) + 4000
+
+
 def test_rng_state_round_trip():
     import random
 

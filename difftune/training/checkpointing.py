@@ -26,6 +26,7 @@ import json
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +209,26 @@ def check_states(path: Path) -> None:
 
 
 # --- save -----------------------------------------------------------------------------------
+
+def estimated_bytes(trainable_parameters: int, max_train_steps: int, checkpointing_steps: int,
+                    total_limit: int | None) -> int:
+    """What a run's checkpoints and final adapter take at most: each checkpoint holds the adapter
+    and two AdamW moments (fp32), the states and RNGs a little more."""
+    kept = max_train_steps // checkpointing_steps
+    if total_limit is not None:
+        kept = min(kept, total_limit + 1)  # the newest is written before the oldest is removed
+    per_checkpoint = 3 * 4 * trainable_parameters + 2**20
+    return kept * per_checkpoint + 4 * trainable_parameters
+
+
+def warn_if_disk_short(output_dir: str | Path, needed: int) -> None:
+    """Warn before training when the output folder's disk has less free space than the run needs."""
+    free = shutil.disk_usage(output_dir).free
+    if needed > free:
+        warnings.warn(f"{output_dir}: the checkpoints and adapter of this run take up to "
+                      f"{needed / 2**30:.2f} GiB, the disk has {free / 2**30:.2f} GiB free; raise "
+                      "--checkpointing_steps or set --checkpoints_total_limit", stacklevel=2)
+
 
 
 def save_checkpoint(

@@ -228,6 +228,10 @@ def prepare_optimization(args: argparse.Namespace, accelerator: Any, denoiser: n
     if resume_path:
         checkpointing.load_adapter_state(resume_path, denoiser, device)
         global_step, samples_seen = resume_state["step"], resume_state["samples_seen"]
+    if accelerator.is_main_process:
+        needed = checkpointing.estimated_bytes(difftune.count_trainable_parameters(denoiser), max_train_steps,
+                                               args.checkpointing_steps, args.checkpoints_total_limit)
+        checkpointing.warn_if_disk_short(args.output_dir, needed)
     optimizer, lr_scheduler = create_optimizer(args, adapter, rate, max_train_steps)
     model, optimizer = accelerator.prepare(denoiser, optimizer)
     if resume_path:
