@@ -9,6 +9,7 @@ Pickle-based files are refused outright: loading one can run arbitrary code.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -31,6 +32,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 TEMP_SUFFIX = ".tmp"
+# a full disk or quota, a read-only file system, a folder without write permission
+_USER_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def _mode_for_new_files() -> int:
@@ -54,6 +57,11 @@ def atomic_write(path: str | os.PathLike, write: Any) -> Path:
         write(tmp)
         os.chmod(tmp, _mode_for_new_files())
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        if err.errno in _USER_WRITE_ERRORS:  # the machine's state, not a bug: one line, no trace
+            raise DifftuneError(f"{path}: cannot write: {err.strerror}") from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -348,3 +348,18 @@ def test_outputs_honour_the_umask(tmp_path):
         finally:
             os.umask(old)
         assert stat.S_IMODE(path.stat().st_mode) == mode, oct(umask)
+
+
+def test_a_full_disk_at_save_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    pipe, path = trained("sd", "lora", "attn", {"rank": 2}, tmp_path)
+
+    def disk_full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    with pytest.raises(difftune.DifftuneError, match="adapter.safetensors: cannot write: No space left on"):
+        difftune.save_adapter(pipe.unet, path)
+    assert [p.name for p in path.parent.iterdir()] == ["adapter.safetensors"]
