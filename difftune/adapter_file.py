@@ -9,6 +9,7 @@ Pickle-based files are refused outright: loading one can run arbitrary code.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -19,10 +20,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
-from .errors import AdapterFileError, BaseModelMismatchError
+from .errors import AdapterFileError, BaseModelMismatchError, DifftuneError
 
 METADATA_KEY = "difftune"
 FORMAT_VERSION = 1
@@ -30,27 +31,121 @@ DEFAULT_FILE_NAME = "adapter.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
+TEMP_SUFFIX = ".tmp"
+# a full disk or quota, a read-only file system, a folder without write permission
+_USER_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _mode_for_new_files() -> int:
+    """0o666 less the process umask: what ``open()`` would have given the file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: str | os.PathLike, write: Any) -> Path:
-    """Call ``write(tmp_path)``, then move the finished file over ``path``."""
+    """Call ``write(tmp_path)``, then move the finished file over ``path``.
+
+    ``mkstemp`` creates the temporary file with mode 0600; it gets the mode a plain ``open()``
+    would give (the umask's) before the rename, so outputs are readable by whom the user means.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _mode_for_new_files())
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        if err.errno in _USER_WRITE_ERRORS:  # the machine's state, not a bug: one line, no trace
+            raise DifftuneError(f"{path}: cannot write: {err.strerror}") from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
 
 
+def check_output_dir(output_dir: str | os.PathLike, flag: str = "--output_dir") -> None:
+    """Create ``output_dir`` or check that it is a writable folder, before any model loads: a run
+    must not train for hours and then fail at its first save."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise DifftuneError(f"{flag} {output_dir} is a file, not a folder")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=TEMP_SUFFIX, dir=output_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise DifftuneError(f"{flag} {output_dir} is not writable: {err.strerror or err}") from None
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files `atomic_write` leaves when its process is killed mid-write.
+
+    They are named ``.<final name>.<random>.tmp``; nothing else in a folder is touched.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = sorted(p for p in folder.glob(f".*{TEMP_SUFFIX}") if p.is_file())
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def _with_sorted_metadata(data: bytes) -> bytes:
+    """The same safetensors bytes with the header's metadata keys sorted.
+
+    safetensors serialises metadata from a hash map whose order changes between processes,
+    so two identical saves differed byte for byte; the tensors and their offsets are kept.
+    """
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None:
+        header = {"__metadata__": dict(sorted(metadata.items())), **header}
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # safetensors aligns the data region to 8 bytes
+    return len(text).to_bytes(8, "little") + text + data[8 + size:]
+
+
 def write_safetensors(
     path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
 ) -> Path:
-    """Write tensors (made contiguous, on CPU) with string metadata, atomically."""
+    """Write tensors (made contiguous, on CPU) with string metadata, atomically and byte-reproducibly."""
     ready = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    return atomic_write(path, lambda tmp: save_file(ready, tmp, metadata=metadata))
+    data = _with_sorted_metadata(save(ready, metadata=metadata))
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def content_checksum(tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> str:
+    """SHA-256 of the ``difftune`` header entry (all but this checksum) and of every tensor's name,
+    dtype, shape and bytes.
+
+    Stored in the header on save and compared on load: a flipped byte in the data region changes a
+    weight, and an edited header a scale, silently; safetensors itself notices neither.
+    """
+    fields = {k: v for k, v in info.items() if k != CHECKSUM_FIELD}
+    canonical = json.dumps(json.loads(json.dumps(fields, default=str)), sort_keys=True)
+    digest = hashlib.sha256(canonical.encode())
+    for key in sorted(tensors):
+        value = tensors[key].detach().to("cpu").contiguous()
+        digest.update(f"|{key}|{str(value.dtype).removeprefix('torch.')}|{list(value.shape)}|".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding NaN or inf, else None."""
+    for key in sorted(tensors):
+        value = tensors[key]
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return key
+    return None
 
 
 def resolve_adapter_path(path: str | os.PathLike) -> Path:
@@ -66,8 +161,11 @@ def resolve_adapter_path(path: str | os.PathLike) -> Path:
         if not candidate.is_file():
             raise AdapterFileError(f"{path}: folder has no {DEFAULT_FILE_NAME}")
         return candidate
-    if not path.is_file():
+    if not path.exists():
         raise AdapterFileError(f"{path}: no such adapter file")
+    if not path.is_file():
+        raise AdapterFileError(f"{path}: not a regular file (a device, pipe or socket); "
+                               "give a .safetensors file")
     return path
 
 
@@ -86,7 +184,12 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
 
 
 def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Return ``(tensors, difftune_metadata)`` for a difftune adapter file."""
+    """Return ``(tensors, difftune_metadata)`` for a difftune adapter file, checked.
+
+    The header must fit `HEADER_SCHEMA`, the tensors their checksum (when the file has one:
+    files written before it load without the check) and hold no NaN or inf. Every refusal is an
+    AdapterFileError naming the file and the field or tensor, before any model is touched.
+    """
     path = resolve_adapter_path(path)
     tensors, metadata = read_safetensors(path)
     if METADATA_KEY not in metadata:
@@ -97,11 +200,98 @@ def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
         info = json.loads(metadata[METADATA_KEY])
     except json.JSONDecodeError as err:
         raise AdapterFileError(f"{path}: damaged difftune metadata: {err}") from None
-    if info.get("format_version", 0) > FORMAT_VERSION:
-        raise AdapterFileError(
-            f"{path}: written by a newer difftune (format {info['format_version']}); upgrade difftune."
-        )
+    check_header(info, path)
+    expected = info.get(CHECKSUM_FIELD)
+    if expected is not None and content_checksum(tensors, info) != expected:
+        raise AdapterFileError(f"{path}: tensors or header do not match the checksum in the header "
+                               f"('{CHECKSUM_FIELD}'): the file is corrupt")
+    if not tensors:
+        raise AdapterFileError(f"{path}: the file holds no tensors")
+    bad = first_non_finite(tensors)
+    if bad is not None:
+        raise AdapterFileError(f"{path}: tensor '{bad}' holds NaN or inf values")
     return tensors, info
+
+
+# --- header schema ------------------------------------------------------------------
+
+CHECKSUM_FIELD = "sha256"
+_NONE = type(None)
+# field → allowed JSON types; every field is required except the checksum (older files lack it)
+HEADER_SCHEMA: dict[str, tuple[type, ...]] = {
+    "format_version": (int,),
+    "difftune_version": (str,),
+    "method": (str,),
+    "config": (dict,),
+    "component": (str,),
+    "targets": (list,),
+    "base_model": (str, _NONE),
+    "fingerprint": (dict,),
+    "extra": (dict,),
+}
+OPTIONAL_FIELDS = {CHECKSUM_FIELD: (str,), "text_encoders": (dict,)}
+# a text encoder's section (--train_text_encoder): the per-component fields of the header
+SECTION_SCHEMA = {field: HEADER_SCHEMA[field] for field in ("method", "config", "targets", "fingerprint",
+                                                            "extra")}
+FINGERPRINT_SCHEMA: dict[str, tuple[type, ...]] = {"class": (str,), "config_hash": (str, _NONE),
+                                                   "shapes": (dict,)}
+
+
+def _type_names(types: tuple[type, ...]) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", int: "an integer", _NONE: "null"}
+    return " or ".join(names.get(t, t.__name__) for t in types)
+
+
+def _is(value: Any, types: tuple[type, ...]) -> bool:
+    # JSON true/false are Python bools, which are ints too: never accept them as numbers
+    return isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+
+
+def _check_fields(mapping: dict, schema: dict, optional: dict, where: str, path: Path) -> None:
+    for field in schema:
+        if field not in mapping:
+            raise AdapterFileError(f"{path}: header field '{where}{field}' is missing")
+    for field, types in {**schema, **optional}.items():
+        if field in mapping and not _is(mapping[field], types):
+            raise AdapterFileError(f"{path}: header field '{where}{field}' must be {_type_names(types)}, "
+                                   f"got {json.dumps(mapping[field])[:60]}")
+
+
+def check_header(info: Any, path: Path) -> None:
+    """Presence and type of every field of the ``difftune`` header entry, and of the fingerprint's.
+
+    A damaged header must not reach code that indexes into it (a KeyError or TypeError then)."""
+    if not isinstance(info, dict):
+        raise AdapterFileError(f"{path}: header entry '{METADATA_KEY}' must be a JSON object")
+    version = info.get("format_version")
+    if _is(version, (int,)) and version > FORMAT_VERSION:
+        raise AdapterFileError(f"{path}: written by a newer difftune (format {version}); upgrade difftune.")
+    _check_fields(info, HEADER_SCHEMA, OPTIONAL_FIELDS, "", path)
+    if info["format_version"] < 1:
+        raise AdapterFileError(f"{path}: header field 'format_version' must be at least 1, "
+                               f"got {info['format_version']}")
+    _check_section(info, "", path)
+    for name, section in info.get("text_encoders", {}).items():
+        where = f"text_encoders.{name}."
+        if not isinstance(section, dict):
+            raise AdapterFileError(f"{path}: header field '{where[:-1]}' must be an object")
+        _check_fields(section, SECTION_SCHEMA, {}, where, path)
+        _check_section(section, where, path)
+
+
+def _check_section(section: dict, where: str, path: Path) -> None:
+    """Targets, config targets and fingerprint of one component's section."""
+    if not all(isinstance(t, str) for t in section["targets"]) or not section["targets"]:
+        raise AdapterFileError(f"{path}: header field '{where}targets' must be a non-empty list of module "
+                               "names")
+    if not _is(section["config"].get("targets"), (str, list)):
+        raise AdapterFileError(f"{path}: header field '{where}config.targets' must be a string or a list")
+    _check_fields(section["fingerprint"], FINGERPRINT_SCHEMA, {}, f"{where}fingerprint.", path)
+    for name, shape in section["fingerprint"]["shapes"].items():
+        if shape is not None and not (isinstance(shape, list)
+                                      and all(_is(n, (int,)) and n >= 0 for n in shape)):
+            raise AdapterFileError(f"{path}: header field '{where}fingerprint.shapes.{name}' must be a list "
+                                   "of sizes or null")
 
 
 # --- base-model fingerprint ---------------------------------------------------------

@@ -20,11 +20,14 @@ from torch import nn
 
 from ._version import __version__
 from .adapter_file import (
+    CHECKSUM_FIELD,
     DEFAULT_FILE_NAME,
     FORMAT_VERSION,
     METADATA_KEY,
     check_fingerprint,
+    content_checksum,
     fingerprint,
+    first_non_finite,
     read_adapter_file,
     resolve_adapter_path,
     write_safetensors,
@@ -199,8 +202,14 @@ def save_adapter(model: Any, path: str | os.PathLike, base_model: str | None = N
         info["text_encoders"] = {name: _section_info(sections[name]) for name in encoders}
     tensors = {f"{name}.{key}": value for name, each in sections.items()
                for key, value in each.adapter_state_dict().items()}
+    bad = first_non_finite(tensors)
+    if bad is not None:  # a diverged run must not leave a file that loads as NaN images
+        raise DifftuneError(f"{path}: not saved: adapter tensor '{bad}' holds NaN or inf values")
+    info[CHECKSUM_FIELD] = content_checksum(tensors, info)
     header = _merge_headers([each.extra_header(name) for name, each in sections.items()])
-    return write_safetensors(path, tensors, {METADATA_KEY: json.dumps(info, default=str), **header})
+    # sorted keys: identical adapters give byte-identical files
+    return write_safetensors(path, tensors,
+                             {METADATA_KEY: json.dumps(info, default=str, sort_keys=True), **header})
 
 
 def _section_info(adapter: Adapter) -> dict[str, Any]:
@@ -251,14 +260,14 @@ def load_adapter(
         file_path = resolve_adapter_path(each)
         tensors, info = read_adapter_file(file_path)
         source = str(file_path)
-        get_method(info["method"])
+        _check_method_config(info, source)
         for warning in check_fingerprint(denoiser, info["fingerprint"], source):
             warnings.warn(warning, stacklevel=2)
         sections = split_sections(tensors, info, source)
         encoder_sections = {name: (sections[name], section, _text_encoder(pipeline_or_model, name, source))
                             for name, section in info.get("text_encoders", {}).items()}
         for name, (_, section, encoder) in encoder_sections.items():
-            get_method(section["method"])
+            _check_method_config(section, f"{source}", f"text_encoders.{name}.")
             for warning in check_fingerprint(encoder, section["fingerprint"], f"{source} ({name})"):
                 warnings.warn(warning, stacklevel=2)
         files.append((sections[info["component"]], info))
@@ -299,6 +308,13 @@ def load_adapter(
     return adapter
 
 
+def _check_method_config(section: dict[str, Any], source: str, where: str = "") -> None:
+    try:
+        get_method(section["method"]).config_class.from_options(section["method"], dict(section["config"]))
+    except DifftuneError as err:
+        raise AdapterFileError(f"{source}: header field '{where}method'/'{where}config': {err}") from None
+
+
 def split_sections(tensors: dict[str, torch.Tensor], info: dict[str, Any],
                    source: str) -> dict[str, dict[str, torch.Tensor]]:
     """A file's tensors by component (``unet``, ``text_encoder``, ...), their prefixes removed."""
@@ -329,8 +345,8 @@ def _attach_from_file(model: nn.Module, section: dict[str, Any], tensors: dict[s
     adapter = add_adapter(model, section["method"], targets=section["targets"], **options)
     adapter.config.targets = user_targets
     try:
-        adapter.check_file_metadata(section.get("extra", {}), source)
-        adapter.load_adapter_state_dict(tensors, source)
+        adapter.check_file_metadata(section["extra"], source)
+        adapter.load_file_tensors(tensors, source)
     except BaseException:
         remove_adapter(model)
         raise

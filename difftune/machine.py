@@ -1,7 +1,8 @@
-"""What a measurement ran on, so benchmark tables name their machine."""
+"""What a measurement ran on, so benchmark tables name their machine; how much memory it has."""
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
@@ -15,3 +16,16 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def memory_bytes(device_type: str = "cpu") -> int | None:
+    """Total memory of the training device (the first GPU's, else the machine's RAM); None if unknown."""
+    if device_type == "cuda":
+        import torch
+
+        if torch.cuda.is_available():
+            return int(torch.cuda.get_device_properties(0).total_memory)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None

@@ -134,7 +134,7 @@ def _tiny_vae(latent_channels: int = 4, **extra: Any):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        block_out_channels=(32, 64),
+        block_out_channels=(TINY_VAE_WIDTH, 64),
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
@@ -299,6 +299,7 @@ TINY_BUILDERS = {
 FAMILIES = ("sd", "sdxl", "sd3")
 TINY_FAMILIES = {"tiny-sd": "sd", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3"}
 TINY_VAE_SCALE_FACTOR = 2  # the tiny VAE has two blocks: it halves the size
+TINY_VAE_WIDTH = 32  # channels of its first block
 TINY_RESOLUTION = TINY_SAMPLE_SIZE * TINY_VAE_SCALE_FACTOR
 
 
@@ -332,6 +333,7 @@ class ModelDescription:
     denoiser_class: str  # diffusers class of the unet / transformer
     denoiser_config: dict[str, Any]
     size_multiple: int  # image sides must be multiples of this (VAE factor x patch size)
+    vae_width: int  # channels of the VAE encoder's first block: its activations bound memory from below
 
 
 def describe_model(name_or_path: str, revision: str | None = None) -> ModelDescription:
@@ -346,14 +348,15 @@ def describe_model(name_or_path: str, revision: str | None = None) -> ModelDescr
     if tiny is not None:
         class_name, config = TINY_DENOISERS[tiny]
         return ModelDescription(TINY_FAMILIES[tiny], TINY_RESOLUTION, class_name, config,
-                                TINY_VAE_SCALE_FACTOR * config.get("patch_size", 1))
+                                TINY_VAE_SCALE_FACTOR * config.get("patch_size", 1), TINY_VAE_WIDTH)
     location = _resolve_builtin(name_or_path)
     from diffusers import AutoencoderKL, DiffusionPipeline, SD3Transformer2DModel, UNet2DConditionModel
 
     try:
         index = DiffusionPipeline.load_config(location, revision=revision)
     except Exception as err:  # hub, network and file errors all mean the same to the user
-        raise DifftuneError(f"cannot read model_index.json of '{name_or_path}': {err}") from None
+        raise DifftuneError(f"cannot read model_index.json of '{name_or_path}': "
+                            f"{_first_line(err)}{offline_hint(location)}") from None
     class_name = index.get("_class_name", "?")
     family = family_of_class(class_name, "unet" in index)
     denoiser_class, subfolder = (SD3Transformer2DModel, "transformer") if family == "sd3" else (
@@ -362,11 +365,28 @@ def describe_model(name_or_path: str, revision: str | None = None) -> ModelDescr
         denoiser_config = denoiser_class.load_config(location, subfolder=subfolder, revision=revision)
         vae_config = AutoencoderKL.load_config(location, subfolder="vae", revision=revision)
     except Exception as err:
-        raise DifftuneError(f"cannot read the {subfolder}/vae configs of '{name_or_path}': {err}") from None
+        raise DifftuneError(f"cannot read the {subfolder}/vae configs of '{name_or_path}': "
+                            f"{_first_line(err)}{offline_hint(location)}") from None
     vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
     resolution = int(denoiser_config["sample_size"]) * vae_scale_factor
     return ModelDescription(family, resolution, denoiser_class.__name__, dict(denoiser_config),
-                            vae_scale_factor * int(denoiser_config.get("patch_size") or 1))
+                            vae_scale_factor * int(denoiser_config.get("patch_size") or 1),
+                            int(vae_config["block_out_channels"][0]))
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def offline_hint(location: str | Path) -> str:
+    """Why a hub model cannot be read when the hub is switched off: its error only says the file
+    is not there, which reads as a wrong model name."""
+    from huggingface_hub import constants
+
+    if Path(location).exists() or not constants.HF_HUB_OFFLINE:
+        return ""
+    return (" (the Hugging Face hub is offline: HF_HUB_OFFLINE is set, so only models already in the "
+            "local cache or a local folder can be used)")
 
 
 def _tiny_name(name_or_path: str) -> str | None:

@@ -42,7 +42,7 @@ from difftune.metrics.cli import (
     HUB_DINO,
     add_evaluation_arguments,
     build_scorer,
-    check_metric_sources,
+    check_evaluation_arguments,
     generation_settings,
     load_eval_pipeline,
     resolve_device,
@@ -223,6 +223,27 @@ def trainer_command(args: argparse.Namespace, subject: Subject, method: str, fla
     if any(output_dir.glob("checkpoint-*")):
         command += ["--resume_from_checkpoint", "latest"]
     return command + shlex.split(args.train_args)
+
+
+def check_trainer_flags(args: argparse.Namespace, subject: Subject) -> None:
+    """Each method's trainer command checked by the trainer itself (its parser and every check it makes
+    before loading a model), before class images are generated or any method trains: a bad flag in
+    --train_args or --method_args fails in seconds, not after the first methods have run."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_subject", TRAIN_SCRIPT)
+    trainer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trainer)
+    for method in args.methods:
+        output_dir = args.output_dir / "train" / method
+        command = trainer_command(args, subject, method, args.method_flags[method], output_dir)
+        try:
+            trainer.check_before_loading(command[2:])
+        except DifftuneError as err:
+            raise DifftuneError(f"trainer flags of {method}: {err}") from None
+        except SystemExit:  # argparse has printed which flag it refused
+            raise DifftuneError(f"trainer flags of {method} refused by {TRAIN_SCRIPT.name} (see above): "
+                                f"{shlex.join(command[2:])}") from None
 
 
 def train_method(args: argparse.Namespace, subject: Subject, method: str, flags: list[str]) -> dict[str, Any]:
@@ -406,7 +427,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     prompt_file = resolve_prompt_file(args, model)
     # a bad prompt file or an identifier the prompts keep fails now, not after every method has trained
     run_prompts(prompt_file, subject, args.num_prompts, not args.no_class_prompts)
-    check_metric_sources(args, model)
+    check_evaluation_arguments(args, model)
+    check_trainer_flags(args, subject)
     device, dtype = resolve_device(args)
 
     if args.fid or args.with_prior_preservation:

@@ -33,6 +33,7 @@ from difftune.metrics.cli import (
     BUILTIN_EMBEDDED,
     add_evaluation_arguments,
     build_scorer,
+    check_evaluation_arguments,
     generation_settings,
     load_eval_pipeline,
     resolve_device,
@@ -108,6 +109,7 @@ def build_runs(args: argparse.Namespace) -> list[EvalRun]:
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     model = args.pretrained_model_name_or_path
+    check_evaluation_arguments(args, model)
     device, dtype = resolve_device(args)
     runs = build_runs(args)  # validates every path before any heavy work
     prompt_file = resolve_prompt_file(args, model)

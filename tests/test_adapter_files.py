@@ -163,14 +163,14 @@ def test_missing_file_and_folder_without_adapter(tmp_path):
 def test_save_is_atomic_and_leaves_no_temporary_files(tmp_path, monkeypatch):
     pipe, path = trained("sd", "lora", "attn", {"rank": 4}, tmp_path)
     good = path.read_bytes()
-    import difftune.adapter_file as adapter_file
+    from pathlib import Path
 
-    def failing_save(tensors, filename, metadata=None):
-        with open(filename, "wb") as handle:
-            handle.write(b"partial")
+    def failing_write(self, data):
+        with open(self, "wb") as handle:
+            handle.write(data[:10])
         raise OSError("disk full")
 
-    monkeypatch.setattr(adapter_file, "save_file", failing_save)
+    monkeypatch.setattr(Path, "write_bytes", failing_write)
     with pytest.raises(OSError, match="disk full"):
         difftune.save_adapter(pipe.unet, path)
     assert path.read_bytes() == good, "a failed save must not damage the previous file"
@@ -193,3 +193,173 @@ def test_denoiser_of_a_model_and_of_a_pipeline():
     assert find_denoiser(pipe.transformer) == (pipe.transformer, "transformer")
     inputs = denoiser_inputs(pipe)
     assert denoise(pipe, inputs).shape == inputs["hidden_states"].shape
+
+
+def test_an_adapter_holding_nan_or_inf_is_not_saved(tmp_path):
+    pipe, path = trained("sd", "lora", "attn", {"rank": 4}, tmp_path)
+    good = path.read_bytes()
+    with torch.no_grad():
+        difftune.trainable_parameters(pipe.unet)[3][0, 0] = float("nan")
+    with pytest.raises(difftune.DifftuneError, match=r"adapter.safetensors: not saved: adapter tensor "
+                                                     r"'unet\..*lora_.*' holds NaN or inf values"):
+        difftune.save_adapter(pipe.unet, path)
+    assert path.read_bytes() == good
+
+
+def _rewrite(path, target, edit_info=None, edit_tensors=None):
+    """A copy of an adapter file with its difftune header entry and/or tensors changed."""
+    from safetensors.torch import load_file, save
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    info = json.loads(metadata["difftune"])
+    tensors = load_file(str(path))
+    if edit_info:
+        edit_info(info)
+    if edit_tensors:
+        edit_tensors(tensors)
+    target.write_bytes(save(tensors, metadata={**metadata, "difftune": json.dumps(info)}))
+    return target
+
+
+def test_a_flipped_data_byte_is_caught_by_the_checksum_and_older_files_without_one_load(tmp_path):
+    pipe, path = trained("sd", "lora", "attn", {"rank": 4}, tmp_path)
+    expected = {k: v.clone() for k, v in difftune.get_adapter(pipe.unet).adapter_state_dict().items()}
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x01  # the low bits of a weight: safetensors reads it without complaint
+    flipped = tmp_path / "flipped.safetensors"
+    flipped.write_bytes(bytes(data))
+    fresh = build("sd")
+    with pytest.raises(difftune.AdapterFileError, match=r"flipped.safetensors: tensors or header do not "
+                                                        r"match the checksum in the header \('sha256'\)"):
+        difftune.load_adapter(fresh, flipped)
+    assert not difftune.has_adapter(fresh.unet)
+    edited = _rewrite(path, tmp_path / "alpha.safetensors", lambda info: info["config"].update(alpha=64.0))
+    with pytest.raises(difftune.AdapterFileError, match="do not match the checksum"):
+        difftune.load_adapter(fresh, edited)
+    older = _rewrite(path, tmp_path / "older.safetensors", lambda info: info.pop("sha256"))
+    loaded = difftune.load_adapter(fresh, older).adapter_state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in expected.items())
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda info: info.pop("fingerprint"), "header field 'fingerprint' is missing"),
+    (lambda info: info.pop("method"), "header field 'method' is missing"),
+    (lambda info: info.update(method=None), "header field 'method' must be a string, got null"),
+    (lambda info: info.update(format_version="1"), "header field 'format_version' must be an integer"),
+    (lambda info: info.update(format_version=True), "header field 'format_version' must be an integer"),
+    (lambda info: info.update(targets="to_q"), "header field 'targets' must be a list"),
+    (lambda info: info.update(targets=[]), "header field 'targets' must be a non-empty list"),
+    (lambda info: info["fingerprint"].pop("shapes"), "header field 'fingerprint.shapes' is missing"),
+    (lambda info: info["fingerprint"]["shapes"].update(x="3x3"), "'fingerprint.shapes.x' must be a list"),
+    (lambda info: info["config"].update(rank="4"), "'config': lora option 'rank' must be a positive integer"),
+    (lambda info: info["config"].update(dropout="0.1"), "option 'dropout' of method 'lora' must be float"),
+    (lambda info: info["config"].update(bogus=1), r"'config': unknown option\(s\) for method 'lora': bogus"),
+    (lambda info: info.update(method="lokr"), "'method'/'config': unknown adapter method 'lokr'"),
+])
+def test_a_damaged_header_is_refused_naming_the_field(tmp_path, edit, message):
+    _, path = trained("sd", "lora", "attn", {"rank": 4}, tmp_path)
+    damaged = _rewrite(path, tmp_path / "damaged.safetensors",
+                       lambda info: (info.pop("sha256"), edit(info)))  # as an older file would be
+    fresh = build("sd")
+    with pytest.raises(difftune.AdapterFileError, match=f"damaged.safetensors: .*{message}"):
+        difftune.load_adapter(fresh, damaged)
+    assert not difftune.has_adapter(fresh.unet)
+
+
+def _drop_first_lora_b(tensors):
+    del tensors[sorted(k for k in tensors if "lora_B" in k)[0]]
+
+
+def _first_lora_a(tensors, change):
+    key = sorted(k for k in tensors if "lora_A" in k)[0]
+    tensors[key] = change(tensors[key])
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (_drop_first_lora_b, r"adapter tensors do not fit the model: missing \['.*lora_B"),
+    (lambda t: t.clear(), "the file holds no tensors"),
+    (lambda t: _first_lora_a(t, lambda v: v.to(torch.int32)), "has dtype int32, expected a float"),
+    (lambda t: _first_lora_a(t, lambda v: v.bool()), "has dtype bool, expected a float"),
+    (lambda t: _first_lora_a(t, lambda v: v[:-1]), r"lora_A.weight' has shape \[3, 32\], expected \[4, 32\]"),
+    (lambda t: _first_lora_a(t, lambda v: v.index_fill(0, torch.tensor([0]), float("nan"))),
+     "lora_A.weight' holds NaN or inf values"),
+])
+def test_damaged_lora_tensors_are_refused_naming_the_tensor(tmp_path, edit, message):
+    _, path = trained("sd", "lora", "attn", {"rank": 4}, tmp_path)
+    damaged = _rewrite(path, tmp_path / "damaged.safetensors", lambda info: info.pop("sha256"), edit)
+    fresh = build("sd")
+    with pytest.raises(difftune.AdapterFileError, match=f"damaged.safetensors: .*{message}"):
+        difftune.load_adapter(fresh, damaged)
+    assert not difftune.has_adapter(fresh.unet)
+
+
+def test_a_sara_file_missing_delta_mask_pairs_or_with_a_cast_delta_is_refused(tmp_path):
+    _, path = trained("sd", "sara", "all", {"budget": 0.05}, tmp_path)
+
+    def drop_pair(tensors):
+        key = sorted(k for k in tensors if k.endswith(".sara_delta"))[0].removesuffix(".sara_delta")
+        for name in [k for k in tensors if k.rpartition(".")[0] == key]:
+            del tensors[name]
+
+    def cast_delta(tensors):
+        key = sorted(k for k in tensors if k.endswith(".sara_delta"))[0]
+        tensors[key] = tensors[key].double()
+
+    cases = [(drop_pair, r"the file holds \d+ SaRA deltas, its header \('extra.selected'\) says \d+"),
+             (cast_delta, "tensor '.*sara_delta' must be a 1-D float32 tensor, got float64")]
+    for edit, message in cases:
+        damaged = _rewrite(path, tmp_path / "damaged.safetensors", lambda info: info.pop("sha256"), edit)
+        fresh = build("sd")
+        with pytest.raises(difftune.AdapterFileError, match=f"damaged.safetensors: {message}"):
+            difftune.load_adapter(fresh, damaged)
+        assert not difftune.has_adapter(fresh.unet)
+
+
+def test_special_files_are_named_as_such(tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    for path in (fifo, "/dev/zero"):
+        with pytest.raises(difftune.AdapterFileError, match="not a regular file"):
+            difftune.load_adapter(build("sd"), path)
+
+
+def test_identical_adapters_give_byte_identical_files_with_sorted_metadata(tmp_path):
+    pipe, path = trained("sd", "lora", "attn", {"rank": 4, "alpha": 8.0}, tmp_path)
+    again = difftune.save_adapter(pipe.unet, tmp_path / "again")
+    assert again.read_bytes() == path.read_bytes()
+    data = path.read_bytes()
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"])
+    info = header["__metadata__"]["difftune"]
+    assert info == json.dumps(json.loads(info), sort_keys=True)
+
+
+def test_outputs_honour_the_umask(tmp_path):
+    import os
+    import stat
+
+    for umask, mode in ((0o022, 0o644), (0o002, 0o664), (0o077, 0o600)):
+        old = os.umask(umask)
+        try:
+            _, path = trained("sd", "lora", "attn", {"rank": 2}, tmp_path / f"u{umask:o}")
+        finally:
+            os.umask(old)
+        assert stat.S_IMODE(path.stat().st_mode) == mode, oct(umask)
+
+
+def test_a_full_disk_at_save_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    pipe, path = trained("sd", "lora", "attn", {"rank": 2}, tmp_path)
+
+    def disk_full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    with pytest.raises(difftune.DifftuneError, match="adapter.safetensors: cannot write: No space left on"):
+        difftune.save_adapter(pipe.unet, path)
+    assert [p.name for p in path.parent.iterdir()] == ["adapter.safetensors"]

@@ -113,6 +113,32 @@ def test_a_prompt_the_identifier_cannot_leave_is_refused_before_training(benchma
     assert not out.exists()  # nothing trained, no class images made
 
 
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--train_args", "--learning_rate nan"], "trainer flags of lora: --learning_rate must be a finite"),
+    (["--train_args", "--adam_beta1 2"], r"trainer flags of lora: --adam_beta1 must be in \[0, 1\)"),
+    (["--method_args", "lora=--rank 0"], "trainer flags of lora: .*'rank' must be a positive integer"),
+    (["--train_args=--no_such_flag"], "trainer flags of lora refused by train_subject.py"),
+    (["--resolution", "63"], "trainer flags of lora: --resolution must be a multiple of 2"),
+])
+def test_trainer_flags_are_checked_by_the_trainer_before_any_heavy_work(tmp_path, monkeypatch, flags,
+                                                                        message):
+    script = load_script("eval/benchmark.py")
+    subject = make_subject_images(tmp_path / "subject", 2, size=(64, 64))
+    (subject / "subject.json").write_text(json.dumps({"identifier": "sks", "class_name": "dog"}))
+
+    def heavy(*_args, **_kwargs):
+        raise AssertionError("heavy work started before the trainer flags were checked")
+
+    monkeypatch.setattr(script, "load_eval_pipeline", heavy)
+    monkeypatch.setattr(script, "train_method", heavy)
+    argv = ["--output_dir", str(tmp_path / "out"), "--pretrained_model_name_or_path", "builtin:tiny-sd",
+            "--instance_data_dir", str(subject), "--methods", "lora", "--max_train_steps", "2",
+            "--prompts", "dreambooth", "--num_prompts", "1", "--clip_model", str(tmp_path), *flags]
+    (tmp_path / "config.json").write_text("{}")  # a CLIP folder as far as the source check goes
+    with pytest.raises(script.DifftuneError, match=message):
+        script.main(argv)
+
+
 def test_benchmark_refuses_unknown_methods_and_bad_method_args(tmp_path):
     script = load_script("eval/benchmark.py")
     with pytest.raises(SystemExit):

@@ -209,6 +209,54 @@ def test_evaluate_subject_refuses_bad_input_before_loading_models(tmp_path, toy_
         script.main([*base, "--include_base", "--fid"])  # --fid without --class_data_dir
 
 
+def _eval_bad_values(tmp_path, toy_subject):
+    corrupt = make_subject_images(tmp_path / "corrupt", 1)
+    (corrupt / "broken.png").write_bytes(b"\x89PNG broken")
+    (tmp_path / "a_file").write_text("")
+    return {
+        "num_prompts 0": (["--num_prompts", "0"], "--num_prompts must be at least 1, got 0"),
+        "num_prompts -1": (["--num_prompts", "-1"], "--num_prompts must be at least 1, got -1"),
+        "scale nan": (["--scale", "nan"], "--scale must be a finite number, got nan"),
+        "guidance inf": (["--guidance_scale", "inf"], "--guidance_scale must be a finite number"),
+        "images_per_prompt 0": (["--images_per_prompt", "0"], "--images_per_prompt must be at least 1"),
+        "num_inference_steps 0": (["--num_inference_steps", "0"],
+                                  "--num_inference_steps must be at least 1"),
+        "generation_batch_size 0": (["--generation_batch_size", "0"],
+                                    "--generation_batch_size must be at least 1"),
+        "height 7": (["--height", "7"], "--height must be a positive multiple of 2 for builtin:tiny-sd"),
+        "device bogus": (["--device", "bogus"], r"--device bogus: not a device \(cpu, cuda"),
+        "missing clip model": (["--clip_model", str(tmp_path / "no_clip")],
+                               "--clip_model: CLIP model folder .*no_clip does not exist"),
+        "output dir is a file": (["--output_dir", str(tmp_path / "a_file")],
+                                 "a_file is a file, not a folder"),
+        "missing subject": (["--instance_data_dir", str(tmp_path / "nowhere")],
+                            "subject folder .*nowhere does not exist"),
+        "corrupt image": (["--instance_data_dir", str(corrupt), "--class_name", "dog"],
+                          r"cannot read image .*broken.png \(corrupt or truncated\?\)"),
+    }
+
+
+@pytest.mark.parametrize("case", ["num_prompts 0", "num_prompts -1", "scale nan", "guidance inf",
+                                  "images_per_prompt 0", "num_inference_steps 0", "generation_batch_size 0",
+                                  "height 7", "device bogus", "missing clip model", "output dir is a file",
+                                  "missing subject", "corrupt image"])
+def test_evaluate_subject_refuses_bad_values_in_one_line_before_loading_models(tmp_path, toy_subject,
+                                                                              lora_file, monkeypatch, case):
+    script = load_script("eval/evaluate_subject.py")
+
+    def no_models(*_args, **_kwargs):
+        raise AssertionError("a model was loaded before the bad value was noticed")
+
+    monkeypatch.setattr(script, "build_scorer", no_models)
+    monkeypatch.setattr(script, "load_eval_pipeline", no_models)
+    flags, message = _eval_bad_values(tmp_path, toy_subject)[case]
+    argv = ["--pretrained_model_name_or_path", "builtin:tiny-sd", "--adapter", str(lora_file),
+            "--instance_data_dir", str(toy_subject), "--output_dir", str(tmp_path / "out"), *flags]
+    with pytest.raises(difftune.DifftuneError, match=message) as caught:
+        script.main(argv)
+    assert "\n" not in str(caught.value)
+
+
 def test_evaluate_subject_refuses_a_prompt_the_identifier_keeps_before_loading_models(tmp_path, toy_subject,
                                                                                      monkeypatch):
     script = load_script("eval/evaluate_subject.py")

@@ -1,5 +1,6 @@
 """The offline model factory: tokenizer, tiny pipelines, built-in names, save/reload."""
 
+import numpy as np
 import pytest
 import torch
 from conftest import build, generate
@@ -89,3 +90,41 @@ def test_describe_model_refuses_other_families_and_missing_models(tmp_path):
         describe_model(str(tmp_path))
     with pytest.raises(DifftuneError, match="cannot read model_index.json of 'no/such-model'"):
         describe_model("no/such-model")
+
+
+def test_the_shipped_model_runs_with_plain_diffusers_loading_and_no_dtype():
+    """The README's and every model card's snippet: from_pretrained without torch_dtype, then sample."""
+    from diffusers import StableDiffusionPipeline
+
+    from difftune.model_factory import EMBEDDED_MODEL_DIR, load_pipeline
+
+    plain = StableDiffusionPipeline.from_pretrained(EMBEDDED_MODEL_DIR)
+    for pipe in (plain, load_pipeline("builtin:embedded")):
+        assert pipe.text_encoder.dtype == pipe.unet.dtype == torch.float32
+        images = generate(pipe)
+        assert images.shape[0] == 1 and np.isfinite(images).all()
+
+
+def test_a_saved_fp16_embedded_model_declares_a_float32_text_encoder(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from difftune.world.pretrain import declare_float32_text_encoder
+
+    pipe = build("sd")
+    pipe.to(torch.float16).save_pretrained(tmp_path, safe_serialization=True)
+    declare_float32_text_encoder(tmp_path)
+    again = StableDiffusionPipeline.from_pretrained(tmp_path)
+    assert again.text_encoder.dtype == again.unet.dtype == torch.float32
+    assert np.isfinite(generate(again)).all()
+
+
+def test_an_unreadable_hub_model_says_the_hub_is_offline(monkeypatch):
+    from huggingface_hub import constants
+
+    from difftune.model_factory import describe_model
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    offline = r"cannot read model_index.json of 'someone/no-such-model': .*\(the Hugging Face hub is offline"
+    with pytest.raises(DifftuneError, match=offline) as caught:
+        describe_model("someone/no-such-model")
+    assert "\n" not in str(caught.value)

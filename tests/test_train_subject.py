@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 import difftune
 import difftune.model_factory
 from difftune.errors import DifftuneError
 from difftune.model_factory import load_pipeline
+from difftune.training import checkpointing
 from difftune.training.validation import generate_images, image_grid
 
 MODELS = {"sd": "builtin:tiny-sd", "sdxl": "builtin:tiny-sdxl", "sd3": "builtin:tiny-sd3"}
@@ -124,7 +126,7 @@ def test_bf16_base_weights_with_fp32_trainable_parameters(train_subject, subject
     assert all(torch.isfinite(p).all() for p in trainable.values())
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["step"] == 2
-    optimizer = torch.load(out / "checkpoint-2" / "optimizer.pt", weights_only=True)
+    optimizer = checkpointing.load_state(out / "checkpoint-2" / "optimizer.safetensors")
     assert all(v["exp_avg"].dtype == torch.float32 for v in optimizer["state"].values())
 
 
@@ -178,12 +180,26 @@ def _bad_inputs(tmp_path, subject_dir):
         "unknown builtin": ([*base, "--pretrained_model_name_or_path", "builtin:huge"],
                             "unknown built-in model 'builtin:huge'"),
         "resume missing": ([*base, "--resume_from_checkpoint", tmp_path / "nowhere"], "no such checkpoint"),
+        "nan learning rate": ([*base, "--learning_rate", "nan"], "--learning_rate must be a finite number"),
+        "inf learning rate": ([*base, "--learning_rate", "inf"], "--learning_rate must be a finite number"),
+        "adam beta1": ([*base, "--adam_beta1", "2"], r"--adam_beta1 must be in \[0, 1\)"),
+        "adam epsilon": ([*base, "--adam_epsilon", "-1"], "--adam_epsilon must be positive"),
+        "output dir is a file": ([*base, "--output_dir", corrupt / "photo.jpg"],
+                                 r"--output_dir .*photo.jpg is a file, not a folder"),
+        "output dir not writable": ([*base, "--output_dir", "/proc/self/difftune-out"],
+                                    r"--output_dir /proc/self/difftune-out is not writable: "),
+        "absurd resolution": ([*base, "--resolution", "100000"],
+                              r"--resolution 100000 needs at least 2\d\d\d.\d GiB to encode one image, this "
+                              r"machine's (cpu|cuda) memory is .* GiB; use a smaller --resolution \(the "
+                              r"model's own is 64\)"),
     }
 
 
 BAD_INPUT_CASES = ["missing dir", "empty dir", "corrupt image", "no prompt", "unknown target",
                    "bad option value", "prior without class", "class without prior", "flow flag on sd",
-                   "snr on sd3", "resolution", "unsupported family", "unknown builtin", "resume missing"]
+                   "snr on sd3", "resolution", "unsupported family", "unknown builtin", "resume missing",
+                   "nan learning rate", "inf learning rate", "adam beta1", "adam epsilon",
+                   "output dir is a file", "output dir not writable", "absurd resolution"]
 
 
 @pytest.mark.parametrize("case", BAD_INPUT_CASES)
@@ -197,6 +213,107 @@ def test_bad_input_is_refused_before_loading_the_model(train_subject, subject_di
     argv, message = _bad_inputs(tmp_path, subject_dir)[case]
     with pytest.raises(DifftuneError, match=message):
         train_subject(*argv)
+
+
+@pytest.mark.parametrize("clip", ["1.0", "0"])
+def test_a_diverging_run_stops_at_the_first_non_finite_step_and_writes_no_nan(train_subject, subject_dir,
+                                                                              tmp_path, clip):
+    """A LoRA scaled by 64 at learning rate 1 blows up within a few steps: the run must stop with one
+    line naming the step and what to change, and leave no adapter or checkpoint holding NaN or inf."""
+    out = tmp_path / "o"
+    with pytest.raises(DifftuneError, match=r"training stopped at step \d+: the gradient norm \(inf\) is not "
+                                            r"finite .*Lower --learning_rate .*--mixed_precision no"):
+        train_subject(*flags(subject_dir, out, "builtin:tiny-sd", 10), *QUIET, "--learning_rate", 1,
+                      "--rank", 64, "--alpha", 4096, "--max_grad_norm", clip, "--checkpointing_steps", 1,
+                      "--skip_final_inference")
+    assert not (out / "adapter.safetensors").exists()
+    assert not (out / "pytorch_lora_weights.safetensors").exists()
+    assert list(out.glob("checkpoint-*/adapter.safetensors"))
+    for path in out.glob("checkpoint-*/adapter.safetensors"):
+        assert all(torch.isfinite(t).all() for t in load_file(path).values()), path
+
+
+def test_a_method_hook_that_leaves_a_non_finite_parameter_stops_training(train_subject, subject_dir,
+                                                                         tmp_path, monkeypatch):
+    from difftune.training import loop
+
+    original = loop.attach_trainable_adapter
+
+    def with_broken_hook(denoiser, *args):
+        adapter = original(denoiser, *args)
+
+        def after_optimizer_step(step, *rest):
+            if step == 2:
+                with torch.no_grad():
+                    difftune.trainable_parameters(denoiser)[0].fill_(float("inf"))
+
+        adapter.after_optimizer_step = after_optimizer_step
+        return adapter
+
+    monkeypatch.setattr(loop, "attach_trainable_adapter", with_broken_hook)
+    out = tmp_path / "o"
+    with pytest.raises(DifftuneError, match="training stopped at step 2: an adapter parameter after the "
+                                            "update is not finite"):
+        train_subject(*flags(subject_dir, out, "builtin:tiny-sd", 3), *QUIET, "--checkpointing_steps", 1,
+                      "--skip_final_inference")
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-1"]
+
+
+@pytest.mark.parametrize("clip", ["1.0", "0"])
+def test_a_non_finite_gradient_stops_training(train_subject, subject_dir, tmp_path, monkeypatch, clip):
+    from difftune.training import loop
+
+    original = loop.attach_trainable_adapter
+
+    def with_nan_gradient(denoiser, *args):
+        adapter = original(denoiser, *args)
+        difftune.trainable_parameters(denoiser)[0].register_hook(lambda grad: grad * float("nan"))
+        return adapter
+
+    monkeypatch.setattr(loop, "attach_trainable_adapter", with_nan_gradient)
+    out = tmp_path / "o"
+    with pytest.raises(DifftuneError, match=r"training stopped at step 1: the gradient norm \(nan\) is not "
+                                            "finite"):
+        train_subject(*flags(subject_dir, out, "builtin:tiny-sd", 2), *QUIET, "--max_grad_norm", clip,
+                      "--skip_final_inference")
+    assert not (out / "adapter.safetensors").exists()
+
+
+def test_a_non_finite_loss_stops_training_before_the_update(train_subject, subject_dir, tmp_path,
+                                                            monkeypatch):
+    calls = []
+    original = train_subject.module.subject_loss
+
+    def loss_nan_at_third_step(*args):
+        calls.append(1)
+        loss = original(*args)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(train_subject.module, "subject_loss", loss_nan_at_third_step)
+    out = tmp_path / "o"
+    with pytest.raises(DifftuneError, match=r"training stopped at step 3: the loss \(nan\) is not finite"):
+        train_subject(*flags(subject_dir, out, "builtin:tiny-sd", 4), *QUIET, "--checkpointing_steps", 1,
+                      "--skip_final_inference")
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert not (out / "adapter.safetensors").exists()
+
+
+def test_a_read_only_output_dir_is_refused_before_loading(train_subject, subject_dir, tmp_path, monkeypatch):
+    import os
+
+    out = tmp_path / "read-only"
+    out.mkdir()
+    out.chmod(0o555)
+    if os.geteuid() == 0:  # root writes anywhere: make the write test fail as it would for a user
+        from difftune import adapter_file
+
+        def denied(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(adapter_file.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(difftune.model_factory, "load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(DifftuneError, match=r"--output_dir .*read-only is not writable: Permission denied"):
+        train_subject(*flags(subject_dir, out), *QUIET)
 
 
 def test_unknown_adapter_lists_the_methods(train_subject, subject_dir, tmp_path, capsys):

@@ -78,8 +78,8 @@ def test_two_processes_end_identical_and_match_one_process_with_the_same_global_
     assert result.returncode == 0, result.stderr[-3000:]
     assert "adapter identical on all 2 processes" in result.stdout
     assert "3 steps x 2 images (batch 1 x 2 processes x 1 accumulation)" in result.stdout
-    rng_files = {p.name for p in (two / "checkpoint-3").glob("rng_state_*.pt")}
-    assert rng_files == {"rng_state_0.pt", "rng_state_1.pt"}
+    rng_files = {p.name for p in (two / "checkpoint-3").glob("rng_state_*")}
+    assert rng_files == {"rng_state_0.safetensors", "rng_state_1.safetensors"}
 
     train_subject(*common, "--train_batch_size", "2", "--output_dir", one)
     distributed, single = load_file(two / "adapter.safetensors"), load_file(one / "adapter.safetensors")

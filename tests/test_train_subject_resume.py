@@ -1,5 +1,6 @@
 """Checkpoints of the subject trainer: exact resume, atomic writes, killed runs."""
 
+import json
 import os
 import signal
 import subprocess
@@ -62,42 +63,74 @@ def test_interrupted_and_resumed_run_ends_bit_identical(train_subject, subject_d
     assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
     assert any(not torch.equal(uninterrupted[k], load_file(split / "checkpoint-2" / "adapter.safetensors")[k])
                for k in uninterrupted)  # the second half did change the adapter
-    for name in ("optimizer.pt", "scheduler.pt"):
-        a = torch.load(full / "checkpoint-4" / name, weights_only=True)
-        b = torch.load(split / "checkpoint-4" / name, weights_only=True)
+    for name in ("optimizer.safetensors", "scheduler.safetensors"):
+        a = checkpointing.load_state(full / "checkpoint-4" / name)
+        b = checkpointing.load_state(split / "checkpoint-4" / name)
         assert str(a) == str(b)
 
 
 def test_latest_skips_incomplete_saves_and_total_limit(tmp_path):
-    for step in (2, 4, 10):
+    for step in (2, 4, 10, 16):
         folder = tmp_path / f"checkpoint-{step}"
         folder.mkdir()
         (folder / checkpointing.TRAINER_STATE).write_text("{}")
-    (tmp_path / "checkpoint-12").mkdir()  # no trainer state: never finished
+        (folder / "adapter.safetensors").write_bytes(b"x" * 10)
+        files = {"trainer_state.json": 2, "adapter.safetensors": 10}
+        (folder / checkpointing.COMPLETE_MARKER).write_text(json.dumps({"files": files}))
+    (tmp_path / "checkpoint-12").mkdir()  # no marker: never finished
+    (tmp_path / "checkpoint-12" / checkpointing.TRAINER_STATE).write_text("{}")
+    (tmp_path / "checkpoint-16" / "adapter.safetensors").unlink()  # half deleted (pruning killed)
+    (tmp_path / "checkpoint-4" / "adapter.safetensors").write_bytes(b"x")  # cut short
     (tmp_path / ".checkpoint-14.tmp").mkdir()
+    (tmp_path / ".checkpoint-1.pruned.tmp").mkdir()
+    (tmp_path / ".adapter.safetensors.k2j4.tmp").write_bytes(b"partial")  # a killed atomic_write
+    (tmp_path / "validation").mkdir()
+    (tmp_path / "validation" / ".step-000002.png.a1b2.tmp").write_bytes(b"partial")
+    (tmp_path / "keep.tmp").write_text("not ours")
     assert checkpointing.resolve_checkpoint(tmp_path, "latest") == tmp_path / "checkpoint-10"
     names = [p.name for p in checkpointing.list_checkpoints(tmp_path)]
-    assert names == [f"checkpoint-{s}" for s in (2, 4, 10)]
-    assert checkpointing.remove_incomplete(tmp_path) == [tmp_path / ".checkpoint-14.tmp"]
+    assert names == [f"checkpoint-{s}" for s in (2, 10)]
+    assert checkpointing.remove_incomplete(tmp_path) == [
+        tmp_path / ".checkpoint-1.pruned.tmp", tmp_path / ".checkpoint-14.tmp",
+        tmp_path / ".adapter.safetensors.k2j4.tmp", tmp_path / "validation" / ".step-000002.png.a1b2.tmp"]
+    assert (tmp_path / "keep.tmp").exists()
     assert checkpointing.resolve_checkpoint(tmp_path / "empty", "latest") is None
-    with pytest.raises(difftune.DifftuneError, match="not a complete checkpoint"):
-        checkpointing.resolve_checkpoint(tmp_path, str(tmp_path / "checkpoint-12"))
+    for step, reason in ((12, "no readable checkpoint_complete.json"),
+                         (16, "adapter.safetensors is missing or has another size"),
+                         (4, "adapter.safetensors is missing or has another size")):
+        with pytest.raises(difftune.DifftuneError, match=f"not a complete checkpoint: {reason}"):
+            checkpointing.resolve_checkpoint(tmp_path, str(tmp_path / f"checkpoint-{step}"))
+
+
+def test_a_checkpoint_pruning_killed_midway_never_counts_and_leftovers_go(train_subject, subject_dir,
+                                                                          tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".adapter.safetensors.x1y2.tmp").write_bytes(b"left by a killed save")
+    monkeypatch.setattr(checkpointing.shutil, "rmtree", lambda *args, **kwargs: None)  # killed mid-delete
+    train_subject(*run_flags(subject_dir, out, "builtin:tiny-sd", "lora", steps=2),
+                  "--checkpointing_steps", 1, "--checkpoints_total_limit", 1)
+    monkeypatch.undo()
+    assert not (out / ".adapter.safetensors.x1y2.tmp").exists()
+    assert [p.name for p in checkpointing.list_checkpoints(out)] == ["checkpoint-2"]
+    assert not (out / "checkpoint-1").exists() and (out / ".checkpoint-1.pruned.tmp").is_dir()
+    assert checkpointing.remove_incomplete(out) == [out / ".checkpoint-1.pruned.tmp"]
 
 
 def test_a_failing_save_leaves_the_previous_checkpoint_intact(train_subject, subject_dir, tmp_path,
                                                               monkeypatch):
     out = tmp_path / "out"
     calls = {"n": 0}
-    original = torch.save
+    original = checkpointing.save_state
 
-    def failing_second_optimizer_save(value, path, *args, **kwargs):
+    def failing_second_optimizer_save(path, value):
         if "optimizer" in str(path):
             calls["n"] += 1
             if calls["n"] == 2:
                 raise OSError("disk full")
-        return original(value, path, *args, **kwargs)
+        return original(path, value)
 
-    monkeypatch.setattr(torch, "save", failing_second_optimizer_save)
+    monkeypatch.setattr(checkpointing, "save_state", failing_second_optimizer_save)
     with pytest.raises(OSError, match="disk full"):
         train_subject(*run_flags(subject_dir, out, "builtin:tiny-sd", "lora", steps=4))
     monkeypatch.undo()
@@ -106,6 +139,57 @@ def test_a_failing_save_leaves_the_previous_checkpoint_intact(train_subject, sub
     assert list(out.glob(".checkpoint-4.tmp"))  # the half-written one, ignored and removed on restart
     pipe = load_pipeline("builtin:tiny-sd")
     difftune.load_adapter(pipe, out / "checkpoint-2")  # a checkpoint folder is an adapter folder
+
+
+def test_training_states_round_trip_exactly_through_safetensors(tmp_path):
+    params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, betas=(0.8, 0.95))
+    sum(p.sum() for p in params).backward()
+    optimizer.step()
+    state = {"optimizer": optimizer.state_dict(), "mixed": [1, 2.5, None, True, "x", (1, (2, 3))],
+             "bf16": torch.ones(2, dtype=torch.bfloat16), "ints": {7: torch.arange(3), "k": float("inf")}}
+    checkpointing.save_state(tmp_path / "s.safetensors", state)
+    back = checkpointing.load_state(tmp_path / "s.safetensors")
+    assert str(back) == str(state)
+    assert back["optimizer"]["param_groups"][0]["betas"] == (0.8, 0.95)
+    assert list(back["optimizer"]["state"]) == [0, 1] and back["ints"][7].dtype == torch.int64
+    moments = back["optimizer"]["state"][1]["exp_avg_sq"]
+    assert torch.equal(moments, state["optimizer"]["state"][1]["exp_avg_sq"])
+    again = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone()) for p in params], lr=1e-3)
+    again.load_state_dict(back["optimizer"])
+    assert str(again.state_dict()) == str(optimizer.state_dict())
+
+
+def test_a_damaged_optimizer_state_is_refused_naming_it_before_the_model_loads(train_subject, subject_dir,
+                                                                              tmp_path, monkeypatch):
+    import difftune.model_factory
+
+    out = tmp_path / "out"
+    train_subject(*run_flags(subject_dir, out, "builtin:tiny-sd", "lora", steps=1),
+                  "--checkpointing_steps", 1)
+    state_file = out / "checkpoint-1" / "optimizer.safetensors"
+    data = state_file.read_bytes()
+    state_file.write_bytes(data[:8] + b"{" * 40 + data[48:])  # same size: the marker still lists it
+    monkeypatch.setattr(difftune.model_factory, "load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(difftune.DifftuneError, match=r"checkpoint file .*checkpoint-1/optimizer.safetensors "
+                                                     r"is damaged \(truncated or not a difftune state\)"):
+        train_subject(*run_flags(subject_dir, out, "builtin:tiny-sd", "lora", steps=2),
+                      "--resume_from_checkpoint", "latest")
+    assert not list(out.glob("checkpoint-1/*.pt"))  # no pickle is written, none would be read
+
+
+def test_a_disk_too_small_for_the_checkpoints_is_warned_about_before_training(train_subject, subject_dir,
+                                                                              tmp_path, monkeypatch):
+    import collections
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpointing.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.warns(UserWarning, match=r"take up to 0.0\d GiB, the disk has 0.00 GiB free; raise "
+                                         "--checkpointing_steps or set --checkpoints_total_limit"):
+        train_subject(*run_flags(subject_dir, tmp_path / "out", "builtin:tiny-sd", "lora", steps=1),
+                      "--checkpointing_steps", 1, "--skip_final_inference")
+    assert checkpointing.estimated_bytes(1000, 100, 10, None) == 10 * (12000 + 2**20) + 4000
+    assert checkpointing.estimated_bytes(1000, 100, 10, 2) == 3 * (12000 + 2**20) + 4000
 
 
 def test_rng_state_round_trip():

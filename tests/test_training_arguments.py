@@ -187,6 +187,18 @@ def test_family_flags_refused_on_the_other_noise_process():
     (["--mixed_precision", "fp16"], "fp16 needs a CUDA GPU"),
     (["--use_8bit_adam"], "--use_8bit_adam needs bitsandbytes"),
     (["--enable_xformers_memory_efficient_attention"], "needs xformers, which is not installed"),
+    (["--learning_rate", "nan"], "--learning_rate must be a finite number, got nan"),
+    (["--learning_rate", "inf"], "--learning_rate must be a finite number, got inf"),
+    (["--learning_rate", "1e30"], r"--learning_rate must be in \(0, 1\]"),
+    (["--learning_rate", "0"], r"--learning_rate must be in \(0, 1\]"),
+    (["--max_grad_norm", "nan"], "--max_grad_norm must be a finite number"),
+    (["--alpha=-inf"], "--alpha must be a finite number"),
+    (["--adam_beta1", "2"], r"--adam_beta1 must be in \[0, 1\), got 2.0"),
+    (["--adam_beta2", "1"], r"--adam_beta2 must be in \[0, 1\)"),
+    (["--adam_epsilon", "-1"], "--adam_epsilon must be positive, got -1.0"),
+    (["--adam_epsilon", "0"], "--adam_epsilon must be positive"),
+    (["--adam_weight_decay", "-0.5"], "--adam_weight_decay must not be negative"),
+    (["--lr_num_cycles", "0"], "--lr_num_cycles must be at least 1"),
 ])
 def test_out_of_range_values_and_missing_packages(argv, message):
     import importlib.util

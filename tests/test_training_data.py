@@ -51,6 +51,30 @@ def test_non_image_files_are_skipped_with_a_warning_naming_them(tmp_path):
     assert records[0].caption == "a sks dog on grass"
 
 
+def test_known_metadata_files_are_skipped_silently(tmp_path):
+    import warnings
+
+    save_image(tmp_path / "dog.jpg")
+    (tmp_path / "subject.json").write_text(json.dumps({"identifier": "sks", "class_name": "dog"}))
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "dog.jpg", "text": "a dog"}) + "\n")
+    (tmp_path / "dog.txt").write_text("a sks dog")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        records = scan_image_folder(tmp_path)
+    assert [r.path.name for r in records] == ["dog.jpg"]
+
+
+def test_the_shipped_subject_folders_give_no_warning():
+    import warnings
+    from pathlib import Path
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for folder in sorted((Path(__file__).resolve().parent.parent / "assets" / "subjects").iterdir()):
+            records = scan_image_folder(folder)
+            assert len(records) == 5 and all(r.caption and "sks" in r.caption for r in records)
+
+
 def test_corrupt_and_truncated_images_are_named(tmp_path):
     save_image(tmp_path / "good.png")
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")

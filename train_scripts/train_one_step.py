@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> Path:
             for name, value in {"loss": loss.detach(), **terms}.items():
                 logs[name] = logs.get(name, 0.0) + value.item() / accumulation
         logs["lr"] = loop.optimizer_step(accelerator, adapter, denoiser, optimizer, lr_scheduler, global_step,
-                                         max_train_steps, args.max_grad_norm)
+                                         max_train_steps, args.max_grad_norm, logs["loss"])
         global_step += 1
         samples_seen += micro_batch * accumulation
         progress.update(1)

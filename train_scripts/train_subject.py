@@ -182,12 +182,12 @@ def adapter_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def main(argv: list[str] | None = None) -> Path:
-    started = time.perf_counter()
+def check_before_loading(argv: list[str] | None = None):
+    """Every check that needs no model weights (bad input fails in seconds): options, model family,
+    adapter options and targets, resolution, output folder, instance images. benchmark.py runs it on
+    its trainer flags before its own heavy work. Returns (args, model_info, method_options,
+    resolution, instance_images)."""
     args = parse_args(argv)
-    output_dir = Path(args.output_dir)
-
-    # Everything below until the model loads is cheap: refuse bad input here.
     model_info = describe_model(args.pretrained_model_name_or_path, args.revision)
     arguments.check_family_flags(args, model_info.family)
     if args.train_text_encoder:
@@ -195,6 +195,13 @@ def main(argv: list[str] | None = None) -> Path:
     method_options = arguments.adapter_options(args, args.adapter)
     resolution = loop.check_before_loading(args, model_info, method_options)
     instance_images = scan_image_folder(args.instance_data_dir, "--instance_data_dir", args.caption_column)
+    return args, model_info, method_options, resolution, instance_images
+
+
+def main(argv: list[str] | None = None) -> Path:
+    started = time.perf_counter()
+    args, model_info, method_options, resolution, instance_images = check_before_loading(argv)
+    output_dir = Path(args.output_dir)
     warn_small_images(instance_images, resolution, "--instance_data_dir")
     resume_path, resume_state = checkpointing.resume_point(output_dir, args.resume_from_checkpoint)
     if resume_state:
@@ -326,7 +333,7 @@ def main(argv: list[str] | None = None) -> Path:
             step_loss += loss.item() / accumulation
 
         current_lr = loop.optimizer_step(accelerator, adapter, denoiser, optimizer, lr_scheduler, global_step,
-                                         max_train_steps, args.max_grad_norm, text_encoders)
+                                         max_train_steps, args.max_grad_norm, step_loss, text_encoders)
         global_step += 1
         samples_seen += micro_batch * accumulation
 

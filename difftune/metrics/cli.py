@@ -64,9 +64,44 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
                        help="dtype of the CLIP/DINO/Inception networks (statistics are always float64)")
 
 
+def check_evaluation_arguments(args: argparse.Namespace, model: str) -> None:
+    """Refuse the generation, metric and device flags' bad values in one line before any model loads
+    (a 0 or negative count, nan/inf, a size the model cannot take, an unknown device, a missing
+    metric model folder, an output folder that cannot be written)."""
+    from ..adapter_file import check_output_dir
+    from ..model_factory import describe_model
+    from ..training.arguments import check_finite_numbers
+
+    check_finite_numbers(args)
+    for name in ("num_prompts", "images_per_prompt", "num_inference_steps", "generation_batch_size",
+                 "metric_batch_size"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise DifftuneError(f"--{name} must be at least 1, got {value}")
+    multiple = describe_model(model).size_multiple  # also: an unreadable model fails here, in one line
+    sizes = {name: getattr(args, name) for name in ("height", "width") if getattr(args, name) is not None}
+    if sizes:
+        for name, value in sizes.items():
+            if value < 1 or value % multiple:
+                raise DifftuneError(f"--{name} must be a positive multiple of {multiple} for {model}, "
+                                    f"got {value}")
+    resolve_device(args)
+    check_metric_sources(args, model)
+    check_output_dir(args.output_dir)
+
+
 def resolve_device(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if args.device == "auto" else args.device)
+    """``--device`` (auto: cuda when available) and the generation dtype; an unknown or absent device
+    is refused naming the flag."""
+    try:
+        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                              else "cpu" if args.device == "auto" else args.device)
+    except RuntimeError:
+        raise DifftuneError(f"--device {args.device}: not a device (cpu, cuda, cuda:1, mps, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DifftuneError(f"--device {args.device}: no CUDA GPU is visible to PyTorch")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise DifftuneError(f"--device {args.device}: only {torch.cuda.device_count()} GPU(s) visible")
     if args.dtype == "auto":
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     else:
@@ -168,13 +203,16 @@ def check_metric_sources(args: argparse.Namespace, model: str) -> None:
     from .features import check_model_source
 
     clip, dino, fid = resolve_metric_models(args, model)
-    check_model_source(clip, "CLIP")
-    if dino:
-        check_model_source(dino, "DINO")
+    checks = [("--clip_model", clip, "CLIP")] + ([("--dino_model", dino, "DINO")] if dino else [])
     if fid:
         kind, _, source = fid.partition(":")
         if kind not in ("inception", "clip", "dino") or (kind != "inception" and not source):
             raise DifftuneError(f"--fid_extractor {fid}: use inception, inception:<weights file>, "
                                 "clip:<hub id or folder> or dino:<hub id or folder>")
         if kind != "inception":
-            check_model_source(source, kind.upper())
+            checks.append(("--fid_extractor", source, kind.upper()))
+    for flag, source, what in checks:
+        try:
+            check_model_source(source, what)
+        except FileNotFoundError as err:
+            raise DifftuneError(f"{flag}: {err}") from None

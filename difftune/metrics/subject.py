@@ -29,7 +29,7 @@ from PIL import Image
 from torch import nn
 
 from ..errors import DifftuneError
-from ..training.data import IMAGE_SUFFIXES
+from ..training.data import IMAGE_SUFFIXES, SUBJECT_FILE
 from .features import extract_features
 from .fid import fid_from_features
 from .similarity import ClipSimilarity, DinoSimilarity, mean_pairwise_cosine, neutral_prompt
@@ -39,7 +39,6 @@ PROMPT_LISTS = {
     "dreambooth": ASSETS_DIR / "prompts" / "subject_prompts.txt",
     "world": ASSETS_DIR / "prompts" / "world_subject_prompts.txt",
 }
-SUBJECT_FILE = "subject.json"
 
 
 def model_label(name: str) -> str:
@@ -56,7 +55,14 @@ def load_images(directory: str | Path, what: str = "image folder") -> list[Image
     files = sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DifftuneError(f"{what} {directory} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    return [Image.open(p).convert("RGB") for p in files]
+    images = []
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            raise DifftuneError(f"{what}: cannot read image {path} (corrupt or truncated?): {err}") from None
+    return images
 
 
 @dataclass
@@ -74,10 +80,17 @@ class Subject:
                  class_name: str | None = None) -> Subject:
         """Images of a folder; identifier / class from the arguments, else the folder's subject.json."""
         directory = Path(directory)
+        if not directory.is_dir():
+            raise DifftuneError(f"subject folder {directory} does not exist")
         meta: dict[str, Any] = {}
         meta_file = directory / SUBJECT_FILE
         if meta_file.is_file():
-            meta = json.loads(meta_file.read_text())
+            try:
+                meta = json.loads(meta_file.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise DifftuneError(f"{meta_file}: not valid JSON: {err}") from None
+            if not isinstance(meta, dict):
+                raise DifftuneError(f"{meta_file}: expected a JSON object with identifier and class_name")
         identifier = identifier or meta.get("identifier") or "sks"
         class_name = class_name or meta.get("class_name")
         if not class_name:

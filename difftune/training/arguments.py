@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
 import sys
 import types
 import typing
@@ -37,6 +38,8 @@ FLAG_ALIASES: dict[str, tuple[str, ...]] = {"alpha": ("--lora_alpha",), "lora_us
 # Fields the trainer exposes itself (``--targets``), not per method.
 TRAINER_LEVEL_FIELDS = ("targets",)
 METHOD_GROUP_TITLE = "adapter method options"
+# Above this AdamW's update overflows float32 or wrecks any adapter within a step or two.
+MAX_LEARNING_RATE = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -458,12 +461,40 @@ def check_family_flags(args: argparse.Namespace, family: str) -> None:
         raise DifftuneError(f"{', '.join(given)} only apply to {applies}; the base model is {family}")
 
 
+def check_finite_numbers(args: argparse.Namespace) -> None:
+    """Refuse nan and inf in every number flag: Python's float() accepts them, and a NaN passes
+    every ``value <= 0`` check and would only show as a NaN loss (or adapter) much later."""
+    for name, value in vars(args).items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for item in values:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise DifftuneError(f"--{name} must be a finite number, got {item}")
+
+
+def check_optimizer_arguments(args: argparse.Namespace) -> None:
+    """AdamW's own ranges, checked here so a bad value fails before the model loads (torch checks
+    them only when the optimizer is built, after loading, with a traceback)."""
+    for name in ("adam_beta1", "adam_beta2"):
+        value = getattr(args, name, None)
+        if value is not None and not 0.0 <= value < 1.0:
+            raise DifftuneError(f"--{name} must be in [0, 1), got {value}")
+    epsilon = getattr(args, "adam_epsilon", None)
+    if epsilon is not None and epsilon <= 0:
+        raise DifftuneError(f"--adam_epsilon must be positive, got {epsilon}")
+    decay = getattr(args, "adam_weight_decay", None)
+    if decay is not None and decay < 0:
+        raise DifftuneError(f"--adam_weight_decay must not be negative, got {decay}")
+    if getattr(args, "lr_num_cycles", None) is not None and args.lr_num_cycles < 1:
+        raise DifftuneError(f"--lr_num_cycles must be at least 1, got {args.lr_num_cycles}")
+
+
 def check_common_arguments(args: argparse.Namespace) -> None:
     """Refuse out-of-range values and missing optional packages before any loading."""
     import importlib.util
 
     import torch
 
+    check_finite_numbers(args)
     positive = ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_train_steps",
                 "checkpointing_steps", "checkpoints_total_limit", "validation_steps",
                 "num_validation_images", "validation_inference_steps")
@@ -477,8 +508,10 @@ def check_common_arguments(args: argparse.Namespace) -> None:
             raise DifftuneError(f"--{name} must not be negative, got {value}")
     if getattr(args, "snr_gamma", None) is not None and args.snr_gamma <= 0:
         raise DifftuneError(f"--snr_gamma must be positive, got {args.snr_gamma}")
-    if args.learning_rate is not None and args.learning_rate <= 0:
-        raise DifftuneError(f"--learning_rate must be positive, got {args.learning_rate}")
+    if args.learning_rate is not None and not 0 < args.learning_rate <= MAX_LEARNING_RATE:
+        raise DifftuneError(f"--learning_rate must be in (0, {MAX_LEARNING_RATE:g}] (AdamW moves every "
+                            f"parameter by about this much per step), got {args.learning_rate}")
+    check_optimizer_arguments(args)
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise DifftuneError("--mixed_precision fp16 needs a CUDA GPU (PyTorch has no fp16 autocast with "
                             "gradient scaling on CPU); use --mixed_precision bf16 on CPU")

@@ -3,15 +3,21 @@
 A checkpoint is a folder ``checkpoint-<step>`` holding only what training changes:
 
 * ``adapter.safetensors``: the adapter file (``difftune.load_adapter`` reads the folder);
-* ``adapter_training_state.pt``: the method's `training_state()` (masks, counters, ...);
-* ``optimizer.pt``, ``scheduler.pt``: their ``state_dict()``;
-* ``rng_state_<rank>.pt``: Python, NumPy and torch generators of each process;
-* ``trainer_state.json``: step, samples seen, seed and the run's settings, written last.
+* ``adapter_training_state.safetensors``: the method's `training_state()` (masks, counters, ...);
+* ``optimizer.safetensors``, ``scheduler.safetensors``: their ``state_dict()``;
+* ``rng_state_<rank>.safetensors``: Python, NumPy and torch generators of each process;
+* ``trainer_state.json``: step, samples seen, seed and the run's settings;
+* ``checkpoint_complete.json``: the name and size of every other file, written last.
 
 The base model is never saved. The folder is written as ``.checkpoint-<step>.tmp`` and
 renamed when complete, so a run killed mid-save leaves the previous checkpoint intact
-and no half-written one that ``latest`` could pick. ``.pt`` files hold only tensors and
-plain values and are read with ``torch.load(weights_only=True)``: nothing is unpickled.
+and no half-written one that ``latest`` could pick. A checkpoint counts (for ``latest``,
+resuming and ``--checkpoints_total_limit``) only while its marker lists files that are all
+there with their sizes; pruning renames a folder away before deleting it, and the next run
+removes what a killed save or pruning left behind. Training states are safetensors files
+(`save_state`): tensors as tensors, the rest of the structure as JSON in the header, so a
+resumed run reads back exactly what was saved and nothing is ever unpickled; every state file
+is read and checked when resuming, before the model loads.
 """
 
 from __future__ import annotations
@@ -20,18 +26,26 @@ import json
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..adapter_file import atomic_write, read_adapter_file
+from ..adapter_file import (
+    atomic_write,
+    read_adapter_file,
+    read_safetensors,
+    remove_stale_temp_files,
+    write_safetensors,
+)
 from ..api import find_denoiser, get_adapter, save_adapter, split_sections
-from ..errors import DifftuneError
+from ..errors import AdapterFileError, DifftuneError
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE = "trainer_state.json"
+COMPLETE_MARKER = "checkpoint_complete.json"
 _NAME = re.compile(rf"{CHECKPOINT_PREFIX}(\d+)")
 
 
@@ -46,8 +60,23 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     if not output_dir.is_dir():
         return []
     found = [p for p in output_dir.iterdir()
-             if p.is_dir() and checkpoint_step(p) is not None and (p / TRAINER_STATE).is_file()]
+             if p.is_dir() and checkpoint_step(p) is not None and incomplete_reason(p) is None]
     return sorted(found, key=checkpoint_step)
+
+
+def incomplete_reason(path: Path) -> str | None:
+    """Why a checkpoint folder is not complete (no marker, a listed file missing or cut), else None."""
+    try:
+        listed = json.loads((path / COMPLETE_MARKER).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"no readable {COMPLETE_MARKER} (an interrupted save, or written by an older difftune)"
+    if not isinstance(listed, dict):
+        return f"{COMPLETE_MARKER} is damaged"
+    for name, size in sorted(listed.items()):
+        file = path / name
+        if not file.is_file() or file.stat().st_size != size:
+            return f"{name} is missing or has another size than when it was saved"
+    return None
 
 
 def resolve_checkpoint(output_dir: str | Path, spec: str | None) -> Path | None:
@@ -60,19 +89,29 @@ def resolve_checkpoint(output_dir: str | Path, spec: str | None) -> Path | None:
     path = Path(spec)
     if not path.is_dir():
         raise DifftuneError(f"--resume_from_checkpoint {spec}: no such checkpoint folder")
-    if not (path / TRAINER_STATE).is_file():
-        raise DifftuneError(
-            f"--resume_from_checkpoint {spec}: not a complete checkpoint (no {TRAINER_STATE})")
+    reason = incomplete_reason(path)
+    if reason is not None:
+        raise DifftuneError(f"--resume_from_checkpoint {spec}: not a complete checkpoint: {reason}")
     return path
 
 
 def remove_incomplete(output_dir: str | Path) -> list[Path]:
-    """Delete the temporary folders of saves that were interrupted."""
+    """Delete what interrupted saves left: staging and half-pruned checkpoint folders, and the
+    temporary files of `atomic_write` in the output folder and its validation folder."""
     output_dir = Path(output_dir)
     stale = sorted(output_dir.glob(f".{CHECKPOINT_PREFIX}*.tmp")) if output_dir.is_dir() else []
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
+    for folder in (output_dir, output_dir / "validation"):
+        stale += remove_stale_temp_files(folder)
     return stale
+
+
+def _prune(path: Path) -> None:
+    """Remove a checkpoint so that no kill leaves a part of it that still counts: rename, then delete."""
+    doomed = path.with_name(f".{path.name}.pruned.tmp")
+    path.rename(doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 # --- random number generators ---------------------------------------------------------------
@@ -101,10 +140,96 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# --- training states as safetensors ---------------------------------------------------------
+
+STATE_KEY = "difftune_state"
+STATE_FILES = ("adapter_training_state", "optimizer", "scheduler")  # plus rng_state_<rank>
+STATE_SUFFIX = ".safetensors"
+
+
+def _encode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """A JSON structure for ``value``; its tensors go to ``tensors`` under numbered keys. Dicts keep
+    their key types (optimizer states are keyed by int) and tuples stay tuples, so decoding gives
+    back the very structure a ``load_state_dict`` expects."""
+    if isinstance(value, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = value.detach().to("cpu").contiguous().clone()
+        return {"__tensor__": key}
+    if isinstance(value, dict):
+        return {"__dict__": [[_encode(k, tensors), _encode(v, tensors)] for k, v in value.items()]}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v, tensors) for v in value]}
+    if isinstance(value, list):
+        return [_encode(v, tensors) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"a training state holds a {type(value).__name__}, which save_state cannot store")
+
+
+def _decode(value: Any, tensors: dict[str, torch.Tensor], source: Path) -> Any:
+    if isinstance(value, list):
+        return [_decode(v, tensors, source) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if set(value) == {"__tensor__"} and value["__tensor__"] in tensors:
+        return tensors[value["__tensor__"]]
+    if set(value) == {"__tuple__"} and isinstance(value["__tuple__"], list):
+        return tuple(_decode(v, tensors, source) for v in value["__tuple__"])
+    if set(value) == {"__dict__"} and all(isinstance(p, list) and len(p) == 2 for p in value["__dict__"]):
+        return {_decode(k, tensors, source): _decode(v, tensors, source) for k, v in value["__dict__"]}
+    raise DifftuneError(f"checkpoint file {source} is damaged: unexpected entry {json.dumps(value)[:80]}")
+
+
+def save_state(path: Path, value: Any) -> None:
+    """Write a training state (nested dicts, lists and tuples of tensors and plain values) atomically."""
+    tensors: dict[str, torch.Tensor] = {}
+    structure = json.dumps(_encode(value, tensors))
+    write_safetensors(path, tensors, {STATE_KEY: structure})
+
+
+def load_state(path: Path, device: torch.device | str = "cpu") -> Any:
+    """Read a `save_state` file; a missing or damaged one is a DifftuneError naming it."""
+    if not path.is_file():
+        raise DifftuneError(f"checkpoint file {path} is missing")
+    try:
+        tensors, metadata = read_safetensors(path)
+        structure = json.loads(metadata[STATE_KEY])
+    except (AdapterFileError, KeyError, json.JSONDecodeError) as err:
+        raise DifftuneError(f"checkpoint file {path} is damaged (truncated or not a difftune state): "
+                            f"{str(err).splitlines()[0]}") from None
+    return _decode(structure, {k: v.to(device) for k, v in tensors.items()}, path)
+
+
+def check_states(path: Path) -> None:
+    """Read every state file of a checkpoint, so a damaged one fails before the model loads."""
+    for name in STATE_FILES:
+        load_state(path / f"{name}{STATE_SUFFIX}")
+    for extra_file in sorted([*path.glob(f"rng_state_*{STATE_SUFFIX}"),
+                              *path.glob(f"adapter_training_state_*{STATE_SUFFIX}")]):
+        load_state(extra_file)
+
+
 # --- save -----------------------------------------------------------------------------------
 
-def _torch_save(path: Path, value: Any) -> None:
-    atomic_write(path, lambda tmp: torch.save(value, tmp))
+def estimated_bytes(trainable_parameters: int, max_train_steps: int, checkpointing_steps: int,
+                    total_limit: int | None) -> int:
+    """What a run's checkpoints and final adapter take at most: each checkpoint holds the adapter
+    and two AdamW moments (fp32), the states and RNGs a little more."""
+    kept = max_train_steps // checkpointing_steps
+    if total_limit is not None:
+        kept = min(kept, total_limit + 1)  # the newest is written before the oldest is removed
+    per_checkpoint = 3 * 4 * trainable_parameters + 2**20
+    return kept * per_checkpoint + 4 * trainable_parameters
+
+
+def warn_if_disk_short(output_dir: str | Path, needed: int) -> None:
+    """Warn before training when the output folder's disk has less free space than the run needs."""
+    free = shutil.disk_usage(output_dir).free
+    if needed > free:
+        warnings.warn(f"{output_dir}: the checkpoints and adapter of this run take up to "
+                      f"{needed / 2**30:.2f} GiB, the disk has {free / 2**30:.2f} GiB free; raise "
+                      "--checkpointing_steps or set --checkpoints_total_limit", stacklevel=2)
+
 
 
 def save_checkpoint(
@@ -130,25 +255,29 @@ def save_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    _torch_save(staging / f"rng_state_{accelerator.process_index}.pt", capture_rng_state())
+    save_state(staging / f"rng_state_{accelerator.process_index}{STATE_SUFFIX}", capture_rng_state())
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         denoiser, _ = find_denoiser(accelerator.unwrap_model(model))
         save_adapter(denoiser, staging, base_model=base_model, text_encoders=text_encoders or {})
-        _torch_save(staging / "adapter_training_state.pt", get_adapter(denoiser).training_state())
+        save_state(staging / f"adapter_training_state{STATE_SUFFIX}", get_adapter(denoiser).training_state())
         for name, encoder in (text_encoders or {}).items():
-            _torch_save(staging / f"adapter_training_state_{name}.pt", get_adapter(encoder).training_state())
-        _torch_save(staging / "optimizer.pt", optimizer.state_dict())
-        _torch_save(staging / "scheduler.pt", lr_scheduler.state_dict())
+            save_state(staging / f"adapter_training_state_{name}{STATE_SUFFIX}",
+                       get_adapter(encoder).training_state())
+        save_state(staging / f"optimizer{STATE_SUFFIX}", optimizer.state_dict())
+        save_state(staging / f"scheduler{STATE_SUFFIX}", lr_scheduler.state_dict())
         state = {**trainer_state, "step": step, "num_processes": accelerator.num_processes}
         atomic_write(staging / TRAINER_STATE,
                      lambda tmp: Path(tmp).write_text(json.dumps(state, indent=2, default=str)))
+        files = {p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.is_file()}
+        atomic_write(staging / COMPLETE_MARKER,  # last: the checkpoint counts from here on
+                     lambda tmp: Path(tmp).write_text(json.dumps({"files": files}, indent=1)))
         if final.exists():  # the same step saved by an earlier run that was then resumed
-            shutil.rmtree(final)
+            _prune(final)
         staging.rename(final)
         if total_limit is not None:
             for old in list_checkpoints(output_dir)[:-total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
+                _prune(old)
     accelerator.wait_for_everyone()
     return final
 
@@ -158,17 +287,21 @@ def save_checkpoint(
 def resume_point(output_dir: str | Path, spec: str | None) -> tuple[Path | None, dict[str, Any] | None]:
     """``--resume_from_checkpoint`` resolved: the checkpoint folder and its trainer state, or Nones."""
     path = resolve_checkpoint(output_dir, spec)
-    return path, (read_trainer_state(path) if path else None)
+    if path is None:
+        return None, None
+    check_states(path)
+    return path, read_trainer_state(path)
 
 
 def read_trainer_state(path: str | Path) -> dict[str, Any]:
-    return json.loads((Path(path) / TRAINER_STATE).read_text())
-
-
-def _torch_load(path: Path, device: torch.device | str = "cpu") -> Any:
-    if not path.is_file():
-        raise DifftuneError(f"checkpoint file {path} is missing")
-    return torch.load(path, map_location=device, weights_only=True)
+    file = Path(path) / TRAINER_STATE
+    try:
+        state = json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise DifftuneError(f"checkpoint file {file} is damaged: {err}") from None
+    if not isinstance(state, dict):
+        raise DifftuneError(f"checkpoint file {file} is damaged: expected a JSON object")
+    return state
 
 
 def load_adapter_state(path: str | Path, model: Any, device: torch.device | str = "cpu",
@@ -184,25 +317,32 @@ def load_adapter_state(path: str | Path, model: Any, device: torch.device | str 
         raise DifftuneError(f"{path}: the checkpoint adapts the text encoders {sorted(saved)}, this run "
                             f"trains {sorted(wanted)} (--train_text_encoder must match the run that "
                             "wrote it)")
-    modules = {info["component"]: (denoiser, "adapter_training_state.pt"),
-               **{name: (encoder, f"adapter_training_state_{name}.pt")
+    modules = {info["component"]: (denoiser, info, f"adapter_training_state{STATE_SUFFIX}"),
+               **{name: (encoder, info["text_encoders"][name], f"adapter_training_state_{name}{STATE_SUFFIX}")
                   for name, encoder in (text_encoders or {}).items()}}
-    for name, (module, state_file) in modules.items():
+    for name, (module, section, state_file) in modules.items():
         adapter = get_adapter(module)
-        adapter.load_adapter_state_dict(sections[name], str(path))
-        adapter.load_training_state(_torch_load(path / state_file, device))
+        adapter.check_file_metadata(section["extra"], str(path))
+        adapter.load_file_tensors(sections[name], str(path))
+        adapter.load_training_state(load_state(path / state_file, device))
 
 
 def load_optimizer_state(path: str | Path, optimizer: Any, lr_scheduler: Any) -> None:
+    """Optimizer and schedule state; one that does not fit this run's optimizer is named."""
     path = Path(path)
-    optimizer.load_state_dict(_torch_load(path / "optimizer.pt"))
-    lr_scheduler.load_state_dict(_torch_load(path / "scheduler.pt"))
+    for name, target in (("optimizer", optimizer), ("scheduler", lr_scheduler)):
+        file = path / f"{name}{STATE_SUFFIX}"
+        state = load_state(file)
+        try:
+            target.load_state_dict(state)
+        except (ValueError, KeyError, TypeError, RuntimeError) as err:
+            raise DifftuneError(f"checkpoint file {file} does not fit this run's {name}: {err}") from None
 
 
 def load_rng_state(path: str | Path, process_index: int) -> bool:
     """Restore this process's generators; False when the checkpoint has none for it."""
-    file = Path(path) / f"rng_state_{process_index}.pt"
+    file = Path(path) / f"rng_state_{process_index}{STATE_SUFFIX}"
     if not file.is_file():
         return False
-    restore_rng_state(_torch_load(file))
+    restore_rng_state(load_state(file))
     return True

@@ -26,6 +26,7 @@ from ..errors import DifftuneError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CAPTION_SUFFIX = ".txt"
 METADATA_FILE = "metadata.jsonl"
+SUBJECT_FILE = "subject.json"  # a subject's identifier and class noun (read by difftune.metrics.subject)
 CAPTION_KEYS = ("text", "caption", "prompt")
 INSTANCE, CLASS = 0, 1  # example kinds; class examples are the prior-preservation images
 
@@ -124,7 +125,7 @@ def scan_image_folder(
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     image_stems = {p.stem for p in images}
     skipped = [p.name for p in files if p.suffix.lower() not in IMAGE_SUFFIXES
-               and p.name != METADATA_FILE
+               and p.name not in (METADATA_FILE, SUBJECT_FILE)
                and not (p.suffix.lower() == CAPTION_SUFFIX and p.stem in image_stems)]
     if skipped:
         warnings.warn(f"{flag} {folder}: skipping {len(skipped)} file(s) that are not images: "

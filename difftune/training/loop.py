@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import faulthandler
 import gc
+import math
 import random
 import signal
 import sys
@@ -25,6 +26,8 @@ from torch import nn
 
 import difftune
 
+from .. import machine
+from ..adapter_file import check_output_dir
 from ..errors import DifftuneError
 from ..model_factory import build_denoiser_on_meta
 from . import checkpointing
@@ -34,15 +37,36 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, 
 
 
 def check_before_loading(args: argparse.Namespace, model_info: Any, method_options: dict) -> int:
-    """Adapter options and targets on a weightless (meta-device) denoiser, and the resolution;
-    returns the resolution. Nothing heavy is loaded, so bad input fails in seconds."""
+    """Adapter options and targets on a weightless (meta-device) denoiser, the resolution (against
+    the machine's memory) and the output folder; returns the resolution. Nothing heavy is loaded,
+    so bad input fails in seconds."""
+    check_output_dir(Path(args.output_dir))
     difftune.check_adapter(build_denoiser_on_meta(model_info.denoiser_config, model_info.denoiser_class),
                            args.adapter, targets=args.targets, **method_options)
     resolution = args.resolution or model_info.resolution
     if resolution % model_info.size_multiple:
         raise DifftuneError(f"--resolution must be a multiple of {model_info.size_multiple} for "
                             f"{args.pretrained_model_name_or_path}, got {resolution}")
+    check_resolution_fits(resolution, model_info)
     return resolution
+
+
+def check_resolution_fits(resolution: int, model_info: Any) -> None:
+    """Refuse a resolution whose smallest possible footprint exceeds the machine's memory.
+
+    Encoding one image through the VAE holds at least the fp32 image and its first block's
+    activation (``vae_width`` channels) twice over (convolution output, then normalisation):
+    a lower bound, so only resolutions that cannot run anywhere on this machine are refused,
+    with a message instead of the system killing the run minutes later.
+    """
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    available = machine.memory_bytes(device_type)
+    needed = resolution * resolution * (3 + 2 * model_info.vae_width) * 4
+    if available is not None and needed > available:
+        raise DifftuneError(
+            f"--resolution {resolution} needs at least {needed / 2**30:.1f} GiB to encode one image, "
+            f"this machine's {device_type} memory is {available / 2**30:.1f} GiB; use a smaller "
+            f"--resolution (the model's own is {model_info.resolution})")
 
 
 def create_accelerator(args: argparse.Namespace, output_dir: Path):
@@ -63,7 +87,7 @@ def create_accelerator(args: argparse.Namespace, output_dir: Path):
         torch.backends.cuda.matmul.allow_tf32 = True
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        checkpointing.remove_incomplete(output_dir)
+        checkpointing.remove_incomplete(output_dir)  # and temporary files of a killed save
     enable_stack_dumps()
     return accelerator
 
@@ -218,6 +242,11 @@ def prepare_optimization(args: argparse.Namespace, accelerator: Any, denoiser: n
     if resume_path:
         checkpointing.load_adapter_state(resume_path, denoiser, device, text_encoders)
         global_step, samples_seen = resume_state["step"], resume_state["samples_seen"]
+    if accelerator.is_main_process:
+        trainable = sum(difftune.count_trainable_parameters(m) for m in (denoiser, *text_encoders.values()))
+        needed = checkpointing.estimated_bytes(trainable, max_train_steps, args.checkpointing_steps,
+                                               args.checkpoints_total_limit)
+        checkpointing.warn_if_disk_short(args.output_dir, needed)
     extra = [(difftune.get_adapter(encoder), text_rate) for encoder in text_encoders.values()]
     optimizer, lr_scheduler = create_optimizer(args, adapter, rate, max_train_steps, extra)
     model, optimizer = accelerator.prepare(denoiser, optimizer)
@@ -230,22 +259,65 @@ def prepare_optimization(args: argparse.Namespace, accelerator: Any, denoiser: n
                         global_step, samples_seen)
 
 
+class NonFiniteTrainingError(DifftuneError):
+    """Training diverged: a loss, gradient or adapter parameter became NaN or infinite."""
+
+
+NON_FINITE_ADVICE = ("Lower --learning_rate (and keep --max_grad_norm clipping on), or train in higher "
+                     "precision (--mixed_precision no instead of fp16/bf16)")
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """One device sync for all tensors, not one per tensor."""
+    return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def check_finite(accelerator: Any, step: int, what: str, finite: bool) -> None:
+    """Stop the run on every process at once when ``finite`` is False on any of them.
+
+    Each process decides from its own loss; the verdict is shared (one small all-reduce) so no
+    process is left waiting in a collective while another one stops.
+    """
+    if accelerator.num_processes > 1:
+        flag = torch.tensor([0.0 if finite else 1.0], device=accelerator.device)
+        finite = accelerator.reduce(flag, reduction="sum").item() == 0
+    if not finite:
+        raise NonFiniteTrainingError(
+            f"training stopped at step {step + 1}: {what} is not finite (NaN or inf); nothing of this "
+            f"step was saved. {NON_FINITE_ADVICE}")
+
+
 def optimizer_step(accelerator: Any, adapter: Any, denoiser: nn.Module, optimizer: Any, lr_scheduler: Any,
-                   step: int, max_train_steps: int, max_grad_norm: float,
+                   step: int, max_train_steps: int, max_grad_norm: float, loss: float,
                    text_encoders: Mapping[str, nn.Module] | None = None) -> float:
     """One optimizer step after the accumulated backward passes, with the adapters' hooks around it
     (a method may change the update or its parameters there); returns the learning rate used.
-    Adapted ``text_encoders`` get the same hooks, and their parameters share the gradient clip."""
+    Adapted ``text_encoders`` get the same hooks, and their parameters share the gradient clip.
+
+    ``loss`` is the step's mean loss. A non-finite loss, gradient norm or updated parameter stops
+    training here (`NonFiniteTrainingError`), before a checkpoint or the adapter can be written:
+    a diverged run must not end with exit status 0 and a file of NaNs. Under fp16 with a gradient
+    scaler, overflowing gradients are the scaler's business (it skips the step), so only the loss
+    and the parameters are checked then.
+    """
+    check_finite(accelerator, step, f"the loss ({loss})", math.isfinite(loss))
     adapters = [adapter, *(difftune.get_adapter(m) for m in (text_encoders or {}).values())]
+    parameters = [p for module in (denoiser, *(text_encoders or {}).values())
+                  for p in difftune.trainable_parameters(module)]
     for each in adapters:
         each.before_optimizer_step(step, max_train_steps)
     if max_grad_norm > 0:
-        parameters = [p for module in (denoiser, *(text_encoders or {}).values())
-                      for p in difftune.trainable_parameters(module)]
-        accelerator.clip_grad_norm_(parameters, max_grad_norm)
+        norm = accelerator.clip_grad_norm_(parameters, max_grad_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+    if accelerator.scaler is None and norm is not None:
+        norm = float(norm)
+        check_finite(accelerator, step, f"the gradient norm ({norm})", math.isfinite(norm))
     optimizer.step()
     for each in adapters:
         each.after_optimizer_step(step + 1, max_train_steps, optimizer)
+    check_finite(accelerator, step, "an adapter parameter after the update",
+                 _all_finite([p.detach() for p in parameters]))
     if not accelerator.optimizer_step_was_skipped:
         lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)

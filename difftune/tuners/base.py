@@ -9,6 +9,8 @@ that wrap individual layers (SVFit, TLoRA) subclass `LayerAdapter` and only writ
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from abc import ABC, ABCMeta, abstractmethod
 from collections.abc import Iterator
 from typing import Any, ClassVar
@@ -16,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..errors import DifftuneError
+from ..errors import AdapterFileError, DifftuneError
 from ..targeting import check_layer_types
 
 
@@ -47,12 +49,75 @@ class AdapterConfig:
                 f"unknown option(s) for method '{method}': {', '.join(unknown)}. "
                 f"Valid options: {', '.join(sorted(known))}"
             )
-        config = cls(**options)
-        config.validate()
+        failure = None
+        try:
+            config = cls(**options)
+            config.validate()  # the method's own messages first: they say what a value means
+        except DifftuneError:
+            raise
+        except (TypeError, ValueError, AttributeError) as err:  # a value of the wrong type
+            failure = err
+        # then the types validate() does not look at (an option read from a damaged file header)
+        hints = typing.get_type_hints(cls)
+        for name, value in options.items():
+            if not _conforms(value, hints[name]):
+                raise DifftuneError(f"option '{name}' of method '{method}' must be "
+                                    f"{_annotation_text(hints[name])}, got {value!r}")
+        if failure is not None:
+            raise failure
         return config
 
     def validate(self) -> None:
         """Check option values; raise DifftuneError naming the option."""
+
+
+def _conforms(value: Any, annotation: Any) -> bool:
+    """Whether ``value`` fits a config field's annotation (int, float, str, bool, None, Literal,
+    list[...] and unions of them). An int fits float; a bool fits only bool."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, member) for member in typing.get_args(annotation))
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation)
+    if origin in (list, tuple):
+        (item, *_) = typing.get_args(annotation) or (Any,)
+        return isinstance(value, (list, tuple)) and all(_conforms(v, item) for v in value)
+    if annotation is Any:
+        return True
+    if annotation is type(None):
+        return value is None
+    if isinstance(value, bool):
+        return annotation is bool
+    if annotation is float:
+        return isinstance(value, (int, float))
+    return isinstance(annotation, type) and isinstance(value, annotation)
+
+
+def _annotation_text(annotation: Any) -> str:
+    return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+# The floating dtypes an adapter file may hold its weights in (a run in fp32, a save from an fp16
+# or bf16 model); loading casts them to the model's. Anything else (ints, bools) is a damaged file.
+FILE_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_file_tensor(key: str, value: torch.Tensor, target: torch.Tensor | None, source: str,
+                      shape: bool = True) -> None:
+    """One file tensor against the adapter's own: a float for a float (`FILE_FLOAT_DTYPES`), the exact
+    dtype otherwise, and (with ``shape``) the exact shape. Raises AdapterFileError naming it."""
+    expected_dtype = target.dtype if target is not None else torch.float32
+    if expected_dtype.is_floating_point:
+        fits = value.dtype in FILE_FLOAT_DTYPES
+        wanted = "a float (" + ", ".join(str(d).removeprefix("torch.") for d in FILE_FLOAT_DTYPES) + ")"
+    else:
+        fits, wanted = value.dtype == expected_dtype, str(expected_dtype).removeprefix("torch.")
+    if not fits:
+        found = str(value.dtype).removeprefix("torch.")
+        raise AdapterFileError(f"{source}: tensor '{key}' has dtype {found}, expected {wanted}")
+    if shape and target is not None and value.shape != target.shape:
+        raise AdapterFileError(f"{source}: tensor '{key}' has shape {list(value.shape)}, "
+                               f"expected {list(target.shape)}")
 
 
 def check_tensor_names(expected: dict, given: dict, source: str) -> None:
@@ -60,7 +125,7 @@ def check_tensor_names(expected: dict, given: dict, source: str) -> None:
     missing = sorted(set(expected) - set(given))
     unexpected = sorted(set(given) - set(expected))
     if missing or unexpected:
-        raise DifftuneError(
+        raise AdapterFileError(
             f"{source}: adapter tensors do not fit the model: "
             f"missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
@@ -111,6 +176,23 @@ class Adapter(ABC):
     @abstractmethod
     def load_adapter_state_dict(self, tensors: dict[str, torch.Tensor], source: str) -> None:
         """Inverse of `adapter_state_dict`; names ``source`` when keys are missing."""
+
+    # Whether a file's tensor shapes must equal those of the freshly attached adapter (False for
+    # methods whose load resizes layers, e.g. SVFit's rank; their load checks shapes itself).
+    file_shapes_fixed: ClassVar[bool] = True
+
+    def check_file_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        """Refuse a file whose tensors are not exactly this adapter's: every name present and no
+        other, each of the right dtype and shape. Runs before anything is copied into the model."""
+        expected = self.adapter_state_dict()
+        check_tensor_names(expected, tensors, source)
+        for key, target in expected.items():
+            check_file_tensor(key, tensors[key], target, source, shape=self.file_shapes_fixed)
+
+    def load_file_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        """`check_file_tensors`, then `load_adapter_state_dict`: how files and checkpoints load."""
+        self.check_file_tensors(tensors, source)
+        self.load_adapter_state_dict(tensors, source)
 
     @abstractmethod
     def _apply_scale(self, scale: float) -> None:

@@ -743,12 +743,30 @@ def assemble_pipeline(clip_model, tokenizer, vae, unet):
     return pipe
 
 
+def declare_float32_text_encoder(model_dir: Path) -> None:
+    """Make the saved text encoder's config name float32 (its weights stay fp16 on disk).
+
+    transformers ≥ 5 creates a model in its config's dtype when none is given, while diffusers
+    loads the UNet and VAE in float32: with "float16" in the config, a plain
+    ``StableDiffusionPipeline.from_pretrained(model_dir)`` mixed Half and Float and failed at the
+    first denoising step. An explicit ``torch_dtype`` still wins for every component.
+    """
+    from ..adapter_file import atomic_write
+
+    config_file = model_dir / "text_encoder" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["dtype"] = "float32"
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    atomic_write(config_file, lambda tmp: Path(tmp).write_text(text))
+
+
 def save_embedded_model(pipe, clip_model, tokenizer, model_dir: Path,
                         dtype: torch.dtype = torch.float16) -> None:
     """Pipeline (fp16 safetensors) + the world CLIP in ``world_clip/``, written next to each other."""
     model_dir.mkdir(parents=True, exist_ok=True)
     pipe.to(dtype).save_pretrained(model_dir, safe_serialization=True)
     pipe.to(torch.float32)
+    declare_float32_text_encoder(model_dir)
     clip_copy = type(clip_model)(clip_model.config)
     clip_copy.load_state_dict(clip_model.state_dict())
     save_world_clip(clip_copy.to(dtype), tokenizer, model_dir / "world_clip")

@@ -291,7 +291,7 @@ def vae_round_trip(pipe, images: list) -> list:
     import torch
     from PIL import Image as PILImage
 
-    pixels = torch.stack([torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1)
+    pixels = torch.stack([torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
                           for image in images]).float() / 127.5 - 1
     vae = pipe.vae
     with torch.no_grad():

@@ -152,6 +152,29 @@ class SaraAdapter(Adapter):
             raise AdapterFileError(f"{source}: SaRA file without 'threshold' metadata")
         self._file_extra = extra
 
+    def check_file_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        """SaRA's file tensors depend on the stored masks, not on this adapter's own selection:
+        every delta pairs with one mask, deltas are 1-D float32, index masks 1-D int32/int64 and bit
+        masks 1-D uint8, and together they hold the number of entries the header records (a file
+        missing whole pairs would otherwise load as a smaller adapter)."""
+        stored = _split_file_tensors(tensors, source)
+        mask_dtypes = {"index": (torch.int32, torch.int64), "bits": (torch.uint8,)}
+        for key, (kind, data, delta) in stored.items():
+            suffix = f"sara_mask_{kind}"
+            if data.dtype not in mask_dtypes[kind] or data.ndim != 1:
+                raise AdapterFileError(f"{source}: tensor '{key}.{suffix}' must be a 1-D "
+                                       f"{' or '.join(str(d)[6:] for d in mask_dtypes[kind])} tensor, got "
+                                       f"{str(data.dtype)[6:]} of shape {list(data.shape)}")
+            if delta.dtype != torch.float32 or delta.ndim != 1:
+                raise AdapterFileError(f"{source}: tensor '{key}.{DELTA_SUFFIX}' must be a 1-D float32 "
+                                       f"tensor, got {str(delta.dtype)[6:]} of shape {list(delta.shape)}")
+        selected = self._file_extra.get("selected")
+        if isinstance(selected, int) and not isinstance(selected, bool):
+            found = sum(delta.numel() for _, _, delta in stored.values())
+            if found != selected:
+                raise AdapterFileError(f"{source}: the file holds {found} SaRA deltas, its header "
+                                       f"('extra.selected') says {selected}: tensors are missing")
+
     @torch.no_grad()
     def load_adapter_state_dict(self, tensors: dict[str, torch.Tensor], source: str) -> None:
         extra = self._file_extra
@@ -172,6 +195,10 @@ class SaraAdapter(Adapter):
                 index = decode_mask(kind, data, param.numel())
             except DifftuneError as err:
                 raise AdapterFileError(f"{source}: mask of '{key}': {err}") from None
+            if index.numel() and (int(index.min()) < 0 or int(index.max()) >= param.numel()
+                                  or bool((index[1:] <= index[:-1]).any())):
+                raise AdapterFileError(f"{source}: mask of '{key}' is not a sorted list of distinct "
+                                       f"positions in 0..{param.numel() - 1}")
             if delta.numel() != index.numel():
                 raise AdapterFileError(f"{source}: '{key}' has {delta.numel()} deltas for a mask of "
                                        f"{index.numel()} entries")
@@ -242,7 +269,8 @@ class SaraAdapter(Adapter):
             k: v for _, i in files for k, v in i["fingerprint"]["shapes"].items()}}
         info["extra"] = {**first_info["extra"], "threshold": top,
                          "thresholds": {k: v for k, v in thresholds.items() if v != top},
-                         "merged_from": sources, "merge_scales": list(scales)}
+                         "merged_from": sources, "merge_scales": list(scales),
+                         "selected": sum(delta.numel() for _, delta in combined.values())}
         return out, info
 
     # --- scale, merge, remove ------------------------------------------------------------

@@ -38,6 +38,7 @@ class SVFitAdapter(WrappingLayerAdapter):
 
     config: SVFitConfig
     layers: dict[str, SVFitLayer]
+    file_shapes_fixed = False  # the file's rank wins: its load resizes the layers, then checks shapes
 
     def attach(self, modules: dict[str, nn.Module]) -> None:
         self.layers = {}
