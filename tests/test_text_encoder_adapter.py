@@ -100,3 +100,27 @@ def test_a_failing_text_encoder_part_leaves_the_pipeline_untouched(tmp_path):
         difftune.load_adapter(other, path)
     assert not difftune.has_adapter(other.unet) and not difftune.has_adapter(other.text_encoder)
     assert torch.equal(other.unet.conv_in.weight, build("sd").unet.conv_in.weight)
+
+
+@pytest.mark.parametrize(("edit", "field"), [
+    (lambda s: s.pop("targets"), "text_encoders.text_encoder.targets' is missing"),
+    (lambda s: s.__setitem__("fingerprint", []), "text_encoders.text_encoder.fingerprint' must be an object"),
+    (lambda s: s["config"].__setitem__("rank", "four"), "text_encoders.text_encoder.method"),
+])
+def test_a_damaged_text_encoder_section_is_refused_naming_the_field(tmp_path, edit, field):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    pipe, _ = adapted("sd", "lora", METHODS["lora"])
+    path = difftune.save_adapter(pipe, tmp_path / "run")
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata()
+    info = json.loads(metadata["difftune"])
+    info.pop("sha256")  # an older file without a checksum: the schema check alone must catch it
+    edit(info["text_encoders"]["text_encoder"])
+    save_file(load_file(path), str(path), metadata={**metadata, "difftune": json.dumps(info)})
+    fresh = build("sd")
+    with pytest.raises(difftune.AdapterFileError, match=field):
+        difftune.load_adapter(fresh, path)
+    assert not difftune.has_adapter(fresh.unet) and not difftune.has_adapter(fresh.text_encoder)
