@@ -22,15 +22,19 @@ from ..errors import DifftuneError
 
 SUBJECT_FILE = "subject.json"
 
-_EMBEDDED_PRIOR = {"with_prior_preservation": True, "num_class_images": 50, "class_inference_steps": 25}
+# Found on the heart subject (docs/recipes.md): 600 steps, batch 1, prior preservation with 50
+# class images of the subject's class prompt; the text encoder trained where it helped.
+_EMBEDDED_PRIOR = {"max_train_steps": 600, "with_prior_preservation": True, "num_class_images": 50}
 
 RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "builtin:embedded": {
-        "lora": {"targets": ["all"], "rank": 16, "learning_rate": 1e-3, "max_train_steps": 600,
-                 **_EMBEDDED_PRIOR},
-        "sara": {"learning_rate": 1e-2, "max_train_steps": 600, **_EMBEDDED_PRIOR},
-        "svfit": {"learning_rate": 1e-2, "max_train_steps": 600, **_EMBEDDED_PRIOR},
-        "tlora": {"learning_rate": 1e-2, "max_train_steps": 600, **_EMBEDDED_PRIOR},
+        "lora": {"targets": ["all"], "rank": 16, "learning_rate": 1e-3, "train_text_encoder": True,
+                 "prior_loss_weight": 0.3, **_EMBEDDED_PRIOR},
+        "sara": {"sara_budget": 0.1, "learning_rate": 3e-3, **_EMBEDDED_PRIOR},
+        "svfit": {"learning_rate": 3e-3, "train_text_encoder": True, "prior_loss_weight": 0.3,
+                  **_EMBEDDED_PRIOR},
+        "tlora": {"learning_rate": 1e-3, "train_text_encoder": True, "prior_loss_weight": 0.3,
+                  **_EMBEDDED_PRIOR},
     },
 }
 
