@@ -33,7 +33,8 @@ def test_main_command_parses_with_the_trainer_and_the_evaluation(train_subject):
     steps = {shlex.split(part)[0]: shlex.split(part)[1:] for part in main_job.split("&& python ")[1:]}
     args = train_subject.module.parse_args(steps["train_scripts/train_subject.py"])
     assert (ROOT / args.instance_data_dir).is_dir()
-    assert args.adapter == "sara" and args.pretrained_model_name_or_path == "builtin:embedded"
+    assert args.adapter == "lora" and args.pretrained_model_name_or_path == "builtin:embedded"
+    assert args.recipe and args.train_text_encoder, "the main job runs the measured recipe"
     assert args.seed is not None, "the main job's numbers in the README must be reproducible"
     evaluate = load_script("eval/evaluate_subject.py")
     eval_args = evaluate.parse_args(steps["eval/evaluate_subject.py"])
