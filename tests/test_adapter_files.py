@@ -287,9 +287,15 @@ def _first_lora_a(tensors, change):
 ])
 def test_damaged_lora_tensors_are_refused_naming_the_tensor(tmp_path, edit, message):
     _, path = trained("sd", "lora", "attn", {"rank": 4}, tmp_path)
+    _assert_tensor_edit_refused(path, tmp_path, edit, f".*{message}")
+
+
+def _assert_tensor_edit_refused(path, tmp_path, edit, message):
+    """The file with ``edit`` applied to its tensors (checksum dropped, as in an older file) is
+    refused naming it, and the fresh pipeline keeps no adapter."""
     damaged = _rewrite(path, tmp_path / "damaged.safetensors", lambda info: info.pop("sha256"), edit)
     fresh = build("sd")
-    with pytest.raises(difftune.AdapterFileError, match=f"damaged.safetensors: .*{message}"):
+    with pytest.raises(difftune.AdapterFileError, match=f"damaged.safetensors: {message}"):
         difftune.load_adapter(fresh, damaged)
     assert not difftune.has_adapter(fresh.unet)
 
@@ -309,11 +315,7 @@ def test_a_sara_file_missing_delta_mask_pairs_or_with_a_cast_delta_is_refused(tm
     cases = [(drop_pair, r"the file holds \d+ SaRA deltas, its header \('extra.selected'\) says \d+"),
              (cast_delta, "tensor '.*sara_delta' must be a 1-D float32 tensor, got float64")]
     for edit, message in cases:
-        damaged = _rewrite(path, tmp_path / "damaged.safetensors", lambda info: info.pop("sha256"), edit)
-        fresh = build("sd")
-        with pytest.raises(difftune.AdapterFileError, match=f"damaged.safetensors: {message}"):
-            difftune.load_adapter(fresh, damaged)
-        assert not difftune.has_adapter(fresh.unet)
+        _assert_tensor_edit_refused(path, tmp_path, edit, message)
 
 
 def test_special_files_are_named_as_such(tmp_path):
