@@ -61,3 +61,11 @@ def test_describe_names_every_applied_flag():
     assert line == ("recipe for builtin:embedded + lora (measured, docs/recipes.md): --learning_rate 0.001, "
                     "--targets all")
     assert recipes.describe({}, "m", "lora") == ""
+
+
+def test_a_conflict_with_a_recipe_flag_names_the_recipe(train_subject):
+    with pytest.raises(difftune.DifftuneError, match=r"--train_text_encoder came from the builtin:embedded "
+                                                      r"recipe; --no_recipe turns it off"):
+        parse(train_subject, "--pre_compute_text_embeddings")
+    plain = parse(train_subject, "--pre_compute_text_embeddings", "--no_recipe")
+    assert plain.pre_compute_text_embeddings and not plain.train_text_encoder

@@ -143,7 +143,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise DifftuneError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.train_text_encoder and args.pre_compute_text_embeddings:
         raise DifftuneError("--pre_compute_text_embeddings cannot be used with --train_text_encoder: the "
-                            "encoder changes every step")
+                            f"encoder changes every step{recipes.source_hint(args, 'train_text_encoder')}")
     if not args.train_text_encoder and args.text_encoder_lr is not None:
         raise DifftuneError("--text_encoder_lr given without --train_text_encoder")
     if args.text_encoder_lr is not None and not args.text_encoder_lr > 0:
@@ -244,7 +244,8 @@ def main(argv: list[str] | None = None) -> Path:
     if args.train_text_encoder:
         if accelerator.num_processes > 1:
             raise DifftuneError("--train_text_encoder runs in one process for now; launch without "
-                                "several processes, or train the denoiser alone")
+                                "several processes, or train the denoiser alone"
+                                f"{recipes.source_hint(args, 'train_text_encoder')}")
         attach_text_encoder_adapters(pipeline, args.adapter, method_options,
                                      args.text_encoder_targets or TEXT_ENCODER_TARGETS)
         text_encoders = difftune.adapted_text_encoders(pipeline)

@@ -89,6 +89,13 @@ def subject_class_prompt(instance_data_dir: str | None) -> str:
     return prompt
 
 
+def source_hint(args: argparse.Namespace, name: str) -> str:
+    """A note for an error about ``--name`` when the recipe, not the user, set it (else empty)."""
+    if name not in getattr(args, "recipe", {}):
+        return ""
+    return f" (--{name} came from the {args.pretrained_model_name_or_path} recipe; --no_recipe turns it off)"
+
+
 def describe(applied: dict[str, Any], model: str, method: str) -> str:
     """One line for the log: which recipe filled which flags."""
     if not applied:
