@@ -11,6 +11,7 @@ from PIL import Image
 
 import difftune
 from difftune.metrics import ClipSimilarity, DinoSimilarity
+from difftune.metrics.comparison import benchmark_rows
 from difftune.metrics.subject import (
     GenerationSettings,
     Subject,
@@ -170,13 +171,20 @@ def test_class_prompts_without_dino_and_switched_off(tmp_path, toy_subject, tiny
     """No DINO model: PRES comes from CLIP-I and says so; --no_class_prompts removes the columns only."""
     script = load_script("eval/evaluate_subject.py")
     argv = ["--pretrained_model_name_or_path", "builtin:tiny-sd", "--include_base",
-            "--instance_data_dir", str(toy_subject), "--prompts", "dreambooth", "--num_prompts", "1",
+            "--instance_data_dir", str(toy_subject), "--prompts", "dreambooth", "--num_prompts", "2",
             "--images_per_prompt", "2", "--num_inference_steps", "2", "--height", "64", "--width", "64",
             "--guidance_scale", "1", "--clip_model", str(tiny_clip_dir), "--dino_model", "none"]
     with_class = script.main([*argv, "--output_dir", str(tmp_path / "with")])[0]
     without = script.main([*argv, "--no_class_prompts", "--output_dir", str(tmp_path / "without")])[0]
 
     assert with_class["pres"] is None
+    # the benchmark's per-prompt rows average back to the run's numbers (equal images per prompt)
+    rows = benchmark_rows(with_class, "base", seed=0, step=0)
+    assert [r["prompt"] for r in rows] == [p["prompt"] for p in with_class["per_prompt"]]
+    assert len(rows) == 2
+    for metric in ("clip_i", "pres_clip_i", "class_clip_t"):
+        assert np.mean([r[metric] for r in rows]) == pytest.approx(with_class[metric], abs=1e-6)
+    assert all("pres_clip_i" not in r for r in benchmark_rows(without, "base", 0, 0))
     clip = ClipSimilarity.from_pretrained(tiny_clip_dir)
     class_generated = load_images(tmp_path / "with" / "base" / "toy" / "class_images")
     pres_clip_i = by_hand_mean_cosine(clip.image_embeddings(class_generated),

@@ -20,6 +20,26 @@ from .bootstrap import DEFAULT_RESAMPLES, bootstrap_mean, bootstrap_paired_diffe
 KEY_FIELDS = ("method", "subject", "seed", "step", "prompt")
 
 
+def benchmark_rows(result: dict[str, Any], method: str, seed: int, step: int) -> list[dict[str, Any]]:
+    """One row per prompt of an `evaluate_runs` result (a model on one subject): subject
+    fidelity from the identifier prompts, and prior preservation (``pres``, ``pres_clip_i``,
+    ``class_clip_t``) from the same prompt without the identifier, when it was drawn."""
+    subject_prompts = result["per_prompt"]
+    class_prompts = (result.get("class_prompts") or {}).get("per_prompt")
+    if class_prompts is not None and len(class_prompts) != len(subject_prompts):
+        raise ValueError(f"{len(subject_prompts)} subject prompts but {len(class_prompts)} class prompts")
+    rows = []
+    for index, entry in enumerate(subject_prompts):
+        row = {"method": method, "subject": result["subject"], "seed": seed, "step": step,
+               "prompt": entry["prompt"], "clip_i": entry["clip_i"], "clip_t": entry["clip_t"],
+               "dino": entry["dino"]}
+        if class_prompts is not None:
+            prior = class_prompts[index]
+            row.update(pres=prior["dino"], pres_clip_i=prior["clip_i"], class_clip_t=prior["clip_t"])
+        rows.append(row)
+    return rows
+
+
 def cell_table(rows: Sequence[dict[str, Any]], method: str, step: int, metric: str
                ) -> tuple[np.ndarray, list[str], list[str]]:
     """(subjects, prompts) table of one method at one step: each cell the mean over seeds."""
