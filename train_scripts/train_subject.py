@@ -246,9 +246,8 @@ def main(argv: list[str] | None = None) -> Path:
             raise DifftuneError("--train_text_encoder runs in one process for now; launch without "
                                 "several processes, or train the denoiser alone"
                                 f"{recipes.source_hint(args, 'train_text_encoder')}")
-        attach_text_encoder_adapters(pipeline, args.adapter, method_options,
-                                     args.text_encoder_targets or TEXT_ENCODER_TARGETS)
-        text_encoders = difftune.adapted_text_encoders(pipeline)
+        text_encoders = attach_text_encoder_adapters(pipeline, args.adapter, method_options,
+                                                     args.text_encoder_targets or TEXT_ENCODER_TARGETS)
         for encoder in text_encoders.values():
             encoder.train()
 
@@ -288,10 +287,9 @@ def main(argv: list[str] | None = None) -> Path:
             print(recipes.describe(args.recipe, args.pretrained_model_name_or_path, args.adapter))
         prior_text = f" + {len(class_images)} class images" if class_images else ""
         resumed = f" | resumed at step {global_step} from {resume_path}" if resume_path else ""
-        text_rate = args.text_encoder_lr or learning_rate
         text_part = "".join(
             f" + {name} {len(difftune.get_adapter(e).target_names)} layers, "
-            f"{difftune.count_trainable_parameters(e):,} parameters (lr {text_rate:g})"
+            f"{difftune.count_trainable_parameters(e):,} parameters (lr {plan.text_encoder_lr:g})"
             for name, e in text_encoders.items())
         print(f"difftune subject training | {args.pretrained_model_name_or_path} ({model_info.family}, "
               f"{resolution}px, {accelerator.mixed_precision}) | {args.adapter} on {adapter.config.targets}: "
@@ -405,8 +403,8 @@ def main(argv: list[str] | None = None) -> Path:
                       "learning rate": learning_rate, "lr scheduler": args.lr_scheduler,
                       "mixed precision": accelerator.mixed_precision, "seed": seed,
                       "prior preservation": args.with_prior_preservation,
-                      "text encoder": (f"trained, lr {args.text_encoder_lr or learning_rate:g}"
-                                       if text_encoders else "frozen")})
+                      "text encoder": (f"trained, lr {plan.text_encoder_lr:g}" if text_encoders
+                                       else "frozen")})
         steps_run = global_step - first_step
         total_seconds = time.perf_counter() - started
         write_train_summary(output_dir, device, method=args.adapter, trainable_parameters=trainable_count,

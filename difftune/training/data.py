@@ -26,7 +26,7 @@ from ..errors import DifftuneError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CAPTION_SUFFIX = ".txt"
 METADATA_FILE = "metadata.jsonl"
-SUBJECT_FILE = "subject.json"  # a subject's identifier and class noun (read by difftune.metrics.subject)
+SUBJECT_FILE = "subject.json"  # a subject's identifier, class and prompts (metrics.subject, recipes, world)
 CAPTION_KEYS = ("text", "caption", "prompt")
 INSTANCE, CLASS = 0, 1  # example kinds; class examples are the prior-preservation images
 

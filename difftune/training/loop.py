@@ -215,6 +215,7 @@ class Optimization:
     optimizer: Any
     lr_scheduler: Any
     learning_rate: float
+    text_encoder_lr: float  # the rate of adapted text encoders (the denoiser's unless set)
     max_train_steps: int
     micro_batch: int  # examples per micro-step over all processes
     accumulation: int
@@ -255,8 +256,8 @@ def prepare_optimization(args: argparse.Namespace, accelerator: Any, denoiser: n
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config={
             k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
-    return Optimization(model, optimizer, lr_scheduler, rate, max_train_steps, micro_batch, accumulation,
-                        global_step, samples_seen)
+    return Optimization(model, optimizer, lr_scheduler, rate, text_rate, max_train_steps, micro_batch,
+                        accumulation, global_step, samples_seen)
 
 
 class NonFiniteTrainingError(DifftuneError):

@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DifftuneError
-
-SUBJECT_FILE = "subject.json"
+from .data import SUBJECT_FILE
 
 # Found on the heart subject (docs/recipes.md): 600 steps, batch 1, prior preservation with 50
 # class images of the subject's class prompt; the text encoder trained where it helped.

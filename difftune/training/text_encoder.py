@@ -18,7 +18,6 @@ from torch import nn
 
 from ..api import add_adapter
 from ..errors import DifftuneError
-from ..tuners import Adapter
 
 TEXT_ENCODER_TARGETS = r"(.*\.)?self_attn\.(q_proj|k_proj|v_proj|out_proj)"
 CLIP_TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
@@ -33,17 +32,16 @@ def check_text_encoder_training(family: str) -> None:
 
 
 def attach_text_encoder_adapters(pipeline: Any, method: str, options: dict[str, Any],
-                                 targets: str | list[str] = TEXT_ENCODER_TARGETS) -> dict[str, Adapter]:
-    """One adapter per CLIP text encoder of the pipeline, trainable parameters in fp32."""
+                                 targets: str | list[str] = TEXT_ENCODER_TARGETS) -> dict[str, nn.Module]:
+    """One adapter per CLIP text encoder of the pipeline, trainable parameters in fp32; returns the
+    adapted encoders by component name."""
     from diffusers.training_utils import cast_training_params
 
-    adapters = {}
-    for name in CLIP_TEXT_ENCODERS:
-        encoder = getattr(pipeline, name, None)
-        if not isinstance(encoder, nn.Module):
-            continue
-        adapters[name] = add_adapter(encoder, method, targets=targets, **options)
-        cast_training_params(encoder, torch.float32)
-    if not adapters:
+    encoders = {name: getattr(pipeline, name, None) for name in CLIP_TEXT_ENCODERS}
+    encoders = {name: encoder for name, encoder in encoders.items() if isinstance(encoder, nn.Module)}
+    if not encoders:
         raise DifftuneError("--train_text_encoder: the pipeline has no CLIP text encoder")
-    return adapters
+    for encoder in encoders.values():
+        add_adapter(encoder, method, targets=targets, **options)
+        cast_training_params(encoder, torch.float32)
+    return encoders

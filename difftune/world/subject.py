@@ -36,6 +36,8 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DifftuneError, run_main
+from ..metrics.reporting import write_json
+from ..training.data import SUBJECT_FILE
 from .scenes import (
     BACKGROUNDS,
     COLORS,
@@ -54,7 +56,6 @@ from .scenes import (
 )
 
 DEFAULT_SUBJECT = "star"
-SUBJECT_FILE = "subject.json"
 CAPTIONS_FILE = "metadata.jsonl"
 VIEW_COUNT = 5
 
@@ -232,18 +233,12 @@ def write_subject_assets(directory: str | Path, name: str = DEFAULT_SUBJECT,
     }
     if "measured" in previous:
         info["measured"] = previous["measured"]
-    _write_json(directory / SUBJECT_FILE, info)
+    write_json(directory / SUBJECT_FILE, info)
     return info
 
 
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _write_json(path: Path, data: dict) -> None:
-    from ..adapter_file import atomic_write
-
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
 
 
 def measure_subject(directory: str | Path, pipe, clip_model, clip_tokenizer, similarity,
@@ -281,7 +276,7 @@ def measure_subject(directory: str | Path, pipe, clip_model, clip_tokenizer, sim
                      "seed": settings.seed},
         "judged_by": "world CLIP zero-shot (assets/embedded_model/world_clip)",
     }
-    _write_json(directory / SUBJECT_FILE, info)
+    write_json(directory / SUBJECT_FILE, info)
     return info
 
 
