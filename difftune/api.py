@@ -267,7 +267,7 @@ def load_adapter(
         encoder_sections = {name: (sections[name], section, _text_encoder(pipeline_or_model, name, source))
                             for name, section in info.get("text_encoders", {}).items()}
         for name, (_, section, encoder) in encoder_sections.items():
-            _check_method_config(section, f"{source}", f"text_encoders.{name}.")
+            _check_method_config(section, source, f"text_encoders.{name}.")
             for warning in check_fingerprint(encoder, section["fingerprint"], f"{source} ({name})"):
                 warnings.warn(warning, stacklevel=2)
         files.append((sections[info["component"]], info))
