@@ -125,6 +125,9 @@ TABLE_HEADERS = {"trainable_parameters": "trainable params", "peak_memory_gib": 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", action="store_true",
+                        help="the benchmark with power: every method on several subjects and seeds, with "
+                             "intervals (eval/benchmark_suite.py; its own flags: --suite --help)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="embedded",
                         help="defaults for everything below: 'embedded' (CPU, offline) or 'sd15' (GPU, hub)")
     parser.add_argument("--output_dir", type=Path, required=True)
@@ -246,12 +249,16 @@ def check_trainer_flags(args: argparse.Namespace, subject: Subject) -> None:
                                 f"{shlex.join(command[2:])}") from None
 
 
-def train_method(args: argparse.Namespace, subject: Subject, method: str, flags: list[str]) -> dict[str, Any]:
-    """Run the trainer unless its adapter and summary exist; returns the training summary."""
-    output_dir = args.output_dir / "train" / method
+def train_method(args: argparse.Namespace, subject: Subject, method: str, flags: list[str],
+                 output_dir: Path | None = None) -> dict[str, Any]:
+    """Run the trainer unless its adapter and summary exist; returns the training summary.
+
+    ``output_dir`` defaults to ``<--output_dir>/train/<method>``."""
+    output_dir = output_dir or args.output_dir / "train" / method
     adapter, summary_file = output_dir / ADAPTER_FILE, output_dir / SUMMARY_FILE
     if adapter.is_file() and summary_file.is_file() and not args.retrain:
-        print(f"{method}: trained already ({adapter}), not retrained")
+        if not getattr(args, "quiet", False):
+            print(f"{method}: trained already ({adapter}), not retrained")
         return json.loads(summary_file.read_text())
     if args.retrain:
         adapter.unlink(missing_ok=True)
@@ -259,7 +266,8 @@ def train_method(args: argparse.Namespace, subject: Subject, method: str, flags:
     output_dir.mkdir(parents=True, exist_ok=True)
     command = trainer_command(args, subject, method, flags, output_dir)
     log = output_dir / "train.log"
-    print(f"{method}: training ({args.max_train_steps} steps), log in {log}\n  {shlex.join(command)}")
+    if not getattr(args, "quiet", False):
+        print(f"{method}: training ({args.max_train_steps} steps), log in {log}\n  {shlex.join(command)}")
     start = time.perf_counter()
     with open(log, "ab") as handle:
         handle.write(f"$ {shlex.join(command)}\n".encode())
@@ -270,8 +278,9 @@ def train_method(args: argparse.Namespace, subject: Subject, method: str, flags:
         # the trainer's progress bar (stderr) shows here live and is kept in the log
         while chunk := process.stderr.read1(4096):
             handle.write(chunk)
-            sys.stderr.write(chunk.decode(errors="replace"))
-            sys.stderr.flush()
+            if not getattr(args, "quiet", False):
+                sys.stderr.write(chunk.decode(errors="replace"))
+                sys.stderr.flush()
         process.stderr.close()
         peak_rss = None
         if hasattr(os, "wait4"):
@@ -418,7 +427,14 @@ def write_report(args: argparse.Namespace, rows: list[dict], results: dict[str, 
     return text
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def main(argv: list[str] | None = None) -> list[dict] | dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--suite" in argv:  # the multi-subject, multi-seed protocol with intervals: eval/benchmark_suite.py
+        if str(Path(__file__).resolve().parent) not in sys.path:
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import benchmark_suite
+
+        return benchmark_suite.main([a for a in argv if a != "--suite"])
     args = parse_args(argv)
     model = args.pretrained_model_name_or_path
     subject = Subject.from_dir(args.instance_data_dir, args.identifier, args.class_name)

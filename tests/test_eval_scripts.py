@@ -180,7 +180,8 @@ def test_class_prompts_without_dino_and_switched_off(tmp_path, toy_subject, tiny
     assert with_class["pres"] is None
     # the benchmark's per-prompt rows average back to the run's numbers (equal images per prompt)
     rows = benchmark_rows(with_class, "base", seed=0, step=0)
-    assert [r["prompt"] for r in rows] == [p["prompt"] for p in with_class["per_prompt"]]
+    assert [r["prompt_text"] for r in rows] == [p["prompt"] for p in with_class["per_prompt"]]
+    assert [r["prompt"] for r in rows] == ["p00", "p01"]  # the template's place: shared across subjects
     assert len(rows) == 2
     for metric in ("clip_i", "pres_clip_i", "class_clip_t"):
         assert np.mean([r[metric] for r in rows]) == pytest.approx(with_class[metric], abs=1e-6)

@@ -23,7 +23,10 @@ KEY_FIELDS = ("method", "subject", "seed", "step", "prompt")
 def benchmark_rows(result: dict[str, Any], method: str, seed: int, step: int) -> list[dict[str, Any]]:
     """One row per prompt of an `evaluate_runs` result (a model on one subject): subject
     fidelity from the identifier prompts, and prior preservation (``pres``, ``pres_clip_i``,
-    ``class_clip_t``) from the same prompt without the identifier, when it was drawn."""
+    ``class_clip_t``) from the same prompt without the identifier, when it was drawn.
+
+    ``prompt`` is the prompt's place in the list ("p03"): the same template across subjects,
+    whose texts differ ("a sks dog on a beach", "a sks cat on a beach"); ``prompt_text`` is the text."""
     subject_prompts = result["per_prompt"]
     class_prompts = (result.get("class_prompts") or {}).get("per_prompt")
     if class_prompts is not None and len(class_prompts) != len(subject_prompts):
@@ -31,7 +34,8 @@ def benchmark_rows(result: dict[str, Any], method: str, seed: int, step: int) ->
     rows = []
     for index, entry in enumerate(subject_prompts):
         row = {"method": method, "subject": result["subject"], "seed": seed, "step": step,
-               "prompt": entry["prompt"], "clip_i": entry["clip_i"], "clip_t": entry["clip_t"],
+               "prompt": f"p{index:02d}", "prompt_text": entry["prompt"], "clip_i": entry["clip_i"],
+               "clip_t": entry["clip_t"],
                "dino": entry["dino"]}
         if class_prompts is not None:
             prior = class_prompts[index]

@@ -176,11 +176,12 @@ def _tick_label(value: float) -> str:
 
 def scatter_plot(points: Sequence[tuple[float, float, str]], x_label: str, y_label: str, title: str = "",
                  log_x: bool = False, size: tuple[int, int] = (640, 460),
-                 colors: Mapping[str, str] | None = None) -> Image.Image:
+                 colors: Mapping[str, str] | None = None, connect: bool = False) -> Image.Image:
     """A labelled scatter plot: one coloured, named point per (x, y, label); None values are skipped.
 
     ``colors`` maps labels to colours (so a method keeps its colour across plots); other
-    labels take the palette in order.
+    labels take the palette in order. ``connect``: the points of one label are a curve (in
+    the given order, e.g. over training checkpoints), joined by lines and named at its end.
     """
     points = [(float(x), float(y), label) for x, y, label in points
               if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)]
@@ -235,10 +236,25 @@ def scatter_plot(points: Sequence[tuple[float, float, str]], x_label: str, y_lab
         label = _tick_label(tick)
         draw.text((plot[0] - 8 - _text_width(draw, label, small), py - 7), label, fill="black", font=small)
     draw.rectangle(plot, outline="black")
+    labels = list(dict.fromkeys(label for _, _, label in points))
+    last_of = {label: max(i for i, p in enumerate(points) if p[2] == label) for label in labels}
+
+    def color_of(index: int, label: str) -> str:
+        palette_index = labels.index(label) if connect else index
+        return (colors or {}).get(label, PALETTE[palette_index % len(PALETTE)])
+
+    if connect:
+        for label in labels:
+            curve = [to_px(x, y) for x, y, name in points if name == label]
+            if len(curve) > 1:
+                draw.line(curve, fill=color_of(0, label), width=2)
     for index, (x, y, label) in enumerate(points):
         px, py = to_px(x, y)
-        color = (colors or {}).get(label, PALETTE[index % len(PALETTE)])
-        draw.ellipse([px - 5, py - 5, px + 5, py + 5], fill=color, outline="black")
+        color = color_of(index, label)
+        radius = 5 if not connect or index == last_of[label] else 3
+        draw.ellipse([px - radius, py - radius, px + radius, py + radius], fill=color, outline="black")
+        if connect and index != last_of[label]:
+            continue
         text_x = px + 8 if px + 8 + _text_width(draw, label, small) < plot[2] else px - 8 - _text_width(
             draw, label, small)
         draw.text((text_x, py - 16), label, fill=color, font=small)

@@ -39,6 +39,11 @@ PROMPT_LISTS = {
     "dreambooth": ASSETS_DIR / "prompts" / "subject_prompts.txt",
     "world": ASSETS_DIR / "prompts" / "world_subject_prompts.txt",
 }
+# Disjoint from the lists above: what a learning-rate sweep is scored on.
+VALIDATION_PROMPT_LISTS = {
+    "dreambooth": ASSETS_DIR / "prompts" / "subject_validation_prompts.txt",
+    "world": ASSETS_DIR / "prompts" / "world_subject_validation_prompts.txt",
+}
 
 
 def model_label(name: str) -> str:

@@ -216,6 +216,23 @@ def world_scene(split: str, index: int) -> Scene:
     return sample_scene(split_seed(split, index))
 
 
+def scenes_with_object(shape: str, color: str, count: int, split: str) -> list[Scene]:
+    """The first ``count`` scenes of a split holding an object of this shape and colour: real
+    images of a class (e.g. "red heart"), the reference a fine-tune's class images are scored against."""
+    if shape not in SHAPES or color not in COLORS:
+        raise ValueError(f"'{color} {shape}' is not a world class (colours: {', '.join(COLORS)}; "
+                         f"shapes: {', '.join(SHAPES)})")
+    start, end = SPLITS[split]
+    found = []
+    for index in range(end - start):
+        scene = world_scene(split, index)
+        if any(o.shape == shape and o.color == color for o in scene.objects):
+            found.append(scene)
+            if len(found) == count:
+                return found
+    raise ValueError(f"split '{split}' holds only {len(found)} scenes with a {color} {shape}, {count} asked")
+
+
 # ---------------------------------------------------------------- rendering
 
 def _unit_outline(shape: str) -> np.ndarray:
