@@ -18,9 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .paths import ASSETS_DIR
+
 BUILTIN_PREFIX = "builtin:"
 TINY_SAMPLE_SIZE = 32  # latent size of every tiny denoiser
-EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "embedded_model"
+EMBEDDED_MODEL_DIR = ASSETS_DIR / "embedded_model"
 
 # Denoiser configs of the real architectures, for parameter counts and benchmarks.
 # Values follow the public SD 1.5 and SDXL UNet configs.

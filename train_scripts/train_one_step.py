@@ -46,14 +46,14 @@ from difftune.hipa.one_step import generate_one_step, one_step_timestep
 from difftune.hipa.teacher import TeacherSettings, generate_teacher_samples, read_prompts
 from difftune.hipa.training import OneStepData, one_step_loss
 from difftune.model_factory import describe_model
+from difftune.paths import ASSETS_DIR
 from difftune.training import arguments, checkpointing, loop
 from difftune.training.families import LossOptions, training_family
 from difftune.training.loop import DTYPES
 from difftune.training.validation import image_grid, log_images, save_grid
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-DEFAULT_PROMPTS = ASSETS / "one_step_prompts.txt"
-DEFAULT_EVAL_PROMPTS = ASSETS / "one_step_eval_prompts.txt"
+DEFAULT_PROMPTS = ASSETS_DIR / "one_step_prompts.txt"
+DEFAULT_EVAL_PROMPTS = ASSETS_DIR / "one_step_eval_prompts.txt"
 DEFAULT_LORA_RANK = 16  # about the paper's 3.3M parameters on SD 1.5 attention
 TEACHER_PREFIX = "teacher_"
 GRID_COLUMNS = 3  # one-step student | base one-step | teacher

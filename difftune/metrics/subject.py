@@ -29,12 +29,12 @@ from PIL import Image
 from torch import nn
 
 from ..errors import DifftuneError
+from ..paths import ASSETS_DIR
 from ..training.data import IMAGE_SUFFIXES, SUBJECT_FILE
 from .features import extract_features
 from .fid import fid_from_features
 from .similarity import ClipSimilarity, DinoSimilarity, mean_pairwise_cosine, neutral_prompt
 
-ASSETS_DIR = Path(__file__).resolve().parent.parent.parent / "assets"
 PROMPT_LISTS = {
     "dreambooth": ASSETS_DIR / "prompts" / "subject_prompts.txt",
     "world": ASSETS_DIR / "prompts" / "world_subject_prompts.txt",
