@@ -165,28 +165,13 @@ SUITE_PRESETS: dict[str, dict[str, Any]] = {
         "clip_model": HUB_CLIP,
         "dino_model": HUB_DINO,
     },
-    "sdxl": {
-        "pretrained_model_name_or_path": "stabilityai/stable-diffusion-xl-base-1.0",
-        "subjects_dir": None,
-        "seeds": [0, 1, 2],
-        "max_train_steps": 800,
-        "checkpoint_steps": [400, 600, 800],
-        "train_batch_size": 1,
-        "resolution": 1024,
-        "mixed_precision": "fp16",
-        "prior_loss_weight": 1.0,
-        "num_class_images": 200,
-        "prompts": "dreambooth",
-        "num_prompts": 25,
-        "images_per_prompt": 4,
-        "validation_images_per_prompt": 2,
-        "num_inference_steps": 25,
-        "guidance_scale": 5.0,
-        "learning_rates": _REAL_RATES,
-        "class_reference": "base",
-        "clip_model": HUB_CLIP,
-        "dino_model": HUB_DINO,
-    },
+}
+# SDXL: the SD 1.5 protocol at its own size and guidance.
+SUITE_PRESETS["sdxl"] = {
+    **SUITE_PRESETS["sd15"],
+    "pretrained_model_name_or_path": "stabilityai/stable-diffusion-xl-base-1.0",
+    "resolution": 1024,
+    "guidance_scale": 5.0,
 }
 
 
