@@ -217,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a swept rate must keep class CLIP-T at this fraction of the base model's",
     )
     parser.add_argument(
+        "--sweep_extensions",
+        type=int,
+        default=2,
+        help="rates tried past an edge of a method's grid when the edge rate wins (x3 up, /3 down)",
+    )
+    parser.add_argument(
         "--learning_rates",
         action="append",
         default=[],
@@ -565,16 +571,29 @@ def run_sweep(suite: Suite, subjects: list[SuiteSubject], bar) -> dict[str, Any]
     selection = dict(stored.get("methods", {}))
     for method in args.methods:
         grid = args.rate_grids[method.name]
-        if method.name in selection and selection[method.name]["grid"] == list(grid):
+        if (
+            method.name in selection
+            and selection[method.name]["grid"] == list(grid)
+            and "extended" in selection[method.name]
+        ):
             continue
-        tried = []
-        for rate in grid:
+        if len(grid) == 1:  # one rate given: nothing to sweep
+            selection[method.name] = {
+                "grid": list(grid),
+                "tried": [{"learning_rate": grid[0]}],
+                "extended": [],
+                "learning_rate": grid[0],
+                "trainable_parameters": None,
+            }
+            continue
+        if base is None:
+            base = suite.score("base", None, subject, suite.out / "sweep" / "eval_base", validation=True)
+        tried: list[dict[str, Any]] = []
+        extended: list[float] = []
+        queue = list(grid)
+        while queue:
+            rate = queue.pop(0)
             bar.set_postfix_str(f"sweep {method.name} lr {rate:g}")
-            if len(grid) == 1:
-                tried.append({"learning_rate": rate})
-                continue
-            if base is None:
-                base = suite.score("base", None, subject, suite.out / "sweep" / "eval_base", validation=True)
             run_dir = suite.out / "sweep" / method.name / f"lr{rate:g}"
             budget = selection_budget(suite, method, selection, subject)
             summary = suite.train(method, subject, args.sweep_seed, rate, run_dir, budget)
@@ -589,14 +608,17 @@ def run_sweep(suite: Suite, subjects: list[SuiteSubject], bar) -> dict[str, Any]
                     "trainable_parameters": summary.get("trainable_parameters"),
                 }
             )
-            bar.update(1)
-        best = (
-            tried[0]
-            if len(grid) == 1
-            else max(tried, key=lambda e: sweep_score(e, base, args.sweep_class_floor))
-        )
+            if rate in grid:
+                bar.update(1)
+            if not queue and len(extended) < args.sweep_extensions:
+                beyond = rate_beyond_edge(tried, base, args.sweep_class_floor)
+                if beyond is not None:
+                    extended.append(beyond)
+                    queue.append(beyond)
+        best = max(tried, key=lambda e: sweep_score(e, base, args.sweep_class_floor))
         selection[method.name] = {
             "grid": list(grid),
+            "extended": extended,
             "tried": tried,
             "learning_rate": best["learning_rate"],
             "trainable_parameters": best.get("trainable_parameters"),
@@ -615,10 +637,25 @@ def run_sweep(suite: Suite, subjects: list[SuiteSubject], bar) -> dict[str, Any]
     return selection
 
 
+def rate_beyond_edge(tried: list[dict[str, Any]], base: dict[str, Any], floor: float) -> float | None:
+    """A rate past the grid when the best one sits on its edge: 3× the largest when that is best and
+    keeps the class (the method may still learn more), a third of the smallest when it is best because
+    no rate keeps the class. None when the best rate is inside the grid."""
+    rates = sorted(t["learning_rate"] for t in tried)
+    best = max(tried, key=lambda e: sweep_score(e, base, floor))
+    keeps_class = sweep_score(best, base, floor)[0] == 1
+    if best["learning_rate"] == rates[-1] and keeps_class and rates[-1] * 3 <= 1:
+        return rates[-1] * 3
+    if best["learning_rate"] == rates[0] and not keeps_class:
+        return rates[0] / 3
+    return None
+
+
 def sweep_rule(args: argparse.Namespace) -> str:
     return (
         f"highest validation CLIP-I among the rates keeping class CLIP-T ≥ {args.sweep_class_floor:g} × the "
-        "base model's; if none does, the highest class CLIP-T"
+        "base model's, else the highest class CLIP-T; a winner on the grid's edge adds up to "
+        f"{args.sweep_extensions} rates beyond it (×3 upward, ÷3 downward)"
     )
 
 

@@ -41,6 +41,8 @@ def suite_argv(root, tiny_clip_dir):
         "lora=1e-3,1e-2",
         "--learning_rates",
         "sara_matched=1e-3",
+        "--sweep_extensions",
+        "1",
         "--num_prompts",
         "2",
         "--images_per_prompt",
@@ -112,8 +114,24 @@ def test_sweep_picks_the_rate_by_its_rule_and_sara_matches_lora(suite_run):
     _, _, out, result = suite_run
     sweep = json.loads((out / "sweep" / "selection.json").read_text())
     tried = sweep["methods"]["lora"]["tried"]
-    assert [t["learning_rate"] for t in tried] == [1e-3, 1e-2]
     floor = 0.9 * sweep["base"]["class_clip_t"]
+    # the grid, then (--sweep_extensions 1) one rate past its edge if the edge rate wins
+    rates = [t["learning_rate"] for t in tried]
+    assert rates[:2] == [1e-3, 1e-2] and len(rates) <= 3
+    for count in range(2, len(rates) + 1):
+        so_far = tried[:count]
+        keeping = [t for t in so_far if t["class_clip_t"] >= floor]
+        best = (
+            max(keeping, key=lambda t: t["clip_i"])
+            if keeping
+            else max(so_far, key=lambda t: t["class_clip_t"])
+        )
+        edge = max(rates[:count]) if keeping else min(rates[:count])
+        if count < len(rates):
+            assert best["learning_rate"] == edge
+            assert rates[count] == pytest.approx(edge * 3 if keeping else edge / 3)
+        elif count < 3:
+            assert best["learning_rate"] != edge
     keeping = [t for t in tried if t["class_clip_t"] >= floor]
     expected = (
         max(keeping, key=lambda t: t["clip_i"]) if keeping else max(tried, key=lambda t: t["class_clip_t"])
