@@ -6,6 +6,7 @@ import torch
 from conftest import build, randomize_adapter
 
 import difftune
+import difftune.model_factory
 from difftune.model_factory import load_pipeline, offline_t5_tokenizer, pipeline_family
 from difftune.targeting import resolve_targets
 from difftune.training.data import TrainingBatch
@@ -126,3 +127,127 @@ def test_gradients_reach_every_trainable_tensor_on_flux(method):
     params = difftune.trainable_parameters(pipe)
     assert params
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+
+
+def test_sara_unstructured_backprop_with_bf16_flux_weights():
+    """fp32 1-D trained values over bf16 base weights: nnz-sized gradients, no dense weight gradient,
+    and after a step every selected weight is bf16(W0 + Δ) and nothing else moved."""
+    pipe = build("flux")
+    model = pipe.transformer.to(torch.bfloat16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    family = training_family(pipe, CPU, LossOptions())
+    adapter = difftune.add_adapter(pipe, "sara", targets="all", budget=0.05)
+    params = difftune.trainable_parameters(pipe)
+    assert all(p.dtype == torch.float32 and p.dim() == 1 for p in params)
+    latents = torch.randn(1, 4, 8, 8, dtype=torch.bfloat16)
+    noisy = family.add_noise(latents, torch.randn_like(latents), generators(1))
+    conditioning = {k: v.bfloat16() for k, v in family.encode_prompts(["a sks dog"]).items()}
+    loss = family.per_example_loss(family.predict(model, noisy, TrainingBatch(None, conditioning, None, None,
+                                                                            None, [])), noisy).mean()
+    loss.backward()
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in params)
+    trained = {id(p) for p in params}
+    assert all(p.grad is None for p in model.parameters() if id(p) not in trained)
+    torch.optim.AdamW(params, lr=1e-2).step()
+    difftune.merge_adapter(pipe, unload=False)
+    after = model.state_dict()
+    changed = 0
+    for key, entry in adapter.entries.items():
+        index = entry.index.long()
+        expected = (before[key].reshape(-1)[index].float() + entry.delta.detach()).bfloat16()
+        assert torch.equal(after[key].reshape(-1)[index], expected)
+        untouched = torch.ones(after[key].numel(), dtype=torch.bool)
+        untouched[index] = False
+        assert torch.equal(after[key].reshape(-1)[untouched], before[key].reshape(-1)[untouched])
+        changed += int((after[key].reshape(-1)[index] != before[key].reshape(-1)[index]).sum())
+    assert changed > 0
+
+
+# --- the subject trainer on Flux --------------------------------------------------------------
+
+def subject_flags(subject_dir, out, *extra):
+    return ["--pretrained_model_name_or_path", "builtin:tiny-flux", "--instance_data_dir", subject_dir,
+            "--instance_prompt", "a photo of sks disc", "--output_dir", out, "--report_to", "none",
+            "--seed", "0", *extra]
+
+
+def test_flux_trainer_uses_guidance_t5_length_prior_and_validation(train_subject, subject_dir, tmp_path,
+                                                                  monkeypatch):
+    """What diffusers' Flux DreamBooth script passes: the guidance value, T5 prompts of
+    --max_sequence_length tokens, packed latents; plus class images generated with the base model,
+    validation samples, gradient checkpointing and bf16 base weights with fp32 adapters."""
+    loaded, calls = [], []
+    original = difftune.model_factory.load_pipeline
+
+    def recording(*args, **kwargs):
+        pipe = original(*args, **kwargs)
+        if not loaded:
+            pipe.transformer.register_forward_pre_hook(
+                lambda module, args, kwargs: calls.append(
+                    (kwargs["guidance"], kwargs["encoder_hidden_states"].shape, module.training,
+                     torch.is_grad_enabled())), with_kwargs=True)
+        loaded.append(pipe)
+        return pipe
+
+    monkeypatch.setattr(difftune.model_factory, "load_pipeline", recording)
+    out = tmp_path / "flux"
+    train_subject(*subject_flags(subject_dir, out, "--max_train_steps", 2, "--guidance_scale", 2.0,
+                                 "--max_sequence_length", 24, "--weighting_scheme", "logit_normal",
+                                 "--gradient_checkpointing", "--mixed_precision", "bf16",
+                                 "--with_prior_preservation", "--class_data_dir", tmp_path / "class",
+                                 "--class_prompt", "a photo of disc", "--num_class_images", 2,
+                                 "--class_inference_steps", 1, "--validation_prompt", "a sks disc",
+                                 "--validation_steps", 2, "--num_validation_images", 1,
+                                 "--validation_inference_steps", 1, "--skip_final_inference"))
+    training = [c for c in calls if c[2] and c[3]]
+    assert len(training) == 2  # one forward per step: instance and class image in one batch
+    for guidance, shape, _, _ in training:
+        assert guidance.tolist() == [2.0, 2.0] and shape[:2] == (2, 24)
+    transformer = loaded[0].transformer
+    assert transformer.is_gradient_checkpointing
+    trainable = dict(difftune.named_trainable_parameters(transformer))
+    assert trainable and all(p.dtype == torch.float32 for p in trainable.values())
+    assert all(p.dtype == torch.bfloat16 for n, p in transformer.named_parameters() if n not in trainable)
+    assert len(list((tmp_path / "class").glob("*.png"))) == 2
+    assert (out / "validation" / "step-000002.png").is_file()
+    info = difftune.read_adapter_info(out / "adapter.safetensors")
+    assert info["component"] == "transformer" and info["fingerprint"]["class"] == "FluxTransformer2DModel"
+    assert "flux" in (out / "README.md").read_text()
+
+
+def flux_bad_inputs(tmp_path, subject_dir):
+    sd = ["--pretrained_model_name_or_path", "builtin:tiny-sd"]
+    return {
+        "guidance on sd": ([*sd, "--guidance_scale", "3"], "--guidance_scale only apply to Flux"),
+        "t5 length on sd3": (["--pretrained_model_name_or_path", "builtin:tiny-sd3", "--max_sequence_length",
+                              "64"], "--max_sequence_length only apply to Flux"),
+        "t5 too long": (["--max_sequence_length", "600"], r"--max_sequence_length must be in \[1, 512\]"),
+        "snr on flux": (["--snr_gamma", "5"], "--snr_gamma only apply to SD 1.x/2.x and SDXL"),
+        "resolution": (["--resolution", "66"], "--resolution must be a multiple of 4 for builtin:tiny-flux"),
+        "text encoder": (["--train_text_encoder"], "--train_text_encoder supports SD 1.x/2.x and SDXL"),
+        "quantized sara": (["--adapter", "sara", "--quantize_base", "8bit"],
+                           "--quantize_base 8bit cannot be used with --adapter sara: SaRA trains the base "
+                           "weights themselves"),
+        "quantized svfit": (["--adapter", "svfit", "--quantize_base", "4bit"],
+                            "svfit needs the dense base weight"),
+        "no bitsandbytes": (["--adapter", "lora", "--quantize_base", "4bit"],
+                            "--quantize_base 4bit needs bitsandbytes, which is not installed"),
+    }
+
+
+@pytest.mark.parametrize("case", ["guidance on sd", "t5 length on sd3", "t5 too long", "snr on flux",
+                                  "resolution", "text encoder", "quantized sara", "quantized svfit",
+                                  "no bitsandbytes"])
+def test_flux_bad_input_is_refused_before_loading(train_subject, subject_dir, tmp_path, monkeypatch, case):
+    import importlib.util
+
+    if case == "no bitsandbytes" and importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed here")
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was noticed")
+
+    monkeypatch.setattr(difftune.model_factory, "load_pipeline", must_not_load)
+    argv, message = flux_bad_inputs(tmp_path, subject_dir)[case]
+    with pytest.raises(difftune.DifftuneError, match=message):
+        train_subject(*subject_flags(subject_dir, tmp_path / "o"), *argv)

@@ -17,7 +17,7 @@ The script reads top to bottom:
   5. the training loop: checkpoints every --checkpointing_steps, samples every --validation_steps
   6. the adapter (and a diffusers LoRA copy), a model card, and samples from a fresh pipeline
      that loads the saved file
-Supported bases: SD 1.x/2.x (epsilon and v prediction), SDXL and SD3.
+Supported bases: SD 1.x/2.x (epsilon and v prediction), SDXL, SD3 and FLUX.1 (dev, schnell).
 """
 
 from __future__ import annotations

@@ -138,7 +138,8 @@ def load_base_pipeline(args: argparse.Namespace, dtype: torch.dtype, device: tor
     from ..model_factory import load_pipeline
 
     pipeline = load_pipeline(args.pretrained_model_name_or_path, torch_dtype=dtype,
-                             revision=args.revision, variant=args.variant)
+                             revision=args.revision, variant=args.variant,
+                             **quantization_kwargs(args, dtype))
     pipeline.vae.to(torch.float32)
     if adapter_path is not None:
         if args.prediction_type:
@@ -147,6 +148,29 @@ def load_base_pipeline(args: argparse.Namespace, dtype: torch.dtype, device: tor
     pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+def quantization_kwargs(args: argparse.Namespace, dtype: torch.dtype) -> dict[str, Any]:
+    """``from_pretrained`` arguments that load the denoiser through bitsandbytes (``--quantize_base``;
+    checked by arguments.check_quantized_base before anything loads); empty without the flag."""
+    bits = getattr(args, "quantize_base", None)
+    if bits is None:
+        return {}
+    from diffusers import PipelineQuantizationConfig
+
+    from ..model_factory import describe_model
+    from .arguments import QUANTIZATION_BACKENDS
+
+    if args.pretrained_model_name_or_path.startswith("builtin:"):
+        raise DifftuneError(f"--quantize_base works on hub or folder models, not "
+                            f"{args.pretrained_model_name_or_path}")
+    component = "unet" if describe_model(args.pretrained_model_name_or_path, args.revision).family in (
+        "sd", "sdxl") else "transformer"
+    quant_kwargs: dict[str, Any] = {"load_in_8bit": True} if bits == "8bit" else {
+        "load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": dtype}
+    config = PipelineQuantizationConfig(quant_backend=QUANTIZATION_BACKENDS[bits], quant_kwargs=quant_kwargs,
+                                        components_to_quantize=[component])
+    return {"quantization_config": config}
 
 
 def attach_trainable_adapter(denoiser: nn.Module, args: argparse.Namespace, method_options: dict,
