@@ -57,6 +57,20 @@ SDXL_UNET_CONFIG: dict[str, Any] = {
     "norm_num_groups": 32,
 }
 
+# The public FLUX.1-dev transformer config (schnell: the same without the guidance embedding).
+FLUX_DEV_TRANSFORMER_CONFIG: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "guidance_embeds": True,
+    "axes_dims_rope": [16, 56, 56],
+}
+
 
 def offline_clip_tokenizer(words: tuple[str, ...] = (), model_max_length: int = 77):
     """A real byte-level BPE CLIP tokenizer built without any download.
