@@ -251,3 +251,41 @@ def test_flux_bad_input_is_refused_before_loading(train_subject, subject_dir, tm
     argv, message = flux_bad_inputs(tmp_path, subject_dir)[case]
     with pytest.raises(difftune.DifftuneError, match=message):
         train_subject(*subject_flags(subject_dir, tmp_path / "o"), *argv)
+
+
+# --- HiPA (one-step) on Flux ------------------------------------------------------------------
+
+def test_hipa_on_flux_trains_the_one_step_the_pipeline_samples(tmp_path):
+    """Teacher samples from the Flux pipeline, the student's x̂0 = x1 − v̂ at σ = 1 with the guidance
+    embedding, the loss reaching the adapter, and `generate_one_step` giving the same x̂0."""
+    from difftune.hipa.loss import HiPALoss
+    from difftune.hipa.one_step import decode_latents, generate_one_step, one_step_timestep
+    from difftune.hipa.teacher import TeacherSettings, generate_teacher_samples
+    from difftune.hipa.training import OneStepData, one_step_loss, predict_x0_with_family
+
+    pipe = build("flux")
+    cache = generate_teacher_samples(pipe, ["a red circle", "a blue square"], tmp_path / "teacher",
+                                     TeacherSettings(num_inference_steps=2, guidance_scale=3.5), height=32,
+                                     width=32, show_progress=False)
+    assert cache[0]["noise"].shape == (4, 16, 16) and cache[0]["image"].shape == (3, 32, 32)
+    family = training_family(pipe, CPU, LossOptions())
+    step = one_step_timestep(pipe.scheduler)
+    assert step.sigma == 1.0 and float(step.timestep) == 1000.0
+    difftune.add_adapter(pipe, "lora", rank=4)
+    randomize_adapter(pipe, std=0.05)
+    data = OneStepData(cache, family.encode_prompts, seed=0, device="cpu")
+    batch = data.batch([0])
+    loss, _, pixels = one_step_loss(family, family.denoiser, step, batch, HiPALoss())
+    loss.backward()
+    assert pixels.shape == (1, 3, 32, 32) and torch.isfinite(loss)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in difftune.trainable_parameters(pipe))
+
+    prompt = cache.entries[batch.indices[0]]["prompt"]
+    with torch.no_grad():
+        x0 = predict_x0_with_family(family, family.denoiser, step, batch)
+        sampled = generate_one_step(pipe, prompt, height=32, width=32, latents=batch.noise,
+                                    output_type="latent").images
+    unpacked = type(pipe)._unpack_latents(sampled, 32, 32, pipe.vae_scale_factor)
+    torch.testing.assert_close(unpacked, x0, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        assert decode_latents(pipe.vae, x0).shape == (1, 3, 32, 32)

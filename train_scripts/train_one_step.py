@@ -19,7 +19,8 @@ bottom:
      checkpoints, and validation grids (one-step student | base one-step | teacher)
   6. the adapter, loaded back into a fresh pipeline for one-step samples, and the
      evaluation on held-out prompts (FID / CLIP score when metrics are configured)
-Supported bases: SD 1.x/2.x (epsilon and v prediction), SDXL and SD3 (flow matching).
+Supported bases: SD 1.x/2.x (epsilon and v prediction), SDXL, SD3 and FLUX.1 (flow matching;
+on Flux --teacher_guidance_scale is the guidance embedding's value, 3.5 for FLUX.1-dev).
 """
 
 from __future__ import annotations
