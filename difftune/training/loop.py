@@ -150,6 +150,40 @@ def load_base_pipeline(args: argparse.Namespace, dtype: torch.dtype, device: tor
     return pipeline
 
 
+def is_fsdp(accelerator: Any) -> bool:
+    """Whether accelerate shards the model (FSDP); CPU launches always run as DDP instead."""
+    return str(getattr(accelerator, "distributed_type", "")).endswith("FSDP")
+
+
+def check_fsdp(accelerator: Any, method: str) -> None:
+    """SaRA writes its trained values into the base weights at every forward: a sharded weight
+    has no whole tensor to write into, so SaRA runs under DDP (or one process), not FSDP."""
+    if is_fsdp(accelerator) and method == "sara":
+        raise DifftuneError("--adapter sara cannot run under FSDP: SaRA trains entries of the base "
+                            "weights themselves, which FSDP shards; launch it with DDP (accelerate "
+                            "launch --multi_gpu) or on one GPU with --mixed_precision bf16")
+
+
+def gather_sharded_parameters(model: nn.Module, module_names: Sequence[str]) -> None:
+    """Replace every FSDP2-sharded parameter (a DTensor) of the named modules and their children by
+    its whole tensor, so the adapter's state dict and fingerprint read plain tensors.
+
+    A collective: every process must call it, with the same names. Only the adapted layers are
+    gathered (their adapter tensors and base weights), not the whole model; run it after the
+    last optimizer step, since the modules are no longer sharded afterwards.
+    """
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch without DTensor has no FSDP2 either
+        return
+    for name in module_names:
+        for module in model.get_submodule(name).modules():
+            for key, param in list(module._parameters.items()):
+                if isinstance(param, DTensor):
+                    module._parameters[key] = nn.Parameter(param.full_tensor().detach(),
+                                                           requires_grad=param.requires_grad)
+
+
 def quantization_kwargs(args: argparse.Namespace, dtype: torch.dtype) -> dict[str, Any]:
     """``from_pretrained`` arguments that load the denoiser through bitsandbytes (``--quantize_base``;
     checked by arguments.check_quantized_base before anything loads); empty without the flag."""
