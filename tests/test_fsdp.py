@@ -122,13 +122,36 @@ def test_two_process_fsdp_trains_the_same_adapter_as_one_process(tmp_path):
 
 
 class FakeAccelerator:
+    is_main_process = True
+
     def __init__(self, kind: str):
         self.distributed_type = kind
 
 
-def test_sara_is_refused_under_fsdp_and_allowed_under_ddp():
+def test_fsdp_refuses_sara_and_resume_and_warns_about_checkpoints():
+    from argparse import Namespace
+
+    fsdp, ddp = FakeAccelerator("DistributedType.FSDP"), FakeAccelerator("DistributedType.MULTI_GPU")
     with pytest.raises(DifftuneError, match="sara cannot run under FSDP.*DDP"):
-        loop.check_fsdp(FakeAccelerator("DistributedType.FSDP"), "sara")
+        loop.check_fsdp(fsdp, Namespace(adapter="sara", resume_from_checkpoint=None))
+    with pytest.raises(DifftuneError, match="--resume_from_checkpoint is not supported under FSDP"):
+        loop.check_fsdp(fsdp, Namespace(adapter="lora", resume_from_checkpoint="latest"))
     for method in ("lora", "svfit", "tlora"):
-        loop.check_fsdp(FakeAccelerator("DistributedType.FSDP"), method)
-    loop.check_fsdp(FakeAccelerator("DistributedType.MULTI_GPU"), "sara")
+        with pytest.warns(UserWarning, match="no intermediate checkpoints"):
+            assert loop.check_fsdp(fsdp, Namespace(adapter=method, resume_from_checkpoint=None))
+    assert not loop.check_fsdp(ddp, Namespace(adapter="sara", resume_from_checkpoint="latest"))
+
+
+def test_the_documented_accelerate_config_is_an_fsdp2_config_accelerate_reads():
+    """docs/accelerate_fsdp_flux.yaml: FSDP2, full shard, Flux's two block classes wrapped."""
+    import yaml
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    path = Path(__file__).resolve().parent.parent / "docs" / "accelerate_fsdp_flux.yaml"
+    config = ClusterConfig.from_yaml_file(str(path))
+    assert str(config.distributed_type).endswith("FSDP")
+    fsdp = config.fsdp_config
+    assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_reshard_after_forward"] is True  # full shard
+    assert set(fsdp["fsdp_transformer_layer_cls_to_wrap"].split(",")) == {
+        "FluxTransformerBlock", "FluxSingleTransformerBlock"}
+    assert yaml.safe_load(path.read_text())["mixed_precision"] == "bf16"

@@ -207,6 +207,9 @@ def main(argv: list[str] | None = None) -> Path:
         check_resume_fits(resume_state, run_settings, resume_path)
 
     accelerator = loop.create_accelerator(args, output_dir)
+    if loop.is_fsdp(accelerator):
+        raise DifftuneError("train_one_step.py runs on one GPU or under DDP (accelerate launch --multi_gpu); "
+                            "FSDP is supported by train_subject.py")
     device, is_main = accelerator.device, accelerator.is_main_process
     weight_dtype = DTYPES[accelerator.mixed_precision]
     seed = loop.resolve_seed(args, resume_state)

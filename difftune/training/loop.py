@@ -155,13 +155,29 @@ def is_fsdp(accelerator: Any) -> bool:
     return str(getattr(accelerator, "distributed_type", "")).endswith("FSDP")
 
 
-def check_fsdp(accelerator: Any, method: str) -> None:
-    """SaRA writes its trained values into the base weights at every forward: a sharded weight
-    has no whole tensor to write into, so SaRA runs under DDP (or one process), not FSDP."""
-    if is_fsdp(accelerator) and method == "sara":
+def check_fsdp(accelerator: Any, args: argparse.Namespace) -> bool:
+    """Under FSDP: refuse what it cannot do and say what changes; returns whether FSDP is on.
+
+    SaRA writes its trained values into the base weights at every forward: a sharded weight has
+    no whole tensor to write into, so SaRA runs under DDP (or one process), not FSDP. Checkpoints
+    of a sharded run would need per-process shards of the adapter and optimizer state, which
+    difftune's checkpoints do not hold yet: none are written and none are resumed; the adapter
+    is gathered and saved once at the end.
+    """
+    if not is_fsdp(accelerator):
+        return False
+    if args.adapter == "sara":
         raise DifftuneError("--adapter sara cannot run under FSDP: SaRA trains entries of the base "
                             "weights themselves, which FSDP shards; launch it with DDP (accelerate "
                             "launch --multi_gpu) or on one GPU with --mixed_precision bf16")
+    if getattr(args, "resume_from_checkpoint", None):
+        raise DifftuneError("--resume_from_checkpoint is not supported under FSDP (its checkpoints are "
+                            "not written); resume under DDP or on one GPU")
+    if accelerator.is_main_process:
+        warnings.warn("FSDP: no intermediate checkpoints are written (--checkpointing_steps is "
+                      "ignored); the adapter is gathered from the shards and saved at the end",
+                      stacklevel=2)
+    return True
 
 
 def gather_sharded_parameters(model: nn.Module, module_names: Sequence[str]) -> None:
