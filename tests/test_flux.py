@@ -289,3 +289,17 @@ def test_hipa_on_flux_trains_the_one_step_the_pipeline_samples(tmp_path):
     torch.testing.assert_close(unpacked, x0, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         assert decode_latents(pipe.vae, x0).shape == (1, 3, 32, 32)
+
+
+def test_docs_flux_commands_parse_with_the_trainer(train_subject):
+    import re
+    import shlex
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "flux.md").read_text()
+    blocks = [b for b in re.findall(r"```bash\n(.*?)```", text, flags=re.S) if "train_subject.py" in b]
+    assert len(blocks) == 2  # one GPU, FSDP
+    for block in blocks:
+        command = shlex.split(block.replace("\\\n", " "), comments=True)
+        args = train_subject.module.parse_args(command[command.index("train_scripts/train_subject.py") + 1:])
+        assert args.pretrained_model_name_or_path == "black-forest-labs/FLUX.1-dev"
