@@ -571,3 +571,7 @@ def check_quantized_base(args: argparse.Namespace) -> None:
     if importlib.util.find_spec("bitsandbytes") is None:
         raise DifftuneError(f"--quantize_base {bits} needs bitsandbytes, which is not installed: "
                             "pip install bitsandbytes (CUDA GPU), or drop the flag")
+    model = getattr(args, "pretrained_model_name_or_path", "") or ""
+    if model.startswith("builtin:"):
+        raise DifftuneError(f"--quantize_base loads hub or folder models through diffusers; {model} is "
+                            "built in memory")

@@ -211,9 +211,6 @@ def quantization_kwargs(args: argparse.Namespace, dtype: torch.dtype) -> dict[st
     from ..model_factory import describe_model
     from .arguments import QUANTIZATION_BACKENDS
 
-    if args.pretrained_model_name_or_path.startswith("builtin:"):
-        raise DifftuneError(f"--quantize_base works on hub or folder models, not "
-                            f"{args.pretrained_model_name_or_path}")
     component = "unet" if describe_model(args.pretrained_model_name_or_path, args.revision).family in (
         "sd", "sdxl") else "transformer"
     quant_kwargs: dict[str, Any] = {"load_in_8bit": True} if bits == "8bit" else {
