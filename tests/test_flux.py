@@ -29,6 +29,17 @@ def test_tiny_flux_is_a_flux_dev_layout_pipeline_built_offline():
     assert pipe.tokenizer_2("a red cube").input_ids != pipe.tokenizer_2("a blue cube").input_ids
 
 
+def test_a_saved_flux_folder_loads_the_normal_way_and_samples_the_same(tmp_path):
+    import numpy as np
+    from conftest import generate
+
+    pipe = build("flux")
+    pipe.save_pretrained(tmp_path / "flux")
+    loaded = load_pipeline(str(tmp_path / "flux"))
+    assert type(loaded).__name__ == "FluxPipeline"
+    assert np.abs(generate(loaded) - generate(pipe)).max() < 1e-5
+
+
 def test_offline_t5_tokenizer_round_trips(tmp_path):
     tokenizer = offline_t5_tokenizer()
     tokenizer.save_pretrained(tmp_path)
