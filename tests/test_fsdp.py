@@ -10,6 +10,7 @@ under FSDP only on GPUs (docs/flux.md has the config and command); what FSDP cha
 
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -97,7 +98,16 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_two_process_fsdp_trains_the_same_adapter_as_one_process(tmp_path):
-    mp.spawn(worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    # fork: the workers start with torch and diffusers already imported (spawn re-imports them);
+    # a worker that hangs fails the test after two minutes instead of stalling the suite
+    workers = mp.start_processes(worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=False,
+                                 start_method="fork")
+    deadline = time.monotonic() + 120
+    while not workers.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in workers.processes:
+                process.kill()
+            pytest.fail("the two FSDP processes did not finish in 120 s")
     for method in METHODS:
         single = setup_model(method)
         train(single, [0, 1])
