@@ -4,7 +4,7 @@ Tests and the offline demo need pipelines that exist without a download. The tin
 builders below make deterministic random models from small configs and an offline
 byte-level CLIP tokenizer. `load_pipeline` is the one entry point the scripts use:
 it accepts the built-in names (``builtin:tiny-sd``, ``builtin:tiny-sdxl``,
-``builtin:tiny-sd3``, ``builtin:embedded``), a hub id or a local folder.
+``builtin:tiny-sd3``, ``builtin:tiny-flux``, ``builtin:embedded``), a hub id or a local folder.
 """
 
 from __future__ import annotations
@@ -55,6 +55,20 @@ SDXL_UNET_CONFIG: dict[str, Any] = {
     "addition_time_embed_dim": 256,
     "projection_class_embeddings_input_dim": 2816,
     "norm_num_groups": 32,
+}
+
+# The public FLUX.1-dev transformer config (schnell: the same without the guidance embedding).
+FLUX_DEV_TRANSFORMER_CONFIG: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "guidance_embeds": True,
+    "axes_dims_rope": [16, 56, 56],
 }
 
 
@@ -191,6 +205,20 @@ TINY_DENOISERS: dict[str, tuple[str, dict[str, Any]]] = {
         "pooled_projection_dim": 64,
         "out_channels": 4,
     }),
+    # FLUX.1-dev's layout (joint and single blocks, guidance embedding); the pipeline packs
+    # 2x2 patches of the 4-channel latent, hence 16 input channels.
+    "tiny-flux": ("FluxTransformer2DModel", {
+        "patch_size": 1,
+        "in_channels": 16,
+        "num_layers": 2,
+        "num_single_layers": 2,
+        "attention_head_dim": 16,
+        "num_attention_heads": 2,
+        "joint_attention_dim": 32,
+        "pooled_projection_dim": 32,
+        "guidance_embeds": True,
+        "axes_dims_rope": (4, 4, 8),
+    }),
 }
 
 
@@ -291,24 +319,67 @@ def tiny_sd3_pipeline(seed: int = 0):
     return pipe
 
 
+def offline_t5_tokenizer(model_max_length: int = 512):
+    """A T5 (unigram, SentencePiece-style) tokenizer built without any download.
+
+    Every printable ASCII character is a piece, alone and word-initial (``▁a``), so any
+    English text tokenizes into distinct ids; other characters map to ``<unk>``.
+    """
+    from transformers import T5TokenizerFast
+
+    pieces = [chr(c) for c in range(ord("!"), ord("~") + 1)]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + p, -3.0) for p in pieces] + [(p, -4.0) for p in pieces]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+
+
+def tiny_flux_pipeline(seed: int = 0):
+    """A tiny FLUX.1-dev-layout pipeline: CLIP + T5 encoders, packed latents, guidance embedding."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = _tiny_denoiser("tiny-flux")
+    vae = _tiny_vae(shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False,
+                    use_post_quant_conv=False)
+    tokenizer = offline_clip_tokenizer()
+    text_encoder = CLIPTextModel(_clip_text_config(tokenizer))
+    tokenizer_2 = offline_t5_tokenizer()
+    text_encoder_2 = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=tokenizer_2.pad_token_id,
+        eos_token_id=tokenizer_2.eos_token_id, decoder_start_token_id=tokenizer_2.pad_token_id))
+    # FLUX.1-dev's scheduler: resolution-dependent shift
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                max_shift=1.15, base_image_seq_len=256,
+                                                max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 TINY_BUILDERS = {
     "tiny-sd": tiny_sd_pipeline,
     "tiny-sdxl": tiny_sdxl_pipeline,
     "tiny-sd3": tiny_sd3_pipeline,
+    "tiny-flux": tiny_flux_pipeline,
 }
 
 
-FAMILIES = ("sd", "sdxl", "sd3")
-TINY_FAMILIES = {"tiny-sd": "sd", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3"}
+FAMILIES = ("sd", "sdxl", "sd3", "flux")
+TINY_FAMILIES = {"tiny-sd": "sd", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3", "tiny-flux": "flux"}
 TINY_VAE_SCALE_FACTOR = 2  # the tiny VAE has two blocks: it halves the size
 TINY_VAE_WIDTH = 32  # channels of its first block
 TINY_RESOLUTION = TINY_SAMPLE_SIZE * TINY_VAE_SCALE_FACTOR
 
 
 def family_of_class(class_name: str, has_unet: bool = True) -> str:
-    """``"sd"`` (SD 1.x/2.x), ``"sdxl"`` or ``"sd3"`` for a pipeline class name; refuse others."""
+    """``"sd"`` (SD 1.x/2.x), ``"sdxl"``, ``"sd3"`` or ``"flux"`` for a pipeline class name; refuse others."""
     from .errors import DifftuneError
 
+    if class_name == "FluxPipeline":  # FLUX.1-dev / schnell text-to-image (not Fill, Kontext, ...)
+        return "flux"
     if class_name.startswith("StableDiffusionXL"):
         return "sdxl"
     if class_name.startswith("StableDiffusion3"):
@@ -317,12 +388,12 @@ def family_of_class(class_name: str, has_unet: bool = True) -> str:
         return "sd"
     raise DifftuneError(
         f"unsupported base model family: {class_name}. Supported: StableDiffusionPipeline (SD 1.x/2.x), "
-        "StableDiffusionXLPipeline and StableDiffusion3Pipeline checkpoints"
+        "StableDiffusionXLPipeline, StableDiffusion3Pipeline and FluxPipeline checkpoints"
     )
 
 
 def pipeline_family(pipeline: Any) -> str:
-    """``"sd"`` (SD 1.x/2.x), ``"sdxl"`` or ``"sd3"``; a clear error for anything else."""
+    """``"sd"`` (SD 1.x/2.x), ``"sdxl"``, ``"sd3"`` or ``"flux"``; a clear error for anything else."""
     return family_of_class(type(pipeline).__name__, hasattr(pipeline, "unet"))
 
 
@@ -349,10 +420,17 @@ def describe_model(name_or_path: str, revision: str | None = None) -> ModelDescr
     tiny = _tiny_name(name_or_path)
     if tiny is not None:
         class_name, config = TINY_DENOISERS[tiny]
-        return ModelDescription(TINY_FAMILIES[tiny], TINY_RESOLUTION, class_name, config,
-                                TINY_VAE_SCALE_FACTOR * config.get("patch_size", 1), TINY_VAE_WIDTH)
+        family = TINY_FAMILIES[tiny]
+        return ModelDescription(family, TINY_RESOLUTION, class_name, config,
+                                TINY_VAE_SCALE_FACTOR * _latent_patch(family, config), TINY_VAE_WIDTH)
     location = _resolve_builtin(name_or_path)
-    from diffusers import AutoencoderKL, DiffusionPipeline, SD3Transformer2DModel, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DiffusionPipeline,
+        FluxTransformer2DModel,
+        SD3Transformer2DModel,
+        UNet2DConditionModel,
+    )
 
     try:
         index = DiffusionPipeline.load_config(location, revision=revision)
@@ -361,8 +439,9 @@ def describe_model(name_or_path: str, revision: str | None = None) -> ModelDescr
                             f"{_first_line(err)}{offline_hint(location)}") from None
     class_name = index.get("_class_name", "?")
     family = family_of_class(class_name, "unet" in index)
-    denoiser_class, subfolder = (SD3Transformer2DModel, "transformer") if family == "sd3" else (
-        UNet2DConditionModel, "unet")
+    denoiser_class, subfolder = {"sd3": (SD3Transformer2DModel, "transformer"),
+                                 "flux": (FluxTransformer2DModel, "transformer")}.get(
+        family, (UNet2DConditionModel, "unet"))
     try:
         denoiser_config = denoiser_class.load_config(location, subfolder=subfolder, revision=revision)
         vae_config = AutoencoderKL.load_config(location, subfolder="vae", revision=revision)
@@ -370,10 +449,21 @@ def describe_model(name_or_path: str, revision: str | None = None) -> ModelDescr
         raise DifftuneError(f"cannot read the {subfolder}/vae configs of '{name_or_path}': "
                             f"{_first_line(err)}{offline_hint(location)}") from None
     vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
-    resolution = int(denoiser_config["sample_size"]) * vae_scale_factor
+    patch = _latent_patch(family, denoiser_config)
+    if family == "flux":  # no sample_size in its config: the pipeline's default size (1024 px for FLUX.1)
+        resolution = FLUX_DEFAULT_SAMPLE_SIZE * vae_scale_factor
+    else:
+        resolution = int(denoiser_config["sample_size"]) * vae_scale_factor
     return ModelDescription(family, resolution, denoiser_class.__name__, dict(denoiser_config),
-                            vae_scale_factor * int(denoiser_config.get("patch_size") or 1),
-                            int(vae_config["block_out_channels"][0]))
+                            vae_scale_factor * patch, int(vae_config["block_out_channels"][0]))
+
+
+FLUX_DEFAULT_SAMPLE_SIZE = 128  # FluxPipeline.default_sample_size, in latent pixels
+
+
+def _latent_patch(family: str, denoiser_config: dict[str, Any]) -> int:
+    """Side of the latent patch one token covers: Flux packs 2x2 latent pixels per token."""
+    return 2 if family == "flux" else int(denoiser_config.get("patch_size") or 1)
 
 
 def _first_line(err: Exception) -> str:
@@ -421,8 +511,9 @@ def load_pipeline(
 ):
     """Load a pipeline by built-in name, hub id or local folder.
 
-    Built-in names: ``builtin:tiny-sd``, ``builtin:tiny-sdxl``, ``builtin:tiny-sd3``
-    (random, for tests) and ``builtin:embedded`` (the small pretrained model in assets/).
+    Built-in names: ``builtin:tiny-sd``, ``builtin:tiny-sdxl``, ``builtin:tiny-sd3``,
+    ``builtin:tiny-flux`` (random, for tests) and ``builtin:embedded`` (the small pretrained
+    model in assets/).
     Anything else goes to ``DiffusionPipeline.from_pretrained`` unchanged, so hub ids,
     revisions and variants behave as in diffusers.
     """

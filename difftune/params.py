@@ -3,11 +3,13 @@
     python -m difftune.params --model sd15-config            # SD 1.5 UNet, meta device
     python -m difftune.params --model sdxl-config --targets attn
     python -m difftune.params --model builtin:tiny-sd --row "svfit" --row "tlora:rank=4,residual=lora"
+    python -m difftune.params --model flux-dev-config          # FLUX.1-dev transformer, meta device
 
 Each row attaches one adapter, counts `count_trainable_parameters`, and removes it again
-(the model is restored exactly). ``sd15-config`` / ``sdxl-config`` build the real UNet
-architectures on the meta device (no memory, no download); methods whose size depends on
-the weights (SVFit's energy rule) need a real model and say so in their row.
+(the model is restored exactly). ``sd15-config`` / ``sdxl-config`` / ``flux-dev-config`` build
+the real architectures on the meta device (no memory, no download); methods whose size depends
+on the weights (SVFit's energy rule, SaRA's threshold) need a real model and say so in their
+row; a SaRA budget given as a count or fraction is counted without one.
 """
 
 from __future__ import annotations
@@ -36,7 +38,22 @@ DEFAULT_ROWS: list[tuple[str, str, dict[str, Any]]] = [
     ("TLoRA* TRM R=2 + LoRA r=4", "tlora", {"transform_rank": 2, "residual": "lora", "rank": 4}),
 ]
 
-META_MODELS = {"sd15-config": "SD15_UNET_CONFIG", "sdxl-config": "SDXL_UNET_CONFIG"}
+# FLUX.1-dev rows: LoRA at the ranks Flux LoRAs use, SaRA at the budget its default θ = 2e-3
+# selects on SD 1.5 (about 50M of 860M weights, the paper's count: 5.8%), SVFit full rank and
+# TLoRA TRM R=2 + TR R=6 (the paper's compact configuration).
+SARA_DEFAULT_BUDGET = 50e6 / 859_520_964
+FLUX_ROWS: list[tuple[str, str, dict[str, Any]]] = [
+    ("LoRA r=4", "lora", {"rank": 4}),
+    ("LoRA r=16", "lora", {"rank": 16}),
+    ("SaRA, default θ's budget (5.8%)", "sara", {"budget": round(SARA_DEFAULT_BUDGET, 4)}),
+    ("SVFit full rank", "svfit", {"rank": "full"}),
+    ("TLoRA TRM R=2 + TR R=6", "tlora", {"transform_rank": 2, "residual": "tr", "rank": 6}),
+]
+
+# name -> (config constant in model_factory, diffusers class, default rows)
+META_MODELS = {"sd15-config": ("SD15_UNET_CONFIG", "UNet2DConditionModel", None),
+               "sdxl-config": ("SDXL_UNET_CONFIG", "UNet2DConditionModel", None),
+               "flux-dev-config": ("FLUX_DEV_TRANSFORMER_CONFIG", "FluxTransformer2DModel", FLUX_ROWS)}
 
 
 @dataclasses.dataclass
@@ -65,10 +82,14 @@ def parameter_table(model: Any, rows: Sequence[tuple[str, str, dict[str, Any]]] 
     if has_adapter(denoiser):
         raise DifftuneError("parameter_table needs a model without an adapter attached")
     results = []
+    on_meta = any(p.is_meta for p in denoiser.parameters())
     for label, method, options in DEFAULT_ROWS if rows is None else rows:
         if method not in METHODS:
             continue
         try:
+            if on_meta and method == "sara":
+                results.append(_sara_budget_row(denoiser, label, options, targets))
+                continue
             adapter = add_adapter(denoiser, method, targets=targets, **dict(options))
             layers = len(adapter.target_names)
             count = count_trainable_parameters(denoiser)
@@ -77,6 +98,22 @@ def parameter_table(model: Any, rows: Sequence[tuple[str, str, dict[str, Any]]] 
         except DifftuneError as err:
             results.append(ParameterRow(label, method, dict(options), None, None, note=str(err)))
     return results
+
+
+def _sara_budget_row(denoiser: nn.Module, label: str, options: dict[str, Any],
+                     targets: str | list[str]) -> ParameterRow:
+    """SaRA on a weightless model: a budget fixes the count (θ is then its quantile), a threshold
+    needs the weights. The targets and options are validated as ``add_adapter`` would."""
+    from .api import _plan_adapter
+    from .tuners.sara.selection import budget_to_count, targeted_tensors
+
+    _, config, modules = _plan_adapter(denoiser, "sara", targets, dict(options))
+    if config.budget is None:
+        raise DifftuneError("sara with a threshold selects by the weights' magnitudes: give a 'budget' "
+                            "or count on a real model")
+    tensors = targeted_tensors(denoiser, modules, config.include_bias_norm)
+    count = budget_to_count(config.budget, sum(t.numel() for t in tensors.values()))
+    return ParameterRow(label, "sara", dict(options), count, len(modules))
 
 
 def format_parameter_table(rows: Sequence[ParameterRow], title: str = "") -> str:
@@ -116,11 +153,12 @@ def parse_row(text: str) -> tuple[str, str, dict[str, Any]]:
 
 
 def load_model(name: str) -> nn.Module:
-    """A meta-device UNet for ``sd15-config``/``sdxl-config``, else a pipeline's denoiser."""
+    """A meta-device denoiser for the ``*-config`` names, else a pipeline's denoiser."""
     from . import model_factory
 
     if name in META_MODELS:
-        return model_factory.build_denoiser_on_meta(getattr(model_factory, META_MODELS[name]))
+        config, class_name, _ = META_MODELS[name]
+        return model_factory.build_denoiser_on_meta(getattr(model_factory, config), class_name)
     return find_denoiser(model_factory.load_pipeline(name))[0]
 
 
@@ -134,7 +172,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("--row", action="append", default=None, metavar="METHOD[:k=v,...]",
                         help="a configuration to count (repeatable); default: the papers' set")
     args = parser.parse_args(argv)
-    rows = None if args.row is None else [parse_row(r) for r in args.row]
+    rows = META_MODELS.get(args.model, (None, None, None))[2]
+    rows = rows if args.row is None else [parse_row(r) for r in args.row]
     table = format_parameter_table(parameter_table(load_model(args.model), rows, args.targets),
                                    title=f"Trainable parameters on {args.model}, targets={args.targets}")
     print(table)

@@ -15,9 +15,11 @@ from torch import nn
 
 from .errors import TargetError
 
-# Attention projections: UNet attn1/attn2, DiT attn, and SD3's joint-attention extras.
+# Attention projections: UNet attn1/attn2, DiT attn, and SD3's / Flux's joint-attention extras.
 _ATTENTION = r"(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
-_FEED_FORWARD = r"(ff|ff_context)\.net\.(0\.proj|2)"
+# Feed-forward: UNet/DiT/SD3/Flux-joint ``ff``/``ff_context``, and Flux single blocks' parallel
+# MLP (``proj_mlp`` in, ``proj_out`` out; its input also carries the attention output).
+_FEED_FORWARD = r"((ff|ff_context)\.net\.(0\.proj|2)|single_transformer_blocks\.\d+\.(proj_mlp|proj_out))"
 _RESNET_CONV = r"resnets\.\d+\.(conv1|conv2|conv_shortcut)"
 _PROJECTION = r"(proj_in|proj_out)"
 
@@ -28,8 +30,10 @@ PRESETS: dict[str, str] = {
     "all": r".*",
 }
 PRESET_DESCRIPTIONS: dict[str, str] = {
-    "attn": "to_q, to_k, to_v, to_out.0 of every attention (+ add_q/k/v_proj, to_add_out on SD3)",
-    "attn-ff": "attn + feed-forward ff.net.0.proj, ff.net.2 (and ff_context on SD3)",
+    "attn": "to_q, to_k, to_v, to_out.0 of every attention (+ add_q/k/v_proj, to_add_out on SD3 "
+            "and Flux joint blocks; Flux single blocks have to_q/k/v only)",
+    "attn-ff": "attn + feed-forward ff.net.0.proj, ff.net.2 (and ff_context on SD3/Flux; "
+               "proj_mlp, proj_out of Flux single blocks)",
     "conv": "resnet conv1, conv2, conv_shortcut and the 1x1-conv proj_in/proj_out",
     "all": "every Linear and Conv2d layer of the denoiser",
 }

@@ -12,7 +12,7 @@ from difftune.model_factory import TINY_BUILDERS
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-FAMILY_BUILDERS = {"sd": "tiny-sd", "sdxl": "tiny-sdxl", "sd3": "tiny-sd3"}
+FAMILY_BUILDERS = {"sd": "tiny-sd", "sdxl": "tiny-sdxl", "sd3": "tiny-sd3", "flux": "tiny-flux"}
 
 
 def build(family: str, seed: int = 0):
@@ -27,6 +27,17 @@ def family(request) -> str:
 def denoiser_inputs(pipe, batch: int = 1, seed: int = 0) -> dict:
     """Deterministic inputs for one denoiser forward call of any tiny family."""
     gen = torch.Generator().manual_seed(seed)
+    if type(pipe).__name__ == "FluxPipeline":  # packed 2x2 latent patches, positions as ids
+        cfg = pipe.transformer.config
+        return {
+            "hidden_states": torch.randn(batch, 16 * 16, cfg.in_channels, generator=gen),
+            "encoder_hidden_states": torch.randn(batch, 7, cfg.joint_attention_dim, generator=gen),
+            "pooled_projections": torch.randn(batch, cfg.pooled_projection_dim, generator=gen),
+            "timestep": torch.full((batch,), 0.5),
+            "img_ids": pipe._prepare_latent_image_ids(batch, 16, 16, "cpu", torch.float32),
+            "txt_ids": torch.zeros(7, 3),
+            "guidance": torch.full((batch,), 3.5),
+        }
     if hasattr(pipe, "transformer"):
         cfg = pipe.transformer.config
         return {

@@ -93,10 +93,12 @@ def test_metadata_records_method_config_targets_fingerprint(tmp_path):
     assert info["fingerprint"]["shapes"][name] == list(pipe.unet.get_submodule(name).weight.shape)
 
 
-@pytest.mark.parametrize("targets", ["attn", ["attn", "conv"]])
+@pytest.mark.parametrize("targets", ["attn", ["attn", "conv"], "all"])
 def test_lora_file_loads_with_diffusers_load_lora_weights(family, targets, tmp_path):
-    if family == "sd3" and targets != "attn":
+    if family in ("sd3", "flux") and targets != "attn" and targets != "all":
         pytest.skip("the DiT has no conv layers")
+    if family != "flux" and targets == "all":
+        pytest.skip("'all' is covered on the UNets by attn+conv")
     pipe, path = trained(family, "lora", targets, {"rank": 4, "alpha": 8.0}, tmp_path)
     images = generate(pipe)
     fresh = build(family)

@@ -108,12 +108,17 @@ def test_resume_continues_exactly(tmp_path, prompt_files):
         run("resumed", 4, "--edge_weight", "1.0", "--resume_from_checkpoint", "latest")
 
 
-def test_flow_matching_model_trains(tmp_path, prompt_files):
-    path = run_script(*command(tmp_path / "sd3", prompt_files, "--skip_evaluation",
-                                       "--max_train_steps", "1", "--teacher_guidance_scale", "1.0",
-                                       model="builtin:tiny-sd3"))
-    assert difftune.read_adapter_info(path)["component"] == "transformer"
-    assert (tmp_path / "sd3" / "comparison.png").is_file()
+# on Flux the teacher guidance scale is the value of its guidance embedding
+@pytest.mark.parametrize(("name", "guidance"), [("sd3", "1.0"), ("flux", "3.5")])
+def test_flow_matching_model_trains(tmp_path, prompt_files, name, guidance):
+    path = run_script(*command(tmp_path / name, prompt_files, "--skip_evaluation",
+                                       "--max_train_steps", "1", "--teacher_guidance_scale", guidance,
+                                       model=f"builtin:tiny-{name}"))
+    info = difftune.read_adapter_info(path)
+    assert info["component"] == "transformer" and info["fingerprint"]["class"].startswith(
+        {"sd3": "SD3", "flux": "Flux"}[name])
+    assert (tmp_path / name / "comparison.png").is_file()
+    assert (tmp_path / name / "one_step_sample.png").is_file()
 
 
 @pytest.mark.parametrize("extra, message", [

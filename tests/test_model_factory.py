@@ -3,11 +3,13 @@
 import numpy as np
 import pytest
 import torch
-from conftest import build, generate
+from conftest import FAMILY_BUILDERS, build, generate
 
 from difftune import DifftuneError
+from difftune.api import find_denoiser
 from difftune.model_factory import (
     SD15_UNET_CONFIG,
+    TINY_RESOLUTION,
     build_denoiser_on_meta,
     describe_model,
     load_pipeline,
@@ -31,10 +33,8 @@ def test_offline_tokenizer_is_a_real_tokenizer(tmp_path):
 
 def test_tiny_pipelines_are_deterministic_and_seed_dependent(family):
     a, b = build(family, seed=0), build(family, seed=0)
-    for (name, p), (_, q) in zip(a.unet.named_parameters() if family != "sd3" else
-                                 a.transformer.named_parameters(),
-                                 b.unet.named_parameters() if family != "sd3" else
-                                 b.transformer.named_parameters(), strict=True):
+    for (name, p), (_, q) in zip(find_denoiser(a)[0].named_parameters(),
+                                 find_denoiser(b)[0].named_parameters(), strict=True):
         assert torch.equal(p, q), name
     assert pipeline_family(a) == family
     assert abs(generate(build(family, seed=1)) - generate(a)).max() > 0
@@ -70,23 +70,29 @@ def test_sd15_unet_on_meta_device_has_the_real_size():
 
 def test_describe_model_reads_family_resolution_and_denoiser_without_weights(family, tmp_path):
     pipe = build(family)
-    denoiser = pipe.transformer if family == "sd3" else pipe.unet
+    denoiser = find_denoiser(pipe)[0]
     folder = tmp_path / family
     pipe.save_pretrained(folder)
-    name = {"sd": "builtin:tiny-sd", "sdxl": "builtin:tiny-sdxl", "sd3": "builtin:tiny-sd3"}[family]
-    for described in (describe_model(name), describe_model(str(folder))):
+    name = f"builtin:{FAMILY_BUILDERS[family]}"
+    first = describe_model(name)
+    for described in (first, describe_model(str(folder))):
         assert described.family == pipeline_family(pipe) == family
-        assert described.resolution == denoiser.config.sample_size * pipe.vae_scale_factor
-        patch = getattr(denoiser.config, "patch_size", None) or 1
-        assert described.size_multiple == pipe.vae_scale_factor * patch
+        if family == "flux":  # no sample_size: the pipeline's default height; 2x2 packed latent tokens
+            folder_resolution = pipe.default_sample_size * pipe.vae_scale_factor  # 1024 px on FLUX.1
+            assert described.resolution == (TINY_RESOLUTION if described is first else folder_resolution)
+            assert described.size_multiple == pipe.vae_scale_factor * 2
+        else:
+            assert described.resolution == denoiser.config.sample_size * pipe.vae_scale_factor
+            patch = getattr(denoiser.config, "patch_size", None) or 1
+            assert described.size_multiple == pipe.vae_scale_factor * patch
         meta = build_denoiser_on_meta(described.denoiser_config, described.denoiser_class)
         assert {n: p.shape for n, p in meta.named_parameters()} == {
             n: p.shape for n, p in denoiser.named_parameters()}
 
 
 def test_describe_model_refuses_other_families_and_missing_models(tmp_path):
-    (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline", "transformer": []}')
-    with pytest.raises(DifftuneError, match="unsupported base model family: FluxPipeline"):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "FluxFillPipeline", "transformer": []}')
+    with pytest.raises(DifftuneError, match="unsupported base model family: FluxFillPipeline"):
         describe_model(str(tmp_path))
     with pytest.raises(DifftuneError, match="cannot read model_index.json of 'no/such-model'"):
         describe_model("no/such-model")

@@ -96,3 +96,29 @@ def test_parameter_table_on_a_real_tiny_model_leaves_it_unchanged():
     after = unet.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert all(p.requires_grad for p in unet.parameters())
+
+
+def test_flux_dev_table_on_the_meta_device_matches_closed_forms(capsys):
+    """FLUX.1-dev's transformer (11.9B weights, none allocated): every row against its closed form."""
+    from difftune.model_factory import FLUX_DEV_TRANSFORMER_CONFIG
+    from difftune.params import FLUX_ROWS, parameter_table
+
+    flux = build_denoiser_on_meta(FLUX_DEV_TRANSFORMER_CONFIG, "FluxTransformer2DModel")
+    assert sum(p.numel() for p in flux.parameters()) == 11_901_408_320
+    layers = resolve_targets(flux, "attn")
+    assert len(layers) == 19 * 8 + 38 * 3  # joint blocks' 8 projections, single blocks' q/k/v
+    weights = sum(m.weight.numel() for m in layers.values())
+    rows = {row.label: row for row in parameter_table(flux, FLUX_ROWS, "attn")}
+    for label, method, options in FLUX_ROWS:
+        if method == "sara":
+            expected = round(options["budget"] * weights)
+        elif method == "svfit":
+            expected = sum(min(m.weight.shape) for m in layers.values())
+        else:
+            expected = closed_form(flux, method, options)
+        assert rows[label].trainable == expected, label
+        assert rows[label].layers == len(layers)
+    assert rows["LoRA r=4"].trainable == 6_537_216
+    table = params_main(["--model", "flux-dev-config"])  # the Flux rows are its default
+    assert "| LoRA r=16 | `lora` | rank=16 | 266 | 26,148,864 | 26.149M |" in table
+    capsys.readouterr()

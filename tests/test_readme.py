@@ -72,7 +72,7 @@ def test_subject_training_commands_parse_with_the_script(train_subject):
     import shlex
 
     blocks = re.findall(r"```bash\n(.*?)```", _subject_section(), flags=re.S)
-    assert len(blocks) == 3  # embedded default, SD 1.5 and SDXL from the hub
+    assert len(blocks) == 4  # embedded default, SD 1.5, SDXL and FLUX.1-dev from the hub
     for block in blocks:
         command = shlex.split(block.replace("\\\n", " "), comments=True)
         script = command.index("train_scripts/train_subject.py")

@@ -16,7 +16,8 @@ from difftune.model_factory import load_pipeline
 from difftune.training import checkpointing
 from difftune.training.validation import generate_images, image_grid
 
-MODELS = {"sd": "builtin:tiny-sd", "sdxl": "builtin:tiny-sdxl", "sd3": "builtin:tiny-sd3"}
+MODELS = {"sd": "builtin:tiny-sd", "sdxl": "builtin:tiny-sdxl", "sd3": "builtin:tiny-sd3",
+          "flux": "builtin:tiny-flux"}
 QUIET = ["--report_to", "none", "--seed", "0"]
 
 
@@ -90,7 +91,7 @@ def test_training_is_logged_to_tensorboard(train_subject, subject_dir, tmp_path)
     assert {"validation", "final"} <= {tag.split("/")[0] for tag in log.Tags()["images"]}
 
 
-@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
 def test_other_families_train_and_their_files_load_in_diffusers(train_subject, subject_dir, tmp_path, family):
     out = tmp_path / family
     model = MODELS[family]

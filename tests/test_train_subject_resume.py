@@ -17,7 +17,8 @@ import difftune
 from difftune.model_factory import load_pipeline
 from difftune.training import checkpointing
 
-MODELS = {"sd": "builtin:tiny-sd", "sdxl": "builtin:tiny-sdxl", "sd3": "builtin:tiny-sd3"}
+MODELS = {"sd": "builtin:tiny-sd", "sdxl": "builtin:tiny-sdxl", "sd3": "builtin:tiny-sd3",
+          "flux": "builtin:tiny-flux"}
 
 
 def run_flags(subject_dir, out, model, method, steps=4):

@@ -19,7 +19,8 @@ bottom:
      checkpoints, and validation grids (one-step student | base one-step | teacher)
   6. the adapter, loaded back into a fresh pipeline for one-step samples, and the
      evaluation on held-out prompts (FID / CLIP score when metrics are configured)
-Supported bases: SD 1.x/2.x (epsilon and v prediction), SDXL and SD3 (flow matching).
+Supported bases: SD 1.x/2.x (epsilon and v prediction), SDXL, SD3 and FLUX.1 (flow matching;
+on Flux --teacher_guidance_scale is the guidance embedding's value, 3.5 for FLUX.1-dev).
 """
 
 from __future__ import annotations
@@ -206,6 +207,9 @@ def main(argv: list[str] | None = None) -> Path:
         check_resume_fits(resume_state, run_settings, resume_path)
 
     accelerator = loop.create_accelerator(args, output_dir)
+    if loop.is_fsdp(accelerator):
+        raise DifftuneError("train_one_step.py runs on one GPU or under DDP (accelerate launch --multi_gpu); "
+                            "FSDP is supported by train_subject.py")
     device, is_main = accelerator.device, accelerator.is_main_process
     weight_dtype = DTYPES[accelerator.mixed_precision]
     seed = loop.resolve_seed(args, resume_state)

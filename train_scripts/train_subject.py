@@ -17,7 +17,7 @@ The script reads top to bottom:
   5. the training loop: checkpoints every --checkpointing_steps, samples every --validation_steps
   6. the adapter (and a diffusers LoRA copy), a model card, and samples from a fresh pipeline
      that loads the saved file
-Supported bases: SD 1.x/2.x (epsilon and v prediction), SDXL and SD3.
+Supported bases: SD 1.x/2.x (epsilon and v prediction), SDXL, SD3 and FLUX.1 (dev, schnell).
 """
 
 from __future__ import annotations
@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> Path:
         check_resume_fits(resume_state, args, method_options, resume_path)
 
     accelerator = loop.create_accelerator(args, output_dir)
+    sharded = loop.check_fsdp(accelerator, args)  # FSDP: no SaRA, no intermediate checkpoints
     device, is_main = accelerator.device, accelerator.is_main_process
     weight_dtype = DTYPES[accelerator.mixed_precision]
     seed = loop.resolve_seed(args, resume_state)
@@ -340,7 +341,7 @@ def main(argv: list[str] | None = None) -> Path:
         progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{current_lr:.2e}")
         accelerator.log({"loss": step_loss, "lr": current_lr}, step=global_step)
 
-        if global_step % args.checkpointing_steps == 0:
+        if global_step % args.checkpointing_steps == 0 and not sharded:
             checkpointing.save_checkpoint(
                 output_dir, global_step, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
                 trainer_state={**trainer_state, "samples_seen": samples_seen}, accelerator=accelerator,
@@ -366,6 +367,8 @@ def main(argv: list[str] | None = None) -> Path:
     # 6. Save, model card, samples from the saved file
     # -----------------------------------------------------------------------------------------
     accelerator.wait_for_everyone()
+    if sharded:  # every process: the adapted layers' shards become whole tensors
+        loop.gather_sharded_parameters(accelerator.unwrap_model(model), adapter.target_names)
     if world > 1:
         digests = gather_object([adapter_digest(denoiser)])
         if len(set(digests)) != 1:

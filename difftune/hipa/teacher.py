@@ -32,7 +32,7 @@ from ..adapter_file import atomic_write, config_hash
 from ..api import find_denoiser, has_adapter
 from ..errors import DifftuneError
 from ..tuners.base import option
-from .one_step import decode_latents
+from .one_step import decode_latents, from_pipeline_latents, is_flux, latent_channels, to_pipeline_latents
 
 MANIFEST_NAME = "manifest.json"
 SAMPLES_DIR = "samples"
@@ -115,9 +115,12 @@ def _weights_checksum(model: torch.nn.Module) -> str:
 
 def _resolution(pipe: Any, height: int | None, width: int | None) -> tuple[int, int]:
     denoiser, _ = find_denoiser(pipe)
-    default = denoiser.config.sample_size * pipe.vae_scale_factor
+    # Flux has no sample_size (the pipeline's default size instead) and packs 2x2 latent patches
+    sample_size = getattr(denoiser.config, "sample_size", None) or pipe.default_sample_size
+    default = sample_size * pipe.vae_scale_factor
     height, width = height or default, width or default
-    multiple = max(8, pipe.vae_scale_factor * (getattr(denoiser.config, "patch_size", None) or 1))
+    patch = 2 if is_flux(pipe) else getattr(denoiser.config, "patch_size", None) or 1
+    multiple = max(8, pipe.vae_scale_factor * patch)
     if height % multiple or width % multiple:
         raise DifftuneError(f"--resolution: {height}x{width} must be a multiple of {multiple} for this model")
     return height, width
@@ -219,7 +222,7 @@ def generate_teacher_samples(
     denoiser, _ = find_denoiser(pipe)
     height, width = _resolution(pipe, height, width)
     factor = pipe.vae_scale_factor
-    latent_shape = [denoiser.config.in_channels, height // factor, width // factor]
+    latent_shape = [latent_channels(pipe, denoiser), height // factor, width // factor]
     scheduler = resolve_scheduler(pipe, settings.scheduler)
 
     n = settings.samples_per_prompt
@@ -263,17 +266,20 @@ def generate_teacher_samples(
             generators = [torch.Generator(pipe.device).manual_seed(settings.seed * 2**32 + e["index"])
                           for e in batch]
             with torch.no_grad():
+                # Flux: no negative prompt (sampled without CFG); the scale is its guidance embedding
+                negative = ({} if is_flux(pipe) or settings.guidance_scale <= 1 else
+                            {"negative_prompt": [settings.negative_prompt] * len(batch)})
                 latents = pipe(
                     prompt=[e["prompt"] for e in batch],
-                    negative_prompt=[settings.negative_prompt] * len(batch)
-                    if settings.guidance_scale > 1 else None,
+                    **negative,
                     num_inference_steps=settings.num_inference_steps,
                     guidance_scale=settings.guidance_scale,
                     height=height, width=width,
-                    latents=noise.to(pipe.device, denoiser.dtype),
+                    latents=to_pipeline_latents(pipe, noise.to(pipe.device, denoiser.dtype)),
                     generator=generators,
                     output_type="latent",
                 ).images
+                latents = from_pipeline_latents(pipe, latents, height, width)
                 images = decode_latents(pipe.vae, latents).clamp(-1, 1)
             for entry, z, x0, image in zip(batch, noise, latents, images, strict=True):
                 _write_sample(cache, entry["index"], z, x0, image)

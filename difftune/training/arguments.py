@@ -324,14 +324,21 @@ REPORT_TO = ("tensorboard", "wandb", "comet_ml", "all", "none")
 # Flags that only make sense for one kind of noise process.
 DDPM_ONLY_FLAGS = ("snr_gamma", "prediction_type")
 FLOW_ONLY_FLAGS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "precondition_outputs")
+FLOW_FAMILIES = ("sd3", "flux")
+FLUX_ONLY_FLAGS = ("guidance_scale", "max_sequence_length")
+# bitsandbytes base weights: only for adapters that leave W0 alone and wrap the layer (peft's
+# LoRA has bnb layers). SaRA trains entries of W0 itself; SVFit splits W0 by its SVD and TLoRA
+# multiplies W0 by its transform, so both need the dense weight.
+QUANTIZED_BASE_METHODS = ("lora",)
+QUANTIZATION_BACKENDS = {"8bit": "bitsandbytes_8bit", "4bit": "bitsandbytes_4bit"}
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--pretrained_model_name_or_path", default="builtin:embedded",
                        help="base model: a built-in name (builtin:embedded, builtin:tiny-sd, "
-                            "builtin:tiny-sdxl, builtin:tiny-sd3), a hub id or a local pipeline folder "
-                            "(SD 1.x/2.x, SDXL, SD3)")
+                            "builtin:tiny-sdxl, builtin:tiny-sd3, builtin:tiny-flux), a hub id or a local "
+                            "pipeline folder (SD 1.x/2.x, SDXL, SD3, FLUX.1-dev/schnell)")
     group.add_argument("--revision", help="hub revision of the base model")
     group.add_argument("--variant", help="weight variant of the base model, e.g. fp16")
     group.add_argument("--prediction_type", choices=("epsilon", "v_prediction"),
@@ -388,6 +395,10 @@ def add_precision_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--allow_tf32", action="store_true", help="allow TF32 matmuls on Ampere+ GPUs")
     group.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                        help="xformers attention instead of PyTorch SDPA (the default)")
+    group.add_argument("--quantize_base", choices=tuple(QUANTIZATION_BACKENDS),
+                       help="load the frozen denoiser weights in 8-bit or 4-bit (NF4) through bitsandbytes "
+                            "(CUDA; LoRA only: SaRA trains the base weights themselves, SVFit and TLoRA "
+                            "need them dense)")
 
 
 def add_loss_arguments(parser: argparse.ArgumentParser) -> None:
@@ -397,12 +408,19 @@ def add_loss_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--snr_gamma", type=float,
                        help="SD/SDXL: Min-SNR loss weighting with this gamma (5.0 is the paper's value)")
     group.add_argument("--weighting_scheme", choices=WEIGHTING_SCHEMES,
-                       help="SD3: timestep density and loss weighting (default: logit_normal)")
-    group.add_argument("--logit_mean", type=float, help="SD3 logit_normal: mean (default: 0.0)")
-    group.add_argument("--logit_std", type=float, help="SD3 logit_normal: standard deviation (default: 1.0)")
-    group.add_argument("--mode_scale", type=float, help="SD3 mode weighting: scale (default: 1.29)")
+                       help="SD3/Flux: timestep density and loss weighting (default: logit_normal on SD3, "
+                            "none on Flux, as diffusers' DreamBooth scripts)")
+    group.add_argument("--logit_mean", type=float, help="SD3/Flux logit_normal: mean (default: 0.0)")
+    group.add_argument("--logit_std", type=float,
+                       help="SD3/Flux logit_normal: standard deviation (default: 1.0)")
+    group.add_argument("--mode_scale", type=float, help="SD3/Flux mode weighting: scale (default: 1.29)")
     group.add_argument("--precondition_outputs", action="store_true", default=None,
-                       help="SD3: precondition the prediction to x0 as in SD3's full fine-tuning script")
+                       help="SD3/Flux: precondition the prediction to x0 as in SD3's full fine-tuning script")
+    group.add_argument("--guidance_scale", type=float,
+                       help="Flux: value of the guidance embedding during training (default: 3.5; "
+                            "ignored by models without one, e.g. FLUX.1-schnell)")
+    group.add_argument("--max_sequence_length", type=int,
+                       help="Flux: T5 tokens per prompt (default: 512, at most 512)")
 
 
 def add_validation_arguments(parser: argparse.ArgumentParser) -> None:
@@ -453,12 +471,17 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_family_flags(args: argparse.Namespace, family: str) -> None:
-    """Refuse flags that do not apply to the model's noise process (SD3 flows vs DDPM)."""
-    wrong = FLOW_ONLY_FLAGS if family != "sd3" else DDPM_ONLY_FLAGS
+    """Refuse flags that do not apply to the model's noise process (SD3/Flux flows vs DDPM) or
+    conditioning (Flux's guidance embedding and T5 length)."""
+    flow = family in FLOW_FAMILIES
+    wrong = FLOW_ONLY_FLAGS if not flow else DDPM_ONLY_FLAGS
     given = [f"--{name}" for name in wrong if getattr(args, name, None) not in (None, False)]
     if given:
-        applies = "SD3 (flow matching)" if family != "sd3" else "SD 1.x/2.x and SDXL (DDPM noise)"
+        applies = "SD3 and Flux (flow matching)" if not flow else "SD 1.x/2.x and SDXL (DDPM noise)"
         raise DifftuneError(f"{', '.join(given)} only apply to {applies}; the base model is {family}")
+    given = [f"--{name}" for name in FLUX_ONLY_FLAGS if getattr(args, name, None) is not None]
+    if given and family != "flux":
+        raise DifftuneError(f"{', '.join(given)} only apply to Flux; the base model is {family}")
 
 
 def check_finite_numbers(args: argparse.Namespace) -> None:
@@ -519,6 +542,36 @@ def check_common_arguments(args: argparse.Namespace) -> None:
         raise DifftuneError("--enable_xformers_memory_efficient_attention needs xformers, which is not "
                             "installed: pip install 'difftune[xformers]' (GPU only), or drop the flag to "
                             "use PyTorch's SDPA attention")
+    check_quantized_base(args)
+    length = getattr(args, "max_sequence_length", None)
+    if length is not None and not 1 <= length <= 512:
+        raise DifftuneError(f"--max_sequence_length must be in [1, 512] (FLUX.1's T5 limit), got {length}")
     if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise DifftuneError("--use_8bit_adam needs bitsandbytes, which is not installed: "
                             "pip install bitsandbytes (CUDA GPU), or drop the flag")
+
+
+def check_quantized_base(args: argparse.Namespace) -> None:
+    """``--quantize_base``: refused for methods that need the dense base weight (SaRA first, whatever
+    is installed), then a clear error when bitsandbytes is missing."""
+    import importlib.util
+
+    bits = getattr(args, "quantize_base", None)
+    if bits is None:
+        return
+    method = getattr(args, "adapter", None)
+    if method == "sara":
+        raise DifftuneError(f"--quantize_base {bits} cannot be used with --adapter sara: SaRA trains the "
+                            "base weights themselves (its trained values are written into W0), so they "
+                            "must stay in a float dtype; use --mixed_precision bf16 to halve their memory")
+    if method not in QUANTIZED_BASE_METHODS:
+        raise DifftuneError(f"--quantize_base {bits} supports --adapter {', '.join(QUANTIZED_BASE_METHODS)}; "
+                            f"{method} needs the dense base weight (SVFit splits it by its SVD, TLoRA "
+                            "multiplies it by its transform): use --mixed_precision bf16 instead")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise DifftuneError(f"--quantize_base {bits} needs bitsandbytes, which is not installed: "
+                            "pip install bitsandbytes (CUDA GPU), or drop the flag")
+    model = getattr(args, "pretrained_model_name_or_path", "") or ""
+    if model.startswith("builtin:"):
+        raise DifftuneError(f"--quantize_base loads hub or folder models through diffusers; {model} is "
+                            "built in memory")

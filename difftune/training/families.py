@@ -4,7 +4,9 @@
 per-example noise with offset, the weighted per-example loss, validation prompts); the
 two noise processes add their sampling and targets once each (`NoisePredictionFamily`
 for SD 1.x/2.x and SDXL, `FlowMatchingFamily` for SD3), and the concrete families only
-say how prompts are encoded and what the denoiser is called with.
+say how prompts are encoded and what the denoiser is called with (`FluxFamily` also packs
+the latent into 2x2 patches and passes the guidance embedding, as diffusers' Flux
+DreamBooth script does).
 """
 
 from __future__ import annotations
@@ -22,20 +24,24 @@ from ..model_factory import pipeline_family
 from .data import TrainingBatch
 
 SD3_DEFAULTS = {"weighting_scheme": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29}
+# diffusers' train_dreambooth_lora_flux.py: uniform timesteps and loss, FLUX.1-dev's distilled guidance
+FLUX_DEFAULTS = {"weighting_scheme": "none", "guidance_scale": 3.5, "max_sequence_length": 512}
 
 
 @dataclasses.dataclass
 class LossOptions:
-    """Noise and loss-weighting options; each family reads the ones that apply to it."""
+    """Noise, loss-weighting and conditioning options; each family reads the ones that apply to it."""
 
     noise_offset: float = 0.0
     snr_gamma: float | None = None
     prediction_type: str | None = None
-    weighting_scheme: str = SD3_DEFAULTS["weighting_scheme"]
+    weighting_scheme: str | None = None  # None: the family's default (SD3 logit_normal, Flux none)
     logit_mean: float = SD3_DEFAULTS["logit_mean"]
     logit_std: float = SD3_DEFAULTS["logit_std"]
     mode_scale: float = SD3_DEFAULTS["mode_scale"]
     precondition_outputs: bool = False
+    guidance_scale: float = FLUX_DEFAULTS["guidance_scale"]  # Flux: the guidance embedding's value
+    max_sequence_length: int = FLUX_DEFAULTS["max_sequence_length"]  # Flux: T5 tokens per prompt
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> LossOptions:
@@ -133,7 +139,12 @@ class TrainingFamily(ABC):
 
     def predict(self, model: nn.Module, noisy: NoisyInput, batch: TrainingBatch) -> torch.Tensor:
         """The denoiser output, in the space of ``noisy.target``."""
-        return model(**self.model_kwargs(noisy, batch), return_dict=False)[0]
+        output = model(**self.model_kwargs(noisy, batch), return_dict=False)[0]
+        return self.output_to_latent(output, noisy)
+
+    def output_to_latent(self, output: torch.Tensor, noisy: NoisyInput) -> torch.Tensor:
+        """The denoiser output in the latent's layout (Flux unpacks its token sequence)."""
+        return output
 
     @staticmethod
     def per_example_loss(prediction: torch.Tensor, noisy: NoisyInput) -> torch.Tensor:
@@ -188,7 +199,13 @@ class NoisePredictionFamily(TrainingFamily):
 
 
 class FlowMatchingFamily(TrainingFamily):
-    """Rectified-flow training as in diffusers' SD3 DreamBooth script."""
+    """Rectified-flow training as in diffusers' SD3 and Flux DreamBooth scripts.
+
+    Timesteps and sigmas come from a copy of the pipeline's scheduler, as there: a static
+    ``shift`` (SD3) is in its sigmas; with dynamic shifting (FLUX.1) they are unshifted.
+    """
+
+    default_weighting_scheme: ClassVar[str] = SD3_DEFAULTS["weighting_scheme"]
 
     def __init__(self, pipeline: Any, device: torch.device, options: LossOptions):
         from diffusers import FlowMatchEulerDiscreteScheduler
@@ -204,8 +221,9 @@ class FlowMatchingFamily(TrainingFamily):
         )
 
         opts = self.options
+        scheme = self.weighting_scheme
         density = torch.cat([
-            compute_density_for_timestep_sampling(opts.weighting_scheme, 1, opts.logit_mean, opts.logit_std,
+            compute_density_for_timestep_sampling(scheme, 1, opts.logit_mean, opts.logit_std,
                                                   opts.mode_scale, generator=g)
             for g in generators])
         steps = self.scheduler.config.num_train_timesteps
@@ -215,8 +233,12 @@ class FlowMatchingFamily(TrainingFamily):
         sigmas = sigmas.view(-1, *([1] * (latents.dim() - 1)))
         noisy = (1.0 - sigmas) * latents + sigmas * noise
         target = latents if opts.precondition_outputs else noise - latents
-        weights = compute_loss_weighting_for_sd3(opts.weighting_scheme, sigmas).flatten().float()
+        weights = compute_loss_weighting_for_sd3(scheme, sigmas).flatten().float()
         return NoisyInput(noisy, timesteps, target, weights, sigmas)
+
+    @property
+    def weighting_scheme(self) -> str:
+        return self.options.weighting_scheme or self.default_weighting_scheme
 
     def predict(self, model, noisy, batch):
         prediction = super().predict(model, noisy, batch)
@@ -285,7 +307,50 @@ class SD3Family(FlowMatchingFamily):
                 "pooled_projections": batch.conditioning["pooled_prompt_embeds"]}
 
 
-FAMILIES: dict[str, type[TrainingFamily]] = {cls.name: cls for cls in (SDFamily, SDXLFamily, SD3Family)}
+class FluxFamily(FlowMatchingFamily):
+    """FLUX.1: CLIP pooled + T5 sequence prompts, 2x2-packed latent tokens with position ids,
+    timesteps in [0, 1] and, for guidance-distilled models (dev), the guidance embedding."""
+
+    name = "flux"
+    denoiser_attribute = "transformer"
+    default_weighting_scheme = FLUX_DEFAULTS["weighting_scheme"]
+
+    def encode_prompts(self, prompts, with_negative=False):
+        # FLUX.1 is sampled without classifier-free guidance (dev distils it into the guidance
+        # embedding), so there is no negative prompt to encode.
+        embeds, pooled, _ = self.pipeline.encode_prompt(
+            prompt=prompts, prompt_2=None, device=self.device, num_images_per_prompt=1,
+            max_sequence_length=self.options.max_sequence_length)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+    def model_kwargs(self, noisy, batch):
+        latents = noisy.model_input
+        b, c, h, w = latents.shape
+        pipeline_class = type(self.pipeline)
+        embeds = batch.conditioning["prompt_embeds"]
+        ids = pipeline_class._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, latents.dtype)
+        kwargs = {
+            "hidden_states": pipeline_class._pack_latents(latents, b, c, h, w),
+            "timestep": noisy.timesteps.to(latents.dtype) / 1000,
+            "encoder_hidden_states": embeds,
+            "pooled_projections": batch.conditioning["pooled_prompt_embeds"],
+            "img_ids": ids,
+            "txt_ids": torch.zeros(embeds.shape[1], 3, device=latents.device, dtype=latents.dtype),
+            "guidance": None,
+        }
+        if self.denoiser.config.guidance_embeds:
+            kwargs["guidance"] = torch.full((b,), self.options.guidance_scale, device=latents.device,
+                                            dtype=latents.dtype)
+        return kwargs
+
+    def output_to_latent(self, output, noisy):
+        _, _, h, w = noisy.model_input.shape
+        scale = self.pipeline.vae_scale_factor  # _unpack_latents works in pixels
+        return type(self.pipeline)._unpack_latents(output, h * scale, w * scale, scale)
+
+
+FAMILIES: dict[str, type[TrainingFamily]] = {
+    cls.name: cls for cls in (SDFamily, SDXLFamily, SD3Family, FluxFamily)}
 
 
 def training_family(pipeline: Any, device: torch.device, options: LossOptions) -> TrainingFamily:

@@ -138,7 +138,8 @@ def load_base_pipeline(args: argparse.Namespace, dtype: torch.dtype, device: tor
     from ..model_factory import load_pipeline
 
     pipeline = load_pipeline(args.pretrained_model_name_or_path, torch_dtype=dtype,
-                             revision=args.revision, variant=args.variant)
+                             revision=args.revision, variant=args.variant,
+                             **quantization_kwargs(args, dtype))
     pipeline.vae.to(torch.float32)
     if adapter_path is not None:
         if args.prediction_type:
@@ -147,6 +148,76 @@ def load_base_pipeline(args: argparse.Namespace, dtype: torch.dtype, device: tor
     pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+def is_fsdp(accelerator: Any) -> bool:
+    """Whether accelerate shards the model (FSDP); CPU launches always run as DDP instead."""
+    return str(getattr(accelerator, "distributed_type", "")).endswith("FSDP")
+
+
+def check_fsdp(accelerator: Any, args: argparse.Namespace) -> bool:
+    """Under FSDP: refuse what it cannot do and say what changes; returns whether FSDP is on.
+
+    SaRA writes its trained values into the base weights at every forward: a sharded weight has
+    no whole tensor to write into, so SaRA runs under DDP (or one process), not FSDP. Checkpoints
+    of a sharded run would need per-process shards of the adapter and optimizer state, which
+    difftune's checkpoints do not hold yet: none are written and none are resumed; the adapter
+    is gathered and saved once at the end.
+    """
+    if not is_fsdp(accelerator):
+        return False
+    if args.adapter == "sara":
+        raise DifftuneError("--adapter sara cannot run under FSDP: SaRA trains entries of the base "
+                            "weights themselves, which FSDP shards; launch it with DDP (accelerate "
+                            "launch --multi_gpu) or on one GPU with --mixed_precision bf16")
+    if getattr(args, "resume_from_checkpoint", None):
+        raise DifftuneError("--resume_from_checkpoint is not supported under FSDP (its checkpoints are "
+                            "not written); resume under DDP or on one GPU")
+    if accelerator.is_main_process:
+        warnings.warn("FSDP: no intermediate checkpoints are written (--checkpointing_steps is "
+                      "ignored); the adapter is gathered from the shards and saved at the end",
+                      stacklevel=2)
+    return True
+
+
+def gather_sharded_parameters(model: nn.Module, module_names: Sequence[str]) -> None:
+    """Replace every FSDP2-sharded parameter (a DTensor) of the named modules and their children by
+    its whole tensor, so the adapter's state dict and fingerprint read plain tensors.
+
+    A collective: every process must call it, with the same names. Only the adapted layers are
+    gathered (their adapter tensors and base weights), not the whole model; run it after the
+    last optimizer step, since the modules are no longer sharded afterwards.
+    """
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch without DTensor has no FSDP2 either
+        return
+    for name in module_names:
+        for module in model.get_submodule(name).modules():
+            for key, param in list(module._parameters.items()):
+                if isinstance(param, DTensor):
+                    module._parameters[key] = nn.Parameter(param.full_tensor().detach(),
+                                                           requires_grad=param.requires_grad)
+
+
+def quantization_kwargs(args: argparse.Namespace, dtype: torch.dtype) -> dict[str, Any]:
+    """``from_pretrained`` arguments that load the denoiser through bitsandbytes (``--quantize_base``;
+    checked by arguments.check_quantized_base before anything loads); empty without the flag."""
+    bits = getattr(args, "quantize_base", None)
+    if bits is None:
+        return {}
+    from diffusers import PipelineQuantizationConfig
+
+    from ..model_factory import describe_model
+    from .arguments import QUANTIZATION_BACKENDS
+
+    component = "unet" if describe_model(args.pretrained_model_name_or_path, args.revision).family in (
+        "sd", "sdxl") else "transformer"
+    quant_kwargs: dict[str, Any] = {"load_in_8bit": True} if bits == "8bit" else {
+        "load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": dtype}
+    config = PipelineQuantizationConfig(quant_backend=QUANTIZATION_BACKENDS[bits], quant_kwargs=quant_kwargs,
+                                        components_to_quantize=[component])
+    return {"quantization_config": config}
 
 
 def attach_trainable_adapter(denoiser: nn.Module, args: argparse.Namespace, method_options: dict,
