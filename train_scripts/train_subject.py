@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 import difftune
 from difftune.adapter_file import atomic_write
 from difftune.errors import DifftuneError, run_main
+from difftune.export import FORMATS, LORA_FORMATS, check_export_options, default_output, export_adapter
 from difftune.model_factory import describe_model, load_pipeline
 from difftune.training import arguments, checkpointing, loop, recipes
 from difftune.training.data import SubjectData, SubjectDataset, scan_image_folder, warn_small_images
@@ -113,6 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--no_recipe", action="store_true",
         help="do not fill unset flags from the base model's measured recipe (builtin:embedded has one "
              "per method; the run prints what it applied)")
+
+    export = parser.add_argument_group("export (python -m difftune.export; docs/export.md)")
+    export.add_argument("--export", nargs="+", choices=FORMATS, default=[],
+                        help="also write the adapter in these formats next to adapter.safetensors: kohya "
+                             "(ComfyUI/A1111 LoRA), comfyui (SD3 names), diff, diffusers (merged "
+                             "folder), single-file (merged checkpoint)")
+    export.add_argument("--export_rank", type=int,
+                        help="SVD rank of a kohya/comfyui export of a non-LoRA adapter")
+    export.add_argument("--export_energy", type=float,
+                        help="or: per-layer energy (fraction of ‖ΔW‖²) of that SVD extraction")
 
     arguments.add_training_arguments(parser)  # adapter, optimization, precision, loss, validation, ...
     return parser
@@ -193,6 +204,12 @@ def check_before_loading(argv: list[str] | None = None):
     if args.train_text_encoder:
         check_text_encoder_training(model_info.family)
     method_options = arguments.adapter_options(args, args.adapter)
+    for fmt in args.export:
+        check_export_options(args.adapter, model_info.family, fmt,
+                             args.export_rank if fmt in LORA_FORMATS else None,
+                             args.export_energy if fmt in LORA_FORMATS else None)
+    if (args.export_rank is not None or args.export_energy is not None) and not set(args.export) & set(LORA_FORMATS):
+        raise DifftuneError("--export_rank/--export_energy apply to --export kohya or comfyui")
     resolution = loop.check_before_loading(args, model_info, method_options)
     instance_images = scan_image_folder(args.instance_data_dir, "--instance_data_dir", args.caption_column)
     return args, model_info, method_options, resolution, instance_images
@@ -405,6 +422,14 @@ def main(argv: list[str] | None = None) -> Path:
                       "prior preservation": args.with_prior_preservation,
                       "text encoder": (f"trained, lr {plan.text_encoder_lr:g}" if text_encoders
                                        else "frozen")})
+        for fmt in args.export:
+            lora_format = fmt in LORA_FORMATS
+            report = export_adapter(
+                adapter_path, default_output(adapter_path, fmt), fmt, base_model=args.pretrained_model_name_or_path,
+                rank=args.export_rank if lora_format else None, energy=args.export_energy if lora_format else None,
+                psnr_images=0 if args.skip_final_inference else 2, prompt=sample_prompt,
+                num_inference_steps=args.validation_inference_steps, seed=seed)
+            print(report.summary())
         steps_run = global_step - first_step
         total_seconds = time.perf_counter() - started
         write_train_summary(output_dir, device, method=args.adapter, trainable_parameters=trainable_count,

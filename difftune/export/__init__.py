@@ -35,12 +35,11 @@ from ..api import (
     get_adapter,
     has_adapter,
     load_adapter,
-    merge_adapter,
     read_adapter_info,
     remove_adapter,
 )
 from ..errors import DifftuneError
-from .deltas import adapter_deltas, factor_deltas
+from .deltas import adapter_deltas, factor_deltas, merged_and_base, weights_replaced
 from .formats import diff_tensors, kohya_lora_tensors, lora_factors_from_peft, lora_factors_from_svd
 
 FORMATS = ("kohya", "comfyui", "diff", "diffusers", "single-file")
@@ -48,7 +47,18 @@ LORA_FORMATS = ("kohya", "comfyui")
 EXPORT_METADATA_KEY = "difftune_export"
 DEFAULT_PROMPT = "a photo"
 
-__all__ = ["FORMATS", "ExportReport", "export_adapter"]
+OUTPUT_NAMES = {"kohya": "adapter_kohya.safetensors", "comfyui": "adapter_comfyui.safetensors",
+                "diff": "adapter_diff.safetensors", "diffusers": "merged_diffusers",
+                "single-file": "merged_single_file.safetensors"}
+
+__all__ = ["FORMATS", "ExportReport", "check_export_options", "default_output", "export_adapter"]
+
+
+def default_output(adapter_path: str | os.PathLike, fmt: str) -> Path:
+    """Where an export goes when no --output is given: beside the adapter file."""
+    path = Path(adapter_path)
+    folder = path if path.is_dir() else path.parent
+    return folder / OUTPUT_NAMES[fmt]
 
 
 @dataclasses.dataclass
@@ -125,7 +135,7 @@ def export_adapter(adapter_path: str | os.PathLike, output: str | os.PathLike, f
     ``pipeline`` (a loaded base pipeline without an adapter) saves loading ``base_model`` (default:
     the base named in the adapter's header); it is left without an adapter afterwards.
     """
-    from ..model_factory import load_pipeline, pipeline_family
+    from ..model_factory import describe_model, load_pipeline, pipeline_family
 
     info = read_adapter_info(adapter_path)
     output = Path(output)
@@ -133,6 +143,8 @@ def export_adapter(adapter_path: str | os.PathLike, output: str | os.PathLike, f
         base_model = base_model or info.get("base_model")
         if not base_model:
             raise DifftuneError(f"{adapter_path}: the header names no base model; pass --base")
+        # every option is checked before the weights load
+        check_export_options(info["method"], describe_model(base_model).family, format, rank, energy)
         pipeline = load_pipeline(base_model)
     elif has_adapter(pipeline):
         raise DifftuneError("export_adapter: the pipeline already carries an adapter")
@@ -151,8 +163,10 @@ def export_adapter(adapter_path: str | os.PathLike, output: str | os.PathLike, f
 
 
 def _export_merged(pipeline: Any, output: Path, fmt: str, method: str, family: str) -> ExportReport:
-    merge_adapter(pipeline, unload=False)
-    try:
+    """The base weights with the adapter merged in, written whole; the pipeline is left at its base."""
+    merged = {part: {name: pair[0] for name, pair in tensors.items()}
+              for part, tensors in merged_and_base(pipeline).items()}
+    with weights_replaced(pipeline, merged):
         if fmt == "diffusers":
             _save_folder_atomically(pipeline, output)
             size = sum(p.stat().st_size for p in output.rglob("*") if p.is_file())
@@ -163,8 +177,6 @@ def _export_merged(pipeline: Any, output: Path, fmt: str, method: str, family: s
             write_safetensors(output, tensors, {"format": "pt", EXPORT_METADATA_KEY: json.dumps(
                 {"method": method, "format": fmt, "family": family})})
             size = output.stat().st_size
-    finally:
-        remove_adapter(pipeline)
     report = ExportReport(str(output), fmt, method, family, exact=True, size_bytes=size)
     _write_report(report)
     return report

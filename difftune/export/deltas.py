@@ -9,8 +9,10 @@ factor keeps the kernel shape, the up factor is a 1×1 conv.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -27,17 +29,44 @@ def _tensor(model: nn.Module, name: str) -> torch.Tensor:
     return getattr(model.get_submodule(module_name), attribute).detach()
 
 
-def adapter_deltas(pipeline: Any) -> dict[str, dict[str, torch.Tensor]]:
-    """``{component: {"<module>.weight" | "<module>.bias": ΔW in float32}}`` of the attached adapter(s)
-    at their current scale. The adapters are removed afterwards: the pipeline holds the base model."""
+def merged_and_base(pipeline: Any) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """``{component: {"<module>.weight" | "<module>.bias": (merged, base)}}`` for every tensor the
+    attached adapter(s) change, at their current scale. The adapters are removed afterwards: the
+    pipeline holds the base model again, bit for bit."""
     denoiser, component = find_denoiser(pipeline)
     models = {component: denoiser, **adapted_text_encoders(pipeline)}
     names = {part: get_adapter(model).changed_tensor_names() for part, model in models.items()}
     merge_adapter(pipeline, unload=False)
-    merged = {part: {n: _tensor(models[part], n).float().clone() for n in names[part]} for part in models}
+    merged = {part: {n: _tensor(models[part], n).clone() for n in names[part]} for part in models}
     remove_adapter(pipeline)
-    return {part: {n: merged[part][n] - _tensor(models[part], n).float() for n in names[part]}
+    return {part: {n: (merged[part][n], _tensor(models[part], n).clone()) for n in names[part]}
             for part in models}
+
+
+def adapter_deltas(pipeline: Any) -> dict[str, dict[str, torch.Tensor]]:
+    """``{component: {tensor name: ΔW in float32}}``; see `merged_and_base`."""
+    return {part: {n: merged.float() - base.float() for n, (merged, base) in tensors.items()}
+            for part, tensors in merged_and_base(pipeline).items()}
+
+
+@contextlib.contextmanager
+def weights_replaced(pipeline: Any, values: dict[str, dict[str, torch.Tensor]]) -> Iterator[None]:
+    """Inside the block the named tensors of the pipeline's components hold ``values``; the
+    originals are copied back after it (a merged export without touching the caller's model)."""
+    originals = []
+    try:
+        with torch.no_grad():
+            for component, tensors in values.items():
+                model = getattr(pipeline, component)
+                for name, value in tensors.items():
+                    target = _tensor(model, name)
+                    originals.append((target, target.clone()))
+                    target.copy_(value)
+        yield
+    finally:
+        with torch.no_grad():
+            for target, original in originals:
+                target.copy_(original)
 
 
 @dataclasses.dataclass

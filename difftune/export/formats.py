@@ -44,8 +44,12 @@ def lora_factors_from_peft(state: Mapping[str, torch.Tensor], alpha: float, rank
 
 
 def lora_factors_from_svd(factors: Mapping[str, Factors]) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """Extracted factors at scale 1 (alpha = rank)."""
-    return {m: (f.down, f.up, float(f.rank)) for m, f in factors.items()}
+    """Extracted factors at scale 1, with one alpha for the whole file (the largest rank R; a layer of
+    rank r gets up·r/R). A file whose alphas differ between layers loads wrongly in diffusers 0.42:
+    its alpha_pattern keeps kohya-converted names that match no module, and those layers fall back
+    to the common alpha. One alpha is read the same way by every tool."""
+    alpha = float(max(f.rank for f in factors.values()))
+    return {m: (f.down, f.up * (f.rank / alpha), alpha) for m, f in factors.items()}
 
 
 def diff_tensors(family: str, component: str, deltas: Mapping[str, torch.Tensor],

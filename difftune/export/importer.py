@@ -90,6 +90,26 @@ def _rename_kohya(tensors: dict[str, torch.Tensor], family: str, models: dict[st
     return renamed
 
 
+def _one_alpha(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A kohya-form file with one alpha for every module: each module's alpha/rank is folded into its
+    up factor against the largest alpha. diffusers 0.42 drops per-module alphas it cannot name (its
+    alpha_pattern keeps converted kohya names that match no module), so those modules would load at
+    the wrong strength; with a single alpha there is no pattern to get wrong."""
+    stems = [k.removesuffix(".lora_down.weight") for k in tensors if k.endswith(".lora_down.weight")]
+    alphas = {s: float(tensors[f"{s}.alpha"]) if f"{s}.alpha" in tensors else float(tensors[f"{s}.lora_down.weight"].shape[0])
+              for s in stems}
+    if len(set(alphas.values())) <= 1:
+        return tensors
+    common = max(alphas.values())
+    state = dict(tensors)
+    for stem, alpha in alphas.items():
+        up = f"{stem}.lora_up.weight"
+        if up in state:  # a missing up factor is named by diffusers' converter
+            state[up] = state[up].float() * (alpha / common)
+        state[f"{stem}.alpha"] = torch.tensor(common)
+    return state
+
+
 def _imported_layers(models: dict[str, nn.Module]) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]]:
     """``{component: {module: (A, B, scaling)}}`` of the LoRA layers diffusers' loader made."""
     from peft.tuners.lora import LoraLayer
@@ -149,6 +169,8 @@ def import_lora(pipeline: Any, path: str | os.PathLike, scale: float = 1.0):
     state = dict(tensors)
     if family == "sd3" and any(k.startswith("lora_") for k in tensors):
         state = _rename_kohya(state, family, models, source)
+    else:
+        state = _one_alpha(state)
     diffusers_logger = logging.getLogger("diffusers")
     level = diffusers_logger.level
     diffusers_logger.setLevel(logging.ERROR)  # its partial-load warnings are replaced by the check below

@@ -24,10 +24,20 @@ KOHYA_PREFIXES: dict[str, dict[str, str]] = {
 # diffusers → LDM names inside a UNet resnet block (the inverse of diffusers' own single-file map)
 _RESNET_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-_UNET_TOP_LDM = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-                 "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
-                 "class_embedding.linear_1": "label_emb.0.0", "class_embedding.linear_2": "label_emb.0.2",
-                 "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+
+
+def _module_table(table: Mapping[str, str]) -> dict[str, str]:
+    return {k.removesuffix(".weight"): v.removesuffix(".weight") for k, v in table.items() if k.endswith(".weight")}
+
+
+def _unet_top_ldm() -> dict[str, str]:
+    """Modules outside the blocks (time/label embeddings, conv_in, conv_out), from diffusers' own
+    single-file table."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    tables = DIFFUSERS_TO_LDM_MAPPING["unet"]
+    return {name: ldm for part in ("layers", "class_embed_type", "addition_embed_type")
+            for name, ldm in _module_table(tables[part]).items()}
 
 
 def _config_value(config: Mapping[str, Any], key: str) -> Any:
@@ -77,7 +87,7 @@ def ldm_unet_name(name: str, config: Mapping[str, Any],
                   prefixes: list[tuple[str, str, bool]] | None = None) -> str:
     """The LDM name of a diffusers UNet module or tensor name (``down_blocks.1.attentions.0.proj_in`` →
     ``input_blocks.4.1.proj_in``); a DifftuneError for a name with no LDM counterpart."""
-    for diffusers_name, ldm_name in _UNET_TOP_LDM.items():
+    for diffusers_name, ldm_name in _unet_top_ldm().items():
         if name == diffusers_name or name.startswith(diffusers_name + "."):
             return ldm_name + name[len(diffusers_name):]
     for diffusers_prefix, ldm_prefix, is_resnet in prefixes or unet_block_prefixes(config):
@@ -95,5 +105,17 @@ def kohya_module_name(family: str, component: str, module: str, unet_config: Map
     prefixes = KOHYA_PREFIXES.get(family)
     if prefixes is None or component not in prefixes:
         raise DifftuneError(f"no kohya LoRA names for the {component} of a '{family}' model")
-    path = ldm_unet_name(module, unet_config) if family == "sdxl" and component == "unet" else module
+    if family == "sdxl" and component == "unet":
+        path = ldm_unet_name(module, unet_config)
+    else:
+        path = clip_text_path(module) if component.startswith("text_encoder") else module
     return f"{prefixes[component]}_{path.replace('.', '_')}"
+
+
+def clip_text_path(name: str) -> str:
+    """A CLIP text-encoder module or tensor name as the original checkpoints spell it (under
+    ``text_model.``): transformers 5.6 dropped that level from CLIPTextModel (not from
+    CLIPTextModelWithProjection), the tools and files kept it."""
+    if name.startswith(("text_model.", "text_projection")):
+        return name
+    return f"text_model.{name}"
