@@ -1,6 +1,7 @@
 """difftune.export and the import of other tools' LoRA files, each checked against an independent
 computation: diffusers' own loaders and converters, kohya sd-scripts' naming rule, dense ΔW."""
 
+import itertools
 import json
 import math
 
@@ -37,20 +38,24 @@ def stems(path):
     return {key.split(".")[0] for key in load_file(path)}
 
 
-@pytest.mark.parametrize(("family", "targets"), [("sd", ("attn",)), ("sd", ("attn", "conv")),
-                                                 ("sdxl", ("attn", "conv"))])
+@pytest.mark.parametrize(
+    ("family", "targets"), [("sd", ("attn",)), ("sd", ("attn", "conv")), ("sdxl", ("attn", "conv"))]
+)
 def test_kohya_lora_loads_in_diffusers_as_in_difftune(tmp_path, family, targets):
     # alpha 8 at rank 4: strength 2, which diffusers' convert_state_dict_to_kohya would halve
     path, images, pipe = trained_file(tmp_path, family, targets=targets, rank=4, alpha=8.0)
     base = generate(pipe)
-    report = export_adapter(path, tmp_path / "kohya.safetensors", "kohya", pipeline=pipe, psnr_images=1,
-                            num_inference_steps=2)
+    report = export_adapter(
+        path, tmp_path / "kohya.safetensors", "kohya", pipeline=pipe, psnr_images=1, num_inference_steps=2
+    )
     assert report.exact and report.identical_images
     assert not difftune.has_adapter(pipe)
     tensors = load_file(tmp_path / "kohya.safetensors")
     assert {float(v) for k, v in tensors.items() if k.endswith(".alpha")} == {8.0}
     conv_downs = [v for k, v in tensors.items() if k.endswith("lora_down.weight") and v.dim() == 4]
-    assert bool(conv_downs) == ("conv" in targets) and any(v.shape[-1] == 3 for v in conv_downs) == ("conv" in targets)
+    assert bool(conv_downs) == ("conv" in targets) and any(v.shape[-1] == 3 for v in conv_downs) == (
+        "conv" in targets
+    )
     fresh = build(family)
     fresh.load_lora_weights(str(tmp_path / "kohya.safetensors"))
     assert float(abs(generate(fresh) - images).max()) < TOL
@@ -93,7 +98,9 @@ def test_sdxl_names_are_the_ldm_layout_diffusers_converts_back():
     assert set(converted) == set(original)
     assert all(torch.equal(converted[k], original[k]) for k in original)
     # the second text encoder in the OpenCLIP layout converts back too
-    openclip = convert_open_clip_checkpoint(pipe.text_encoder_2, tensors, prefix="conditioner.embedders.1.model.")
+    openclip = convert_open_clip_checkpoint(
+        pipe.text_encoder_2, tensors, prefix="conditioner.embedders.1.model."
+    )
     te2 = pipe.text_encoder_2.state_dict()
     assert set(openclip) == set(te2) and all(torch.equal(openclip[k], te2[k]) for k in te2)
 
@@ -110,25 +117,42 @@ def test_svd_full_rank_is_exact_and_error_falls_with_rank():
             true_error = float((delta - approx).norm() / delta.norm())
             assert factors.relative_error == pytest.approx(true_error, rel=1e-3, abs=1e-5)
             errors.append(true_error)
-        assert errors[-1] < 1e-5 and all(b < a for a, b in zip(errors, errors[1:], strict=False))
+        assert errors[-1] < 1e-5 and all(b < a for a, b in itertools.pairwise(errors))
         assert torch.allclose(dense(factors.up, factors.down), delta, atol=1e-5)
         by_energy = low_rank_factors(delta, energy=0.9)
         sigma = torch.linalg.svdvals(delta.reshape(shape[0], -1).double())
-        kept = (sigma[:by_energy.rank] ** 2).sum() / (sigma ** 2).sum()
-        dropped_one = (sigma[:by_energy.rank - 1] ** 2).sum() / (sigma ** 2).sum()
+        kept = (sigma[: by_energy.rank] ** 2).sum() / (sigma**2).sum()
+        dropped_one = (sigma[: by_energy.rank - 1] ** 2).sum() / (sigma**2).sum()
         assert kept >= 0.9 > dropped_one
 
 
 def test_svfit_exports_at_full_rank_exactly_and_reports_the_cost_of_lower_ranks(tmp_path):
     path, images, pipe = trained_file(tmp_path, "sd", "svfit", targets=("attn",))
-    full = export_adapter(path, tmp_path / "full.safetensors", "kohya", pipeline=pipe, rank=10_000,
-                          psnr_images=1, num_inference_steps=2)
+    full = export_adapter(
+        path,
+        tmp_path / "full.safetensors",
+        "kohya",
+        pipeline=pipe,
+        rank=10_000,
+        psnr_images=1,
+        num_inference_steps=2,
+    )
     assert full.relative_error < 1e-5
     fresh = build("sd")
     fresh.load_lora_weights(str(tmp_path / "full.safetensors"))
     assert float(abs(generate(fresh) - images).max()) < 1e-4
-    errors = [export_adapter(path, tmp_path / f"r{r}.safetensors", "kohya", pipeline=pipe, rank=r,
-                             psnr_images=1, num_inference_steps=2) for r in (1, 4)]
+    errors = [
+        export_adapter(
+            path,
+            tmp_path / f"r{r}.safetensors",
+            "kohya",
+            pipeline=pipe,
+            rank=r,
+            psnr_images=1,
+            num_inference_steps=2,
+        )
+        for r in (1, 4)
+    ]
     assert errors[0].relative_error > errors[1].relative_error > full.relative_error
     assert errors[0].psnr_db < errors[1].psnr_db
     report = json.loads((tmp_path / "r1.safetensors.report.json").read_text())
@@ -148,8 +172,10 @@ def test_diff_export_holds_exactly_the_merged_change(tmp_path):
     difftune.merge_adapter(pipe)
     merged = pipe.unet.state_dict()
     changed = {k for k in base if not torch.equal(base[k], merged[k])}
-    diff_key = {k: f"lora_unet_{k.rsplit('.', 1)[0].replace('.', '_')}.{'diff' if k.endswith('weight') else 'diff_b'}"
-                for k in base}
+    diff_key = {
+        k: f"lora_unet_{k.rsplit('.', 1)[0].replace('.', '_')}.{'diff' if k.endswith('weight') else 'diff_b'}"
+        for k in base
+    }
     assert changed and {diff_key[k] for k in changed} <= set(diffs)
     state_key = {d: k for k, d in diff_key.items()}
     for key, value in diffs.items():
@@ -160,8 +186,9 @@ def test_single_file_export_opens_with_from_single_file(tmp_path):
     path, _, pipe = trained_file(tmp_path, "sd", rank=4, alpha=8.0)
     pipe.save_pretrained(tmp_path / "base")
     export_adapter(path, tmp_path / "single.safetensors", "single-file", pipeline=pipe)
-    loaded = type(pipe).from_single_file(str(tmp_path / "single.safetensors"), config=str(tmp_path / "base"),
-                                         local_files_only=True)
+    loaded = type(pipe).from_single_file(
+        str(tmp_path / "single.safetensors"), config=str(tmp_path / "base"), local_files_only=True
+    )
     difftune.load_adapter(pipe, path)
     difftune.merge_adapter(pipe)
     for component in ("unet", "vae", "text_encoder"):
@@ -187,10 +214,14 @@ def test_export_then_import_gives_the_same_images(tmp_path, family, fmt):
     path, images, pipe = trained_file(tmp_path, family, targets=targets, rank=4, alpha=2.0)
     export_adapter(path, tmp_path / "out.safetensors", fmt, pipeline=pipe, psnr_images=0)
     if family == "sd3":
-        assert all(s.startswith("lora_transformer_transformer_blocks_") for s in stems(tmp_path / "out.safetensors"))
+        assert all(
+            s.startswith("lora_transformer_transformer_blocks_") for s in stems(tmp_path / "out.safetensors")
+        )
     adapter = difftune.load_adapter(pipe, tmp_path / "out.safetensors")
     # SD3: diffusers reads no alpha there, so the import folds alpha/rank into the up factors
-    assert adapter.config.rank == 4 and adapter.config.effective_alpha == pytest.approx(2.0 if family == "sd" else 4.0)
+    assert adapter.config.rank == 4 and adapter.config.effective_alpha == pytest.approx(
+        2.0 if family == "sd" else 4.0
+    )
     assert float(abs(generate(pipe) - images).max()) < TOL
     difftune.save_adapter(pipe, tmp_path / "again.safetensors")  # now a difftune file, to train further
     difftune.remove_adapter(pipe)
@@ -202,9 +233,16 @@ def test_import_of_a_diffusers_lora_with_mixed_ranks(tmp_path):
     from peft import LoraConfig
 
     pipe = build("sd")
-    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"],
-                                     rank_pattern={"to_v": 2}, alpha_pattern={"to_v": 6},
-                                     init_lora_weights="gaussian"))
+    pipe.unet.add_adapter(
+        LoraConfig(
+            r=4,
+            lora_alpha=4,
+            target_modules=["to_q", "to_v"],
+            rank_pattern={"to_v": 2},
+            alpha_pattern={"to_v": 6},
+            init_lora_weights="gaussian",
+        )
+    )
     randomize_lora = [p for n, p in pipe.unet.named_parameters() if "lora_B" in n]
     with torch.no_grad():
         for param in randomize_lora:
@@ -229,8 +267,13 @@ def test_import_refuses_a_file_with_an_unmapped_key(tmp_path):
     export_adapter(path, tmp_path / "kohya.safetensors", "kohya", pipeline=pipe, psnr_images=0)
     tensors = load_file(tmp_path / "kohya.safetensors")
     stray = "lora_unet_down_blocks_0_attentions_7_transformer_blocks_0_attn1_to_q"
-    tensors.update({f"{stray}.lora_down.weight": torch.zeros(2, 32), f"{stray}.lora_up.weight": torch.zeros(32, 2),
-                    f"{stray}.alpha": torch.tensor(2.0)})
+    tensors.update(
+        {
+            f"{stray}.lora_down.weight": torch.zeros(2, 32),
+            f"{stray}.lora_up.weight": torch.zeros(32, 2),
+            f"{stray}.alpha": torch.tensor(2.0),
+        }
+    )
     save_file(tensors, tmp_path / "stray.safetensors")
     with pytest.raises(AdapterFileError, match=f"'{stray}.lora_down.weight'.*nothing was loaded"):
         difftune.load_adapter(pipe, tmp_path / "stray.safetensors")
@@ -242,9 +285,11 @@ def test_import_refuses_a_file_with_an_unmapped_key(tmp_path):
 
 def test_bad_options_are_refused_before_loading(tmp_path):
     path, _, _ = trained_file(tmp_path, "sd", "svfit", targets=("attn",))
-    cases = {("kohya", None): "not a LoRA: give --rank R or --energy E",
-             ("single-file", 4): "--rank/--energy only apply",
-             ("onnx", None): "--format 'onnx'"}
+    cases = {
+        ("kohya", None): "not a LoRA: give --rank R or --energy E",
+        ("single-file", 4): "--rank/--energy only apply",
+        ("onnx", None): "--format 'onnx'",
+    }
     for (fmt, rank), message in cases.items():
         with pytest.raises(DifftuneError, match=message):
             export_adapter(path, tmp_path / "x", fmt, rank=rank)
@@ -253,3 +298,96 @@ def test_bad_options_are_refused_before_loading(tmp_path):
         export_adapter(sd3_path, tmp_path / "x", "single-file")
     with safe_open(str(path), "pt") as handle:
         assert "difftune" in handle.metadata()
+
+
+def test_trainer_writes_exports_next_to_the_adapter(train_subject, subject_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    train_subject(
+        "--pretrained_model_name_or_path",
+        "builtin:tiny-sd",
+        "--instance_data_dir",
+        subject_dir,
+        "--instance_prompt",
+        "a photo of sks disc",
+        "--output_dir",
+        out,
+        "--max_train_steps",
+        2,
+        "--report_to",
+        "none",
+        "--seed",
+        0,
+        "--adapter",
+        "svfit",
+        "--learning_rate",
+        0.05,
+        "--num_validation_images",
+        1,
+        "--validation_inference_steps",
+        2,
+        "--export",
+        "kohya",
+        "diff",
+        "--export_rank",
+        2,
+    )
+    printed = capsys.readouterr().out
+    assert "kohya export of a svfit adapter (sd)" in printed and "diff export of a svfit adapter" in printed
+    report = json.loads((out / "adapter_kohya.safetensors.report.json").read_text())
+    assert {layer["rank"] for layer in report["layers"]} == {2} and report["psnr_db"] is not None
+    assert (out / "adapter_diff.safetensors").is_file() and (
+        out / "adapter_kohya.safetensors.compare.png"
+    ).is_file()
+    # a SaRA/SVFit/TLoRA export needs its rank, and the format must fit the family: refused before training
+    base = [
+        "--instance_data_dir",
+        subject_dir,
+        "--instance_prompt",
+        "a sks disc",
+        "--output_dir",
+        tmp_path / "o",
+    ]
+    with pytest.raises(DifftuneError, match="not a LoRA: give --rank R or --energy E"):
+        train_subject(
+            *base,
+            "--pretrained_model_name_or_path",
+            "builtin:tiny-sd",
+            "--adapter",
+            "svfit",
+            "--export",
+            "kohya",
+        )
+    with pytest.raises(DifftuneError, match="single-file writes the original SD 1.x/SDXL layout"):
+        train_subject(*base, "--pretrained_model_name_or_path", "builtin:tiny-sd3", "--export", "single-file")
+    assert not (tmp_path / "o" / "adapter.safetensors").exists()
+
+
+def test_trainer_continues_from_another_tools_lora_file(train_subject, subject_dir, tmp_path):
+    path, images, pipe = trained_file(tmp_path, "sd", targets=("attn", "conv"), rank=2, alpha=4.0)
+    export_adapter(path, tmp_path / "kohya.safetensors", "kohya", pipeline=pipe, psnr_images=0)
+    flags = [
+        "--pretrained_model_name_or_path",
+        "builtin:tiny-sd",
+        "--instance_data_dir",
+        subject_dir,
+        "--instance_prompt",
+        "a photo of sks disc",
+        "--max_train_steps",
+        1,
+        "--report_to",
+        "none",
+        "--seed",
+        0,
+        "--skip_final_inference",
+        "--init_adapter",
+        tmp_path / "kohya.safetensors",
+    ]
+    train_subject(
+        *flags, "--output_dir", tmp_path / "run", "--learning_rate", 1e-12, "--adam_weight_decay", 0
+    )
+    info = difftune.read_adapter_info(tmp_path / "run" / "adapter.safetensors")
+    assert info["method"] == "lora" and info["config"]["rank"] == 2 and info["config"]["alpha"] == 4.0
+    difftune.load_adapter(pipe, tmp_path / "run" / "adapter.safetensors")
+    assert float(abs(generate(pipe) - images).max()) < 1e-4  # one step at lr 1e-12 changes nothing visible
+    with pytest.raises(DifftuneError, match="holds a lora adapter, but --adapter is svfit"):
+        train_subject(*flags, "--output_dir", tmp_path / "o", "--adapter", "svfit")

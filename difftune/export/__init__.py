@@ -47,9 +47,13 @@ LORA_FORMATS = ("kohya", "comfyui")
 EXPORT_METADATA_KEY = "difftune_export"
 DEFAULT_PROMPT = "a photo"
 
-OUTPUT_NAMES = {"kohya": "adapter_kohya.safetensors", "comfyui": "adapter_comfyui.safetensors",
-                "diff": "adapter_diff.safetensors", "diffusers": "merged_diffusers",
-                "single-file": "merged_single_file.safetensors"}
+OUTPUT_NAMES = {
+    "kohya": "adapter_kohya.safetensors",
+    "comfyui": "adapter_comfyui.safetensors",
+    "diff": "adapter_diff.safetensors",
+    "diffusers": "merged_diffusers",
+    "single-file": "merged_single_file.safetensors",
+}
 
 __all__ = ["FORMATS", "ExportReport", "check_export_options", "default_output", "export_adapter"]
 
@@ -83,17 +87,23 @@ class ExportReport:
     sampling: dict[str, Any] | None = None
 
     def summary(self) -> str:
-        lines = [f"{self.format} export of a {self.method} adapter ({self.family}): {self.path} "
-                 f"({self.size_bytes / 2**20:.2f} MiB, {'exact' if self.exact else 'approximate'})"]
+        lines = [
+            f"{self.format} export of a {self.method} adapter ({self.family}): {self.path} "
+            f"({self.size_bytes / 2**20:.2f} MiB, {'exact' if self.exact else 'approximate'})"
+        ]
         if self.relative_error is not None:
             ranks = sorted({layer["rank"] for layer in self.layers})
             rank_text = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}–{ranks[-1]}"
-            lines.append(f"  {len(self.layers)} layers at {rank_text}: relative Frobenius error "
-                         f"{self.relative_error:.4f} overall, worst layer "
-                         f"{max(layer['relative_error'] for layer in self.layers):.4f}")
+            lines.append(
+                f"  {len(self.layers)} layers at {rank_text}: relative Frobenius error "
+                f"{self.relative_error:.4f} overall, worst layer "
+                f"{max(layer['relative_error'] for layer in self.layers):.4f}"
+            )
         if self.not_representable:
-            lines.append(f"  {len(self.not_representable)} changed biases/norms have no LoRA form and are "
-                         "left out (counted in the error); --format diff keeps them")
+            lines.append(
+                f"  {len(self.not_representable)} changed biases/norms have no LoRA form and are "
+                "left out (counted in the error); --format diff keeps them"
+            )
         if self.identical_images:
             lines.append(f"  images: identical to the adapter's ({self.images})")
         elif self.psnr_db is not None:
@@ -113,22 +123,38 @@ def check_export_options(method: str, family: str, fmt: str, rank: int | None, e
     if energy is not None and not 0.0 < energy <= 1.0:
         raise DifftuneError(f"--energy must be in (0, 1], got {energy}")
     if fmt == "single-file" and family not in ("sd", "sdxl"):
-        raise DifftuneError(f"--format single-file writes the original SD 1.x/SDXL layout; a {family} model "
-                            "exports with --format diffusers")
+        raise DifftuneError(
+            f"--format single-file writes the original SD 1.x/SDXL layout; a {family} model "
+            "exports with --format diffusers"
+        )
     if fmt == "kohya" and family == "sd3":
-        raise DifftuneError("SD3 has no kohya LoRA naming that A1111 reads; use --format comfyui "
-                            "(the names ComfyUI maps for SD3)")
+        raise DifftuneError(
+            "SD3 has no kohya LoRA naming that A1111 reads; use --format comfyui "
+            "(the names ComfyUI maps for SD3)"
+        )
     if fmt in LORA_FORMATS and method != "lora" and rank is None and energy is None:
-        raise DifftuneError(f"a {method} adapter is not a LoRA: give --rank R or --energy E for its SVD "
-                            "extraction, or use --format diff (lossless)")
+        raise DifftuneError(
+            f"a {method} adapter is not a LoRA: give --rank R or --energy E for its SVD "
+            "extraction, or use --format diff (lossless)"
+        )
     if fmt not in LORA_FORMATS and (rank is not None or energy is not None):
         raise DifftuneError(f"--rank/--energy only apply to --format kohya/comfyui, not {fmt}")
 
 
-def export_adapter(adapter_path: str | os.PathLike, output: str | os.PathLike, format: str = "kohya", *,
-                   base_model: str | None = None, pipeline: Any = None, rank: int | None = None,
-                   energy: float | None = None, psnr_images: int = 2, prompt: str = DEFAULT_PROMPT,
-                   num_inference_steps: int = 20, seed: int = 0) -> ExportReport:
+def export_adapter(
+    adapter_path: str | os.PathLike,
+    output: str | os.PathLike,
+    format: str = "kohya",
+    *,
+    base_model: str | None = None,
+    pipeline: Any = None,
+    rank: int | None = None,
+    energy: float | None = None,
+    psnr_images: int = 2,
+    prompt: str = DEFAULT_PROMPT,
+    num_inference_steps: int = 20,
+    seed: int = 0,
+) -> ExportReport:
     """Write ``adapter_path`` in ``format`` to ``output`` and return the report (also written as
     ``<output>.report.json``, with an image grid base | adapter | export when images are compared).
 
@@ -155,8 +181,19 @@ def export_adapter(adapter_path: str | os.PathLike, output: str | os.PathLike, f
     try:
         if format in ("diffusers", "single-file"):
             return _export_merged(pipeline, output, format, info["method"], family)
-        return _export_weights(pipeline, output, format, info, family, rank, energy,
-                               psnr_images, prompt, num_inference_steps, seed)
+        return _export_weights(
+            pipeline,
+            output,
+            format,
+            info,
+            family,
+            rank,
+            energy,
+            psnr_images,
+            prompt,
+            num_inference_steps,
+            seed,
+        )
     finally:
         if has_adapter(pipeline):
             remove_adapter(pipeline)
@@ -164,8 +201,10 @@ def export_adapter(adapter_path: str | os.PathLike, output: str | os.PathLike, f
 
 def _export_merged(pipeline: Any, output: Path, fmt: str, method: str, family: str) -> ExportReport:
     """The base weights with the adapter merged in, written whole; the pipeline is left at its base."""
-    merged = {part: {name: pair[0] for name, pair in tensors.items()}
-              for part, tensors in merged_and_base(pipeline).items()}
+    merged = {
+        part: {name: pair[0] for name, pair in tensors.items()}
+        for part, tensors in merged_and_base(pipeline).items()
+    }
     with weights_replaced(pipeline, merged):
         if fmt == "diffusers":
             _save_folder_atomically(pipeline, output)
@@ -174,8 +213,14 @@ def _export_merged(pipeline: Any, output: Path, fmt: str, method: str, family: s
             from .checkpoint import single_file_state_dict
 
             tensors = single_file_state_dict(pipeline, family)
-            write_safetensors(output, tensors, {"format": "pt", EXPORT_METADATA_KEY: json.dumps(
-                {"method": method, "format": fmt, "family": family})})
+            write_safetensors(
+                output,
+                tensors,
+                {
+                    "format": "pt",
+                    EXPORT_METADATA_KEY: json.dumps({"method": method, "format": fmt, "family": family}),
+                },
+            )
             size = output.stat().st_size
     report = ExportReport(str(output), fmt, method, family, exact=True, size_bytes=size)
     _write_report(report)
@@ -204,21 +249,34 @@ def _components(pipeline: Any) -> dict[str, Any]:
     return {component: denoiser, **adapted_text_encoders(pipeline)}
 
 
-def _export_weights(pipeline: Any, output: Path, fmt: str, info: dict[str, Any], family: str,
-                    rank: int | None, energy: float | None, psnr_images: int, prompt: str,
-                    num_inference_steps: int, seed: int) -> ExportReport:
+def _export_weights(
+    pipeline: Any,
+    output: Path,
+    fmt: str,
+    info: dict[str, Any],
+    family: str,
+    rank: int | None,
+    energy: float | None,
+    psnr_images: int,
+    prompt: str,
+    num_inference_steps: int,
+    seed: int,
+) -> ExportReport:
     method = info["method"]
-    unet_config = getattr(pipeline, "unet").config if family in ("sd", "sdxl") else None
+    unet_config = pipeline.unet.config if family in ("sd", "sdxl") else None
     reference = _sample(pipeline, psnr_images, prompt, num_inference_steps, seed) if fmt != "diff" else None
     tensors: dict[str, torch.Tensor] = {}
-    report = ExportReport(str(output), fmt, method, family, exact=False, size_bytes=0, rank=rank, energy=energy)
+    report = ExportReport(
+        str(output), fmt, method, family, exact=False, size_bytes=0, rank=rank, energy=energy
+    )
     exact_lora = method == "lora" and fmt in LORA_FORMATS and rank is None and energy is None
     if exact_lora:
         for component, model in _components(pipeline).items():
             adapter = get_adapter(model)
             cfg = adapter.config
-            factors = lora_factors_from_peft(adapter.adapter_state_dict(), cfg.effective_alpha, cfg.rank,
-                                             cfg.use_rslora)
+            factors = lora_factors_from_peft(
+                adapter.adapter_state_dict(), cfg.effective_alpha, cfg.rank, cfg.use_rslora
+            )
             tensors.update(kohya_lora_tensors(family, component, factors, unet_config))
         remove_adapter(pipeline)
         report.exact = True
@@ -230,11 +288,25 @@ def _export_weights(pipeline: Any, output: Path, fmt: str, info: dict[str, Any],
             report.exact = True
         else:
             _factor_into(report, tensors, deltas, family, unet_config, rank, energy)
-    metadata = {"format": "pt", EXPORT_METADATA_KEY: json.dumps(
-        {"method": method, "format": fmt, "family": family, "exact": report.exact, "rank": rank,
-         "energy": energy, "relative_error": report.relative_error, "base_model": info.get("base_model")})}
+    metadata = {
+        "format": "pt",
+        EXPORT_METADATA_KEY: json.dumps(
+            {
+                "method": method,
+                "format": fmt,
+                "family": family,
+                "exact": report.exact,
+                "rank": rank,
+                "energy": energy,
+                "relative_error": report.relative_error,
+                "base_model": info.get("base_model"),
+            }
+        ),
+    }
     if fmt in LORA_FORMATS:
-        metadata.update({"ss_network_module": "networks.lora", "ss_base_model_version": _base_version(family)})
+        metadata.update(
+            {"ss_network_module": "networks.lora", "ss_base_model_version": _base_version(family)}
+        )
     write_safetensors(output, tensors, metadata)
     report.size_bytes = output.stat().st_size
     if reference:
@@ -243,24 +315,40 @@ def _export_weights(pipeline: Any, output: Path, fmt: str, info: dict[str, Any],
     return report
 
 
-def _factor_into(report: ExportReport, tensors: dict[str, torch.Tensor], deltas: dict[str, dict[str, torch.Tensor]],
-                 family: str, unet_config: Any, rank: int | None, energy: float | None) -> None:
+def _factor_into(
+    report: ExportReport,
+    tensors: dict[str, torch.Tensor],
+    deltas: dict[str, dict[str, torch.Tensor]],
+    family: str,
+    unet_config: Any,
+    rank: int | None,
+    energy: float | None,
+) -> None:
     residual_sq = total_sq = 0.0
     for component, part in deltas.items():
         factors, dropped = factor_deltas(part, rank, energy, f"SVD of the {component}'s ΔW")
         tensors.update(kohya_lora_tensors(family, component, lora_factors_from_svd(factors), unet_config))
         for module, each in factors.items():
-            report.layers.append({"component": component, "module": module, "shape": list(part[f"{module}.weight"].shape),
-                                  "rank": each.rank, "relative_error": each.relative_error, "norm": each.norm})
-            residual_sq += each.residual ** 2
-            total_sq += each.norm ** 2
+            report.layers.append(
+                {
+                    "component": component,
+                    "module": module,
+                    "shape": list(part[f"{module}.weight"].shape),
+                    "rank": each.rank,
+                    "relative_error": each.relative_error,
+                    "norm": each.norm,
+                }
+            )
+            residual_sq += each.residual**2
+            total_sq += each.norm**2
         for name, norm in dropped.items():
             report.not_representable[f"{component}.{name}"] = norm
-            residual_sq += norm ** 2
-            total_sq += norm ** 2
+            residual_sq += norm**2
+            total_sq += norm**2
     if not report.layers:
-        raise DifftuneError("the adapter changes no Linear or Conv2d weight: nothing to factor into a LoRA; "
-                            "use --format diff")
+        raise DifftuneError(
+            "the adapter changes no Linear or Conv2d weight: nothing to factor into a LoRA; use --format diff"
+        )
     report.relative_error = math.sqrt(residual_sq / total_sq) if total_sq > 0 else 0.0
 
 
@@ -275,8 +363,14 @@ def _sample(pipeline: Any, count: int, prompt: str, steps: int, seed: int) -> li
 
     denoiser, _ = find_denoiser(pipeline)
     resolution = int(denoiser.config.sample_size) * int(pipeline.vae_scale_factor)
-    return generate_images(pipeline, {"prompt": prompt}, num_images=count, seed=seed,
-                           num_inference_steps=steps, resolution=resolution)
+    return generate_images(
+        pipeline,
+        {"prompt": prompt},
+        num_images=count,
+        seed=seed,
+        num_inference_steps=steps,
+        resolution=resolution,
+    )
 
 
 def psnr(reference: list[Any], images: list[Any]) -> float:
@@ -287,8 +381,16 @@ def psnr(reference: list[Any], images: list[Any]) -> float:
     return math.inf if mse == 0 else 10 * math.log10(1 / mse)
 
 
-def _compare_images(report: ExportReport, pipeline: Any, reference: list[Any], output: Path, count: int,
-                    prompt: str, steps: int, seed: int) -> None:
+def _compare_images(
+    report: ExportReport,
+    pipeline: Any,
+    reference: list[Any],
+    output: Path,
+    count: int,
+    prompt: str,
+    steps: int,
+    seed: int,
+) -> None:
     """Samples from the exported file (imported as other tools' files are) against the adapter's."""
     from ..training.validation import save_grid
 
@@ -304,8 +406,13 @@ def _compare_images(report: ExportReport, pipeline: Any, reference: list[Any], o
     grid = output.with_name(output.name + ".compare.png")
     save_grid([*base, *reference, *exported], grid, columns=count)
     report.images = str(grid)
-    report.sampling = {"prompt": prompt, "images": count, "steps": steps, "seed": seed,
-                       "grid_rows": "base model | adapter | export"}
+    report.sampling = {
+        "prompt": prompt,
+        "images": count,
+        "steps": steps,
+        "seed": seed,
+        "grid_rows": "base model | adapter | export",
+    }
 
 
 def _write_report(report: ExportReport) -> Path:

@@ -22,8 +22,13 @@ VAE_PREFIX = "first_stage_model."
 CLIP_PREFIXES = {"sd": "cond_stage_model.transformer.", "sdxl": "conditioner.embedders.0.transformer."}
 OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-_OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
-                    "self_attn.out_proj": "attn.out_proj"}
+_OPEN_CLIP_LAYER = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+    "self_attn.out_proj": "attn.out_proj",
+}
 
 
 def ldm_vae_name(key: str, num_blocks: int) -> str:
@@ -34,15 +39,30 @@ def ldm_vae_name(key: str, num_blocks: int) -> str:
     if key in top:
         return top[key]
     rules = [
-        (r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", lambda m: f"encoder.down.{m[1]}.block.{m[2]}.{m[3]}"),
-        (r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.(.+)", lambda m: f"encoder.down.{m[1]}.downsample.{m[2]}"),
-        (r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)",
-         lambda m: f"decoder.up.{num_blocks - 1 - int(m[1])}.block.{m[2]}.{m[3]}"),
-        (r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.(.+)",
-         lambda m: f"decoder.up.{num_blocks - 1 - int(m[1])}.upsample.{m[2]}"),
-        (r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", lambda m: f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3]}"),
-        (r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)",
-         lambda m: f"{m[1]}.mid.attn_1.{_VAE_ATTENTION[m[2]]}.{m[3]}"),
+        (
+            r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)",
+            lambda m: f"encoder.down.{m[1]}.block.{m[2]}.{m[3]}",
+        ),
+        (
+            r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.(.+)",
+            lambda m: f"encoder.down.{m[1]}.downsample.{m[2]}",
+        ),
+        (
+            r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)",
+            lambda m: f"decoder.up.{num_blocks - 1 - int(m[1])}.block.{m[2]}.{m[3]}",
+        ),
+        (
+            r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.(.+)",
+            lambda m: f"decoder.up.{num_blocks - 1 - int(m[1])}.upsample.{m[2]}",
+        ),
+        (
+            r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)",
+            lambda m: f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3]}",
+        ),
+        (
+            r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)",
+            lambda m: f"{m[1]}.mid.attn_1.{_VAE_ATTENTION[m[2]]}.{m[3]}",
+        ),
     ]
     for pattern, rename in rules:
         match = re.fullmatch(pattern, key)
@@ -64,16 +84,19 @@ def _vae_tensors(vae: Any) -> dict[str, torch.Tensor]:
 
 def _open_clip_tensors(encoder: Any) -> dict[str, torch.Tensor]:
     state = {clip_text_path(k): v for k, v in encoder.state_dict().items() if not k.endswith("position_ids")}
-    tensors = {"token_embedding.weight": state.pop("text_model.embeddings.token_embedding.weight"),
-               "positional_embedding": state.pop("text_model.embeddings.position_embedding.weight"),
-               "ln_final.weight": state.pop("text_model.final_layer_norm.weight"),
-               "ln_final.bias": state.pop("text_model.final_layer_norm.bias"),
-               "text_projection": state.pop("text_projection.weight").T.contiguous()}
+    tensors = {
+        "token_embedding.weight": state.pop("text_model.embeddings.token_embedding.weight"),
+        "positional_embedding": state.pop("text_model.embeddings.position_embedding.weight"),
+        "ln_final.weight": state.pop("text_model.final_layer_norm.weight"),
+        "ln_final.bias": state.pop("text_model.final_layer_norm.bias"),
+        "text_projection": state.pop("text_projection.weight").T.contiguous(),
+    }
     for layer in range(encoder.config.num_hidden_layers):
         source, target = f"text_model.encoder.layers.{layer}.", f"transformer.resblocks.{layer}."
         for kind in ("weight", "bias"):
             tensors[f"{target}attn.in_proj_{kind}"] = torch.cat(
-                [state.pop(f"{source}self_attn.{p}_proj.{kind}") for p in ("q", "k", "v")])
+                [state.pop(f"{source}self_attn.{p}_proj.{kind}") for p in ("q", "k", "v")]
+            )
             for ours, theirs in _OPEN_CLIP_LAYER.items():
                 tensors[f"{target}{theirs}.{kind}"] = state.pop(f"{source}{ours}.{kind}")
     if state:

@@ -39,14 +39,17 @@ def merged_and_base(pipeline: Any) -> dict[str, dict[str, tuple[torch.Tensor, to
     merge_adapter(pipeline, unload=False)
     merged = {part: {n: _tensor(models[part], n).clone() for n in names[part]} for part in models}
     remove_adapter(pipeline)
-    return {part: {n: (merged[part][n], _tensor(models[part], n).clone()) for n in names[part]}
-            for part in models}
+    return {
+        part: {n: (merged[part][n], _tensor(models[part], n).clone()) for n in names[part]} for part in models
+    }
 
 
 def adapter_deltas(pipeline: Any) -> dict[str, dict[str, torch.Tensor]]:
     """``{component: {tensor name: ΔW in float32}}``; see `merged_and_base`."""
-    return {part: {n: merged.float() - base.float() for n, (merged, base) in tensors.items()}
-            for part, tensors in merged_and_base(pipeline).items()}
+    return {
+        part: {n: merged.float() - base.float() for n, (merged, base) in tensors.items()}
+        for part, tensors in merged_and_base(pipeline).items()
+    }
 
 
 @contextlib.contextmanager
@@ -90,7 +93,9 @@ def low_rank_factors(delta: torch.Tensor, rank: int | None = None, energy: float
     if (rank is None) == (energy is None):
         raise DifftuneError("give exactly one of rank and energy")
     if delta.dim() not in (2, 4):
-        raise DifftuneError(f"only Linear and Conv2d weights factor into a LoRA, got shape {list(delta.shape)}")
+        raise DifftuneError(
+            f"only Linear and Conv2d weights factor into a LoRA, got shape {list(delta.shape)}"
+        )
     matrix = delta.reshape(delta.shape[0], -1).float()
     u, sigma, vh = singular_triplets(matrix)
     total = float(sigma.double().square().sum())
@@ -105,8 +110,9 @@ def low_rank_factors(delta: torch.Tensor, rank: int | None = None, energy: float
     return Factors(down.contiguous(), up.contiguous(), keep, math.sqrt(total), residual)
 
 
-def factor_deltas(deltas: dict[str, torch.Tensor], rank: int | None, energy: float | None,
-                  description: str = "SVD") -> tuple[dict[str, Factors], dict[str, float]]:
+def factor_deltas(
+    deltas: dict[str, torch.Tensor], rank: int | None, energy: float | None, description: str = "SVD"
+) -> tuple[dict[str, Factors], dict[str, float]]:
     """Factor every weight ΔW (2-D or 4-D); the others (biases, norms) cannot be a LoRA and are
     returned as ``{name: ‖Δ‖_F}``, so a report counts them into the error."""
     factors, dropped = {}, {}

@@ -16,8 +16,12 @@ from .deltas import Factors
 from .names import kohya_module_name
 
 
-def kohya_lora_tensors(family: str, component: str, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]],
-                       unet_config: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
+def kohya_lora_tensors(
+    family: str,
+    component: str,
+    factors: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]],
+    unet_config: Mapping[str, Any] | None,
+) -> dict[str, torch.Tensor]:
     """``{module: (down, up, alpha)}`` → kohya keys. The LoRA update is alpha/rank · up·down (rank =
     down's first size), which is how A1111, ComfyUI and diffusers all scale a kohya file."""
     tensors: dict[str, torch.Tensor] = {}
@@ -29,8 +33,9 @@ def kohya_lora_tensors(family: str, component: str, factors: Mapping[str, tuple[
     return tensors
 
 
-def lora_factors_from_peft(state: Mapping[str, torch.Tensor], alpha: float, rank: int, rslora: bool
-                           ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+def lora_factors_from_peft(
+    state: Mapping[str, torch.Tensor], alpha: float, rank: int, rslora: bool
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     """A difftune/peft LoRA (``<module>.lora_A.weight`` / ``lora_B``) as exact kohya factors.
 
     peft scales by alpha/rank (alpha/√rank with rsLoRA); kohya files always scale by alpha/rank,
@@ -43,7 +48,9 @@ def lora_factors_from_peft(state: Mapping[str, torch.Tensor], alpha: float, rank
     return {m: (state[f"{m}.lora_A.weight"], state[f"{m}.lora_B.weight"], written_alpha) for m in modules}
 
 
-def lora_factors_from_svd(factors: Mapping[str, Factors]) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+def lora_factors_from_svd(
+    factors: Mapping[str, Factors],
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     """Extracted factors at scale 1, with one alpha for the whole file (the largest rank R; a layer of
     rank r gets up·r/R). A file whose alphas differ between layers loads wrongly in diffusers 0.42:
     its alpha_pattern keeps kohya-converted names that match no module, and those layers fall back
@@ -52,8 +59,9 @@ def lora_factors_from_svd(factors: Mapping[str, Factors]) -> dict[str, tuple[tor
     return {m: (f.down, f.up * (f.rank / alpha), alpha) for m, f in factors.items()}
 
 
-def diff_tensors(family: str, component: str, deltas: Mapping[str, torch.Tensor],
-                 unet_config: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
+def diff_tensors(
+    family: str, component: str, deltas: Mapping[str, torch.Tensor], unet_config: Mapping[str, Any] | None
+) -> dict[str, torch.Tensor]:
     """Full ΔW per changed tensor: ``<name>.diff`` for weights, ``<name>.diff_b`` for biases, the
     keys LyCORIS writes and ComfyUI and A1111 apply as W ← W + Δ."""
     tensors: dict[str, torch.Tensor] = {}

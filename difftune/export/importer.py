@@ -24,10 +24,22 @@ from .names import KOHYA_PREFIXES, kohya_module_name
 
 IMPORT_ADAPTER_NAME = "difftune_import"
 # suffixes of the down factor of one LoRA module, in the layouts diffusers converts
-_DOWN_SUFFIXES = (".lora_down.weight", ".lora_A.weight", ".lora.down.weight", "_lora.down.weight",
-                  ".lora_linear_layer.down.weight")
-_UNSUPPORTED = {"hada_": "LoHa", "lokr_": "LoKr", ".diff": "full-weight diff", "lora_mid": "LoCon Tucker",
-                "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA", ".oft_": "OFT"}
+_DOWN_SUFFIXES = (
+    ".lora_down.weight",
+    ".lora_A.weight",
+    ".lora.down.weight",
+    "_lora.down.weight",
+    ".lora_linear_layer.down.weight",
+)
+_UNSUPPORTED = {
+    "hada_": "LoHa",
+    "lokr_": "LoKr",
+    ".diff": "full-weight diff",
+    "lora_mid": "LoCon Tucker",
+    "dora_scale": "DoRA",
+    "lora_magnitude_vector": "DoRA",
+    ".oft_": "OFT",
+}
 
 
 def is_foreign_file(path: str | os.PathLike) -> bool:
@@ -45,11 +57,15 @@ def _check_lora_keys(tensors: dict[str, torch.Tensor], source: str) -> None:
     for key in sorted(tensors):
         for marker, kind in _UNSUPPORTED.items():
             if marker in key:
-                raise AdapterFileError(f"{source}: tensor '{key}' is a {kind} weight; difftune imports plain "
-                                       "LoRA files only (nothing was loaded)")
+                raise AdapterFileError(
+                    f"{source}: tensor '{key}' is a {kind} weight; difftune imports plain "
+                    "LoRA files only (nothing was loaded)"
+                )
     if not any(key.endswith(_DOWN_SUFFIXES) for key in tensors):
-        raise AdapterFileError(f"{source}: neither a difftune adapter (no '{METADATA_KEY}' metadata) nor a "
-                               "LoRA file (no lora_down / lora_A tensors)")
+        raise AdapterFileError(
+            f"{source}: neither a difftune adapter (no '{METADATA_KEY}' metadata) nor a "
+            "LoRA file (no lora_down / lora_A tensors)"
+        )
     bad = first_non_finite(tensors)
     if bad is not None:
         raise AdapterFileError(f"{source}: tensor '{bad}' holds NaN or inf values")
@@ -62,8 +78,9 @@ def _models(pipeline: Any) -> dict[str, nn.Module]:
     return {name: model for name in names if isinstance(model := getattr(pipeline, name, None), nn.Module)}
 
 
-def _rename_kohya(tensors: dict[str, torch.Tensor], family: str, models: dict[str, nn.Module],
-                  source: str) -> dict[str, torch.Tensor]:
+def _rename_kohya(
+    tensors: dict[str, torch.Tensor], family: str, models: dict[str, nn.Module], source: str
+) -> dict[str, torch.Tensor]:
     """kohya-form keys diffusers does not convert (SD3's) → peft keys, alpha/rank folded into up."""
     lookup = {}
     for component, model in models.items():
@@ -78,8 +95,9 @@ def _rename_kohya(tensors: dict[str, torch.Tensor], family: str, models: dict[st
         if suffix == "alpha":
             continue
         if stem not in lookup or suffix not in ("lora_down.weight", "lora_up.weight"):
-            raise AdapterFileError(f"{source}: key '{key}' maps to no module of this {family} model "
-                                   "(nothing was loaded)")
+            raise AdapterFileError(
+                f"{source}: key '{key}' maps to no module of this {family} model (nothing was loaded)"
+            )
         value = tensors[key]
         if suffix == "lora_up.weight":
             rank = tensors[f"{stem}.lora_down.weight"].shape[0]
@@ -96,8 +114,12 @@ def _one_alpha(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     alpha_pattern keeps converted kohya names that match no module), so those modules would load at
     the wrong strength; with a single alpha there is no pattern to get wrong."""
     stems = [k.removesuffix(".lora_down.weight") for k in tensors if k.endswith(".lora_down.weight")]
-    alphas = {s: float(tensors[f"{s}.alpha"]) if f"{s}.alpha" in tensors else float(tensors[f"{s}.lora_down.weight"].shape[0])
-              for s in stems}
+    alphas = {
+        s: float(tensors[f"{s}.alpha"])
+        if f"{s}.alpha" in tensors
+        else float(tensors[f"{s}.lora_down.weight"].shape[0])
+        for s in stems
+    }
     if len(set(alphas.values())) <= 1:
         return tensors
     common = max(alphas.values())
@@ -110,7 +132,9 @@ def _one_alpha(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return state
 
 
-def _imported_layers(models: dict[str, nn.Module]) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]]:
+def _imported_layers(
+    models: dict[str, nn.Module],
+) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]]:
     """``{component: {module: (A, B, scaling)}}`` of the LoRA layers diffusers' loader made."""
     from peft.tuners.lora import LoraLayer
 
@@ -121,7 +145,8 @@ def _imported_layers(models: dict[str, nn.Module]) -> dict[str, dict[str, tuple[
                 found.setdefault(component, {})[name] = (
                     module.lora_A[IMPORT_ADAPTER_NAME].weight.detach().clone(),
                     module.lora_B[IMPORT_ADAPTER_NAME].weight.detach().clone(),
-                    float(module.scaling[IMPORT_ADAPTER_NAME]))
+                    float(module.scaling[IMPORT_ADAPTER_NAME]),
+                )
     return found
 
 
@@ -132,14 +157,17 @@ def _stem(key: str) -> str:
     return key
 
 
-def _first_unmapped(file_keys: list[str], found: dict[str, dict[str, Any]], family: str,
-                    unet_config: Any) -> str:
+def _first_unmapped(
+    file_keys: list[str], found: dict[str, dict[str, Any]], family: str, unet_config: Any
+) -> str:
     """The first down key of the file whose module is not among the loaded ones (by every name the
     module can have in a file); the first key when none can be told apart."""
     known = set()
     for component, layers in found.items():
         for module in layers:
-            known.update({f"{component}.{module}", module, f"{component}.{module.replace('.to_', '.processor.to_')}"})
+            known.update(
+                {f"{component}.{module}", module, f"{component}.{module.replace('.to_', '.processor.to_')}"}
+            )
             if component in KOHYA_PREFIXES.get(family, {}):
                 known.add(kohya_module_name(family, component, module, unet_config))
     for key in file_keys:
@@ -157,8 +185,10 @@ def import_lora(pipeline: Any, path: str | os.PathLike, scale: float = 1.0):
 
     source = str(path)
     if isinstance(pipeline, nn.Module):
-        raise DifftuneError(f"{source}: a LoRA file of another tool loads into a pipeline "
-                            "(difftune.load_adapter(pipe, ...)), not into a bare model")
+        raise DifftuneError(
+            f"{source}: a LoRA file of another tool loads into a pipeline "
+            "(difftune.load_adapter(pipe, ...)), not into a bare model"
+        )
     tensors, _ = read_safetensors(path)
     _check_lora_keys(tensors, source)
     family = pipeline_family(pipeline)
@@ -179,8 +209,9 @@ def import_lora(pipeline: Any, path: str | os.PathLike, scale: float = 1.0):
     except (ValueError, KeyError, RuntimeError, IndexError) as err:
         _unload(pipeline)
         first = str(err).strip().splitlines()
-        raise AdapterFileError(f"{source}: diffusers cannot map this LoRA file: "
-                               f"{' '.join(first[:3])[:300]} (nothing was loaded)") from None
+        raise AdapterFileError(
+            f"{source}: diffusers cannot map this LoRA file: {' '.join(first[:3])[:300]} (nothing was loaded)"
+        ) from None
     finally:
         diffusers_logger.setLevel(level)
     found = _imported_layers(models)
@@ -188,8 +219,10 @@ def import_lora(pipeline: Any, path: str | os.PathLike, scale: float = 1.0):
     mapped = sum(len(layers) for layers in found.values())
     if mapped != len(file_keys):
         key = _first_unmapped(file_keys, found, family, unet_config)
-        raise AdapterFileError(f"{source}: key '{key}' maps to no module of this {family} model "
-                               f"({mapped} of the file's {len(file_keys)} LoRA modules map; nothing was loaded)")
+        raise AdapterFileError(
+            f"{source}: key '{key}' maps to no module of this {family} model "
+            f"({mapped} of the file's {len(file_keys)} LoRA modules map; nothing was loaded)"
+        )
     attached = []
     try:
         for component in [denoiser_name, *sorted(c for c in found if c != denoiser_name)]:
@@ -201,8 +234,9 @@ def import_lora(pipeline: Any, path: str | os.PathLike, scale: float = 1.0):
             remove_adapter(model)
         raise
     if denoiser_name not in found:
-        raise AdapterFileError(f"{source}: the file adapts only text encoders; difftune adapters start "
-                               f"at the {denoiser_name}")
+        raise AdapterFileError(
+            f"{source}: the file adapts only text encoders; difftune adapters start at the {denoiser_name}"
+        )
     if scale != 1.0:
         set_adapter_scale(pipeline, scale)
     from ..api import get_adapter
@@ -215,8 +249,12 @@ def _unload(pipeline: Any) -> None:
         pipeline.unload_lora_weights()
 
 
-def _attach(model: nn.Module, layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]], source: str,
-            add_adapter: Any) -> None:
+def _attach(
+    model: nn.Module,
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]],
+    source: str,
+    add_adapter: Any,
+) -> None:
     """One difftune LoRA over ``layers``. A common rank and scale are kept as rank and alpha; mixed
     ones become the largest rank at scale 1, each layer's scale folded into its up factor and its
     factors padded with zeros (zero rows and columns get zero gradients: they stay zero in training)."""

@@ -22,12 +22,22 @@ KOHYA_PREFIXES: dict[str, dict[str, str]] = {
     "sd3": {"transformer": "lora_transformer", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
 }
 # diffusers → LDM names inside a UNet resnet block (the inverse of diffusers' own single-file map)
-_RESNET_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-               "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_RESNET_LDM = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
 
 
 def _module_table(table: Mapping[str, str]) -> dict[str, str]:
-    return {k.removesuffix(".weight"): v.removesuffix(".weight") for k, v in table.items() if k.endswith(".weight")}
+    return {
+        k.removesuffix(".weight"): v.removesuffix(".weight")
+        for k, v in table.items()
+        if k.endswith(".weight")
+    }
 
 
 def _unet_top_ldm() -> dict[str, str]:
@@ -36,8 +46,11 @@ def _unet_top_ldm() -> dict[str, str]:
     from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 
     tables = DIFFUSERS_TO_LDM_MAPPING["unet"]
-    return {name: ldm for part in ("layers", "class_embed_type", "addition_embed_type")
-            for name, ldm in _module_table(tables[part]).items()}
+    return {
+        name: ldm
+        for part in ("layers", "class_embed_type", "addition_embed_type")
+        for name, ldm in _module_table(tables[part]).items()
+    }
 
 
 def _config_value(config: Mapping[str, Any], key: str) -> Any:
@@ -64,11 +77,18 @@ def unet_block_prefixes(config: Mapping[str, Any]) -> list[tuple[str, str, bool]
             if "CrossAttn" in kind:
                 prefixes.append((f"down_blocks.{level}.attentions.{j}.", f"input_blocks.{index}.1.", False))
         if level < len(down_types) - 1:
-            prefixes.append((f"down_blocks.{level}.downsamplers.0.conv.",
-                             f"input_blocks.{(level + 1) * (per_level + 1)}.0.op.", False))
-    prefixes += [("mid_block.resnets.0.", "middle_block.0.", True),
-                 ("mid_block.attentions.0.", "middle_block.1.", False),
-                 ("mid_block.resnets.1.", "middle_block.2.", True)]
+            prefixes.append(
+                (
+                    f"down_blocks.{level}.downsamplers.0.conv.",
+                    f"input_blocks.{(level + 1) * (per_level + 1)}.0.op.",
+                    False,
+                )
+            )
+    prefixes += [
+        ("mid_block.resnets.0.", "middle_block.0.", True),
+        ("mid_block.attentions.0.", "middle_block.1.", False),
+        ("mid_block.resnets.1.", "middle_block.2.", True),
+    ]
     for level, kind in enumerate(up_types):
         attention = "CrossAttn" in kind
         for j in range(per_level + 1):
@@ -78,21 +98,23 @@ def unet_block_prefixes(config: Mapping[str, Any]) -> list[tuple[str, str, bool]
                 prefixes.append((f"up_blocks.{level}.attentions.{j}.", f"output_blocks.{index}.1.", False))
         if level < len(up_types) - 1:
             last = level * (per_level + 1) + per_level
-            prefixes.append((f"up_blocks.{level}.upsamplers.0.", f"output_blocks.{last}.{2 if attention else 1}.",
-                             False))
+            prefixes.append(
+                (f"up_blocks.{level}.upsamplers.0.", f"output_blocks.{last}.{2 if attention else 1}.", False)
+            )
     return prefixes
 
 
-def ldm_unet_name(name: str, config: Mapping[str, Any],
-                  prefixes: list[tuple[str, str, bool]] | None = None) -> str:
+def ldm_unet_name(
+    name: str, config: Mapping[str, Any], prefixes: list[tuple[str, str, bool]] | None = None
+) -> str:
     """The LDM name of a diffusers UNet module or tensor name (``down_blocks.1.attentions.0.proj_in`` →
     ``input_blocks.4.1.proj_in``); a DifftuneError for a name with no LDM counterpart."""
     for diffusers_name, ldm_name in _unet_top_ldm().items():
         if name == diffusers_name or name.startswith(diffusers_name + "."):
-            return ldm_name + name[len(diffusers_name):]
+            return ldm_name + name[len(diffusers_name) :]
     for diffusers_prefix, ldm_prefix, is_resnet in prefixes or unet_block_prefixes(config):
         if name.startswith(diffusers_prefix):
-            rest = name[len(diffusers_prefix):]
+            rest = name[len(diffusers_prefix) :]
             if is_resnet:
                 head, _, tail = rest.partition(".")
                 rest = ".".join(filter(None, [_RESNET_LDM.get(head, head), tail]))
