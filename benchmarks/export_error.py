@@ -50,47 +50,26 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for path in args.adapters:
         method = difftune.read_adapter_info(path)["method"]
-        settings = [("diff", {})]
-        settings += [("kohya", {})] if method == "lora" else []
+        settings = [("diff", {}), *([("kohya", {})] if method == "lora" else [])]
         settings += [("kohya", {"rank": r}) for r in RANKS] + [("kohya", {"energy": e}) for e in ENERGIES]
+        base_row = None
         for fmt, option in settings:
-            label = (
-                "lossless diff"
-                if fmt == "diff"
-                else (
-                    f"rank {option['rank']}"
-                    if "rank" in option
-                    else f"energy {option['energy']}"
-                    if option
-                    else "exact LoRA"
-                )
-            )
             name = f"{method}_{fmt}_{'_'.join(f'{k}{v}' for k, v in option.items()) or 'plain'}.safetensors"
-            report = export_adapter(
-                path,
-                output_dir / name,
-                fmt,
-                pipeline=pipe,
-                psnr_images=args.psnr_images,
-                prompt=args.prompt,
-                num_inference_steps=args.num_inference_steps,
-                **option,
-            )
+            report = export_adapter(path, output_dir / name, fmt, pipeline=pipe,
+                                    psnr_images=args.psnr_images, prompt=args.prompt,
+                                    num_inference_steps=args.num_inference_steps, **option)
             ranks = sorted({layer["rank"] for layer in report.layers})
-            rows.append(
-                {
-                    "method": method,
-                    "setting": label,
-                    "relative_error": report.relative_error,
-                    "psnr_db": report.psnr_db,
-                    "identical_images": report.identical_images,
-                    "ranks": f"{ranks[0]}–{ranks[-1]}"
-                    if len(ranks) > 1
-                    else (str(ranks[0]) if ranks else ""),
-                    "size_mib": report.size_bytes / 2**20,
-                }
-            )
+            rows.append({"method": method, "setting": _label(fmt, option),
+                         "relative_error": report.relative_error, "psnr_db": report.psnr_db,
+                         "identical_images": report.identical_images,
+                         "ranks": f"{ranks[0]}–{ranks[-1]}" if len(ranks) > 1 else "".join(map(str, ranks)),
+                         "size_mib": report.size_bytes / 2**20})
             print(json.dumps(rows[-1]))
+            if base_row is None and report.base_psnr_db is not None:  # what leaving the adapter out gives
+                base_row = {"method": method, "setting": "base model (no adapter)", "relative_error": 1.0,
+                            "psnr_db": report.base_psnr_db, "identical_images": False, "ranks": "",
+                            "size_mib": 0.0}
+        rows.append(base_row)
     machine = f"{cpu_name()}, torch {torch.__version__}, Python {platform.python_version()}"
     (output_dir / "export_error.json").write_text(
         json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n"
@@ -99,6 +78,14 @@ def main(argv: list[str] | None = None) -> None:
     print(table)
     if args.write_docs:
         DOCS_TABLE.write_text(table)
+
+
+def _label(fmt: str, option: dict) -> str:
+    if fmt == "diff":
+        return "lossless diff"
+    if "rank" in option:
+        return f"rank {option['rank']}"
+    return f"energy {option['energy']}" if option else "exact LoRA"
 
 
 def _cell(value: float | None, fmt: str, empty: str) -> str:
@@ -114,10 +101,9 @@ def markdown(rows: list[dict], args: argparse.Namespace, machine: str) -> str:
     for row in rows:
         error = "0 (exact)" if row["relative_error"] is None else f"{row['relative_error']:.4f}"
         psnr = "identical" if row["identical_images"] else _cell(row["psnr_db"], ".1f", "–")
-        lines.append(
-            f"| {row['method']} | {row['setting']} | {row['ranks'] or '–'} | {error} | {psnr} "
-            f"| {row['size_mib']:.2f} |"
-        )
+        size = f"{row['size_mib']:.2f}" if row["size_mib"] else "–"
+        ranks = row["ranks"] or "–"
+        lines.append(f"| {row['method']} | {row['setting']} | {ranks} | {error} | {psnr} | {size} |")
     lines += [
         "",
         f"Measured with `python benchmarks/export_error.py` ({args.psnr_images} images, prompt "

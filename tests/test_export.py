@@ -62,6 +62,32 @@ def test_kohya_lora_loads_in_diffusers_as_in_difftune(tmp_path, family, targets)
     assert float(abs(images - base).max()) > 1e-2  # the adapter does change the images
 
 
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_kohya_lora_with_text_encoders(tmp_path, family):
+    from difftune.training.text_encoder import TEXT_ENCODER_TARGETS
+
+    pipe = build(family)
+    difftune.add_adapter(pipe, "lora", targets=["attn"], rank=2, alpha=4.0)
+    encoders = [name for name in ("text_encoder", "text_encoder_2") if hasattr(pipe, name)]
+    for name in encoders:
+        difftune.add_adapter(getattr(pipe, name), "lora", targets=TEXT_ENCODER_TARGETS, rank=2, alpha=1.0)
+        randomize_adapter(getattr(pipe, name), std=0.3)
+    randomize_adapter(pipe, std=0.1)
+    path = difftune.save_adapter(pipe, tmp_path / "adapter.safetensors")
+    images = generate(pipe)
+    difftune.remove_adapter(pipe)
+    export_adapter(path, tmp_path / "kohya.safetensors", "kohya", pipeline=pipe, psnr_images=0)
+    names = stems(tmp_path / "kohya.safetensors")
+    prefixes = ["lora_te"] if family == "sd" else ["lora_te1", "lora_te2"]
+    assert {f"{p}_text_model_encoder_layers_0_self_attn_q_proj" for p in prefixes} <= names
+    fresh = build(family)
+    fresh.load_lora_weights(str(tmp_path / "kohya.safetensors"))
+    assert float(abs(generate(fresh) - images).max()) < TOL
+    difftune.load_adapter(pipe, tmp_path / "kohya.safetensors")  # imported with its text-encoder parts
+    assert set(difftune.adapted_text_encoders(pipe)) == set(encoders)
+    assert float(abs(generate(pipe) - images).max()) < TOL
+
+
 def sd_scripts_names(unet: nn.Module, prefix: str = "lora_unet") -> set[str]:
     """kohya sd-scripts' rule (networks/lora.py) on a diffusers-layout UNet: every Linear/Conv2d
     inside a Transformer2DModel, ResnetBlock2D, Downsample2D or Upsample2D is named
@@ -300,91 +326,39 @@ def test_bad_options_are_refused_before_loading(tmp_path):
         assert "difftune" in handle.metadata()
 
 
+def trainer_flags(subject_dir, model="builtin:tiny-sd", *extra):
+    return ["--pretrained_model_name_or_path", model, "--instance_data_dir", subject_dir,
+            "--instance_prompt", "a photo of sks disc", "--report_to", "none", "--seed", 0, *extra]
+
+
 def test_trainer_writes_exports_next_to_the_adapter(train_subject, subject_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    train_subject(
-        "--pretrained_model_name_or_path",
-        "builtin:tiny-sd",
-        "--instance_data_dir",
-        subject_dir,
-        "--instance_prompt",
-        "a photo of sks disc",
-        "--output_dir",
-        out,
-        "--max_train_steps",
-        2,
-        "--report_to",
-        "none",
-        "--seed",
-        0,
-        "--adapter",
-        "svfit",
-        "--learning_rate",
-        0.05,
-        "--num_validation_images",
-        1,
-        "--validation_inference_steps",
-        2,
-        "--export",
-        "kohya",
-        "diff",
-        "--export_rank",
-        2,
-    )
+    train_subject(*trainer_flags(subject_dir), "--output_dir", out, "--max_train_steps", 2,
+                  "--adapter", "svfit", "--learning_rate", 0.05, "--num_validation_images", 1,
+                  "--validation_inference_steps", 2, "--export", "kohya", "diff", "--export_rank", 2)
     printed = capsys.readouterr().out
     assert "kohya export of a svfit adapter (sd)" in printed and "diff export of a svfit adapter" in printed
     report = json.loads((out / "adapter_kohya.safetensors.report.json").read_text())
     assert {layer["rank"] for layer in report["layers"]} == {2} and report["psnr_db"] is not None
-    assert (out / "adapter_diff.safetensors").is_file() and (
-        out / "adapter_kohya.safetensors.compare.png"
-    ).is_file()
+    assert (out / "adapter_diff.safetensors").is_file()
+    assert (out / "adapter_kohya.safetensors.compare.png").is_file()
     # a SaRA/SVFit/TLoRA export needs its rank, and the format must fit the family: refused before training
-    base = [
-        "--instance_data_dir",
-        subject_dir,
-        "--instance_prompt",
-        "a sks disc",
-        "--output_dir",
-        tmp_path / "o",
-    ]
     with pytest.raises(DifftuneError, match="not a LoRA: give --rank R or --energy E"):
-        train_subject(
-            *base,
-            "--pretrained_model_name_or_path",
-            "builtin:tiny-sd",
-            "--adapter",
-            "svfit",
-            "--export",
-            "kohya",
-        )
+        train_subject(*trainer_flags(subject_dir), "--output_dir", tmp_path / "o", "--adapter", "svfit",
+                      "--export", "kohya")
     with pytest.raises(DifftuneError, match="single-file writes the original SD 1.x/SDXL layout"):
-        train_subject(*base, "--pretrained_model_name_or_path", "builtin:tiny-sd3", "--export", "single-file")
+        train_subject(*trainer_flags(subject_dir, "builtin:tiny-sd3"), "--output_dir", tmp_path / "o",
+                      "--export", "single-file")
     assert not (tmp_path / "o" / "adapter.safetensors").exists()
 
 
 def test_trainer_continues_from_another_tools_lora_file(train_subject, subject_dir, tmp_path):
     path, images, pipe = trained_file(tmp_path, "sd", targets=("attn", "conv"), rank=2, alpha=4.0)
     export_adapter(path, tmp_path / "kohya.safetensors", "kohya", pipeline=pipe, psnr_images=0)
-    flags = [
-        "--pretrained_model_name_or_path",
-        "builtin:tiny-sd",
-        "--instance_data_dir",
-        subject_dir,
-        "--instance_prompt",
-        "a photo of sks disc",
-        "--max_train_steps",
-        1,
-        "--report_to",
-        "none",
-        "--seed",
-        0,
-        "--skip_final_inference",
-        "--init_adapter",
-        tmp_path / "kohya.safetensors",
-    ]
-    train_subject(
-        *flags, "--output_dir", tmp_path / "run", "--learning_rate", 1e-12, "--adam_weight_decay", 0
-    )
+    flags = [*trainer_flags(subject_dir), "--max_train_steps", 1, "--skip_final_inference",
+             "--init_adapter", tmp_path / "kohya.safetensors"]
+    train_subject(*flags, "--output_dir", tmp_path / "run", "--learning_rate", 1e-12,
+                  "--adam_weight_decay", 0)
     info = difftune.read_adapter_info(tmp_path / "run" / "adapter.safetensors")
     assert info["method"] == "lora" and info["config"]["rank"] == 2 and info["config"]["alpha"] == 4.0
     difftune.load_adapter(pipe, tmp_path / "run" / "adapter.safetensors")

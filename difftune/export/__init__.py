@@ -82,6 +82,7 @@ class ExportReport:
     layers: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     not_representable: dict[str, float] = dataclasses.field(default_factory=dict)
     psnr_db: float | None = None
+    base_psnr_db: float | None = None  # the base model's images against the adapter's: what "no export" gives
     identical_images: bool | None = None
     images: str | None = None
     sampling: dict[str, Any] | None = None
@@ -107,7 +108,10 @@ class ExportReport:
         if self.identical_images:
             lines.append(f"  images: identical to the adapter's ({self.images})")
         elif self.psnr_db is not None:
-            lines.append(f"  images: PSNR {self.psnr_db:.2f} dB against the adapter's ({self.images})")
+            lines.append(
+                f"  images: PSNR {self.psnr_db:.2f} dB against the adapter's (the base model without it: "
+                f"{self.base_psnr_db:.2f} dB) ({self.images})"
+            )
         return "\n".join(lines)
 
 
@@ -401,6 +405,7 @@ def _compare_images(
     finally:
         remove_adapter(pipeline)
     value = psnr(reference, exported)
+    report.base_psnr_db = psnr(reference, base)
     report.identical_images = math.isinf(value)
     report.psnr_db = None if math.isinf(value) else value
     grid = output.with_name(output.name + ".compare.png")

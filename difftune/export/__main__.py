@@ -52,18 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     output = Path(args.output) if args.output else default_output(args.adapter, args.format)
-    report = export_adapter(
-        args.adapter,
-        output,
-        args.format,
-        base_model=args.base,
-        rank=args.rank,
-        energy=args.energy,
-        psnr_images=args.psnr_images,
-        prompt=args.prompt,
-        num_inference_steps=args.num_inference_steps,
-        seed=args.seed,
-    )
+    report = export_adapter(args.adapter, output, args.format, base_model=args.base, rank=args.rank,
+                            energy=args.energy, psnr_images=args.psnr_images, prompt=args.prompt,
+                            num_inference_steps=args.num_inference_steps, seed=args.seed)
     print(report.summary())
     print(f"report: {report.path}.report.json")
 
