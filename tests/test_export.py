@@ -319,6 +319,9 @@ def test_bad_options_are_refused_before_loading(tmp_path):
     for (fmt, rank), message in cases.items():
         with pytest.raises(DifftuneError, match=message):
             export_adapter(path, tmp_path / "x", fmt, rank=rank)
+    dora_path, _, _ = trained_file(tmp_path, "sd", targets=("attn",), name="dora", use_dora=True)
+    with pytest.raises(DifftuneError, match="DoRA adapter has no exact kohya LoRA form"):
+        export_adapter(dora_path, tmp_path / "x", "kohya")
     sd3_path, _, _ = trained_file(tmp_path, "sd3", targets=("attn",), name="sd3")
     with pytest.raises(DifftuneError, match="single-file writes the original SD 1.x/SDXL"):
         export_adapter(sd3_path, tmp_path / "x", "single-file")

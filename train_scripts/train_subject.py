@@ -228,7 +228,8 @@ def check_before_loading(argv: list[str] | None = None):
     for fmt in args.export:
         check_export_options(args.adapter, model_info.family, fmt,
                              args.export_rank if fmt in LORA_FORMATS else None,
-                             args.export_energy if fmt in LORA_FORMATS else None)
+                             args.export_energy if fmt in LORA_FORMATS else None,
+                             bool(method_options.get("use_dora")))
     extraction = args.export_rank is not None or args.export_energy is not None
     if extraction and not set(args.export) & set(LORA_FORMATS):
         raise DifftuneError("--export_rank/--export_energy apply to --export kohya or comfyui")

@@ -115,7 +115,8 @@ class ExportReport:
         return "\n".join(lines)
 
 
-def check_export_options(method: str, family: str, fmt: str, rank: int | None, energy: float | None) -> None:
+def check_export_options(method: str, family: str, fmt: str, rank: int | None, energy: float | None,
+                         dora: bool = False) -> None:
     """Refuse a format the family has no use for, or a missing/contradictory --rank/--energy, before
     anything heavy runs."""
     if fmt not in FORMATS:
@@ -136,6 +137,9 @@ def check_export_options(method: str, family: str, fmt: str, rank: int | None, e
             "SD3 has no kohya LoRA naming that A1111 reads; use --format comfyui "
             "(the names ComfyUI maps for SD3)"
         )
+    if fmt in LORA_FORMATS and dora and rank is None and energy is None:
+        raise DifftuneError("a DoRA adapter has no exact kohya LoRA form: give --rank R or --energy E "
+                            "for its SVD extraction, or use --format diff (lossless)")
     if fmt in LORA_FORMATS and method != "lora" and rank is None and energy is None:
         raise DifftuneError(
             f"a {method} adapter is not a LoRA: give --rank R or --energy E for its SVD "
@@ -168,18 +172,19 @@ def export_adapter(
     from ..model_factory import describe_model, load_pipeline, pipeline_family
 
     info = read_adapter_info(adapter_path)
+    dora = bool(info["config"].get("use_dora"))
     output = Path(output)
     if pipeline is None:
         base_model = base_model or info.get("base_model")
         if not base_model:
             raise DifftuneError(f"{adapter_path}: the header names no base model; pass --base")
         # every option is checked before the weights load
-        check_export_options(info["method"], describe_model(base_model).family, format, rank, energy)
+        check_export_options(info["method"], describe_model(base_model).family, format, rank, energy, dora)
         pipeline = load_pipeline(base_model)
     elif has_adapter(pipeline):
         raise DifftuneError("export_adapter: the pipeline already carries an adapter")
     family = pipeline_family(pipeline)
-    check_export_options(info["method"], family, format, rank, energy)
+    check_export_options(info["method"], family, format, rank, energy, dora)
 
     load_adapter(pipeline, adapter_path)
     try:

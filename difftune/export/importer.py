@@ -24,13 +24,10 @@ from .names import KOHYA_PREFIXES, kohya_module_name
 
 IMPORT_ADAPTER_NAME = "difftune_import"
 # suffixes of the down factor of one LoRA module, in the layouts diffusers converts
-_DOWN_SUFFIXES = (
-    ".lora_down.weight",
-    ".lora_A.weight",
-    ".lora.down.weight",
-    "_lora.down.weight",
-    ".lora_linear_layer.down.weight",
-)
+_UP_OF_DOWN = {".lora_down.weight": ".lora_up.weight", ".lora_A.weight": ".lora_B.weight",
+               ".lora.down.weight": ".lora.up.weight", "_lora.down.weight": "_lora.up.weight",
+               ".lora_linear_layer.down.weight": ".lora_linear_layer.up.weight"}
+_DOWN_SUFFIXES = tuple(_UP_OF_DOWN)
 _UNSUPPORTED = {
     "hada_": "LoHa",
     "lokr_": "LoKr",
@@ -66,6 +63,11 @@ def _check_lora_keys(tensors: dict[str, torch.Tensor], source: str) -> None:
             f"{source}: neither a difftune adapter (no '{METADATA_KEY}' metadata) nor a "
             "LoRA file (no lora_down / lora_A tensors)"
         )
+    for key in sorted(tensors):
+        suffix = next((d for d in _DOWN_SUFFIXES if key.endswith(d)), None)
+        if suffix is not None and key[: -len(suffix)] + _UP_OF_DOWN[suffix] not in tensors:
+            raise AdapterFileError(f"{source}: tensor '{key}' has no up factor "
+                                   f"'{key[: -len(suffix)] + _UP_OF_DOWN[suffix]}' (nothing was loaded)")
     bad = first_non_finite(tensors)
     if bad is not None:
         raise AdapterFileError(f"{source}: tensor '{bad}' holds NaN or inf values")
@@ -180,7 +182,7 @@ def _first_unmapped(
 def import_lora(pipeline: Any, path: str | os.PathLike, scale: float = 1.0):
     """Attach the LoRA file of another tool at ``path`` to ``pipeline`` as difftune LoRA adapters
     (denoiser and text encoders); returns the denoiser's adapter."""
-    from ..api import add_adapter, find_denoiser, remove_adapter, set_adapter_scale
+    from ..api import add_adapter, find_denoiser, has_adapter, remove_adapter, set_adapter_scale
     from ..model_factory import pipeline_family
 
     source = str(path)
@@ -223,20 +225,20 @@ def import_lora(pipeline: Any, path: str | os.PathLike, scale: float = 1.0):
             f"{source}: key '{key}' maps to no module of this {family} model "
             f"({mapped} of the file's {len(file_keys)} LoRA modules map; nothing was loaded)"
         )
-    attached = []
-    try:
-        for component in [denoiser_name, *sorted(c for c in found if c != denoiser_name)]:
-            if component in found:
-                _attach(models[component], found[component], source, add_adapter)
-                attached.append(models[component])
-    except BaseException:
-        for model in attached:
-            remove_adapter(model)
-        raise
     if denoiser_name not in found:
         raise AdapterFileError(
             f"{source}: the file adapts only text encoders; difftune adapters start at the {denoiser_name}"
         )
+    attached = []
+    try:
+        for component in [denoiser_name, *sorted(c for c in found if c != denoiser_name)]:
+            attached.append(models[component])
+            _attach(models[component], found[component], source, add_adapter)
+    except BaseException:
+        for model in attached:
+            if has_adapter(model):
+                remove_adapter(model)
+        raise
     if scale != 1.0:
         set_adapter_scale(pipeline, scale)
     from ..api import get_adapter
