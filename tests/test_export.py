@@ -115,9 +115,14 @@ def test_sd_kohya_names_follow_sd_scripts_and_diffusers(tmp_path):
     assert {float(v) for k, v in theirs.items() if k.endswith(".alpha")} == {2.0}
 
 
-def test_sdxl_names_are_the_ldm_layout_diffusers_converts_back():
-    pipe = build("sdxl")
+def test_sdxl_names_are_the_ldm_layout_diffusers_converts_back(tmp_path):
+    path, _, pipe = trained_file(tmp_path, "sdxl", targets=("all",), rank=2)
     tensors = single_file_state_dict(pipe, "sdxl")
+    # ComfyUI's and A1111's SDXL rule: lora_unet_ + the checkpoint's UNet key, dots as underscores
+    export_adapter(path, tmp_path / "kohya.safetensors", "kohya", pipeline=pipe, psnr_images=0)
+    checkpoint_names = {"lora_unet_" + k[len(UNET_PREFIX) : -len(".weight")].replace(".", "_")
+                        for k in tensors if k.startswith(UNET_PREFIX) and k.endswith(".weight")}
+    assert stems(tmp_path / "kohya.safetensors") <= checkpoint_names
     unet_part = {k: v for k, v in tensors.items() if k.startswith(UNET_PREFIX)}
     converted = convert_ldm_unet_checkpoint(unet_part, dict(pipe.unet.config))
     original = pipe.unet.state_dict()

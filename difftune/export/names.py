@@ -113,12 +113,12 @@ def ldm_unet_name(
         if name == diffusers_name or name.startswith(diffusers_name + "."):
             return ldm_name + name[len(diffusers_name) :]
     for diffusers_prefix, ldm_prefix, is_resnet in prefixes or unet_block_prefixes(config):
-        if name.startswith(diffusers_prefix):
+        if f"{name}.".startswith(diffusers_prefix):  # a module name lacks the prefix's last dot
             rest = name[len(diffusers_prefix) :]
             if is_resnet:
                 head, _, tail = rest.partition(".")
                 rest = ".".join(filter(None, [_RESNET_LDM.get(head, head), tail]))
-            return ldm_prefix + rest
+            return (ldm_prefix + rest).rstrip(".")
     raise DifftuneError(f"UNet module '{name}' has no name in the original (LDM) layout")
 
 
