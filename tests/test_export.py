@@ -373,3 +373,19 @@ def test_trainer_continues_from_another_tools_lora_file(train_subject, subject_d
     assert float(abs(generate(pipe) - images).max()) < 1e-4  # one step at lr 1e-12 changes nothing visible
     with pytest.raises(DifftuneError, match="holds a lora adapter, but --adapter is svfit"):
         train_subject(*flags, "--output_dir", tmp_path / "o", "--adapter", "svfit")
+
+
+@pytest.mark.parametrize("name", ["SD15_UNET_CONFIG", "SDXL_UNET_CONFIG"])
+def test_ldm_names_of_the_real_unets_convert_back(name):
+    """The full-size SD 1.5 and SDXL UNets (on the meta device: names only) map to LDM keys that
+    diffusers' converter maps back to every one of their tensors."""
+    from difftune import model_factory
+    from difftune.export.names import ldm_unet_name, unet_block_prefixes
+
+    config = getattr(model_factory, name)
+    unet = model_factory.build_denoiser_on_meta(config)
+    prefixes = unet_block_prefixes(unet.config)
+    keys = list(unet.state_dict())
+    ldm = {UNET_PREFIX + ldm_unet_name(k, unet.config, prefixes): torch.zeros(0) for k in keys}
+    assert len(ldm) == len(keys)
+    assert set(convert_ldm_unet_checkpoint(ldm, dict(unet.config))) == set(keys)
