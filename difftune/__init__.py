@@ -40,6 +40,7 @@ __all__ = [
     "add_adapter",
     "check_adapter",
     "count_trainable_parameters",
+    "export_adapter",
     "find_denoiser",
     "format_parameter_table",
     "get_adapter",
@@ -64,4 +65,8 @@ def __getattr__(name: str):
         from . import params
 
         return getattr(params, name)
+    if name == "export_adapter":  # imported lazily: it pulls in the pipeline builders
+        from .export import export_adapter
+
+        return export_adapter
     raise AttributeError(f"module 'difftune' has no attribute {name!r}")

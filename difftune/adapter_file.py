@@ -193,8 +193,8 @@ def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     path = resolve_adapter_path(path)
     tensors, metadata = read_safetensors(path)
     if METADATA_KEY not in metadata:
-        hint = (" It looks like a plain diffusers LoRA file: load it with "
-                "pipe.load_lora_weights()." if any("lora" in k for k in tensors) else "")
+        hint = (" It looks like a LoRA file of another tool: difftune.load_adapter(pipe, path) imports "
+                "it, pipe.load_lora_weights() loads it." if any("lora" in k for k in tensors) else "")
         raise AdapterFileError(f"{path}: not a difftune adapter (no '{METADATA_KEY}' metadata).{hint}")
     try:
         info = json.loads(metadata[METADATA_KEY])

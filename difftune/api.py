@@ -249,11 +249,21 @@ def load_adapter(
     paths (one method) is combined into one adapter with ΔW = Σ scaleᵢ·ΔWᵢ, ``scale``
     then giving one weight per file; methods that can do this implement
     `Adapter.combine_files` (SaRA does). Returns the denoiser's adapter.
+
+    A LoRA file made by another tool (kohya / A1111 / ComfyUI / diffusers / peft layout) is
+    imported through diffusers' own key converters as a difftune LoRA (`difftune.export.importer`);
+    a file with a key that maps to no module is refused whole.
     """
     single = isinstance(path, (str, os.PathLike))
     paths = [path] if single else list(path)
     if not paths:
         raise DifftuneError("load_adapter: no adapter path given")
+    if single:
+        from .export.importer import import_lora, is_foreign_file
+
+        file_path = resolve_adapter_path(path)
+        if is_foreign_file(file_path):  # a LoRA file of kohya, ComfyUI, diffusers, ...
+            return import_lora(pipeline_or_model, file_path, float(scale))
     denoiser, _component = find_denoiser(pipeline_or_model)
     files, sources, encoder_sections = [], [], {}
     for each in paths:

@@ -149,10 +149,19 @@ def test_truncated_and_corrupt_files_are_refused(tmp_path):
 
 
 def test_plain_safetensors_without_metadata_is_refused_with_a_hint(tmp_path):
+    # a file of another tool is imported when it is a whole LoRA (tests/test_export.py), refused otherwise
     path = tmp_path / "foreign.safetensors"
     save_file({"unet.x.lora_A.weight": torch.zeros(2, 2)}, str(path))
-    with pytest.raises(difftune.AdapterFileError, match="not a difftune adapter.*load_lora_weights"):
+    with pytest.raises(difftune.AdapterFileError, match="'unet.x.lora_A.weight' has no up factor"):
         difftune.load_adapter(build("sd"), path)
+    save_file({"unet.x.weight": torch.zeros(2, 2)}, str(path))
+    with pytest.raises(difftune.AdapterFileError, match="neither a difftune adapter .* nor a LoRA file"):
+        difftune.load_adapter(build("sd"), path)
+    # reading a LoRA file of another tool as a difftune file says how to load it
+    save_file({"unet.x.lora_A.weight": torch.zeros(2, 2), "unet.x.lora_B.weight": torch.zeros(2, 2)},
+              str(path))
+    with pytest.raises(difftune.AdapterFileError, match="not a difftune adapter.*load_lora_weights"):
+        difftune.read_adapter_info(path)
 
 
 def test_missing_file_and_folder_without_adapter(tmp_path):

@@ -167,6 +167,25 @@ def test_evaluate_subject_end_to_end(tmp_path, toy_subject, lora_file, tiny_clip
     assert again[1]["pres"] == lora["pres"] and again[1]["class_clip_t"] == lora["class_clip_t"]
 
 
+def test_evaluate_subject_takes_another_tools_lora_file(tmp_path, toy_subject, lora_file, tiny_clip_dir):
+    """A kohya export of the same LoRA evaluates as the difftune file: imported, same images."""
+    from difftune.export import export_adapter
+
+    kohya = tmp_path / "lora_kohya.safetensors"
+    export_adapter(lora_file, kohya, "kohya", base_model="builtin:tiny-sd", psnr_images=0)
+    script = load_script("eval/evaluate_subject.py")
+    argv = ["--pretrained_model_name_or_path", "builtin:tiny-sd", "--adapter", f"lora={lora_file}",
+            "--adapter", f"kohya={kohya}", "--instance_data_dir", str(toy_subject), "--prompts", "dreambooth",
+            "--num_prompts", "1", "--images_per_prompt", "1", "--num_inference_steps", "2", "--height", "64",
+            "--width", "64", "--guidance_scale", "1", "--clip_model", str(tiny_clip_dir),
+            "--dino_model", "none", "--no_class_prompts", "--output_dir", str(tmp_path / "eval")]
+    results = script.main(argv)
+    assert [r["method"] for r in results] == ["lora", "lora"]
+    images = [np.asarray(Image.open(tmp_path / "eval" / n / "toy" / "images" / "p00_0.png"), dtype=float)
+              for n in ("lora", "kohya")]
+    assert np.abs(images[0] - images[1]).max() <= 1  # 8-bit images of the same LoRA
+
+
 def test_class_prompts_without_dino_and_switched_off(tmp_path, toy_subject, tiny_clip_dir):
     """No DINO model: PRES comes from CLIP-I and says so; --no_class_prompts removes the columns only."""
     script = load_script("eval/evaluate_subject.py")

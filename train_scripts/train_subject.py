@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 import difftune
 from difftune.adapter_file import atomic_write
 from difftune.errors import DifftuneError, run_main
+from difftune.export import FORMATS, LORA_FORMATS, check_export_options, default_output, export_adapter
 from difftune.model_factory import describe_model, load_pipeline
 from difftune.training import arguments, checkpointing, loop, recipes
 from difftune.training.data import SubjectData, SubjectDataset, scan_image_folder, warn_small_images
@@ -114,6 +115,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not fill unset flags from the base model's measured recipe (builtin:embedded has one "
              "per method; the run prints what it applied)")
 
+    parser.add_argument_group("start from a file").add_argument(
+        "--init_adapter", metavar="PATH",
+        help="train on from this adapter file instead of a fresh adapter: a difftune file of the --adapter "
+             "method, or a LoRA file of kohya / A1111 / ComfyUI / diffusers (imported as a difftune LoRA); "
+             "the file's rank, targets and options replace the flags")
+    export = parser.add_argument_group("export (python -m difftune.export; docs/export.md)")
+    export.add_argument("--export", nargs="+", choices=FORMATS, default=[],
+                        help="also write the adapter in these formats next to adapter.safetensors: kohya "
+                             "(ComfyUI/A1111 LoRA), comfyui (SD3 names), diff, diffusers (merged "
+                             "folder), single-file (merged checkpoint)")
+    export.add_argument("--export_rank", type=int,
+                        help="SVD rank of a kohya/comfyui export of a non-LoRA adapter")
+    export.add_argument("--export_energy", type=float,
+                        help="or: per-layer energy (fraction of ‖ΔW‖²) of that SVD extraction")
+
     arguments.add_training_arguments(parser)  # adapter, optimization, precision, loss, validation, ...
     return parser
 
@@ -182,6 +198,20 @@ def adapter_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def check_init_adapter(args: argparse.Namespace) -> None:
+    """--init_adapter: a readable file of the --adapter method (another tool's file: a LoRA)."""
+    from difftune.adapter_file import resolve_adapter_path
+    from difftune.export.importer import is_foreign_file
+
+    path = resolve_adapter_path(args.init_adapter)
+    method = "lora" if is_foreign_file(path) else difftune.read_adapter_info(path)["method"]
+    if method != args.adapter:
+        raise DifftuneError(f"--init_adapter {path} holds a {method} adapter, "
+                            f"but --adapter is {args.adapter}")
+    if args.train_text_encoder:
+        raise DifftuneError("--init_adapter cannot be combined with --train_text_encoder yet")
+
+
 def check_before_loading(argv: list[str] | None = None):
     """Every check that needs no model weights (bad input fails in seconds): options, model family,
     adapter options and targets, resolution, output folder, instance images. benchmark.py runs it on
@@ -193,6 +223,16 @@ def check_before_loading(argv: list[str] | None = None):
     if args.train_text_encoder:
         check_text_encoder_training(model_info.family)
     method_options = arguments.adapter_options(args, args.adapter)
+    if args.init_adapter:
+        check_init_adapter(args)
+    for fmt in args.export:
+        check_export_options(args.adapter, model_info.family, fmt,
+                             args.export_rank if fmt in LORA_FORMATS else None,
+                             args.export_energy if fmt in LORA_FORMATS else None,
+                             bool(method_options.get("use_dora")))
+    extraction = args.export_rank is not None or args.export_energy is not None
+    if extraction and not set(args.export) & set(LORA_FORMATS):
+        raise DifftuneError("--export_rank/--export_energy apply to --export kohya or comfyui")
     resolution = loop.check_before_loading(args, model_info, method_options)
     instance_images = scan_image_folder(args.instance_data_dir, "--instance_data_dir", args.caption_column)
     return args, model_info, method_options, resolution, instance_images
@@ -240,7 +280,7 @@ def main(argv: list[str] | None = None) -> Path:
         del generator_pipeline
         class_images = scan_image_folder(args.class_data_dir, "--class_data_dir")[:args.num_class_images]
 
-    adapter = loop.attach_trainable_adapter(denoiser, args, method_options, seed)
+    adapter = loop.attach_trainable_adapter(denoiser, args, method_options, seed, pipeline)
     text_encoders: dict[str, torch.nn.Module] = {}
     if args.train_text_encoder:
         if accelerator.num_processes > 1:
@@ -408,6 +448,16 @@ def main(argv: list[str] | None = None) -> Path:
                       "prior preservation": args.with_prior_preservation,
                       "text encoder": (f"trained, lr {plan.text_encoder_lr:g}" if text_encoders
                                        else "frozen")})
+        for fmt in args.export:
+            lora_format = fmt in LORA_FORMATS
+            report = export_adapter(
+                adapter_path, default_output(adapter_path, fmt), fmt,
+                base_model=args.pretrained_model_name_or_path,
+                rank=args.export_rank if lora_format else None,
+                energy=args.export_energy if lora_format else None,
+                psnr_images=0 if args.skip_final_inference else 2, prompt=sample_prompt,
+                num_inference_steps=args.validation_inference_steps, seed=seed)
+            print(report.summary())
         steps_run = global_step - first_step
         total_seconds = time.perf_counter() - started
         write_train_summary(output_dir, device, method=args.adapter, trainable_parameters=trainable_count,

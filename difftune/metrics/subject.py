@@ -346,8 +346,10 @@ def evaluate_runs(pipe: Any, runs: list[EvalRun], prompt_file: str | Path, setti
                 print(f"{run.name} / {run.subject.name}: up to date, read from {metrics_file}")
                 results.append(stored)
                 continue
+        method = "base"
         if run.adapter is not None:
-            difftune.load_adapter(pipe, run.adapter, scale=run.scale)
+            # a difftune file, or another tool's LoRA file (imported as a difftune LoRA)
+            method = difftune.load_adapter(pipe, run.adapter, scale=run.scale).method
             # the adapter's tensors join the pipeline's device and dtype (fp16 generation on GPU)
             denoiser.to(device=pipe.device, dtype=pipe.dtype)
         desc = f"{run.name} / {run.subject.name}"
@@ -361,8 +363,7 @@ def evaluate_runs(pipe: Any, runs: list[EvalRun], prompt_file: str | Path, setti
                 difftune.remove_adapter(pipe)
         grid = save_samples(run_dir, "", generated, prompts, settings.images_per_prompt, grid_cell)
         metrics = scorer.score(generated, prompts, run.subject, fid_reference)
-        info = difftune.read_adapter_info(run.adapter) if run.adapter is not None else {}
-        result = {"name": run.name, "method": info.get("method", "base"),
+        result = {"name": run.name, "method": method,
                   "adapter": str(run.adapter or ""), "scale": run.scale, **metrics}
         if class_generated is not None:
             class_grid = save_samples(run_dir, "class_", class_generated, class_prompt_list,

@@ -221,13 +221,19 @@ def quantization_kwargs(args: argparse.Namespace, dtype: torch.dtype) -> dict[st
 
 
 def attach_trainable_adapter(denoiser: nn.Module, args: argparse.Namespace, method_options: dict,
-                             seed: int):
-    """The adapter, seeded; trainable parameters in fp32 under fp16/bf16; memory options applied."""
+                             seed: int, pipeline: Any = None):
+    """The adapter, seeded; trainable parameters in fp32 under fp16/bf16; memory options applied.
+    With ``--init_adapter`` (and the pipeline) it starts from that file instead: a difftune file, or
+    another tool's LoRA file, imported."""
     from accelerate.utils import set_seed
     from diffusers.training_utils import cast_training_params
 
     set_seed(seed)  # the adapter's initialisation
-    adapter = difftune.add_adapter(denoiser, args.adapter, targets=args.targets, **method_options)
+    init = getattr(args, "init_adapter", None)
+    if init:
+        adapter = difftune.load_adapter(pipeline if pipeline is not None else denoiser, init)
+    else:
+        adapter = difftune.add_adapter(denoiser, args.adapter, targets=args.targets, **method_options)
     cast_training_params(denoiser, torch.float32)
     if args.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()

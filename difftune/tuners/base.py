@@ -210,6 +210,11 @@ class Adapter(ABC):
     def _detach(self) -> None:
         """Remove every trace of the adapter from the (unmerged) model."""
 
+    def changed_tensor_names(self) -> list[str]:
+        """The base tensors (``<module>.weight``, ``<module>.bias``) whose values the merged adapter
+        changes: what an export compares against the base model to get ΔW."""
+        return [f"{name}.weight" for name in self.target_names]
+
     def file_metadata(self) -> dict[str, Any]:
         """Method-specific facts stored in the file (for example what rebuilds a mask)."""
         return {}

@@ -124,6 +124,10 @@ class SaraAdapter(Adapter):
     def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         yield from self.sparse.named_parameters()
 
+    def changed_tensor_names(self) -> list[str]:
+        # every selected tensor: biases and norms too with include_bias_norm
+        return list(self.entries)
+
     # --- files -------------------------------------------------------------------------
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:

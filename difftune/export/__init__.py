@@ -1,0 +1,431 @@
+"""Export difftune adapters to the files ComfyUI, A1111/Forge, kohya sd-scripts and diffusers load.
+
+    difftune.export_adapter("out/adapter.safetensors", "out/lora_kohya.safetensors", "kohya")
+    python -m difftune.export out/adapter.safetensors --format kohya --output out/lora_kohya.safetensors
+
+Formats:
+- ``kohya``: ``lora_unet_*.lora_down/lora_up/alpha``. Exact for LoRA (its real alpha, conv kernels
+  kept). Other methods: ΔW = W_adapted − W0 per layer, truncated by SVD at ``rank`` or ``energy``,
+  with the error reported per layer, overall, and as the PSNR of images against the adapter.
+- ``comfyui``: the kohya form under the names ComfyUI maps for the family (SD3:
+  ``lora_transformer_*``; SD 1.x/SDXL: identical to ``kohya``).
+- ``diff``: lossless full ΔW per changed tensor (``.diff``/``.diff_b``, LyCORIS' keys).
+- ``diffusers``: a merged pipeline folder (``save_pretrained``).
+- ``single-file``: a merged checkpoint in the original LDM/SAI key layout (SD 1.x, SDXL).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..adapter_file import atomic_write, write_safetensors
+from ..api import (
+    adapted_text_encoders,
+    find_denoiser,
+    get_adapter,
+    has_adapter,
+    load_adapter,
+    read_adapter_info,
+    remove_adapter,
+)
+from ..errors import DifftuneError
+from .deltas import adapter_deltas, factor_deltas, merged_and_base, weights_replaced
+from .formats import diff_tensors, kohya_lora_tensors, lora_factors_from_peft, lora_factors_from_svd
+
+FORMATS = ("kohya", "comfyui", "diff", "diffusers", "single-file")
+LORA_FORMATS = ("kohya", "comfyui")
+EXPORT_METADATA_KEY = "difftune_export"
+DEFAULT_PROMPT = "a photo"
+
+OUTPUT_NAMES = {
+    "kohya": "adapter_kohya.safetensors",
+    "comfyui": "adapter_comfyui.safetensors",
+    "diff": "adapter_diff.safetensors",
+    "diffusers": "merged_diffusers",
+    "single-file": "merged_single_file.safetensors",
+}
+
+__all__ = ["FORMATS", "ExportReport", "check_export_options", "default_output", "export_adapter"]
+
+
+def default_output(adapter_path: str | os.PathLike, fmt: str) -> Path:
+    """Where an export goes when no --output is given: beside the adapter file."""
+    path = Path(adapter_path)
+    folder = path if path.is_dir() else path.parent
+    return folder / OUTPUT_NAMES[fmt]
+
+
+@dataclasses.dataclass
+class ExportReport:
+    """What an export wrote and what it costs: per-layer and overall relative Frobenius error
+    ‖ΔW − ΔW_export‖ / ‖ΔW‖ and the PSNR of samples against the adapter itself."""
+
+    path: str
+    format: str
+    method: str
+    family: str
+    exact: bool
+    size_bytes: int
+    rank: int | None = None
+    energy: float | None = None
+    relative_error: float | None = None
+    layers: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    not_representable: dict[str, float] = dataclasses.field(default_factory=dict)
+    psnr_db: float | None = None
+    base_psnr_db: float | None = None  # the base model's images against the adapter's: what "no export" gives
+    identical_images: bool | None = None
+    images: str | None = None
+    sampling: dict[str, Any] | None = None
+
+    def summary(self) -> str:
+        lines = [
+            f"{self.format} export of a {self.method} adapter ({self.family}): {self.path} "
+            f"({self.size_bytes / 2**20:.2f} MiB, {'exact' if self.exact else 'approximate'})"
+        ]
+        if self.relative_error is not None:
+            ranks = sorted({layer["rank"] for layer in self.layers})
+            rank_text = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}–{ranks[-1]}"
+            lines.append(
+                f"  {len(self.layers)} layers at {rank_text}: relative Frobenius error "
+                f"{self.relative_error:.4f} overall, worst layer "
+                f"{max(layer['relative_error'] for layer in self.layers):.4f}"
+            )
+        if self.not_representable:
+            lines.append(
+                f"  {len(self.not_representable)} changed biases/norms have no LoRA form and are "
+                "left out (counted in the error); --format diff keeps them"
+            )
+        if self.identical_images:
+            lines.append(f"  images: identical to the adapter's ({self.images})")
+        elif self.psnr_db is not None:
+            lines.append(
+                f"  images: PSNR {self.psnr_db:.2f} dB against the adapter's (the base model without it: "
+                f"{self.base_psnr_db:.2f} dB) ({self.images})"
+            )
+        return "\n".join(lines)
+
+
+def check_export_options(method: str, family: str, fmt: str, rank: int | None, energy: float | None,
+                         dora: bool = False) -> None:
+    """Refuse a format the family has no use for, or a missing/contradictory --rank/--energy, before
+    anything heavy runs."""
+    if fmt not in FORMATS:
+        raise DifftuneError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if rank is not None and energy is not None:
+        raise DifftuneError("give --rank or --energy, not both")
+    if rank is not None and rank < 1:
+        raise DifftuneError(f"--rank must be at least 1, got {rank}")
+    if energy is not None and not 0.0 < energy <= 1.0:
+        raise DifftuneError(f"--energy must be in (0, 1], got {energy}")
+    if fmt == "single-file" and family not in ("sd", "sdxl"):
+        raise DifftuneError(
+            f"--format single-file writes the original SD 1.x/SDXL layout; a {family} model "
+            "exports with --format diffusers"
+        )
+    if fmt == "kohya" and family == "sd3":
+        raise DifftuneError(
+            "SD3 has no kohya LoRA naming that A1111 reads; use --format comfyui "
+            "(the names ComfyUI maps for SD3)"
+        )
+    if fmt in LORA_FORMATS and dora and rank is None and energy is None:
+        raise DifftuneError("a DoRA adapter has no exact kohya LoRA form: give --rank R or --energy E "
+                            "for its SVD extraction, or use --format diff (lossless)")
+    if fmt in LORA_FORMATS and method != "lora" and rank is None and energy is None:
+        raise DifftuneError(
+            f"a {method} adapter is not a LoRA: give --rank R or --energy E for its SVD "
+            "extraction, or use --format diff (lossless)"
+        )
+    if fmt not in LORA_FORMATS and (rank is not None or energy is not None):
+        raise DifftuneError(f"--rank/--energy only apply to --format kohya/comfyui, not {fmt}")
+
+
+def export_adapter(
+    adapter_path: str | os.PathLike,
+    output: str | os.PathLike,
+    format: str = "kohya",
+    *,
+    base_model: str | None = None,
+    pipeline: Any = None,
+    rank: int | None = None,
+    energy: float | None = None,
+    psnr_images: int = 2,
+    prompt: str = DEFAULT_PROMPT,
+    num_inference_steps: int = 20,
+    seed: int = 0,
+) -> ExportReport:
+    """Write ``adapter_path`` in ``format`` to ``output`` and return the report (also written as
+    ``<output>.report.json``, with an image grid base | adapter | export when images are compared).
+
+    ``pipeline`` (a loaded base pipeline without an adapter) saves loading ``base_model`` (default:
+    the base named in the adapter's header); it is left without an adapter afterwards.
+    """
+    from ..model_factory import describe_model, load_pipeline, pipeline_family
+
+    info = read_adapter_info(adapter_path)
+    dora = bool(info["config"].get("use_dora"))
+    output = Path(output)
+    if pipeline is None:
+        base_model = base_model or info.get("base_model")
+        if not base_model:
+            raise DifftuneError(f"{adapter_path}: the header names no base model; pass --base")
+        # every option is checked before the weights load
+        check_export_options(info["method"], describe_model(base_model).family, format, rank, energy, dora)
+        pipeline = load_pipeline(base_model)
+    elif has_adapter(pipeline):
+        raise DifftuneError("export_adapter: the pipeline already carries an adapter")
+    family = pipeline_family(pipeline)
+    check_export_options(info["method"], family, format, rank, energy, dora)
+
+    load_adapter(pipeline, adapter_path)
+    try:
+        if format in ("diffusers", "single-file"):
+            return _export_merged(pipeline, output, format, info["method"], family)
+        return _export_weights(
+            pipeline,
+            output,
+            format,
+            info,
+            family,
+            rank,
+            energy,
+            psnr_images,
+            prompt,
+            num_inference_steps,
+            seed,
+        )
+    finally:
+        if has_adapter(pipeline):
+            remove_adapter(pipeline)
+
+
+def _export_merged(pipeline: Any, output: Path, fmt: str, method: str, family: str) -> ExportReport:
+    """The base weights with the adapter merged in, written whole; the pipeline is left at its base."""
+    merged = {
+        part: {name: pair[0] for name, pair in tensors.items()}
+        for part, tensors in merged_and_base(pipeline).items()
+    }
+    with weights_replaced(pipeline, merged):
+        if fmt == "diffusers":
+            _save_folder_atomically(pipeline, output)
+            size = sum(p.stat().st_size for p in output.rglob("*") if p.is_file())
+        else:
+            from .checkpoint import single_file_state_dict
+
+            tensors = single_file_state_dict(pipeline, family)
+            write_safetensors(
+                output,
+                tensors,
+                {
+                    "format": "pt",
+                    EXPORT_METADATA_KEY: json.dumps({"method": method, "format": fmt, "family": family}),
+                },
+            )
+            size = output.stat().st_size
+    report = ExportReport(str(output), fmt, method, family, exact=True, size_bytes=size)
+    _write_report(report)
+    return report
+
+
+def _save_folder_atomically(pipeline: Any, output: Path) -> None:
+    """``save_pretrained`` into a fresh folder beside ``output``, then swap it in: an interrupted
+    export never leaves a half-written pipeline where one was."""
+    if output.exists() and not output.is_dir():
+        raise DifftuneError(f"--output {output}: a file is there; --format diffusers writes a folder")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        pipeline.save_pretrained(staging)
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _components(pipeline: Any) -> dict[str, Any]:
+    denoiser, component = find_denoiser(pipeline)
+    return {component: denoiser, **adapted_text_encoders(pipeline)}
+
+
+def _export_weights(
+    pipeline: Any,
+    output: Path,
+    fmt: str,
+    info: dict[str, Any],
+    family: str,
+    rank: int | None,
+    energy: float | None,
+    psnr_images: int,
+    prompt: str,
+    num_inference_steps: int,
+    seed: int,
+) -> ExportReport:
+    method = info["method"]
+    unet_config = pipeline.unet.config if family in ("sd", "sdxl") else None
+    reference = _sample(pipeline, psnr_images, prompt, num_inference_steps, seed) if fmt != "diff" else None
+    tensors: dict[str, torch.Tensor] = {}
+    report = ExportReport(
+        str(output), fmt, method, family, exact=False, size_bytes=0, rank=rank, energy=energy
+    )
+    exact_lora = method == "lora" and fmt in LORA_FORMATS and rank is None and energy is None
+    if exact_lora:
+        for component, model in _components(pipeline).items():
+            adapter = get_adapter(model)
+            cfg = adapter.config
+            factors = lora_factors_from_peft(
+                adapter.adapter_state_dict(), cfg.effective_alpha, cfg.rank, cfg.use_rslora
+            )
+            tensors.update(kohya_lora_tensors(family, component, factors, unet_config))
+        remove_adapter(pipeline)
+        report.exact = True
+    else:
+        deltas = adapter_deltas(pipeline)  # the pipeline is back at the base model
+        if fmt == "diff":
+            for component, part in deltas.items():
+                tensors.update(diff_tensors(family, component, part, unet_config))
+            report.exact = True
+        else:
+            _factor_into(report, tensors, deltas, family, unet_config, rank, energy)
+    metadata = {
+        "format": "pt",
+        EXPORT_METADATA_KEY: json.dumps(
+            {
+                "method": method,
+                "format": fmt,
+                "family": family,
+                "exact": report.exact,
+                "rank": rank,
+                "energy": energy,
+                "relative_error": report.relative_error,
+                "base_model": info.get("base_model"),
+            }
+        ),
+    }
+    if fmt in LORA_FORMATS:
+        metadata.update(
+            {"ss_network_module": "networks.lora", "ss_base_model_version": _base_version(family)}
+        )
+    write_safetensors(output, tensors, metadata)
+    report.size_bytes = output.stat().st_size
+    if reference:
+        _compare_images(report, pipeline, reference, output, psnr_images, prompt, num_inference_steps, seed)
+    _write_report(report)
+    return report
+
+
+def _factor_into(
+    report: ExportReport,
+    tensors: dict[str, torch.Tensor],
+    deltas: dict[str, dict[str, torch.Tensor]],
+    family: str,
+    unet_config: Any,
+    rank: int | None,
+    energy: float | None,
+) -> None:
+    residual_sq = total_sq = 0.0
+    for component, part in deltas.items():
+        factors, dropped = factor_deltas(part, rank, energy, f"SVD of the {component}'s ΔW")
+        tensors.update(kohya_lora_tensors(family, component, lora_factors_from_svd(factors), unet_config))
+        for module, each in factors.items():
+            report.layers.append(
+                {
+                    "component": component,
+                    "module": module,
+                    "shape": list(part[f"{module}.weight"].shape),
+                    "rank": each.rank,
+                    "relative_error": each.relative_error,
+                    "norm": each.norm,
+                }
+            )
+            residual_sq += each.residual**2
+            total_sq += each.norm**2
+        for name, norm in dropped.items():
+            report.not_representable[f"{component}.{name}"] = norm
+            residual_sq += norm**2
+            total_sq += norm**2
+    if not report.layers:
+        raise DifftuneError(
+            "the adapter changes no Linear or Conv2d weight: nothing to factor into a LoRA; use --format diff"
+        )
+    report.relative_error = math.sqrt(residual_sq / total_sq) if total_sq > 0 else 0.0
+
+
+def _base_version(family: str) -> str:
+    return {"sd": "sd_v1", "sdxl": "sdxl_base_v1-0", "sd3": "sd3"}[family]
+
+
+def _sample(pipeline: Any, count: int, prompt: str, steps: int, seed: int) -> list[Any]:
+    if count <= 0:
+        return []
+    from ..training.validation import generate_images
+
+    denoiser, _ = find_denoiser(pipeline)
+    resolution = int(denoiser.config.sample_size) * int(pipeline.vae_scale_factor)
+    return generate_images(
+        pipeline,
+        {"prompt": prompt},
+        num_images=count,
+        seed=seed,
+        num_inference_steps=steps,
+        resolution=resolution,
+    )
+
+
+def psnr(reference: list[Any], images: list[Any]) -> float:
+    """PSNR in dB of 8-bit images against a reference (inf when identical)."""
+    a = np.stack([np.asarray(i.convert("RGB"), dtype=np.float64) / 255 for i in reference])
+    b = np.stack([np.asarray(i.convert("RGB"), dtype=np.float64) / 255 for i in images])
+    mse = float(np.mean((a - b) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(1 / mse)
+
+
+def _compare_images(
+    report: ExportReport,
+    pipeline: Any,
+    reference: list[Any],
+    output: Path,
+    count: int,
+    prompt: str,
+    steps: int,
+    seed: int,
+) -> None:
+    """Samples from the exported file (imported as other tools' files are) against the adapter's."""
+    from ..training.validation import save_grid
+
+    base = _sample(pipeline, count, prompt, steps, seed)
+    load_adapter(pipeline, output)
+    try:
+        exported = _sample(pipeline, count, prompt, steps, seed)
+    finally:
+        remove_adapter(pipeline)
+    value = psnr(reference, exported)
+    report.base_psnr_db = psnr(reference, base)
+    report.identical_images = math.isinf(value)
+    report.psnr_db = None if math.isinf(value) else value
+    grid = output.with_name(output.name + ".compare.png")
+    save_grid([*base, *reference, *exported], grid, columns=count)
+    report.images = str(grid)
+    report.sampling = {
+        "prompt": prompt,
+        "images": count,
+        "steps": steps,
+        "seed": seed,
+        "grid_rows": "base model | adapter | export",
+    }
+
+
+def _write_report(report: ExportReport) -> Path:
+    path = Path(report.path + ".report.json")
+    text = json.dumps(dataclasses.asdict(report), indent=2)
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n"))

@@ -1,0 +1,63 @@
+"""python -m difftune.export ADAPTER --format kohya [--rank R | --energy E] [--output PATH] [--base MODEL]
+
+Writes the export and ``<output>.report.json`` (and, for LoRA formats, ``<output>.compare.png``:
+base model | adapter | export, same seeds), and prints the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import run_main
+from . import DEFAULT_PROMPT, FORMATS, default_output, export_adapter
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m difftune.export",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("adapter", help="a difftune adapter file (or a folder holding adapter.safetensors)")
+    parser.add_argument("--format", required=True, choices=FORMATS, help="what to write")
+    parser.add_argument(
+        "--output",
+        help="file (folder for --format diffusers); default: beside the adapter, named after the format",
+    )
+    parser.add_argument(
+        "--base",
+        help="base model (built-in name, hub id or folder); default: the one named in the adapter's header",
+    )
+    parser.add_argument(
+        "--rank", type=int, help="SVD extraction (non-LoRA methods, or to shrink a LoRA): rank of every layer"
+    )
+    parser.add_argument(
+        "--energy",
+        type=float,
+        help="SVD extraction: per layer, the smallest rank keeping this fraction of ‖ΔW‖² (e.g. 0.9)",
+    )
+    parser.add_argument(
+        "--psnr_images",
+        type=int,
+        default=2,
+        help="images sampled with the adapter and with the export to compare (0: none)",
+    )
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt of those images")
+    parser.add_argument("--num_inference_steps", type=int, default=20, help="sampler steps of those images")
+    parser.add_argument("--seed", type=int, default=0, help="seed of those images")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    output = Path(args.output) if args.output else default_output(args.adapter, args.format)
+    report = export_adapter(args.adapter, output, args.format, base_model=args.base, rank=args.rank,
+                            energy=args.energy, psnr_images=args.psnr_images, prompt=args.prompt,
+                            num_inference_steps=args.num_inference_steps, seed=args.seed)
+    print(report.summary())
+    print(f"report: {report.path}.report.json")
+
+
+if __name__ == "__main__":
+    run_main(main)
