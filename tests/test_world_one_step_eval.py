@@ -57,8 +57,9 @@ def world_quality():
 
 
 def run(world_quality, folder, adapter, output, *extra):
-    world_quality.main(["--one_step_adapter", str(adapter), "--model_dir", str(folder), "--prompts", str(COUNT),
-                        "--output_dir", str(output), "--teacher_steps", str(TEACHER_STEPS),
+    world_quality.main(["--one_step_adapter", str(adapter), "--model_dir", str(folder),
+                        "--prompts", str(COUNT), "--output_dir", str(output),
+                        "--teacher_steps", str(TEACHER_STEPS),
                         "--batch_size", "3", *extra])
     return json.loads((output / "results.json").read_text())
 
@@ -92,10 +93,12 @@ def test_three_generators_measured_from_the_same_noise(tiny_world, world_quality
     difftune.load_adapter(student, adapter)
 
     def one_step(pipe):
-        return pil_to_tensor(generate_one_step(pipe, captions.prompts, latents=noises, output_type="pil").images)
+        output = generate_one_step(pipe, captions.prompts, latents=noises, output_type="pil")
+        return pil_to_tensor(output.images)
 
     columns = {"one-step student": one_step(student), "base one step": one_step(base),
-               "teacher": pil_to_tensor([Image.open(cache.image_path(i)).convert("RGB") for i in range(len(cache))])}
+               "teacher": pil_to_tensor([Image.open(cache.image_path(i)).convert("RGB")
+                                         for i in range(len(cache))])}
     assert not torch.equal(columns["one-step student"], columns["base one step"])
 
     features = ClipImageFeatures.from_pretrained(folder / "world_clip")
@@ -103,7 +106,8 @@ def test_three_generators_measured_from_the_same_noise(tiny_world, world_quality
     real_b = real_images("heldout_b", COUNT)
     for name, pixels in columns.items():
         row = report["generators"][name]
-        assert row["fid"] == pytest.approx(clip_fid(features, real_b, pixels[captions.fid]), rel=1e-4, abs=1e-3)
+        expected = clip_fid(features, real_b, pixels[captions.fid])
+        assert row["fid"] == pytest.approx(expected, rel=1e-4, abs=1e-3)
         accuracy = accuracy_against(classify_color_shape(clip_model, tokenizer, pixels[captions.accuracy]),
                                     captions.truth)
         assert (row["color"], row["shape"]) == (accuracy["color"], accuracy["shape"])
@@ -111,12 +115,13 @@ def test_three_generators_measured_from_the_same_noise(tiny_world, world_quality
     real_a = real_images("heldout_a", COUNT)
     reference = report["reference"]
     assert reference["fid_real_vs_real"] == pytest.approx(clip_fid(features, real_b, real_a), rel=1e-4)
-    assert (reference["fid_count"], reference["accuracy_count"], reference["feature_dim"]) == (COUNT, COUNT, 16)
+    counts = (reference["fid_count"], reference["accuracy_count"], reference["feature_dim"])
+    assert counts == (COUNT, COUNT, 16)
     assert report["teacher"]["num_inference_steps"] == TEACHER_STEPS
     # the grid: a header row, then one row per prompt with the three images side by side (2x)
     grid = np.asarray(Image.open(output / "comparison.png"))
-    first = np.asarray(Image.fromarray(((columns["teacher"][captions.accuracy[0]].permute(1, 2, 0) + 1) * 127.5)
-                                       .round().byte().numpy()).resize((128, 128), Image.NEAREST))
+    pixels = ((columns["teacher"][captions.accuracy[0]].permute(1, 2, 0) + 1) * 127.5).round().byte()
+    first = np.asarray(Image.fromarray(pixels.numpy()).resize((128, 128), Image.NEAREST))
     assert np.array_equal(grid[16:16 + 128, 6 + 2 * 134:6 + 2 * 134 + 128], first)
 
 

@@ -41,11 +41,12 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent.parent / "assets"
 
-# Found on held-out world captions (docs/recipes.md, "One-step (HiPA)"): the student against the
+# Found on held-out world captions (docs/hipa_embedded.md has every try): the student against the
 # base one step and the 25-step teacher, measured by eval/world_quality.py --one_step_adapter.
 ONE_STEP_RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "builtin:embedded": {
-        "lora": {"prompts_file": str(ASSETS_DIR / "one_step_world_prompts.txt")},
+        "lora": {"prompts_file": str(ASSETS_DIR / "one_step_world_prompts.txt"), "targets": ["all"],
+                 "rank": 32, "learning_rate": 1e-3, "train_batch_size": 8, "max_train_steps": 1200},
     },
 }
 
