@@ -87,7 +87,9 @@ def test_options_come_from_a_config_file_and_flags(tmp_path, prompt_files):
     args = run_script.module.parse_args(["--config", str(config), "--edge_weight", "0.6"])
     assert args.teacher_num_inference_steps == 7 and args.rank == 8
     assert dataclass_from_args(args, HiPALossConfig) == HiPALossConfig(edge_weight=0.6, high_pass_radius=0.4)
-    assert run_script.module.adapter_options_with_defaults(run_script.module.parse_args([])) == {"rank": 16}
+    # without a recipe (the embedded model has one: rank 32) LoRA defaults to HiPA's rank 16
+    plain = run_script.module.parse_args(["--no_recipe"])
+    assert run_script.module.adapter_options_with_defaults(plain) == {"rank": 16}
 
 
 def test_resume_continues_exactly(tmp_path, prompt_files):

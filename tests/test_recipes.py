@@ -69,3 +69,22 @@ def test_a_conflict_with_a_recipe_flag_names_the_recipe(train_subject):
         parse(train_subject, "--pre_compute_text_embeddings")
     plain = parse(train_subject, "--pre_compute_text_embeddings", "--no_recipe")
     assert plain.pre_compute_text_embeddings and not plain.train_text_encoder
+
+
+def test_one_step_trainer_takes_its_own_recipe_table():
+    from conftest import load_script
+
+    one_step = load_script("train_scripts/train_one_step.py")
+    recipe = recipes.recipe_for("builtin:embedded", "lora", recipes.ONE_STEP_RECIPES)
+    assert recipe and recipe != recipes.recipe_for("builtin:embedded", "lora")
+    base = ["--pretrained_model_name_or_path", "builtin:embedded", "--output_dir", "out"]
+    args = one_step.parse_args(base)
+    for name, value in recipe.items():
+        assert getattr(args, name) == value, name
+    assert args.recipe == recipe and not hasattr(args, "with_prior_preservation")
+    given = one_step.parse_args([*base, "--learning_rate", "5e-5", "--prompts_file", "mine.txt"])
+    assert given.learning_rate == 5e-5 and given.prompts_file == "mine.txt"
+    assert "learning_rate" not in given.recipe and "prompts_file" not in given.recipe
+    plain = one_step.parse_args([*base, "--no_recipe"])
+    assert plain.recipe == {} and plain.prompts_file == str(one_step.DEFAULT_PROMPTS)
+    assert one_step.parse_args(["--pretrained_model_name_or_path", "builtin:tiny-sd"]).recipe == {}

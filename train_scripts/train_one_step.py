@@ -48,7 +48,7 @@ from difftune.hipa.teacher import TeacherSettings, generate_teacher_samples, rea
 from difftune.hipa.training import OneStepData, one_step_loss
 from difftune.model_factory import describe_model
 from difftune.paths import ASSETS_DIR
-from difftune.training import arguments, checkpointing, loop
+from difftune.training import arguments, checkpointing, loop, recipes
 from difftune.training.families import LossOptions, training_family
 from difftune.training.loop import DTYPES
 from difftune.training.validation import image_grid, log_images, save_grid
@@ -112,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     validation.add_argument("--eval_metric_batch_size", type=int, default=32,
                             help="batch size of the metric models")
 
+    recipes.add_recipe_argument(parser)
     arguments.add_checkpoint_arguments(parser)
     arguments.add_logging_arguments(parser)
     parser.set_defaults(output_dir="outputs/one_step", tracker_project_name="difftune-one-step")
@@ -119,7 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    args = arguments.parse_with_config(build_parser(), argv)
+    parser = build_parser()
+    tokens = arguments.command_tokens(parser, argv)
+    args = parser.parse_args(tokens)
+    # flags left unset take the measured one-step recipe of this base model and method, if any
+    args.recipe = recipes.apply_recipe(args, recipes.given_destinations(parser, tokens),
+                                       recipes.ONE_STEP_RECIPES)
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
         raise DifftuneError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
     for name in ("teacher_batch_size", "num_validation_prompts", "eval_metric_batch_size"):
@@ -261,6 +267,8 @@ def main(argv: list[str] | None = None) -> Path:
     global_step, samples_seen = plan.global_step, plan.samples_seen
 
     if is_main:
+        if args.recipe:
+            print(recipes.describe(args.recipe, args.pretrained_model_name_or_path, args.adapter))
         resumed = f" | resumed at step {global_step}" if resume_path else ""
         print(f"difftune one-step (HiPA) | {args.pretrained_model_name_or_path} ({model_info.family}, "
               f"{resolution}px, {accelerator.mixed_precision}) | {args.adapter} on {adapter.config.targets}: "

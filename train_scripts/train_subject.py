@@ -110,10 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="text-encoder modules to adapt (regex on whole module names; default: the "
                            "q/k/v/out projections of every self-attention)")
 
-    parser.add_argument_group("recipe").add_argument(
-        "--no_recipe", action="store_true",
-        help="do not fill unset flags from the base model's measured recipe (builtin:embedded has one "
-             "per method; the run prints what it applied)")
+    recipes.add_recipe_argument(parser)
 
     parser.add_argument_group("start from a file").add_argument(
         "--init_adapter", metavar="PATH",

@@ -1,10 +1,11 @@
 """Measured training recipes per base model: the defaults of flags a user does not give.
 
-A recipe is what a measurement found to learn a subject with one method on one base
-model (``docs/recipes.md`` has the runs behind each number). The subject trainer applies
-the recipe of its base model and method to every flag left unset, on the command line
-and in ``--config``, and prints what it applied; a flag given by the user always wins,
-and ``--no_recipe`` turns recipes off.
+A recipe is what a measurement found to work with one method on one base model
+(``docs/recipes.md`` has the runs behind each number). Each trainer has its own table:
+`RECIPES` for the subject trainer (learning a subject), `ONE_STEP_RECIPES` for the
+one-step (HiPA) trainer. A trainer applies the recipe of its base model and method to
+every flag left unset, on the command line and in ``--config``, and prints what it
+applied; a flag given by the user always wins, and ``--no_recipe`` turns recipes off.
 
 Prior preservation in a recipe takes the class prompt from the subject folder's
 ``subject.json`` and keeps its class images in ``<output_dir>/class_images`` unless the
@@ -38,8 +39,30 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def recipe_for(model: str, method: str) -> dict[str, Any]:
-    return dict(RECIPES.get(model, {}).get(method, {}))
+ASSETS_DIR = Path(__file__).resolve().parent.parent.parent / "assets"
+
+# Found on held-out world captions (docs/hipa_embedded.md has every try): the student against the
+# base one step and the 25-step teacher, measured by eval/world_quality.py --one_step_adapter.
+ONE_STEP_RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    "builtin:embedded": {
+        "lora": {"prompts_file": str(ASSETS_DIR / "one_step_world_prompts.txt"), "targets": ["all"],
+                 "rank": 32, "learning_rate": 1e-3, "train_batch_size": 8, "max_train_steps": 1200},
+    },
+}
+
+Recipes = dict[str, dict[str, dict[str, Any]]]
+
+
+def recipe_for(model: str, method: str, table: Recipes = RECIPES) -> dict[str, Any]:
+    return dict(table.get(model, {}).get(method, {}))
+
+
+def add_recipe_argument(parser: argparse.ArgumentParser) -> None:
+    """``--no_recipe``, in a group of its own."""
+    parser.add_argument_group("recipe").add_argument(
+        "--no_recipe", action="store_true",
+        help="do not fill unset flags from the base model's measured recipe (builtin:embedded has one "
+             "per method; the run prints what it applied)")
 
 
 def given_destinations(parser: argparse.ArgumentParser, tokens: list[str]) -> set[str]:
@@ -54,18 +77,18 @@ def given_destinations(parser: argparse.ArgumentParser, tokens: list[str]) -> se
             action.default = default
 
 
-def apply_recipe(args: argparse.Namespace, given: set[str]) -> dict[str, Any]:
+def apply_recipe(args: argparse.Namespace, given: set[str], table: Recipes = RECIPES) -> dict[str, Any]:
     """Set the recipe's values on ``args`` for flags not in ``given``; returns what was applied."""
     if getattr(args, "no_recipe", False):
         return {}
-    recipe = recipe_for(args.pretrained_model_name_or_path, args.adapter)
+    recipe = recipe_for(args.pretrained_model_name_or_path, args.adapter, table)
     applied = {}
     for name, value in recipe.items():
         if name in given or not hasattr(args, name):
             continue
         setattr(args, name, value)
         applied[name] = value
-    if args.with_prior_preservation and "with_prior_preservation" in applied:
+    if getattr(args, "with_prior_preservation", False) and "with_prior_preservation" in applied:
         if not args.class_prompt:
             args.class_prompt = subject_class_prompt(args.instance_data_dir)
             applied["class_prompt"] = args.class_prompt
