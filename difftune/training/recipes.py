@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DifftuneError
+from ..paths import ASSETS_DIR
 from .data import SUBJECT_FILE
 
 # Found on the heart subject (docs/recipes.md): 600 steps, batch 1, prior preservation with 50
@@ -38,8 +39,6 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 
-
-ASSETS_DIR = Path(__file__).resolve().parent.parent.parent / "assets"
 
 # Found on held-out world captions (docs/hipa_embedded.md has every try): the student against the
 # base one step and the 25-step teacher, measured by eval/world_quality.py --one_step_adapter.
