@@ -34,7 +34,7 @@ import argparse
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -48,6 +48,7 @@ from difftune.metrics.cli import (
     add_evaluation_arguments,
     build_scorer,
     check_evaluation_arguments,
+    generation_settings,
     load_eval_pipeline,
     resolve_device,
 )
@@ -56,7 +57,6 @@ from difftune.metrics.subject import (
     PROMPT_LISTS,
     VALIDATION_PROMPT_LISTS,
     EvalRun,
-    GenerationSettings,
     Subject,
     evaluate_runs,
     load_images,
@@ -358,24 +358,9 @@ class Suite:
                 f"--prompts {args.prompts}: the suite needs a list with a validation twin "
                 f"({', '.join(VALIDATION_PROMPT_LISTS)})"
             )
-        self.test_settings = GenerationSettings(
-            args.images_per_prompt,
-            args.eval_seed,
-            args.num_inference_steps,
-            args.guidance_scale,
-            args.height,
-            args.width,
-            args.generation_batch_size,
-        )
-        self.validation_settings = GenerationSettings(
-            args.validation_images_per_prompt,
-            args.eval_seed,
-            args.num_inference_steps,
-            args.guidance_scale,
-            args.height,
-            args.width,
-            args.generation_batch_size,
-        )
+        self.test_settings = generation_settings(args)
+        validation_images = args.validation_images_per_prompt
+        self.validation_settings = replace(self.test_settings, images_per_prompt=validation_images)
         self._pipe = None
         self._scorer = None
         self.timings = self._read_json(self.out / "timings.json") or {}
