@@ -9,11 +9,9 @@ Pickle-based files are refused outright: loading one can run arbitrary code.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -23,78 +21,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch import nn
 
-from .errors import AdapterFileError, BaseModelMismatchError, DifftuneError
+from .errors import AdapterFileError, BaseModelMismatchError
+from .io import atomic_write
 
 METADATA_KEY = "difftune"
 FORMAT_VERSION = 1
 DEFAULT_FILE_NAME = "adapter.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-
-
-TEMP_SUFFIX = ".tmp"
-# a full disk or quota, a read-only file system, a folder without write permission
-_USER_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
-
-
-def _mode_for_new_files() -> int:
-    """0o666 less the process umask: what ``open()`` would have given the file."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_write(path: str | os.PathLike, write: Any) -> Path:
-    """Call ``write(tmp_path)``, then move the finished file over ``path``.
-
-    ``mkstemp`` creates the temporary file with mode 0600; it gets the mode a plain ``open()``
-    would give (the umask's) before the rename, so outputs are readable by whom the user means.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, _mode_for_new_files())
-        os.replace(tmp, path)
-    except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
-        if err.errno in _USER_WRITE_ERRORS:  # the machine's state, not a bug: one line, no trace
-            raise DifftuneError(f"{path}: cannot write: {err.strerror}") from None
-        raise
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def check_output_dir(output_dir: str | os.PathLike, flag: str = "--output_dir") -> None:
-    """Create ``output_dir`` or check that it is a writable folder, before any model loads: a run
-    must not train for hours and then fail at its first save."""
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise DifftuneError(f"{flag} {output_dir} is a file, not a folder")
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=TEMP_SUFFIX, dir=output_dir)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        raise DifftuneError(f"{flag} {output_dir} is not writable: {err.strerror or err}") from None
-
-
-def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files `atomic_write` leaves when its process is killed mid-write.
-
-    They are named ``.<final name>.<random>.tmp``; nothing else in a folder is touched.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    stale = sorted(p for p in folder.glob(f".*{TEMP_SUFFIX}") if p.is_file())
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return stale
 
 
 def _with_sorted_metadata(data: bytes) -> bytes:

@@ -365,7 +365,8 @@ def benchmark_rows(methods: list[str], summaries: dict[str, dict], results: dict
 
 
 def write_report(args: argparse.Namespace, rows: list[dict], results: dict[str, dict], machine: dict) -> str:
-    from difftune.metrics.reporting import markdown_table, save_image, scatter_plot, write_csv, write_json
+    from difftune.io import save_image, write_json
+    from difftune.metrics.reporting import markdown_table, scatter_plot, write_csv
     from difftune.metrics.subject import fid_note
 
     out = args.output_dir
@@ -421,7 +422,7 @@ def write_report(args: argparse.Namespace, rows: list[dict], results: dict[str, 
                                          for m, f in args.method_flags.items()),
     ]
     text = "\n".join(lines) + "\n"
-    from difftune.metrics.reporting import write_text
+    from difftune.io import write_text
 
     write_text(out / "benchmark.md", text)
     return text

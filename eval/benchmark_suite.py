@@ -42,6 +42,7 @@ from typing import Any
 from benchmark import ADAPTER_FILE, METHOD_COLORS, machine_description, train_method
 
 from difftune.errors import DifftuneError
+from difftune.io import read_json
 from difftune.metrics.cli import (
     HUB_CLIP,
     HUB_DINO,
@@ -363,11 +364,7 @@ class Suite:
         self.validation_settings = replace(self.test_settings, images_per_prompt=validation_images)
         self._pipe = None
         self._scorer = None
-        self.timings = self._read_json(self.out / "timings.json") or {}
-
-    @staticmethod
-    def _read_json(path: Path) -> Any:
-        return json.loads(path.read_text()) if path.is_file() else None
+        self.timings = read_json(self.out / "timings.json", missing_ok=True) or {}
 
     # -- lazily loaded models (a --report_only run loads none)
     @property
@@ -385,7 +382,7 @@ class Suite:
         return self._scorer
 
     def record_time(self, key: str, seconds: float) -> None:
-        from difftune.metrics.reporting import write_json
+        from difftune.io import write_json
 
         self.timings[key] = seconds
         write_json(self.out / "timings.json", self.timings)
@@ -458,9 +455,9 @@ class Suite:
 
     def class_fid(self, result_dir: Path, subject: SuiteSubject) -> dict[str, Any]:
         """FID of a run's class images against the class reference; cached beside its metrics."""
+        from difftune.io import write_json
         from difftune.metrics.features import extract_features
         from difftune.metrics.fid import fid_from_features
-        from difftune.metrics.reporting import write_json
 
         cache = result_dir / "class_fid.json"
         metrics = result_dir / "metrics.json"
@@ -540,11 +537,11 @@ def sweep_score(entry: dict[str, Any], base: dict[str, Any], floor: float) -> tu
 
 def run_sweep(suite: Suite, subjects: list[SuiteSubject], bar) -> dict[str, Any]:
     """Each method's rate, picked on the first subject's validation prompts (cached)."""
-    from difftune.metrics.reporting import write_json
+    from difftune.io import write_json
 
     args = suite.args
     path = suite.out / "sweep" / "selection.json"
-    stored = Suite._read_json(path) or {}
+    stored = read_json(path, missing_ok=True) or {}
     subject = subjects[0]
     base = None
     selection = dict(stored.get("methods", {}))
@@ -693,9 +690,9 @@ def collect_rows(suite: Suite, subjects: list[SuiteSubject]) -> tuple[list[dict]
     args = suite.args
 
     def read(result_dir: Path) -> dict | None:
-        metrics = Suite._read_json(result_dir / "metrics.json")
+        metrics = read_json(result_dir / "metrics.json", missing_ok=True)
         if metrics is not None:
-            metrics["class_fid"] = Suite._read_json(result_dir / "class_fid.json")
+            metrics["class_fid"] = read_json(result_dir / "class_fid.json", missing_ok=True)
         return metrics
 
     run_rows, prompt_rows, base_rows = [], [], []
@@ -794,9 +791,10 @@ def write_report(suite: Suite, subjects: list[SuiteSubject], selection: dict[str
     """``benchmark_suite.json`` / ``.md`` and the curves, from what is on disk."""
     import numpy as np
 
+    from difftune.io import save_image, write_json, write_text
     from difftune.metrics.bootstrap import bootstrap_mean
     from difftune.metrics.comparison import cell_table, compare_methods, comparison_markdown
-    from difftune.metrics.reporting import markdown_table, save_image, scatter_plot, write_json, write_text
+    from difftune.metrics.reporting import markdown_table, scatter_plot
 
     args = suite.args
     methods = [m.name for m in args.methods]
@@ -967,7 +965,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             world_class_images(subject, 1, "heldout_b")
     check_evaluation_arguments(args, suite.model)
     if args.report_only:
-        selection = (Suite._read_json(suite.out / "sweep" / "selection.json") or {}).get("methods", {})
+        stored_selection = read_json(suite.out / "sweep" / "selection.json", missing_ok=True) or {}
+        selection = stored_selection.get("methods", {})
         return write_report(suite, subjects, selection)
     sweep_runs = sum(len(args.rate_grids[m.name]) for m in args.methods if len(args.rate_grids[m.name]) > 1)
     grid_runs = len(args.seeds) * len(subjects) * len(args.methods)

@@ -29,9 +29,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from difftune.adapter_file import atomic_write
 from difftune.errors import run_main
 from difftune.hipa.teacher import TeacherSettings
+from difftune.io import save_image, write_text
 from difftune.model_factory import EMBEDDED_MODEL_DIR
 from difftune.world.quality import SamplingSettings, markdown_table, quality_report, world_examples_grid
 
@@ -101,11 +101,11 @@ def one_step_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     report["wall_seconds"] = round(time.time() - started, 1)
     table = one_step_markdown(report)
     output = args.output_dir
-    atomic_write(output / "comparison.png", lambda tmp: grid.save(tmp, format="PNG"))
-    atomic_write(output / "results.md", lambda tmp: Path(tmp).write_text(table + "\n"))
+    save_image(output / "comparison.png", grid)
+    write_text(output / "results.md", table + "\n")
     json_path = args.output_json or output / "results.json"
     text = json.dumps(report, indent=2, default=str) + "\n"
-    atomic_write(json_path, lambda tmp: Path(tmp).write_text(text))
+    write_text(json_path, text)
     print(table)
     print(f"\nwrote {json_path}, {output / 'results.md'} and {output / 'comparison.png'} "
           f"in {report['wall_seconds']:.0f} s")

@@ -27,14 +27,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 import difftune
-from difftune.adapter_file import atomic_write
 from difftune.errors import DifftuneError, run_main
 from difftune.hipa.evaluation import (
     DifftuneMetrics,
@@ -46,6 +44,7 @@ from difftune.hipa.loss import HiPALoss, HiPALossConfig
 from difftune.hipa.one_step import generate_one_step, one_step_timestep
 from difftune.hipa.teacher import TeacherSettings, generate_teacher_samples, read_prompts
 from difftune.hipa.training import OneStepData, one_step_loss
+from difftune.io import write_json, write_text
 from difftune.model_factory import describe_model
 from difftune.paths import ASSETS_DIR
 from difftune.training import arguments, checkpointing, loop, recipes
@@ -350,10 +349,9 @@ def main(argv: list[str] | None = None) -> Path:
             results = evaluate_comparison(final, metrics.to(device), reference_images)
             summary["results"] = results
             table = results_markdown(results)
-            atomic_write(output_dir / "evaluation.md", lambda tmp: Path(tmp).write_text(table))
+            write_text(output_dir / "evaluation.md", table)
             print(table)
-        atomic_write(output_dir / "evaluation.json",
-                     lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2, default=str)))
+        write_json(output_dir / "evaluation.json", summary)
         print(f"adapter: {adapter_path}\none-step student | base one-step | teacher: {grid}")
     model = plan = None  # the DDP wrapper goes before the process group (loop.end_training)
     loop.end_training(accelerator)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import shutil
 import time
 from pathlib import Path
 
@@ -37,9 +36,9 @@ from diffusers.training_utils import offload_models
 from tqdm.auto import tqdm
 
 import difftune
-from difftune.adapter_file import atomic_write
 from difftune.errors import DifftuneError, run_main
 from difftune.export import FORMATS, LORA_FORMATS, check_export_options, default_output, export_adapter
+from difftune.io import copy_file
 from difftune.model_factory import describe_model, load_pipeline
 from difftune.training import arguments, checkpointing, loop, recipes
 from difftune.training.data import SubjectData, SubjectDataset, scan_image_folder, warn_small_images
@@ -418,7 +417,7 @@ def main(argv: list[str] | None = None) -> Path:
                               base_model=args.pretrained_model_name_or_path, text_encoders=text_encoders)
         diffusers_name = DIFFUSERS_LORA_NAME if adapter.diffusers_lora_file else None
         if diffusers_name:
-            atomic_write(output_dir / diffusers_name, lambda tmp: shutil.copyfile(adapter_path, tmp))
+            copy_file(adapter_path, output_dir / diffusers_name)
         sample_names = []
         sample_prompt = args.validation_prompt or args.instance_prompt
         if not args.skip_final_inference:

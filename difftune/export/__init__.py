@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..adapter_file import atomic_write, write_safetensors
+from ..adapter_file import write_safetensors
 from ..api import (
     adapted_text_encoders,
     find_denoiser,
@@ -39,6 +39,7 @@ from ..api import (
     remove_adapter,
 )
 from ..errors import DifftuneError
+from ..io import write_text
 from .deltas import adapter_deltas, factor_deltas, merged_and_base, weights_replaced
 from .formats import diff_tensors, kohya_lora_tensors, lora_factors_from_peft, lora_factors_from_svd
 
@@ -428,4 +429,4 @@ def _compare_images(
 def _write_report(report: ExportReport) -> Path:
     path = Path(report.path + ".report.json")
     text = json.dumps(dataclasses.asdict(report), indent=2)
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n"))
+    return write_text(path, text + "\n")

@@ -28,9 +28,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..adapter_file import atomic_write, config_hash
+from ..adapter_file import config_hash
 from ..api import find_denoiser, has_adapter
 from ..errors import DifftuneError
+from ..io import atomic_write, save_image, write_text
 from ..tuners.base import option
 from .one_step import decode_latents, from_pipeline_latents, is_flux, latent_channels, to_pipeline_latents
 
@@ -185,7 +186,7 @@ def _write_sample(cache: TeacherCache, index: int, noise: torch.Tensor, latents:
     """One sample: the tensors (atomically) and a PNG of the image."""
     tensors = {"noise": noise.float(), "latents": latents.float(), "image": image.half()}
     picture = to_pil(image[None])[0]
-    atomic_write(cache.image_path(index), lambda tmp: picture.save(tmp, format="PNG"))
+    save_image(cache.image_path(index), picture)
     ready = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     # the tensor file last: its presence means the sample is finished
     atomic_write(cache.sample_path(index), lambda tmp: save_file(ready, tmp))
@@ -250,7 +251,7 @@ def generate_teacher_samples(
                 f"{directory}: a teacher cache made with other settings is there (differs in: "
                 f"{', '.join(changed)}); use another --teacher_dir, or delete that one to regenerate")
     else:
-        atomic_write(manifest_path, lambda tmp: Path(tmp).write_text(json.dumps(identity, indent=1)))
+        write_text(manifest_path, json.dumps(identity, indent=1))
     cache = TeacherCache(directory)
 
     missing = cache.missing()

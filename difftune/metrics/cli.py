@@ -68,7 +68,7 @@ def check_evaluation_arguments(args: argparse.Namespace, model: str) -> None:
     """Refuse the generation, metric and device flags' bad values in one line before any model loads
     (a 0 or negative count, nan/inf, a size the model cannot take, an unknown device, a missing
     metric model folder, an output folder that cannot be written)."""
-    from ..adapter_file import check_output_dir
+    from ..io import check_output_dir
     from ..model_factory import describe_model
     from ..training.arguments import check_finite_numbers
 
@@ -176,8 +176,10 @@ def generation_settings(args: argparse.Namespace) -> GenerationSettings:
 
 
 def write_tables(results: list[dict], output_dir: Path, title: str) -> None:
-    from difftune.metrics.reporting import markdown_table, write_csv, write_json, write_text
     from difftune.metrics.subject import SUMMARY_HEADERS, fid_note, models_note, summary_columns, summary_rows
+
+    from ..io import write_json, write_text
+    from .reporting import markdown_table, write_csv
 
     rows = summary_rows(results)
     columns = summary_columns(results)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,24 +15,12 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from ..adapter_file import atomic_write
+from ..io import write_text
 
 Row = Mapping[str, Any]
 
 
 # ---------------------------------------------------------------- tables
-
-def write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
-def write_json(path: str | Path, data: Any) -> Path:
-    return write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-
-
-def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
-
 
 def format_value(value: Any, precision: int = 3) -> str:
     """Numbers for tables: floats to ``precision`` significant decimals, big ints with separators."""
@@ -129,8 +116,6 @@ def image_grid(images: Sequence[Image.Image], columns: int, row_captions: Sequen
     return grid
 
 
-def save_image(path: str | Path, image: Image.Image) -> Path:
-    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 # ---------------------------------------------------------------- plots

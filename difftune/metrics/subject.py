@@ -329,7 +329,7 @@ def evaluate_runs(pipe: Any, runs: list[EvalRun], prompt_file: str | Path, setti
     """
     import difftune
 
-    from .reporting import read_json, write_json
+    from ..io import read_json, write_json
 
     output_dir = Path(output_dir)
     denoiser, _ = difftune.find_denoiser(pipe)
@@ -383,7 +383,8 @@ def evaluate_runs(pipe: Any, runs: list[EvalRun], prompt_file: str | Path, setti
 def save_samples(run_dir: Path, prefix: str, generated: list[list[Image.Image]], prompts: list[str],
                  columns: int, grid_cell: int) -> Path:
     """``<prefix>images/p<prompt>_<k>.png`` and a captioned ``<prefix>grid.png``; returns the grid's path."""
-    from .reporting import image_grid, save_image
+    from ..io import save_image
+    from .reporting import image_grid
 
     for p, group in enumerate(generated):
         for k, image in enumerate(group):

@@ -33,15 +33,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..adapter_file import (
-    atomic_write,
-    read_adapter_file,
-    read_safetensors,
-    remove_stale_temp_files,
-    write_safetensors,
-)
+from ..adapter_file import read_adapter_file, read_safetensors, write_safetensors
 from ..api import find_denoiser, get_adapter, save_adapter, split_sections
 from ..errors import AdapterFileError, DifftuneError
+from ..io import atomic_write, remove_stale_temp_files
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE = "trainer_state.json"

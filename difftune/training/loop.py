@@ -27,8 +27,8 @@ from torch import nn
 import difftune
 
 from .. import machine
-from ..adapter_file import check_output_dir
 from ..errors import DifftuneError
+from ..io import check_output_dir
 from ..model_factory import build_denoiser_on_meta
 from . import checkpointing
 

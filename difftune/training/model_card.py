@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..adapter_file import atomic_write
+from ..io import write_text
 
 
 def write_model_card(
@@ -74,4 +74,4 @@ def write_model_card(
         lines += ["The file is also a diffusers LoRA: `pipe.load_lora_weights(folder)` reads "
                   f"`{diffusers_weight_name}`.", ""]
     text = "\n".join(lines)
-    return atomic_write(output_dir / "README.md", lambda tmp: Path(tmp).write_text(text))
+    return write_text(output_dir / "README.md", text)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..adapter_file import atomic_write
+from ..io import atomic_write
 from .data import IMAGE_SUFFIXES, RandomDomain, sample_generator
 
 CLASS_IMAGE_PATTERN = "class-{:05d}.png"

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..adapter_file import atomic_write
+from ..io import write_text
 
 SUMMARY_FILE = "train_summary.json"
 
@@ -42,4 +42,4 @@ def write_train_summary(output_dir: str | Path, device: torch.device, **facts: A
     if device.type == "cuda":
         summary["device_name"] = torch.cuda.get_device_name(device)
     text = json.dumps(summary, indent=2) + "\n"
-    return atomic_write(Path(output_dir) / SUMMARY_FILE, lambda tmp: Path(tmp).write_text(text))
+    return write_text(Path(output_dir) / SUMMARY_FILE, text)

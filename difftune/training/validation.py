@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..adapter_file import atomic_write
+from ..io import save_image
 from .data import RandomDomain, sample_generator
 
 
@@ -58,7 +58,7 @@ def image_grid(images: Sequence[Image.Image], columns: int | None = None) -> Ima
 def save_grid(images: Sequence[Image.Image], path: str | Path, columns: int | None = None) -> Path:
     """Write the grid (rows of ``columns``, near-square by default) as PNG atomically; returns the path."""
     grid = image_grid(images, columns)
-    return atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
+    return save_image(path, grid)
 
 
 def log_images(accelerator: Any, tag: str, images: Sequence[Image.Image], step: int) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..io import atomic_write, write_json, write_text
 from .clip_model import (
     AttributeHeads,
     WorldClipSize,
@@ -182,27 +182,15 @@ def load_training_data(cache_dir: Path, config: PretrainConfig, progress: bool =
         for i, scene in enumerate(tqdm(scenes, desc="render train scenes", unit="scene",
                                        disable=not progress, mininterval=5)):
             images[i] = render_scene(scene)
-        temporary = path.with_name(path.name + ".tmp")
-        with open(temporary, "wb") as handle:
-            np.save(handle, images)
-        os.replace(temporary, path)
+        def save_array(tmp: str) -> None:
+            with open(tmp, "wb") as handle:  # a handle: np.save would add ".npy" to a path
+                np.save(handle, images)
+
+        atomic_write(path, save_array)
     return TrainingData(scenes, images, config.seed, config.caption_drop_probability)
 
 
 # ---------------------------------------------------------------- checkpoints and the loop
-
-def save_atomically(state: dict, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
-
-
-def write_json_atomically(data: dict, path: Path) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(temporary, path)
-
 
 def learning_rate_factor(step: int, settings: StageSettings) -> float:
     warmup = min(1.0, (step + 1) / max(settings.warmup_steps, 1))
@@ -284,8 +272,8 @@ def run_stage(name: str, model: nn.Module, settings: StageSettings,
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "record": record}
         if ema is not None:
             state["ema"] = ema.state_dict()
-        save_atomically(state, checkpoint_path)
-        write_json_atomically({k: v for k, v in record.items()}, stage_dir / "progress.json")
+        atomic_write(checkpoint_path, lambda tmp: torch.save(state, tmp))
+        write_json(stage_dir / "progress.json", dict(record))
 
     model.train()
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
@@ -338,8 +326,8 @@ def stage_finished(stage_dir: Path, steps: int) -> bool:
 
 
 def _write_final_marker(stage_dir: Path, record: dict, metrics: dict, config: PretrainConfig) -> None:
-    write_json_atomically({"record": record, "metrics": metrics, "config": config.to_json()},
-                          stage_dir / "final" / "stage.json")
+    write_json(stage_dir / "final" / "stage.json",
+               {"record": record, "metrics": metrics, "config": config.to_json()})
 
 
 # ---------------------------------------------------------------- stage 1: CLIP
@@ -664,7 +652,7 @@ def encode_latents(vae, data: TrainingData, cache_path: Path, device: str, progr
         means.append(posterior.mean.half().cpu())
         stds.append(posterior.std.half().cpu())
     mean, std = torch.cat(means), torch.cat(stds)
-    save_atomically({"mean": mean, "std": std}, cache_path)
+    atomic_write(cache_path, lambda tmp: torch.save({"mean": mean, "std": std}, tmp))
     return mean.float(), std.float()
 
 
@@ -751,13 +739,12 @@ def declare_float32_text_encoder(model_dir: Path) -> None:
     ``StableDiffusionPipeline.from_pretrained(model_dir)`` mixed Half and Float and failed at the
     first denoising step. An explicit ``torch_dtype`` still wins for every component.
     """
-    from ..adapter_file import atomic_write
 
     config_file = model_dir / "text_encoder" / "config.json"
     config = json.loads(config_file.read_text())
     config["dtype"] = "float32"
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    atomic_write(config_file, lambda tmp: Path(tmp).write_text(text))
+    write_text(config_file, text)
 
 
 def save_embedded_model(pipe, clip_model, tokenizer, model_dir: Path,
@@ -788,7 +775,7 @@ def pretrain_all(output_dir: Path, config: PretrainConfig, stages: tuple[str, ..
     if unknown:
         raise ValueError(f"unknown --stages {unknown}; choose from {', '.join(STAGES)}")
     output_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(config.to_json(), output_dir / "config.json")
+    write_json(output_dir / "config.json", config.to_json())
     data = load_training_data(output_dir / "data", config, progress)
     records: dict[str, dict] = {}
 
@@ -824,9 +811,9 @@ def pretrain_all(output_dir: Path, config: PretrainConfig, stages: tuple[str, ..
         pipe = assemble_pipeline(world_clip, tokenizer, load_finished_vae(output_dir / "vae_decoder"),
                                  load_finished_unet(output_dir / "unet"))
         save_embedded_model(pipe, world_clip, tokenizer, model_dir)
-        write_json_atomically({"config": config.to_json(), "stages": {
+        write_json(model_dir / "pretraining.json", {"config": config.to_json(), "stages": {
             stage: {k: v for k, v in _read_record(output_dir / stage).items() if k != "log"}
-            for stage in STAGES}}, model_dir / "pretraining.json")
+            for stage in STAGES}})
     return records
 
 

@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DifftuneError, run_main
-from ..metrics.reporting import write_json
+from ..io import write_json
 from ..training.data import SUBJECT_FILE
 from .scenes import (
     BACKGROUNDS,
