@@ -787,6 +787,11 @@ def significance_sentences(aggregates: list[dict[str, Any]], step: int) -> list[
     return sentences
 
 
+def _listing(label: str, values: dict[str, str]) -> str:
+    """``label: name value, name value.`` for a report line."""
+    return f"{label}: " + ", ".join(f"{name} {value}" for name, value in values.items()) + "."
+
+
 def write_report(suite: Suite, subjects: list[SuiteSubject], selection: dict[str, Any]) -> dict[str, Any]:
     """``benchmark_suite.json`` / ``.md`` and the curves, from what is on disk."""
     import numpy as np
@@ -868,12 +873,8 @@ def write_report(suite: Suite, subjects: list[SuiteSubject], selection: dict[str
         "",
     ]
     if base_summary:
-        lines += [
-            "Base model: "
-            + ", ".join(f"{METRIC_NAMES[k]} {v['mean']:.3f}" for k, v in base_summary.items())
-            + ".",
-            "",
-        ]
+        base_means = {METRIC_NAMES[k]: f"{v['mean']:.3f}" for k, v in base_summary.items()}
+        lines += [_listing("Base model", base_means), ""]
     if aggregates:
         at_final = [a for a in aggregates if a["step"] == final]
         lines += [
@@ -905,12 +906,8 @@ def write_report(suite: Suite, subjects: list[SuiteSubject], selection: dict[str
         save_image(suite.out / "fidelity_vs_preservation.png", plot)
         lines += ["![fidelity vs preservation](fidelity_vs_preservation.png)", ""]
     if real_vs_real:
-        lines += [
-            "Class FID floor (real vs real class scenes, world-CLIP features): "
-            + ", ".join(f"{k} {v:.2f}" for k, v in real_vs_real.items())
-            + ".",
-            "",
-        ]
+        lines += [_listing("Class FID floor (real vs real class scenes, world-CLIP features)",
+                           {k: f"{v:.2f}" for k, v in real_vs_real.items()}), ""]
     lines += [
         markdown_table(
             [
