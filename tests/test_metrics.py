@@ -309,3 +309,14 @@ def test_models_note_names_the_shipped_clip_by_its_place_and_says_when_dino_is_m
     assert models_note("openai/clip-vit-base-patch32", "facebook/dino-vits16", "not computed (no model)") == (
         "CLIP: openai/clip-vit-base-patch32; DINO: facebook/dino-vits16.")
     assert models_note("clip", None, "not computed (no model)").endswith("DINO: not computed (no model).")
+
+
+def test_table_numbers_keep_small_values_visible():
+    from difftune.metrics.reporting import format_value
+
+    assert format_value(0.0003) == "0.0003"  # a learning rate, not "0.000"
+    assert format_value(0.01) == "0.010"
+    assert format_value(-2.5e-5) == "-2.5e-05"
+    assert format_value(0.0) == "0.000"
+    assert format_value(12345.6) == "12,346"
+    assert format_value(7) == "7" and format_value(None) == "–"

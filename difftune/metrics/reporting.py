@@ -33,6 +33,8 @@ def format_value(value: Any, precision: int = 3) -> str:
     if isinstance(value, float):
         if value != 0 and abs(value) >= 1000:
             return f"{value:,.0f}"
+        if value != 0 and abs(value) < 10**-precision:  # a learning rate of 3e-4 is not "0.000"
+            return f"{value:.{precision}g}"
         return f"{value:.{precision}f}"
     return str(value)
 
