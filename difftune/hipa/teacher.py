@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ..adapter_file import atomic_write, config_hash
 from ..api import find_denoiser, has_adapter
 from ..errors import DifftuneError
-from ..tuners.base import option
+from ..options import option
 from .one_step import decode_latents, from_pipeline_latents, is_flux, latent_channels, to_pipeline_latents
 
 MANIFEST_NAME = "manifest.json"

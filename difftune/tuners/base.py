@@ -19,14 +19,8 @@ import torch
 from torch import nn
 
 from ..errors import AdapterFileError, DifftuneError
+from ..options import option
 from ..targeting import check_layer_types
-
-
-def option(default: Any, help: str, **kwargs: Any) -> Any:
-    """A config field with its help text; the trainer turns each into a CLI flag."""
-    if isinstance(default, (list, dict, set)):
-        return dataclasses.field(default_factory=lambda: default, metadata={"help": help}, **kwargs)
-    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
 
 
 @dataclasses.dataclass
@@ -241,7 +235,7 @@ class Adapter(ABC):
     # --- training hooks: no-ops unless a method needs them ----------------------------
     # The trainer calls them in this order each optimizer step: forward (+ the
     # regularization_loss) → backward → before_optimizer_step → clip → optimizer.step
-    # → after_optimizer_step.
+    # → finish_optimizer_step (by default after_optimizer_step).
 
     def default_learning_rate(self) -> float | None:
         """A method's own learning-rate rule, used when the user gives none."""
@@ -261,6 +255,12 @@ class Adapter(ABC):
 
     def after_optimizer_step(self, step: int, max_steps: int, optimizer: Any) -> None:  # noqa: B027
         """Called after each optimizer step (``step`` counts completed steps)."""
+
+    def finish_optimizer_step(self, step: int, max_steps: int, optimizer: Any, stepped: bool) -> None:
+        """What the trainer calls after ``optimizer.step()``; ``stepped`` is False when the optimizer
+        skipped its update (accelerate's skip on an fp16 gradient overflow), so a method does not have
+        to infer it from the optimizer's state. By default `after_optimizer_step`, skipped or not."""
+        self.after_optimizer_step(step, max_steps, optimizer)
 
     def training_state(self) -> dict[str, Any]:
         """Extra state a checkpoint must keep to resume exactly (tensors or JSON values)."""

@@ -51,12 +51,6 @@ class SVFitAdapter(WrappingLayerAdapter):
     def make_layer(self, name: str, module: nn.Module) -> AdapterLayer:
         return SVFitLayer(module, self.config, name)
 
-    def set_forward_mode(self, mode: str) -> None:
-        """Switch how the unmerged forward is computed (same outputs): auto, factored, dense."""
-        for layer in self.layers.values():
-            layer.forward_mode = mode
-        self.config.forward_mode = mode
-
     # --- files -----------------------------------------------------------------------
 
     def file_metadata(self) -> dict[str, Any]:
