@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..adapter_file import AdapterSection
 from ..errors import AdapterFileError, DifftuneError
 from ..options import option
 from ..targeting import check_layer_types
@@ -183,10 +184,29 @@ class Adapter(ABC):
         for key, target in expected.items():
             check_file_tensor(key, tensors[key], target, source, shape=self.file_shapes_fixed)
 
-    def load_file_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
-        """`check_file_tensors`, then `load_adapter_state_dict`: how files and checkpoints load."""
+    def load_file_tensors(self, tensors: dict[str, torch.Tensor], source: str,
+                          extra: dict[str, Any] | None = None) -> None:
+        """Copy a file's tensors into this attached adapter (a checkpoint on resume, an imported file):
+        `check_file_tensors`, then `load_adapter_state_dict`. ``extra`` is the file's method facts
+        (`file_metadata`); None for a checkpoint of this very adapter, whose own facts then apply."""
         self.check_file_tensors(tensors, source)
         self.load_adapter_state_dict(tensors, source)
+
+    def attach_from_file(self, modules: dict[str, nn.Module], section: AdapterSection, source: str) -> None:
+        """Attach as a file holds the adapter, in one pass (`difftune.load_adapter`).
+
+        This default attaches as the config says, then copies the file's tensors: right where the
+        attach depends on the config only (LoRA, TLoRA). A method whose attach computes what the file
+        already holds (SaRA's masks, SVFit's ranks) builds straight from the file instead."""
+        self.check_file_metadata(section.extra, source)
+        self.attach(modules)
+        self.load_file_tensors(section.tensors, source, section.extra)
+
+    def file_section(self) -> AdapterSection:
+        """This adapter as a file section: what `attach_from_file` rebuilds it from."""
+        return AdapterSection(method=self.method, config=self.config.to_dict(), targets=self.target_names,
+                              fingerprint=self.base_fingerprint, extra=self.file_metadata(),
+                              tensors=self.adapter_state_dict())
 
     @abstractmethod
     def _apply_scale(self, scale: float) -> None:
@@ -214,22 +234,17 @@ class Adapter(ABC):
         return {}
 
     def check_file_metadata(self, extra: dict[str, Any], source: str) -> None:  # noqa: B027
-        """Refuse a file whose method-specific facts do not fit this base model."""
+        """Refuse a file whose method-specific facts are missing or damaged (checks only)."""
 
     def extra_header(self, component: str) -> dict[str, str]:
         """Additional safetensors header entries (for example diffusers' LoRA metadata)."""
         return {}
 
     @classmethod
-    def combine_files(
-        cls, files: list[tuple[dict[str, torch.Tensor], dict[str, Any]]], scales: list[float],
-        sources: list[str],
-    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Fold several files of this method into one with ΔW = Σ scaleᵢ·ΔWᵢ.
-
-        ``files`` are ``(tensors, info)`` pairs as `read_adapter_file` returns them, with
-        the component prefix already removed from the tensor names.
-        """
+    def combine_files(cls, sections: list[AdapterSection], scales: list[float],
+                      sources: list[str]) -> AdapterSection:
+        """Fold the denoiser sections of several files of this method into one with
+        ΔW = Σ scaleᵢ·ΔWᵢ."""
         raise DifftuneError(f"method '{cls.method}' cannot combine several adapter files into one")
 
     # --- training hooks: no-ops unless a method needs them ----------------------------
