@@ -2,13 +2,16 @@
 
 The header's ``difftune`` entry holds everything needed to rebuild the adapter on a
 fresh base model (method, config, targeted modules) and to refuse the wrong base
-(a fingerprint). Files are written atomically: a temporary file in the same folder,
-then ``os.replace``, so an interrupted save never leaves a half-written adapter.
+(a fingerprint). `AdapterFile` owns that schema: it writes it, reads and validates it, and
+hands each component's part to the methods as an `AdapterSection`. Files are written
+atomically: a temporary file in the same folder, then ``os.replace``, so an interrupted
+save never leaves a half-written adapter.
 Pickle-based files are refused outright: loading one can run arbitrary code.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -21,7 +24,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch import nn
 
-from .errors import AdapterFileError, BaseModelMismatchError
+from ._version import __version__
+from .errors import AdapterFileError, BaseModelMismatchError, DifftuneError
 from .io import atomic_write
 
 METADATA_KEY = "difftune"
@@ -123,7 +127,11 @@ def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     files written before it load without the check) and hold no NaN or inf. Every refusal is an
     AdapterFileError naming the file and the field or tensor, before any model is touched.
     """
-    path = resolve_adapter_path(path)
+    return _read_checked(resolve_adapter_path(path))
+
+
+def _read_checked(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """`read_adapter_file` for a path `resolve_adapter_path` already gave."""
     tensors, metadata = read_safetensors(path)
     if METADATA_KEY not in metadata:
         hint = (" It looks like a LoRA file of another tool: difftune.load_adapter(pipe, path) imports "
@@ -144,6 +152,20 @@ def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     if bad is not None:
         raise AdapterFileError(f"{path}: tensor '{bad}' holds NaN or inf values")
     return tensors, info
+
+
+def split_sections(tensors: dict[str, torch.Tensor], info: dict[str, Any],
+                   source: str) -> dict[str, dict[str, torch.Tensor]]:
+    """A file's tensors by component (``unet``, ``text_encoder``, ...), their prefixes removed."""
+    names = [info["component"], *info.get("text_encoders", {})]
+    sections: dict[str, dict[str, torch.Tensor]] = {name: {} for name in names}
+    for key, value in tensors.items():
+        name = next((n for n in names if key.startswith(f"{n}.")), None)
+        if name is None:
+            raise AdapterFileError(f"{source}: tensor '{key}' does not start with any of the file's "
+                                   f"components ({', '.join(f'{n}.' for n in names)})")
+        sections[name][key[len(name) + 1:]] = value
+    return sections
 
 
 # --- header schema ------------------------------------------------------------------
@@ -280,3 +302,102 @@ def check_fingerprint(model: nn.Module, expected: dict[str, Any], source: str) -
         warnings.append(f"{source}: base model config differs from the training base "
                         "(all targeted shapes match, loading anyway)")
     return warnings
+
+
+# --- the file as objects ------------------------------------------------------------
+
+@dataclasses.dataclass
+class AdapterSection:
+    """One component's adapter in a file (the denoiser's, or a text encoder's): what rebuilds it on a
+    fresh model and its tensors, named without the component prefix."""
+
+    method: str
+    config: dict[str, Any]
+    targets: list[str]
+    fingerprint: dict[str, Any]
+    extra: dict[str, Any]  # the method's own facts (`Adapter.file_metadata`)
+    tensors: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_header(cls, fields: dict[str, Any], tensors: dict[str, torch.Tensor]) -> AdapterSection:
+        return cls(**{name: fields[name] for name in SECTION_SCHEMA}, tensors=tensors)
+
+    def header(self) -> dict[str, Any]:
+        """The section's header fields (`SECTION_SCHEMA`)."""
+        return {name: getattr(self, name) for name in SECTION_SCHEMA}
+
+    @property
+    def shapes(self) -> dict[str, list[int] | None]:
+        """Weight shape of every targeted module of the training base (None: no weight)."""
+        return self.fingerprint["shapes"]
+
+    def check_base(self, model: nn.Module, source: str) -> list[str]:
+        """`check_fingerprint` of ``model`` against this section: raises on a mismatch, returns warnings."""
+        return check_fingerprint(model, self.fingerprint, source)
+
+
+@dataclasses.dataclass
+class AdapterFile:
+    """A difftune adapter file: the header schema (`HEADER_SCHEMA`) written, read and validated in one
+    place, and one `AdapterSection` per adapted component."""
+
+    component: str  # the denoiser's name in its pipeline (unet, transformer)
+    sections: dict[str, AdapterSection]  # the denoiser's, then each adapted text encoder's
+    base_model: str | None = None
+    difftune_version: str = __version__
+    format_version: int = FORMAT_VERSION
+    source: str = ""  # the path it was read from, for messages
+    # further safetensors header entries written beside ours (diffusers' LoRA metadata)
+    extra_header: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def main(self) -> AdapterSection:
+        """The denoiser's section."""
+        return self.sections[self.component]
+
+    @property
+    def text_encoders(self) -> dict[str, AdapterSection]:
+        return {name: section for name, section in self.sections.items() if name != self.component}
+
+    def header(self) -> dict[str, Any]:
+        """The ``difftune`` header entry, less its checksum."""
+        info = {"format_version": self.format_version, "difftune_version": self.difftune_version,
+                **self.main.header(), "component": self.component, "base_model": self.base_model}
+        if self.text_encoders:
+            info["text_encoders"] = {name: section.header() for name, section in self.text_encoders.items()}
+        return info
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every section's tensors under its component prefix (``unet.``, ``text_encoder.``)."""
+        return {f"{name}.{key}": value for name, section in self.sections.items()
+                for key, value in section.tensors.items()}
+
+    def write(self, path: str | os.PathLike) -> Path:
+        """Write atomically, with the content checksum; refuses NaN or inf tensors (a diverged run
+        must not leave a file that loads as NaN images). Identical adapters give identical bytes."""
+        tensors = self.tensors()
+        bad = first_non_finite(tensors)
+        if bad is not None:
+            raise DifftuneError(f"{path}: not saved: adapter tensor '{bad}' holds NaN or inf values")
+        info = self.header()
+        info[CHECKSUM_FIELD] = content_checksum(tensors, info)
+        metadata = {METADATA_KEY: json.dumps(info, default=str, sort_keys=True), **self.extra_header}
+        return write_safetensors(path, tensors, metadata)
+
+    @classmethod
+    def read(cls, path: str | os.PathLike, resolved: bool = False) -> AdapterFile:
+        """Read and validate a file (`read_adapter_file`'s checks). ``path`` is a file or a folder
+        holding adapter.safetensors; ``resolved``: it is what `resolve_adapter_path` returned."""
+        path = Path(path) if resolved else resolve_adapter_path(path)
+        tensors, info = _read_checked(path)
+        source = str(path)
+        local = split_sections(tensors, info, source)
+        sections = {info["component"]: AdapterSection.from_header(info, local[info["component"]])}
+        sections.update({name: AdapterSection.from_header(fields, local[name])
+                         for name, fields in info.get("text_encoders", {}).items()})
+        return cls(component=info["component"], sections=sections, base_model=info["base_model"],
+                   difftune_version=info["difftune_version"], format_version=info["format_version"],
+                   source=source)
+
+    validate = staticmethod(check_header)
+    fingerprint = staticmethod(fingerprint)

@@ -15,26 +15,20 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from ._version import __version__
 from .adapter_file import (
-    CHECKSUM_FIELD,
     DEFAULT_FILE_NAME,
-    FORMAT_VERSION,
-    METADATA_KEY,
-    check_fingerprint,
-    content_checksum,
+    AdapterFile,
+    AdapterSection,
     fingerprint,
-    first_non_finite,
     read_adapter_file,
     resolve_adapter_path,
-    write_safetensors,
+    split_sections,  # noqa: F401  (the trainer's checkpoints import it from here)
 )
 from .errors import AdapterFileError, DifftuneError
 from .targeting import resolve_targets
-from .tuners import Adapter, get_method
+from .tuners import Adapter, AdapterConfig, get_method
 
 _ADAPTER_ATTRIBUTE = "_difftune_adapter"
 DENOISER_COMPONENTS = ("unet", "transformer")
@@ -108,22 +102,29 @@ def add_adapter(
     (for LoRA: rank, alpha, dropout, init, use_dora).
     """
     denoiser, _ = find_denoiser(model)
-    if has_adapter(denoiser):
-        raise DifftuneError(f"a '{get_adapter(denoiser).method}' adapter is already attached; "
-                            "call difftune.remove_adapter() or merge_adapter() first")
+    _refuse_second_adapter(denoiser)
     adapter_class, config, modules = _plan_adapter(denoiser, method, targets, options)
+    adapter = adapter_class(denoiser, config, modules)
+    return _install(denoiser, adapter, lambda each: each.attach(modules))
 
-    base_fingerprint = fingerprint(denoiser, modules)
+
+def _refuse_second_adapter(model: nn.Module) -> None:
+    if has_adapter(model):
+        raise DifftuneError(f"a '{get_adapter(model).method}' adapter is already attached; "
+                            "call difftune.remove_adapter() or merge_adapter() first")
+
+
+def _install(denoiser: nn.Module, adapter: Adapter, attach: Any) -> Adapter:
+    """Freeze the model, ``attach(adapter)``, and keep the adapter on the model; on any failure the
+    model is left as it was (a partial attach undone, the requires_grad flags restored)."""
+    base_fingerprint = fingerprint(denoiser, adapter.target_names)
     requires_grad_before = {name: p.requires_grad for name, p in denoiser.named_parameters()}
     denoiser.requires_grad_(False)
     try:
-        adapter = adapter_class(denoiser, config, modules)
-        adapter.attach(modules)
+        attach(adapter)
     except BaseException:
-        # leave the model as it was: undo a partial attach and the frozen flags
-        if "adapter" in locals():
-            with contextlib.suppress(Exception):
-                adapter._detach()
+        with contextlib.suppress(Exception):
+            adapter._detach()
         for name, param in denoiser.named_parameters():
             param.requires_grad_(requires_grad_before.get(name, param.requires_grad))
         raise
@@ -189,33 +190,11 @@ def save_adapter(model: Any, path: str | os.PathLike, base_model: str | None = N
         path = path / DEFAULT_FILE_NAME
     if base_model is None:
         base_model = getattr(getattr(denoiser, "config", None), "_name_or_path", None)
-    info = {
-        "format_version": FORMAT_VERSION,
-        "difftune_version": __version__,
-        **_section_info(adapter),
-        "component": component,
-        "base_model": base_model,
-    }
-    sections = {component: adapter}
-    if encoders:
-        sections.update({name: get_adapter(encoder) for name, encoder in encoders.items()})
-        info["text_encoders"] = {name: _section_info(sections[name]) for name in encoders}
-    tensors = {f"{name}.{key}": value for name, each in sections.items()
-               for key, value in each.adapter_state_dict().items()}
-    bad = first_non_finite(tensors)
-    if bad is not None:  # a diverged run must not leave a file that loads as NaN images
-        raise DifftuneError(f"{path}: not saved: adapter tensor '{bad}' holds NaN or inf values")
-    info[CHECKSUM_FIELD] = content_checksum(tensors, info)
-    header = _merge_headers([each.extra_header(name) for name, each in sections.items()])
-    # sorted keys: identical adapters give byte-identical files
-    return write_safetensors(path, tensors,
-                             {METADATA_KEY: json.dumps(info, default=str, sort_keys=True), **header})
-
-
-def _section_info(adapter: Adapter) -> dict[str, Any]:
-    """What rebuilds one component's adapter: method, config, targets, fingerprint, method extras."""
-    return {"method": adapter.method, "config": adapter.config.to_dict(), "targets": adapter.target_names,
-            "fingerprint": adapter.base_fingerprint, "extra": adapter.file_metadata()}
+    adapters = {component: adapter, **{name: get_adapter(encoder) for name, encoder in encoders.items()}}
+    headers = _merge_headers([each.extra_header(name) for name, each in adapters.items()])
+    file = AdapterFile(component=component, base_model=base_model, extra_header=headers,
+                       sections={name: each.file_section() for name, each in adapters.items()})
+    return file.write(path)
 
 
 def _merge_headers(parts: list[dict[str, str]]) -> dict[str, str]:
@@ -258,55 +237,40 @@ def load_adapter(
     paths = [path] if single else list(path)
     if not paths:
         raise DifftuneError("load_adapter: no adapter path given")
-    if single:
-        from .export.importer import import_lora, is_foreign_file
-
-        file_path = resolve_adapter_path(path)
-        if is_foreign_file(file_path):  # a LoRA file of kohya, ComfyUI, diffusers, ...
-            return import_lora(pipeline_or_model, file_path, float(scale))
-    denoiser, _component = find_denoiser(pipeline_or_model)
-    files, sources, encoder_sections = [], [], {}
+    files: list[AdapterFile] = []
     for each in paths:
         file_path = resolve_adapter_path(each)
-        tensors, info = read_adapter_file(file_path)
-        source = str(file_path)
-        _check_method_config(info, source)
-        for warning in check_fingerprint(denoiser, info["fingerprint"], source):
+        if single:
+            from .export.importer import import_lora, is_foreign_file
+
+            if is_foreign_file(file_path):  # a LoRA file of kohya, ComfyUI, diffusers, ...
+                return import_lora(pipeline_or_model, file_path, float(scale))
+        files.append(AdapterFile.read(file_path, resolved=True))
+    denoiser, _component = find_denoiser(pipeline_or_model)
+    # every file checked (config, base model, text encoders present) before the model is touched
+    plans: list[tuple[type[Adapter], AdapterConfig]] = []
+    encoders: dict[str, tuple[nn.Module, AdapterSection, type[Adapter], AdapterConfig]] = {}
+    for file in files:
+        plans.append(_file_config(file.main, file.source))
+        for warning in file.main.check_base(denoiser, file.source):
             warnings.warn(warning, stacklevel=2)
-        sections = split_sections(tensors, info, source)
-        encoder_sections = {name: (sections[name], section, _text_encoder(pipeline_or_model, name, source))
-                            for name, section in info.get("text_encoders", {}).items()}
-        for name, (_, section, encoder) in encoder_sections.items():
-            _check_method_config(section, source, f"text_encoders.{name}.")
-            for warning in check_fingerprint(encoder, section["fingerprint"], f"{source} ({name})"):
+        for name, section in file.text_encoders.items():
+            encoder = _text_encoder(pipeline_or_model, name, file.source)
+            encoders[name] = (encoder, section, *_file_config(section, file.source, f"text_encoders.{name}."))
+            for warning in section.check_base(encoder, f"{file.source} ({name})"):
                 warnings.warn(warning, stacklevel=2)
-        files.append((sections[info["component"]], info))
-        sources.append(source)
-    adapter_class = get_method(files[0][1]["method"])
     if single:
-        (local, info), source = files[0], sources[0]
+        (adapter_class, config), section, source = plans[0], files[0].main, files[0].source
     else:
-        if any("text_encoders" in info for _, info in files):
-            raise DifftuneError("load_adapter: files with text-encoder adapters cannot be combined: "
-                                + ", ".join(s for s, (_, i) in zip(sources, files, strict=True)
-                                            if "text_encoders" in i))
-        scales = [float(scale)] * len(files) if isinstance(scale, (int, float)) else [float(s) for s in scale]
-        if len(scales) != len(files):
-            raise DifftuneError(f"load_adapter: {len(files)} files but {len(scales)} scales")
-        kinds = {(info["method"], info["component"]) for _, info in files}
-        if len(kinds) > 1:
-            raise DifftuneError("load_adapter: cannot combine files of different methods/components: "
-                                + ", ".join(f"{s} ({i['method']}, {i['component']})"
-                                            for s, (_, i) in zip(sources, files, strict=True)))
-        local, info = adapter_class.combine_files(files, scales, sources)
-        source, scale = " + ".join(sources), 1.0
+        adapter_class, section, source, scale = _combine(files, scale)
+        _, config = _file_config(section, source, adapter_class=adapter_class)
 
     attached: list[nn.Module] = []
     try:
-        adapter = _attach_from_file(denoiser, info, local, source)
+        adapter = _attach_from_file(denoiser, adapter_class, config, section, source)
         attached.append(denoiser)
-        for name, (tensors, section, encoder) in encoder_sections.items():
-            _attach_from_file(encoder, section, tensors, f"{source} ({name})")
+        for name, (encoder, each, encoder_class, encoder_config) in encoders.items():
+            _attach_from_file(encoder, encoder_class, encoder_config, each, f"{source} ({name})")
             attached.append(encoder)
     except BaseException:
         for module in attached:
@@ -318,25 +282,35 @@ def load_adapter(
     return adapter
 
 
-def _check_method_config(section: dict[str, Any], source: str, where: str = "") -> None:
+def _combine(files: list[AdapterFile], scale: float | Sequence[float]
+             ) -> tuple[type[Adapter], AdapterSection, str, float]:
+    """Several files of one method and component as one section (`Adapter.combine_files`): its
+    method, the section, the joined source names, and the scale left to apply (1)."""
+    sources = [file.source for file in files]
+    with_encoders = [file.source for file in files if file.text_encoders]
+    if with_encoders:
+        raise DifftuneError("load_adapter: files with text-encoder adapters cannot be combined: "
+                            + ", ".join(with_encoders))
+    scales = [float(scale)] * len(files) if isinstance(scale, (int, float)) else [float(s) for s in scale]
+    if len(scales) != len(files):
+        raise DifftuneError(f"load_adapter: {len(files)} files but {len(scales)} scales")
+    if len({(file.main.method, file.component) for file in files}) > 1:
+        raise DifftuneError("load_adapter: cannot combine files of different methods/components: "
+                            + ", ".join(f"{file.source} ({file.main.method}, {file.component})"
+                                        for file in files))
+    adapter_class = get_method(files[0].main.method)
+    section = adapter_class.combine_files([file.main for file in files], scales, sources)
+    return adapter_class, section, " + ".join(sources), 1.0
+
+
+def _file_config(section: AdapterSection, source: str, where: str = "",
+                 adapter_class: type[Adapter] | None = None) -> tuple[type[Adapter], AdapterConfig]:
+    """The method class and validated config a file section names; a bad one is the file's fault."""
     try:
-        get_method(section["method"]).config_class.from_options(section["method"], dict(section["config"]))
+        adapter_class = adapter_class or get_method(section.method)
+        return adapter_class, adapter_class.config_class.from_options(section.method, dict(section.config))
     except DifftuneError as err:
         raise AdapterFileError(f"{source}: header field '{where}method'/'{where}config': {err}") from None
-
-
-def split_sections(tensors: dict[str, torch.Tensor], info: dict[str, Any],
-                   source: str) -> dict[str, dict[str, torch.Tensor]]:
-    """A file's tensors by component (``unet``, ``text_encoder``, ...), their prefixes removed."""
-    names = [info["component"], *info.get("text_encoders", {})]
-    sections: dict[str, dict[str, torch.Tensor]] = {name: {} for name in names}
-    for key, value in tensors.items():
-        name = next((n for n in names if key.startswith(f"{n}.")), None)
-        if name is None:
-            raise AdapterFileError(f"{source}: tensor '{key}' does not start with any of the file's "
-                                   f"components ({', '.join(f'{n}.' for n in names)})")
-        sections[name][key[len(name) + 1:]] = value
-    return sections
 
 
 def _text_encoder(pipeline: Any, name: str, source: str) -> nn.Module:
@@ -347,20 +321,14 @@ def _text_encoder(pipeline: Any, name: str, source: str) -> nn.Module:
     return encoder
 
 
-def _attach_from_file(model: nn.Module, section: dict[str, Any], tensors: dict[str, torch.Tensor],
-                      source: str) -> Adapter:
-    """Attach one component's adapter from its file section and load its tensors."""
-    options = dict(section["config"])
-    user_targets = options.pop("targets")
-    adapter = add_adapter(model, section["method"], targets=section["targets"], **options)
-    adapter.config.targets = user_targets
-    try:
-        adapter.check_file_metadata(section["extra"], source)
-        adapter.load_file_tensors(tensors, source)
-    except BaseException:
-        remove_adapter(model)
-        raise
-    return adapter
+def _attach_from_file(model: nn.Module, adapter_class: type[Adapter], config: AdapterConfig,
+                      section: AdapterSection, source: str) -> Adapter:
+    """Attach one component's adapter as its file section holds it (`Adapter.attach_from_file`)."""
+    _refuse_second_adapter(model)
+    modules = resolve_targets(model, section.targets)
+    adapter_class.check_targets(modules)
+    adapter = adapter_class(model, config, modules)
+    return _install(model, adapter, lambda each: each.attach_from_file(modules, section, source))
 
 
 def set_adapter_scale(model: Any, scale: float) -> None:

@@ -376,3 +376,47 @@ def test_a_full_disk_at_save_is_one_line_naming_the_file(tmp_path, monkeypatch):
     with pytest.raises(difftune.DifftuneError, match="adapter.safetensors: cannot write: No space left on"):
         difftune.save_adapter(pipe.unet, path)
     assert [p.name for p in path.parent.iterdir()] == ["adapter.safetensors"]
+
+
+def test_a_load_resolves_the_path_looks_up_the_method_and_checks_the_config_once(tmp_path, monkeypatch):
+    from collections import Counter
+
+    from difftune import adapter_file, api
+    from difftune.tuners.lora import LoraConfig
+
+    pipe, path = trained("sd", "lora", "attn", {"rank": 4, "alpha": 8.0}, tmp_path)
+    inputs = denoiser_inputs(pipe)
+    expected = denoise(pipe, inputs)
+    calls = Counter()
+
+    def counted(owner, name, label):
+        original = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, **k: calls.update([label]) or original(*a, **k))
+
+    counted(api, "resolve_adapter_path", "resolve")
+    counted(adapter_file, "resolve_adapter_path", "resolve")
+    counted(api, "get_method", "get_method")
+    counted(LoraConfig, "validate", "validate")
+    fresh = build("sd")
+    difftune.load_adapter(fresh, path.parent)  # a folder: resolved to its adapter.safetensors
+    assert calls == {"resolve": 1, "get_method": 1, "validate": 1}
+    assert torch.equal(denoise(fresh, inputs), expected)
+
+
+def test_adapter_file_round_trips_its_sections(tmp_path):
+    """AdapterFile.read gives back what save_adapter wrote: header fields, sections, tensors."""
+    from difftune.adapter_file import AdapterFile
+
+    pipe, path = trained("sd", "svfit", "attn", {"rank": 3}, tmp_path)
+    adapter = difftune.get_adapter(pipe)
+    file = AdapterFile.read(path.parent)
+    assert file.component == "unet" and not file.text_encoders and file.source == str(path)
+    assert file.header() == {k: v for k, v in difftune.read_adapter_info(path).items() if k != "sha256"}
+    section = file.main
+    assert section.method == "svfit" and section.config == adapter.config.to_dict()
+    assert section.targets == adapter.target_names and section.extra == adapter.file_metadata()
+    assert section.shapes == {n: list(pipe.unet.get_submodule(n).weight.shape) for n in adapter.target_names}
+    state = adapter.adapter_state_dict()
+    assert section.tensors.keys() == state.keys()
+    assert all(torch.equal(section.tensors[k], state[k]) for k in state)
+    assert file.write(tmp_path / "again.safetensors").read_bytes() == path.read_bytes()

@@ -381,6 +381,98 @@ def test_other_base_weights_are_refused_and_lower_precision_is_accepted(tmp_path
         assert torch.equal(merged[key].reshape(-1)[index], expected)
 
 
+def test_a_load_computes_no_mask_and_attaches_the_deltas_once(tmp_path, monkeypatch):
+    """The file holds the masks: a load checks each against |W0| < θ once and attaches once, with no
+    selection from the config (formerly: a budget quantile and a mask per tensor, then overwritten)."""
+    from collections import Counter
+
+    from difftune import sparse_backprop
+    from difftune.tuners.sara import files, model
+
+    pipe, adapter, path = trained_pipeline(tmp_path, steps=2)
+    inputs = denoiser_inputs(pipe)
+    with torch.no_grad():
+        trained = pipe.unet(**inputs).sample
+    calls = Counter()
+
+    def counted(owner, name):
+        original = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, **k: calls.update([name]) or original(*a, **k))
+
+    counted(model, "select_entries")
+    counted(model, "threshold_for_count")
+    counted(files, "mask_disagreement")
+    counted(sparse_backprop.SparseBackprop, "__init__")
+    counted(sparse_backprop.SparseBackprop, "detach")
+    fresh = build("sd")
+    loaded = difftune.load_adapter(fresh, path)
+    assert calls == {"__init__": 1, "mask_disagreement": len(adapter.entries)}
+    assert list(loaded.entries) == list(adapter.entries)  # the optimizer's parameter order
+    with torch.no_grad():
+        assert torch.equal(fresh.unet(**inputs).sample, trained)
+
+
+def test_a_skipped_optimizer_step_neither_decays_nor_advances_progressive_adjustment():
+    """The trainer says whether the step ran: on a skipped one (fp16 overflow) nothing moves, and the
+    progressive adjustment due at it waits for the next step that runs."""
+    def start():
+        model = mlp()
+        adapter = difftune.add_adapter(model, "sara", targets=r"\d", budget=0.3, lambda_rank=0.0,
+                                       progressive_step=2)
+        optimizer = train_mlp(model, adapter, steps=1, lr=3e-2, weight_decay=0.5, max_steps=4)
+        x, y = mlp_batch(1)
+        F.mse_loss(model(x), y).backward()
+        return adapter, optimizer
+
+    adapter, optimizer = start()
+    before = {k: e.delta.detach().clone() for k, e in adapter.entries.items()}
+    adapter.finish_optimizer_step(2, 4, optimizer, stepped=False)  # optimizer.step() was skipped
+    assert adapter.stage == 0
+    assert all(torch.equal(e.delta, before[k]) for k, e in adapter.entries.items())  # no decay either
+    optimizer.step()
+    adapter.finish_optimizer_step(3, 4, optimizer, stepped=True)
+    assert adapter.stage == 1
+
+    ran, ran_optimizer = start()  # the same step, run: decayed, and adjusted at step 2
+    ran.finish_optimizer_step(2, 4, ran_optimizer, stepped=True)
+    assert ran.stage == 1
+    assert all(not torch.equal(e.delta, before[k]) for k, e in ran.entries.items())
+
+
+def test_the_trainer_step_tells_sara_that_accelerate_skipped_the_update(monkeypatch):
+    """training.loop.optimizer_step under accelerate, with its fp16-overflow skip simulated."""
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    from difftune.training import loop
+
+    model = mlp()
+    adapter = difftune.add_adapter(model, "sara", targets=r"\d", budget=0.3, lambda_rank=0.0,
+                                   progressive_step=1)
+    accelerator = Accelerator(cpu=True)
+    optimizer = torch.optim.AdamW(adapter.optimizer_parameter_groups(0.5), lr=3e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+    x, y = mlp_batch(0)
+    loss = F.mse_loss(model(x), y)
+    loss.backward()
+    before = {k: e.delta.detach().clone() for k, e in adapter.entries.items()}
+
+    def overflow(self, closure=None):  # what the gradient scaler does on inf gradients
+        self._is_overflow = True
+
+    with monkeypatch.context() as patch:
+        patch.setattr(AcceleratedOptimizer, "step", overflow)
+        loop.optimizer_step(accelerator, adapter, model, optimizer, scheduler, 0, 4, 0.0, loss.item())
+    assert adapter.stage == 0 and all(torch.equal(e.delta, before[k]) for k, e in adapter.entries.items())
+    assert scheduler.scheduler.last_epoch == 0  # the schedule did not advance either
+    optimizer._is_overflow = False  # the scaler's verdict on the next, finite step
+    loss = F.mse_loss(model(x), y)
+    loss.backward()
+    loop.optimizer_step(accelerator, adapter, model, optimizer, scheduler, 1, 4, 0.0, loss.item())
+    assert adapter.stage == 1
+
+
 # --- checkpoint / resume ----------------------------------------------------------------------
 
 def save_checkpoint(pipe, adapter, optimizer, folder):

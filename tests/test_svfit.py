@@ -291,3 +291,28 @@ def test_full_rank_svfit_is_sixteen_times_smaller_than_lora_rank_8_on_square_wei
     difftune.remove_adapter(model)
     difftune.add_adapter(model, "lora", targets=r"\d", rank=8)
     assert difftune.count_trainable_parameters(model) == 16 * svfit_count == 16 * (320 + 640)
+
+
+def test_a_load_runs_one_svd_per_layer_at_the_file_rank(tmp_path, monkeypatch):
+    """The file's rank is known before the layers are built: one SVD each, even when the config's rule
+    would give another rank (formerly: an SVD at the config's rank, then another at the file's)."""
+    from conftest import build, denoise, denoiser_inputs, randomize_adapter
+
+    pipe = build("sd")
+    adapter = difftune.add_adapter(pipe.unet, "svfit", targets="attn")
+    randomize_adapter(pipe.unet)
+    inputs = denoiser_inputs(pipe)
+    trained = denoise(pipe, inputs)
+    path = difftune.save_adapter(pipe.unet, tmp_path / "run")
+
+    calls = []
+    original = svf.singular_triplets
+    monkeypatch.setattr(svf, "singular_triplets", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(svf, "rank_for_energy", lambda sigma, energy: 1)  # another rule at load time
+    fresh = build("sd")
+    loaded = difftune.load_adapter(fresh, path)
+    assert len(calls) == len(adapter.layers) == len(loaded.layers)
+    assert {n: layer.rank for n, layer in loaded.layers.items()} == {
+        n: layer.rank for n, layer in adapter.layers.items()}
+    assert any(layer.rank > 1 for layer in loaded.layers.values())
+    assert torch.equal(denoise(fresh, inputs), trained)

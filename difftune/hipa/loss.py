@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DifftuneError
-from ..tuners.base import option
+from ..options import option
 
 # Sobel derivative kernels, divided by 8 so a unit ramp per pixel gives gradient 1.
 _SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8.0

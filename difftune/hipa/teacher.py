@@ -32,7 +32,7 @@ from ..adapter_file import config_hash
 from ..api import find_denoiser, has_adapter
 from ..errors import DifftuneError
 from ..io import atomic_write, save_image, write_text
-from ..tuners.base import option
+from ..options import option
 from .one_step import decode_latents, from_pipeline_latents, is_flux, latent_channels, to_pipeline_latents
 
 MANIFEST_NAME = "manifest.json"

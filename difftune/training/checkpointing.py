@@ -318,7 +318,7 @@ def load_adapter_state(path: str | Path, model: Any, device: torch.device | str 
     for name, (module, section, state_file) in modules.items():
         adapter = get_adapter(module)
         adapter.check_file_metadata(section["extra"], str(path))
-        adapter.load_file_tensors(sections[name], str(path))
+        adapter.load_file_tensors(sections[name], str(path), section["extra"])
         adapter.load_training_state(load_state(path / state_file, device))
 
 

@@ -392,11 +392,12 @@ def optimizer_step(accelerator: Any, adapter: Any, denoiser: nn.Module, optimize
         norm = float(norm)
         check_finite(accelerator, step, f"the gradient norm ({norm})", math.isfinite(norm))
     optimizer.step()
+    stepped = not accelerator.optimizer_step_was_skipped
     for each in adapters:
-        each.after_optimizer_step(step + 1, max_train_steps, optimizer)
+        each.finish_optimizer_step(step + 1, max_train_steps, optimizer, stepped)
     check_finite(accelerator, step, "an adapter parameter after the update",
                  _all_finite([p.detach() for p in parameters]))
-    if not accelerator.optimizer_step_was_skipped:
+    if stepped:
         lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return lr_scheduler.get_last_lr()[0]

@@ -18,15 +18,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..adapter_file import AdapterSection
 from ..errors import AdapterFileError, DifftuneError
+from ..options import option
 from ..targeting import check_layer_types
-
-
-def option(default: Any, help: str, **kwargs: Any) -> Any:
-    """A config field with its help text; the trainer turns each into a CLI flag."""
-    if isinstance(default, (list, dict, set)):
-        return dataclasses.field(default_factory=lambda: default, metadata={"help": help}, **kwargs)
-    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
 
 
 @dataclasses.dataclass
@@ -189,10 +184,29 @@ class Adapter(ABC):
         for key, target in expected.items():
             check_file_tensor(key, tensors[key], target, source, shape=self.file_shapes_fixed)
 
-    def load_file_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
-        """`check_file_tensors`, then `load_adapter_state_dict`: how files and checkpoints load."""
+    def load_file_tensors(self, tensors: dict[str, torch.Tensor], source: str,
+                          extra: dict[str, Any] | None = None) -> None:
+        """Copy a file's tensors into this attached adapter (a checkpoint on resume, an imported file):
+        `check_file_tensors`, then `load_adapter_state_dict`. ``extra`` is the file's method facts
+        (`file_metadata`); None for a checkpoint of this very adapter, whose own facts then apply."""
         self.check_file_tensors(tensors, source)
         self.load_adapter_state_dict(tensors, source)
+
+    def attach_from_file(self, modules: dict[str, nn.Module], section: AdapterSection, source: str) -> None:
+        """Attach as a file holds the adapter, in one pass (`difftune.load_adapter`).
+
+        This default attaches as the config says, then copies the file's tensors: right where the
+        attach depends on the config only (LoRA, TLoRA). A method whose attach computes what the file
+        already holds (SaRA's masks, SVFit's ranks) builds straight from the file instead."""
+        self.check_file_metadata(section.extra, source)
+        self.attach(modules)
+        self.load_file_tensors(section.tensors, source, section.extra)
+
+    def file_section(self) -> AdapterSection:
+        """This adapter as a file section: what `attach_from_file` rebuilds it from."""
+        return AdapterSection(method=self.method, config=self.config.to_dict(), targets=self.target_names,
+                              fingerprint=self.base_fingerprint, extra=self.file_metadata(),
+                              tensors=self.adapter_state_dict())
 
     @abstractmethod
     def _apply_scale(self, scale: float) -> None:
@@ -220,28 +234,23 @@ class Adapter(ABC):
         return {}
 
     def check_file_metadata(self, extra: dict[str, Any], source: str) -> None:  # noqa: B027
-        """Refuse a file whose method-specific facts do not fit this base model."""
+        """Refuse a file whose method-specific facts are missing or damaged (checks only)."""
 
     def extra_header(self, component: str) -> dict[str, str]:
         """Additional safetensors header entries (for example diffusers' LoRA metadata)."""
         return {}
 
     @classmethod
-    def combine_files(
-        cls, files: list[tuple[dict[str, torch.Tensor], dict[str, Any]]], scales: list[float],
-        sources: list[str],
-    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Fold several files of this method into one with ΔW = Σ scaleᵢ·ΔWᵢ.
-
-        ``files`` are ``(tensors, info)`` pairs as `read_adapter_file` returns them, with
-        the component prefix already removed from the tensor names.
-        """
+    def combine_files(cls, sections: list[AdapterSection], scales: list[float],
+                      sources: list[str]) -> AdapterSection:
+        """Fold the denoiser sections of several files of this method into one with
+        ΔW = Σ scaleᵢ·ΔWᵢ."""
         raise DifftuneError(f"method '{cls.method}' cannot combine several adapter files into one")
 
     # --- training hooks: no-ops unless a method needs them ----------------------------
     # The trainer calls them in this order each optimizer step: forward (+ the
     # regularization_loss) → backward → before_optimizer_step → clip → optimizer.step
-    # → after_optimizer_step.
+    # → finish_optimizer_step (by default after_optimizer_step).
 
     def default_learning_rate(self) -> float | None:
         """A method's own learning-rate rule, used when the user gives none."""
@@ -261,6 +270,12 @@ class Adapter(ABC):
 
     def after_optimizer_step(self, step: int, max_steps: int, optimizer: Any) -> None:  # noqa: B027
         """Called after each optimizer step (``step`` counts completed steps)."""
+
+    def finish_optimizer_step(self, step: int, max_steps: int, optimizer: Any, stepped: bool) -> None:
+        """What the trainer calls after ``optimizer.step()``; ``stepped`` is False when the optimizer
+        skipped its update (accelerate's skip on an fp16 gradient overflow), so a method does not have
+        to infer it from the optimizer's state. By default `after_optimizer_step`, skipped or not."""
+        self.after_optimizer_step(step, max_steps, optimizer)
 
     def training_state(self) -> dict[str, Any]:
         """Extra state a checkpoint must keep to resume exactly (tensors or JSON values)."""

@@ -42,6 +42,14 @@ class WrappingLayerAdapter(LayerAdapter):
         super().check_targets(modules)
         check_ungrouped(cls.method, modules)
 
+    def set_forward_mode(self, mode: str) -> None:
+        """Switch how the unmerged forward is computed (same outputs): auto, factored, dense.
+
+        Every wrapping method has the three modes (its config's ``forward_mode``)."""
+        for layer in self.layers.values():
+            layer.forward_mode = mode
+        self.config.forward_mode = mode
+
 
 def matrix_shape(module: nn.Module) -> tuple[int, int]:
     """(out, K): the weight read as a matrix."""

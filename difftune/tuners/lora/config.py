@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 from ...errors import DifftuneError
-from ..base import AdapterConfig, option
+from ...options import option
+from ..base import AdapterConfig
 
 
 @dataclasses.dataclass

@@ -1,4 +1,5 @@
 from .config import SaraConfig
-from .model import SaraAdapter, auto_learning_rate
+from .functional import auto_learning_rate
+from .model import SaraAdapter
 
 __all__ = ["SaraAdapter", "SaraConfig", "auto_learning_rate"]

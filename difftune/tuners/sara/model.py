@@ -6,11 +6,16 @@ gradients). The weights therefore always hold ``W0 + α·Δ`` at the selected en
 (merged is SaRA's natural state); ``merge`` only stops gradients from flowing,
 ``remove`` writes W0 back exactly, ``unload`` keeps the trained weights.
 
+This class holds the adapter's state and decides when things happen; the math is in
+`functional` (decay, progressive freeze, the low-rank subgradient), the selection in
+`selection`, files (save, load, combine) in `files`.
+
 Decisions where the paper is silent (ours), documented in the README:
 - the trainable tensor is the delta Δ = W − W0 (starts at 0): files hold exact deltas,
   so a loaded adapter reproduces the trained weights bit for bit at α = 1;
 - weight decay acts on the absolute values W0 + Δ of the still-trained entries, as in
-  the paper's AdamW, applied in `after_optimizer_step` (the optimizer group gets 0):
+  the paper's AdamW, applied after each optimizer step that ran (the trainer says which,
+  `finish_optimizer_step`; the optimizer group gets 0):
   v ← (v − u)(1 − lr·wd) for the Adam update u, where torch's AdamW computes
   v(1 − lr·wd) − u; the two differ by lr·wd·u, a second-order term;
 - the low-rank term is returned by `regularization_loss` as a tensor whose value is
@@ -25,24 +30,25 @@ Decisions where the paper is silent (ours), documented in the README:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import math
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from ...errors import AdapterFileError, BaseModelMismatchError, DifftuneError
-from ...sparse_backprop import SparseBackprop, SparseEntries, compact_index
+from ...adapter_file import AdapterSection
+from ...errors import DifftuneError
+from ...sparse_backprop import SparseBackprop, SparseEntries
 from ..base import Adapter
+from . import files
+from . import functional as sf
 from .config import SaraConfig
-from .low_rank import is_eligible, nuclear_norm_subgradient, sample_matrices
+from .functional import auto_learning_rate
+from .low_rank import is_eligible, sample_matrices
 from .selection import (
     budget_to_count,
-    decode_mask,
-    encode_mask,
-    mask_disagreement,
     pack_bits,
     select_entries,
     targeted_tensors,
@@ -52,17 +58,7 @@ from .selection import (
 
 logger = logging.getLogger(__name__)
 
-DELTA_SUFFIX = "sara_delta"
-MASK_SUFFIXES = {"sara_mask_index": "index", "sara_mask_bits": "bits"}
-
-
-def auto_learning_rate(threshold: float) -> float:
-    """The paper's rule when no learning rate is given: 1e-3·exp(−350·θ)."""
-    return 1e-3 * math.exp(-350.0 * threshold)
-
-
-def _float32(value: float) -> float:
-    return float(torch.tensor(value, dtype=torch.float32))
+__all__ = ["SaraAdapter", "auto_learning_rate"]
 
 
 class SaraAdapter(Adapter):
@@ -75,15 +71,13 @@ class SaraAdapter(Adapter):
 
     def __init__(self, model: nn.Module, config: SaraConfig, modules: dict[str, nn.Module]):
         super().__init__(model, config, modules)
-        self.threshold = _float32(config.threshold)
+        self.threshold = sf.float32(config.threshold)
         self.thresholds: dict[str, float] = {}  # per tensor, only for merged files
         self.weight_decay = 0.0
         self.stage = 0  # 1 once the progressive adjustment has run
         self.draws = 0  # low-rank draws so far (one per optimizer step)
         self._rank_cache: tuple[Any, list[tuple[SparseEntries, torch.Tensor]], float] | None = None
         self._merged_state = False
-        self._last_optimizer_step: float | None = None
-        self._file_extra: dict[str, Any] = {}
 
     # --- selection ---------------------------------------------------------------------
 
@@ -128,154 +122,66 @@ class SaraAdapter(Adapter):
         # every selected tensor: biases and norms too with include_bias_norm
         return list(self.entries)
 
-    # --- files -------------------------------------------------------------------------
+    # --- files (`files`) -----------------------------------------------------------------
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        tensors: dict[str, torch.Tensor] = {}
-        for key, e in self.entries.items():
-            tensors[f"{key}.{DELTA_SUFFIX}"] = e.delta.detach().float()
-            kind, data = encode_mask(e.index, math.prod(e.shape))
-            tensors[f"{key}.sara_mask_{kind}"] = data
-        return tensors
+        return files.file_tensors(self.entries)
 
     def file_metadata(self) -> dict[str, Any]:
-        first = next(iter(self.entries.values()))
-        extra: dict[str, Any] = {
-            "threshold": self.threshold,
-            "selected": self.num_selected,
-            "base_dtype": str(first.base.dtype).removeprefix("torch."),
-            "progressive_applied": self.stage == 1,
-            "frozen": sum(int(e.frozen.sum()) for e in self.entries.values() if e.frozen is not None),
-        }
-        if self.thresholds:
-            extra["thresholds"] = dict(self.thresholds)
-        return extra
+        return files.file_extra(self.entries, self.threshold, self.thresholds, self.stage == 1)
 
     def check_file_metadata(self, extra: dict[str, Any], source: str) -> None:
-        if "threshold" not in extra:
-            raise AdapterFileError(f"{source}: SaRA file without 'threshold' metadata")
-        self._file_extra = extra
+        files.SaraFileFacts.from_extra(extra, source)
 
     def check_file_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
-        """SaRA's file tensors depend on the stored masks, not on this adapter's own selection:
-        every delta pairs with one mask, deltas are 1-D float32, index masks 1-D int32/int64 and bit
-        masks 1-D uint8, and together they hold the number of entries the header records (a file
-        missing whole pairs would otherwise load as a smaller adapter)."""
-        stored = _split_file_tensors(tensors, source)
-        mask_dtypes = {"index": (torch.int32, torch.int64), "bits": (torch.uint8,)}
-        for key, (kind, data, delta) in stored.items():
-            suffix = f"sara_mask_{kind}"
-            if data.dtype not in mask_dtypes[kind] or data.ndim != 1:
-                raise AdapterFileError(f"{source}: tensor '{key}.{suffix}' must be a 1-D "
-                                       f"{' or '.join(str(d)[6:] for d in mask_dtypes[kind])} tensor, got "
-                                       f"{str(data.dtype)[6:]} of shape {list(data.shape)}")
-            if delta.dtype != torch.float32 or delta.ndim != 1:
-                raise AdapterFileError(f"{source}: tensor '{key}.{DELTA_SUFFIX}' must be a 1-D float32 "
-                                       f"tensor, got {str(delta.dtype)[6:]} of shape {list(delta.shape)}")
-        selected = self._file_extra.get("selected")
-        if isinstance(selected, int) and not isinstance(selected, bool):
-            found = sum(delta.numel() for _, _, delta in stored.values())
-            if found != selected:
-                raise AdapterFileError(f"{source}: the file holds {found} SaRA deltas, its header "
-                                       f"('extra.selected') says {selected}: tensors are missing")
+        """SaRA's file tensors depend on the stored masks, not on this adapter's selection
+        (`files.check_file_tensors`)."""
+        files.check_file_tensors(tensors, None, source)
+
+    def attach_from_file(self, modules: dict[str, nn.Module], section: AdapterSection, source: str) -> None:
+        """Select exactly the file's masks, each checked against |W0| < θ on this base: no mask is
+        computed from the config, and the deltas are attached once."""
+        facts = files.SaraFileFacts.from_extra(section.extra, source)
+        selection, deltas = files.read_selection(self.model, section.tensors, facts, source)
+        # in the order `attach` selects (the optimizer's parameter order on a resume)
+        targeted = targeted_tensors(self.model, modules, self.config.include_bias_norm)
+        order = {key: i for i, key in enumerate(targeted)}
+        self._attach_selection(dict(sorted(selection.items(), key=lambda kv: order.get(kv[0], len(order)))))
+        self._load(facts, deltas)
 
     @torch.no_grad()
-    def load_adapter_state_dict(self, tensors: dict[str, torch.Tensor], source: str) -> None:
-        extra = self._file_extra
-        file_threshold = float(extra.get("threshold", self.threshold))
-        thresholds = {k: float(v) for k, v in extra.get("thresholds", {}).items()}
-        parameters = dict(self.model.named_parameters())
-        stored = _split_file_tensors(tensors, source)
-        tolerance = max(torch.finfo(getattr(torch, extra.get("base_dtype", "float32"))).eps,
-                        *(torch.finfo(e.base.dtype).eps for e in self.entries.values()))
-        selection: dict[str, torch.Tensor] = {}
-        deltas: dict[str, torch.Tensor] = {}
-        for key, (kind, data, delta) in stored.items():
-            param = parameters.get(key)
-            if param is None:
-                raise BaseModelMismatchError(f"{source}: the base model has no parameter '{key}' "
-                                             "(the SaRA adapter trains entries of it)")
-            try:
-                index = decode_mask(kind, data, param.numel())
-            except DifftuneError as err:
-                raise AdapterFileError(f"{source}: mask of '{key}': {err}") from None
-            if index.numel() and (int(index.min()) < 0 or int(index.max()) >= param.numel()
-                                  or bool((index[1:] <= index[:-1]).any())):
-                raise AdapterFileError(f"{source}: mask of '{key}' is not a sorted list of distinct "
-                                       f"positions in 0..{param.numel() - 1}")
-            if delta.numel() != index.numel():
-                raise AdapterFileError(f"{source}: '{key}' has {delta.numel()} deltas for a mask of "
-                                       f"{index.numel()} entries")
-            current = self.entries.get(key)
-            if current is None or not torch.equal(current.index.cpu(), index):
-                threshold = thresholds.get(key, file_threshold)
-                differing, unexplained = mask_disagreement(param, index, threshold, tolerance)
-                if unexplained:
-                    raise BaseModelMismatchError(
-                        f"{source}: the SaRA mask of '{key}' does not match this base model: "
-                        f"{unexplained} of {index.numel()} stored entries disagree with |W0| < "
-                        f"{threshold:g} beyond rounding. The adapter was trained on other weights.")
-                if differing:
-                    logger.info("%s: %d mask entries of %s differ only by rounding", source, differing, key)
-            selection[key] = index
-            deltas[key] = delta
+    def load_file_tensors(self, tensors: dict[str, torch.Tensor], source: str,
+                          extra: dict[str, Any] | None = None) -> None:
+        """A checkpoint (or file) into this attached adapter; ``extra`` None: its own θ apply. A
+        file whose masks differ from the current selection (by rounding only, else refused) is
+        selected instead."""
+        if extra is None:
+            facts = dataclasses.replace(files.SaraFileFacts.from_extra(self.file_metadata(), source),
+                                        selected=None)
+        else:
+            facts = files.SaraFileFacts.from_extra(extra, source)
+        current = {key: e.index.cpu() for key, e in self.entries.items()}
+        selection, deltas = files.read_selection(self.model, tensors, facts, source, current)
         if selection.keys() != self.entries.keys() or any(
                 not torch.equal(self.entries[k].index.cpu(), v) for k, v in selection.items()):
-            self.sparse.detach(restore_base=True)
+            self.sparse.detach(restore_base=True)  # only a checkpoint made on other rounding
             self._attach_selection(selection)
-        self.threshold, self.thresholds = file_threshold, thresholds
+        self._load(facts, deltas)
+
+    def load_adapter_state_dict(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        self.load_file_tensors(tensors, source)
+
+    @torch.no_grad()
+    def _load(self, facts: files.SaraFileFacts, deltas: dict[str, torch.Tensor]) -> None:
+        self.threshold, self.thresholds = facts.threshold, dict(facts.thresholds)
         for key, e in self.entries.items():
             e.delta.copy_(deltas[key])
         self.sparse.sync()
 
     @classmethod
-    def combine_files(
-        cls, files: list[tuple[dict[str, torch.Tensor], dict[str, Any]]], scales: list[float],
-        sources: list[str],
-    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """One SaRA file for Δ = Σ αᵢ·Δᵢ on the union of the masks.
-
-        On one base model the masks are nested (|W0| < θ grows with θ), so the union of
-        a tensor's masks is the mask at the largest θ of the files that hold it; that
-        per-tensor θ is recorded so the combined mask is verified like any other.
-        """
-        combined: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        thresholds: dict[str, float] = {}
-        for (tensors, info), scale, source in zip(files, scales, sources, strict=True):
-            theta = float(info["extra"]["threshold"])
-            per_tensor = info["extra"].get("thresholds", {})
-            for key, (kind, data, delta) in _split_file_tensors(tensors, source).items():
-                numel = data.numel() * 8 if kind == "bits" else int(data.max()) + 1  # padding bits are 0
-                index = decode_mask(kind, data, numel).long()
-                scaled = delta.float() * scale
-                if key in combined:
-                    old_index, old_delta = combined[key]
-                    union = torch.unique(torch.cat([old_index, index]))
-                    merged = torch.zeros(union.numel())
-                    merged.index_add_(0, torch.searchsorted(union, old_index), old_delta)
-                    merged.index_add_(0, torch.searchsorted(union, index), scaled)
-                    combined[key] = (union, merged)
-                else:
-                    combined[key] = (index, scaled)
-                thresholds[key] = max(thresholds.get(key, -1.0), float(per_tensor.get(key, theta)))
-        out: dict[str, torch.Tensor] = {}
-        for key, (index, delta) in combined.items():
-            out[f"{key}.{DELTA_SUFFIX}"] = delta
-            out[f"{key}.sara_mask_index"] = compact_index(index, int(index.max()) + 1)
-        first_info = files[0][1]
-        top = max(thresholds.values())
-        info = dict(first_info)
-        targets = list(dict.fromkeys(t for _, i in files for t in i["targets"]))
-        info["targets"] = targets
-        info["config"] = {**first_info["config"], "threshold": top, "budget": None,
-                          "include_bias_norm": any(i["config"].get("include_bias_norm") for _, i in files)}
-        info["fingerprint"] = {**first_info["fingerprint"], "shapes": {
-            k: v for _, i in files for k, v in i["fingerprint"]["shapes"].items()}}
-        info["extra"] = {**first_info["extra"], "threshold": top,
-                         "thresholds": {k: v for k, v in thresholds.items() if v != top},
-                         "merged_from": sources, "merge_scales": list(scales),
-                         "selected": sum(delta.numel() for _, delta in combined.values())}
-        return out, info
+    def combine_files(cls, sections: list[AdapterSection], scales: list[float],
+                      sources: list[str]) -> AdapterSection:
+        return files.combine_sections(sections, scales, sources)
 
     # --- scale, merge, remove ------------------------------------------------------------
 
@@ -328,20 +234,20 @@ class SaraAdapter(Adapter):
         gradients, value = [], 0.0
         for key in chosen:
             e = self.entries[key]
-            values = e.values(scale=1.0)
-            if e.frozen is not None:
-                values.masked_fill_(e.frozen, 0.0)
-            masked = torch.zeros(e.shape, dtype=torch.float32, device=values.device)
-            masked.view(-1).index_put_((e.index,), values)
-            subgradient, norm = nuclear_norm_subgradient(masked)
-            picked = subgradient.reshape(-1).index_select(0, e.index).to(e.delta.dtype)
-            if e.frozen is not None:
-                picked.masked_fill_(e.frozen, 0.0)
+            picked, norm = sf.rank_subgradient(e.values(scale=1.0), e.index, e.shape, e.frozen, e.delta.dtype)
             gradients.append((e, picked))
             value += norm
         return gradients, value
 
     def after_optimizer_step(self, step: int, max_steps: int, optimizer: Any) -> None:
+        """For loops of one's own: the step counts as run unless the optimizer is accelerate's and
+        says it skipped (the trainer calls `finish_optimizer_step` and says so itself)."""
+        self.finish_optimizer_step(step, max_steps, optimizer,
+                                   stepped=not getattr(optimizer, "step_was_skipped", False))
+
+    def finish_optimizer_step(self, step: int, max_steps: int, optimizer: Any, stepped: bool) -> None:
+        """Decay the trained values and, at its step, run the progressive adjustment; a skipped
+        optimizer step (``stepped`` False) does neither: nothing was updated."""
         groups = self._our_groups(optimizer)
         if any(float(group.get("weight_decay", 0.0)) for group, _ in groups) \
                 and self.config.progressive_step:
@@ -350,11 +256,11 @@ class SaraAdapter(Adapter):
                 "parameter group), which would move the entries progressive adjustment freezes. "
                 "Build the optimizer from adapter.optimizer_parameter_groups(weight_decay): SaRA "
                 "then applies the decay to the trained values itself.")
-        if self._optimizer_stepped(optimizer):
+        if stepped:
             self._decay(groups)
-        at = self.config.progressive_at(max_steps)
-        if at is not None and self.stage == 0 and step >= at:
-            self.progressive_adjust(optimizer)
+            at = self.config.progressive_at(max_steps)
+            if at is not None and self.stage == 0 and step >= at:
+                self.progressive_adjust(optimizer)
         self.sparse.sync()  # the weights are current after every step (state dicts, reads)
 
     def _our_groups(self, optimizer: Any) -> list[tuple[dict[str, Any], list[SparseEntries]]]:
@@ -366,21 +272,6 @@ class SaraAdapter(Adapter):
                 groups.append((group, mine))
         return groups
 
-    def _optimizer_stepped(self, optimizer: Any) -> bool:
-        """False when the optimizer skipped its step (fp16 overflow, accumulation)."""
-        if getattr(optimizer, "step_was_skipped", False):
-            return False
-        state = getattr(optimizer, "state", {})
-        for e in self.entries.values():
-            step = state.get(e.delta, {}).get("step") if e.delta in state else None
-            if step is not None:
-                step = float(step)
-                stepped = step != self._last_optimizer_step
-                self._last_optimizer_step = step
-                return stepped
-        return True
-
-    @torch.no_grad()
     def _decay(self, groups: list[tuple[dict[str, Any], list[SparseEntries]]]) -> None:
         """Decoupled weight decay on the absolute values W0 + Δ of the trained entries."""
         if self.weight_decay == 0:
@@ -388,34 +279,23 @@ class SaraAdapter(Adapter):
         for group, entries in groups:
             rate = float(group["lr"]) * self.weight_decay
             for e in entries:
-                if e.frozen is None:  # Δ ← Δ − rate·(W0 + Δ), in place
-                    e.delta.mul_(1.0 - rate).sub_(e.base.to(e.delta.dtype), alpha=rate)
-                else:
-                    decay = e.values(scale=1.0).mul_(rate).masked_fill_(e.frozen, 0.0)
-                    e.delta.sub_(decay.to(e.delta.dtype))
+                sf.decay_(e.delta, e.base, e.frozen, rate)
 
     @torch.no_grad()
     def progressive_adjust(self, optimizer: Any | None = None) -> int:
         """M ← M ∧ (|W| < θ): freeze the entries that grew past θ at their trained values.
 
-        Survivors keep their optimizer moments; the frozen entries' moments (any state
-        tensor shaped like the delta) are zeroed so that, with a zero gradient and no
-        decay, the optimizer leaves them exactly where they are. Returns how many froze.
+        Survivors keep their optimizer moments; the frozen entries' moments are zeroed
+        (`functional.zero_moments_`). Returns how many froze.
         """
         state = getattr(optimizer, "state", {}) if optimizer is not None else {}
         frozen_now = 0
         for key, e in self.entries.items():
-            values = e.values(scale=1.0)
-            theta = self.threshold_of(key)
-            leave = ~((values < theta) & (values > -theta))
-            if e.frozen is not None:
-                leave |= e.frozen
+            leave = sf.grown_entries(e.values(scale=1.0), self.threshold_of(key), e.frozen)
             e.set_frozen(leave)
             frozen_now += int(leave.sum())
             if e.delta in state:
-                for tensor in state[e.delta].values():
-                    if torch.is_tensor(tensor) and tensor.shape == e.delta.shape:
-                        tensor.masked_fill_(leave, 0)
+                sf.zero_moments_(state[e.delta], leave)
             if e.delta.grad is not None:
                 e.delta.grad.masked_fill_(leave, 0.0)
         self.stage = 1
@@ -440,7 +320,7 @@ class SaraAdapter(Adapter):
     def load_training_state(self, state: dict[str, Any]) -> None:
         if not state:
             return
-        if (_float32(state["sara.threshold"]) != self.threshold
+        if (sf.float32(state["sara.threshold"]) != self.threshold
                 or int(state["sara.selected"]) != self.num_selected):
             raise DifftuneError(
                 f"sara: the checkpoint was made with θ={state['sara.threshold']:g} and "
@@ -453,26 +333,3 @@ class SaraAdapter(Adapter):
             packed = state.get(f"sara.frozen.{key}")
             e.set_frozen(None if packed is None else unpack_bits(torch.as_tensor(packed), e.numel))
         self._rank_cache = None
-        self._last_optimizer_step = None
-
-
-def _split_file_tensors(tensors: dict[str, torch.Tensor], source: str
-                        ) -> dict[str, tuple[str, torch.Tensor, torch.Tensor]]:
-    """``{param key: (mask kind, mask data, delta)}`` from a SaRA file's tensors."""
-    deltas: dict[str, torch.Tensor] = {}
-    masks: dict[str, tuple[str, torch.Tensor]] = {}
-    for name, value in tensors.items():
-        key, _, suffix = name.rpartition(".")
-        if suffix == DELTA_SUFFIX:
-            deltas[key] = value
-        elif suffix in MASK_SUFFIXES:
-            if key in masks:
-                raise AdapterFileError(f"{source}: two masks for '{key}'")
-            masks[key] = (MASK_SUFFIXES[suffix], value)
-        else:
-            raise AdapterFileError(f"{source}: unexpected tensor '{name}' in a SaRA file")
-    if deltas.keys() != masks.keys():
-        odd = sorted(deltas.keys() ^ masks.keys())
-        raise AdapterFileError(f"{source}: SaRA deltas and masks do not pair up: {odd[:3]}")
-    return {key: (*masks[key], deltas[key]) for key in deltas}
-

@@ -25,17 +25,18 @@ class SVFitLayer(AdapterLayer):
 
     ``svfit_U`` / ``svfit_Vh`` are recomputed from the base weight at attach (non-persistent
     buffers, so files stay small); ``svfit_sigma`` (the base's σ_1..σ_r) is saved with s and
-    lets a load verify that the base model is the one trained on.
+    lets a load verify that the base model is the one trained on. ``rank`` overrides the
+    configured rule (a file's rank: its load then runs one SVD per layer).
     """
 
-    def __init__(self, base_layer: nn.Module, config: SVFitConfig, name: str = ""):
+    def __init__(self, base_layer: nn.Module, config: SVFitConfig, name: str = "", rank: int | None = None):
         super().__init__(base_layer)
         self.name = name
         self.alpha = float(config.alpha)
         self.forward_mode = config.forward_mode
         self.svd_dtype = config.svd_dtype
         self.rank_option, self.energy = config.rank, config.energy
-        self.set_rank(None)
+        self.set_rank(rank)
 
     @torch.no_grad()
     def set_rank(self, rank: int | None) -> None:

@@ -16,8 +16,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ...adapter_file import AdapterSection
 from ...errors import BaseModelMismatchError, DifftuneError
-from ..base import AdapterLayer, replace_module
+from ..base import AdapterLayer, check_file_tensor, check_tensor_names, replace_module
 from ..layer_ops import WrappingLayerAdapter
 from . import functional as svf
 from .config import SVFitConfig
@@ -30,6 +31,7 @@ SIGMA_SVD_EPS_FACTOR = 64.0
 # A ΔW sketch may move by this fraction of its rounding scale before the basis counts as rotated.
 PROBE_RELATIVE_TOLERANCE = 1e-3
 PROBE_WEIGHT_EPS_FACTOR = 8.0
+FILE_TENSORS = ("svfit_s", "svfit_sigma")  # per layer: the trained s and the base's σ_1..σ_r
 
 
 class SVFitAdapter(WrappingLayerAdapter):
@@ -41,21 +43,19 @@ class SVFitAdapter(WrappingLayerAdapter):
     file_shapes_fixed = False  # the file's rank wins: its load resizes the layers, then checks shapes
 
     def attach(self, modules: dict[str, nn.Module]) -> None:
+        self._wrap(modules, {})
+
+    def _wrap(self, modules: dict[str, nn.Module], ranks: dict[str, int]) -> None:
+        """One SVD per layer, at ``ranks[name]`` where given, else by the config's rule."""
         self.layers = {}
         for name, module in tqdm(modules.items(), desc="svfit: SVD of the targeted weights",
                                  disable=len(modules) < 32 or None, leave=False):
-            layer = self.make_layer(name, module)
+            layer = SVFitLayer(module, self.config, name, ranks.get(name))
             replace_module(self.model, name, layer)
             self.layers[name] = layer
 
     def make_layer(self, name: str, module: nn.Module) -> AdapterLayer:
         return SVFitLayer(module, self.config, name)
-
-    def set_forward_mode(self, mode: str) -> None:
-        """Switch how the unmerged forward is computed (same outputs): auto, factored, dense."""
-        for layer in self.layers.values():
-            layer.forward_mode = mode
-        self.config.forward_mode = mode
 
     # --- files -----------------------------------------------------------------------
 
@@ -69,23 +69,32 @@ class SVFitAdapter(WrappingLayerAdapter):
                        for name, layer in self.layers.items()},
         }
 
-    def check_file_metadata(self, extra: dict[str, Any], source: str) -> None:
-        self._file_extra = extra
+    def attach_from_file(self, modules: dict[str, nn.Module], section: AdapterSection, source: str) -> None:
+        """Wrap each layer at the rank the file was trained with (the length of its σ), so a load runs
+        one SVD per layer whatever rank rule the config names; then load and check the tensors."""
+        check_tensor_names({f"{name}.{key}": None for name in modules for key in FILE_TENSORS},
+                           section.tensors, source)
+        for key, value in sorted(section.tensors.items()):
+            check_file_tensor(key, value, None, source, shape=False)
+        self._wrap(modules, _file_ranks(section.tensors, modules, source))
+        self.load_file_tensors(section.tensors, source, section.extra)
 
     @torch.no_grad()
-    def load_adapter_state_dict(self, tensors: dict[str, torch.Tensor], source: str) -> None:
-        extra = getattr(self, "_file_extra", {})
+    def load_file_tensors(self, tensors: dict[str, torch.Tensor], source: str,
+                          extra: dict[str, Any] | None = None) -> None:
+        """The file's s and σ into the layers: a base whose σ differ beyond rounding is refused, a
+        rotated basis warned about (its ΔW sketches, in ``extra``; None for a checkpoint of this
+        adapter, which has none to compare)."""
+        extra = extra or {}
+        self.check_file_tensors(tensors, source)
+        for name, rank in _file_ranks(tensors, self.layers, source).items():
+            if rank != self.layers[name].rank:
+                self.layers[name].set_rank(rank)  # the rank chosen at training time wins
         eps_weights = max([_eps(name) for name in extra.get("weight_dtypes", [])]
                           + [_eps(layer.base_layer.weight.dtype) for layer in self.layers.values()])
         eps_svd = max(_eps(extra.get("svd_dtype", "float32")), _eps(self.config.svd_dtype))
         for name, layer in self.layers.items():
-            sigma = tensors.get(f"{name}.svfit_sigma")
-            if sigma is None:
-                continue  # the shared key check below names it
-            if sigma.ndim != 1:
-                raise DifftuneError(f"{source}: tensor '{name}.svfit_sigma' must be 1-D")
-            if sigma.shape[0] != layer.rank:
-                layer.set_rank(sigma.shape[0])  # the rank chosen at training time wins
+            sigma = tensors[f"{name}.svfit_sigma"]
             found = layer.svfit_sigma.double().cpu()
             gap = (sigma.double() - found).abs().max().item()
             allowed = (SIGMA_WEIGHT_EPS_FACTOR * eps_weights + SIGMA_SVD_EPS_FACTOR * eps_svd) * max(
@@ -95,7 +104,7 @@ class SVFitAdapter(WrappingLayerAdapter):
                     f"{source}: the singular values of module '{name}' differ from the ones the "
                     f"adapter was trained on (max difference {gap:.3g}, allowed {allowed:.3g}): "
                     "this is not the same base model")
-        super().load_adapter_state_dict(tensors, source)
+        self.load_adapter_state_dict(tensors, source)
         self._check_probes(extra.get("probes", {}), source, eps_weights)
 
     def _check_probes(self, probes: dict[str, list[float]], source: str, eps_weights: float) -> None:
@@ -118,6 +127,17 @@ class SVFitAdapter(WrappingLayerAdapter):
                 "return a rotated basis on another device, dtype or library, so outputs differ from "
                 "training there. Load on the training device and dtype (or merge the adapter into "
                 "the weights there) for exact outputs.", stacklevel=3)
+
+
+def _file_ranks(tensors: dict[str, torch.Tensor], layers: dict[str, Any], source: str) -> dict[str, int]:
+    """Each layer's rank in a file: the length of its ``svfit_sigma`` (present: names checked first)."""
+    ranks = {}
+    for name in layers:
+        sigma = tensors[f"{name}.svfit_sigma"]
+        if sigma.ndim != 1:
+            raise DifftuneError(f"{source}: tensor '{name}.svfit_sigma' must be 1-D")
+        ranks[name] = sigma.shape[0]
+    return ranks
 
 
 def _eps(dtype: str | torch.dtype) -> float:

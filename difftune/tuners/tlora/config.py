@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 from ...errors import DifftuneError
-from ..base import AdapterConfig, option
+from ...options import option
+from ..base import AdapterConfig
 
 RESIDUALS = ("tr", "lora")
 DEFAULT_RESIDUAL_RANK = {"tr": 6, "lora": 4}  # the paper's TLoRA(2, 6) and TLoRA*(2, 4)

@@ -24,12 +24,6 @@ class TLoraAdapter(WrappingLayerAdapter):
     def make_layer(self, name: str, module: nn.Module) -> AdapterLayer:
         return TLoraLayer(module, self.config)
 
-    def set_forward_mode(self, mode: str) -> None:
-        """Switch how the unmerged forward is computed (same outputs): auto, factored, dense."""
-        for layer in self.layers.values():
-            layer.forward_mode = mode
-        self.config.forward_mode = mode
-
     def default_learning_rate(self) -> float | None:
         return PAPER_LEARNING_RATE
 
