@@ -21,7 +21,6 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from ..adapter_file import atomic_write
 from ..errors import DifftuneError
@@ -108,11 +107,12 @@ def update_page(page: Path, check: bool = False) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("pages", nargs="+", type=Path, help="markdown pages with flag sections")
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 when a page is stale")
     args = parser.parse_args(argv)
-    stale: list[Any] = [page for page in args.pages if not update_page(page, check=args.check)]
+    stale = [page for page in args.pages if not update_page(page, check=args.check)]
     for page in stale:
         print(f"{page}: flag tables {'out of date' if args.check else 'regenerated'}")
     return 1 if args.check and stale else 0
