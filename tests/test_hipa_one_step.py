@@ -190,12 +190,12 @@ def test_refusals():
 
 
 def test_readme_one_step_snippet_runs(tmp_path, monkeypatch):
-    """The README's HiPA inference example, with the tiny model in place of the embedded one."""
+    """The HiPA page's inference example, with the tiny model in place of the embedded one."""
     import re
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme[readme.index("## One-step generation (HiPA)"):]
+    page = (Path(__file__).resolve().parent.parent / "docs/methods/hipa.md").read_text()
+    section = page[page.index("# One-step generation (HiPA)"):]
     snippet = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
     assert "generate_one_step(pipe" in snippet and "num_inference_steps=1" in snippet
     monkeypatch.chdir(tmp_path)
@@ -204,5 +204,5 @@ def test_readme_one_step_snippet_runs(tmp_path, monkeypatch):
     difftune.save_adapter(trained.unet, tmp_path / "outputs/one_step/adapter.safetensors")
     snippet = snippet.replace('"builtin:embedded"', '"builtin:tiny-sd"')
     namespace: dict = {}
-    exec(compile(snippet, "README.md", "exec"), namespace)
+    exec(compile(snippet, "docs/methods/hipa.md", "exec"), namespace)
     assert namespace["image"].size == (64, 64)

@@ -1,16 +1,30 @@
-"""The README's commands and example are the ones that really run."""
+"""The README's and docs' commands and examples are the ones that really run, and their links resolve."""
 
 import re
+import shlex
 from pathlib import Path
 
 from conftest import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
+DOCS = ROOT / "docs"
+TRAINING = (DOCS / "training.md").read_text()
+README_MAX_LINES = 250
 
 
-def _code_blocks(language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
+def _code_blocks(language: str, text: str = README) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
+
+
+def _commands(block: str) -> list[list[str]]:
+    """The shell commands of a block, one per logical line (backslash continuations joined)."""
+    lines = block.replace("\\\n", " ").splitlines()
+    return [shlex.split(line, comments=True) for line in lines if shlex.split(line, comments=True)]
+
+
+def _script_args(command: list[str], script: str) -> list[str]:
+    return command[command.index(script) + 1:]
 
 
 def test_ci_runs_the_readme_test_command():
@@ -21,16 +35,30 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_setup_commands_install_pinned_torch_first():
-    for block in _code_blocks("bash")[:2]:
+    installs = [b for b in _code_blocks("bash") if "pip install" in b]
+    assert [b.splitlines()[0] for b in installs] == ["# set up", "# tests (offline)"]
+    for block in installs:
+        assert len(block.splitlines()) == 2, "the set-up and test commands are one line each"
         command = block.splitlines()[1]
         assert command.index("pip install torch==2.13.0") < command.index("pip install -e")
+    set_up, tests = (b.splitlines()[1] for b in installs)
+    # the test command is the set-up command with the test extra, then pytest
+    assert set_up.endswith("pip install -e .")
+    assert tests.startswith(set_up.removesuffix(" .") + ' ".[test]" && ')
+
+
+def test_readme_is_a_front_door():
+    assert len(README.splitlines()) <= README_MAX_LINES
+    main_job = next(b for b in _code_blocks("bash") if b.startswith("# main job"))
+    longest = max(len(line) for line in main_job.splitlines())
+    assert longest <= 100, "the main job is wrapped into readable lines"
 
 
 def test_main_command_parses_with_the_trainer_and_the_evaluation(train_subject):
-    import shlex
-
-    main_job = next(b for b in _code_blocks("bash") if b.startswith("# main job")).splitlines()[1]
-    steps = {shlex.split(part)[0]: shlex.split(part)[1:] for part in main_job.split("&& python ")[1:]}
+    main_job = next(b for b in _code_blocks("bash") if b.startswith("# main job"))
+    commands = _commands(main_job)
+    assert [c[0] for c in commands] == ["python", "python"]
+    steps = {command[1]: command[2:] for command in commands}
     args = train_subject.module.parse_args(steps["train_scripts/train_subject.py"])
     assert (ROOT / args.instance_data_dir).is_dir()
     assert args.adapter == "lora" and args.pretrained_model_name_or_path == "builtin:embedded"
@@ -53,24 +81,28 @@ def test_python_example_runs(tmp_path, monkeypatch):
 
 
 def test_method_examples_run(tmp_path, monkeypatch):
-    """The SVFit and TLoRA sections' examples run as printed."""
+    """The SVFit and TLoRA pages' examples run as printed."""
     monkeypatch.chdir(tmp_path)
-    examples = [b for b in _code_blocks("python") if '"svfit"' in b or '"tlora"' in b]
+    examples = [(page, b) for page in ("svfit", "tlora")
+                for b in _code_blocks("python", (DOCS / "methods" / f"{page}.md").read_text())
+                if f'"{page}"' in b]
     assert len(examples) == 2
-    for example in examples:
-        exec(compile(example, "README.md", "exec"), {})
+    for page, example in examples:
+        exec(compile(example, f"docs/methods/{page}.md", "exec"), {})
     assert (tmp_path / "outputs/svfit/adapter.safetensors").is_file()
     assert (tmp_path / "outputs/tlora/adapter.safetensors").is_file()
 
 
+def _section(text: str, heading: str) -> str:
+    start = text.index(heading)
+    return text[start:text.index("\n## ", start + 1)]
+
+
 def _subject_section() -> str:
-    start = README.index("## Subject-driven training")
-    return README[start:README.index("\n## ", start + 1)]
+    return _section(TRAINING, "## Subject-driven training")
 
 
 def test_subject_training_commands_parse_with_the_script(train_subject):
-    import shlex
-
     blocks = re.findall(r"```bash\n(.*?)```", _subject_section(), flags=re.S)
     assert len(blocks) == 4  # embedded default, SD 1.5, SDXL and FLUX.1-dev from the hub
     for block in blocks:
@@ -81,13 +113,57 @@ def test_subject_training_commands_parse_with_the_script(train_subject):
 
 
 def test_subject_training_flag_tables_list_every_flag(train_subject):
-    from difftune.training.arguments import METHOD_GROUP_TITLE
-
-    section = _subject_section()
-    for group in train_subject.module.build_parser()._action_groups:
-        if group.title == METHOD_GROUP_TITLE:
-            continue
+    section = _section(TRAINING, "## Flags of train_subject.py")
+    for group in train_subject.module.build_parser()._action_groups:  # the method options too
         for action in group._group_actions:
             for flag in action.option_strings:
                 if flag.startswith("--") and not flag.startswith("--no-") and flag != "--help":
-                    assert f"`{flag}`" in section, f"{flag} is missing from the README's flag tables"
+                    assert f"`{flag}`" in section, f"{flag} is missing from docs/training.md's flag tables"
+
+
+def test_training_flag_tables_are_the_generated_ones():
+    """Editing a flag without `python -m difftune.training.flag_docs docs/training.md` fails here."""
+    from difftune.training.flag_docs import SECTION, render_page
+
+    assert [m["script"] for m in SECTION.finditer(TRAINING)] == ["train_scripts/train_subject.py",
+                                                                 "train_scripts/train_one_step.py"]
+    assert render_page(TRAINING, ROOT) == TRAINING, \
+        "docs/training.md is stale: run python -m difftune.training.flag_docs docs/training.md"
+
+
+def test_readme_trainer_example_parses(train_subject):
+    (block,) = [b for b in _code_blocks("bash") if "train_subject.py" in b and not b.startswith("# main job")]
+    (command,) = _commands(block)
+    args = train_subject.module.parse_args(_script_args(command, "train_scripts/train_subject.py"))
+    assert args.with_prior_preservation and args.class_prompt and args.adapter == "lora"
+
+
+def _relative_links(text: str) -> list[str]:
+    text = re.sub(r"```.*?```", "", text, flags=re.S)  # code is not a link
+    targets = re.findall(r"\]\(([^)\s]+)\)", text)
+    return [t.split("#")[0] for t in targets if not re.match(r"[a-z]+:", t) and not t.startswith("#")]
+
+
+def test_every_relative_link_resolves():
+    pages = [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
+    assert len(pages) > 10
+    for page in pages:
+        for link in _relative_links(page.read_text()):
+            assert (page.parent / link).exists(), f"{page.relative_to(ROOT)} links to missing {link}"
+    assert all((ROOT / link).exists() for link in _relative_links(README))
+
+
+def test_readme_links_every_docs_page():
+    linked = {(ROOT / link).resolve() for link in _relative_links(README)}
+    for page in DOCS.glob("*.md"):
+        assert page.resolve() in linked or page.name == "export_error_embedded.md", \
+            f"docs/{page.name} is not reachable from the README"
+
+
+def test_tlora_is_named_and_told_apart_from_t_lora():
+    tlora_row = next(line for line in README.splitlines() if line.startswith("| `tlora` |"))
+    assert "transformed tensor LoRA" in tlora_row
+    page = (DOCS / "methods" / "tlora.md").read_text()
+    assert "transformed tensor LoRA" in page.splitlines()[0]
+    for text in (README, page):
+        assert "T-LoRA (timestep-dependent LoRA" in text and "2507.05964" in text

@@ -519,11 +519,11 @@ def test_readme_sara_example_runs(tmp_path, monkeypatch):
     import re
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    example = next(b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if '"sara"' in b)
+    page = (Path(__file__).resolve().parent.parent / "docs/methods/sara.md").read_text()
+    example = next(b for b in re.findall(r"```python\n(.*?)```", page, flags=re.S) if '"sara"' in b)
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(example, "README.md", "exec"), namespace)
+    exec(compile(example, "docs/methods/sara.md", "exec"), namespace)
     assert namespace["adapter"].stage == 1  # progressive adjustment ran at step 2 of 4
     assert (tmp_path / "outputs/sara/adapter.safetensors").is_file()
     loaded = difftune.get_adapter(namespace["fresh"])
