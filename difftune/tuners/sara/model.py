@@ -10,7 +10,7 @@ This class holds the adapter's state and decides when things happen; the math is
 `functional` (decay, progressive freeze, the low-rank subgradient), the selection in
 `selection`, files (save, load, combine) in `files`.
 
-Decisions where the paper is silent (ours), documented in the README:
+Decisions where the paper is silent (ours), documented in docs/methods/sara.md:
 - the trainable tensor is the delta Δ = W − W0 (starts at 0): files hold exact deltas,
   so a loaded adapter reproduces the trained weights bit for bit at α = 1;
 - weight decay acts on the absolute values W0 + Δ of the still-trained entries, as in

@@ -25,7 +25,7 @@ def singular_triplets(matrix: torch.Tensor, svd_dtype: str = "float32"
     On CPU it runs on one thread: MKL's result depends on the thread count (the last bits
     of U, σ, V), so this keeps the training-time and load-time SVDs identical whatever
     threads a process uses (and on a busy machine one thread was also the faster).
-    Deterministic for the same matrix, device, dtype and torch build; see the README for
+    Deterministic for the same matrix, device, dtype and torch build; see docs/methods/svfit.md for
     what can differ elsewhere (near-equal singular values).
     """
     work = matrix.detach().to(SVD_DTYPES[svd_dtype])
