@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..api import AdapterSpec
 from ..errors import DifftuneError
 from ..tuners import METHODS, Adapter
 
@@ -206,6 +207,31 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_class: type,
 def dataclass_from_args(args: argparse.Namespace, config_class: type, prefix: str = "") -> Any:
     """The options dataclass filled from flags made by `add_dataclass_arguments`."""
     return config_class(**{f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(config_class)})
+
+
+def settings_from_args(args: argparse.Namespace, settings_class: type, skip_none: bool = False) -> Any:
+    """A settings dataclass (training/settings.py) from the flags of the same names.
+
+    A flag the parser does not have keeps the field's default; with ``skip_none`` so does a flag
+    left unset (None), for settings whose defaults depend on what the flag would apply to.
+    """
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(settings_class)
+              if f.init and hasattr(args, f.name)}
+    if skip_none:
+        values = {name: value for name, value in values.items() if value is not None}
+    return settings_class(**values)
+
+
+def adapter_spec(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> AdapterSpec:
+    """The trained adapter (``--adapter``, ``--targets`` and the method's flags) as one spec, its
+    options checked once here; ``defaults`` are options a trainer sets when no flag does."""
+    options = {**(defaults or {}), **adapter_options(args, args.adapter)}
+    return AdapterSpec(args.adapter, args.targets, options)
+
+
+def tracker_config(args: argparse.Namespace) -> dict[str, Any]:
+    """Every flag with a plain value, as the experiment tracker records a run's settings."""
+    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
 
 
 # --- config files -----------------------------------------------------------------------
