@@ -170,9 +170,12 @@ def metric_sources(args: argparse.Namespace) -> tuple[str | None, str | None]:
     return clip, fid
 
 
-def adapter_spec(args: argparse.Namespace) -> difftune.AdapterSpec:
-    """The adapter from the flags; LoRA defaults to rank 16 here (HiPA's adapter size)."""
-    return arguments.adapter_spec(args, {"rank": DEFAULT_LORA_RANK} if args.adapter == "lora" else {})
+def adapter_options_with_defaults(args: argparse.Namespace) -> dict:
+    """The method's options from the flags; LoRA defaults to rank 16 here (HiPA's adapter size)."""
+    options = arguments.adapter_options(args, args.adapter)
+    if args.adapter == "lora":
+        options.setdefault("rank", DEFAULT_LORA_RANK)
+    return options
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,7 +194,8 @@ def main(argv: list[str] | None = None) -> Path:
 
     # Everything until the model loads is cheap: refuse bad input here.
     model_info = describe_model(base_model, base.revision)
-    spec = adapter_spec(args)  # the adapter's options, checked once
+    # the adapter: method, targets and options, checked once
+    spec = difftune.AdapterSpec(args.adapter, args.targets, adapter_options_with_defaults(args))
     resolution = loop.check_before_loading(spec, base, model_info, args.resolution, output_dir)
     loss_fn = HiPALoss(loss_config)  # loads LPIPS weights when asked: fails early if it cannot
     prompts = read_prompts(args.prompts_file)

@@ -222,11 +222,10 @@ def settings_from_args(args: argparse.Namespace, settings_class: type, skip_none
     return settings_class(**values)
 
 
-def adapter_spec(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> AdapterSpec:
+def adapter_spec(args: argparse.Namespace) -> AdapterSpec:
     """The trained adapter (``--adapter``, ``--targets`` and the method's flags) as one spec, its
-    options checked once here; ``defaults`` are options a trainer sets when no flag does."""
-    options = {**(defaults or {}), **adapter_options(args, args.adapter)}
-    return AdapterSpec(args.adapter, args.targets, options)
+    options checked once here."""
+    return AdapterSpec(args.adapter, args.targets, adapter_options(args, args.adapter))
 
 
 def tracker_config(args: argparse.Namespace) -> dict[str, Any]:
