@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ..api import find_denoiser, load_adapter, remove_adapter
 from ..errors import DifftuneError
 from ..paths import ASSETS_DIR
 from ..training.data import IMAGE_SUFFIXES, SUBJECT_FILE
@@ -282,12 +283,10 @@ def evaluate_runs(pipe: Any, runs: list[EvalRun], prompt_file: str | Path, setti
     ``pres_clip_i`` and ``class_clip_t``, with per-prompt detail under ``class_prompts``.
     A run whose ``metrics.json`` has the same signature is read back, not recomputed.
     """
-    import difftune
-
     from .reporting import read_json, write_json
 
     output_dir = Path(output_dir)
-    denoiser, _ = difftune.find_denoiser(pipe)
+    denoiser, _ = find_denoiser(pipe)
     results = []
     for run in runs:
         prompts, class_prompt_list = run_prompts(prompt_file, run.subject, num_prompts, with_class_prompts)
@@ -304,7 +303,7 @@ def evaluate_runs(pipe: Any, runs: list[EvalRun], prompt_file: str | Path, setti
         method = "base"
         if run.adapter is not None:
             # a difftune file, or another tool's LoRA file (imported as a difftune LoRA)
-            method = difftune.load_adapter(pipe, run.adapter, scale=run.scale).method
+            method = load_adapter(pipe, run.adapter, scale=run.scale).method
             # the adapter's tensors join the pipeline's device and dtype (fp16 generation on GPU)
             denoiser.to(device=pipe.device, dtype=pipe.dtype)
         desc = f"{run.name} / {run.subject.name}"
@@ -315,7 +314,7 @@ def evaluate_runs(pipe: Any, runs: list[EvalRun], prompt_file: str | Path, setti
                 class_generated = generate_images(pipe, class_prompt_list, settings, desc=f"{desc} (class)")
         finally:
             if run.adapter is not None:
-                difftune.remove_adapter(pipe)
+                remove_adapter(pipe)
         grid = save_samples(run_dir, "", generated, prompts, settings.images_per_prompt, grid_cell)
         metrics = scorer.score(generated, prompts, run.subject, fid_reference)
         result = {"name": run.name, "method": method,
