@@ -46,16 +46,8 @@ from difftune.hipa.teacher import TeacherSettings, generate_teacher_samples, rea
 from difftune.hipa.training import OneStepData, one_step_loss
 from difftune.model_factory import describe_model
 from difftune.paths import ASSETS_DIR
-from difftune.training import arguments, checkpointing, loop, recipes
+from difftune.training import arguments, checkpointing, loop, recipes, settings
 from difftune.training.families import LossOptions, training_family
-from difftune.training.settings import (
-    DTYPES,
-    AcceleratorSettings,
-    CheckpointSettings,
-    MemorySettings,
-    ModelSettings,
-    OptimizerSettings,
-)
 from difftune.training.validation import image_grid, log_images, save_grid
 
 DEFAULT_PROMPTS = ASSETS_DIR / "one_step_prompts.txt"
@@ -184,9 +176,9 @@ def adapter_options_with_defaults(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
-    base = arguments.settings_from_args(args, ModelSettings)
+    base = arguments.settings_from_args(args, settings.ModelSettings)
     base_model = base.pretrained_model_name_or_path
-    checkpoints = arguments.settings_from_args(args, CheckpointSettings)
+    checkpoints = arguments.settings_from_args(args, settings.CheckpointSettings)
     output_dir = checkpoints.output_dir
     teacher_dir = Path(args.teacher_dir) if args.teacher_dir else output_dir / "teacher"
     teacher_settings = arguments.dataclass_from_args(args, TeacherSettings, TEACHER_PREFIX)
@@ -211,12 +203,13 @@ def main(argv: list[str] | None = None) -> Path:
     if resume_state:
         checkpointing.check_resume_fits(resume_state, run_settings, resume_path)
 
-    accelerator = loop.create_accelerator(arguments.settings_from_args(args, AcceleratorSettings), output_dir)
+    accelerator = loop.create_accelerator(arguments.settings_from_args(args, settings.AcceleratorSettings),
+                                          output_dir)
     if loop.is_fsdp(accelerator):
         raise DifftuneError("train_one_step.py runs on one GPU or under DDP (accelerate launch --multi_gpu); "
                             "FSDP is supported by train_subject.py")
     device, is_main = accelerator.device, accelerator.is_main_process
-    weight_dtype = DTYPES[accelerator.mixed_precision]
+    weight_dtype = settings.DTYPES[accelerator.mixed_precision]
     seed = loop.resolve_seed(args.seed, resume_state)
 
     # -----------------------------------------------------------------------------------------
@@ -248,7 +241,7 @@ def main(argv: list[str] | None = None) -> Path:
     for frozen in (pipeline.vae, *family.text_encoders):
         frozen.requires_grad_(False)
     step_spec = one_step_timestep(pipeline.scheduler)
-    memory = arguments.settings_from_args(args, MemorySettings)
+    memory = arguments.settings_from_args(args, settings.MemorySettings)
     adapter = loop.attach_trainable_adapter(denoiser, spec, seed, memory)
     if memory.gradient_checkpointing:
         pipeline.vae.enable_gradient_checkpointing()  # the decoder is in the graph too
@@ -259,9 +252,9 @@ def main(argv: list[str] | None = None) -> Path:
     # -----------------------------------------------------------------------------------------
     # 4. Optimizer, schedule, resume
     # -----------------------------------------------------------------------------------------
-    plan = loop.prepare_optimization(arguments.settings_from_args(args, OptimizerSettings), checkpoints,
-                                     accelerator, denoiser, adapter, len(data), resume_path, resume_state,
-                                     device)
+    optimization = arguments.settings_from_args(args, settings.OptimizerSettings)
+    plan = loop.prepare_optimization(optimization, checkpoints, accelerator, denoiser, adapter, len(data),
+                                     resume_path, resume_state, device)
     if is_main:
         accelerator.init_trackers(args.tracker_project_name, config=arguments.tracker_config(args))
     max_train_steps, learning_rate = plan.max_train_steps, plan.learning_rate

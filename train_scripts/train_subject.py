@@ -39,20 +39,11 @@ from difftune.adapter_file import atomic_write
 from difftune.errors import DifftuneError, run_main
 from difftune.export import FORMATS, LORA_FORMATS, check_export_options, default_output, export_adapter
 from difftune.model_factory import describe_model, load_pipeline
-from difftune.training import arguments, checkpointing, loop, recipes
+from difftune.training import arguments, checkpointing, loop, recipes, settings
 from difftune.training.data import SubjectData, SubjectDataset, scan_image_folder, warn_small_images
 from difftune.training.families import LossOptions, training_family
 from difftune.training.model_card import write_model_card
 from difftune.training.prior import ensure_class_images
-from difftune.training.settings import (
-    DTYPES,
-    AcceleratorSettings,
-    CheckpointSettings,
-    MemorySettings,
-    ModelSettings,
-    OptimizerSettings,
-    ValidationSettings,
-)
 from difftune.training.summary import reset_peak_memory, write_train_summary
 from difftune.training.text_encoder import (
     TEXT_ENCODER_TARGETS,
@@ -225,7 +216,7 @@ def check_before_loading(argv: list[str] | None = None):
     extraction = args.export_rank is not None or args.export_energy is not None
     if extraction and not set(args.export) & set(LORA_FORMATS):
         raise DifftuneError("--export_rank/--export_energy apply to --export kohya or comfyui")
-    base = arguments.settings_from_args(args, ModelSettings)
+    base = arguments.settings_from_args(args, settings.ModelSettings)
     resolution = loop.check_before_loading(spec, base, model_info, args.resolution, Path(args.output_dir))
     instance_images = scan_image_folder(args.instance_data_dir, "--instance_data_dir", args.caption_column)
     return args, model_info, spec, resolution, instance_images
@@ -234,10 +225,10 @@ def check_before_loading(argv: list[str] | None = None):
 def main(argv: list[str] | None = None) -> Path:
     started = time.perf_counter()
     args, model_info, spec, resolution, instance_images = check_before_loading(argv)
-    base = arguments.settings_from_args(args, ModelSettings)
+    base = arguments.settings_from_args(args, settings.ModelSettings)
     base_model = base.pretrained_model_name_or_path
-    checkpoints = arguments.settings_from_args(args, CheckpointSettings)
-    validation = arguments.settings_from_args(args, ValidationSettings)
+    checkpoints = arguments.settings_from_args(args, settings.CheckpointSettings)
+    validation = arguments.settings_from_args(args, settings.ValidationSettings)
     output_dir = checkpoints.output_dir
     warn_small_images(instance_images, resolution, "--instance_data_dir")
     run_settings = {"base_model": base_model, **spec.to_dict(), "train_text_encoder": args.train_text_encoder}
@@ -245,11 +236,12 @@ def main(argv: list[str] | None = None) -> Path:
     if resume_state:
         checkpointing.check_resume_fits(resume_state, run_settings, resume_path)
 
-    accelerator = loop.create_accelerator(arguments.settings_from_args(args, AcceleratorSettings), output_dir)
+    accelerator = loop.create_accelerator(arguments.settings_from_args(args, settings.AcceleratorSettings),
+                                          output_dir)
     # FSDP: no SaRA, no intermediate checkpoints
     sharded = loop.check_fsdp(accelerator, spec.method, checkpoints.resume_from_checkpoint)
     device, is_main = accelerator.device, accelerator.is_main_process
-    weight_dtype = DTYPES[accelerator.mixed_precision]
+    weight_dtype = settings.DTYPES[accelerator.mixed_precision]
     seed = loop.resolve_seed(args.seed, resume_state)
 
     # -----------------------------------------------------------------------------------------
@@ -264,7 +256,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     class_images = []
     if args.with_prior_preservation:
-        generation_dtype = DTYPES[args.prior_generation_precision or accelerator.mixed_precision]
+        generation_dtype = settings.DTYPES[args.prior_generation_precision or accelerator.mixed_precision]
         generator_pipeline = pipeline
         if generation_dtype != weight_dtype:
             generator_pipeline = load_pipeline(base_model, torch_dtype=generation_dtype,
@@ -279,7 +271,7 @@ def main(argv: list[str] | None = None) -> Path:
         del generator_pipeline
         class_images = scan_image_folder(args.class_data_dir, "--class_data_dir")[:args.num_class_images]
 
-    memory = arguments.settings_from_args(args, MemorySettings)
+    memory = arguments.settings_from_args(args, settings.MemorySettings)
     adapter = loop.attach_trainable_adapter(denoiser, spec, seed, memory, args.init_adapter, pipeline)
     text_encoders: dict[str, torch.nn.Module] = {}
     if args.train_text_encoder:
@@ -316,9 +308,9 @@ def main(argv: list[str] | None = None) -> Path:
     # 4. Optimizer, schedule, resume
     # -----------------------------------------------------------------------------------------
     world = accelerator.num_processes
-    plan = loop.prepare_optimization(arguments.settings_from_args(args, OptimizerSettings), checkpoints,
-                                     accelerator, denoiser, adapter, len(dataset), resume_path, resume_state,
-                                     device, text_encoders, args.text_encoder_lr)
+    optimization = arguments.settings_from_args(args, settings.OptimizerSettings)
+    plan = loop.prepare_optimization(optimization, checkpoints, accelerator, denoiser, adapter, len(dataset),
+                                     resume_path, resume_state, device, text_encoders, args.text_encoder_lr)
     if is_main:
         accelerator.init_trackers(args.tracker_project_name, config=arguments.tracker_config(args))
     max_train_steps, learning_rate = plan.max_train_steps, plan.learning_rate
