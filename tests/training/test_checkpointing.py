@@ -55,9 +55,9 @@ def trained(seed: int, steps: int):
 
 def save(tmp_path, step, model, optimizer, scheduler, **kwargs):
     state = {"seed": 3, "samples_seen": 12}
-    return checkpointing.save_checkpoint(tmp_path, step, model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                         trainer_state=state, accelerator=OneProcess(), base_model="tiny",
-                                         **kwargs)
+    return checkpointing.save_checkpoint(tmp_path, step, model=model, optimizer=optimizer,
+                                         lr_scheduler=scheduler, trainer_state=state,
+                                         accelerator=OneProcess(), base_model="tiny", **kwargs)
 
 
 def test_a_checkpoint_read_back_equals_the_saved_state(tmp_path):
