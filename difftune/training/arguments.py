@@ -31,6 +31,7 @@ from typing import Any
 from ..api import AdapterSpec
 from ..errors import DifftuneError
 from ..tuners import METHODS, Adapter
+from .settings import QUANTIZATION_BACKENDS
 
 # Field names that mean the same thing across methods: one flag, no method prefix.
 SHARED_OPTION_NAMES = ("rank", "alpha")
@@ -355,7 +356,6 @@ FLUX_ONLY_FLAGS = ("guidance_scale", "max_sequence_length")
 # LoRA has bnb layers). SaRA trains entries of W0 itself; SVFit splits W0 by its SVD and TLoRA
 # multiplies W0 by its transform, so both need the dense weight.
 QUANTIZED_BASE_METHODS = ("lora",)
-QUANTIZATION_BACKENDS = {"8bit": "bitsandbytes_8bit", "4bit": "bitsandbytes_4bit"}
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

@@ -34,6 +34,7 @@ from ..errors import DifftuneError
 from ..model_factory import build_denoiser_on_meta
 from . import checkpointing
 from .settings import (
+    QUANTIZATION_BACKENDS,
     AcceleratorSettings,
     CheckpointSettings,
     MemorySettings,
@@ -219,7 +220,6 @@ def quantization_kwargs(model: ModelSettings, dtype: torch.dtype) -> dict[str, A
     from diffusers import PipelineQuantizationConfig
 
     from ..model_factory import describe_model
-    from .arguments import QUANTIZATION_BACKENDS
 
     component = "unet" if describe_model(model.pretrained_model_name_or_path, model.revision).family in (
         "sd", "sdxl") else "transformer"

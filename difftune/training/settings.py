@@ -20,6 +20,8 @@ from .validation import GenerationSettings
 # torch dtypes; "no" is accelerate's name for full precision.
 PRECISIONS = ("fp32", "fp16", "bf16")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
+# --quantize_base values and the diffusers quantization backends that load them
+QUANTIZATION_BACKENDS = {"8bit": "bitsandbytes_8bit", "4bit": "bitsandbytes_4bit"}
 
 
 @dataclasses.dataclass(frozen=True)
