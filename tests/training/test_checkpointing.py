@@ -7,21 +7,11 @@ import random
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from conftest import TinyNet
 
 import difftune
 from difftune.errors import DifftuneError
 from difftune.training import checkpointing
-
-
-class TinyNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.to_q = nn.Linear(8, 8)
-        self.to_k = nn.Linear(8, 8)
-
-    def forward(self, x):
-        return self.to_k(torch.relu(self.to_q(x)))
 
 
 class OneProcess:

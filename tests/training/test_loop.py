@@ -7,24 +7,13 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import load_script
-from torch import nn
+from conftest import TinyNet, load_script
 
 import difftune
 from difftune.errors import DifftuneError
 from difftune.training import arguments, checkpointing, loop, settings
 
 DATA = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
-
-
-class TinyNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.to_q = nn.Linear(8, 8)
-        self.to_k = nn.Linear(8, 8)
-
-    def forward(self, x):
-        return self.to_k(torch.relu(self.to_q(x)))
 
 
 class Process:
