@@ -9,6 +9,7 @@
 
 from ._version import __version__
 from .api import (
+    AdapterSpec,
     adapted_text_encoders,
     add_adapter,
     check_adapter,
@@ -32,6 +33,7 @@ from .tuners import METHODS, register_method
 __all__ = [
     "METHODS",
     "AdapterFileError",
+    "AdapterSpec",
     "BaseModelMismatchError",
     "DifftuneError",
     "TargetError",

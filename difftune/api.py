@@ -8,11 +8,13 @@ its ``unet`` or ``transformer``. The attached adapter is kept on the module itse
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from torch import nn
@@ -101,11 +103,7 @@ def add_adapter(
     list of them; it defaults to the method's own default. ``options`` are the method's
     (for LoRA: rank, alpha, dropout, init, use_dora).
     """
-    denoiser, _ = find_denoiser(model)
-    _refuse_second_adapter(denoiser)
-    adapter_class, config, modules = _plan_adapter(denoiser, method, targets, options)
-    adapter = adapter_class(denoiser, config, modules)
-    return _install(denoiser, adapter, lambda each: each.attach(modules))
+    return AdapterSpec(method, targets, options).attach(model)
 
 
 def _refuse_second_adapter(model: nn.Module) -> None:
@@ -142,21 +140,63 @@ def check_adapter(
     Works on a model built on the meta device, so scripts can check before loading any
     weights. Returns the modules the adapter would attach to, by name.
     """
-    denoiser, _ = find_denoiser(model)
-    return _plan_adapter(denoiser, method, targets, dict(options))[2]
+    return AdapterSpec(method, targets, options).check(model)
 
 
-def _plan_adapter(
-    denoiser: nn.Module, method: str, targets: str | Sequence[str] | None, options: dict[str, Any]
-) -> tuple[type[Adapter], Any, dict[str, nn.Module]]:
-    """Method class, validated config and target modules for an adapter."""
-    adapter_class = get_method(method)
-    if targets is not None:
-        options["targets"] = targets if isinstance(targets, str) else list(targets)
-    config = adapter_class.config_class.from_options(method, options)
-    modules = resolve_targets(denoiser, config.targets)
-    adapter_class.check_targets(modules)
-    return adapter_class, config, modules
+@dataclasses.dataclass(frozen=True)
+class AdapterSpec:
+    """What adapter to attach: method, targets and the method's options, as one value.
+
+    Built once (a trainer builds it from its flags); the method's config is made and validated
+    when the spec is made, so checking it on a weightless model and attaching it later use the
+    same config instead of building and checking it twice. ``targets`` None: the method's default.
+    """
+
+    method: str
+    targets: str | tuple[str, ...] | None = None
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    config: Any = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        targets = self.targets
+        if targets is not None and not isinstance(targets, str):
+            targets = tuple(targets)
+        object.__setattr__(self, "targets", targets)
+        object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
+        options = dict(self.options)
+        if targets is not None:
+            options["targets"] = targets if isinstance(targets, str) else list(targets)
+        config = get_method(self.method).config_class.from_options(self.method, options)
+        object.__setattr__(self, "config", config)
+
+    @property
+    def adapter_class(self) -> type[Adapter]:
+        return get_method(self.method)
+
+    def with_targets(self, targets: str | Sequence[str] | None) -> AdapterSpec:
+        """The same method and options on other modules (e.g. a text encoder's attention)."""
+        return AdapterSpec(self.method, targets, self.options)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready ``{"method", "adapter_options", "targets"}`` (as a checkpoint records them)."""
+        targets = self.targets if self.targets is None or isinstance(self.targets, str) else [*self.targets]
+        return {"method": self.method, "adapter_options": dict(self.options), "targets": targets}
+
+    def check(self, model: Any) -> dict[str, nn.Module]:
+        """The modules this adapter would attach to in ``model`` (may be a meta-device model);
+        a target the method cannot adapt is refused."""
+        denoiser, _ = find_denoiser(model)
+        modules = resolve_targets(denoiser, self.config.targets)
+        self.adapter_class.check_targets(modules)
+        return modules
+
+    def attach(self, model: Any) -> Adapter:
+        """Attach a new adapter to ``model`` (see `add_adapter`); the model is left as it was on failure."""
+        denoiser, _ = find_denoiser(model)
+        _refuse_second_adapter(denoiser)
+        modules = self.check(denoiser)
+        adapter = self.adapter_class(denoiser, self.config, modules)
+        return _install(denoiser, adapter, lambda each: each.attach(modules))
 
 
 def named_trainable_parameters(model: Any) -> list[tuple[str, nn.Parameter]]:

@@ -104,10 +104,11 @@ def _sara_budget_row(denoiser: nn.Module, label: str, options: dict[str, Any],
                      targets: str | list[str]) -> ParameterRow:
     """SaRA on a weightless model: a budget fixes the count (θ is then its quantile), a threshold
     needs the weights. The targets and options are validated as ``add_adapter`` would."""
-    from .api import _plan_adapter
+    from .api import AdapterSpec
     from .tuners.sara.selection import budget_to_count, targeted_tensors
 
-    _, config, modules = _plan_adapter(denoiser, "sara", targets, dict(options))
+    spec = AdapterSpec("sara", targets, options)
+    config, modules = spec.config, spec.check(denoiser)
     if config.budget is None:
         raise DifftuneError("sara with a threshold selects by the weights' magnitudes: give a 'budget' "
                             "or count on a real model")

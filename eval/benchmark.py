@@ -43,7 +43,7 @@ from difftune.metrics.cli import (
     add_evaluation_arguments,
     build_scorer,
     check_evaluation_arguments,
-    generation_settings,
+    evaluation_options,
     load_eval_pipeline,
     resolve_device,
     resolve_prompt_file,
@@ -441,12 +441,13 @@ def main(argv: list[str] | None = None) -> list[dict] | dict:
     subject = Subject.from_dir(args.instance_data_dir, args.identifier, args.class_name)
     args.instance_prompt = args.instance_prompt or f"a {subject.identifier} {subject.class_name}"
     args.class_prompt = args.class_prompt or f"a {subject.class_name}"
-    prompt_file = resolve_prompt_file(args, model)
+    options = evaluation_options(args)
+    prompt_file = resolve_prompt_file(options, model)
     # a bad prompt file or an identifier the prompts keep fails now, not after every method has trained
     run_prompts(prompt_file, subject, args.num_prompts, not args.no_class_prompts)
     check_evaluation_arguments(args, model)
     check_trainer_flags(args, subject)
-    device, dtype = resolve_device(args)
+    device, dtype = resolve_device(options)
 
     if args.fid or args.with_prior_preservation:
         pipe = load_eval_pipeline(model, device, dtype)
@@ -462,12 +463,12 @@ def main(argv: list[str] | None = None) -> list[dict] | dict:
             args.method_flags[method] = flags
         summaries[method] = train_method(args, subject, method, flags)
 
-    scorer = build_scorer(args, model, device)
+    scorer = build_scorer(options, model, device)
     pipe = load_eval_pipeline(model, device, dtype)
     runs = [] if args.no_base else [EvalRun("base", None, subject)]
     runs += [EvalRun(m, args.output_dir / "train" / m / ADAPTER_FILE, subject) for m in order]
     fid_reference = (str(args.class_data_dir), class_images) if args.fid else None
-    evaluated = evaluate_runs(pipe, runs, prompt_file, generation_settings(args), scorer,
+    evaluated = evaluate_runs(pipe, runs, prompt_file, options.generation, scorer,
                               args.output_dir / "eval", model, fid_reference=fid_reference,
                               num_prompts=args.num_prompts, with_class_prompts=not args.no_class_prompts)
     results = {r["name"]: r for r in evaluated}

@@ -49,7 +49,7 @@ from difftune.metrics.cli import (
     add_evaluation_arguments,
     build_scorer,
     check_evaluation_arguments,
-    generation_settings,
+    evaluation_options,
     load_eval_pipeline,
     resolve_device,
 )
@@ -359,7 +359,8 @@ class Suite:
                 f"--prompts {args.prompts}: the suite needs a list with a validation twin "
                 f"({', '.join(VALIDATION_PROMPT_LISTS)})"
             )
-        self.test_settings = generation_settings(args)
+        self.options = evaluation_options(args)
+        self.test_settings = self.options.generation
         validation_images = args.validation_images_per_prompt
         self.validation_settings = replace(self.test_settings, images_per_prompt=validation_images)
         self._pipe = None
@@ -370,15 +371,15 @@ class Suite:
     @property
     def pipe(self):
         if self._pipe is None:
-            device, dtype = resolve_device(self.args)
+            device, dtype = resolve_device(self.options)
             self._pipe = load_eval_pipeline(self.model, device, dtype)
         return self._pipe
 
     @property
     def scorer(self):
         if self._scorer is None:
-            device, _ = resolve_device(self.args)
-            self._scorer = build_scorer(self.args, self.model, device)
+            device, _ = resolve_device(self.options)
+            self._scorer = build_scorer(self.options, self.model, device)
         return self._scorer
 
     def record_time(self, key: str, seconds: float) -> None:

@@ -34,7 +34,6 @@ from difftune.metrics.cli import (
     add_evaluation_arguments,
     build_scorer,
     check_evaluation_arguments,
-    generation_settings,
     load_eval_pipeline,
     resolve_device,
     resolve_prompt_file,
@@ -109,18 +108,18 @@ def build_runs(args: argparse.Namespace) -> list[EvalRun]:
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     model = args.pretrained_model_name_or_path
-    check_evaluation_arguments(args, model)
-    device, dtype = resolve_device(args)
+    options = check_evaluation_arguments(args, model)
+    device, dtype = resolve_device(options)
     runs = build_runs(args)  # validates every path before any heavy work
-    prompt_file = resolve_prompt_file(args, model)
+    prompt_file = resolve_prompt_file(options, model)
     for run in runs:  # a bad prompt file or an identifier the prompts keep fails before any model loads
         run_prompts(prompt_file, run.subject, args.num_prompts, not args.no_class_prompts)
     fid_reference = None
     if args.fid:
         fid_reference = (str(args.class_data_dir), load_images(args.class_data_dir, "--class_data_dir"))
-    scorer = build_scorer(args, model, device)
+    scorer = build_scorer(options, model, device)
     pipe = load_eval_pipeline(model, device, dtype)
-    results = evaluate_runs(pipe, runs, prompt_file, generation_settings(args), scorer, args.output_dir,
+    results = evaluate_runs(pipe, runs, prompt_file, options.generation, scorer, args.output_dir,
                             model, fid_reference=fid_reference, num_prompts=args.num_prompts,
                             overwrite=args.overwrite, with_class_prompts=not args.no_class_prompts)
     write_tables(results, args.output_dir, f"Subject evaluation of {model}")

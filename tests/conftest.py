@@ -15,6 +15,18 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 FAMILY_BUILDERS = {"sd": "tiny-sd", "sdxl": "tiny-sdxl", "sd3": "tiny-sd3", "flux": "tiny-flux"}
 
 
+class TinyNet(torch.nn.Module):
+    """Two attention-named linear layers (to_q, to_k): enough to attach, train and save an adapter."""
+
+    def __init__(self):
+        super().__init__()
+        self.to_q = torch.nn.Linear(8, 8)
+        self.to_k = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.to_k(torch.relu(self.to_q(x)))
+
+
 def build(family: str, seed: int = 0):
     return TINY_BUILDERS[FAMILY_BUILDERS[family]](seed)
 

@@ -139,17 +139,15 @@ class FakeAccelerator:
 
 
 def test_fsdp_refuses_sara_and_resume_and_warns_about_checkpoints():
-    from argparse import Namespace
-
     fsdp, ddp = FakeAccelerator("DistributedType.FSDP"), FakeAccelerator("DistributedType.MULTI_GPU")
     with pytest.raises(DifftuneError, match="sara cannot run under FSDP.*DDP"):
-        loop.check_fsdp(fsdp, Namespace(adapter="sara", resume_from_checkpoint=None))
+        loop.check_fsdp(fsdp, "sara", None)
     with pytest.raises(DifftuneError, match="--resume_from_checkpoint is not supported under FSDP"):
-        loop.check_fsdp(fsdp, Namespace(adapter="lora", resume_from_checkpoint="latest"))
+        loop.check_fsdp(fsdp, "lora", "latest")
     for method in ("lora", "svfit", "tlora"):
         with pytest.warns(UserWarning, match="no intermediate checkpoints"):
-            assert loop.check_fsdp(fsdp, Namespace(adapter=method, resume_from_checkpoint=None))
-    assert not loop.check_fsdp(ddp, Namespace(adapter="sara", resume_from_checkpoint="latest"))
+            assert loop.check_fsdp(fsdp, method, None)
+    assert not loop.check_fsdp(ddp, "sara", "latest")
 
 
 def test_the_documented_accelerate_config_is_an_fsdp2_config_accelerate_reads():

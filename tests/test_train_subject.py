@@ -14,7 +14,7 @@ import difftune.model_factory
 from difftune.errors import DifftuneError
 from difftune.model_factory import load_pipeline
 from difftune.training import checkpointing
-from difftune.training.validation import generate_images, image_grid
+from difftune.training.validation import GenerationSettings, generate_images, image_grid
 
 MODELS = {"sd": "builtin:tiny-sd", "sdxl": "builtin:tiny-sdxl", "sd3": "builtin:tiny-sd3",
           "flux": "builtin:tiny-flux"}
@@ -27,11 +27,17 @@ def flags(subject_dir, out, model="builtin:tiny-sd", steps=2, *extra):
             *extra]
 
 
+def draw(pipe, prompt, count, seed=0):
+    """The trainer's samples (2 steps, 64 px, the pipeline's guidance, one image per call)."""
+    settings = GenerationSettings(count, seed, num_inference_steps=2, guidance_scale=None, height=64,
+                                  width=64, batch_size=1)
+    return generate_images(pipe, [prompt], settings, show_progress=False)[0]
+
+
 def samples_from_saved_file(model, folder, prompt, count, seed=0):
     fresh = load_pipeline(model)
     difftune.load_adapter(fresh, folder / "adapter.safetensors")
-    return generate_images(fresh, {"prompt": prompt}, num_images=count, seed=seed, num_inference_steps=2,
-                           resolution=64)
+    return draw(fresh, prompt, count, seed)
 
 
 def test_run_writes_adapter_samples_logs_checkpoints_and_card(train_subject, subject_dir, tmp_path, capsys):
@@ -59,8 +65,7 @@ def test_run_writes_adapter_samples_logs_checkpoints_and_card(train_subject, sub
     # the final grid was sampled from a fresh pipeline holding the saved file
     again = samples_from_saved_file("builtin:tiny-sd", out, "a sks disc", 2)
     assert np.array_equal(np.asarray(Image.open(out / "samples.png")), np.asarray(image_grid(again)))
-    base = generate_images(load_pipeline("builtin:tiny-sd"), {"prompt": "a sks disc"}, num_images=2, seed=0,
-                           num_inference_steps=2, resolution=64)
+    base = draw(load_pipeline("builtin:tiny-sd"), "a sks disc", 2)
     assert not np.array_equal(np.asarray(image_grid(base)), np.asarray(image_grid(again)))
 
     card = (out / "README.md").read_text()
@@ -101,8 +106,7 @@ def test_other_families_train_and_their_files_load_in_diffusers(train_subject, s
     assert np.array_equal(np.asarray(Image.open(out / "samples.png")), np.asarray(ours[0]))
     theirs = load_pipeline(model)
     theirs.load_lora_weights(out)  # pytorch_lora_weights.safetensors, diffusers' default name
-    with_diffusers = generate_images(theirs, {"prompt": "a photo of sks disc"}, num_images=1, seed=0,
-                                     num_inference_steps=2, resolution=64)
+    with_diffusers = draw(theirs, "a photo of sks disc", 1)
     assert np.abs(np.asarray(with_diffusers[0], dtype=int) - np.asarray(ours[0], dtype=int)).max() <= 1
 
 

@@ -26,11 +26,9 @@ on Flux --teacher_guidance_scale is the guidance embedding's value, 3.5 for FLUX
 from __future__ import annotations
 
 import argparse
-import contextlib
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 import difftune
 from difftune.errors import DifftuneError, run_main
@@ -47,9 +45,8 @@ from difftune.hipa.training import OneStepData, one_step_loss
 from difftune.io import write_json, write_text
 from difftune.model_factory import describe_model
 from difftune.paths import ASSETS_DIR
-from difftune.training import arguments, checkpointing, loop, recipes
+from difftune.training import arguments, checkpointing, loop, recipes, settings
 from difftune.training.families import LossOptions, training_family
-from difftune.training.loop import DTYPES
 from difftune.training.validation import image_grid, log_images, save_grid
 
 DEFAULT_PROMPTS = ASSETS_DIR / "one_step_prompts.txt"
@@ -172,29 +169,25 @@ def adapter_options_with_defaults(args: argparse.Namespace) -> dict:
     return options
 
 
-def check_resume_fits(state: dict, settings: dict, path: Path) -> None:
-    """A checkpoint resumes only the run that wrote it: same base, method, options, teacher."""
-    for key, value in settings.items():
-        if state.get(key) != value:
-            raise DifftuneError(f"--resume_from_checkpoint {path}: it was trained with {key} "
-                                f"{state.get(key)!r}, this run asks for {value!r}")
-
-
 # ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
-    output_dir = Path(args.output_dir)
+    base = arguments.settings_from_args(args, settings.ModelSettings)
+    base_model = base.pretrained_model_name_or_path
+    checkpoints = arguments.settings_from_args(args, settings.CheckpointSettings)
+    output_dir = checkpoints.output_dir
     teacher_dir = Path(args.teacher_dir) if args.teacher_dir else output_dir / "teacher"
     teacher_settings = arguments.dataclass_from_args(args, TeacherSettings, TEACHER_PREFIX)
     loss_config = arguments.dataclass_from_args(args, HiPALossConfig)
 
     # Everything until the model loads is cheap: refuse bad input here.
-    model_info = describe_model(args.pretrained_model_name_or_path, args.revision)
-    method_options = adapter_options_with_defaults(args)
-    resolution = loop.check_before_loading(args, model_info, method_options)
+    model_info = describe_model(base_model, base.revision)
+    # the adapter: method, targets and options, checked once
+    spec = difftune.AdapterSpec(args.adapter, args.targets, adapter_options_with_defaults(args))
+    resolution = loop.check_before_loading(spec, base, model_info, args.resolution, output_dir)
     loss_fn = HiPALoss(loss_config)  # loads LPIPS weights when asked: fails early if it cannot
     prompts = read_prompts(args.prompts_file)
     eval_prompts = [] if args.skip_evaluation else read_prompts(args.eval_prompts_file)
@@ -203,38 +196,37 @@ def main(argv: list[str] | None = None) -> Path:
     # the metric networks load now, on the CPU, so a missing one fails before training
     metrics = DifftuneMetrics(clip_model, fid_extractor, batch_size=args.eval_metric_batch_size) \
         if clip_model else None
-    run_settings = {"base_model": args.pretrained_model_name_or_path, "method": args.adapter,
-                    "adapter_options": method_options, "targets": args.targets,
-                    "teacher": vars(teacher_settings), "resolution": resolution, "prompts": prompts,
-                    "loss": vars(loss_config)}
-    resume_path, resume_state = checkpointing.resume_point(output_dir, args.resume_from_checkpoint)
+    run_settings = {"base_model": base_model, **spec.to_dict(), "teacher": vars(teacher_settings),
+                    "resolution": resolution, "prompts": prompts, "loss": vars(loss_config)}
+    resume_path, resume_state = checkpointing.resume_point(output_dir, checkpoints.resume_from_checkpoint)
     if resume_state:
-        check_resume_fits(resume_state, run_settings, resume_path)
+        checkpointing.check_resume_fits(resume_state, run_settings, resume_path)
 
-    accelerator = loop.create_accelerator(args, output_dir)
+    accelerator = loop.create_accelerator(arguments.settings_from_args(args, settings.AcceleratorSettings),
+                                          output_dir)
     if loop.is_fsdp(accelerator):
         raise DifftuneError("train_one_step.py runs on one GPU or under DDP (accelerate launch --multi_gpu); "
                             "FSDP is supported by train_subject.py")
     device, is_main = accelerator.device, accelerator.is_main_process
-    weight_dtype = DTYPES[accelerator.mixed_precision]
-    seed = loop.resolve_seed(args, resume_state)
+    weight_dtype = settings.DTYPES[accelerator.mixed_precision]
+    seed = loop.resolve_seed(args.seed, resume_state)
 
     # -----------------------------------------------------------------------------------------
     # 2. The base model and its teacher samples
     # -----------------------------------------------------------------------------------------
-    pipeline = loop.load_base_pipeline(args, weight_dtype, device)
+    pipeline = loop.load_base_pipeline(base, weight_dtype, device)
 
     def teacher_cache(prompt_list: list[str], directory: Path):
         with accelerator.autocast():
             generate_teacher_samples(
                 pipeline, prompt_list, directory, teacher_settings, height=resolution, width=resolution,
-                batch_size=args.teacher_batch_size, model_name=args.pretrained_model_name_or_path,
+                batch_size=args.teacher_batch_size, model_name=base_model,
                 show_progress=is_main, process_index=accelerator.process_index,
                 num_processes=accelerator.num_processes)
         accelerator.wait_for_everyone()
         return generate_teacher_samples(  # every sample exists now: this only checks and opens
             pipeline, prompt_list, directory, teacher_settings, height=resolution, width=resolution,
-            model_name=args.pretrained_model_name_or_path, show_progress=False)
+            model_name=base_model, show_progress=False)
 
     train_cache = teacher_cache(prompts, teacher_dir)
     eval_cache = teacher_cache(eval_prompts, teacher_dir / "eval") if eval_prompts else None
@@ -242,13 +234,15 @@ def main(argv: list[str] | None = None) -> Path:
     # -----------------------------------------------------------------------------------------
     # 3. Adapter, loss, batches
     # -----------------------------------------------------------------------------------------
-    family = training_family(pipeline, device, LossOptions.from_args(args))
+    loss_options = arguments.settings_from_args(args, LossOptions, skip_none=True)
+    family = training_family(pipeline, device, loss_options)
     denoiser = family.denoiser
     for frozen in (pipeline.vae, *family.text_encoders):
         frozen.requires_grad_(False)
     step_spec = one_step_timestep(pipeline.scheduler)
-    adapter = loop.attach_trainable_adapter(denoiser, args, method_options, seed)
-    if args.gradient_checkpointing:
+    memory = arguments.settings_from_args(args, settings.MemorySettings)
+    adapter = loop.attach_trainable_adapter(denoiser, spec, seed, memory)
+    if memory.gradient_checkpointing:
         pipeline.vae.enable_gradient_checkpointing()  # the decoder is in the graph too
     loss_fn.to(device)
     data = OneStepData(train_cache, family.encode_prompts, seed, device)
@@ -257,27 +251,29 @@ def main(argv: list[str] | None = None) -> Path:
     # -----------------------------------------------------------------------------------------
     # 4. Optimizer, schedule, resume
     # -----------------------------------------------------------------------------------------
-    batch_size = args.train_batch_size
-    plan = loop.prepare_optimization(args, accelerator, denoiser, adapter, len(data), resume_path,
-                                     resume_state, device)
-    model, optimizer, lr_scheduler = plan.model, plan.optimizer, plan.lr_scheduler
+    optimization = arguments.settings_from_args(args, settings.OptimizerSettings)
+    plan = loop.prepare_optimization(optimization, checkpoints, accelerator, denoiser, adapter, len(data),
+                                     resume_path, resume_state, device)
+    if is_main:
+        accelerator.init_trackers(args.tracker_project_name, config=arguments.tracker_config(args))
     max_train_steps, learning_rate = plan.max_train_steps, plan.learning_rate
-    micro_batch, accumulation = plan.micro_batch, plan.accumulation
-    global_step, samples_seen = plan.global_step, plan.samples_seen
 
     if is_main:
         if args.recipe:
-            print(recipes.describe(args.recipe, args.pretrained_model_name_or_path, args.adapter))
-        resumed = f" | resumed at step {global_step}" if resume_path else ""
-        print(f"difftune one-step (HiPA) | {args.pretrained_model_name_or_path} ({model_info.family}, "
-              f"{resolution}px, {accelerator.mixed_precision}) | {args.adapter} on {adapter.config.targets}: "
+            print(recipes.describe(args.recipe, base_model, spec.method))
+        resumed = f" | resumed at step {plan.global_step}" if resume_path else ""
+        print(f"difftune one-step (HiPA) | {base_model} ({model_info.family}, "
+              f"{resolution}px, {accelerator.mixed_precision}) | {spec.method} on {adapter.config.targets}: "
               f"{difftune.count_trainable_parameters(denoiser):,} trainable parameters | one step at t="
               f"{float(step_spec.timestep):g} ({step_spec.prediction_type}) | {len(data)} teacher samples "
               f"({teacher_settings.num_inference_steps} steps, CFG {teacher_settings.guidance_scale}) | "
-              f"{max_train_steps} steps x {micro_batch * accumulation} | lr {learning_rate:g} | seed {seed}"
+              f"{max_train_steps} steps x {plan.micro_batch * plan.accumulation} | lr {learning_rate:g} | "
+              f"seed {seed}"
               f"{resumed}")
 
     def validate(step: int) -> None:
+        if step % args.validation_steps or not is_main:
+            return
         denoiser.eval()
         with accelerator.autocast():
             comparison = compare_with_teacher(pipeline, train_cache, validation_indices)
@@ -290,49 +286,24 @@ def main(argv: list[str] | None = None) -> Path:
     # -----------------------------------------------------------------------------------------
     # 5. Training loop
     # -----------------------------------------------------------------------------------------
-    model.train()
-    progress = tqdm(total=max_train_steps, initial=global_step, desc="training", disable=not is_main)
-    while global_step < max_train_steps:
-        logs: dict[str, float] = {}
-        for micro_step in range(accumulation):
-            first = samples_seen + micro_step * micro_batch + accelerator.process_index * batch_size
-            batch = data.batch(range(first, first + batch_size))
-            sync = micro_step == accumulation - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                loss, terms, _ = one_step_loss(family, model, step_spec, batch, loss_fn)
-                regularization = adapter.regularization_loss()
-                if regularization is not None:
-                    loss = loss + regularization
-                accelerator.backward(loss / accumulation)
-            for name, value in {"loss": loss.detach(), **terms}.items():
-                logs[name] = logs.get(name, 0.0) + value.item() / accumulation
-        logs["lr"] = loop.optimizer_step(accelerator, adapter, denoiser, optimizer, lr_scheduler, global_step,
-                                         max_train_steps, args.max_grad_norm, logs["loss"])
-        global_step += 1
-        samples_seen += micro_batch * accumulation
-        progress.update(1)
-        progress.set_postfix(loss=f"{logs['loss']:.4f}")
-        accelerator.log(logs, step=global_step)
-        if global_step % args.checkpointing_steps == 0:
-            checkpointing.save_checkpoint(
-                output_dir, global_step, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                trainer_state={**run_settings, "seed": seed, "samples_seen": samples_seen},
-                accelerator=accelerator, total_limit=args.checkpoints_total_limit,
-                base_model=args.pretrained_model_name_or_path)
-        if global_step % args.validation_steps == 0 and is_main:
-            validate(global_step)
-    progress.close()
+    def compute_loss(indices: range) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss, terms, _ = one_step_loss(family, plan.model, step_spec, data.batch(indices), loss_fn)
+        return loss, terms
+
+    plan.model.train()
+    loop.train(accelerator, plan, adapter, denoiser, compute_loss, checkpoints=checkpoints,
+               trainer_state={**run_settings, "seed": seed}, base_model=base_model, after_step=validate)
 
     # -----------------------------------------------------------------------------------------
     # 6. Save; reload into a fresh pipeline; one-step samples; evaluation
     # -----------------------------------------------------------------------------------------
     accelerator.wait_for_everyone()
     adapter_path = output_dir / "adapter.safetensors"
+    model, global_step = plan.model, plan.global_step
     if is_main:
-        difftune.save_adapter(accelerator.unwrap_model(model), adapter_path,
-                              base_model=args.pretrained_model_name_or_path)
+        difftune.save_adapter(accelerator.unwrap_model(model), adapter_path, base_model=base_model)
         del pipeline, family, data, model, denoiser
-        fresh = loop.load_base_pipeline(args, weight_dtype, device, adapter_path)  # sample the saved file
+        fresh = loop.load_base_pipeline(base, weight_dtype, device, adapter_path)  # sample the saved file
         with accelerator.autocast():
             final = compare_with_teacher(fresh, eval_cache or train_cache,
                                          None if eval_cache else validation_indices)

@@ -23,7 +23,6 @@ Supported bases: SD 1.x/2.x (epsilon and v prediction), SDXL, SD3 and FLUX.1 (de
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import time
 from pathlib import Path
@@ -33,17 +32,15 @@ from accelerate.utils import (
     gather_object,
 )
 from diffusers.training_utils import offload_models
-from tqdm.auto import tqdm
 
 import difftune
 from difftune.errors import DifftuneError, run_main
 from difftune.export import FORMATS, LORA_FORMATS, check_export_options, default_output, export_adapter
 from difftune.io import copy_file
 from difftune.model_factory import describe_model, load_pipeline
-from difftune.training import arguments, checkpointing, loop, recipes
+from difftune.training import arguments, checkpointing, loop, recipes, settings
 from difftune.training.data import SubjectData, SubjectDataset, scan_image_folder, warn_small_images
 from difftune.training.families import LossOptions, training_family
-from difftune.training.loop import DTYPES
 from difftune.training.model_card import write_model_card
 from difftune.training.prior import ensure_class_images
 from difftune.training.summary import reset_peak_memory, write_train_summary
@@ -166,17 +163,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def check_resume_fits(state: dict, args: argparse.Namespace, options: dict, path: Path) -> None:
-    """A checkpoint resumes only the run that wrote it: same base, method, options, targets."""
-    now = {"base_model": args.pretrained_model_name_or_path, "method": args.adapter,
-           "adapter_options": options, "targets": args.targets,
-           "train_text_encoder": args.train_text_encoder}
-    for key, value in now.items():
-        if state.get(key) != value:
-            raise DifftuneError(f"--resume_from_checkpoint {path}: it was trained with {key} "
-                                f"{state.get(key)!r}, this run asks for {value!r}")
-
-
 def subject_loss(per_example: torch.Tensor, is_prior: torch.Tensor, prior_loss_weight: float) -> torch.Tensor:
     """Mean loss of the subject images, plus the weighted mean loss of the class images."""
     loss = per_example[~is_prior].mean()
@@ -211,64 +197,72 @@ def check_init_adapter(args: argparse.Namespace) -> None:
 def check_before_loading(argv: list[str] | None = None):
     """Every check that needs no model weights (bad input fails in seconds): options, model family,
     adapter options and targets, resolution, output folder, instance images. benchmark.py runs it on
-    its trainer flags before its own heavy work. Returns (args, model_info, method_options,
-    resolution, instance_images)."""
+    its trainer flags before its own heavy work. Returns (args, model_info, spec, resolution,
+    instance_images)."""
     args = parse_args(argv)
     model_info = describe_model(args.pretrained_model_name_or_path, args.revision)
     arguments.check_family_flags(args, model_info.family)
     if args.train_text_encoder:
         check_text_encoder_training(model_info.family)
-    method_options = arguments.adapter_options(args, args.adapter)
+    spec = arguments.adapter_spec(args)  # the adapter's options, checked once
     if args.init_adapter:
         check_init_adapter(args)
     for fmt in args.export:
         check_export_options(args.adapter, model_info.family, fmt,
                              args.export_rank if fmt in LORA_FORMATS else None,
                              args.export_energy if fmt in LORA_FORMATS else None,
-                             bool(method_options.get("use_dora")))
+                             bool(spec.options.get("use_dora")))
     extraction = args.export_rank is not None or args.export_energy is not None
     if extraction and not set(args.export) & set(LORA_FORMATS):
         raise DifftuneError("--export_rank/--export_energy apply to --export kohya or comfyui")
-    resolution = loop.check_before_loading(args, model_info, method_options)
+    base = arguments.settings_from_args(args, settings.ModelSettings)
+    resolution = loop.check_before_loading(spec, base, model_info, args.resolution, Path(args.output_dir))
     instance_images = scan_image_folder(args.instance_data_dir, "--instance_data_dir", args.caption_column)
-    return args, model_info, method_options, resolution, instance_images
+    return args, model_info, spec, resolution, instance_images
 
 
 def main(argv: list[str] | None = None) -> Path:
     started = time.perf_counter()
-    args, model_info, method_options, resolution, instance_images = check_before_loading(argv)
-    output_dir = Path(args.output_dir)
+    args, model_info, spec, resolution, instance_images = check_before_loading(argv)
+    base = arguments.settings_from_args(args, settings.ModelSettings)
+    base_model = base.pretrained_model_name_or_path
+    checkpoints = arguments.settings_from_args(args, settings.CheckpointSettings)
+    validation = arguments.settings_from_args(args, settings.ValidationSettings)
+    output_dir = checkpoints.output_dir
     warn_small_images(instance_images, resolution, "--instance_data_dir")
-    resume_path, resume_state = checkpointing.resume_point(output_dir, args.resume_from_checkpoint)
+    run_settings = {"base_model": base_model, **spec.to_dict(), "train_text_encoder": args.train_text_encoder}
+    resume_path, resume_state = checkpointing.resume_point(output_dir, checkpoints.resume_from_checkpoint)
     if resume_state:
-        check_resume_fits(resume_state, args, method_options, resume_path)
+        checkpointing.check_resume_fits(resume_state, run_settings, resume_path)
 
-    accelerator = loop.create_accelerator(args, output_dir)
-    sharded = loop.check_fsdp(accelerator, args)  # FSDP: no SaRA, no intermediate checkpoints
+    accelerator = loop.create_accelerator(arguments.settings_from_args(args, settings.AcceleratorSettings),
+                                          output_dir)
+    # FSDP: no SaRA, no intermediate checkpoints
+    sharded = loop.check_fsdp(accelerator, spec.method, checkpoints.resume_from_checkpoint)
     device, is_main = accelerator.device, accelerator.is_main_process
-    weight_dtype = DTYPES[accelerator.mixed_precision]
-    seed = loop.resolve_seed(args, resume_state)
+    weight_dtype = settings.DTYPES[accelerator.mixed_precision]
+    seed = loop.resolve_seed(args.seed, resume_state)
 
     # -----------------------------------------------------------------------------------------
     # 2. Base model, class images, adapter
     # -----------------------------------------------------------------------------------------
-    pipeline = loop.load_base_pipeline(args, weight_dtype, device)
-    family = training_family(pipeline, device, LossOptions.from_args(args))
+    pipeline = loop.load_base_pipeline(base, weight_dtype, device)
+    loss_options = arguments.settings_from_args(args, LossOptions, skip_none=True)
+    family = training_family(pipeline, device, loss_options)
     denoiser = family.denoiser
     for frozen in (pipeline.vae, *family.text_encoders):
         frozen.requires_grad_(False)
 
     class_images = []
     if args.with_prior_preservation:
-        generation_dtype = DTYPES[args.prior_generation_precision or accelerator.mixed_precision]
+        generation_dtype = settings.DTYPES[args.prior_generation_precision or accelerator.mixed_precision]
         generator_pipeline = pipeline
         if generation_dtype != weight_dtype:
-            generator_pipeline = load_pipeline(args.pretrained_model_name_or_path,
-                                               torch_dtype=generation_dtype, revision=args.revision,
-                                               variant=args.variant).to(device)
+            generator_pipeline = load_pipeline(base_model, torch_dtype=generation_dtype,
+                                               revision=base.revision, variant=base.variant).to(device)
             generator_pipeline.set_progress_bar_config(disable=True)
-            if args.prediction_type:
-                generator_pipeline.scheduler.register_to_config(prediction_type=args.prediction_type)
+            if base.prediction_type:
+                generator_pipeline.scheduler.register_to_config(prediction_type=base.prediction_type)
         ensure_class_images(generator_pipeline, args.class_data_dir, args.class_prompt, args.num_class_images,
                             seed=seed, resolution=resolution, batch_size=args.sample_batch_size,
                             num_inference_steps=args.class_inference_steps, accelerator=accelerator,
@@ -276,15 +270,16 @@ def main(argv: list[str] | None = None) -> Path:
         del generator_pipeline
         class_images = scan_image_folder(args.class_data_dir, "--class_data_dir")[:args.num_class_images]
 
-    adapter = loop.attach_trainable_adapter(denoiser, args, method_options, seed, pipeline)
+    memory = arguments.settings_from_args(args, settings.MemorySettings)
+    adapter = loop.attach_trainable_adapter(denoiser, spec, seed, memory, args.init_adapter, pipeline)
     text_encoders: dict[str, torch.nn.Module] = {}
     if args.train_text_encoder:
         if accelerator.num_processes > 1:
             raise DifftuneError("--train_text_encoder runs in one process for now; launch without "
                                 "several processes, or train the denoiser alone"
                                 f"{recipes.source_hint(args, 'train_text_encoder')}")
-        text_encoders = attach_text_encoder_adapters(pipeline, args.adapter, method_options,
-                                                     args.text_encoder_targets or TEXT_ENCODER_TARGETS)
+        text_encoders = attach_text_encoder_adapters(
+            pipeline, spec.with_targets(args.text_encoder_targets or TEXT_ENCODER_TARGETS))
         for encoder in text_encoders.values():
             encoder.train()
 
@@ -298,8 +293,8 @@ def main(argv: list[str] | None = None) -> Path:
         cache_latents=args.cache_latents, cache_prompts=args.pre_compute_text_embeddings, device=device)
     data.build_caches(show_progress=is_main)
     validation_kwargs = {}
-    if args.validation_prompt:  # encoded now: the text encoders may leave the device below
-        validation_kwargs = family.pipeline_prompt_kwargs(args.validation_prompt)
+    if validation.validation_prompt:  # encoded now: the text encoders may leave the device below
+        validation_kwargs = family.pipeline_prompt_kwargs(validation.validation_prompt)
     # The frozen encoders are not needed on the device between validations.
     offloaded = []
     if device.type != "cpu":
@@ -311,91 +306,67 @@ def main(argv: list[str] | None = None) -> Path:
     # -----------------------------------------------------------------------------------------
     # 4. Optimizer, schedule, resume
     # -----------------------------------------------------------------------------------------
-    world, batch_size = accelerator.num_processes, args.train_batch_size
-    plan = loop.prepare_optimization(args, accelerator, denoiser, adapter, len(dataset), resume_path,
-                                     resume_state, device, text_encoders, args.text_encoder_lr)
-    model, optimizer, lr_scheduler = plan.model, plan.optimizer, plan.lr_scheduler
+    world = accelerator.num_processes
+    optimization = arguments.settings_from_args(args, settings.OptimizerSettings)
+    plan = loop.prepare_optimization(optimization, checkpoints, accelerator, denoiser, adapter, len(dataset),
+                                     resume_path, resume_state, device, text_encoders, args.text_encoder_lr)
+    if is_main:
+        accelerator.init_trackers(args.tracker_project_name, config=arguments.tracker_config(args))
     max_train_steps, learning_rate = plan.max_train_steps, plan.learning_rate
     micro_batch, accumulation = plan.micro_batch, plan.accumulation
-    global_step, samples_seen = plan.global_step, plan.samples_seen
 
     if is_main:
         if args.recipe:
-            print(recipes.describe(args.recipe, args.pretrained_model_name_or_path, args.adapter))
+            print(recipes.describe(args.recipe, base_model, spec.method))
         prior_text = f" + {len(class_images)} class images" if class_images else ""
-        resumed = f" | resumed at step {global_step} from {resume_path}" if resume_path else ""
+        resumed = f" | resumed at step {plan.global_step} from {resume_path}" if resume_path else ""
         text_part = "".join(
             f" + {name} {len(difftune.get_adapter(e).target_names)} layers, "
             f"{difftune.count_trainable_parameters(e):,} parameters (lr {plan.text_encoder_lr:g})"
             for name, e in text_encoders.items())
-        print(f"difftune subject training | {args.pretrained_model_name_or_path} ({model_info.family}, "
-              f"{resolution}px, {accelerator.mixed_precision}) | {args.adapter} on {adapter.config.targets}: "
+        print(f"difftune subject training | {base_model} ({model_info.family}, "
+              f"{resolution}px, {accelerator.mixed_precision}) | {spec.method} on {adapter.config.targets}: "
               f"{len(adapter.target_names)} layers, {difftune.count_trainable_parameters(denoiser):,} "
               f"trainable parameters{text_part} | {len(instance_images)} instance images{prior_text} | "
-              f"{max_train_steps} steps x {micro_batch * accumulation} images (batch {batch_size} x "
+              f"{max_train_steps} steps x {micro_batch * accumulation} images (batch {plan.batch_size} x "
               f"{world} processes x {accumulation} accumulation) | lr {learning_rate:g} | "
               f"seed {seed}{resumed}")
 
-    trainer_state = {"base_model": args.pretrained_model_name_or_path, "method": args.adapter,
-                     "adapter_options": method_options, "targets": args.targets, "seed": seed,
+    trainer_state = {"base_model": base_model, **spec.to_dict(), "seed": seed,
                      "max_train_steps": max_train_steps, "train_text_encoder": args.train_text_encoder}
 
     # -----------------------------------------------------------------------------------------
     # 5. Training loop
     # -----------------------------------------------------------------------------------------
-    model.train()
+    def compute_loss(indices: range) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        batch = data.batch(indices)
+        latents = family.latents_from_moments(batch.moments, batch.generators)
+        noise = family.sample_noise(latents, batch.generators)
+        noisy = family.add_noise(latents, noise, batch.generators)
+        prediction = family.predict(plan.model, noisy, batch)
+        return subject_loss(family.per_example_loss(prediction, noisy), batch.is_prior,
+                            args.prior_loss_weight), {}
+
+    def validate(step: int) -> None:
+        nonlocal validation_kwargs
+        if not (validation.validation_prompt and step % validation.validation_steps == 0 and is_main):
+            return
+        denoiser.eval()
+        if text_encoders:  # the prompt's embedding changes as the encoders train
+            validation_kwargs = family.pipeline_prompt_kwargs(validation.validation_prompt)
+        with offload_models(*offloaded, device=device, offload=bool(offloaded)):
+            images = generate_images(pipeline, [validation_kwargs], validation.generation(seed, resolution),
+                                     show_progress=False, autocast=accelerator.autocast())[0]
+        denoiser.train()
+        save_grid(images, output_dir / "validation" / f"step-{step:06d}.png")
+        log_images(accelerator, "validation", images, step)
+
+    plan.model.train()
     reset_peak_memory(device)
-    first_step, loop_started = global_step, time.perf_counter()
-    progress = tqdm(total=max_train_steps, initial=global_step, desc="training", disable=not is_main)
-    while global_step < max_train_steps:
-        step_loss = 0.0
-        for micro_step in range(accumulation):
-            # This process's slice of the global micro-batch (see difftune.training.data).
-            first = samples_seen + micro_step * micro_batch + accelerator.process_index * batch_size
-            batch = data.batch(range(first, first + batch_size))
-            last = micro_step == accumulation - 1
-            with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                latents = family.latents_from_moments(batch.moments, batch.generators)
-                noise = family.sample_noise(latents, batch.generators)
-                noisy = family.add_noise(latents, noise, batch.generators)
-                prediction = family.predict(model, noisy, batch)
-                loss = subject_loss(family.per_example_loss(prediction, noisy), batch.is_prior,
-                                    args.prior_loss_weight)
-                for each in (adapter, *map(difftune.get_adapter, text_encoders.values())):
-                    regularization = each.regularization_loss()
-                    if regularization is not None:
-                        loss = loss + regularization
-                accelerator.backward(loss / accumulation)
-            step_loss += loss.item() / accumulation
-
-        current_lr = loop.optimizer_step(accelerator, adapter, denoiser, optimizer, lr_scheduler, global_step,
-                                         max_train_steps, args.max_grad_norm, step_loss, text_encoders)
-        global_step += 1
-        samples_seen += micro_batch * accumulation
-
-        progress.update(1)
-        progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{current_lr:.2e}")
-        accelerator.log({"loss": step_loss, "lr": current_lr}, step=global_step)
-
-        if global_step % args.checkpointing_steps == 0 and not sharded:
-            checkpointing.save_checkpoint(
-                output_dir, global_step, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                trainer_state={**trainer_state, "samples_seen": samples_seen}, accelerator=accelerator,
-                total_limit=args.checkpoints_total_limit, base_model=args.pretrained_model_name_or_path,
-                text_encoders=text_encoders)
-        if args.validation_prompt and global_step % args.validation_steps == 0 and is_main:
-            denoiser.eval()
-            if text_encoders:  # the prompt's embedding changes as the encoders train
-                validation_kwargs = family.pipeline_prompt_kwargs(args.validation_prompt)
-            with offload_models(*offloaded, device=device, offload=bool(offloaded)):
-                images = generate_images(
-                    pipeline, validation_kwargs, num_images=args.num_validation_images, seed=seed,
-                    num_inference_steps=args.validation_inference_steps, resolution=resolution,
-                    guidance_scale=args.validation_guidance_scale, autocast=accelerator.autocast())
-            denoiser.train()
-            save_grid(images, output_dir / "validation" / f"step-{global_step:06d}.png")
-            log_images(accelerator, "validation", images, global_step)
-    progress.close()
+    first_step, loop_started = plan.global_step, time.perf_counter()
+    loop.train(accelerator, plan, adapter, denoiser, compute_loss, checkpoints=checkpoints,
+               trainer_state=trainer_state, base_model=base_model, text_encoders=text_encoders,
+               save_checkpoints=not sharded, after_step=validate)
     loop_seconds = time.perf_counter() - loop_started
     trainable_count = difftune.count_trainable_parameters(denoiser)
 
@@ -403,6 +374,7 @@ def main(argv: list[str] | None = None) -> Path:
     # 6. Save, model card, samples from the saved file
     # -----------------------------------------------------------------------------------------
     accelerator.wait_for_everyone()
+    model, global_step = plan.model, plan.global_step
     if sharded:  # every process: the adapted layers' shards become whole tensors
         loop.gather_sharded_parameters(accelerator.unwrap_model(model), adapter.target_names)
     if world > 1:
@@ -413,26 +385,23 @@ def main(argv: list[str] | None = None) -> Path:
             print(f"adapter identical on all {world} processes (sha256 {digests[0][:16]})")
     adapter_path = output_dir / "adapter.safetensors"
     if is_main:
-        difftune.save_adapter(accelerator.unwrap_model(model), adapter_path,
-                              base_model=args.pretrained_model_name_or_path, text_encoders=text_encoders)
+        difftune.save_adapter(accelerator.unwrap_model(model), adapter_path, base_model=base_model,
+                              text_encoders=text_encoders)
         diffusers_name = DIFFUSERS_LORA_NAME if adapter.diffusers_lora_file else None
         if diffusers_name:
             copy_file(adapter_path, output_dir / diffusers_name)
         sample_names = []
-        sample_prompt = args.validation_prompt or args.instance_prompt
-        if not args.skip_final_inference:
+        sample_prompt = validation.validation_prompt or args.instance_prompt
+        if not validation.skip_final_inference:
             del pipeline, family, data, model, denoiser
-            fresh = loop.load_base_pipeline(args, weight_dtype, device, adapter_path)  # sample the saved file
-            images = generate_images(
-                fresh, {"prompt": sample_prompt}, num_images=args.num_validation_images, seed=seed,
-                num_inference_steps=args.validation_inference_steps, resolution=resolution,
-                guidance_scale=args.validation_guidance_scale, autocast=accelerator.autocast())
+            fresh = loop.load_base_pipeline(base, weight_dtype, device, adapter_path)  # sample the saved file
+            images = generate_images(fresh, [sample_prompt], validation.generation(seed, resolution),
+                                     show_progress=False, autocast=accelerator.autocast())[0]
             save_grid(images, output_dir / "samples.png")
             log_images(accelerator, "final", images, global_step)
             sample_names = ["samples.png"]
         write_model_card(
-            output_dir, base_model=args.pretrained_model_name_or_path, family=model_info.family,
-            method=args.adapter,
+            output_dir, base_model=base_model, family=model_info.family, method=spec.method,
             options={k: v for k, v in adapter.config.to_dict().items() if k != "targets"},
             targets=adapter.config.targets,
             trainable_parameters=trainable_count,
@@ -448,15 +417,15 @@ def main(argv: list[str] | None = None) -> Path:
             lora_format = fmt in LORA_FORMATS
             report = export_adapter(
                 adapter_path, default_output(adapter_path, fmt), fmt,
-                base_model=args.pretrained_model_name_or_path,
+                base_model=base_model,
                 rank=args.export_rank if lora_format else None,
                 energy=args.export_energy if lora_format else None,
-                psnr_images=0 if args.skip_final_inference else 2, prompt=sample_prompt,
-                num_inference_steps=args.validation_inference_steps, seed=seed)
+                psnr_images=0 if validation.skip_final_inference else 2, prompt=sample_prompt,
+                num_inference_steps=validation.validation_inference_steps, seed=seed)
             print(report.summary())
         steps_run = global_step - first_step
         total_seconds = time.perf_counter() - started
-        write_train_summary(output_dir, device, method=args.adapter, trainable_parameters=trainable_count,
+        write_train_summary(output_dir, device, method=spec.method, trainable_parameters=trainable_count,
                             steps=global_step, steps_this_run=steps_run,
                             step_time_s=loop_seconds / max(steps_run, 1), seed=seed,
                             resolution=resolution, batch_size=micro_batch * accumulation,

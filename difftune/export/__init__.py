@@ -369,18 +369,13 @@ def _base_version(family: str) -> str:
 def _sample(pipeline: Any, count: int, prompt: str, steps: int, seed: int) -> list[Any]:
     if count <= 0:
         return []
-    from ..training.validation import generate_images
+    from ..training.validation import GenerationSettings, generate_images
 
     denoiser, _ = find_denoiser(pipeline)
     resolution = int(denoiser.config.sample_size) * int(pipeline.vae_scale_factor)
-    return generate_images(
-        pipeline,
-        {"prompt": prompt},
-        num_images=count,
-        seed=seed,
-        num_inference_steps=steps,
-        resolution=resolution,
-    )
+    settings = GenerationSettings(images_per_prompt=count, seed=seed, num_inference_steps=steps,
+                                  guidance_scale=None, height=resolution, width=resolution, batch_size=1)
+    return generate_images(pipeline, [prompt], settings, show_progress=False)[0]
 
 
 def psnr(reference: list[Any], images: list[Any]) -> float:

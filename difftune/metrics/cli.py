@@ -1,24 +1,46 @@
 """Command-line pieces shared by the eval/ scripts: evaluation flags, model defaults, tables.
 
-``eval/evaluate_subject.py`` and ``eval/benchmark.py`` take the same generation, metric
-and device flags and resolve their ``auto`` defaults the same way, here.
+``eval/evaluate_subject.py``, ``eval/benchmark.py`` and ``eval/benchmark_suite.py`` take the
+same generation, metric and device flags and resolve their ``auto`` defaults the same way,
+here. The flags are read once, by `evaluation_options`; everything else takes the resulting
+`EvaluationOptions`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import torch
 
 from ..errors import DifftuneError
+from ..training.settings import DTYPES, PRECISIONS
 from .subject import ASSETS_DIR, PROMPT_LISTS, GenerationSettings
 
 BUILTIN_EMBEDDED = "builtin:embedded"
 EMBEDDED_CLIP = ASSETS_DIR / "embedded_model" / "world_clip"
 HUB_CLIP = "openai/clip-vit-large-patch14"
 HUB_DINO = "facebook/dino-vits16"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationOptions:
+    """The evaluation flags of `add_evaluation_arguments` (fields named as the flags), with the
+    generation settings gathered; ``fid`` is the script's own switch for FID."""
+
+    prompts: str
+    num_prompts: int | None
+    generation: GenerationSettings
+    clip_model: str
+    dino_model: str
+    fid: bool
+    fid_extractor: str
+    fid_antialias: bool | None  # None: the extractor's own default
+    metric_batch_size: int
+    device: str
+    dtype: str
+    metric_dtype: str
 
 
 def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,16 +80,27 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
                             "without the identifier, same seeds)")
     group = parser.add_argument_group("device")
     group.add_argument("--device", default="auto", help="cuda, cpu, ...; auto: cuda when available")
-    group.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+    group.add_argument("--dtype", choices=["auto", *PRECISIONS], default="auto",
                        help="generation dtype; auto: fp16 on cuda, fp32 otherwise")
-    group.add_argument("--metric_dtype", choices=list(DTYPES), default="fp32",
+    group.add_argument("--metric_dtype", choices=list(PRECISIONS), default="fp32",
                        help="dtype of the CLIP/DINO/Inception networks (statistics are always float64)")
 
 
-def check_evaluation_arguments(args: argparse.Namespace, model: str) -> None:
+def evaluation_options(args: argparse.Namespace) -> EvaluationOptions:
+    """The evaluation flags as `EvaluationOptions`."""
+    return EvaluationOptions(
+        prompts=args.prompts, num_prompts=args.num_prompts, generation=generation_settings(args),
+        clip_model=args.clip_model, dino_model=args.dino_model, fid=bool(getattr(args, "fid", False)),
+        fid_extractor=args.fid_extractor,
+        fid_antialias=None if args.fid_antialias is None else args.fid_antialias == "true",
+        metric_batch_size=args.metric_batch_size, device=args.device, dtype=args.dtype,
+        metric_dtype=args.metric_dtype)
+
+
+def check_evaluation_arguments(args: argparse.Namespace, model: str) -> EvaluationOptions:
     """Refuse the generation, metric and device flags' bad values in one line before any model loads
     (a 0 or negative count, nan/inf, a size the model cannot take, an unknown device, a missing
-    metric model folder, an output folder that cannot be written)."""
+    metric model folder, an output folder that cannot be written); returns the options."""
     from ..io import check_output_dir
     from ..model_factory import describe_model
     from ..training.arguments import check_finite_numbers
@@ -85,32 +118,35 @@ def check_evaluation_arguments(args: argparse.Namespace, model: str) -> None:
             if value < 1 or value % multiple:
                 raise DifftuneError(f"--{name} must be a positive multiple of {multiple} for {model}, "
                                     f"got {value}")
-    resolve_device(args)
-    check_metric_sources(args, model)
+    options = evaluation_options(args)
+    resolve_device(options)
+    check_metric_sources(options, model)
     check_output_dir(args.output_dir)
+    return options
 
 
-def resolve_device(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+def resolve_device(options: EvaluationOptions) -> tuple[torch.device, torch.dtype]:
     """``--device`` (auto: cuda when available) and the generation dtype; an unknown or absent device
     is refused naming the flag."""
+    name = options.device
     try:
-        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                              else "cpu" if args.device == "auto" else args.device)
+        device = torch.device("cuda" if name == "auto" and torch.cuda.is_available()
+                              else "cpu" if name == "auto" else name)
     except RuntimeError:
-        raise DifftuneError(f"--device {args.device}: not a device (cpu, cuda, cuda:1, mps, ...)") from None
+        raise DifftuneError(f"--device {name}: not a device (cpu, cuda, cuda:1, mps, ...)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise DifftuneError(f"--device {args.device}: no CUDA GPU is visible to PyTorch")
+        raise DifftuneError(f"--device {name}: no CUDA GPU is visible to PyTorch")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise DifftuneError(f"--device {args.device}: only {torch.cuda.device_count()} GPU(s) visible")
-    if args.dtype == "auto":
+        raise DifftuneError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible")
+    if options.dtype == "auto":
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     else:
-        dtype = DTYPES[args.dtype]
+        dtype = DTYPES[options.dtype]
     return device, dtype
 
 
-def resolve_prompt_file(args: argparse.Namespace, model: str) -> Path:
-    choice = args.prompts
+def resolve_prompt_file(options: EvaluationOptions, model: str) -> Path:
+    choice = options.prompts
     if choice == "auto":
         choice = "world" if model == BUILTIN_EMBEDDED else "dreambooth"
     path = PROMPT_LISTS.get(choice, Path(choice))
@@ -119,39 +155,40 @@ def resolve_prompt_file(args: argparse.Namespace, model: str) -> Path:
     return path
 
 
-def resolve_metric_models(args: argparse.Namespace, model: str) -> tuple[str, str | None, str | None]:
+def resolve_metric_models(options: EvaluationOptions, model: str) -> tuple[str, str | None, str | None]:
     """(CLIP, DINO or None, FID extractor spec or None) from the auto defaults."""
     from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
 
-    clip = args.clip_model
+    clip = options.clip_model
     if clip == "auto":
         clip = str(EMBEDDED_CLIP) if model == BUILTIN_EMBEDDED else HUB_CLIP
-    dino = args.dino_model
+    dino = options.dino_model
     if dino == "auto":
         dino = None if model.startswith("builtin:") else HUB_DINO
     elif dino == "none":
         dino = None
     fid = None
-    if args.fid:
-        fid = args.fid_extractor
+    if options.fid:
+        fid = options.fid_extractor
         if fid == "auto":
             fid = "inception" if _TORCH_FIDELITY_AVAILABLE else f"clip:{clip}"
     return clip, dino, fid
 
 
-def build_scorer(args: argparse.Namespace, model: str, device: torch.device):
+def build_scorer(options: EvaluationOptions, model: str, device: torch.device):
     """Load the metric networks once (before any generation), so a missing model fails early."""
-    from difftune.metrics import ClipSimilarity, DinoSimilarity, load_feature_extractor
-    from difftune.metrics.subject import SubjectScorer
+    from .fid import load_feature_extractor
+    from .similarity import ClipSimilarity, DinoSimilarity
+    from .subject import SubjectScorer
 
-    clip_name, dino_name, fid_spec = resolve_metric_models(args, model)
-    dtype = DTYPES[args.metric_dtype]
-    options = {"device": device, "dtype": dtype, "batch_size": args.metric_batch_size}
-    clip = ClipSimilarity.from_pretrained(clip_name, **options)
-    dino = DinoSimilarity.from_pretrained(dino_name, **options) if dino_name else None
-    antialias = None if args.fid_antialias is None else args.fid_antialias == "true"
-    extractor = load_feature_extractor(fid_spec, antialias=antialias, **options) if fid_spec else None
-    return SubjectScorer(clip, dino, extractor, batch_size=args.metric_batch_size)
+    clip_name, dino_name, fid_spec = resolve_metric_models(options, model)
+    loading = {"device": device, "dtype": DTYPES[options.metric_dtype],
+               "batch_size": options.metric_batch_size}
+    clip = ClipSimilarity.from_pretrained(clip_name, **loading)
+    dino = DinoSimilarity.from_pretrained(dino_name, **loading) if dino_name else None
+    extractor = (load_feature_extractor(fid_spec, antialias=options.fid_antialias, **loading)
+                 if fid_spec else None)
+    return SubjectScorer(clip, dino, extractor, batch_size=options.metric_batch_size)
 
 
 def load_eval_pipeline(model: str, device: torch.device, dtype: torch.dtype):
@@ -169,6 +206,7 @@ def load_eval_pipeline(model: str, device: torch.device, dtype: torch.dtype):
 
 
 def generation_settings(args: argparse.Namespace) -> GenerationSettings:
+    """The generation flags as the settings every evaluation result records."""
     return GenerationSettings(images_per_prompt=args.images_per_prompt, seed=args.eval_seed,
                               num_inference_steps=args.num_inference_steps,
                               guidance_scale=args.guidance_scale, height=args.height, width=args.width,
@@ -200,11 +238,11 @@ def write_tables(results: list[dict], output_dir: Path, title: str) -> None:
     print("\n".join(lines))
 
 
-def check_metric_sources(args: argparse.Namespace, model: str) -> None:
+def check_metric_sources(options: EvaluationOptions, model: str) -> None:
     """Refuse a missing local CLIP/DINO folder or an unknown FID extractor before any long work."""
     from .features import check_model_source
 
-    clip, dino, fid = resolve_metric_models(args, model)
+    clip, dino, fid = resolve_metric_models(options, model)
     checks = [("--clip_model", clip, "CLIP")] + ([("--dino_model", dino, "DINO")] if dino else [])
     if fid:
         kind, _, source = fid.partition(":")

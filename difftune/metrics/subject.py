@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,11 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ..api import find_denoiser, load_adapter, remove_adapter
 from ..errors import DifftuneError
 from ..paths import ASSETS_DIR
 from ..training.data import IMAGE_SUFFIXES, SUBJECT_FILE
+from ..training.validation import GenerationSettings, generate_images, image_seed  # noqa: F401 (re-exported)
 from .features import extract_features
 from .fid import fid_from_features
 from .similarity import ClipSimilarity, DinoSimilarity, mean_pairwise_cosine, neutral_prompt
@@ -138,52 +140,6 @@ def class_prompts(prompts: list[str], subject: Subject) -> list[str]:
         raise DifftuneError(f"the identifier {subject.identifier!r} could not be removed from the prompt "
                             f"{left[0]!r}; use another identifier or --no_class_prompts")
     return result
-
-
-@dataclass
-class GenerationSettings:
-    """How images are drawn; part of every result so runs can be compared (and resumed)."""
-
-    images_per_prompt: int = 4
-    seed: int = 0
-    num_inference_steps: int = 25
-    guidance_scale: float = 7.5
-    height: int | None = None
-    width: int | None = None
-    batch_size: int = 8
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def image_seed(settings: GenerationSettings, prompt_index: int, image_index: int) -> int:
-    """Seed of image k of prompt p: the same in every run, whatever the batch size."""
-    return settings.seed * 1_000_003 + prompt_index * settings.images_per_prompt + image_index
-
-
-def generate_images(pipe: Any, prompts: list[str], settings: GenerationSettings,
-                    desc: str = "generate") -> list[list[Image.Image]]:
-    """``images_per_prompt`` PIL images for each prompt, in prompt order."""
-    from tqdm.auto import tqdm
-
-    jobs = [(p, k) for p in range(len(prompts)) for k in range(settings.images_per_prompt)]
-    images: list[list[Image.Image]] = [[] for _ in prompts]
-    device = getattr(pipe, "device", torch.device("cpu"))
-    generator_device = "cpu" if device.type == "mps" else device
-    pipe.set_progress_bar_config(disable=True)
-    with tqdm(total=len(jobs), desc=desc, unit="img") as bar:
-        for start in range(0, len(jobs), settings.batch_size):
-            batch = jobs[start:start + settings.batch_size]
-            generators = [torch.Generator(generator_device).manual_seed(image_seed(settings, p, k))
-                          for p, k in batch]
-            output = pipe(prompt=[prompts[p] for p, _ in batch],
-                          num_inference_steps=settings.num_inference_steps,
-                          guidance_scale=settings.guidance_scale, height=settings.height,
-                          width=settings.width, generator=generators, output_type="pil")
-            for (p, _), image in zip(batch, output.images, strict=True):
-                images[p].append(image)
-            bar.update(len(batch))
-    return images
 
 
 class SubjectScorer:
@@ -327,12 +283,10 @@ def evaluate_runs(pipe: Any, runs: list[EvalRun], prompt_file: str | Path, setti
     ``pres_clip_i`` and ``class_clip_t``, with per-prompt detail under ``class_prompts``.
     A run whose ``metrics.json`` has the same signature is read back, not recomputed.
     """
-    import difftune
-
     from ..io import read_json, write_json
 
     output_dir = Path(output_dir)
-    denoiser, _ = difftune.find_denoiser(pipe)
+    denoiser, _ = find_denoiser(pipe)
     results = []
     for run in runs:
         prompts, class_prompt_list = run_prompts(prompt_file, run.subject, num_prompts, with_class_prompts)
@@ -349,7 +303,7 @@ def evaluate_runs(pipe: Any, runs: list[EvalRun], prompt_file: str | Path, setti
         method = "base"
         if run.adapter is not None:
             # a difftune file, or another tool's LoRA file (imported as a difftune LoRA)
-            method = difftune.load_adapter(pipe, run.adapter, scale=run.scale).method
+            method = load_adapter(pipe, run.adapter, scale=run.scale).method
             # the adapter's tensors join the pipeline's device and dtype (fp16 generation on GPU)
             denoiser.to(device=pipe.device, dtype=pipe.dtype)
         desc = f"{run.name} / {run.subject.name}"
@@ -360,7 +314,7 @@ def evaluate_runs(pipe: Any, runs: list[EvalRun], prompt_file: str | Path, setti
                 class_generated = generate_images(pipe, class_prompt_list, settings, desc=f"{desc} (class)")
         finally:
             if run.adapter is not None:
-                difftune.remove_adapter(pipe)
+                remove_adapter(pipe)
         grid = save_samples(run_dir, "", generated, prompts, settings.images_per_prompt, grid_cell)
         metrics = scorer.score(generated, prompts, run.subject, fid_reference)
         result = {"name": run.name, "method": method,

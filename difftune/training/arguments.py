@@ -28,8 +28,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..api import AdapterSpec
 from ..errors import DifftuneError
 from ..tuners import METHODS, Adapter
+from .settings import QUANTIZATION_BACKENDS
 
 # Field names that mean the same thing across methods: one flag, no method prefix.
 SHARED_OPTION_NAMES = ("rank", "alpha")
@@ -208,6 +210,30 @@ def dataclass_from_args(args: argparse.Namespace, config_class: type, prefix: st
     return config_class(**{f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(config_class)})
 
 
+def settings_from_args(args: argparse.Namespace, settings_class: type, skip_none: bool = False) -> Any:
+    """A settings dataclass (training/settings.py) from the flags of the same names.
+
+    A flag the parser does not have keeps the field's default; with ``skip_none`` so does a flag
+    left unset (None), for settings whose defaults depend on what the flag would apply to.
+    """
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(settings_class)
+              if f.init and hasattr(args, f.name)}
+    if skip_none:
+        values = {name: value for name, value in values.items() if value is not None}
+    return settings_class(**values)
+
+
+def adapter_spec(args: argparse.Namespace) -> AdapterSpec:
+    """The trained adapter (``--adapter``, ``--targets`` and the method's flags) as one spec, its
+    options checked once here."""
+    return AdapterSpec(args.adapter, args.targets, adapter_options(args, args.adapter))
+
+
+def tracker_config(args: argparse.Namespace) -> dict[str, Any]:
+    """Every flag with a plain value, as the experiment tracker records a run's settings."""
+    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+
+
 # --- config files -----------------------------------------------------------------------
 
 def _config_flag_names(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
@@ -330,7 +356,6 @@ FLUX_ONLY_FLAGS = ("guidance_scale", "max_sequence_length")
 # LoRA has bnb layers). SaRA trains entries of W0 itself; SVFit splits W0 by its SVD and TLoRA
 # multiplies W0 by its transform, so both need the dense weight.
 QUANTIZED_BASE_METHODS = ("lora",)
-QUANTIZATION_BACKENDS = {"8bit": "bitsandbytes_8bit", "4bit": "bitsandbytes_4bit"}
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

@@ -288,6 +288,15 @@ def resume_point(output_dir: str | Path, spec: str | None) -> tuple[Path | None,
     return path, read_trainer_state(path)
 
 
+def check_resume_fits(state: dict[str, Any], settings: dict[str, Any], path: str | Path) -> None:
+    """A checkpoint resumes only the run that wrote it: every entry of ``settings`` (base model,
+    method, options, targets, ...) must equal the one in its trainer ``state``."""
+    for key, value in settings.items():
+        if state.get(key) != value:
+            raise DifftuneError(f"--resume_from_checkpoint {path}: it was trained with {key} "
+                                f"{state.get(key)!r}, this run asks for {value!r}")
+
+
 def read_trainer_state(path: str | Path) -> dict[str, Any]:
     file = Path(path) / TRAINER_STATE
     try:

@@ -38,7 +38,6 @@ class RandomDomain:
     EXAMPLE = 1
     CACHED_CROP = 2
     CLASS_IMAGE = 3
-    VALIDATION = 4
 
 
 def sample_generator(seed: int, *keys: int, device: str | torch.device = "cpu") -> torch.Generator:

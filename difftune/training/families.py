@@ -11,7 +11,6 @@ DreamBooth script does).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -42,11 +41,6 @@ class LossOptions:
     precondition_outputs: bool = False
     guidance_scale: float = FLUX_DEFAULTS["guidance_scale"]  # Flux: the guidance embedding's value
     max_sequence_length: int = FLUX_DEFAULTS["max_sequence_length"]  # Flux: T5 tokens per prompt
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> LossOptions:
-        values = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if v is not None})
 
 
 @dataclasses.dataclass

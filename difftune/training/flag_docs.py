@@ -22,8 +22,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..adapter_file import atomic_write
 from ..errors import DifftuneError
+from ..io import write_text
 from ..paths import ASSETS_DIR
 
 SECTION = re.compile(r"(<!-- flags: (?P<script>\S+) -->\n)(?P<body>.*?)(<!-- end flags -->)", re.S)
@@ -102,7 +102,7 @@ def update_page(page: Path, check: bool = False) -> bool:
     if rendered == text:
         return True
     if not check:
-        atomic_write(page, lambda tmp: Path(tmp).write_text(rendered))
+        write_text(page, rendered)
     return False
 
 

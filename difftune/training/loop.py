@@ -1,13 +1,15 @@
 """The steps every training script takes the same way: checks before loading, accelerator, seed,
-adapter, optimizer and schedule, resume, and one optimizer step with the adapter's hooks.
+adapter, optimizer and schedule, resume, the training loop and one optimizer step with the
+adapter's hooks.
 
 The scripts (train_subject.py, train_one_step.py) differ in their data and loss; what they
-share lives here once, so a fix (an fp16 rule, a resume detail) reaches every trainer.
+share lives here once, so a fix (an fp16 rule, a resume detail) reaches every trainer. The
+functions take the adapter's `AdapterSpec` and the small settings of training/settings.py,
+never the command line itself.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import faulthandler
@@ -17,36 +19,44 @@ import random
 import signal
 import sys
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-
-import difftune
+from tqdm.auto import tqdm
 
 from .. import machine
+from ..api import AdapterSpec, count_trainable_parameters, get_adapter, load_adapter, trainable_parameters
 from ..errors import DifftuneError
 from ..io import check_output_dir
 from ..model_factory import build_denoiser_on_meta
 from . import checkpointing
+from .settings import (
+    QUANTIZATION_BACKENDS,
+    AcceleratorSettings,
+    CheckpointSettings,
+    MemorySettings,
+    ModelSettings,
+    OptimizerSettings,
+)
 
 DEFAULT_LEARNING_RATE = 1e-4  # when neither --learning_rate nor the method gives one
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "no": torch.float32}
 
 
-def check_before_loading(args: argparse.Namespace, model_info: Any, method_options: dict) -> int:
-    """Adapter options and targets on a weightless (meta-device) denoiser, the resolution (against
-    the machine's memory) and the output folder; returns the resolution. Nothing heavy is loaded,
-    so bad input fails in seconds."""
-    check_output_dir(Path(args.output_dir))
-    difftune.check_adapter(build_denoiser_on_meta(model_info.denoiser_config, model_info.denoiser_class),
-                           args.adapter, targets=args.targets, **method_options)
-    resolution = args.resolution or model_info.resolution
+def check_before_loading(spec: AdapterSpec, model: ModelSettings, model_info: Any, resolution: int | None,
+                         output_dir: Path) -> int:
+    """The adapter's targets on a weightless (meta-device) denoiser (its options were checked when
+    the spec was made), the resolution (default: the model's own; against the machine's memory)
+    and the output folder; returns the resolution. Nothing heavy is loaded, so bad input fails in
+    seconds."""
+    check_output_dir(Path(output_dir))
+    spec.check(build_denoiser_on_meta(model_info.denoiser_config, model_info.denoiser_class))
+    resolution = resolution or model_info.resolution
     if resolution % model_info.size_multiple:
         raise DifftuneError(f"--resolution must be a multiple of {model_info.size_multiple} for "
-                            f"{args.pretrained_model_name_or_path}, got {resolution}")
+                            f"{model.pretrained_model_name_or_path}, got {resolution}")
     check_resolution_fits(resolution, model_info)
     return resolution
 
@@ -69,21 +79,21 @@ def check_resolution_fits(resolution: int, model_info: Any) -> None:
             f"--resolution (the model's own is {model_info.resolution})")
 
 
-def create_accelerator(args: argparse.Namespace, output_dir: Path):
+def create_accelerator(settings: AcceleratorSettings, output_dir: Path):
     """The run's Accelerator (mixed precision, tracker, logging folder); prepares ``output_dir``."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
+        mixed_precision=settings.mixed_precision,
+        log_with=None if settings.report_to == "none" else settings.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir),
-                                            logging_dir=str(output_dir / args.logging_dir)),
+                                            logging_dir=str(output_dir / settings.logging_dir)),
         # an adapter may own parameters that a forward pass never reaches (a target the model
         # skips): DDP then waits for their gradients forever unless told to look for them
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
-    if args.allow_tf32 and torch.cuda.is_available():
+    if settings.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -122,29 +132,29 @@ def end_training(accelerator: Any) -> None:
     accelerator.end_training()
 
 
-def resolve_seed(args: argparse.Namespace, resume_state: dict | None) -> int:
-    """``--seed``, else the resumed run's, else a random one; the same on every process."""
+def resolve_seed(seed: int | None, resume_state: dict | None) -> int:
+    """``seed`` (--seed), else the resumed run's, else a random one; the same on every process."""
     from accelerate.utils import broadcast_object_list
 
-    seed = args.seed if args.seed is not None else (resume_state or {}).get("seed", random.randrange(2**31))
+    seed = seed if seed is not None else (resume_state or {}).get("seed", random.randrange(2**31))
     return broadcast_object_list([seed])[0]
 
 
-def load_base_pipeline(args: argparse.Namespace, dtype: torch.dtype, device: torch.device,
+def load_base_pipeline(model: ModelSettings, dtype: torch.dtype, device: torch.device,
                        adapter_path: Path | None = None):
     """The base pipeline in ``dtype`` on ``device`` with an fp32 VAE (fp16 VAEs give NaN latents
     and black images) and no progress bars. With ``adapter_path``: the saved adapter loaded and
     ``--prediction_type`` set on the scheduler, so samples come from the file users get."""
     from ..model_factory import load_pipeline
 
-    pipeline = load_pipeline(args.pretrained_model_name_or_path, torch_dtype=dtype,
-                             revision=args.revision, variant=args.variant,
-                             **quantization_kwargs(args, dtype))
+    pipeline = load_pipeline(model.pretrained_model_name_or_path, torch_dtype=dtype,
+                             revision=model.revision, variant=model.variant,
+                             **quantization_kwargs(model, dtype))
     pipeline.vae.to(torch.float32)
     if adapter_path is not None:
-        if args.prediction_type:
-            pipeline.scheduler.register_to_config(prediction_type=args.prediction_type)
-        difftune.load_adapter(pipeline, adapter_path)
+        if model.prediction_type:
+            pipeline.scheduler.register_to_config(prediction_type=model.prediction_type)
+        load_adapter(pipeline, adapter_path)
     pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
@@ -155,8 +165,9 @@ def is_fsdp(accelerator: Any) -> bool:
     return str(getattr(accelerator, "distributed_type", "")).endswith("FSDP")
 
 
-def check_fsdp(accelerator: Any, args: argparse.Namespace) -> bool:
-    """Under FSDP: refuse what it cannot do and say what changes; returns whether FSDP is on.
+def check_fsdp(accelerator: Any, method: str, resume_from_checkpoint: str | None) -> bool:
+    """Under FSDP: refuse what it cannot do (``method`` sara, resuming) and say what changes;
+    returns whether FSDP is on.
 
     SaRA writes its trained values into the base weights at every forward: a sharded weight has
     no whole tensor to write into, so SaRA runs under DDP (or one process), not FSDP. Checkpoints
@@ -166,11 +177,11 @@ def check_fsdp(accelerator: Any, args: argparse.Namespace) -> bool:
     """
     if not is_fsdp(accelerator):
         return False
-    if args.adapter == "sara":
+    if method == "sara":
         raise DifftuneError("--adapter sara cannot run under FSDP: SaRA trains entries of the base "
                             "weights themselves, which FSDP shards; launch it with DDP (accelerate "
                             "launch --multi_gpu) or on one GPU with --mixed_precision bf16")
-    if getattr(args, "resume_from_checkpoint", None):
+    if resume_from_checkpoint:
         raise DifftuneError("--resume_from_checkpoint is not supported under FSDP (its checkpoints are "
                             "not written); resume under DDP or on one GPU")
     if accelerator.is_main_process:
@@ -200,18 +211,17 @@ def gather_sharded_parameters(model: nn.Module, module_names: Sequence[str]) -> 
                                                            requires_grad=param.requires_grad)
 
 
-def quantization_kwargs(args: argparse.Namespace, dtype: torch.dtype) -> dict[str, Any]:
+def quantization_kwargs(model: ModelSettings, dtype: torch.dtype) -> dict[str, Any]:
     """``from_pretrained`` arguments that load the denoiser through bitsandbytes (``--quantize_base``;
     checked by arguments.check_quantized_base before anything loads); empty without the flag."""
-    bits = getattr(args, "quantize_base", None)
+    bits = model.quantize_base
     if bits is None:
         return {}
     from diffusers import PipelineQuantizationConfig
 
     from ..model_factory import describe_model
-    from .arguments import QUANTIZATION_BACKENDS
 
-    component = "unet" if describe_model(args.pretrained_model_name_or_path, args.revision).family in (
+    component = "unet" if describe_model(model.pretrained_model_name_or_path, model.revision).family in (
         "sd", "sdxl") else "transformer"
     quant_kwargs: dict[str, Any] = {"load_in_8bit": True} if bits == "8bit" else {
         "load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": dtype}
@@ -220,35 +230,34 @@ def quantization_kwargs(args: argparse.Namespace, dtype: torch.dtype) -> dict[st
     return {"quantization_config": config}
 
 
-def attach_trainable_adapter(denoiser: nn.Module, args: argparse.Namespace, method_options: dict,
-                             seed: int, pipeline: Any = None):
-    """The adapter, seeded; trainable parameters in fp32 under fp16/bf16; memory options applied.
-    With ``--init_adapter`` (and the pipeline) it starts from that file instead: a difftune file, or
-    another tool's LoRA file, imported."""
+def attach_trainable_adapter(denoiser: nn.Module, spec: AdapterSpec, seed: int, memory: MemorySettings,
+                             init_adapter: str | None = None, pipeline: Any = None):
+    """The adapter of ``spec``, seeded; trainable parameters in fp32 under fp16/bf16; memory options
+    applied. With ``init_adapter`` (and the pipeline) it starts from that file instead: a difftune
+    file, or another tool's LoRA file, imported."""
     from accelerate.utils import set_seed
     from diffusers.training_utils import cast_training_params
 
     set_seed(seed)  # the adapter's initialisation
-    init = getattr(args, "init_adapter", None)
-    if init:
-        adapter = difftune.load_adapter(pipeline if pipeline is not None else denoiser, init)
+    if init_adapter:
+        adapter = load_adapter(pipeline if pipeline is not None else denoiser, init_adapter)
     else:
-        adapter = difftune.add_adapter(denoiser, args.adapter, targets=args.targets, **method_options)
+        adapter = spec.attach(denoiser)
     cast_training_params(denoiser, torch.float32)
-    if args.gradient_checkpointing:
+    if memory.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
-    if args.enable_xformers_memory_efficient_attention:
+    if memory.enable_xformers_memory_efficient_attention:
         denoiser.enable_xformers_memory_efficient_attention()
     return adapter
 
 
-def learning_rate(args: argparse.Namespace, adapter: Any, examples_per_step: int) -> float:
+def learning_rate(settings: OptimizerSettings, adapter: Any, examples_per_step: int) -> float:
     """``--learning_rate``, else the method's own rule, else 1e-4; times the batch with --scale_lr."""
-    rate = args.learning_rate or adapter.default_learning_rate() or DEFAULT_LEARNING_RATE
-    return rate * examples_per_step if args.scale_lr else rate
+    rate = settings.learning_rate or adapter.default_learning_rate() or DEFAULT_LEARNING_RATE
+    return rate * examples_per_step if settings.scale_lr else rate
 
 
-def create_optimizer(args: argparse.Namespace, adapter: Any, rate: float, max_train_steps: int,
+def create_optimizer(settings: OptimizerSettings, adapter: Any, rate: float, max_train_steps: int,
                      extra: Sequence[tuple[Any, float]] = ()):
     """AdamW (or 8-bit AdamW) over the adapter's parameter groups, and the learning-rate schedule.
 
@@ -256,22 +265,22 @@ def create_optimizer(args: argparse.Namespace, adapter: Any, rate: float, max_tr
     the schedule scales every group's rate alike."""
     from diffusers.optimization import get_scheduler
 
-    if args.use_8bit_adam:
+    if settings.use_8bit_adam:
         import bitsandbytes
 
         optimizer_class = bitsandbytes.optim.AdamW8bit
     else:
         optimizer_class = torch.optim.AdamW
-    groups = adapter.optimizer_parameter_groups(args.adam_weight_decay)
+    groups = adapter.optimizer_parameter_groups(settings.adam_weight_decay)
     for extra_adapter, extra_rate in extra:
         groups += [{**group, "lr": extra_rate}
-                   for group in extra_adapter.optimizer_parameter_groups(args.adam_weight_decay)]
+                   for group in extra_adapter.optimizer_parameter_groups(settings.adam_weight_decay)]
     optimizer = optimizer_class(groups, lr=rate,
-                                betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-                                weight_decay=args.adam_weight_decay)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
-                                 num_training_steps=max_train_steps, num_cycles=args.lr_num_cycles,
-                                 power=args.lr_power)
+                                betas=(settings.adam_beta1, settings.adam_beta2), eps=settings.adam_epsilon,
+                                weight_decay=settings.adam_weight_decay)
+    lr_scheduler = get_scheduler(settings.lr_scheduler, optimizer, num_warmup_steps=settings.lr_warmup_steps,
+                                 num_training_steps=max_train_steps, num_cycles=settings.lr_num_cycles,
+                                 power=settings.lr_power)
     return optimizer, lr_scheduler
 
 
@@ -286,7 +295,8 @@ def resume_optimizer_and_rng(resume_path: Path, optimizer: Any, lr_scheduler: An
 
 @dataclasses.dataclass
 class Optimization:
-    """What the training loop steps: the prepared model, optimizer and schedule, and where it starts."""
+    """What the training loop steps: the prepared model, optimizer and schedule, and where it is
+    (`train` advances ``global_step`` and ``samples_seen``)."""
 
     model: nn.Module
     optimizer: Any
@@ -294,26 +304,28 @@ class Optimization:
     learning_rate: float
     text_encoder_lr: float  # the rate of adapted text encoders (the denoiser's unless set)
     max_train_steps: int
+    batch_size: int  # examples per micro-step of one process
     micro_batch: int  # examples per micro-step over all processes
     accumulation: int
+    max_grad_norm: float
     global_step: int
     samples_seen: int
 
 
-def prepare_optimization(args: argparse.Namespace, accelerator: Any, denoiser: nn.Module, adapter: Any,
-                         dataset_size: int, resume_path: Path | None, resume_state: dict | None,
-                         device: torch.device,
+def prepare_optimization(settings: OptimizerSettings, checkpoints: CheckpointSettings, accelerator: Any,
+                         denoiser: nn.Module, adapter: Any, dataset_size: int, resume_path: Path | None,
+                         resume_state: dict | None, device: torch.device,
                          text_encoders: Mapping[str, nn.Module] | None = None,
                          text_encoder_lr: float | None = None) -> Optimization:
     """Steps and learning rate from the batch geometry, adapter state, optimizer and schedule (all
     restored when resuming), and the model prepared by accelerate. The schedule is stepped once
-    per optimizer step by the script, so it is not prepared. Adapted ``text_encoders`` train at
-    ``text_encoder_lr`` (default: the denoiser's rate)."""
-    micro_batch = args.train_batch_size * accelerator.num_processes
-    accumulation = args.gradient_accumulation_steps
+    per optimizer step by `optimizer_step`, so it is not prepared. Adapted ``text_encoders`` train
+    at ``text_encoder_lr`` (default: the denoiser's rate)."""
+    micro_batch = settings.train_batch_size * accelerator.num_processes
+    accumulation = settings.gradient_accumulation_steps
     steps_per_epoch = -(-dataset_size // (micro_batch * accumulation))
-    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    rate = learning_rate(args, adapter, micro_batch * accumulation)
+    max_train_steps = settings.max_train_steps or settings.num_train_epochs * steps_per_epoch
+    rate = learning_rate(settings, adapter, micro_batch * accumulation)
     text_encoders = dict(text_encoders or {})
     text_rate = text_encoder_lr or rate
     global_step, samples_seen = 0, 0
@@ -321,20 +333,20 @@ def prepare_optimization(args: argparse.Namespace, accelerator: Any, denoiser: n
         checkpointing.load_adapter_state(resume_path, denoiser, device, text_encoders)
         global_step, samples_seen = resume_state["step"], resume_state["samples_seen"]
     if accelerator.is_main_process:
-        trainable = sum(difftune.count_trainable_parameters(m) for m in (denoiser, *text_encoders.values()))
-        needed = checkpointing.estimated_bytes(trainable, max_train_steps, args.checkpointing_steps,
-                                               args.checkpoints_total_limit)
-        checkpointing.warn_if_disk_short(args.output_dir, needed)
-    extra = [(difftune.get_adapter(encoder), text_rate) for encoder in text_encoders.values()]
-    optimizer, lr_scheduler = create_optimizer(args, adapter, rate, max_train_steps, extra)
+        trainable = sum(count_trainable_parameters(m) for m in (denoiser, *text_encoders.values()))
+        needed = checkpointing.estimated_bytes(trainable, max_train_steps, checkpoints.checkpointing_steps,
+                                               checkpoints.checkpoints_total_limit)
+        checkpointing.warn_if_disk_short(checkpoints.output_dir, needed)
+    extra = [(get_adapter(encoder), text_rate) for encoder in text_encoders.values()]
+    optimizer, lr_scheduler = create_optimizer(settings, adapter, rate, max_train_steps, extra)
     model, optimizer = accelerator.prepare(denoiser, optimizer)
     if resume_path:
         resume_optimizer_and_rng(resume_path, optimizer, lr_scheduler, accelerator)
-    if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_project_name, config={
-            k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
-    return Optimization(model, optimizer, lr_scheduler, rate, text_rate, max_train_steps, micro_batch,
-                        accumulation, global_step, samples_seen)
+    return Optimization(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, learning_rate=rate,
+                        text_encoder_lr=text_rate, max_train_steps=max_train_steps,
+                        batch_size=settings.train_batch_size, micro_batch=micro_batch,
+                        accumulation=accumulation, max_grad_norm=settings.max_grad_norm,
+                        global_step=global_step, samples_seen=samples_seen)
 
 
 class NonFiniteTrainingError(DifftuneError):
@@ -379,9 +391,9 @@ def optimizer_step(accelerator: Any, adapter: Any, denoiser: nn.Module, optimize
     and the parameters are checked then.
     """
     check_finite(accelerator, step, f"the loss ({loss})", math.isfinite(loss))
-    adapters = [adapter, *(difftune.get_adapter(m) for m in (text_encoders or {}).values())]
+    adapters = [adapter, *(get_adapter(m) for m in (text_encoders or {}).values())]
     parameters = [p for module in (denoiser, *(text_encoders or {}).values())
-                  for p in difftune.trainable_parameters(module)]
+                  for p in trainable_parameters(module)]
     for each in adapters:
         each.before_optimizer_step(step, max_train_steps)
     if max_grad_norm > 0:
@@ -401,3 +413,62 @@ def optimizer_step(accelerator: Any, adapter: Any, denoiser: nn.Module, optimize
         lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return lr_scheduler.get_last_lr()[0]
+
+
+# A trainer's loss on this process's examples ``indices`` of the current micro-step: the loss to
+# back-propagate (the adapters' regularization is added by `train`) and further terms to log.
+LossFunction = Callable[[range], tuple[torch.Tensor, Mapping[str, torch.Tensor]]]
+
+
+def train(accelerator: Any, plan: Optimization, adapter: Any, denoiser: nn.Module, compute_loss: LossFunction,
+          *, checkpoints: CheckpointSettings, trainer_state: Mapping[str, Any], base_model: str,
+          text_encoders: Mapping[str, nn.Module] | None = None, save_checkpoints: bool = True,
+          after_step: Callable[[int], None] | None = None) -> None:
+    """The training loop both trainers run, from ``plan.global_step`` to ``plan.max_train_steps``.
+
+    Each optimizer step accumulates ``plan.accumulation`` micro-steps (gradients synchronised
+    across processes on the last only), then runs `optimizer_step`, logs the mean loss, its
+    terms and the learning rate, writes a checkpoint every ``checkpointing_steps`` (with
+    ``trainer_state`` and the samples seen; none when ``save_checkpoints`` is False, e.g. under
+    FSDP) and calls ``after_step(step)`` (validation). Micro-step k of a step reads the examples
+    ``samples_seen + k * micro_batch + process_index * batch_size`` onwards, so what a step
+    draws depends only on where the run is: a resumed run continues bit-identically.
+    """
+    model = plan.model
+    adapters = [adapter, *(get_adapter(m) for m in (text_encoders or {}).values())]
+    progress = tqdm(total=plan.max_train_steps, initial=plan.global_step, desc="training",
+                    disable=not accelerator.is_main_process)
+    while plan.global_step < plan.max_train_steps:
+        logs: dict[str, float] = {}
+        for micro_step in range(plan.accumulation):
+            # This process's slice of the global micro-batch (see difftune.training.data).
+            first = (plan.samples_seen + micro_step * plan.micro_batch
+                     + accelerator.process_index * plan.batch_size)
+            sync = micro_step == plan.accumulation - 1
+            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                loss, terms = compute_loss(range(first, first + plan.batch_size))
+                for each in adapters:
+                    regularization = each.regularization_loss()
+                    if regularization is not None:
+                        loss = loss + regularization
+                accelerator.backward(loss / plan.accumulation)
+            for name, value in {"loss": loss.detach(), **terms}.items():
+                logs[name] = logs.get(name, 0.0) + value.item() / plan.accumulation
+        logs["lr"] = optimizer_step(accelerator, adapter, denoiser, plan.optimizer, plan.lr_scheduler,
+                                    plan.global_step, plan.max_train_steps, plan.max_grad_norm, logs["loss"],
+                                    text_encoders)
+        plan.global_step += 1
+        plan.samples_seen += plan.micro_batch * plan.accumulation
+        progress.update(1)
+        progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+        accelerator.log(logs, step=plan.global_step)
+        if save_checkpoints and plan.global_step % checkpoints.checkpointing_steps == 0:
+            checkpointing.save_checkpoint(
+                checkpoints.output_dir, plan.global_step, model=model, optimizer=plan.optimizer,
+                lr_scheduler=plan.lr_scheduler,
+                trainer_state={**trainer_state, "samples_seen": plan.samples_seen}, accelerator=accelerator,
+                total_limit=checkpoints.checkpoints_total_limit, base_model=base_model,
+                text_encoders=dict(text_encoders or {}))
+        if after_step is not None:
+            after_step(plan.global_step)
+    progress.close()

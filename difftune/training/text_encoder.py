@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..api import add_adapter
+from ..api import AdapterSpec
 from ..errors import DifftuneError
 
 TEXT_ENCODER_TARGETS = r"(.*\.)?self_attn\.(q_proj|k_proj|v_proj|out_proj)"
@@ -31,10 +31,10 @@ def check_text_encoder_training(family: str) -> None:
                             f"the base model is {family}")
 
 
-def attach_text_encoder_adapters(pipeline: Any, method: str, options: dict[str, Any],
-                                 targets: str | list[str] = TEXT_ENCODER_TARGETS) -> dict[str, nn.Module]:
-    """One adapter per CLIP text encoder of the pipeline, trainable parameters in fp32; returns the
-    adapted encoders by component name."""
+def attach_text_encoder_adapters(pipeline: Any, spec: AdapterSpec) -> dict[str, nn.Module]:
+    """The adapter of ``spec`` (whose targets name text-encoder modules, e.g. `TEXT_ENCODER_TARGETS`)
+    on every CLIP text encoder of the pipeline, trainable parameters in fp32; returns the adapted
+    encoders by component name."""
     from diffusers.training_utils import cast_training_params
 
     encoders = {name: getattr(pipeline, name, None) for name in CLIP_TEXT_ENCODERS}
@@ -42,6 +42,6 @@ def attach_text_encoder_adapters(pipeline: Any, method: str, options: dict[str, 
     if not encoders:
         raise DifftuneError("--train_text_encoder: the pipeline has no CLIP text encoder")
     for encoder in encoders.values():
-        add_adapter(encoder, method, targets=targets, **options)
+        spec.attach(encoder)
         cast_training_params(encoder, torch.float32)
     return encoders

@@ -32,6 +32,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
+from ..api import load_adapter, read_adapter_info
 from ..hipa.evaluation import Comparison, adapter_scale, compare_with_teacher
 from ..hipa.one_step import generate_one_step
 from ..hipa.teacher import TeacherSettings, generate_teacher_samples, resolve_scheduler
@@ -188,8 +189,6 @@ def one_step_report(adapter: str | Path, output_dir: str | Path, count: int = 30
     JSON-ready apart from ``"grid"``. ``resolution`` defaults to the model's own (the world
     CLIP judges 64×64 images, the embedded model's size).
     """
-    import difftune
-
     from ..model_factory import load_pipeline
 
     teacher = teacher or TeacherSettings()
@@ -202,7 +201,7 @@ def one_step_report(adapter: str | Path, output_dir: str | Path, count: int = 30
     cache = generate_teacher_samples(pipe, captions.prompts, Path(output_dir) / "teacher", teacher,
                                      height=resolution, width=resolution, batch_size=batch_size,
                                      model_name=model, show_progress=progress)
-    difftune.load_adapter(pipe, adapter)
+    load_adapter(pipe, adapter)
     comparison = compare_with_teacher(pipe, cache, batch_size=batch_size)
     rows, reference = measure_columns(comparison, captions, model_dir, progress)
     timing_rows = captions.fid[:timing_images]
@@ -212,7 +211,7 @@ def one_step_report(adapter: str | Path, output_dir: str | Path, count: int = 30
         rows[name]["seconds_per_image"] = seconds
     return {
         "adapter": str(adapter),
-        "adapter_info": difftune.read_adapter_info(adapter),
+        "adapter_info": read_adapter_info(adapter),
         "model": model,
         "teacher": dataclasses.asdict(teacher) | {"scheduler_class": cache.manifest["scheduler_class"]},
         "generators": rows,
