@@ -149,7 +149,7 @@ def test_truncated_and_corrupt_files_are_refused(tmp_path):
 
 
 def test_plain_safetensors_without_metadata_is_refused_with_a_hint(tmp_path):
-    # a file of another tool is imported when it is a whole LoRA (tests/test_export.py), refused otherwise
+    # a whole LoRA of another tool is imported (tests/export/test_export.py), anything else refused
     path = tmp_path / "foreign.safetensors"
     save_file({"unet.x.lora_A.weight": torch.zeros(2, 2)}, str(path))
     with pytest.raises(difftune.AdapterFileError, match="'unet.x.lora_A.weight' has no up factor"):

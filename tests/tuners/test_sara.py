@@ -519,7 +519,7 @@ def test_readme_sara_example_runs(tmp_path, monkeypatch):
     import re
     from pathlib import Path
 
-    page = (Path(__file__).resolve().parent.parent / "docs/methods/sara.md").read_text()
+    page = (Path(__file__).resolve().parents[2] / "docs/methods/sara.md").read_text()
     example = next(b for b in re.findall(r"```python\n(.*?)```", page, flags=re.S) if '"sara"' in b)
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}

@@ -70,7 +70,7 @@ def test_the_shipped_subject_folders_give_no_warning():
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for folder in sorted((Path(__file__).resolve().parent.parent / "assets" / "subjects").iterdir()):
+        for folder in sorted((Path(__file__).resolve().parents[2] / "assets" / "subjects").iterdir()):
             records = scan_image_folder(folder)
             assert len(records) == 5 and all(r.caption and "sks" in r.caption for r in records)
 

@@ -40,7 +40,7 @@ from difftune.world.scenes import (
 )
 
 torch.set_num_threads(1)
-SUBJECTS_DIR = Path(__file__).resolve().parent.parent / "assets" / "subjects"
+SUBJECTS_DIR = Path(__file__).resolve().parents[2] / "assets" / "subjects"
 needs_weights = pytest.mark.skipif(not (EMBEDDED_MODEL_DIR / "model_index.json").is_file(),
                                    reason="the embedded model has not been trained into assets/ yet")
 

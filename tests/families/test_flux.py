@@ -307,7 +307,7 @@ def test_docs_flux_commands_parse_with_the_trainer(train_subject):
     import shlex
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parent.parent / "docs" / "flux.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "docs" / "flux.md").read_text()
     blocks = [b for b in re.findall(r"```bash\n(.*?)```", text, flags=re.S) if "train_subject.py" in b]
     assert len(blocks) == 2  # one GPU, FSDP
     for block in blocks:

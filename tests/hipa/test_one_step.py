@@ -194,7 +194,7 @@ def test_readme_one_step_snippet_runs(tmp_path, monkeypatch):
     import re
     from pathlib import Path
 
-    page = (Path(__file__).resolve().parent.parent / "docs/methods/hipa.md").read_text()
+    page = (Path(__file__).resolve().parents[2] / "docs/methods/hipa.md").read_text()
     section = page[page.index("# One-step generation (HiPA)"):]
     snippet = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
     assert "generate_one_step(pipe" in snippet and "num_inference_steps=1" in snippet

@@ -22,7 +22,7 @@ from difftune.metrics.subject import (
     load_prompts,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

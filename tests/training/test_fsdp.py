@@ -155,7 +155,7 @@ def test_the_documented_accelerate_config_is_an_fsdp2_config_accelerate_reads():
     import yaml
     from accelerate.commands.config.config_args import ClusterConfig
 
-    path = Path(__file__).resolve().parent.parent / "docs" / "accelerate_fsdp_flux.yaml"
+    path = Path(__file__).resolve().parents[2] / "docs" / "accelerate_fsdp_flux.yaml"
     config = ClusterConfig.from_yaml_file(str(path))
     assert str(config.distributed_type).endswith("FSDP")
     fsdp = config.fsdp_config

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_hipa_loss import natural_image
+from test_loss import natural_image
 
 import difftune
 from difftune.hipa.loss import HiPALoss

@@ -9,7 +9,7 @@ import pytest
 
 from difftune.errors import AdapterFileError, run_main
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_run_main_turns_bad_input_into_an_argparse_style_error(capsys, monkeypatch):
