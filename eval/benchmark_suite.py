@@ -43,16 +43,7 @@ from benchmark import ADAPTER_FILE, METHOD_COLORS, machine_description, train_me
 
 from difftune.errors import DifftuneError
 from difftune.io import read_json
-from difftune.metrics.cli import (
-    HUB_CLIP,
-    HUB_DINO,
-    add_evaluation_arguments,
-    build_scorer,
-    check_evaluation_arguments,
-    evaluation_options,
-    load_eval_pipeline,
-    resolve_device,
-)
+from difftune.metrics import cli as metrics_cli
 from difftune.metrics.subject import (
     ASSETS_DIR,
     PROMPT_LISTS,
@@ -157,8 +148,8 @@ SUITE_PRESETS: dict[str, dict[str, Any]] = {
         "guidance_scale": 7.5,
         "learning_rates": _REAL_RATES,
         "class_reference": "base",
-        "clip_model": HUB_CLIP,
-        "dino_model": HUB_DINO,
+        "clip_model": metrics_cli.HUB_CLIP,
+        "dino_model": metrics_cli.HUB_DINO,
     },
 }
 # SDXL: the SD 1.5 protocol at its own size and guidance.
@@ -242,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("world", "base"),
         help="FID reference of class images: real world scenes of the class, or the base model's",
     )
-    add_evaluation_arguments(parser)
+    metrics_cli.add_evaluation_arguments(parser)
     return parser
 
 
@@ -359,7 +350,7 @@ class Suite:
                 f"--prompts {args.prompts}: the suite needs a list with a validation twin "
                 f"({', '.join(VALIDATION_PROMPT_LISTS)})"
             )
-        self.options = evaluation_options(args)
+        self.options = metrics_cli.evaluation_options(args)
         self.test_settings = self.options.generation
         validation_images = args.validation_images_per_prompt
         self.validation_settings = replace(self.test_settings, images_per_prompt=validation_images)
@@ -371,15 +362,15 @@ class Suite:
     @property
     def pipe(self):
         if self._pipe is None:
-            device, dtype = resolve_device(self.options)
-            self._pipe = load_eval_pipeline(self.model, device, dtype)
+            device, dtype = metrics_cli.resolve_device(self.options)
+            self._pipe = metrics_cli.load_eval_pipeline(self.model, device, dtype)
         return self._pipe
 
     @property
     def scorer(self):
         if self._scorer is None:
-            device, _ = resolve_device(self.options)
-            self._scorer = build_scorer(self.options, self.model, device)
+            device, _ = metrics_cli.resolve_device(self.options)
+            self._scorer = metrics_cli.build_scorer(self.options, self.model, device)
         return self._scorer
 
     def record_time(self, key: str, seconds: float) -> None:
@@ -961,7 +952,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         run_prompts(suite.validation_prompts, subject.subject, None, True)
         if args.class_reference == "world":
             world_class_images(subject, 1, "heldout_b")
-    check_evaluation_arguments(args, suite.model)
+    metrics_cli.check_evaluation_arguments(args, suite.model)
     if args.report_only:
         stored_selection = read_json(suite.out / "sweep" / "selection.json", missing_ok=True) or {}
         selection = stored_selection.get("methods", {})

@@ -7,6 +7,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
+from torch import nn
 
 from difftune.model_factory import TINY_BUILDERS
 
@@ -209,3 +210,13 @@ def train_subject():
 @pytest.fixture
 def subject_dir(tmp_path):
     return make_subject_images(tmp_path / "subject")
+
+
+def single_layer_model(kind: str, in_dim: int, out_dim: int, tokens: int, size: int, stride: int = 1):
+    """One layer in an ``nn.Sequential`` (so its name is "0") and an input batch of 2: a Linear on
+    ``tokens`` tokens, or a 3×3 / 1×1 Conv2d (``kind`` conv3x3 / conv1x1) on size×size maps."""
+    if kind == "linear":
+        return nn.Sequential(nn.Linear(in_dim, out_dim)), torch.randn(2, tokens, in_dim)
+    k = 3 if kind == "conv3x3" else 1
+    return (nn.Sequential(nn.Conv2d(in_dim, out_dim, k, stride=stride, padding=k // 2)),
+            torch.randn(2, in_dim, size, size))

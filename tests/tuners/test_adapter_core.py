@@ -24,16 +24,21 @@ METHOD_CASES = {
 }
 
 
+def base_setup(family):
+    """A fresh pipeline of ``family``, its denoiser, fixed inputs and the base output on them."""
+    pipe = build(family)
+    model, _ = find_denoiser(pipe)
+    inputs = denoiser_inputs(pipe)
+    return pipe, model, inputs, denoise(pipe, inputs)
+
+
 def method_cases():
     return [pytest.param(m, *METHOD_CASES[m], id=m) for m in METHOD_CASES if m in difftune.METHODS]
 
 
 @pytest.mark.parametrize(("method", "targets", "options"), method_cases())
 def test_attach_keeps_output_and_trains_only_adapter(family, method, targets, options):
-    pipe = build(family)
-    model, _ = find_denoiser(pipe)
-    inputs = denoiser_inputs(pipe)
-    before = denoise(pipe, inputs)
+    pipe, model, inputs, before = base_setup(family)
     base_names = {name for name, _ in model.named_parameters()}
 
     difftune.add_adapter(model, method, targets=targets, **options)
@@ -59,10 +64,7 @@ def test_attach_keeps_output_and_trains_only_adapter(family, method, targets, op
 
 @pytest.mark.parametrize(("method", "targets", "options"), method_cases())
 def test_merge_unmerge_remove_and_scale(family, method, targets, options):
-    pipe = build(family)
-    model, _ = find_denoiser(pipe)
-    inputs = denoiser_inputs(pipe)
-    base_out = denoise(pipe, inputs)
+    pipe, model, inputs, base_out = base_setup(family)
     originals = {k: v.clone() for k, v in model.state_dict().items()}
     module_types = {name: type(m) for name, m in model.named_modules()}
 

@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import single_layer_model
 from torch import nn
 
 import difftune
@@ -65,11 +66,8 @@ def independent_delta(layer) -> torch.Tensor:
 @pytest.mark.parametrize("kind", ["linear", "conv3x3", "conv1x1"])
 def test_layer_equals_the_paper_weight_in_both_forward_modes(kind, options):
     torch.manual_seed(0)
-    if kind == "linear":
-        model, x = nn.Sequential(nn.Linear(10, 7)), torch.randn(2, 5, 10)
-    else:
-        k = 3 if kind == "conv3x3" else 1
-        model, x = nn.Sequential(nn.Conv2d(4, 6, k, padding=k // 2)), torch.randn(2, 4, 6, 6)
+    model, x = single_layer_model(kind, 10 if kind == "linear" else 4, 7 if kind == "linear" else 6,
+                                  tokens=5, size=6)
     before = model(x)
     difftune.add_adapter(model, "svfit", targets="0", **options)
     layer = model[0]

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import single_layer_model
 from torch import nn
 
 import difftune
@@ -129,11 +130,7 @@ def perturb(model, std=0.1, seed=1):
 @pytest.mark.parametrize("kind", ["linear", "conv3x3", "conv1x1"])
 def test_layer_equals_the_dense_formula_in_both_forward_modes(kind, residual):
     torch.manual_seed(0)
-    if kind == "linear":
-        model, x = nn.Sequential(nn.Linear(24, 12)), torch.randn(2, 7, 24)
-    else:
-        k = 3 if kind == "conv3x3" else 1
-        model, x = nn.Sequential(nn.Conv2d(8, 12, k, stride=2, padding=k // 2)), torch.randn(2, 8, 9, 9)
+    model, x = single_layer_model(kind, 24 if kind == "linear" else 8, 12, tokens=7, size=9, stride=2)
     before = model(x)
     difftune.add_adapter(model, "tlora", targets="0", transform_rank=2, residual=residual, rank=3, alpha=1.5)
     layer = model[0]
