@@ -310,12 +310,12 @@ def test_a_read_only_output_dir_is_refused_before_loading(train_subject, subject
     out.mkdir()
     out.chmod(0o555)
     if os.geteuid() == 0:  # root writes anywhere: make the write test fail as it would for a user
-        from difftune import adapter_file
+        from difftune import io as difftune_io
 
         def denied(*args, **kwargs):
             raise PermissionError(13, "Permission denied")
 
-        monkeypatch.setattr(adapter_file.tempfile, "mkstemp", denied)
+        monkeypatch.setattr(difftune_io.tempfile, "mkstemp", denied)
     monkeypatch.setattr(difftune.model_factory, "load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(DifftuneError, match=r"--output_dir .*read-only is not writable: Permission denied"):
         train_subject(*flags(subject_dir, out), *QUIET)
