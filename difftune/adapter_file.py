@@ -156,8 +156,10 @@ def _read_checked(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 def split_sections(tensors: dict[str, torch.Tensor], info: dict[str, Any],
                    source: str) -> dict[str, dict[str, torch.Tensor]]:
-    """A file's tensors by component (``unet``, ``text_encoder``, ...), their prefixes removed."""
+    """A file's tensors by component (``unet``, ``text_encoder``, ...) and the new tokens' embeddings
+    (``token_embeddings``), their prefixes removed."""
     names = [info["component"], *info.get("text_encoders", {})]
+    names += [TOKEN_EMBEDDINGS] if TOKEN_EMBEDDINGS in info else []
     sections: dict[str, dict[str, torch.Tensor]] = {name: {} for name in names}
     for key, value in tensors.items():
         name = next((n for n in names if key.startswith(f"{n}.")), None)
@@ -184,7 +186,9 @@ HEADER_SCHEMA: dict[str, tuple[type, ...]] = {
     "fingerprint": (dict,),
     "extra": (dict,),
 }
-OPTIONAL_FIELDS = {CHECKSUM_FIELD: (str,), "text_encoders": (dict,)}
+TOKEN_EMBEDDINGS = "token_embeddings"  # header field and tensor prefix of new tokens (pivotal tuning)
+OPTIONAL_FIELDS = {CHECKSUM_FIELD: (str,), "text_encoders": (dict,), TOKEN_EMBEDDINGS: (dict,)}
+TOKEN_EMBEDDINGS_SCHEMA: dict[str, tuple[type, ...]] = {"identifier": (str,), "tokens": (list,)}
 # a text encoder's section (--train_text_encoder): the per-component fields of the header
 SECTION_SCHEMA = {field: HEADER_SCHEMA[field] for field in ("method", "config", "targets", "fingerprint",
                                                             "extra")}
@@ -232,6 +236,12 @@ def check_header(info: Any, path: Path) -> None:
             raise AdapterFileError(f"{path}: header field '{where[:-1]}' must be an object")
         _check_fields(section, SECTION_SCHEMA, {}, where, path)
         _check_section(section, where, path)
+    if TOKEN_EMBEDDINGS in info:
+        tokens = info[TOKEN_EMBEDDINGS]
+        _check_fields(tokens, TOKEN_EMBEDDINGS_SCHEMA, {}, f"{TOKEN_EMBEDDINGS}.", path)
+        if not tokens["tokens"] or not all(isinstance(t, str) and t for t in tokens["tokens"]):
+            raise AdapterFileError(f"{path}: header field '{TOKEN_EMBEDDINGS}.tokens' must be a non-empty "
+                                   "list of token names")
 
 
 def _check_section(section: dict, where: str, path: Path) -> None:
@@ -337,6 +347,19 @@ class AdapterSection:
 
 
 @dataclasses.dataclass
+class TokenEmbeddings:
+    """Tokens a file adds to the pipeline's tokenizers (pivotal tuning, difftune.training.pivotal): their
+    names, the identifier they stand for, and one (tokens, width) embedding tensor per text encoder."""
+
+    identifier: str
+    tokens: list[str]
+    tensors: dict[str, torch.Tensor]  # by text-encoder component name (text_encoder, text_encoder_2)
+
+    def header(self) -> dict[str, Any]:
+        return {"identifier": self.identifier, "tokens": list(self.tokens)}
+
+
+@dataclasses.dataclass
 class AdapterFile:
     """A difftune adapter file: the header schema (`HEADER_SCHEMA`) written, read and validated in one
     place, and one `AdapterSection` per adapted component."""
@@ -349,6 +372,7 @@ class AdapterFile:
     source: str = ""  # the path it was read from, for messages
     # further safetensors header entries written beside ours (diffusers' LoRA metadata)
     extra_header: dict[str, str] = dataclasses.field(default_factory=dict)
+    token_embeddings: TokenEmbeddings | None = None  # new identifier tokens (pivotal tuning)
 
     @property
     def main(self) -> AdapterSection:
@@ -365,12 +389,19 @@ class AdapterFile:
                 **self.main.header(), "component": self.component, "base_model": self.base_model}
         if self.text_encoders:
             info["text_encoders"] = {name: section.header() for name, section in self.text_encoders.items()}
+        if self.token_embeddings is not None:
+            info[TOKEN_EMBEDDINGS] = self.token_embeddings.header()
         return info
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Every section's tensors under its component prefix (``unet.``, ``text_encoder.``)."""
-        return {f"{name}.{key}": value for name, section in self.sections.items()
-                for key, value in section.tensors.items()}
+        """Every section's tensors under its component prefix (``unet.``, ``text_encoder.``), and the new
+        tokens' embeddings under ``token_embeddings.``."""
+        tensors = {f"{name}.{key}": value for name, section in self.sections.items()
+                   for key, value in section.tensors.items()}
+        if self.token_embeddings is not None:
+            tensors.update({f"{TOKEN_EMBEDDINGS}.{name}": value
+                            for name, value in self.token_embeddings.tensors.items()})
+        return tensors
 
     def write(self, path: str | os.PathLike) -> Path:
         """Write atomically, with the content checksum; refuses NaN or inf tensors (a diverged run
@@ -395,9 +426,12 @@ class AdapterFile:
         sections = {info["component"]: AdapterSection.from_header(info, local[info["component"]])}
         sections.update({name: AdapterSection.from_header(fields, local[name])
                          for name, fields in info.get("text_encoders", {}).items()})
+        tokens = info.get(TOKEN_EMBEDDINGS)
+        token_embeddings = None if tokens is None else TokenEmbeddings(
+            tokens["identifier"], tokens["tokens"], local[TOKEN_EMBEDDINGS])
         return cls(component=info["component"], sections=sections, base_model=info["base_model"],
                    difftune_version=info["difftune_version"], format_version=info["format_version"],
-                   source=source)
+                   source=source, token_embeddings=token_embeddings)
 
     validate = staticmethod(check_header)
     fingerprint = staticmethod(fingerprint)

@@ -23,6 +23,7 @@ from .adapter_file import (
     DEFAULT_FILE_NAME,
     AdapterFile,
     AdapterSection,
+    TokenEmbeddings,
     fingerprint,
     read_adapter_file,
     resolve_adapter_path,
@@ -214,13 +215,15 @@ def count_trainable_parameters(model: Any) -> int:
 
 
 def save_adapter(model: Any, path: str | os.PathLike, base_model: str | None = None,
-                 text_encoders: Mapping[str, nn.Module] | None = None) -> Path:
+                 text_encoders: Mapping[str, nn.Module] | None = None,
+                 token_embeddings: TokenEmbeddings | None = None) -> Path:
     """Write the adapter to ``path`` (a ``.safetensors`` file, or a folder for adapter.safetensors).
 
     The header records method, config, targets, the base-model fingerprint and the
     difftune version. Text-encoder adapters go into the same file, under their component
     names (``text_encoder.``): those of a pipeline are found by themselves, or pass
-    ``text_encoders={"text_encoder": module}`` with a bare denoiser. The write is atomic.
+    ``text_encoders={"text_encoder": module}`` with a bare denoiser. ``token_embeddings`` adds new
+    tokens' embeddings (pivotal tuning, difftune.training.pivotal). The write is atomic.
     """
     denoiser, component = find_denoiser(model)
     adapter = get_adapter(denoiser)
@@ -233,7 +236,8 @@ def save_adapter(model: Any, path: str | os.PathLike, base_model: str | None = N
     adapters = {component: adapter, **{name: get_adapter(encoder) for name, encoder in encoders.items()}}
     headers = _merge_headers([each.extra_header(name) for name, each in adapters.items()])
     file = AdapterFile(component=component, base_model=base_model, extra_header=headers,
-                       sections={name: each.file_section() for name, each in adapters.items()})
+                       sections={name: each.file_section() for name, each in adapters.items()},
+                       token_embeddings=token_embeddings)
     return file.write(path)
 
 
@@ -264,7 +268,8 @@ def load_adapter(
 
     Refuses pickle files, damaged files and base models that do not match the
     fingerprint, before touching the model. A file that also adapts text encoders
-    (``--train_text_encoder``) attaches those too, so it needs the pipeline. A list of
+    (``--train_text_encoder``) attaches those too, and one with new token embeddings
+    (``--train_token_embedding``) adds its tokens to the tokenizers; both need the pipeline. A list of
     paths (one method) is combined into one adapter with ΔW = Σ scaleᵢ·ΔWᵢ, ``scale``
     then giving one weight per file; methods that can do this implement
     `Adapter.combine_files` (SaRA does). Returns the denoiser's adapter.
@@ -299,8 +304,13 @@ def load_adapter(
             encoders[name] = (encoder, section, *_file_config(section, file.source, f"text_encoders.{name}."))
             for warning in section.check_base(encoder, f"{file.source} ({name})"):
                 warnings.warn(warning, stacklevel=2)
+    add_tokens = None
     if single:
         (adapter_class, config), section, source = plans[0], files[0].main, files[0].source
+        if files[0].token_embeddings is not None:
+            from .training.pivotal import prepare_token_loading
+
+            add_tokens = prepare_token_loading(pipeline_or_model, files[0].token_embeddings, source)
     else:
         adapter_class, section, source, scale = _combine(files, scale)
         _, config = _file_config(section, source, adapter_class=adapter_class)
@@ -312,6 +322,8 @@ def load_adapter(
         for name, (encoder, each, encoder_class, encoder_config) in encoders.items():
             _attach_from_file(encoder, encoder_class, encoder_config, each, f"{source} ({name})")
             attached.append(encoder)
+        if add_tokens is not None:
+            add_tokens()
     except BaseException:
         for module in attached:
             remove_adapter(module)
@@ -327,10 +339,10 @@ def _combine(files: list[AdapterFile], scale: float | Sequence[float]
     """Several files of one method and component as one section (`Adapter.combine_files`): its
     method, the section, the joined source names, and the scale left to apply (1)."""
     sources = [file.source for file in files]
-    with_encoders = [file.source for file in files if file.text_encoders]
-    if with_encoders:
-        raise DifftuneError("load_adapter: files with text-encoder adapters cannot be combined: "
-                            + ", ".join(with_encoders))
+    whole = [file.source for file in files if file.text_encoders or file.token_embeddings]
+    if whole:
+        raise DifftuneError("load_adapter: files with text-encoder adapters cannot be combined, nor files "
+                            "with token embeddings: " + ", ".join(whole))
     scales = [float(scale)] * len(files) if isinstance(scale, (int, float)) else [float(s) for s in scale]
     if len(scales) != len(files):
         raise DifftuneError(f"load_adapter: {len(files)} files but {len(scales)} scales")

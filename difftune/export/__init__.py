@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..adapter_file import write_safetensors
+from ..adapter_file import TOKEN_EMBEDDINGS, write_safetensors
 from ..api import (
     adapted_text_encoders,
     find_denoiser,
@@ -173,6 +173,10 @@ def export_adapter(
     from ..model_factory import describe_model, load_pipeline, pipeline_family
 
     info = read_adapter_info(adapter_path)
+    if TOKEN_EMBEDDINGS in info:  # difftune.training.pivotal
+        tokens = ", ".join(info[TOKEN_EMBEDDINGS]["tokens"])
+        raise DifftuneError(f"{adapter_path}: carries new token embeddings ({tokens}), which a {format} "
+                            "export has no place for; use the difftune file (difftune.load_adapter)")
     dora = bool(info["config"].get("use_dora"))
     output = Path(output)
     if pipeline is None:
