@@ -34,11 +34,12 @@ from accelerate.utils import (
 from diffusers.training_utils import offload_models
 
 import difftune
+from difftune.adapter_file import TOKEN_EMBEDDINGS
 from difftune.errors import DifftuneError, run_main
 from difftune.export import FORMATS, LORA_FORMATS, check_export_options, default_output, export_adapter
 from difftune.io import copy_file
 from difftune.model_factory import describe_model, load_pipeline
-from difftune.training import arguments, checkpointing, loop, recipes, settings
+from difftune.training import arguments, checkpointing, loop, pivotal, recipes, settings
 from difftune.training.data import SubjectData, SubjectDataset, scan_image_folder, warn_small_images
 from difftune.training.families import LossOptions, training_family
 from difftune.training.model_card import write_model_card
@@ -80,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "once per image; flips are cached both ways)")
     data.add_argument("--pre_compute_text_embeddings", action=argparse.BooleanOptionalAction, default=None,
                       help="encode every prompt once before training (default: on, unless "
-                           "--train_text_encoder: a trained encoder must encode every step)")
+                           "--train_text_encoder or --train_token_embedding: a trained encoder or "
+                           "token must encode every step)")
 
     prior = parser.add_argument_group("prior preservation")
     prior.add_argument("--with_prior_preservation", action="store_true",
@@ -106,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="text-encoder modules to adapt (regex on whole module names; default: the "
                            "q/k/v/out projections of every self-attention)")
 
+    pivotal.add_arguments(parser)
     recipes.add_recipe_argument(parser)
 
     parser.add_argument_group("start from a file").add_argument(
@@ -157,8 +160,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise DifftuneError("--text_encoder_lr given without --train_text_encoder")
     if args.text_encoder_lr is not None and not args.text_encoder_lr > 0:
         raise DifftuneError(f"--text_encoder_lr must be positive, got {args.text_encoder_lr}")
+    pivotal.check_arguments(args)
     if args.pre_compute_text_embeddings is None:
-        args.pre_compute_text_embeddings = not args.train_text_encoder
+        args.pre_compute_text_embeddings = not (args.train_text_encoder or args.train_token_embedding)
     arguments.check_common_arguments(args)
     return args
 
@@ -186,12 +190,15 @@ def check_init_adapter(args: argparse.Namespace) -> None:
     from difftune.export.importer import is_foreign_file
 
     path = resolve_adapter_path(args.init_adapter)
-    method = "lora" if is_foreign_file(path) else difftune.read_adapter_info(path)["method"]
-    if method != args.adapter:
-        raise DifftuneError(f"--init_adapter {path} holds a {method} adapter, "
+    info = {"method": "lora"} if is_foreign_file(path) else difftune.read_adapter_info(path)
+    if info["method"] != args.adapter:
+        raise DifftuneError(f"--init_adapter {path} holds a {info['method']} adapter, "
                             f"but --adapter is {args.adapter}")
     if args.train_text_encoder:
         raise DifftuneError("--init_adapter cannot be combined with --train_text_encoder yet")
+    if TOKEN_EMBEDDINGS in info:
+        raise DifftuneError(f"--init_adapter {path} carries new token embeddings (pivotal tuning); "
+                            "training on from such a file is not supported yet")
 
 
 def check_before_loading(argv: list[str] | None = None):
@@ -202,8 +209,9 @@ def check_before_loading(argv: list[str] | None = None):
     args = parse_args(argv)
     model_info = describe_model(args.pretrained_model_name_or_path, args.revision)
     arguments.check_family_flags(args, model_info.family)
-    if args.train_text_encoder:
-        check_text_encoder_training(model_info.family)
+    for flag in ("train_text_encoder", "train_token_embedding"):
+        if getattr(args, flag):
+            check_text_encoder_training(model_info.family, f"--{flag}")
     spec = arguments.adapter_spec(args)  # the adapter's options, checked once
     if args.init_adapter:
         check_init_adapter(args)
@@ -234,6 +242,9 @@ def main(argv: list[str] | None = None) -> Path:
     resume_path, resume_state = checkpointing.resume_point(output_dir, checkpoints.resume_from_checkpoint)
     if resume_state:
         checkpointing.check_resume_fits(resume_state, run_settings, resume_path)
+        if resume_state.get("train_token_embedding"):
+            raise DifftuneError(f"--resume_from_checkpoint {resume_path}: a pivotal-tuning run "
+                                "(--train_token_embedding) cannot be resumed yet")
 
     accelerator = loop.create_accelerator(arguments.settings_from_args(args, settings.AcceleratorSettings),
                                           output_dir)
@@ -282,6 +293,14 @@ def main(argv: list[str] | None = None) -> Path:
             pipeline, spec.with_targets(args.text_encoder_targets or TEXT_ENCODER_TARGETS))
         for encoder in text_encoders.values():
             encoder.train()
+    tokens = None  # pivotal tuning: the identifier's new tokens
+    if args.train_token_embedding:
+        if accelerator.num_processes > 1:
+            raise DifftuneError("--train_token_embedding runs in one process for now; launch without "
+                                "several processes")
+        tokens = pivotal.TokenEmbeddingTraining(pipeline, args.identifier, args.num_new_tokens,
+                                                args.token_embedding_init, seed,
+                                                args.token_embedding_max_norm)
 
     # -----------------------------------------------------------------------------------------
     # 3. Data
@@ -309,7 +328,8 @@ def main(argv: list[str] | None = None) -> Path:
     world = accelerator.num_processes
     optimization = arguments.settings_from_args(args, settings.OptimizerSettings)
     plan = loop.prepare_optimization(optimization, checkpoints, accelerator, denoiser, adapter, len(dataset),
-                                     resume_path, resume_state, device, text_encoders, args.text_encoder_lr)
+                                     resume_path, resume_state, device, text_encoders, args.text_encoder_lr,
+                                     [(tokens, args.token_embedding_lr)] if tokens else ())
     if is_main:
         accelerator.init_trackers(args.tracker_project_name, config=arguments.tracker_config(args))
     max_train_steps, learning_rate = plan.max_train_steps, plan.learning_rate
@@ -324,6 +344,8 @@ def main(argv: list[str] | None = None) -> Path:
             f" + {name} {len(difftune.get_adapter(e).target_names)} layers, "
             f"{difftune.count_trainable_parameters(e):,} parameters (lr {plan.text_encoder_lr:g})"
             for name, e in text_encoders.items())
+        if tokens:
+            print(f"pivotal tuning: {tokens.describe()} (lr {args.token_embedding_lr:g})")
         print(f"difftune subject training | {base_model} ({model_info.family}, "
               f"{resolution}px, {accelerator.mixed_precision}) | {spec.method} on {adapter.config.targets}: "
               f"{len(adapter.target_names)} layers, {difftune.count_trainable_parameters(denoiser):,} "
@@ -333,7 +355,8 @@ def main(argv: list[str] | None = None) -> Path:
               f"seed {seed}{resumed}")
 
     trainer_state = {"base_model": base_model, **spec.to_dict(), "seed": seed,
-                     "max_train_steps": max_train_steps, "train_text_encoder": args.train_text_encoder}
+                     "max_train_steps": max_train_steps, "train_text_encoder": args.train_text_encoder,
+                     **({"train_token_embedding": True} if tokens else {})}
 
     # -----------------------------------------------------------------------------------------
     # 5. Training loop
@@ -352,7 +375,7 @@ def main(argv: list[str] | None = None) -> Path:
         if not (validation.validation_prompt and step % validation.validation_steps == 0 and is_main):
             return
         denoiser.eval()
-        if text_encoders:  # the prompt's embedding changes as the encoders train
+        if text_encoders or tokens:  # the prompt's embedding changes as the encoders or tokens train
             validation_kwargs = family.pipeline_prompt_kwargs(validation.validation_prompt)
         with offload_models(*offloaded, device=device, offload=bool(offloaded)):
             images = generate_images(pipeline, [validation_kwargs], validation.generation(seed, resolution),
@@ -385,9 +408,13 @@ def main(argv: list[str] | None = None) -> Path:
             print(f"adapter identical on all {world} processes (sha256 {digests[0][:16]})")
     adapter_path = output_dir / "adapter.safetensors"
     if is_main:
+        if tokens:
+            tokens.finish()
         difftune.save_adapter(accelerator.unwrap_model(model), adapter_path, base_model=base_model,
-                              text_encoders=text_encoders)
-        diffusers_name = DIFFUSERS_LORA_NAME if adapter.diffusers_lora_file else None
+                              text_encoders=text_encoders,
+                              token_embeddings=tokens.file_section() if tokens else None)
+        # a diffusers LoRA file has no place for new tokens: no copy then (pivotal.py)
+        diffusers_name = DIFFUSERS_LORA_NAME if adapter.diffusers_lora_file and not tokens else None
         if diffusers_name:
             copy_file(adapter_path, output_dir / diffusers_name)
         sample_names = []

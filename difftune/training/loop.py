@@ -316,11 +316,13 @@ def prepare_optimization(settings: OptimizerSettings, checkpoints: CheckpointSet
                          denoiser: nn.Module, adapter: Any, dataset_size: int, resume_path: Path | None,
                          resume_state: dict | None, device: torch.device,
                          text_encoders: Mapping[str, nn.Module] | None = None,
-                         text_encoder_lr: float | None = None) -> Optimization:
+                         text_encoder_lr: float | None = None,
+                         extra_groups: Sequence[tuple[Any, float]] = ()) -> Optimization:
     """Steps and learning rate from the batch geometry, adapter state, optimizer and schedule (all
     restored when resuming), and the model prepared by accelerate. The schedule is stepped once
     per optimizer step by `optimizer_step`, so it is not prepared. Adapted ``text_encoders`` train
-    at ``text_encoder_lr`` (default: the denoiser's rate)."""
+    at ``text_encoder_lr`` (default: the denoiser's rate); ``extra_groups`` adds (owner of
+    ``optimizer_parameter_groups``, rate) pairs, e.g. new token embeddings (training/pivotal.py)."""
     micro_batch = settings.train_batch_size * accelerator.num_processes
     accumulation = settings.gradient_accumulation_steps
     steps_per_epoch = -(-dataset_size // (micro_batch * accumulation))
@@ -337,7 +339,7 @@ def prepare_optimization(settings: OptimizerSettings, checkpoints: CheckpointSet
         needed = checkpointing.estimated_bytes(trainable, max_train_steps, checkpoints.checkpointing_steps,
                                                checkpoints.checkpoints_total_limit)
         checkpointing.warn_if_disk_short(checkpoints.output_dir, needed)
-    extra = [(get_adapter(encoder), text_rate) for encoder in text_encoders.values()]
+    extra = [(get_adapter(encoder), text_rate) for encoder in text_encoders.values()] + list(extra_groups)
     optimizer, lr_scheduler = create_optimizer(settings, adapter, rate, max_train_steps, extra)
     model, optimizer = accelerator.prepare(denoiser, optimizer)
     if resume_path:

@@ -24,10 +24,11 @@ CLIP_TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 TRAINABLE_FAMILIES = ("sd", "sdxl")
 
 
-def check_text_encoder_training(family: str) -> None:
-    """SD 1.x/2.x and SDXL only: SD3's T5 encoder is not covered (yet)."""
+def check_text_encoder_training(family: str, flag: str = "--train_text_encoder") -> None:
+    """SD 1.x/2.x and SDXL only: SD3's T5 encoder is not covered (yet). ``flag``: the option that asks
+    for it (--train_token_embedding trains the CLIP encoders' token embeddings)."""
     if family not in TRAINABLE_FAMILIES:
-        raise DifftuneError("--train_text_encoder supports SD 1.x/2.x and SDXL (CLIP text encoders); "
+        raise DifftuneError(f"{flag} supports SD 1.x/2.x and SDXL (CLIP text encoders); "
                             f"the base model is {family}")
 
 
