@@ -96,8 +96,8 @@ def test_a_running_trainer_prints_its_stacks_on_sigusr1_and_carries_on():
     script = ("from difftune.training.loop import enable_stack_dumps\n"
               "import time\n"
               "enable_stack_dumps()\n"
-              "print('ready', flush=True)\n"
               "def waiting_for_a_collective():\n"
+              "    print('ready', flush=True)\n"  # inside: the signal cannot come before the call
               "    time.sleep(2)\n"
               "waiting_for_a_collective()\n"
               "print('carried on', flush=True)\n")
