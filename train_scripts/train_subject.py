@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="text-encoder modules to adapt (regex on whole module names; default: the "
                            "q/k/v/out projections of every self-attention)")
 
-    pivotal.add_arguments(parser)
+    arguments.add_pivotal_arguments(parser)
     recipes.add_recipe_argument(parser)
 
     parser.add_argument_group("start from a file").add_argument(
@@ -160,7 +160,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise DifftuneError("--text_encoder_lr given without --train_text_encoder")
     if args.text_encoder_lr is not None and not args.text_encoder_lr > 0:
         raise DifftuneError(f"--text_encoder_lr must be positive, got {args.text_encoder_lr}")
-    pivotal.check_arguments(args)
+    arguments.check_pivotal_arguments(args)
     if args.pre_compute_text_embeddings is None:
         args.pre_compute_text_embeddings = not (args.train_text_encoder or args.train_token_embedding)
     arguments.check_common_arguments(args)
