@@ -27,7 +27,6 @@ from .adapter_file import (
     fingerprint,
     read_adapter_file,
     resolve_adapter_path,
-    split_sections,  # noqa: F401  (the trainer's checkpoints import it from here)
 )
 from .errors import AdapterFileError, DifftuneError
 from .targeting import resolve_targets

@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..adapter_file import read_adapter_file, read_safetensors, write_safetensors
-from ..api import find_denoiser, get_adapter, save_adapter, split_sections
+from ..adapter_file import read_adapter_file, read_safetensors, split_sections, write_safetensors
+from ..api import find_denoiser, get_adapter, save_adapter
 from ..errors import AdapterFileError, DifftuneError
 from ..io import atomic_write, remove_stale_temp_files
 
