@@ -8,3 +8,19 @@ install and a plain ``pip install .`` therefore find the built-in names the same
 from pathlib import Path
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+
+
+def portable_path(value: object) -> object:
+    """``value`` as a shared report should record it.
+
+    A path to a file shipped with difftune becomes ``assets/...``, the same on every machine
+    (an absolute path would name the folder of one checkout); anything else is returned as is,
+    with a ``Path`` as its string.
+    """
+    if not isinstance(value, (str, Path)) or not str(value):
+        return value
+    try:
+        inside = Path(value).resolve().relative_to(ASSETS_DIR.resolve())
+    except (ValueError, OSError):
+        return str(value) if isinstance(value, Path) else value
+    return (Path("assets") / inside).as_posix()

@@ -54,6 +54,7 @@ from difftune.metrics.subject import (
     load_images,
     run_prompts,
 )
+from difftune.paths import portable_path
 from difftune.training.data import SUBJECT_FILE
 
 BASELINE = "lora"
@@ -823,7 +824,7 @@ def write_report(suite: Suite, subjects: list[SuiteSubject], selection: dict[str
     result = {
         "settings": {
             **{
-                k: (str(v) if isinstance(v, Path) else v)
+                k: portable_path(v)
                 for k, v in vars(args).items()
                 if k not in ("methods", "rate_grids", "learning_rates", "output_dir")
             },
