@@ -813,7 +813,10 @@ def write_report(suite: Suite, subjects: list[SuiteSubject], selection: dict[str
         if fids:
             base_summary["class_fid"] = bootstrap_mean(np.array(fids)).to_dict()
     real_vs_real = {}
-    if args.class_reference == "world" and not args.report_only:
+    if args.report_only:  # loads no model: keeps the floors the last full run measured
+        stored = read_json(suite.out / RESULT_FILE, missing_ok=True) or {}
+        real_vs_real = stored.get("real_vs_real_class_fid", {})
+    elif args.class_reference == "world":
         real_vs_real = {s.name: suite.real_vs_real_fid(s) for s in subjects}
 
     expected = len(subjects) * len(args.seeds)

@@ -191,6 +191,24 @@ def test_suite_resumes_without_training_or_drawing_again(suite_run, monkeypatch)
     assert resumed["complete"] and len(resumed["rows"]) == len(result["rows"])
 
 
+def test_report_only_loads_no_model_and_keeps_the_stored_fid_floor(suite_run, monkeypatch):
+    script, argv, out, result = suite_run
+    suite = sys.modules["benchmark_suite"]
+
+    def no_model(self):
+        raise AssertionError("--report_only loaded a model")
+
+    monkeypatch.setattr(suite.Suite, "pipe", property(no_model))
+    monkeypatch.setattr(suite.Suite, "scorer", property(no_model))
+    stored = json.loads((out / suite.RESULT_FILE).read_text())
+    stored["real_vs_real_class_fid"] = {"cat": 1.25, "mug": 2.5}  # as a full run on a world reference writes
+    (out / suite.RESULT_FILE).write_text(json.dumps(stored))
+    report = script.main([*argv, "--report_only"])
+    assert report["real_vs_real_class_fid"] == {"cat": 1.25, "mug": 2.5}
+    assert report["aggregates"] == result["aggregates"] and report["rows"] == result["rows"]
+    assert "1.25" in (out / "benchmark_suite.md").read_text()
+
+
 def test_suite_refuses_bad_flags_before_work(tmp_path, tiny_clip_dir):
     script = load_script("eval/benchmark.py")
     (tmp_path / "subjects").mkdir()
