@@ -45,7 +45,7 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
 ONE_STEP_RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "builtin:embedded": {
         "lora": {"prompts_file": str(ASSETS_DIR / "one_step_world_prompts.txt"), "targets": ["all"],
-                 "rank": 32, "learning_rate": 1e-3, "train_batch_size": 8, "max_train_steps": 2400},
+                 "rank": 32, "learning_rate": 1e-3, "train_batch_size": 8, "max_train_steps": 4800},
     },
 }
 
