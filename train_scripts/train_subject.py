@@ -248,6 +248,10 @@ def main(argv: list[str] | None = None) -> Path:
 
     accelerator = loop.create_accelerator(arguments.settings_from_args(args, settings.AcceleratorSettings),
                                           output_dir)
+    for flag in ("train_text_encoder", "train_token_embedding"):  # before any model loads
+        if getattr(args, flag) and accelerator.num_processes > 1:
+            raise DifftuneError(f"--{flag} runs in one process for now; launch without several "
+                                f"processes, or train the denoiser alone{recipes.source_hint(args, flag)}")
     # FSDP: no SaRA, no intermediate checkpoints
     sharded = loop.check_fsdp(accelerator, spec.method, checkpoints.resume_from_checkpoint)
     device, is_main = accelerator.device, accelerator.is_main_process
@@ -285,19 +289,12 @@ def main(argv: list[str] | None = None) -> Path:
     adapter = loop.attach_trainable_adapter(denoiser, spec, seed, memory, args.init_adapter, pipeline)
     text_encoders: dict[str, torch.nn.Module] = {}
     if args.train_text_encoder:
-        if accelerator.num_processes > 1:
-            raise DifftuneError("--train_text_encoder runs in one process for now; launch without "
-                                "several processes, or train the denoiser alone"
-                                f"{recipes.source_hint(args, 'train_text_encoder')}")
         text_encoders = attach_text_encoder_adapters(
             pipeline, spec.with_targets(args.text_encoder_targets or TEXT_ENCODER_TARGETS))
         for encoder in text_encoders.values():
             encoder.train()
     tokens = None  # pivotal tuning: the identifier's new tokens
     if args.train_token_embedding:
-        if accelerator.num_processes > 1:
-            raise DifftuneError("--train_token_embedding runs in one process for now; launch without "
-                                "several processes")
         tokens = pivotal.TokenEmbeddingTraining(pipeline, args.identifier, args.num_new_tokens,
                                                 args.token_embedding_init, seed,
                                                 args.token_embedding_max_norm)

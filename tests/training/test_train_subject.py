@@ -321,6 +321,19 @@ def test_a_read_only_output_dir_is_refused_before_loading(train_subject, subject
         train_subject(*flags(subject_dir, out), *QUIET)
 
 
+def test_text_encoder_or_token_training_under_several_processes_is_refused_before_loading(
+        train_subject, subject_dir, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from difftune.training import loop
+
+    monkeypatch.setattr(loop, "create_accelerator", lambda *a, **k: SimpleNamespace(num_processes=2))
+    monkeypatch.setattr(loop, "load_base_pipeline", lambda *a, **k: pytest.fail("model loaded"))
+    for flag in ("--train_text_encoder", "--train_token_embedding"):
+        with pytest.raises(DifftuneError, match=f"{flag} runs in one process for now"):
+            train_subject(*flags(subject_dir, tmp_path / flag.strip("-")), *QUIET, flag)
+
+
 def test_unknown_adapter_lists_the_methods(train_subject, subject_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_subject(*flags(subject_dir, tmp_path / "o"), "--adapter", "lokr")
