@@ -24,8 +24,10 @@ from torch import nn
 
 from ..adapter_file import TOKEN_EMBEDDINGS, TokenEmbeddings
 from ..errors import DifftuneError
+from .text_encoder import CLIP_TEXT_ENCODERS
 
-ENCODER_PAIRS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
+# each CLIP text encoder beside its tokenizer (diffusers names them text_encoder_2 / tokenizer_2)
+ENCODER_PAIRS = tuple((name, name.replace("text_encoder", "tokenizer")) for name in CLIP_TEXT_ENCODERS)
 INIT_RANDOM = "random"
 DEFAULTS = {"identifier": "sks", "num_new_tokens": 2, "token_embedding_lr": 1e-2,
             "token_embedding_init": INIT_RANDOM}
