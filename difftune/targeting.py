@@ -8,6 +8,7 @@ candidates, so containers such as ``attn1`` or ``to_out`` never match by acciden
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable
 
@@ -15,26 +16,21 @@ from torch import nn
 
 from .errors import TargetError
 
-# Attention projections: UNet attn1/attn2, DiT attn, and SD3's / Flux's joint-attention extras.
-_ATTENTION = r"(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
-# Feed-forward: UNet/DiT/SD3/Flux-joint ``ff``/``ff_context``, and Flux single blocks' parallel
-# MLP (``proj_mlp`` in, ``proj_out`` out; its input also carries the attention output).
-_FEED_FORWARD = r"((ff|ff_context)\.net\.(0\.proj|2)|single_transformer_blocks\.\d+\.(proj_mlp|proj_out))"
-_RESNET_CONV = r"resnets\.\d+\.(conv1|conv2|conv_shortcut)"
-_PROJECTION = r"(proj_in|proj_out)"
-
-PRESETS: dict[str, str] = {
-    "attn": rf"(.*\.)?{_ATTENTION}",
-    "attn-ff": rf"(.*\.)?({_ATTENTION}|{_FEED_FORWARD})",
-    "conv": rf"(.*\.)?({_RESNET_CONV}|attentions\.\d+\.{_PROJECTION})",
-    "all": r".*",
+# The generic part of each preset: diffusers' Attention projections and FeedForward layers, which
+# every denoiser shares. Model families add their own layers (`add_preset_term`, called when a
+# family registers): joint-attention projections, MLPs of their own, a UNet's convolutions.
+_GENERIC_TERMS: dict[str, tuple[str, ...]] = {
+    "attn": (r"to_q|to_k|to_v|to_out\.0",),
+    "attn-ff": (r"ff\.net\.(0\.proj|2)",),
+    "conv": (),
+    "all": (r".*",),
 }
-PRESET_DESCRIPTIONS: dict[str, str] = {
-    "attn": "to_q, to_k, to_v, to_out.0 of every attention (+ add_q/k/v_proj, to_add_out on SD3 "
-            "and Flux joint blocks; Flux single blocks have to_q/k/v only)",
-    "attn-ff": "attn + feed-forward ff.net.0.proj, ff.net.2 (and ff_context on SD3/Flux; "
-               "proj_mlp, proj_out of Flux single blocks)",
-    "conv": "resnet conv1, conv2, conv_shortcut and the 1x1-conv proj_in/proj_out",
+# attn-ff is attn plus the feed-forward layers
+_EXTENDS = {"attn-ff": "attn"}
+_GENERIC_DESCRIPTIONS: dict[str, str] = {
+    "attn": "to_q, to_k, to_v, to_out.0 of every attention",
+    "attn-ff": "attn + feed-forward ff.net.0.proj, ff.net.2",
+    "conv": "convolutions of the model family",
     "all": "every Linear and Conv2d layer of the denoiser",
 }
 # Layer types `all` and the `conv` preset stand for.
@@ -44,6 +40,46 @@ _PRESET_LAYER_TYPES: dict[str, tuple[type[nn.Module], ...]] = {
     "conv": (nn.Conv2d,),
     "all": (nn.Linear, nn.Conv2d),
 }
+PRESETS = tuple(_GENERIC_TERMS)
+
+
+@dataclasses.dataclass
+class _Term:
+    """A family's addition to a preset: a regex alternative on the end of module names, what it
+    selects (for the description) and the families that declare it."""
+
+    label: str
+    owners: list[str] = dataclasses.field(default_factory=list)
+
+
+_FAMILY_TERMS: dict[str, dict[str, _Term]] = {name: {} for name in PRESETS}
+
+
+def add_preset_term(preset: str, pattern: str, label: str, owner: str) -> None:
+    """Let ``preset`` also select modules whose names end in ``pattern`` (a regex alternative);
+    ``label`` says which layers that is and ``owner`` (a model family's title) whose they are."""
+    if preset not in _FAMILY_TERMS:
+        raise TargetError(f"{owner}: unknown target preset '{preset}' (presets: {', '.join(PRESETS)})")
+    term = _FAMILY_TERMS[preset].setdefault(pattern, _Term(label))
+    if owner not in term.owners:
+        term.owners.append(owner)
+
+
+def _terms(preset: str) -> list[str]:
+    inherited = _terms(_EXTENDS[preset]) if preset in _EXTENDS else []
+    return [*inherited, *_GENERIC_TERMS[preset], *_FAMILY_TERMS[preset]]
+
+
+def preset_pattern(preset: str) -> str:
+    """The regex a preset stands for (fullmatched against module names)."""
+    return rf"(.*\.)?({'|'.join(_terms(preset))})"
+
+
+def preset_description(preset: str) -> str:
+    """What a preset selects, with what each model family adds to it."""
+    additions = [f"{term.label} on {' and '.join(term.owners)}" for term in _FAMILY_TERMS[preset].values()]
+    text = _GENERIC_DESCRIPTIONS[preset]
+    return f"{text} (+ {'; '.join(additions)})" if additions else text
 
 
 def _leaf_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -67,7 +103,7 @@ def resolve_targets(model: nn.Module, targets: str | Iterable[str]) -> dict[str,
     chosen: set[str] = set()
     for spec in specs:
         if spec in PRESETS:
-            pattern = re.compile(PRESETS[spec])
+            pattern = re.compile(preset_pattern(spec))
             kinds = _PRESET_LAYER_TYPES[spec]
             hits = {n for n, m in layers.items() if pattern.fullmatch(n) and isinstance(m, kinds)}
         elif spec in layers:
@@ -82,7 +118,7 @@ def resolve_targets(model: nn.Module, targets: str | Iterable[str]) -> dict[str,
         if not hits:
             raise TargetError(
                 f"target {spec!r} matched no layer of {type(model).__name__}. Presets: "
-                + "; ".join(f"{k}: {v}" for k, v in PRESET_DESCRIPTIONS.items())
+                + "; ".join(f"{k}: {preset_description(k)}" for k in PRESETS)
                 + ". A regex must match whole module names, e.g. '.*attn1\\.to_q'."
             )
         chosen |= hits

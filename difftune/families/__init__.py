@@ -1,0 +1,209 @@
+"""The registry of model families: one place that maps a family name, a pipeline class or a built-in
+tiny model to the class that knows the family (`difftune.families.base.ModelFamily`).
+
+Each family lives in its own module (SD 1.x/2.x, SDXL, SD3, FLUX.1, PixArt); registering it here is
+all the rest of difftune needs: detection of pipelines and folders, ``builtin:tiny-<name>``, the
+target presets, trainer-flag checks, export formats and the contract tests all read the registry.
+`register_family` checks what it is given, as peft's ``register_peft_method`` does.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .. import targeting
+from ..errors import DifftuneError
+from .base import (
+    OTHER_TASKS,
+    DDPMFamily,
+    FlowMatchingFamily,
+    LoraKeyLayout,
+    LossOptions,
+    ModelDescription,
+    ModelFamily,
+    NoisyInput,
+    TrainingBatch,
+)
+from .flux import FluxFamily
+from .pixart import PixArtFamily
+from .sd import SDFamily
+from .sd3 import SD3Family
+from .sdxl import SDXLFamily
+
+FAMILIES: dict[str, type[ModelFamily]] = {}
+# what a family class must define (besides the abstract methods), with the type of each
+REQUIRED_ATTRIBUTES: dict[str, type | tuple[type, ...]] = {
+    "name": str, "title": str, "pipeline_classes": tuple, "denoiser_component": str,
+    "denoiser_class": str, "text_encoder_components": tuple, "prompt_outputs": tuple, "process_title": str,
+}
+EXPORT_FORMATS = ("kohya", "comfyui", "diff", "diffusers", "single-file")
+
+
+def register_family(family: type[ModelFamily]) -> type[ModelFamily]:
+    """Make a family known to every part of difftune by its name; refuses a class that lacks what a
+    family must say, or that claims a name, pipeline class or built-in another family has."""
+    where = f"register_family({getattr(family, '__name__', family)!r})"
+    if not (inspect.isclass(family) and issubclass(family, ModelFamily)):
+        raise DifftuneError(f"{where}: not a subclass of difftune.families.base.ModelFamily")
+    if inspect.isabstract(family):
+        missing = ", ".join(sorted(family.__abstractmethods__))
+        raise DifftuneError(f"{where}: the family does not implement {missing}")
+    for attribute, kind in REQUIRED_ATTRIBUTES.items():
+        if not isinstance(getattr(family, attribute, None), kind):
+            raise DifftuneError(f"{where}: class attribute '{attribute}' must be a {kind.__name__}")
+    if family.name in FAMILIES:
+        raise DifftuneError(f"{where}: a family named '{family.name}' is registered already "
+                            f"({FAMILIES[family.name].__name__})")
+    for other in FAMILIES.values():
+        claimed = set(family.pipeline_classes) & set(other.pipeline_classes)
+        if claimed:
+            raise DifftuneError(f"{where}: {', '.join(sorted(claimed))} belongs to the '{other.name}' family")
+    for fmt in [*family.lora_layouts, *family.export_refusals]:
+        if fmt not in EXPORT_FORMATS:
+            raise DifftuneError(f"{where}: unknown export format '{fmt}' "
+                                f"(formats: {', '.join(EXPORT_FORMATS)})")
+    unknown = set(family.target_terms) - set(targeting.PRESETS)
+    if unknown:
+        raise DifftuneError(f"{where}: target_terms for unknown presets {sorted(unknown)}")
+    FAMILIES[family.name] = family
+    for preset, terms in family.target_terms.items():
+        for pattern, label in terms:
+            targeting.add_preset_term(preset, pattern, label, family.title)
+    return family
+
+
+def get_family(name: str) -> type[ModelFamily]:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise DifftuneError(f"unknown model family '{name}'. Families: {', '.join(FAMILIES)}") from None
+
+
+def _supported() -> str:
+    return ", ".join(f"{' / '.join(f.pipeline_classes)} ({f.title})" for f in FAMILIES.values())
+
+
+def family_of_class(class_name: str) -> type[ModelFamily]:
+    """The family of a pipeline class name (``model_index.json``'s ``_class_name``). Refuses the
+    family's other pipelines (inpainting, image to image, Fill, Kontext, ...) by name, and others."""
+    for family in FAMILIES.values():
+        if class_name in family.pipeline_classes:
+            return family
+    relatives = [f for f in FAMILIES.values() if class_name.startswith(f.relatives_prefix())]
+    if relatives:
+        family = max(relatives, key=lambda f: len(f.relatives_prefix()))
+        task = next((what for word, what in OTHER_TASKS.items() if word in class_name), "another task")
+        raise DifftuneError(
+            f"unsupported base model family: {class_name} (a {family.title} pipeline for {task}; difftune "
+            f"trains the text-to-image {' / '.join(family.pipeline_classes)}). Supported: {_supported()}")
+    raise DifftuneError(f"unsupported base model family: {class_name}. Supported: {_supported()} checkpoints")
+
+
+def family_of(pipeline: Any) -> type[ModelFamily]:
+    """The family of a loaded pipeline; a clear error for anything else."""
+    return family_of_class(type(pipeline).__name__)
+
+
+def pipeline_family(pipeline: Any) -> str:
+    """The family name of a loaded pipeline (``"sd"``, ``"sdxl"``, ...)."""
+    return family_of(pipeline).name
+
+
+def training_family(pipeline: Any, device: torch.device, options: LossOptions) -> ModelFamily:
+    """The family of a loaded pipeline, bound to it for training (refuses unsupported pipelines)."""
+    return family_of(pipeline)(pipeline, device, options)
+
+
+def tiny_builtins() -> dict[str, type[ModelFamily]]:
+    """``{"tiny-sd": SDFamily, ...}``: the families that have a tiny built-in, by its name."""
+    return {family.tiny_name(): family for family in FAMILIES.values() if family.tiny_name()}
+
+
+def denoiser_components() -> tuple[str, ...]:
+    """Every registered family's denoiser component name (``unet``, ``transformer``), once each."""
+    return tuple(dict.fromkeys(family.denoiser_component for family in FAMILIES.values()))
+
+
+def text_encoder_components() -> tuple[str, ...]:
+    names = (name for family in FAMILIES.values() for name in family.text_encoder_components)
+    return tuple(dict.fromkeys(names))
+
+
+def _titles(families: list[type[ModelFamily]]) -> str:
+    return " and ".join(family.title for family in families)
+
+
+def flag_families(flag: str) -> str:
+    """The trainable families a trainer flag applies to (``SD3, Flux``), as its help text names them."""
+    return ", ".join(f.title for f in FAMILIES.values() if f.trainable and flag in f.applicable_flags())
+
+
+def flag_defaults(flag: str) -> str:
+    """A trainer flag's default on each family that takes it (``logit_normal on SD3, none on Flux``)."""
+    titles: dict[Any, list[str]] = {}
+    for family in FAMILIES.values():
+        if family.trainable and flag in family.applicable_flags() and flag in family.option_defaults:
+            titles.setdefault(family.option_defaults[flag], []).append(family.title)
+    if len(titles) == 1:
+        return str(next(iter(titles)))
+    return ", ".join(f"{value} on {' and '.join(names)}" for value, names in titles.items())
+
+
+def check_flags(family: type[ModelFamily], values: Mapping[str, Any]) -> None:
+    """Refuse trainer flags (``values``: flag name → value, None or False when not given) that do not
+    apply to ``family``: those of another noise process (DDPM vs flow matching) or another family's own
+    (Flux's guidance embedding and T5 length). The message names where they apply."""
+    trainable = [f for f in FAMILIES.values() if f.trainable]
+    processes = {f.process_title: f.process_flags for f in trainable}
+    owners = [(title, flags, [f for f in trainable if f.process_title == title], f" ({title})")
+              for title, flags in processes.items()]
+    owners += [(f.name, f.family_flags, [f], "") for f in trainable if f.family_flags]
+    applicable = set(family.applicable_flags())
+    for _, flags, where, note in owners:
+        given = [f"--{name}" for name in flags
+                 if name not in applicable and values.get(name) is not None and values.get(name) is not False]
+        if given:
+            raise DifftuneError(f"{', '.join(given)} only apply to {_titles(where)}{note}; "
+                                f"the base model is {family.name}")
+
+
+def check_capability(family: type[ModelFamily], capability: str, what: str) -> None:
+    """Refuse ``what`` (a flag, a feature) on a family whose ``capability`` attribute is false or
+    empty, naming the families that have it."""
+    if not getattr(family, capability):
+        able = [f for f in FAMILIES.values() if getattr(f, capability)]
+        raise DifftuneError(f"{what} supports {_titles(able)}; the base model is {family.name}")
+
+
+def check_text_encoder_training(family: type[ModelFamily], flag: str = "--train_text_encoder") -> None:
+    """``flag`` (--train_text_encoder, --train_token_embedding) needs a family whose text encoders
+    difftune can train."""
+    check_capability(family, "trainable_text_encoders", flag)
+
+
+def check_export_format(family: type[ModelFamily], fmt: str) -> None:
+    """Refuse an export format the family cannot be written in, naming both."""
+    if fmt == "single-file" and family.single_file_layout is None:
+        layouts = "/".join(f.single_file_layout for f in FAMILIES.values() if f.single_file_layout)
+        raise DifftuneError(f"--format single-file writes the original {layouts} layout; a {family.name} "
+                            "model exports with --format diffusers")
+    reason = family.export_refusal(fmt)
+    if reason is not None:
+        raise DifftuneError(f"--format {fmt} on a {family.title} model ({family.name}): {reason}")
+
+
+for _family in (SDFamily, SDXLFamily, SD3Family, FluxFamily, PixArtFamily):
+    register_family(_family)
+
+__all__ = [
+    "EXPORT_FORMATS", "FAMILIES", "DDPMFamily", "FlowMatchingFamily", "LoraKeyLayout", "LossOptions",
+    "ModelDescription", "ModelFamily", "NoisyInput", "TrainingBatch", "check_capability",
+    "check_export_format", "check_flags", "check_text_encoder_training", "denoiser_components", "family_of",
+    "family_of_class", "flag_defaults", "flag_families", "get_family", "pipeline_family", "register_family",
+    "text_encoder_components",
+    "tiny_builtins", "training_family",
+]
