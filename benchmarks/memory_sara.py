@@ -80,15 +80,15 @@ def run_child(spec: dict) -> dict:
     from diffusers import UNet2DConditionModel
 
     import difftune
-    from difftune.model_factory import SD15_UNET_CONFIG
+    from difftune.families.sd import SD15_UNET_CONFIG
 
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
     torch.manual_seed(0)
     if spec["unet"] == "tiny":
-        from difftune.model_factory import tiny_sd_pipeline
+        from difftune.families.sd import SDFamily
 
-        unet = tiny_sd_pipeline().unet.to(device)
+        unet = SDFamily.build_tiny().unet.to(device)
     else:
         unet = UNet2DConditionModel(**SD15_UNET_CONFIG).to(device)
     unet.train()

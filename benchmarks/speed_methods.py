@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 
 import difftune
 from difftune.errors import run_main
+from difftune.families.sd import SD15_UNET_CONFIG
 from difftune.machine import cpu_name
-from difftune.model_factory import SD15_UNET_CONFIG
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "benchmarks.md"

@@ -22,8 +22,16 @@ from typing import Any
 
 from torch import nn
 
-from .api import add_adapter, count_trainable_parameters, find_denoiser, has_adapter, remove_adapter
+from .api import (
+    AdapterSpec,
+    add_adapter,
+    count_trainable_parameters,
+    find_denoiser,
+    has_adapter,
+    remove_adapter,
+)
 from .errors import DifftuneError, run_main
+from .families import FAMILIES
 from .tuners import METHODS
 
 # (label, method, options): the configurations of the papers' parameter-count tables.
@@ -50,10 +58,14 @@ FLUX_ROWS: list[tuple[str, str, dict[str, Any]]] = [
     ("TLoRA TRM R=2 + TR R=6", "tlora", {"transform_rank": 2, "residual": "tr", "rank": 6}),
 ]
 
-# name -> (config constant in model_factory, diffusers class, default rows)
-META_MODELS = {"sd15-config": ("SD15_UNET_CONFIG", "UNet2DConditionModel", None),
-               "sdxl-config": ("SDXL_UNET_CONFIG", "UNet2DConditionModel", None),
-               "flux-dev-config": ("FLUX_DEV_TRANSFORMER_CONFIG", "FluxTransformer2DModel", FLUX_ROWS)}
+# default rows of a reference config (by its name) other than the papers' set
+REFERENCE_ROWS = {"flux-dev-config": FLUX_ROWS}
+
+
+def meta_models() -> dict[str, tuple[dict[str, Any], str]]:
+    """Every family's full-size reference configs: ``{name: (denoiser config, diffusers class)}``."""
+    return {name: (config, family.denoiser_class) for family in FAMILIES.values()
+            for name, config in family.reference_configs.items()}
 
 
 @dataclasses.dataclass
@@ -87,9 +99,13 @@ def parameter_table(model: Any, rows: Sequence[tuple[str, str, dict[str, Any]]] 
         if method not in METHODS:
             continue
         try:
-            if on_meta and method == "sara":
-                results.append(_sara_budget_row(denoiser, label, options, targets))
-                continue
+            if on_meta:  # a method that cannot attach without weights counts from the shapes
+                spec = AdapterSpec(method, targets, options)
+                modules = spec.check(denoiser)
+                count = spec.adapter_class.weightless_parameter_count(denoiser, spec.config, modules)
+                if count is not None:
+                    results.append(ParameterRow(label, method, dict(options), count, len(modules)))
+                    continue
             adapter = add_adapter(denoiser, method, targets=targets, **dict(options))
             layers = len(adapter.target_names)
             count = count_trainable_parameters(denoiser)
@@ -98,23 +114,6 @@ def parameter_table(model: Any, rows: Sequence[tuple[str, str, dict[str, Any]]] 
         except DifftuneError as err:
             results.append(ParameterRow(label, method, dict(options), None, None, note=str(err)))
     return results
-
-
-def _sara_budget_row(denoiser: nn.Module, label: str, options: dict[str, Any],
-                     targets: str | list[str]) -> ParameterRow:
-    """SaRA on a weightless model: a budget fixes the count (θ is then its quantile), a threshold
-    needs the weights. The targets and options are validated as ``add_adapter`` would."""
-    from .api import AdapterSpec
-    from .tuners.sara.selection import budget_to_count, targeted_tensors
-
-    spec = AdapterSpec("sara", targets, options)
-    config, modules = spec.config, spec.check(denoiser)
-    if config.budget is None:
-        raise DifftuneError("sara with a threshold selects by the weights' magnitudes: give a 'budget' "
-                            "or count on a real model")
-    tensors = targeted_tensors(denoiser, modules, config.include_bias_norm)
-    count = budget_to_count(config.budget, sum(t.numel() for t in tensors.values()))
-    return ParameterRow(label, "sara", dict(options), count, len(modules))
 
 
 def format_parameter_table(rows: Sequence[ParameterRow], title: str = "") -> str:
@@ -157,9 +156,9 @@ def load_model(name: str) -> nn.Module:
     """A meta-device denoiser for the ``*-config`` names, else a pipeline's denoiser."""
     from . import model_factory
 
-    if name in META_MODELS:
-        config, class_name, _ = META_MODELS[name]
-        return model_factory.build_denoiser_on_meta(getattr(model_factory, config), class_name)
+    if name in meta_models():
+        config, class_name = meta_models()[name]
+        return model_factory.build_denoiser_on_meta(config, class_name)
     return find_denoiser(model_factory.load_pipeline(name))[0]
 
 
@@ -167,13 +166,13 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="sd15-config",
-                        help=f"{', '.join(META_MODELS)} (meta device), or a built-in name, hub id "
+                        help=f"{', '.join(meta_models())} (meta device), or a built-in name, hub id "
                              "or pipeline folder as the trainer takes")
     parser.add_argument("--targets", default="attn", help="target preset, regex or module name")
     parser.add_argument("--row", action="append", default=None, metavar="METHOD[:k=v,...]",
                         help="a configuration to count (repeatable); default: the papers' set")
     args = parser.parse_args(argv)
-    rows = META_MODELS.get(args.model, (None, None, None))[2]
+    rows = REFERENCE_ROWS.get(args.model)
     rows = rows if args.row is None else [parse_row(r) for r in args.row]
     table = format_parameter_table(parameter_table(load_model(args.model), rows, args.targets),
                                    title=f"Trainable parameters on {args.model}, targets={args.targets}")
