@@ -49,8 +49,10 @@ def main(argv: list[str] | None = None) -> None:
     pipe.set_progress_bar_config(disable=True)
     rows = []
     for path in args.adapters:
-        method = difftune.read_adapter_info(path)["method"]
-        settings = [("diff", {}), *([("kohya", {})] if method == "lora" else [])]
+        info = difftune.read_adapter_info(path)
+        method = info["method"]
+        exact_lora = difftune.METHODS[method].exact_lora_refusal(info["config"]) is None
+        settings = [("diff", {}), *([("kohya", {})] if exact_lora else [])]
         settings += [("kohya", {"rank": r}) for r in RANKS] + [("kohya", {"energy": e}) for e in ENERGIES]
         base_row = None
         for fmt, option in settings:

@@ -1,13 +1,26 @@
-"""Option fields of the dataclasses that become command-line flags (adapter configs, HiPA's options).
+"""Command-line options shared by difftune's commands: option fields of the dataclasses that become
+flags (adapter configs, HiPA's options), the precision names of the dtype flags, and the check that
+every number flag is finite.
 
-Neutral ground: the tuners and the HiPA objective both declare their options this way, and
-neither should import the other for it.
+Neutral ground: the tuners, the HiPA objective, the trainers and the evaluation all use them, and
+none should import another for it.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import math
 from typing import Any
+
+import torch
+
+from .errors import DifftuneError
+
+# Precision names of the flags (--mixed_precision, --prior_generation_precision, --dtype, ...) as
+# torch dtypes; "no" is accelerate's name for full precision.
+PRECISIONS = ("fp32", "fp16", "bf16")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:
@@ -15,3 +28,13 @@ def option(default: Any, help: str, **kwargs: Any) -> Any:
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: default, metadata={"help": help}, **kwargs)
     return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+
+
+def check_finite_numbers(args: argparse.Namespace) -> None:
+    """Refuse nan and inf in every number flag: Python's float() accepts them, and a NaN passes
+    every ``value <= 0`` check and would only show as a NaN loss (or adapter) much later."""
+    for name, value in vars(args).items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for item in values:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise DifftuneError(f"--{name} must be a finite number, got {item}")

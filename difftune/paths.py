@@ -1,4 +1,5 @@
-"""Where the files shipped with difftune live: the embedded model, prompt lists, subjects.
+"""Where the files shipped with difftune live (the embedded model, prompt lists, subjects), and what
+image and subject files are called.
 
 The repository's top-level ``assets/`` folder is the package's ``difftune/assets``: a link to
 it in a source checkout, the folder itself in a wheel (package data). A checkout, an editable
@@ -8,6 +9,8 @@ install and a plain ``pip install .`` therefore find the built-in names the same
 from pathlib import Path
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+SUBJECT_FILE = "subject.json"  # a subject's identifier, class and prompts (metrics.subject, recipes, world)
 
 
 def portable_path(value: object) -> object:

@@ -60,6 +60,7 @@ from difftune.metrics.subject import (
     prior_columns,
     run_prompts,
 )
+from difftune.training.arguments import option_dest
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = ROOT / "train_scripts" / "train_subject.py"
@@ -458,8 +459,9 @@ def main(argv: list[str] | None = None) -> list[dict] | dict:
     order = sorted(args.methods, key=lambda m: m != BASELINE)  # LoRA first: SaRA's budget follows it
     for method in order:
         flags = list(args.method_flags[method])
-        if method == "sara" and "sara" not in args.method_overridden and BASELINE in summaries:
-            flags += ["--sara_budget", str(summaries[BASELINE]["trainable_parameters"])]
+        budget = difftune.METHODS[method].budget_option  # a method sized by a parameter budget (SaRA)
+        if budget and method not in args.method_overridden and BASELINE in summaries:
+            flags += [f"--{option_dest(method, budget)}", str(summaries[BASELINE]["trainable_parameters"])]
             args.method_flags[method] = flags
         summaries[method] = train_method(args, subject, method, flags)
 

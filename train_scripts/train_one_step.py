@@ -19,8 +19,9 @@ bottom:
      checkpoints, and validation grids (one-step student | base one-step | teacher)
   6. the adapter, loaded back into a fresh pipeline for one-step samples, and the
      evaluation on held-out prompts (FID / CLIP score when metrics are configured)
-Supported bases: SD 1.x/2.x (epsilon and v prediction), SDXL, SD3 and FLUX.1 (flow matching;
-on Flux --teacher_guidance_scale is the guidance embedding's value, 3.5 for FLUX.1-dev).
+Supported bases: every model family of difftune.families (SD 1.x/2.x with epsilon and v prediction,
+SDXL, SD3 and FLUX.1 by flow matching, PixArt-α/Σ; on FLUX.1 --teacher_guidance_scale is the
+guidance embedding's value, 3.5 for FLUX.1-dev).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch
 
 import difftune
 from difftune.errors import DifftuneError, run_main
+from difftune.families import LossOptions, check_capability, get_family, training_family
 from difftune.hipa.evaluation import (
     DifftuneMetrics,
     compare_with_teacher,
@@ -45,13 +47,12 @@ from difftune.hipa.training import OneStepData, one_step_loss
 from difftune.io import write_json, write_text
 from difftune.model_factory import describe_model
 from difftune.paths import ASSETS_DIR
+from difftune.sampling import image_grid, save_grid
 from difftune.training import arguments, checkpointing, loop, recipes, settings
-from difftune.training.families import LossOptions, training_family
-from difftune.training.validation import image_grid, log_images, save_grid
+from difftune.training.validation import log_images
 
 DEFAULT_PROMPTS = ASSETS_DIR / "one_step_prompts.txt"
 DEFAULT_EVAL_PROMPTS = ASSETS_DIR / "one_step_eval_prompts.txt"
-DEFAULT_LORA_RANK = 16  # about the paper's 3.3M parameters on SD 1.5 attention
 TEACHER_PREFIX = "teacher_"
 GRID_COLUMNS = 3  # one-step student | base one-step | teacher
 
@@ -162,11 +163,10 @@ def metric_sources(args: argparse.Namespace) -> tuple[str | None, str | None]:
 
 
 def adapter_options_with_defaults(args: argparse.Namespace) -> dict:
-    """The method's options from the flags; LoRA defaults to rank 16 here (HiPA's adapter size)."""
-    options = arguments.adapter_options(args, args.adapter)
-    if args.adapter == "lora":
-        options.setdefault("rank", DEFAULT_LORA_RANK)
-    return options
+    """The method's options from the flags, over the method's own one-step defaults
+    (`Adapter.one_step_defaults`: LoRA at rank 16, HiPA's adapter size)."""
+    return {**difftune.tuners.get_method(args.adapter).one_step_defaults,
+            **arguments.adapter_options(args, args.adapter)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     # Everything until the model loads is cheap: refuse bad input here.
     model_info = describe_model(base_model, base.revision)
+    check_capability(get_family(model_info.family), "trainable", "train_one_step.py")
     # the adapter: method, targets and options, checked once
     spec = difftune.AdapterSpec(args.adapter, args.targets, adapter_options_with_defaults(args))
     resolution = loop.check_before_loading(spec, base, model_info, args.resolution, output_dir)

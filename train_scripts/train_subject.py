@@ -17,7 +17,8 @@ The script reads top to bottom:
   5. the training loop: checkpoints every --checkpointing_steps, samples every --validation_steps
   6. the adapter (and a diffusers LoRA copy), a model card, and samples from a fresh pipeline
      that loads the saved file
-Supported bases: SD 1.x/2.x (epsilon and v prediction), SDXL, SD3 and FLUX.1 (dev, schnell).
+Supported bases: every model family of difftune.families (SD 1.x/2.x with epsilon and v prediction,
+SDXL, SD3, FLUX.1 dev and schnell, PixArt-α/Σ).
 """
 
 from __future__ import annotations
@@ -37,20 +38,24 @@ import difftune
 from difftune.adapter_file import TOKEN_EMBEDDINGS
 from difftune.errors import DifftuneError, run_main
 from difftune.export import FORMATS, LORA_FORMATS, check_export_options, default_output, export_adapter
+from difftune.families import (
+    FAMILIES,
+    LossOptions,
+    check_capability,
+    check_text_encoder_training,
+    get_family,
+    training_family,
+)
 from difftune.io import copy_file
 from difftune.model_factory import describe_model, load_pipeline
+from difftune.sampling import generate_images, save_grid
 from difftune.training import arguments, checkpointing, loop, pivotal, recipes, settings
 from difftune.training.data import SubjectData, SubjectDataset, scan_image_folder, warn_small_images
-from difftune.training.families import LossOptions, training_family
 from difftune.training.model_card import write_model_card
 from difftune.training.prior import ensure_class_images
 from difftune.training.summary import reset_peak_memory, write_train_summary
-from difftune.training.text_encoder import (
-    TEXT_ENCODER_TARGETS,
-    attach_text_encoder_adapters,
-    check_text_encoder_training,
-)
-from difftune.training.validation import generate_images, log_images, save_grid
+from difftune.training.text_encoder import attach_text_encoder_adapters
+from difftune.training.validation import log_images
 
 DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
 
@@ -101,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     text.add_argument("--train_text_encoder", action="store_true",
                       help="also train an adapter (same method and options) on the attention of the CLIP "
                            "text encoders, as diffusers' DreamBooth scripts do; saved in the same file "
-                           "(SD 1.x/2.x, SDXL)")
+                           f"({', '.join(f.title for f in FAMILIES.values() if f.trainable_text_encoders)})")
     text.add_argument("--text_encoder_lr", type=float,
                       help="learning rate of the text-encoder adapter (default: --learning_rate)")
     text.add_argument("--text_encoder_targets", nargs="+",
@@ -119,8 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     export = parser.add_argument_group("export (python -m difftune.export; docs/export.md)")
     export.add_argument("--export", nargs="+", choices=FORMATS, default=[],
                         help="also write the adapter in these formats next to adapter.safetensors: kohya "
-                             "(ComfyUI/A1111 LoRA), comfyui (SD3 names), diff, diffusers (merged "
-                             "folder), single-file (merged checkpoint)")
+                             "(ComfyUI/A1111 LoRA), comfyui (the LoRA names ComfyUI maps for the model "
+                             "family), diff, diffusers (merged folder), single-file (merged checkpoint); a "
+                             "format the model family has no use for is refused before training")
     export.add_argument("--export_rank", type=int,
                         help="SVD rank of a kohya/comfyui export of a non-LoRA adapter")
     export.add_argument("--export_energy", type=float,
@@ -187,7 +193,7 @@ def adapter_digest(model: torch.nn.Module) -> str:
 def check_init_adapter(args: argparse.Namespace) -> None:
     """--init_adapter: a readable file of the --adapter method (another tool's file: a LoRA)."""
     from difftune.adapter_file import resolve_adapter_path
-    from difftune.export.importer import is_foreign_file
+    from difftune.lora_import import is_foreign_file
 
     path = resolve_adapter_path(args.init_adapter)
     info = {"method": "lora"} if is_foreign_file(path) else difftune.read_adapter_info(path)
@@ -208,18 +214,21 @@ def check_before_loading(argv: list[str] | None = None):
     instance_images)."""
     args = parse_args(argv)
     model_info = describe_model(args.pretrained_model_name_or_path, args.revision)
+    family = get_family(model_info.family)
+    check_capability(family, "trainable", "train_subject.py")
     arguments.check_family_flags(args, model_info.family)
+    if args.quantize_base:
+        check_capability(family, "quantized_base", "--quantize_base")
     for flag in ("train_text_encoder", "train_token_embedding"):
         if getattr(args, flag):
-            check_text_encoder_training(model_info.family, f"--{flag}")
+            check_text_encoder_training(family, f"--{flag}")
     spec = arguments.adapter_spec(args)  # the adapter's options, checked once
     if args.init_adapter:
         check_init_adapter(args)
     for fmt in args.export:
-        check_export_options(args.adapter, model_info.family, fmt,
+        check_export_options(args.adapter, spec.config.to_dict(), model_info.family, fmt,
                              args.export_rank if fmt in LORA_FORMATS else None,
-                             args.export_energy if fmt in LORA_FORMATS else None,
-                             bool(spec.options.get("use_dora")))
+                             args.export_energy if fmt in LORA_FORMATS else None)
     extraction = args.export_rank is not None or args.export_energy is not None
     if extraction and not set(args.export) & set(LORA_FORMATS):
         raise DifftuneError("--export_rank/--export_energy apply to --export kohya or comfyui")
@@ -252,8 +261,8 @@ def main(argv: list[str] | None = None) -> Path:
         if getattr(args, flag) and accelerator.num_processes > 1:
             raise DifftuneError(f"--{flag} runs in one process for now; launch without several "
                                 f"processes, or train the denoiser alone{recipes.source_hint(args, flag)}")
-    # FSDP: no SaRA, no intermediate checkpoints
-    sharded = loop.check_fsdp(accelerator, spec.method, checkpoints.resume_from_checkpoint)
+    # FSDP: no method that writes into the base weights (SaRA), no intermediate checkpoints
+    sharded = loop.check_fsdp(accelerator, spec.method, checkpoints.resume_from_checkpoint, model_info.family)
     device, is_main = accelerator.device, accelerator.is_main_process
     weight_dtype = settings.DTYPES[accelerator.mixed_precision]
     seed = loop.resolve_seed(args.seed, resume_state)
@@ -290,7 +299,7 @@ def main(argv: list[str] | None = None) -> Path:
     text_encoders: dict[str, torch.nn.Module] = {}
     if args.train_text_encoder:
         text_encoders = attach_text_encoder_adapters(
-            pipeline, spec.with_targets(args.text_encoder_targets or TEXT_ENCODER_TARGETS))
+            pipeline, spec.with_targets(args.text_encoder_targets or family.text_encoder_targets))
         for encoder in text_encoders.values():
             encoder.train()
     tokens = None  # pivotal tuning: the identifier's new tokens
@@ -411,7 +420,8 @@ def main(argv: list[str] | None = None) -> Path:
                               text_encoders=text_encoders,
                               token_embeddings=tokens.file_section() if tokens else None)
         # a diffusers LoRA file has no place for new tokens: no copy then (pivotal.py)
-        diffusers_name = DIFFUSERS_LORA_NAME if adapter.diffusers_lora_file and not tokens else None
+        diffusers_copy = adapter.diffusers_lora_file and get_family(model_info.family).diffusers_loads_lora
+        diffusers_name = DIFFUSERS_LORA_NAME if diffusers_copy and not tokens else None
         if diffusers_name:
             copy_file(adapter_path, output_dir / diffusers_name)
         sample_names = []
@@ -445,7 +455,7 @@ def main(argv: list[str] | None = None) -> Path:
                 rank=args.export_rank if lora_format else None,
                 energy=args.export_energy if lora_format else None,
                 psnr_images=0 if validation.skip_final_inference else 2, prompt=sample_prompt,
-                num_inference_steps=validation.validation_inference_steps, seed=seed)
+                num_inference_steps=validation.validation_inference_steps, seed=seed, resolution=resolution)
             print(report.summary())
         steps_run = global_step - first_step
         total_seconds = time.perf_counter() - started

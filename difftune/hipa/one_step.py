@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import DifftuneError
+from ..families import family_of
 
 FLOW_PREDICTION = "flow_prediction"
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", FLOW_PREDICTION)
@@ -123,29 +124,19 @@ def predict_x0(denoiser: nn.Module, noise: torch.Tensor, step: OneStepTimestep,
     return step.x0(model_output, noise)
 
 
-def is_flux(pipe: Any) -> bool:
-    return type(pipe).__name__ == "FluxPipeline"
-
-
 def latent_channels(pipe: Any, denoiser: nn.Module) -> int:
-    """Channels of the VAE latent: Flux's transformer takes them packed 2x2 (4x as many)."""
-    channels = denoiser.config.in_channels
-    return channels // 4 if is_flux(pipe) else channels
+    """Channels of the VAE latent (Flux's transformer takes them packed 2x2, 4x as many)."""
+    return family_of(pipe).latent_channels(denoiser.config)
 
 
 def to_pipeline_latents(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
     """Latents (B, C, h, w) as the pipeline's ``latents=`` takes them (Flux: packed tokens)."""
-    if not is_flux(pipe) or latents.dim() != 4:
-        return latents
-    b, c, h, w = latents.shape
-    return type(pipe)._pack_latents(latents, b, c, h, w)
+    return family_of(pipe).pack_latents(latents)
 
 
 def from_pipeline_latents(pipe: Any, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """The pipeline's ``output_type="latent"`` result as (B, C, h, w) (Flux unpacks its tokens)."""
-    if not is_flux(pipe) or latents.dim() != 3:
-        return latents
-    return type(pipe)._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+    return family_of(pipe).unpack_latents(latents, height, width, pipe.vae_scale_factor)
 
 
 def decode_latents(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
@@ -169,15 +160,15 @@ def generate_one_step(pipe: Any, prompt: str | list[str], guidance_scale: float 
                       **kwargs: Any):
     """Generate with one denoiser step from pure noise; returns the pipeline's usual output.
 
-    Works on any standard SD / SDXL / SD3 / Flux pipeline, with a difftune adapter loaded
-    (``difftune.load_adapter(pipe, path)``) or without. The pipeline's scheduler is
-    swapped for `one_step_scheduler` during the call and put back afterwards. The
-    student is trained without classifier-free guidance, so by default (``None``) the
-    guidance scale is 1.0: one denoiser call per image. On Flux the guidance scale is the
-    value of the guidance embedding instead, and ``None`` keeps the pipeline's default
-    (3.5, what the trainer's Flux family embeds). Other keyword arguments (``height``,
-    ``width``, ``generator``, ``latents`` (B, C, h, w; packed here for Flux),
-    ``output_type``, ...) go to the pipeline. The same thing by hand, for SD / SDXL::
+    Works on the pipeline of every model family (`difftune.families`: SD, SDXL, SD3, Flux,
+    PixArt), with a difftune adapter loaded (``difftune.load_adapter(pipe, path)``) or without.
+    The pipeline's scheduler is swapped for `one_step_scheduler` during the call and put back
+    afterwards. The student is trained without classifier-free guidance, so by default
+    (``None``) the guidance scale is 1.0: one denoiser call per image. On a family whose
+    guidance is an embedding (Flux) the guidance scale is that embedding's value instead, and
+    ``None`` keeps the pipeline's default (3.5, what the trainer's Flux family embeds). Other
+    keyword arguments (``height``, ``width``, ``generator``, ``latents`` (B, C, h, w; packed
+    here for Flux), ``output_type``, ...) go to the pipeline. The same thing by hand, for SD / SDXL::
 
         pipe.scheduler = DDIMScheduler.from_config(
             pipe.scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True)
@@ -188,7 +179,7 @@ def generate_one_step(pipe: Any, prompt: str | list[str], guidance_scale: float 
     if "num_inference_steps" in kwargs or "timesteps" in kwargs or "sigmas" in kwargs:
         raise DifftuneError("generate_one_step: the number of steps is fixed at 1; "
                             "do not pass num_inference_steps, timesteps or sigmas")
-    if guidance_scale is not None or not is_flux(pipe):
+    if guidance_scale is not None or not family_of(pipe).embedded_guidance:
         kwargs["guidance_scale"] = 1.0 if guidance_scale is None else guidance_scale
     if kwargs.get("latents") is not None:
         kwargs["latents"] = to_pipeline_latents(pipe, kwargs["latents"])

@@ -31,9 +31,10 @@ from tqdm.auto import tqdm
 from ..adapter_file import config_hash
 from ..api import find_denoiser, has_adapter
 from ..errors import DifftuneError
+from ..families import family_of
 from ..io import atomic_write, save_image, write_text
 from ..options import option
-from .one_step import decode_latents, from_pipeline_latents, is_flux, latent_channels, to_pipeline_latents
+from .one_step import decode_latents, from_pipeline_latents, latent_channels, to_pipeline_latents
 
 MANIFEST_NAME = "manifest.json"
 SAMPLES_DIR = "samples"
@@ -116,12 +117,10 @@ def _weights_checksum(model: torch.nn.Module) -> str:
 
 def _resolution(pipe: Any, height: int | None, width: int | None) -> tuple[int, int]:
     denoiser, _ = find_denoiser(pipe)
-    # Flux has no sample_size (the pipeline's default size instead) and packs 2x2 latent patches
-    sample_size = getattr(denoiser.config, "sample_size", None) or pipe.default_sample_size
-    default = sample_size * pipe.vae_scale_factor
+    family = family_of(pipe)
+    default = family.native_resolution(denoiser.config, pipe.vae_scale_factor)
     height, width = height or default, width or default
-    patch = 2 if is_flux(pipe) else getattr(denoiser.config, "patch_size", None) or 1
-    multiple = max(8, pipe.vae_scale_factor * patch)
+    multiple = max(8, pipe.vae_scale_factor * family.latent_patch(denoiser.config))
     if height % multiple or width % multiple:
         raise DifftuneError(f"--resolution: {height}x{width} must be a multiple of {multiple} for this model")
     return height, width
@@ -267,8 +266,8 @@ def generate_teacher_samples(
             generators = [torch.Generator(pipe.device).manual_seed(settings.seed * 2**32 + e["index"])
                           for e in batch]
             with torch.no_grad():
-                # Flux: no negative prompt (sampled without CFG); the scale is its guidance embedding
-                negative = ({} if is_flux(pipe) or settings.guidance_scale <= 1 else
+                # no negative prompt where guidance is an embedding's value (Flux: sampled without CFG)
+                negative = ({} if family_of(pipe).embedded_guidance or settings.guidance_scale <= 1 else
                             {"negative_prompt": [settings.negative_prompt] * len(batch)})
                 latents = pipe(
                     prompt=[e["prompt"] for e in batch],

@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from ..training.data import SampleStream, TrainingBatch
-from ..training.families import NoisyInput, TrainingFamily
+from ..families import ModelFamily, NoisyInput, TrainingBatch
+from ..streams import SampleStream
 from .loss import HiPALoss
 from .one_step import OneStepTimestep, decode_latents
 from .teacher import TeacherCache
@@ -69,7 +69,7 @@ class OneStepData:
             conditioning=training_batch, indices=indices)
 
 
-def predict_x0_with_family(family: TrainingFamily, model: nn.Module, step: OneStepTimestep,
+def predict_x0_with_family(family: ModelFamily, model: nn.Module, step: OneStepTimestep,
                            batch: OneStepBatch) -> torch.Tensor:
     """x̂0 (latents) of the student from the batch's noise, in one call, with the family's conditioning."""
     noise = batch.noise
@@ -80,7 +80,7 @@ def predict_x0_with_family(family: TrainingFamily, model: nn.Module, step: OneSt
     return step.x0(output.float(), noise.float())
 
 
-def one_step_loss(family: TrainingFamily, model: nn.Module, step: OneStepTimestep, batch: OneStepBatch,
+def one_step_loss(family: ModelFamily, model: nn.Module, step: OneStepTimestep, batch: OneStepBatch,
                   loss_fn: HiPALoss, vae: nn.Module | None = None
                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """``(loss, terms, decoded x̂0)`` of the student on one batch; differentiable through the decoder."""

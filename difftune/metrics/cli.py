@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DifftuneError
-from ..training.settings import DTYPES, PRECISIONS
+from ..options import DTYPES, PRECISIONS, check_finite_numbers
 from .subject import ASSETS_DIR, PROMPT_LISTS, GenerationSettings
 
 BUILTIN_EMBEDDED = "builtin:embedded"
@@ -103,8 +103,6 @@ def check_evaluation_arguments(args: argparse.Namespace, model: str) -> Evaluati
     metric model folder, an output folder that cannot be written); returns the options."""
     from ..io import check_output_dir
     from ..model_factory import describe_model
-    from ..training.arguments import check_finite_numbers
-
     check_finite_numbers(args)
     for name in ("num_prompts", "images_per_prompt", "num_inference_steps", "generation_batch_size",
                  "metric_batch_size"):

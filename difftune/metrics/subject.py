@@ -30,9 +30,8 @@ from torch import nn
 
 from ..api import find_denoiser, load_adapter, remove_adapter
 from ..errors import DifftuneError
-from ..paths import ASSETS_DIR
-from ..training.data import IMAGE_SUFFIXES, SUBJECT_FILE
-from ..training.validation import GenerationSettings, generate_images, image_seed  # noqa: F401 (re-exported)
+from ..paths import ASSETS_DIR, IMAGE_SUFFIXES, SUBJECT_FILE
+from ..sampling import GenerationSettings, generate_images, image_seed  # noqa: F401 (re-exported)
 from .features import extract_features
 from .fid import fid_from_features
 from .similarity import ClipSimilarity, DinoSimilarity, mean_pairwise_cosine, neutral_prompt

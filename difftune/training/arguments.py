@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import difflib
 import json
-import math
 import re
 import sys
 import types
@@ -31,7 +30,10 @@ from typing import Any
 
 from ..api import AdapterSpec
 from ..errors import DifftuneError
-from ..tuners import METHODS, Adapter
+from ..families import FAMILIES, check_flags, flag_defaults, flag_families, get_family
+from ..model_factory import builtin_names
+from ..options import check_finite_numbers
+from ..tuners import METHODS, Adapter, get_method
 from . import pivotal
 from .settings import QUANTIZATION_BACKENDS
 
@@ -349,28 +351,24 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
                  "polynomial")
 WEIGHTING_SCHEMES = ("logit_normal", "sigma_sqrt", "mode", "cosmap", "none")
 REPORT_TO = ("tensorboard", "wandb", "comet_ml", "all", "none")
-# Flags that only make sense for one kind of noise process.
-DDPM_ONLY_FLAGS = ("snr_gamma", "prediction_type")
-FLOW_ONLY_FLAGS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "precondition_outputs")
-FLOW_FAMILIES = ("sd3", "flux")
-FLUX_ONLY_FLAGS = ("guidance_scale", "max_sequence_length")
-# bitsandbytes base weights: only for adapters that leave W0 alone and wrap the layer (peft's
-# LoRA has bnb layers). SaRA trains entries of W0 itself; SVFit splits W0 by its SVD and TLoRA
-# multiplies W0 by its transform, so both need the dense weight.
-QUANTIZED_BASE_METHODS = ("lora",)
+
+
+def _quantizable_methods() -> list[str]:
+    return sorted(name for name, each in METHODS.items() if not each.quantized_base_refusal)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
+    builtins = sorted(builtin_names(), key=lambda name: "tiny" in name)  # the embedded model first
+    families = ", ".join(family.title for family in FAMILIES.values())
     group.add_argument("--pretrained_model_name_or_path", default="builtin:embedded",
-                       help="base model: a built-in name (builtin:embedded, builtin:tiny-sd, "
-                            "builtin:tiny-sdxl, builtin:tiny-sd3, builtin:tiny-flux), a hub id or a local "
-                            "pipeline folder (SD 1.x/2.x, SDXL, SD3, FLUX.1-dev/schnell)")
+                       help=f"base model: a built-in name ({', '.join(builtins)}), a hub id or a local "
+                            f"pipeline folder ({families})")
     group.add_argument("--revision", help="hub revision of the base model")
     group.add_argument("--variant", help="weight variant of the base model, e.g. fp16")
     group.add_argument("--prediction_type", choices=("epsilon", "v_prediction"),
-                       help="SD/SDXL only: override the scheduler's prediction type "
-                            "(default: the model's own)")
+                       help=f"{flag_families('prediction_type')} only: override the scheduler's prediction "
+                            "type (default: the model's own)")
 
 
 def add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
@@ -424,30 +422,38 @@ def add_precision_arguments(parser: argparse.ArgumentParser) -> None:
                        help="xformers attention instead of PyTorch SDPA (the default)")
     group.add_argument("--quantize_base", choices=tuple(QUANTIZATION_BACKENDS),
                        help="load the frozen denoiser weights in 8-bit or 4-bit (NF4) through bitsandbytes "
-                            "(CUDA; LoRA only: SaRA trains the base weights themselves, SVFit and TLoRA "
-                            "need them dense)")
+                            f"(CUDA; --adapter {'/'.join(_quantizable_methods())} only: the others need the "
+                            "dense base weights)")
 
 
 def add_loss_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("noise and loss")
+    scope, default = flag_families, flag_defaults  # the families each flag applies to, its default on each
     group.add_argument("--noise_offset", type=float, default=0.0,
                        help="offset noise: add this times a per-channel constant to the noise")
     group.add_argument("--snr_gamma", type=float,
-                       help="SD/SDXL: Min-SNR loss weighting with this gamma (5.0 is the paper's value)")
+                       help=f"{scope('snr_gamma')}: Min-SNR loss weighting with this gamma (5.0 is the "
+                            "paper's value)")
     group.add_argument("--weighting_scheme", choices=WEIGHTING_SCHEMES,
-                       help="SD3/Flux: timestep density and loss weighting (default: logit_normal on SD3, "
-                            "none on Flux, as diffusers' DreamBooth scripts)")
-    group.add_argument("--logit_mean", type=float, help="SD3/Flux logit_normal: mean (default: 0.0)")
+                       help=f"{scope('weighting_scheme')}: timestep density and loss weighting (default: "
+                            f"{default('weighting_scheme')}, as diffusers' DreamBooth scripts)")
+    group.add_argument("--logit_mean", type=float,
+                       help=f"{scope('logit_mean')} logit_normal: mean (default: {default('logit_mean')})")
     group.add_argument("--logit_std", type=float,
-                       help="SD3/Flux logit_normal: standard deviation (default: 1.0)")
-    group.add_argument("--mode_scale", type=float, help="SD3/Flux mode weighting: scale (default: 1.29)")
+                       help=f"{scope('logit_std')} logit_normal: standard deviation (default: "
+                            f"{default('logit_std')})")
+    group.add_argument("--mode_scale", type=float,
+                       help=f"{scope('mode_scale')} mode weighting: scale (default: {default('mode_scale')})")
     group.add_argument("--precondition_outputs", action="store_true", default=None,
-                       help="SD3/Flux: precondition the prediction to x0 as in SD3's full fine-tuning script")
+                       help=f"{scope('precondition_outputs')}: precondition the prediction to x0 as in SD3's "
+                            "full fine-tuning script")
     group.add_argument("--guidance_scale", type=float,
-                       help="Flux: value of the guidance embedding during training (default: 3.5; "
-                            "ignored by models without one, e.g. FLUX.1-schnell)")
+                       help=f"{scope('guidance_scale')}: value of the guidance embedding during training "
+                            f"(default: {default('guidance_scale')}; ignored by models without one, e.g. "
+                            "FLUX.1-schnell)")
     group.add_argument("--max_sequence_length", type=int,
-                       help="Flux: T5 tokens per prompt (default: 512, at most 512)")
+                       help=f"{scope('max_sequence_length')}: T5 tokens per prompt (default: "
+                            f"{default('max_sequence_length')}, at most 512)")
 
 
 def add_validation_arguments(parser: argparse.ArgumentParser) -> None:
@@ -498,27 +504,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_family_flags(args: argparse.Namespace, family: str) -> None:
-    """Refuse flags that do not apply to the model's noise process (SD3/Flux flows vs DDPM) or
-    conditioning (Flux's guidance embedding and T5 length)."""
-    flow = family in FLOW_FAMILIES
-    wrong = FLOW_ONLY_FLAGS if not flow else DDPM_ONLY_FLAGS
-    given = [f"--{name}" for name in wrong if getattr(args, name, None) not in (None, False)]
-    if given:
-        applies = "SD3 and Flux (flow matching)" if not flow else "SD 1.x/2.x and SDXL (DDPM noise)"
-        raise DifftuneError(f"{', '.join(given)} only apply to {applies}; the base model is {family}")
-    given = [f"--{name}" for name in FLUX_ONLY_FLAGS if getattr(args, name, None) is not None]
-    if given and family != "flux":
-        raise DifftuneError(f"{', '.join(given)} only apply to Flux; the base model is {family}")
-
-
-def check_finite_numbers(args: argparse.Namespace) -> None:
-    """Refuse nan and inf in every number flag: Python's float() accepts them, and a NaN passes
-    every ``value <= 0`` check and would only show as a NaN loss (or adapter) much later."""
-    for name, value in vars(args).items():
-        values = value if isinstance(value, (list, tuple)) else [value]
-        for item in values:
-            if isinstance(item, float) and not math.isfinite(item):
-                raise DifftuneError(f"--{name} must be a finite number, got {item}")
+    """Refuse flags that do not apply to the model family (a name): another noise process's (flow
+    matching vs DDPM) or another family's own (Flux's guidance embedding and T5 length)."""
+    check_flags(get_family(family), vars(args))
 
 
 def check_optimizer_arguments(args: argparse.Namespace) -> None:
@@ -579,22 +567,19 @@ def check_common_arguments(args: argparse.Namespace) -> None:
 
 
 def check_quantized_base(args: argparse.Namespace) -> None:
-    """``--quantize_base``: refused for methods that need the dense base weight (SaRA first, whatever
-    is installed), then a clear error when bitsandbytes is missing."""
+    """``--quantize_base``: refused for methods that need the dense base weight (whatever is
+    installed; `Adapter.quantized_base_refusal`), then a clear error when bitsandbytes is missing."""
     import importlib.util
 
     bits = getattr(args, "quantize_base", None)
     if bits is None:
         return
     method = getattr(args, "adapter", None)
-    if method == "sara":
-        raise DifftuneError(f"--quantize_base {bits} cannot be used with --adapter sara: SaRA trains the "
-                            "base weights themselves (its trained values are written into W0), so they "
-                            "must stay in a float dtype; use --mixed_precision bf16 to halve their memory")
-    if method not in QUANTIZED_BASE_METHODS:
-        raise DifftuneError(f"--quantize_base {bits} supports --adapter {', '.join(QUANTIZED_BASE_METHODS)}; "
-                            f"{method} needs the dense base weight (SVFit splits it by its SVD, TLoRA "
-                            "multiplies it by its transform): use --mixed_precision bf16 instead")
+    refusal = get_method(method).quantized_base_refusal
+    if refusal:
+        able = ", ".join(_quantizable_methods())
+        raise DifftuneError(f"--quantize_base {bits} cannot be used with --adapter {method}: {refusal} "
+                            f"(--quantize_base supports --adapter {able})")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise DifftuneError(f"--quantize_base {bits} needs bitsandbytes, which is not installed: "
                             "pip install bitsandbytes (CUDA GPU), or drop the flag")
@@ -608,7 +593,8 @@ def add_pivotal_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("pivotal tuning (new identifier tokens)")
     group.add_argument("--train_token_embedding", action="store_true",
                        help="give the identifier new tokens whose embeddings train with the adapter "
-                            "(pivotal tuning); saved in the adapter file (SD 1.x/2.x, SDXL)")
+                            "(pivotal tuning); saved in the adapter file "
+                            f"({', '.join(f.title for f in FAMILIES.values() if f.trainable_text_encoders)})")
     group.add_argument("--identifier", default=pivotal.DEFAULTS["identifier"],
                        help="the identifier word of the instance prompt that becomes the new tokens")
     group.add_argument("--num_new_tokens", type=int, default=pivotal.DEFAULTS["num_new_tokens"],

@@ -5,7 +5,8 @@ examples is an endless stream of shuffled epochs, and every example drawn at str
 position p gets its own generator seeded from (seed, p). Crops, flips, the VAE sample,
 the noise and the timestep of that example all come from it. So a resumed run sees
 exactly the batches and noise of an uninterrupted one, and N processes that each take
-a slice of the global batch see the same samples as one process taking all of it.
+a slice of the global batch see the same samples as one process taking all of it
+(`difftune.streams`).
 """
 
 from __future__ import annotations
@@ -22,28 +23,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from ..errors import DifftuneError
+from ..families import TrainingBatch
+from ..paths import IMAGE_SUFFIXES, SUBJECT_FILE
+from ..streams import RandomDomain, SampleStream, sample_generator
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CAPTION_SUFFIX = ".txt"
 METADATA_FILE = "metadata.jsonl"
-SUBJECT_FILE = "subject.json"  # a subject's identifier, class and prompts (metrics.subject, recipes, world)
 CAPTION_KEYS = ("text", "caption", "prompt")
 INSTANCE, CLASS = 0, 1  # example kinds; class examples are the prior-preservation images
-
-
-class RandomDomain:
-    """Keys that keep the uses of the seed apart (see `sample_generator`)."""
-
-    EPOCH_ORDER = 0
-    EXAMPLE = 1
-    CACHED_CROP = 2
-    CLASS_IMAGE = 3
-
-
-def sample_generator(seed: int, *keys: int, device: str | torch.device = "cpu") -> torch.Generator:
-    """A generator seeded from ``(seed, *keys)``: independent streams for independent uses."""
-    state = np.random.SeedSequence([int(seed), *map(int, keys)]).generate_state(2, dtype=np.uint32)
-    return torch.Generator(device).manual_seed(int(state[0]) << 31 ^ int(state[1]))
 
 
 # --- image folders --------------------------------------------------------------------------
@@ -224,35 +211,7 @@ class SubjectDataset:
         return list(dict.fromkeys(e.prompt for e in self.all_examples()))
 
 
-class SampleStream:
-    """Stream position → dataset index, over an endless sequence of shuffled epochs."""
-
-    def __init__(self, length: int, seed: int):
-        self.length = length
-        self.seed = seed
-        self._orders: dict[int, list[int]] = {}
-
-    def index(self, position: int) -> int:
-        epoch, offset = divmod(position, self.length)
-        if epoch not in self._orders:
-            generator = sample_generator(self.seed, RandomDomain.EPOCH_ORDER, epoch)
-            self._orders = {epoch: torch.randperm(self.length, generator=generator).tolist()}
-        return self._orders[epoch][offset]
-
-
 # --- batches -------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class TrainingBatch:
-    """What a training step needs; tensors are on the training device."""
-
-    moments: torch.Tensor  # VAE posterior (mean, logvar) concatenated on channels
-    conditioning: dict[str, torch.Tensor]  # prompt embeddings, keyed as the pipeline names them
-    original_sizes: torch.Tensor  # (B, 2) height, width before resizing
-    crops_top_left: torch.Tensor  # (B, 2)
-    is_prior: torch.Tensor  # (B,) bool: class images of prior preservation
-    generators: list[torch.Generator]  # one per example, for the rest of the step's randomness
-
 
 @dataclasses.dataclass
 class _PreparedImage:

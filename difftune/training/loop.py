@@ -30,8 +30,10 @@ from tqdm.auto import tqdm
 from .. import machine
 from ..api import AdapterSpec, count_trainable_parameters, get_adapter, load_adapter, trainable_parameters
 from ..errors import DifftuneError
+from ..families import check_capability, get_family
 from ..io import check_output_dir
 from ..model_factory import build_denoiser_on_meta
+from ..tuners import get_method
 from . import checkpointing
 from .settings import (
     QUANTIZATION_BACKENDS,
@@ -165,22 +167,25 @@ def is_fsdp(accelerator: Any) -> bool:
     return str(getattr(accelerator, "distributed_type", "")).endswith("FSDP")
 
 
-def check_fsdp(accelerator: Any, method: str, resume_from_checkpoint: str | None) -> bool:
-    """Under FSDP: refuse what it cannot do (``method`` sara, resuming) and say what changes;
-    returns whether FSDP is on.
+def check_fsdp(accelerator: Any, method: str, resume_from_checkpoint: str | None,
+               family: str | None = None) -> bool:
+    """Under FSDP: refuse what it cannot do (a method or model family that cannot be sharded,
+    resuming) and say what changes; returns whether FSDP is on.
 
-    SaRA writes its trained values into the base weights at every forward: a sharded weight has
-    no whole tensor to write into, so SaRA runs under DDP (or one process), not FSDP. Checkpoints
-    of a sharded run would need per-process shards of the adapter and optimizer state, which
-    difftune's checkpoints do not hold yet: none are written and none are resumed; the adapter
-    is gathered and saved once at the end.
+    A method that writes its trained values into the base weights (SaRA, `Adapter.fsdp_refusal`)
+    has no whole tensor to write into when they are sharded, so it runs under DDP (or one
+    process), not FSDP. Checkpoints of a sharded run would need per-process shards of the adapter
+    and optimizer state, which difftune's checkpoints do not hold yet: none are written and none
+    are resumed; the adapter is gathered and saved once at the end.
     """
     if not is_fsdp(accelerator):
         return False
-    if method == "sara":
-        raise DifftuneError("--adapter sara cannot run under FSDP: SaRA trains entries of the base "
-                            "weights themselves, which FSDP shards; launch it with DDP (accelerate "
-                            "launch --multi_gpu) or on one GPU with --mixed_precision bf16")
+    refusal = get_method(method).fsdp_refusal
+    if refusal:
+        raise DifftuneError(f"--adapter {method} cannot run under FSDP: {refusal}; launch it with DDP "
+                            "(accelerate launch --multi_gpu) or on one GPU with --mixed_precision bf16")
+    if family is not None:
+        check_capability(get_family(family), "fsdp", "FSDP")
     if resume_from_checkpoint:
         raise DifftuneError("--resume_from_checkpoint is not supported under FSDP (its checkpoints are "
                             "not written); resume under DDP or on one GPU")
@@ -221,8 +226,8 @@ def quantization_kwargs(model: ModelSettings, dtype: torch.dtype) -> dict[str, A
 
     from ..model_factory import describe_model
 
-    component = "unet" if describe_model(model.pretrained_model_name_or_path, model.revision).family in (
-        "sd", "sdxl") else "transformer"
+    family = get_family(describe_model(model.pretrained_model_name_or_path, model.revision).family)
+    component = family.denoiser_component
     quant_kwargs: dict[str, Any] = {"load_in_8bit": True} if bits == "8bit" else {
         "load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": dtype}
     config = PipelineQuantizationConfig(quant_backend=QUANTIZATION_BACKENDS[bits], quant_kwargs=quant_kwargs,

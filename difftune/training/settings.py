@@ -12,14 +12,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import torch
+from ..options import DTYPES, PRECISIONS  # noqa: F401 (the trainers read them here)
+from ..sampling import GenerationSettings
 
-from .validation import GenerationSettings
-
-# Precision names of the flags (--mixed_precision, --prior_generation_precision, --dtype, ...) as
-# torch dtypes; "no" is accelerate's name for full precision.
-PRECISIONS = ("fp32", "fp16", "bf16")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
 # --quantize_base values and the diffusers quantization backends that load them
 QUANTIZATION_BACKENDS = {"8bit": "bitsandbytes_8bit", "4bit": "bitsandbytes_4bit"}
 

@@ -12,7 +12,7 @@ import dataclasses
 import types
 import typing
 from abc import ABC, ABCMeta, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -143,6 +143,17 @@ class Adapter(ABC):
     # True when the adapter file is also a diffusers LoRA file (`pipe.load_lora_weights`),
     # so trainers also write it under diffusers' default name.
     diffusers_lora_file: ClassVar[bool] = False
+    # Why the method cannot train on a base whose weights bitsandbytes holds in 8 or 4 bits (None: it
+    # can, as a layer wrapper that leaves W0 alone, like peft's LoRA with its bnb layers).
+    quantized_base_refusal: ClassVar[str | None] = ("it needs the dense base weight: use --mixed_precision "
+                                                    "bf16 instead")
+    # Why the method cannot run under FSDP, which shards the base weights (None: it can).
+    fsdp_refusal: ClassVar[str | None] = None
+    # Options the one-step (HiPA) trainer uses unless the flags say otherwise.
+    one_step_defaults: ClassVar[dict[str, Any]] = {}
+    # The option that sizes the adapter by a count of trainable parameters, if the method has one:
+    # benchmarks give it another method's count, for budgets that compare.
+    budget_option: ClassVar[str | None] = None
 
     def __init__(self, model: nn.Module, config: AdapterConfig, modules: dict[str, nn.Module]):
         self.model = model
@@ -228,6 +239,24 @@ class Adapter(ABC):
         """The base tensors (``<module>.weight``, ``<module>.bias``) whose values the merged adapter
         changes: what an export compares against the base model to get ΔW."""
         return [f"{name}.weight" for name in self.target_names]
+
+    @classmethod
+    def weightless_parameter_count(cls, model: nn.Module, config: AdapterConfig,
+                                   modules: dict[str, nn.Module]) -> int | None:
+        """The trainable-parameter count on a weightless (meta-device) model, for methods that cannot
+        attach to one; None: attach and count (`difftune.params`)."""
+        return None
+
+    @classmethod
+    def exact_lora_refusal(cls, config: Mapping[str, Any]) -> str | None:
+        """Why an adapter of this method with ``config`` (its options) has no exact LoRA form for other
+        tools' LoRA files; None when `lora_factors` gives one. An export then extracts one by SVD."""
+        return f"a {cls.method} adapter is not a LoRA"
+
+    def lora_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+        """``{module: (down, up, alpha)}`` with ΔW = alpha/rank · up·down exactly (rank = down's first
+        size), for methods whose `exact_lora_refusal` is None."""
+        raise DifftuneError(self.exact_lora_refusal(self.config.to_dict()) or f"{self.method}: no LoRA form")
 
     def file_metadata(self) -> dict[str, Any]:
         """Method-specific facts stored in the file (for example what rebuilds a mask)."""

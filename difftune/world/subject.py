@@ -37,7 +37,7 @@ from PIL import Image
 
 from ..errors import DifftuneError, run_main
 from ..io import write_json
-from ..training.data import SUBJECT_FILE
+from ..paths import SUBJECT_FILE
 from .scenes import (
     BACKGROUNDS,
     COLORS,

@@ -10,11 +10,14 @@ so we do not convert).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from ...errors import DifftuneError
 from ..base import Adapter, check_tensor_names, replace_module
 from .config import LoraConfig
 
@@ -27,6 +30,8 @@ class LoraAdapter(Adapter):
     supported_layers = (nn.Linear, nn.Conv2d)
     supported_description = "Linear and Conv2d layers"
     diffusers_lora_file = True
+    quantized_base_refusal = None  # peft's LoRA has bitsandbytes layers
+    one_step_defaults: ClassVar[dict[str, Any]] = {"rank": 16}  # about HiPA's 3.3M parameters on SD 1.5
 
     config: LoraConfig
 
@@ -105,3 +110,20 @@ class LoraAdapter(Adapter):
         packed = {f"{component}.{k}": sorted(v) if isinstance(v, set) else v
                   for k, v in peft_dict.items()}
         return {"format": "pt", "lora_adapter_metadata": json.dumps(packed, sort_keys=True, default=str)}
+
+    @classmethod
+    def exact_lora_refusal(cls, config: Mapping[str, Any]) -> str | None:
+        return "a DoRA adapter has no exact kohya LoRA form" if config.get("use_dora") else None
+
+    def lora_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+        """The trained factors (peft's ``<module>.lora_A.weight`` / ``lora_B``) as other tools' LoRA files
+        hold them. peft scales by alpha/rank (alpha/√rank with rsLoRA); those files always scale by
+        alpha/rank, so rsLoRA's alpha is written as alpha·√rank. Keeping the trained alpha (instead of
+        alpha = rank, what diffusers' ``convert_state_dict_to_kohya`` writes) keeps the strength exact."""
+        state, cfg = self.adapter_state_dict(), self.config
+        if any(".lora_magnitude_vector" in key for key in state):
+            raise DifftuneError("a DoRA adapter has no exact kohya LoRA form; export it with --rank or "
+                                "--energy")
+        alpha = cfg.effective_alpha * math.sqrt(cfg.rank) if cfg.use_rslora else cfg.effective_alpha
+        modules = sorted({key.rsplit(".lora_A.", 1)[0] for key in state if ".lora_A." in key})
+        return {m: (state[f"{m}.lora_A.weight"], state[f"{m}.lora_B.weight"], alpha) for m in modules}

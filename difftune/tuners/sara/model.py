@@ -66,6 +66,11 @@ class SaraAdapter(Adapter):
     config_class = SaraConfig
     supported_layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
     supported_description = "Linear and Conv layers (biases and norms through include_bias_norm)"
+    quantized_base_refusal = ("SaRA trains the base weights themselves (its trained values are written into "
+                              "W0), so they must stay in a float dtype; use --mixed_precision bf16 to halve "
+                              "their memory")
+    fsdp_refusal = "SaRA trains entries of the base weights themselves, which FSDP shards"
+    budget_option = "budget"
 
     config: SaraConfig
 
@@ -80,6 +85,16 @@ class SaraAdapter(Adapter):
         self._merged_state = False
 
     # --- selection ---------------------------------------------------------------------
+
+    @classmethod
+    def weightless_parameter_count(cls, model: nn.Module, config: SaraConfig,
+                                   modules: dict[str, nn.Module]) -> int | None:
+        """A budget fixes the count without weights (θ is then its quantile); a threshold needs them."""
+        if config.budget is None:
+            raise DifftuneError("sara with a threshold selects by the weights' magnitudes: give a 'budget' "
+                                "or count on a real model")
+        tensors = targeted_tensors(model, modules, config.include_bias_norm)
+        return budget_to_count(config.budget, sum(t.numel() for t in tensors.values()))
 
     def attach(self, modules: dict[str, nn.Module]) -> None:
         cfg = self.config

@@ -41,6 +41,8 @@ class SVFitAdapter(WrappingLayerAdapter):
     config: SVFitConfig
     layers: dict[str, SVFitLayer]
     file_shapes_fixed = False  # the file's rank wins: its load resizes the layers, then checks shapes
+    quantized_base_refusal = ("svfit needs the dense base weight (SVFit splits it by its SVD): use "
+                              "--mixed_precision bf16 instead")
 
     def attach(self, modules: dict[str, nn.Module]) -> None:
         self._wrap(modules, {})

@@ -20,6 +20,8 @@ class TLoraAdapter(WrappingLayerAdapter):
 
     config: TLoraConfig
     layers: dict[str, TLoraLayer]
+    quantized_base_refusal = ("tlora needs the dense base weight (TLoRA multiplies it by its transform): "
+                              "use --mixed_precision bf16 instead")
 
     def make_layer(self, name: str, module: nn.Module) -> AdapterLayer:
         return TLoraLayer(module, self.config)
