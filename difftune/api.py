@@ -29,25 +29,28 @@ from .adapter_file import (
     resolve_adapter_path,
 )
 from .errors import AdapterFileError, DifftuneError
+from .families import FAMILIES, denoiser_components, text_encoder_components
+from .lora_import import is_foreign_file, read_foreign_lora
 from .targeting import resolve_targets
+from .tokens import prepare_token_loading
 from .tuners import Adapter, AdapterConfig, get_method
 
 _ADAPTER_ATTRIBUTE = "_difftune_adapter"
-DENOISER_COMPONENTS = ("unet", "transformer")
-TEXT_ENCODER_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 def find_denoiser(obj: Any) -> tuple[nn.Module, str]:
-    """Return ``(denoiser, component_name)`` for a pipeline or a model."""
-    for component in DENOISER_COMPONENTS:
+    """Return ``(denoiser, component_name)`` for a pipeline or a model (the component a model family
+    names its class by; other models by the kind of their class name, else ``model``)."""
+    for component in denoiser_components():
         denoiser = getattr(obj, component, None)
         if isinstance(denoiser, nn.Module) and not isinstance(obj, nn.Module):
             return denoiser, component
     if isinstance(obj, nn.Module):
         model = unwrap_model(obj)
         kind = type(model).__name__
-        component = "unet" if "UNet" in kind else "transformer" if "Transformer" in kind else "model"
-        return model, component
+        known = {family.denoiser_class: family.denoiser_component for family in FAMILIES.values()}
+        guessed = "unet" if "UNet" in kind else "transformer" if "Transformer" in kind else "model"
+        return model, known.get(kind, guessed)
     raise DifftuneError(f"expected a diffusers pipeline or an nn.Module, got {type(obj).__name__}")
 
 
@@ -84,7 +87,7 @@ def adapted_text_encoders(pipeline: Any) -> dict[str, nn.Module]:
     """
     if isinstance(pipeline, nn.Module):
         return {}
-    encoders = {name: getattr(pipeline, name, None) for name in TEXT_ENCODER_COMPONENTS}
+    encoders = {name: getattr(pipeline, name, None) for name in text_encoder_components()}
     return {name: encoder for name, encoder in encoders.items()
             if isinstance(encoder, nn.Module) and has_adapter(encoder)}
 
@@ -222,7 +225,7 @@ def save_adapter(model: Any, path: str | os.PathLike, base_model: str | None = N
     difftune version. Text-encoder adapters go into the same file, under their component
     names (``text_encoder.``): those of a pipeline are found by themselves, or pass
     ``text_encoders={"text_encoder": module}`` with a bare denoiser. ``token_embeddings`` adds new
-    tokens' embeddings (pivotal tuning, difftune.training.pivotal). The write is atomic.
+    tokens' embeddings (pivotal tuning, difftune.training.pivotal; `difftune.tokens`). The write is atomic.
     """
     denoiser, component = find_denoiser(model)
     adapter = get_adapter(denoiser)
@@ -274,8 +277,8 @@ def load_adapter(
     `Adapter.combine_files` (SaRA does). Returns the denoiser's adapter.
 
     A LoRA file made by another tool (kohya / A1111 / ComfyUI / diffusers / peft layout) is
-    imported through diffusers' own key converters as a difftune LoRA (`difftune.export.importer`);
-    a file with a key that maps to no module is refused whole.
+    read through diffusers' own key converters as a difftune LoRA file (`difftune.lora_import`) and
+    attached like one; a file with a key that maps to no module is refused whole.
     """
     single = isinstance(path, (str, os.PathLike))
     paths = [path] if single else list(path)
@@ -284,12 +287,10 @@ def load_adapter(
     files: list[AdapterFile] = []
     for each in paths:
         file_path = resolve_adapter_path(each)
-        if single:
-            from .export.importer import import_lora, is_foreign_file
-
-            if is_foreign_file(file_path):  # a LoRA file of kohya, ComfyUI, diffusers, ...
-                return import_lora(pipeline_or_model, file_path, float(scale))
-        files.append(AdapterFile.read(file_path, resolved=True))
+        if single and is_foreign_file(file_path):  # a LoRA file of kohya, ComfyUI, diffusers, ...
+            files.append(read_foreign_lora(pipeline_or_model, file_path))
+        else:
+            files.append(AdapterFile.read(file_path, resolved=True))
     denoiser, _component = find_denoiser(pipeline_or_model)
     # every file checked (config, base model, text encoders present) before the model is touched
     plans: list[tuple[type[Adapter], AdapterConfig]] = []
@@ -307,8 +308,6 @@ def load_adapter(
     if single:
         (adapter_class, config), section, source = plans[0], files[0].main, files[0].source
         if files[0].token_embeddings is not None:
-            from .training.pivotal import prepare_token_loading
-
             add_tokens = prepare_token_loading(pipeline_or_model, files[0].token_embeddings, source)
     else:
         adapter_class, section, source, scale = _combine(files, scale)

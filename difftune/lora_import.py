@@ -1,12 +1,14 @@
-"""Import LoRA files made by other tools (kohya sd-scripts, A1111/ComfyUI exports, diffusers, peft)
-as a difftune LoRA adapter, so they can be evaluated, scaled, merged or trained further.
+"""Read LoRA files made by other tools (kohya sd-scripts, A1111/ComfyUI exports, diffusers, peft) as a
+difftune LoRA file, so `difftune.load_adapter` attaches them like its own: to evaluate, scale, merge
+or train further.
 
 diffusers' own loader does the key conversion (kohya and SGM/LDM names, alphas, conv LoRAs):
 the file is loaded with ``pipe.load_lora_weights``, the LoRA factors and scales are read back
-from the layers it made, and the same modules get a difftune LoRA holding those factors. SD3
-files in the kohya form (``lora_transformer_*``, which ComfyUI reads and diffusers does not) are
-renamed by the module-name rule first. A file is refused, naming its first unmapped key, unless
-every LoRA module in it lands on a module of the model: never a partial load.
+from the layers it made, and they become the sections of an `AdapterFile` of method ``lora``
+on the same modules. Files in a layout diffusers does not read (SD3's ``lora_transformer_*``,
+which ComfyUI reads) are renamed by the family's module-name rule first. A file is refused,
+naming its first unmapped key, unless every LoRA module in it lands on a module of the model:
+never a partial load.
 """
 
 from __future__ import annotations
@@ -18,9 +20,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapter_file import METADATA_KEY, first_non_finite, read_safetensors
-from ..errors import AdapterFileError, DifftuneError
-from .names import KOHYA_PREFIXES, kohya_module_name
+from .adapter_file import (
+    METADATA_KEY,
+    AdapterFile,
+    AdapterSection,
+    fingerprint,
+    first_non_finite,
+    read_safetensors,
+)
+from .errors import AdapterFileError, DifftuneError
+from .families import denoiser_components, family_of, text_encoder_components
+from .families.base import LoraKeyLayout, ModelFamily
+from .tuners.lora import LoraAdapter
 
 IMPORT_ADAPTER_NAME = "difftune_import"
 # suffixes of the down factor of one LoRA module, in the layouts diffusers converts
@@ -74,35 +85,43 @@ def _check_lora_keys(tensors: dict[str, torch.Tensor], source: str) -> None:
 
 
 def _models(pipeline: Any) -> dict[str, nn.Module]:
-    from ..api import DENOISER_COMPONENTS, TEXT_ENCODER_COMPONENTS
-
-    names = (*DENOISER_COMPONENTS, *TEXT_ENCODER_COMPONENTS)
+    names = (*denoiser_components(), *text_encoder_components())
     return {name: model for name in names if isinstance(model := getattr(pipeline, name, None), nn.Module)}
 
 
-def _rename_kohya(
-    tensors: dict[str, torch.Tensor], family: str, models: dict[str, nn.Module], source: str
+def _unread_layout(family: type[ModelFamily], tensors: dict[str, torch.Tensor]) -> LoraKeyLayout | None:
+    """The family's LoRA layout that diffusers does not read and the file's keys are in, if any."""
+    for layout in family.lora_layouts.values():
+        prefixes = tuple(prefix + layout.separator for prefix in layout.prefixes.values())
+        if not layout.diffusers_reads and any(key.startswith(prefixes) for key in tensors):
+            return layout
+    return None
+
+
+def _rename_layout(
+    tensors: dict[str, torch.Tensor], layout: LoraKeyLayout, family: type[ModelFamily],
+    models: dict[str, nn.Module], source: str
 ) -> dict[str, torch.Tensor]:
-    """kohya-form keys diffusers does not convert (SD3's) → peft keys, alpha/rank folded into up."""
+    """Keys of a layout diffusers does not convert (SD3's) → peft keys, alpha/rank folded into up."""
     lookup = {}
     for component, model in models.items():
-        if component not in KOHYA_PREFIXES[family]:
+        if component not in layout.prefixes:
             continue
         for name, module in model.named_modules():
             if isinstance(module, (nn.Linear, nn.Conv2d)):
-                lookup[kohya_module_name(family, component, name, None)] = f"{component}.{name}"
+                lookup[layout.key(component, name)] = f"{component}.{name}"
     renamed = {}
     for key in sorted(tensors):
         stem, _, suffix = key.partition(".")
         if suffix == "alpha":
             continue
-        if stem not in lookup or suffix not in ("lora_down.weight", "lora_up.weight"):
+        if stem not in lookup or suffix not in (layout.down, layout.up):
             raise AdapterFileError(
-                f"{source}: key '{key}' maps to no module of this {family} model (nothing was loaded)"
+                f"{source}: key '{key}' maps to no module of this {family.name} model (nothing was loaded)"
             )
         value = tensors[key]
-        if suffix == "lora_up.weight":
-            rank = tensors[f"{stem}.lora_down.weight"].shape[0]
+        if suffix == layout.up:
+            rank = tensors[f"{stem}.{layout.down}"].shape[0]
             alpha = float(tensors[f"{stem}.alpha"]) if f"{stem}.alpha" in tensors else float(rank)
             renamed[f"{lookup[stem]}.lora_B.weight"] = value.float() * (alpha / rank)
         else:
@@ -160,7 +179,7 @@ def _stem(key: str) -> str:
 
 
 def _first_unmapped(
-    file_keys: list[str], found: dict[str, dict[str, Any]], family: str, unet_config: Any
+    file_keys: list[str], found: dict[str, dict[str, Any]], family: type[ModelFamily], denoiser_config: Any
 ) -> str:
     """The first down key of the file whose module is not among the loaded ones (by every name the
     module can have in a file); the first key when none can be told apart."""
@@ -170,8 +189,9 @@ def _first_unmapped(
             known.update(
                 {f"{component}.{module}", module, f"{component}.{module.replace('.to_', '.processor.to_')}"}
             )
-            if component in KOHYA_PREFIXES.get(family, {}):
-                known.add(kohya_module_name(family, component, module, unet_config))
+            for layout in family.lora_layouts.values():
+                if component in layout.prefixes:
+                    known.add(layout.key(component, module, denoiser_config))
     for key in file_keys:
         stem = _stem(key).replace("_lora", "")
         if stem not in known and stem.removesuffix(".0") not in known:
@@ -179,12 +199,10 @@ def _first_unmapped(
     return file_keys[0]
 
 
-def import_lora(pipeline: Any, path: str | os.PathLike, scale: float = 1.0):
-    """Attach the LoRA file of another tool at ``path`` to ``pipeline`` as difftune LoRA adapters
-    (denoiser and text encoders); returns the denoiser's adapter."""
-    from ..api import add_adapter, find_denoiser, has_adapter, remove_adapter, set_adapter_scale
-    from ..model_factory import pipeline_family
-
+def read_foreign_lora(pipeline: Any, path: str | os.PathLike) -> AdapterFile:
+    """The LoRA file of another tool at ``path``, read through ``pipeline`` (whose modules it must
+    fit), as a difftune file of LoRA sections (denoiser and text encoders) that
+    `difftune.load_adapter` attaches; the pipeline is left as it was."""
     source = str(path)
     if isinstance(pipeline, nn.Module):
         raise DifftuneError(
@@ -193,16 +211,17 @@ def import_lora(pipeline: Any, path: str | os.PathLike, scale: float = 1.0):
         )
     tensors, _ = read_safetensors(path)
     _check_lora_keys(tensors, source)
-    family = pipeline_family(pipeline)
+    family = family_of(pipeline)
+    if not family.diffusers_loads_lora:
+        raise DifftuneError(f"{source}: diffusers has no LoRA loader for {family.title} pipelines, which "
+                            "difftune reads other tools' LoRA files with")
     models = _models(pipeline)
-    denoiser, denoiser_name = find_denoiser(pipeline)
-    unet_config = denoiser.config if denoiser_name == "unet" else None
+    denoiser_name = family.denoiser_component
+    denoiser_config = models[denoiser_name].config
     file_keys = sorted(k for k in tensors if k.endswith(_DOWN_SUFFIXES))
-    state = dict(tensors)
-    if family == "sd3" and any(k.startswith("lora_") for k in tensors):
-        state = _rename_kohya(state, family, models, source)
-    else:
-        state = _one_alpha(state)
+    layout = _unread_layout(family, tensors)  # one diffusers cannot convert: renamed here
+    state = dict(tensors)  # diffusers' converters pop from the dict they get
+    state = _one_alpha(state) if layout is None else _rename_layout(state, layout, family, models, source)
     diffusers_logger = logging.getLogger("diffusers")
     level = diffusers_logger.level
     diffusers_logger.setLevel(logging.ERROR)  # its partial-load warnings are replaced by the check below
@@ -220,30 +239,18 @@ def import_lora(pipeline: Any, path: str | os.PathLike, scale: float = 1.0):
     _unload(pipeline)
     mapped = sum(len(layers) for layers in found.values())
     if mapped != len(file_keys):
-        key = _first_unmapped(file_keys, found, family, unet_config)
+        key = _first_unmapped(file_keys, found, family, denoiser_config)
         raise AdapterFileError(
-            f"{source}: key '{key}' maps to no module of this {family} model "
+            f"{source}: key '{key}' maps to no module of this {family.name} model "
             f"({mapped} of the file's {len(file_keys)} LoRA modules map; nothing was loaded)"
         )
     if denoiser_name not in found:
         raise AdapterFileError(
             f"{source}: the file adapts only text encoders; difftune adapters start at the {denoiser_name}"
         )
-    attached = []
-    try:
-        for component in [denoiser_name, *sorted(c for c in found if c != denoiser_name)]:
-            attached.append(models[component])
-            _attach(models[component], found[component], source, add_adapter)
-    except BaseException:
-        for model in attached:
-            if has_adapter(model):
-                remove_adapter(model)
-        raise
-    if scale != 1.0:
-        set_adapter_scale(pipeline, scale)
-    from ..api import get_adapter
-
-    return get_adapter(denoiser)
+    sections = {component: _section(models[component], found[component])
+                for component in [denoiser_name, *sorted(c for c in found if c != denoiser_name)]}
+    return AdapterFile(component=denoiser_name, sections=sections, source=source)
 
 
 def _unload(pipeline: Any) -> None:
@@ -251,13 +258,8 @@ def _unload(pipeline: Any) -> None:
         pipeline.unload_lora_weights()
 
 
-def _attach(
-    model: nn.Module,
-    layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]],
-    source: str,
-    add_adapter: Any,
-) -> None:
-    """One difftune LoRA over ``layers``. A common rank and scale are kept as rank and alpha; mixed
+def _section(model: nn.Module, layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> AdapterSection:
+    """One difftune LoRA section over ``layers``. A common rank and scale are kept as rank and alpha; mixed
     ones become the largest rank at scale 1, each layer's scale folded into its up factor and its
     factors padded with zeros (zero rows and columns get zero gradients: they stay zero in training)."""
     kinds = {(a.shape[0], s) for a, _, s in layers.values()}
@@ -267,7 +269,6 @@ def _attach(
     else:
         rank = max(r for r, _ in kinds)
         alpha, fold = float(rank), True
-    adapter = add_adapter(model, "lora", targets=sorted(layers), rank=rank, alpha=alpha)
     state = {}
     for name, (a, b, scaling) in layers.items():
         if fold:
@@ -276,4 +277,7 @@ def _attach(
             a = torch.cat([a, a.new_zeros(pad, *a.shape[1:])], 0)
             b = torch.cat([b, b.new_zeros(b.shape[0], pad, *b.shape[2:])], 1)
         state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"] = a, b
-    adapter.load_file_tensors(state, source)
+    targets = sorted(layers)
+    config = {"targets": targets, "rank": rank, "alpha": alpha}
+    return AdapterSection(method=LoraAdapter.method, config=config, targets=targets,
+                          fingerprint=fingerprint(model, targets), extra={}, tensors=state)
