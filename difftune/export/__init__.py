@@ -7,11 +7,15 @@ Formats:
 - ``kohya``: ``lora_unet_*.lora_down/lora_up/alpha``. Exact for LoRA (its real alpha, conv kernels
   kept). Other methods: ΔW = W_adapted − W0 per layer, truncated by SVD at ``rank`` or ``energy``,
   with the error reported per layer, overall, and as the PSNR of images against the adapter.
-- ``comfyui``: the kohya form under the names ComfyUI maps for the family (SD3:
-  ``lora_transformer_*``; SD 1.x/SDXL: identical to ``kohya``).
+- ``comfyui``: a LoRA file under the names ComfyUI maps for the family (its `LoraKeyLayout`:
+  the same as ``kohya`` for the UNet families, OneTrainer's ``lora_transformer_*`` for SD3,
+  ai-toolkit's ``transformer.*.lora_A/lora_B`` for FLUX.1).
 - ``diff``: lossless full ΔW per changed tensor (``.diff``/``.diff_b``, LyCORIS' keys).
 - ``diffusers``: a merged pipeline folder (``save_pretrained``).
-- ``single-file``: a merged checkpoint in the original LDM/SAI key layout (SD 1.x, SDXL).
+- ``single-file``: a merged checkpoint in the family's original key layout (SD 1.x, SDXL).
+
+Which family takes which format is the family's own business (`difftune.families`): a format it
+cannot be written in is refused by `check_export_options`, before any model loads.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +44,14 @@ from ..api import (
     remove_adapter,
 )
 from ..errors import DifftuneError
+from ..families import EXPORT_FORMATS, ModelFamily, check_export_format, family_of, get_family
 from ..io import write_text
+from ..sampling import GenerationSettings, generate_images, save_grid
+from ..tuners import get_method
 from .deltas import adapter_deltas, factor_deltas, merged_and_base, weights_replaced
-from .formats import diff_tensors, kohya_lora_tensors, lora_factors_from_peft, lora_factors_from_svd
+from .formats import diff_tensors, lora_factors_from_svd, lora_tensors
 
-FORMATS = ("kohya", "comfyui", "diff", "diffusers", "single-file")
+FORMATS = EXPORT_FORMATS
 LORA_FORMATS = ("kohya", "comfyui")
 EXPORT_METADATA_KEY = "difftune_export"
 DEFAULT_PROMPT = "a photo"
@@ -116,10 +124,10 @@ class ExportReport:
         return "\n".join(lines)
 
 
-def check_export_options(method: str, family: str, fmt: str, rank: int | None, energy: float | None,
-                         dora: bool = False) -> None:
-    """Refuse a format the family has no use for, or a missing/contradictory --rank/--energy, before
-    anything heavy runs."""
+def check_export_options(method: str, config: Mapping[str, Any], family: str, fmt: str, rank: int | None,
+                         energy: float | None) -> None:
+    """Refuse a format the family (a name) cannot be written in, or a missing/contradictory --rank/--energy
+    for the adapter (its method and options ``config``), before anything heavy runs."""
     if fmt not in FORMATS:
         raise DifftuneError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if rank is not None and energy is not None:
@@ -128,24 +136,11 @@ def check_export_options(method: str, family: str, fmt: str, rank: int | None, e
         raise DifftuneError(f"--rank must be at least 1, got {rank}")
     if energy is not None and not 0.0 < energy <= 1.0:
         raise DifftuneError(f"--energy must be in (0, 1], got {energy}")
-    if fmt == "single-file" and family not in ("sd", "sdxl"):
-        raise DifftuneError(
-            f"--format single-file writes the original SD 1.x/SDXL layout; a {family} model "
-            "exports with --format diffusers"
-        )
-    if fmt == "kohya" and family == "sd3":
-        raise DifftuneError(
-            "SD3 has no kohya LoRA naming that A1111 reads; use --format comfyui "
-            "(the names ComfyUI maps for SD3)"
-        )
-    if fmt in LORA_FORMATS and dora and rank is None and energy is None:
-        raise DifftuneError("a DoRA adapter has no exact kohya LoRA form: give --rank R or --energy E "
-                            "for its SVD extraction, or use --format diff (lossless)")
-    if fmt in LORA_FORMATS and method != "lora" and rank is None and energy is None:
-        raise DifftuneError(
-            f"a {method} adapter is not a LoRA: give --rank R or --energy E for its SVD "
-            "extraction, or use --format diff (lossless)"
-        )
+    check_export_format(get_family(family), fmt)
+    refusal = get_method(method).exact_lora_refusal(config)
+    if fmt in LORA_FORMATS and refusal and rank is None and energy is None:
+        raise DifftuneError(f"{refusal}: give --rank R or --energy E for its SVD extraction, or use "
+                            "--format diff (lossless)")
     if fmt not in LORA_FORMATS and (rank is not None or energy is not None):
         raise DifftuneError(f"--rank/--energy only apply to --format kohya/comfyui, not {fmt}")
 
@@ -163,57 +158,49 @@ def export_adapter(
     prompt: str = DEFAULT_PROMPT,
     num_inference_steps: int = 20,
     seed: int = 0,
+    resolution: int | None = None,
 ) -> ExportReport:
     """Write ``adapter_path`` in ``format`` to ``output`` and return the report (also written as
-    ``<output>.report.json``, with an image grid base | adapter | export when images are compared).
+    ``<output>.report.json``, with an image grid base | adapter | export when images are compared,
+    at ``resolution``, default the model's own).
 
     ``pipeline`` (a loaded base pipeline without an adapter) saves loading ``base_model`` (default:
     the base named in the adapter's header); it is left without an adapter afterwards.
     """
-    from ..model_factory import describe_model, load_pipeline, pipeline_family
+    from ..model_factory import describe_model, load_pipeline
 
     info = read_adapter_info(adapter_path)
     if TOKEN_EMBEDDINGS in info:  # difftune.training.pivotal
         tokens = ", ".join(info[TOKEN_EMBEDDINGS]["tokens"])
         raise DifftuneError(f"{adapter_path}: carries new token embeddings ({tokens}), which a {format} "
                             "export has no place for; use the difftune file (difftune.load_adapter)")
-    dora = bool(info["config"].get("use_dora"))
     output = Path(output)
     if pipeline is None:
         base_model = base_model or info.get("base_model")
         if not base_model:
             raise DifftuneError(f"{adapter_path}: the header names no base model; pass --base")
         # every option is checked before the weights load
-        check_export_options(info["method"], describe_model(base_model).family, format, rank, energy, dora)
+        check_export_options(info["method"], info["config"], describe_model(base_model).family, format, rank,
+                             energy)
         pipeline = load_pipeline(base_model)
     elif has_adapter(pipeline):
         raise DifftuneError("export_adapter: the pipeline already carries an adapter")
-    family = pipeline_family(pipeline)
-    check_export_options(info["method"], family, format, rank, energy, dora)
+    family = family_of(pipeline)
+    check_export_options(info["method"], info["config"], family.name, format, rank, energy)
 
     load_adapter(pipeline, adapter_path)
     try:
         if format in ("diffusers", "single-file"):
             return _export_merged(pipeline, output, format, info["method"], family)
-        return _export_weights(
-            pipeline,
-            output,
-            format,
-            info,
-            family,
-            rank,
-            energy,
-            psnr_images,
-            prompt,
-            num_inference_steps,
-            seed,
-        )
+        sampling = _Sampling(psnr_images, prompt, num_inference_steps, seed, resolution)
+        return _export_weights(pipeline, output, format, info, family, rank, energy, sampling)
     finally:
         if has_adapter(pipeline):
             remove_adapter(pipeline)
 
 
-def _export_merged(pipeline: Any, output: Path, fmt: str, method: str, family: str) -> ExportReport:
+def _export_merged(pipeline: Any, output: Path, fmt: str, method: str,
+                   family: type[ModelFamily]) -> ExportReport:
     """The base weights with the adapter merged in, written whole; the pipeline is left at its base."""
     merged = {
         part: {name: pair[0] for name, pair in tensors.items()}
@@ -224,19 +211,17 @@ def _export_merged(pipeline: Any, output: Path, fmt: str, method: str, family: s
             _save_folder_atomically(pipeline, output)
             size = sum(p.stat().st_size for p in output.rglob("*") if p.is_file())
         else:
-            from .checkpoint import single_file_state_dict
-
-            tensors = single_file_state_dict(pipeline, family)
+            tensors = family.single_file_state_dict(pipeline)
             write_safetensors(
                 output,
                 tensors,
                 {
                     "format": "pt",
-                    EXPORT_METADATA_KEY: json.dumps({"method": method, "format": fmt, "family": family}),
+                    EXPORT_METADATA_KEY: json.dumps({"method": method, "format": fmt, "family": family.name}),
                 },
             )
             size = output.stat().st_size
-    report = ExportReport(str(output), fmt, method, family, exact=True, size_bytes=size)
+    report = ExportReport(str(output), fmt, method, family.name, exact=True, size_bytes=size)
     _write_report(report)
     return report
 
@@ -263,52 +248,56 @@ def _components(pipeline: Any) -> dict[str, Any]:
     return {component: denoiser, **adapted_text_encoders(pipeline)}
 
 
+@dataclasses.dataclass(frozen=True)
+class _Sampling:
+    """The images an export compares: how many, of which prompt, steps, seed and size."""
+
+    images: int
+    prompt: str
+    steps: int
+    seed: int
+    resolution: int | None
+
+
 def _export_weights(
     pipeline: Any,
     output: Path,
     fmt: str,
     info: dict[str, Any],
-    family: str,
+    family: type[ModelFamily],
     rank: int | None,
     energy: float | None,
-    psnr_images: int,
-    prompt: str,
-    num_inference_steps: int,
-    seed: int,
+    sampling: _Sampling,
 ) -> ExportReport:
     method = info["method"]
-    unet_config = pipeline.unet.config if family in ("sd", "sdxl") else None
-    reference = _sample(pipeline, psnr_images, prompt, num_inference_steps, seed) if fmt != "diff" else None
+    denoiser_config = find_denoiser(pipeline)[0].config
+    layout = family.lora_layouts[family.diff_layout if fmt == "diff" else fmt]
+    reference = _sample(pipeline, family, sampling) if fmt != "diff" else None
     tensors: dict[str, torch.Tensor] = {}
     report = ExportReport(
-        str(output), fmt, method, family, exact=False, size_bytes=0, rank=rank, energy=energy
+        str(output), fmt, method, family.name, exact=False, size_bytes=0, rank=rank, energy=energy
     )
-    exact_lora = method == "lora" and fmt in LORA_FORMATS and rank is None and energy is None
-    if exact_lora:
+    if fmt in LORA_FORMATS and rank is None and energy is None:  # the method's own LoRA factors
         for component, model in _components(pipeline).items():
-            adapter = get_adapter(model)
-            cfg = adapter.config
-            factors = lora_factors_from_peft(
-                adapter.adapter_state_dict(), cfg.effective_alpha, cfg.rank, cfg.use_rslora
-            )
-            tensors.update(kohya_lora_tensors(family, component, factors, unet_config))
+            factors = get_adapter(model).lora_factors()
+            tensors.update(lora_tensors(layout, component, factors, denoiser_config))
         remove_adapter(pipeline)
         report.exact = True
     else:
         deltas = adapter_deltas(pipeline)  # the pipeline is back at the base model
         if fmt == "diff":
             for component, part in deltas.items():
-                tensors.update(diff_tensors(family, component, part, unet_config))
+                tensors.update(diff_tensors(layout, component, part, denoiser_config))
             report.exact = True
         else:
-            _factor_into(report, tensors, deltas, family, unet_config, rank, energy)
+            _factor_into(report, tensors, deltas, layout, denoiser_config, rank, energy)
     metadata = {
         "format": "pt",
         EXPORT_METADATA_KEY: json.dumps(
             {
                 "method": method,
                 "format": fmt,
-                "family": family,
+                "family": family.name,
                 "exact": report.exact,
                 "rank": rank,
                 "energy": energy,
@@ -318,13 +307,13 @@ def _export_weights(
         ),
     }
     if fmt in LORA_FORMATS:
-        metadata.update(
-            {"ss_network_module": "networks.lora", "ss_base_model_version": _base_version(family)}
-        )
+        metadata["ss_network_module"] = "networks.lora"
+        if family.base_version:
+            metadata["ss_base_model_version"] = family.base_version
     write_safetensors(output, tensors, metadata)
     report.size_bytes = output.stat().st_size
     if reference:
-        _compare_images(report, pipeline, reference, output, psnr_images, prompt, num_inference_steps, seed)
+        _compare_images(report, pipeline, family, reference, output, sampling)
     _write_report(report)
     return report
 
@@ -333,15 +322,15 @@ def _factor_into(
     report: ExportReport,
     tensors: dict[str, torch.Tensor],
     deltas: dict[str, dict[str, torch.Tensor]],
-    family: str,
-    unet_config: Any,
+    layout: Any,
+    denoiser_config: Any,
     rank: int | None,
     energy: float | None,
 ) -> None:
     residual_sq = total_sq = 0.0
     for component, part in deltas.items():
         factors, dropped = factor_deltas(part, rank, energy, f"SVD of the {component}'s ΔW")
-        tensors.update(kohya_lora_tensors(family, component, lora_factors_from_svd(factors), unet_config))
+        tensors.update(lora_tensors(layout, component, lora_factors_from_svd(factors), denoiser_config))
         for module, each in factors.items():
             report.layers.append(
                 {
@@ -366,20 +355,15 @@ def _factor_into(
     report.relative_error = math.sqrt(residual_sq / total_sq) if total_sq > 0 else 0.0
 
 
-def _base_version(family: str) -> str:
-    return {"sd": "sd_v1", "sdxl": "sdxl_base_v1-0", "sd3": "sd3"}[family]
-
-
-def _sample(pipeline: Any, count: int, prompt: str, steps: int, seed: int) -> list[Any]:
-    if count <= 0:
+def _sample(pipeline: Any, family: type[ModelFamily], sampling: _Sampling) -> list[Any]:
+    if sampling.images <= 0:
         return []
-    from ..training.validation import GenerationSettings, generate_images
-
     denoiser, _ = find_denoiser(pipeline)
-    resolution = int(denoiser.config.sample_size) * int(pipeline.vae_scale_factor)
-    settings = GenerationSettings(images_per_prompt=count, seed=seed, num_inference_steps=steps,
-                                  guidance_scale=None, height=resolution, width=resolution, batch_size=1)
-    return generate_images(pipeline, [prompt], settings, show_progress=False)[0]
+    resolution = sampling.resolution or family.native_resolution(denoiser.config, pipeline.vae_scale_factor)
+    settings = GenerationSettings(images_per_prompt=sampling.images, seed=sampling.seed,
+                                  num_inference_steps=sampling.steps, guidance_scale=None, height=resolution,
+                                  width=resolution, batch_size=1)
+    return generate_images(pipeline, [sampling.prompt], settings, show_progress=False)[0]
 
 
 def psnr(reference: list[Any], images: list[Any]) -> float:
@@ -393,20 +377,16 @@ def psnr(reference: list[Any], images: list[Any]) -> float:
 def _compare_images(
     report: ExportReport,
     pipeline: Any,
+    family: type[ModelFamily],
     reference: list[Any],
     output: Path,
-    count: int,
-    prompt: str,
-    steps: int,
-    seed: int,
+    sampling: _Sampling,
 ) -> None:
     """Samples from the exported file (imported as other tools' files are) against the adapter's."""
-    from ..training.validation import save_grid
-
-    base = _sample(pipeline, count, prompt, steps, seed)
+    base = _sample(pipeline, family, sampling)
     load_adapter(pipeline, output)
     try:
-        exported = _sample(pipeline, count, prompt, steps, seed)
+        exported = _sample(pipeline, family, sampling)
     finally:
         remove_adapter(pipeline)
     value = psnr(reference, exported)
@@ -414,13 +394,13 @@ def _compare_images(
     report.identical_images = math.isinf(value)
     report.psnr_db = None if math.isinf(value) else value
     grid = output.with_name(output.name + ".compare.png")
-    save_grid([*base, *reference, *exported], grid, columns=count)
+    save_grid([*base, *reference, *exported], grid, columns=sampling.images)
     report.images = str(grid)
     report.sampling = {
-        "prompt": prompt,
-        "images": count,
-        "steps": steps,
-        "seed": seed,
+        "prompt": sampling.prompt,
+        "images": sampling.images,
+        "steps": sampling.steps,
+        "seed": sampling.seed,
         "grid_rows": "base model | adapter | export",
     }
 
