@@ -9,11 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from difftune.model_factory import TINY_BUILDERS
+from difftune.families import FAMILIES, LossOptions, NoisyInput, TrainingBatch, training_family
+from difftune.families.tiny import TINY_SAMPLE_SIZE
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
-
-FAMILY_BUILDERS = {"sd": "tiny-sd", "sdxl": "tiny-sdxl", "sd3": "tiny-sd3", "flux": "tiny-flux"}
 
 
 class TinyNet(torch.nn.Module):
@@ -28,53 +27,75 @@ class TinyNet(torch.nn.Module):
         return self.to_k(torch.relu(self.to_q(x)))
 
 
+# How every registered adapter method is set up on the tiny models, one row per method and one
+# (targets, options) entry per use: "contract" (attach, merge, scale, remove, gradients on every
+# family), "files" (round trips through adapter files; several entries widen them), "fuzz" (a small
+# file to damage), "text_encoder" (options on the CLIP text encoders). A registered method without a
+# row fails test_every_registered_method_has_test_cases; `method_cases` parametrises over the registry.
+METHOD_CASES: dict[str, dict[str, list[tuple[object, dict]]]] = {
+    "lora": {"contract": [("attn", {"rank": 4})],
+             "files": [("attn", {"rank": 4, "alpha": 8.0}), ("all", {"rank": 2})],
+             "fuzz": [("attn", {"rank": 2, "alpha": 4.0})],
+             "text_encoder": [(None, {"rank": 4, "alpha": 8.0})]},
+    # tiny random models have other magnitudes than SD: select by budget
+    "sara": {"contract": [("all", {"budget": 0.05})],
+             "files": [("all", {"budget": 0.05}), ("attn", {"budget": 3000, "include_bias_norm": True})],
+             "fuzz": [("all", {"budget": 0.02})],
+             "text_encoder": [(None, {"budget": 0.05})]},
+    "svfit": {"contract": [("attn", {})],
+              "files": [("attn", {}), ("all", {"rank": 4})],
+              "fuzz": [("attn", {"rank": 2})],
+              "text_encoder": [(None, {})]},
+    "tlora": {"contract": [("attn", {})],
+              "files": [("attn", {}), ("all", {"residual": "lora", "rank": 2, "transform_rank": 1})],
+              "fuzz": [("attn", {})],
+              "text_encoder": [(None, {})]},
+}
+
+
+def method_cases(use: str, first_only: bool = False) -> list:
+    """``pytest.param(method, targets, options)`` of every registered method for ``use``."""
+    from difftune.tuners import METHODS
+
+    cases = []
+    for method in METHODS:
+        entries = METHOD_CASES.get(method, {}).get(use, [])
+        for targets, options in entries[:1] if first_only else entries:
+            name = method if first_only or len(entries) == 1 else f"{method}-{targets}"
+            cases.append(pytest.param(method, targets, options, id=name))
+    return cases
+
+
 def build(family: str, seed: int = 0):
-    return TINY_BUILDERS[FAMILY_BUILDERS[family]](seed)
+    """The tiny built-in pipeline of a registered family."""
+    return FAMILIES[family].build_tiny(seed)
 
 
-@pytest.fixture(params=list(FAMILY_BUILDERS))
+@pytest.fixture(params=list(FAMILIES))
 def family(request) -> str:
+    """Every registered model family, by name: a new family joins the contract tests by registering."""
     return request.param
 
 
 def denoiser_inputs(pipe, batch: int = 1, seed: int = 0) -> dict:
-    """Deterministic inputs for one denoiser forward call of any tiny family."""
+    """Deterministic inputs for one denoiser forward call of any family's tiny model: random latents at
+    timestep 500 of 1000, a prompt's embeddings, all laid out by the family as training does."""
+    family = training_family(pipe, torch.device("cpu"), LossOptions())
     gen = torch.Generator().manual_seed(seed)
-    if type(pipe).__name__ == "FluxPipeline":  # packed 2x2 latent patches, positions as ids
-        cfg = pipe.transformer.config
-        return {
-            "hidden_states": torch.randn(batch, 16 * 16, cfg.in_channels, generator=gen),
-            "encoder_hidden_states": torch.randn(batch, 7, cfg.joint_attention_dim, generator=gen),
-            "pooled_projections": torch.randn(batch, cfg.pooled_projection_dim, generator=gen),
-            "timestep": torch.full((batch,), 0.5),
-            "img_ids": pipe._prepare_latent_image_ids(batch, 16, 16, "cpu", torch.float32),
-            "txt_ids": torch.zeros(7, 3),
-            "guidance": torch.full((batch,), 3.5),
-        }
-    if hasattr(pipe, "transformer"):
-        cfg = pipe.transformer.config
-        return {
-            "hidden_states": torch.randn(batch, cfg.in_channels, 32, 32, generator=gen),
-            "encoder_hidden_states": torch.randn(batch, 7, cfg.joint_attention_dim, generator=gen),
-            "pooled_projections": torch.randn(batch, cfg.pooled_projection_dim, generator=gen),
-            "timestep": torch.full((batch,), 500.0),
-        }
-    cfg = pipe.unet.config
-    inputs = {
-        "sample": torch.randn(batch, cfg.in_channels, 32, 32, generator=gen),
-        "timestep": torch.full((batch,), 500),
-        "encoder_hidden_states": torch.randn(batch, 7, cfg.cross_attention_dim, generator=gen),
-    }
-    if cfg.addition_embed_type == "text_time":
-        inputs["added_cond_kwargs"] = {
-            "text_embeds": torch.randn(batch, 32, generator=gen),
-            "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * batch),
-        }
-    return inputs
+    channels = family.latent_channels(family.denoiser.config)
+    latents = torch.randn(batch, channels, TINY_SAMPLE_SIZE, TINY_SAMPLE_SIZE, generator=gen)
+    with torch.no_grad():
+        conditioning = family.encode_prompts(["a photo of a sks dog"] * batch)
+    noisy = NoisyInput(latents, torch.full((batch,), 500), latents, torch.ones(batch))
+    size = torch.tensor([[64, 64]] * batch)
+    sizes = TrainingBatch(None, conditioning, size, torch.zeros_like(size), None, [])
+    return family.model_kwargs(noisy, sizes)
 
 
 def denoise(pipe, inputs: dict) -> torch.Tensor:
-    model = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
+    from difftune.api import find_denoiser
+
+    model, _ = find_denoiser(pipe)
     with torch.no_grad():
         return model(**inputs, return_dict=False)[0]
 
@@ -105,7 +126,7 @@ def save_tiny_clip(directory, seed: int = 0):
     """A random 2-layer CLIPModel (32-px images, 24-d embeddings) with tokenizer and processor."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from difftune.model_factory import offline_clip_tokenizer
+    from difftune.families.tiny import offline_clip_tokenizer
 
     tokenizer = offline_clip_tokenizer(words=("dog", "sks", "beach"), model_max_length=16)
     config = CLIPConfig(

@@ -5,24 +5,17 @@ import json
 
 import pytest
 import torch
-from conftest import build, denoise, denoiser_inputs, generate, randomize_adapter
+from conftest import build, denoise, denoiser_inputs, generate, method_cases, randomize_adapter
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import difftune
 from difftune.api import find_denoiser
-
-METHOD_CASES = {
-    "lora": [("attn", {"rank": 4, "alpha": 8.0}), ("all", {"rank": 2})],
-    "sara": [("all", {"budget": 0.05}), ("attn", {"budget": 3000, "include_bias_norm": True})],
-    "svfit": [("attn", {}), ("all", {"rank": 4})],
-    "tlora": [("attn", {}), ("all", {"residual": "lora", "rank": 2, "transform_rank": 1})],
-}
+from difftune.families import FAMILIES
 
 
 def cases():
-    return [pytest.param(m, t, o, id=f"{m}-{t}") for m, entries in METHOD_CASES.items()
-            if m in difftune.METHODS for t, o in entries]
+    return method_cases("files")
 
 
 def trained(family: str, method: str, targets: str, options: dict, tmp_path):
@@ -49,8 +42,7 @@ def test_saved_adapter_reproduces_images_in_a_fresh_pipeline(family, method, tar
     assert abs(generate(fresh) - base_images).max() == 0
 
 
-@pytest.mark.parametrize(("method", "targets", "options"), [
-    pytest.param(m, *METHOD_CASES[m][0], id=m) for m in METHOD_CASES if m in difftune.METHODS])
+@pytest.mark.parametrize(("method", "targets", "options"), method_cases("files", first_only=True))
 def test_resume_from_saved_adapter_and_optimizer_continues_exactly(method, targets, options, tmp_path):
     """Training 4 steps equals 2 steps, save (adapter file + optimizer state), fresh model, 2 steps."""
     def train(model, optimizer, inputs, steps):
@@ -95,6 +87,8 @@ def test_metadata_records_method_config_targets_fingerprint(tmp_path):
 
 @pytest.mark.parametrize("targets", ["attn", ["attn", "conv"], "all"])
 def test_lora_file_loads_with_diffusers_load_lora_weights(family, targets, tmp_path):
+    if not FAMILIES[family].diffusers_loads_lora:
+        pytest.skip("diffusers has no LoRA loader for this family's pipeline")
     if family in ("sd3", "flux") and targets != "attn" and targets != "all":
         pytest.skip("the DiT has no conv layers")
     if family != "flux" and targets == "all":

@@ -3,18 +3,18 @@
 import numpy as np
 import pytest
 import torch
-from conftest import FAMILY_BUILDERS, build, generate
+from conftest import build, generate
 
 from difftune import DifftuneError
 from difftune.api import find_denoiser
+from difftune.families import FAMILIES, pipeline_family
+from difftune.families.sd import SD15_UNET_CONFIG
+from difftune.families.tiny import TINY_RESOLUTION
 from difftune.model_factory import (
-    SD15_UNET_CONFIG,
-    TINY_RESOLUTION,
     build_denoiser_on_meta,
     describe_model,
     load_pipeline,
     offline_clip_tokenizer,
-    pipeline_family,
 )
 
 
@@ -63,7 +63,7 @@ def test_unsupported_family_is_named():
 
 
 def test_sd15_unet_on_meta_device_has_the_real_size():
-    unet = build_denoiser_on_meta(SD15_UNET_CONFIG)
+    unet = build_denoiser_on_meta(SD15_UNET_CONFIG, "UNet2DConditionModel")
     assert all(p.device.type == "meta" for p in unet.parameters())
     assert sum(p.numel() for p in unet.parameters()) == 859_520_964
 
@@ -73,7 +73,7 @@ def test_describe_model_reads_family_resolution_and_denoiser_without_weights(fam
     denoiser = find_denoiser(pipe)[0]
     folder = tmp_path / family
     pipe.save_pretrained(folder)
-    name = f"builtin:{FAMILY_BUILDERS[family]}"
+    name = f"builtin:{FAMILIES[family].tiny_name()}"
     first = describe_model(name)
     for described in (first, describe_model(str(folder))):
         assert described.family == pipeline_family(pipe) == family

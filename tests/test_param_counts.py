@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 import difftune
-from difftune.model_factory import SD15_UNET_CONFIG, SDXL_UNET_CONFIG, build_denoiser_on_meta
+from difftune.families.sd import SD15_UNET_CONFIG
+from difftune.families.sdxl import SDXL_UNET_CONFIG
+from difftune.model_factory import build_denoiser_on_meta
 from difftune.params import main as params_main
 from difftune.targeting import resolve_targets
 from difftune.tuners.tlora.functional import factorize
@@ -17,8 +19,8 @@ from difftune.tuners.tlora.functional import factorize
 
 @pytest.fixture(scope="module")
 def unets():
-    return {"sd15": build_denoiser_on_meta(SD15_UNET_CONFIG),
-            "sdxl": build_denoiser_on_meta(SDXL_UNET_CONFIG)}
+    return {"sd15": build_denoiser_on_meta(SD15_UNET_CONFIG, "UNet2DConditionModel"),
+            "sdxl": build_denoiser_on_meta(SDXL_UNET_CONFIG, "UNet2DConditionModel")}
 
 
 def closed_form(unet, method: str, options: dict) -> int:
@@ -100,7 +102,7 @@ def test_parameter_table_on_a_real_tiny_model_leaves_it_unchanged():
 
 def test_flux_dev_table_on_the_meta_device_matches_closed_forms(capsys):
     """FLUX.1-dev's transformer (11.9B weights, none allocated): every row against its closed form."""
-    from difftune.model_factory import FLUX_DEV_TRANSFORMER_CONFIG
+    from difftune.families.flux import FLUX_DEV_TRANSFORMER_CONFIG
     from difftune.params import FLUX_ROWS, parameter_table
 
     flux = build_denoiser_on_meta(FLUX_DEV_TRANSFORMER_CONFIG, "FluxTransformer2DModel")

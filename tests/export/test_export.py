@@ -17,8 +17,9 @@ from torch import nn
 import difftune
 from difftune.errors import AdapterFileError, DifftuneError
 from difftune.export import export_adapter
-from difftune.export.checkpoint import UNET_PREFIX, single_file_state_dict
 from difftune.export.deltas import dense, low_rank_factors
+from difftune.families import get_family
+from difftune.families.ldm import UNET_PREFIX
 
 TOL = 1e-5
 
@@ -64,7 +65,7 @@ def test_kohya_lora_loads_in_diffusers_as_in_difftune(tmp_path, family, targets)
 
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
 def test_kohya_lora_with_text_encoders(tmp_path, family):
-    from difftune.training.text_encoder import TEXT_ENCODER_TARGETS
+    from difftune.families.unet import CLIP_ATTENTION as TEXT_ENCODER_TARGETS
 
     pipe = build(family)
     difftune.add_adapter(pipe, "lora", targets=["attn"], rank=2, alpha=4.0)
@@ -117,7 +118,7 @@ def test_sd_kohya_names_follow_sd_scripts_and_diffusers(tmp_path):
 
 def test_sdxl_names_are_the_ldm_layout_diffusers_converts_back(tmp_path):
     path, _, pipe = trained_file(tmp_path, "sdxl", targets=("all",), rank=2)
-    tensors = single_file_state_dict(pipe, "sdxl")
+    tensors = get_family("sdxl").single_file_state_dict(pipe)
     # ComfyUI's and A1111's SDXL rule: lora_unet_ + the checkpoint's UNet key, dots as underscores
     export_adapter(path, tmp_path / "kohya.safetensors", "kohya", pipeline=pipe, psnr_images=0)
     checkpoint_names = {"lora_unet_" + k[len(UNET_PREFIX) : -len(".weight")].replace(".", "_")
@@ -375,15 +376,16 @@ def test_trainer_continues_from_another_tools_lora_file(train_subject, subject_d
         train_subject(*flags, "--output_dir", tmp_path / "o", "--adapter", "svfit")
 
 
-@pytest.mark.parametrize("name", ["SD15_UNET_CONFIG", "SDXL_UNET_CONFIG"])
+@pytest.mark.parametrize("name", ["sd15-config", "sdxl-config"])
 def test_ldm_names_of_the_real_unets_convert_back(name):
     """The full-size SD 1.5 and SDXL UNets (on the meta device: names only) map to LDM keys that
     diffusers' converter maps back to every one of their tensors."""
     from difftune import model_factory
-    from difftune.export.names import ldm_unet_name, unet_block_prefixes
+    from difftune.families.ldm import ldm_unet_name, unet_block_prefixes
+    from difftune.params import meta_models
 
-    config = getattr(model_factory, name)
-    unet = model_factory.build_denoiser_on_meta(config)
+    config, class_name = meta_models()[name]
+    unet = model_factory.build_denoiser_on_meta(config, class_name)
     prefixes = unet_block_prefixes(unet.config)
     keys = list(unet.state_dict())
     ldm = {UNET_PREFIX + ldm_unet_name(k, unet.config, prefixes): torch.zeros(0) for k in keys}

@@ -7,10 +7,10 @@ from conftest import build, randomize_adapter
 
 import difftune
 import difftune.model_factory
-from difftune.model_factory import load_pipeline, offline_t5_tokenizer, pipeline_family
+from difftune.families import LossOptions, TrainingBatch, pipeline_family, training_family
+from difftune.families.flux import FluxFamily
+from difftune.model_factory import load_pipeline, offline_t5_tokenizer
 from difftune.targeting import resolve_targets
-from difftune.training.data import TrainingBatch
-from difftune.training.families import FluxFamily, LossOptions, training_family
 
 CPU = torch.device("cpu")
 
@@ -87,7 +87,7 @@ def test_flux_family_predict_is_the_pipelines_own_first_step():
 
 
 def family_noisy(noise):
-    from difftune.training.families import NoisyInput
+    from difftune.families import NoisyInput
 
     return NoisyInput(noise, torch.full((noise.shape[0],), 1000.0), noise, torch.ones(noise.shape[0]))
 

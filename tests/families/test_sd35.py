@@ -4,23 +4,20 @@ RMS QK-norm) on a tiny config: the SD3 family attaches, trains, saves and reload
 import numpy as np
 import pytest
 import torch
-from conftest import denoise, denoiser_inputs, generate, randomize_adapter
+from conftest import denoise, denoiser_inputs, generate, method_cases, randomize_adapter
 
 import difftune
-from difftune.model_factory import TINY_DENOISERS, tiny_sd3_pipeline
+from difftune.families import LossOptions, TrainingBatch, training_family
+from difftune.families.sd3 import SD3Family
 from difftune.targeting import resolve_targets
-from difftune.training.data import TrainingBatch
-from difftune.training.families import LossOptions, SD3Family, training_family
-
-METHODS = {"lora": {"rank": 4}, "sara": {"budget": 0.05}, "svfit": {}, "tlora": {}}
 
 
 def tiny_sd35_pipeline(seed: int = 0):
     from diffusers import SD3Transformer2DModel
 
-    pipe = tiny_sd3_pipeline(seed)
+    pipe = SD3Family.build_tiny(seed)
     torch.manual_seed(seed + 100)
-    config = {**TINY_DENOISERS["tiny-sd3"][1], "dual_attention_layers": (0,), "qk_norm": "rms_norm"}
+    config = {**SD3Family.tiny_denoiser_config, "dual_attention_layers": (0,), "qk_norm": "rms_norm"}
     pipe.transformer = SD3Transformer2DModel(**config)
     return pipe
 
@@ -34,13 +31,12 @@ def test_sd35_attention_preset_covers_the_dual_attention_and_leaves_qk_norms():
     assert any("norm_q" in n for n, _ in model.named_modules())
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_sd35_methods_train_merge_save_and_reload(method, tmp_path):
+@pytest.mark.parametrize(("method", "targets", "options"), method_cases("contract"))
+def test_sd35_methods_train_merge_save_and_reload(method, targets, options, tmp_path):
     pipe = tiny_sd35_pipeline()
     inputs = denoiser_inputs(pipe)
     base = denoise(pipe, inputs)
-    targets = "all" if method == "sara" else "attn"
-    difftune.add_adapter(pipe, method, targets=targets, **METHODS[method])
+    difftune.add_adapter(pipe, method, targets=targets, **options)
     torch.testing.assert_close(denoise(pipe, inputs), base, atol=1e-6, rtol=0)
 
     family = training_family(pipe, torch.device("cpu"), LossOptions())

@@ -6,6 +6,7 @@ import torch
 from conftest import randomize_adapter
 
 import difftune
+from difftune.families.sd import SDFamily
 from difftune.hipa.evaluation import (
     COLUMNS,
     DifftuneMetrics,
@@ -15,7 +16,6 @@ from difftune.hipa.evaluation import (
 )
 from difftune.hipa.one_step import generate_one_step
 from difftune.hipa.teacher import TeacherSettings, generate_teacher_samples
-from difftune.model_factory import tiny_sd_pipeline
 
 SIZE = 32
 PROMPTS = ["a red circle", "a blue square"]
@@ -25,7 +25,7 @@ PROMPTS = ["a red circle", "a blue square"]
 def comparison_setup(tmp_path_factory):
     """A teacher cache of the base model, then the same pipeline with a random LoRA."""
     directory = tmp_path_factory.mktemp("teacher")
-    pipe = tiny_sd_pipeline()
+    pipe = SDFamily.build_tiny()
     settings = TeacherSettings(num_inference_steps=2, guidance_scale=1.0)
     cache = generate_teacher_samples(pipe, PROMPTS, directory, settings, height=SIZE, width=SIZE,
                                      show_progress=False)
@@ -41,7 +41,7 @@ def _one_step(pipe, prompt, noise):
 
 def test_columns_hold_student_base_and_teacher_from_the_same_noise(comparison_setup):
     pipe, cache, comparison = comparison_setup
-    base = tiny_sd_pipeline()  # the base model, no adapter at all
+    base = SDFamily.build_tiny()  # the base model, no adapter at all
     assert comparison.prompts == PROMPTS
     for i in range(len(PROMPTS)):
         noise = cache[i]["noise"]
@@ -88,7 +88,7 @@ def test_metrics_per_column_against_teacher_or_real_reference(comparison_setup):
 def test_compare_needs_an_adapter(comparison_setup):
     _, cache, _ = comparison_setup
     with pytest.raises(difftune.DifftuneError, match="no difftune adapter"):
-        compare_with_teacher(tiny_sd_pipeline(), cache)
+        compare_with_teacher(SDFamily.build_tiny(), cache)
 
 
 def test_teacher_cache_noise_drives_the_student(comparison_setup):

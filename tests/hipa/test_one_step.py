@@ -11,6 +11,9 @@ from torch import nn
 
 import difftune
 from difftune.errors import DifftuneError
+from difftune.families.sd import SDFamily
+from difftune.families.sd3 import SD3Family
+from difftune.families.sdxl import SDXLFamily
 from difftune.hipa.one_step import (
     FLOW_PREDICTION,
     decode_latents,
@@ -22,13 +25,12 @@ from difftune.hipa.one_step import (
     x0_from_flow,
     x0_from_v,
 )
-from difftune.model_factory import tiny_sd3_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
 
 PIPELINES = {
-    "sd-epsilon": lambda: tiny_sd_pipeline(),
-    "sd-v": lambda: tiny_sd_pipeline(prediction_type="v_prediction"),
-    "sdxl": tiny_sdxl_pipeline,
-    "sd3": tiny_sd3_pipeline,
+    "sd-epsilon": lambda: SDFamily.build_tiny(),
+    "sd-v": lambda: SDFamily.build_tiny(prediction_type="v_prediction"),
+    "sdxl": SDXLFamily.build_tiny,
+    "sd3": SD3Family.build_tiny,
 }
 
 
@@ -161,7 +163,7 @@ def test_generate_one_step_is_one_call_from_pure_noise_decoded_x0(name):
 
 
 def test_generate_one_step_with_a_loaded_adapter(tmp_path):
-    trained = tiny_sd_pipeline()
+    trained = SDFamily.build_tiny()
     difftune.add_adapter(trained.unet, "lora", targets="attn", rank=4)
     randomize_adapter(trained.unet, std=0.2)
     path = difftune.save_adapter(trained.unet, tmp_path / "adapter.safetensors")
@@ -170,7 +172,7 @@ def test_generate_one_step_with_a_loaded_adapter(tmp_path):
         return generate_one_step(pipe, "a red circle", height=32, width=32, output_type="np",
                                  generator=torch.Generator().manual_seed(0)).images
 
-    fresh = tiny_sd_pipeline()
+    fresh = SDFamily.build_tiny()
     base = image(fresh)
     difftune.load_adapter(fresh, path)
     adapted = image(fresh)
@@ -199,7 +201,7 @@ def test_readme_one_step_snippet_runs(tmp_path, monkeypatch):
     snippet = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
     assert "generate_one_step(pipe" in snippet and "num_inference_steps=1" in snippet
     monkeypatch.chdir(tmp_path)
-    trained = tiny_sd_pipeline()
+    trained = SDFamily.build_tiny()
     difftune.add_adapter(trained.unet, "lora", rank=4)
     difftune.save_adapter(trained.unet, tmp_path / "outputs/one_step/adapter.safetensors")
     snippet = snippet.replace('"builtin:embedded"', '"builtin:tiny-sd"')

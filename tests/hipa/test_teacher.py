@@ -8,6 +8,8 @@ import torch
 
 import difftune
 from difftune.errors import DifftuneError
+from difftune.families.sd import SDFamily
+from difftune.families.sd3 import SD3Family
 from difftune.hipa import teacher as teacher_module
 from difftune.hipa.teacher import (
     TeacherCache,
@@ -17,7 +19,6 @@ from difftune.hipa.teacher import (
     resolve_scheduler,
     sample_noise,
 )
-from difftune.model_factory import tiny_sd3_pipeline, tiny_sd_pipeline
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
 SIZE = 32  # pixels; latents 16x16 keep the tiny models fast
@@ -42,8 +43,8 @@ def _pipeline_sample(pipe, prompt, noise, settings, scheduler_name):
 
 
 @pytest.mark.parametrize("builder, settings", [
-    (tiny_sd_pipeline, SETTINGS),
-    (tiny_sd3_pipeline, TeacherSettings(num_inference_steps=2, guidance_scale=1.0, samples_per_prompt=2)),
+    (SDFamily.build_tiny, SETTINGS),
+    (SD3Family.build_tiny, TeacherSettings(num_inference_steps=2, guidance_scale=1.0, samples_per_prompt=2)),
 ])
 def test_cache_holds_the_base_models_samples_from_stored_noise(tmp_path, builder, settings):
     pipe = builder()
@@ -65,7 +66,7 @@ def test_cache_holds_the_base_models_samples_from_stored_noise(tmp_path, builder
 
 
 def test_interrupted_generation_resumes_where_it_stopped(tmp_path, monkeypatch):
-    pipe = tiny_sd_pipeline()
+    pipe = SDFamily.build_tiny()
     write = teacher_module._write_sample
     written: list[int] = []
 
@@ -99,13 +100,13 @@ def test_interrupted_generation_resumes_where_it_stopped(tmp_path, monkeypatch):
 
 
 def test_other_settings_or_model_are_refused(tmp_path):
-    pipe = tiny_sd_pipeline()
+    pipe = SDFamily.build_tiny()
     generate(pipe, PROMPTS[:1], tmp_path, SETTINGS)
     changed = TeacherSettings(num_inference_steps=3, guidance_scale=3.0, scheduler="ddim", seed=7)
     with pytest.raises(DifftuneError, match="settings"):
         generate(pipe, PROMPTS[:1], tmp_path, changed)
     with pytest.raises(DifftuneError, match="denoiser"):  # same config, other weights
-        generate(tiny_sd_pipeline(seed=1), PROMPTS[:1], tmp_path, SETTINGS)
+        generate(SDFamily.build_tiny(seed=1), PROMPTS[:1], tmp_path, SETTINGS)
     with pytest.raises(DifftuneError, match="entries"):
         generate(pipe, PROMPTS[:2], tmp_path, SETTINGS)
     difftune.add_adapter(pipe.unet, "lora", rank=2)
@@ -114,7 +115,7 @@ def test_other_settings_or_model_are_refused(tmp_path):
 
 
 def test_bad_inputs_are_refused(tmp_path):
-    pipe = tiny_sd_pipeline()
+    pipe = SDFamily.build_tiny()
     with pytest.raises(DifftuneError, match="unknown scheduler"):
         resolve_scheduler(pipe, "no-such-scheduler")
     with pytest.raises(DifftuneError, match="samples_per_prompt"):

@@ -5,20 +5,22 @@ import torch
 from test_loss import natural_image
 
 import difftune
+from difftune.families import LossOptions, training_family
+from difftune.families.sd import SDFamily
+from difftune.families.sd3 import SD3Family
+from difftune.families.sdxl import SDXLFamily
 from difftune.hipa.loss import HiPALoss
 from difftune.hipa.one_step import decode_latents, one_step_timestep, predict_x0
 from difftune.hipa.teacher import TeacherSettings, generate_teacher_samples
 from difftune.hipa.training import OneStepData, one_step_loss, predict_x0_with_family
-from difftune.model_factory import tiny_sd3_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
-from difftune.training.families import LossOptions, training_family
 
 SIZE = 32
 PROMPTS = ["a red circle", "a blue square", "a green star"]
 BUILDERS = {
-    "sd": tiny_sd_pipeline,
-    "sd-v": lambda: tiny_sd_pipeline(prediction_type="v_prediction"),
-    "sdxl": tiny_sdxl_pipeline,
-    "sd3": tiny_sd3_pipeline,
+    "sd": SDFamily.build_tiny,
+    "sd-v": lambda: SDFamily.build_tiny(prediction_type="v_prediction"),
+    "sdxl": SDXLFamily.build_tiny,
+    "sd3": SD3Family.build_tiny,
 }
 
 

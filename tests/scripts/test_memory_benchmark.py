@@ -11,9 +11,9 @@ def benchmark():
 
 
 def test_weight_gradient_floor_computes_and_drops_every_weight_gradient(benchmark):
-    from difftune.model_factory import tiny_sd_pipeline
+    from difftune.families.sd import SDFamily
 
-    unet = tiny_sd_pipeline().unet
+    unet = SDFamily.build_tiny().unet
     benchmark.drop_weight_gradients(unet)
     weights = [p for p in unet.parameters() if p.requires_grad]
     kernels = [m.weight for m in unet.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]

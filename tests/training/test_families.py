@@ -8,14 +8,14 @@ import pytest
 import torch
 from conftest import build
 
-from difftune.model_factory import tiny_sd_pipeline
-from difftune.training.data import TrainingBatch
-from difftune.training.families import (
+from difftune.families import (
+    DDPMFamily,
     FlowMatchingFamily,
     LossOptions,
-    NoisePredictionFamily,
+    TrainingBatch,
     training_family,
 )
+from difftune.families.sd import SDFamily
 
 CPU = torch.device("cpu")
 
@@ -32,9 +32,9 @@ def alphas_cumprod(config):
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_ddpm_noise_target_and_min_snr_weights(prediction_type):
-    pipe = tiny_sd_pipeline(prediction_type=prediction_type)
+    pipe = SDFamily.build_tiny(prediction_type=prediction_type)
     family = training_family(pipe, CPU, LossOptions(snr_gamma=5.0))
-    assert isinstance(family, NoisePredictionFamily) and family.prediction_type == prediction_type
+    assert isinstance(family, DDPMFamily) and family.prediction_type == prediction_type
     latents = torch.randn(3, 4, 8, 8)
     noise = torch.randn(3, 4, 8, 8)
     noisy = family.add_noise(latents, noise, generators(3))
@@ -53,7 +53,7 @@ def test_ddpm_noise_target_and_min_snr_weights(prediction_type):
 
 
 def test_prediction_type_override_reaches_training_and_sampling():
-    pipe = tiny_sd_pipeline()
+    pipe = SDFamily.build_tiny()
     family = training_family(pipe, CPU, LossOptions(prediction_type="v_prediction"))
     assert family.prediction_type == "v_prediction"
     assert pipe.scheduler.config.prediction_type == "v_prediction"
@@ -112,7 +112,7 @@ def test_latents_are_sampled_and_scaled_per_family(family):
         posterior = pipe.vae.encode(pixels).latent_dist
     assert torch.allclose(moments, posterior.parameters)
     latents = fam.latents_from_moments(moments, generators(2, seed=7))
-    eps = torch.stack([torch.randn(4, 32, 32, generator=g) for g in generators(2, seed=7)])
+    eps = torch.stack([torch.randn(posterior.mean.shape[1:], generator=g) for g in generators(2, seed=7)])
     shift = pipe.vae.config.shift_factor or 0.0
     expected = (posterior.mean + posterior.std * eps - shift) * pipe.vae.config.scaling_factor
     assert torch.allclose(latents, expected, atol=1e-5)
@@ -157,11 +157,11 @@ def test_sdxl_conditions_are_the_pipeline_time_ids():
 
 
 def test_per_example_loss_is_the_weighted_mean_squared_error():
-    from difftune.training.families import NoisyInput
+    from difftune.families import NoisyInput
 
     target = torch.randn(3, 4, 2, 2)
     prediction = torch.randn(3, 4, 2, 2)
     weights = torch.tensor([1.0, 0.5, 2.0])
-    loss = NoisePredictionFamily.per_example_loss(prediction, NoisyInput(None, None, target, weights))
+    loss = DDPMFamily.per_example_loss(prediction, NoisyInput(None, None, target, weights))
     expected = torch.stack([((prediction[i] - target[i]) ** 2).mean() * weights[i] for i in range(3)])
     assert torch.allclose(loss, expected)

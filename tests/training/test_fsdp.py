@@ -36,10 +36,10 @@ def setup_model(method: str):
     """The tiny Flux transformer in bf16 with an fp32 adapter whose every tensor is non-zero."""
     from conftest import randomize_adapter
 
-    from difftune.model_factory import _tiny_denoiser
+    from difftune.families.flux import FluxFamily
 
     torch.manual_seed(0)
-    transformer = _tiny_denoiser("tiny-flux").to(torch.bfloat16)
+    transformer = FluxFamily.tiny_denoiser().to(torch.bfloat16)
     difftune.add_adapter(transformer, method, targets="attn", **METHODS[method])
     for param in difftune.trainable_parameters(transformer):
         param.data = param.data.float()

@@ -13,8 +13,8 @@ import difftune
 import difftune.model_factory
 from difftune.errors import DifftuneError
 from difftune.model_factory import load_pipeline
+from difftune.sampling import GenerationSettings, generate_images, image_grid
 from difftune.training import checkpointing
-from difftune.training.validation import GenerationSettings, generate_images, image_grid
 
 MODELS = {"sd": "builtin:tiny-sd", "sdxl": "builtin:tiny-sdxl", "sd3": "builtin:tiny-sd3",
           "flux": "builtin:tiny-flux"}

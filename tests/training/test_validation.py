@@ -1,4 +1,4 @@
-"""difftune.training.validation on its own: one generate_images with one seeding rule for the
+"""difftune.sampling on its own: one generate_images with one seeding rule for the
 evaluation and the trainers' samples, grids, and atomic PNG writes."""
 
 import numpy as np
@@ -6,15 +6,15 @@ import pytest
 import torch
 from PIL import Image
 
-from difftune.training import validation
-from difftune.training.settings import ValidationSettings
-from difftune.training.validation import (
+from difftune import sampling
+from difftune.sampling import (
     GenerationSettings,
     generate_images,
     image_grid,
     image_seed,
     save_grid,
 )
+from difftune.training.settings import ValidationSettings
 
 
 class RecordingPipeline:
@@ -113,7 +113,7 @@ def test_save_grid_writes_the_grid_and_nothing_when_the_writer_fails(tmp_path, m
             file.write(b"\x89PNG half")
         raise RuntimeError("killed while writing")
 
-    monkeypatch.setattr(validation.Image.Image, "save", half_written)
+    monkeypatch.setattr(sampling.Image.Image, "save", half_written)
     with pytest.raises(RuntimeError, match="killed while writing"):
         save_grid([flat((1, 2, 3))], path)
     with pytest.raises(RuntimeError):

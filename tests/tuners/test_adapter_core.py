@@ -1,27 +1,19 @@
-"""Attach / train / merge / unmerge / remove / scale on the tiny SD, SDXL and SD3 models.
+"""Attach / train / merge / unmerge / remove / scale on the tiny model of every registered family.
 
-Methods are parametrised through the registry, so every method registered in
-difftune.METHODS is held to the same contract.
+Methods and families are parametrised through the registries (conftest's `method_cases` and `family`
+fixture), so every method in difftune.METHODS is held to the same contract on every family in
+difftune.families.FAMILIES; a registered method without test cases fails here.
 """
 
 import warnings
 
 import pytest
 import torch
-from conftest import build, denoise, denoiser_inputs, randomize_adapter
+from conftest import METHOD_CASES, build, denoise, denoiser_inputs, method_cases, randomize_adapter
 from torch import nn
 
 import difftune
 from difftune.api import find_denoiser
-
-# method -> (targets, options) that every family supports
-METHOD_CASES = {
-    "lora": ("attn", {"rank": 4}),
-    # tiny random models have other magnitudes than SD: select by budget
-    "sara": ("all", {"budget": 0.05}),
-    "svfit": ("attn", {}),
-    "tlora": ("attn", {}),
-}
 
 
 def base_setup(family):
@@ -32,11 +24,11 @@ def base_setup(family):
     return pipe, model, inputs, denoise(pipe, inputs)
 
 
-def method_cases():
-    return [pytest.param(m, *METHOD_CASES[m], id=m) for m in METHOD_CASES if m in difftune.METHODS]
+def contract_cases():
+    return method_cases("contract")
 
 
-@pytest.mark.parametrize(("method", "targets", "options"), method_cases())
+@pytest.mark.parametrize(("method", "targets", "options"), contract_cases())
 def test_attach_keeps_output_and_trains_only_adapter(family, method, targets, options):
     pipe, model, inputs, before = base_setup(family)
     base_names = {name for name, _ in model.named_parameters()}
@@ -62,7 +54,7 @@ def test_attach_keeps_output_and_trains_only_adapter(family, method, targets, op
                    if n not in trainable and n in base_names)
 
 
-@pytest.mark.parametrize(("method", "targets", "options"), method_cases())
+@pytest.mark.parametrize(("method", "targets", "options"), contract_cases())
 def test_merge_unmerge_remove_and_scale(family, method, targets, options):
     pipe, model, inputs, base_out = base_setup(family)
     originals = {k: v.clone() for k, v in model.state_dict().items()}
@@ -91,7 +83,7 @@ def test_merge_unmerge_remove_and_scale(family, method, targets, options):
     assert not difftune.has_adapter(model)
 
 
-@pytest.mark.parametrize(("method", "targets", "options"), method_cases())
+@pytest.mark.parametrize(("method", "targets", "options"), contract_cases())
 def test_merge_and_unload_gives_plain_modules(method, targets, options):
     pipe = build("sd")
     model = pipe.unet
@@ -106,7 +98,7 @@ def test_merge_and_unload_gives_plain_modules(method, targets, options):
     torch.testing.assert_close(denoise(pipe, inputs), adapted, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize(("method", "targets", "options"), method_cases())
+@pytest.mark.parametrize(("method", "targets", "options"), contract_cases())
 def test_scale_interpolates_the_weight_change(method, targets, options):
     """Merged at scale α, each targeted weight equals W0 + α·(W1 − W0)."""
     pipe = build("sd")
@@ -164,3 +156,35 @@ def test_any_module_works_not_only_diffusers_models():
     difftune.add_adapter(model, "lora", targets=r"\d", rank=2)
     torch.testing.assert_close(model(x), before)
     assert difftune.count_trainable_parameters(model) == 2 * (8 + 16) + 2 * (16 + 4)
+
+
+def test_every_registered_method_has_test_cases():
+    """A method joins the registry and these tests together: one row of conftest.METHOD_CASES,
+    with every use the contract suites parametrise over."""
+    uses = {"contract", "files", "fuzz", "text_encoder"}
+    missing = {method: sorted(uses - {use for use, cases in METHOD_CASES.get(method, {}).items() if cases})
+               for method in difftune.METHODS}
+    assert not {m: u for m, u in missing.items() if u}, f"methods without test cases: {missing}"
+
+
+@pytest.mark.parametrize(("method", "targets", "options"), contract_cases())
+def test_training_gradients_reach_every_trainable_tensor(family, method, targets, options):
+    """The family's own training step (its noise, conditioning and denoiser call) back-propagates into
+    every trainable tensor of the adapter, but those of modules the family says feed nothing."""
+    from difftune.families import LossOptions, TrainingBatch, training_family
+
+    pipe = build(family)
+    difftune.add_adapter(pipe, method, targets=targets, **options)
+    randomize_adapter(pipe)
+    fam = training_family(pipe, torch.device("cpu"), LossOptions())
+    generators = [torch.Generator().manual_seed(0)]
+    latents = torch.randn(1, fam.latent_channels(fam.denoiser.config), 32, 32)
+    noisy = fam.add_noise(latents, fam.sample_noise(latents, generators), generators)
+    size = torch.tensor([[64, 64]])
+    batch = TrainingBatch(None, fam.encode_prompts(["a sks dog"]), size, torch.zeros_like(size), None, [])
+    fam.per_example_loss(fam.predict(fam.denoiser, noisy, batch), noisy).mean().backward()
+    dead = tuple(f"{name}." for name in fam.modules_without_gradient(fam.denoiser))
+    params = difftune.named_trainable_parameters(pipe)
+    assert params
+    missing = [n for n, p in params if not n.startswith(dead) and (p.grad is None or p.grad.abs().sum() == 0)]
+    assert not missing, f"no gradient reaches {missing[:5]}"

@@ -1,6 +1,6 @@
 """Damaged adapter files, fuzzed: each is refused with a DifftuneError or loads exactly the original.
 
-Seeded mutations of a LoRA and a SaRA file: truncation, byte flips in the header and in the data,
+Seeded mutations of a file of every registered method: truncation, byte flips in the header and in the data,
 a wrong length field, junk in the metadata, missing tensors, wrong dtypes and shapes, NaN. Files
 keep their checksum (a current file damaged) or lose it first (an older file: the schema and
 tensor checks must then refuse the structural damage on their own). A mutation that escapes with
@@ -13,7 +13,7 @@ from collections import Counter, defaultdict
 
 import pytest
 import torch
-from conftest import build, randomize_adapter
+from conftest import build, method_cases, randomize_adapter
 from safetensors.torch import load_file, save
 
 import difftune
@@ -22,7 +22,6 @@ from difftune.errors import DifftuneError
 
 MUTATIONS_PER_METHOD = 250
 JUNK_VALUES = [None, "x", "", 1, -1, 2.5, True, [], {}, [1, "a"], {"a": None}, 10**20]
-METHODS = {"lora": ("attn", {"rank": 2, "alpha": 4.0}), "sara": ("all", {"budget": 0.02})}
 
 
 def header_of(data: bytes) -> tuple[int, dict]:
@@ -106,7 +105,7 @@ def mutate(data: bytes, tensors: dict, metadata: dict, rng: random.Random) -> tu
 
 
 def original_file(method: str, tmp_path):
-    targets, options = METHODS[method]
+    ((_, targets, options),) = [param.values for param in method_cases("fuzz") if param.values[0] == method]
     pipe = build("sd")
     difftune.add_adapter(pipe.unet, method, targets=targets, **options)
     randomize_adapter(pipe.unet)
@@ -116,7 +115,7 @@ def original_file(method: str, tmp_path):
     return path, state, adapter.config.to_dict()
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", [param.values[0] for param in method_cases("fuzz")])
 def test_fuzzed_adapter_files_are_refused_or_load_exactly_the_original(method, tmp_path):
     path, state, config = original_file(method, tmp_path)
     data = path.read_bytes()

@@ -3,13 +3,13 @@ difftune and, for LoRA, by diffusers' load_lora_weights; scale, merge and remove
 
 import pytest
 import torch
-from conftest import build, generate, randomize_adapter
+from conftest import build, generate, method_cases, randomize_adapter
 from safetensors import safe_open
 
 import difftune
-from difftune.training.text_encoder import TEXT_ENCODER_TARGETS
+from difftune.families.unet import CLIP_ATTENTION as TEXT_ENCODER_TARGETS
 
-METHODS = {"lora": {"rank": 4, "alpha": 8.0}, "sara": {"budget": 0.05}, "svfit": {}, "tlora": {}}
+METHODS = {param.values[0]: param.values[2] for param in method_cases("text_encoder")}
 
 
 def adapted(family: str, method: str, options: dict, seed: int = 1):
@@ -25,9 +25,9 @@ def adapted(family: str, method: str, options: dict, seed: int = 1):
     return pipe, encoders
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-def test_text_encoder_adapter_round_trips_through_one_file(method, tmp_path):
-    pipe, _ = adapted("sd", method, METHODS[method])
+@pytest.mark.parametrize(("method", "_", "options"), method_cases("text_encoder"))
+def test_text_encoder_adapter_round_trips_through_one_file(method, _, options, tmp_path):
+    pipe, _ = adapted("sd", method, options)
     images = generate(pipe)
     path = difftune.save_adapter(pipe, tmp_path / "run")
     info = difftune.read_adapter_info(path)

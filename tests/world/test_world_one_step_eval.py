@@ -12,10 +12,11 @@ from PIL import Image
 
 import difftune
 from difftune.errors import DifftuneError
+from difftune.families.sd import SDFamily
 from difftune.hipa.one_step import generate_one_step
 from difftune.hipa.teacher import TeacherCache, sample_noise
 from difftune.metrics.features import ClipImageFeatures
-from difftune.model_factory import load_pipeline, tiny_sd_pipeline
+from difftune.model_factory import load_pipeline
 from difftune.world.clip_model import (
     WorldClipSize,
     accuracy_against,
@@ -38,7 +39,7 @@ TEACHER_STEPS = 2
 def tiny_world(tmp_path_factory):
     """A folder laid out like assets/embedded_model (pipeline + world_clip) and a LoRA file for it."""
     folder = tmp_path_factory.mktemp("tiny_world_model")
-    pipe = tiny_sd_pipeline()
+    pipe = SDFamily.build_tiny()
     pipe.save_pretrained(folder)
     tokenizer = build_world_tokenizer()
     size = WorldClipSize(text_width=32, text_layers=1, vision_width=32, vision_layers=1, heads=2,
