@@ -1,2 +1,3 @@
-"""Machinery shared by the training scripts (train_scripts/): options, data, model families,
-class-image generation, checkpoints, validation samples and model cards."""
+"""Machinery shared by the training scripts (train_scripts/): options, data, the training loop,
+class-image generation, checkpoints, tracker logging and model cards. What differs between model
+families is the families' (difftune.families)."""

@@ -3,7 +3,7 @@ pipeline's own sampling step, and the methods' files in diffusers' FluxPipeline.
 
 import pytest
 import torch
-from conftest import build, randomize_adapter
+from conftest import build, generate, randomize_adapter
 
 import difftune
 import difftune.model_factory
@@ -225,6 +225,24 @@ def test_flux_trainer_uses_guidance_t5_length_prior_and_validation(train_subject
     assert info["component"] == "transformer" and info["fingerprint"]["class"] == "FluxTransformer2DModel"
     assert "flux" in (out / "README.md").read_text()
 
+
+
+def test_flux_trainer_exports_the_comfyui_and_diff_files_it_promised(train_subject, subject_dir, tmp_path):
+    """Finding 1 of issue 30: --export comfyui / diff on Flux was accepted, then failed after training."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "flux"
+    train_subject(*subject_flags(subject_dir, out, "--max_train_steps", 1, "--skip_final_inference",
+                                 "--export", "comfyui", "diff"))
+    comfyui = load_file(out / "adapter_comfyui.safetensors")
+    diff = load_file(out / "adapter_diff.safetensors")
+    assert all(k.startswith("transformer.") and k.endswith((".lora_A.weight", ".lora_B.weight", ".alpha"))
+               for k in comfyui)
+    assert diff and all(k.startswith("transformer.") and k.endswith((".diff", ".diff_b")) for k in diff)
+    pipe, fresh = build("flux"), build("flux")
+    difftune.load_adapter(pipe, out / "adapter.safetensors")
+    fresh.load_lora_weights(str(out / "adapter_comfyui.safetensors"))  # diffusers reads the ComfyUI file
+    assert abs(generate(fresh) - generate(pipe)).max() < 1e-5
 
 def flux_bad_inputs(tmp_path, subject_dir):
     sd = ["--pretrained_model_name_or_path", "builtin:tiny-sd"]
