@@ -127,3 +127,18 @@ def test_a_new_family_is_one_class(fresh_registries):
     assert noisy.sigmas is not None  # flow matching, as the family it derives from
     difftune.add_adapter(pipe, "lora", targets="attn", rank=2)
     assert difftune.get_adapter(pipe).target_names
+
+
+@pytest.mark.parametrize(("class_name", "family", "task"), [
+    ("StableDiffusionInpaintPipeline", "SD 1.x/2.x", "inpainting"),
+    ("StableDiffusionXLImg2ImgPipeline", "SDXL", "image to image"),
+    ("StableDiffusion3ControlNetPipeline", "SD3", "control images"),
+    ("FluxKontextPipeline", "Flux", "image editing"),
+    ("FluxFillPipeline", "Flux", "inpainting and outpainting"),
+])
+def test_a_familys_other_pipelines_are_refused_by_name(class_name, family, task):
+    from difftune.families import family_of_class
+
+    with pytest.raises(DifftuneError, match=f"unsupported base model family: {class_name} \\(a {family} "
+                                            f"pipeline for {task}"):
+        family_of_class(class_name)
