@@ -9,7 +9,6 @@ target presets, trainer-flag checks, export formats and the contract tests all r
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,6 +16,7 @@ import torch
 
 from .. import targeting
 from ..errors import DifftuneError
+from ..registration import check_plugin_class
 from .base import (
     OTHER_TASKS,
     DDPMFamily,
@@ -46,12 +46,7 @@ EXPORT_FORMATS = ("kohya", "comfyui", "diff", "diffusers", "single-file")
 def register_family(family: type[ModelFamily]) -> type[ModelFamily]:
     """Make a family known to every part of difftune by its name; refuses a class that lacks what a
     family must say, or that claims a name, pipeline class or built-in another family has."""
-    where = f"register_family({getattr(family, '__name__', family)!r})"
-    if not (inspect.isclass(family) and issubclass(family, ModelFamily)):
-        raise DifftuneError(f"{where}: not a subclass of difftune.families.base.ModelFamily")
-    if inspect.isabstract(family):
-        missing = ", ".join(sorted(family.__abstractmethods__))
-        raise DifftuneError(f"{where}: the family does not implement {missing}")
+    where = check_plugin_class(family, ModelFamily, "register_family")
     for attribute, kind in REQUIRED_ATTRIBUTES.items():
         if not isinstance(getattr(family, attribute, None), kind):
             raise DifftuneError(f"{where}: class attribute '{attribute}' must be a {kind.__name__}")

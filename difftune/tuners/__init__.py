@@ -7,9 +7,9 @@ peft's tuners; registering it here is all the public API needs.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 
 from ..errors import DifftuneError
+from ..registration import check_plugin_class
 from .base import Adapter, AdapterConfig, AdapterLayer, LayerAdapter
 from .lora import LoraAdapter
 from .sara import SaraAdapter
@@ -22,12 +22,7 @@ METHODS: dict[str, type[Adapter]] = {}
 def register_method(adapter_class: type[Adapter]) -> type[Adapter]:
     """Make a method available to `difftune.add_adapter` and the trainer by its name; refuses a class
     that is not a complete `Adapter` with a name and a config dataclass, or a name taken already."""
-    where = f"register_method({getattr(adapter_class, '__name__', adapter_class)!r})"
-    if not (inspect.isclass(adapter_class) and issubclass(adapter_class, Adapter)):
-        raise DifftuneError(f"{where}: not a subclass of difftune.tuners.Adapter")
-    if inspect.isabstract(adapter_class):
-        missing = ", ".join(sorted(adapter_class.__abstractmethods__))
-        raise DifftuneError(f"{where}: the method does not implement {missing}")
+    where = check_plugin_class(adapter_class, Adapter, "register_method")
     name = getattr(adapter_class, "method", None)
     if not isinstance(name, str) or not name.isidentifier():
         raise DifftuneError(f"{where}: class attribute 'method' must be a name, got {name!r}")
