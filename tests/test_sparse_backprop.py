@@ -99,7 +99,7 @@ def test_gradients_are_the_dense_gradients_at_the_selected_entries():
 
 def test_dense_gradients_are_freed_as_soon_as_they_are_gathered(monkeypatch):
     net, selection = make()
-    sparse = SparseBackprop(net, selection)
+    sparse = SparseBackprop(net, selection, weight_gradients="dense")  # the route with dense gradients
     randomize(sparse)
     seen = []
     original = SparseEntries.gather_gradient

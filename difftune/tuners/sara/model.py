@@ -110,7 +110,7 @@ class SaraAdapter(Adapter):
         self._attach_selection(selection)
 
     def _attach_selection(self, selection: dict[str, torch.Tensor]) -> None:
-        self.sparse = SparseBackprop(self.model, selection)
+        self.sparse = SparseBackprop(self.model, selection, weight_gradients=self.config.weight_gradients)
         self.eligible = [key for key, e in self.sparse.entries.items() if is_eligible(e.shape)]
         self._rank_cache = None
 
