@@ -54,13 +54,14 @@ ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## Memory and speed: SaRA, its peers, LoRA, full fine-tuning"
 SUBSECTIONS = {"cpu": "### CPU: peak RSS, 256 px, batch 1", "cuda": "### GPU: max_memory_allocated, 512 px"}
 NOT_MEASURED = {"cpu": "not measured yet\n", "cuda": "not measured: no GPU available\n"}
-BUDGET_MODES = ("sara", "sara-no-rank", "sara-dense-grads", "sara-dense", "lora-budget", "supertuning",
-                "shira", "official-sara")
+BUDGET_MODES = ("sara", "sara-no-rank", "sara-measured", "sara-dense-grads", "sara-dense", "lora-budget",
+                "supertuning", "shira", "official-sara")
 LINEAR_ONLY = ("supertuning", "shira")  # peft implements these for Linear layers only
 LABELS = {
     "lora-r4": "peft LoRA r4, attention",
     "sara": "**difftune SaRA** (sampled weight gradients, auto)",
     "sara-no-rank": "difftune SaRA, λ_rank = 0",
+    "sara-measured": "difftune SaRA, routes measured (weight_gradients=measure)",
     "sara-dense-grads": "difftune SaRA, dense weight gradients",
     "sara-dense": "SaRA dense-masked (no hook)",
     "lora-budget": "peft LoRA, same layers, rank for the budget",
@@ -71,8 +72,8 @@ LABELS = {
     "weight-grads": "dense weight gradients only (the floor)",
 }
 DEFAULT_MODES = {
-    "linear": ["lora-r4", "lora-budget", "weight-grads", "sara", "sara-no-rank", "sara-dense-grads",
-               "supertuning", "shira", "official-sara"],
+    "linear": ["lora-r4", "lora-budget", "weight-grads", "sara", "sara-no-rank", "sara-measured",
+               "sara-dense-grads", "supertuning", "shira", "official-sara"],
     "all": ["weight-grads", "sara", "sara-dense-grads", "official-sara"],
 }
 
@@ -136,10 +137,10 @@ def run_child(spec: dict) -> dict:
     elif mode == "lora-budget":
         difftune.add_adapter(unet, "lora", targets=targets, rank=lora_rank_for(unet, budget, layers))
         groups = [{"params": difftune.trainable_parameters(unet), "weight_decay": 1e-2}]
-    elif mode in ("sara", "sara-no-rank", "sara-dense-grads"):
+    elif mode in ("sara", "sara-no-rank", "sara-measured", "sara-dense-grads"):
         options = {"lambda_rank": 0.0} if mode == "sara-no-rank" else {}
-        if mode == "sara-dense-grads":
-            options["weight_gradients"] = "dense"
+        if mode in ("sara-dense-grads", "sara-measured"):
+            options["weight_gradients"] = "dense" if mode == "sara-dense-grads" else "measure"
         adapter = difftune.add_adapter(unet, "sara", targets=targets, budget=budget, **options)
         groups = adapter.optimizer_parameter_groups(1e-2)
     elif mode == "sara-dense":
@@ -344,7 +345,7 @@ def plan(args) -> list[dict]:
                     continue
                 # lora-r4 and full do not depend on the layer set
                 layers_of_row = layers if mode in BUDGET_MODES or mode == "weight-grads" else "–"
-                if mode == "sara-no-rank":
+                if mode in ("sara-no-rank", "sara-measured"):
                     budgets = [min(args.budgets)]
                 elif mode in BUDGET_MODES:
                     budgets = args.budgets if layers == "linear" else [max(args.budgets)]
@@ -443,10 +444,14 @@ def table(results: list[dict], args, machine: str, load: tuple[str, str] = ("?",
 
 
 def routes_table(results: list[dict]) -> str:
-    """Per layer shape of the first SaRA row that measured its routes: density and the two timings."""
-    row = next((r for r in results if r.get("routes")), None)
-    if row is None:
-        return ""
+    """Per layer shape, for the first SaRA row with modelled routes (auto) and the first with measured
+    ones: density, route and the two times behind the choice."""
+    rows = [next((r for r in results if r.get("routes") and r["mode"] == mode), None)
+            for mode in ("sara", "sara-measured")]
+    return "\n".join(_routes_table(row) for row in rows if row is not None)
+
+
+def _routes_table(row: dict) -> str:
     groups: dict[tuple, dict] = {}
     for route in row["routes"]:
         key = (tuple(route["shape"]), route["rows"], route["path"])
@@ -456,9 +461,10 @@ def routes_table(results: list[dict]) -> str:
         for name in ("dense_s", "sampled_s"):
             if route[name] is not None:
                 group[name].append(route[name])
+    how = ("times measured once per shape, rows and density" if row["mode"] == "sara-measured"
+           else "times from the cost model")
     lines = [f"Weight-gradient route per layer shape, {LABELS[row['mode']]}, {row.get('layers')} layers, "
-             f"{row['budget'] / 1e6:g}M (auto: both measured once per shape, rows and density; ms of the "
-             "first measurement):", "",
+             f"{row['budget'] / 1e6:g}M ({how}):", "",
              "| weight shape | rows N | layers | density | route | dense ms | sampled ms |",
              "|---|---|---|---|---|---|---|"]
     for (shape, rows, path), g in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):

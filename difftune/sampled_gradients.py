@@ -9,11 +9,15 @@ pattern of the trained entries: nnz·N multiply-adds, at a lower rate than a GEM
 Conv2d's weight gradient is the same product on the unfolded input (im2col), the kernel
 read as out × (in·kh·kw).
 
-Which route is faster depends on the density, the number of rows N and the machine, so
-`GradientPaths` measures both once per layer shape (``"auto"``) and keeps the faster one;
-``"sampled"`` and ``"dense"`` force a route (``"dense"`` is difftune's earlier path: the
-layer's own backward, then a gather). Both give the same gradient to float tolerance; the
-sampled one accumulates in float32 also for bf16/fp16 activations.
+Which route is faster depends on the density, the layer's sides, the number of rows N and
+the machine. ``"auto"`` decides per call with a cost model whose rates were measured on a
+CPU (`CPU_RATES`; benchmarks/memory_sara.py prints both routes' times per layer shape):
+deterministic, so a run and its resume take the same routes. On other devices ``"auto"``
+keeps the dense route until rates are measured there. ``"measure"`` times both routes once
+per (shape, rows, density) and keeps the faster (for calibrating; the choice can differ
+between runs). ``"sampled"`` and ``"dense"`` force a route (``"dense"`` is difftune's earlier
+path: the layer's own backward, then a gather). Both routes give the same gradient to float
+tolerance; the sampled one accumulates in float32 also for bf16/fp16 activations.
 
 This module is the math and the choice; `sparse_backprop` decides when a layer uses it.
 """
@@ -33,7 +37,7 @@ from torch.autograd.function import once_differentiable
 
 from .errors import DifftuneError
 
-PATHS = ("auto", "sampled", "dense")
+PATHS = ("auto", "measure", "sampled", "dense")
 # temporaries of one sampled product stay below this many elements (rows are chunked)
 _CHUNK_ELEMENTS = 1 << 23
 
@@ -181,9 +185,34 @@ def layer_op(module: torch.nn.Module) -> LinearOp | Conv2dOp | None:
 
 # --- the choice, per layer shape ------------------------------------------------------------
 
+@dataclass(frozen=True)
+class CostRates:
+    """Seconds per unit of work of the two routes (one CPU thread; fitted to timings of SD 1.5 layer
+    shapes with torch 2.13: dense GEMM ≈ 45 GMAC/s, sampled dots ≈ 8 GMAC/s, and the sampled
+    route's transposed copies of the input and output gradient ≈ 1 ns per element)."""
+
+    gemm_mac: float = 1 / 45e9
+    sampled_mac: float = 0.13e-9
+    sampled_copy: float = 1.0e-9
+    call: float = 20e-6
+
+
+CPU_RATES = CostRates()
+
+
+def modelled_seconds(op, weight: torch.Tensor, rows: int, nnz: int,
+                     rates: CostRates = CPU_RATES) -> tuple[float, float]:
+    """(dense, sampled) seconds the cost model predicts for one weight gradient."""
+    out_side = weight.shape[0]
+    in_side = weight.numel() // out_side  # in·kh·kw for a conv kernel (its unfolded input)
+    dense = out_side * in_side * rows * rates.gemm_mac + rates.call
+    sampled = nnz * rows * rates.sampled_mac + (out_side + in_side) * rows * rates.sampled_copy + rates.call
+    return dense, sampled
+
+
 @dataclass
 class PathChoice:
-    """What was decided for one layer shape, and (auto) the timings it was decided on."""
+    """What was decided for one layer shape, and the two (measured or modelled) times behind it."""
 
     path: str
     dense_s: float | None = None
@@ -192,7 +221,7 @@ class PathChoice:
 
 @dataclass
 class GradientPaths:
-    """The route per (op, weight shape, rows, density): forced, or measured once (auto)."""
+    """The route per call: forced, modelled (auto) or measured once per (op, shape, rows, density)."""
 
     mode: str = "auto"
     choices: dict[tuple, PathChoice] = field(default_factory=dict)
@@ -205,11 +234,18 @@ class GradientPaths:
         density_bucket = round(2 * math.log2(nnz / weight.numel()))  # within √2 of each other
         return (op.kind, tuple(weight.shape), rows, density_bucket, dtype, weight.device.type)
 
-    def entries(self, key: tuple, dense: Callable[[], torch.Tensor],
-                sampled: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, str]:
-        if self.mode != "auto":
+    def entries(self, key: tuple, dense: Callable[[], torch.Tensor], sampled: Callable[[], torch.Tensor],
+                modelled: Callable[[], tuple[float, float]]) -> tuple[torch.Tensor, str]:
+        if self.mode in ("sampled", "dense"):
             return (sampled() if self.mode == "sampled" else dense()), self.mode
         known = self.choices.get(key)
+        if known is None and self.mode == "auto":
+            if key[-1] == "cpu":
+                dense_s, sampled_s = modelled()
+                known = PathChoice("sampled" if sampled_s < dense_s else "dense", dense_s, sampled_s)
+            else:  # no measured rates for this device yet: the dense GEMM
+                known = PathChoice("dense")
+            self.choices[key] = known
         if known is not None:
             return (sampled() if known.path == "sampled" else dense()), known.path
         results, times = {}, {"dense": math.inf, "sampled": math.inf}

@@ -24,6 +24,9 @@ the layer's forward by `sampled_gradients.SampledLayer`, whose backward computes
 input gradient as usual and only the trained entries of the weight gradient
 (`sampled_gradients`: a sampled product when that is faster for the layer, the dense
 product and a gather otherwise; ``weight_gradients="dense"`` keeps the plain path above).
+Under torch.compile such a layer runs eagerly (`torch.compiler.disable`: one graph break per
+adapted layer, the rest of the model compiled), so the measured choice and the sampled
+kernel stay as they are.
 
 Entries can be frozen later (SaRA's progressive adjustment): their gradient is then
 returned as 0, the parameter keeps its shape (so optimizers and DDP buckets stay valid).
@@ -39,7 +42,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .errors import DifftuneError
-from .sampled_gradients import GradientPaths, SampledLayer, layer_op
+from .sampled_gradients import GradientPaths, SampledLayer, layer_op, modelled_seconds
 
 _STATE = "_difftune_sparse_entries"
 DELTA_PREFIX = "sparse_delta_"
@@ -48,6 +51,8 @@ _BASE_PREFIX = "sparse_base_"
 _FROZEN_PREFIX = "sparse_frozen_"
 _EAGER_WRITE = ("difftune writes the trained entries into the weights outside the compiled graph "
                 "(one graph break per adapted weight): compile with fullgraph=False, or merge first")
+_EAGER_LAYER = ("difftune trains entries of this layer's weight eagerly, outside the compiled graph (one "
+                "graph break per adapted Linear/Conv2d): compile with fullgraph=False, or merge first")
 _ROUTED_CLASSES: dict[tuple[type, tuple[str, ...]], type] = {}
 
 
@@ -99,6 +104,7 @@ def _routed_getter(name: str):
     return getter
 
 
+@torch.compiler.disable(reason=_EAGER_LAYER)
 def _sampled_forward(module: nn.Module, input: torch.Tensor) -> torch.Tensor:
     """The layer's forward, through `SampledLayer` when its weight's entries are being trained."""
     entries = module.__dict__[_STATE].get("weight")
@@ -202,10 +208,7 @@ class SparseEntries:
     def sampled_op(self, input: torch.Tensor):
         """The layer op to run through `SampledLayer` now, or None for the plain forward."""
         op = self._op
-        # under torch.compile the plain route (traceable around `sync`) is kept: the measured
-        # choice and the sampled kernel are eager-only
-        if (op is None or self.paths.mode == "dense" or torch.compiler.is_compiling()
-                or not self.routing or not torch.is_grad_enabled()
+        if (op is None or self.paths.mode == "dense" or not self.routing or not torch.is_grad_enabled()
                 or not self.delta.requires_grad or self.weight.requires_grad
                 or (op.kind == "conv2d" and input.dim() != 4)):
             return None
@@ -216,7 +219,8 @@ class SparseEntries:
         index = self.index
         key = GradientPaths.key(op, weight, op.rows(x), index.numel(), grad.dtype)
         picked, path = self.paths.entries(key, lambda: op.dense_entries(grad, x, weight, index),
-                                          lambda: op.sampled_entries(grad, x, weight, index))
+                                          lambda: op.sampled_entries(grad, x, weight, index),
+                                          lambda: modelled_seconds(op, weight, key[2], index.numel()))
         self.last_route = (key, path)
         return self._finish_gradient(picked)
 
@@ -267,7 +271,7 @@ class SparseBackprop:
     entries to train (sorted, unique; any integer dtype). Tensors with no entry are
     skipped. The model's output is unchanged at attach (all deltas start at 0).
     ``weight_gradients`` picks how Linear/Conv2d weights get their entries' gradient
-    (`sampled_gradients.PATHS`: measured per layer shape, always sampled, or dense).
+    (`sampled_gradients.PATHS`: by a cost model, measured per layer shape, always sampled, or dense).
     """
 
     def __init__(self, model: nn.Module, selection: dict[str, torch.Tensor],
@@ -324,8 +328,8 @@ class SparseBackprop:
         self.paths.mode = GradientPaths(mode).mode
 
     def weight_gradient_routes(self) -> list[dict[str, Any]]:
-        """Per trained Linear/Conv2d weight: its density and the route its last backward took
-        (with the two timings where ``auto`` measured them)."""
+        """Per trained Linear/Conv2d weight: its density and the route its last backward took, with
+        the two times behind the choice (modelled for ``auto``, measured for ``measure``)."""
         rows = []
         for key, entries in self.entries.items():
             if entries.last_route is None:

@@ -13,21 +13,21 @@ from difftune.errors import DifftuneError
 from difftune.sampled_gradients import GradientPaths, LinearOp, csr_pattern, sampled_product
 from difftune.sparse_backprop import SparseBackprop
 
-# "dense": the plain route (the layer's own backward, then a gather); "auto-dense": the
+# "dense": the plain route (the layer's own backward, then a gather); "measure-dense": the
 # measured route made to pick the dense product inside SampledLayer
-ROUTES = ("sampled", "dense", "auto", "auto-dense")
+ROUTES = ("sampled", "dense", "auto", "measure-dense")
 
 
 @pytest.fixture
 def route_of(request, monkeypatch):
-    """The SparseBackprop mode for a test route (auto-dense: timings that favour dense)."""
+    """The SparseBackprop mode for a test route (measure-dense: timings that favour dense)."""
     def mode(route: str) -> str:
-        if route == "auto-dense":
+        if route == "measure-dense":
             import difftune.sampled_gradients as sg
 
             calls = iter(range(1000))
             monkeypatch.setattr(sg, "_timed", lambda run: (run(), 2.0 if next(calls) % 2 == 0 else 1.0))
-            return "auto"
+            return "measure"
         return route
     return mode
 
@@ -103,7 +103,7 @@ def check_route(sparse, route):
     if route == "dense":
         assert taken is None  # the plain route never enters SampledLayer
     else:
-        assert taken is not None and taken[1] == {"sampled": "sampled", "auto-dense": "dense"}.get(
+        assert taken is not None and taken[1] == {"sampled": "sampled", "measure-dense": "dense"}.get(
             route, taken[1])
 
 
@@ -174,13 +174,12 @@ def test_the_sampled_route_never_builds_the_dense_weight_gradient(monkeypatch):
     assert x.grad is not None
 
 
-def test_auto_measures_each_layer_shape_once_and_reports_it():
+def test_measure_times_each_layer_shape_once_and_reports_it():
     torch.manual_seed(6)
     net = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32), nn.Conv2d(2, 3, 3, padding=1))
     net.requires_grad_(False)
     selection = {f"{i}.weight": selection_of(net[i].weight, 0.05, i) for i in range(3)}
-    sparse = SparseBackprop(net, selection)
-    assert sparse.paths.mode == "auto"
+    sparse = SparseBackprop(net, selection, weight_gradients="measure")
     net[0](net[1](torch.randn(4, 32))).sum().backward()
     net[2](torch.randn(1, 2, 5, 5)).sum().backward()
     routes = {row["tensor"]: row for row in sparse.weight_gradient_routes()}
@@ -198,6 +197,34 @@ def test_auto_measures_each_layer_shape_once_and_reports_it():
     assert sparse.weight_gradient_routes() == []
     with pytest.raises(DifftuneError, match="weight_gradients must be one of"):
         sparse.set_weight_gradients("fast")
+
+
+def test_auto_follows_the_cost_model_deterministically():
+    """Large, sparse layers take the sampled route, small or dense ones the GEMM; every call of a
+    shape decides the same (so a resumed run takes the routes of the first)."""
+    from difftune.sampled_gradients import modelled_seconds
+
+    torch.manual_seed(9)
+    net = nn.ModuleDict({"big": nn.Linear(256, 256), "small": nn.Linear(8, 8), "full": nn.Linear(256, 256)})
+    net.requires_grad_(False)
+    selection = {"big.weight": selection_of(net["big"].weight, 0.01, 0),
+                 "small.weight": selection_of(net["small"].weight, 0.01, 1),
+                 "full.weight": selection_of(net["full"].weight, 0.6, 2)}
+    sparse = SparseBackprop(net, selection)
+    assert sparse.paths.mode == "auto"
+    for _ in range(2):
+        for name in ("big", "small", "full"):
+            net[name](torch.randn(512, net[name].in_features)).sum().backward()
+        routes = {row["tensor"]: row for row in sparse.weight_gradient_routes()}
+        assert {k: r["path"] for k, r in routes.items()} == {
+            "big.weight": "sampled", "small.weight": "dense", "full.weight": "dense"}
+    for key, row in routes.items():
+        e = sparse.entries[key]
+        assert (row["dense_s"], row["sampled_s"]) == modelled_seconds(e._op, e.weight, 512, e.numel)
+    # a device without measured rates keeps the GEMM
+    key = ("linear", (256, 256), 512, -7, torch.float32, "cuda")
+    _, path = sparse.paths.entries(key, lambda: torch.zeros(1), lambda: torch.ones(1), lambda: (1.0, 0.0))
+    assert path == "dense"
 
 
 def test_unsorted_or_grouped_layers_keep_the_plain_route():

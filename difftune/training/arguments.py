@@ -420,6 +420,13 @@ def add_precision_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--allow_tf32", action="store_true", help="allow TF32 matmuls on Ampere+ GPUs")
     group.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                        help="xformers attention instead of PyTorch SDPA (the default)")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile the denoiser after the adapter is attached: only its repeated "
+                            "blocks where diffusers lists them (regional compilation), else the whole model; "
+                            "the first steps pay the compile time")
+    group.add_argument("--compile_backend", default="inductor",
+                       help="torch.compile backend for --compile (inductor; aot_eager and eager trace "
+                            "without generating code, for checks)")
     group.add_argument("--quantize_base", choices=tuple(QUANTIZATION_BACKENDS),
                        help="load the frozen denoiser weights in 8-bit or 4-bit (NF4) through bitsandbytes "
                             f"(CUDA; --adapter {'/'.join(_quantizable_methods())} only: the others need the "
@@ -558,12 +565,26 @@ def check_common_arguments(args: argparse.Namespace) -> None:
                             "installed: pip install 'difftune[xformers]' (GPU only), or drop the flag to "
                             "use PyTorch's SDPA attention")
     check_quantized_base(args)
+    check_compile_backend(args)
     length = getattr(args, "max_sequence_length", None)
     if length is not None and not 1 <= length <= 512:
         raise DifftuneError(f"--max_sequence_length must be in [1, 512] (FLUX.1's T5 limit), got {length}")
     if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise DifftuneError("--use_8bit_adam needs bitsandbytes, which is not installed: "
                             "pip install bitsandbytes (CUDA GPU), or drop the flag")
+
+
+def check_compile_backend(args: argparse.Namespace) -> None:
+    """``--compile_backend`` names a backend torch.compile has (checked before any model loads)."""
+    backend = getattr(args, "compile_backend", "inductor")
+    if not getattr(args, "compile", False) or backend == "inductor":
+        return
+    import torch._dynamo
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        raise DifftuneError(f"--compile_backend {backend!r} is not a torch.compile backend; choose one of "
+                            f"{', '.join(sorted(known))}")
 
 
 def check_quantized_base(args: argparse.Namespace) -> None:

@@ -253,7 +253,22 @@ def attach_trainable_adapter(denoiser: nn.Module, spec: AdapterSpec, seed: int, 
         denoiser.enable_gradient_checkpointing()
     if memory.enable_xformers_memory_efficient_attention:
         denoiser.enable_xformers_memory_efficient_attention()
+    if memory.compile:
+        compile_denoiser(denoiser, memory.compile_backend)
     return adapter
+
+
+def compile_denoiser(denoiser: nn.Module, backend: str = "inductor") -> str:
+    """torch.compile the denoiser in place (its attributes, state dict and adapter stay as they are):
+    only its repeated blocks where the model class lists them (diffusers' regional compilation,
+    ``compile_repeated_blocks``), else the whole forward. Layers whose trained entries difftune
+    writes (SaRA) run eagerly inside the compiled code, one graph break each. Returns "regional" or
+    "whole" (``--compile_backend`` is checked with the other flags)."""
+    if getattr(denoiser, "_repeated_blocks", None) and hasattr(denoiser, "compile_repeated_blocks"):
+        denoiser.compile_repeated_blocks(backend=backend)
+        return "regional"
+    denoiser.compile(backend=backend)
+    return "whole"
 
 
 def learning_rate(settings: OptimizerSettings, adapter: Any, examples_per_step: int) -> float:

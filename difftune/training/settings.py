@@ -42,10 +42,12 @@ class AcceleratorSettings:
 
 @dataclasses.dataclass(frozen=True)
 class MemorySettings:
-    """Memory options applied to the denoiser once its adapter is attached."""
+    """Memory and speed options applied to the denoiser once its adapter is attached."""
 
     gradient_checkpointing: bool = False
     enable_xformers_memory_efficient_attention: bool = False
+    compile: bool = False  # torch.compile the denoiser (regional where diffusers lists repeated blocks)
+    compile_backend: str = "inductor"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -148,7 +148,7 @@ def test_weight_gradient_routes_give_the_same_unet_gradients(dtype):
     """Sampled, dense and measured routes on the tiny UNet (3-D attention inputs, 4-D convs):
     the same delta gradients, and no dense weight gradient kept on any route."""
     grads = {}
-    for route in ("dense", "sampled", "auto"):
+    for route in ("dense", "sampled", "auto", "measure"):
         pipe = build("sd")
         pipe.unet.to(dtype)
         adapter = difftune.add_adapter(pipe.unet, "sara", weight_gradients=route, **SD)
@@ -163,7 +163,7 @@ def test_weight_gradient_routes_give_the_same_unet_gradients(dtype):
         assert kinds == set() if route == "dense" else kinds <= {"sampled", "dense"} and kinds
         assert all(p.grad is None for n, p in pipe.unet.named_parameters() if "sparse_delta" not in n)
     tol = {} if dtype == torch.float32 else {"rtol": 0.05, "atol": 0.05}
-    for route in ("sampled", "auto"):
+    for route in ("sampled", "auto", "measure"):
         for key, grad in grads["dense"].items():
             scale = grad.abs().max().item()
             torch.testing.assert_close(grads[route][key] / scale, grad / scale, **tol)

@@ -33,8 +33,9 @@ class SaraConfig(AdapterConfig):
     seed: int = option(0, "seed of the per-step draw of low-rank matrices")
     weight_gradients: str = option(
         "auto", "how Linear/Conv2d weights get their trained entries' gradient: auto (per layer, the "
-        "faster of sampled and dense, measured on first use), sampled (only the trained entries of "
-        "XᵀδY), dense (the layer's whole weight gradient, then gathered)")
+        "faster of sampled and dense by a cost model measured on CPU; dense on other devices), measure "
+        "(both timed once per layer shape), sampled (only the trained entries of XᵀδY), dense (the "
+        "layer's whole weight gradient, then gathered)")
 
     def validate(self) -> None:
         check_path(self.weight_gradients, "sara option 'weight_gradients'")
