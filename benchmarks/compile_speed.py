@@ -6,10 +6,10 @@ its adapter, then `loop.compile_denoiser` (regional compilation of the repeated 
 where diffusers lists them, as ``--compile`` does), then full training steps (forward,
 MSE loss, backward, AdamW) on random latents. Compile time is the first step's time minus
 the median step time, as wall and as process CPU time (steadier on a shared machine; the
-ratio uses it); configurations are interleaved over ``--rounds``.
+ratio uses it); the eager and compiled runs of a configuration follow each other.
 
     python benchmarks/compile_speed.py --write-docs
-    python benchmarks/compile_speed.py --models tiny --methods lora sara --rounds 1
+    python benchmarks/compile_speed.py --models tiny --methods lora sara
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--methods", nargs="+", default=["lora", "sara", "svfit", "tlora"])
     parser.add_argument("--steps", type=int, default=5, help="timed steps after the first (compiling) one")
-    parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--backend", default="inductor")
     parser.add_argument("--write-docs", action="store_true", help="replace the section in docs/benchmarks.md")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -87,29 +86,24 @@ def run_child(spec: dict) -> dict:
             "parameters": sum(p.numel() for p in unet.parameters())}
 
 
-def run_all(specs: list[dict], rounds: int) -> list[dict]:
+def run_all(specs: list[dict]) -> list[dict]:
+    """Every configuration once, in its own process, with a cold inductor cache of its own."""
     from tqdm.auto import tqdm
 
-    best: dict[int, dict] = {}
-    for _ in range(rounds):
-        for index, spec in enumerate(tqdm(specs, desc="configurations", unit="process")):
-            with tempfile.TemporaryDirectory() as cache:  # a cold inductor cache per process
-                env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_CACHE_DIR": cache,
-                       "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-                done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env,
-                                      capture_output=True, text=True, check=False)
-            lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-            if done.returncode != 0 or not lines:
-                tqdm.write(f"{spec}: failed\n{done.stderr[-2000:]}")
-                result = {**spec, "error": (done.stderr.strip().splitlines() or ["?"])[-1]}
-            else:
-                result = json.loads(lines[-1])
-            kept = best.get(index)
-            faster = "error" not in result and (kept is None or "error" in kept
-                                                or result["cpu_step_s"] < kept["cpu_step_s"])
-            if kept is None or faster:
-                best[index] = result
-    return [best[i] for i in range(len(specs))]
+    results = []
+    for spec in tqdm(specs, desc="configurations", unit="process"):
+        with tempfile.TemporaryDirectory() as cache:
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_CACHE_DIR": cache,
+                   "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+            done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env,
+                                  capture_output=True, text=True, check=False)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        if done.returncode == 0 and lines:
+            results.append(json.loads(lines[-1]))
+        else:
+            tqdm.write(f"{spec}: failed\n{done.stderr[-2000:]}")
+            results.append({**spec, "error": (done.stderr.strip().splitlines() or ["?"])[-1]})
+    return results
 
 
 def table(results: list[dict], args, load: tuple[str, str]) -> str:
@@ -137,9 +131,10 @@ def table(results: list[dict], args, load: tuple[str, str]) -> str:
               f"process, backend {args.backend}, a cold inductor cache per process; load average "
               f"(1/5/15 min) {load[0]} before, {load[1]} after. Training steps (forward, MSE, backward, "
               f"AdamW) on random latents: tiny UNet batch 1 at 32×32 latents, the embedded model's UNet "
-              f"batch 4 at 32×32; median of {args.steps} steps after the first (compiling) one, "
-              f"{args.rounds} round(s). 'regional' compiles the model's repeated blocks "
-              "(`compile_repeated_blocks`), as `--compile` does where diffusers lists them.")
+              f"batch 4 at 32×32; median of {args.steps} steps after the first (compiling) one; "
+              "the eager and compiled runs of a configuration follow each other. 'regional' compiles the "
+              "model's repeated blocks (`compile_repeated_blocks`), as `--compile` does where diffusers "
+              "lists them.")
     return header + "\n\n" + "\n".join(lines) + "\n"
 
 
@@ -152,7 +147,7 @@ def main(argv=None) -> None:
               "backend": args.backend}
              for model in args.models for method in args.methods for compiled in (False, True)]
     before = " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    results = run_all(specs, args.rounds)
+    results = run_all(specs)
     after = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     text = table(results, args, (before, after))
     print(text)
