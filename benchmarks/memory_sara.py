@@ -490,12 +490,13 @@ def bar_chart(results: list[dict], path: Path) -> None:
     height = 60 + len(rows) * (2 * bar_h + gap)
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    draw.text((10, 10), "peak memory (GiB, blue) and seconds per step (orange)", fill="black")
+    draw.text((10, 10), "peak memory (GiB, blue) and process CPU seconds per step (orange)", fill="black")
     top_mem = max(r["peak_gib"] for r in rows)
-    top_time = max(r["seconds"] for r in rows)
+    top_time = max(r["cpu_seconds"] for r in rows)
     y = 40
     for r in rows:
-        label = LABELS[r["mode"]].replace("*", "") + (f" {r['budget'] / 1e6:g}M" if r.get("budget") else "")
+        label = LABELS[r["mode"]].replace("*", "").replace("λ", "lambda")
+        label += f" {r['budget'] / 1e6:g}M" if r.get("budget") else ""
         if r.get("layers") not in (None, "–"):
             label += f" [{r['layers']}]"
         draw.text((10, y + bar_h // 2), f"{label} (b{r['batch']})", fill="black")
@@ -503,8 +504,9 @@ def bar_chart(results: list[dict], path: Path) -> None:
         draw.rectangle([left, y, left + span * r["peak_gib"] / top_mem, y + bar_h - 2], fill=(60, 110, 200))
         draw.text((left + span * r["peak_gib"] / top_mem + 5, y), f"{r['peak_gib']:.2f}", fill="black")
         y += bar_h
-        draw.rectangle([left, y, left + span * r["seconds"] / top_time, y + bar_h - 2], fill=(230, 140, 40))
-        draw.text((left + span * r["seconds"] / top_time + 5, y), f"{r['seconds']:.2f}", fill="black")
+        end = left + span * r["cpu_seconds"] / top_time
+        draw.rectangle([left, y, end, y + bar_h - 2], fill=(230, 140, 40))
+        draw.text((end + 5, y), f"{r['cpu_seconds']:.2f}", fill="black")
         y += bar_h + gap
     image.save(path)
 
