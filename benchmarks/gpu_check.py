@@ -120,16 +120,12 @@ def build_unet(arch: str, device, tiny: bool):
     import torch
     from diffusers import UNet2DConditionModel
 
-    from difftune.model_factory import (
-        SD15_UNET_CONFIG,
-        SDXL_UNET_CONFIG,
-        tiny_sd_pipeline,
-        tiny_sdxl_pipeline,
-    )
+    from difftune.families.sd import SD15_UNET_CONFIG, SDFamily
+    from difftune.families.sdxl import SDXL_UNET_CONFIG, SDXLFamily
 
     torch.manual_seed(0)
     if tiny:
-        unet = (tiny_sd_pipeline() if arch == "sd15" else tiny_sdxl_pipeline()).unet
+        unet = (SDFamily if arch == "sd15" else SDXLFamily).build_tiny().unet
     else:
         with torch.device(device):
             unet = UNet2DConditionModel(**(SD15_UNET_CONFIG if arch == "sd15" else SDXL_UNET_CONFIG))
