@@ -19,6 +19,8 @@ class RandomDomain:
     EXAMPLE = 1
     CACHED_CROP = 2
     CLASS_IMAGE = 3
+    BUCKET_ORDER = 4
+    CAPTION_DROPOUT = 5
 
 
 def sample_generator(seed: int, *keys: int, device: str | torch.device = "cpu") -> torch.Generator:

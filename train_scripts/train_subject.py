@@ -24,41 +24,25 @@ SDXL, SD3, FLUX.1 dev and schnell, PixArt-α/Σ).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import time
 from pathlib import Path
 
 import torch
-from accelerate.utils import (
-    gather_object,
-)
-from diffusers.training_utils import offload_models
 
 import difftune
-from difftune.adapter_file import TOKEN_EMBEDDINGS
 from difftune.errors import DifftuneError, run_main
-from difftune.export import FORMATS, LORA_FORMATS, check_export_options, default_output, export_adapter
 from difftune.families import (
     FAMILIES,
     LossOptions,
-    check_capability,
-    check_text_encoder_training,
-    get_family,
     training_family,
 )
-from difftune.io import copy_file
-from difftune.model_factory import describe_model, load_pipeline
-from difftune.sampling import generate_images, save_grid
-from difftune.training import arguments, checkpointing, loop, pivotal, recipes, settings
+from difftune.model_factory import load_pipeline
+from difftune.training import arguments, checkpointing, loop, pivotal, recipes, session, settings
 from difftune.training.data import SubjectData, SubjectDataset, scan_image_folder, warn_small_images
 from difftune.training.model_card import write_model_card
 from difftune.training.prior import ensure_class_images
-from difftune.training.summary import reset_peak_memory, write_train_summary
+from difftune.training.summary import reset_peak_memory
 from difftune.training.text_encoder import attach_text_encoder_adapters
-from difftune.training.validation import log_images
-
-DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
-
 
 # ---------------------------------------------------------------------------------------------
 # 1. Options
@@ -116,22 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     arguments.add_pivotal_arguments(parser)
     recipes.add_recipe_argument(parser)
 
-    parser.add_argument_group("start from a file").add_argument(
-        "--init_adapter", metavar="PATH",
-        help="train on from this adapter file instead of a fresh adapter: a difftune file of the --adapter "
-             "method, or a LoRA file of kohya / A1111 / ComfyUI / diffusers (imported as a difftune LoRA); "
-             "the file's rank, targets and options replace the flags")
-    export = parser.add_argument_group("export (python -m difftune.export; docs/export.md)")
-    export.add_argument("--export", nargs="+", choices=FORMATS, default=[],
-                        help="also write the adapter in these formats next to adapter.safetensors: kohya "
-                             "(ComfyUI/A1111 LoRA), comfyui (the LoRA names ComfyUI maps for the model "
-                             "family), diff, diffusers (merged folder), single-file (merged checkpoint); a "
-                             "format the model family has no use for is refused before training")
-    export.add_argument("--export_rank", type=int,
-                        help="SVD rank of a kohya/comfyui export of a non-LoRA adapter")
-    export.add_argument("--export_energy", type=float,
-                        help="or: per-layer energy (fraction of ‖ΔW‖²) of that SVD extraction")
-
+    arguments.add_init_adapter_argument(parser)
+    arguments.add_export_arguments(parser)  # (python -m difftune.export)
     arguments.add_training_arguments(parser)  # adapter, optimization, precision, loss, validation, ...
     return parser
 
@@ -181,59 +151,13 @@ def subject_loss(per_example: torch.Tensor, is_prior: torch.Tensor, prior_loss_w
     return loss
 
 
-def adapter_digest(model: torch.nn.Module) -> str:
-    """A hash of the adapter tensors, to show that every process holds the same adapter."""
-    digest = hashlib.sha256()
-    for key, tensor in sorted(difftune.get_adapter(model).adapter_state_dict().items()):
-        digest.update(key.encode())
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def check_init_adapter(args: argparse.Namespace) -> None:
-    """--init_adapter: a readable file of the --adapter method (another tool's file: a LoRA)."""
-    from difftune.adapter_file import resolve_adapter_path
-    from difftune.lora_import import is_foreign_file
-
-    path = resolve_adapter_path(args.init_adapter)
-    info = {"method": "lora"} if is_foreign_file(path) else difftune.read_adapter_info(path)
-    if info["method"] != args.adapter:
-        raise DifftuneError(f"--init_adapter {path} holds a {info['method']} adapter, "
-                            f"but --adapter is {args.adapter}")
-    if args.train_text_encoder:
-        raise DifftuneError("--init_adapter cannot be combined with --train_text_encoder yet")
-    if TOKEN_EMBEDDINGS in info:
-        raise DifftuneError(f"--init_adapter {path} carries new token embeddings (pivotal tuning); "
-                            "training on from such a file is not supported yet")
-
-
 def check_before_loading(argv: list[str] | None = None):
     """Every check that needs no model weights (bad input fails in seconds): options, model family,
     adapter options and targets, resolution, output folder, instance images. benchmark.py runs it on
     its trainer flags before its own heavy work. Returns (args, model_info, spec, resolution,
     instance_images)."""
     args = parse_args(argv)
-    model_info = describe_model(args.pretrained_model_name_or_path, args.revision)
-    family = get_family(model_info.family)
-    check_capability(family, "trainable", "train_subject.py")
-    arguments.check_family_flags(args, model_info.family)
-    if args.quantize_base:
-        check_capability(family, "quantized_base", "--quantize_base")
-    for flag in ("train_text_encoder", "train_token_embedding"):
-        if getattr(args, flag):
-            check_text_encoder_training(family, f"--{flag}")
-    spec = arguments.adapter_spec(args)  # the adapter's options, checked once
-    if args.init_adapter:
-        check_init_adapter(args)
-    for fmt in args.export:
-        check_export_options(args.adapter, spec.config.to_dict(), model_info.family, fmt,
-                             args.export_rank if fmt in LORA_FORMATS else None,
-                             args.export_energy if fmt in LORA_FORMATS else None)
-    extraction = args.export_rank is not None or args.export_energy is not None
-    if extraction and not set(args.export) & set(LORA_FORMATS):
-        raise DifftuneError("--export_rank/--export_energy apply to --export kohya or comfyui")
-    base = arguments.settings_from_args(args, settings.ModelSettings)
-    resolution = loop.check_before_loading(spec, base, model_info, args.resolution, Path(args.output_dir))
+    model_info, spec, resolution = session.check_model_and_adapter(args, "train_subject.py")
     instance_images = scan_image_folder(args.instance_data_dir, "--instance_data_dir", args.caption_column)
     return args, model_info, spec, resolution, instance_images
 
@@ -245,6 +169,7 @@ def main(argv: list[str] | None = None) -> Path:
     base_model = base.pretrained_model_name_or_path
     checkpoints = arguments.settings_from_args(args, settings.CheckpointSettings)
     validation = arguments.settings_from_args(args, settings.ValidationSettings)
+    export = arguments.settings_from_args(args, settings.ExportSettings)
     output_dir = checkpoints.output_dir
     warn_small_images(instance_images, resolution, "--instance_data_dir")
     run_settings = {"base_model": base_model, **spec.to_dict(), "train_text_encoder": args.train_text_encoder}
@@ -317,16 +242,13 @@ def main(argv: list[str] | None = None) -> Path:
         resolution=resolution, center_crop=args.center_crop, random_flip=args.random_flip, seed=seed,
         cache_latents=args.cache_latents, cache_prompts=args.pre_compute_text_embeddings, device=device)
     data.build_caches(show_progress=is_main)
-    validation_kwargs = {}
-    if validation.validation_prompt:  # encoded now: the text encoders may leave the device below
-        validation_kwargs = family.pipeline_prompt_kwargs(validation.validation_prompt)
+    validate = session.Validator(accelerator, family, validation, validation.prompts, seed=seed,
+                                 resolution=resolution, output_dir=output_dir,
+                                 reencode=bool(text_encoders or tokens))
     # The frozen encoders are not needed on the device between validations.
-    offloaded = []
-    if device.type != "cpu":
-        offloaded = [*(family.text_encoders if args.pre_compute_text_embeddings else []),
-                     *([pipeline.vae] if args.cache_latents else [])]
-        for module in offloaded:
-            module.to("cpu")
+    validate.offloaded = session.offload_frozen(
+        [*(family.text_encoders if args.pre_compute_text_embeddings else []),
+         *([pipeline.vae] if args.cache_latents else [])], device)
 
     # -----------------------------------------------------------------------------------------
     # 4. Optimizer, schedule, resume
@@ -369,26 +291,8 @@ def main(argv: list[str] | None = None) -> Path:
     # -----------------------------------------------------------------------------------------
     def compute_loss(indices: range) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         batch = data.batch(indices)
-        latents = family.latents_from_moments(batch.moments, batch.generators)
-        noise = family.sample_noise(latents, batch.generators)
-        noisy = family.add_noise(latents, noise, batch.generators)
-        prediction = family.predict(plan.model, noisy, batch)
-        return subject_loss(family.per_example_loss(prediction, noisy), batch.is_prior,
-                            args.prior_loss_weight), {}
-
-    def validate(step: int) -> None:
-        nonlocal validation_kwargs
-        if not (validation.validation_prompt and step % validation.validation_steps == 0 and is_main):
-            return
-        denoiser.eval()
-        if text_encoders or tokens:  # the prompt's embedding changes as the encoders or tokens train
-            validation_kwargs = family.pipeline_prompt_kwargs(validation.validation_prompt)
-        with offload_models(*offloaded, device=device, offload=bool(offloaded)):
-            images = generate_images(pipeline, [validation_kwargs], validation.generation(seed, resolution),
-                                     show_progress=False, autocast=accelerator.autocast())[0]
-        denoiser.train()
-        save_grid(images, output_dir / "validation" / f"step-{step:06d}.png")
-        log_images(accelerator, "validation", images, step)
+        per_example = loop.diffusion_loss(family, plan.model, batch)
+        return subject_loss(per_example, batch.is_prior, args.prior_loss_weight), {}
 
     plan.model.train()
     reset_peak_memory(device)
@@ -406,34 +310,20 @@ def main(argv: list[str] | None = None) -> Path:
     model, global_step = plan.model, plan.global_step
     if sharded:  # every process: the adapted layers' shards become whole tensors
         loop.gather_sharded_parameters(accelerator.unwrap_model(model), adapter.target_names)
-    if world > 1:
-        digests = gather_object([adapter_digest(denoiser)])
-        if len(set(digests)) != 1:
-            raise RuntimeError(f"the adapters of the {world} processes differ: {digests}")
-        if is_main:
-            print(f"adapter identical on all {world} processes (sha256 {digests[0][:16]})")
+    session.check_same_adapter(accelerator, denoiser)
     adapter_path = output_dir / "adapter.safetensors"
     if is_main:
         if tokens:
             tokens.finish()
-        difftune.save_adapter(accelerator.unwrap_model(model), adapter_path, base_model=base_model,
-                              text_encoders=text_encoders,
-                              token_embeddings=tokens.file_section() if tokens else None)
-        # a diffusers LoRA file has no place for new tokens: no copy then (pivotal.py)
-        diffusers_copy = adapter.diffusers_lora_file and get_family(model_info.family).diffusers_loads_lora
-        diffusers_name = DIFFUSERS_LORA_NAME if diffusers_copy and not tokens else None
-        if diffusers_name:
-            copy_file(adapter_path, output_dir / diffusers_name)
-        sample_names = []
+        adapter_path, diffusers_name = session.save_trained_adapter(
+            accelerator.unwrap_model(model), output_dir, base_model, model_info.family,
+            text_encoders=text_encoders, token_embeddings=tokens.file_section() if tokens else None)
         sample_prompt = validation.validation_prompt or args.instance_prompt
         if not validation.skip_final_inference:
-            del pipeline, family, data, model, denoiser
-            fresh = loop.load_base_pipeline(base, weight_dtype, device, adapter_path)  # sample the saved file
-            images = generate_images(fresh, [sample_prompt], validation.generation(seed, resolution),
-                                     show_progress=False, autocast=accelerator.autocast())[0]
-            save_grid(images, output_dir / "samples.png")
-            log_images(accelerator, "final", images, global_step)
-            sample_names = ["samples.png"]
+            del pipeline, family, data, model, denoiser, validate  # before the fresh pipeline loads
+        sample_names = session.sample_saved_adapter(base, weight_dtype, accelerator, adapter_path,
+                                                    [sample_prompt], validation, seed=seed,
+                                                    resolution=resolution, step=global_step)
         write_model_card(
             output_dir, base_model=base_model, family=model_info.family, method=spec.method,
             options={k: v for k, v in adapter.config.to_dict().items() if k != "targets"},
@@ -447,25 +337,13 @@ def main(argv: list[str] | None = None) -> Path:
                       "prior preservation": args.with_prior_preservation,
                       "text encoder": (f"trained, lr {plan.text_encoder_lr:g}" if text_encoders
                                        else "frozen")})
-        for fmt in args.export:
-            lora_format = fmt in LORA_FORMATS
-            report = export_adapter(
-                adapter_path, default_output(adapter_path, fmt), fmt,
-                base_model=base_model,
-                rank=args.export_rank if lora_format else None,
-                energy=args.export_energy if lora_format else None,
-                psnr_images=0 if validation.skip_final_inference else 2, prompt=sample_prompt,
-                num_inference_steps=validation.validation_inference_steps, seed=seed, resolution=resolution)
-            print(report.summary())
-        steps_run = global_step - first_step
-        total_seconds = time.perf_counter() - started
-        write_train_summary(output_dir, device, method=spec.method, trainable_parameters=trainable_count,
-                            steps=global_step, steps_this_run=steps_run,
-                            step_time_s=loop_seconds / max(steps_run, 1), seed=seed,
-                            resolution=resolution, batch_size=micro_batch * accumulation,
-                            mixed_precision=accelerator.mixed_precision)
-        print(f"adapter: {adapter_path} | {steps_run} steps in {loop_seconds:.1f} s "
-              f"({loop_seconds / max(steps_run, 1):.3f} s/step), {total_seconds:.1f} s in all")
+        session.export_saved_adapter(adapter_path, export, base_model, sample_prompt, validation, seed=seed,
+                                     resolution=resolution)
+        session.write_summary(output_dir, device, adapter_path, started=started, loop_seconds=loop_seconds,
+                              steps_run=global_step - first_step, method=spec.method,
+                              trainable_parameters=trainable_count, steps=global_step, seed=seed,
+                              resolution=resolution, batch_size=micro_batch * accumulation,
+                              mixed_precision=accelerator.mixed_precision)
     model = plan = None  # the DDP wrapper goes before the process group (loop.end_training)
     loop.end_training(accelerator)
     return adapter_path

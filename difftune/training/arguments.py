@@ -463,11 +463,17 @@ def add_loss_arguments(parser: argparse.ArgumentParser) -> None:
                             f"{default('max_sequence_length')}, at most 512)")
 
 
-def add_validation_arguments(parser: argparse.ArgumentParser) -> None:
+def add_validation_arguments(parser: argparse.ArgumentParser, several_prompts: bool = False) -> None:
     group = parser.add_argument_group("validation")
-    group.add_argument("--validation_prompt",
-                       help="prompt sampled every --validation_steps (default: none during training; the "
-                            "final samples then use the instance prompt)")
+    if several_prompts:
+        group.add_argument("--validation_prompt", nargs="+", action="extend",
+                           help="prompts sampled every --validation_steps and at the end, one grid row per "
+                                "prompt (repeatable; default: none during training, the first captions at "
+                                "the end)")
+    else:
+        group.add_argument("--validation_prompt",
+                           help="prompt sampled every --validation_steps (default: none during training; the "
+                                "final samples then use the instance prompt)")
     group.add_argument("--num_validation_images", type=int, default=4, help="images per validation")
     group.add_argument("--validation_steps", type=int, default=100, help="validate every N optimizer steps")
     group.add_argument("--validation_inference_steps", type=int, default=25, help="sampler steps")
@@ -498,16 +504,70 @@ def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tracker_project_name", default="difftune-subject", help="tracker run name")
 
 
-def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+def add_training_arguments(parser: argparse.ArgumentParser, several_validation_prompts: bool = False) -> None:
     """Every shared group after the model and data ones: adapter (with each method's
     options), optimization, precision, loss, validation, checkpoints, logging."""
     add_adapter_arguments(parser)
     add_optimization_arguments(parser)
     add_precision_arguments(parser)
     add_loss_arguments(parser)
-    add_validation_arguments(parser)
+    add_validation_arguments(parser, several_validation_prompts)
     add_checkpoint_arguments(parser)
     add_logging_arguments(parser)
+
+
+def add_init_adapter_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument_group("start from a file").add_argument(
+        "--init_adapter", metavar="PATH",
+        help="train on from this adapter file instead of a fresh adapter: a difftune file of the --adapter "
+             "method, or a LoRA file of kohya / A1111 / ComfyUI / diffusers (imported as a difftune LoRA); "
+             "the file's rank, targets and options replace the flags")
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..export import FORMATS
+
+    export = parser.add_argument_group("export (python -m difftune.export; docs/export.md)")
+    export.add_argument("--export", nargs="+", choices=FORMATS, default=[],
+                        help="also write the adapter in these formats next to adapter.safetensors: kohya "
+                             "(ComfyUI/A1111 LoRA), comfyui (the LoRA names ComfyUI maps for the model "
+                             "family), diff, diffusers (merged folder), single-file (merged checkpoint); a "
+                             "format the model family has no use for is refused before training")
+    export.add_argument("--export_rank", type=int,
+                        help="SVD rank of a kohya/comfyui export of a non-LoRA adapter")
+    export.add_argument("--export_energy", type=float,
+                        help="or: per-layer energy (fraction of ‖ΔW‖²) of that SVD extraction")
+
+
+def check_init_adapter(args: argparse.Namespace) -> None:
+    """--init_adapter: a readable file of the --adapter method (another tool's file: a LoRA)."""
+    from ..adapter_file import TOKEN_EMBEDDINGS, resolve_adapter_path
+    from ..api import read_adapter_info
+    from ..lora_import import is_foreign_file
+
+    path = resolve_adapter_path(args.init_adapter)
+    info = {"method": "lora"} if is_foreign_file(path) else read_adapter_info(path)
+    if info["method"] != args.adapter:
+        raise DifftuneError(f"--init_adapter {path} holds a {info['method']} adapter, "
+                            f"but --adapter is {args.adapter}")
+    if getattr(args, "train_text_encoder", False):
+        raise DifftuneError("--init_adapter cannot be combined with --train_text_encoder yet")
+    if TOKEN_EMBEDDINGS in info:
+        raise DifftuneError(f"--init_adapter {path} carries new token embeddings (pivotal tuning); "
+                            "training on from such a file is not supported yet")
+
+
+def check_export_arguments(args: argparse.Namespace, spec: AdapterSpec, family: str) -> None:
+    """--export formats the model family and the method can be written in, before training."""
+    from ..export import LORA_FORMATS, check_export_options
+
+    for fmt in args.export:
+        check_export_options(args.adapter, spec.config.to_dict(), family, fmt,
+                             args.export_rank if fmt in LORA_FORMATS else None,
+                             args.export_energy if fmt in LORA_FORMATS else None)
+    extraction = args.export_rank is not None or args.export_energy is not None
+    if extraction and not set(args.export) & set(LORA_FORMATS):
+        raise DifftuneError("--export_rank/--export_energy apply to --export kohya or comfyui")
 
 
 def check_family_flags(args: argparse.Namespace, family: str) -> None:

@@ -6,6 +6,8 @@ A checkpoint is a folder ``checkpoint-<step>`` holding only what training change
 * ``adapter_training_state.safetensors``: the method's `training_state()` (masks, counters, ...);
 * ``optimizer.safetensors``, ``scheduler.safetensors``: their ``state_dict()``;
 * ``rng_state_<rank>.safetensors``: Python, NumPy and torch generators of each process;
+* ``<name>.safetensors`` for each further state a trainer keeps (``ema``: the adapter's moving
+  average, training/ema.py);
 * ``trainer_state.json``: step, samples seen, seed and the run's settings;
 * ``checkpoint_complete.json``: the name and size of every other file, written last.
 
@@ -239,10 +241,12 @@ def save_checkpoint(
     total_limit: int | None = None,
     base_model: str | None = None,
     text_encoders: dict[str, Any] | None = None,
+    extra_states: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``checkpoint-<step>`` atomically on the main process; every process calls this.
 
-    Adapted ``text_encoders`` are saved in the same adapter file, with their training state."""
+    Adapted ``text_encoders`` are saved in the same adapter file, with their training state;
+    ``extra_states`` (name → object with ``state_dict()``) each as ``<name>.safetensors``."""
     output_dir = Path(output_dir)
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
     staging = output_dir / f".{CHECKPOINT_PREFIX}{step}.tmp"
@@ -261,6 +265,8 @@ def save_checkpoint(
                        get_adapter(encoder).training_state())
         save_state(staging / f"optimizer{STATE_SUFFIX}", optimizer.state_dict())
         save_state(staging / f"scheduler{STATE_SUFFIX}", lr_scheduler.state_dict())
+        for name, holder in (extra_states or {}).items():
+            save_state(staging / f"{name}{STATE_SUFFIX}", holder.state_dict())
         state = {**trainer_state, "step": step, "num_processes": accelerator.num_processes}
         atomic_write(staging / TRAINER_STATE,
                      lambda tmp: Path(tmp).write_text(json.dumps(state, indent=2, default=str)))
@@ -341,6 +347,16 @@ def load_optimizer_state(path: str | Path, optimizer: Any, lr_scheduler: Any) ->
             target.load_state_dict(state)
         except (ValueError, KeyError, TypeError, RuntimeError) as err:
             raise DifftuneError(f"checkpoint file {file} does not fit this run's {name}: {err}") from None
+
+
+def load_extra_state(path: str | Path, name: str, holder: Any) -> None:
+    """Restore a state `save_checkpoint` wrote from ``extra_states``; a missing or unfitting one
+    is named."""
+    file = Path(path) / f"{name}{STATE_SUFFIX}"
+    try:
+        holder.load_state_dict(load_state(file))
+    except (ValueError, KeyError, TypeError, RuntimeError) as err:
+        raise DifftuneError(f"checkpoint file {file} does not fit this run: {err}") from None
 
 
 def load_rng_state(path: str | Path, process_index: int) -> bool:

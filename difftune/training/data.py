@@ -15,6 +15,7 @@ import dataclasses
 import json
 import warnings
 from collections.abc import Callable, Sequence
+from itertools import groupby
 from pathlib import Path
 
 import numpy as np
@@ -37,12 +38,16 @@ INSTANCE, CLASS = 0, 1  # example kinds; class examples are the prior-preservati
 
 @dataclasses.dataclass(frozen=True)
 class ImageRecord:
-    """One training image: where it is, its size after EXIF rotation, its own caption."""
+    """One training image: where it is, its size after EXIF rotation, its own caption.
+
+    An image that is not a file (a row of a `datasets` dataset) has a ``loader`` that returns it
+    as RGB; its ``path`` then only names it in messages."""
 
     path: Path
     width: int
     height: int
     caption: str | None = None
+    loader: Callable[[], Image.Image] | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -68,7 +73,12 @@ def open_rgb(path: str | Path) -> Image.Image:
         return to_rgb(upright)
 
 
-def _read_metadata_captions(folder: Path, column: str | None, flag: str) -> dict[str, str]:
+def open_record(record: ImageRecord) -> Image.Image:
+    """The record's image as RGB, upright: from its loader, else from its file."""
+    return to_rgb(record.loader()) if record.loader is not None else open_rgb(record.path)
+
+
+def read_metadata_captions(folder: Path, column: str | None, flag: str) -> dict[str, str]:
     path = folder / METADATA_FILE
     if not path.is_file():
         return {}
@@ -94,13 +104,15 @@ def scan_image_folder(
     folder: str | Path,
     flag: str = "--instance_data_dir",
     caption_column: str | None = None,
+    problems: list[str] | None = None,
 ) -> list[ImageRecord]:
     """Check an image folder and list its images (sorted by name) with their captions.
 
     A missing or empty folder and an unreadable image are errors naming them; other
     files are skipped with one warning that names them. Captions come from a sidecar
     ``<image stem>.txt`` or else from ``metadata.jsonl`` (``file_name`` + ``text``,
-    ``caption`` or ``prompt``, or ``caption_column``).
+    ``caption`` or ``prompt``, or ``caption_column``). With a ``problems`` list, an unreadable
+    image is left out and described there instead, so a caller can name every bad file at once.
     """
     folder = Path(folder)
     if not folder.exists():
@@ -118,7 +130,7 @@ def scan_image_folder(
                       f"{', '.join(skipped[:10])}{' ...' if len(skipped) > 10 else ''}", stacklevel=2)
     if not images:
         raise DifftuneError(f"{flag} {folder}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
-    captions = _read_metadata_captions(folder, caption_column, flag)
+    captions = read_metadata_captions(folder, caption_column, flag)
     records = []
     for path in images:
         try:
@@ -128,7 +140,12 @@ def scan_image_folder(
                 width, height = upright.size
         except (OSError, SyntaxError, ValueError, UnidentifiedImageError,
                 Image.DecompressionBombError) as err:
-            raise DifftuneError(f"{flag}: cannot read image {path} (corrupt or truncated?): {err}") from None
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            if problems is None:
+                raise DifftuneError(f"{flag}: cannot read image {path} (corrupt or truncated?): "
+                                    f"{reason}") from None
+            problems.append(f"{path.name}: unreadable ({reason})")
+            continue
         sidecar = path.with_suffix(CAPTION_SUFFIX)
         caption = sidecar.read_text().strip() if sidecar.is_file() else captions.get(path.name)
         records.append(ImageRecord(path, width, height, caption or None))
@@ -143,23 +160,26 @@ def warn_small_images(records: Sequence[ImageRecord], resolution: int, flag: str
 
 
 def resize_and_crop(
-    image: Image.Image, resolution: int, center_crop: bool, generator: torch.Generator
+    image: Image.Image, resolution: int | tuple[int, int], center_crop: bool, generator: torch.Generator
 ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
-    """Shorter side to ``resolution``, then a square crop (centre or random).
+    """Scale the image to cover ``resolution`` (a square side, or (height, width) of an aspect
+    bucket), then crop it to that size (centre or random).
 
-    Returns pixels in [-1, 1] (3, res, res), the original (height, width) and the crop's
+    Returns pixels in [-1, 1] (3, height, width), the original (height, width) and the crop's
     (top, left): SDXL is conditioned on the last two.
     """
+    target_height, target_width = (resolution, resolution) if isinstance(resolution, int) else resolution
     width, height = image.size
-    scale = resolution / min(width, height)
-    new_width, new_height = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+    scale = max(target_width / width, target_height / height)
+    new_width = max(target_width, round(width * scale))
+    new_height = max(target_height, round(height * scale))
     resized = image.resize((new_width, new_height), Image.Resampling.BICUBIC)
     if center_crop:
-        top, left = (new_height - resolution) // 2, (new_width - resolution) // 2
+        top, left = (new_height - target_height) // 2, (new_width - target_width) // 2
     else:
-        top = int(torch.randint(0, new_height - resolution + 1, (), generator=generator))
-        left = int(torch.randint(0, new_width - resolution + 1, (), generator=generator))
-    cropped = resized.crop((left, top, left + resolution, top + resolution))
+        top = int(torch.randint(0, new_height - target_height + 1, (), generator=generator))
+        left = int(torch.randint(0, new_width - target_width + 1, (), generator=generator))
+    cropped = resized.crop((left, top, left + target_width, top + target_height))
     pixels = torch.from_numpy(np.asarray(cropped, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
     return pixels.contiguous(), (height, width), (top, left)
 
@@ -228,6 +248,10 @@ class SubjectData:
     flipped when ``random_flip``), its random crop drawn once per image; without it,
     crops and flips are drawn per step. With ``cache_prompts`` each distinct prompt is
     encoded once.
+
+    Every example is cropped to ``resolution`` squared and keeps its prompt; a subclass changes
+    that through `example_size` and `example_prompt` (the dataset trainer's aspect buckets and
+    caption dropout, training/captioned.py) and may replace ``stream``.
     """
 
     def __init__(
@@ -263,7 +287,7 @@ class SubjectData:
     @torch.no_grad()
     def build_caches(self, show_progress: bool = True) -> None:
         if self._cache_prompts:
-            prompts = self.dataset.prompts()
+            prompts = self.cached_prompts()
             encoded = self.encode_prompts(prompts)
             self.prompt_cache = {prompt: {key: value[i:i + 1] for key, value in encoded.items()}
                                  for i, prompt in enumerate(prompts)}
@@ -271,9 +295,11 @@ class SubjectData:
             self.latent_cache = {}
             jobs = [(e, flip) for e in self.dataset.all_examples()
                     for flip in ((False, True) if self.random_flip else (False,))]
+            jobs.sort(key=lambda job: self.example_size(job[0]))  # stable: one size per encoder batch
+            chunks = [chunk for _, same_size in groupby(jobs, key=lambda job: self.example_size(job[0]))
+                      for chunk in _chunks(list(same_size), self.cache_batch_size)]
             bar = tqdm(total=len(jobs), desc="caching latents", disable=not show_progress)
-            for start in range(0, len(jobs), self.cache_batch_size):
-                chunk = jobs[start:start + self.cache_batch_size]
+            for chunk in chunks:
                 prepared = [self._pixels(e, flip, sample_generator(
                     self.seed, RandomDomain.CACHED_CROP, e.kind, e.index)) for e, flip in chunk]
                 moments = self.encode_images(torch.stack([p[0] for p in prepared]).to(self.device)).cpu()
@@ -282,8 +308,20 @@ class SubjectData:
                 bar.update(len(chunk))
             bar.close()
 
+    def example_size(self, example: Example) -> tuple[int, int]:
+        """(height, width) the example is cropped to."""
+        return self.resolution, self.resolution
+
+    def example_prompt(self, position: int, example: Example) -> str:
+        """The prompt of the example drawn at stream ``position``."""
+        return example.prompt
+
+    def cached_prompts(self) -> list[str]:
+        """Every prompt `example_prompt` can return, for the prompt cache."""
+        return self.dataset.prompts()
+
     def _pixels(self, example: Example, flip: bool, generator: torch.Generator):
-        pixels, size, crop = resize_and_crop(open_rgb(example.record.path), self.resolution,
+        pixels, size, crop = resize_and_crop(open_record(example.record), self.example_size(example),
                                              self.center_crop, generator)
         return (pixels.flip(-1) if flip else pixels), size, crop
 
@@ -311,7 +349,7 @@ class SubjectData:
                 moments = self.encode_images(torch.stack(to_encode).to(self.device))
         else:
             moments = torch.stack([p.moments for p in prepared]).to(self.device)
-        prompts = [example.prompt for _, example in ordered]
+        prompts = [self.example_prompt(p, example) for p, example in ordered]
         if self.prompt_cache is not None:
             conditioning = {key: torch.cat([self.prompt_cache[p][key] for p in prompts])
                             for key in self.prompt_cache[prompts[0]]}
@@ -325,3 +363,7 @@ class SubjectData:
             is_prior=torch.tensor([e.kind == CLASS for _, e in ordered], device=self.device),
             generators=generators,
         )
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[start:start + size] for start in range(0, len(items), size)]

@@ -437,6 +437,16 @@ def optimizer_step(accelerator: Any, adapter: Any, denoiser: nn.Module, optimize
     return lr_scheduler.get_last_lr()[0]
 
 
+def diffusion_loss(family: Any, model: nn.Module, batch: Any) -> torch.Tensor:
+    """The denoising loss of each example of a `TrainingBatch`: its latents drawn from the cached
+    posterior, noised by the family's process, predicted by ``model`` (the prepared denoiser)."""
+    latents = family.latents_from_moments(batch.moments, batch.generators)
+    noise = family.sample_noise(latents, batch.generators)
+    noisy = family.add_noise(latents, noise, batch.generators)
+    prediction = family.predict(model, noisy, batch)
+    return family.per_example_loss(prediction, noisy)
+
+
 # A trainer's loss on this process's examples ``indices`` of the current micro-step: the loss to
 # back-propagate (the adapters' regularization is added by `train`) and further terms to log.
 LossFunction = Callable[[range], tuple[torch.Tensor, Mapping[str, torch.Tensor]]]
@@ -445,14 +455,15 @@ LossFunction = Callable[[range], tuple[torch.Tensor, Mapping[str, torch.Tensor]]
 def train(accelerator: Any, plan: Optimization, adapter: Any, denoiser: nn.Module, compute_loss: LossFunction,
           *, checkpoints: CheckpointSettings, trainer_state: Mapping[str, Any], base_model: str,
           text_encoders: Mapping[str, nn.Module] | None = None, save_checkpoints: bool = True,
-          after_step: Callable[[int], None] | None = None) -> None:
+          after_step: Callable[[int], None] | None = None, ema: Any = None) -> None:
     """The training loop both trainers run, from ``plan.global_step`` to ``plan.max_train_steps``.
 
     Each optimizer step accumulates ``plan.accumulation`` micro-steps (gradients synchronised
     across processes on the last only), then runs `optimizer_step`, logs the mean loss, its
     terms and the learning rate, writes a checkpoint every ``checkpointing_steps`` (with
     ``trainer_state`` and the samples seen; none when ``save_checkpoints`` is False, e.g. under
-    FSDP) and calls ``after_step(step)`` (validation). Micro-step k of a step reads the examples
+    FSDP) and calls ``after_step(step)`` (validation). An ``ema`` (training/ema.py) is stepped after
+    every optimizer step and saved in the checkpoints. Micro-step k of a step reads the examples
     ``samples_seen + k * micro_batch + process_index * batch_size`` onwards, so what a step
     draws depends only on where the run is: a resumed run continues bit-identically.
     """
@@ -479,6 +490,8 @@ def train(accelerator: Any, plan: Optimization, adapter: Any, denoiser: nn.Modul
         logs["lr"] = optimizer_step(accelerator, adapter, denoiser, plan.optimizer, plan.lr_scheduler,
                                     plan.global_step, plan.max_train_steps, plan.max_grad_norm, logs["loss"],
                                     text_encoders)
+        if ema is not None:
+            ema.step()
         plan.global_step += 1
         plan.samples_seen += plan.micro_batch * plan.accumulation
         progress.update(1)
@@ -490,7 +503,8 @@ def train(accelerator: Any, plan: Optimization, adapter: Any, denoiser: nn.Modul
                 lr_scheduler=plan.lr_scheduler,
                 trainer_state={**trainer_state, "samples_seen": plan.samples_seen}, accelerator=accelerator,
                 total_limit=checkpoints.checkpoints_total_limit, base_model=base_model,
-                text_encoders=dict(text_encoders or {}))
+                text_encoders=dict(text_encoders or {}),
+                extra_states={"ema": ema} if ema is not None else None)
         if after_step is not None:
             after_step(plan.global_step)
     progress.close()

@@ -9,6 +9,10 @@ from typing import Any
 
 from ..io import write_text
 
+# task -> (what the adapter is, the front-matter key of its prompt)
+TASKS = {"dreambooth": ("subject-driven fine-tune", "instance_prompt"),
+         "text-to-image": ("fine-tune on a captioned dataset", "example_prompt")}
+
 
 def write_model_card(
     output_dir: str | Path,
@@ -25,9 +29,13 @@ def write_model_card(
     sample_images: Sequence[str] = (),
     sample_prompt: str | None = None,
     diffusers_weight_name: str | None = None,
+    task: str = "dreambooth",
 ) -> Path:
-    """Write ``README.md`` (hub-style front matter, then the facts and a usage snippet)."""
+    """Write ``README.md`` (hub-style front matter, then the facts and a usage snippet). ``task`` is
+    ``dreambooth`` (the subject trainer; ``instance_prompt`` is its prompt) or ``text-to-image``
+    (the dataset trainer; ``instance_prompt`` is an example caption)."""
     output_dir = Path(output_dir)
+    kind, prompt_key = TASKS[task]
     targets_text = targets if isinstance(targets, str) else ", ".join(targets)
     lines = [
         "---",
@@ -36,12 +44,12 @@ def write_model_card(
         "tags:",
         "- difftune",
         f"- {method}",
-        "- dreambooth",
+        f"- {task}",
         f"- {family}",
-        f"instance_prompt: {json.dumps(instance_prompt)}",
+        f"{prompt_key}: {json.dumps(instance_prompt)}",
         "---",
         "",
-        f"# {method} adapter: subject-driven fine-tune of `{base_model}`",
+        f"# {method} adapter: {kind} of `{base_model}`",
         "",
         "| | |",
         "|---|---|",
@@ -51,7 +59,7 @@ def write_model_card(
         f"| targets | `{targets_text}` |",
         f"| trainable parameters | {trainable_parameters:,} |",
         f"| optimizer steps | {steps} |",
-        f"| instance prompt | `{instance_prompt}` |",
+        f"| {prompt_key.replace('_', ' ')} | `{instance_prompt}` |",
     ]
     lines += [f"| {key.replace('_', ' ')} | `{value}` |" for key, value in training.items()]
     if sample_images:

@@ -52,6 +52,57 @@ ONE_STEP_RECIPES: dict[str, dict[str, dict[str, Any]]] = {
 Recipes = dict[str, dict[str, dict[str, Any]]]
 
 
+# --preset of the dataset trainer: one real checkpoint per trainable model family with that family's
+# usual resolution and learning rate, so one command trains a style folder on a GPU. The schedule,
+# batch and step count are SaRA's style protocol (cosine, batch 4, 5000 steps at 512 px) scaled down
+# for the larger models; starting points, not measured optima. "family" names the family the
+# checkpoint belongs to (the tests run every preset on that family's tiny model).
+_STYLE_DATA = {"enable_bucket": True, "random_flip": True, "caption_dropout": 0.05, "lr_scheduler": "cosine",
+               "lr_warmup_steps": 100, "mixed_precision": "bf16", "checkpointing_steps": 500,
+               "checkpoints_total_limit": 3, "validation_steps": 500}
+DATASET_PRESETS: dict[str, dict[str, Any]] = {
+    "sd15": {"family": "sd", "pretrained_model_name_or_path": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+             "resolution": 512, "learning_rate": 1e-4, "train_batch_size": 4, "max_train_steps": 5000,
+             **_STYLE_DATA},
+    "sdxl": {"family": "sdxl", "pretrained_model_name_or_path": "stabilityai/stable-diffusion-xl-base-1.0",
+             "resolution": 1024, "learning_rate": 1e-4, "train_batch_size": 4, "max_train_steps": 3000,
+             "gradient_checkpointing": True, **_STYLE_DATA},
+    "sd3": {"family": "sd3", "pretrained_model_name_or_path": "stabilityai/stable-diffusion-3.5-medium",
+            "resolution": 1024, "learning_rate": 1e-4, "train_batch_size": 2, "max_train_steps": 3000,
+            "gradient_checkpointing": True, **_STYLE_DATA},
+    "flux": {"family": "flux", "pretrained_model_name_or_path": "black-forest-labs/FLUX.1-dev",
+             "resolution": 1024, "learning_rate": 1e-4, "train_batch_size": 1, "max_train_steps": 3000,
+             "gradient_checkpointing": True, **_STYLE_DATA},
+    "pixart": {"family": "pixart", "pretrained_model_name_or_path": "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS",
+               "resolution": 1024, "learning_rate": 1e-4, "train_batch_size": 2, "max_train_steps": 3000,
+               "gradient_checkpointing": True, **_STYLE_DATA},
+}
+
+
+def add_preset_argument(parser: argparse.ArgumentParser) -> None:
+    """``--preset`` of the dataset trainer, in a group of its own."""
+    listed = "; ".join(f"{name}: {preset['pretrained_model_name_or_path']} at {preset['resolution']} px"
+                       for name, preset in DATASET_PRESETS.items())
+    parser.add_argument_group("preset").add_argument(
+        "--preset", choices=sorted(DATASET_PRESETS),
+        help=f"fill every flag left unset from a real model's settings for a style folder on a GPU "
+             f"({listed}; buckets, flips, 5 %% caption dropout, cosine schedule, bf16); flags given win, the "
+             "run prints what it applied")
+
+
+def apply_preset(args: argparse.Namespace, given: set[str]) -> dict[str, Any]:
+    """Set ``--preset``'s values on ``args`` for flags not in ``given``; returns what was applied."""
+    if not getattr(args, "preset", None):
+        return {}
+    applied = {}
+    for name, value in DATASET_PRESETS[args.preset].items():
+        if name == "family" or name in given:
+            continue
+        setattr(args, name, value)
+        applied[name] = value
+    return applied
+
+
 def recipe_for(model: str, method: str, table: Recipes = RECIPES) -> dict[str, Any]:
     return dict(table.get(model, {}).get(method, {}))
 

@@ -86,15 +86,34 @@ class CheckpointSettings:
 
 
 @dataclasses.dataclass(frozen=True)
-class ValidationSettings:
-    """The subject trainer's samples: during training every ``validation_steps``, and at the end."""
+class ExportSettings:
+    """The formats written next to the adapter at the end (``--export``), and the SVD extraction of a
+    non-LoRA adapter into a LoRA format."""
 
-    validation_prompt: str | None
+    export: list[str] = dataclasses.field(default_factory=list)
+    export_rank: int | None = None
+    export_energy: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidationSettings:
+    """A trainer's samples: during training every ``validation_steps``, and at the end. The dataset
+    trainer takes several prompts (a list), the subject trainer one."""
+
+    validation_prompt: str | list[str] | None
     num_validation_images: int
     validation_steps: int
     validation_inference_steps: int
     validation_guidance_scale: float | None = None
     skip_final_inference: bool = False
+
+    @property
+    def prompts(self) -> list[str]:
+        """The validation prompts as a list (empty without any)."""
+        prompt = self.validation_prompt
+        if not prompt:
+            return []
+        return [prompt] if isinstance(prompt, str) else list(prompt)
 
     def generation(self, seed: int, resolution: int) -> GenerationSettings:
         """How the samples are drawn (`validation.generate_images`): square, one image per pipeline

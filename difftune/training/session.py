@@ -1,0 +1,193 @@
+"""What the subject and dataset trainers do the same way around the training loop: the checks of
+the model and adapter before loading, validation samples during training, and what follows the
+last step (the adapter file and its diffusers copy, samples drawn from the saved file, exports).
+
+training/loop.py holds the loop itself; this module holds the steps a trainer script would
+otherwise write out again, so train_subject.py and train_text_to_image.py stay short and read
+top to bottom.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from ..api import AdapterSpec, get_adapter, save_adapter
+from ..export import LORA_FORMATS, default_output, export_adapter
+from ..families import check_capability, check_text_encoder_training, get_family
+from ..io import copy_file
+from ..model_factory import describe_model
+from ..sampling import generate_images, save_grid
+from . import arguments, loop
+from .settings import ExportSettings, ModelSettings, ValidationSettings
+from .summary import write_train_summary
+from .validation import log_images
+
+DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
+ContextFactory = Callable[[], contextlib.AbstractContextManager]
+
+
+def check_model_and_adapter(args: argparse.Namespace, script: str) -> tuple[Any, AdapterSpec, int]:
+    """Every check of the base model, adapter, exports, resolution and output folder that needs no
+    weights (bad input fails in seconds); returns (model description, adapter spec, resolution)."""
+    base = arguments.settings_from_args(args, ModelSettings)
+    model_info = describe_model(base.pretrained_model_name_or_path, base.revision)
+    family = get_family(model_info.family)
+    check_capability(family, "trainable", script)
+    arguments.check_family_flags(args, model_info.family)
+    if args.quantize_base:
+        check_capability(family, "quantized_base", "--quantize_base")
+    for flag in ("train_text_encoder", "train_token_embedding"):
+        if getattr(args, flag, False):
+            check_text_encoder_training(family, f"--{flag}")
+    spec = arguments.adapter_spec(args)  # the adapter's options, checked once
+    if args.init_adapter:
+        arguments.check_init_adapter(args)
+    arguments.check_export_arguments(args, spec, model_info.family)
+    resolution = loop.check_before_loading(spec, base, model_info, args.resolution, Path(args.output_dir))
+    return model_info, spec, resolution
+
+
+def offload_frozen(modules: Sequence[torch.nn.Module], device: torch.device) -> list[torch.nn.Module]:
+    """Move frozen modules whose outputs are cached (text encoders, VAE) off an accelerator until
+    validation needs them; returns them (none on a CPU run)."""
+    if device.type == "cpu":
+        return []
+    for module in modules:
+        module.to("cpu")
+    return list(modules)
+
+
+def sample_grid(images: Sequence[Sequence[Image.Image]], path: Path, accelerator: Any, tag: str,
+                step: int) -> None:
+    """One grid of every prompt's images (a row per prompt when there are several; one prompt's
+    images near-square), written and sent to the trackers."""
+    flat = [image for row in images for image in row]
+    save_grid(flat, path, columns=len(images[0]) if len(images) > 1 else None)
+    log_images(accelerator, tag, flat, step)
+
+
+class Validator:
+    """Samples the validation prompts every ``validation_steps`` into ``validation/step-N.png``.
+
+    The prompts are encoded when it is made: make it before the frozen encoders leave the device,
+    and set ``offloaded`` to what `offload_frozen` moved (brought back while sampling). ``reencode``
+    encodes the prompts again each time (a trained text encoder or new tokens change them);
+    ``weights`` swaps other adapter weights in while sampling (the moving average of --use_ema).
+    """
+
+    def __init__(self, accelerator: Any, family: Any, settings: ValidationSettings, prompts: Sequence[str], *,
+                 seed: int, resolution: int, output_dir: Path, reencode: bool = False,
+                 weights: ContextFactory | None = None):
+        self.accelerator, self.family, self.settings = accelerator, family, settings
+        self.prompts, self.seed, self.resolution = list(prompts), seed, resolution
+        self.output_dir, self.reencode = Path(output_dir), reencode
+        self.offloaded: list[torch.nn.Module] = []
+        self.weights = weights or contextlib.nullcontext
+        self.prompt_kwargs = self._encode()
+
+    def _encode(self) -> list[dict[str, torch.Tensor]]:
+        return [self.family.pipeline_prompt_kwargs(prompt) for prompt in self.prompts]
+
+    def __call__(self, step: int) -> None:
+        if not (self.prompts and step % self.settings.validation_steps == 0
+                and self.accelerator.is_main_process):
+            return
+        from diffusers.training_utils import offload_models
+
+        denoiser = self.family.denoiser
+        denoiser.eval()
+        if self.reencode:
+            self.prompt_kwargs = self._encode()
+        device = self.accelerator.device
+        with offload_models(*self.offloaded, device=device, offload=bool(self.offloaded)), self.weights():
+            generation = self.settings.generation(self.seed, self.resolution)
+            images = generate_images(self.family.pipeline, self.prompt_kwargs, generation,
+                                     show_progress=False, autocast=self.accelerator.autocast())
+        denoiser.train()
+        sample_grid(images, self.output_dir / "validation" / f"step-{step:06d}.png", self.accelerator,
+                    "validation", step)
+
+
+def adapter_digest(model: torch.nn.Module) -> str:
+    """A hash of the adapter tensors, to show that every process holds the same adapter."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(get_adapter(model).adapter_state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_same_adapter(accelerator: Any, denoiser: torch.nn.Module) -> None:
+    """Under several processes: stop when their adapters differ (a broken synchronisation)."""
+    if accelerator.num_processes == 1:
+        return
+    from accelerate.utils import gather_object
+
+    digests = gather_object([adapter_digest(denoiser)])
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"the adapters of the {accelerator.num_processes} processes differ: {digests}")
+    if accelerator.is_main_process:
+        print(f"adapter identical on all {accelerator.num_processes} processes (sha256 {digests[0][:16]})")
+
+
+def save_trained_adapter(denoiser: torch.nn.Module, output_dir: Path, base_model: str, family: str, *,
+                         text_encoders: dict[str, torch.nn.Module] | None = None,
+                         token_embeddings: Any = None) -> tuple[Path, str | None]:
+    """``adapter.safetensors`` and, where diffusers reads it as a LoRA (not with new tokens: a
+    diffusers file has no place for them), a copy under diffusers' name; returns (the file, the
+    copy's name or None)."""
+    adapter_path = Path(output_dir) / "adapter.safetensors"
+    save_adapter(denoiser, adapter_path, base_model=base_model, text_encoders=text_encoders or {},
+                 token_embeddings=token_embeddings)
+    diffusers_copy = get_adapter(denoiser).diffusers_lora_file and get_family(family).diffusers_loads_lora
+    if not diffusers_copy or token_embeddings is not None:
+        return adapter_path, None
+    copy_file(adapter_path, Path(output_dir) / DIFFUSERS_LORA_NAME)
+    return adapter_path, DIFFUSERS_LORA_NAME
+
+
+def sample_saved_adapter(base: ModelSettings, weight_dtype: torch.dtype, accelerator: Any,
+                         adapter_path: Path, prompts: Sequence[str], validation: ValidationSettings, *,
+                         seed: int, resolution: int, step: int) -> list[str]:
+    """``samples.png`` drawn by a fresh pipeline that loads the saved file (what users get); returns
+    the written names (none with --skip_final_inference). Free the training pipeline first."""
+    if validation.skip_final_inference:
+        return []
+    fresh = loop.load_base_pipeline(base, weight_dtype, accelerator.device, adapter_path)
+    generation = validation.generation(seed, resolution)
+    images = generate_images(fresh, list(prompts), generation, show_progress=False,
+                             autocast=accelerator.autocast())
+    sample_grid(images, adapter_path.parent / "samples.png", accelerator, "final", step)
+    return ["samples.png"]
+
+
+def export_saved_adapter(adapter_path: Path, export: ExportSettings, base_model: str, prompt: str,
+                         validation: ValidationSettings, *, seed: int, resolution: int) -> None:
+    """Write the ``--export`` formats next to the adapter and print each one's report."""
+    for fmt in export.export:
+        lora_format = fmt in LORA_FORMATS
+        report = export_adapter(
+            adapter_path, default_output(adapter_path, fmt), fmt, base_model=base_model,
+            rank=export.export_rank if lora_format else None,
+            energy=export.export_energy if lora_format else None,
+            psnr_images=0 if validation.skip_final_inference else 2, prompt=prompt,
+            num_inference_steps=validation.validation_inference_steps, seed=seed, resolution=resolution)
+        print(report.summary())
+
+
+def write_summary(output_dir: Path, device: torch.device, adapter_path: Path, *, started: float,
+                  loop_seconds: float, steps_run: int, **facts: Any) -> None:
+    """``train_summary.json`` (the facts, the step time of this run, peak memory) and the last log line."""
+    step_time = loop_seconds / max(steps_run, 1)
+    write_train_summary(output_dir, device, **facts, steps_this_run=steps_run, step_time_s=step_time)
+    print(f"adapter: {adapter_path} | {steps_run} steps in {loop_seconds:.1f} s ({step_time:.3f} s/step), "
+          f"{time.perf_counter() - started:.1f} s in all")

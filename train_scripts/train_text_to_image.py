@@ -1,0 +1,315 @@
+#!/usr/bin/env python
+"""Fine-tuning of a difftune adapter (LoRA, SaRA, SVFit, TLoRA, ...) on a captioned image dataset:
+a style, a domain, a look, as diffusers' train_text_to_image_lora.py, kohya and SimpleTuner do.
+
+    accelerate launch train_scripts/train_text_to_image.py --preset sd15 \\
+        --train_data_dir my_style --caption_prefix "mystyle style," \\
+        --adapter sara --output_dir outputs/mystyle
+
+    python train_scripts/train_text_to_image.py --pretrained_model_name_or_path builtin:embedded \\
+        --dataset_name path/or/hub-name --image_column image --caption_column text \\
+        --enable_bucket --use_ema --validation_prompt "a red circle" "a blue square"
+
+Every option is a flag and may come from a YAML or JSON file given with --config (flags override
+the file); --preset fills the flags left unset from a real model's settings (sd15, sdxl, sd3, flux,
+pixart).
+
+The script reads top to bottom:
+  1. options, and every check that needs no model weights: the model, the adapter, and every image
+     and caption of the data (bad ones are named in one line, in seconds)
+  2. the base model and the adapter
+  3. the data: aspect buckets (a batch from one bucket), latent and prompt-embedding caches
+  4. optimizer, learning-rate schedule, the moving average of the adapter (--use_ema) and, when
+     asked, the checkpoint to resume
+  5. the training loop: checkpoints every --checkpointing_steps, a grid of the validation prompts
+     every --validation_steps
+  6. the adapter (the moving average with --use_ema), a model card, samples from a fresh pipeline
+     that loads the saved file, exports
+The loop, checkpoints, exact resume, validation and export are the subject trainer's
+(difftune.training); every model family and adapter method of difftune trains here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+from pathlib import Path
+
+import torch
+
+import difftune
+from difftune.errors import DifftuneError, run_main
+from difftune.families import LossOptions, training_family
+from difftune.training import arguments, buckets, captioned, checkpointing, loop, recipes, session, settings
+from difftune.training.data import SubjectDataset, warn_small_images
+from difftune.training.ema import AdapterEMA
+from difftune.training.model_card import write_model_card
+from difftune.training.summary import reset_peak_memory
+
+SCRIPT = "train_text_to_image.py"
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Options
+# ---------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument_group("config file").add_argument(
+        "--config", help="YAML or JSON file of options (keys are flag names without dashes); flags on the "
+                         "command line override it")
+    recipes.add_preset_argument(parser)
+    arguments.add_model_arguments(parser)
+
+    data = parser.add_argument_group("data (an image folder or a datasets dataset)")
+    data.add_argument("--train_data_dir",
+                      help="folder of images with captions: metadata.jsonl rows (file_name + text, caption "
+                           "or prompt) or a .txt beside each image (which wins)")
+    data.add_argument("--dataset_name",
+                      help="or: a datasets dataset by hub name, a data folder or a save_to_disk folder "
+                           "(needs the datasets package)")
+    data.add_argument("--dataset_config_name", help="the dataset's configuration, if it has several")
+    data.add_argument("--dataset_split", default="train", help="the dataset's split to train on")
+    data.add_argument("--image_column", help="dataset column of the images (default: its image column)")
+    data.add_argument("--caption_column",
+                      help="dataset column or metadata.jsonl key of the captions (default: text, caption or "
+                           "prompt)")
+    data.add_argument("--max_train_samples", type=int,
+                      help="train on the first N examples only (by file name, or in dataset order)")
+    data.add_argument("--skip_bad_examples", action="store_true",
+                      help="leave unreadable images and missing or empty captions out (named in one warning) "
+                           "instead of stopping before training")
+    data.add_argument("--caption_prefix", default="",
+                      help="put before every caption, e.g. 'mystyle style,' (a space is added between)")
+    data.add_argument("--caption_dropout", "--caption_dropout_rate", "--proportion_empty_prompts",
+                      type=float, default=0.0,
+                      help="share of examples trained with the empty caption, so classifier-free guidance "
+                           "still works (kohya's caption_dropout_rate, diffusers' proportion_empty_prompts)")
+    data.add_argument("--resolution", type=int,
+                      help="training resolution; with --enable_bucket the area of every bucket is its "
+                           "square (default: the model's own)")
+    data.add_argument("--center_crop", action="store_true", help="centre crop instead of a random crop")
+    data.add_argument("--random_flip", action="store_true", help="flip images horizontally at random")
+    data.add_argument("--cache_latents", action=argparse.BooleanOptionalAction, default=True,
+                      help="encode every image once before training (a random crop is then drawn once per "
+                           "image; flips are cached both ways)")
+    data.add_argument("--pre_compute_text_embeddings", action=argparse.BooleanOptionalAction, default=True,
+                      help="encode every caption once before training")
+
+    bucket = parser.add_argument_group("aspect-ratio buckets (kohya / SimpleTuner)")
+    bucket.add_argument("--enable_bucket", action="store_true",
+                        help="sort images into buckets of about resolution² pixels and different shapes "
+                             "(each to the nearest aspect ratio, scaled to cover it, cropped); a batch is "
+                             "drawn from one bucket; the bucket counts are printed")
+    bucket.add_argument("--bucket_min_side", "--min_bucket_reso", type=int,
+                        help="shortest bucket side (default: half the resolution)")
+    bucket.add_argument("--bucket_max_side", "--max_bucket_reso", type=int,
+                        help="longest bucket side (default: twice the resolution)")
+    bucket.add_argument("--bucket_step", "--bucket_reso_steps", type=int,
+                        help="bucket sides are multiples of this (default: 64, or resolution/8 below 512 px)")
+
+    ema = parser.add_argument_group("moving average of the adapter")
+    ema.add_argument("--use_ema", action="store_true",
+                     help="keep an exponential moving average of the adapter's trained tensors; validation "
+                          "samples and the saved adapter use it, checkpoints hold it beside the trained ones")
+    ema.add_argument("--ema_decay", type=float, default=0.999,
+                     help="its decay (diffusers' EMAModel: step n uses min(decay, (1 + n) / (10 + n)))")
+
+    arguments.add_init_adapter_argument(parser)
+    arguments.add_export_arguments(parser)  # (python -m difftune.export)
+    arguments.add_training_arguments(parser, several_validation_prompts=True)
+    parser.set_defaults(output_dir="outputs/text_to_image", tracker_project_name="difftune-text-to-image")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    tokens = arguments.command_tokens(parser, argv)
+    args = parser.parse_args(tokens)
+    # flags left unset take the preset's values
+    args.preset_applied = recipes.apply_preset(args, recipes.given_destinations(parser, tokens))
+    if not 0.0 <= args.caption_dropout < 1.0:
+        raise DifftuneError(f"--caption_dropout must be in [0, 1), got {args.caption_dropout}")
+    if not 0.0 < args.ema_decay < 1.0:
+        raise DifftuneError(f"--ema_decay must be in (0, 1), got {args.ema_decay}")
+    if args.max_train_samples is not None and args.max_train_samples < 1:
+        raise DifftuneError(f"--max_train_samples must be at least 1, got {args.max_train_samples}")
+    if args.resolution is not None and args.resolution < 1:
+        raise DifftuneError(f"--resolution must be positive, got {args.resolution}")
+    bucket_flags = [f"--{n}" for n in ("bucket_min_side", "bucket_max_side", "bucket_step")
+                    if getattr(args, n) is not None]
+    if bucket_flags and not args.enable_bucket:
+        raise DifftuneError(f"{' and '.join(bucket_flags)} given without --enable_bucket")
+    arguments.check_common_arguments(args)
+    return args
+
+
+def bucket_settings(args: argparse.Namespace, resolution: int, size_multiple: int) -> buckets.BucketSettings:
+    """The bucket grid from the flags, with kohya-like defaults around ``resolution``."""
+    step = args.bucket_step or max(size_multiple, min(64, resolution // 8) // size_multiple * size_multiple)
+    grid = buckets.BucketSettings(resolution, args.bucket_min_side or resolution // 2,
+                                  args.bucket_max_side or resolution * 2, step)
+    grid.check(size_multiple)
+    return grid
+
+
+def check_before_loading(argv: list[str] | None = None):
+    """Every check that needs no model weights: options, model family, adapter options and targets,
+    exports, resolution and buckets, output folder, and every example of the data. Returns (args,
+    model_info, spec, resolution, examples, bucket of each example or None)."""
+    args = parse_args(argv)
+    model_info, spec, resolution = session.check_model_and_adapter(args, SCRIPT)
+    source = arguments.settings_from_args(args, captioned.CaptionedSource)
+    examples = captioned.read_examples(source)
+    example_buckets = None
+    if args.enable_bucket:
+        grid = buckets.bucket_sizes(bucket_settings(args, resolution, model_info.size_multiple))
+        example_buckets = [buckets.nearest_bucket(r.width, r.height, grid) for r in examples]
+    return args, model_info, spec, resolution, examples, example_buckets
+
+
+def main(argv: list[str] | None = None) -> Path:
+    started = time.perf_counter()
+    args, model_info, spec, resolution, examples, example_buckets = check_before_loading(argv)
+    base = arguments.settings_from_args(args, settings.ModelSettings)
+    base_model = base.pretrained_model_name_or_path
+    checkpoints = arguments.settings_from_args(args, settings.CheckpointSettings)
+    validation = arguments.settings_from_args(args, settings.ValidationSettings)
+    export = arguments.settings_from_args(args, settings.ExportSettings)
+    output_dir = checkpoints.output_dir
+    warn_small_images(examples, resolution, "--train_data_dir" if args.train_data_dir else "--dataset_name")
+    # a checkpoint resumes only the run that wrote it: same model, adapter, data and average
+    run_settings = {"base_model": base_model, **spec.to_dict(), "examples": len(examples),
+                    "resolution": resolution, "buckets": example_buckets and sorted(set(example_buckets)),
+                    "caption_prefix": args.caption_prefix, "caption_dropout": args.caption_dropout,
+                    "ema_decay": args.ema_decay if args.use_ema else None}
+    resume_path, resume_state = checkpointing.resume_point(output_dir, checkpoints.resume_from_checkpoint)
+    if resume_state:
+        checkpointing.check_resume_fits(resume_state, run_settings, resume_path)
+
+    accelerator = loop.create_accelerator(arguments.settings_from_args(args, settings.AcceleratorSettings),
+                                          output_dir)
+    # FSDP: no method that writes into the base weights (SaRA), no intermediate checkpoints
+    sharded = loop.check_fsdp(accelerator, spec.method, checkpoints.resume_from_checkpoint, model_info.family)
+    device, is_main = accelerator.device, accelerator.is_main_process
+    weight_dtype = settings.DTYPES[accelerator.mixed_precision]
+    seed = loop.resolve_seed(args.seed, resume_state)
+
+    # -----------------------------------------------------------------------------------------
+    # 2. Base model and adapter
+    # -----------------------------------------------------------------------------------------
+    pipeline = loop.load_base_pipeline(base, weight_dtype, device)
+    loss_options = arguments.settings_from_args(args, LossOptions, skip_none=True)
+    family = training_family(pipeline, device, loss_options)
+    denoiser = family.denoiser
+    for frozen in (pipeline.vae, *family.text_encoders):
+        frozen.requires_grad_(False)
+    memory = arguments.settings_from_args(args, settings.MemorySettings)
+    adapter = loop.attach_trainable_adapter(denoiser, spec, seed, memory, args.init_adapter, pipeline)
+
+    # -----------------------------------------------------------------------------------------
+    # 3. Data
+    # -----------------------------------------------------------------------------------------
+    # every micro-step of every process reads one aligned block of the stream: one bucket
+    micro_batch = args.train_batch_size * accelerator.num_processes
+    data = captioned.CaptionedData(
+        SubjectDataset(examples, ""), caption_dropout=args.caption_dropout, buckets=example_buckets,
+        block=micro_batch, encode_images=family.encode_images, encode_prompts=family.encode_prompts,
+        resolution=resolution, center_crop=args.center_crop, random_flip=args.random_flip, seed=seed,
+        cache_latents=args.cache_latents, cache_prompts=args.pre_compute_text_embeddings, device=device)
+    data.build_caches(show_progress=is_main)
+
+    # -----------------------------------------------------------------------------------------
+    # 4. Optimizer, schedule, moving average, resume
+    # -----------------------------------------------------------------------------------------
+    optimization = arguments.settings_from_args(args, settings.OptimizerSettings)
+    plan = loop.prepare_optimization(optimization, checkpoints, accelerator, denoiser, adapter,
+                                     data.epoch_length, resume_path, resume_state, device)
+    ema = AdapterEMA([denoiser], args.ema_decay) if args.use_ema else None
+    if ema is not None and resume_path:
+        checkpointing.load_extra_state(resume_path, "ema", ema)
+    averaged = ema.applied if ema is not None else contextlib.nullcontext
+    validate = session.Validator(accelerator, family, validation, validation.prompts, seed=seed,
+                                 resolution=resolution, output_dir=output_dir, weights=averaged)
+    # The frozen encoders are not needed on the device between validations.
+    validate.offloaded = session.offload_frozen(
+        [*(family.text_encoders if args.pre_compute_text_embeddings else []),
+         *([pipeline.vae] if args.cache_latents else [])], device)
+    if is_main:
+        accelerator.init_trackers(args.tracker_project_name, config=arguments.tracker_config(args))
+        if args.preset_applied:
+            print(f"preset {args.preset}: " + ", ".join(f"--{k} {v}" for k, v in args.preset_applied.items()))
+        if example_buckets:
+            print(f"aspect buckets (width x height: images): {buckets.describe_counts(example_buckets)}")
+        resumed = f" | resumed at step {plan.global_step} from {resume_path}" if resume_path else ""
+        print(f"difftune text-to-image training | {base_model} ({model_info.family}, {resolution}px, "
+              f"{accelerator.mixed_precision}) | {spec.method} on {adapter.config.targets}: "
+              f"{len(adapter.target_names)} layers, {difftune.count_trainable_parameters(denoiser):,} "
+              f"trainable parameters | {len(examples)} images, {data.epoch_length} per epoch | "
+              f"{plan.max_train_steps} steps x {plan.micro_batch * plan.accumulation} images | lr "
+              f"{plan.learning_rate:g} | ema {args.ema_decay if ema else 'off'} | seed {seed}{resumed}")
+
+    # -----------------------------------------------------------------------------------------
+    # 5. Training loop
+    # -----------------------------------------------------------------------------------------
+    def compute_loss(indices: range) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return loop.diffusion_loss(family, plan.model, data.batch(indices)).mean(), {}
+
+    plan.model.train()
+    reset_peak_memory(device)
+    first_step, loop_started = plan.global_step, time.perf_counter()
+    loop.train(accelerator, plan, adapter, denoiser, compute_loss, checkpoints=checkpoints,
+               trainer_state={**run_settings, "seed": seed, "max_train_steps": plan.max_train_steps},
+               base_model=base_model, save_checkpoints=not sharded, after_step=validate, ema=ema)
+    loop_seconds = time.perf_counter() - loop_started
+    trainable_count = difftune.count_trainable_parameters(denoiser)
+
+    # -----------------------------------------------------------------------------------------
+    # 6. Save (the moving average with --use_ema), model card, samples from the saved file, exports
+    # -----------------------------------------------------------------------------------------
+    accelerator.wait_for_everyone()
+    model, global_step = plan.model, plan.global_step
+    if sharded:  # every process: the adapted layers' shards become whole tensors
+        loop.gather_sharded_parameters(accelerator.unwrap_model(model), adapter.target_names)
+    session.check_same_adapter(accelerator, denoiser)
+    adapter_path = output_dir / "adapter.safetensors"
+    if is_main:
+        with averaged():
+            adapter_path, diffusers_name = session.save_trained_adapter(
+                accelerator.unwrap_model(model), output_dir, base_model, model_info.family)
+        sample_prompts = validation.prompts or [examples[0].caption]
+        if not validation.skip_final_inference:
+            del pipeline, family, data, model, denoiser, validate, ema  # before the fresh pipeline loads
+        sample_names = session.sample_saved_adapter(base, weight_dtype, accelerator, adapter_path,
+                                                    sample_prompts, validation, seed=seed,
+                                                    resolution=resolution, step=global_step)
+        batch, precision = plan.micro_batch * plan.accumulation, accelerator.mixed_precision
+        bucket_counts = buckets.describe_counts(example_buckets) if example_buckets else "off"
+        write_model_card(
+            output_dir, base_model=base_model, family=model_info.family, method=spec.method,
+            options={k: v for k, v in adapter.config.to_dict().items() if k != "targets"},
+            task="text-to-image",
+            targets=adapter.config.targets, trainable_parameters=trainable_count, steps=global_step,
+            instance_prompt=sample_prompts[0], sample_images=sample_names, sample_prompt=sample_prompts[0],
+            diffusers_weight_name=diffusers_name,
+            training={"images": len(examples), "resolution": resolution, "aspect buckets": bucket_counts,
+                      "caption prefix": args.caption_prefix, "caption dropout": args.caption_dropout,
+                      "batch size (global)": batch, "learning rate": plan.learning_rate,
+                      "lr scheduler": args.lr_scheduler, "EMA decay": args.use_ema and args.ema_decay,
+                      "mixed precision": precision, "seed": seed})
+        session.export_saved_adapter(adapter_path, export, base_model, sample_prompts[0], validation,
+                                     seed=seed, resolution=resolution)
+        session.write_summary(output_dir, device, adapter_path, started=started, loop_seconds=loop_seconds,
+                              steps_run=global_step - first_step, method=spec.method,
+                              trainable_parameters=trainable_count, steps=global_step, seed=seed,
+                              resolution=resolution, batch_size=batch, mixed_precision=precision,
+                              examples=len(examples), use_ema=args.use_ema)
+    model = plan = None  # the DDP wrapper goes before the process group (loop.end_training)
+    loop.end_training(accelerator)
+    return adapter_path
+
+
+if __name__ == "__main__":
+    run_main(main)
