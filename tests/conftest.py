@@ -228,6 +228,40 @@ def train_subject():
     return train_script_runner(TRAIN_SUBJECT)
 
 
+@pytest.fixture(scope="session")
+def train_text_to_image():
+    return train_script_runner(os.path.join(ROOT, "train_scripts", "train_text_to_image.py"))
+
+
+def make_style_images(folder, sizes=((64, 64), (96, 64), (64, 96), (80, 64), (64, 64), (128, 64)),
+                      prefix: str = "", seed: int = 0):
+    """A made-up "style": discs on stripes, one image per (width, height) in ``sizes``, captioned in
+    metadata.jsonl ("a red disc 0", ...)."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i, (width, height) in enumerate(sizes):
+        yy, xx = np.mgrid[0:height, 0:width]
+        image = np.where(((xx // 6) % 2)[..., None], rng.integers(0, 255, 3), rng.integers(0, 255, 3))
+        disc = (xx - width // 2) ** 2 + (yy - height // 2) ** 2 < (min(width, height) // 3) ** 2
+        image[disc] = (230, 40, 40)
+        Image.fromarray(image.astype(np.uint8)).save(os.path.join(folder, f"{prefix}{i}.png"))
+        rows.append({"file_name": f"{prefix}{i}.png", "text": f"a red disc {i}"})
+    with open(os.path.join(folder, "metadata.jsonl"), "w") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
+    return folder
+
+
+@pytest.fixture
+def style_dir(tmp_path):
+    return make_style_images(tmp_path / "style")
+
+
 @pytest.fixture
 def subject_dir(tmp_path):
     return make_subject_images(tmp_path / "subject")

@@ -126,9 +126,31 @@ def test_training_flag_tables_are_the_generated_ones():
     from difftune.training.flag_docs import SECTION, render_page
 
     assert [m["script"] for m in SECTION.finditer(TRAINING)] == ["train_scripts/train_subject.py",
-                                                                 "train_scripts/train_one_step.py"]
+                                                                 "train_scripts/train_one_step.py",
+                                                                 "train_scripts/train_text_to_image.py"]
     assert render_page(TRAINING, ROOT) == TRAINING, \
         "docs/training.md is stale: run python -m difftune.training.flag_docs docs/training.md"
+
+
+def test_dataset_training_commands_parse_with_the_script(train_text_to_image):
+    """The dataset trainer's commands in docs/training.md and the README parse (presets applied)."""
+    blocks = re.findall(r"```bash\n(.*?)```", _section(TRAINING, "## Dataset training"), flags=re.S)
+    blocks += [b for b in _code_blocks("bash") if "train_text_to_image.py" in b]
+    assert len(blocks) == 4
+    for block in blocks:
+        (command,) = _commands(block)
+        script_args = _script_args(command, "train_scripts/train_text_to_image.py")
+        args = train_text_to_image.module.parse_args(script_args)
+        assert (args.train_data_dir or args.dataset_name) and args.output_dir
+        assert args.pretrained_model_name_or_path
+
+
+def test_dataset_training_flag_tables_list_every_flag(train_text_to_image):
+    section = TRAINING[TRAINING.index("## Flags of train_text_to_image.py"):]
+    for action in train_text_to_image.module.build_parser()._actions:
+        for flag in action.option_strings:
+            if flag.startswith("--") and not flag.startswith("--no-") and flag != "--help":
+                assert f"`{flag}`" in section, f"{flag} is missing from docs/training.md's flag tables"
 
 
 def test_readme_trainer_example_parses(train_subject):

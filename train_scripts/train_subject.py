@@ -34,7 +34,6 @@ from difftune.errors import DifftuneError, run_main
 from difftune.families import (
     FAMILIES,
     LossOptions,
-    training_family,
 )
 from difftune.model_factory import load_pipeline
 from difftune.training import arguments, checkpointing, loop, pivotal, recipes, session, settings
@@ -49,11 +48,7 @@ from difftune.training.text_encoder import attach_text_encoder_adapters
 # ---------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument_group("config file").add_argument(
-        "--config", help="YAML or JSON file of options (keys are flag names without dashes); flags on the "
-                         "command line override it")
+    parser = arguments.trainer_parser(__doc__)  # with --config
     arguments.add_model_arguments(parser)
 
     data = parser.add_argument_group("data")
@@ -63,11 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--caption_column", help="metadata.jsonl key of per-image captions (default: text, "
                                                "caption or prompt); a sidecar <image>.txt wins over it")
     data.add_argument("--resolution", type=int, help="training resolution (default: the model's own)")
-    data.add_argument("--center_crop", action="store_true", help="centre crop instead of a random crop")
-    data.add_argument("--random_flip", action="store_true", help="flip images horizontally at random")
-    data.add_argument("--cache_latents", action=argparse.BooleanOptionalAction, default=True,
-                      help="encode every image once before training (a random crop is then drawn "
-                           "once per image; flips are cached both ways)")
+    arguments.add_image_arguments(data)  # crops, flips, latent cache
     data.add_argument("--pre_compute_text_embeddings", action=argparse.BooleanOptionalAction, default=None,
                       help="encode every prompt once before training (default: on, unless "
                            "--train_text_encoder or --train_token_embedding: a trained encoder or "
@@ -165,12 +156,8 @@ def check_before_loading(argv: list[str] | None = None):
 def main(argv: list[str] | None = None) -> Path:
     started = time.perf_counter()
     args, model_info, spec, resolution, instance_images = check_before_loading(argv)
-    base = arguments.settings_from_args(args, settings.ModelSettings)
-    base_model = base.pretrained_model_name_or_path
-    checkpoints = arguments.settings_from_args(args, settings.CheckpointSettings)
-    validation = arguments.settings_from_args(args, settings.ValidationSettings)
-    export = arguments.settings_from_args(args, settings.ExportSettings)
-    output_dir = checkpoints.output_dir
+    base, checkpoints, validation, export = session.trainer_settings(args)
+    base_model, output_dir = base.pretrained_model_name_or_path, checkpoints.output_dir
     warn_small_images(instance_images, resolution, "--instance_data_dir")
     run_settings = {"base_model": base_model, **spec.to_dict(), "train_text_encoder": args.train_text_encoder}
     resume_path, resume_state = checkpointing.resume_point(output_dir, checkpoints.resume_from_checkpoint)
@@ -180,27 +167,21 @@ def main(argv: list[str] | None = None) -> Path:
             raise DifftuneError(f"--resume_from_checkpoint {resume_path}: a pivotal-tuning run "
                                 "(--train_token_embedding) cannot be resumed yet")
 
-    accelerator = loop.create_accelerator(arguments.settings_from_args(args, settings.AcceleratorSettings),
-                                          output_dir)
+    # FSDP: no method that writes into the base weights (SaRA), no intermediate checkpoints
+    accelerator, sharded, weight_dtype, seed = session.start_accelerator(args, spec.method, model_info.family,
+                                                                         checkpoints, resume_state)
     for flag in ("train_text_encoder", "train_token_embedding"):  # before any model loads
         if getattr(args, flag) and accelerator.num_processes > 1:
             raise DifftuneError(f"--{flag} runs in one process for now; launch without several "
                                 f"processes, or train the denoiser alone{recipes.source_hint(args, flag)}")
-    # FSDP: no method that writes into the base weights (SaRA), no intermediate checkpoints
-    sharded = loop.check_fsdp(accelerator, spec.method, checkpoints.resume_from_checkpoint, model_info.family)
     device, is_main = accelerator.device, accelerator.is_main_process
-    weight_dtype = settings.DTYPES[accelerator.mixed_precision]
-    seed = loop.resolve_seed(args.seed, resume_state)
 
     # -----------------------------------------------------------------------------------------
     # 2. Base model, class images, adapter
     # -----------------------------------------------------------------------------------------
-    pipeline = loop.load_base_pipeline(base, weight_dtype, device)
     loss_options = arguments.settings_from_args(args, LossOptions, skip_none=True)
-    family = training_family(pipeline, device, loss_options)
+    pipeline, family = loop.load_training_model(base, loss_options, weight_dtype, device)
     denoiser = family.denoiser
-    for frozen in (pipeline.vae, *family.text_encoders):
-        frozen.requires_grad_(False)
 
     class_images = []
     if args.with_prior_preservation:
@@ -306,11 +287,8 @@ def main(argv: list[str] | None = None) -> Path:
     # -----------------------------------------------------------------------------------------
     # 6. Save, model card, samples from the saved file
     # -----------------------------------------------------------------------------------------
-    accelerator.wait_for_everyone()
     model, global_step = plan.model, plan.global_step
-    if sharded:  # every process: the adapted layers' shards become whole tensors
-        loop.gather_sharded_parameters(accelerator.unwrap_model(model), adapter.target_names)
-    session.check_same_adapter(accelerator, denoiser)
+    session.gather_adapter(accelerator, model, adapter, denoiser, sharded)  # every process
     adapter_path = output_dir / "adapter.safetensors"
     if is_main:
         if tokens:

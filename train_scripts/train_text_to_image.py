@@ -40,7 +40,7 @@ import torch
 
 import difftune
 from difftune.errors import DifftuneError, run_main
-from difftune.families import LossOptions, training_family
+from difftune.families import LossOptions
 from difftune.training import arguments, buckets, captioned, checkpointing, loop, recipes, session, settings
 from difftune.training.data import SubjectDataset, warn_small_images
 from difftune.training.ema import AdapterEMA
@@ -55,11 +55,7 @@ SCRIPT = "train_text_to_image.py"
 # ---------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument_group("config file").add_argument(
-        "--config", help="YAML or JSON file of options (keys are flag names without dashes); flags on the "
-                         "command line override it")
+    parser = arguments.trainer_parser(__doc__)  # with --config
     recipes.add_preset_argument(parser)
     arguments.add_model_arguments(parser)
 
@@ -90,11 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--resolution", type=int,
                       help="training resolution; with --enable_bucket the area of every bucket is its "
                            "square (default: the model's own)")
-    data.add_argument("--center_crop", action="store_true", help="centre crop instead of a random crop")
-    data.add_argument("--random_flip", action="store_true", help="flip images horizontally at random")
-    data.add_argument("--cache_latents", action=argparse.BooleanOptionalAction, default=True,
-                      help="encode every image once before training (a random crop is then drawn once per "
-                           "image; flips are cached both ways)")
+    arguments.add_image_arguments(data)  # crops, flips, latent cache
     data.add_argument("--pre_compute_text_embeddings", action=argparse.BooleanOptionalAction, default=True,
                       help="encode every caption once before training")
 
@@ -125,11 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = build_parser()
-    tokens = arguments.command_tokens(parser, argv)
-    args = parser.parse_args(tokens)
-    # flags left unset take the preset's values
-    args.preset_applied = recipes.apply_preset(args, recipes.given_destinations(parser, tokens))
+    args, given = arguments.parse_command(build_parser(), argv)
+    args.preset_applied = recipes.apply_preset(args, given)  # flags left unset take the preset's values
     if not 0.0 <= args.caption_dropout < 1.0:
         raise DifftuneError(f"--caption_dropout must be in [0, 1), got {args.caption_dropout}")
     if not 0.0 < args.ema_decay < 1.0:
@@ -161,51 +150,39 @@ def check_before_loading(argv: list[str] | None = None):
     model_info, spec, resolution, examples, bucket of each example or None)."""
     args = parse_args(argv)
     model_info, spec, resolution = session.check_model_and_adapter(args, SCRIPT)
-    source = arguments.settings_from_args(args, captioned.CaptionedSource)
-    examples = captioned.read_examples(source)
-    example_buckets = None
-    if args.enable_bucket:
-        grid = buckets.bucket_sizes(bucket_settings(args, resolution, model_info.size_multiple))
-        example_buckets = [buckets.nearest_bucket(r.width, r.height, grid) for r in examples]
+    grid = buckets.bucket_sizes(bucket_settings(args, resolution, model_info.size_multiple)) \
+        if args.enable_bucket else None
+    examples = captioned.read_examples(arguments.settings_from_args(args, captioned.CaptionedSource))
+    example_buckets = [buckets.nearest_bucket(r.width, r.height, grid) for r in examples] if grid else None
     return args, model_info, spec, resolution, examples, example_buckets
 
 
 def main(argv: list[str] | None = None) -> Path:
     started = time.perf_counter()
     args, model_info, spec, resolution, examples, example_buckets = check_before_loading(argv)
-    base = arguments.settings_from_args(args, settings.ModelSettings)
-    base_model = base.pretrained_model_name_or_path
-    checkpoints = arguments.settings_from_args(args, settings.CheckpointSettings)
-    validation = arguments.settings_from_args(args, settings.ValidationSettings)
-    export = arguments.settings_from_args(args, settings.ExportSettings)
-    output_dir = checkpoints.output_dir
+    base, checkpoints, validation, export = session.trainer_settings(args)
+    base_model, output_dir = base.pretrained_model_name_or_path, checkpoints.output_dir
     warn_small_images(examples, resolution, "--train_data_dir" if args.train_data_dir else "--dataset_name")
     # a checkpoint resumes only the run that wrote it: same model, adapter, data and average
+    bucket_list = [list(bucket) for bucket in sorted(set(example_buckets))] if example_buckets else None
     run_settings = {"base_model": base_model, **spec.to_dict(), "examples": len(examples),
-                    "resolution": resolution, "buckets": example_buckets and sorted(set(example_buckets)),
+                    "resolution": resolution, "buckets": bucket_list,
                     "caption_prefix": args.caption_prefix, "caption_dropout": args.caption_dropout,
                     "ema_decay": args.ema_decay if args.use_ema else None}
     resume_path, resume_state = checkpointing.resume_point(output_dir, checkpoints.resume_from_checkpoint)
     if resume_state:
         checkpointing.check_resume_fits(resume_state, run_settings, resume_path)
 
-    accelerator = loop.create_accelerator(arguments.settings_from_args(args, settings.AcceleratorSettings),
-                                          output_dir)
-    # FSDP: no method that writes into the base weights (SaRA), no intermediate checkpoints
-    sharded = loop.check_fsdp(accelerator, spec.method, checkpoints.resume_from_checkpoint, model_info.family)
+    accelerator, sharded, weight_dtype, seed = session.start_accelerator(args, spec.method, model_info.family,
+                                                                         checkpoints, resume_state)
     device, is_main = accelerator.device, accelerator.is_main_process
-    weight_dtype = settings.DTYPES[accelerator.mixed_precision]
-    seed = loop.resolve_seed(args.seed, resume_state)
 
     # -----------------------------------------------------------------------------------------
-    # 2. Base model and adapter
+    # 2. Base model (VAE and text encoders frozen) and adapter
     # -----------------------------------------------------------------------------------------
-    pipeline = loop.load_base_pipeline(base, weight_dtype, device)
     loss_options = arguments.settings_from_args(args, LossOptions, skip_none=True)
-    family = training_family(pipeline, device, loss_options)
+    pipeline, family = loop.load_training_model(base, loss_options, weight_dtype, device)
     denoiser = family.denoiser
-    for frozen in (pipeline.vae, *family.text_encoders):
-        frozen.requires_grad_(False)
     memory = arguments.settings_from_args(args, settings.MemorySettings)
     adapter = loop.attach_trainable_adapter(denoiser, spec, seed, memory, args.init_adapter, pipeline)
 
@@ -237,6 +214,7 @@ def main(argv: list[str] | None = None) -> Path:
     validate.offloaded = session.offload_frozen(
         [*(family.text_encoders if args.pre_compute_text_embeddings else []),
          *([pipeline.vae] if args.cache_latents else [])], device)
+    trainable_count = difftune.count_trainable_parameters(denoiser)
     if is_main:
         accelerator.init_trackers(args.tracker_project_name, config=arguments.tracker_config(args))
         if args.preset_applied:
@@ -246,7 +224,7 @@ def main(argv: list[str] | None = None) -> Path:
         resumed = f" | resumed at step {plan.global_step} from {resume_path}" if resume_path else ""
         print(f"difftune text-to-image training | {base_model} ({model_info.family}, {resolution}px, "
               f"{accelerator.mixed_precision}) | {spec.method} on {adapter.config.targets}: "
-              f"{len(adapter.target_names)} layers, {difftune.count_trainable_parameters(denoiser):,} "
+              f"{len(adapter.target_names)} layers, {trainable_count:,} "
               f"trainable parameters | {len(examples)} images, {data.epoch_length} per epoch | "
               f"{plan.max_train_steps} steps x {plan.micro_batch * plan.accumulation} images | lr "
               f"{plan.learning_rate:g} | ema {args.ema_decay if ema else 'off'} | seed {seed}{resumed}")
@@ -264,17 +242,12 @@ def main(argv: list[str] | None = None) -> Path:
                trainer_state={**run_settings, "seed": seed, "max_train_steps": plan.max_train_steps},
                base_model=base_model, save_checkpoints=not sharded, after_step=validate, ema=ema)
     loop_seconds = time.perf_counter() - loop_started
-    trainable_count = difftune.count_trainable_parameters(denoiser)
 
     # -----------------------------------------------------------------------------------------
     # 6. Save (the moving average with --use_ema), model card, samples from the saved file, exports
     # -----------------------------------------------------------------------------------------
-    accelerator.wait_for_everyone()
-    model, global_step = plan.model, plan.global_step
-    if sharded:  # every process: the adapted layers' shards become whole tensors
-        loop.gather_sharded_parameters(accelerator.unwrap_model(model), adapter.target_names)
-    session.check_same_adapter(accelerator, denoiser)
-    adapter_path = output_dir / "adapter.safetensors"
+    adapter_path, model, global_step = output_dir / "adapter.safetensors", plan.model, plan.global_step
+    session.gather_adapter(accelerator, model, adapter, denoiser, sharded)  # every process
     if is_main:
         with averaged():
             adapter_path, diffusers_name = session.save_trained_adapter(

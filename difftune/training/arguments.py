@@ -328,6 +328,26 @@ def command_tokens(parser: argparse.ArgumentParser, argv: Sequence[str] | None =
     return file_tokens + argv
 
 
+def trainer_parser(description: str | None) -> argparse.ArgumentParser:
+    """A trainer's parser, its first group ``--config`` (a YAML or JSON file of its flags)."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument_group("config file").add_argument(
+        "--config", help="YAML or JSON file of options (keys are flag names without dashes); flags on the "
+                         "command line override it")
+    return parser
+
+
+def parse_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> tuple[argparse.Namespace,
+                                                                                       set[str]]:
+    """Parse ``--config`` and the command line; returns the flags and the ones actually given (what a
+    recipe or preset must not override)."""
+    from .recipes import given_destinations
+
+    tokens = command_tokens(parser, argv)
+    return parser.parse_args(tokens), given_destinations(parser, tokens)
+
+
 def flag_table_markdown(parser: argparse.ArgumentParser, skip_groups: Sequence[str] = ()) -> str:
     """The flags of ``parser`` as Markdown tables, one per argument group."""
     out = []
@@ -514,6 +534,15 @@ def add_training_arguments(parser: argparse.ArgumentParser, several_validation_p
     add_validation_arguments(parser, several_validation_prompts)
     add_checkpoint_arguments(parser)
     add_logging_arguments(parser)
+
+
+def add_image_arguments(group: argparse._ArgumentGroup) -> None:
+    """Crops, flips and the latent cache, in a trainer's data group."""
+    group.add_argument("--center_crop", action="store_true", help="centre crop instead of a random crop")
+    group.add_argument("--random_flip", action="store_true", help="flip images horizontally at random")
+    group.add_argument("--cache_latents", action=argparse.BooleanOptionalAction, default=True,
+                       help="encode every image once before training (a random crop is then drawn "
+                            "once per image; flips are cached both ways)")
 
 
 def add_init_adapter_argument(parser: argparse.ArgumentParser) -> None:

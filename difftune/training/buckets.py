@@ -52,14 +52,14 @@ class BucketSettings:
 
 def bucket_sizes(settings: BucketSettings) -> list[tuple[int, int]]:
     """Every bucket as (height, width), widest first: for each width on the grid, the tallest
-    height on the grid whose area stays within resolution²."""
+    height on the grid whose area stays within resolution², and the same shape upright."""
     area = settings.resolution ** 2
     first = -(-settings.min_side // settings.step) * settings.step
     sizes = set()
     for width in range(first, settings.max_side + 1, settings.step):
         height = min(settings.max_side, area // width // settings.step * settings.step)
         if height >= settings.min_side:
-            sizes.add((height, width))
+            sizes.update({(height, width), (width, height)})
     return sorted(sizes, key=lambda size: size[1] / size[0], reverse=True)
 
 

@@ -162,6 +162,18 @@ def load_base_pipeline(model: ModelSettings, dtype: torch.dtype, device: torch.d
     return pipeline
 
 
+def load_training_model(model: ModelSettings, loss_options: Any, dtype: torch.dtype, device: torch.device):
+    """The base pipeline and its family bound for training (noise process, loss options), the VAE
+    and text encoders frozen; returns (pipeline, family)."""
+    from ..families import training_family
+
+    pipeline = load_base_pipeline(model, dtype, device)
+    family = training_family(pipeline, device, loss_options)
+    for frozen in (pipeline.vae, *family.text_encoders):
+        frozen.requires_grad_(False)
+    return pipeline, family
+
+
 def is_fsdp(accelerator: Any) -> bool:
     """Whether accelerate shards the model (FSDP); CPU launches always run as DDP instead."""
     return str(getattr(accelerator, "distributed_type", "")).endswith("FSDP")

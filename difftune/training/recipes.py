@@ -57,25 +57,23 @@ Recipes = dict[str, dict[str, dict[str, Any]]]
 # batch and step count are SaRA's style protocol (cosine, batch 4, 5000 steps at 512 px) scaled down
 # for the larger models; starting points, not measured optima. "family" names the family the
 # checkpoint belongs to (the tests run every preset on that family's tiny model).
-_STYLE_DATA = {"enable_bucket": True, "random_flip": True, "caption_dropout": 0.05, "lr_scheduler": "cosine",
-               "lr_warmup_steps": 100, "mixed_precision": "bf16", "checkpointing_steps": 500,
-               "checkpoints_total_limit": 3, "validation_steps": 500}
+def _style_preset(family: str, model: str, resolution: int, batch: int, steps: int, **flags: Any) -> dict:
+    return {"family": family, "pretrained_model_name_or_path": model, "resolution": resolution,
+            "learning_rate": 1e-4, "train_batch_size": batch, "max_train_steps": steps,
+            "enable_bucket": True, "random_flip": True, "caption_dropout": 0.05, "lr_scheduler": "cosine",
+            "lr_warmup_steps": 100, "mixed_precision": "bf16", "checkpointing_steps": 500,
+            "checkpoints_total_limit": 3, "validation_steps": 500, **flags}
+
+
 DATASET_PRESETS: dict[str, dict[str, Any]] = {
-    "sd15": {"family": "sd", "pretrained_model_name_or_path": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-             "resolution": 512, "learning_rate": 1e-4, "train_batch_size": 4, "max_train_steps": 5000,
-             **_STYLE_DATA},
-    "sdxl": {"family": "sdxl", "pretrained_model_name_or_path": "stabilityai/stable-diffusion-xl-base-1.0",
-             "resolution": 1024, "learning_rate": 1e-4, "train_batch_size": 4, "max_train_steps": 3000,
-             "gradient_checkpointing": True, **_STYLE_DATA},
-    "sd3": {"family": "sd3", "pretrained_model_name_or_path": "stabilityai/stable-diffusion-3.5-medium",
-            "resolution": 1024, "learning_rate": 1e-4, "train_batch_size": 2, "max_train_steps": 3000,
-            "gradient_checkpointing": True, **_STYLE_DATA},
-    "flux": {"family": "flux", "pretrained_model_name_or_path": "black-forest-labs/FLUX.1-dev",
-             "resolution": 1024, "learning_rate": 1e-4, "train_batch_size": 1, "max_train_steps": 3000,
-             "gradient_checkpointing": True, **_STYLE_DATA},
-    "pixart": {"family": "pixart", "pretrained_model_name_or_path": "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS",
-               "resolution": 1024, "learning_rate": 1e-4, "train_batch_size": 2, "max_train_steps": 3000,
-               "gradient_checkpointing": True, **_STYLE_DATA},
+    "sd15": _style_preset("sd", "stable-diffusion-v1-5/stable-diffusion-v1-5", 512, 4, 5000),
+    "sdxl": _style_preset("sdxl", "stabilityai/stable-diffusion-xl-base-1.0", 1024, 4, 3000,
+                          gradient_checkpointing=True),
+    "sd3": _style_preset("sd3", "stabilityai/stable-diffusion-3.5-medium", 1024, 2, 3000,
+                         gradient_checkpointing=True),
+    "flux": _style_preset("flux", "black-forest-labs/FLUX.1-dev", 1024, 1, 3000, gradient_checkpointing=True),
+    "pixart": _style_preset("pixart", "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", 1024, 2, 3000,
+                            gradient_checkpointing=True),
 }
 
 

@@ -27,7 +27,14 @@ from ..io import copy_file
 from ..model_factory import describe_model
 from ..sampling import generate_images, save_grid
 from . import arguments, loop
-from .settings import ExportSettings, ModelSettings, ValidationSettings
+from .settings import (
+    DTYPES,
+    AcceleratorSettings,
+    CheckpointSettings,
+    ExportSettings,
+    ModelSettings,
+    ValidationSettings,
+)
 from .summary import write_train_summary
 from .validation import log_images
 
@@ -54,6 +61,24 @@ def check_model_and_adapter(args: argparse.Namespace, script: str) -> tuple[Any,
     arguments.check_export_arguments(args, spec, model_info.family)
     resolution = loop.check_before_loading(spec, base, model_info, args.resolution, Path(args.output_dir))
     return model_info, spec, resolution
+
+
+def trainer_settings(args: argparse.Namespace) -> tuple[ModelSettings, CheckpointSettings, ValidationSettings,
+                                                       ExportSettings]:
+    """The settings every trainer reads from its flags: base model, checkpoints, validation, export."""
+    return tuple(arguments.settings_from_args(args, kind)
+                 for kind in (ModelSettings, CheckpointSettings, ValidationSettings, ExportSettings))
+
+
+def start_accelerator(args: argparse.Namespace, method: str, family: str, checkpoints: CheckpointSettings,
+                      resume_state: dict | None) -> tuple[Any, bool, torch.dtype, int]:
+    """The run's accelerator, whether FSDP shards the model (refusing what it cannot: a method that
+    writes into the base weights, SaRA; resuming), the weights' dtype and the seed."""
+    accelerator = loop.create_accelerator(arguments.settings_from_args(args, AcceleratorSettings),
+                                          checkpoints.output_dir)
+    sharded = loop.check_fsdp(accelerator, method, checkpoints.resume_from_checkpoint, family)
+    return (accelerator, sharded, DTYPES[accelerator.mixed_precision],
+            loop.resolve_seed(args.seed, resume_state))
 
 
 def offload_frozen(modules: Sequence[torch.nn.Module], device: torch.device) -> list[torch.nn.Module]:
@@ -124,6 +149,16 @@ def adapter_digest(model: torch.nn.Module) -> str:
         digest.update(key.encode())
         digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def gather_adapter(accelerator: Any, model: torch.nn.Module, adapter: Any, denoiser: torch.nn.Module,
+                   sharded: bool) -> None:
+    """After the last step, on every process: whole tensors from FSDP shards, then the check that
+    every process holds the same adapter."""
+    accelerator.wait_for_everyone()
+    if sharded:  # the adapted layers' shards become whole tensors
+        loop.gather_sharded_parameters(accelerator.unwrap_model(model), adapter.target_names)
+    check_same_adapter(accelerator, denoiser)
 
 
 def check_same_adapter(accelerator: Any, denoiser: torch.nn.Module) -> None:
