@@ -223,6 +223,19 @@ def train_script_runner(path: str):
     return run
 
 
+def interrupt_after_first_checkpoint(monkeypatch):
+    """Make a trainer die right after it has written its first checkpoint."""
+    from difftune.training import checkpointing
+
+    original = checkpointing.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        original(*args, **kwargs)
+        raise KeyboardInterrupt("simulated interruption")
+
+    monkeypatch.setattr(checkpointing, "save_checkpoint", save_then_die)
+
+
 @pytest.fixture(scope="session")
 def train_subject():
     return train_script_runner(TRAIN_SUBJECT)

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TRAIN_SUBJECT
+from conftest import ROOT, TRAIN_SUBJECT, interrupt_after_first_checkpoint
 from safetensors.torch import load_file
 
 import difftune
@@ -31,17 +31,6 @@ def run_flags(subject_dir, out, model, method, steps=4):
             "--lr_warmup_steps", 1, "--learning_rate", 1e-3, "--random_flip",
             "--gradient_accumulation_steps", 2,
             "--seed", 11, "--report_to", "none", "--skip_final_inference", *extra]
-
-
-def interrupt_after_first_checkpoint(monkeypatch):
-    """Make the run die right after it has written its first checkpoint."""
-    original = checkpointing.save_checkpoint
-
-    def save_then_die(*args, **kwargs):
-        original(*args, **kwargs)
-        raise KeyboardInterrupt("simulated interruption")
-
-    monkeypatch.setattr(checkpointing, "save_checkpoint", save_then_die)
 
 
 @pytest.mark.parametrize("method", sorted(difftune.METHODS))

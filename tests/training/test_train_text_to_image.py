@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import METHOD_CASES, make_style_images
+from conftest import METHOD_CASES, interrupt_after_first_checkpoint, make_style_images
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -75,16 +75,6 @@ def run_flags(data, out, family, method):
     return flags(data, out, family, method, 4, "--checkpointing_steps", 2, "--lr_scheduler", "cosine",
                  "--lr_warmup_steps", 1, "--random_flip", "--gradient_accumulation_steps", 2, "--use_ema",
                  "--ema_decay", 0.9)
-
-
-def interrupt_after_first_checkpoint(monkeypatch):
-    original = checkpointing.save_checkpoint
-
-    def save_then_die(*args, **kwargs):
-        original(*args, **kwargs)
-        raise KeyboardInterrupt("simulated interruption")
-
-    monkeypatch.setattr(checkpointing, "save_checkpoint", save_then_die)
 
 
 RESUME_CASES = [("sd", method) for method in sorted(difftune.METHODS)] + \
