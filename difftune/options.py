@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,6 +29,19 @@ def option(default: Any, help: str, **kwargs: Any) -> Any:
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: default, metadata={"help": help}, **kwargs)
     return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+
+
+def argument_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse`` as an argparse ``type=``: its `DifftuneError` becomes argparse's one-line error about
+    the flag (a plain ValueError would only say "invalid value")."""
+    def parse_text(text: str) -> Any:
+        try:
+            return parse(text)
+        except DifftuneError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    parse_text.__name__ = parse.__name__
+    return parse_text
 
 
 def check_finite_numbers(args: argparse.Namespace) -> None:

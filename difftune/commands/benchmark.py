@@ -1,6 +1,6 @@
 """Each method against LoRA: train LoRA, SaRA, SVFit and TLoRA the same way, evaluate, tabulate.
 
-Every method is trained by ``train_scripts/train_subject.py`` (a subprocess: same data,
+Every method is trained by ``difftune train-subject`` (a subprocess: same data,
 steps, seed and batch for all) and evaluated in this process with the same prompts,
 seeds and metric models (``difftune.metrics.subject``). Budgets are made comparable:
 LoRA (rank 4 on attention) is trained first and SaRA gets exactly LoRA's number of
@@ -15,28 +15,24 @@ what fine-tuning cost the class (PRES, class CLIP-T) beside what it gained on th
 ``--no_class_prompts`` skips that half of the generation. Finished methods are neither
 retrained nor re-evaluated; an interrupted training resumes from its last checkpoint.
 
-    # the embedded default, offline on CPU
-    python eval/benchmark.py --output_dir outputs/benchmark
+    # the embedded default, offline on CPU (python eval/benchmark.py in a checkout is the same)
+    difftune benchmark --output_dir outputs/benchmark
 
     # SD 1.5 from the hub on a GPU: one flag
-    python eval/benchmark.py --preset sd15 --output_dir outputs/benchmark_sd15
+    difftune benchmark --preset sd15 --output_dir outputs/benchmark_sd15
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import difftune
 from difftune.errors import DifftuneError, run_main
+from difftune.machine import machine_description
 from difftune.metrics.cli import (
     HUB_CLIP,
     HUB_DINO,
@@ -60,12 +56,13 @@ from difftune.metrics.subject import (
     prior_columns,
     run_prompts,
 )
+from difftune.options import argument_type
+from difftune.paths import subject_folder
 from difftune.training.arguments import option_dest
 
-ROOT = Path(__file__).resolve().parent.parent
-TRAIN_SCRIPT = ROOT / "train_scripts" / "train_subject.py"
-ADAPTER_FILE = "adapter.safetensors"
-SUMMARY_FILE = "train_summary.json"
+from . import train_subject
+from .benchmark_runs import ADAPTER_FILE, METHOD_COLORS, train_method, trainer_flags
+
 ALL_METHODS = ("lora", "sara", "svfit", "tlora")
 BASELINE = "lora"
 
@@ -110,9 +107,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-# One colour per method in every plot.
-METHOD_COLORS = {"base": "#7f7f7f", "lora": "#1f77b4", "sara": "#d62728", "svfit": "#2ca02c",
-                 "tlora": "#9467bd"}
 TABLE_COLUMNS = ["method", "trainable_parameters", "peak_memory_gib", "step_time_s", "fid", "clip_score",
                  "dino", "clip_i", "clip_t", "vlhi"]
 TABLE_HEADERS = {"trainable_parameters": "trainable params", "peak_memory_gib": "peak memory (GiB)",
@@ -128,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", action="store_true",
                         help="the benchmark with power: every method on several subjects and seeds, with "
-                             "intervals (eval/benchmark_suite.py; its own flags: --suite --help)")
+                             "intervals (benchmark_suite.py; its own flags: --suite --help)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="embedded",
                         help="defaults for everything below: 'embedded' (CPU, offline) or 'sd15' (GPU, hub)")
     parser.add_argument("--output_dir", type=Path, required=True)
@@ -143,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no_base", action="store_true", help="do not evaluate the base model")
     group = parser.add_argument_group("training (the same for every method)")
     group.add_argument("--pretrained_model_name_or_path")
-    group.add_argument("--instance_data_dir", type=Path)
+    group.add_argument("--instance_data_dir", type=argument_type(subject_folder),
+                       help="the subject's images, or a shipped subject (builtin:heart, ...)")
     group.add_argument("--identifier", default=None, help="default: the subject's subject.json, else sks")
     group.add_argument("--class_name", default=None, help="default: the subject's subject.json")
     group.add_argument("--instance_prompt", default=None, help="default: 'a <identifier> <class>'")
@@ -193,115 +188,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         overrides[method] = shlex.split(flags)
     args.method_flags = {m: overrides.get(m, METHOD_ARGS.get(m, [])) for m in args.methods}
     args.method_overridden = set(overrides)
-    if not TRAIN_SCRIPT.is_file():
-        parser.error(f"the trainer {TRAIN_SCRIPT} is missing")
     args.class_data_dir = args.class_data_dir or args.output_dir / "class_images"
     return args
 
 
 # ---------------------------------------------------------------- training (subprocesses)
 
-def trainer_command(args: argparse.Namespace, subject: Subject, method: str, flags: list[str],
-                    output_dir: Path) -> list[str]:
-    command = [sys.executable, str(TRAIN_SCRIPT),
-               "--pretrained_model_name_or_path", args.pretrained_model_name_or_path,
-               "--instance_data_dir", str(subject.directory),
-               "--instance_prompt", args.instance_prompt,
-               "--adapter", method, *flags,
-               "--max_train_steps", str(args.max_train_steps),
-               "--train_batch_size", str(args.train_batch_size),
-               "--seed", str(args.seed),
-               "--mixed_precision", args.mixed_precision,
-               "--checkpointing_steps", str(args.checkpointing_steps),
-               "--report_to", "none",
-               "--skip_final_inference",
-               "--no_recipe",  # every method on the benchmark's own, comparable settings
-               "--output_dir", str(output_dir)]
-    if args.learning_rate is not None:
-        command += ["--learning_rate", str(args.learning_rate)]
-    if args.resolution is not None:
-        command += ["--resolution", str(args.resolution)]
-    if args.with_prior_preservation:
-        command += ["--with_prior_preservation", "--class_data_dir", str(args.class_data_dir),
-                    "--class_prompt", args.class_prompt, "--num_class_images", str(args.num_class_images)]
-    if any(output_dir.glob("checkpoint-*")):
-        command += ["--resume_from_checkpoint", "latest"]
-    return command + shlex.split(args.train_args)
-
-
 def check_trainer_flags(args: argparse.Namespace, subject: Subject) -> None:
     """Each method's trainer command checked by the trainer itself (its parser and every check it makes
     before loading a model), before class images are generated or any method trains: a bad flag in
     --train_args or --method_args fails in seconds, not after the first methods have run."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_subject", TRAIN_SCRIPT)
-    trainer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(trainer)
     for method in args.methods:
         output_dir = args.output_dir / "train" / method
-        command = trainer_command(args, subject, method, args.method_flags[method], output_dir)
+        flags = trainer_flags(args, subject, method, args.method_flags[method], output_dir)
         try:
-            trainer.check_before_loading(command[2:])
+            train_subject.check_before_loading(flags)
         except DifftuneError as err:
             raise DifftuneError(f"trainer flags of {method}: {err}") from None
         except SystemExit:  # argparse has printed which flag it refused
-            raise DifftuneError(f"trainer flags of {method} refused by {TRAIN_SCRIPT.name} (see above): "
-                                f"{shlex.join(command[2:])}") from None
-
-
-def train_method(args: argparse.Namespace, subject: Subject, method: str, flags: list[str],
-                 output_dir: Path | None = None) -> dict[str, Any]:
-    """Run the trainer unless its adapter and summary exist; returns the training summary.
-
-    ``output_dir`` defaults to ``<--output_dir>/train/<method>``."""
-    output_dir = output_dir or args.output_dir / "train" / method
-    adapter, summary_file = output_dir / ADAPTER_FILE, output_dir / SUMMARY_FILE
-    if adapter.is_file() and summary_file.is_file() and not args.retrain:
-        if not getattr(args, "quiet", False):
-            print(f"{method}: trained already ({adapter}), not retrained")
-        return json.loads(summary_file.read_text())
-    if args.retrain:
-        adapter.unlink(missing_ok=True)
-        summary_file.unlink(missing_ok=True)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    command = trainer_command(args, subject, method, flags, output_dir)
-    log = output_dir / "train.log"
-    if not getattr(args, "quiet", False):
-        print(f"{method}: training ({args.max_train_steps} steps), log in {log}\n  {shlex.join(command)}")
-    start = time.perf_counter()
-    with open(log, "ab") as handle:
-        handle.write(f"$ {shlex.join(command)}\n".encode())
-        handle.flush()
-        python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-        env = {**os.environ, "PYTHONPATH": python_path}
-        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.PIPE, cwd=ROOT, env=env)
-        # the trainer's progress bar (stderr) shows here live and is kept in the log
-        while chunk := process.stderr.read1(4096):
-            handle.write(chunk)
-            if not getattr(args, "quiet", False):
-                sys.stderr.write(chunk.decode(errors="replace"))
-                sys.stderr.flush()
-        process.stderr.close()
-        peak_rss = None
-        if hasattr(os, "wait4"):
-            _, status, usage = os.wait4(process.pid, 0)
-            process.returncode = os.waitstatus_to_exitcode(status)
-            peak_rss = usage.ru_maxrss * 1024  # Linux reports KiB
-        else:
-            process.wait()
-    wall = time.perf_counter() - start
-    if process.returncode != 0:
-        tail = "\n".join(log.read_text().splitlines()[-30:])
-        raise DifftuneError(f"training {method} failed (exit code {process.returncode}); "
-                            f"end of {log}:\n{tail}")
-    if not summary_file.is_file():
-        raise DifftuneError(f"the trainer wrote no {summary_file}")
-    summary = json.loads(summary_file.read_text())
-    summary["wall_time_s"] = wall
-    summary["process_peak_rss_bytes"] = peak_rss
-    summary_file.write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+            raise DifftuneError(f"trainer flags of {method} refused by {Path(train_subject.__file__).name} "
+                                f"(see above): {shlex.join(flags)}") from None
 
 
 # ---------------------------------------------------------------- class images and evaluation
@@ -319,21 +225,6 @@ def ensure_class_images(args: argparse.Namespace, pipe: Any) -> list:
 def pipe_resolution(pipe: Any) -> int:
     denoiser, _ = difftune.find_denoiser(pipe)
     return int(denoiser.config.sample_size) * int(pipe.vae_scale_factor)
-
-
-def machine_description() -> dict[str, Any]:
-    """What the numbers were measured on: GPU (if any), CPU model and threads, versions."""
-    import torch
-
-    from difftune.machine import cpu_name
-
-    cpu = cpu_name()
-    info: dict[str, Any] = {}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    info.update({"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
-                 "python": platform.python_version()})
-    return info
 
 
 def benchmark_rows(methods: list[str], summaries: dict[str, dict], results: dict[str, dict]) -> list[dict]:
@@ -431,10 +322,8 @@ def write_report(args: argparse.Namespace, rows: list[dict], results: dict[str, 
 
 def main(argv: list[str] | None = None) -> list[dict] | dict:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "--suite" in argv:  # the multi-subject, multi-seed protocol with intervals: eval/benchmark_suite.py
-        if str(Path(__file__).resolve().parent) not in sys.path:
-            sys.path.insert(0, str(Path(__file__).resolve().parent))
-        import benchmark_suite
+    if "--suite" in argv:  # the multi-subject, multi-seed protocol with intervals: benchmark_suite.py
+        from . import benchmark_suite
 
         return benchmark_suite.main([a for a in argv if a != "--suite"])
     args = parse_args(argv)

@@ -12,12 +12,12 @@ Writes, under ``--output_dir``: ``<run>/<subject>/images/*.png``, ``grid.png``,
 and ``results.json`` / ``results.md`` / ``results.csv`` for all runs. Runs whose results
 are already there are not redone.
 
-    # the embedded default, offline on CPU
-    python eval/evaluate_subject.py --adapter lora=outputs/lora/adapter.safetensors \\
-        --instance_data_dir assets/subjects/star --include_base --output_dir outputs/eval
+    # the embedded default, offline on CPU (python eval/evaluate_subject.py in a checkout is the same)
+    difftune evaluate --adapter lora=outputs/lora/adapter.safetensors \\
+        --instance_data_dir builtin:star --include_base --output_dir outputs/eval
 
     # SD 1.5 on a GPU (fp16 generation; CLIP ViT-L/14 and DINO ViT-S/16 from the hub)
-    python eval/evaluate_subject.py \\
+    difftune evaluate \\
         --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
         --adapter outputs/dog/adapter.safetensors --instance_data_dir data/dog --class_name dog \\
         --class_data_dir data/class_dog --fid --output_dir outputs/eval_dog
@@ -40,6 +40,8 @@ from difftune.metrics.cli import (
     write_tables,
 )
 from difftune.metrics.subject import EvalRun, Subject, evaluate_runs, load_images, run_prompts
+from difftune.options import argument_type
+from difftune.paths import subject_folder
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,9 +54,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(NAME defaults to the folder name)")
     parser.add_argument("--include_base", action="store_true", help="also evaluate the base model as 'base'")
     parser.add_argument("--scale", type=float, default=1.0, help="adapter strength at inference")
-    parser.add_argument("--instance_data_dir", action="append", type=Path, default=[],
-                        help="subject images (repeat for several subjects; with as many adapters as "
-                             "subjects they pair up in order, with one subject every adapter uses it)")
+    parser.add_argument("--instance_data_dir", action="append", default=[],
+                        type=argument_type(subject_folder),
+                        help="subject images, or a shipped subject (builtin:heart, ...); repeat for several "
+                             "subjects (with as many adapters as subjects they pair up in order, with one "
+                             "subject every adapter uses it)")
     parser.add_argument("--identifier", default=None,
                         help="identifier token (default: the subject folder's subject.json, else sks)")
     parser.add_argument("--class_name", default=None,

@@ -2,14 +2,13 @@
 """One-step text-to-image generation with HiPA: train an adapter so that ONE denoiser call from
 pure noise gives the image the base model draws in many steps.
 
-    accelerate launch train_scripts/train_one_step.py \\
-        --pretrained_model_name_or_path builtin:embedded \\
-        --prompts_file assets/one_step_prompts.txt \\
+    difftune train-one-step --pretrained_model_name_or_path builtin:embedded \\
         --adapter lora --rank 16 --max_train_steps 2000 --output_dir outputs/one_step
 
-Plain `python train_scripts/train_one_step.py ...` works too; every option may come from a
-YAML or JSON file given with --config (flags override the file). The script reads top to
-bottom:
+On several GPUs: `accelerate launch -m difftune train-one-step ...`. In a checkout,
+`python train_scripts/train_one_step.py ...` and `accelerate launch train_scripts/train_one_step.py`
+run the same. Every option may come from a YAML or JSON file given with --config (flags override
+the file). The command reads top to bottom:
   1. options, and every check that needs no model weights
   2. the teacher cache: the frozen base model's multi-step samples of every prompt, from
      stored noise (resumable: an interrupted generation continues where it stopped)

@@ -1,13 +1,14 @@
 #!/usr/bin/env python
 """Subject-driven (DreamBooth) training of a difftune adapter (LoRA, SaRA, SVFit, TLoRA, ...).
 
-    accelerate launch train_scripts/train_subject.py \\
-        --pretrained_model_name_or_path builtin:embedded \\
-        --instance_data_dir assets/subjects/star --instance_prompt "a large sks orange star" \\
+    difftune train-subject --pretrained_model_name_or_path builtin:embedded \\
+        --instance_data_dir builtin:star --instance_prompt "a large sks orange star" \\
         --adapter lora --rank 4 --max_train_steps 400 --output_dir outputs/subject
 
-Plain `python train_scripts/train_subject.py ...` works too. Every option is a flag and
-may come from a YAML or JSON file given with --config (flags override the file).
+On several GPUs: `accelerate launch -m difftune train-subject ...`. In a checkout,
+`python train_scripts/train_subject.py ...` and `accelerate launch train_scripts/train_subject.py`
+run the same. Every option is a flag and may come from a YAML or JSON file given with --config
+(flags override the file).
 
 The script reads top to bottom:
   1. options, and every check that needs no model weights (bad input fails in seconds)

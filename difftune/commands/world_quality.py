@@ -1,7 +1,9 @@
 """Measure the embedded model in its world: prompt following and FID, judged by the world CLIP.
 
-    python eval/world_quality.py                      # assets/embedded_model, prints the table
-    python eval/world_quality.py --prompts 200 --fid_images 500 --steps 25 --guidance_scale 5
+    difftune world-quality                     # assets/embedded_model, prints the table
+    difftune world-quality --prompts 200 --fid_images 500 --steps 25 --guidance_scale 5
+
+(``python eval/world_quality.py`` in a checkout is the same command.)
 
 Writes quality.json, samples_grid.png (prompts as labels) and world_examples.png (real
 held-out scenes with their captions) into the model folder.
@@ -10,7 +12,7 @@ With a one-step (HiPA) adapter it measures three generators from the same noise 
 the adapter's one step, the base model's one step and the multi-step teacher, and prints
 their table (FID, CLIP score, colour / shape accuracy, seconds per image):
 
-    python eval/world_quality.py --one_step_adapter outputs/one_step/adapter.safetensors \
+    difftune world-quality --one_step_adapter outputs/one_step/adapter.safetensors \
         --prompts 300 --output_dir outputs/one_step_eval
 
 The teacher's samples are cached in <output_dir>/teacher: an interrupted run continues
@@ -21,13 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from difftune.errors import run_main
 from difftune.hipa.teacher import TeacherSettings
@@ -53,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     one_step = parser.add_argument_group(
         "one-step adapter", "measure a one-step adapter against the base one step and the teacher; --prompts "
         "captions for FID / CLIP score and as many one-object captions for accuracy (default 300 each)")
-    one_step.add_argument("--one_step_adapter", type=Path, help="adapter file trained by train_one_step.py")
+    one_step.add_argument("--one_step_adapter", type=Path, help="adapter file of difftune train-one-step")
     one_step.add_argument("--output_dir", type=Path, default=Path("outputs/one_step_eval"),
                           help="teacher cache, results.json, results.md, comparison.png")
     one_step.add_argument("--teacher_steps", type=int, default=TeacherSettings.num_inference_steps)

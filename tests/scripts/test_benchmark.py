@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import build, load_script, make_subject_images
+from conftest import build, command_module, make_subject_images
 from PIL import Image
 
 import difftune
@@ -21,7 +21,7 @@ def benchmark_run(tmp_path_factory, tiny_clip_dir):
             "--train_batch_size", "1", "--resolution", "64", "--seed", "5", "--num_class_images", "3",
             "--prompts", "dreambooth", "--num_prompts", "1", "--images_per_prompt", "2",
             "--num_inference_steps", "2", "--guidance_scale", "1", "--clip_model", str(tiny_clip_dir)]
-    script = load_script("eval/benchmark.py")
+    script = command_module("benchmark")
     rows = script.main(argv)
     return script, argv, root / "out", methods, rows
 
@@ -122,7 +122,7 @@ def test_a_prompt_the_identifier_cannot_leave_is_refused_before_training(benchma
 ])
 def test_trainer_flags_are_checked_by_the_trainer_before_any_heavy_work(tmp_path, monkeypatch, flags,
                                                                         message):
-    script = load_script("eval/benchmark.py")
+    script = command_module("benchmark")
     subject = make_subject_images(tmp_path / "subject", 2, size=(64, 64))
     (subject / "subject.json").write_text(json.dumps({"identifier": "sks", "class_name": "dog"}))
 
@@ -140,7 +140,7 @@ def test_trainer_flags_are_checked_by_the_trainer_before_any_heavy_work(tmp_path
 
 
 def test_benchmark_refuses_unknown_methods_and_bad_method_args(tmp_path):
-    script = load_script("eval/benchmark.py")
+    script = command_module("benchmark")
     with pytest.raises(SystemExit):
         script.parse_args(["--output_dir", str(tmp_path), "--methods", "lora", "nomethod"])
     with pytest.raises(SystemExit):
@@ -149,7 +149,7 @@ def test_benchmark_refuses_unknown_methods_and_bad_method_args(tmp_path):
 
 
 def test_sd15_preset_is_one_flag(tmp_path):
-    script = load_script("eval/benchmark.py")
+    script = command_module("benchmark")
     args = script.parse_args(["--preset", "sd15", "--output_dir", str(tmp_path)])
     assert args.pretrained_model_name_or_path == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert (args.resolution, args.mixed_precision) == (512, "fp16")

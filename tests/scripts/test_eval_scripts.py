@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import build, load_script, make_subject_images, randomize_adapter
+from conftest import build, command_module, make_subject_images, randomize_adapter
 from PIL import Image
 
 import difftune
@@ -86,7 +86,7 @@ def test_image_seeds_do_not_depend_on_batch_size():
 
 
 def test_evaluate_subject_end_to_end(tmp_path, toy_subject, lora_file, tiny_clip_dir, tiny_dino_dir, capsys):
-    script = load_script("eval/evaluate_subject.py")
+    script = command_module("evaluate_subject")
     class_dir = make_subject_images(tmp_path / "class", 5, seed=1)
     out = tmp_path / "eval"
     argv = ["--pretrained_model_name_or_path", "builtin:tiny-sd", "--adapter", f"lora={lora_file}",
@@ -173,7 +173,7 @@ def test_evaluate_subject_takes_another_tools_lora_file(tmp_path, toy_subject, l
 
     kohya = tmp_path / "lora_kohya.safetensors"
     export_adapter(lora_file, kohya, "kohya", base_model="builtin:tiny-sd", psnr_images=0)
-    script = load_script("eval/evaluate_subject.py")
+    script = command_module("evaluate_subject")
     argv = ["--pretrained_model_name_or_path", "builtin:tiny-sd", "--adapter", f"lora={lora_file}",
             "--adapter", f"kohya={kohya}", "--instance_data_dir", str(toy_subject), "--prompts", "dreambooth",
             "--num_prompts", "1", "--images_per_prompt", "1", "--num_inference_steps", "2", "--height", "64",
@@ -188,7 +188,7 @@ def test_evaluate_subject_takes_another_tools_lora_file(tmp_path, toy_subject, l
 
 def test_class_prompts_without_dino_and_switched_off(tmp_path, toy_subject, tiny_clip_dir):
     """No DINO model: PRES comes from CLIP-I and says so; --no_class_prompts removes the columns only."""
-    script = load_script("eval/evaluate_subject.py")
+    script = command_module("evaluate_subject")
     argv = ["--pretrained_model_name_or_path", "builtin:tiny-sd", "--include_base",
             "--instance_data_dir", str(toy_subject), "--prompts", "dreambooth", "--num_prompts", "2",
             "--images_per_prompt", "2", "--num_inference_steps", "2", "--height", "64", "--width", "64",
@@ -226,7 +226,7 @@ def test_class_prompts_without_dino_and_switched_off(tmp_path, toy_subject, tiny
 
 
 def test_evaluate_subject_refuses_bad_input_before_loading_models(tmp_path, toy_subject):
-    script = load_script("eval/evaluate_subject.py")
+    script = command_module("evaluate_subject")
     base = ["--pretrained_model_name_or_path", "builtin:tiny-sd", "--instance_data_dir", str(toy_subject),
             "--output_dir", str(tmp_path)]
     with pytest.raises(difftune.DifftuneError, match="missing.safetensors does not exist"):
@@ -270,7 +270,7 @@ def _eval_bad_values(tmp_path, toy_subject):
                                   "missing subject", "corrupt image"])
 def test_evaluate_subject_refuses_bad_values_in_one_line_before_loading_models(tmp_path, toy_subject,
                                                                               lora_file, monkeypatch, case):
-    script = load_script("eval/evaluate_subject.py")
+    script = command_module("evaluate_subject")
 
     def no_models(*_args, **_kwargs):
         raise AssertionError("a model was loaded before the bad value was noticed")
@@ -287,7 +287,7 @@ def test_evaluate_subject_refuses_bad_values_in_one_line_before_loading_models(t
 
 def test_evaluate_subject_refuses_a_prompt_the_identifier_keeps_before_loading_models(tmp_path, toy_subject,
                                                                                      monkeypatch):
-    script = load_script("eval/evaluate_subject.py")
+    script = command_module("evaluate_subject")
 
     def no_models(*_args, **_kwargs):
         raise AssertionError("a model was loaded before the prompts were checked")
@@ -304,7 +304,7 @@ def test_evaluate_subject_refuses_a_prompt_the_identifier_keeps_before_loading_m
 
 def test_half_precision_generation_with_adapter(tmp_path, toy_subject, lora_file, tiny_clip_dir):
     """The GPU path (pipeline in a 16-bit dtype, the loaded adapter moved to it) runs here in bf16."""
-    script = load_script("eval/evaluate_subject.py")
+    script = command_module("evaluate_subject")
     results = script.main(["--pretrained_model_name_or_path", "builtin:tiny-sd", "--adapter", str(lora_file),
                            "--instance_data_dir", str(toy_subject), "--dtype", "bf16", "--num_prompts", "1",
                            "--images_per_prompt", "1", "--num_inference_steps", "2", "--height", "64",

@@ -72,9 +72,9 @@ def test_a_conflict_with_a_recipe_flag_names_the_recipe(train_subject):
 
 
 def test_one_step_trainer_takes_its_own_recipe_table():
-    from conftest import load_script
+    from conftest import command_module
 
-    one_step = load_script("train_scripts/train_one_step.py")
+    one_step = command_module("train_one_step")
     recipe = recipes.recipe_for("builtin:embedded", "lora", recipes.ONE_STEP_RECIPES)
     assert recipe and recipe != recipes.recipe_for("builtin:embedded", "lora")
     base = ["--pretrained_model_name_or_path", "builtin:embedded", "--output_dir", "out"]
