@@ -26,7 +26,9 @@ guidance embedding's value, 3.5 for FLUX.1-dev).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -45,6 +47,7 @@ from difftune.hipa.teacher import TeacherSettings, generate_teacher_samples, rea
 from difftune.hipa.training import OneStepData, one_step_loss
 from difftune.io import write_json, write_text
 from difftune.model_factory import describe_model
+from difftune.options import CheckedSettings, at_least, check_values, multiple_of, option
 from difftune.paths import ASSETS_DIR
 from difftune.sampling import image_grid, save_grid
 from difftune.training import arguments, checkpointing, loop, recipes, settings
@@ -60,20 +63,61 @@ GRID_COLUMNS = 3  # one-step student | base one-step | teacher
 # 1. Options
 # ---------------------------------------------------------------------------------------------
 
+@dataclasses.dataclass(frozen=True)
+class PromptsAndTeacher(CheckedSettings):
+    """The training prompts, the image size, and where and how the teacher samples are made."""
+
+    flag_group: ClassVar[str] = "prompts and teacher"
+
+    prompts_file: str = option(str(DEFAULT_PROMPTS),
+                               "training prompts, one a line (# comments and blank lines skipped)")
+    resolution: int | None = option(None, "image size (default: the model's own)", check=multiple_of(8))
+    teacher_dir: str | None = option(None, "teacher cache folder (default: <output_dir>/teacher); reuse one "
+                                           "across runs with the same base model and teacher settings")
+    teacher_batch_size: int = option(4, "batch size of teacher generation", check=at_least(1))
+
+
+@dataclasses.dataclass(frozen=True)
+class OneStepValidation(CheckedSettings):
+    """The validation grids during training and the final comparison on held-out prompts."""
+
+    flag_group: ClassVar[str] = "validation and evaluation"
+
+    validation_steps: int = option(
+        100, "every N optimizer steps, save a grid: one-step student | base one-step | teacher, for the "
+             "first --num_validation_prompts training prompts", check=at_least(1))
+    num_validation_prompts: int = option(4, "rows of the validation grid", check=at_least(1))
+    eval_prompts_file: str = option(str(DEFAULT_EVAL_PROMPTS), "held-out prompts for the final comparison "
+                                                               "(their teacher samples are cached in "
+                                                               "<teacher_dir>/eval)")
+    skip_evaluation: bool = option(False, "no final comparison")
+    eval_clip_model: str = option(
+        "auto", "CLIP hub id or folder for the CLIP score, or 'none'; auto: the embedded model's CLIP for "
+                "builtin:embedded, none for the random tiny built-ins, else openai/clip-vit-large-patch14")
+    eval_fid_extractor: str = option(
+        "auto", "FID features: inception, inception:<weights file>, clip:<id or folder>, dino:<id or "
+                "folder>, or 'none'; auto: inception when torch-fidelity is installed, else clip:<the CLIP "
+                "model>. FID is taken against the teacher's samples (or --eval_reference_dir), comparable "
+                "only within one setting")
+    eval_reference_dir: str | None = option(None, "real images to take FID against instead")
+    eval_metric_batch_size: int = option(32, "batch size of the metric models", check=at_least(1))
+
+
+# Every flag of this trainer is a field of one of these, of the teacher's and the loss's options or of a
+# method's config (tests/training/test_flags.py checks it). No noise and loss flags: the one-step
+# objective is HiPA's.
+SETTINGS = (settings.ModelSettings, PromptsAndTeacher, settings.AdapterSettings, settings.OptimizerSettings,
+            settings.MemorySettings, settings.AcceleratorSettings, OneStepValidation,
+            settings.CheckpointSettings)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML or JSON file of options (keys are flag names without "
                                          "dashes); flags on the command line override it")
     arguments.add_model_arguments(parser)
-
-    data = parser.add_argument_group("prompts and teacher")
-    data.add_argument("--prompts_file", default=str(DEFAULT_PROMPTS),
-                      help="training prompts, one a line (# comments and blank lines skipped)")
-    data.add_argument("--resolution", type=int, help="image size (default: the model's own)")
-    data.add_argument("--teacher_dir", help="teacher cache folder (default: <output_dir>/teacher); reuse one "
-                                            "across runs with the same base model and teacher settings")
-    data.add_argument("--teacher_batch_size", type=int, default=4, help="batch size of teacher generation")
+    arguments.add_settings_arguments(parser, PromptsAndTeacher)
     arguments.add_dataclass_arguments(
         parser, TeacherSettings, "teacher sampling", prefix=TEACHER_PREFIX,
         description="how the frozen base model draws the targets (all recorded in the cache's manifest)")
@@ -84,30 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     arguments.add_adapter_arguments(parser)
     arguments.add_optimization_arguments(parser)
     arguments.add_precision_arguments(parser)
-
-    validation = parser.add_argument_group("validation and evaluation")
-    validation.add_argument("--validation_steps", type=int, default=100,
-                            help="every N optimizer steps, save a grid: one-step student | base one-step | "
-                                 "teacher, for the first --num_validation_prompts training prompts")
-    validation.add_argument("--num_validation_prompts", type=int, default=4,
-                            help="rows of the validation grid")
-    validation.add_argument("--eval_prompts_file", default=str(DEFAULT_EVAL_PROMPTS),
-                            help="held-out prompts for the final comparison (their teacher samples are "
-                                 "cached in <teacher_dir>/eval)")
-    validation.add_argument("--skip_evaluation", action="store_true", help="no final comparison")
-    validation.add_argument("--eval_clip_model", default="auto",
-                            help="CLIP hub id or folder for the CLIP score, or 'none'; auto: the embedded "
-                                 "model's CLIP for builtin:embedded, none for the random tiny built-ins, "
-                                 "else openai/clip-vit-large-patch14")
-    validation.add_argument("--eval_fid_extractor", default="auto",
-                            help="FID features: inception, inception:<weights file>, clip:<id or folder>, "
-                                 "dino:<id or folder>, or 'none'; auto: inception when torch-fidelity is "
-                                 "installed, else clip:<the CLIP model>. FID is taken against the teacher's "
-                                 "samples (or --eval_reference_dir), comparable only within one setting")
-    validation.add_argument("--eval_reference_dir", help="real images to take FID against instead")
-    validation.add_argument("--eval_metric_batch_size", type=int, default=32,
-                            help="batch size of the metric models")
-
+    arguments.add_settings_arguments(parser, OneStepValidation)
     recipes.add_recipe_argument(parser)
     arguments.add_checkpoint_arguments(parser)
     arguments.add_logging_arguments(parser)
@@ -122,11 +143,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # flags left unset take the measured one-step recipe of this base model and method, if any
     args.recipe = recipes.apply_recipe(args, recipes.given_destinations(parser, tokens),
                                        recipes.ONE_STEP_RECIPES)
-    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
-        raise DifftuneError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
-    for name in ("teacher_batch_size", "num_validation_prompts", "eval_metric_batch_size"):
-        if getattr(args, name) < 1:
-            raise DifftuneError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    check_values(args, PromptsAndTeacher, OneStepValidation)
     arguments.check_common_arguments(args)
     arguments.dataclass_from_args(args, TeacherSettings, TEACHER_PREFIX).validate()
     arguments.dataclass_from_args(args, HiPALossConfig).validate()
@@ -234,7 +251,8 @@ def main(argv: list[str] | None = None) -> Path:
     # -----------------------------------------------------------------------------------------
     # 3. Adapter, loss, batches
     # -----------------------------------------------------------------------------------------
-    loss_options = arguments.settings_from_args(args, LossOptions, skip_none=True)
+    # the one-step trainer has no noise and loss flags: the family's defaults, and --prediction_type
+    loss_options = arguments.settings_from_args(args, LossOptions, skip_none=True, partial=True)
     family = training_family(pipeline, device, loss_options)
     denoiser = family.denoiser
     for frozen in (pipeline.vae, *family.text_encoders):

@@ -25,9 +25,11 @@ SDXL, SD3, FLUX.1 dev and schnell, PixArt-α/Σ).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from accelerate.utils import (
@@ -49,6 +51,8 @@ from difftune.families import (
 )
 from difftune.io import copy_file
 from difftune.model_factory import describe_model, load_pipeline
+from difftune.options import CheckedSettings, at_least, check_values, option, positive
+from difftune.paths import subject_folder
 from difftune.sampling import generate_images, save_grid
 from difftune.training import arguments, checkpointing, loop, pivotal, recipes, settings
 from difftune.training.data import SubjectData, SubjectDataset, scan_image_folder, warn_small_images
@@ -59,11 +63,100 @@ from difftune.training.text_encoder import attach_text_encoder_adapters
 from difftune.training.validation import log_images
 
 DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
+EXPORT_GROUP = "export (difftune export; docs/export.md)"
 
 
 # ---------------------------------------------------------------------------------------------
 # 1. Options
 # ---------------------------------------------------------------------------------------------
+
+def _text_encoder_help() -> str:
+    able = ", ".join(family.title for family in FAMILIES.values() if family.trainable_text_encoders)
+    return ("also train an adapter (same method and options) on the attention of the CLIP text encoders, as "
+            f"diffusers' DreamBooth scripts do; saved in the same file ({able})")
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceImages(CheckedSettings):
+    """The subject's images, their prompt, and how they become training examples."""
+
+    flag_group: ClassVar[str] = "data"
+
+    instance_data_dir: str | None = option(
+        None, "folder of subject images, or a shipped subject: builtin:heart, builtin:star, ... (required)",
+        parse=subject_folder)
+    instance_prompt: str | None = option(None, "prompt with the identifier, e.g. 'a photo of sks dog' "
+                                               "(required; per-image captions replace it)")
+    caption_column: str | None = option(None, "metadata.jsonl key of per-image captions (default: text, "
+                                              "caption or prompt); a sidecar <image>.txt wins over it")
+    resolution: int | None = option(None, "training resolution (default: the model's own)", check=positive())
+    center_crop: bool = option(False, "centre crop instead of a random crop")
+    random_flip: bool = option(False, "flip images horizontally at random")
+    cache_latents: bool = option(True, "encode every image once before training (a random crop is then drawn "
+                                       "once per image; flips are cached both ways)")
+    pre_compute_text_embeddings: bool | None = option(
+        None, "encode every prompt once before training (default: on, unless --train_text_encoder or "
+              "--train_token_embedding: a trained encoder or token must encode every step)")
+
+
+@dataclasses.dataclass(frozen=True)
+class PriorPreservation(CheckedSettings):
+    """DreamBooth's prior loss on class images of the base model."""
+
+    flag_group: ClassVar[str] = "prior preservation"
+
+    with_prior_preservation: bool = option(False, "add the loss on class images of the base model "
+                                                  "(DreamBooth's prior loss)")
+    class_data_dir: str | None = option(None, "folder of class images; missing ones are generated and kept")
+    class_prompt: str | None = option(None, "prompt of the class, e.g. 'a photo of dog'")
+    num_class_images: int = option(100, "class images to use", check=at_least(1))
+    prior_loss_weight: float = option(1.0, "weight of the prior loss")
+    sample_batch_size: int = option(4, "batch size of class-image generation", check=at_least(1))
+    class_inference_steps: int = option(50, "sampler steps per class image", check=at_least(1))
+    prior_generation_precision: str | None = option(None, "dtype of class-image generation (default: that of "
+                                                          "training)", choices=settings.PRECISIONS)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextEncoderTraining(CheckedSettings):
+    """An adapter on the text encoders too, in the same file."""
+
+    flag_group: ClassVar[str] = "text encoder"
+
+    train_text_encoder: bool = option(False, _text_encoder_help)
+    text_encoder_lr: float | None = option(None, "learning rate of the text-encoder adapter (default: "
+                                                 "--learning_rate)", check=positive())
+    text_encoder_targets: list[str] | None = option(None, "text-encoder modules to adapt (regex on whole "
+                                                          "module names; default: the q/k/v/out projections "
+                                                          "of every self-attention)")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterFiles(CheckedSettings):
+    """The file the adapter starts from, and the other formats it is also written in."""
+
+    flag_group: ClassVar[str] = "start from a file"
+
+    init_adapter: str | None = option(
+        None, "train on from this adapter file instead of a fresh adapter: a difftune file of the --adapter "
+              "method, or a LoRA file of kohya / A1111 / ComfyUI / diffusers (imported as a difftune LoRA); "
+              "the file's rank, targets and options replace the flags", metavar="PATH")
+    export: list[str] = option(
+        [], "also write the adapter in these formats next to adapter.safetensors: kohya (ComfyUI/A1111 "
+            "LoRA), comfyui (the LoRA names ComfyUI maps for the model family), diff, diffusers (merged "
+            "folder), single-file (merged checkpoint); a format the model family has no use for is refused "
+            "before training", choices=FORMATS, group=EXPORT_GROUP)
+    export_rank: int | None = option(None, "SVD rank of a kohya/comfyui export of a non-LoRA adapter",
+                                     check=at_least(1), group=EXPORT_GROUP)
+    export_energy: float | None = option(None, "or: per-layer energy (fraction of ‖ΔW‖²) of that SVD "
+                                               "extraction", group=EXPORT_GROUP)
+
+
+# Every flag of this trainer is a field of one of these (the method options aside, generated from the
+# registered methods' configs): tests/training/test_flags.py checks that nothing else is a flag.
+SETTINGS = (settings.ModelSettings, InstanceImages, PriorPreservation, TextEncoderTraining,
+            pivotal.TokenEmbeddingSettings, AdapterFiles, *arguments.SHARED_SETTINGS)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
@@ -72,67 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", help="YAML or JSON file of options (keys are flag names without dashes); flags on the "
                          "command line override it")
     arguments.add_model_arguments(parser)
-
-    data = parser.add_argument_group("data")
-    data.add_argument("--instance_data_dir", help="folder of subject images (required)")
-    data.add_argument("--instance_prompt", help="prompt with the identifier, e.g. 'a photo of sks dog' "
-                                                "(required; per-image captions replace it)")
-    data.add_argument("--caption_column", help="metadata.jsonl key of per-image captions (default: text, "
-                                               "caption or prompt); a sidecar <image>.txt wins over it")
-    data.add_argument("--resolution", type=int, help="training resolution (default: the model's own)")
-    data.add_argument("--center_crop", action="store_true", help="centre crop instead of a random crop")
-    data.add_argument("--random_flip", action="store_true", help="flip images horizontally at random")
-    data.add_argument("--cache_latents", action=argparse.BooleanOptionalAction, default=True,
-                      help="encode every image once before training (a random crop is then drawn "
-                           "once per image; flips are cached both ways)")
-    data.add_argument("--pre_compute_text_embeddings", action=argparse.BooleanOptionalAction, default=None,
-                      help="encode every prompt once before training (default: on, unless "
-                           "--train_text_encoder or --train_token_embedding: a trained encoder or "
-                           "token must encode every step)")
-
-    prior = parser.add_argument_group("prior preservation")
-    prior.add_argument("--with_prior_preservation", action="store_true",
-                       help="add the loss on class images of the base model (DreamBooth's prior loss)")
-    prior.add_argument("--class_data_dir", help="folder of class images; missing ones are generated and kept")
-    prior.add_argument("--class_prompt", help="prompt of the class, e.g. 'a photo of dog'")
-    prior.add_argument("--num_class_images", type=int, default=100, help="class images to use")
-    prior.add_argument("--prior_loss_weight", type=float, default=1.0, help="weight of the prior loss")
-    prior.add_argument("--sample_batch_size", type=int, default=4,
-                       help="batch size of class-image generation")
-    prior.add_argument("--class_inference_steps", type=int, default=50, help="sampler steps per class image")
-    prior.add_argument("--prior_generation_precision", choices=("fp32", "fp16", "bf16"),
-                       help="dtype of class-image generation (default: that of training)")
-
-    text = parser.add_argument_group("text encoder")
-    text.add_argument("--train_text_encoder", action="store_true",
-                      help="also train an adapter (same method and options) on the attention of the CLIP "
-                           "text encoders, as diffusers' DreamBooth scripts do; saved in the same file "
-                           f"({', '.join(f.title for f in FAMILIES.values() if f.trainable_text_encoders)})")
-    text.add_argument("--text_encoder_lr", type=float,
-                      help="learning rate of the text-encoder adapter (default: --learning_rate)")
-    text.add_argument("--text_encoder_targets", nargs="+",
-                      help="text-encoder modules to adapt (regex on whole module names; default: the "
-                           "q/k/v/out projections of every self-attention)")
-
+    for group in (InstanceImages, PriorPreservation, TextEncoderTraining):
+        arguments.add_settings_arguments(parser, group)
     arguments.add_pivotal_arguments(parser)
     recipes.add_recipe_argument(parser)
-
-    parser.add_argument_group("start from a file").add_argument(
-        "--init_adapter", metavar="PATH",
-        help="train on from this adapter file instead of a fresh adapter: a difftune file of the --adapter "
-             "method, or a LoRA file of kohya / A1111 / ComfyUI / diffusers (imported as a difftune LoRA); "
-             "the file's rank, targets and options replace the flags")
-    export = parser.add_argument_group("export (python -m difftune.export; docs/export.md)")
-    export.add_argument("--export", nargs="+", choices=FORMATS, default=[],
-                        help="also write the adapter in these formats next to adapter.safetensors: kohya "
-                             "(ComfyUI/A1111 LoRA), comfyui (the LoRA names ComfyUI maps for the model "
-                             "family), diff, diffusers (merged folder), single-file (merged checkpoint); a "
-                             "format the model family has no use for is refused before training")
-    export.add_argument("--export_rank", type=int,
-                        help="SVD rank of a kohya/comfyui export of a non-LoRA adapter")
-    export.add_argument("--export_energy", type=float,
-                        help="or: per-layer energy (fraction of ‖ΔW‖²) of that SVD extraction")
-
+    arguments.add_settings_arguments(parser, AdapterFiles)
+    arguments.add_settings_arguments(parser, AdapterFiles, title=EXPORT_GROUP)
     arguments.add_training_arguments(parser)  # adapter, optimization, precision, loss, validation, ...
     return parser
 
@@ -155,18 +193,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if given:
             raise DifftuneError(f"{' and '.join(given)} given without --with_prior_preservation: add the "
                                 "flag to train with the prior loss, or drop them")
-    if args.resolution is not None and args.resolution < 1:
-        raise DifftuneError(f"--resolution must be positive, got {args.resolution}")
-    for name in ("num_class_images", "sample_batch_size", "class_inference_steps"):
-        if getattr(args, name) < 1:
-            raise DifftuneError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    check_values(args, InstanceImages, PriorPreservation)
     if args.train_text_encoder and args.pre_compute_text_embeddings:
         raise DifftuneError("--pre_compute_text_embeddings cannot be used with --train_text_encoder: the "
                             f"encoder changes every step{recipes.source_hint(args, 'train_text_encoder')}")
     if not args.train_text_encoder and args.text_encoder_lr is not None:
         raise DifftuneError("--text_encoder_lr given without --train_text_encoder")
-    if args.text_encoder_lr is not None and not args.text_encoder_lr > 0:
-        raise DifftuneError(f"--text_encoder_lr must be positive, got {args.text_encoder_lr}")
+    check_values(args, TextEncoderTraining, AdapterFiles)
     arguments.check_pivotal_arguments(args)
     if args.pre_compute_text_embeddings is None:
         args.pre_compute_text_embeddings = not (args.train_text_encoder or args.train_token_embedding)

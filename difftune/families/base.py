@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import DifftuneError
+from ..options import CheckedSettings, in_range, non_negative, option, positive
 from .tiny import TINY_SAMPLE_SIZE, TINY_VAE_WIDTH, build_model
 
 # Words in a pipeline class name that mark a task other than text to image (refused by name).
@@ -43,21 +44,38 @@ OTHER_TASKS = {
 }
 
 
-@dataclasses.dataclass
-class LossOptions:
-    """Noise, loss-weighting and conditioning options (the trainer flags of the same names); None:
-    the family's default (`ModelFamily.option_defaults`). Each family reads the ones that apply."""
+# --weighting_scheme values (diffusers.training_utils.compute_density_for_timestep_sampling and
+# compute_loss_weighting_for_sd3)
+WEIGHTING_SCHEMES = ("logit_normal", "sigma_sqrt", "mode", "cosmap", "none")
 
-    noise_offset: float = 0.0
-    snr_gamma: float | None = None
-    prediction_type: str | None = None
-    weighting_scheme: str | None = None
-    logit_mean: float | None = None
-    logit_std: float | None = None
-    mode_scale: float | None = None
-    precondition_outputs: bool = False
-    guidance_scale: float | None = None  # a guidance embedding's value (Flux)
-    max_sequence_length: int | None = None  # T5 tokens per prompt (Flux)
+
+@dataclasses.dataclass
+class LossOptions(CheckedSettings):
+    """Noise, loss-weighting and conditioning options, and the one definition of their trainer flags
+    (same names). A family reads those it applies (`ModelFamily.applicable_flags`), and ``--help``
+    names the families each flag applies to and their defaults; None: the family's default
+    (`ModelFamily.option_defaults`)."""
+
+    flag_group: ClassVar[str] = "noise and loss"
+
+    noise_offset: float = option(0.0, "offset noise: add this times a per-channel constant to the noise",
+                                 check=non_negative())
+    snr_gamma: float | None = option(None, "Min-SNR loss weighting with this gamma (5.0 is the paper's "
+                                           "value)", check=positive())
+    prediction_type: str | None = None  # the --prediction_type flag of the model's settings
+    weighting_scheme: str | None = option(None, "timestep density and loss weighting, as diffusers' "
+                                                "DreamBooth scripts", choices=WEIGHTING_SCHEMES)
+    logit_mean: float | None = option(None, "mean of the logit_normal density")
+    logit_std: float | None = option(None, "standard deviation of the logit_normal density")
+    mode_scale: float | None = option(None, "scale of the mode density")
+    precondition_outputs: bool = option(False, "precondition the prediction to x0 as in SD3's full "
+                                               "fine-tuning script")
+    # a guidance embedding's value (Flux)
+    guidance_scale: float | None = option(None, "value of the guidance embedding during training; ignored "
+                                                "by models without one, e.g. FLUX.1-schnell")
+    # T5 tokens per prompt (Flux)
+    max_sequence_length: int | None = option(None, "T5 tokens per prompt, at most 512",
+                                             check=in_range(1, 512, why="FLUX.1's T5 limit"))
 
 
 @dataclasses.dataclass
