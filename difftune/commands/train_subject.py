@@ -42,11 +42,11 @@ from difftune.adapter_file import TOKEN_EMBEDDINGS
 from difftune.errors import DifftuneError, run_main
 from difftune.export import FORMATS, LORA_FORMATS, check_export_options, default_output, export_adapter
 from difftune.families import (
-    FAMILIES,
     LossOptions,
     check_capability,
     check_text_encoder_training,
     get_family,
+    titles_with,
     training_family,
 )
 from difftune.io import copy_file
@@ -69,12 +69,6 @@ EXPORT_GROUP = "export (difftune export; docs/export.md)"
 # ---------------------------------------------------------------------------------------------
 # 1. Options
 # ---------------------------------------------------------------------------------------------
-
-def _text_encoder_help() -> str:
-    able = ", ".join(family.title for family in FAMILIES.values() if family.trainable_text_encoders)
-    return ("also train an adapter (same method and options) on the attention of the CLIP text encoders, as "
-            f"diffusers' DreamBooth scripts do; saved in the same file ({able})")
-
 
 @dataclasses.dataclass(frozen=True)
 class InstanceImages(CheckedSettings):
@@ -123,7 +117,10 @@ class TextEncoderTraining(CheckedSettings):
 
     flag_group: ClassVar[str] = "text encoder"
 
-    train_text_encoder: bool = option(False, _text_encoder_help)
+    train_text_encoder: bool = option(
+        False, lambda: "also train an adapter (same method and options) on the attention of the CLIP text "
+                       "encoders, as diffusers' DreamBooth scripts do; saved in the same file "
+                       f"({titles_with('trainable_text_encoders')})")
     text_encoder_lr: float | None = option(None, "learning rate of the text-encoder adapter (default: "
                                                  "--learning_rate)", check=positive())
     text_encoder_targets: list[str] | None = option(None, "text-encoder modules to adapt (regex on whole "

@@ -12,7 +12,7 @@ image does not depend on the batch it was drawn in), then
   without a DINO model; lower: the model still draws the class, not the subject) and
   class CLIP-T their CLIP-T against those class prompts.
 
-``eval/evaluate_subject.py`` and ``eval/benchmark.py`` are thin command lines over this.
+``difftune evaluate`` and ``difftune benchmark`` (difftune/commands/) are thin command lines over this.
 """
 
 from __future__ import annotations

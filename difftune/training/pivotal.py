@@ -25,17 +25,11 @@ from torch import nn
 
 from ..adapter_file import TokenEmbeddings
 from ..errors import DifftuneError
-from ..families import FAMILIES
+from ..families import titles_with
 from ..options import CheckedSettings, at_least, matches, option, positive
 from ..tokens import add_tokens, encoder_pairs, token_names
 
 INIT_RANDOM = "random"
-
-
-def _switch_help() -> str:
-    able = ", ".join(family.title for family in FAMILIES.values() if family.trainable_text_encoders)
-    return ("give the identifier new tokens whose embeddings train with the adapter (pivotal tuning); saved "
-            f"in the adapter file ({able})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +38,9 @@ class TokenEmbeddingSettings(CheckedSettings):
 
     flag_group: ClassVar[str] = "pivotal tuning (new identifier tokens)"
 
-    train_token_embedding: bool = option(False, _switch_help)
+    train_token_embedding: bool = option(
+        False, lambda: "give the identifier new tokens whose embeddings train with the adapter (pivotal "
+                       f"tuning); saved in the adapter file ({titles_with('trainable_text_encoders')})")
     identifier: str = option("sks", "the identifier word of the instance prompt that becomes the new tokens",
                              check=matches(r"[a-z][a-z0-9]*", "one lowercase word"))
     num_new_tokens: int = option(2, "tokens the identifier becomes (diffusers' multi-vector names: sks, "
