@@ -59,6 +59,12 @@ def trainer_flags(args: argparse.Namespace, subject: Subject, method: str, flags
     return command + shlex.split(args.train_args)
 
 
+def trainer_command(args: argparse.Namespace, subject: Subject, method: str, flags: list[str],
+                    output_dir: Path) -> list[str]:
+    """The process that trains one method: ``python -m difftune.commands.train_subject`` and its flags."""
+    return [sys.executable, "-m", TRAINER_MODULE, *trainer_flags(args, subject, method, flags, output_dir)]
+
+
 def train_method(args: argparse.Namespace, subject: Subject, method: str, flags: list[str],
                  output_dir: Path | None = None) -> dict[str, Any]:
     """Run the trainer unless its adapter and summary exist; returns the training summary.
@@ -74,7 +80,7 @@ def train_method(args: argparse.Namespace, subject: Subject, method: str, flags:
         adapter.unlink(missing_ok=True)
         summary_file.unlink(missing_ok=True)
     output_dir.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", TRAINER_MODULE, *trainer_flags(args, subject, method, flags, output_dir)]
+    command = trainer_command(args, subject, method, flags, output_dir)
     log = output_dir / "train.log"
     if not getattr(args, "quiet", False):
         print(f"{method}: training ({args.max_train_steps} steps), log in {log}\n  {shlex.join(command)}")

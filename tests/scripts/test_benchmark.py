@@ -8,6 +8,7 @@ from conftest import build, command_module, make_subject_images
 from PIL import Image
 
 import difftune
+from difftune.commands import benchmark_runs
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +100,7 @@ def test_interrupted_training_resumes_from_its_checkpoint(benchmark_run, tmp_pat
     train_dir = tmp_path / "train" / "lora"
     (train_dir / "checkpoint-1").mkdir(parents=True)
     subject = script.Subject.from_dir(args.instance_data_dir)
-    command = script.trainer_command(args, subject, "lora", ["--rank", "4"], train_dir)
+    command = benchmark_runs.trainer_command(args, subject, "lora", ["--rank", "4"], train_dir)
     assert command[-2:] == ["--resume_from_checkpoint", "latest"]
     assert command[command.index("--max_train_steps") + 1] == "2"
 
