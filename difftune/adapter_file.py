@@ -134,6 +134,10 @@ def _read_checked(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """`read_adapter_file` for a path `resolve_adapter_path` already gave."""
     tensors, metadata = read_safetensors(path)
     if METADATA_KEY not in metadata:
+        damage = difftune_traces(metadata)
+        if damage:
+            raise AdapterFileError(f"{path}: a damaged difftune adapter ({damage}): refused, not imported as "
+                                   "another tool's LoRA")
         hint = (" It looks like a LoRA file of another tool: difftune.load_adapter(pipe, path) imports "
                 "it, pipe.load_lora_weights() loads it." if any("lora" in k for k in tensors) else "")
         raise AdapterFileError(f"{path}: not a difftune adapter (no '{METADATA_KEY}' metadata).{hint}")
@@ -152,6 +156,39 @@ def _read_checked(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if bad is not None:
         raise AdapterFileError(f"{path}: tensor '{bad}' holds NaN or inf values")
     return tensors, info
+
+
+def _edit_distance(a: str, b: str) -> int:
+    previous = list(range(len(b) + 1))
+    for i, char in enumerate(a, start=1):
+        current = [i]
+        for j, other in enumerate(b, start=1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char != other)))
+        previous = current
+    return previous[-1]
+
+
+def difftune_traces(metadata: dict[str, str]) -> str | None:
+    """What in a header without the ``difftune`` entry shows it was a difftune file, else None.
+
+    A flipped bit in the entry's key, or an entry lost while another one kept its JSON, must not turn
+    a difftune file into "another tool's LoRA" that loads at the wrong strength: such a file is
+    checked (and refused) as a difftune file. Traces: a key within two edits of ``difftune``, or a
+    value holding difftune's own header fields (the version, the checksum, or three schema fields).
+    """
+    for key, value in sorted(metadata.items()):
+        if key != METADATA_KEY and _edit_distance(key.lower(), METADATA_KEY) <= 2:
+            return f"header entry {key!r} stands where '{METADATA_KEY}' should"
+        try:
+            fields = json.loads(value)
+        except (TypeError, ValueError):
+            continue
+        if not isinstance(fields, dict):
+            continue
+        known = set(fields) & {*HEADER_SCHEMA, CHECKSUM_FIELD}
+        if "difftune_version" in fields or (CHECKSUM_FIELD in known and len(known) > 1) or len(known) >= 3:
+            return f"header entry {key!r} holds difftune's fields ({', '.join(sorted(known)[:4])})"
+    return None
 
 
 def split_sections(tensors: dict[str, torch.Tensor], info: dict[str, Any],

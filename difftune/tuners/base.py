@@ -9,6 +9,7 @@ that wrap individual layers (SVFit, TLoRA) subclass `LayerAdapter` and only writ
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from abc import ABC, ABCMeta, abstractmethod
@@ -44,6 +45,9 @@ class AdapterConfig:
                 f"unknown option(s) for method '{method}': {', '.join(unknown)}. "
                 f"Valid options: {', '.join(sorted(known))}"
             )
+        for name, value in sorted(options.items()):
+            if _non_finite(value):  # NaN passes every `value <= 0` check of validate()
+                raise DifftuneError(f"{method} option '{name}' must be a finite number, got {value!r}")
         failure = None
         try:
             config = cls(**options)
@@ -64,6 +68,13 @@ class AdapterConfig:
 
     def validate(self) -> None:
         """Check option values; raise DifftuneError naming the option."""
+
+
+def _non_finite(value: Any) -> bool:
+    """Whether an option value is (or, in a list, holds) a NaN or infinite float."""
+    if isinstance(value, (list, tuple)):
+        return any(_non_finite(v) for v in value)
+    return isinstance(value, float) and not math.isfinite(value)
 
 
 def _conforms(value: Any, annotation: Any) -> bool:
@@ -436,8 +447,8 @@ class LayerAdapter(Adapter):
         for key, target in expected.items():
             value = tensors[key]
             if value.shape != target.shape:
-                raise DifftuneError(f"{source}: tensor '{key}' has shape {list(value.shape)}, "
-                                    f"expected {list(target.shape)}")
+                raise AdapterFileError(f"{source}: tensor '{key}' has shape {list(value.shape)}, "
+                                       f"expected {list(target.shape)}")
             target.copy_(value)
 
     def _apply_scale(self, scale: float) -> None:
