@@ -7,7 +7,7 @@ A checkpoint is a folder ``checkpoint-<step>`` holding only what training change
 * ``optimizer.safetensors``, ``scheduler.safetensors``: their ``state_dict()``;
 * ``rng_state_<rank>.safetensors``: Python, NumPy and torch generators of each process;
 * ``trainer_state.json``: step, samples seen, seed and the run's settings;
-* ``checkpoint_complete.json``: the name and size of every other file, written last.
+* ``checkpoint_complete.json``: the name, size and SHA-256 of every other file, written last.
 
 The base model is never saved. The folder is written as ``.checkpoint-<step>.tmp`` and
 renamed when complete, so a run killed mid-save leaves the previous checkpoint intact
@@ -17,11 +17,15 @@ there with their sizes; pruning renames a folder away before deleting it, and th
 removes what a killed save or pruning left behind. Training states are safetensors files
 (`save_state`): tensors as tensors, the rest of the structure as JSON in the header, so a
 resumed run reads back exactly what was saved and nothing is ever unpickled; every state file
-is read and checked when resuming, before the model loads.
+is read and checked when resuming, before the model loads. Resuming also compares every file with
+the checksum written with it, so an edited ``trainer_state.json`` or a flipped bit inside a state
+file (same size, header intact) is refused naming the file; ``latest`` then falls back, with a
+warning, to the newest checkpoint that is intact.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -74,19 +78,57 @@ def incomplete_reason(path: Path) -> str | None:
     return None
 
 
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in blocks (checkpoint files can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(2**22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def damaged_reason(path: Path) -> str | None:
+    """Which file of a complete checkpoint no longer matches the checksum written with it, else None.
+
+    Checkpoints written before the checksums (a marker without ``sha256``) are taken as they are."""
+    digests = json.loads((path / COMPLETE_MARKER).read_text()).get("sha256", {})
+    if not isinstance(digests, dict):
+        return f"{path / COMPLETE_MARKER} is damaged"
+    for name, expected in sorted(digests.items()):
+        if file_digest(path / name) != expected:
+            return f"{path / name} does not match the checksum written with it (edited or damaged)"
+    return None
+
+
 def resolve_checkpoint(output_dir: str | Path, spec: str | None) -> Path | None:
-    """``latest`` → the newest complete checkpoint (None when there is none); a path → checked."""
+    """``latest`` → the newest intact checkpoint, a damaged newer one skipped with a warning (None when
+    there is none); a path → checked, a damaged one refused naming the file."""
     if spec is None:
         return None
     if spec == "latest":
         checkpoints = list_checkpoints(output_dir)
-        return checkpoints[-1] if checkpoints else None
+        skipped = []
+        for path in reversed(checkpoints):
+            reason = damaged_reason(path)
+            if reason is None:
+                if skipped:
+                    warnings.warn(f"--resume_from_checkpoint latest: resuming from {path.name}, the newest "
+                                  f"intact checkpoint; skipped: {'; '.join(skipped)}", stacklevel=2)
+                return path
+            skipped.append(reason)
+        if skipped:
+            raise DifftuneError(f"--resume_from_checkpoint latest: every checkpoint in {output_dir} is "
+                                f"damaged ({'; '.join(skipped)}); remove them to start afresh")
+        return None
     path = Path(spec)
     if not path.is_dir():
         raise DifftuneError(f"--resume_from_checkpoint {spec}: no such checkpoint folder")
     reason = incomplete_reason(path)
     if reason is not None:
         raise DifftuneError(f"--resume_from_checkpoint {spec}: not a complete checkpoint: {reason}")
+    reason = damaged_reason(path)
+    if reason is not None:
+        raise DifftuneError(f"--resume_from_checkpoint {spec}: a damaged checkpoint: {reason}")
     return path
 
 
@@ -264,9 +306,11 @@ def save_checkpoint(
         state = {**trainer_state, "step": step, "num_processes": accelerator.num_processes}
         atomic_write(staging / TRAINER_STATE,
                      lambda tmp: Path(tmp).write_text(json.dumps(state, indent=2, default=str)))
-        files = {p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.is_file()}
+        written = [p for p in sorted(staging.iterdir()) if p.is_file()]
+        marker = {"files": {p.name: p.stat().st_size for p in written},
+                  "sha256": {p.name: file_digest(p) for p in written}}
         atomic_write(staging / COMPLETE_MARKER,  # last: the checkpoint counts from here on
-                     lambda tmp: Path(tmp).write_text(json.dumps({"files": files}, indent=1)))
+                     lambda tmp: Path(tmp).write_text(json.dumps(marker, indent=1)))
         if final.exists():  # the same step saved by an earlier run that was then resumed
             _prune(final)
         staging.rename(final)

@@ -172,11 +172,69 @@ def test_a_damaged_optimizer_state_is_refused_naming_it_before_the_model_loads(t
     data = state_file.read_bytes()
     state_file.write_bytes(data[:8] + b"{" * 40 + data[48:])  # same size: the marker still lists it
     monkeypatch.setattr(difftune.model_factory, "load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(difftune.DifftuneError, match=r"every checkpoint in .* is damaged \(.*checkpoint-1/"
+                                                     r"optimizer.safetensors does not match the checksum"):
+        train_subject(*run_flags(subject_dir, out, "builtin:tiny-sd", "lora", steps=2),
+                      "--resume_from_checkpoint", "latest")
+    # a checkpoint written before the checksums: the state file itself is read and refused
+    marker = out / "checkpoint-1" / checkpointing.COMPLETE_MARKER
+    marker.write_text(json.dumps({"files": json.loads(marker.read_text())["files"]}))
     with pytest.raises(difftune.DifftuneError, match=r"checkpoint file .*checkpoint-1/optimizer.safetensors "
                                                      r"is damaged \(truncated or not a difftune state\)"):
         train_subject(*run_flags(subject_dir, out, "builtin:tiny-sd", "lora", steps=2),
                       "--resume_from_checkpoint", "latest")
     assert not list(out.glob("checkpoint-1/*.pt"))  # no pickle is written, none would be read
+
+
+def interrupt_after_checkpoint(monkeypatch, step):
+    """Make the run die right after it has written checkpoint ``step``."""
+    original = checkpointing.save_checkpoint
+
+    def save_then_die(output_dir, at, **kwargs):
+        path = original(output_dir, at, **kwargs)
+        if at == step:
+            raise KeyboardInterrupt("simulated interruption")
+        return path
+
+    monkeypatch.setattr(checkpointing, "save_checkpoint", save_then_die)
+
+
+def flip_an_exponent_bit(path):
+    """One bit of the first float's exponent in a safetensors file: same size, header intact."""
+    data = bytearray(path.read_bytes())
+    data[8 + int.from_bytes(data[:8], "little") + 3] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_edited_checkpoint_files_are_refused_and_latest_falls_back_to_an_intact_one(
+        train_subject, subject_dir, tmp_path, monkeypatch):
+    import difftune.model_factory
+
+    full, split = tmp_path / "full", tmp_path / "split"
+    flags = ["--checkpointing_steps", 1]
+    train_subject(*run_flags(subject_dir, full, "builtin:tiny-sd", "lora", steps=4), *flags)
+    with monkeypatch.context() as patch:
+        interrupt_after_checkpoint(patch, 3)
+        with pytest.raises(KeyboardInterrupt):
+            train_subject(*run_flags(subject_dir, split, "builtin:tiny-sd", "lora", steps=4), *flags)
+    state = split / "checkpoint-3" / checkpointing.TRAINER_STATE
+    assert '"step": 3' in state.read_text()
+    state.write_text(state.read_text().replace('"step": 3', '"step": 2'))  # one character
+    flip_an_exponent_bit(split / "checkpoint-2" / "optimizer.safetensors")
+    with monkeypatch.context() as patch:
+        patch.setattr(difftune.model_factory, "load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
+        for step, name in ((3, "trainer_state.json"), (2, "optimizer.safetensors")):
+            with pytest.raises(difftune.DifftuneError, match=rf"--resume_from_checkpoint .*checkpoint-{step}: "
+                                                             rf"a damaged checkpoint: .*checkpoint-{step}/{name} "
+                                                             "does not match the checksum written with it"):
+                train_subject(*run_flags(subject_dir, split, "builtin:tiny-sd", "lora", steps=4), *flags,
+                              "--resume_from_checkpoint", split / f"checkpoint-{step}")
+    with pytest.warns(UserWarning, match=r"resuming from checkpoint-1, the newest intact checkpoint; skipped: "
+                                         r".*checkpoint-3/trainer_state.json .*; .*checkpoint-2/optimizer"):
+        train_subject(*run_flags(subject_dir, split, "builtin:tiny-sd", "lora", steps=4), *flags,
+                      "--resume_from_checkpoint", "latest")
+    uninterrupted, resumed = load_file(full / "adapter.safetensors"), load_file(split / "adapter.safetensors")
+    assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
 
 
 def test_a_disk_too_small_for_the_checkpoints_is_warned_about_before_training(train_subject, subject_dir,
