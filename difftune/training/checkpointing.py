@@ -40,7 +40,7 @@ import torch
 from ..adapter_file import read_adapter_file, read_safetensors, split_sections, write_safetensors
 from ..api import find_denoiser, get_adapter, save_adapter
 from ..errors import AdapterFileError, DifftuneError
-from ..io import atomic_write, remove_stale_temp_files
+from ..io import atomic_write, remove_stale_temp_files, user_write_errors
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE = "trainer_state.json"
@@ -290,11 +290,26 @@ def save_checkpoint(
     staging = output_dir / f".{CHECKPOINT_PREFIX}{step}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+        with user_write_errors(staging):  # e.g. a file system turned read-only: one line
+            staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
     save_state(staging / f"rng_state_{accelerator.process_index}{STATE_SUFFIX}", capture_rng_state())
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        _write_checkpoint(staging, final, step, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                          trainer_state=trainer_state, accelerator=accelerator, total_limit=total_limit,
+                          base_model=base_model, text_encoders=text_encoders)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _write_checkpoint(staging: Path, final: Path, step: int, *, model: Any, optimizer: Any, lr_scheduler: Any,
+                      trainer_state: dict[str, Any], accelerator: Any, total_limit: int | None,
+                      base_model: str | None, text_encoders: dict[str, Any] | None) -> None:
+    """The main process's part of `save_checkpoint`: every file into ``staging``, the marker last, the
+    rename, then pruning. A write the machine refuses is one line; the older checkpoints stay."""
+    output_dir = final.parent
+    with user_write_errors(staging):
         denoiser, _ = find_denoiser(accelerator.unwrap_model(model))
         save_adapter(denoiser, staging, base_model=base_model, text_encoders=text_encoders or {})
         save_state(staging / f"adapter_training_state{STATE_SUFFIX}", get_adapter(denoiser).training_state())
@@ -317,8 +332,6 @@ def save_checkpoint(
         if total_limit is not None:
             for old in list_checkpoints(output_dir)[:-total_limit]:
                 _prune(old)
-    accelerator.wait_for_everyone()
-    return final
 
 
 # --- load -----------------------------------------------------------------------------------

@@ -291,3 +291,41 @@ def test_killed_run_leaves_a_loadable_checkpoint_and_resumes(train_subject, subj
     assert not list(out.glob(".checkpoint-*.tmp"))
     newest = checkpointing.resolve_checkpoint(out, "latest")
     assert checkpointing.read_trainer_state(newest)["step"] == step + 1
+
+
+@pytest.mark.parametrize("where", ["checkpoint staging", "checkpoint file", "final adapter"])
+def test_a_file_system_turning_read_only_mid_run_is_one_line_and_loses_nothing(train_subject, subject_dir,
+                                                                               tmp_path, monkeypatch, where):
+    import errno
+    from pathlib import Path
+
+    from difftune import io as difftune_io
+
+    out = tmp_path / "out"
+    read_only = OSError(errno.EROFS, "Read-only file system")
+    mkdir, mkstemp = Path.mkdir, difftune_io.tempfile.mkstemp
+
+    def refusing_mkdir(self, *args, **kwargs):
+        if self.name == ".checkpoint-2.tmp":
+            raise read_only
+        return mkdir(self, *args, **kwargs)
+
+    def refusing_mkstemp(*args, prefix="", dir=None, **kwargs):
+        if (where == "checkpoint file" and Path(dir).name == ".checkpoint-2.tmp"
+                or where == "final adapter" and prefix.startswith(".adapter.safetensors") and Path(dir) == out):
+            raise read_only
+        return mkstemp(*args, prefix=prefix, dir=dir, **kwargs)
+
+    if where == "checkpoint staging":
+        monkeypatch.setattr(Path, "mkdir", refusing_mkdir)
+    else:
+        monkeypatch.setattr(difftune_io.tempfile, "mkstemp", refusing_mkstemp)
+    with pytest.raises(difftune.DifftuneError, match=r"out/(\.checkpoint-2\.tmp.*|adapter.safetensors): cannot "
+                                                     "write: Read-only file system$") as error:
+        train_subject(*run_flags(subject_dir, out, "builtin:tiny-sd", "lora", steps=2),
+                      "--checkpointing_steps", 1)
+    assert "\n" not in str(error.value)
+    monkeypatch.undo()
+    newest = checkpointing.resolve_checkpoint(out, "latest")
+    assert newest.name == ("checkpoint-2" if where == "final adapter" else "checkpoint-1")
+    difftune.load_adapter(load_pipeline("builtin:tiny-sd"), newest)  # what was saved before still loads
