@@ -32,6 +32,7 @@ from ..api import AdapterSpec, count_trainable_parameters, get_adapter, load_ada
 from ..errors import DifftuneError
 from ..families import check_capability, get_family
 from ..io import check_output_dir
+from ..locking import lock_output_dir, release_all
 from ..model_factory import build_denoiser_on_meta
 from ..tuners import get_method
 from . import checkpointing
@@ -97,11 +98,29 @@ def create_accelerator(settings: AcceleratorSettings, output_dir: Path):
     )
     if settings.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
+    hold_output_dir(accelerator, output_dir)  # before this run writes or cleans anything there
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         checkpointing.remove_incomplete(output_dir)  # and temporary files of a killed save
     enable_stack_dumps()
     return accelerator
+
+
+def hold_output_dir(accelerator: Any, output_dir: Path) -> None:
+    """The main process locks ``output_dir`` for the run (`difftune.locking`); a folder another run
+    holds is refused on every process at once, in one line naming it and that run."""
+    refusal = None
+    if accelerator.is_main_process:
+        try:
+            lock_output_dir(output_dir)
+        except DifftuneError as err:
+            refusal = str(err)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        refusal = broadcast_object_list([refusal])[0]
+    if refusal is not None:
+        raise DifftuneError(refusal)
 
 
 def enable_stack_dumps() -> None:
@@ -132,6 +151,7 @@ def end_training(accelerator: Any) -> None:
             warnings.warn("a DDP-wrapped model outlives training: destroying the process group "
                           "may hang at exit", RuntimeWarning, stacklevel=2)
     accelerator.end_training()
+    release_all()  # the output folder's lock
 
 
 def resolve_seed(seed: int | None, resume_state: dict | None) -> int:
