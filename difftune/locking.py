@@ -11,6 +11,7 @@ this host does not block.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import json
@@ -140,3 +141,6 @@ def release_all() -> None:
     """Give back every lock this process holds (a trainer's end)."""
     for lock in list(_HELD.values()):
         lock.release()
+
+
+atexit.register(release_all)  # close the lock files of runs that ended with an error, quietly
