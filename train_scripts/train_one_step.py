@@ -199,9 +199,12 @@ def main(argv: list[str] | None = None) -> Path:
         if clip_model else None
     run_settings = {"base_model": base_model, **spec.to_dict(), "teacher": vars(teacher_settings),
                     "resolution": resolution, "prompts": prompts, "loss": vars(loss_config)}
+    optimization_record = checkpointing.optimization_record(
+        arguments.settings_from_args(args, settings.OptimizerSettings))
     resume_path, resume_state = checkpointing.resume_point(output_dir, checkpoints.resume_from_checkpoint)
     if resume_state:
         checkpointing.check_resume_fits(resume_state, run_settings, resume_path)
+        checkpointing.check_resume_optimization(resume_state, optimization_record, resume_path)
 
     accelerator = loop.create_accelerator(arguments.settings_from_args(args, settings.AcceleratorSettings),
                                           output_dir)
@@ -292,8 +295,9 @@ def main(argv: list[str] | None = None) -> Path:
         return loss, terms
 
     plan.model.train()
+    trainer_state = {**run_settings, "seed": seed, checkpointing.OPTIMIZATION_KEY: optimization_record}
     loop.train(accelerator, plan, adapter, denoiser, compute_loss, checkpoints=checkpoints,
-               trainer_state={**run_settings, "seed": seed}, base_model=base_model, after_step=validate)
+               trainer_state=trainer_state, base_model=base_model, after_step=validate)
 
     # -----------------------------------------------------------------------------------------
     # 6. Save; reload into a fresh pipeline; one-step samples; evaluation

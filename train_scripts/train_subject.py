@@ -248,9 +248,13 @@ def main(argv: list[str] | None = None) -> Path:
     output_dir = checkpoints.output_dir
     warn_small_images(instance_images, resolution, "--instance_data_dir")
     run_settings = {"base_model": base_model, **spec.to_dict(), "train_text_encoder": args.train_text_encoder}
+    optimization = arguments.settings_from_args(args, settings.OptimizerSettings)
+    optimization_record = checkpointing.optimization_record(optimization,
+                                                            text_encoder_lr=args.text_encoder_lr)
     resume_path, resume_state = checkpointing.resume_point(output_dir, checkpoints.resume_from_checkpoint)
     if resume_state:
         checkpointing.check_resume_fits(resume_state, run_settings, resume_path)
+        checkpointing.check_resume_optimization(resume_state, optimization_record, resume_path)
         if resume_state.get("train_token_embedding"):
             raise DifftuneError(f"--resume_from_checkpoint {resume_path}: a pivotal-tuning run "
                                 "(--train_token_embedding) cannot be resumed yet")
@@ -332,7 +336,6 @@ def main(argv: list[str] | None = None) -> Path:
     # 4. Optimizer, schedule, resume
     # -----------------------------------------------------------------------------------------
     world = accelerator.num_processes
-    optimization = arguments.settings_from_args(args, settings.OptimizerSettings)
     plan = loop.prepare_optimization(optimization, checkpoints, accelerator, denoiser, adapter, len(dataset),
                                      resume_path, resume_state, device, text_encoders, args.text_encoder_lr,
                                      [(tokens, args.token_embedding_lr)] if tokens else ())
@@ -362,6 +365,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     trainer_state = {"base_model": base_model, **spec.to_dict(), "seed": seed,
                      "max_train_steps": max_train_steps, "train_text_encoder": args.train_text_encoder,
+                     checkpointing.OPTIMIZATION_KEY: optimization_record,
                      **({"train_token_embedding": True} if tokens else {})}
 
     # -----------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ warning, to the newest checkpoint that is intact.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -352,6 +353,32 @@ def check_resume_fits(state: dict[str, Any], settings: dict[str, Any], path: str
         if state.get(key) != value:
             raise DifftuneError(f"--resume_from_checkpoint {path}: it was trained with {key} "
                                 f"{state.get(key)!r}, this run asks for {value!r}")
+
+
+OPTIMIZATION_KEY = "optimization"  # trainer state: the settings its optimizer and schedule state hold
+EXTENDABLE = ("max_train_steps", "num_train_epochs")  # a resumed run may train longer
+
+
+def optimization_record(settings: Any, **more: Any) -> dict[str, Any]:
+    """The optimisation settings (`OptimizerSettings` and ``more``, e.g. a text encoder's rate) a
+    checkpoint records: what its optimizer and schedule state were made with."""
+    record = {k: v for k, v in dataclasses.asdict(settings).items() if k not in EXTENDABLE}
+    return {**record, **more}
+
+
+def check_resume_optimization(state: dict[str, Any], record: dict[str, Any], path: str | Path) -> None:
+    """Refuse to resume with other optimisation settings than the checkpoint's, naming each: its
+    optimizer and schedule state would keep the old learning rate (and betas, decay, schedule) while
+    the run printed the new one. Checkpoints written before the record are taken as they are."""
+    saved = state.get(OPTIMIZATION_KEY)
+    if not isinstance(saved, dict):
+        return
+    changed = [f"--{name} {saved.get(name)} (this run: {value})" for name, value in record.items()
+               if saved.get(name) != value]
+    if changed:
+        raise DifftuneError(f"--resume_from_checkpoint {path}: it was trained with {', '.join(changed)}; "
+                            "its optimizer and schedule state hold those settings: resume with the same "
+                            "values, or start a new run in another --output_dir")
 
 
 def read_trainer_state(path: str | Path) -> dict[str, Any]:

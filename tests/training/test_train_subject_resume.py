@@ -330,3 +330,26 @@ def test_a_file_system_turning_read_only_mid_run_is_one_line_and_loses_nothing(t
     newest = checkpointing.resolve_checkpoint(out, "latest")
     assert newest.name == ("checkpoint-2" if where == "final adapter" else "checkpoint-1")
     difftune.load_adapter(load_pipeline("builtin:tiny-sd"), newest)  # what was saved before still loads
+
+
+def test_resuming_with_other_optimisation_settings_is_refused_naming_them(train_subject, subject_dir,
+                                                                         tmp_path, monkeypatch):
+    import difftune.model_factory
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        interrupt_after_checkpoint(patch, 2)
+        with pytest.raises(KeyboardInterrupt):
+            train_subject(*run_flags(subject_dir, out, "builtin:tiny-sd", "lora", steps=4))
+    with monkeypatch.context() as patch:
+        patch.setattr(difftune.model_factory, "load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
+        message = (r"checkpoint-2: it was trained with --learning_rate 0.001 \(this run: 0.01\), "
+                   r"--adam_beta2 0.999 \(this run: 0.99\); its optimizer and schedule state hold")
+        with pytest.raises(difftune.DifftuneError, match=message):
+            train_subject(*run_flags(subject_dir, out, "builtin:tiny-sd", "lora", steps=4),
+                          "--learning_rate", 1e-2, "--adam_beta2", 0.99, "--resume_from_checkpoint", "latest")
+    # the same settings resume, and a run may be extended
+    train_subject(*run_flags(subject_dir, out, "builtin:tiny-sd", "lora", steps=6),
+                  "--resume_from_checkpoint", "latest")
+    card = (out / "README.md").read_text()
+    assert "| learning rate | `0.001` |" in card and "| optimizer steps | 6 |" in card
