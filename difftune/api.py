@@ -193,6 +193,26 @@ class AdapterSpec:
         self.adapter_class.check_targets(modules)
         return modules
 
+    def weightless_parameter_count(self, model: Any) -> int | None:
+        """How many parameters this adapter trains on ``model``, a weightless (meta-device) model, for a
+        memory check before any weight loads: the method's count from shapes
+        (`Adapter.weightless_parameter_count`), else an attach on the meta device, its new tensors made
+        there too; None where only the weights decide (SaRA by threshold, SVFit by energy)."""
+        import torch
+
+        denoiser, _ = find_denoiser(model)
+        modules = self.check(denoiser)
+        try:
+            count = self.adapter_class.weightless_parameter_count(denoiser, self.config, modules)
+            if count is not None:
+                return count
+            with torch.device("meta"):
+                adapter = self.adapter_class(denoiser, self.config, modules)
+                adapter.attach(modules)
+        except DifftuneError:
+            return None
+        return sum(param.numel() for _, param in adapter.named_trainable_parameters())
+
     def attach(self, model: Any) -> Adapter:
         """Attach a new adapter to ``model`` (see `add_adapter`); the model is left as it was on failure."""
         denoiser, _ = find_denoiser(model)

@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> Path:
     check_capability(get_family(model_info.family), "trainable", "train_one_step.py")
     # the adapter: method, targets and options, checked once
     spec = difftune.AdapterSpec(args.adapter, args.targets, adapter_options_with_defaults(args))
-    resolution = loop.check_before_loading(spec, base, model_info, args.resolution, output_dir)
+    resolution = loop.check_before_loading(spec, base, model_info, args.resolution, output_dir,
+                                           args.use_8bit_adam)
     loss_fn = HiPALoss(loss_config)  # loads LPIPS weights when asked: fails early if it cannot
     prompts = read_prompts(args.prompts_file)
     eval_prompts = [] if args.skip_evaluation else read_prompts(args.eval_prompts_file)

@@ -233,7 +233,8 @@ def check_before_loading(argv: list[str] | None = None):
     if extraction and not set(args.export) & set(LORA_FORMATS):
         raise DifftuneError("--export_rank/--export_energy apply to --export kohya or comfyui")
     base = arguments.settings_from_args(args, settings.ModelSettings)
-    resolution = loop.check_before_loading(spec, base, model_info, args.resolution, Path(args.output_dir))
+    resolution = loop.check_before_loading(spec, base, model_info, args.resolution, Path(args.output_dir),
+                                           args.use_8bit_adam)
     instance_images = scan_image_folder(args.instance_data_dir, "--instance_data_dir", args.caption_column)
     return args, model_info, spec, resolution, instance_images
 

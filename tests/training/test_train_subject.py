@@ -193,6 +193,11 @@ def _bad_inputs(tmp_path, subject_dir):
                                  r"--output_dir .*photo.jpg is a file, not a folder"),
         "output dir not writable": ([*base, "--output_dir", "/proc/self/difftune-out"],
                                     r"--output_dir /proc/self/difftune-out is not writable: "),
+        "adapter too large": ([*base, "--rank", "10000000"],
+                              r"the lora adapter \(--adapter lora and its options\) trains up to "
+                              r"35,200,000,000 parameters: with their gradients and AdamW state that is at "
+                              r"least 524.5 GiB, plus 0.00 GiB to encode one image at --resolution 64; this "
+                              r"machine's (cpu|cuda) memory is .* GiB: lower --rank"),
         "absurd resolution": ([*base, "--resolution", "100000"],
                               r"--resolution 100000 needs at least 2\d\d\d.\d GiB to encode one image, this "
                               r"machine's (cpu|cuda) memory is .* GiB; use a smaller --resolution \(the "
@@ -204,7 +209,8 @@ BAD_INPUT_CASES = ["missing dir", "empty dir", "corrupt image", "no prompt", "un
                    "bad option value", "prior without class", "class without prior", "flow flag on sd",
                    "snr on sd3", "resolution", "unsupported family", "unknown builtin", "resume missing",
                    "nan learning rate", "inf learning rate", "adam beta1", "adam epsilon",
-                   "output dir is a file", "output dir not writable", "absurd resolution"]
+                   "output dir is a file", "output dir not writable", "absurd resolution",
+                   "adapter too large"]
 
 
 @pytest.mark.parametrize("case", BAD_INPUT_CASES)
@@ -514,3 +520,31 @@ def test_compile_backend_is_checked_before_loading(train_subject, subject_dir, t
     with pytest.raises(DifftuneError, match="--compile_backend 'nope' is not a torch.compile backend"):
         train_subject(*flags(subject_dir, tmp_path / "out", "builtin:tiny-sd", 1), *QUIET, "--compile",
                       "--compile_backend", "nope")
+@pytest.mark.parametrize(("method", "options"), [
+    ("lora", {"rank": 3}), ("sara", {"budget": 0.05}), ("sara", {"budget": 0.05, "include_bias_norm": True}),
+    ("svfit", {"rank": 3}), ("tlora", {"residual": "lora"})])
+def test_the_weightless_count_is_what_attaching_trains(method, options):
+    """Counted on a weightless model before loading; checked against the real attach."""
+    from difftune.api import AdapterSpec
+    from difftune.model_factory import build_denoiser_on_meta, describe_model
+
+    info = describe_model("builtin:tiny-sd")
+    spec = AdapterSpec(method, "all" if method == "sara" else None, options)
+    count = spec.weightless_parameter_count(build_denoiser_on_meta(info.denoiser_config, info.denoiser_class))
+    pipe = load_pipeline("builtin:tiny-sd")
+    spec.attach(pipe.unet)
+    assert count == difftune.count_trainable_parameters(pipe.unet)
+
+
+def test_an_adapter_too_large_for_the_memory_is_refused_before_loading(train_subject, subject_dir, tmp_path,
+                                                                       monkeypatch):
+    from difftune import machine
+
+    monkeypatch.setattr(machine, "memory_bytes", lambda device_type="cpu": 4 * 2**30)
+    monkeypatch.setattr(difftune.model_factory, "load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(DifftuneError, match=r"trains 352,000,000 parameters: .* at least 5.2 GiB, plus "
+                                            r"0.00 GiB .*; this machine's (cpu|cuda) memory is 4.0 GiB"):
+        train_subject(*flags(subject_dir, tmp_path / "o"), *QUIET, "--rank", 100000)
+    with pytest.raises(DifftuneError, match=r"the sara adapter .* trains [\d,]+ parameters"):
+        train_subject(*flags(subject_dir, tmp_path / "o"), *QUIET, "--adapter", "sara", "--targets", "all",
+                      "--sara_budget", 0.99, "--resolution", 4000)  # with the image: just over
