@@ -101,6 +101,20 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
     return write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def read_text(path: str | os.PathLike, what: str = "") -> str:
+    """A user's text file (captions, metadata, configs, prompts) as UTF-8; anything else is one line
+    naming the file (``what``: the flag or kind it came from) instead of a UnicodeDecodeError."""
+    path = Path(path)
+    name = f"{what} {path}" if what else str(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DifftuneError(f"{name}: not UTF-8 text (byte {err.start}: {err.reason}); save it as "
+                            "UTF-8") from None
+    except OSError as err:
+        raise DifftuneError(f"{name}: cannot read: {err.strerror or err}") from None
+
+
 def read_json(path: str | os.PathLike, missing_ok: bool = False) -> Any:
     """The parsed file; ``None`` for a file that does not exist when ``missing_ok`` (caches)."""
     path = Path(path)

@@ -54,7 +54,7 @@ def describe_model(name_or_path: str, revision: str | None = None) -> ModelDescr
     vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
     return ModelDescription(family.name, family.native_resolution(denoiser_config, vae_scale_factor),
                             family.denoiser_class, dict(denoiser_config),
-                            vae_scale_factor * family.latent_patch(denoiser_config),
+                            family.side_multiple(denoiser_config, vae_scale_factor),
                             int(vae_config["block_out_channels"][0]))
 
 

@@ -50,7 +50,14 @@ from difftune.io import copy_file
 from difftune.model_factory import describe_model, load_pipeline
 from difftune.sampling import generate_images, save_grid
 from difftune.training import arguments, checkpointing, loop, pivotal, recipes, settings
-from difftune.training.data import SubjectData, SubjectDataset, scan_image_folder, warn_small_images
+from difftune.training.data import (
+    SubjectData,
+    SubjectDataset,
+    check_image_folder,
+    check_writable_folder,
+    scan_image_folder,
+    warn_small_images,
+)
 from difftune.training.model_card import write_model_card
 from difftune.training.prior import ensure_class_images
 from difftune.training.summary import reset_peak_memory, write_train_summary
@@ -140,11 +147,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     tokens = arguments.command_tokens(parser, argv)
     args = parser.parse_args(tokens)
-    # flags left unset take the measured recipe of this base model and method, if there is one
-    args.recipe = recipes.apply_recipe(args, recipes.given_destinations(parser, tokens))
     for name in ("instance_data_dir", "instance_prompt"):
         if not getattr(args, name):
             raise DifftuneError(f"--{name} is required (on the command line or in the --config file)")
+    check_image_folder(args.instance_data_dir, "--instance_data_dir")  # said first: a recipe reads it
+    # flags left unset take the measured recipe of this base model and method, if there is one
+    args.recipe = recipes.apply_recipe(args, recipes.given_destinations(parser, tokens))
     if args.with_prior_preservation:
         missing = [f"--{n}" for n in ("class_data_dir", "class_prompt") if not getattr(args, n)]
         if missing:
@@ -236,6 +244,8 @@ def check_before_loading(argv: list[str] | None = None):
     resolution = loop.check_before_loading(spec, base, model_info, args.resolution, Path(args.output_dir),
                                            args.use_8bit_adam)
     instance_images = scan_image_folder(args.instance_data_dir, "--instance_data_dir", args.caption_column)
+    if args.class_data_dir:  # generated class images go there
+        check_writable_folder(args.class_data_dir, "--class_data_dir")
     return args, model_info, spec, resolution, instance_images
 
 

@@ -32,6 +32,7 @@ class UNetFamily(DDPMFamily):
     sample_argument = "sample"
     target_terms = {"conv": CONV_TERMS}
     text_encoder_targets = CLIP_ATTENTION
+    pipeline_side_multiple = 8  # StableDiffusion(XL)Pipeline.check_inputs: sides divisible by 8, any VAE
     clip_checkpoint_prefix: ClassVar[str]  # where the single-file checkpoint keeps the CLIP-L encoder
 
     @classmethod

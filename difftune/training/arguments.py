@@ -31,6 +31,7 @@ from typing import Any
 from ..api import AdapterSpec
 from ..errors import DifftuneError
 from ..families import FAMILIES, check_flags, flag_defaults, flag_families, get_family
+from ..io import read_text
 from ..model_factory import builtin_names
 from ..options import check_finite_numbers
 from ..tuners import METHODS, Adapter, get_method
@@ -258,7 +259,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise DifftuneError(f"--config {path}: no such file")
-    text = path.read_text()
+    text = read_text(path, "--config")
     try:
         if path.suffix.lower() == ".json":
             data = json.loads(text)
@@ -540,6 +541,9 @@ def check_common_arguments(args: argparse.Namespace) -> None:
     import torch
 
     check_finite_numbers(args)
+    seed = getattr(args, "seed", None)
+    if seed is not None and not 0 <= seed < 2**32:  # NumPy's generators take no other seed
+        raise DifftuneError(f"--seed must be in [0, 2**32), got {seed}")
     positive = ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_train_steps",
                 "checkpointing_steps", "checkpoints_total_limit", "validation_steps",
                 "num_validation_images", "validation_inference_steps")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DifftuneError
+from ..io import read_text
 from ..paths import ASSETS_DIR
 from .data import SUBJECT_FILE
 
@@ -101,9 +102,10 @@ def subject_class_prompt(instance_data_dir: str | None) -> str:
     """The ``class_prompt`` of a subject folder's ``subject.json``; a clear error when there is none."""
     path = Path(instance_data_dir or ".") / SUBJECT_FILE
     try:
-        prompt = json.loads(path.read_text()).get("class_prompt") if path.is_file() else None
-    except (OSError, json.JSONDecodeError) as error:
+        subject = json.loads(read_text(path)) if path.is_file() else {}
+    except json.JSONDecodeError as error:
         raise DifftuneError(f"{path}: unreadable ({error})") from None
+    prompt = subject.get("class_prompt") if isinstance(subject, dict) else None
     if not prompt:
         raise DifftuneError(f"the recipe trains with prior preservation but {path} gives no class_prompt: "
                             "pass --class_prompt, or --no_recipe")

@@ -49,7 +49,9 @@ def test_no_recipe_and_other_models_keep_the_plain_defaults(train_subject):
 
 
 def test_recipe_prior_needs_a_class_prompt(train_subject, tmp_path):
-    (tmp_path / "a.png").write_bytes(b"")
+    from conftest import make_subject_images
+
+    make_subject_images(tmp_path, count=1)  # a readable image: a broken one is said first
     with pytest.raises(difftune.DifftuneError, match=r"subject\.json gives no class_prompt.*--no_recipe"):
         train_subject.module.parse_args(["--pretrained_model_name_or_path", "builtin:embedded",
                                          "--instance_data_dir", str(tmp_path), "--instance_prompt", "a sks x",

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import make_subject_images
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -159,6 +160,25 @@ def _bad_inputs(tmp_path, subject_dir):
     other = tmp_path / "kandinsky"
     other.mkdir()
     (other / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyV22Pipeline"}))
+
+    def subject_with(name, **files):
+        folder = make_subject_images(tmp_path / name)
+        for file_name, data in files.items():
+            (folder / file_name.replace("_dot_", ".")).write_bytes(data)
+        return folder
+
+    listed = subject_with("listed",
+                          metadata_dot_jsonl=b'{"file_name": "subject_0.png", "text": "a"}\n[1, 2, 3]\n')
+    latin = subject_with("latin", metadata_dot_jsonl='{"file_name": "subject_0.png", "text": "caf\xe9"}'
+                         .encode("latin-1"))
+    sidecar = subject_with("sidecar", subject_1_dot_txt="caf\xe9 sks".encode("latin-1"))
+    text_image = tmp_path / "text_image"
+    text_image.mkdir()
+    (text_image / "photo.png").write_text("not an image")
+    config = tmp_path / "config.yaml"
+    config.write_bytes("instance_prompt: caf\xe9".encode("latin-1"))
+    class_file = tmp_path / "class_images.png"
+    class_file.write_bytes(b"a file")
     base = ["--instance_data_dir", subject_dir, "--instance_prompt", "a sks disc",
             "--pretrained_model_name_or_path", "builtin:tiny-sd", "--output_dir", tmp_path / "o"]
     return {
@@ -179,7 +199,25 @@ def _bad_inputs(tmp_path, subject_dir):
         "snr on sd3": ([*base, "--pretrained_model_name_or_path", "builtin:tiny-sd3", "--snr_gamma", "5"],
                        "--snr_gamma only apply to SD 1.x/2.x and SDXL"),
         "resolution": ([*base, "--resolution", "63"],
-                       "--resolution must be a multiple of 2 for builtin:tiny-sd"),
+                       "--resolution must be a multiple of 8 for builtin:tiny-sd"),
+        "resolution the pipeline refuses": ([*base, "--resolution", "100"],
+                                            "--resolution must be a multiple of 8 for builtin:tiny-sd"),
+        "metadata line not an object": ([*base, "--instance_data_dir", listed],
+                                        r"metadata.jsonl line 2 must be a JSON object .*got \[1, 2, 3\]"),
+        "metadata not utf-8": ([*base, "--instance_data_dir", latin],
+                               r"--instance_data_dir .*latin/metadata.jsonl: not UTF-8 text"),
+        "caption not utf-8": ([*base, "--instance_data_dir", sidecar],
+                              r"--instance_data_dir .*sidecar/subject_1.txt: not UTF-8 text"),
+        "config not utf-8": ([*base, "--config", config], r"--config .*config.yaml: not UTF-8 text"),
+        "negative seed": ([*base, "--seed", "-1"], r"--seed must be in \[0, 2\*\*32\), got -1"),
+        "class dir is a file": ([*base, "--with_prior_preservation", "--class_prompt", "a disc",
+                                 "--class_data_dir", class_file],
+                                r"--class_data_dir .*class_images.png: is a file, not a folder"),
+        "recipe, missing dir": ([*base, "--pretrained_model_name_or_path", "builtin:embedded",
+                                 "--instance_data_dir", tmp_path / "nope"],
+                                r"--instance_data_dir .*nope: no such"),
+        "recipe, text as image": ([*base, "--pretrained_model_name_or_path", "builtin:embedded",
+                                   "--instance_data_dir", text_image], r"cannot read image .*photo.png"),
         "unsupported family": ([*base, "--pretrained_model_name_or_path", other],
                                "unsupported base model family: KandinskyV22Pipeline"),
         "unknown builtin": ([*base, "--pretrained_model_name_or_path", "builtin:huge"],
@@ -210,7 +248,9 @@ BAD_INPUT_CASES = ["missing dir", "empty dir", "corrupt image", "no prompt", "un
                    "snr on sd3", "resolution", "unsupported family", "unknown builtin", "resume missing",
                    "nan learning rate", "inf learning rate", "adam beta1", "adam epsilon",
                    "output dir is a file", "output dir not writable", "absurd resolution",
-                   "adapter too large"]
+                   "adapter too large", "resolution the pipeline refuses", "metadata line not an object",
+                   "metadata not utf-8", "caption not utf-8", "config not utf-8", "negative seed",
+                   "class dir is a file", "recipe, missing dir", "recipe, text as image"]
 
 
 @pytest.mark.parametrize("case", BAD_INPUT_CASES)
