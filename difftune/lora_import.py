@@ -64,6 +64,12 @@ def is_foreign_file(path: str | os.PathLike) -> bool:
     return METADATA_KEY not in metadata and difftune_traces(metadata) is None
 
 
+def check_foreign_file(path: str | os.PathLike) -> None:
+    """Another tool's file read and its keys checked as `import_lora` does first (no model needed)."""
+    tensors, _ = read_safetensors(path)
+    _check_lora_keys(tensors, str(path))
+
+
 def _check_lora_keys(tensors: dict[str, torch.Tensor], source: str) -> None:
     for key in sorted(tensors):
         for marker, kind in _UNSUPPORTED.items():

@@ -192,6 +192,12 @@ def check_model_source(name_or_path: str | Path, what: str) -> str:
         return str(path)
     if str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1:
         raise FileNotFoundError(f"{what} model folder {name_or_path} does not exist")
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(str(name_or_path), "config.json")
+    if constants.HF_HUB_OFFLINE and not isinstance(cached, str):
+        raise FileNotFoundError(f"{what} model {name_or_path} is a hub id, the hub is offline "
+                                "(HF_HUB_OFFLINE) and the local cache has no copy: give a local model folder")
     return str(name_or_path)
 
 
