@@ -117,8 +117,8 @@ def load_pipeline(
     name_or_path = _resolve_builtin(name_or_path)
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(
-        name_or_path, torch_dtype=torch_dtype, revision=revision, variant=variant, **kwargs
+    pipe = DiffusionPipeline.from_pretrained(  # diffusers' name for torch_dtype is dtype now
+        name_or_path, dtype=torch_dtype, revision=revision, variant=variant, **kwargs
     )
     family_of(pipe)
     return pipe

@@ -163,7 +163,7 @@ class DinoImageFeatures(ImageFeatures):
 
         source = check_model_source(name_or_path, "DINO")
         with quiet_transformers():  # a ViT checkpoint without pooler weights warns; the pooler is unused
-            model = AutoModel.from_pretrained(source, torch_dtype=dtype)
+            model = AutoModel.from_pretrained(source, dtype=dtype)
         kwargs = {**processor_settings(source, IMAGENET_MEAN, IMAGENET_STD), **kwargs}
         kwargs.setdefault("name", f"dino:{name_or_path}")
         return cls(model, **kwargs)
@@ -179,7 +179,7 @@ def load_clip_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32
     from transformers import CLIPModel
 
     source = check_model_source(name_or_path, "CLIP")
-    model = CLIPModel.from_pretrained(source, torch_dtype=dtype)
+    model = CLIPModel.from_pretrained(source, dtype=dtype)
     return model, {**processor_settings(source, CLIP_MEAN, CLIP_STD), "name": f"clip:{name_or_path}"}
 
 
