@@ -63,7 +63,7 @@ GRID_COLUMNS = 3  # one-step student | base one-step | teacher
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=arguments.help_formatter(recipes.ONE_STEP_RECIPES))
     parser.add_argument("--config", help="YAML or JSON file of options (keys are flag names without "
                                          "dashes); flags on the command line override it")
     arguments.add_model_arguments(parser)

@@ -73,7 +73,7 @@ DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=arguments.help_formatter(recipes.RECIPES))
     parser.add_argument_group("config file").add_argument(
         "--config", help="YAML or JSON file of options (keys are flag names without dashes); flags on the "
                          "command line override it")
