@@ -90,3 +90,13 @@ def test_one_step_trainer_takes_its_own_recipe_table():
     plain = one_step.parse_args([*base, "--no_recipe"])
     assert plain.recipe == {} and plain.prompts_file == str(one_step.DEFAULT_PROMPTS)
     assert one_step.parse_args(["--pretrained_model_name_or_path", "builtin:tiny-sd"]).recipe == {}
+
+
+def test_the_default_checkpoint_interval_spares_short_runs_and_protects_long_ones(train_subject):
+    default = train_subject.module.build_parser().get_default("checkpointing_steps")
+    subject_steps = [recipe["max_train_steps"] for methods in recipes.RECIPES.values()
+                     for recipe in methods.values()]
+    one_step = [recipe["max_train_steps"] for methods in recipes.ONE_STEP_RECIPES.values()
+                for recipe in methods.values()]
+    assert subject_steps and max(subject_steps) < default  # the main job writes no checkpoint it never uses
+    assert min(one_step) >= 2 * default  # a 4800-step run still saves along the way
