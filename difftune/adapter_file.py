@@ -14,14 +14,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
 from torch import nn
 
 from ._version import __version__
@@ -34,29 +34,69 @@ DEFAULT_FILE_NAME = "adapter.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
-def _with_sorted_metadata(data: bytes) -> bytes:
-    """The same safetensors bytes with the header's metadata keys sorted.
+@dataclasses.dataclass(frozen=True)
+class LazyTensor:
+    """A tensor a writer asks for only when it writes it: its shape and dtype now, ``make()`` then."""
 
-    safetensors serialises metadata from a hash map whose order changes between processes,
-    so two identical saves differed byte for byte; the tensors and their offsets are kept.
-    """
-    size = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + size])
-    metadata = header.pop("__metadata__", None)
-    if metadata is not None:
-        header = {"__metadata__": dict(sorted(metadata.items())), **header}
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    make: Callable[[], torch.Tensor]
+
+
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
+                      torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
+                      torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+Entry = tuple[str, torch.dtype, tuple[int, ...]]  # name, dtype, shape
+
+
+def _header(entries: list[Entry], metadata: dict[str, str] | None) -> bytes:
+    """The safetensors header (length, JSON, padding) of ``entries`` in this order, data back to back;
+    the metadata's keys sorted (two identical saves give identical bytes)."""
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    offset = 0
+    for name, dtype, shape in entries:
+        if dtype not in SAFETENSORS_DTYPES:
+            raise DifftuneError(f"tensor '{name}': safetensors cannot hold {dtype}")
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % 8)  # safetensors aligns the data region to 8 bytes
-    return len(text).to_bytes(8, "little") + text + data[8 + size:]
+    return len(text).to_bytes(8, "little") + text
 
 
 def write_safetensors(
-    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor | LazyTensor], metadata: dict[str, str] | None
 ) -> Path:
-    """Write tensors (made contiguous, on CPU) with string metadata, atomically and byte-reproducibly."""
-    ready = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    data = _with_sorted_metadata(save(ready, metadata=metadata))
-    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+    """Write tensors (on CPU) with string metadata, atomically and byte-reproducibly, one tensor at a time.
+
+    The header goes first, then each tensor's bytes straight from its memory: nothing but the tensor
+    being written is held beside the caller's (a `LazyTensor` is made just then and dropped after, so an
+    export of a whole model streams). Tensors are laid out by element size, largest first, then by
+    name, so each starts aligned to its element size, as safetensors' own writer does."""
+    def itemsize(value: torch.Tensor | LazyTensor) -> int:
+        return torch.empty((), dtype=value.dtype).element_size()
+
+    order = sorted(tensors, key=lambda name: (-itemsize(tensors[name]), name))
+    entries = [(name, tensors[name].dtype, tuple(tensors[name].shape)) for name in order]
+    head = _header(entries, metadata)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
+            handle.write(head)
+            for name, dtype, shape in entries:
+                value = tensors[name]
+                value = value.make() if isinstance(value, LazyTensor) else value
+                value = value.detach().to("cpu").contiguous()
+                if value.dtype != dtype or tuple(value.shape) != shape:
+                    raise RuntimeError(f"tensor '{name}' was announced as {dtype} {list(shape)}, made as "
+                                       f"{value.dtype} {list(value.shape)}")
+                if value.numel():
+                    handle.write(value.reshape(-1).view(torch.uint8).numpy().data)
+                del value
+
+    return atomic_write(path, write)
 
 
 def content_checksum(tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> str:

@@ -168,14 +168,25 @@ def test_missing_file_and_folder_without_adapter(tmp_path):
 def test_save_is_atomic_and_leaves_no_temporary_files(tmp_path, monkeypatch):
     pipe, path = trained("sd", "lora", "attn", {"rank": 4}, tmp_path)
     good = path.read_bytes()
-    from pathlib import Path
+    from difftune import adapter_file
 
-    def failing_write(self, data):
-        with open(self, "wb") as handle:
-            handle.write(data[:10])
-        raise OSError("disk full")
+    class FailingFile:  # writes the header, then the disk is full
+        def __init__(self, name, mode):
+            self.handle, self.calls = open(name, mode), 0  # noqa: SIM115 (closed by __exit__)
 
-    monkeypatch.setattr(Path, "write_bytes", failing_write)
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def write(self, data):
+            self.calls += 1
+            if self.calls > 2:
+                raise OSError("disk full")
+            return self.handle.write(data)
+
+    monkeypatch.setattr(adapter_file, "open", FailingFile, raising=False)
     with pytest.raises(OSError, match="disk full"):
         difftune.save_adapter(pipe.unet, path)
     assert path.read_bytes() == good, "a failed save must not damage the previous file"
@@ -359,14 +370,15 @@ def test_outputs_honour_the_umask(tmp_path):
 
 def test_a_full_disk_at_save_is_one_line_naming_the_file(tmp_path, monkeypatch):
     import errno
-    from pathlib import Path
+
+    from difftune import adapter_file
 
     pipe, path = trained("sd", "lora", "attn", {"rank": 2}, tmp_path)
 
-    def disk_full(self, data):
+    def disk_full(name, mode):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    monkeypatch.setattr(adapter_file, "open", disk_full, raising=False)
     with pytest.raises(difftune.DifftuneError, match="adapter.safetensors: cannot write: No space left on"):
         difftune.save_adapter(pipe.unet, path)
     assert [p.name for p in path.parent.iterdir()] == ["adapter.safetensors"]

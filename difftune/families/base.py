@@ -291,6 +291,21 @@ class ModelFamily(ABC):
         raise DifftuneError(f"no single-file layout for a {cls.title} pipeline")
 
     @classmethod
+    def single_file_states(cls, pipeline: Any) -> dict[str, dict[str, torch.Tensor]]:
+        """The state dicts (views, no copies) a single file is made of, by component: taken before an
+        adapter wraps the modules (`single_file_entries`)."""
+        raise DifftuneError(f"no single-file layout for a {cls.title} pipeline")
+
+    @classmethod
+    def single_file_entries(cls, pipeline: Any, states: dict[str, dict[str, torch.Tensor]] | None = None,
+                            replace: Callable[[str, str], torch.Tensor | None] | None = None
+                            ) -> dict[str, Any]:
+        """`single_file_state_dict` with each weight made when written (`adapter_file.LazyTensor`), from
+        ``states`` and with ``replace(component, key)``'s tensor instead where it gives one: a merged
+        model streams to disk one weight at a time."""
+        raise DifftuneError(f"no single-file layout for a {cls.title} pipeline")
+
+    @classmethod
     def modules_without_gradient(cls, denoiser: nn.Module) -> set[str]:
         """Modules whose output the denoiser's result never depends on (their adapters get no gradient)."""
         return set()

@@ -191,7 +191,7 @@ def _encode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
     back the very structure a ``load_state_dict`` expects."""
     if isinstance(value, torch.Tensor):
         key = f"t{len(tensors)}"
-        tensors[key] = value.detach().to("cpu").contiguous().clone()
+        tensors[key] = value.detach()  # written straight from its memory (write_safetensors), no copy
         return {"__tensor__": key}
     if isinstance(value, dict):
         return {"__dict__": [[_encode(k, tensors), _encode(v, tensors)] for k, v in value.items()]}

@@ -269,6 +269,14 @@ class Adapter(ABC):
         size), for methods whose `exact_lora_refusal` is None."""
         raise DifftuneError(self.exact_lora_refusal(self.config.to_dict()) or f"{self.method}: no LoRA form")
 
+    def merged_and_base_tensor(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """One tensor the adapter changes (a name of `changed_tensor_names`) on its own: its merged value
+        at the current scale and its base value, as the merged model and the bare model hold them.
+        Computed for this tensor alone and the model left as it was, so an export can stream a whole
+        model through memory one tensor at a time. None: this method merges only as a whole (an
+        export then merges everything at once); the layer-wrapping methods, LoRA and SaRA do it."""
+        return None
+
     def file_metadata(self) -> dict[str, Any]:
         """Method-specific facts stored in the file (for example what rebuilds a mask)."""
         return {}
@@ -395,12 +403,18 @@ class AdapterLayer(nn.Module, metaclass=ABCMeta):
         return self.adapted_forward(x)
 
     @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """W0 + scale·ΔW in the base weight's dtype: what `merge` writes."""
+        weight = self.base_layer.weight
+        return (weight.float() + self.scale * self.delta_weight().reshape(weight.shape)).to(weight.dtype)
+
+    @torch.no_grad()
     def merge(self, keep_original: bool) -> None:
         weight = self.base_layer.weight
-        merged = weight.float() + self.scale * self.delta_weight().reshape(weight.shape)
+        merged = self.merged_weight()
         if keep_original:
             self._original_weight = weight.data
-        weight.data = merged.to(weight.dtype)
+        weight.data = merged
         self.merged = True
 
     @torch.no_grad()
@@ -450,6 +464,12 @@ class LayerAdapter(Adapter):
                 raise AdapterFileError(f"{source}: tensor '{key}' has shape {list(value.shape)}, "
                                        f"expected {list(target.shape)}")
             target.copy_(value)
+
+    def merged_and_base_tensor(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        layer = self.layers.get(name.removesuffix(".weight"))
+        if layer is None or self.merged or not name.endswith(".weight"):
+            return None
+        return layer.merged_weight(), layer.base_layer.weight.detach()
 
     def _apply_scale(self, scale: float) -> None:
         for layer in self.layers.values():

@@ -79,6 +79,20 @@ class LoraAdapter(Adapter):
             layer.set_scale(PEFT_ADAPTER_NAME, scale)
 
     @torch.no_grad()
+    def merged_and_base_tensor(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """peft's own merge of this one layer (DoRA's magnitude included), then its base weight back."""
+        layer = self.layers.get(name.removesuffix(".weight"))
+        if layer is None or self.merged or not name.endswith(".weight"):
+            return None
+        weight = layer.get_base_layer().weight
+        base = weight.detach().clone()
+        layer.merge(adapter_names=[PEFT_ADAPTER_NAME])
+        merged = weight.detach().clone()
+        layer.unmerge()
+        weight.data.copy_(base)  # peft subtracts ΔW again, which can be off by rounding
+        return merged, base
+
+    @torch.no_grad()
     def _merge(self, keep_original: bool) -> None:
         for name, layer in self.layers.items():
             if keep_original:
