@@ -88,15 +88,24 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def damaged_reason(path: Path) -> str | None:
-    """Which file of a complete checkpoint no longer matches the checksum written with it, else None.
+def _marker_digest(marker: dict[str, Any]) -> str:
+    """SHA-256 of a marker's lists (sizes and checksums), so the marker vouches for itself too."""
+    lists = {key: marker.get(key) for key in ("files", "sha256")}
+    return hashlib.sha256(json.dumps(lists, sort_keys=True).encode()).hexdigest()
 
-    Checkpoints written before the checksums (a marker without ``sha256``) are taken as they are."""
-    digests = json.loads((path / COMPLETE_MARKER).read_text()).get("sha256", {})
-    if not isinstance(digests, dict):
-        return f"{path / COMPLETE_MARKER} is damaged"
+
+def damaged_reason(path: Path) -> str | None:
+    """Which file of a complete checkpoint no longer matches the checksum written with it (the marker
+    itself included), else None. Checkpoints written before the checksums (a marker with neither
+    ``sha256`` nor ``marker_sha256``) are taken as they are."""
+    marker_file = path / COMPLETE_MARKER
+    marker = json.loads(marker_file.read_text())
+    vouched = "sha256" in marker or "marker_sha256" in marker
+    if vouched and marker.get("marker_sha256") != _marker_digest(marker):
+        return f"{marker_file} does not match the checksum written with it (edited or damaged)"
+    digests = marker.get("sha256", {})
     for name, expected in sorted(digests.items()):
-        if file_digest(path / name) != expected:
+        if not (path / name).is_file() or file_digest(path / name) != expected:
             return f"{path / name} does not match the checksum written with it (edited or damaged)"
     return None
 
@@ -325,6 +334,7 @@ def _write_checkpoint(staging: Path, final: Path, step: int, *, model: Any, opti
         written = [p for p in sorted(staging.iterdir()) if p.is_file()]
         marker = {"files": {p.name: p.stat().st_size for p in written},
                   "sha256": {p.name: file_digest(p) for p in written}}
+        marker["marker_sha256"] = _marker_digest(marker)
         atomic_write(staging / COMPLETE_MARKER,  # last: the checkpoint counts from here on
                      lambda tmp: Path(tmp).write_text(json.dumps(marker, indent=1)))
         if final.exists():  # the same step saved by an earlier run that was then resumed
