@@ -105,3 +105,5 @@ def test_runs_killed_anywhere_resume_to_the_uninterrupted_adapter(forkserver, tr
     assert all(torch.equal(final[k], expected[k]) for k in expected), f"{method}: not bit-identical"
     assert [p.name for p in checkpointing.list_checkpoints(out)] == [f"checkpoint-{STEPS - 1}",
                                                                     f"checkpoint-{STEPS}"]
+    print(f"kills {method}: {len(KILLS)} kills ({len(KILLS) - 1} placed, 1 at a random moment), every "
+          "counted checkpoint intact and loading after each, resumed bit-identical")
