@@ -15,14 +15,13 @@ from typing import Any
 
 from .adapter_file import AdapterFile, resolve_adapter_path
 from .api import _file_config, find_denoiser
+from .lora_import import check_foreign_file, is_foreign_file
 
 
 def check_adapter_file(path: str | os.PathLike, model: Any) -> None:
     """Refuse a file `difftune.load_adapter` would refuse for ``model`` (a denoiser, or a pipeline;
     weightless is enough): unreadable, pickle, damaged, an unknown method or bad options, or a
     fingerprint of another base model. Another tool's LoRA file is read and its keys checked."""
-    from .export.importer import check_foreign_file, is_foreign_file
-
     file_path = resolve_adapter_path(path)
     if is_foreign_file(file_path):
         check_foreign_file(file_path)

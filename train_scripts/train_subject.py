@@ -53,7 +53,6 @@ from difftune.training import arguments, checkpointing, loop, pivotal, recipes, 
 from difftune.training.data import (
     SubjectData,
     SubjectDataset,
-    check_image_folder,
     check_writable_folder,
     scan_image_folder,
     warn_small_images,
@@ -150,7 +149,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("instance_data_dir", "instance_prompt"):
         if not getattr(args, name):
             raise DifftuneError(f"--{name} is required (on the command line or in the --config file)")
-    check_image_folder(args.instance_data_dir, "--instance_data_dir")  # said first: a recipe reads it
     # flags left unset take the measured recipe of this base model and method, if there is one
     args.recipe = recipes.apply_recipe(args, recipes.given_destinations(parser, tokens))
     if args.with_prior_preservation:

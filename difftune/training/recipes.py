@@ -22,7 +22,7 @@ from typing import Any
 from ..errors import DifftuneError
 from ..io import read_text
 from ..paths import ASSETS_DIR
-from .data import SUBJECT_FILE
+from .data import SUBJECT_FILE, check_image_folder
 
 # Found on the heart subject (docs/recipes.md): 600 steps, batch 1, prior preservation with 50
 # class images of the subject's class prompt; the text encoder trained where it helped.
@@ -99,7 +99,10 @@ def apply_recipe(args: argparse.Namespace, given: set[str], table: Recipes = REC
 
 
 def subject_class_prompt(instance_data_dir: str | None) -> str:
-    """The ``class_prompt`` of a subject folder's ``subject.json``; a clear error when there is none."""
+    """The ``class_prompt`` of a subject folder's ``subject.json``; a clear error when there is none. A
+    missing folder or an unreadable image in it is said first: that is what the user has to fix."""
+    if instance_data_dir:
+        check_image_folder(instance_data_dir, "--instance_data_dir")
     path = Path(instance_data_dir or ".") / SUBJECT_FILE
     try:
         subject = json.loads(read_text(path)) if path.is_file() else {}

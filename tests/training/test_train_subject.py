@@ -232,7 +232,7 @@ def _bad_inputs(tmp_path, subject_dir):
         "output dir not writable": ([*base, "--output_dir", "/proc/self/difftune-out"],
                                     r"--output_dir /proc/self/difftune-out is not writable: "),
         "adapter too large": ([*base, "--rank", "10000000"],
-                              r"the lora adapter \(--adapter lora and its options\) trains up to "
+                              r"the lora adapter \(--adapter lora and its options\) trains "
                               r"35,200,000,000 parameters: with their gradients and AdamW state that is at "
                               r"least 524.5 GiB, plus 0.00 GiB to encode one image at --resolution 64; this "
                               r"machine's (cpu|cuda) memory is .* GiB: lower --rank"),
