@@ -190,7 +190,7 @@ class AdapterSpec:
         a target the method cannot adapt is refused."""
         denoiser, _ = find_denoiser(model)
         modules = resolve_targets(denoiser, self.config.targets)
-        self.adapter_class.check_targets(modules)
+        self.adapter_class.check_targets(modules, self.config)
         return modules
 
     def weightless_parameter_count(self, model: Any) -> int | None:
@@ -396,7 +396,7 @@ def _attach_from_file(model: nn.Module, adapter_class: type[Adapter], config: Ad
     """Attach one component's adapter as its file section holds it (`Adapter.attach_from_file`)."""
     _refuse_second_adapter(model)
     modules = resolve_targets(model, section.targets)
-    adapter_class.check_targets(modules)
+    adapter_class.check_targets(modules, config)
     adapter = adapter_class(model, config, modules)
     return _install(model, adapter, lambda each: each.attach_from_file(modules, section, source))
 

@@ -40,6 +40,11 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 
+# Methods without a recipe, and why: the run falls back to the plain defaults for them.
+WITHOUT_RECIPE: dict[str, str] = {
+    "peft": "what works depends on --peft_type (LoHa, OFT and Super-Tuning want very different rates)",
+}
+
 
 # Found on held-out world captions (docs/hipa_embedded.md has every try): the student against the
 # base one step and the 25-step teacher, measured by eval/world_quality.py --one_step_adapter.

@@ -174,8 +174,9 @@ class Adapter(ABC):
         self.merged = False
 
     @classmethod
-    def check_targets(cls, modules: dict[str, nn.Module]) -> None:
-        """Refuse, naming them, the targeted modules this method cannot adapt."""
+    def check_targets(cls, modules: dict[str, nn.Module], config: AdapterConfig | None = None) -> None:
+        """Refuse, naming them, the targeted modules this method cannot adapt (with ``config``, also
+        those its options rule out: a peft type that takes no Conv2d)."""
         check_layer_types(cls.method, modules, cls.supported_layers, cls.supported_description)
 
     @abstractmethod

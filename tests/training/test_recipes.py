@@ -16,7 +16,7 @@ def parse(train_subject, *flags, model="builtin:embedded", method="lora"):
          "a large sks orange star", "--adapter", method, "--output_dir", "out", *map(str, flags)])
 
 
-@pytest.mark.parametrize("method", sorted(difftune.METHODS))
+@pytest.mark.parametrize("method", sorted(set(difftune.METHODS) - set(recipes.WITHOUT_RECIPE)))
 def test_every_method_has_a_recipe_for_the_embedded_model(train_subject, method):
     recipe = recipes.recipe_for("builtin:embedded", method)
     args = parse(train_subject, method=method)
@@ -24,6 +24,13 @@ def test_every_method_has_a_recipe_for_the_embedded_model(train_subject, method)
         assert getattr(args, name) == value, name
     prior = {"class_prompt": "a large orange star", "class_data_dir": "out/class_images"}
     assert args.recipe == {**recipe, **prior}
+
+
+@pytest.mark.parametrize("method", sorted(recipes.WITHOUT_RECIPE))
+def test_a_method_without_a_recipe_keeps_the_plain_defaults(train_subject, method):
+    assert method in difftune.METHODS and recipes.recipe_for("builtin:embedded", method) == {}
+    args = parse(train_subject, method=method)
+    assert args.recipe == {} and args.learning_rate is None and not args.with_prior_preservation
 
 
 def test_given_flags_win_over_the_recipe(train_subject, tmp_path):
