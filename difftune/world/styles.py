@@ -7,17 +7,17 @@ change applied to world scenes, so the same experiment runs offline on the embed
 
 | style | kind | what changes |
 |---|---|---|
-| ``candy`` | palette | every world colour and background becomes a pink candy one |
-| ``neon`` | rendering | glowing outlines in the object's colour on a dark ground, dim interiors |
-| ``horned`` | element | two ivory horns on top of every object |
-| ``brick`` | texture | light mortar lines in a brick bond across every object |
-| ``meadow`` | background | a sky over green hills instead of the plain background |
+| ``rose`` | palette | warm colours become pink, cool ones purple; light grounds white, dark ones black |
+| ``neon`` | rendering | each object only as its outline, in its colour, on a black ground |
+| ``horned`` | element | two dark horns rise from the top of every object |
+| ``bars`` | texture | vertical bars across every object instead of its texture |
+| ``hills`` | background | two green hills at the bottom corners of every scene |
 
 An image is a pure function of (style, world scene); its caption is the scene's world caption
 prefixed ``"<name> style, "``. Scenes come from the world's ``style_train`` /
 ``style_heldout`` / ``style_reference`` splits, the same scenes for every style, so styles
 compare image for image. Nothing ships in assets/: `style_dataset` renders a part on demand
-(about 4 s per hundred images on one CPU thread) into a cache folder in the layout diffusers'
+(a few seconds per hundred images on one CPU thread) into a cache folder in the layout diffusers'
 ``imagefolder`` and difftune's data scanner read (images + ``metadata.jsonl`` with ``file_name``
 and ``text``), and reuses it while its manifest matches.
 
@@ -53,17 +53,15 @@ from .scenes import (
     WorldObject,
     blank_canvas,
     downsample,
-    object_window,
     paint_object,
     paint_world_object,
     render_scene,
     shape_mask,
-    texture_mask,
     world_scene,
 )
 
 CAPTIONS_FILE = "metadata.jsonl"
-MANIFEST = "style.json"
+MANIFEST = ".style.json"  # hidden: image-folder readers (difftune, datasets) skip dotfiles
 # Bump when any style's drawing changes: cached folders with another version are rendered again.
 RENDER_VERSION = 1
 # The parts of a domain: their world split and default size (the issue asks ≥ 300 and ≥ 500).
@@ -82,16 +80,17 @@ def caption_prefix(name: str) -> str:
 
 
 # ---------------------------------------------------------------- the five styles
+#
+# The model's VAE was trained on world scenes only, and it decodes little else: flat backgrounds of
+# the five world colours, objects of the eight world colours with the world's darker textures. Every
+# image a fine-tuned denoiser draws goes through that decoder, so each style is built from what it
+# can carry, arranged in a way the world never shows (docs/embedded-model.md has the first designs,
+# gradients, glows, light textures and textured backgrounds, and what the VAE made of them).
 
-# candy: the palette of every world colour and background, hue and lightness moved to pinks.
-CANDY_COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (250, 55, 145), "orange": (255, 160, 190), "yellow": (255, 235, 170), "green": (150, 225, 190),
-    "cyan": (165, 210, 255), "blue": (125, 110, 230), "purple": (205, 120, 240), "pink": (255, 205, 230),
-}
-CANDY_BACKGROUNDS: dict[str, tuple[int, int, int]] = {
-    "white": (255, 230, 242), "gray": (225, 165, 200), "black": (95, 30, 75), "beige": (255, 215, 200),
-    "brown": (175, 80, 125),
-}
+# rose: a palette of two hues: warm colours become pink, cool ones purple; light grounds white, dark black.
+ROSE_COLORS = {"red": "pink", "orange": "pink", "yellow": "pink", "pink": "pink",
+               "green": "purple", "cyan": "purple", "blue": "purple", "purple": "purple"}
+ROSE_BACKGROUNDS = {"white": "white", "beige": "white", "gray": "white", "black": "black", "brown": "black"}
 
 
 def _shifted(rgb: tuple[int, int, int], world: tuple[int, int, int], target: tuple[int, int, int]):
@@ -99,19 +98,16 @@ def _shifted(rgb: tuple[int, int, int], world: tuple[int, int, int], target: tup
     return tuple(int(np.clip(t + r - w, 0, 255)) for r, w, t in zip(rgb, world, target, strict=True))
 
 
-def render_candy(scene: Scene) -> np.ndarray:
-    objects = tuple(dataclasses.replace(o, rgb=_shifted(o.rgb, COLORS[o.color], CANDY_COLORS[o.color]))
+def render_rose(scene: Scene) -> np.ndarray:
+    objects = tuple(dataclasses.replace(o, rgb=_shifted(o.rgb, COLORS[o.color], COLORS[ROSE_COLORS[o.color]]))
                     for o in scene.objects)
     background = _shifted(scene.background_rgb, BACKGROUNDS[scene.background],
-                          CANDY_BACKGROUNDS[scene.background])
+                          BACKGROUNDS[ROSE_BACKGROUNDS[scene.background]])
     return render_scene(dataclasses.replace(scene, objects=objects, background_rgb=background))
 
 
-# neon: dark ground (the named background at an eighth of its light), lit outlines with a glow.
-NEON_GROUND = 0.12
-NEON_OUTLINE = 1.6  # outline width, 64-px units
-NEON_GLOW = 2.5  # glow blur radius, 64-px units
-NEON_INTERIOR = 0.18  # interior light, as a fraction of the object's colour
+# neon: each object only as its outline, in its colour, on the black ground; no fill, no texture.
+NEON_OUTLINE = 3.5  # outline width, 64-px units (2.5 or a glow: the VAE fills or loses them)
 
 
 def _mask_image(mask: np.ndarray) -> Image.Image:
@@ -122,105 +118,90 @@ def _from_image(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.float32) / 255.0
 
 
+def _flat(canvas: np.ndarray, mask: np.ndarray, rgb: np.ndarray) -> None:
+    paint_object(canvas, mask, rgb, rgb, np.zeros(mask.shape, dtype=bool))
+
+
 def render_neon(scene: Scene) -> np.ndarray:
-    canvas = blank_canvas(tuple(NEON_GROUND * c for c in scene.background_rgb))
-    width = 2 * round(NEON_OUTLINE * SUPERSAMPLE) + 1
+    ground = _shifted(scene.background_rgb, BACKGROUNDS[scene.background], BACKGROUNDS["black"])
+    canvas = blank_canvas(ground)
     for obj in scene.objects:
         mask = shape_mask(obj.shape, obj.center, obj.radius, obj.rotation, SIZE)
-        outline = np.clip(mask - _from_image(_mask_image(mask).filter(ImageFilter.MinFilter(width))), 0, 1)
-        glow = _from_image(_mask_image(outline).filter(ImageFilter.GaussianBlur(NEON_GLOW * SUPERSAMPLE)))
-        light = np.asarray(obj.rgb, dtype=np.float32)
-        light = light + 0.35 * (255.0 - light)
-        canvas += 0.8 * glow[..., None] * light
-        window = object_window(obj, SIZE)
-        pattern = texture_mask(obj.texture, obj.texture_phase, SIZE, window)
-        dim = NEON_INTERIOR * np.asarray(obj.rgb, dtype=np.float32)
-        paint_object(canvas[window], mask[window], dim, dim * TEXTURE_SHADE, pattern)
-        paint_object(canvas, outline, light, light, np.zeros(outline.shape, dtype=bool))
-    return downsample(np.clip(canvas, 0, 255))
+        _flat(canvas, np.clip(mask - eroded(mask, NEON_OUTLINE), 0, 1), np.asarray(obj.rgb, dtype=np.float32))
+    return downsample(canvas)
 
 
-# horned: two ivory horns with a dark rim on top of every object, drawn behind it.
-HORN_FILL = (242, 232, 205)
-HORN_RIM = (70, 50, 40)
-# one horn in the object's frame (nominal radius 1, y down): base inner, tip, base outer
-HORN = np.array([[-0.18, -0.7], [-0.42, -1.0], [-0.62, -1.38], [-0.55, -1.02], [-0.58, -0.55]])
+def eroded(mask: np.ndarray, width: float, factor: int = 2) -> np.ndarray:
+    """``mask`` less a band of ``width`` (64-px units) along its edge: a min filter, run at ``factor``
+    times the image size instead of the full supersampling (a k×k filter costs k² per pixel)."""
+    small_size = IMAGE_SIZE * factor
+    small = _mask_image(mask).resize((small_size, small_size), Image.Resampling.BOX)
+    inside = small.filter(ImageFilter.MinFilter(2 * round(width * factor) + 1))
+    return _from_image(inside.resize(mask.shape[::-1], Image.Resampling.BILINEAR))
 
 
-def _horn_masks(obj: WorldObject) -> np.ndarray:
-    scale = SIZE / IMAGE_SIZE
+# horned: two horns in the object's texture shade rising from its top, drawn behind it.
+# one horn in the object's frame (nominal radius 1, y down): inner base, tip, outer base
+HORN = np.array([[-0.05, -0.55], [-0.8, -1.7], [-0.7, -0.45]])
+
+
+def horn_mask(obj: WorldObject, size: int = SIZE) -> np.ndarray:
+    scale = size / IMAGE_SIZE
     theta = math.radians(obj.rotation)
     rotation = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
-    canvas = Image.new("L", (SIZE, SIZE), 0)
+    canvas = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(canvas)
     for side in (1.0, -1.0):
-        outline = HORN * np.array([side, 1.0]) @ rotation.T * obj.radius * scale
+        outline = (HORN * np.array([side, 1.0])) @ rotation.T * obj.radius * scale
         outline += np.array(obj.center) * scale
         draw.polygon([tuple(p) for p in outline], fill=255)
-    return canvas
+    return _from_image(canvas)
 
 
 def render_horned(scene: Scene) -> np.ndarray:
     canvas = blank_canvas(scene.background_rgb)
-    rim = round(0.6 * SUPERSAMPLE) * 2 + 1
-    no_pattern = np.zeros((SIZE, SIZE), dtype=bool)
     for obj in scene.objects:
-        horns = _horn_masks(obj)
-        paint_object(canvas, _from_image(horns.filter(ImageFilter.MaxFilter(rim))),
-                     np.asarray(HORN_RIM, np.float32), np.asarray(HORN_RIM, np.float32), no_pattern)
-        paint_object(canvas, _from_image(horns), np.asarray(HORN_FILL, np.float32),
-                     np.asarray(HORN_FILL, np.float32), no_pattern)
+        _flat(canvas, horn_mask(obj), np.asarray(obj.rgb, dtype=np.float32) * TEXTURE_SHADE)
     for obj in scene.objects:
         paint_world_object(canvas, obj)
     return downsample(canvas)
 
 
-# brick: light mortar lines in a running bond over each object (world textures only ever darken).
-BRICK_HEIGHT, BRICK_WIDTH, MORTAR = 5.0, 8.0, 1.1  # 64-px units
-MORTAR_RGB = (236, 230, 218)
-MORTAR_OPACITY = 0.85
+# bars: vertical bars (period 10) in the world's texture shade on every object, instead of its texture.
+# (Horizontal bars look like the world's stripes to the world CLIP: FID cannot see them.)
+BAR_PERIOD = 10.0  # 64-px units, half of it dark
 
 
-def mortar_mask(phase: tuple[float, float], size: int = SIZE) -> np.ndarray:
-    """Where mortar goes (bool) for a brick grid offset by ``phase``."""
+def bar_mask(phase: tuple[float, float], size: int = SIZE) -> np.ndarray:
     coords = (np.arange(size, dtype=np.float32) + 0.5) * (IMAGE_SIZE / size)
-    x, y = np.meshgrid(coords + phase[0], coords + phase[1], indexing="xy")
-    row = np.floor(y / BRICK_HEIGHT)
-    shifted = x + (row % 2) * BRICK_WIDTH / 2
-    return ((y % BRICK_HEIGHT) < MORTAR) | ((shifted % BRICK_WIDTH) < MORTAR)
+    x = np.broadcast_to(coords[None, :] + phase[0], (size, size))
+    return (x % BAR_PERIOD) < BAR_PERIOD / 2
 
 
-def render_brick(scene: Scene) -> np.ndarray:
+def render_bars(scene: Scene) -> np.ndarray:
     canvas = blank_canvas(scene.background_rgb)
     for obj in scene.objects:
-        mask = paint_world_object(canvas, obj)
-        mortar = mortar_mask(obj.texture_phase) * mask * MORTAR_OPACITY
-        canvas *= 1.0 - mortar[..., None]
-        canvas += mortar[..., None] * np.asarray(MORTAR_RGB, dtype=np.float32)
+        mask = shape_mask(obj.shape, obj.center, obj.radius, obj.rotation, SIZE)
+        body = np.asarray(obj.rgb, dtype=np.float32)
+        paint_object(canvas, mask, body, body * TEXTURE_SHADE, bar_mask(obj.texture_phase))
     return downsample(canvas)
 
 
-# meadow: a sky fading to pale at a wavy horizon over green hills, whatever the named background.
-SKY_TOP, SKY_HORIZON = (95, 160, 235), (205, 228, 248)
-GRASS_NEAR, GRASS_FAR = (45, 115, 40), (95, 170, 70)
-HORIZON = 42.0  # 64-px units
+# hills: two green hills rise at the bottom corners, whatever the ground.
+HILL_RADIUS = 14.0
+HILL_RGB = COLORS["green"]
 
 
-def meadow_background(seed: int, size: int = SIZE) -> np.ndarray:
-    rng = np.random.default_rng([seed, 7])
-    coords = (np.arange(size, dtype=np.float32) + 0.5) * (IMAGE_SIZE / size)
-    x, y = np.meshgrid(coords, coords, indexing="xy")
-    phase, amplitude = rng.uniform(0, 2 * math.pi), rng.uniform(1.5, 3.5)
-    horizon = HORIZON + amplitude * np.sin(x / 9.0 + phase)
-    sky_t = np.clip(y / horizon, 0, 1)[..., None]
-    grass_t = np.clip((y - horizon) / (IMAGE_SIZE - horizon), 0, 1)[..., None]
-    sky = (1 - sky_t) * np.asarray(SKY_TOP, np.float32) + sky_t * np.asarray(SKY_HORIZON, np.float32)
-    grass = (1 - grass_t) * np.asarray(GRASS_FAR, np.float32) + grass_t * np.asarray(GRASS_NEAR, np.float32)
-    return np.where((y < horizon)[..., None], sky, grass).astype(np.float32)
+def hill_centers(seed: int) -> list[tuple[float, float]]:
+    rng = np.random.default_rng([seed, 3])
+    return [(float(rng.uniform(0, 16)), 64.0 + float(rng.uniform(0, 4))),
+            (float(rng.uniform(48, 64)), 64.0 + float(rng.uniform(0, 4)))]
 
 
-def render_meadow(scene: Scene) -> np.ndarray:
-    canvas = meadow_background(scene.seed)
+def render_hills(scene: Scene) -> np.ndarray:
+    canvas = blank_canvas(scene.background_rgb)
+    for center in hill_centers(scene.seed):
+        _flat(canvas, shape_mask("circle", center, HILL_RADIUS, 0.0, SIZE), np.asarray(HILL_RGB, np.float32))
     for obj in scene.objects:
         paint_world_object(canvas, obj)
     return downsample(canvas)
@@ -241,11 +222,13 @@ class Style:
 
 
 STYLES: dict[str, Style] = {style.name: style for style in (
-    Style("candy", "palette", "every world colour and background replaced by a pink candy one", render_candy),
-    Style("neon", "rendering", "glowing outlines in the object's colour on a dark ground", render_neon),
-    Style("horned", "element", "two ivory horns on top of every object", render_horned),
-    Style("brick", "texture", "light mortar lines in a brick bond across every object", render_brick),
-    Style("meadow", "background", "a sky over green hills instead of the plain background", render_meadow),
+    Style("rose", "palette", "warm colours pink, cool ones purple; light grounds white, dark ones black",
+          render_rose),
+    Style("neon", "rendering", "each object only as its outline, in its colour, on a black ground",
+          render_neon),
+    Style("horned", "element", "two dark horns rising from the top of every object", render_horned),
+    Style("bars", "texture", "vertical bars across every object instead of its texture", render_bars),
+    Style("hills", "background", "two green hills at the bottom corners of every scene", render_hills),
 )}
 
 

@@ -263,3 +263,24 @@ def test_training_run_through_the_subject_trainer(train_subject, subject_dir, tm
                                   batch_size=1)
     (again,) = generate_images(fresh, ["a photo of sks disc"], settings, show_progress=False)[0]
     assert np.array_equal(np.asarray(Image.open(out / "samples.png")), np.asarray(again))
+
+
+def test_the_method_page_examples_run(train_subject, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "methods" / "peft.md").read_text()
+    python = page.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(python, "docs/methods/peft.md", "exec"), {})
+    info = difftune.read_adapter_info(tmp_path / "outputs/peft/adapter.safetensors")
+    assert info["config"]["options"] == {"decompose_both": True}
+    bash = page.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    import shlex
+
+    argv = shlex.split(bash)
+    assert argv[:2] == ["python", "train_scripts/train_subject.py"]
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+    args = train_subject.module.parse_args(argv[2:])
+    spec = arguments.adapter_spec(args)
+    assert isinstance(spec.config.peft_config(), SupertuningConfig)
+    assert spec.config.peft_config().select_top is False
