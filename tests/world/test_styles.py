@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from difftune.errors import DifftuneError
 from difftune.training.data import scan_image_folder
@@ -126,7 +125,7 @@ def test_hills_rise_at_the_bottom_corners_of_every_scene():
     _, plain = images_of(render_scene)
     green = np.array(styles.HILL_RGB, np.float32)
     for index, scene in enumerate(scenes):
-        for cx, cy in styles.hill_centers(scene.seed):
+        for cx, _ in styles.hill_centers(scene.seed):
             x, y = min(63, max(0, round(cx))), 62
             if all(np.hypot(x - o.center[0], y - o.center[1]) > o.radius * 1.5 for o in scene.objects):
                 assert np.abs(hills[index, y, x] - green).max() < 30
