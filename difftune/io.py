@@ -64,6 +64,25 @@ def atomic_write(path: str | os.PathLike, write: Any) -> Path:
     return path
 
 
+def atomic_write_folder(path: str | os.PathLike, write: Any) -> Path:
+    """Call ``write(staging_folder)`` on a fresh folder beside ``path``, then swap it in for ``path``:
+    an interrupted writer never leaves a half-written folder where one was."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent))
+    try:
+        write(staging)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
+
+
 def check_output_dir(output_dir: str | os.PathLike, flag: str = "--output_dir") -> None:
     """Create ``output_dir`` or check that it is a writable folder, before any model loads: a run
     must not train for hours and then fail at its first save."""

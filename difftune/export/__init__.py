@@ -25,8 +25,6 @@ import functools
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -46,7 +44,7 @@ from ..api import (
 )
 from ..errors import DifftuneError
 from ..families import EXPORT_FORMATS, ModelFamily, check_export_format, family_of, get_family
-from ..io import write_text
+from ..io import atomic_write_folder, write_text
 from ..sampling import GenerationSettings, generate_images, save_grid
 from ..tuners import get_method
 from .coverage import comfyui_maps
@@ -255,16 +253,7 @@ def _save_folder_atomically(pipeline: Any, output: Path) -> None:
     export never leaves a half-written pipeline where one was."""
     if output.exists() and not output.is_dir():
         raise DifftuneError(f"--output {output}: a file is there; --format diffusers writes a folder")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
-        pipeline.save_pretrained(staging)
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    atomic_write_folder(output, pipeline.save_pretrained)
 
 
 def _components(pipeline: Any) -> dict[str, Any]:

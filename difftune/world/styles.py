@@ -33,8 +33,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,7 +40,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from ..errors import DifftuneError, run_main
-from ..io import read_json, write_json
+from ..io import atomic_write_folder, read_json, write_json
 from .scenes import (
     BACKGROUNDS,
     COLORS,
@@ -322,22 +320,16 @@ def style_dataset(name: str, part: str = "train", root: str | os.PathLike | None
     if _folder_matches(folder, manifest):
         return folder
     images, captions = render_part(name, part, count, seed, progress)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{part}.", suffix=".tmp", dir=folder.parent))
-    try:
+
+    def write(staging: Path) -> None:
         lines = []
         for index, (image, caption) in enumerate(zip(images, captions, strict=True)):
             Image.fromarray(image).save(staging / image_name(index), format="PNG", optimize=False)
             lines.append(json.dumps({"file_name": image_name(index), "text": caption}))
         (staging / CAPTIONS_FILE).write_text("\n".join(lines) + "\n")
         write_json(staging / MANIFEST, {**manifest, "sha256": _folder_digest(staging, count)})
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return folder
+
+    return atomic_write_folder(folder, write)
 
 
 # ---------------------------------------------------------------- the grid image
