@@ -282,8 +282,11 @@ def _manifest(name: str, part: str, count: int, seed: int) -> dict:
 
 
 def _folder_matches(folder: Path, manifest: dict) -> bool:
-    recorded = read_json(folder / MANIFEST, missing_ok=True) if (folder / MANIFEST).is_file() else None
-    if recorded is None or {k: recorded.get(k) for k in manifest} != manifest:
+    try:
+        recorded = read_json(folder / MANIFEST, missing_ok=True)
+    except (OSError, ValueError):  # a damaged manifest: render again
+        return False
+    if not isinstance(recorded, dict) or {k: recorded.get(k) for k in manifest} != manifest:
         return False
     digest = recorded.get("sha256")
     return digest is not None and digest == _folder_digest(folder, manifest["count"])

@@ -154,6 +154,7 @@ def test_dataset_folders_are_cached_atomic_and_read_by_the_data_scanner(tmp_path
     (folder / styles.image_name(3)).write_bytes(b"broken")
     styles.style_dataset("horned", "train", tmp_path, count=6, progress=False)
     assert np.array_equal(np.asarray(Image.open(folder / styles.image_name(3))), images[3])
+    (folder / styles.MANIFEST).write_text("{not json")
     styles.style_dataset("horned", "train", tmp_path, count=4, progress=False)
     assert len(scan_image_folder(folder)) == 4
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no staging left
