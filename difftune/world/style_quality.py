@@ -19,6 +19,7 @@ statistics), the extractor the world quality evaluation and the benchmarks use.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -111,7 +112,7 @@ def measure_domains(pipe, extractor, styles: list[str] | None = None, counts: di
             "counts": counts, "seed": seed,
             "sampling": {"steps": settings.steps, "guidance_scale": settings.guidance_scale,
                          "seed": settings.seed, "scheduler": type(pipe.scheduler).__name__},
-            "extractor": getattr(extractor, "name", type(extractor).__name__),
+            "extractor": _portable_name(getattr(extractor, "name", type(extractor).__name__)),
             "feature_dim": int(extractor.num_features),
             "resize": getattr(extractor, "describe_preprocessing", lambda: "")(),
             "statistics": "float64 (torchmetrics FrechetInceptionDistance on precomputed features)",
@@ -136,6 +137,17 @@ def without_examples(report: dict[str, Any]) -> dict[str, Any]:
     domains = {name: {k: v for k, v in row.items() if k != "examples"}
                for name, row in report["domains"].items()}
     return {**report, "domains": domains}
+
+
+def _portable_name(name: str) -> str:
+    """The extractor's name with a path inside the package made relative to it (no machine paths in reports)."""
+    kind, _, location = name.rpartition(":")
+    package = Path(__file__).resolve().parents[1]
+    try:
+        location = Path(location).resolve().relative_to(package).as_posix()
+    except ValueError:
+        return name
+    return f"{kind}:{location}" if kind else location
 
 
 def markdown_table(report: dict[str, Any]) -> str:

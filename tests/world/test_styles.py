@@ -229,6 +229,7 @@ def test_the_committed_report_covers_every_style_and_the_doc_shows_it():
         assert row["plain_world_vs_heldout"]["fid"] > 2 * row["floor_heldout"]["fid"]
         assert row["base_vs_heldout"]["fid"] > row["floor_heldout"]["fid"]
     assert "/" not in report["settings"]["command"].split("--measure")[1].split()[0]  # no machine path
+    assert not os.path.isabs(report["settings"]["extractor"].rpartition(":")[2])
     doc = (ROOT / "docs" / "embedded-model.md").read_text()
     assert style_quality.markdown_table(report) in doc, "docs/embedded-model.md's style table is stale"
     assert os.path.isfile(ROOT / "docs" / "images" / "style_domains.png")
