@@ -140,7 +140,7 @@ def without_examples(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def _portable_name(name: str) -> str:
-    """The extractor's name with a path inside the package made relative to it (no machine paths in reports)."""
+    """The extractor name, a path inside the package made relative to it (no machine paths in reports)."""
     kind, _, location = name.rpartition(":")
     package = Path(__file__).resolve().parents[1]
     try:
