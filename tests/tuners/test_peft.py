@@ -25,8 +25,8 @@ import difftune
 from difftune.api import find_denoiser
 from difftune.errors import DifftuneError, TargetError
 from difftune.model_factory import build_denoiser_on_meta, load_pipeline
+from difftune.sampling import GenerationSettings, generate_images
 from difftune.training import arguments
-from difftune.training.validation import GenerationSettings, generate_images
 
 # difftune options of each type, and the peft config a user of peft would write for the same adapter
 TYPES = {
@@ -163,7 +163,7 @@ def test_a_type_that_cannot_take_the_targeted_layers_is_refused_naming_them(peft
     assert not difftune.has_adapter(pipe.unet)
     assert all(torch.equal(v, state[k]) for k, v in pipe.unet.state_dict().items())
     # the same refusal on a weightless model, as a trainer checks before loading
-    meta = build_denoiser_on_meta(dict(pipe.unet.config))
+    meta = build_denoiser_on_meta(dict(pipe.unet.config), type(pipe.unet).__name__)
     with pytest.raises(TargetError, match="cannot adapt (.*; )?Conv2d 3x3 layers"):
         difftune.check_adapter(meta, "peft", targets="conv", type=peft_type, **options)
     # attention layers are fine for all three

@@ -115,30 +115,51 @@ class PeftAdapter(Adapter):
                                  for layer in self.layers.values()]
 
     @torch.no_grad()
+    def _merge_layer(self, layer: Any) -> dict[str, torch.Tensor]:
+        """Merge one peft layer at the current scale; returns its base tensors as they were."""
+        base = layer.get_base_layer()
+        before = {attr: getattr(base, attr).detach().clone() for attr in ("weight", "bias")
+                  if getattr(base, attr, None) is not None}
+        layer.merge(adapter_names=[ADAPTER_NAME])
+        if self.scale != 1.0:  # W0 + α·(W1 − W0), from peft's merge at scale 1
+            for attr, original in before.items():
+                tensor = getattr(base, attr)
+                wide = torch.promote_types(tensor.dtype, torch.float32)
+                value = original.to(wide) + self.scale * (tensor.to(wide) - original.to(wide))
+                tensor.data.copy_(value.to(tensor.dtype))
+        return before
+
+    @staticmethod
+    @torch.no_grad()
+    def _restore_layer(layer: Any, before: dict[str, torch.Tensor]) -> None:
+        base = layer.get_base_layer()
+        for attr, original in before.items():
+            getattr(base, attr).data.copy_(original)
+        # the exact tensors are back: peft only needs to forget that it merged (its own unmerge
+        # would subtract or invert ΔW again, costly for OFT and off by rounding)
+        layer.merged_adapters.clear()
+
+    @torch.no_grad()
     def _merge(self, keep_original: bool) -> None:
         for name, layer in self.layers.items():
-            base = layer.get_base_layer()
-            before = {attr: getattr(base, attr).detach().clone() for attr in ("weight", "bias")
-                      if getattr(base, attr, None) is not None}
-            layer.merge(adapter_names=[ADAPTER_NAME])
-            if self.scale != 1.0:  # W0 + α·(W1 − W0), from peft's merge at scale 1
-                for attr, original in before.items():
-                    tensor = getattr(base, attr)
-                    wide = torch.promote_types(tensor.dtype, torch.float32)
-                    value = original.to(wide) + self.scale * (tensor.to(wide) - original.to(wide))
-                    tensor.data.copy_(value.to(tensor.dtype))
+            before = self._merge_layer(layer)
             if keep_original:
                 self._originals[name] = before
 
     @torch.no_grad()
+    def merged_and_base_tensor(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        module, _, attr = name.rpartition(".")
+        layer = self.layers.get(module)
+        if layer is None or self.merged or attr not in ("weight", "bias"):
+            return None
+        before = self._merge_layer(layer)
+        merged = getattr(layer.get_base_layer(), attr).detach().clone()
+        self._restore_layer(layer, before)
+        return merged, before[attr]
+
     def _unmerge(self) -> None:
         for name, layer in self.layers.items():
-            base = layer.get_base_layer()
-            for attr, original in self._originals.pop(name).items():
-                getattr(base, attr).data.copy_(original)
-            # the exact tensors are back: peft only needs to forget that it merged (its own unmerge
-            # would subtract or invert ΔW again, costly for OFT and off by rounding)
-            layer.merged_adapters.clear()
+            self._restore_layer(layer, self._originals.pop(name))
 
     def _detach(self) -> None:
         from peft.tuners.tuners_utils import BaseTunerLayer
