@@ -50,6 +50,11 @@ METHOD_CASES: dict[str, dict[str, list[tuple[object, dict]]]] = {
               "files": [("attn", {}), ("all", {"residual": "lora", "rank": 2, "transform_rank": 1})],
               "fuzz": [("attn", {})],
               "text_encoder": [(None, {})]},
+    # every peft type and its own injection as reference: tests/tuners/test_peft.py
+    "peft": {"contract": [("attn", {"type": "loha", "rank": 4})],
+             "files": [("attn", {"type": "oft"}), ("all", {"type": "lokr", "rank": 4})],
+             "fuzz": [("attn", {"type": "loha", "rank": 2})],
+             "text_encoder": [(None, {"type": "loha", "rank": 4})]},
 }
 
 

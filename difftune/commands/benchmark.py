@@ -185,9 +185,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         method, sep, flags = spec.partition("=")
         if not sep or method not in args.methods:
             parser.error(f"--method_args {spec!r}: expected METHOD=FLAGS with METHOD one of {args.methods}")
-        overrides[method] = shlex.split(flags)
+        try:
+            overrides[method] = shlex.split(flags)
+        except ValueError as err:  # an unclosed quote
+            parser.error(f"--method_args {spec!r}: cannot split the flags: {err}")
     args.method_flags = {m: overrides.get(m, METHOD_ARGS.get(m, [])) for m in args.methods}
     args.method_overridden = set(overrides)
+    try:
+        shlex.split(args.train_args)
+    except ValueError as err:
+        parser.error(f"--train_args {args.train_args!r}: cannot split the flags: {err}")
     args.class_data_dir = args.class_data_dir or args.output_dir / "class_images"
     return args
 

@@ -109,12 +109,29 @@ def build_runs(args: argparse.Namespace) -> list[EvalRun]:
     return runs
 
 
+def check_adapter_files(runs: list[EvalRun], model: str) -> None:
+    """Every --adapter file read and checked against the base model's weightless denoiser, before the
+    pipeline, the metric networks or any base-model image."""
+    from difftune.adapter_checks import check_adapter_file
+    from difftune.model_factory import build_denoiser_on_meta, describe_model
+
+    info = describe_model(model)
+    denoiser = build_denoiser_on_meta(info.denoiser_config, info.denoiser_class)
+    for run in runs:
+        if run.adapter is not None:
+            try:
+                check_adapter_file(run.adapter, denoiser)
+            except DifftuneError as err:
+                raise DifftuneError(f"--adapter {run.name}: {err}") from None
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     model = args.pretrained_model_name_or_path
     options = check_evaluation_arguments(args, model)
     device, dtype = resolve_device(options)
     runs = build_runs(args)  # validates every path before any heavy work
+    check_adapter_files(runs, model)
     prompt_file = resolve_prompt_file(options, model)
     for run in runs:  # a bad prompt file or an identifier the prompts keep fails before any model loads
         run_prompts(prompt_file, run.subject, args.num_prompts, not args.no_class_prompts)

@@ -113,7 +113,7 @@ SETTINGS = (settings.ModelSettings, PromptsAndTeacher, settings.AdapterSettings,
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=arguments.help_formatter(recipes.ONE_STEP_RECIPES))
     parser.add_argument("--config", help="YAML or JSON file of options (keys are flag names without "
                                          "dashes); flags on the command line override it")
     arguments.add_model_arguments(parser)
@@ -204,7 +204,8 @@ def main(argv: list[str] | None = None) -> Path:
     check_capability(get_family(model_info.family), "trainable", "train_one_step.py")
     # the adapter: method, targets and options, checked once
     spec = difftune.AdapterSpec(args.adapter, args.targets, adapter_options_with_defaults(args))
-    resolution = loop.check_before_loading(spec, base, model_info, args.resolution, output_dir)
+    resolution = loop.check_before_loading(spec, base, model_info, args.resolution, output_dir,
+                                           args.use_8bit_adam)
     loss_fn = HiPALoss(loss_config)  # loads LPIPS weights when asked: fails early if it cannot
     prompts = read_prompts(args.prompts_file)
     eval_prompts = [] if args.skip_evaluation else read_prompts(args.eval_prompts_file)
@@ -215,9 +216,12 @@ def main(argv: list[str] | None = None) -> Path:
         if clip_model else None
     run_settings = {"base_model": base_model, **spec.to_dict(), "teacher": vars(teacher_settings),
                     "resolution": resolution, "prompts": prompts, "loss": vars(loss_config)}
+    optimization_record = checkpointing.optimization_record(
+        arguments.settings_from_args(args, settings.OptimizerSettings))
     resume_path, resume_state = checkpointing.resume_point(output_dir, checkpoints.resume_from_checkpoint)
     if resume_state:
         checkpointing.check_resume_fits(resume_state, run_settings, resume_path)
+        checkpointing.check_resume_optimization(resume_state, optimization_record, resume_path)
 
     accelerator = loop.create_accelerator(arguments.settings_from_args(args, settings.AcceleratorSettings),
                                           output_dir)
@@ -309,8 +313,9 @@ def main(argv: list[str] | None = None) -> Path:
         return loss, terms
 
     plan.model.train()
+    trainer_state = {**run_settings, "seed": seed, checkpointing.OPTIMIZATION_KEY: optimization_record}
     loop.train(accelerator, plan, adapter, denoiser, compute_loss, checkpoints=checkpoints,
-               trainer_state={**run_settings, "seed": seed}, base_model=base_model, after_step=validate)
+               trainer_state=trainer_state, base_model=base_model, after_step=validate)
 
     # -----------------------------------------------------------------------------------------
     # 6. Save; reload into a fresh pipeline; one-step samples; evaluation

@@ -55,7 +55,13 @@ from difftune.options import CheckedSettings, at_least, check_values, option, po
 from difftune.paths import subject_folder
 from difftune.sampling import generate_images, save_grid
 from difftune.training import arguments, checkpointing, loop, pivotal, recipes, settings
-from difftune.training.data import SubjectData, SubjectDataset, scan_image_folder, warn_small_images
+from difftune.training.data import (
+    SubjectData,
+    SubjectDataset,
+    check_writable_folder,
+    scan_image_folder,
+    warn_small_images,
+)
 from difftune.training.model_card import write_model_card
 from difftune.training.prior import ensure_class_images
 from difftune.training.summary import reset_peak_memory, write_train_summary
@@ -157,7 +163,7 @@ SETTINGS = (settings.ModelSettings, InstanceImages, PriorPreservation, TextEncod
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=arguments.help_formatter(recipes.RECIPES))
     parser.add_argument_group("config file").add_argument(
         "--config", help="YAML or JSON file of options (keys are flag names without dashes); flags on the "
                          "command line override it")
@@ -176,11 +182,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     tokens = arguments.command_tokens(parser, argv)
     args = parser.parse_args(tokens)
-    # flags left unset take the measured recipe of this base model and method, if there is one
-    args.recipe = recipes.apply_recipe(args, recipes.given_destinations(parser, tokens))
     for name in ("instance_data_dir", "instance_prompt"):
         if not getattr(args, name):
             raise DifftuneError(f"--{name} is required (on the command line or in the --config file)")
+    # flags left unset take the measured recipe of this base model and method, if there is one
+    args.recipe = recipes.apply_recipe(args, recipes.given_destinations(parser, tokens))
     if args.with_prior_preservation:
         missing = [f"--{n}" for n in ("class_data_dir", "class_prompt") if not getattr(args, n)]
         if missing:
@@ -264,8 +270,11 @@ def check_before_loading(argv: list[str] | None = None):
     if extraction and not set(args.export) & set(LORA_FORMATS):
         raise DifftuneError("--export_rank/--export_energy apply to --export kohya or comfyui")
     base = arguments.settings_from_args(args, settings.ModelSettings)
-    resolution = loop.check_before_loading(spec, base, model_info, args.resolution, Path(args.output_dir))
+    resolution = loop.check_before_loading(spec, base, model_info, args.resolution, Path(args.output_dir),
+                                           args.use_8bit_adam)
     instance_images = scan_image_folder(args.instance_data_dir, "--instance_data_dir", args.caption_column)
+    if args.class_data_dir:  # generated class images go there
+        check_writable_folder(args.class_data_dir, "--class_data_dir")
     return args, model_info, spec, resolution, instance_images
 
 
@@ -279,9 +288,13 @@ def main(argv: list[str] | None = None) -> Path:
     output_dir = checkpoints.output_dir
     warn_small_images(instance_images, resolution, "--instance_data_dir")
     run_settings = {"base_model": base_model, **spec.to_dict(), "train_text_encoder": args.train_text_encoder}
+    optimization = arguments.settings_from_args(args, settings.OptimizerSettings)
+    optimization_record = checkpointing.optimization_record(optimization,
+                                                            text_encoder_lr=args.text_encoder_lr)
     resume_path, resume_state = checkpointing.resume_point(output_dir, checkpoints.resume_from_checkpoint)
     if resume_state:
         checkpointing.check_resume_fits(resume_state, run_settings, resume_path)
+        checkpointing.check_resume_optimization(resume_state, optimization_record, resume_path)
         if resume_state.get("train_token_embedding"):
             raise DifftuneError(f"--resume_from_checkpoint {resume_path}: a pivotal-tuning run "
                                 "(--train_token_embedding) cannot be resumed yet")
@@ -363,7 +376,6 @@ def main(argv: list[str] | None = None) -> Path:
     # 4. Optimizer, schedule, resume
     # -----------------------------------------------------------------------------------------
     world = accelerator.num_processes
-    optimization = arguments.settings_from_args(args, settings.OptimizerSettings)
     plan = loop.prepare_optimization(optimization, checkpoints, accelerator, denoiser, adapter, len(dataset),
                                      resume_path, resume_state, device, text_encoders, args.text_encoder_lr,
                                      [(tokens, args.token_embedding_lr)] if tokens else ())
@@ -393,6 +405,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     trainer_state = {"base_model": base_model, **spec.to_dict(), "seed": seed,
                      "max_train_steps": max_train_steps, "train_text_encoder": args.train_text_encoder,
+                     checkpointing.OPTIMIZATION_KEY: optimization_record,
                      **({"train_token_embedding": True} if tokens else {})}
 
     # -----------------------------------------------------------------------------------------

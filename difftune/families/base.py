@@ -24,6 +24,7 @@ denoiser arguments they feed.
 from __future__ import annotations
 
 import dataclasses
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
@@ -173,6 +174,8 @@ class ModelFamily(ABC):
     # --- geometry -----------------------------------------------------------------------
     default_sample_size: ClassVar[int | None] = None  # latent size when the config has none
     latent_packing: ClassVar[int] = 1  # side of the latent patch the pipeline packs into one token
+    # image sides the family's diffusers pipeline accepts beyond the latent patch (its check_inputs)
+    pipeline_side_multiple: ClassVar[int] = 1
 
     # --- trainer flags: those of the noise process (`process_flags`) and the family's own ---
     process_title: ClassVar[str]
@@ -250,7 +253,13 @@ class ModelFamily(ABC):
         config = cls.tiny_denoiser_config
         scale = 2 ** (len(cls.tiny_vae_widths) - 1)
         return ModelDescription(cls.name, TINY_SAMPLE_SIZE * scale, cls.denoiser_class, dict(config),
-                                scale * cls.latent_patch(config), cls.tiny_vae_widths[0])
+                                cls.side_multiple(config, scale), cls.tiny_vae_widths[0])
+
+    @classmethod
+    def side_multiple(cls, denoiser_config: Mapping[str, Any], vae_scale_factor: int) -> int:
+        """Image sides must be multiples of this: the latent patch in pixels, and what the family's
+        diffusers pipeline itself accepts (`pipeline_side_multiple`)."""
+        return math.lcm(int(vae_scale_factor) * cls.latent_patch(denoiser_config), cls.pipeline_side_multiple)
 
     @classmethod
     def latent_patch(cls, denoiser_config: Mapping[str, Any]) -> int:
@@ -297,6 +306,21 @@ class ModelFamily(ABC):
     @classmethod
     def single_file_state_dict(cls, pipeline: Any) -> dict[str, torch.Tensor]:
         """Every weight of a (merged) pipeline under its original checkpoint name."""
+        raise DifftuneError(f"no single-file layout for a {cls.title} pipeline")
+
+    @classmethod
+    def single_file_states(cls, pipeline: Any) -> dict[str, dict[str, torch.Tensor]]:
+        """The state dicts (views, no copies) a single file is made of, by component: taken before an
+        adapter wraps the modules (`single_file_entries`)."""
+        raise DifftuneError(f"no single-file layout for a {cls.title} pipeline")
+
+    @classmethod
+    def single_file_entries(cls, pipeline: Any, states: dict[str, dict[str, torch.Tensor]] | None = None,
+                            replace: Callable[[str, str], torch.Tensor | None] | None = None
+                            ) -> dict[str, Any]:
+        """`single_file_state_dict` with each weight made when written (`adapter_file.LazyTensor`), from
+        ``states`` and with ``replace(component, key)``'s tensor instead where it gives one: a merged
+        model streams to disk one weight at a time."""
         raise DifftuneError(f"no single-file layout for a {cls.title} pipeline")
 
     @classmethod

@@ -37,6 +37,7 @@ from typing import Any
 from ..api import AdapterSpec
 from ..errors import DifftuneError
 from ..families import LossOptions, check_flags, flag_defaults, flag_families, get_family
+from ..io import read_text
 from ..options import (
     argument_type,
     check_finite_numbers,
@@ -45,6 +46,7 @@ from ..options import (
     option_choices,
     option_help,
 )
+from ..paths import portable_path
 from ..tuners import METHODS, Adapter, get_method
 from . import pivotal
 from .settings import (
@@ -359,7 +361,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise DifftuneError(f"--config {path}: no such file")
-    text = path.read_text()
+    text = read_text(path, "--config")
     try:
         if path.suffix.lower() == ".json":
             data = json.loads(text)
@@ -427,6 +429,64 @@ def command_tokens(parser: argparse.ArgumentParser, argv: Sequence[str] | None =
     if known.config:
         file_tokens = config_to_argv(parser, read_config_file(known.config), f"--config {known.config}")
     return file_tokens + argv
+
+
+# --- --help -------------------------------------------------------------------------------
+
+def _default_text(action: argparse.Action) -> str | None:
+    """What ``--help`` says a flag's default is; None where its help already says it (or it is required)."""
+    text = (action.help or "").lower()
+    if "default" in text or "required" in text or action.default is argparse.SUPPRESS:
+        return None
+    default = action.default
+    if isinstance(default, bool) or (default is None and action.nargs == 0):
+        return "on" if default else "off"
+    if default is None or default == []:
+        return "none"
+    if isinstance(default, (list, tuple)):
+        return " ".join(map(str, default))
+    return str(portable_path(default))  # a shipped file as assets/..., not this checkout's path
+
+
+def recipe_notes(recipes: dict[str, dict[str, dict[str, Any]]]) -> dict[str, str]:
+    """``{dest: "builtin:embedded recipe: lora, tlora 0.001; sara, svfit 0.003"}`` for every flag a
+    recipe fills when it is left unset (a value all of a model's methods share is given once)."""
+    values: dict[str, dict[str, dict[str, list[str]]]] = {}
+    for model, methods in recipes.items():
+        for method, recipe in methods.items():
+            for dest, value in recipe.items():
+                shown = (" ".join(map(str, value)) if isinstance(value, list) else
+                         ("on" if value else "off") if isinstance(value, bool) else str(portable_path(value)))
+                values.setdefault(dest, {}).setdefault(model, {}).setdefault(shown, []).append(method)
+    notes = {}
+    for dest, models in values.items():
+        parts = []
+        for model, by_value in models.items():
+            every = len(by_value) == 1 and len(next(iter(by_value.values()))) == len(recipes[model])
+            shown = (next(iter(by_value)) + " (every method)" if every else
+                     "; ".join(f"{', '.join(methods)} {value}" for value, methods in by_value.items()))
+            parts.append(f"{model} recipe: {shown}")
+        notes[dest] = "; ".join(parts)
+    return notes
+
+
+def help_formatter(recipes: dict[str, dict[str, dict[str, Any]]] | None = None
+                   ) -> type[argparse.HelpFormatter]:
+    """A ``--help`` formatter (the description kept as written) that gives every flag its default and,
+    for the flags a base model's recipe fills when left unset, the recipe's values (`recipe_notes`)."""
+    notes = recipe_notes(recipes or {})
+
+    class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
+        def _get_help_string(self, action: argparse.Action) -> str:
+            help_text = action.help or ""
+            default = _default_text(action)
+            if default is not None:
+                help_text += f" (default: {default.replace('%', '%%')})"
+            if action.dest in notes:
+                help_text += f" [{notes[action.dest].replace('%', '%%')}]"
+            return help_text
+
+    return DefaultsHelpFormatter
 
 
 def flag_table_markdown(parser: argparse.ArgumentParser, skip_groups: Sequence[str] = ()) -> str:

@@ -24,6 +24,7 @@ from ..model_factory import builtin_names
 from ..options import (  # DTYPES, PRECISIONS: the trainers read them here
     DTYPES,  # noqa: F401
     PRECISIONS,  # noqa: F401
+    Check,
     CheckedSettings,
     at_least,
     in_range,
@@ -98,7 +99,9 @@ class OptimizerSettings(CheckedSettings):
     flag_group: ClassVar[str] = "optimization"
 
     seed: int | None = option(None, "seed of everything random (default: drawn at random, printed and stored "
-                                    "in checkpoints so a resumed run continues with it)")
+                                    "in checkpoints so a resumed run continues with it)",
+                              check=Check(lambda value: 0 <= value < 2**32,  # all NumPy generators take
+                                          "must be in [0, 2**32)"))
     train_batch_size: int = option(1, "batch size per process", check=at_least(1))
     num_train_epochs: int = option(1, "epochs to train when --max_train_steps is not given",
                                    check=at_least(1))
@@ -171,8 +174,12 @@ class CheckpointSettings(CheckedSettings):
 
     output_dir: Path = option("outputs/subject", "where the adapter, checkpoints, samples, logs and model "
                                                  "card go")
-    checkpointing_steps: int = option(500, "save a resumable checkpoint every N optimizer steps",
-                                      check=at_least(1))
+    # Longer than the recipes' subject runs (400-600 steps), so those write no checkpoint they never use;
+    # long runs (the one-step recipe's 4800 steps) still save every 1000.
+    checkpointing_steps: int = option(
+        1000, "save a resumable checkpoint (adapter, optimizer state, RNGs) every N optimizer steps; the "
+              "default leaves runs of up to 1000 steps (the recipes' 400-600) without one, as redoing them "
+              "costs about what checkpointing them would", check=at_least(1))
     checkpoints_total_limit: int | None = option(None, "keep at most this many checkpoints (oldest removed)",
                                                  check=at_least(1))
     resume_from_checkpoint: str | None = option(

@@ -119,7 +119,7 @@ def test_a_prompt_the_identifier_cannot_leave_is_refused_before_training(benchma
     (["--train_args", "--adam_beta1 2"], r"trainer flags of lora: --adam_beta1 must be in \[0, 1\)"),
     (["--method_args", "lora=--rank 0"], "trainer flags of lora: .*'rank' must be a positive integer"),
     (["--train_args=--no_such_flag"], "trainer flags of lora refused by train_subject.py"),
-    (["--resolution", "63"], "trainer flags of lora: --resolution must be a multiple of 2"),
+    (["--resolution", "63"], "trainer flags of lora: --resolution must be a multiple of 8"),
 ])
 def test_trainer_flags_are_checked_by_the_trainer_before_any_heavy_work(tmp_path, monkeypatch, flags,
                                                                         message):
@@ -140,8 +140,15 @@ def test_trainer_flags_are_checked_by_the_trainer_before_any_heavy_work(tmp_path
         script.main(argv)
 
 
-def test_benchmark_refuses_unknown_methods_and_bad_method_args(tmp_path):
+def test_benchmark_refuses_unknown_methods_and_bad_method_args(tmp_path, capsys):
     script = command_module("benchmark")
+    cases = ((["--method_args", "lora=--targets 'attn"],
+              "--method_args \"lora=--targets 'attn\": cannot split the flags: No closing quotation"),
+             (["--train_args", "--rank '4"], "--train_args \"--rank '4\": cannot split the flags"))
+    for flags, message in cases:
+        with pytest.raises(SystemExit):
+            script.parse_args(["--output_dir", str(tmp_path), "--methods", "lora", *flags])
+        assert message in capsys.readouterr().err
     with pytest.raises(SystemExit):
         script.parse_args(["--output_dir", str(tmp_path), "--methods", "lora", "nomethod"])
     with pytest.raises(SystemExit):
