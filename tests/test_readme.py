@@ -4,7 +4,7 @@ import re
 import shlex
 from pathlib import Path
 
-from conftest import load_script
+from conftest import command_module
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -64,7 +64,7 @@ def test_main_command_parses_with_the_trainer_and_the_evaluation(train_subject):
     assert args.adapter == "lora" and args.pretrained_model_name_or_path == "builtin:embedded"
     assert args.recipe and args.train_text_encoder, "the main job runs the measured recipe"
     assert args.seed is not None, "the main job's numbers in the README must be reproducible"
-    evaluate = load_script("eval/evaluate_subject.py")
+    evaluate = command_module("evaluate_subject")
     eval_args = evaluate.parse_args(steps["eval/evaluate_subject.py"])
     # the evaluation reads the adapter the training writes
     assert any(a.endswith(str(Path(args.output_dir) / "adapter.safetensors")) for a in eval_args.adapter)
@@ -135,11 +135,11 @@ def test_training_flag_tables_are_the_generated_ones():
 def test_dataset_training_commands_parse_with_the_script(train_text_to_image):
     """The dataset trainer's commands in docs/training.md and the README parse (presets applied)."""
     blocks = re.findall(r"```bash\n(.*?)```", _section(TRAINING, "## Dataset training"), flags=re.S)
-    blocks += [b for b in _code_blocks("bash") if "train_text_to_image.py" in b]
+    blocks += [b for b in _code_blocks("bash") if "train-text-to-image" in b]
     assert len(blocks) == 4
     for block in blocks:
         (command,) = _commands(block)
-        script_args = _script_args(command, "train_scripts/train_text_to_image.py")
+        script_args = _script_args(command, "train-text-to-image")
         args = train_text_to_image.module.parse_args(script_args)
         assert (args.train_data_dir or args.dataset_name) and args.output_dir
         assert args.pretrained_model_name_or_path

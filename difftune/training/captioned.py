@@ -1,4 +1,4 @@
-"""Captioned training data for the dataset trainer (train_scripts/train_text_to_image.py).
+"""Captioned training data for the dataset trainer (``difftune train-text-to-image``).
 
 Examples come from an image folder (captions in ``metadata.jsonl`` or a ``.txt`` beside each
 image, as diffusers' and kohya's scripts read them) or from a `datasets` dataset by hub name or
@@ -16,12 +16,13 @@ import functools
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from PIL import Image, ImageOps
 
 from ..errors import DifftuneError
+from ..options import CheckedSettings, at_least, option
 from ..streams import RandomDomain, sample_generator
 from .buckets import BucketStream
 from .data import (
@@ -39,19 +40,29 @@ SHOWN_PROBLEMS = 8  # bad examples named in the one-line message; the rest are c
 
 
 @dataclasses.dataclass(frozen=True)
-class CaptionedSource:
-    """Where the examples come from (the flags of the same names); exactly one of ``train_data_dir``
-    and ``dataset_name``."""
+class CaptionedSource(CheckedSettings):
+    """Where the examples come from (the dataset trainer's flags of the same names); exactly one of
+    ``train_data_dir`` and ``dataset_name``."""
 
-    train_data_dir: str | None = None
-    dataset_name: str | None = None
-    dataset_config_name: str | None = None
-    dataset_split: str = "train"
-    image_column: str | None = None
-    caption_column: str | None = None
-    max_train_samples: int | None = None
-    caption_prefix: str = ""
-    skip_bad_examples: bool = False
+    flag_group: ClassVar[str] = "data"
+
+    train_data_dir: str | None = option(
+        None, "folder of images with captions: metadata.jsonl rows (file_name + text, caption or prompt) "
+              "or a .txt beside each image (which wins)")
+    dataset_name: str | None = option(
+        None, "or: a datasets dataset by hub name, a data folder or a save_to_disk folder (needs the "
+              "datasets package)")
+    dataset_config_name: str | None = option(None, "the dataset's configuration, if it has several")
+    dataset_split: str = option("train", "the dataset's split to train on")
+    image_column: str | None = option(None, "dataset column of the images (default: its image column)")
+    caption_column: str | None = option(None, "dataset column or metadata.jsonl key of the captions "
+                                              "(default: text, caption or prompt)")
+    max_train_samples: int | None = option(None, "train on the first N examples only (by file name, or in "
+                                                 "dataset order)", check=at_least(1))
+    skip_bad_examples: bool = option(False, "leave unreadable images and missing or empty captions out "
+                                            "(named in one warning) instead of stopping before training")
+    caption_prefix: str = option("", "put before every caption, e.g. 'mystyle style,' (a space is added "
+                                     "between)")
 
     @property
     def flag(self) -> str:

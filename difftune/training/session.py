@@ -3,8 +3,8 @@ the model and adapter before loading, validation samples during training, and wh
 last step (the adapter file and its diffusers copy, samples drawn from the saved file, exports).
 
 training/loop.py holds the loop itself; this module holds the steps a trainer script would
-otherwise write out again, so train_subject.py and train_text_to_image.py stay short and read
-top to bottom.
+otherwise write out again, so the two commands (difftune/commands/train_subject.py and
+train_text_to_image.py) stay short and read top to bottom.
 """
 
 from __future__ import annotations
@@ -26,13 +26,14 @@ from ..families import check_capability, check_text_encoder_training, get_family
 from ..io import copy_file
 from ..model_factory import describe_model
 from ..sampling import generate_images, save_grid
-from . import arguments, loop
+from . import arguments, checkpointing, loop
 from .settings import (
     DTYPES,
     AcceleratorSettings,
+    AdapterFiles,
     CheckpointSettings,
-    ExportSettings,
     ModelSettings,
+    OptimizerSettings,
     ValidationSettings,
 )
 from .summary import write_train_summary
@@ -59,15 +60,33 @@ def check_model_and_adapter(args: argparse.Namespace, script: str) -> tuple[Any,
     if args.init_adapter:
         arguments.check_init_adapter(args)
     arguments.check_export_arguments(args, spec, model_info.family)
-    resolution = loop.check_before_loading(spec, base, model_info, args.resolution, Path(args.output_dir))
+    resolution = loop.check_before_loading(spec, base, model_info, args.resolution, Path(args.output_dir),
+                                           args.use_8bit_adam)
     return model_info, spec, resolution
 
 
-def trainer_settings(args: argparse.Namespace) -> tuple[ModelSettings, CheckpointSettings, ValidationSettings,
-                                                       ExportSettings]:
-    """The settings every trainer reads from its flags: base model, checkpoints, validation, export."""
+def trainer_settings(args: argparse.Namespace, validation: type[ValidationSettings] = ValidationSettings
+                     ) -> tuple[ModelSettings, CheckpointSettings, ValidationSettings, AdapterFiles]:
+    """The settings every trainer reads from its flags: base model, checkpoints, validation (of the
+    trainer's class), the adapter's start file and exports."""
     return tuple(arguments.settings_from_args(args, kind)
-                 for kind in (ModelSettings, CheckpointSettings, ValidationSettings, ExportSettings))
+                 for kind in (ModelSettings, CheckpointSettings, validation, AdapterFiles))
+
+
+def resume_point(args: argparse.Namespace, checkpoints: CheckpointSettings, run_settings: dict[str, Any],
+                 **more_optimization: Any
+                 ) -> tuple[OptimizerSettings, dict[str, Any], Path | None, dict | None]:
+    """The optimisation settings, the record of them a checkpoint keeps (with ``more_optimization``,
+    e.g. a text encoder's rate), and the checkpoint to resume with its state: refused, naming what
+    differs, when it was written by another run (``run_settings``) or with other optimisation
+    settings."""
+    optimization = arguments.settings_from_args(args, OptimizerSettings)
+    record = checkpointing.optimization_record(optimization, **more_optimization)
+    path, state = checkpointing.resume_point(checkpoints.output_dir, checkpoints.resume_from_checkpoint)
+    if state:
+        checkpointing.check_resume_fits(state, run_settings, path)
+        checkpointing.check_resume_optimization(state, record, path)
+    return optimization, record, path, state
 
 
 def start_accelerator(args: argparse.Namespace, method: str, family: str, checkpoints: CheckpointSettings,
@@ -205,7 +224,7 @@ def sample_saved_adapter(base: ModelSettings, weight_dtype: torch.dtype, acceler
     return ["samples.png"]
 
 
-def export_saved_adapter(adapter_path: Path, export: ExportSettings, base_model: str, prompt: str,
+def export_saved_adapter(adapter_path: Path, export: AdapterFiles, base_model: str, prompt: str,
                          validation: ValidationSettings, *, seed: int, resolution: int) -> None:
     """Write the ``--export`` formats next to the adapter and print each one's report."""
     for fmt in export.export:

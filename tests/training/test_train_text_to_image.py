@@ -143,11 +143,29 @@ def test_bad_examples_and_bucket_flags_stop_before_the_model_loads(train_text_to
     monkeypatch.setattr(difftune.model_factory, "load_pipeline", must_not_load)
     with pytest.raises(DifftuneError, match=r"2 bad example\(s\): 0.png: unreadable .*; 2.png: no caption"):
         train_text_to_image(*flags(data, tmp_path / "o"))
-    with pytest.raises(DifftuneError, match="--bucket_step must be a positive multiple of 2"):
+    multiple = difftune.model_factory.describe_model("builtin:tiny-sd").size_multiple
+    with pytest.raises(DifftuneError, match=f"--bucket_step must be a positive multiple of {multiple} "):
         train_text_to_image(*flags(data, tmp_path / "o"), "--bucket_step", 3)
     with pytest.raises(DifftuneError, match="--bucket_min_side given without --enable_bucket"):
         train_text_to_image(*[f for f in flags(data, tmp_path / "o") if f != "--enable_bucket"],
                             "--bucket_min_side", 32)
+
+
+def test_range_checks_and_kohya_spellings_of_the_dataset_flags(train_text_to_image, style_dir):
+    """The dataset trainer's own flags are settings fields: their range checks refuse in one line
+    while parsing, and kohya's / diffusers' spellings fill the same settings."""
+    parse = train_text_to_image.module.parse_args
+    refused = [("--caption_dropout", 1.0, r"--caption_dropout must be in \[0, 1\), got 1.0"),
+               ("--ema_decay", 1.0, r"--ema_decay must be in \(0, 1\), got 1.0"),
+               ("--max_train_samples", 0, "--max_train_samples must be at least 1, got 0")]
+    for flag, value, message in refused:
+        with pytest.raises(DifftuneError, match=message):
+            parse(["--train_data_dir", str(style_dir), flag, str(value)])
+    args = parse(["--train_data_dir", str(style_dir), "--enable_bucket", "--min_bucket_reso", "32",
+                  "--bucket_reso_steps", "16", "--caption_dropout_rate", "0.1"])
+    assert (args.bucket_min_side, args.bucket_step, args.caption_dropout) == (32, 16, 0.1)
+    args = parse(["--train_data_dir", str(style_dir), "--proportion_empty_prompts", "0.2"])
+    assert args.caption_dropout == 0.2
 
 
 @pytest.mark.parametrize("preset", sorted(recipes.DATASET_PRESETS))
