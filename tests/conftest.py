@@ -55,6 +55,10 @@ METHOD_CASES: dict[str, dict[str, list[tuple[object, dict]]]] = {
              "files": [("attn", {"type": "oft"}), ("all", {"type": "lokr", "rank": 4})],
              "fuzz": [("attn", {"type": "loha", "rank": 2})],
              "text_encoder": [(None, {"type": "loha", "rank": 4})]},
+    "full_ft": {"contract": [("attn", {})],
+                "files": [("attn", {}), ("all", {"alpha": 0.5})],
+                "fuzz": [("attn", {})],
+                "text_encoder": [(None, {})]},
 }
 
 

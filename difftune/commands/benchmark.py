@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--suite", action="store_true",
                         help="the benchmark with power: every method on several subjects and seeds, with "
                              "intervals (benchmark_suite.py; its own flags: --suite --help)")
+    parser.add_argument("--style_suite", action="store_true",
+                        help="SaRA's style experiment: every method (and peft's) fine-tuned on the world's "
+                             "style domains; FID, CLIP, VLHI and what is forgotten, with intervals "
+                             "(style_suite.py; its own flags: --style_suite --help)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="embedded",
                         help="defaults for everything below: 'embedded' (CPU, offline) or 'sd15' (GPU, hub)")
     parser.add_argument("--output_dir", type=Path, required=True)
@@ -329,6 +333,10 @@ def write_report(args: argparse.Namespace, rows: list[dict], results: dict[str, 
 
 def main(argv: list[str] | None = None) -> list[dict] | dict:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if "--style_suite" in argv:  # SaRA's style experiment, with what is forgotten: style_suite.py
+        from . import style_suite
+
+        return style_suite.main([a for a in argv if a != "--style_suite"])
     if "--suite" in argv:  # the multi-subject, multi-seed protocol with intervals: benchmark_suite.py
         from . import benchmark_suite
 

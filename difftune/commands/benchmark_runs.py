@@ -1,5 +1,5 @@
-"""What both benchmarks (`difftune benchmark`, with and without ``--suite``) share: one run of the
-subject trainer per method, in a subprocess of its own (same data, steps, seed and batch for
+"""What the benchmarks (`difftune benchmark`, with ``--suite`` or ``--style_suite``) share: one run of a
+trainer per method, in a subprocess of its own (same data, steps, seed and batch for
 every method; resumable), where its files are, and each method's colour in the plots.
 
 The trainer runs as ``python -m difftune.commands.train_subject`` with the difftune this process
@@ -71,19 +71,28 @@ def train_method(args: argparse.Namespace, subject: Subject, method: str, flags:
 
     ``output_dir`` defaults to ``<--output_dir>/train/<method>``."""
     output_dir = output_dir or args.output_dir / "train" / method
+    command = trainer_command(args, subject, method, flags, output_dir)
+    return run_trainer(command, output_dir, method, retrain=args.retrain, quiet=getattr(args, "quiet", False))
+
+
+def run_trainer(command: list[str], output_dir: Path, label: str, retrain: bool = False,
+                quiet: bool = False) -> dict[str, Any]:
+    """Run a trainer command (``python -m difftune.commands.<trainer> ...`` writing into ``output_dir``)
+    unless its adapter and summary exist; its output goes to ``output_dir/train.log`` (the progress bar
+    also here unless ``quiet``). Returns the training summary with the wall time, the CPU time and the
+    peak RSS of the process."""
     adapter, summary_file = output_dir / ADAPTER_FILE, output_dir / SUMMARY_FILE
-    if adapter.is_file() and summary_file.is_file() and not args.retrain:
-        if not getattr(args, "quiet", False):
-            print(f"{method}: trained already ({adapter}), not retrained")
+    if adapter.is_file() and summary_file.is_file() and not retrain:
+        if not quiet:
+            print(f"{label}: trained already ({adapter}), not retrained")
         return json.loads(summary_file.read_text())
-    if args.retrain:
+    if retrain:
         adapter.unlink(missing_ok=True)
         summary_file.unlink(missing_ok=True)
     output_dir.mkdir(parents=True, exist_ok=True)
-    command = trainer_command(args, subject, method, flags, output_dir)
     log = output_dir / "train.log"
-    if not getattr(args, "quiet", False):
-        print(f"{method}: training ({args.max_train_steps} steps), log in {log}\n  {shlex.join(command)}")
+    if not quiet:
+        print(f"{label}: training, log in {log}\n  {shlex.join(command)}")
     start = time.perf_counter()
     with open(log, "ab") as handle:
         handle.write(f"$ {shlex.join(command)}\n".encode())
@@ -96,13 +105,14 @@ def train_method(args: argparse.Namespace, subject: Subject, method: str, flags:
         # the trainer's progress bar (stderr) shows here live and is kept in the log
         while chunk := process.stderr.read1(4096):
             handle.write(chunk)
-            if not getattr(args, "quiet", False):
+            if not quiet:
                 sys.stderr.write(chunk.decode(errors="replace"))
                 sys.stderr.flush()
         process.stderr.close()
-        peak_rss = None
+        peak_rss = cpu_seconds = None
         if hasattr(os, "wait4"):
             _, status, usage = os.wait4(process.pid, 0)
+            cpu_seconds = usage.ru_utime + usage.ru_stime
             process.returncode = os.waitstatus_to_exitcode(status)
             peak_rss = usage.ru_maxrss * 1024  # Linux reports KiB
         else:
@@ -110,12 +120,13 @@ def train_method(args: argparse.Namespace, subject: Subject, method: str, flags:
     wall = time.perf_counter() - start
     if process.returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-30:])
-        raise DifftuneError(f"training {method} failed (exit code {process.returncode}); "
+        raise DifftuneError(f"training {label} failed (exit code {process.returncode}); "
                             f"end of {log}:\n{tail}")
     if not summary_file.is_file():
         raise DifftuneError(f"the trainer wrote no {summary_file}")
     summary = json.loads(summary_file.read_text())
     summary["wall_time_s"] = wall
     summary["process_peak_rss_bytes"] = peak_rss
+    summary["process_cpu_seconds"] = cpu_seconds  # the CPU time it took, whatever else ran beside it
     summary_file.write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -10,6 +10,7 @@ mean is the bootstrap of the per-(subject, prompt) difference.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,3 +82,29 @@ def bootstrap_paired_difference(scores: np.ndarray | list, baseline: np.ndarray 
     if a.shape != b.shape:
         raise ValueError(f"paired tables differ in shape: {a.shape} vs {b.shape}")
     return bootstrap_mean(a - b, level, resamples, seed)
+
+
+def bootstrap_grouped(statistics: Sequence[Callable[[np.ndarray], float]], sizes: Sequence[int],
+                      level: float = 0.95, resamples: int = 200, seed: int = 0) -> Interval:
+    """The mean over groups of a statistic of each group's items, with its two-stage interval.
+
+    For a statistic of a whole set (a domain's FID over its images) there is no per-item value to
+    average: ``statistics[g](indices)`` computes group g's statistic on those of its ``sizes[g]`` items.
+    Each replicate draws groups with replacement, then items within each drawn group, and averages
+    the drawn groups' statistics. A paired comparison passes statistics that return the difference of
+    two methods on the same indices (the same prompts and seeds).
+    """
+    if len(statistics) != len(sizes) or not statistics:
+        raise ValueError("one statistic per group, and at least one group")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    point = float(np.mean([statistic(np.arange(size)) for statistic, size in zip(statistics, sizes,
+                                                                                 strict=True)]))
+    rng = np.random.default_rng(seed)
+    replicates = np.empty(resamples)
+    for r in range(resamples):
+        groups = rng.integers(0, len(sizes), size=len(sizes))
+        replicates[r] = np.mean([statistics[g](rng.integers(0, sizes[g], size=sizes[g])) for g in groups])
+    tail = (1 - level) / 2
+    low, high = np.quantile(replicates, [tail, 1 - tail])
+    return Interval(point, float(low), float(high), level)

@@ -43,6 +43,7 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
 # Methods without a recipe, and why: the run falls back to the plain defaults for them.
 WITHOUT_RECIPE: dict[str, str] = {
     "peft": "what works depends on --peft_type (LoHa, OFT and Super-Tuning want very different rates)",
+    "full_ft": "never measured on a subject; the style benchmark sweeps its rate on a style domain",
 }
 
 

@@ -11,6 +11,7 @@ import dataclasses
 from ..errors import DifftuneError
 from ..registration import check_plugin_class
 from .base import Adapter, AdapterConfig, AdapterLayer, LayerAdapter
+from .full_ft import FullAdapter
 from .lora import LoraAdapter
 from .peft import PeftAdapter
 from .sara import SaraAdapter
@@ -51,6 +52,7 @@ register_method(SaraAdapter)
 register_method(SVFitAdapter)
 register_method(TLoraAdapter)
 register_method(PeftAdapter)
+register_method(FullAdapter)
 
 __all__ = ["METHODS", "Adapter", "AdapterConfig", "AdapterLayer", "LayerAdapter",
            "get_method", "register_method"]

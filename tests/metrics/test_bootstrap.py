@@ -76,3 +76,18 @@ def test_paired_tables_must_match_and_level_must_be_a_fraction():
         bootstrap_paired_difference(np.zeros((2, 3)), np.zeros((3, 2)))
     with pytest.raises(ValueError, match="level"):
         bootstrap_mean([1.0, 2.0], level=95)
+
+
+def test_grouped_bootstrap_of_a_set_statistic_matches_the_plain_one_for_a_mean():
+    from difftune.metrics.bootstrap import bootstrap_grouped, bootstrap_mean
+
+    rng = np.random.default_rng(3)
+    table = rng.normal(size=(5, 40))
+    grouped = bootstrap_grouped([lambda idx, row=row: float(row[idx].mean()) for row in table], [40] * 5,
+                                resamples=4000, seed=1)
+    plain = bootstrap_mean(table, resamples=4000, seed=2)
+    assert grouped.mean == pytest.approx(table.mean())
+    assert grouped.low == pytest.approx(plain.low, abs=0.03)
+    assert grouped.high == pytest.approx(plain.high, abs=0.03)
+    with pytest.raises(ValueError, match="one statistic per group"):
+        bootstrap_grouped([], [])

@@ -77,6 +77,19 @@ def test_fid_of_gaussian_feature_sets_equals_closed_form():
     assert fid == pytest.approx(reference_fid(a, b), rel=1e-8)
 
 
+def test_fid_against_a_stored_reference_equals_torchmetrics():
+    from difftune.metrics.fid import FidReference
+
+    rng = np.random.default_rng(2)
+    real = torch.from_numpy(rng.normal(size=(300, 12)) @ rng.normal(size=(12, 12)))
+    reference = FidReference(real)
+    for shift in (0.0, 0.7):
+        generated = torch.from_numpy(rng.normal(size=(200, 12)) @ rng.normal(size=(12, 12)) + shift)
+        assert reference.distance(generated) == pytest.approx(frechet_distance(real, generated), rel=1e-6)
+        assert reference.distance(generated) == pytest.approx(reference_fid(real.numpy(), generated.numpy()),
+                                                              rel=1e-6)
+
+
 def test_fid_approaches_population_closed_form_for_diagonal_gaussians():
     # N(mu1, diag(s1²)) vs N(mu2, diag(s2²)): FID = |mu1 - mu2|² + Σ (s1 - s2)²
     rng = np.random.default_rng(1)

@@ -1,0 +1,777 @@
+"""The style benchmark: SaRA's own experiment, fine-tuning on a dataset of a new style, on the embedded
+world's five style domains; every method against LoRA, and what each one forgets.
+
+    # run (or resume: everything lives on disk) the grid of the embedded preset
+    difftune benchmark --style_suite --output_dir runs/style_benchmark
+    # the report from partial or complete results: JSON, plots, the markdown table
+    difftune benchmark --style_suite --output_dir runs/style_benchmark --report_only --report_dir docs
+
+(``python eval/benchmark.py --style_suite ...`` in a checkout is the same.)
+
+The protocol (the numbers of each preset are in STYLE_PRESETS):
+
+1. **Domains** (`difftune.world.styles`): each style's training images, captioned "<style> style, <world
+   caption>"; of its held-out images the first ``test_captions`` give the test captions and the FID
+   reference, the next ``validation_captions`` the validation captions (disjoint from the test ones).
+2. **Budgets.** SD 1.5's 5M / 20M / 50M trainable parameters of its 859.5M-weight UNet are 0.58 / 2.3 /
+   5.8 % of a denoiser: the same fractions of this model's denoiser. A method with a size knob (LoRA,
+   DoRA, LoHa, LoKr, SHiRA: the rank; SaRA: its budget; Super-Tuning: its sparsity) gets the setting whose
+   trainable count, counted on the model itself, is nearest each level. LoRA and SaRA run at all three
+   levels (the budget curve), the other knob methods at 20M; SVFit, TLoRA and OFT at their defaults, full
+   fine-tuning (`full_ft`) on every weight.
+3. **Learning rates.** Every method (at 20M) trains on the first domain at each rate of its grid (seed
+   ``sweep_seed``, not a test seed) and draws the validation captions; the rate with the lowest FID
+   against the domain's held-out images is kept (``sweep/selection.json``) for every domain and level.
+4. **The grid.** Every method × domain × seed trains with ``difftune train-text-to-image`` and is
+   scored at each of ``checkpoint_steps``: the test captions give FID against the held-out domain images
+   and against the training set (as the paper measures) and the CLIP score (100 · cosine of world-CLIP
+   image and caption embeddings; the caption without its style prefix, a phrase the world CLIP never
+   saw); plain world captions of one object (no prefix) give what is forgotten: colour and shape
+   accuracy (world-CLIP zero-shot), FID against real world scenes, and drift, 1 − cosine between the
+   world-CLIP embeddings of its image and the base model's image of the same caption and seed.
+5. **The report.** Per method and checkpoint the mean over domains with a 95 % two-stage bootstrap
+   interval (domains and seeds, then prompts; FID recomputed on resampled images), the paired
+   difference to LoRA at the same budget, VLHI within the group of methods at the matched budget (20M)
+   and without one, at the last checkpoint; plots of FID against drift over checkpoints and of FID
+   against trainable parameters.
+
+Trained runs are not retrained (an interrupted one continues from its last checkpoint) and a scored
+checkpoint is not rescored; a progress bar counts the grid's cells. ``--report_only`` trains nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from difftune.errors import DifftuneError
+from difftune.io import read_json, write_json
+from difftune.machine import machine_description
+from difftune.metrics.cli import EMBEDDED_CLIP
+from difftune.paths import portable_path
+
+from .benchmark_runs import ADAPTER_FILE, METHOD_COLORS, run_trainer
+
+TRAINER_MODULE = "difftune.commands.train_text_to_image"
+RESULT_FILE = "style_benchmark.json"
+BASELINE = "lora"
+SD15_UNET_WEIGHTS = 859_520_964  # the SD 1.5 UNet's parameters: the paper's budgets are fractions of it
+LEVELS = {"5M": 5e6, "20M": 20e6, "50M": 50e6}  # SaRA's budgets on SD 1.5
+MATCHED = "20M"
+# The paper's table (SD 1.5, mean of five style datasets at the 50M budget): FID / CLIP / VLHI.
+PAPER = {"sara": (134.96, 27.08, 1.55), "lora": (150.74, 27.96, 1.45), "dora": (146.22, 27.82, 1.53),
+         "full_ft": (133.69, 26.42, 1.30)}
+METRICS = {  # name -> (heading, higher is better)
+    "fid_heldout": ("FID held-out ↓", False), "fid_train": ("FID train ↓", False),
+    "clip": ("CLIP ↑", True), "color": ("colour acc ↑", True), "shape": ("shape acc ↑", True),
+    "fid_world": ("FID world ↓", False), "drift": ("drift ↓", False),
+}
+SET_METRICS = {"fid_heldout": "styled", "fid_train": "styled", "fid_world": "plain"}  # features they need
+
+
+@dataclass(frozen=True)
+class StyleMethod:
+    """A method of the suite: its adapter, fixed options, the knob that sets its budget and the levels
+    it runs at (none: its own defaults)."""
+
+    name: str
+    adapter: str
+    options: dict[str, Any] = field(default_factory=dict)
+    knob: str | None = None  # rank, budget (SaRA) or sparsity (Super-Tuning)
+    levels: tuple[str, ...] = (MATCHED,)
+
+
+STYLE_METHODS = (
+    StyleMethod("lora", "lora", {"targets": "attn"}, "rank", tuple(LEVELS)),
+    StyleMethod("sara", "sara", {}, "budget", tuple(LEVELS)),
+    StyleMethod("svfit", "svfit", {}, None, ()),
+    StyleMethod("tlora", "tlora", {}, None, ()),
+    StyleMethod("full_ft", "full_ft", {}, None, ()),
+    StyleMethod("dora", "peft", {"type": "dora", "targets": "attn"}, "rank"),
+    StyleMethod("loha", "peft", {"type": "loha", "targets": "attn"}, "rank"),
+    StyleMethod("lokr", "peft", {"type": "lokr", "targets": "attn"}, "rank"),
+    StyleMethod("oft", "peft", {"type": "oft", "targets": "attn"}, None, ()),
+    StyleMethod("shira", "peft", {"type": "shira", "targets": "attn"}, "rank"),
+    # Super-Tuning: the smallest-magnitude entries, as SaRA selects (without its hook or low-rank loss)
+    StyleMethod("supertuning", "peft", {"type": "supertuning", "targets": "all",
+                                        "options": {"select_top": False}}, "sparsity"),
+)
+METHODS_BY_NAME = {method.name: method for method in STYLE_METHODS}
+
+# Learning-rate grids (each around the measured subject recipes of difftune/training/recipes.py).
+_RATES = {"lora": (3e-4, 1e-3, 3e-3), "sara": (1e-3, 3e-3, 1e-2), "svfit": (1e-3, 3e-3, 1e-2),
+          "tlora": (3e-4, 1e-3, 3e-3), "full_ft": (3e-5, 1e-4, 3e-4), "dora": (3e-4, 1e-3, 3e-3),
+          "loha": (3e-4, 1e-3, 3e-3), "lokr": (3e-4, 1e-3, 3e-3), "oft": (3e-4, 1e-3, 3e-3),
+          "shira": (3e-4, 1e-3, 3e-3), "supertuning": (1e-3, 3e-3, 1e-2)}
+
+STYLE_PRESETS: dict[str, dict[str, Any]] = {
+    # Sized for the 2-core CPU (the grid's cost is in docs/benchmarks.md): one seed per domain, 8 DPM-Solver
+    # steps, the base model's images drawn once and reused by every method.
+    "embedded": {
+        "pretrained_model_name_or_path": "builtin:embedded", "clip_model": str(EMBEDDED_CLIP),
+        "styles": None, "seeds": [0], "train_images": 300, "test_captions": 300,
+        "validation_captions": 64, "plain_captions": 100, "world_images": 300,
+        "max_train_steps": 600, "checkpoint_steps": [200, 400, 600], "train_batch_size": 4,
+        "num_inference_steps": 8, "guidance_scale": 5.0, "generation_batch": 100,
+        "sweep_seed": 100, "learning_rates": _RATES,
+    },
+}
+
+
+# ---------------------------------------------------------------- options
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="difftune benchmark --style_suite", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(STYLE_PRESETS), default="embedded",
+                        help="defaults for everything below")
+    parser.add_argument("--output_dir", type=Path, required=True, help="runs, scores, caches (resumable)")
+    parser.add_argument("--report_only", action="store_true", help="write the report from what exists")
+    parser.add_argument("--report_dir", type=Path,
+                        help="also write the report's JSON (results/style_benchmark_embedded.json), plots "
+                             "(images/) and table here, e.g. docs")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS_BY_NAME),
+                        default=list(METHODS_BY_NAME), help="methods of the grid (lora is the baseline)")
+    parser.add_argument("--levels", nargs="+", choices=list(LEVELS), default=list(LEVELS),
+                        help="budget levels of the budget curve (LoRA and SaRA)")
+    parser.add_argument("--styles", nargs="+", help="style domains (default: all)")
+    parser.add_argument("--seeds", nargs="+", type=int, help="training seeds per domain")
+    parser.add_argument("--pretrained_model_name_or_path")
+    parser.add_argument("--clip_model", help="folder of the world CLIP (FID features, CLIP score, accuracy)")
+    for name in ("train_images", "test_captions", "validation_captions", "plain_captions", "world_images",
+                 "max_train_steps", "train_batch_size", "num_inference_steps", "generation_batch",
+                 "sweep_seed"):
+        parser.add_argument(f"--{name}", type=int)
+    parser.add_argument("--checkpoint_steps", nargs="+", type=int, help="steps scored (the last: the end)")
+    parser.add_argument("--guidance_scale", type=float)
+    parser.add_argument("--rates", type=int, choices=(1, 2, 3), default=3,
+                        help="rates of each method's grid to sweep (1: its middle one, no sweep)")
+    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap replicates (FID: a fifth)")
+    parser.add_argument("--data_dir", type=Path,
+                        help="where the rendered domains go (default: <output_dir>/data)")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    preset = parser.parse_known_args(argv)[0].preset
+    parser.set_defaults(**STYLE_PRESETS[preset])
+    args = parser.parse_args(argv)
+    from difftune.world.styles import STYLES
+
+    args.styles = args.styles or list(STYLES)
+    unknown = sorted(set(args.styles) - set(STYLES))
+    if unknown:
+        parser.error(f"--styles: unknown {', '.join(unknown)} (styles: {', '.join(STYLES)})")
+    if BASELINE not in args.methods:
+        parser.error("--methods must include lora, the baseline")
+    steps = args.checkpoint_steps
+    if sorted(steps) != steps or steps[-1] != args.max_train_steps:
+        parser.error("--checkpoint_steps must rise and end at --max_train_steps")
+    if MATCHED not in args.levels:
+        parser.error(f"--levels must include {MATCHED}, the matched budget")
+    args.data_dir = args.data_dir or args.output_dir / "data"
+    return args
+
+
+# ---------------------------------------------------------------- rows, budgets, commands
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the table: a method at one budget level (or at its defaults)."""
+
+    method: StyleMethod
+    level: str | None
+
+    @property
+    def name(self) -> str:
+        return f"{self.method.name}@{self.level}" if self.level else self.method.name
+
+    @property
+    def baseline(self) -> str:
+        """The LoRA row this row is compared with (the same budget, else the matched one)."""
+        return f"{BASELINE}@{self.level or MATCHED}"
+
+
+def suite_rows(args: argparse.Namespace) -> list[Row]:
+    rows = []
+    for name in args.methods:
+        method = METHODS_BY_NAME[name]
+        levels = [level for level in method.levels if level in args.levels]
+        rows += [Row(method, level) for level in levels] if method.levels else [Row(method, None)]
+    return rows
+
+
+def option_flags(adapter: str, options: dict[str, Any]) -> list[str]:
+    """Trainer flags of a method's options (``--targets``, ``--rank``, ``--peft_type``, ...)."""
+    from difftune.training.arguments import option_dest
+
+    flags = []
+    for name, value in options.items():
+        dest = "targets" if name == "targets" else option_dest(adapter, name)
+        flags += [f"--{dest}", json.dumps(value) if isinstance(value, dict) else str(value)]
+    return flags
+
+
+class BudgetCounter:
+    """Trainable counts of a method's settings on the model's own denoiser (attached, counted, removed)."""
+
+    def __init__(self, model: str):
+        from difftune.api import find_denoiser
+        from difftune.model_factory import load_pipeline
+
+        self.denoiser, _ = find_denoiser(load_pipeline(model))
+        self.total = sum(p.numel() for p in self.denoiser.parameters())
+
+    def count(self, adapter: str, options: dict[str, Any]) -> int:
+        import difftune
+
+        difftune.add_adapter(self.denoiser, adapter, **options)
+        try:
+            return difftune.count_trainable_parameters(self.denoiser)
+        finally:
+            difftune.remove_adapter(self.denoiser)
+
+    def target(self, level: str) -> int:
+        return round(self.total * LEVELS[level] / SD15_UNET_WEIGHTS)
+
+    def options_for(self, row: Row) -> tuple[dict[str, Any], int]:
+        """The row's options with its knob set to meet its level, and the trainable count they give."""
+        method, options = row.method, dict(row.method.options)
+        if row.level is None:
+            return options, self.count(method.adapter, options)
+        target = self.target(row.level)
+        if method.knob == "budget":
+            options["budget"] = target
+        elif method.knob == "sparsity":  # a kept share of the targeted entries: count it at one sparsity
+            probe = {**options, "options": {**options.get("options", {}), "sparsity": 0.5}}
+            targeted = 2 * self.count(method.adapter, probe)
+            options["options"] = {**options.get("options", {}), "sparsity": round(1 - target / targeted, 6)}
+        else:  # rank: counts grow linearly with it; the nearest of the neighbours of the linear guess
+            one = self.count(method.adapter, {**options, "rank": 1})
+            two = self.count(method.adapter, {**options, "rank": 2})
+            guess = max(1, round(1 + (target - one) / max(two - one, 1)))
+            candidates = {r: self.count(method.adapter, {**options, "rank": r})
+                          for r in {max(1, guess - 1), guess, guess + 1}}
+            options["rank"] = min(candidates, key=lambda r: abs(candidates[r] - target))
+        return options, self.count(method.adapter, options)
+
+
+# ---------------------------------------------------------------- the suite
+
+class StyleSuite:
+    """Settings, domains, metric models and the evaluation pipeline (each loaded on first use)."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args, self.out = args, Path(args.output_dir)
+        self._pipe = self._clip = self._extractor = self._world_clip = None
+        self.timings = read_json(self.out / "timings.json", missing_ok=True) or {}
+
+    # -- models
+    @property
+    def pipe(self):
+        if self._pipe is None:
+            import torch
+
+            from difftune.model_factory import load_pipeline
+
+            self._pipe = load_pipeline(self.args.pretrained_model_name_or_path, torch_dtype=torch.float32)
+            self._pipe.set_progress_bar_config(disable=True)
+        return self._pipe
+
+    @property
+    def clip(self):
+        if self._clip is None:
+            from difftune.metrics.similarity import ClipSimilarity
+
+            self._clip = ClipSimilarity.from_pretrained(self.args.clip_model)
+        return self._clip
+
+    @property
+    def extractor(self):
+        if self._extractor is None:
+            from difftune.metrics.fid import load_feature_extractor
+
+            self._extractor = load_feature_extractor(f"clip:{self.args.clip_model}")
+        return self._extractor
+
+    @property
+    def world_clip(self):
+        if self._world_clip is None:
+            from difftune.world.clip_model import load_world_clip
+
+            self._world_clip = load_world_clip(self.args.clip_model)
+        return self._world_clip
+
+    def record_time(self, key: str, wall: float, cpu: float | None) -> None:
+        """Wall and CPU seconds of one training or scoring (``timings.json``): with other work on the
+        machine the wall time grows, the CPU time (the grid's cost) much less."""
+        self.timings[key] = {"wall": round(wall, 2), "cpu": None if cpu is None else round(cpu, 2)}
+        write_json(self.out / "timings.json", self.timings)
+
+    # -- data
+    def train_dir(self, style: str) -> Path:
+        from difftune.world.styles import style_dataset
+
+        return style_dataset(style, "train", self.args.data_dir, self.args.train_images, progress=False)
+
+    def heldout(self, style: str) -> tuple[Any, list[str]]:
+        """The held-out images and captions: test captions first, then validation captions."""
+        from difftune.world.styles import render_part
+
+        count = self.args.test_captions + self.args.validation_captions
+        return render_part(style, "heldout", count)
+
+    def plain_scenes(self) -> list:
+        from difftune.world.clip_model import single_object_scenes
+
+        return single_object_scenes("heldout_a", self.args.plain_captions)
+
+    def features(self, images) -> Any:
+        """World-CLIP FID features of images in [-1, 1] (N, 3, H, W) or uint8 (N, H, W, 3)."""
+        import numpy as np
+        import torch
+
+        from difftune.metrics.features import extract_features
+
+        if isinstance(images, np.ndarray):
+            images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+        else:
+            images = ((images + 1) / 2).clamp(0, 1)
+        return extract_features(self.extractor, images, 100)
+
+    def reference(self, key: str, make) -> Any:
+        """Real features cached under ``cache/<key>.pt`` (domain images, world scenes)."""
+        import torch
+
+        path = self.out / "cache" / f"{key}.pt"
+        if path.is_file():
+            return torch.load(path, weights_only=True)
+        features = make()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(features, path)
+        return features
+
+    def heldout_features(self, style: str):
+        return self.reference(f"{style}_heldout", lambda: self.features(
+            self.heldout(style)[0][:self.args.test_captions]))
+
+    def train_features(self, style: str):
+        from difftune.world.styles import render_part
+
+        return self.reference(f"{style}_train", lambda: self.features(
+            render_part(style, "train", self.args.train_images)[0]))
+
+    def world_features(self):
+        import numpy as np
+
+        from difftune.world.scenes import render_scene, world_scene
+
+        return self.reference("world_heldout_b", lambda: self.features(np.stack(
+            [render_scene(world_scene("heldout_b", i)) for i in range(self.args.world_images)])))
+
+    # -- drawing and scoring
+    def draw(self, captions: list[str], seed: int = 0):
+        from difftune.world.quality import SamplingSettings, generate
+
+        args = self.args
+        settings = SamplingSettings(steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                                    seed=seed, batch_size=args.generation_batch)
+        return generate(self.pipe, captions, settings)
+
+    def base_plain(self) -> dict[str, Any]:
+        """The base model's plain-caption images as world-CLIP embeddings: drift's reference, drawn once."""
+        import torch
+
+        path = self.out / "cache" / "base_plain.pt"
+        if path.is_file():
+            return torch.load(path, weights_only=True)
+        images = self.draw([scene.caption() for scene in self.plain_scenes()], seed=PLAIN_SEED)
+        result = {"embeddings": self.clip.image_embeddings(((images + 1) / 2).clamp(0, 1))}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(result, path)
+        return result
+
+    def score(self, adapter: Path | None, style: str, path: Path, validation: bool = False) -> dict[str, Any]:
+        """One checkpoint (None: the base model) on one domain; cached in ``path`` (+ its features)."""
+        import torch
+        from difftune.world.styles import caption_prefix
+
+        import difftune
+        from difftune.metrics.fid import frechet_distance
+        from difftune.metrics.similarity import paired_cosine
+        from difftune.world.clip_model import classify_color_shape
+
+        cached = read_json(path, missing_ok=True)
+        if cached is not None:
+            return cached
+        started, cpu_started = time.perf_counter(), time.process_time()
+        _, captions = self.heldout(style)
+        test = self.args.test_captions
+        captions = captions[test:] if validation else captions[:test]
+        if adapter is not None:
+            difftune.load_adapter(self.pipe, adapter)
+        try:
+            styled = self.draw(captions)
+            plain_scenes = [] if validation else self.plain_scenes()
+            plain = self.draw([s.caption() for s in plain_scenes], seed=PLAIN_SEED) if plain_scenes else None
+        finally:
+            if adapter is not None:
+                difftune.remove_adapter(self.pipe)
+        styled_features = self.features(styled)
+        result: dict[str, Any] = {"fid_heldout": frechet_distance(self.heldout_features(style),
+                                                                  styled_features)}
+        features = {"styled": styled_features}
+        if not validation:
+            prefix = caption_prefix(style)
+            texts = [c.removeprefix(prefix) for c in captions]
+            embeddings = self.clip.image_embeddings(((styled + 1) / 2).clamp(0, 1))
+            result["clip"] = (100 * paired_cosine(embeddings, self.clip.text_embeddings(texts))).tolist()
+            result["fid_train"] = frechet_distance(self.train_features(style), styled_features)
+            model, tokenizer = self.world_clip
+            size = model.config.vision_config.image_size  # the world CLIP's own: the images' size
+            pixels = plain if plain.shape[-1] == size else torch.nn.functional.interpolate(
+                plain, size=(size, size), mode="bilinear", antialias=True)
+            predictions = classify_color_shape(model, tokenizer, pixels)
+            truth = [(s.objects[0].color, s.objects[0].shape) for s in plain_scenes]
+            result["color"] = [float(p[0] == t[0]) for p, t in zip(predictions, truth, strict=True)]
+            result["shape"] = [float(p[1] == t[1]) for p, t in zip(predictions, truth, strict=True)]
+            features["plain"] = self.features(plain)
+            result["fid_world"] = frechet_distance(self.world_features(), features["plain"])
+            plain_embeddings = self.clip.image_embeddings(((plain + 1) / 2).clamp(0, 1))
+            result["drift"] = (1 - paired_cosine(plain_embeddings, self.base_plain()["embeddings"])).tolist()
+        result["seconds"] = round(time.perf_counter() - started, 1)
+        self.record_time(f"score/{path.relative_to(self.out)}", time.perf_counter() - started,
+                         time.process_time() - cpu_started)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(features, path.with_suffix(".pt"))
+        write_json(path, result)
+        return result
+
+    # -- training
+    def train(self, row: Row, options: dict[str, Any], style: str, seed: int, rate: float, run_dir: Path,
+              steps: int, checkpointing_steps: int) -> dict[str, Any]:
+        args = self.args
+        command = [sys.executable, "-m", TRAINER_MODULE, "--pretrained_model_name_or_path",
+                   args.pretrained_model_name_or_path, "--train_data_dir", str(self.train_dir(style)),
+                   "--output_dir", str(run_dir), "--adapter", row.method.adapter,
+                   *option_flags(row.method.adapter, options), "--learning_rate", str(rate),
+                   "--max_train_steps", str(steps), "--train_batch_size", str(args.train_batch_size),
+                   "--checkpointing_steps", str(checkpointing_steps), "--lr_scheduler", "cosine",
+                   "--seed", str(seed), "--mixed_precision", "no", "--report_to", "none",
+                   "--skip_final_inference", "--resume_from_checkpoint", "latest"]
+        fresh = not (run_dir / "train_summary.json").is_file()
+        summary = run_trainer(command, run_dir, f"{row.name} {style} seed {seed}", quiet=True)
+        if fresh:
+            self.record_time(f"train/{run_dir.relative_to(self.out)}", summary["wall_time_s"],
+                             summary.get("process_cpu_seconds"))
+        return summary
+
+    def checkpoint(self, run_dir: Path, step: int) -> Path:
+        folder = run_dir / f"checkpoint-{step}"
+        if (folder / ADAPTER_FILE).is_file():
+            return folder
+        if step == self.args.max_train_steps and (run_dir / ADAPTER_FILE).is_file():
+            return run_dir / ADAPTER_FILE
+        raise DifftuneError(f"{folder} is missing: the run in {run_dir} kept no checkpoint at step {step}")
+
+
+PLAIN_SEED = 1_000_000  # plain captions draw from other seeds than the styled ones
+
+
+# ---------------------------------------------------------------- budgets and the sweep
+
+def resolve_budgets(suite: StyleSuite, rows: list[Row]) -> dict[str, Any]:
+    """Each row's options and trainable count (``budgets.json``; counted once)."""
+    path = suite.out / "budgets.json"
+    known = read_json(path, missing_ok=True) or {}
+    missing = [row for row in rows if row.name not in known]
+    if missing:
+        counter = BudgetCounter(suite.args.pretrained_model_name_or_path)
+        known["denoiser_parameters"] = counter.total
+        for row in missing:
+            options, count = counter.options_for(row)
+            known[row.name] = {"options": options, "trainable_parameters": count,
+                               "target": counter.target(row.level) if row.level else None}
+        write_json(path, known)
+    return known
+
+
+def rates_of(args: argparse.Namespace, method: str) -> tuple[float, ...]:
+    grid = tuple(args.learning_rates[method])
+    middle = len(grid) // 2
+    return {1: grid[middle:middle + 1], 2: grid[middle - 1:middle + 1], 3: grid}[args.rates]
+
+
+def run_sweep(suite: StyleSuite, rows: list[Row], budgets: dict[str, Any], bar) -> dict[str, Any]:
+    """The learning rate of every method: lowest validation FID on the first domain (see the docstring)."""
+    args = suite.args
+    path = suite.out / "sweep" / "selection.json"
+    selection = read_json(path, missing_ok=True) or {}
+    style = args.styles[0]
+    for row in rows:
+        method = row.method.name
+        if method in selection or (row.level not in (None, MATCHED)):
+            continue
+        rates = rates_of(args, method)
+        tried = []
+        for rate in rates:
+            run_dir = suite.out / "sweep" / method / f"lr{rate:g}"
+            if len(rates) > 1:
+                suite.train(row, budgets[row.name]["options"], style, args.sweep_seed, rate, run_dir,
+                            args.max_train_steps, args.max_train_steps)
+                score = suite.score(run_dir / ADAPTER_FILE, style, run_dir / "validation.json",
+                                    validation=True)
+                tried.append({"rate": rate, "fid_validation": score["fid_heldout"]})
+            bar.update(1)
+        best = min(tried, key=lambda t: t["fid_validation"])["rate"] if tried else rates[0]
+        selection[method] = {"rate": best, "tried": tried, "domain": style}
+        write_json(path, selection)
+    return selection
+
+
+# ---------------------------------------------------------------- the grid
+
+def run_dir_of(suite: StyleSuite, row: Row, style: str, seed: int) -> Path:
+    return suite.out / "runs" / style / f"seed{seed}" / row.name
+
+
+def score_path(suite: StyleSuite, row_name: str, style: str, seed: int, step: int) -> Path:
+    return suite.out / "scores" / style / f"seed{seed}" / row_name / f"step{step}.json"
+
+
+def run_grid(suite: StyleSuite, rows: list[Row], budgets: dict[str, Any], selection: dict[str, Any],
+             bar) -> None:
+    args = suite.args
+    for style in args.styles:
+        suite.score(None, style, score_path(suite, "base", style, 0, 0))
+        bar.update(1)
+        for seed in args.seeds:
+            for row in rows:
+                run_dir = run_dir_of(suite, row, style, seed)
+                steps = args.checkpoint_steps
+                todo = [s for s in steps if not score_path(suite, row.name, style, seed, s).is_file()]
+                if todo:
+                    suite.train(row, budgets[row.name]["options"], style, seed,
+                                selection[row.method.name]["rate"], run_dir, args.max_train_steps,
+                                math.gcd(*steps))
+                for step in steps:
+                    path = score_path(suite, row.name, style, seed, step)
+                    if not path.is_file():
+                        suite.score(suite.checkpoint(run_dir, step), style, path)
+                    bar.update(1)
+
+
+# ---------------------------------------------------------------- the report
+
+def cells(suite: StyleSuite, row_name: str, step: int) -> list[tuple[str, int, dict[str, Any], Path]]:
+    """The scored (style, seed) cells of a row at a step, with their results and feature files."""
+    args, found = suite.args, []
+    for style in args.styles:
+        for seed in ([0] if row_name == "base" else args.seeds):
+            path = score_path(suite, row_name, style, seed, 0 if row_name == "base" else step)
+            result = read_json(path, missing_ok=True)
+            if result is not None:
+                found.append((style, seed, result, path.with_suffix(".pt")))
+    return found
+
+
+def aggregate(suite: StyleSuite, row_name: str, step: int, baseline: str | None) -> dict[str, Any] | None:
+    """Means with intervals of every metric, and paired differences to ``baseline`` where both exist."""
+    import numpy as np
+
+    from difftune.metrics.bootstrap import bootstrap_grouped, bootstrap_mean
+    from difftune.metrics.fid import FidReference
+
+    mine = cells(suite, row_name, step)
+    if not mine:
+        return None
+    theirs = {(s, k): (r, p) for s, k, r, p in cells(suite, baseline, step)} if baseline else {}
+    paired = [(s, k, r, p) for s, k, r, p in mine if (s, k) in theirs]
+    resamples = suite.args.resamples
+    out: dict[str, Any] = {"row": row_name, "step": step, "cells": len(mine)}
+    for metric in METRICS:
+        if metric not in mine[0][2]:
+            continue
+        if metric in SET_METRICS:
+            references = {style: FidReference(reference_features(suite, metric, style)) for style, *_ in mine}
+            mine_sets = [(style, load_features(p, metric)) for style, _, _, p in mine]
+            fid_resamples = max(resamples // 5, 50)
+            out[metric] = bootstrap_grouped([fid_of(references[s], f) for s, f in mine_sets],
+                                            [len(f) for _, f in mine_sets], resamples=fid_resamples).to_dict()
+            if paired:
+                pairs = [(references[s], load_features(p, metric), load_features(theirs[(s, k)][1], metric))
+                         for s, k, _, p in paired]
+                out[f"{metric}_vs_{BASELINE}"] = bootstrap_grouped(
+                    [fid_difference(reference, a, b) for reference, a, b in pairs],
+                    [len(a) for _, a, _ in pairs], resamples=fid_resamples).to_dict()
+        else:
+            table = np.array([r[metric] for _, _, r, _ in mine])
+            out[metric] = bootstrap_mean(table, resamples=resamples).to_dict()
+            if paired:
+                ours = np.array([r[metric] for _, _, r, _ in paired])
+                base = np.array([theirs[(s, k)][0][metric] for s, k, _, _ in paired])
+                out[f"{metric}_vs_{BASELINE}"] = bootstrap_mean(ours - base, resamples=resamples).to_dict()
+    return out
+
+
+def load_features(path: Path, metric: str):
+    import torch
+
+    return torch.load(path, weights_only=True)[SET_METRICS[metric]]
+
+
+def fid_of(reference, features):
+    """FID of the images at the drawn indices against the reference (for `bootstrap_grouped`)."""
+    import torch
+
+    return lambda indices: reference.distance(features[torch.as_tensor(indices)])
+
+
+def fid_difference(reference, features, baseline):
+    """The paired FID difference on the same drawn prompts."""
+    ours, theirs = fid_of(reference, features), fid_of(reference, baseline)
+    return lambda indices: ours(indices) - theirs(indices)
+
+
+def reference_features(suite: StyleSuite, metric: str, style: str):
+    if metric == "fid_heldout":
+        return suite.heldout_features(style)
+    if metric == "fid_train":
+        return suite.train_features(style)
+    return suite.world_features()
+
+
+def write_report(suite: StyleSuite, rows: list[Row], budgets: dict[str, Any], selection: dict[str, Any]
+                 ) -> dict[str, Any]:
+    from difftune.metrics.vlhi import vlhi
+
+    args = suite.args
+    steps = args.checkpoint_steps
+    table_rows = [{"row": "base", "step": 0, **(aggregate(suite, "base", 0, None) or {})}]
+    run_rows = []
+    for row in rows:
+        for step in steps:
+            baseline = None if row.name == row.baseline else row.baseline
+            result = aggregate(suite, row.name, step, baseline)
+            if result is None:
+                continue
+            result.update({"method": row.method.name, "level": row.level,
+                           "trainable_parameters": budgets.get(row.name, {}).get("trainable_parameters"),
+                           "learning_rate": selection.get(row.method.name, {}).get("rate")})
+            table_rows.append(result)
+            for style, seed, cell, _ in cells(suite, row.name, step):
+                run_rows.append({"row": row.name, "style": style, "seed": seed, "step": step,
+                                 **{m: (float(sum(v) / len(v)) if isinstance(v, list) else v)
+                                    for m, v in cell.items() if m in METRICS}})
+    last = [r for r in table_rows if r["step"] == steps[-1] and "fid_heldout" in r
+            and (r.get("level") in (MATCHED, None))]
+    group = [r["row"] for r in last]
+    for key, fid_metric in (("vlhi", "fid_heldout"), ("vlhi_train", "fid_train")):
+        values = vlhi({r["row"]: r[fid_metric]["mean"] for r in last},
+                      {r["row"]: r["clip"]["mean"] for r in last})
+        for r in last:
+            r[key] = values[r["row"]]
+    report = {
+        "settings": {
+            **{k: portable_path(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+               if k not in ("output_dir", "data_dir", "report_dir", "report_only")},
+            "vlhi_group": group, "baseline": BASELINE,
+            "levels": {k: v / SD15_UNET_WEIGHTS for k, v in LEVELS.items()},
+            "budgets": budgets, "learning_rates": selection, "machine": machine_description(),
+            "timings_seconds": {f"{kind}{clock}": round(sum(v[clock] or 0 for k, v in suite.timings.items()
+                                                            if k.startswith(f"{kind}/")), 1)
+                                for kind in ("train", "score") for clock in ("wall", "cpu")},
+            "drift": "1 − cosine of world-CLIP image embeddings, same caption and seed as the base model",
+            "clip_score": "100 · cosine of world-CLIP image and caption embeddings (the caption without "
+                          "its style prefix)",
+            "fid": "world-CLIP image features, float64 statistics; intervals resample domains × seeds, "
+                   "then images",
+        },
+        "aggregates": table_rows,
+        "rows": run_rows,
+    }
+    write_json(suite.out / RESULT_FILE, report)
+    table = markdown_table(report)
+    (suite.out / "style_benchmark.md").write_text(table + "\n")
+    plots = make_plots(report)
+    for name, image in plots.items():
+        image.save(suite.out / name)
+    if args.report_dir:
+        write_json(args.report_dir / "results" / "style_benchmark_embedded.json", report)
+        for name, image in plots.items():
+            (args.report_dir / "images").mkdir(parents=True, exist_ok=True)
+            image.save(args.report_dir / "images" / f"style_benchmark_embedded_{name}")
+    print(table)
+    return report
+
+
+def _cell(entry: dict[str, Any] | None, digits: int = 1) -> str:
+    if not entry:
+        return "–"
+    return f"{entry['mean']:.{digits}f} [{entry['low']:.{digits}f}, {entry['high']:.{digits}f}]"
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    steps = report["settings"]["checkpoint_steps"]
+    lines = ["| method | params | step | " + " | ".join(h for h, _ in METRICS.values()) + " | VLHI | "
+             "Δ FID vs LoRA | paper FID / CLIP / VLHI (SD 1.5, 50M) |",
+             "|" + "---|" * (len(METRICS) + 6)]
+    for r in report["aggregates"]:
+        if r["row"] != "base" and r["step"] != steps[-1]:
+            continue
+        values = " | ".join(_cell(r.get(m), 3 if m in ("color", "shape", "drift") else 1) for m in METRICS)
+        paper = PAPER.get(r.get("method")) if r.get("level") in ("50M", None) else None
+        index = "" if r.get("vlhi") is None else f"{r['vlhi']:.2f}"
+        paper_text = " / ".join(map(str, paper)) if paper else ""
+        lines.append(f"| {r['row']} | {r.get('trainable_parameters') or ''} | {r['step']} | {values} | "
+                     f"{index} | {_cell(r.get('fid_heldout_vs_lora'))} | {paper_text} |")
+    return "\n".join(lines)
+
+
+def make_plots(report: dict[str, Any]) -> dict[str, Any]:
+    from difftune.metrics.reporting import scatter_plot
+
+    trained = [r for r in report["aggregates"] if r["row"] != "base" and "fid_heldout" in r]
+    colors = {r["row"]: METHOD_COLORS.get(r.get("method"), None) for r in trained}
+    colors = {k: v for k, v in colors.items() if v}
+    curves = [(r["drift"]["mean"], r["fid_heldout"]["mean"], r["row"]) for r in trained if "drift" in r]
+    final = [r for r in trained if r["step"] == report["settings"]["checkpoint_steps"][-1]]
+    by_params = sorted(((r["trainable_parameters"], r["fid_heldout"]["mean"], r["method"]) for r in final
+                        if r.get("trainable_parameters")), key=lambda p: (p[2], p[0]))
+    return {
+        "fid_vs_drift.png": scatter_plot(curves, "drift from the base model (1 − cos) ↓",
+                                         "FID to the held-out domain ↓",
+                                         "FID against forgetting over checkpoints", colors=colors,
+                                         connect=True),
+        "fid_vs_params.png": scatter_plot(by_params, "trainable parameters", "FID to the held-out domain ↓",
+                                          "FID against trainable parameters (last checkpoint)", log_x=True,
+                                          colors=METHOD_COLORS, connect=True),
+    }
+
+
+# ---------------------------------------------------------------- main
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    args = parse_args(argv)
+    suite = StyleSuite(args)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    rows = suite_rows(args)
+    budgets = read_json(suite.out / "budgets.json", missing_ok=True) or {}
+    selection = read_json(suite.out / "sweep" / "selection.json", missing_ok=True) or {}
+    if not args.report_only:
+        budgets = resolve_budgets(suite, rows)
+        sweep_cells = sum(len(rates_of(args, r.method.name)) for r in rows if r.level in (None, MATCHED))
+        grid_cells = len(args.styles) * (1 + len(args.seeds) * len(rows) * len(args.checkpoint_steps))
+        with tqdm(total=sweep_cells + grid_cells, desc="style benchmark", unit="cell") as bar:
+            selection = run_sweep(suite, rows, budgets, bar)
+            run_grid(suite, rows, budgets, selection, bar)
+    return write_report(suite, rows, budgets, selection)

@@ -1,0 +1,149 @@
+"""The style benchmark's machinery on the tiny models (difftune/commands/style_suite.py): budgets, sweep, grid, scores,
+intervals, paired differences, VLHI, plots, resuming."""
+
+import json
+import time
+
+import pytest
+import torch
+from conftest import command_module, train_script_runner
+
+import difftune
+from difftune.metrics.fid import frechet_distance
+from difftune.metrics.vlhi import vlhi
+
+SMALL = ["--pretrained_model_name_or_path", "builtin:tiny-sd", "--styles", "rose", "neon",
+         "--train_images", 8, "--test_captions", 8, "--validation_captions", 4, "--plain_captions", 6,
+         "--world_images", 8, "--max_train_steps", 2, "--checkpoint_steps", 1, 2, "--train_batch_size", 2,
+         "--num_inference_steps", 2, "--generation_batch", 8, "--levels", "5M", "20M", "--resamples", 60]
+
+
+@pytest.fixture(scope="module")
+def suite_module():
+    return command_module("style_suite")
+
+
+@pytest.fixture
+def in_process_trainer(monkeypatch, suite_module):
+    """The dataset trainer in this process (the suite runs it as a subprocess), counting its runs."""
+    trainer = train_script_runner("train_text_to_image")
+    runs = []
+
+    def run_trainer(command, output_dir, label, retrain=False, quiet=False):
+        if (output_dir / "train_summary.json").is_file():
+            return json.loads((output_dir / "train_summary.json").read_text())
+        runs.append(label)
+        started = time.perf_counter()
+        trainer(*command[3:])  # python -m <module> <flags>
+        summary = json.loads((output_dir / "train_summary.json").read_text())
+        return {**summary, "wall_time_s": time.perf_counter() - started, "process_cpu_seconds": None}
+
+    monkeypatch.setattr(suite_module, "run_trainer", run_trainer)
+    return runs
+
+
+def run(suite_module, out, clip, *extra):
+    return suite_module.main([str(a) for a in [*SMALL, "--output_dir", out, "--clip_model", clip, *extra]])
+
+
+def test_the_grid_scores_every_cell_and_reports_intervals(suite_module, in_process_trainer, tiny_clip_dir,
+                                                          tmp_path):
+    out = tmp_path / "suite"
+    report = run(suite_module, out, tiny_clip_dir, "--methods", "lora", "sara", "full_ft", "--rates", 2)
+    # the sweep: two rates per method on the first domain, the lower validation FID kept
+    selection = report["settings"]["learning_rates"]
+    for method in ("lora", "sara", "full_ft"):
+        tried = selection[method]["tried"]
+        assert len(tried) == 2 and selection[method]["domain"] == "rose"
+        assert selection[method]["rate"] == min(tried, key=lambda t: t["fid_validation"])["rate"]
+    # budgets: SaRA's count is its level exactly, LoRA's rank the nearest to it
+    budgets = report["settings"]["budgets"]
+    assert budgets["sara@20M"]["trainable_parameters"] == budgets["sara@20M"]["target"]
+    rank = budgets["lora@20M"]["options"]["rank"]
+    pipe = difftune.model_factory.load_pipeline("builtin:tiny-sd")
+    counts = {}
+    for r in (rank - 1, rank, rank + 1):
+        difftune.add_adapter(pipe.unet, "lora", targets="attn", rank=r)
+        counts[r] = difftune.count_trainable_parameters(pipe.unet)
+        difftune.remove_adapter(pipe.unet)
+    target = budgets["lora@20M"]["target"]
+    assert min(counts, key=lambda r: abs(counts[r] - target)) == rank
+    assert budgets["lora@5M"]["trainable_parameters"] < budgets["lora@20M"]["trainable_parameters"]
+    # rows: every row x domain x checkpoint, with every metric
+    rows = report["rows"]
+    names = {"lora@5M", "lora@20M", "sara@5M", "sara@20M", "full_ft"}
+    assert {(r["row"], r["style"], r["step"]) for r in rows} == {(n, s, k) for n in names
+                                                                 for s in ("rose", "neon") for k in (1, 2)}
+    cell = json.loads((out / "scores/neon/seed0/sara@20M/step2.json").read_text())
+    features = torch.load(out / "scores/neon/seed0/sara@20M/step2.pt", weights_only=True)
+    reference = torch.load(out / "cache/neon_heldout.pt", weights_only=True)
+    assert cell["fid_heldout"] == pytest.approx(frechet_distance(reference, features["styled"]))
+    assert len(cell["clip"]) == 8 and len(cell["drift"]) == len(cell["color"]) == 6
+    assert all(0 <= d <= 2 for d in cell["drift"])
+    # aggregates: intervals around the mean of the domains; paired differences to LoRA at the same budget
+    by_row = {(a["row"], a["step"]): a for a in report["aggregates"]}
+    sara = by_row[("sara@20M", 2)]
+    for metric in ("fid_heldout", "fid_train", "clip", "drift", "fid_world", "color", "shape"):
+        assert sara[metric]["low"] <= sara[metric]["mean"] <= sara[metric]["high"]
+    domain_cells = [json.loads((out / f"scores/{s}/seed0/sara@20M/step2.json").read_text())
+                    for s in ("rose", "neon")]
+    assert sara["fid_heldout"]["mean"] == pytest.approx(sum(c["fid_heldout"] for c in domain_cells) / 2)
+    lora = by_row[("lora@20M", 2)]
+    assert sara["clip_vs_lora"]["mean"] == pytest.approx(sara["clip"]["mean"] - lora["clip"]["mean"])
+    assert sara["fid_heldout_vs_lora"]["mean"] == pytest.approx(sara["fid_heldout"]["mean"]
+                                                                - lora["fid_heldout"]["mean"])
+    assert "clip_vs_lora" in by_row[("sara@5M", 2)] and "clip_vs_lora" in by_row[("full_ft", 2)]
+    # VLHI within the matched group at the last checkpoint, as metrics.vlhi computes it
+    group = report["settings"]["vlhi_group"]
+    assert set(group) == {"lora@20M", "sara@20M", "full_ft"}
+    expected = vlhi({g: by_row[(g, 2)]["fid_heldout"]["mean"] for g in group},
+                    {g: by_row[(g, 2)]["clip"]["mean"] for g in group})
+    assert all(by_row[(g, 2)]["vlhi"] == pytest.approx(expected[g]) for g in group)
+    assert (out / "fid_vs_drift.png").is_file() and (out / "fid_vs_params.png").is_file()
+    assert "| sara@20M |" in (out / "style_benchmark.md").read_text()
+
+    # resuming trains and scores nothing again; --report_only writes the same report and the docs files
+    trained = len(in_process_trainer)
+    timings = (out / "timings.json").read_text()
+    again = run(suite_module, out, tiny_clip_dir, "--methods", "lora", "sara", "full_ft", "--rates", 2)
+    assert len(in_process_trainer) == trained and (out / "timings.json").read_text() == timings
+    docs = tmp_path / "docs"
+    only = run(suite_module, out, tiny_clip_dir, "--methods", "lora", "sara", "full_ft", "--rates", 2,
+               "--report_only", "--report_dir", docs)
+    assert only["aggregates"] == again["aggregates"]
+    assert (docs / "results/style_benchmark_embedded.json").is_file()
+    assert (docs / "images/style_benchmark_embedded_fid_vs_drift.png").is_file()
+
+
+def test_an_interrupted_grid_continues_where_it_stopped(suite_module, in_process_trainer, tiny_clip_dir,
+                                                        tmp_path, monkeypatch):
+    out = tmp_path / "suite"
+    original = suite_module.StyleSuite.score
+    calls = []
+
+    def score_then_stop(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        calls.append(args)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated interruption")
+        return result
+
+    with monkeypatch.context() as patch:
+        patch.setattr(suite_module.StyleSuite, "score", score_then_stop)
+        with pytest.raises(KeyboardInterrupt):
+            run(suite_module, out, tiny_clip_dir, "--methods", "lora", "--levels", "20M", "--rates", 1,
+                "--styles", "rose")
+    first = len(in_process_trainer)
+    report = run(suite_module, out, tiny_clip_dir, "--methods", "lora", "--levels", "20M", "--rates", 1,
+                 "--styles", "rose")
+    assert len(in_process_trainer) == first  # the trained run was not trained again
+    assert {(r["row"], r["step"]) for r in report["rows"]} == {("lora@20M", 1), ("lora@20M", 2)}
+
+
+def test_bad_flags_are_refused(suite_module, tmp_path):
+    with pytest.raises(SystemExit):
+        suite_module.parse_args(["--output_dir", str(tmp_path), "--checkpoint_steps", "2", "1"])
+    with pytest.raises(SystemExit):
+        suite_module.parse_args(["--output_dir", str(tmp_path), "--methods", "sara"])
+    with pytest.raises(SystemExit):
+        suite_module.parse_args(["--output_dir", str(tmp_path), "--styles", "nope"])
