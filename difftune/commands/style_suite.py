@@ -15,28 +15,32 @@ The protocol (the numbers of each preset are in STYLE_PRESETS):
    reference, the next ``validation_captions`` the validation captions (disjoint from the test ones).
 2. **Budgets.** SD 1.5's 5M / 20M / 50M trainable parameters of its 859.5M-weight UNet are 0.58 / 2.3 /
    5.8 % of a denoiser: the same fractions of this model's denoiser. A method with a size knob (LoRA,
-   DoRA, LoHa, LoKr, SHiRA: the rank; SaRA: its budget; Super-Tuning: its sparsity) gets the setting whose
+   DoRA, LoHa, SHiRA: the rank; SaRA: its budget; Super-Tuning: its sparsity) gets the setting whose
    trainable count, counted on the model itself, is nearest each level. LoRA and SaRA run at all three
-   levels (the budget curve), the other knob methods at 20M; SVFit, TLoRA and OFT at their defaults, full
-   fine-tuning (`full_ft`) on every weight.
+   levels (the budget curve), the other knob methods at 20M; SVFit, TLoRA, OFT and LoKr at their
+   defaults, full fine-tuning (`full_ft`) on every weight.
 3. **Learning rates.** Every method (at 20M) trains on the first domain at each rate of its grid (seed
    ``sweep_seed``, not a test seed) and draws the validation captions; the rate with the lowest FID
    against the domain's held-out images is kept (``sweep/selection.json``) for every domain and level.
 4. **The grid.** Every method × domain × seed trains with ``difftune train-text-to-image`` and is
-   scored at each of ``checkpoint_steps``: the test captions give FID against the held-out domain images
-   and against the training set (as the paper measures) and the CLIP score (100 · cosine of world-CLIP
-   image and caption embeddings; the caption without its style prefix, a phrase the world CLIP never
-   saw); plain world captions of one object (no prefix) give what is forgotten: colour and shape
-   accuracy (world-CLIP zero-shot), FID against real world scenes, and drift, 1 − cosine between the
-   world-CLIP embeddings of its image and the base model's image of the same caption and seed.
+   scored at each of ``checkpoint_steps`` (a ``--curve_methods`` method at the matched budget; the
+   others and the budget curve's other levels at the last one): the test captions give FID against the
+   held-out domain images and against the training set (as the paper measures) and the CLIP score
+   (100 · cosine of world-CLIP image and caption embeddings; the caption without its style prefix, a
+   phrase the world CLIP never saw); plain world captions of one object (no prefix) give what is
+   forgotten: colour and shape accuracy (world-CLIP zero-shot), FID against real world scenes, and
+   drift, 1 − cosine between the world-CLIP embeddings of its image and the base model's image of the
+   same caption and seed.
 5. **The report.** Per method and checkpoint the mean over domains with a 95 % two-stage bootstrap
    interval (domains and seeds, then prompts; FID recomputed on resampled images), the paired
    difference to LoRA at the same budget, VLHI within the group of methods at the matched budget (20M)
    and without one, at the last checkpoint; plots of FID against drift over checkpoints and of FID
    against trainable parameters.
 
-Trained runs are not retrained (an interrupted one continues from its last checkpoint) and a scored
-checkpoint is not rescored; a progress bar counts the grid's cells. ``--report_only`` trains nothing.
+The grid runs row by row (a method's sweep just before its rows; the matched budget first, in
+`STYLE_METHODS` order), so a partial run holds whole methods over every domain. Trained runs are not
+retrained (an interrupted one continues from its last checkpoint) and a scored checkpoint is not
+rescored; a progress bar counts the grid's cells. ``--report_only`` trains nothing.
 """
 
 from __future__ import annotations
@@ -87,20 +91,24 @@ class StyleMethod:
     levels: tuple[str, ...] = (MATCHED,)
 
 
+# In the order the grid runs them (a partial run holds the first ones on every domain): the paper's
+# comparison first (LoRA, SaRA, full fine-tuning, DoRA), then Super-Tuning, then the others.
 STYLE_METHODS = (
     StyleMethod("lora", "lora", {"targets": "attn"}, "rank", tuple(LEVELS)),
     StyleMethod("sara", "sara", {}, "budget", tuple(LEVELS)),
-    StyleMethod("svfit", "svfit", {}, None, ()),
-    StyleMethod("tlora", "tlora", {}, None, ()),
     StyleMethod("full_ft", "full_ft", {}, None, ()),
     StyleMethod("dora", "peft", {"type": "dora", "targets": "attn"}, "rank"),
+    # Super-Tuning: the smallest-magnitude entries, as SaRA selects (without its hook or low-rank loss),
+    # on every Linear of the transformer blocks (peft's Super-Tuning adapts Linear layers only)
+    StyleMethod("supertuning", "peft", {"type": "supertuning", "targets": "attn-ff",
+                                        "options": {"select_top": False}}, "sparsity"),
+    StyleMethod("svfit", "svfit", {}, None, ()),
+    StyleMethod("tlora", "tlora", {}, None, ()),
     StyleMethod("loha", "peft", {"type": "loha", "targets": "attn"}, "rank"),
-    StyleMethod("lokr", "peft", {"type": "lokr", "targets": "attn"}, "rank"),
+    # LoKr at its defaults: on layers this small its count does not grow with the rank (no budget knob)
+    StyleMethod("lokr", "peft", {"type": "lokr", "targets": "attn"}, None, ()),
     StyleMethod("oft", "peft", {"type": "oft", "targets": "attn"}, None, ()),
     StyleMethod("shira", "peft", {"type": "shira", "targets": "attn"}, "rank"),
-    # Super-Tuning: the smallest-magnitude entries, as SaRA selects (without its hook or low-rank loss)
-    StyleMethod("supertuning", "peft", {"type": "supertuning", "targets": "all",
-                                        "options": {"select_top": False}}, "sparsity"),
 )
 METHODS_BY_NAME = {method.name: method for method in STYLE_METHODS}
 
@@ -111,15 +119,18 @@ _RATES = {"lora": (3e-4, 1e-3, 3e-3), "sara": (1e-3, 3e-3, 1e-2), "svfit": (1e-3
           "shira": (3e-4, 1e-3, 3e-3), "supertuning": (1e-3, 3e-3, 1e-2)}
 
 STYLE_PRESETS: dict[str, dict[str, Any]] = {
-    # Sized for the 2-core CPU (the grid's cost is in docs/benchmarks.md): one seed per domain, 8 DPM-Solver
-    # steps, the base model's images drawn once and reused by every method.
+    # Sized for the 2-core CPU from one measured cell (docs/benchmarks.md): one seed per domain, 300
+    # steps, 8 sampler steps (the base model's FID to a style at 8 steps is its FID at 25; at 6 its
+    # colour accuracy drops), the base model's images drawn once; every checkpoint scored for the
+    # paper's methods and Super-Tuning, the last one for the others and the budget curve's other levels.
     "embedded": {
         "pretrained_model_name_or_path": "builtin:embedded", "clip_model": str(EMBEDDED_CLIP),
         "styles": None, "seeds": [0], "train_images": 300, "test_captions": 300,
         "validation_captions": 64, "plain_captions": 100, "world_images": 300,
-        "max_train_steps": 600, "checkpoint_steps": [200, 400, 600], "train_batch_size": 4,
+        "max_train_steps": 300, "checkpoint_steps": [75, 150, 300], "train_batch_size": 4,
         "num_inference_steps": 8, "guidance_scale": 5.0, "generation_batch": 100,
         "sweep_seed": 100, "learning_rates": _RATES,
+        "curve_methods": ["lora", "sara", "full_ft", "dora", "supertuning"],
     },
 }
 
@@ -149,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                  "sweep_seed"):
         parser.add_argument(f"--{name}", type=int)
     parser.add_argument("--checkpoint_steps", nargs="+", type=int, help="steps scored (the last: the end)")
+    parser.add_argument("--curve_methods", nargs="*", choices=list(METHODS_BY_NAME),
+                        help="methods scored at every checkpoint at the matched budget (their curves over "
+                             "training); the others and the budget curve's other levels at the last one")
     parser.add_argument("--guidance_scale", type=float)
     parser.add_argument("--rates", type=int, choices=(1, 2, 3), default=3,
                         help="rates of each method's grid to sweep (1: its middle one, no sweep)")
@@ -200,12 +214,20 @@ class Row:
 
 
 def suite_rows(args: argparse.Namespace) -> list[Row]:
-    rows = []
-    for name in args.methods:
-        method = METHODS_BY_NAME[name]
-        levels = [level for level in method.levels if level in args.levels]
-        rows += [Row(method, level) for level in levels] if method.levels else [Row(method, None)]
-    return rows
+    """The rows in the order the grid runs them: every method at the matched budget (or its defaults)
+    in `STYLE_METHODS` order, then the budget curve's other levels."""
+    methods = [method for method in STYLE_METHODS if method.name in args.methods]
+    rows = [Row(method, MATCHED if method.levels else None) for method in methods]
+    return rows + [Row(method, level) for method in methods for level in method.levels
+                   if level != MATCHED and level in args.levels]
+
+
+def scored_steps(args: argparse.Namespace, row: Row) -> list[int]:
+    """The checkpoints a row is scored at: every one for a ``--curve_methods`` method at the matched
+    budget (its curve over training), the last one otherwise (a budget curve's point, a final score)."""
+    if row.level in (None, MATCHED) and row.method.name in args.curve_methods:
+        return list(args.checkpoint_steps)
+    return [args.checkpoint_steps[-1]]
 
 
 def option_flags(adapter: str, options: dict[str, Any]) -> list[str]:
@@ -309,6 +331,13 @@ class StyleSuite:
             self._world_clip = load_world_clip(self.args.clip_model)
         return self._world_clip
 
+    def record_failure(self, key: str, error: Exception) -> None:
+        """A cell that failed (``failures.json``; the report lists them): the grid goes on without it."""
+        failures = read_json(self.out / "failures.json", missing_ok=True) or {}
+        failures[key] = str(error).splitlines()[0]
+        write_json(self.out / "failures.json", failures)
+        print(f"style benchmark: {key} failed, the grid goes on: {failures[key]}", file=sys.stderr)
+
     def record_time(self, key: str, wall: float, cpu: float | None) -> None:
         """Wall and CPU seconds of one training or scoring (``timings.json``): with other work on the
         machine the wall time grows, the CPU time (the grid's cost) much less."""
@@ -401,12 +430,12 @@ class StyleSuite:
     def score(self, adapter: Path | None, style: str, path: Path, validation: bool = False) -> dict[str, Any]:
         """One checkpoint (None: the base model) on one domain; cached in ``path`` (+ its features)."""
         import torch
-        from difftune.world.styles import caption_prefix
 
         import difftune
         from difftune.metrics.fid import frechet_distance
         from difftune.metrics.similarity import paired_cosine
         from difftune.world.clip_model import classify_color_shape
+        from difftune.world.styles import caption_prefix
 
         cached = read_json(path, missing_ok=True)
         if cached is not None:
@@ -509,31 +538,38 @@ def rates_of(args: argparse.Namespace, method: str) -> tuple[float, ...]:
     return {1: grid[middle:middle + 1], 2: grid[middle - 1:middle + 1], 3: grid}[args.rates]
 
 
-def run_sweep(suite: StyleSuite, rows: list[Row], budgets: dict[str, Any], bar) -> dict[str, Any]:
-    """The learning rate of every method: lowest validation FID on the first domain (see the docstring)."""
+def sweep_rate(suite: StyleSuite, row: Row, budgets: dict[str, Any], selection: dict[str, Any],
+               bar) -> float:
+    """The learning rate of the row's method: lowest validation FID on the first domain, at the matched
+    budget (see the docstring); swept when first needed and kept in ``sweep/selection.json``."""
     args = suite.args
     path = suite.out / "sweep" / "selection.json"
-    selection = read_json(path, missing_ok=True) or {}
     style = args.styles[0]
-    for row in rows:
-        method = row.method.name
-        if method in selection or (row.level not in (None, MATCHED)):
-            continue
-        rates = rates_of(args, method)
-        tried = []
-        for rate in rates:
-            run_dir = suite.out / "sweep" / method / f"lr{rate:g}"
-            if len(rates) > 1:
+    method, rates = row.method.name, rates_of(args, row.method.name)
+    if method in selection:
+        if row.level in (None, MATCHED):  # swept by an earlier run: its cells count as done
+            bar.update(len(rates))
+        return selection[method]["rate"]
+    row = Row(row.method, MATCHED if row.method.levels else None)
+    tried = []
+    for rate in rates:
+        run_dir = suite.out / "sweep" / method / f"lr{rate:g}"
+        if len(rates) > 1:
+            try:
                 suite.train(row, budgets[row.name]["options"], style, args.sweep_seed, rate, run_dir,
                             args.max_train_steps, args.max_train_steps)
                 score = suite.score(run_dir / ADAPTER_FILE, style, run_dir / "validation.json",
                                     validation=True)
                 tried.append({"rate": rate, "fid_validation": score["fid_heldout"]})
-            bar.update(1)
-        best = min(tried, key=lambda t: t["fid_validation"])["rate"] if tried else rates[0]
-        selection[method] = {"rate": best, "tried": tried, "domain": style}
-        write_json(path, selection)
-    return selection
+            except DifftuneError as error:  # e.g. a rate that diverges: the others decide
+                suite.record_failure(f"sweep/{method}/lr{rate:g}", error)
+        bar.update(1)
+    if len(rates) > 1 and not tried:
+        raise DifftuneError(f"style benchmark: every learning rate of {method} failed (failures.json)")
+    best = min(tried, key=lambda t: t["fid_validation"])["rate"] if tried else rates[0]
+    selection[method] = {"rate": best, "tried": tried, "domain": style}
+    write_json(path, selection)
+    return best
 
 
 # ---------------------------------------------------------------- the grid
@@ -548,24 +584,34 @@ def score_path(suite: StyleSuite, row_name: str, style: str, seed: int, step: in
 
 def run_grid(suite: StyleSuite, rows: list[Row], budgets: dict[str, Any], selection: dict[str, Any],
              bar) -> None:
+    """Row by row (a partial run holds whole rows over every domain): the base model on each domain,
+    then each row's learning rate (`sweep_rate`), training and scores on every domain and seed."""
     args = suite.args
     for style in args.styles:
         suite.score(None, style, score_path(suite, "base", style, 0, 0))
         bar.update(1)
-        for seed in args.seeds:
-            for row in rows:
+    for row in rows:
+        try:
+            rate = sweep_rate(suite, row, budgets, selection, bar)
+        except DifftuneError as error:
+            suite.record_failure(row.name, error)
+            continue
+        steps = scored_steps(args, row)
+        for style in args.styles:
+            for seed in args.seeds:
                 run_dir = run_dir_of(suite, row, style, seed)
-                steps = args.checkpoint_steps
-                todo = [s for s in steps if not score_path(suite, row.name, style, seed, s).is_file()]
-                if todo:
-                    suite.train(row, budgets[row.name]["options"], style, seed,
-                                selection[row.method.name]["rate"], run_dir, args.max_train_steps,
-                                math.gcd(*steps))
-                for step in steps:
-                    path = score_path(suite, row.name, style, seed, step)
-                    if not path.is_file():
-                        suite.score(suite.checkpoint(run_dir, step), style, path)
-                    bar.update(1)
+                try:
+                    todo = [s for s in steps if not score_path(suite, row.name, style, seed, s).is_file()]
+                    if todo:
+                        suite.train(row, budgets[row.name]["options"], style, seed, rate, run_dir,
+                                    args.max_train_steps, math.gcd(*args.checkpoint_steps))
+                    for step in steps:
+                        path = score_path(suite, row.name, style, seed, step)
+                        if not path.is_file():
+                            suite.score(suite.checkpoint(run_dir, step), style, path)
+                        bar.update(1)
+                except DifftuneError as error:  # one failed cell must not stop a night's grid
+                    suite.record_failure(f"{row.name}/{style}/seed{seed}", error)
 
 
 # ---------------------------------------------------------------- the report
@@ -680,7 +726,7 @@ def write_report(suite: StyleSuite, rows: list[Row], budgets: dict[str, Any], se
             r[key] = values[r["row"]]
     report = {
         "settings": {
-            **{k: portable_path(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+            **{k: portable_path(v) for k, v in vars(args).items()
                if k not in ("output_dir", "data_dir", "report_dir", "report_only")},
             "vlhi_group": group, "baseline": BASELINE,
             "levels": {k: v / SD15_UNET_WEIGHTS for k, v in LEVELS.items()},
@@ -696,6 +742,7 @@ def write_report(suite: StyleSuite, rows: list[Row], budgets: dict[str, Any], se
         },
         "aggregates": table_rows,
         "rows": run_rows,
+        "failures": read_json(suite.out / "failures.json", missing_ok=True) or {},
     }
     write_json(suite.out / RESULT_FILE, report)
     table = markdown_table(report)
@@ -770,8 +817,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.report_only:
         budgets = resolve_budgets(suite, rows)
         sweep_cells = sum(len(rates_of(args, r.method.name)) for r in rows if r.level in (None, MATCHED))
-        grid_cells = len(args.styles) * (1 + len(args.seeds) * len(rows) * len(args.checkpoint_steps))
+        grid_cells = len(args.styles) * (1 + len(args.seeds) * sum(len(scored_steps(args, r)) for r in rows))
         with tqdm(total=sweep_cells + grid_cells, desc="style benchmark", unit="cell") as bar:
-            selection = run_sweep(suite, rows, budgets, bar)
             run_grid(suite, rows, budgets, selection, bar)
     return write_report(suite, rows, budgets, selection)

@@ -1,5 +1,5 @@
-"""The style benchmark's machinery on the tiny models (difftune/commands/style_suite.py): budgets, sweep, grid, scores,
-intervals, paired differences, VLHI, plots, resuming."""
+"""The style benchmark's machinery on the tiny models (difftune/commands/style_suite.py): budgets,
+sweep, grid, scores, intervals, paired differences, VLHI, plots, resuming."""
 
 import json
 import time
@@ -69,11 +69,13 @@ def test_the_grid_scores_every_cell_and_reports_intervals(suite_module, in_proce
     target = budgets["lora@20M"]["target"]
     assert min(counts, key=lambda r: abs(counts[r] - target)) == rank
     assert budgets["lora@5M"]["trainable_parameters"] < budgets["lora@20M"]["trainable_parameters"]
-    # rows: every row x domain x checkpoint, with every metric
+    # rows: every matched row x domain x checkpoint, the budget curve's other levels at the last one
     rows = report["rows"]
-    names = {"lora@5M", "lora@20M", "sara@5M", "sara@20M", "full_ft"}
-    assert {(r["row"], r["style"], r["step"]) for r in rows} == {(n, s, k) for n in names
-                                                                 for s in ("rose", "neon") for k in (1, 2)}
+    matched, curve = {"lora@20M", "sara@20M", "full_ft"}, {"lora@5M", "sara@5M"}
+    expected = {(n, s, k) for n in matched for s in ("rose", "neon") for k in (1, 2)}
+    assert {(r["row"], r["style"], r["step"]) for r in rows} == expected | {(n, s, 2) for n in curve
+                                                                            for s in ("rose", "neon")}
+    assert not (out / "scores/rose/seed0/lora@5M/step1.json").exists()
     cell = json.loads((out / "scores/neon/seed0/sara@20M/step2.json").read_text())
     features = torch.load(out / "scores/neon/seed0/sara@20M/step2.pt", weights_only=True)
     reference = torch.load(out / "cache/neon_heldout.pt", weights_only=True)
@@ -124,7 +126,7 @@ def test_an_interrupted_grid_continues_where_it_stopped(suite_module, in_process
     def score_then_stop(self, *args, **kwargs):
         result = original(self, *args, **kwargs)
         calls.append(args)
-        if len(calls) == 3:
+        if len(calls) == 2:  # the base model and the first checkpoint scored, the last not
             raise KeyboardInterrupt("simulated interruption")
         return result
 
@@ -134,9 +136,13 @@ def test_an_interrupted_grid_continues_where_it_stopped(suite_module, in_process
             run(suite_module, out, tiny_clip_dir, "--methods", "lora", "--levels", "20M", "--rates", 1,
                 "--styles", "rose")
     first = len(in_process_trainer)
+    scored = out / "scores/rose/seed0/lora@20M"
+    assert (scored / "step1.json").is_file() and not (scored / "step2.json").exists()
+    before = (scored / "step1.json").stat().st_mtime_ns
     report = run(suite_module, out, tiny_clip_dir, "--methods", "lora", "--levels", "20M", "--rates", 1,
                  "--styles", "rose")
     assert len(in_process_trainer) == first  # the trained run was not trained again
+    assert (scored / "step1.json").stat().st_mtime_ns == before  # nor the scored checkpoint rescored
     assert {(r["row"], r["step"]) for r in report["rows"]} == {("lora@20M", 1), ("lora@20M", 2)}
 
 
