@@ -51,7 +51,7 @@ from difftune.training.ema import AdapterEMA
 from difftune.training.model_card import write_model_card
 from difftune.training.summary import reset_peak_memory
 
-COMMAND = "train-text-to-image"
+COMMAND = "difftune train-text-to-image"  # how refusals name it
 
 
 # ---------------------------------------------------------------------------------------------
