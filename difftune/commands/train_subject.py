@@ -198,13 +198,17 @@ def main(argv: list[str] | None = None) -> Path:
         raise DifftuneError(f"--resume_from_checkpoint {resume_path}: a pivotal-tuning run "
                             "(--train_token_embedding) cannot be resumed yet")
 
+    def check_processes(accelerator) -> None:  # before any model loads
+        for flag in ("train_text_encoder", "train_token_embedding"):
+            if getattr(args, flag) and accelerator.num_processes > 1:
+                hint = recipes.source_hint(args, flag)
+                raise DifftuneError(f"--{flag} runs in one process for now; launch without several "
+                                    f"processes, or train the denoiser alone{hint}")
+
     # FSDP: no method that writes into the base weights (SaRA), no intermediate checkpoints
     accelerator, sharded, weight_dtype, seed = session.start_accelerator(args, spec.method, model_info.family,
-                                                                         checkpoints, resume_state)
-    for flag in ("train_text_encoder", "train_token_embedding"):  # before any model loads
-        if getattr(args, flag) and accelerator.num_processes > 1:
-            raise DifftuneError(f"--{flag} runs in one process for now; launch without several "
-                                f"processes, or train the denoiser alone{recipes.source_hint(args, flag)}")
+                                                                         checkpoints, resume_state,
+                                                                         check_processes)
     device, is_main = accelerator.device, accelerator.is_main_process
 
     # -----------------------------------------------------------------------------------------

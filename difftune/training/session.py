@@ -90,11 +90,15 @@ def resume_point(args: argparse.Namespace, checkpoints: CheckpointSettings, run_
 
 
 def start_accelerator(args: argparse.Namespace, method: str, family: str, checkpoints: CheckpointSettings,
-                      resume_state: dict | None) -> tuple[Any, bool, torch.dtype, int]:
+                      resume_state: dict | None, check_processes: Callable[[Any], None] | None = None
+                      ) -> tuple[Any, bool, torch.dtype, int]:
     """The run's accelerator, whether FSDP shards the model (refusing what it cannot: a method that
-    writes into the base weights, SaRA; resuming), the weights' dtype and the seed."""
+    writes into the base weights, SaRA; resuming), the weights' dtype and the seed. ``check_processes``
+    (the accelerator) refuses first what the trainer cannot do under these processes."""
     accelerator = loop.create_accelerator(arguments.settings_from_args(args, AcceleratorSettings),
                                           checkpoints.output_dir)
+    if check_processes is not None:
+        check_processes(accelerator)
     sharded = loop.check_fsdp(accelerator, method, checkpoints.resume_from_checkpoint, family)
     return (accelerator, sharded, DTYPES[accelerator.mixed_precision],
             loop.resolve_seed(args.seed, resume_state))
