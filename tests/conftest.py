@@ -77,13 +77,23 @@ def family(request) -> str:
     return request.param
 
 
+TINY_LATENT_FRAMES = 2  # latent frames of a video family's tiny clips (5 frames)
+TINY_NUM_FRAMES = 5
+
+
+def tiny_latents(family, batch: int = 1, generator=None, size: int = TINY_SAMPLE_SIZE) -> torch.Tensor:
+    """Random latents of a bound family's tiny model: (B, C, size, size), or a few latent frames for a
+    video family (B, C, frames, size, size)."""
+    channels = family.latent_channels(family.denoiser.config)
+    frames = (TINY_LATENT_FRAMES,) if family.video else ()
+    return torch.randn(batch, channels, *frames, size, size, generator=generator)
+
+
 def denoiser_inputs(pipe, batch: int = 1, seed: int = 0) -> dict:
     """Deterministic inputs for one denoiser forward call of any family's tiny model: random latents at
     timestep 500 of 1000, a prompt's embeddings, all laid out by the family as training does."""
     family = training_family(pipe, torch.device("cpu"), LossOptions())
-    gen = torch.Generator().manual_seed(seed)
-    channels = family.latent_channels(family.denoiser.config)
-    latents = torch.randn(batch, channels, TINY_SAMPLE_SIZE, TINY_SAMPLE_SIZE, generator=gen)
+    latents = tiny_latents(family, batch, torch.Generator().manual_seed(seed))
     with torch.no_grad():
         conditioning = family.encode_prompts(["a photo of a sks dog"] * batch)
     noisy = NoisyInput(latents, torch.full((batch,), 500), latents, torch.ones(batch))
@@ -100,10 +110,15 @@ def denoise(pipe, inputs: dict) -> torch.Tensor:
         return model(**inputs, return_dict=False)[0]
 
 
-def generate(pipe, seed: int = 0, prompt: str = "a photo of a sks dog"):
+def generate(pipe, seed: int = 0, prompt: str = "a photo of a sks dog", **kwargs):
+    """Two sampler steps at 64x64 as a numpy array: images, or a video family's frames (5 per clip)."""
+    from difftune.families import family_of
+
     gen = torch.Generator().manual_seed(seed)
-    return pipe(prompt, num_inference_steps=2, height=64, width=64, generator=gen,
-                output_type="np").images
+    video = family_of(pipe).video
+    output = pipe(prompt, num_inference_steps=2, height=64, width=64, generator=gen, output_type="np",
+                  **({"num_frames": TINY_NUM_FRAMES} if video else {}), **kwargs)
+    return output.frames if video else output.images
 
 
 def randomize_adapter(model, std: float = 0.05, seed: int = 1) -> None:

@@ -13,7 +13,9 @@ kohya sd-scripts' ``sdxl_train_network.py`` owns what SDXL does differently:
 * how prompts condition it (`encode_prompts`, `model_kwargs`);
 * the adapter targets it adds to the presets, what it can do (`text_encoder_targets`, ``fsdp``,
   ``single_file_layout``, ...) and how other tools name its weights (`LoraKeyLayout`);
-* the one-step (HiPA) hooks: packing of the latents a pipeline takes, embedded guidance.
+* the one-step (HiPA) hooks: packing of the latents a pipeline takes, embedded guidance;
+* video (``video``): clips as latents (B, C, frames, h, w), and several denoisers that each take a range
+  of noise levels (``expert_components``, Wan 2.2).
 
 Class attributes and class methods describe the family without a model; an instance binds it
 to a loaded pipeline for training (``family(pipeline, device, options)``). A flow-matching DiT
@@ -57,7 +59,9 @@ class LossOptions:
     mode_scale: float | None = None
     precondition_outputs: bool = False
     guidance_scale: float | None = None  # a guidance embedding's value (Flux)
-    max_sequence_length: int | None = None  # T5 tokens per prompt (Flux)
+    max_sequence_length: int | None = None  # T5 tokens per prompt (Flux, Wan)
+    flow_shift: float | None = None  # shift of the flow-matching timestep table (Wan; default: its sampler's)
+    expert: str | None = None  # which of several denoisers trains (Wan 2.2: high, low, both)
 
 
 @dataclasses.dataclass
@@ -93,6 +97,7 @@ class ModelDescription:
     denoiser_config: dict[str, Any]
     size_multiple: int  # image sides must be multiples of this (VAE factor x latent patch)
     vae_width: int  # channels of the VAE encoder's first block: its activations bound memory from below
+    experts: tuple[str, ...] = ()  # its denoisers for noise ranges, when it has several (Wan 2.2)
 
 
 def text_encoder_path(component: str, module: str, denoiser_config: Any = None) -> str:
@@ -151,6 +156,16 @@ class ModelFamily(ABC):
     tiny_vae_widths: ClassVar[tuple[int, ...]] = (TINY_VAE_WIDTH, 64)  # of the tiny VAE's blocks
     # full-size denoiser configs by name, for parameter counts on the meta device (difftune.params)
     reference_configs: ClassVar[dict[str, dict[str, Any]]] = {}
+    # further tiny built-ins, ``builtin:tiny-<key>``: `build_tiny` options (another layout of the family)
+    tiny_variants: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    # --- video and experts --------------------------------------------------------------
+    # the denoiser takes clips, latents (B, C, frames, h, w); its pipeline samples ``num_frames`` and
+    # returns ``frames`` (difftune.video reads and writes the clips)
+    video: ClassVar[bool] = False
+    # pipeline components that each denoise a range of noise levels, highest noise first (Wan 2.2's
+    # transformer and transformer_2); a model has them all or only the first
+    expert_components: ClassVar[tuple[str, ...]] = ()
 
     # --- geometry -----------------------------------------------------------------------
     default_sample_size: ClassVar[int | None] = None  # latent size when the config has none
@@ -179,6 +194,7 @@ class ModelFamily(ABC):
     fsdp: ClassVar[bool] = True  # train_subject.py may shard it
     quantized_base: ClassVar[bool] = True  # --quantize_base may load its denoiser in 8/4 bit
     diffusers_loads_lora: ClassVar[bool] = True  # the pipeline has diffusers' load_lora_weights
+    one_step: ClassVar[bool] = True  # train_one_step.py (HiPA) may train it
 
     # --- export -------------------------------------------------------------------------
     lora_layouts: ClassVar[dict[str, LoraKeyLayout]] = {}  # by export format (kohya, comfyui)
@@ -195,6 +211,11 @@ class ModelFamily(ABC):
     def tiny_name(cls) -> str | None:
         """``tiny-<name>`` (its built-in is ``builtin:tiny-<name>``); None without one."""
         return f"tiny-{cls.name}" if cls.tiny_denoiser_config is not None else None
+
+    @classmethod
+    def tiny_options(cls, name: str) -> dict[str, Any]:
+        """The `build_tiny` options of the built-in ``tiny-<...>`` ``name`` (a `tiny_variants` entry)."""
+        return dict(cls.tiny_variants.get(name.removeprefix("tiny-"), {}))
 
     @classmethod
     def relatives_prefix(cls) -> str:
@@ -227,12 +248,33 @@ class ModelFamily(ABC):
         return build_model(cls.denoiser_class, cls.tiny_denoiser_config)
 
     @classmethod
-    def describe_tiny(cls) -> ModelDescription:
-        """`ModelDescription` of the tiny built-in, from its configs."""
+    def describe_tiny(cls, options: Mapping[str, Any] | None = None) -> ModelDescription:
+        """`ModelDescription` of the tiny built-in (built with ``options``), from its configs."""
         config = cls.tiny_denoiser_config
         scale = 2 ** (len(cls.tiny_vae_widths) - 1)
         return ModelDescription(cls.name, TINY_SAMPLE_SIZE * scale, cls.denoiser_class, dict(config),
-                                scale * cls.latent_patch(config), cls.tiny_vae_widths[0])
+                                scale * cls.latent_patch(config), cls.tiny_vae_widths[0],
+                                cls.tiny_experts(options or {}))
+
+    @classmethod
+    def tiny_experts(cls, options: Mapping[str, Any]) -> tuple[str, ...]:
+        """The experts (`expert_components`) of the tiny built-in made with ``options``."""
+        return ()
+
+    @classmethod
+    def model_experts(cls, model_index: Mapping[str, Any]) -> tuple[str, ...]:
+        """The experts a saved pipeline holds, from its model_index.json (none: one denoiser)."""
+        return ()
+
+    @classmethod
+    def vae_scale_factor(cls, vae_config: Mapping[str, Any]) -> int:
+        """How many pixels one latent pixel covers along a side, from the VAE's config."""
+        return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+    @classmethod
+    def vae_width(cls, vae_config: Mapping[str, Any]) -> int:
+        """Channels of the VAE encoder's first block (`ModelDescription.vae_width`)."""
+        return int(vae_config["block_out_channels"][0])
 
     @classmethod
     def latent_patch(cls, denoiser_config: Mapping[str, Any]) -> int:
@@ -299,6 +341,11 @@ class ModelFamily(ABC):
     @property
     def denoiser(self) -> nn.Module:
         return getattr(self.pipeline, self.denoiser_component)
+
+    def trained_denoisers(self) -> dict[str, nn.Module]:
+        """The denoisers training adapts, by component, `denoiser` first (more than one: several experts
+        that train together, each on the examples of its noise range)."""
+        return {self.denoiser_component: self.denoiser}
 
     @property
     def text_encoders(self) -> list[nn.Module]:
