@@ -334,5 +334,6 @@ def select(value: Any, mask: torch.Tensor) -> Any:
             return [each for each, keep in zip(field, mask.tolist(), strict=True) if keep]
         return field
 
-    return dataclasses.replace(value, **{f.name: part(getattr(value, f.name)) for f in dataclasses.fields(value)})
+    fields = dataclasses.fields(value)
+    return dataclasses.replace(value, **{f.name: part(getattr(value, f.name)) for f in fields})
 
