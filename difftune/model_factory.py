@@ -56,7 +56,8 @@ def describe_model(name_or_path: str, revision: str | None = None) -> ModelDescr
     return ModelDescription(family.name, family.native_resolution(denoiser_config, vae_scale_factor),
                             family.denoiser_class, dict(denoiser_config),
                             vae_scale_factor * family.latent_patch(denoiser_config),
-                            family.vae_width(vae_config), family.model_experts(index))
+                            family.vae_width(vae_config), family.model_experts(index),
+                            family.frame_multiple(vae_config))
 
 
 def _first_line(err: Exception) -> str:
@@ -115,7 +116,7 @@ def load_pipeline(
     if tiny is not None:
         family = tiny_builtins()[tiny]
         pipe = family.build_tiny(**{**family.tiny_options(tiny), **kwargs})
-        return pipe.to(torch_dtype) if torch_dtype is not None else pipe
+        return pipe.to(torch_dtype) if torch_dtype not in (None, torch.float32) else pipe  # built in fp32
     name_or_path = _resolve_builtin(name_or_path)
     from diffusers import DiffusionPipeline
 

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..adapter_file import TOKEN_EMBEDDINGS, write_safetensors
+from ..adapter_file import TOKEN_EMBEDDINGS, AdapterFile, read_safetensors, write_safetensors
 from ..api import (
     adapted_text_encoders,
     find_denoiser,
@@ -64,7 +64,9 @@ OUTPUT_NAMES = {
     "single-file": "merged_single_file.safetensors",
 }
 
-__all__ = ["FORMATS", "ExportReport", "check_export_options", "default_output", "export_adapter"]
+__all__ = ["FORMATS", "ExportReport", "check_export_options", "default_output", "export_adapter",
+           "write_diffusers_lora_files"]
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers' per-component LoRA config in the header
 
 
 def default_output(adapter_path: str | os.PathLike, fmt: str) -> Path:
@@ -197,6 +199,40 @@ def export_adapter(
     finally:
         if has_adapter(pipeline):
             remove_adapter(pipeline)
+
+
+def diffusers_lora_name(family: type[ModelFamily], component: str) -> str:
+    """``pytorch_lora_weights.safetensors`` (diffusers' default name) for the family's denoiser,
+    ``pytorch_lora_weights_<component>.safetensors`` for another expert's."""
+    from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
+
+    if component == family.denoiser_component:
+        return LORA_WEIGHT_NAME_SAFE
+    return LORA_WEIGHT_NAME_SAFE.replace(".safetensors", f"_{component}.safetensors")
+
+
+def write_diffusers_lora_files(adapter_path: str | os.PathLike, output_dir: str | os.PathLike,
+                               family: type[ModelFamily]) -> dict[str, dict[str, Any]]:
+    """One diffusers LoRA file per denoiser of a LoRA adapter file (its own and its experts'), each
+    under the key prefix the pipeline's ``load_lora_weights`` reads for that denoiser
+    (`ModelFamily.diffusers_lora_loading`), with its part of diffusers' metadata; returns each file's
+    name and the ``load_lora_weights`` arguments that load it where it belongs."""
+    file = AdapterFile.read(adapter_path)
+    tensors, header = read_safetensors(file.source)
+    metadata = json.loads(header.get(DIFFUSERS_METADATA_KEY, "{}"))
+    names = {}
+    for component in (file.component, *file.experts):
+        prefix, load_kwargs = family.diffusers_lora_loading(component)
+
+        def renamed(mapping: Mapping[str, Any], component: str = component, prefix: str = prefix) -> dict:
+            return {f"{prefix}.{key[len(component) + 1:]}": value for key, value in mapping.items()
+                    if key.startswith(f"{component}.")}
+
+        name = diffusers_lora_name(family, component)
+        header = {"format": "pt", DIFFUSERS_METADATA_KEY: json.dumps(renamed(metadata), sort_keys=True)}
+        write_safetensors(Path(output_dir) / name, renamed(tensors), header)
+        names[name] = load_kwargs
+    return names
 
 
 def _export_merged(pipeline: Any, output: Path, fmt: str, method: str,

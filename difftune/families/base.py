@@ -98,6 +98,7 @@ class ModelDescription:
     size_multiple: int  # image sides must be multiples of this (VAE factor x latent patch)
     vae_width: int  # channels of the VAE encoder's first block: its activations bound memory from below
     experts: tuple[str, ...] = ()  # its denoisers for noise ranges, when it has several (Wan 2.2)
+    frame_multiple: int = 1  # clips have 1 + k·this frames (the VAE's temporal compression; video only)
 
 
 def text_encoder_path(component: str, module: str, denoiser_config: Any = None) -> str:
@@ -254,7 +255,7 @@ class ModelFamily(ABC):
         scale = 2 ** (len(cls.tiny_vae_widths) - 1)
         return ModelDescription(cls.name, TINY_SAMPLE_SIZE * scale, cls.denoiser_class, dict(config),
                                 scale * cls.latent_patch(config), cls.tiny_vae_widths[0],
-                                cls.tiny_experts(options or {}))
+                                cls.tiny_experts(options or {}), cls.frame_multiple({}))
 
     @classmethod
     def tiny_experts(cls, options: Mapping[str, Any]) -> tuple[str, ...]:
@@ -275,6 +276,11 @@ class ModelFamily(ABC):
     def vae_width(cls, vae_config: Mapping[str, Any]) -> int:
         """Channels of the VAE encoder's first block (`ModelDescription.vae_width`)."""
         return int(vae_config["block_out_channels"][0])
+
+    @classmethod
+    def frame_multiple(cls, vae_config: Mapping[str, Any]) -> int:
+        """A video VAE's temporal compression: clips have 1 + k·this frames (1 for images)."""
+        return 1
 
     @classmethod
     def latent_patch(cls, denoiser_config: Mapping[str, Any]) -> int:
@@ -317,6 +323,12 @@ class ModelFamily(ABC):
         if fmt == "diff" and cls.diff_layout not in cls.lora_layouts:
             return f"the {cls.title} family has no module names for a diff file"
         return None
+
+    @classmethod
+    def diffusers_lora_loading(cls, component: str) -> tuple[str, dict[str, Any]]:
+        """The key prefix a LoRA of ``component`` needs for the pipeline's ``load_lora_weights``, and the
+        arguments that load it into that component (the same prefix, none, for most)."""
+        return component, {}
 
     @classmethod
     def single_file_state_dict(cls, pipeline: Any) -> dict[str, torch.Tensor]:
@@ -503,11 +515,15 @@ class FlowMatchingFamily(ModelFamily):
                        "mode_scale": 1.29}
 
     def __init__(self, pipeline: Any, device: torch.device, options: LossOptions):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
         super().__init__(pipeline, device, options)
         # A private copy: sampling calls set_timesteps on the pipeline's scheduler.
-        self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipeline.scheduler.config)
+        self.scheduler = self.training_scheduler()
+
+    def training_scheduler(self) -> Any:
+        """The flow-matching scheduler whose timesteps and sigmas training draws from."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(self.pipeline.scheduler.config)
 
     def add_noise(self, latents, noise, generators):
         from diffusers.training_utils import (

@@ -216,24 +216,35 @@ class WanFamily(FlowMatchingFamily):
     def tiny_experts(cls, options: Mapping[str, Any]) -> tuple[str, ...]:
         return cls.expert_components if options.get("experts") else ()
 
+    @classmethod
+    def diffusers_lora_loading(cls, component: str) -> tuple[str, dict[str, Any]]:
+        """WanPipeline reads every expert's LoRA under ``transformer.``; the low-noise one is loaded with
+        ``load_into_transformer_2=True`` (diffusers' WanLoraLoaderMixin)."""
+        if component == LOW_NOISE:
+            return HIGH_NOISE, {"load_into_transformer_2": True}
+        return component, {}
+
     # --- training ------------------------------------------------------------------------------
 
     def __init__(self, pipeline: Any, device: torch.device, options):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
         super().__init__(pipeline, device, options)
         experts = self.pipeline_experts(pipeline)
         if self.options.expert != "high" and not experts:
             raise DifftuneError(f"--expert {self.options.expert}: this Wan model has one transformer (Wan "
                                 "2.1); --expert chooses between Wan 2.2's high- and low-noise experts")
-        # the pipeline's sampler shifts its flow sigmas by flow_shift; training draws from the same table
-        config = pipeline.scheduler.config
+        steps = pipeline.scheduler.config.num_train_timesteps
+        self.boundary = float(pipeline.config.boundary_ratio) * steps if experts else None
+
+    def training_scheduler(self):
+        """The pipeline's sampler shifts its flow sigmas by flow_shift (UniPC) or shift (Euler); training
+        draws from a table shifted the same way (or by --flow_shift)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        config = self.pipeline.scheduler.config
         shift = self.options.flow_shift or config.get("flow_shift") or config.get("shift") or 1.0
         self.flow_shift = float(shift)
-        self.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=config.num_train_timesteps,
-                                                         shift=self.flow_shift)
-        self.boundary = (float(pipeline.config.boundary_ratio) * config.num_train_timesteps
-                         if experts else None)
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=config.num_train_timesteps,
+                                               shift=self.flow_shift)
 
     @staticmethod
     def pipeline_experts(pipeline: Any) -> bool:

@@ -461,6 +461,13 @@ def add_loss_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max_sequence_length", type=int,
                        help=f"{scope('max_sequence_length')}: T5 tokens per prompt (default: "
                             f"{default('max_sequence_length')}, at most 512)")
+    group.add_argument("--flow_shift", type=float,
+                       help=f"{scope('flow_shift')}: shift s of the timestep table training draws from, "
+                            "σ' = s·σ / (1 + (s-1)·σ) (default: the shift of the model's own sampler)")
+    group.add_argument("--expert", choices=("high", "low", "both"),
+                       help=f"{scope('expert')}: which denoiser of a two-expert model trains, on its "
+                            "own noise range (Wan 2.2: high = transformer, t >= boundary; low = "
+                            "transformer_2; both: each on its range, one file; default: both on such models)")
 
 
 def add_validation_arguments(parser: argparse.ArgumentParser) -> None:

@@ -47,23 +47,25 @@ from .settings import (
 DEFAULT_LEARNING_RATE = 1e-4  # when neither --learning_rate nor the method gives one
 
 
-def check_before_loading(spec: AdapterSpec, model: ModelSettings, model_info: Any, resolution: int | None,
-                         output_dir: Path) -> int:
+def check_before_loading(spec: AdapterSpec, model: ModelSettings, model_info: Any,
+                         resolution: int | tuple[int, int] | None, output_dir: Path) -> int | tuple[int, int]:
     """The adapter's targets on a weightless (meta-device) denoiser (its options were checked when
-    the spec was made), the resolution (default: the model's own; against the machine's memory)
-    and the output folder; returns the resolution. Nothing heavy is loaded, so bad input fails in
-    seconds."""
+    the spec was made), the resolution (a side, or height and width; default: the model's own;
+    against the machine's memory) and the output folder; returns the resolution. Nothing heavy is
+    loaded, so bad input fails in seconds."""
     check_output_dir(Path(output_dir))
     spec.check(build_denoiser_on_meta(model_info.denoiser_config, model_info.denoiser_class))
     resolution = resolution or model_info.resolution
-    if resolution % model_info.size_multiple:
+    sides = (resolution,) if isinstance(resolution, int) else tuple(resolution)
+    if any(side % model_info.size_multiple for side in sides):
+        shown = "x".join(map(str, sides))
         raise DifftuneError(f"--resolution must be a multiple of {model_info.size_multiple} for "
-                            f"{model.pretrained_model_name_or_path}, got {resolution}")
+                            f"{model.pretrained_model_name_or_path}, got {shown}")
     check_resolution_fits(resolution, model_info)
     return resolution
 
 
-def check_resolution_fits(resolution: int, model_info: Any) -> None:
+def check_resolution_fits(resolution: int | tuple[int, int], model_info: Any) -> None:
     """Refuse a resolution whose smallest possible footprint exceeds the machine's memory.
 
     Encoding one image through the VAE holds at least the fp32 image and its first block's
@@ -73,7 +75,8 @@ def check_resolution_fits(resolution: int, model_info: Any) -> None:
     """
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     available = machine.memory_bytes(device_type)
-    needed = resolution * resolution * (3 + 2 * model_info.vae_width) * 4
+    height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
+    needed = height * width * (3 + 2 * model_info.vae_width) * 4
     if available is not None and needed > available:
         raise DifftuneError(
             f"--resolution {resolution} needs at least {needed / 2**30:.1f} GiB to encode one image, "
