@@ -256,3 +256,41 @@ def single_layer_model(kind: str, in_dim: int, out_dim: int, tokens: int, size: 
     k = 3 if kind == "conv3x3" else 1
     return (nn.Sequential(nn.Conv2d(in_dim, out_dim, k, stride=stride, padding=k // 2)),
             torch.randn(2, in_dim, size, size))
+
+
+def moving_square(count: int, size=(24, 20), seed: int = 0):
+    """``count`` RGB frames of a red square moving right over a coloured background."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    background, top = rng.integers(0, 200, 3), int(rng.integers(2, size[1] - 10))
+    frames = []
+    for k in range(count):
+        array = np.empty((size[1], size[0], 3), dtype=np.uint8)
+        array[:] = background
+        array[top:top + 8, 2 + k:10 + k] = (230, 40, 40)
+        frames.append(Image.fromarray(array))
+    return frames
+
+
+def make_clips(folder, frames: int = 9):
+    """A training folder of every clip kind: an mp4 (PyAV), an animated WebP, a folder of frames and a
+    still image, with a sidecar caption for the mp4."""
+    from difftune.video.clips import save_mp4, save_webp
+
+    os.makedirs(folder, exist_ok=True)
+    save_mp4(moving_square(frames, seed=0), os.path.join(folder, "a.mp4"), fps=8)
+    save_webp(moving_square(frames + 2, seed=1), os.path.join(folder, "b.webp"), fps=8)
+    os.makedirs(os.path.join(folder, "c"), exist_ok=True)
+    for index, frame in enumerate(moving_square(frames, seed=2)):
+        frame.save(os.path.join(folder, "c", f"{index:03d}.png"))
+    moving_square(1, seed=3)[0].save(os.path.join(folder, "d.png"))
+    with open(os.path.join(folder, "a.txt"), "w") as handle:
+        handle.write("a sks square sliding")
+    return folder
+
+
+@pytest.fixture
+def clip_dir(tmp_path):
+    return make_clips(tmp_path / "clips")

@@ -35,12 +35,13 @@ from accelerate.utils import (
 from diffusers.training_utils import offload_models
 
 import difftune
-from difftune.adapter_file import TOKEN_EMBEDDINGS
+from difftune.adapter_file import EXPERTS, TOKEN_EMBEDDINGS
 from difftune.api import name_component
 from difftune.errors import DifftuneError, run_main
 from difftune.export import (
     FORMATS,
     LORA_FORMATS,
+    check_experts_export,
     check_export_options,
     default_output,
     export_adapter,
@@ -248,6 +249,10 @@ def check_before_loading(argv: list[str] | None = None):
         check_export_options(args.adapter, spec.config.to_dict(), model_info.family, fmt,
                              args.export_rank if fmt in LORA_FORMATS else None,
                              args.export_energy if fmt in LORA_FORMATS else None)
+    if args.expert == "both":  # one file of two experts: only the merged pipeline holds both for others
+        for fmt in args.export:
+            check_experts_export({"component": "transformer", EXPERTS: model_info.experts[1:]}, fmt,
+                                 "--expert both")
     extraction = args.export_rank is not None or args.export_energy is not None
     if extraction and not set(args.export) & set(LORA_FORMATS):
         raise DifftuneError("--export_rank/--export_energy apply to --export kohya or comfyui")

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..adapter_file import TOKEN_EMBEDDINGS, AdapterFile, read_safetensors, write_safetensors
+from ..adapter_file import EXPERTS, TOKEN_EMBEDDINGS, AdapterFile, read_safetensors, write_safetensors
 from ..api import (
     adapted_text_encoders,
     find_denoiser,
@@ -147,6 +147,18 @@ def check_export_options(method: str, config: Mapping[str, Any], family: str, fm
         raise DifftuneError(f"--rank/--energy only apply to --format kohya/comfyui, not {fmt}")
 
 
+def check_experts_export(info: Mapping[str, Any], fmt: str, source: Any) -> None:
+    """A file of several experts (Wan 2.2 --expert both) has no one-file form in other tools' layouts:
+    ComfyUI loads each expert as a model of its own, with a LoRA of its own."""
+    experts = sorted(info.get(EXPERTS, {}))
+    if experts and fmt not in ("diffusers",):
+        raise DifftuneError(
+            f"{source}: adapts {info['component']} and {', '.join(experts)} (two experts); a --format {fmt} "
+            "file holds one model's LoRA and ComfyUI loads each expert as its own model: train one run per "
+            "expert (--expert high, --expert low) and export each, or use the per-expert diffusers files "
+            "the trainer writes (pytorch_lora_weights*.safetensors) or --format diffusers")
+
+
 def export_adapter(
     adapter_path: str | os.PathLike,
     output: str | os.PathLike,
@@ -172,6 +184,7 @@ def export_adapter(
     from ..model_factory import describe_model, load_pipeline
 
     info = read_adapter_info(adapter_path)
+    check_experts_export(info, format, adapter_path)
     if TOKEN_EMBEDDINGS in info:  # difftune.training.pivotal
         tokens = ", ".join(info[TOKEN_EMBEDDINGS]["tokens"])
         raise DifftuneError(f"{adapter_path}: carries new token embeddings ({tokens}), which a {format} "
@@ -308,7 +321,10 @@ def _export_weights(
     method = info["method"]
     denoiser_config = find_denoiser(pipeline)[0].config
     layout = family.lora_layouts[family.diff_layout if fmt == "diff" else fmt]
-    reference = _sample(pipeline, family, sampling) if fmt != "diff" else None
+    # another tool's file of a further expert (Wan 2.2's transformer_2) is imported into the first one,
+    # so only files of the family's own denoiser are compared by their images
+    compared = fmt != "diff" and find_denoiser(pipeline)[1] == family.denoiser_component
+    reference = _sample(pipeline, family, sampling) if compared else None
     tensors: dict[str, torch.Tensor] = {}
     report = ExportReport(
         str(output), fmt, method, family.name, exact=False, size_bytes=0, rank=rank, energy=energy
@@ -392,14 +408,18 @@ def _factor_into(
 
 
 def _sample(pipeline: Any, family: type[ModelFamily], sampling: _Sampling) -> list[Any]:
+    """The images compared; a video model's shortest clips (1 + its frame multiple), frame by frame."""
     if sampling.images <= 0:
         return []
     denoiser, _ = find_denoiser(pipeline)
-    resolution = sampling.resolution or family.native_resolution(denoiser.config, pipeline.vae_scale_factor)
+    vae_scale = family.vae_scale_factor(pipeline.vae.config)
+    resolution = sampling.resolution or family.native_resolution(denoiser.config, vae_scale)
+    frames = 1 + family.frame_multiple(pipeline.vae.config) if family.video else None
     settings = GenerationSettings(images_per_prompt=sampling.images, seed=sampling.seed,
                                   num_inference_steps=sampling.steps, guidance_scale=None, height=resolution,
-                                  width=resolution, batch_size=1)
-    return generate_images(pipeline, [sampling.prompt], settings, show_progress=False)[0]
+                                  width=resolution, batch_size=1, num_frames=frames)
+    samples = generate_images(pipeline, [sampling.prompt], settings, show_progress=False)[0]
+    return [frame for clip in samples for frame in clip] if family.video else samples
 
 
 def psnr(reference: list[Any], images: list[Any]) -> float:

@@ -127,6 +127,7 @@ def _decode_pillow(path: Path, wanted: set[int] | None) -> tuple[Clip, float | N
         count = getattr(image, "n_frames", 1)
         for index in range(count):
             image.seek(index)
+            image.load()  # WebP sets a frame's duration when it is decoded
             durations.append(image.info.get("duration") or 0)
             if wanted is None or index in wanted:
                 frames.append(_rgb(image.copy()))
