@@ -98,9 +98,10 @@ def family_of_class(class_name: str) -> type[ModelFamily]:
     if relatives:
         family = max(relatives, key=lambda f: len(f.relatives_prefix()))
         task = next((what for word, what in OTHER_TASKS.items() if word in class_name), "another task")
+        made = "video" if family.video else "image"
         raise DifftuneError(
             f"unsupported base model family: {class_name} (a {family.title} pipeline for {task}; difftune "
-            f"trains the text-to-image {' / '.join(family.pipeline_classes)}). Supported: {_supported()}")
+            f"trains the text-to-{made} {' / '.join(family.pipeline_classes)}). Supported: {_supported()}")
     raise DifftuneError(f"unsupported base model family: {class_name}. Supported: {_supported()} checkpoints")
 
 

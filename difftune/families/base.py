@@ -42,6 +42,8 @@ OTHER_TASKS = {
     "Kontext": "image editing", "Control": "control images", "Depth2Img": "depth to image",
     "Upscale": "upscaling", "InstructPix2Pix": "instruction editing", "Redux": "image variations",
     "Prior": "image priors", "Adapter": "image adapters", "PAG": "perturbed-attention guidance",
+    "ImageToVideo": "image to video", "VideoToVideo": "video to video", "VACE": "video editing",
+    "Animate": "character animation",
 }
 
 

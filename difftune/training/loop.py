@@ -229,12 +229,13 @@ def quantization_kwargs(model: ModelSettings, dtype: torch.dtype) -> dict[str, A
 
     from ..model_factory import describe_model
 
-    family = get_family(describe_model(model.pretrained_model_name_or_path, model.revision).family)
-    component = family.denoiser_component
+    described = describe_model(model.pretrained_model_name_or_path, model.revision)
+    # the denoiser, or every expert of a model with several (Wan 2.2's two transformers)
+    components = list(described.experts) or [get_family(described.family).denoiser_component]
     quant_kwargs: dict[str, Any] = {"load_in_8bit": True} if bits == "8bit" else {
         "load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": dtype}
     config = PipelineQuantizationConfig(quant_backend=QUANTIZATION_BACKENDS[bits], quant_kwargs=quant_kwargs,
-                                        components_to_quantize=[component])
+                                        components_to_quantize=components)
     return {"quantization_config": config}
 
 
