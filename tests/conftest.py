@@ -294,3 +294,21 @@ def make_clips(folder, frames: int = 9):
 @pytest.fixture
 def clip_dir(tmp_path):
     return make_clips(tmp_path / "clips")
+
+
+def example_generators(count: int, seed: int = 0) -> list:
+    """One seeded torch generator per example, as the trainers give each example its own."""
+    return [torch.Generator().manual_seed(seed + i) for i in range(count)]
+
+
+def die_after_first_checkpoint(monkeypatch) -> None:
+    """Make a trainer stop (KeyboardInterrupt) right after it has written its first checkpoint."""
+    from difftune.training import checkpointing
+
+    original = checkpointing.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        original(*args, **kwargs)
+        raise KeyboardInterrupt("simulated interruption")
+
+    monkeypatch.setattr(checkpointing, "save_checkpoint", save_then_die)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..io import atomic_write
+from ..io import atomic_write, save_webp
 from .data import IMAGE_SUFFIXES, RandomDomain, sample_generator
 
 CLASS_IMAGE_PATTERN = "class-{:05d}.png"
@@ -100,8 +100,6 @@ def ensure_class_images(
 def _save_class_example(path: Path, sample: Any) -> None:
     """An image as PNG, a clip (a list of frames) as lossless animated WebP; atomically."""
     if isinstance(sample, list):
-        from ..video.clips import save_webp
-
         save_webp(sample, path)
     else:
         atomic_write(path, lambda tmp: sample.save(tmp, format="PNG"))

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import DifftuneError
-from ..io import atomic_write, save_image
+from ..io import atomic_write, save_image, save_webp
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v")
 ANIMATED_SUFFIXES = (".webp", ".gif")  # may hold one frame (a still image) or many
@@ -208,18 +208,6 @@ def frame_strip(clips: Sequence[Clip]) -> Image.Image:
         for column, frame in enumerate(clip):
             strip.paste(frame.convert("RGB"), (column * width, row * height))
     return strip
-
-
-def save_webp(frames: Clip, path: str | Path, fps: float = DEFAULT_FPS) -> Path:
-    """An animated, lossless WebP that loops, atomically (a clip of one frame is a still WebP)."""
-    duration = max(1, round(1000.0 / fps))
-
-    def write(tmp: str) -> None:
-        first, *rest = [frame.convert("RGB") for frame in frames]
-        first.save(tmp, format="WEBP", save_all=bool(rest), append_images=rest, duration=duration, loop=0,
-                   lossless=True, quality=100, method=0)
-
-    return atomic_write(path, write)
 
 
 def save_mp4(frames: Clip, path: str | Path, fps: float = DEFAULT_FPS) -> Path:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import build, generate, randomize_adapter
+from conftest import example_generators as generators
 
 import difftune
 from difftune.errors import DifftuneError
@@ -19,10 +20,6 @@ from difftune.model_factory import build_denoiser_on_meta, describe_model, load_
 from difftune.targeting import resolve_targets
 
 CPU = torch.device("cpu")
-
-
-def generators(n, seed=0):
-    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
 
 
 def batch_of(family, prompts):

@@ -5,6 +5,7 @@ the same frames, prior preservation generates class clips, and bad clips or flag
 import numpy as np
 import pytest
 import torch
+from conftest import die_after_first_checkpoint
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -12,7 +13,6 @@ import difftune
 import difftune.model_factory
 from difftune.errors import DifftuneError
 from difftune.model_factory import load_pipeline
-from difftune.training import checkpointing
 
 QUIET = ["--report_to", "none", "--seed", "0"]
 VIDEO = ["--resolution", "16", "--num_frames", "5", "--frame_buckets", "1"]
@@ -70,14 +70,8 @@ def run_flags(clip_dir, out, method, steps=4):
 def test_both_experts_resume_bit_identically(train_subject, clip_dir, tmp_path, monkeypatch, method):
     full, split = tmp_path / "full", tmp_path / "split"
     train_subject(*run_flags(clip_dir, full, method))
-    original = checkpointing.save_checkpoint
-
-    def save_then_die(*args, **kwargs):
-        original(*args, **kwargs)
-        raise KeyboardInterrupt("simulated interruption")
-
     with monkeypatch.context() as patch:
-        patch.setattr(checkpointing, "save_checkpoint", save_then_die)
+        die_after_first_checkpoint(patch)
         with pytest.raises(KeyboardInterrupt):
             train_subject(*run_flags(clip_dir, split, method))
     train_subject(*run_flags(clip_dir, split, method), "--resume_from_checkpoint", "latest")
