@@ -83,10 +83,10 @@ def ensure_class_images(
         for start in range(0, len(mine), batch_size):
             chunk = mine[start:start + batch_size]
             generators = [sample_generator(seed, RandomDomain.CLASS_IMAGE, k) for k in chunk]
-            frames = {} if num_frames is None else {"num_frames": num_frames}
+            # a video pipeline returns numpy frames unless asked for PIL (image pipelines: PIL already)
+            clips = {} if num_frames is None else {"num_frames": num_frames, "output_type": "pil"}
             output = pipeline(prompt=[class_prompt] * len(chunk), generator=generators, height=height,
-                              width=width, num_inference_steps=num_inference_steps, output_type="pil",
-                              **frames)
+                              width=width, num_inference_steps=num_inference_steps, **clips)
             samples = output.images if num_frames is None else output.frames
             for k, sample in zip(chunk, samples, strict=True):
                 _save_class_example(class_dir / pattern.format(k), sample)
