@@ -251,8 +251,8 @@ def check_before_loading(argv: list[str] | None = None):
                              args.export_energy if fmt in LORA_FORMATS else None)
     if args.expert == "both":  # one file of two experts: only the merged pipeline holds both for others
         for fmt in args.export:
-            check_experts_export({"component": "transformer", EXPERTS: model_info.experts[1:]}, fmt,
-                                 "--expert both")
+            check_experts_export({"component": model_info.experts[0], EXPERTS: model_info.experts[1:]},
+                                 fmt, "--expert both")
     extraction = args.export_rank is not None or args.export_energy is not None
     if extraction and not set(args.export) & set(LORA_FORMATS):
         raise DifftuneError("--export_rank/--export_energy apply to --export kohya or comfyui")

@@ -172,7 +172,7 @@ def export_adapter(
     prompt: str = DEFAULT_PROMPT,
     num_inference_steps: int = 20,
     seed: int = 0,
-    resolution: int | None = None,
+    resolution: int | tuple[int, int] | None = None,  # a side, or height and width
 ) -> ExportReport:
     """Write ``adapter_path`` in ``format`` to ``output`` and return the report (also written as
     ``<output>.report.json``, with an image grid base | adapter | export when images are compared,
@@ -305,7 +305,7 @@ class _Sampling:
     prompt: str
     steps: int
     seed: int
-    resolution: int | None
+    resolution: int | tuple[int, int] | None  # a side, or height and width
 
 
 def _export_weights(
@@ -414,10 +414,11 @@ def _sample(pipeline: Any, family: type[ModelFamily], sampling: _Sampling) -> li
     denoiser, _ = find_denoiser(pipeline)
     vae_scale = family.vae_scale_factor(pipeline.vae.config)
     resolution = sampling.resolution or family.native_resolution(denoiser.config, vae_scale)
+    height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
     frames = 1 + family.frame_multiple(pipeline.vae.config) if family.video else None
     settings = GenerationSettings(images_per_prompt=sampling.images, seed=sampling.seed,
-                                  num_inference_steps=sampling.steps, guidance_scale=None, height=resolution,
-                                  width=resolution, batch_size=1, num_frames=frames)
+                                  num_inference_steps=sampling.steps, guidance_scale=None, height=height,
+                                  width=width, batch_size=1, num_frames=frames)
     samples = generate_images(pipeline, [sampling.prompt], settings, show_progress=False)[0]
     return [frame for clip in samples for frame in clip] if family.video else samples
 
