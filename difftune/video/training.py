@@ -11,11 +11,12 @@ import argparse
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from PIL import Image
 
 from ..errors import DifftuneError
+from ..options import Check, CheckedSettings, at_least, option, positive
 from ..sampling import GenerationSettings
 from .clips import DEFAULT_FPS, frame_strip, save_clip_grid
 from .data import (
@@ -23,29 +24,41 @@ from .data import (
     ClipLoader,
     ClipRecord,
     FrameSampling,
+    as_height_width,
     check_video_resolution,
-    parse_resolution,
     scan_clip_folder,
 )
 
-VIDEO_FLAGS = ("num_frames", "frame_stride", "fps", "frame_buckets")
+
+@dataclasses.dataclass(frozen=True)
+class VideoSettings(CheckedSettings):
+    """The frames a video model (Wan) trains with: a data folder of clips (mp4/webm/mkv/mov through PyAV,
+    animated WebP/GIF, folders of frames; still images train as one-frame clips), docs/video.md. The
+    counts the model's VAE takes (1 + 4k for Wan) are checked against the model (`FrameSampling`)."""
+
+    flag_group: ClassVar[str] = "video"
+
+    num_frames: int | None = option(
+        None, f"frames per training clip, 1 + 4k for Wan (default: {VIDEO_DEFAULT_FRAMES}, Wan's 5 s at "
+              "16 fps); validation and class clips have as many", check=at_least(1))
+    frame_stride: int | None = option(None, "take every n-th frame of a clip (default: 1, consecutive "
+                                            "frames)", check=at_least(1))
+    fps: float | None = option(None, "or: resample every clip to this frame rate first (clips without one, "
+                                     "folders of frames, need --frame_stride); also the rate samples are "
+                                     "written at (default 16)", check=positive())
+    frame_buckets: list[int] | None = option(
+        None, "shorter frame counts (each 1 + 4k) a clip too short for --num_frames trains with (the "
+              "largest it reaches) instead of being refused; batches hold one length",
+        check=Check(lambda counts: all(count >= 1 for count in counts), "must all be at least 1"))
 
 
-def add_video_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group(
-        "video", "models that make clips (Wan): a data folder of clips (mp4/webm/mkv/mov through PyAV, "
-        "animated WebP/GIF, folders of frames; still images train as one-frame clips), docs/video.md")
-    group.add_argument("--num_frames", type=int,
-                       help=f"frames per training clip, 1 + 4k for Wan (default: {VIDEO_DEFAULT_FRAMES}, "
-                            "Wan's 5 s at 16 fps); validation and class clips have as many")
-    group.add_argument("--frame_stride", type=int,
-                       help="take every n-th frame of a clip (default: 1, consecutive frames)")
-    group.add_argument("--fps", type=float,
-                       help="or: resample every clip to this frame rate first (clips without one, folders of "
-                            "frames, need --frame_stride); also the rate samples are written at (default 16)")
-    group.add_argument("--frame_buckets", type=int, nargs="+",
-                       help="shorter frame counts (each 1 + 4k) a clip too short for --num_frames trains "
-                            "with (the largest it reaches) instead of being refused; batches hold one length")
+# the flags only video models take (refused on image models by `check_video_flags`)
+VIDEO_FLAGS = tuple(field.name for field in dataclasses.fields(VideoSettings))
+
+
+def positive_resolution() -> Check:
+    """``--resolution``'s check: a positive side, or a positive height and width."""
+    return Check(lambda value: min(as_height_width(value)) > 0, "must be positive")
 
 
 def check_video_flags(args: argparse.Namespace, family: Any) -> None:
@@ -63,14 +76,6 @@ def check_video_flags(args: argparse.Namespace, family: Any) -> None:
             raise DifftuneError(f"--resolution {resolution[0]}x{resolution[1]}: image models train square "
                                 "crops; give one size")
         args.resolution = resolution[0]
-
-
-def resolution_argument(text: str) -> int | tuple[int, int]:
-    """argparse type of ``--resolution``: a side or height x width."""
-    try:
-        return parse_resolution(text)
-    except DifftuneError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""train_scripts/train_subject.py on the tiny Wan models from a folder of tiny clips: every method trains and
+"""difftune train-subject on the tiny Wan models from a folder of tiny clips: every method trains and
 resumes bit-exactly (Wan 2.2: both experts), validation writes clips, the files load in WanPipeline with
 the same frames, prior preservation generates class clips, and bad clips or flags stop it before loading."""
 

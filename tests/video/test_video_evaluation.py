@@ -1,4 +1,4 @@
-"""The subject evaluation of a video model (eval/evaluate_subject.py on builtin:tiny-wan): CLIP-T / CLIP-I
+"""The subject evaluation of a video model (difftune evaluate on builtin:tiny-wan): CLIP-T / CLIP-I
 over every frame, temporal consistency as the mean CLIP cosine of consecutive frames, each against a
 computation by hand from the tiny CLIP model."""
 
@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import build, load_script, make_clips, moving_square, randomize_adapter
+from conftest import build, command_module, make_clips, moving_square, randomize_adapter
 
 import difftune
 from difftune.errors import DifftuneError
@@ -42,7 +42,7 @@ def test_evaluate_subject_scores_a_video_model_frame_by_frame(tmp_path, tiny_cli
     lora = difftune.save_adapter(pipe, tmp_path / "lora" / "adapter.safetensors",
                                  base_model="builtin:tiny-wan")
     out = tmp_path / "eval"
-    script = load_script("eval/evaluate_subject.py")
+    script = command_module("evaluate_subject")
     argv = ["--pretrained_model_name_or_path", "builtin:tiny-wan", "--adapter", f"lora={lora}",
             "--include_base", "--instance_data_dir", str(subject), "--prompts", "dreambooth",
             "--num_prompts", "2", "--images_per_prompt", "1", "--num_inference_steps", "2", "--height", "16",

@@ -137,6 +137,19 @@ class SaraAdapter(Adapter):
         # every selected tensor: biases and norms too with include_bias_norm
         return list(self.entries)
 
+    @torch.no_grad()
+    def merged_and_base_tensor(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The weight holds W0 + scale·Δ at the selected entries (merged or not): it is the merged
+        value; the base is a copy with W0 written back there."""
+        entries = self.entries.get(name)
+        if entries is None:
+            return None
+        entries.sync()
+        merged = entries.weight.detach()
+        base = merged.clone()
+        entries.write(base, entries.base.to(base.dtype))
+        return merged, base
+
     # --- files (`files`) -----------------------------------------------------------------
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
