@@ -50,7 +50,7 @@ class ClipRecord:
 def parse_resolution(text: str) -> int | tuple[int, int]:
     """``--resolution``: a side (``512``) or height x width (``480x832``); whether they are positive is the
     flag's check (`training.positive_resolution`)."""
-    match = re.fullmatch(r"\s*(\d+)\s*(?:[xX×,]\s*(\d+)\s*)?", str(text))
+    match = re.fullmatch(r"\s*(-?\d+)\s*(?:[xX×,]\s*(-?\d+)\s*)?", str(text))
     if not match:
         raise DifftuneError(f"--resolution {text!r}: give a size in pixels (512) or height x width (480x832)")
     height, width = int(match[1]), int(match[2] or match[1])

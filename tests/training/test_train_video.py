@@ -16,7 +16,8 @@ from difftune.model_factory import load_pipeline
 
 QUIET = ["--report_to", "none", "--seed", "0"]
 VIDEO = ["--resolution", "16", "--num_frames", "5", "--frame_buckets", "1"]
-METHOD_OPTIONS = {"lora": ["--rank", "2"], "sara": ["--sara_budget", "0.05"], "svfit": [], "tlora": []}
+METHOD_OPTIONS = {"lora": ["--rank", "2"], "peft": ["--peft_type", "loha", "--rank", "2"],
+                  "sara": ["--sara_budget", "0.05"], "svfit": [], "tlora": []}
 
 
 def flags(clip_dir, out, model, method="lora", steps=2, *extra):
@@ -153,6 +154,12 @@ def test_bad_clips_and_flags_are_refused_before_the_model_loads(train_subject, c
         (["--resolution", "24x16"], r"--resolution must be a multiple of 16 .*got 24x16"),
         (["--expert", "low"], r"--expert low: builtin:tiny-wan has one denoiser"),
         (["--fps", "4", "--frame_stride", "2"], "give --frame_stride or --fps, not both"),
+        # the checks on the settings fields (VideoSettings, InstanceImages, LossOptions)
+        (["--frame_stride", "0"], r"--frame_stride must be at least 1, got 0"),
+        (["--fps", "-2"], r"--fps must be positive, got -2.0"),
+        (["--frame_buckets", "0"], r"--frame_buckets must all be at least 1, got \[0\]"),
+        (["--resolution", "0x16"], r"--resolution must be positive, got \(0, 16\)"),
+        (["--flow_shift", "0"], r"--flow_shift must be positive, got 0.0"),
     ]
     for extra, message in cases:
         with pytest.raises(DifftuneError, match=message):
