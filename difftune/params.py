@@ -4,6 +4,7 @@
     python -m difftune.params --model sdxl-config --targets attn
     python -m difftune.params --model builtin:tiny-sd --row "svfit" --row "tlora:rank=4,residual=lora"
     python -m difftune.params --model flux-dev-config          # FLUX.1-dev transformer, meta device
+    python -m difftune.params --model wan2.1-14b-config --targets attn-ff   # Wan 2.1 14B transformer
 
 Each row attaches one adapter, counts `count_trainable_parameters`, and removes it again
 (the model is restored exactly). ``sd15-config`` / ``sdxl-config`` / ``flux-dev-config`` build
@@ -58,8 +59,9 @@ FLUX_ROWS: list[tuple[str, str, dict[str, Any]]] = [
     ("TLoRA TRM R=2 + TR R=6", "tlora", {"transform_rank": 2, "residual": "tr", "rank": 6}),
 ]
 
-# default rows of a reference config (by its name) other than the papers' set
-REFERENCE_ROWS = {"flux-dev-config": FLUX_ROWS}
+# default rows of a reference config (by its name) other than the papers' set: the large DiTs'
+REFERENCE_ROWS = {name: FLUX_ROWS for name in ("flux-dev-config", "wan2.1-1.3b-config", "wan2.1-14b-config",
+                                               "wan2.2-a14b-expert-config")}
 
 
 def meta_models() -> dict[str, tuple[dict[str, Any], str]]:

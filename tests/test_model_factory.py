@@ -77,12 +77,16 @@ def test_describe_model_reads_family_resolution_and_denoiser_without_weights(fam
     pipe.save_pretrained(folder)
     name = f"builtin:{FAMILIES[family].tiny_name()}"
     first = describe_model(name)
+    scale = FAMILIES[family].vae_scale_factor(pipe.vae.config)
     for described in (first, describe_model(str(folder))):
         assert described.family == pipeline_family(pipe) == family
         if family == "flux":  # no sample_size: the pipeline's default height; 2x2 packed latent tokens
             folder_resolution = pipe.default_sample_size * pipe.vae_scale_factor  # 1024 px on FLUX.1
             assert described.resolution == (TINY_RESOLUTION if described is first else folder_resolution)
             assert described.size_multiple == pipe.vae_scale_factor * 2
+        elif family == "wan":  # the tiny built-in's 32-latent size; WanPipeline's default height, 8x8 VAE
+            assert described.resolution == (32 * scale if described is first else 480)
+            assert described.size_multiple == pipe.vae_scale_factor_spatial * denoiser.config.patch_size[-1]
         else:
             assert described.resolution == denoiser.config.sample_size * pipe.vae_scale_factor
             patch = getattr(denoiser.config, "patch_size", None) or 1

@@ -135,6 +135,8 @@ def test_a_new_family_is_one_class(fresh_registries):
     ("StableDiffusion3ControlNetPipeline", "SD3", "control images"),
     ("FluxKontextPipeline", "Flux", "image editing"),
     ("FluxFillPipeline", "Flux", "inpainting and outpainting"),
+    ("WanImageToVideoPipeline", "Wan", "image to video"),
+    ("WanVACEPipeline", "Wan", "video editing"),
 ])
 def test_a_familys_other_pipelines_are_refused_by_name(class_name, family, task):
     from difftune.families import family_of_class

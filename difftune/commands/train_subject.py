@@ -19,7 +19,7 @@ The script reads top to bottom:
   6. the adapter (and a diffusers LoRA copy), a model card, and samples from a fresh pipeline
      that loads the saved file
 Supported bases: every model family of difftune.families (SD 1.x/2.x with epsilon and v prediction,
-SDXL, SD3, FLUX.1 dev and schnell, PixArt-α/Σ).
+SDXL, SD3, FLUX.1 dev and schnell, PixArt-α/Σ, Wan 2.1/2.2 video: a folder of clips, docs/video.md).
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ from typing import ClassVar
 import torch
 
 import difftune
+from difftune.adapter_file import EXPERTS
+from difftune.api import name_component
 from difftune.errors import DifftuneError, run_main
-from difftune.families import (
-    LossOptions,
-    titles_with,
-)
+from difftune.export import check_experts_export
+from difftune.families import LossOptions, get_family, titles_with
 from difftune.model_factory import load_pipeline
 from difftune.options import CheckedSettings, at_least, check_values, option, positive
 from difftune.paths import subject_folder
@@ -53,6 +53,15 @@ from difftune.training.model_card import write_model_card
 from difftune.training.prior import ensure_class_images
 from difftune.training.summary import reset_peak_memory
 from difftune.training.text_encoder import attach_text_encoder_adapters
+from difftune.training.validation import log_images
+from difftune.video.data import parse_resolution, warn_small_clips
+from difftune.video.training import (
+    VideoSettings,
+    check_video_flags,
+    positive_resolution,
+    save_samples,
+    video_data,
+)
 
 # ---------------------------------------------------------------------------------------------
 # 1. Options
@@ -71,7 +80,9 @@ class InstanceImages(CheckedSettings):
                                                "(required; per-image captions replace it)")
     caption_column: str | None = option(None, "metadata.jsonl key of per-image captions (default: text, "
                                               "caption or prompt); a sidecar <image>.txt wins over it")
-    resolution: int | None = option(None, "training resolution (default: the model's own)", check=positive())
+    resolution: int | tuple[int, int] | None = option(
+        None, "training resolution (default: the model's own); video models: a side or height x width, e.g. "
+              "480x832", parse=parse_resolution, check=positive_resolution())
     pre_compute_text_embeddings: bool | None = option(
         None, "encode every prompt once before training (default: on, unless --train_text_encoder or "
               "--train_token_embedding: a trained encoder or token must encode every step)")
@@ -114,7 +125,7 @@ class TextEncoderTraining(CheckedSettings):
 
 # Every flag of this trainer is a field of one of these (the method options aside, generated from the
 # registered methods' configs): tests/training/test_flags.py checks that nothing else is a flag.
-SETTINGS = (settings.ModelSettings, InstanceImages, settings.ImageSettings, PriorPreservation,
+SETTINGS = (settings.ModelSettings, InstanceImages, settings.ImageSettings, VideoSettings, PriorPreservation,
             TextEncoderTraining, pivotal.TokenEmbeddingSettings, settings.AdapterFiles,
             *arguments.SHARED_SETTINGS)
 
@@ -123,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = arguments.trainer_parser(__doc__, recipes.RECIPES)  # with --config
     arguments.add_model_arguments(parser)
     arguments.add_settings_arguments(parser, InstanceImages, settings.ImageSettings)
-    for group in (PriorPreservation, TextEncoderTraining):
+    for group in (VideoSettings, PriorPreservation, TextEncoderTraining):
         arguments.add_settings_arguments(parser, group)
     arguments.add_pivotal_arguments(parser)
     recipes.add_recipe_argument(parser)
@@ -150,7 +161,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if given:
             raise DifftuneError(f"{' and '.join(given)} given without --with_prior_preservation: add the "
                                 "flag to train with the prior loss, or drop them")
-    check_values(args, InstanceImages, settings.ImageSettings, PriorPreservation)
+    check_values(args, InstanceImages, settings.ImageSettings, VideoSettings, PriorPreservation)
     if args.train_text_encoder and args.pre_compute_text_embeddings:
         raise DifftuneError("--pre_compute_text_embeddings cannot be used with --train_text_encoder: the "
                             f"encoder changes every step{recipes.source_hint(args, 'train_text_encoder')}")
@@ -174,15 +185,43 @@ def subject_loss(per_example: torch.Tensor, is_prior: torch.Tensor, prior_loss_w
 
 def check_before_loading(argv: list[str] | None = None):
     """Every check that needs no model weights (bad input fails in seconds): options, model family,
-    adapter options and targets, resolution, output folder, instance images. benchmark.py runs it on
-    its trainer flags before its own heavy work. Returns (args, model_info, spec, resolution,
-    instance_images)."""
+    adapter options and targets, resolution, output folder, instance images (or clips). benchmark.py
+    runs it on its trainer flags before its own heavy work. Returns (args, model_info, spec,
+    resolution, instance_images); a video model's resolution is (height, width), its images clips."""
     args = parse_args(argv)
-    model_info, spec, resolution = session.check_model_and_adapter(args, "train_subject.py")
-    instance_images = scan_image_folder(args.instance_data_dir, "--instance_data_dir", args.caption_column)
+
+    def check_family(model_info, family) -> None:
+        check_video_flags(args, family)
+        check_experts(args, model_info)
+        if args.expert == "both":  # one file of two experts: only the merged pipeline holds both for others
+            for fmt in args.export:
+                check_experts_export({"component": model_info.experts[0], EXPERTS: model_info.experts[1:]},
+                                     fmt, "--expert both")
+
+    model_info, spec, resolution = session.check_model_and_adapter(args, "train_subject.py", check_family)
+    folder, caption_column = args.instance_data_dir, args.caption_column
+    if get_family(model_info.family).video:  # every clip read through, its frames counted, before loading
+        video = video_data(args, model_info, resolution)
+        resolution = video.resolution
+        instance_images = video.scan(folder, "--instance_data_dir", caption_column)
+    else:
+        instance_images = scan_image_folder(folder, "--instance_data_dir", caption_column)
     if args.class_data_dir:  # generated class images go there
         check_writable_folder(args.class_data_dir, "--class_data_dir")
     return args, model_info, spec, resolution, instance_images
+
+
+def check_experts(args: argparse.Namespace, model_info) -> None:
+    """--expert needs a model with several experts (Wan 2.2), which train together by default."""
+    if not model_info.experts:
+        if args.expert not in (None, "high"):
+            raise DifftuneError(f"--expert {args.expert}: {args.pretrained_model_name_or_path} has one "
+                                "denoiser; --expert picks among the experts of a two-expert model (Wan 2.2)")
+        return
+    if args.expert is None:
+        args.expert = "both"
+    if args.expert != "high" and args.init_adapter:
+        raise DifftuneError("--init_adapter starts the high-noise expert only; give --expert high with it")
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -190,21 +229,31 @@ def main(argv: list[str] | None = None) -> Path:
     args, model_info, spec, resolution, instance_images = check_before_loading(argv)
     base, checkpoints, validation, export = session.trainer_settings(args)
     base_model, output_dir = base.pretrained_model_name_or_path, checkpoints.output_dir
-    warn_small_images(instance_images, resolution, "--instance_data_dir")
-    run_settings = {"base_model": base_model, **spec.to_dict(), "train_text_encoder": args.train_text_encoder}
+    family_class = get_family(model_info.family)
+    video = video_data(args, model_info, resolution) if family_class.video else None
+    (warn_small_clips if video else warn_small_images)(instance_images, resolution, "--instance_data_dir")
+    run_settings = {"base_model": base_model, **spec.to_dict(), "train_text_encoder": args.train_text_encoder,
+                    "expert": args.expert}
     optimization, optimization_record, resume_path, resume_state = session.resume_point(
         args, checkpoints, run_settings, text_encoder_lr=args.text_encoder_lr)
     if resume_state and resume_state.get("train_token_embedding"):
         raise DifftuneError(f"--resume_from_checkpoint {resume_path}: a pivotal-tuning run "
                             "(--train_token_embedding) cannot be resumed yet")
 
+    def check_processes(accelerator) -> None:  # before any model loads
+        for flag in ("train_text_encoder", "train_token_embedding"):
+            if getattr(args, flag) and accelerator.num_processes > 1:
+                hint = recipes.source_hint(args, flag)
+                raise DifftuneError(f"--{flag} runs in one process for now; launch without several "
+                                    f"processes, or train the denoiser alone{hint}")
+        if args.expert == "both" and accelerator.num_processes > 1:
+            raise DifftuneError("--expert both trains two transformers in one process for now; launch one "
+                                "run per expert (--expert high, --expert low) on several processes")
+
     # FSDP: no method that writes into the base weights (SaRA), no intermediate checkpoints
     accelerator, sharded, weight_dtype, seed = session.start_accelerator(args, spec.method, model_info.family,
-                                                                         checkpoints, resume_state)
-    for flag in ("train_text_encoder", "train_token_embedding"):  # before any model loads
-        if getattr(args, flag) and accelerator.num_processes > 1:
-            raise DifftuneError(f"--{flag} runs in one process for now; launch without several "
-                                f"processes, or train the denoiser alone{recipes.source_hint(args, flag)}")
+                                                                         checkpoints, resume_state,
+                                                                         check_processes)
     device, is_main = accelerator.device, accelerator.is_main_process
 
     # -----------------------------------------------------------------------------------------
@@ -227,12 +276,21 @@ def main(argv: list[str] | None = None) -> Path:
         ensure_class_images(generator_pipeline, args.class_data_dir, args.class_prompt, args.num_class_images,
                             seed=seed, resolution=resolution, batch_size=args.sample_batch_size,
                             num_inference_steps=args.class_inference_steps, accelerator=accelerator,
-                            autocast=accelerator.autocast())
+                            autocast=accelerator.autocast(),
+                            num_frames=video.sampling.num_frames if video else None)
         del generator_pipeline
-        class_images = scan_image_folder(args.class_data_dir, "--class_data_dir")[:args.num_class_images]
+        class_images = (video.scan(args.class_data_dir, "--class_data_dir") if video else
+                        scan_image_folder(args.class_data_dir, "--class_data_dir"))[:args.num_class_images]
 
     memory = arguments.settings_from_args(args, settings.MemorySettings)
+    trained = family.trained_denoisers()  # the denoiser, and under --expert both the other expert
+    for component, module in trained.items():
+        name_component(module, component)  # its files and checkpoints name the right transformer
     adapter = loop.attach_trainable_adapter(denoiser, spec, seed, memory, args.init_adapter, pipeline)
+    experts = {component: module for component, module in trained.items() if module is not denoiser}
+    for offset, module in enumerate(experts.values(), start=1):
+        module.requires_grad_(False)
+        loop.attach_trainable_adapter(module, spec, seed + offset, memory)
     text_encoders: dict[str, torch.nn.Module] = {}
     if args.train_text_encoder:
         text_encoders = attach_text_encoder_adapters(
@@ -252,11 +310,24 @@ def main(argv: list[str] | None = None) -> Path:
     data = SubjectData(
         dataset, encode_images=family.encode_images, encode_prompts=family.encode_prompts,
         resolution=resolution, center_crop=args.center_crop, random_flip=args.random_flip, seed=seed,
-        cache_latents=args.cache_latents, cache_prompts=args.pre_compute_text_embeddings, device=device)
+        cache_latents=args.cache_latents, cache_prompts=args.pre_compute_text_embeddings, device=device,
+        load_pixels=video.loader(args.center_crop) if video else None)
     data.build_caches(show_progress=is_main)
+    generation = validation.generation(seed, resolution)  # a video model's: its clip size and length
+    generation = video.generation(generation) if video else generation
+
+    def save_and_log(samples, stem: Path, tag: str, step: int) -> list[str]:
+        """Samples as a grid (images) or as clips and a frame strip (video); the names written."""
+        if not video:
+            return session.sample_grid(samples, stem, accelerator, tag, step)
+        names, strip = save_samples(samples[0], stem, video.fps)
+        log_images(accelerator, tag, [strip], step)
+        return names
+
     validate = session.Validator(accelerator, family, validation, validation.prompts, seed=seed,
                                  resolution=resolution, output_dir=output_dir,
-                                 reencode=bool(text_encoders or tokens))
+                                 reencode=bool(text_encoders or tokens), generation=generation,
+                                 save=save_and_log)
     # The frozen encoders are not needed on the device between validations.
     validate.offloaded = session.offload_frozen(
         [*(family.text_encoders if args.pre_compute_text_embeddings else []),
@@ -266,8 +337,9 @@ def main(argv: list[str] | None = None) -> Path:
     # 4. Optimizer, schedule, resume
     # -----------------------------------------------------------------------------------------
     world = accelerator.num_processes
+    further = {**text_encoders, **experts}  # adapted besides the denoiser: optimizer, checkpoints, file
     plan = loop.prepare_optimization(optimization, checkpoints, accelerator, denoiser, adapter, len(dataset),
-                                     resume_path, resume_state, device, text_encoders, args.text_encoder_lr,
+                                     resume_path, resume_state, device, further, args.text_encoder_lr,
                                      [(tokens, args.token_embedding_lr)] if tokens else ())
     if is_main:
         accelerator.init_trackers(args.tracker_project_name, config=arguments.tracker_config(args))
@@ -277,43 +349,48 @@ def main(argv: list[str] | None = None) -> Path:
     if is_main:
         if args.recipe:
             print(recipes.describe(args.recipe, base_model, spec.method))
-        prior_text = f" + {len(class_images)} class images" if class_images else ""
+        kind = "clips" if video else "images"
+        prior_text = f" + {len(class_images)} class {kind}" if class_images else ""
         resumed = f" | resumed at step {plan.global_step} from {resume_path}" if resume_path else ""
         text_part = "".join(
             f" + {name} {len(difftune.get_adapter(e).target_names)} layers, "
             f"{difftune.count_trainable_parameters(e):,} parameters (lr {plan.text_encoder_lr:g})"
-            for name, e in text_encoders.items())
+            for name, e in further.items())
         if tokens:
             print(f"pivotal tuning: {tokens.describe()} (lr {args.token_embedding_lr:g})")
+        if experts or args.expert:
+            print(f"experts: {args.expert} ({', '.join(trained)}, each on its own noise range)")
+        size = video.describe() if video else f"{resolution}px"
         print(f"difftune subject training | {base_model} ({model_info.family}, "
-              f"{resolution}px, {accelerator.mixed_precision}) | {spec.method} on {adapter.config.targets}: "
+              f"{size}, {accelerator.mixed_precision}) | {spec.method} on {adapter.config.targets}: "
               f"{len(adapter.target_names)} layers, {difftune.count_trainable_parameters(denoiser):,} "
-              f"trainable parameters{text_part} | {len(instance_images)} instance images{prior_text} | "
+              f"trainable parameters{text_part} | {len(instance_images)} instance {kind}{prior_text} | "
               f"{max_train_steps} steps x {micro_batch * accumulation} images (batch {plan.batch_size} x "
               f"{world} processes x {accumulation} accumulation) | lr {learning_rate:g} | "
               f"seed {seed}{resumed}")
 
     trainer_state = {"base_model": base_model, **spec.to_dict(), "seed": seed,
                      "max_train_steps": max_train_steps, "train_text_encoder": args.train_text_encoder,
-                     checkpointing.OPTIMIZATION_KEY: optimization_record,
+                     "expert": args.expert, checkpointing.OPTIMIZATION_KEY: optimization_record,
                      **({"train_token_embedding": True} if tokens else {})}
 
     # -----------------------------------------------------------------------------------------
     # 5. Training loop
     # -----------------------------------------------------------------------------------------
     def compute_loss(indices: range) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        batch = data.batch(indices)
-        per_example = loop.diffusion_loss(family, plan.model, batch)
-        return subject_loss(per_example, batch.is_prior, args.prior_loss_weight), {}
+        batches = data.batches(indices)  # one batch, or one per clip length
+        per_example = torch.cat([loop.diffusion_loss(family, plan.model, batch) for batch in batches])
+        is_prior = torch.cat([batch.is_prior for batch in batches])
+        return subject_loss(per_example, is_prior, args.prior_loss_weight), {}
 
     plan.model.train()
     reset_peak_memory(device)
     first_step, loop_started = plan.global_step, time.perf_counter()
     loop.train(accelerator, plan, adapter, denoiser, compute_loss, checkpoints=checkpoints,
-               trainer_state=trainer_state, base_model=base_model, text_encoders=text_encoders,
+               trainer_state=trainer_state, base_model=base_model, text_encoders=further,
                save_checkpoints=not sharded, after_step=validate)
     loop_seconds = time.perf_counter() - loop_started
-    trainable_count = difftune.count_trainable_parameters(denoiser)
+    trainable_count = sum(difftune.count_trainable_parameters(module) for module in trained.values())
 
     # -----------------------------------------------------------------------------------------
     # 6. Save, model card, samples from the saved file
@@ -324,15 +401,17 @@ def main(argv: list[str] | None = None) -> Path:
     if is_main:
         if tokens:
             tokens.finish()
-        adapter_path, diffusers_name = session.save_trained_adapter(
+        adapter_path, diffusers_name, diffusers_loading = session.save_trained_adapter(
             accelerator.unwrap_model(model), output_dir, base_model, model_info.family,
-            text_encoders=text_encoders, token_embeddings=tokens.file_section() if tokens else None)
+            text_encoders=further, token_embeddings=tokens.file_section() if tokens else None,
+            several_denoisers=bool(experts) or trained.keys() != {family_class.denoiser_component})
         sample_prompt = validation.validation_prompt or args.instance_prompt
-        if not validation.skip_final_inference:
-            del pipeline, family, data, model, denoiser, validate  # before the fresh pipeline loads
+        if not validation.skip_final_inference:  # freed before the fresh pipeline loads
+            del pipeline, family, data, model, denoiser, validate, trained, experts, further
         sample_names = session.sample_saved_adapter(base, weight_dtype, accelerator, adapter_path,
                                                     [sample_prompt], validation, seed=seed,
-                                                    resolution=resolution, step=global_step)
+                                                    resolution=resolution, step=global_step,
+                                                    generation=generation, save=save_and_log)
         write_model_card(
             output_dir, base_model=base_model, family=model_info.family, method=spec.method,
             options={k: v for k, v in adapter.config.to_dict().items() if k != "targets"},
@@ -340,7 +419,10 @@ def main(argv: list[str] | None = None) -> Path:
             trainable_parameters=trainable_count,
             steps=global_step, instance_prompt=args.instance_prompt, sample_images=sample_names,
             sample_prompt=sample_prompt, diffusers_weight_name=diffusers_name,
-            training={"resolution": resolution, "batch size (global)": micro_batch * accumulation,
+            video=video is not None, diffusers_loading=diffusers_loading,
+            training={"resolution": video.describe() if video else resolution,
+                      **({"expert": args.expert} if args.expert else {}),
+                      "batch size (global)": micro_batch * accumulation,
                       "learning rate": learning_rate, "lr scheduler": args.lr_scheduler,
                       "mixed precision": accelerator.mixed_precision, "seed": seed,
                       "prior preservation": args.with_prior_preservation,

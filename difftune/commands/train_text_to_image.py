@@ -51,7 +51,7 @@ from difftune.training.ema import AdapterEMA
 from difftune.training.model_card import write_model_card
 from difftune.training.summary import reset_peak_memory
 
-COMMAND = "train-text-to-image"
+COMMAND = "difftune train-text-to-image"  # how refusals name it
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,7 +165,15 @@ def check_before_loading(argv: list[str] | None = None):
     exports, resolution and buckets, output folder, and every example of the data. Returns (args,
     model_info, spec, resolution, examples, bucket of each example or None)."""
     args = parse_args(argv)
-    model_info, spec, resolution = session.check_model_and_adapter(args, COMMAND)
+
+    def refuse_video(model_info, family) -> None:
+        if family.video:
+            model = args.pretrained_model_name_or_path
+            raise DifftuneError(f"{COMMAND} trains image models on captioned images; {model} is a video "
+                                f"model ({family.title}): train it on a folder of clips with difftune "
+                                "train-subject (docs/video.md)")
+
+    model_info, spec, resolution = session.check_model_and_adapter(args, COMMAND, refuse_video)
     grid = buckets.bucket_sizes(bucket_settings(args, resolution, model_info.size_multiple)) \
         if args.enable_bucket else None
     examples = captioned.read_examples(arguments.settings_from_args(args, captioned.CaptionedSource))
@@ -265,7 +273,7 @@ def main(argv: list[str] | None = None) -> Path:
     session.gather_adapter(accelerator, model, adapter, denoiser, sharded)  # every process
     if is_main:
         with averaged():
-            adapter_path, diffusers_name = session.save_trained_adapter(
+            adapter_path, diffusers_name, _ = session.save_trained_adapter(
                 accelerator.unwrap_model(model), output_dir, base_model, model_info.family)
         sample_prompts = validation.prompts or [examples[0].caption]
         if not validation.skip_final_inference:

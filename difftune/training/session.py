@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import time
 from collections.abc import Callable, Sequence
@@ -21,11 +22,11 @@ import torch
 from PIL import Image
 
 from ..api import AdapterSpec, get_adapter, save_adapter
-from ..export import LORA_FORMATS, default_output, export_adapter
+from ..export import LORA_FORMATS, default_output, export_adapter, write_diffusers_lora_files
 from ..families import check_capability, check_text_encoder_training, get_family
 from ..io import copy_file
 from ..model_factory import describe_model
-from ..sampling import generate_images, save_grid
+from ..sampling import GenerationSettings, generate_images, save_grid
 from . import arguments, checkpointing, loop
 from .settings import (
     DTYPES,
@@ -43,14 +44,19 @@ DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
 ContextFactory = Callable[[], contextlib.AbstractContextManager]
 
 
-def check_model_and_adapter(args: argparse.Namespace, script: str) -> tuple[Any, AdapterSpec, int]:
+def check_model_and_adapter(args: argparse.Namespace, script: str,
+                            check_family: Callable[[Any, Any], None] | None = None
+                            ) -> tuple[Any, AdapterSpec, int]:
     """Every check of the base model, adapter, exports, resolution and output folder that needs no
-    weights (bad input fails in seconds); returns (model description, adapter spec, resolution)."""
+    weights (bad input fails in seconds); returns (model description, adapter spec, resolution).
+    ``check_family(model_info, family)`` adds a trainer's own checks of the model (video, experts)."""
     base = arguments.settings_from_args(args, ModelSettings)
     model_info = describe_model(base.pretrained_model_name_or_path, base.revision)
     family = get_family(model_info.family)
     check_capability(family, "trainable", script)
     arguments.check_family_flags(args, model_info.family)
+    if check_family is not None:
+        check_family(model_info, family)
     if args.quantize_base:
         check_capability(family, "quantized_base", "--quantize_base")
     for flag in ("train_text_encoder", "train_token_embedding"):
@@ -90,11 +96,15 @@ def resume_point(args: argparse.Namespace, checkpoints: CheckpointSettings, run_
 
 
 def start_accelerator(args: argparse.Namespace, method: str, family: str, checkpoints: CheckpointSettings,
-                      resume_state: dict | None) -> tuple[Any, bool, torch.dtype, int]:
+                      resume_state: dict | None, check_processes: Callable[[Any], None] | None = None
+                      ) -> tuple[Any, bool, torch.dtype, int]:
     """The run's accelerator, whether FSDP shards the model (refusing what it cannot: a method that
-    writes into the base weights, SaRA; resuming), the weights' dtype and the seed."""
+    writes into the base weights, SaRA; resuming), the weights' dtype and the seed. ``check_processes``
+    (the accelerator) refuses first what the trainer cannot do under these processes."""
     accelerator = loop.create_accelerator(arguments.settings_from_args(args, AcceleratorSettings),
                                           checkpoints.output_dir)
+    if check_processes is not None:
+        check_processes(accelerator)
     sharded = loop.check_fsdp(accelerator, method, checkpoints.resume_from_checkpoint, family)
     return (accelerator, sharded, DTYPES[accelerator.mixed_precision],
             loop.resolve_seed(args.seed, resume_state))
@@ -110,13 +120,20 @@ def offload_frozen(modules: Sequence[torch.nn.Module], device: torch.device) -> 
     return list(modules)
 
 
-def sample_grid(images: Sequence[Sequence[Image.Image]], path: Path, accelerator: Any, tag: str,
-                step: int) -> None:
+# ``save(samples, stem, tag, step) -> names``: a trainer's samples (one list per prompt) written under
+# ``stem`` (no suffix) and sent to the trackers; `sample_grid` for images
+SaveSamples = Callable[[Sequence[Sequence[Any]], Path, str, int], list[str]]
+
+
+def sample_grid(images: Sequence[Sequence[Image.Image]], stem: Path, accelerator: Any, tag: str,
+                step: int) -> list[str]:
     """One grid of every prompt's images (a row per prompt when there are several; one prompt's
-    images near-square), written and sent to the trackers."""
+    images near-square) as ``<stem>.png``, sent to the trackers; returns its name."""
     flat = [image for row in images for image in row]
+    path = Path(stem).with_suffix(".png")
     save_grid(flat, path, columns=len(images[0]) if len(images) > 1 else None)
     log_images(accelerator, tag, flat, step)
+    return [path.name]
 
 
 class Validator:
@@ -126,16 +143,21 @@ class Validator:
     and set ``offloaded`` to what `offload_frozen` moved (brought back while sampling). ``reencode``
     encodes the prompts again each time (a trained text encoder or new tokens change them);
     ``weights`` swaps other adapter weights in while sampling (the moving average of --use_ema).
+    ``generation`` is how the samples are drawn and ``save`` how they are written (defaults: the
+    settings' square images, `sample_grid`; a video model's clips).
     """
 
     def __init__(self, accelerator: Any, family: Any, settings: ValidationSettings, prompts: Sequence[str], *,
                  seed: int, resolution: int, output_dir: Path, reencode: bool = False,
-                 weights: ContextFactory | None = None):
+                 weights: ContextFactory | None = None, generation: GenerationSettings | None = None,
+                 save: SaveSamples | None = None):
         self.accelerator, self.family, self.settings = accelerator, family, settings
         self.prompts, self.seed, self.resolution = list(prompts), seed, resolution
         self.output_dir, self.reencode = Path(output_dir), reencode
         self.offloaded: list[torch.nn.Module] = []
         self.weights = weights or contextlib.nullcontext
+        self.generation = generation or settings.generation(seed, resolution)
+        self.save = save or functools.partial(sample_grid, accelerator=accelerator)
         self.prompt_kwargs = self._encode()
 
     def _encode(self) -> list[dict[str, torch.Tensor]]:
@@ -153,12 +175,10 @@ class Validator:
             self.prompt_kwargs = self._encode()
         device = self.accelerator.device
         with offload_models(*self.offloaded, device=device, offload=bool(self.offloaded)), self.weights():
-            generation = self.settings.generation(self.seed, self.resolution)
-            images = generate_images(self.family.pipeline, self.prompt_kwargs, generation,
+            images = generate_images(self.family.pipeline, self.prompt_kwargs, self.generation,
                                      show_progress=False, autocast=self.accelerator.autocast())
         denoiser.train()
-        sample_grid(images, self.output_dir / "validation" / f"step-{step:06d}.png", self.accelerator,
-                    "validation", step)
+        self.save(images, self.output_dir / "validation" / f"step-{step:06d}", tag="validation", step=step)
 
 
 def adapter_digest(model: torch.nn.Module) -> str:
@@ -195,33 +215,40 @@ def check_same_adapter(accelerator: Any, denoiser: torch.nn.Module) -> None:
 
 def save_trained_adapter(denoiser: torch.nn.Module, output_dir: Path, base_model: str, family: str, *,
                          text_encoders: dict[str, torch.nn.Module] | None = None,
-                         token_embeddings: Any = None) -> tuple[Path, str | None]:
+                         token_embeddings: Any = None, several_denoisers: bool = False
+                         ) -> tuple[Path, str | None, list[tuple[str, dict[str, Any]]]]:
     """``adapter.safetensors`` and, where diffusers reads it as a LoRA (not with new tokens: a
-    diffusers file has no place for them), a copy under diffusers' name; returns (the file, the
-    copy's name or None)."""
+    diffusers file has no place for them), a copy under diffusers' name, or with
+    ``several_denoisers`` (Wan 2.2's experts, in ``text_encoders``) one diffusers file per denoiser;
+    returns (the file, the copy's name or None, each diffusers file with its loading arguments)."""
     adapter_path = Path(output_dir) / "adapter.safetensors"
     save_adapter(denoiser, adapter_path, base_model=base_model, text_encoders=text_encoders or {},
                  token_embeddings=token_embeddings)
-    diffusers_copy = get_adapter(denoiser).diffusers_lora_file and get_family(family).diffusers_loads_lora
+    family_class = get_family(family)
+    diffusers_copy = get_adapter(denoiser).diffusers_lora_file and family_class.diffusers_loads_lora
     if not diffusers_copy or token_embeddings is not None:
-        return adapter_path, None
+        return adapter_path, None, []
+    if several_denoisers:  # as diffusers' loader reads them (Wan 2.2: load_into_transformer_2)
+        written = write_diffusers_lora_files(adapter_path, output_dir, family_class)
+        return adapter_path, None, list(written.items())
     copy_file(adapter_path, Path(output_dir) / DIFFUSERS_LORA_NAME)
-    return adapter_path, DIFFUSERS_LORA_NAME
+    return adapter_path, DIFFUSERS_LORA_NAME, []
 
 
 def sample_saved_adapter(base: ModelSettings, weight_dtype: torch.dtype, accelerator: Any,
                          adapter_path: Path, prompts: Sequence[str], validation: ValidationSettings, *,
-                         seed: int, resolution: int, step: int) -> list[str]:
-    """``samples.png`` drawn by a fresh pipeline that loads the saved file (what users get); returns
-    the written names (none with --skip_final_inference). Free the training pipeline first."""
+                         seed: int, resolution: int, step: int, generation: GenerationSettings | None = None,
+                         save: SaveSamples | None = None) -> list[str]:
+    """``samples.png`` (or what ``save`` writes) drawn by a fresh pipeline that loads the saved file
+    (what users get); returns the written names (none with --skip_final_inference). Free the
+    training pipeline first."""
     if validation.skip_final_inference:
         return []
     fresh = loop.load_base_pipeline(base, weight_dtype, accelerator.device, adapter_path)
-    generation = validation.generation(seed, resolution)
-    images = generate_images(fresh, list(prompts), generation, show_progress=False,
-                             autocast=accelerator.autocast())
-    sample_grid(images, adapter_path.parent / "samples.png", accelerator, "final", step)
-    return ["samples.png"]
+    images = generate_images(fresh, list(prompts), generation or validation.generation(seed, resolution),
+                             show_progress=False, autocast=accelerator.autocast())
+    save = save or functools.partial(sample_grid, accelerator=accelerator)
+    return save(images, adapter_path.parent / "samples", tag="final", step=step)
 
 
 def export_saved_adapter(adapter_path: Path, export: AdapterFiles, base_model: str, prompt: str,

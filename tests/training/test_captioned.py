@@ -203,7 +203,7 @@ def test_the_moving_average_follows_diffusers_rule_and_swaps_in_and_out():
 
 def test_every_trainable_family_has_a_preset_of_a_real_checkpoint():
     families = {preset["family"] for preset in recipes.DATASET_PRESETS.values()}
-    assert families == {name for name, family in FAMILIES.items() if family.trainable}
+    assert families == {name for name, family in FAMILIES.items() if family.trainable and not family.video}
     for preset in recipes.DATASET_PRESETS.values():
         assert "/" in preset["pretrained_model_name_or_path"]  # a hub id
         assert preset["resolution"] % 64 == 0 and 0 < preset["learning_rate"] < 1e-3

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import build
+from conftest import build, generate
 
 from difftune.families import (
     DDPMFamily,
@@ -106,15 +106,22 @@ def test_preconditioned_sd3_predicts_x0():
 def test_latents_are_sampled_and_scaled_per_family(family):
     pipe = build(family)
     fam = training_family(pipe, CPU, LossOptions())
-    pixels = torch.rand(2, 3, 64, 64) * 2 - 1
+    frames = (5,) if fam.video else ()  # a clip: (B, 3, frames, H, W)
+    pixels = torch.rand(2, 3, *frames, 64, 64) * 2 - 1
     moments = fam.encode_images(pixels)
     with torch.no_grad():
         posterior = pipe.vae.encode(pixels).latent_dist
     assert torch.allclose(moments, posterior.parameters)
     latents = fam.latents_from_moments(moments, generators(2, seed=7))
     eps = torch.stack([torch.randn(posterior.mean.shape[1:], generator=g) for g in generators(2, seed=7)])
-    shift = pipe.vae.config.shift_factor or 0.0
-    expected = (posterior.mean + posterior.std * eps - shift) * pipe.vae.config.scaling_factor
+    sample = posterior.mean + posterior.std * eps
+    config = pipe.vae.config
+    if getattr(config, "latents_mean", None) is not None:  # per-channel statistics (Wan's VAE)
+        shape = (1, -1) + (1,) * (sample.dim() - 2)
+        expected = (sample - torch.tensor(config.latents_mean).view(shape)) / torch.tensor(
+            config.latents_std).view(shape)
+    else:
+        expected = (sample - (config.shift_factor or 0.0)) * config.scaling_factor
     assert torch.allclose(latents, expected, atol=1e-5)
 
 
@@ -136,11 +143,7 @@ def test_prompt_embeddings_match_the_pipeline_and_sample_identically(family):
     first = fam.pipeline_prompt_kwargs("a sks dog")
     assert torch.equal(ours["prompt_embeds"][:1], first["prompt_embeds"])
 
-    def sample(**kwargs):
-        return pipe(**kwargs, num_inference_steps=2, height=64, width=64, output_type="np",
-                    generator=torch.Generator().manual_seed(0)).images
-
-    assert np.allclose(sample(prompt="a sks dog"), sample(**first), atol=1e-6)
+    assert np.allclose(generate(pipe, prompt="a sks dog"), generate(pipe, prompt=None, **first), atol=1e-6)
 
 
 def test_sdxl_conditions_are_the_pipeline_time_ids():

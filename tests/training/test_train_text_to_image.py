@@ -16,7 +16,8 @@ from difftune.families import FAMILIES
 from difftune.training import checkpointing, recipes
 from difftune.training.ema import AdapterEMA
 
-TRAINABLE = [name for name, family in FAMILIES.items() if family.trainable]
+# the image families (a video model trains on clips with train-subject: refused here)
+TRAINABLE = [name for name, family in FAMILIES.items() if family.trainable and not family.video]
 
 
 def method_options(method):
@@ -149,6 +150,14 @@ def test_bad_examples_and_bucket_flags_stop_before_the_model_loads(train_text_to
     with pytest.raises(DifftuneError, match="--bucket_min_side given without --enable_bucket"):
         train_text_to_image(*[f for f in flags(data, tmp_path / "o") if f != "--enable_bucket"],
                             "--bucket_min_side", 32)
+
+
+def test_a_video_model_is_refused_before_loading(train_text_to_image, style_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(difftune.model_factory, "load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
+    for name in [name for name, family in FAMILIES.items() if family.trainable and family.video]:
+        refusal = f"builtin:tiny-{name} is a video model .*difftune train-subject"
+        with pytest.raises(DifftuneError, match=refusal):
+            train_text_to_image(*flags(style_dir, tmp_path / "o", name))
 
 
 def test_range_checks_and_kohya_spellings_of_the_dataset_flags(train_text_to_image, style_dir):
