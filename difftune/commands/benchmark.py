@@ -61,7 +61,7 @@ from difftune.paths import subject_folder
 from difftune.training.arguments import option_dest
 
 from . import train_subject
-from .benchmark_runs import ADAPTER_FILE, METHOD_COLORS, train_method, trainer_flags
+from .benchmark_runs import ADAPTER_FILE, METHOD_COLORS, parse_with_preset, train_method, trainer_flags
 
 ALL_METHODS = ("lora", "sara", "svfit", "tlora")
 BASELINE = "lora"
@@ -169,9 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
-    preset = parser.parse_known_args(argv)[0].preset
-    parser.set_defaults(**PRESETS[preset])
-    args = parser.parse_args(argv)
+    args = parse_with_preset(parser, PRESETS, argv)
     if args.methods is None:
         args.methods = [m for m in ALL_METHODS if m in difftune.METHODS]
         missing = [m for m in ALL_METHODS if m not in difftune.METHODS]

@@ -31,6 +31,13 @@ METHOD_COLORS = {"base": "#7f7f7f", "lora": "#1f77b4", "sara": "#d62728", "svfit
                  "tlora": "#9467bd"}
 
 
+def parse_with_preset(parser: argparse.ArgumentParser, presets: dict[str, dict[str, Any]],
+                      argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv`` with the values of the ``--preset`` it names as the defaults (a flag given wins)."""
+    parser.set_defaults(**presets[parser.parse_known_args(argv)[0].preset])
+    return parser.parse_args(argv)
+
+
 def trainer_flags(args: argparse.Namespace, subject: Subject, method: str, flags: list[str],
                   output_dir: Path) -> list[str]:
     """The subject trainer's flags for one method's run (the benchmark's settings, then ``flags``)."""

@@ -60,7 +60,7 @@ from difftune.machine import machine_description
 from difftune.metrics.cli import EMBEDDED_CLIP
 from difftune.paths import portable_path
 
-from .benchmark_runs import ADAPTER_FILE, METHOD_COLORS, run_trainer
+from .benchmark_runs import ADAPTER_FILE, METHOD_COLORS, parse_with_preset, run_trainer
 
 TRAINER_MODULE = "difftune.commands.train_text_to_image"
 RESULT_FILE = "style_benchmark.json"
@@ -174,9 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
-    preset = parser.parse_known_args(argv)[0].preset
-    parser.set_defaults(**STYLE_PRESETS[preset])
-    args = parser.parse_args(argv)
+    args = parse_with_preset(parser, STYLE_PRESETS, argv)
     from difftune.world.styles import STYLES
 
     args.styles = args.styles or list(STYLES)

@@ -18,13 +18,13 @@ from .layer import FullLayer
 class FullAdapter(WrappingLayerAdapter):
     method = "full_ft"
     config_class = FullConfig
-    config: FullConfig
-    layers: dict[str, FullLayer]
     quantized_base_refusal = ("full fine-tuning changes every entry of the base weight: use "
                               "--mixed_precision bf16 instead")
-
-    def make_layer(self, name: str, module: nn.Module) -> AdapterLayer:
-        return FullLayer(module, self.config)
+    config: FullConfig
+    layers: dict[str, FullLayer]
 
     def default_learning_rate(self) -> float:
         return 1e-5  # the usual full fine-tuning rate of Stable Diffusion (diffusers' train_text_to_image)
+
+    def make_layer(self, name: str, module: nn.Module) -> AdapterLayer:
+        return FullLayer(module, self.config)
