@@ -17,7 +17,7 @@ from difftune.model_factory import load_pipeline
 QUIET = ["--report_to", "none", "--seed", "0"]
 VIDEO = ["--resolution", "16", "--num_frames", "5", "--frame_buckets", "1"]
 METHOD_OPTIONS = {"lora": ["--rank", "2"], "peft": ["--peft_type", "loha", "--rank", "2"],
-                  "sara": ["--sara_budget", "0.05"], "svfit": [], "tlora": []}
+                  "sara": ["--sara_budget", "0.05"], "svfit": [], "tlora": [], "full_ft": []}
 
 
 def flags(clip_dir, out, model, method="lora", steps=2, *extra):
