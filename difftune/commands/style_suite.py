@@ -32,7 +32,8 @@ The protocol (the numbers of each preset are in STYLE_PRESETS):
    drift, 1 − cosine between the world-CLIP embeddings of its image and the base model's image of the
    same caption and seed.
 5. **The report.** Per method and checkpoint the mean over domains with a 95 % two-stage bootstrap
-   interval (domains and seeds, then prompts; FID recomputed on resampled images), the paired
+   interval (domains and seeds, then prompts; FID recomputed on resampled images, bias-corrected: see
+   `bootstrap_grouped`), the paired
    difference to LoRA at the same budget, VLHI within the group of methods at the matched budget (20M)
    and without one, at the last checkpoint; plots of FID against drift over checkpoints and of FID
    against trainable parameters.
