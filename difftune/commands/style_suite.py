@@ -33,10 +33,9 @@ The protocol (the numbers of each preset are in STYLE_PRESETS):
    same caption and seed.
 5. **The report.** Per method and checkpoint the mean over domains with a 95 % two-stage bootstrap
    interval (domains and seeds, then prompts; FID recomputed on resampled images, bias-corrected: see
-   `bootstrap_grouped`), the paired
-   difference to LoRA at the same budget, VLHI within the group of methods at the matched budget (20M)
-   and without one, at the last checkpoint; plots of FID against drift over checkpoints and of FID
-   against trainable parameters.
+   `bootstrap_grouped`), the paired difference to LoRA at the same budget, VLHI within the group of
+   methods at the matched budget (20M) and without one, at the last checkpoint; plots of FID against
+   drift over checkpoints and of FID against trainable parameters.
 
 The grid runs row by row (a method's sweep just before its rows; the matched budget first, in
 `STYLE_METHODS` order), so a partial run holds whole methods over every domain. Trained runs are not
