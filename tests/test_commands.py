@@ -18,7 +18,7 @@ from difftune.commands import COMMANDS, main
 ROOT = Path(ROOT_TEXT)
 COMMANDS_DIR = ROOT / "difftune" / "commands"
 # modules of difftune/commands/ that are parts of a command, not commands
-PARTS = {"__init__", "benchmark_runs", "benchmark_suite"}
+PARTS = {"__init__", "benchmark_runs", "benchmark_suite", "style_suite"}
 WRAPPERS = {"train_scripts/train_subject.py": "train-subject",
             "train_scripts/train_one_step.py": "train-one-step", "eval/evaluate_subject.py": "evaluate",
             "eval/world_quality.py": "world-quality", "eval/benchmark.py": "benchmark"}

@@ -35,7 +35,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("difftune.export.__main__",
                "an adapter file for kohya / A1111 / ComfyUI, as a diff, or merged into a diffusers folder"),
     "benchmark": ("difftune.commands.benchmark",
-                  "every method against LoRA, trained and evaluated alike (--suite: with intervals)"),
+                  "every method against LoRA, trained and evaluated alike (--suite: with intervals; "
+                  "--style_suite: fine-tuned on style domains)"),
     "world-quality": ("difftune.commands.world_quality",
                       "the embedded model, or a one-step adapter, measured in its world"),
     "params": ("difftune.params", "trainable parameters of each method on a model"),
