@@ -51,11 +51,10 @@ def describe_model(name_or_path: str, revision: str | None = None) -> ModelDescr
     except Exception as err:
         raise DifftuneError(f"cannot read the {subfolder}/vae configs of '{name_or_path}': "
                             f"{_first_line(err)}{offline_hint(location)}") from None
-    vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    vae_scale_factor, vae_width = family.vae_geometry(vae_config)
     return ModelDescription(family.name, family.native_resolution(denoiser_config, vae_scale_factor),
                             family.denoiser_class, dict(denoiser_config),
-                            vae_scale_factor * family.latent_patch(denoiser_config),
-                            int(vae_config["block_out_channels"][0]))
+                            vae_scale_factor * family.latent_patch(denoiser_config), vae_width)
 
 
 def _first_line(err: Exception) -> str:

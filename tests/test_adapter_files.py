@@ -89,17 +89,19 @@ def test_metadata_records_method_config_targets_fingerprint(tmp_path):
 def test_lora_file_loads_with_diffusers_load_lora_weights(family, targets, tmp_path):
     if not FAMILIES[family].diffusers_loads_lora:
         pytest.skip("diffusers has no LoRA loader for this family's pipeline")
-    if family in ("sd3", "flux") and targets != "attn" and targets != "all":
+    has_conv = any(isinstance(m, torch.nn.Conv2d) and "conv" in name
+                   for name, m in find_denoiser(build(family))[0].named_modules())  # (not a patch embedding)
+    if "conv" in targets and not has_conv:
         pytest.skip("the DiT has no conv layers")
-    if family != "flux" and targets == "all":
+    if targets == "all" and has_conv:
         pytest.skip("'all' is covered on the UNets by attn+conv")
     pipe, path = trained(family, "lora", targets, {"rank": 4, "alpha": 8.0}, tmp_path)
     images = generate(pipe)
     fresh = build(family)
     fresh.load_lora_weights(str(path.parent), weight_name=path.name)
-    assert abs(generate(fresh) - images).max() < 1e-6
+    assert abs(generate(fresh) - images).max() < 1e-5
     fresh.set_adapters(["default_0"], adapter_weights=[0.0])
-    assert abs(generate(fresh) - generate(build(family))).max() < 1e-6
+    assert abs(generate(fresh) - generate(build(family))).max() < 1e-5
 
 
 def test_wrong_base_model_is_refused_naming_the_module(tmp_path):

@@ -77,14 +77,15 @@ def test_describe_model_reads_family_resolution_and_denoiser_without_weights(fam
     first = describe_model(name)
     for described in (first, describe_model(str(folder))):
         assert described.family == pipeline_family(pipe) == family
-        if family == "flux":  # no sample_size: the pipeline's default height; 2x2 packed latent tokens
-            folder_resolution = pipe.default_sample_size * pipe.vae_scale_factor  # 1024 px on FLUX.1
+        if getattr(denoiser.config, "sample_size", None) is None:  # the pipeline's default (Flux: 1024 px)
+            folder_resolution = FAMILIES[family].default_sample_size * pipe.vae_scale_factor
             assert described.resolution == (TINY_RESOLUTION if described is first else folder_resolution)
-            assert described.size_multiple == pipe.vae_scale_factor * 2
         else:
             assert described.resolution == denoiser.config.sample_size * pipe.vae_scale_factor
-            patch = getattr(denoiser.config, "patch_size", None) or 1
-            assert described.size_multiple == pipe.vae_scale_factor * patch
+        # what the pipeline's image processor rounds to (2x2 packed latents), or the denoiser's own patches
+        patch = getattr(denoiser.config, "patch_size", None) or 1
+        multiple = max(pipe.image_processor.config.vae_scale_factor, pipe.vae_scale_factor * patch)
+        assert described.size_multiple == multiple
         meta = build_denoiser_on_meta(described.denoiser_config, described.denoiser_class)
         assert {n: p.shape for n, p in meta.named_parameters()} == {
             n: p.shape for n, p in denoiser.named_parameters()}

@@ -156,7 +156,8 @@ def check_flags(family: type[ModelFamily], values: Mapping[str, Any]) -> None:
     processes = {f.process_title: f.process_flags for f in trainable}
     owners = [(title, flags, [f for f in trainable if f.process_title == title], f" ({title})")
               for title, flags in processes.items()]
-    owners += [(f.name, f.family_flags, [f], "") for f in trainable if f.family_flags]
+    own_flags = dict.fromkeys(flag for f in trainable for flag in f.family_flags)
+    owners += [(flag, (flag,), [f for f in trainable if flag in f.family_flags], "") for flag in own_flags]
     applicable = set(family.applicable_flags())
     for _, flags, where, note in owners:
         given = [f"--{name}" for name in flags

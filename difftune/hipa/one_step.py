@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import DifftuneError
-from ..families import family_of
+from ..families import ModelFamily, family_of
 
 FLOW_PREDICTION = "flow_prediction"
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", FLOW_PREDICTION)
@@ -136,24 +136,17 @@ def to_pipeline_latents(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
 
 def from_pipeline_latents(pipe: Any, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """The pipeline's ``output_type="latent"`` result as (B, C, h, w) (Flux unpacks its tokens)."""
-    return family_of(pipe).unpack_latents(latents, height, width, pipe.vae_scale_factor)
+    return family_of(pipe).unpack_latents(latents, height, width, pipe.vae_scale_factor, vae=pipe.vae)
 
 
-def decode_latents(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
-    """VAE-decode latents to pixels in about [-1, 1], undoing the latent scaling as pipelines do.
+def decode_latents(vae: nn.Module, latents: torch.Tensor,
+                   family: type[ModelFamily] = ModelFamily) -> torch.Tensor:
+    """VAE-decode latents to pixels in about [-1, 1], undoing the latent scaling as the family's
+    pipelines do (`ModelFamily.decode_latents`; the default: shift and scaling factors).
 
     Differentiable (HiPA's pixel losses back-propagate through the frozen decoder).
     """
-    cfg = vae.config
-    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
-    latents = latents.to(vae.dtype)
-    if mean is not None and std is not None:
-        mean = torch.tensor(mean, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(std, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
-        latents = latents * std / cfg.scaling_factor + mean
-    else:
-        latents = latents / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
-    return vae.decode(latents, return_dict=False)[0]
+    return family.decode_latents(vae, latents)
 
 
 def generate_one_step(pipe: Any, prompt: str | list[str], guidance_scale: float | None = None,
@@ -179,13 +172,16 @@ def generate_one_step(pipe: Any, prompt: str | list[str], guidance_scale: float 
     if "num_inference_steps" in kwargs or "timesteps" in kwargs or "sigmas" in kwargs:
         raise DifftuneError("generate_one_step: the number of steps is fixed at 1; "
                             "do not pass num_inference_steps, timesteps or sigmas")
-    if guidance_scale is not None or not family_of(pipe).embedded_guidance:
-        kwargs["guidance_scale"] = 1.0 if guidance_scale is None else guidance_scale
+    family = family_of(pipe)
+    if family.embedded_guidance:  # the embedding's value; None: the pipeline's default
+        kwargs.update({} if guidance_scale is None else {"guidance_scale": guidance_scale})
+    else:
+        kwargs.update(family.guidance_kwargs(1.0 if guidance_scale is None else guidance_scale))
     if kwargs.get("latents") is not None:
         kwargs["latents"] = to_pipeline_latents(pipe, kwargs["latents"])
     original = pipe.scheduler
     pipe.scheduler = one_step_scheduler(original)
     try:
-        return pipe(prompt, num_inference_steps=1, **kwargs)
+        return pipe(prompt=prompt, num_inference_steps=1, **kwargs)
     finally:
         pipe.scheduler = original
