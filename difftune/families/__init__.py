@@ -29,6 +29,7 @@ from .base import (
     TrainingBatch,
 )
 from .flux import FluxFamily
+from .flux2 import Flux2Family, Flux2KleinFamily
 from .pixart import PixArtFamily
 from .sd import SDFamily
 from .sd3 import SD3Family
@@ -192,7 +193,7 @@ def check_export_format(family: type[ModelFamily], fmt: str) -> None:
         raise DifftuneError(f"--format {fmt} on a {family.title} model ({family.name}): {reason}")
 
 
-for _family in (SDFamily, SDXLFamily, SD3Family, FluxFamily, PixArtFamily):
+for _family in (SDFamily, SDXLFamily, SD3Family, FluxFamily, PixArtFamily, Flux2Family, Flux2KleinFamily):
     register_family(_family)
 
 __all__ = [
