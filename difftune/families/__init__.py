@@ -31,6 +31,7 @@ from .base import (
 from .flux import FluxFamily
 from .flux2 import Flux2Family, Flux2KleinFamily
 from .pixart import PixArtFamily
+from .qwen_image import QwenImageFamily
 from .sd import SDFamily
 from .sd3 import SD3Family
 from .sdxl import SDXLFamily
@@ -193,7 +194,8 @@ def check_export_format(family: type[ModelFamily], fmt: str) -> None:
         raise DifftuneError(f"--format {fmt} on a {family.title} model ({family.name}): {reason}")
 
 
-for _family in (SDFamily, SDXLFamily, SD3Family, FluxFamily, PixArtFamily, Flux2Family, Flux2KleinFamily):
+for _family in (SDFamily, SDXLFamily, SD3Family, FluxFamily, PixArtFamily, Flux2Family, Flux2KleinFamily,
+                QwenImageFamily):
     register_family(_family)
 
 __all__ = [
