@@ -35,6 +35,7 @@ from .qwen_image import QwenImageFamily
 from .sd import SDFamily
 from .sd3 import SD3Family
 from .sdxl import SDXLFamily
+from .z_image import ZImageFamily
 
 FAMILIES: dict[str, type[ModelFamily]] = {}
 # what a family class must define (besides the abstract methods), with the type of each
@@ -195,7 +196,7 @@ def check_export_format(family: type[ModelFamily], fmt: str) -> None:
 
 
 for _family in (SDFamily, SDXLFamily, SD3Family, FluxFamily, PixArtFamily, Flux2Family, Flux2KleinFamily,
-                QwenImageFamily):
+                QwenImageFamily, ZImageFamily):
     register_family(_family)
 
 __all__ = [
