@@ -41,6 +41,7 @@ OTHER_TASKS = {
     "Kontext": "image editing", "Control": "control images", "Depth2Img": "depth to image",
     "Upscale": "upscaling", "InstructPix2Pix": "instruction editing", "Redux": "image variations",
     "Prior": "image priors", "Adapter": "image adapters", "PAG": "perturbed-attention guidance",
+    "Edit": "image editing", "Layered": "layer decomposition", "Omni": "editing with reference images",
 }
 
 

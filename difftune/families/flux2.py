@@ -22,8 +22,7 @@ from typing import Any
 
 import torch
 
-from .base import FlowMatchingFamily, LoraKeyLayout
-from .flux import DIFFUSERS_NAMES
+from .llm_dit import LanguageModelDiTFamily
 from .mmdit import JOINT_ATTENTION
 from .tiny import TINY_VAE_WIDTH, offline_chat_tokenizer, tiny_qwen3
 
@@ -46,40 +45,30 @@ FEED_FORWARD = (r"ff(_context)?\.linear_(in|out)", "ff, ff_context linear_in, li
 # ComfyUI reads diffusers' module names of FLUX.2 through its FLUX.1 table (comfy/utils.py
 # flux_to_diffusers): the joint blocks' attention and feed-forward, the single blocks' two projections,
 # the embedders and the output layers; not the shared modulation layers nor the time/guidance embedder.
-COMFYUI_NAMES = LoraKeyLayout(
-    DIFFUSERS_NAMES.prefixes, separator=DIFFUSERS_NAMES.separator, down=DIFFUSERS_NAMES.down,
-    up=DIFFUSERS_NAMES.up, tool="ComfyUI", writes_alpha=False,  # diffusers' FLUX.2 loader refuses .alpha
-    known_modules=(r"transformer_blocks\.\d+\.(attn\.(to_[qkv]|to_out\.0|add_[qkv]_proj|to_add_out)"
+COMFYUI_MODULES = (r"transformer_blocks\.\d+\.(attn\.(to_[qkv]|to_out\.0|add_[qkv]_proj|to_add_out)"
                    r"|ff(_context)?\.linear_(in|out))"
                    r"|single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out)"
-                   r"|x_embedder|context_embedder|proj_out|norm_out\.linear"))
+                   r"|x_embedder|context_embedder|proj_out|norm_out\.linear")
 
 # The tiny text encoders: prompts are read at these hidden-state layers, so the encoders are that deep.
 TINY_TEXT_WIDTH = 16
 
 
-class Flux2Family(FlowMatchingFamily):
+class Flux2Family(LanguageModelDiTFamily):
     """FLUX.2 [dev]: guidance embedding, Mistral-3 prompts (layers 10, 20, 30)."""
 
-    name = "flux2"
-    title = "FLUX.2"
+    name, title = "flux2", "FLUX.2"
     pipeline_classes = ("Flux2Pipeline",)
     denoiser_class = "Flux2Transformer2DModel"
-    text_encoder_components = ("text_encoder",)
-    default_sample_size = 128  # the pipelines' default_sample_size: 1024 px
     latent_packing = 2
     sample_posterior = False
-    family_flags = ("guidance_scale", "max_sequence_length")
-    option_defaults = {**FlowMatchingFamily.option_defaults, "weighting_scheme": "none",
-                       "guidance_scale": 3.5, "max_sequence_length": 512}
+    family_flags = ("guidance_scale", *LanguageModelDiTFamily.family_flags)
+    option_defaults = {**LanguageModelDiTFamily.option_defaults, "guidance_scale": 3.5}  # the dev script's
     prompt_outputs = ("prompt_embeds", None)  # (the text ids follow from the length)
     embedded_guidance = True
     target_terms = {"attn": (JOINT_ATTENTION, SINGLE_BLOCK_PROJECTIONS), "attn-ff": (FEED_FORWARD,)}
     reference_configs = {"flux2-dev-config": FLUX2_DEV_CONFIG}
-    lora_layouts = {"comfyui": COMFYUI_NAMES}
-    export_refusals = {"kohya": "kohya sd-scripts has no FLUX.2 LoRA names that A1111 reads; use --format "
-                                "comfyui (diffusers' module names, which ComfyUI maps for FLUX.2 and "
-                                "diffusers loads)"}
+    comfyui_modules = COMFYUI_MODULES
     tiny_denoiser_config = {
         "patch_size": 1,
         "in_channels": 16,  # 2x2 patches of the tiny VAE's 4 channels
@@ -189,14 +178,6 @@ class Flux2Family(FlowMatchingFamily):
 
     # --- training -----------------------------------------------------------------------------
 
-    def encode_prompt_kwargs(self, prompts, with_negative):
-        # sampled without classifier-free guidance (dev) or with the pipeline encoding "" itself (klein)
-        return {"prompt": prompts, "device": self.device, "num_images_per_prompt": 1,
-                "max_sequence_length": self.options.max_sequence_length}
-
-    def denoiser_timestep(self, noisy):
-        return noisy.timesteps.to(noisy.model_input.dtype) / 1000  # in [0, 1]
-
     def extra_model_kwargs(self, noisy, batch):
         """4-axis position ids of the latent patches (t, row, column, l) and of the prompt tokens
         (0, 0, 0, index); the guidance embedding's value on guidance-distilled models."""
@@ -220,12 +201,10 @@ class Flux2KleinFamily(Flux2Family):
     """FLUX.2 [klein] 4B / 9B: no guidance embedding (classifier-free guidance when sampling), Qwen3
     prompts (layers 9, 18, 27)."""
 
-    name = "flux2-klein"
-    title = "FLUX.2 klein"
+    name, title = "flux2-klein", "FLUX.2 klein"
     pipeline_classes = ("Flux2KleinPipeline",)
-    family_flags = ("max_sequence_length",)
-    option_defaults = {key: value for key, value in Flux2Family.option_defaults.items()
-                       if key != "guidance_scale"}
+    family_flags = LanguageModelDiTFamily.family_flags
+    option_defaults = LanguageModelDiTFamily.option_defaults
     embedded_guidance = False
     target_terms = {}  # FLUX.2's (the same transformer)
     reference_configs = {"flux2-klein-4b-config": FLUX2_KLEIN_4B_CONFIG,

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from .base import FlowMatchingFamily, LoraKeyLayout
-from .flux import DIFFUSERS_NAMES
+from .flux import FluxFamily
+from .llm_dit import LanguageModelDiTFamily
 from .mmdit import JOINT_ATTENTION
 from .tiny import offline_qwen_tokenizer, qwen_text_config
 
@@ -36,46 +36,26 @@ QWEN_IMAGE_CONFIG: dict[str, Any] = {
 
 FEED_FORWARD = (r"(img|txt)_mlp\.net\.(0\.proj|2)", "img_mlp, txt_mlp of the joint blocks")
 
-# ComfyUI's Qwen-Image model keeps diffusers' module names (comfy/lora.py maps ``transformer.<name>`` of
-# every weight); diffusers' own loader reads such a file too. No alpha tensors: diffusers takes a file
-# with them for kohya's and converts it.
-COMFYUI_NAMES = LoraKeyLayout(DIFFUSERS_NAMES.prefixes, separator=".", down=DIFFUSERS_NAMES.down,
-                              up=DIFFUSERS_NAMES.up, tool="ComfyUI", writes_alpha=False)
+# (ComfyUI's Qwen-Image model keeps diffusers' module names: comfy/lora.py maps ``transformer.<name>`` of
+# every weight, so every module has a name.)
 
 TINY_TEXT_WIDTH = 16
 
 
-class QwenImageFamily(FlowMatchingFamily):
-    name = "qwen-image"
-    title = "Qwen-Image"
+class QwenImageFamily(LanguageModelDiTFamily):
+    name, title = "qwen-image", "Qwen-Image"
     pipeline_classes = ("QwenImagePipeline",)
     denoiser_class = "QwenImageTransformer2DModel"
-    text_encoder_components = ("text_encoder",)
-    default_sample_size = 128  # QwenImagePipeline.default_sample_size: 1024 px
-    family_flags = ("max_sequence_length",)
-    # diffusers' train_dreambooth_lora_qwen_image.py
-    option_defaults = {**FlowMatchingFamily.option_defaults, "weighting_scheme": "none",
-                       "max_sequence_length": 512}
     prompt_outputs = ("prompt_embeds", "prompt_embeds_mask")
     conditioning_arguments = {"encoder_hidden_states": "prompt_embeds",
                               "encoder_hidden_states_mask": "prompt_embeds_mask"}
     guidance_argument = "true_cfg_scale"
     target_terms = {"attn": (JOINT_ATTENTION,), "attn-ff": (FEED_FORWARD,)}
     reference_configs = {"qwen-image-config": QWEN_IMAGE_CONFIG}
-    lora_layouts = {"comfyui": COMFYUI_NAMES}
-    export_refusals = {"kohya": "kohya sd-scripts has no Qwen-Image LoRA names that A1111 reads; use "
-                                "--format comfyui (diffusers' module names, which ComfyUI and diffusers "
-                                "load)"}
-    tiny_denoiser_config = {
-        "patch_size": 2,
-        "in_channels": 16,  # 2x2 patches of the tiny VAE's 4 channels
-        "out_channels": 4,
-        "num_layers": 2,
-        "attention_head_dim": 8,
-        "num_attention_heads": 2,
-        "joint_attention_dim": TINY_TEXT_WIDTH,
-        "axes_dims_rope": (2, 2, 4),
-    }
+    # two joint blocks of two 8-wide heads over 2x2 patches of a 4-channel latent
+    tiny_denoiser_config = {"patch_size": 2, "in_channels": 16, "out_channels": 4, "num_layers": 2,
+                            "attention_head_dim": 8, "num_attention_heads": 2,
+                            "joint_attention_dim": TINY_TEXT_WIDTH, "axes_dims_rope": (2, 2, 4)}
     tiny_vae_widths = (8, 16)  # base_dim x dim_mult: one spatial downsampling
 
     @classmethod
@@ -117,23 +97,9 @@ class QwenImageFamily(FlowMatchingFamily):
         """Qwen-Image's VAE halves the size once per temporal-downsampling flag (one per level)."""
         return 2 ** len(vae_config["temperal_downsample"]), int(vae_config["base_dim"])
 
-    @classmethod
-    def pack_latents(cls, latents):
-        """(B, C, h, w) as the pipeline's tokens of 2x2 patches (B, h/2·w/2, 4C)."""
-        from diffusers import QwenImagePipeline
-
-        if latents.dim() != 4:
-            return latents
-        batch, channels, height, width = latents.shape
-        return QwenImagePipeline._pack_latents(latents, batch, channels, height, width)
-
-    @classmethod
-    def unpack_latents(cls, latents, height, width, vae_scale_factor, vae=None):
-        from diffusers import QwenImagePipeline
-
-        if latents.dim() != 3:
-            return latents
-        return QwenImagePipeline._unpack_latents(latents, height, width, vae_scale_factor)[:, :, 0]
+    # Qwen-Image packs 2x2 patches into tokens as FLUX.1 does (its frame axis is one frame)
+    pack_latents = FluxFamily.pack_latents
+    unpack_latents = FluxFamily.unpack_latents
 
     @staticmethod
     def _channel_statistics(vae: Any, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,10 +138,6 @@ class QwenImageFamily(FlowMatchingFamily):
         posterior = vae.encode(pixels.to(self.device, vae.dtype).unsqueeze(2)).latent_dist
         return posterior.parameters[:, :, 0].float()
 
-    def encode_prompt_kwargs(self, prompts, with_negative):
-        return {"prompt": prompts, "device": self.device, "num_images_per_prompt": 1,
-                "max_sequence_length": self.options.max_sequence_length}
-
     def encode_prompts(self, prompts, with_negative=False):
         """The prompts' hidden states (padded to the longest) and their mask, which the pipeline leaves
         out when nothing is padded: a batch always carries one."""
@@ -189,9 +151,6 @@ class QwenImageFamily(FlowMatchingFamily):
         with torch.no_grad():
             embeds, mask = self.pipeline.encode_prompt(**self.encode_prompt_kwargs([prompt], False))
         return {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
-
-    def denoiser_timestep(self, noisy):
-        return noisy.timesteps.to(noisy.model_input.dtype) / 1000  # in [0, 1]
 
     def extra_model_kwargs(self, noisy, batch):
         """The token grid of each image (frames, rows, columns); no guidance embedding."""

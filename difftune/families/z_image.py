@@ -14,8 +14,7 @@ from typing import Any
 
 import torch
 
-from .base import FlowMatchingFamily, LoraKeyLayout
-from .flux import DIFFUSERS_NAMES
+from .llm_dit import LanguageModelDiTFamily
 from .tiny import tiny_qwen3, tiny_vae
 
 # The public Z-Image transformer config (Tongyi-MAI/Z-Image-Turbo and Z-Image share it).
@@ -42,13 +41,10 @@ FEED_FORWARD = (r"feed_forward\.w[123]", "feed_forward w1, w2, w3 of every block
 # ComfyUI loads Z-Image as a Lumina 2 model and maps diffusers' names to its own (comfy/utils.py
 # z_image_to_diffusers, q/k/v as slices of one fused weight): every block's attention, feed-forward and
 # modulation, the embedders and the final layer.
-COMFYUI_NAMES = LoraKeyLayout(
-    DIFFUSERS_NAMES.prefixes, separator=".", down=DIFFUSERS_NAMES.down, up=DIFFUSERS_NAMES.up, tool="ComfyUI",
-    writes_alpha=False,
-    known_modules=(r"(layers|noise_refiner|context_refiner)\.\d+\.(attention\.(to_[qkv]|to_out\.0)"
+COMFYUI_MODULES = (r"(layers|noise_refiner|context_refiner)\.\d+\.(attention\.(to_[qkv]|to_out\.0)"
                    r"|feed_forward\.w[123]|adaLN_modulation\.0)"
                    r"|all_final_layer\.2-1\.(linear|adaLN_modulation\.1)|all_x_embedder\.2-1|cap_embedder\.1"
-                   r"|t_embedder\.mlp\.[02]"))
+                   r"|t_embedder\.mlp\.[02]")
 
 TINY_TEXT_WIDTH = 16
 
@@ -65,24 +61,16 @@ def unpad_prompts(padded: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor
     return [embeds[keep] for embeds, keep in zip(padded, mask.bool(), strict=True)]
 
 
-class ZImageFamily(FlowMatchingFamily):
-    name = "z-image"
-    title = "Z-Image"
+class ZImageFamily(LanguageModelDiTFamily):
+    name, title = "z-image", "Z-Image"
     pipeline_classes = ("ZImagePipeline",)
     denoiser_class = "ZImageTransformer2DModel"
-    text_encoder_components = ("text_encoder",)
-    default_sample_size = 128  # the pipeline's default: 1024 px
     sample_posterior = False
-    family_flags = ("max_sequence_length",)
-    option_defaults = {**FlowMatchingFamily.option_defaults, "weighting_scheme": "none",
-                       "max_sequence_length": 512}
     prompt_outputs = ("prompt_embeds", "negative_prompt_embeds")
     unguided_scale = 0.0
     target_terms = {"attn-ff": (FEED_FORWARD,)}  # (its attention is diffusers' to_q/k/v/out.0)
     reference_configs = {"z-image-config": Z_IMAGE_CONFIG}
-    lora_layouts = {"comfyui": COMFYUI_NAMES}
-    export_refusals = {"kohya": "kohya sd-scripts has no Z-Image LoRA names that A1111 reads; use --format "
-                                "comfyui (diffusers' module names, which ComfyUI maps for Z-Image)"}
+    comfyui_modules = COMFYUI_MODULES
     tiny_denoiser_config = {
         "all_patch_size": (2,),
         "all_f_patch_size": (1,),
