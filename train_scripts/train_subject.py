@@ -42,12 +42,13 @@ from difftune.families import (
     FAMILIES,
     LossOptions,
     check_capability,
+    check_export_modules,
     check_text_encoder_training,
     get_family,
     training_family,
 )
 from difftune.io import copy_file
-from difftune.model_factory import describe_model, load_pipeline
+from difftune.model_factory import build_denoiser_on_meta, describe_model, load_pipeline
 from difftune.sampling import generate_images, save_grid
 from difftune.training import arguments, checkpointing, loop, pivotal, recipes, settings
 from difftune.training.data import SubjectData, SubjectDataset, scan_image_folder, warn_small_images
@@ -234,6 +235,10 @@ def check_before_loading(argv: list[str] | None = None):
         raise DifftuneError("--export_rank/--export_energy apply to --export kohya or comfyui")
     base = arguments.settings_from_args(args, settings.ModelSettings)
     resolution = loop.check_before_loading(spec, base, model_info, args.resolution, Path(args.output_dir))
+    if args.export:  # a layer the format's tool has no name for (FLUX.2's modulation, ...)
+        modules = spec.check(build_denoiser_on_meta(model_info.denoiser_config, model_info.denoiser_class))
+        for fmt in args.export:
+            check_export_modules(family, fmt, modules)
     instance_images = scan_image_folder(args.instance_data_dir, "--instance_data_dir", args.caption_column)
     return args, model_info, spec, resolution, instance_images
 

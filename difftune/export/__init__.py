@@ -44,7 +44,14 @@ from ..api import (
     remove_adapter,
 )
 from ..errors import DifftuneError
-from ..families import EXPORT_FORMATS, ModelFamily, check_export_format, family_of, get_family
+from ..families import (
+    EXPORT_FORMATS,
+    ModelFamily,
+    check_export_format,
+    check_export_modules,
+    family_of,
+    get_family,
+)
 from ..io import write_text
 from ..sampling import GenerationSettings, generate_images, save_grid
 from ..tuners import get_method
@@ -180,8 +187,9 @@ def export_adapter(
         if not base_model:
             raise DifftuneError(f"{adapter_path}: the header names no base model; pass --base")
         # every option is checked before the weights load
-        check_export_options(info["method"], info["config"], describe_model(base_model).family, format, rank,
-                             energy)
+        family_name = describe_model(base_model).family
+        check_export_options(info["method"], info["config"], family_name, format, rank, energy)
+        check_export_modules(get_family(family_name), format, info.get("targets", ()))
         pipeline = load_pipeline(base_model)
     elif has_adapter(pipeline):
         raise DifftuneError("export_adapter: the pipeline already carries an adapter")

@@ -9,7 +9,7 @@ target presets, trainer-flag checks, export formats and the contract tests all r
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -195,6 +195,19 @@ def check_export_format(family: type[ModelFamily], fmt: str) -> None:
         raise DifftuneError(f"--format {fmt} on a {family.title} model ({family.name}): {reason}")
 
 
+def check_export_modules(family: type[ModelFamily], fmt: str, modules: Iterable[str]) -> None:
+    """Refuse a LoRA or diff export of an adapter on ``modules`` (of the family's denoiser) that the
+    format's tool has no name for (`LoraKeyLayout.known_modules`), before anything is trained or loaded."""
+    layout = family.lora_layouts.get(family.diff_layout if fmt == "diff" else fmt)
+    if fmt not in ("kohya", "comfyui", "diff") or layout is None:
+        return
+    for module in modules:
+        try:
+            layout.key(family.denoiser_component, module)
+        except DifftuneError as err:
+            raise DifftuneError(f"--format {fmt} on a {family.title} model ({family.name}): {err}") from None
+
+
 for _family in (SDFamily, SDXLFamily, SD3Family, FluxFamily, PixArtFamily, Flux2Family, Flux2KleinFamily,
                 QwenImageFamily, ZImageFamily):
     register_family(_family)
@@ -202,7 +215,8 @@ for _family in (SDFamily, SDXLFamily, SD3Family, FluxFamily, PixArtFamily, Flux2
 __all__ = [
     "EXPORT_FORMATS", "FAMILIES", "DDPMFamily", "FlowMatchingFamily", "LoraKeyLayout", "LossOptions",
     "ModelDescription", "ModelFamily", "NoisyInput", "TrainingBatch", "check_capability",
-    "check_export_format", "check_flags", "check_text_encoder_training", "denoiser_components", "family_of",
+    "check_export_format", "check_export_modules", "check_flags", "check_text_encoder_training",
+    "denoiser_components", "family_of",
     "family_of_class", "flag_defaults", "flag_families", "get_family", "pipeline_family", "register_family",
     "text_encoder_components",
     "tiny_builtins", "training_family",
