@@ -80,7 +80,8 @@ def one_step_scheduler(scheduler: Any) -> Any:
     whose one step runs from σ = 1 to 0. The given scheduler is not changed.
     """
     if is_flow_matching(scheduler):
-        return type(scheduler).from_config(scheduler.config)
+        # (a terminal stretch, Qwen-Image's shift_terminal, divides by zero at one step: σ = 1 → 0 needs none)
+        return type(scheduler).from_config(scheduler.config, shift_terminal=None)
     from diffusers import DDIMScheduler
 
     prediction_type = scheduler.config.get("prediction_type", "epsilon")
@@ -159,7 +160,7 @@ def generate_one_step(pipe: Any, prompt: str | list[str], guidance_scale: float 
     afterwards. The student is trained without classifier-free guidance, so by default
     (``None``) the guidance scale is 1.0: one denoiser call per image. On a family whose
     guidance is an embedding (Flux) the guidance scale is that embedding's value instead, and
-    ``None`` keeps the pipeline's default (3.5, what the trainer's Flux family embeds). Other
+    ``None`` is the value the trainer's family embeds (3.5 on FLUX.1 and FLUX.2 dev). Other
     keyword arguments (``height``, ``width``, ``generator``, ``latents`` (B, C, h, w; packed
     here for Flux), ``output_type``, ...) go to the pipeline. The same thing by hand, for SD / SDXL::
 
@@ -173,8 +174,9 @@ def generate_one_step(pipe: Any, prompt: str | list[str], guidance_scale: float 
         raise DifftuneError("generate_one_step: the number of steps is fixed at 1; "
                             "do not pass num_inference_steps, timesteps or sigmas")
     family = family_of(pipe)
-    if family.embedded_guidance:  # the embedding's value; None: the pipeline's default
-        kwargs.update({} if guidance_scale is None else {"guidance_scale": guidance_scale})
+    if family.embedded_guidance:  # the embedding's value; None: the one the trainer embeds
+        default = family.option_defaults.get("guidance_scale")
+        kwargs["guidance_scale"] = default if guidance_scale is None else guidance_scale
     else:
         kwargs.update(family.guidance_kwargs(1.0 if guidance_scale is None else guidance_scale))
     if kwargs.get("latents") is not None:
