@@ -135,6 +135,11 @@ def test_a_new_family_is_one_class(fresh_registries):
     ("StableDiffusion3ControlNetPipeline", "SD3", "control images"),
     ("FluxKontextPipeline", "Flux", "image editing"),
     ("FluxFillPipeline", "Flux", "inpainting and outpainting"),
+    ("Flux2KleinInpaintPipeline", "FLUX.2 klein", "inpainting"),
+    ("QwenImageEditPipeline", "Qwen-Image", "image editing"),
+    ("QwenImageImg2ImgPipeline", "Qwen-Image", "image to image"),
+    ("ZImageControlNetPipeline", "Z-Image", "control images"),
+    ("ZImageOmniPipeline", "Z-Image", "editing with reference images"),
 ])
 def test_a_familys_other_pipelines_are_refused_by_name(class_name, family, task):
     from difftune.families import family_of_class
