@@ -24,6 +24,7 @@ SDXL, SD3, FLUX.1 dev and schnell, PixArt-α/Σ).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import time
 from pathlib import Path
@@ -89,6 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="encode every prompt once before training (default: on, unless "
                            "--train_text_encoder or --train_token_embedding: a trained encoder or "
                            "token must encode every step)")
+
+    memory = parser.add_argument_group("memory of the frozen parts")
+    memory.add_argument("--offload", action="store_true",
+                        help="keep the VAE and text encoders in CPU memory and move each to the GPU only "
+                             "while it runs (class images, caching, validation), as diffusers' --offload "
+                             "(CUDA)")
+    memory.add_argument("--free_text_encoder", action="store_true",
+                        help="once the prompts and --validation_prompt are encoded, drop the text encoders "
+                             "from memory (FLUX.2-dev's 24B Mistral, Qwen-Image's 7B Qwen2.5-VL); the final "
+                             "samples load them again")
 
     prior = parser.add_argument_group("prior preservation")
     prior.add_argument("--with_prior_preservation", action="store_true",
@@ -170,6 +181,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     arguments.check_pivotal_arguments(args)
     if args.pre_compute_text_embeddings is None:
         args.pre_compute_text_embeddings = not (args.train_text_encoder or args.train_token_embedding)
+    if args.free_text_encoder and not args.pre_compute_text_embeddings:
+        raise DifftuneError("--free_text_encoder drops the text encoders once the prompts are encoded: it "
+                            "needs --pre_compute_text_embeddings and no --train_text_encoder / "
+                            "--train_token_embedding")
     arguments.check_common_arguments(args)
     return args
 
@@ -275,12 +290,17 @@ def main(argv: list[str] | None = None) -> Path:
     # -----------------------------------------------------------------------------------------
     # 2. Base model, class images, adapter
     # -----------------------------------------------------------------------------------------
-    pipeline = loop.load_base_pipeline(base, weight_dtype, device)
+    memory = arguments.settings_from_args(args, settings.MemorySettings)
+    pipeline = loop.load_base_pipeline(base, weight_dtype, device, offload=memory.offload)
     loss_options = arguments.settings_from_args(args, LossOptions, skip_none=True)
     family = training_family(pipeline, device, loss_options)
     denoiser = family.denoiser
     for frozen in (pipeline.vae, *family.text_encoders):
         frozen.requires_grad_(False)
+
+    def helpers_on_device():
+        """--offload: the VAE and text encoders are on the device only inside this context."""
+        return offload_models(pipeline.vae, *family.text_encoders, device=device, offload=memory.offload)
 
     class_images = []
     if args.with_prior_preservation:
@@ -292,14 +312,15 @@ def main(argv: list[str] | None = None) -> Path:
             generator_pipeline.set_progress_bar_config(disable=True)
             if base.prediction_type:
                 generator_pipeline.scheduler.register_to_config(prediction_type=base.prediction_type)
-        ensure_class_images(generator_pipeline, args.class_data_dir, args.class_prompt, args.num_class_images,
-                            seed=seed, resolution=resolution, batch_size=args.sample_batch_size,
-                            num_inference_steps=args.class_inference_steps, accelerator=accelerator,
-                            autocast=accelerator.autocast())
+        with helpers_on_device() if generator_pipeline is pipeline else contextlib.nullcontext():
+            ensure_class_images(generator_pipeline, args.class_data_dir, args.class_prompt,
+                                args.num_class_images, seed=seed, resolution=resolution,
+                                batch_size=args.sample_batch_size,
+                                num_inference_steps=args.class_inference_steps, accelerator=accelerator,
+                                autocast=accelerator.autocast())
         del generator_pipeline
         class_images = scan_image_folder(args.class_data_dir, "--class_data_dir")[:args.num_class_images]
 
-    memory = arguments.settings_from_args(args, settings.MemorySettings)
     adapter = loop.attach_trainable_adapter(denoiser, spec, seed, memory, args.init_adapter, pipeline)
     text_encoders: dict[str, torch.nn.Module] = {}
     if args.train_text_encoder:
@@ -321,10 +342,13 @@ def main(argv: list[str] | None = None) -> Path:
         dataset, encode_images=family.encode_images, encode_prompts=family.encode_prompts,
         resolution=resolution, center_crop=args.center_crop, random_flip=args.random_flip, seed=seed,
         cache_latents=args.cache_latents, cache_prompts=args.pre_compute_text_embeddings, device=device)
-    data.build_caches(show_progress=is_main)
-    validation_kwargs = {}
-    if validation.validation_prompt:  # encoded now: the text encoders may leave the device below
-        validation_kwargs = family.pipeline_prompt_kwargs(validation.validation_prompt)
+    with helpers_on_device():
+        data.build_caches(show_progress=is_main)
+        validation_kwargs = {}
+        if validation.validation_prompt:  # encoded now: the text encoders may leave the device below
+            validation_kwargs = family.pipeline_prompt_kwargs(validation.validation_prompt)
+    if memory.free_text_encoder:  # every prompt is encoded: the encoders are not needed until the end
+        family.free_text_encoders()
     # The frozen encoders are not needed on the device between validations.
     offloaded = []
     if device.type != "cpu":

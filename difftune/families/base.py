@@ -363,6 +363,12 @@ class ModelFamily(ABC):
         encoders = (getattr(self.pipeline, name, None) for name in self.text_encoder_components)
         return [encoder for encoder in encoders if encoder is not None]
 
+    def free_text_encoders(self) -> None:
+        """Drop the text encoders from the pipeline (``--free_text_encoder``): every prompt is encoded."""
+        for name in self.text_encoder_components:
+            if getattr(self.pipeline, name, None) is not None:
+                setattr(self.pipeline, name, None)
+
     # --- prompts ------------------------------------------------------------------------
 
     def encode_prompt_kwargs(self, prompts: list[str], with_negative: bool) -> dict[str, Any]:

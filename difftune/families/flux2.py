@@ -217,6 +217,13 @@ class Flux2KleinFamily(Flux2Family):
         tokenizer, encoder = tiny_qwen3(layers=27, width=TINY_TEXT_WIDTH, causal_lm=True)
         return {"tokenizer": tokenizer, "text_encoder": encoder}
 
+    def pipeline_prompt_kwargs(self, prompt):
+        """The prompt's and the empty negative prompt's embeddings: klein samples with CFG (and cannot
+        encode "" itself once the text encoder is freed)."""
+        with torch.no_grad():
+            positive, negative = (self.encode_prompts([text])["prompt_embeds"] for text in (prompt, ""))
+        return {"prompt_embeds": positive, "negative_prompt_embeds": negative}
+
     @classmethod
     def unpack_latents(cls, latents, height, width, vae_scale_factor, vae=None):
         """klein's ``output_type="latent"`` gives the VAE's own latent (denormalised): normalise it."""

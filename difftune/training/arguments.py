@@ -452,7 +452,8 @@ def add_loss_arguments(parser: argparse.ArgumentParser) -> None:
                             f"(default: {default('guidance_scale')}; ignored by models without one, e.g. "
                             "FLUX.1-schnell)")
     group.add_argument("--max_sequence_length", type=int,
-                       help=f"{scope('max_sequence_length')}: T5 tokens per prompt (default: "
+                       help=f"{scope('max_sequence_length')}: prompt tokens (T5's on Flux, the language "
+                            "model's on the others; default: "
                             f"{default('max_sequence_length')}, at most 512)")
 
 
@@ -561,6 +562,9 @@ def check_common_arguments(args: argparse.Namespace) -> None:
     length = getattr(args, "max_sequence_length", None)
     if length is not None and not 1 <= length <= 512:
         raise DifftuneError(f"--max_sequence_length must be in [1, 512] (FLUX.1's T5 limit), got {length}")
+    if getattr(args, "offload", False) and not torch.cuda.is_available():
+        raise DifftuneError("--offload moves the VAE and text encoders between CPU and GPU memory; there is "
+                            "no CUDA GPU here (on the CPU they already share one memory): drop the flag")
     if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise DifftuneError("--use_8bit_adam needs bitsandbytes, which is not installed: "
                             "pip install bitsandbytes (CUDA GPU), or drop the flag")

@@ -28,7 +28,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import machine
-from ..api import AdapterSpec, count_trainable_parameters, get_adapter, load_adapter, trainable_parameters
+from ..api import (
+    AdapterSpec,
+    count_trainable_parameters,
+    find_denoiser,
+    get_adapter,
+    load_adapter,
+    trainable_parameters,
+)
 from ..errors import DifftuneError
 from ..families import check_capability, get_family
 from ..io import check_output_dir
@@ -143,10 +150,11 @@ def resolve_seed(seed: int | None, resume_state: dict | None) -> int:
 
 
 def load_base_pipeline(model: ModelSettings, dtype: torch.dtype, device: torch.device,
-                       adapter_path: Path | None = None):
+                       adapter_path: Path | None = None, offload: bool = False):
     """The base pipeline in ``dtype`` on ``device`` with an fp32 VAE (fp16 VAEs give NaN latents
     and black images) and no progress bars. With ``adapter_path``: the saved adapter loaded and
-    ``--prediction_type`` set on the scheduler, so samples come from the file users get."""
+    ``--prediction_type`` set on the scheduler, so samples come from the file users get. With
+    ``offload`` only the denoiser goes to ``device`` (``--offload``)."""
     from ..model_factory import load_pipeline
 
     pipeline = load_pipeline(model.pretrained_model_name_or_path, torch_dtype=dtype,
@@ -157,7 +165,7 @@ def load_base_pipeline(model: ModelSettings, dtype: torch.dtype, device: torch.d
         if model.prediction_type:
             pipeline.scheduler.register_to_config(prediction_type=model.prediction_type)
         load_adapter(pipeline, adapter_path)
-    pipeline.to(device)
+    (find_denoiser(pipeline)[0] if offload else pipeline).to(device)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 

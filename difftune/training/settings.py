@@ -46,6 +46,8 @@ class MemorySettings:
 
     gradient_checkpointing: bool = False
     enable_xformers_memory_efficient_attention: bool = False
+    offload: bool = False  # the VAE and text encoders on the CPU, on the GPU only while they run
+    free_text_encoder: bool = False  # the text encoders dropped once the prompts are encoded
 
 
 @dataclasses.dataclass(frozen=True)

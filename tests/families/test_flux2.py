@@ -118,7 +118,7 @@ def test_flux2_trainer_passes_guidance_text_length_and_position_ids(train_subjec
     the ComfyUI and diff exports are written."""
     from safetensors.torch import load_file
 
-    training, out = checks.train_with_everything(
+    training, out, _ = checks.train_with_everything(
         train_subject, subject_dir, tmp_path, monkeypatch, "flux2", "--guidance_scale", 2.0,
         "--max_sequence_length", 24, "--weighting_scheme", "logit_normal", "--learning_rate", 1e-2,
         "--export", "comfyui", "diff")
@@ -134,10 +134,13 @@ def test_flux2_trainer_passes_guidance_text_length_and_position_ids(train_subjec
 
 
 def test_flux2_klein_trainer_gets_no_guidance_embedding(train_subject, subject_dir, tmp_path, monkeypatch):
-    """(Prior preservation is the dev model's test: the same code path.)"""
-    training, out = checks.train_with_everything(
+    """No guidance value; --free_text_encoder drops the Qwen3 once the prompts are encoded, and the
+    validation samples (CFG: an encoded empty negative prompt) need none. (Prior preservation is the dev
+    model's test: the same code path.)"""
+    training, out, pipe = checks.train_with_everything(
         train_subject, subject_dir, tmp_path, monkeypatch, "flux2-klein", "--max_sequence_length", 16,
-        "--learning_rate", 1e-2, prior=False)
+        "--learning_rate", 1e-2, "--free_text_encoder", prior=False)
+    assert pipe.text_encoder is None
     assert all(kwargs["guidance"] is None and kwargs["encoder_hidden_states"].shape[:2] == (1, 16)
                for kwargs in training)
     checks.check_lora_copy_loads_in_diffusers("flux2-klein", out)
@@ -161,6 +164,10 @@ BAD_INPUT = {
     "text encoder": ("flux2-klein", ["--train_text_encoder"],
                      "--train_text_encoder supports SD 1.x/2.x and SDXL"),
     "kohya": ("flux2", ["--export", "kohya"], "--format kohya on a FLUX.2 model .*use --format comfyui"),
+    "offload without a GPU": ("flux2", ["--offload"], "--offload moves the VAE and text encoders between CPU "
+                              "and GPU memory; there is no CUDA GPU here"),
+    "free a trained encoder": ("flux2", ["--free_text_encoder", "--no-pre_compute_text_embeddings"],
+                               "--free_text_encoder drops the text encoders once the prompts are encoded"),
     "unnamed module": ("flux2", ["--targets", "all", "--export", "comfyui"],
                        "--format comfyui on a FLUX.2 model .*ComfyUI has no name for the transformer module "
                        "'time_guidance_embed"),
