@@ -8,7 +8,11 @@
 """
 
 from ._version import __version__
-from .api import (
+from .quiet import silence_third_party_noise
+
+silence_third_party_noise()  # before diffusers and transformers are imported: see difftune/quiet.py
+
+from .api import (  # noqa: E402
     AdapterSpec,
     adapted_text_encoders,
     add_adapter,
@@ -27,8 +31,8 @@ from .api import (
     trainable_parameters,
     unmerge_adapter,
 )
-from .errors import AdapterFileError, BaseModelMismatchError, DifftuneError, TargetError
-from .tuners import METHODS, register_method
+from .errors import AdapterFileError, BaseModelMismatchError, DifftuneError, TargetError  # noqa: E402
+from .tuners import METHODS, register_method  # noqa: E402
 
 __all__ = [
     "METHODS",

@@ -14,14 +14,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
 from torch import nn
 
 from ._version import __version__
@@ -34,29 +34,69 @@ DEFAULT_FILE_NAME = "adapter.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
-def _with_sorted_metadata(data: bytes) -> bytes:
-    """The same safetensors bytes with the header's metadata keys sorted.
+@dataclasses.dataclass(frozen=True)
+class LazyTensor:
+    """A tensor a writer asks for only when it writes it: its shape and dtype now, ``make()`` then."""
 
-    safetensors serialises metadata from a hash map whose order changes between processes,
-    so two identical saves differed byte for byte; the tensors and their offsets are kept.
-    """
-    size = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + size])
-    metadata = header.pop("__metadata__", None)
-    if metadata is not None:
-        header = {"__metadata__": dict(sorted(metadata.items())), **header}
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    make: Callable[[], torch.Tensor]
+
+
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
+                      torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
+                      torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+Entry = tuple[str, torch.dtype, tuple[int, ...]]  # name, dtype, shape
+
+
+def _header(entries: list[Entry], metadata: dict[str, str] | None) -> bytes:
+    """The safetensors header (length, JSON, padding) of ``entries`` in this order, data back to back;
+    the metadata's keys sorted (two identical saves give identical bytes)."""
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    offset = 0
+    for name, dtype, shape in entries:
+        if dtype not in SAFETENSORS_DTYPES:
+            raise DifftuneError(f"tensor '{name}': safetensors cannot hold {dtype}")
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % 8)  # safetensors aligns the data region to 8 bytes
-    return len(text).to_bytes(8, "little") + text + data[8 + size:]
+    return len(text).to_bytes(8, "little") + text
 
 
 def write_safetensors(
-    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor | LazyTensor], metadata: dict[str, str] | None
 ) -> Path:
-    """Write tensors (made contiguous, on CPU) with string metadata, atomically and byte-reproducibly."""
-    ready = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    data = _with_sorted_metadata(save(ready, metadata=metadata))
-    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+    """Write tensors (on CPU) with string metadata, atomically and byte-reproducibly, one tensor at a time.
+
+    The header goes first, then each tensor's bytes straight from its memory: nothing but the tensor
+    being written is held beside the caller's (a `LazyTensor` is made just then and dropped after, so an
+    export of a whole model streams). Tensors are laid out by element size, largest first, then by
+    name, so each starts aligned to its element size, as safetensors' own writer does."""
+    def itemsize(value: torch.Tensor | LazyTensor) -> int:
+        return torch.empty((), dtype=value.dtype).element_size()
+
+    order = sorted(tensors, key=lambda name: (-itemsize(tensors[name]), name))
+    entries = [(name, tensors[name].dtype, tuple(tensors[name].shape)) for name in order]
+    head = _header(entries, metadata)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
+            handle.write(head)
+            for name, dtype, shape in entries:
+                value = tensors[name]
+                value = value.make() if isinstance(value, LazyTensor) else value
+                value = value.detach().to("cpu").contiguous()
+                if value.dtype != dtype or tuple(value.shape) != shape:
+                    raise RuntimeError(f"tensor '{name}' was announced as {dtype} {list(shape)}, made as "
+                                       f"{value.dtype} {list(value.shape)}")
+                if value.numel():
+                    handle.write(value.reshape(-1).view(torch.uint8).numpy().data)
+                del value
+
+    return atomic_write(path, write)
 
 
 def content_checksum(tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> str:
@@ -134,6 +174,10 @@ def _read_checked(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """`read_adapter_file` for a path `resolve_adapter_path` already gave."""
     tensors, metadata = read_safetensors(path)
     if METADATA_KEY not in metadata:
+        damage = difftune_traces(metadata)
+        if damage:
+            raise AdapterFileError(f"{path}: a damaged difftune adapter ({damage}): refused, not imported as "
+                                   "another tool's LoRA")
         hint = (" It looks like a LoRA file of another tool: difftune.load_adapter(pipe, path) imports "
                 "it, pipe.load_lora_weights() loads it." if any("lora" in k for k in tensors) else "")
         raise AdapterFileError(f"{path}: not a difftune adapter (no '{METADATA_KEY}' metadata).{hint}")
@@ -152,6 +196,39 @@ def _read_checked(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if bad is not None:
         raise AdapterFileError(f"{path}: tensor '{bad}' holds NaN or inf values")
     return tensors, info
+
+
+def _edit_distance(a: str, b: str) -> int:
+    previous = list(range(len(b) + 1))
+    for i, char in enumerate(a, start=1):
+        current = [i]
+        for j, other in enumerate(b, start=1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char != other)))
+        previous = current
+    return previous[-1]
+
+
+def difftune_traces(metadata: dict[str, str]) -> str | None:
+    """What in a header without the ``difftune`` entry shows it was a difftune file, else None.
+
+    A flipped bit in the entry's key, or an entry lost while another one kept its JSON, must not turn
+    a difftune file into "another tool's LoRA" that loads at the wrong strength: such a file is
+    checked (and refused) as a difftune file. Traces: a key within two edits of ``difftune``, or a
+    value holding difftune's own header fields (the version, the checksum, or three schema fields).
+    """
+    for key, value in sorted(metadata.items()):
+        if key != METADATA_KEY and _edit_distance(key.lower(), METADATA_KEY) <= 2:
+            return f"header entry {key!r} stands where '{METADATA_KEY}' should"
+        try:
+            fields = json.loads(value)
+        except (TypeError, ValueError):
+            continue
+        if not isinstance(fields, dict):
+            continue
+        known = set(fields) & {*HEADER_SCHEMA, CHECKSUM_FIELD}
+        if "difftune_version" in fields or (CHECKSUM_FIELD in known and len(known) > 1) or len(known) >= 3:
+            return f"header entry {key!r} holds difftune's fields ({', '.join(sorted(known)[:4])})"
+    return None
 
 
 def split_sections(tensors: dict[str, torch.Tensor], info: dict[str, Any],

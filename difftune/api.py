@@ -190,8 +190,28 @@ class AdapterSpec:
         a target the method cannot adapt is refused."""
         denoiser, _ = find_denoiser(model)
         modules = resolve_targets(denoiser, self.config.targets)
-        self.adapter_class.check_targets(modules)
+        self.adapter_class.check_targets(modules, self.config)
         return modules
+
+    def weightless_parameter_count(self, model: Any) -> int | None:
+        """How many parameters this adapter trains on ``model``, a weightless (meta-device) model, for a
+        memory check before any weight loads: the method's count from shapes
+        (`Adapter.weightless_parameter_count`), else an attach on the meta device, its new tensors made
+        there too; None where only the weights decide (SaRA by threshold, SVFit by energy)."""
+        import torch
+
+        denoiser, _ = find_denoiser(model)
+        modules = self.check(denoiser)
+        try:
+            count = self.adapter_class.weightless_parameter_count(denoiser, self.config, modules)
+            if count is not None:
+                return count
+            with torch.device("meta"):
+                adapter = self.adapter_class(denoiser, self.config, modules)
+                adapter.attach(modules)
+        except DifftuneError:
+            return None
+        return sum(param.numel() for _, param in adapter.named_trainable_parameters())
 
     def attach(self, model: Any) -> Adapter:
         """Attach a new adapter to ``model`` (see `add_adapter`); the model is left as it was on failure."""
@@ -376,7 +396,7 @@ def _attach_from_file(model: nn.Module, adapter_class: type[Adapter], config: Ad
     """Attach one component's adapter as its file section holds it (`Adapter.attach_from_file`)."""
     _refuse_second_adapter(model)
     modules = resolve_targets(model, section.targets)
-    adapter_class.check_targets(modules)
+    adapter_class.check_targets(modules, config)
     adapter = adapter_class(model, config, modules)
     return _install(model, adapter, lambda each: each.attach_from_file(modules, section, source))
 

@@ -7,10 +7,12 @@ images, caches); ``remove_stale_temp_files`` cleans what a killed writer left.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,19 @@ def _mode_for_new_files() -> int:
     return 0o666 & ~umask
 
 
+@contextlib.contextmanager
+def user_write_errors(path: str | os.PathLike) -> Iterator[None]:
+    """Turn what the machine's state makes a write fail with (a full disk or quota, a file system
+    turned read-only, a folder without permission) into one line naming ``path``; what was written
+    before stays as it was. Any other OSError is a bug and keeps its traceback."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno in _USER_WRITE_ERRORS:
+            raise DifftuneError(f"{path}: cannot write: {err.strerror or err}") from None
+        raise
+
+
 def atomic_write(path: str | os.PathLike, write: Any) -> Path:
     """Call ``write(tmp_path)``, then move the finished file over ``path``.
 
@@ -35,20 +50,35 @@ def atomic_write(path: str | os.PathLike, write: Any) -> Path:
     would give (the umask's) before the rename, so outputs are readable by whom the user means.
     """
     path = Path(path)
+    with user_write_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+        os.close(fd)
+        try:
+            write(tmp)
+            os.chmod(tmp, _mode_for_new_files())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return path
+
+
+def atomic_write_folder(path: str | os.PathLike, write: Any) -> Path:
+    """Call ``write(staging_folder)`` on a fresh folder beside ``path``, then swap it in for ``path``:
+    an interrupted writer never leaves a half-written folder where one was."""
+    import shutil
+
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
-    os.close(fd)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent))
     try:
-        write(tmp)
-        os.chmod(tmp, _mode_for_new_files())
-        os.replace(tmp, path)
-    except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
-        if err.errno in _USER_WRITE_ERRORS:  # the machine's state, not a bug: one line, no trace
-            raise DifftuneError(f"{path}: cannot write: {err.strerror}") from None
-        raise
+        write(staging)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(staging, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
         raise
     return path
 
@@ -88,6 +118,20 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 def write_json(path: str | os.PathLike, data: Any) -> Path:
     return write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_text(path: str | os.PathLike, what: str = "") -> str:
+    """A user's text file (captions, metadata, configs, prompts) as UTF-8; anything else is one line
+    naming the file (``what``: the flag or kind it came from) instead of a UnicodeDecodeError."""
+    path = Path(path)
+    name = f"{what} {path}" if what else str(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DifftuneError(f"{name}: not UTF-8 text (byte {err.start}: {err.reason}); save it as "
+                            "UTF-8") from None
+    except OSError as err:
+        raise DifftuneError(f"{name}: cannot read: {err.strerror or err}") from None
 
 
 def read_json(path: str | os.PathLike, missing_ok: bool = False) -> Any:

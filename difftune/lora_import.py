@@ -24,6 +24,7 @@ from .adapter_file import (
     METADATA_KEY,
     AdapterFile,
     AdapterSection,
+    difftune_traces,
     fingerprint,
     first_non_finite,
     read_safetensors,
@@ -51,14 +52,22 @@ _UNSUPPORTED = {
 
 
 def is_foreign_file(path: str | os.PathLike) -> bool:
-    """Whether a safetensors file lacks difftune's header entry (so it came from another tool)."""
+    """Whether a safetensors file came from another tool: no difftune header entry and no trace of one
+    (`difftune_traces`: a damaged difftune file is read, and refused, as a difftune file)."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return METADATA_KEY not in (handle.metadata() or {})
+            metadata = handle.metadata() or {}
     except (SafetensorError, OSError, RuntimeError, ValueError):
         return False  # the difftune reader names the damage
+    return METADATA_KEY not in metadata and difftune_traces(metadata) is None
+
+
+def check_foreign_file(path: str | os.PathLike) -> None:
+    """Another tool's file read and its keys checked as `import_lora` does first (no model needed)."""
+    tensors, _ = read_safetensors(path)
+    _check_lora_keys(tensors, str(path))
 
 
 def _check_lora_keys(tensors: dict[str, torch.Tensor], source: str) -> None:
@@ -225,8 +234,11 @@ def read_foreign_lora(pipeline: Any, path: str | os.PathLike) -> AdapterFile:
     diffusers_logger = logging.getLogger("diffusers")
     level = diffusers_logger.level
     diffusers_logger.setLevel(logging.ERROR)  # its partial-load warnings are replaced by the check below
+    # the file itself when nothing was renamed, so diffusers also reads its header (the
+    # lora_adapter_metadata of peft/diffusers files: alpha, rank and alpha patterns)
+    source_or_state = str(path) if _unchanged(state, tensors) else state
     try:
-        pipeline.load_lora_weights(state, adapter_name=IMPORT_ADAPTER_NAME)
+        pipeline.load_lora_weights(source_or_state, adapter_name=IMPORT_ADAPTER_NAME)
     except (ValueError, KeyError, RuntimeError, IndexError) as err:
         _unload(pipeline)
         first = str(err).strip().splitlines()
@@ -251,6 +263,10 @@ def read_foreign_lora(pipeline: Any, path: str | os.PathLike) -> AdapterFile:
     sections = {component: _section(models[component], found[component])
                 for component in [denoiser_name, *sorted(c for c in found if c != denoiser_name)]}
     return AdapterFile(component=denoiser_name, sections=sections, source=source)
+
+
+def _unchanged(state: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> bool:
+    return state.keys() == tensors.keys() and all(state[k] is tensors[k] for k in tensors)
 
 
 def _unload(pipeline: Any) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 from pathlib import Path
+from typing import Any
 
 
 def cpu_name() -> str:
@@ -29,3 +30,16 @@ def memory_bytes(device_type: str = "cpu") -> int | None:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def machine_description() -> dict[str, Any]:
+    """What the numbers were measured on: GPU (if any), CPU model and threads, versions."""
+    import torch
+
+    cpu = cpu_name()
+    info: dict[str, Any] = {}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    info.update({"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+                 "python": platform.python_version()})
+    return info

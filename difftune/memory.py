@@ -2,8 +2,10 @@
 what the GPU holds while the subject trainer trains at a resolution, with gradient checkpointing, the
 prompts encoded beforehand and the text encoders freed, the latents cached and the VAE off the device.
 
-    python -m difftune.memory --model qwen-image-config            # the default rows, 1024 px
-    python -m difftune.memory --model flux2-dev-config --resolution 768 --targets attn-ff
+    difftune memory --model qwen-image-config            # the default rows, 1024 px
+    difftune memory --model flux2-dev-config --resolution 768 --targets attn-ff
+
+(``python -m difftune.memory`` runs the same.)
 
 Each row adds:
 
@@ -83,6 +85,7 @@ def estimate_memory(denoiser: nn.Module, family: Any, rows: Sequence[tuple[str, 
     """One `MemoryEstimate` per (label, method, options, base bits) row, on a meta-device ``denoiser``."""
     from .params import parameter_table
     from .targeting import resolve_targets
+    from .tuners import get_method
 
     weights = sum(p.numel() for p in denoiser.parameters())
     tokens = image_tokens(family, denoiser.config, resolution) + text_tokens
@@ -95,11 +98,7 @@ def estimate_memory(denoiser: nn.Module, family: Any, rows: Sequence[tuple[str, 
         trainable = counts[label]
         if trainable is None:
             raise DifftuneError(f"{label}: {method} cannot be counted without the weights")
-        buffers = 0
-        if method == "svfit":  # U_r, V_r at full rank (an upper bound for the energy rule)
-            buffers = sum(2 * min(m.weight.shape) * sum(m.weight.shape) for m in layers)
-        elif method == "sara":
-            buffers = 4 * trainable
+        buffers = get_method(method).frozen_buffer_bytes(layers, trainable)
         estimates.append(MemoryEstimate(label, weights * bits // 8, buffers, TRAINABLE_BYTES * trainable,
                                         activations))
     return estimates

@@ -54,7 +54,7 @@ def describe_model(name_or_path: str, revision: str | None = None) -> ModelDescr
     vae_scale_factor, vae_width = family.vae_geometry(vae_config)
     return ModelDescription(family.name, family.native_resolution(denoiser_config, vae_scale_factor),
                             family.denoiser_class, dict(denoiser_config),
-                            vae_scale_factor * family.latent_patch(denoiser_config), vae_width)
+                            family.side_multiple(denoiser_config, vae_scale_factor), vae_width)
 
 
 def _first_line(err: Exception) -> str:
@@ -116,8 +116,8 @@ def load_pipeline(
     name_or_path = _resolve_builtin(name_or_path)
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(
-        name_or_path, torch_dtype=torch_dtype, revision=revision, variant=variant, **kwargs
+    pipe = DiffusionPipeline.from_pretrained(  # diffusers' name for torch_dtype is dtype now
+        name_or_path, dtype=torch_dtype, revision=revision, variant=variant, **kwargs
     )
     family_of(pipe)
     return pipe

@@ -19,6 +19,15 @@ whose backward turns the layer's dense weight gradient into delta's 1-D gradient
 freed as soon as it is gathered: no dense gradient is kept, the optimizer state is
 nnz-sized, and under DDP only the 1-D gradients are all-reduced.
 
+For a Linear or (ungrouped, zero-padded) Conv2d weight the routed class also replaces
+the layer's forward by `sampled_gradients.SampledLayer`, whose backward computes the
+input gradient as usual and only the trained entries of the weight gradient
+(`sampled_gradients`: a sampled product when that is faster for the layer, the dense
+product and a gather otherwise; ``weight_gradients="dense"`` keeps the plain path above).
+Under torch.compile such a layer runs eagerly (`torch.compiler.disable`: one graph break per
+adapted layer, the rest of the model compiled), so the measured choice and the sampled
+kernel stay as they are.
+
 Entries can be frozen later (SaRA's progressive adjustment): their gradient is then
 returned as 0, the parameter keeps its shape (so optimizers and DDP buckets stay valid).
 """
@@ -33,6 +42,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .errors import DifftuneError
+from .sampled_gradients import GradientPaths, SampledLayer, layer_op, modelled_seconds
 
 _STATE = "_difftune_sparse_entries"
 DELTA_PREFIX = "sparse_delta_"
@@ -41,6 +51,8 @@ _BASE_PREFIX = "sparse_base_"
 _FROZEN_PREFIX = "sparse_frozen_"
 _EAGER_WRITE = ("difftune writes the trained entries into the weights outside the compiled graph "
                 "(one graph break per adapted weight): compile with fullgraph=False, or merge first")
+_EAGER_LAYER = ("difftune trains entries of this layer's weight eagerly, outside the compiled graph (one "
+                "graph break per adapted Linear/Conv2d): compile with fullgraph=False, or merge first")
 _ROUTED_CLASSES: dict[tuple[type, tuple[str, ...]], type] = {}
 
 
@@ -72,6 +84,8 @@ def _routed_class(cls: type, names: tuple[str, ...]) -> type:
                                      "_difftune_original_class": cls}
         for name in names:
             namespace[name] = property(_routed_getter(name))
+        if "weight" in names and cls.forward in (nn.Linear.forward, nn.Conv2d.forward):
+            namespace["forward"] = _sampled_forward
         _ROUTED_CLASSES[key] = type(cls.__name__, (cls,), namespace)
     return _ROUTED_CLASSES[key]
 
@@ -90,10 +104,23 @@ def _routed_getter(name: str):
     return getter
 
 
+@torch.compiler.disable(reason=_EAGER_LAYER)
+def _sampled_forward(module: nn.Module, input: torch.Tensor) -> torch.Tensor:
+    """The layer's forward, through `SampledLayer` when its weight's entries are being trained."""
+    entries = module.__dict__[_STATE].get("weight")
+    op = None if entries is None else entries.sampled_op(input)
+    if op is None:
+        return _original_class(module).forward(module, input)
+    weight = module._parameters["weight"]
+    entries.sync(weight)
+    return SampledLayer.apply(input, weight, module.bias, entries.delta, op, entries)
+
+
 class SparseEntries:
     """The trained entries of one parameter tensor (``module.<name>``)."""
 
-    def __init__(self, module: nn.Module, name: str, index: torch.Tensor, delta_dtype: torch.dtype):
+    def __init__(self, module: nn.Module, name: str, index: torch.Tensor, delta_dtype: torch.dtype,
+                 paths: GradientPaths | None = None):
         param = module._parameters[name]
         if param is None:
             raise DifftuneError(f"module {type(module).__name__} has no parameter '{name}'")
@@ -103,7 +130,11 @@ class SparseEntries:
         self.scale = 1.0
         self.routing = True
         self._synced: tuple | None = None
+        self.paths = GradientPaths("dense") if paths is None else paths
+        self.last_route: tuple[tuple, str] | None = None  # (choice key, path) of the last backward
         index = compact_index(index.reshape(-1), param.numel()).to(param.device)
+        # the sampled route needs row-major order (CSR); selections are sorted, files too
+        self._op = layer_op(module) if name == "weight" and bool((index[1:] > index[:-1]).all()) else None
         base = param.detach().reshape(-1).index_select(0, index)  # logical order, any layout
         module.register_buffer(_INDEX_PREFIX + name, index, persistent=False)
         module.register_buffer(_BASE_PREFIX + name, base, persistent=False)
@@ -174,12 +205,34 @@ class SparseEntries:
             return _RouteGradient.apply(self.delta, param, self)
         return param
 
+    def sampled_op(self, input: torch.Tensor):
+        """The layer op to run through `SampledLayer` now, or None for the plain forward."""
+        op = self._op
+        if (op is None or self.paths.mode == "dense" or not self.routing or not torch.is_grad_enabled()
+                or not self.delta.requires_grad or self.weight.requires_grad
+                or (op.kind == "conv2d" and input.dim() != 4)):
+            return None
+        return op
+
+    def sampled_gradient(self, op, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The 1-D gradient of delta from the layer's input and output gradient (`SampledLayer`)."""
+        index = self.index
+        key = GradientPaths.key(op, weight, op.rows(x), index.numel(), grad.dtype)
+        picked, path = self.paths.entries(key, lambda: op.dense_entries(grad, x, weight, index),
+                                          lambda: op.sampled_entries(grad, x, weight, index),
+                                          lambda: modelled_seconds(op, weight, key[2], index.numel()))
+        self.last_route = (key, path)
+        return self._finish_gradient(picked)
+
     def gather_gradient(self, grad: torch.Tensor) -> torch.Tensor:
         """The 1-D gradient of delta from the layer's dense weight gradient (then dropped)."""
         if grad.is_contiguous():
             picked = grad.view(-1).index_select(0, self.index)
         else:
             picked = grad[torch.unravel_index(self.index.long(), self.shape)]
+        return self._finish_gradient(picked)
+
+    def _finish_gradient(self, picked: torch.Tensor) -> torch.Tensor:
         picked = picked.to(self.delta.dtype)
         if self.scale != 1.0:
             picked.mul_(self.scale)
@@ -217,11 +270,14 @@ class SparseBackprop:
     ``selection`` maps ``"<module name>.<parameter name>"`` to the flat indices of the
     entries to train (sorted, unique; any integer dtype). Tensors with no entry are
     skipped. The model's output is unchanged at attach (all deltas start at 0).
+    ``weight_gradients`` picks how Linear/Conv2d weights get their entries' gradient
+    (`sampled_gradients.PATHS`: by a cost model, measured per layer shape, always sampled, or dense).
     """
 
     def __init__(self, model: nn.Module, selection: dict[str, torch.Tensor],
-                 delta_dtype: torch.dtype = torch.float32):
+                 delta_dtype: torch.dtype = torch.float32, weight_gradients: str = "auto"):
         self.model = model
+        self.paths = GradientPaths(weight_gradients)
         self.entries: dict[str, SparseEntries] = {}
         self._module_names: dict[str, str] = {}
         modules = dict(model.named_modules())
@@ -235,7 +291,7 @@ class SparseBackprop:
                     continue
                 if module.__dict__.get(_STATE, {}).get(pname) is not None:
                     raise DifftuneError(f"'{key}' already has trained entries attached")
-                entries = SparseEntries(module, pname, index, delta_dtype)
+                entries = SparseEntries(module, pname, index, delta_dtype, self.paths)
                 self.entries[key] = entries
                 self._module_names[key] = module_name
                 state = module.__dict__.setdefault(_STATE, {})
@@ -266,6 +322,25 @@ class SparseBackprop:
         for entries in self.entries.values():
             entries.scale = float(scale)
         self.sync()
+
+    def set_weight_gradients(self, mode: str) -> None:
+        """Switch the weight-gradient route (`sampled_gradients.PATHS`); measured choices are kept."""
+        self.paths.mode = GradientPaths(mode).mode
+
+    def weight_gradient_routes(self) -> list[dict[str, Any]]:
+        """Per trained Linear/Conv2d weight: its density and the route its last backward took, with
+        the two times behind the choice (modelled for ``auto``, measured for ``measure``)."""
+        rows = []
+        for key, entries in self.entries.items():
+            if entries.last_route is None:
+                continue
+            choice_key, path = entries.last_route
+            choice = self.paths.choices.get(choice_key)
+            rows.append({"tensor": key, "shape": entries.shape, "rows": choice_key[2], "nnz": entries.numel,
+                         "density": entries.numel / max(1, torch.Size(entries.shape).numel()), "path": path,
+                         "dense_s": choice.dense_s if choice else None,
+                         "sampled_s": choice.sampled_s if choice else None})
+        return rows
 
     def set_routing(self, enabled: bool) -> None:
         """With routing off the weights are used as plain tensors (no gradient to deltas)."""

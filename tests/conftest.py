@@ -50,6 +50,11 @@ METHOD_CASES: dict[str, dict[str, list[tuple[object, dict]]]] = {
               "files": [("attn", {}), ("all", {"residual": "lora", "rank": 2, "transform_rank": 1})],
               "fuzz": [("attn", {})],
               "text_encoder": [(None, {})]},
+    # every peft type and its own injection as reference: tests/tuners/test_peft.py
+    "peft": {"contract": [("attn", {"type": "loha", "rank": 4})],
+             "files": [("attn", {"type": "oft"}), ("all", {"type": "lokr", "rank": 4})],
+             "fuzz": [("attn", {"type": "loha", "rank": 2})],
+             "text_encoder": [(None, {"type": "loha", "rank": 4})]},
 }
 
 
@@ -174,10 +179,18 @@ def tiny_dino_dir(tmp_path_factory):
     return save_tiny_vision_model(tmp_path_factory.mktemp("tiny_dino"), "dinov2")
 
 
-# --- the subject trainer (train_scripts/train_subject.py) --------------------------------
+# --- the commands (difftune/commands/) and the checkout's scripts ------------------------
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the checkout's wrapper of `difftune train-subject`, for the tests that run it as a process
 TRAIN_SUBJECT = os.path.join(ROOT, "train_scripts", "train_subject.py")
+
+
+def command_module(name: str):
+    """A command's module, ``difftune.commands.<name>`` (e.g. "evaluate_subject"), for its functions."""
+    import importlib
+
+    return importlib.import_module(f"difftune.commands.{name}")
 
 
 def load_script(path: str):
@@ -209,14 +222,15 @@ def make_subject_images(folder, count: int = 3, size=(72, 64), seed: int = 0):
     return folder
 
 
-def train_script_runner(path: str):
-    """``run(*flags)``: the script's main() in this process (fast), accelerate state reset after.
+def train_script_runner(command: str):
+    """``run(*flags)``: a trainer command's main() in this process (fast), accelerate state reset after.
 
-    ``run.module`` is the loaded script, for monkeypatching its names.
+    ``command`` names its module (`command_module`); ``run.module`` is that module, for monkeypatching
+    its names.
     """
     from accelerate.state import AcceleratorState, GradientState
 
-    module = load_script(path)
+    module = command_module(command)
 
     def run(*flags):
         try:
@@ -231,7 +245,7 @@ def train_script_runner(path: str):
 
 @pytest.fixture(scope="session")
 def train_subject():
-    return train_script_runner(TRAIN_SUBJECT)
+    return train_script_runner("train_subject")
 
 
 @pytest.fixture

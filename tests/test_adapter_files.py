@@ -170,14 +170,25 @@ def test_missing_file_and_folder_without_adapter(tmp_path):
 def test_save_is_atomic_and_leaves_no_temporary_files(tmp_path, monkeypatch):
     pipe, path = trained("sd", "lora", "attn", {"rank": 4}, tmp_path)
     good = path.read_bytes()
-    from pathlib import Path
+    from difftune import adapter_file
 
-    def failing_write(self, data):
-        with open(self, "wb") as handle:
-            handle.write(data[:10])
-        raise OSError("disk full")
+    class FailingFile:  # writes the header, then the disk is full
+        def __init__(self, name, mode):
+            self.handle, self.calls = open(name, mode), 0  # noqa: SIM115 (closed by __exit__)
 
-    monkeypatch.setattr(Path, "write_bytes", failing_write)
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def write(self, data):
+            self.calls += 1
+            if self.calls > 2:
+                raise OSError("disk full")
+            return self.handle.write(data)
+
+    monkeypatch.setattr(adapter_file, "open", FailingFile, raising=False)
     with pytest.raises(OSError, match="disk full"):
         difftune.save_adapter(pipe.unet, path)
     assert path.read_bytes() == good, "a failed save must not damage the previous file"
@@ -361,14 +372,15 @@ def test_outputs_honour_the_umask(tmp_path):
 
 def test_a_full_disk_at_save_is_one_line_naming_the_file(tmp_path, monkeypatch):
     import errno
-    from pathlib import Path
+
+    from difftune import adapter_file
 
     pipe, path = trained("sd", "lora", "attn", {"rank": 2}, tmp_path)
 
-    def disk_full(self, data):
+    def disk_full(name, mode):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    monkeypatch.setattr(adapter_file, "open", disk_full, raising=False)
     with pytest.raises(difftune.DifftuneError, match="adapter.safetensors: cannot write: No space left on"):
         difftune.save_adapter(pipe.unet, path)
     assert [p.name for p in path.parent.iterdir()] == ["adapter.safetensors"]
@@ -416,3 +428,100 @@ def test_adapter_file_round_trips_its_sections(tmp_path):
     assert section.tensors.keys() == state.keys()
     assert all(torch.equal(section.tensors[k], state[k]) for k in state)
     assert file.write(tmp_path / "again.safetensors").read_bytes() == path.read_bytes()
+
+
+# --- a damaged difftune file is checked as one; options in the trainer's ranges only -------------
+
+def _default_file(method, tmp_path):
+    """A file of ``method`` with its default options and random weights."""
+    targets = {"sara": "all"}.get(method, "attn")
+    options = {"svfit": {"rank": 2}, "sara": {"budget": 0.05}}.get(method, {})
+    return trained("sd", method, targets, options, tmp_path)[1]
+
+
+def _with_header(path, target, edit_metadata):
+    """A copy of ``path`` whose safetensors header entries are edited as a whole."""
+    from safetensors.torch import load_file, save
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+    target.write_bytes(save(load_file(str(path)), metadata=edit_metadata(metadata)))
+    return target
+
+
+def _renamed(metadata, key):
+    metadata[key] = metadata.pop("difftune")
+    return metadata
+
+
+@pytest.mark.parametrize("method", sorted(difftune.METHODS))
+@pytest.mark.parametrize(("name", "edit"), [
+    ("key bit flip", lambda m: _renamed(m, "diffuune")),
+    ("key case", lambda m: _renamed(m, "Difftune")),
+    ("key cut", lambda m: _renamed(m, "difftun")),
+    ("entry under another name", lambda m: _renamed(m, "notes")),
+])
+def test_a_difftune_file_with_a_damaged_marker_is_refused_not_imported(tmp_path, method, name, edit):
+    """The checksum and every other field are intact: the file is still a difftune file, and damaged."""
+    damaged = _with_header(_default_file(method, tmp_path), tmp_path / "damaged.safetensors", edit)
+    fresh = build("sd")
+    with pytest.raises(difftune.AdapterFileError, match=r"damaged.safetensors: a damaged difftune adapter "
+                                                        r"\(header entry '.*'"):
+        difftune.load_adapter(fresh, damaged)
+    assert not difftune.has_adapter(fresh.unet)
+
+
+def _float_options(method):
+    import dataclasses
+    import typing
+
+    from difftune.tuners.base import _conforms
+
+    config_class = difftune.METHODS[method].config_class
+    hints = typing.get_type_hints(config_class)
+    return [f.name for f in dataclasses.fields(config_class) if _conforms(0.5, hints[f.name])]
+
+
+@pytest.mark.parametrize("method", sorted(difftune.METHODS))
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_options_are_refused_by_the_loader_as_by_the_trainer(tmp_path, method, value):
+    from difftune.adapter_file import CHECKSUM_FIELD, content_checksum
+    from difftune.api import AdapterSpec
+
+    path = _default_file(method, tmp_path)
+    names = _float_options(method)
+    assert names, f"{method} has no float option"
+    for name in names:
+        with pytest.raises(difftune.DifftuneError, match=f"{method} option '{name}' must be a finite number"):
+            AdapterSpec(method, None, {name: value})  # what the trainer builds from its flags
+
+        def edit(info, name=name):
+            info["config"][name] = value
+            info.pop(CHECKSUM_FIELD)
+
+        def rehash(info, name=name):  # a checksum recomputed over the edited header
+            from safetensors.torch import load_file
+
+            edit(info, name)
+            info[CHECKSUM_FIELD] = content_checksum(load_file(str(path)), info)
+
+        for change in (edit, rehash):
+            damaged = _rewrite(path, tmp_path / "nan.safetensors", change)
+            fresh = build("sd")
+            with pytest.raises(difftune.AdapterFileError,
+                               match=f"nan.safetensors: .*{method} option '{name}' must be a finite number"):
+                difftune.load_adapter(fresh, damaged)
+            assert not difftune.has_adapter(fresh.unet)
+
+
+@pytest.mark.parametrize("length", [0, 40])
+def test_an_svfit_file_with_an_empty_or_too_long_tensor_is_refused_naming_it(tmp_path, length):
+    path = _default_file("svfit", tmp_path)
+
+    def resize(tensors):
+        key = sorted(k for k in tensors if k.endswith(".svfit_sigma"))[0]
+        for name in (key, key.replace("svfit_sigma", "svfit_s")):
+            tensors[name] = torch.ones(length)
+
+    _assert_tensor_edit_refused(path, tmp_path, resize, r"tensor '.*svfit_sigma' must be 1-D with 1 to 32 "
+                                                         rf"values .*got shape \[{length}\]")

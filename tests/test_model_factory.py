@@ -1,5 +1,7 @@
 """The offline model factory: tokenizer, tiny pipelines, built-in names, save/reload."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -82,10 +84,12 @@ def test_describe_model_reads_family_resolution_and_denoiser_without_weights(fam
             assert described.resolution == (TINY_RESOLUTION if described is first else folder_resolution)
         else:
             assert described.resolution == denoiser.config.sample_size * pipe.vae_scale_factor
-        # what the pipeline's image processor rounds to (2x2 packed latents), or the denoiser's own patches
+        # what the pipeline's image processor rounds to (2x2 packed latents), or the denoiser's own patches,
+        # and diffusers' SD/SDXL pipelines' own rule (check_inputs: sides % 8)
         patch = getattr(denoiser.config, "patch_size", None) or 1
+        pipeline_rule = 8 if family in ("sd", "sdxl") else 1
         multiple = max(pipe.image_processor.config.vae_scale_factor, pipe.vae_scale_factor * patch)
-        assert described.size_multiple == multiple
+        assert described.size_multiple == math.lcm(multiple, pipeline_rule)
         meta = build_denoiser_on_meta(described.denoiser_config, described.denoiser_class)
         assert {n: p.shape for n, p in meta.named_parameters()} == {
             n: p.shape for n, p in denoiser.named_parameters()}

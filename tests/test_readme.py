@@ -4,7 +4,7 @@ import re
 import shlex
 from pathlib import Path
 
-from conftest import load_script
+from conftest import command_module
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -64,7 +64,7 @@ def test_main_command_parses_with_the_trainer_and_the_evaluation(train_subject):
     assert args.adapter == "lora" and args.pretrained_model_name_or_path == "builtin:embedded"
     assert args.recipe and args.train_text_encoder, "the main job runs the measured recipe"
     assert args.seed is not None, "the main job's numbers in the README must be reproducible"
-    evaluate = load_script("eval/evaluate_subject.py")
+    evaluate = command_module("evaluate_subject")
     eval_args = evaluate.parse_args(steps["eval/evaluate_subject.py"])
     # the evaluation reads the adapter the training writes
     assert any(a.endswith(str(Path(args.output_dir) / "adapter.safetensors")) for a in eval_args.adapter)

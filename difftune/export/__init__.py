@@ -21,11 +21,10 @@ cannot be written in is refused by `check_export_options`, before any model load
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..adapter_file import TOKEN_EMBEDDINGS, write_safetensors
+from ..adapter_file import TOKEN_EMBEDDINGS, LazyTensor, write_safetensors
 from ..api import (
     adapted_text_encoders,
     find_denoiser,
@@ -52,10 +51,11 @@ from ..families import (
     family_of,
     get_family,
 )
-from ..io import write_text
+from ..io import atomic_write_folder, write_text
 from ..sampling import GenerationSettings, generate_images, save_grid
 from ..tuners import get_method
-from .deltas import adapter_deltas, factor_deltas, merged_and_base, weights_replaced
+from .coverage import comfyui_maps
+from .deltas import adapter_deltas, changed_tensors, factor_deltas, merged_and_base, weights_replaced
 from .formats import diff_tensors, lora_factors_from_svd, lora_tensors
 
 FORMATS = EXPORT_FORMATS
@@ -97,6 +97,8 @@ class ExportReport:
     relative_error: float | None = None
     layers: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     not_representable: dict[str, float] = dataclasses.field(default_factory=dict)
+    # changed tensors the target tool has no key for (ComfyUI: text-encoder norms), left out: ‖Δ‖_F
+    not_in_comfyui: dict[str, float] = dataclasses.field(default_factory=dict)
     psnr_db: float | None = None
     base_psnr_db: float | None = None  # the base model's images against the adapter's: what "no export" gives
     identical_images: bool | None = None
@@ -108,7 +110,7 @@ class ExportReport:
             f"{self.format} export of a {self.method} adapter ({self.family}): {self.path} "
             f"({self.size_bytes / 2**20:.2f} MiB, {'exact' if self.exact else 'approximate'})"
         ]
-        if self.relative_error is not None:
+        if self.relative_error is not None and self.layers:  # an SVD extraction
             ranks = sorted({layer["rank"] for layer in self.layers})
             rank_text = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}–{ranks[-1]}"
             lines.append(
@@ -120,6 +122,14 @@ class ExportReport:
             lines.append(
                 f"  {len(self.not_representable)} changed biases/norms have no LoRA form and are "
                 "left out (counted in the error); --format diff keeps them"
+            )
+        if self.not_in_comfyui:
+            names = sorted(self.not_in_comfyui)
+            lines.append(
+                f"  {len(names)} changed text-encoder tensors have no key in ComfyUI's loader (it maps "
+                f"the CLIP layers' attention and MLP projections only) and are left out (relative error "
+                f"{self.relative_error:.4f}): {', '.join(names[:3])}{', ...' if len(names) > 3 else ''} "
+                "(all named in the report)"
             )
         if self.identical_images:
             lines.append(f"  images: identical to the adapter's ({self.images})")
@@ -196,9 +206,13 @@ def export_adapter(
     family = family_of(pipeline)
     check_export_options(info["method"], info["config"], family.name, format, rank, energy)
 
+    # the bare model's state dicts (views), before the adapter wraps its modules
+    states = family.single_file_states(pipeline) if format == "single-file" else None
     load_adapter(pipeline, adapter_path)
     try:
-        if format in ("diffusers", "single-file"):
+        if format == "single-file":
+            return _export_single_file(pipeline, output, info["method"], family, states)
+        if format == "diffusers":
             return _export_merged(pipeline, output, format, info["method"], family)
         sampling = _Sampling(psnr_images, prompt, num_inference_steps, seed, resolution)
         return _export_weights(pipeline, output, format, info, family, rank, energy, sampling)
@@ -209,27 +223,35 @@ def export_adapter(
 
 def _export_merged(pipeline: Any, output: Path, fmt: str, method: str,
                    family: type[ModelFamily]) -> ExportReport:
-    """The base weights with the adapter merged in, written whole; the pipeline is left at its base."""
+    """The merged pipeline as a diffusers folder; the pipeline is left at its base."""
     merged = {
         part: {name: pair[0] for name, pair in tensors.items()}
         for part, tensors in merged_and_base(pipeline).items()
     }
     with weights_replaced(pipeline, merged):
-        if fmt == "diffusers":
-            _save_folder_atomically(pipeline, output)
-            size = sum(p.stat().st_size for p in output.rglob("*") if p.is_file())
-        else:
-            tensors = family.single_file_state_dict(pipeline)
-            write_safetensors(
-                output,
-                tensors,
-                {
-                    "format": "pt",
-                    EXPORT_METADATA_KEY: json.dumps({"method": method, "format": fmt, "family": family.name}),
-                },
-            )
-            size = output.stat().st_size
+        _save_folder_atomically(pipeline, output)
+        size = sum(p.stat().st_size for p in output.rglob("*") if p.is_file())
     report = ExportReport(str(output), fmt, method, family.name, exact=True, size_bytes=size)
+    _write_report(report)
+    return report
+
+
+def _export_single_file(pipeline: Any, output: Path, method: str, family: type[ModelFamily],
+                        states: dict[str, dict[str, torch.Tensor]]) -> ExportReport:
+    """The merged model in the family's original layout, streamed: each weight the adapter changes is
+    merged on its own when the writer reaches it (`deltas.changed_tensors`), the others written from
+    the model's own memory, so the export holds about one tensor beside the model."""
+    sources = changed_tensors(pipeline)
+
+    def merged(component: str, key: str) -> torch.Tensor | None:
+        pair = sources.get(component, {}).get(key)
+        return None if pair is None else pair()[0]
+
+    facts = {"method": method, "format": "single-file", "family": family.name}
+    metadata = {"format": "pt", EXPORT_METADATA_KEY: json.dumps(facts)}
+    write_safetensors(output, family.single_file_entries(pipeline, states, merged), metadata)
+    report = ExportReport(str(output), "single-file", method, family.name, exact=True,
+                          size_bytes=output.stat().st_size)
     _write_report(report)
     return report
 
@@ -239,16 +261,7 @@ def _save_folder_atomically(pipeline: Any, output: Path) -> None:
     export never leaves a half-written pipeline where one was."""
     if output.exists() and not output.is_dir():
         raise DifftuneError(f"--output {output}: a file is there; --format diffusers writes a folder")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
-        pipeline.save_pretrained(staging)
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    atomic_write_folder(output, pipeline.save_pretrained)
 
 
 def _components(pipeline: Any) -> dict[str, Any]:
@@ -291,14 +304,11 @@ def _export_weights(
             tensors.update(lora_tensors(layout, component, factors, denoiser_config))
         remove_adapter(pipeline)
         report.exact = True
+    elif fmt == "diff":
+        tensors, written_norms = _diff_entries(report, pipeline, layout, denoiser_config)
     else:
         deltas = adapter_deltas(pipeline)  # the pipeline is back at the base model
-        if fmt == "diff":
-            for component, part in deltas.items():
-                tensors.update(diff_tensors(layout, component, part, denoiser_config))
-            report.exact = True
-        else:
-            _factor_into(report, tensors, deltas, layout, denoiser_config, rank, energy)
+        _factor_into(report, tensors, deltas, layout, denoiser_config, rank, energy)
     metadata = {
         "format": "pt",
         EXPORT_METADATA_KEY: json.dumps(
@@ -319,11 +329,51 @@ def _export_weights(
         if family.base_version:
             metadata["ss_base_model_version"] = family.base_version
     write_safetensors(output, tensors, metadata)
+    if fmt == "diff":
+        _diff_error(report, written_norms)
     report.size_bytes = output.stat().st_size
     if reference:
         _compare_images(report, pipeline, family, reference, output, sampling)
     _write_report(report)
     return report
+
+
+def _diff_entries(report: ExportReport, pipeline: Any, layout: Any, denoiser_config: Any
+                  ) -> tuple[dict[str, LazyTensor], list[float]]:
+    """Every changed tensor's ΔW under its diff key, each computed when the writer reaches it
+    (`deltas.changed_tensors`), and the list their norms ‖Δ‖_F go to as they are written. Text-encoder
+    tensors ComfyUI has no key for (`coverage`) are left out and named in ``report.not_in_comfyui``."""
+    entries: dict[str, LazyTensor] = {}
+    written: list[float] = []
+    models = _components(pipeline)  # before changed_tensors, which may remove the adapters
+    for component, pairs in changed_tensors(pipeline).items():
+        kept = {}
+        for name, pair in pairs.items():
+            if comfyui_maps(layout, component, name):
+                module, _, attribute = name.rpartition(".")
+                shape = tuple(getattr(models[component].get_submodule(module), attribute).shape)
+                kept[name] = LazyTensor(shape, torch.float32, functools.partial(_delta_of, pair, written))
+            else:
+                report.not_in_comfyui[f"{component}.{name}"] = float(_delta_of(pair).double().norm())
+        entries.update(diff_tensors(layout, component, kept, denoiser_config))
+    return entries, written
+
+
+def _delta_of(pair: Any, norms: list[float] | None = None) -> torch.Tensor:
+    """ΔW = merged − base in float32, its norm appended to ``norms``."""
+    merged, base = pair()
+    delta = merged.float() - base.float()
+    if norms is not None:
+        norms.append(float(delta.double().norm()))
+    return delta
+
+
+def _diff_error(report: ExportReport, written: list[float]) -> None:
+    """A diff is exact for what it holds: its error is what it left out, against the whole change."""
+    left = sum(norm**2 for norm in report.not_in_comfyui.values())
+    total = left + sum(norm**2 for norm in written)
+    report.exact = not report.not_in_comfyui
+    report.relative_error = math.sqrt(left / total) if left and total > 0 else None
 
 
 def _factor_into(

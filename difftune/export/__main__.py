@@ -1,4 +1,6 @@
-"""python -m difftune.export ADAPTER --format kohya [--rank R | --energy E] [--output PATH] [--base MODEL]
+"""difftune export ADAPTER --format kohya [--rank R | --energy E] [--output PATH] [--base MODEL]
+
+(``python -m difftune.export ...`` is the same command.)
 
 Writes the export and ``<output>.report.json`` (and, for LoRA formats, ``<output>.compare.png``:
 base model | adapter | export, same seeds), and prints the report.
@@ -15,7 +17,7 @@ from . import DEFAULT_PROMPT, FORMATS, default_output, export_adapter
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m difftune.export",
+        prog="difftune export",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -42,6 +43,28 @@ def merged_and_base(pipeline: Any) -> dict[str, dict[str, tuple[torch.Tensor, to
     return {
         part: {n: (merged[part][n], _tensor(models[part], n).clone()) for n in names[part]} for part in models
     }
+
+
+TensorPair = Callable[[], tuple[torch.Tensor, torch.Tensor]]
+
+
+def changed_tensors(pipeline: Any) -> dict[str, dict[str, TensorPair]]:
+    """``{component: {tensor name: pair}}`` for every tensor the attached adapters change, where
+    ``pair()`` gives (merged, base) at the current scale when called: computed for that tensor alone
+    (`Adapter.merged_and_base_tensor`), so a writer that calls them one at a time holds one tensor
+    beside the model. The adapters stay attached for the pairs to use. A method that merges only as
+    a whole is merged here at once instead (`merged_and_base`, which removes the adapters)."""
+    denoiser, component = find_denoiser(pipeline)
+    models = {component: denoiser, **adapted_text_encoders(pipeline)}
+    adapters = {part: get_adapter(model) for part, model in models.items()}
+    names = {part: adapter.changed_tensor_names() for part, adapter in adapters.items()}
+    if all(not names[part] or adapter.merged_and_base_tensor(names[part][0]) is not None
+           for part, adapter in adapters.items()):
+        return {part: {name: functools.partial(adapters[part].merged_and_base_tensor, name)
+                       for name in names[part]} for part in adapters}
+    bulk = merged_and_base(pipeline)
+    return {part: {name: functools.partial(lambda pair: pair, pair) for name, pair in tensors.items()}
+            for part, tensors in bulk.items()}
 
 
 def adapter_deltas(pipeline: Any) -> dict[str, dict[str, torch.Tensor]]:

@@ -135,6 +135,12 @@ def _titles(families: list[type[ModelFamily]]) -> str:
     return " and ".join(family.title for family in families)
 
 
+def titles_with(capability: str) -> str:
+    """The registered families whose ``capability`` attribute is true or not empty, by title (for help
+    texts: ``SD 1.x/2.x, SDXL``)."""
+    return ", ".join(family.title for family in FAMILIES.values() if getattr(family, capability))
+
+
 def flag_families(flag: str) -> str:
     """The trainable families a trainer flag applies to (``SD3, Flux``), as its help text names them."""
     return ", ".join(f.title for f in FAMILIES.values() if f.trainable and flag in f.applicable_flags())
@@ -219,5 +225,5 @@ __all__ = [
     "denoiser_components", "family_of",
     "family_of_class", "flag_defaults", "flag_families", "get_family", "pipeline_family", "register_family",
     "text_encoder_components",
-    "tiny_builtins", "training_family",
+    "tiny_builtins", "titles_with", "training_family",
 ]

@@ -24,6 +24,7 @@ denoiser arguments they feed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -33,6 +34,7 @@ import torch
 from torch import nn
 
 from ..errors import DifftuneError
+from ..options import CheckedSettings, in_range, non_negative, option, positive
 from .tiny import TINY_SAMPLE_SIZE, TINY_VAE_WIDTH, build_model
 
 # Words in a pipeline class name that mark a task other than text to image (refused by name).
@@ -45,21 +47,39 @@ OTHER_TASKS = {
 }
 
 
-@dataclasses.dataclass
-class LossOptions:
-    """Noise, loss-weighting and conditioning options (the trainer flags of the same names); None:
-    the family's default (`ModelFamily.option_defaults`). Each family reads the ones that apply."""
+# --weighting_scheme values (diffusers.training_utils.compute_density_for_timestep_sampling and
+# compute_loss_weighting_for_sd3)
+WEIGHTING_SCHEMES = ("logit_normal", "sigma_sqrt", "mode", "cosmap", "none")
 
-    noise_offset: float = 0.0
-    snr_gamma: float | None = None
-    prediction_type: str | None = None
-    weighting_scheme: str | None = None
-    logit_mean: float | None = None
-    logit_std: float | None = None
-    mode_scale: float | None = None
-    precondition_outputs: bool = False
-    guidance_scale: float | None = None  # a guidance embedding's value (Flux)
-    max_sequence_length: int | None = None  # T5 tokens per prompt (Flux)
+
+@dataclasses.dataclass
+class LossOptions(CheckedSettings):
+    """Noise, loss-weighting and conditioning options, and the one definition of their trainer flags
+    (same names). A family reads those it applies (`ModelFamily.applicable_flags`), and ``--help``
+    names the families each flag applies to and their defaults; None: the family's default
+    (`ModelFamily.option_defaults`)."""
+
+    flag_group: ClassVar[str] = "noise and loss"
+
+    noise_offset: float = option(0.0, "offset noise: add this times a per-channel constant to the noise",
+                                 check=non_negative())
+    snr_gamma: float | None = option(None, "Min-SNR loss weighting with this gamma (5.0 is the paper's "
+                                           "value)", check=positive())
+    prediction_type: str | None = None  # the --prediction_type flag of the model's settings
+    weighting_scheme: str | None = option(None, "timestep density and loss weighting, as diffusers' "
+                                                "DreamBooth scripts", choices=WEIGHTING_SCHEMES)
+    logit_mean: float | None = option(None, "mean of the logit_normal density")
+    logit_std: float | None = option(None, "standard deviation of the logit_normal density")
+    mode_scale: float | None = option(None, "scale of the mode density")
+    precondition_outputs: bool = option(False, "precondition the prediction to x0 as in SD3's full "
+                                               "fine-tuning script")
+    # a guidance embedding's value (Flux)
+    guidance_scale: float | None = option(None, "value of the guidance embedding during training; ignored "
+                                                "by models without one, e.g. FLUX.1-schnell")
+    # prompt tokens (Flux's T5, the language model of FLUX.2, Qwen-Image and Z-Image)
+    max_sequence_length: int | None = option(None, "prompt tokens (T5's on Flux, the language model's on the "
+                                                   "others), at most 512",
+                                             check=in_range(1, 512, why="FLUX.1's T5 limit"))
 
 
 @dataclasses.dataclass
@@ -168,6 +188,8 @@ class ModelFamily(ABC):
     latent_packing: ClassVar[int] = 1  # side of the latent patch the pipeline packs into one token
     # training latents: a sample of the VAE posterior (False: its mode, as FLUX.2's and Z-Image's scripts)
     sample_posterior: ClassVar[bool] = True
+    # image sides the family's diffusers pipeline accepts beyond the latent patch (its check_inputs)
+    pipeline_side_multiple: ClassVar[int] = 1
 
     # --- trainer flags: those of the noise process (`process_flags`) and the family's own ---
     process_title: ClassVar[str]
@@ -248,7 +270,13 @@ class ModelFamily(ABC):
         config = cls.tiny_denoiser_config
         scale = 2 ** (len(cls.tiny_vae_widths) - 1)
         return ModelDescription(cls.name, TINY_SAMPLE_SIZE * scale, cls.denoiser_class, dict(config),
-                                scale * cls.latent_patch(config), cls.tiny_vae_widths[0])
+                                cls.side_multiple(config, scale), cls.tiny_vae_widths[0])
+
+    @classmethod
+    def side_multiple(cls, denoiser_config: Mapping[str, Any], vae_scale_factor: int) -> int:
+        """Image sides must be multiples of this: the latent patch in pixels, and what the family's
+        diffusers pipeline itself accepts (`pipeline_side_multiple`)."""
+        return math.lcm(int(vae_scale_factor) * cls.latent_patch(denoiser_config), cls.pipeline_side_multiple)
 
     @classmethod
     def latent_patch(cls, denoiser_config: Mapping[str, Any]) -> int:
@@ -337,6 +365,21 @@ class ModelFamily(ABC):
     @classmethod
     def single_file_state_dict(cls, pipeline: Any) -> dict[str, torch.Tensor]:
         """Every weight of a (merged) pipeline under its original checkpoint name."""
+        raise DifftuneError(f"no single-file layout for a {cls.title} pipeline")
+
+    @classmethod
+    def single_file_states(cls, pipeline: Any) -> dict[str, dict[str, torch.Tensor]]:
+        """The state dicts (views, no copies) a single file is made of, by component: taken before an
+        adapter wraps the modules (`single_file_entries`)."""
+        raise DifftuneError(f"no single-file layout for a {cls.title} pipeline")
+
+    @classmethod
+    def single_file_entries(cls, pipeline: Any, states: dict[str, dict[str, torch.Tensor]] | None = None,
+                            replace: Callable[[str, str], torch.Tensor | None] | None = None
+                            ) -> dict[str, Any]:
+        """`single_file_state_dict` with each weight made when written (`adapter_file.LazyTensor`), from
+        ``states`` and with ``replace(component, key)``'s tensor instead where it gives one: a merged
+        model streams to disk one weight at a time."""
         raise DifftuneError(f"no single-file layout for a {cls.title} pipeline")
 
     @classmethod

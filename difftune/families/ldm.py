@@ -14,12 +14,14 @@ SD 1.x: ``model.diffusion_model.*`` (UNet), ``first_stage_model.*`` (VAE),
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
+from ..adapter_file import LazyTensor
 from ..errors import DifftuneError
 from .base import text_encoder_path
 
@@ -186,51 +188,103 @@ def ldm_vae_name(key: str, num_blocks: int) -> str:
     raise DifftuneError(f"VAE tensor '{key}' has no name in the original (LDM) layout")
 
 
-def _vae_tensors(vae: Any) -> dict[str, torch.Tensor]:
-    num_blocks = len(vae.config.block_out_channels)
-    tensors = {}
-    for key, value in vae.state_dict().items():
+Replace = Callable[[str, str], torch.Tensor | None]  # (component, key) → a tensor to write instead, or None
+States = dict[str, dict[str, torch.Tensor]]  # component → its state dict
+
+
+def _lazy(component: str, key: str, value: torch.Tensor, replace: Replace | None,
+          change: Callable[[torch.Tensor], torch.Tensor] | None = None,
+          shape: tuple[int, ...] | None = None) -> LazyTensor:
+    """One weight made when written: ``replace``'s tensor for it if any (a merged weight), else the
+    state's, then ``change`` (a reshape or transpose) giving ``shape``."""
+    def make() -> torch.Tensor:
+        tensor = replace(component, key) if replace is not None else None
+        tensor = value if tensor is None else tensor
+        return change(tensor) if change is not None else tensor
+
+    return LazyTensor(tuple(value.shape) if shape is None else shape, value.dtype, make)
+
+
+def _vae_entries(vae_state: dict[str, torch.Tensor], num_blocks: int, replace: Replace | None
+                 ) -> dict[str, LazyTensor]:
+    entries = {}
+    for key, value in vae_state.items():
         name = ldm_vae_name(key, num_blocks)
         if ".mid.attn_1." in name and value.dim() == 2:  # LDM keeps them as 1×1 convs
-            value = value[:, :, None, None]
-        tensors[VAE_PREFIX + name] = value
-    return tensors
+            entries[VAE_PREFIX + name] = _lazy("vae", key, value, replace, lambda t: t[:, :, None, None],
+                                               (*value.shape, 1, 1))
+        else:
+            entries[VAE_PREFIX + name] = _lazy("vae", key, value, replace)
+    return entries
 
 
-def _open_clip_tensors(encoder: Any) -> dict[str, torch.Tensor]:
-    state = {text_encoder_path("text_encoder", k): v for k, v in encoder.state_dict().items()
+def _open_clip_entries(state: dict[str, torch.Tensor], num_layers: int, replace: Replace | None
+                       ) -> dict[str, LazyTensor]:
+    """text_encoder_2 in the OpenCLIP layout: q, k, v fused into in_proj, text_projection transposed."""
+    component = "text_encoder_2"
+    state = {text_encoder_path("text_encoder", k): (k, v) for k, v in state.items()
              if not k.endswith("position_ids")}
-    tensors = {
-        "token_embedding.weight": state.pop("text_model.embeddings.token_embedding.weight"),
-        "positional_embedding": state.pop("text_model.embeddings.position_embedding.weight"),
-        "ln_final.weight": state.pop("text_model.final_layer_norm.weight"),
-        "ln_final.bias": state.pop("text_model.final_layer_norm.bias"),
-        "text_projection": state.pop("text_projection.weight").T.contiguous(),
+
+    def take(path: str, change=None, shape=None) -> LazyTensor:
+        key, value = state.pop(path)
+        return _lazy(component, key, value, replace, change, shape)
+
+    projection = state["text_projection.weight"][1]
+    entries = {
+        "token_embedding.weight": take("text_model.embeddings.token_embedding.weight"),
+        "positional_embedding": take("text_model.embeddings.position_embedding.weight"),
+        "ln_final.weight": take("text_model.final_layer_norm.weight"),
+        "ln_final.bias": take("text_model.final_layer_norm.bias"),
+        "text_projection": take("text_projection.weight", lambda t: t.T.contiguous(),
+                                tuple(reversed(projection.shape))),
     }
-    for layer in range(encoder.config.num_hidden_layers):
+    for layer in range(num_layers):
         source, target = f"text_model.encoder.layers.{layer}.", f"transformer.resblocks.{layer}."
         for kind in ("weight", "bias"):
-            tensors[f"{target}attn.in_proj_{kind}"] = torch.cat(
-                [state.pop(f"{source}self_attn.{p}_proj.{kind}") for p in ("q", "k", "v")]
-            )
+            parts = [take(f"{source}self_attn.{p}_proj.{kind}") for p in ("q", "k", "v")]
+            shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
+            entries[f"{target}attn.in_proj_{kind}"] = LazyTensor(
+                shape, parts[0].dtype, functools.partial(lambda ps: torch.cat([p.make() for p in ps]), parts))
             for ours, theirs in _OPEN_CLIP_LAYER.items():
-                tensors[f"{target}{theirs}.{kind}"] = state.pop(f"{source}{ours}.{kind}")
+                entries[f"{target}{theirs}.{kind}"] = take(f"{source}{ours}.{kind}")
     if state:
         raise DifftuneError(f"text_encoder_2 tensor '{next(iter(state))}' has no OpenCLIP counterpart")
-    return {OPEN_CLIP_PREFIX + k: v for k, v in tensors.items()}
+    return {OPEN_CLIP_PREFIX + k: v for k, v in entries.items()}
+
+
+def component_states(pipeline: Any, open_clip: bool = False) -> States:
+    """The state dicts a single file is made of (views of the weights, no copies): take them before an
+    adapter wraps the modules, so the names are the bare model's."""
+    parts = ["unet", "vae", "text_encoder", *(["text_encoder_2"] if open_clip else [])]
+    return {part: getattr(pipeline, part).state_dict() for part in parts}
+
+
+def single_file_entries(pipeline: Any, clip_prefix: str, open_clip: bool = False,
+                        states: States | None = None, replace: Replace | None = None
+                        ) -> dict[str, LazyTensor]:
+    """Every weight of an SD 1.x or SDXL pipeline under its original checkpoint name (the UNet, the VAE,
+    the CLIP-L text encoder under ``clip_prefix`` and, with ``open_clip``, SDXL's second encoder in the
+    OpenCLIP layout), each made only when a writer asks for it (`write_safetensors` streams them).
+    ``states``: the components' state dicts (default: taken now, `component_states`);
+    ``replace(component, key)``: a weight to write instead of the state's (an export's merged weights,
+    computed one at a time), or None."""
+    states = states or component_states(pipeline, open_clip)
+    unet = pipeline.unet
+    prefixes = unet_block_prefixes(unet.config)
+    entries = {UNET_PREFIX + ldm_unet_name(k, unet.config, prefixes): _lazy("unet", k, v, replace)
+               for k, v in states["unet"].items()}
+    entries.update(_vae_entries(states["vae"], len(pipeline.vae.config.block_out_channels), replace))
+    entries.update({clip_prefix + text_encoder_path("text_encoder", k): _lazy("text_encoder", k, v, replace)
+                    for k, v in states["text_encoder"].items() if not k.endswith("position_ids")})
+    if open_clip:
+        entries.update(_open_clip_entries(states["text_encoder_2"],
+                                          pipeline.text_encoder_2.config.num_hidden_layers, replace))
+    return entries
 
 
 def single_file_state_dict(pipeline: Any, clip_prefix: str,
                            open_clip: bool = False) -> dict[str, torch.Tensor]:
-    """Every weight of a (merged) SD 1.x or SDXL pipeline under its original checkpoint name: the UNet,
-    the VAE, the CLIP-L text encoder under ``clip_prefix`` and, with ``open_clip``, SDXL's second
-    encoder in the OpenCLIP layout."""
-    unet = pipeline.unet
-    prefixes = unet_block_prefixes(unet.config)
-    tensors = {UNET_PREFIX + ldm_unet_name(k, unet.config, prefixes): v for k, v in unet.state_dict().items()}
-    tensors.update(_vae_tensors(pipeline.vae))
-    clip = {k: v for k, v in pipeline.text_encoder.state_dict().items() if not k.endswith("position_ids")}
-    tensors.update({clip_prefix + text_encoder_path("text_encoder", k): v for k, v in clip.items()})
-    if open_clip:
-        tensors.update(_open_clip_tensors(pipeline.text_encoder_2))
-    return tensors
+    """Every weight of a (merged) SD 1.x or SDXL pipeline under its original checkpoint name, made now
+    (`single_file_entries`)."""
+    entries = single_file_entries(pipeline, clip_prefix, open_clip)
+    return {name: entry.make() for name, entry in entries.items()}

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from .base import DDPMFamily
-from .ldm import single_file_state_dict
+from .ldm import component_states, single_file_entries, single_file_state_dict
 from .tiny import TINY_SAMPLE_SIZE
 
 # The q/k/v/out projections of every CLIP self-attention: what diffusers' DreamBooth scripts adapt
@@ -32,10 +32,20 @@ class UNetFamily(DDPMFamily):
     sample_argument = "sample"
     target_terms = {"conv": CONV_TERMS}
     text_encoder_targets = CLIP_ATTENTION
+    pipeline_side_multiple = 8  # StableDiffusion(XL)Pipeline.check_inputs: sides divisible by 8, any VAE
     clip_checkpoint_prefix: ClassVar[str]  # where the single-file checkpoint keeps the CLIP-L encoder
 
     @classmethod
     def single_file_state_dict(cls, pipeline: Any):
         return single_file_state_dict(pipeline, cls.clip_checkpoint_prefix,
                                       open_clip="text_encoder_2" in cls.text_encoder_components)
+
+    @classmethod
+    def single_file_states(cls, pipeline: Any):
+        return component_states(pipeline, open_clip="text_encoder_2" in cls.text_encoder_components)
+
+    @classmethod
+    def single_file_entries(cls, pipeline: Any, states=None, replace=None):
+        return single_file_entries(pipeline, cls.clip_checkpoint_prefix,
+                                   "text_encoder_2" in cls.text_encoder_components, states, replace)
 

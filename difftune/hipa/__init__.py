@@ -6,7 +6,7 @@
 * `teacher`: the base model's multi-step samples from stored noise, cached resumably;
 * `evaluation`: student vs base one-step vs teacher on the same noise, with metrics.
 
-The trainer is ``train_scripts/train_one_step.py``.
+The trainer is ``difftune train-one-step`` (difftune/commands/train_one_step.py).
 """
 
 from .evaluation import Comparison, OneStepMetrics, compare_with_teacher, evaluate_comparison

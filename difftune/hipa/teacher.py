@@ -32,7 +32,7 @@ from ..adapter_file import config_hash
 from ..api import find_denoiser, has_adapter
 from ..errors import DifftuneError
 from ..families import family_of
-from ..io import atomic_write, save_image, write_text
+from ..io import atomic_write, read_text, save_image, write_text
 from ..options import option
 from .one_step import decode_latents, from_pipeline_latents, latent_channels, to_pipeline_latents
 
@@ -78,7 +78,7 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise DifftuneError(f"prompt file not found: {path}")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    prompts = [line.strip() for line in read_text(path, "prompt file").splitlines()]
     prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:
         raise DifftuneError(f"prompt file {path} holds no prompt (one prompt a line)")

@@ -1,6 +1,6 @@
-"""Command-line pieces shared by the eval/ scripts: evaluation flags, model defaults, tables.
+"""Command-line pieces shared by the evaluation commands: evaluation flags, model defaults, tables.
 
-``eval/evaluate_subject.py``, ``eval/benchmark.py`` and ``eval/benchmark_suite.py`` take the
+``difftune evaluate``, ``difftune benchmark`` and its ``--suite`` (difftune/commands/) take the
 same generation, metric and device flags and resolve their ``auto`` defaults the same way,
 here. The flags are read once, by `evaluation_options`; everything else takes the resulting
 `EvaluationOptions`.

@@ -163,7 +163,7 @@ class DinoImageFeatures(ImageFeatures):
 
         source = check_model_source(name_or_path, "DINO")
         with quiet_transformers():  # a ViT checkpoint without pooler weights warns; the pooler is unused
-            model = AutoModel.from_pretrained(source, torch_dtype=dtype)
+            model = AutoModel.from_pretrained(source, dtype=dtype)
         kwargs = {**processor_settings(source, IMAGENET_MEAN, IMAGENET_STD), **kwargs}
         kwargs.setdefault("name", f"dino:{name_or_path}")
         return cls(model, **kwargs)
@@ -179,7 +179,7 @@ def load_clip_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32
     from transformers import CLIPModel
 
     source = check_model_source(name_or_path, "CLIP")
-    model = CLIPModel.from_pretrained(source, torch_dtype=dtype)
+    model = CLIPModel.from_pretrained(source, dtype=dtype)
     return model, {**processor_settings(source, CLIP_MEAN, CLIP_STD), "name": f"clip:{name_or_path}"}
 
 
@@ -192,6 +192,12 @@ def check_model_source(name_or_path: str | Path, what: str) -> str:
         return str(path)
     if str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1:
         raise FileNotFoundError(f"{what} model folder {name_or_path} does not exist")
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(str(name_or_path), "config.json")
+    if constants.HF_HUB_OFFLINE and not isinstance(cached, str):
+        raise FileNotFoundError(f"{what} model {name_or_path} is a hub id, the hub is offline "
+                                "(HF_HUB_OFFLINE) and the local cache has no copy: give a local model folder")
     return str(name_or_path)
 
 

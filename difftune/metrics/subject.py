@@ -12,7 +12,7 @@ image does not depend on the batch it was drawn in), then
   without a DINO model; lower: the model still draws the class, not the subject) and
   class CLIP-T their CLIP-T against those class prompts.
 
-``eval/evaluate_subject.py`` and ``eval/benchmark.py`` are thin command lines over this.
+``difftune evaluate`` and ``difftune benchmark`` (difftune/commands/) are thin command lines over this.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from torch import nn
 
 from ..api import find_denoiser, load_adapter, remove_adapter
 from ..errors import DifftuneError
+from ..io import read_text
 from ..paths import ASSETS_DIR, IMAGE_SUFFIXES, SUBJECT_FILE
 from ..sampling import GenerationSettings, generate_images, image_seed  # noqa: F401 (re-exported)
 from .features import extract_features
@@ -92,8 +93,8 @@ class Subject:
         meta_file = directory / SUBJECT_FILE
         if meta_file.is_file():
             try:
-                meta = json.loads(meta_file.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                meta = json.loads(read_text(meta_file))
+            except json.JSONDecodeError as err:
                 raise DifftuneError(f"{meta_file}: not valid JSON: {err}") from None
             if not isinstance(meta, dict):
                 raise DifftuneError(f"{meta_file}: expected a JSON object with identifier and class_name")
@@ -111,7 +112,7 @@ def load_prompts(path: str | Path, identifier: str, class_name: str, limit: int 
     path = Path(path)
     if not path.is_file():
         raise DifftuneError(f"prompt list {path} does not exist")
-    templates = [line.strip() for line in path.read_text().splitlines()
+    templates = [line.strip() for line in read_text(path, "prompt list").splitlines()
                  if line.strip() and not line.lstrip().startswith("#")]
     if not templates:
         raise DifftuneError(f"prompt list {path} holds no prompts")

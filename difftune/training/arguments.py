@@ -1,12 +1,18 @@
 """Command-line and config-file options for the training scripts.
 
-Three things live here so every trainer shares them:
+Every trainer flag is defined once, as a field of a dataclass, and the parsers are built from
+those fields:
 
-* `add_method_arguments` turns each registered method's config dataclass into flags,
-  from its fields and their ``option(default, help)`` metadata. Fields that several
-  methods share by name (``rank``, ``alpha``) become plain flags (``--rank``); the rest
-  are prefixed with the method (``--lora_dropout``, ``--sara_threshold``). A method that
-  registers gets its flags without touching any script.
+* `add_settings_arguments` turns settings dataclasses (training/settings.py, `LossOptions` of the
+  model families, a trainer's own data settings) into flags, from each field's
+  ``option(default, help, choices=..., check=...)`` (`difftune.options`); `settings_from_args`
+  builds the settings back from the parsed flags, and `difftune.options.check_values` runs the
+  fields' checks. The ``add_*_arguments`` functions below say which classes' flags each section
+  of a trainer lists.
+* `add_method_arguments` turns each registered method's config dataclass into flags the same
+  way. Fields that several methods share by name (``rank``, ``alpha``) become plain flags
+  (``--rank``); the rest are prefixed with the method (``--lora_dropout``, ``--sara_threshold``).
+  A method that registers gets its flags without touching any script.
 * `parse_with_config` reads ``--config file.yaml|json`` and then the command line; the
   file's entries are turned into flags placed before the real ones, so argparse checks
   types and choices of both the same way and the command line wins.
@@ -30,12 +36,29 @@ from typing import Any
 
 from ..api import AdapterSpec
 from ..errors import DifftuneError
-from ..families import FAMILIES, check_flags, flag_defaults, flag_families, get_family
-from ..model_factory import builtin_names
-from ..options import check_finite_numbers
+from ..families import LossOptions, check_flags, flag_defaults, flag_families, get_family
+from ..io import read_text
+from ..options import (
+    argument_type,
+    check_finite_numbers,
+    check_values,
+    is_option,
+    option_choices,
+    option_help,
+)
+from ..paths import portable_path
 from ..tuners import METHODS, Adapter, get_method
 from . import pivotal
-from .settings import QUANTIZATION_BACKENDS
+from .settings import (
+    AcceleratorSettings,
+    AdapterSettings,
+    CheckpointSettings,
+    MemorySettings,
+    ModelSettings,
+    OptimizerSettings,
+    ValidationSettings,
+    quantizable_methods,
+)
 
 # Field names that mean the same thing across methods: one flag, no method prefix.
 SHARED_OPTION_NAMES = ("rank", "alpha")
@@ -44,8 +67,6 @@ FLAG_ALIASES: dict[str, tuple[str, ...]] = {"alpha": ("--lora_alpha",), "lora_us
 # Fields the trainer exposes itself (``--targets``), not per method.
 TRAINER_LEVEL_FIELDS = ("targets",)
 METHOD_GROUP_TITLE = "adapter method options"
-# Above this AdamW's update overflows float32 or wrecks any adapter within a step or two.
-MAX_LEARNING_RATE = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,16 +171,17 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> list[MethodFlag]:
         names = [f"--{dest}", *FLAG_ALIASES.get(dest, ())]
         help_text = "; ".join(entry["help"]).replace("%", "%%")  # argparse formats help with %
         if annotation is bool:
-            group.add_argument(*names, dest=dest, action=argparse.BooleanOptionalAction, default=None,
-                               help=help_text)
+            action = group.add_argument(*names, dest=dest, action=argparse.BooleanOptionalAction,
+                                        default=None, help=help_text)
         elif typing.get_origin(annotation) in (list, tuple):
             (item,) = typing.get_args(annotation)[:1]
-            group.add_argument(*names, dest=dest, nargs="+", type=_value_parser(item), default=None,
-                               help=help_text)
+            action = group.add_argument(*names, dest=dest, nargs="+", type=_value_parser(item), default=None,
+                                        help=help_text)
         else:
             choices = typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal else None
-            group.add_argument(*names, dest=dest, type=_value_parser(annotation), choices=choices,
-                               default=None, metavar=dest.upper(), help=help_text)
+            action = group.add_argument(*names, dest=dest, type=_value_parser(annotation), choices=choices,
+                                        default=None, metavar=dest.upper(), help=help_text)
+        action.option_owner = Adapter  # generated from the registered methods' configs
         flags.append(MethodFlag(dest, entry["field"], tuple(entry["methods"])))
     parser.set_defaults(_method_flags=flags)
     return flags
@@ -183,6 +205,79 @@ def adapter_options(args: argparse.Namespace, method: str) -> dict[str, Any]:
     return options
 
 
+def _flag_parser(field: dataclasses.Field, annotation: Any):
+    """The ``type=`` of a field's flag: its ``parse`` function, else what its annotation asks for."""
+    parse = field.metadata.get("parse")
+    return _value_parser(annotation) if parse is None else argument_type(parse)
+
+
+def _add_field_flag(group: Any, dest: str, field: dataclasses.Field, annotation: Any, default: Any,
+                    help_text: str, switches: bool = False) -> argparse.Action:
+    """One flag from one option field (`difftune.options.option`): its type, choices, default and help.
+
+    A bool field is a switch: ``--flag`` (store_true) when it defaults to False, else ``--flag /
+    --no-flag`` (as for every bool with ``switches``); a list field takes one or more values; a path is
+    given as text.
+    """
+    annotation = _without_none(annotation)
+    annotation = str if annotation is Path else annotation
+    literal = typing.get_origin(annotation) is typing.Literal
+    choices = option_choices(field) or (list(typing.get_args(annotation)) if literal else None)
+    kwargs: dict[str, Any] = {"dest": dest, "default": default, "help": help_text.replace("%", "%%")}
+    if "metavar" in field.metadata:
+        kwargs["metavar"] = field.metadata["metavar"]
+    if annotation is bool:
+        kwargs["action"] = ("store_true" if default is False and not switches
+                            else argparse.BooleanOptionalAction)
+    elif typing.get_origin(annotation) in (list, tuple):
+        (item,) = typing.get_args(annotation)[:1]
+        kwargs.update(nargs="+", type=_flag_parser(field, item), choices=choices)
+    else:
+        kwargs.update(type=_flag_parser(field, annotation), choices=choices)
+    action = group.add_argument(f"--{dest}", **kwargs)
+    action.option_field = field  # what the flag is generated from (tests check that nothing else is)
+    return action
+
+
+def _argument_group(parser: argparse.ArgumentParser, title: str, description: str | None = None) -> Any:
+    """The parser's group of this title, made on first use (flags of several classes may share one)."""
+    for group in parser._action_groups:
+        if group.title == title:
+            return group
+    return parser.add_argument_group(title, description)
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, *settings_classes: type, title: str | None = None,
+                           description: str | None = None) -> list[str]:
+    """The flags of settings dataclasses (training/settings.py, a trainer's own): one ``--<field>`` per
+    field made with `difftune.options.option` whose group is ``title`` (default: the first class's
+    ``flag_group``), in the order of the classes and their fields. Returns the dests.
+
+    A flag that only some model families take (a family's `applicable_flags`) says which, and, where
+    they have their own defaults (`ModelFamily.option_defaults`), what those are: the families own
+    that part of the help.
+    """
+    title = title or settings_classes[0].flag_group
+    group = _argument_group(parser, title, description)
+    dests = []
+    for settings_class in settings_classes:
+        hints = typing.get_type_hints(settings_class)
+        for field in dataclasses.fields(settings_class):
+            if not is_option(field) or field.metadata.get("group", settings_class.flag_group) != title:
+                continue
+            help_text = option_help(field)
+            scope, family_defaults = flag_families(field.name), flag_defaults(field.name)
+            if scope:
+                help_text = f"{scope}: {help_text}"
+            if family_defaults and "default" not in help_text:
+                help_text += f" (default: {family_defaults})"
+            default = _default_of(field)
+            action = _add_field_flag(group, field.name, field, hints[field.name], default, help_text)
+            action.option_owner = settings_class
+            dests.append(field.name)
+    return dests
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, config_class: type, title: str,
                             prefix: str = "", description: str | None = None) -> list[str]:
     """One flag ``--<prefix><field>`` per field of an options dataclass (fields made with ``option()``).
@@ -194,17 +289,12 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_class: type,
     hints = typing.get_type_hints(config_class)
     dests = []
     for field in dataclasses.fields(config_class):
-        annotation, default, dest = hints[field.name], _default_of(field), prefix + field.name
-        help_text = field.metadata.get("help", field.name)
+        default, dest = _default_of(field), prefix + field.name
+        help_text = option_help(field)
         if "default" not in help_text:
             help_text += f" (default: {default})"
-        help_text = help_text.replace("%", "%%")  # argparse formats help with %
-        if annotation is bool:
-            group.add_argument(f"--{dest}", action=argparse.BooleanOptionalAction, default=default,
-                               help=help_text)
-        else:
-            group.add_argument(f"--{dest}", type=_value_parser(annotation), default=default,
-                               metavar=dest.upper(), help=help_text)
+        action = _add_field_flag(group, dest, field, hints[field.name], default, help_text, switches=True)
+        action.option_owner = config_class
         dests.append(dest)
     return dests
 
@@ -214,14 +304,26 @@ def dataclass_from_args(args: argparse.Namespace, config_class: type, prefix: st
     return config_class(**{f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(config_class)})
 
 
-def settings_from_args(args: argparse.Namespace, settings_class: type, skip_none: bool = False) -> Any:
-    """A settings dataclass (training/settings.py) from the flags of the same names.
+def settings_from_args(args: argparse.Namespace, settings_class: type, skip_none: bool = False,
+                       partial: bool = False) -> Any:
+    """A settings dataclass from the flags of the same names (made from its fields by
+    `add_settings_arguments`, or, for a plain field, by another class's).
 
-    A flag the parser does not have keeps the field's default; with ``skip_none`` so does a flag
-    left unset (None), for settings whose defaults depend on what the flag would apply to.
+    Every field must have its flag: a field the parser lacks is a programming error, raised here
+    rather than silently left at its default. With ``partial`` such a field keeps its default (a
+    trainer that takes only some of a class's flags: the one-step trainer has no noise and loss flags
+    but ``--prediction_type``); with ``skip_none`` so does a flag left unset (None), for settings
+    whose defaults depend on what the flag would apply to.
     """
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(settings_class)
-              if f.init and hasattr(args, f.name)}
+    values = {}
+    for field in dataclasses.fields(settings_class):
+        if not field.init:
+            continue
+        if hasattr(args, field.name):
+            values[field.name] = getattr(args, field.name)
+        elif not partial:
+            raise TypeError(f"{settings_class.__name__}.{field.name}: the parser has no --{field.name} flag "
+                            f"(make it with add_settings_arguments)")
     if skip_none:
         values = {name: value for name, value in values.items() if value is not None}
     return settings_class(**values)
@@ -230,7 +332,8 @@ def settings_from_args(args: argparse.Namespace, settings_class: type, skip_none
 def adapter_spec(args: argparse.Namespace) -> AdapterSpec:
     """The trained adapter (``--adapter``, ``--targets`` and the method's flags) as one spec, its
     options checked once here."""
-    return AdapterSpec(args.adapter, args.targets, adapter_options(args, args.adapter))
+    chosen = settings_from_args(args, AdapterSettings)
+    return AdapterSpec(chosen.adapter, chosen.targets, adapter_options(args, chosen.adapter))
 
 
 def tracker_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -258,7 +361,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise DifftuneError(f"--config {path}: no such file")
-    text = path.read_text()
+    text = read_text(path, "--config")
     try:
         if path.suffix.lower() == ".json":
             data = json.loads(text)
@@ -328,6 +431,64 @@ def command_tokens(parser: argparse.ArgumentParser, argv: Sequence[str] | None =
     return file_tokens + argv
 
 
+# --- --help -------------------------------------------------------------------------------
+
+def _default_text(action: argparse.Action) -> str | None:
+    """What ``--help`` says a flag's default is; None where its help already says it (or it is required)."""
+    text = (action.help or "").lower()
+    if "default" in text or "required" in text or action.default is argparse.SUPPRESS:
+        return None
+    default = action.default
+    if isinstance(default, bool) or (default is None and action.nargs == 0):
+        return "on" if default else "off"
+    if default is None or default == []:
+        return "none"
+    if isinstance(default, (list, tuple)):
+        return " ".join(map(str, default))
+    return str(portable_path(default))  # a shipped file as assets/..., not this checkout's path
+
+
+def recipe_notes(recipes: dict[str, dict[str, dict[str, Any]]]) -> dict[str, str]:
+    """``{dest: "builtin:embedded recipe: lora, tlora 0.001; sara, svfit 0.003"}`` for every flag a
+    recipe fills when it is left unset (a value all of a model's methods share is given once)."""
+    values: dict[str, dict[str, dict[str, list[str]]]] = {}
+    for model, methods in recipes.items():
+        for method, recipe in methods.items():
+            for dest, value in recipe.items():
+                shown = (" ".join(map(str, value)) if isinstance(value, list) else
+                         ("on" if value else "off") if isinstance(value, bool) else str(portable_path(value)))
+                values.setdefault(dest, {}).setdefault(model, {}).setdefault(shown, []).append(method)
+    notes = {}
+    for dest, models in values.items():
+        parts = []
+        for model, by_value in models.items():
+            every = len(by_value) == 1 and len(next(iter(by_value.values()))) == len(recipes[model])
+            shown = (next(iter(by_value)) + " (every method)" if every else
+                     "; ".join(f"{', '.join(methods)} {value}" for value, methods in by_value.items()))
+            parts.append(f"{model} recipe: {shown}")
+        notes[dest] = "; ".join(parts)
+    return notes
+
+
+def help_formatter(recipes: dict[str, dict[str, dict[str, Any]]] | None = None
+                   ) -> type[argparse.HelpFormatter]:
+    """A ``--help`` formatter (the description kept as written) that gives every flag its default and,
+    for the flags a base model's recipe fills when left unset, the recipe's values (`recipe_notes`)."""
+    notes = recipe_notes(recipes or {})
+
+    class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
+        def _get_help_string(self, action: argparse.Action) -> str:
+            help_text = action.help or ""
+            default = _default_text(action)
+            if default is not None:
+                help_text += f" (default: {default.replace('%', '%%')})"
+            if action.dest in notes:
+                help_text += f" [{notes[action.dest].replace('%', '%%')}]"
+            return help_text
+
+    return DefaultsHelpFormatter
+
+
 def flag_table_markdown(parser: argparse.ArgumentParser, skip_groups: Sequence[str] = ()) -> str:
     """The flags of ``parser`` as Markdown tables, one per argument group."""
     out = []
@@ -346,150 +507,47 @@ def flag_table_markdown(parser: argparse.ArgumentParser, skip_groups: Sequence[s
 
 
 # --- flag groups shared by the training scripts -----------------------------------------
+# Every flag is a field of a settings dataclass (training/settings.py; the noise and loss flags are
+# `LossOptions`' fields, owned by the model families): these functions only say which classes'
+# flags each trainer lists, and where.
 
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
-                 "polynomial")
-WEIGHTING_SCHEMES = ("logit_normal", "sigma_sqrt", "mode", "cosmap", "none")
-REPORT_TO = ("tensorboard", "wandb", "comet_ml", "all", "none")
-
-
-def _quantizable_methods() -> list[str]:
-    return sorted(name for name, each in METHODS.items() if not each.quantized_base_refusal)
+# the settings whose flags both trainers share, checked by `check_common_arguments`
+SHARED_SETTINGS = (ModelSettings, AdapterSettings, OptimizerSettings, MemorySettings, AcceleratorSettings,
+                   LossOptions, ValidationSettings, CheckpointSettings)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("model")
-    builtins = sorted(builtin_names(), key=lambda name: "tiny" in name)  # the embedded model first
-    families = ", ".join(family.title for family in FAMILIES.values())
-    group.add_argument("--pretrained_model_name_or_path", default="builtin:embedded",
-                       help=f"base model: a built-in name ({', '.join(builtins)}), a hub id or a local "
-                            f"pipeline folder ({families})")
-    group.add_argument("--revision", help="hub revision of the base model")
-    group.add_argument("--variant", help="weight variant of the base model, e.g. fp16")
-    group.add_argument("--prediction_type", choices=("epsilon", "v_prediction"),
-                       help=f"{flag_families('prediction_type')} only: override the scheduler's prediction "
-                            "type (default: the model's own)")
+    add_settings_arguments(parser, ModelSettings)
 
 
 def add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("adapter")
-    group.add_argument("--adapter", default="lora", choices=sorted(METHODS),
-                       help="adapter method to train")
-    group.add_argument("--targets", nargs="+",
-                       help="layers to adapt: presets attn, attn-ff, conv, all, regexes on module names or "
-                            "module names; several are united (default: the method's default)")
+    add_settings_arguments(parser, AdapterSettings)
     add_method_arguments(parser)
 
 
 def add_optimization_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("optimization")
-    group.add_argument("--seed", type=int,
-                       help="seed of everything random (default: drawn at random, printed and stored in "
-                            "checkpoints so a resumed run continues with it)")
-    group.add_argument("--train_batch_size", type=int, default=1, help="batch size per process")
-    group.add_argument("--num_train_epochs", type=int, default=1,
-                       help="epochs to train when --max_train_steps is not given")
-    group.add_argument("--max_train_steps", type=int, help="optimizer steps to train (overrides epochs)")
-    group.add_argument("--gradient_accumulation_steps", type=int, default=1,
-                       help="micro-batches accumulated per optimizer step")
-    group.add_argument("--gradient_checkpointing", action="store_true",
-                       help="recompute activations in the backward pass to save memory")
-    group.add_argument("--learning_rate", type=float,
-                       help="peak learning rate (default: the method's own rule, else 1e-4)")
-    group.add_argument("--scale_lr", action="store_true",
-                       help="multiply the learning rate by batch size x processes x accumulation steps")
-    group.add_argument("--lr_scheduler", default="constant", choices=LR_SCHEDULERS,
-                       help="learning-rate schedule (diffusers.optimization.get_scheduler)")
-    group.add_argument("--lr_warmup_steps", type=int, default=0, help="linear warm-up steps")
-    group.add_argument("--lr_num_cycles", type=int, default=1, help="restarts of cosine_with_restarts")
-    group.add_argument("--lr_power", type=float, default=1.0, help="power of the polynomial schedule")
-    group.add_argument("--use_8bit_adam", action="store_true", help="8-bit AdamW from bitsandbytes")
-    group.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
-    group.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
-    group.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay")
-    group.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
-    group.add_argument("--max_grad_norm", type=float, default=1.0,
-                       help="clip the gradient norm to this value (0 disables clipping)")
+    add_settings_arguments(parser, OptimizerSettings, MemorySettings, title="optimization")
 
 
 def add_precision_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("precision and memory")
-    group.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"),
-                       help="base weights in fp16/bf16, trainable parameters kept in fp32 (default: "
-                            "accelerate's setting, 'no' without one); the VAE always runs in fp32")
-    group.add_argument("--allow_tf32", action="store_true", help="allow TF32 matmuls on Ampere+ GPUs")
-    group.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
-                       help="xformers attention instead of PyTorch SDPA (the default)")
-    group.add_argument("--quantize_base", choices=tuple(QUANTIZATION_BACKENDS),
-                       help="load the frozen denoiser weights in 8-bit or 4-bit (NF4) through bitsandbytes "
-                            f"(CUDA; --adapter {'/'.join(_quantizable_methods())} only: the others need the "
-                            "dense base weights)")
+    add_settings_arguments(parser, AcceleratorSettings, MemorySettings, ModelSettings,
+                           title="precision and memory")
 
 
 def add_loss_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("noise and loss")
-    scope, default = flag_families, flag_defaults  # the families each flag applies to, its default on each
-    group.add_argument("--noise_offset", type=float, default=0.0,
-                       help="offset noise: add this times a per-channel constant to the noise")
-    group.add_argument("--snr_gamma", type=float,
-                       help=f"{scope('snr_gamma')}: Min-SNR loss weighting with this gamma (5.0 is the "
-                            "paper's value)")
-    group.add_argument("--weighting_scheme", choices=WEIGHTING_SCHEMES,
-                       help=f"{scope('weighting_scheme')}: timestep density and loss weighting (default: "
-                            f"{default('weighting_scheme')}, as diffusers' DreamBooth scripts)")
-    group.add_argument("--logit_mean", type=float,
-                       help=f"{scope('logit_mean')} logit_normal: mean (default: {default('logit_mean')})")
-    group.add_argument("--logit_std", type=float,
-                       help=f"{scope('logit_std')} logit_normal: standard deviation (default: "
-                            f"{default('logit_std')})")
-    group.add_argument("--mode_scale", type=float,
-                       help=f"{scope('mode_scale')} mode weighting: scale (default: {default('mode_scale')})")
-    group.add_argument("--precondition_outputs", action="store_true", default=None,
-                       help=f"{scope('precondition_outputs')}: precondition the prediction to x0 as in SD3's "
-                            "full fine-tuning script")
-    group.add_argument("--guidance_scale", type=float,
-                       help=f"{scope('guidance_scale')}: value of the guidance embedding during training "
-                            f"(default: {default('guidance_scale')}; ignored by models without one, e.g. "
-                            "FLUX.1-schnell)")
-    group.add_argument("--max_sequence_length", type=int,
-                       help=f"{scope('max_sequence_length')}: prompt tokens (T5's on Flux, the language "
-                            "model's on the others; default: "
-                            f"{default('max_sequence_length')}, at most 512)")
+    add_settings_arguments(parser, LossOptions)
 
 
 def add_validation_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("validation")
-    group.add_argument("--validation_prompt",
-                       help="prompt sampled every --validation_steps (default: none during training; the "
-                            "final samples then use the instance prompt)")
-    group.add_argument("--num_validation_images", type=int, default=4, help="images per validation")
-    group.add_argument("--validation_steps", type=int, default=100, help="validate every N optimizer steps")
-    group.add_argument("--validation_inference_steps", type=int, default=25, help="sampler steps")
-    group.add_argument("--validation_guidance_scale", type=float,
-                       help="classifier-free guidance (default: the pipeline's own)")
-    group.add_argument("--skip_final_inference", action="store_true",
-                       help="do not reload the saved adapter into a fresh pipeline for final samples")
+    add_settings_arguments(parser, ValidationSettings)
 
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("checkpoints")
-    group.add_argument("--output_dir", default="outputs/subject",
-                       help="where the adapter, checkpoints, samples, logs and model card go")
-    group.add_argument("--checkpointing_steps", type=int, default=500,
-                       help="save a resumable checkpoint every N optimizer steps")
-    group.add_argument("--checkpoints_total_limit", type=int,
-                       help="keep at most this many checkpoints (oldest removed)")
-    group.add_argument("--resume_from_checkpoint",
-                       help="a checkpoint folder, or 'latest' for the newest one in --output_dir "
-                            "(starts fresh when there is none)")
+    add_settings_arguments(parser, CheckpointSettings)
 
 
 def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("logging")
-    group.add_argument("--report_to", default="tensorboard", choices=REPORT_TO,
-                       help="experiment tracker for losses and images")
-    group.add_argument("--logging_dir", default="logs", help="tracker folder, relative to --output_dir")
-    group.add_argument("--tracker_project_name", default="difftune-subject", help="tracker run name")
+    add_settings_arguments(parser, AcceleratorSettings, title="logging")
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
@@ -510,47 +568,16 @@ def check_family_flags(args: argparse.Namespace, family: str) -> None:
     check_flags(get_family(family), vars(args))
 
 
-def check_optimizer_arguments(args: argparse.Namespace) -> None:
-    """AdamW's own ranges, checked here so a bad value fails before the model loads (torch checks
-    them only when the optimizer is built, after loading, with a traceback)."""
-    for name in ("adam_beta1", "adam_beta2"):
-        value = getattr(args, name, None)
-        if value is not None and not 0.0 <= value < 1.0:
-            raise DifftuneError(f"--{name} must be in [0, 1), got {value}")
-    epsilon = getattr(args, "adam_epsilon", None)
-    if epsilon is not None and epsilon <= 0:
-        raise DifftuneError(f"--adam_epsilon must be positive, got {epsilon}")
-    decay = getattr(args, "adam_weight_decay", None)
-    if decay is not None and decay < 0:
-        raise DifftuneError(f"--adam_weight_decay must not be negative, got {decay}")
-    if getattr(args, "lr_num_cycles", None) is not None and args.lr_num_cycles < 1:
-        raise DifftuneError(f"--lr_num_cycles must be at least 1, got {args.lr_num_cycles}")
-
-
 def check_common_arguments(args: argparse.Namespace) -> None:
-    """Refuse out-of-range values and missing optional packages before any loading."""
+    """Refuse out-of-range values and missing optional packages before any loading: nan and inf in
+    any number flag, then each shared flag's own check (`SHARED_SETTINGS`' fields), then what this
+    machine lacks."""
     import importlib.util
 
     import torch
 
     check_finite_numbers(args)
-    positive = ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_train_steps",
-                "checkpointing_steps", "checkpoints_total_limit", "validation_steps",
-                "num_validation_images", "validation_inference_steps")
-    for name in positive:
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            raise DifftuneError(f"--{name} must be at least 1, got {value}")
-    for name in ("noise_offset", "max_grad_norm", "lr_warmup_steps"):
-        value = getattr(args, name, None)
-        if value is not None and value < 0:
-            raise DifftuneError(f"--{name} must not be negative, got {value}")
-    if getattr(args, "snr_gamma", None) is not None and args.snr_gamma <= 0:
-        raise DifftuneError(f"--snr_gamma must be positive, got {args.snr_gamma}")
-    if args.learning_rate is not None and not 0 < args.learning_rate <= MAX_LEARNING_RATE:
-        raise DifftuneError(f"--learning_rate must be in (0, {MAX_LEARNING_RATE:g}] (AdamW moves every "
-                            f"parameter by about this much per step), got {args.learning_rate}")
-    check_optimizer_arguments(args)
+    check_values(args, *SHARED_SETTINGS)
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise DifftuneError("--mixed_precision fp16 needs a CUDA GPU (PyTorch has no fp16 autocast with "
                             "gradient scaling on CPU); use --mixed_precision bf16 on CPU")
@@ -559,15 +586,23 @@ def check_common_arguments(args: argparse.Namespace) -> None:
                             "installed: pip install 'difftune[xformers]' (GPU only), or drop the flag to "
                             "use PyTorch's SDPA attention")
     check_quantized_base(args)
-    length = getattr(args, "max_sequence_length", None)
-    if length is not None and not 1 <= length <= 512:
-        raise DifftuneError(f"--max_sequence_length must be in [1, 512] (FLUX.1's T5 limit), got {length}")
-    if getattr(args, "offload", False) and not torch.cuda.is_available():
-        raise DifftuneError("--offload moves the VAE and text encoders between CPU and GPU memory; there is "
-                            "no CUDA GPU here (on the CPU they already share one memory): drop the flag")
+    check_compile_backend(args)
     if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise DifftuneError("--use_8bit_adam needs bitsandbytes, which is not installed: "
                             "pip install bitsandbytes (CUDA GPU), or drop the flag")
+
+
+def check_compile_backend(args: argparse.Namespace) -> None:
+    """``--compile_backend`` names a backend torch.compile has (checked before any model loads)."""
+    backend = getattr(args, "compile_backend", "inductor")
+    if not getattr(args, "compile", False) or backend == "inductor":
+        return
+    import torch._dynamo
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        raise DifftuneError(f"--compile_backend {backend!r} is not a torch.compile backend; choose one of "
+                            f"{', '.join(sorted(known))}")
 
 
 def check_quantized_base(args: argparse.Namespace) -> None:
@@ -581,7 +616,7 @@ def check_quantized_base(args: argparse.Namespace) -> None:
     method = getattr(args, "adapter", None)
     refusal = get_method(method).quantized_base_refusal
     if refusal:
-        able = ", ".join(_quantizable_methods())
+        able = ", ".join(quantizable_methods())
         raise DifftuneError(f"--quantize_base {bits} cannot be used with --adapter {method}: {refusal} "
                             f"(--quantize_base supports --adapter {able})")
     if importlib.util.find_spec("bitsandbytes") is None:
@@ -594,43 +629,19 @@ def check_quantized_base(args: argparse.Namespace) -> None:
 
 
 def add_pivotal_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("pivotal tuning (new identifier tokens)")
-    group.add_argument("--train_token_embedding", action="store_true",
-                       help="give the identifier new tokens whose embeddings train with the adapter "
-                            "(pivotal tuning); saved in the adapter file "
-                            f"({', '.join(f.title for f in FAMILIES.values() if f.trainable_text_encoders)})")
-    group.add_argument("--identifier", default=pivotal.DEFAULTS["identifier"],
-                       help="the identifier word of the instance prompt that becomes the new tokens")
-    group.add_argument("--num_new_tokens", type=int, default=pivotal.DEFAULTS["num_new_tokens"],
-                       help="tokens the identifier becomes (diffusers' multi-vector names: sks, sks_1, ...)")
-    group.add_argument("--token_embedding_lr", type=float, default=pivotal.DEFAULTS["token_embedding_lr"],
-                       help="learning rate of the new token embeddings (1e-2 measured best of 1e-3, 1e-2, "
-                            "3e-2 on builtin:embedded)")
-    group.add_argument("--token_embedding_init", default=pivotal.DEFAULTS["token_embedding_init"],
-                       help="'random' (normal, at the mean norm of the vocabulary's embeddings) or a word "
-                            "whose embedding every new token starts from (e.g. the class word)")
-    group.add_argument("--token_embedding_max_norm", type=float,
-                       help="cap on each new embedding's norm, in multiples of the vocabulary's mean norm "
-                            "(default: none)")
+    add_settings_arguments(parser, pivotal.TokenEmbeddingSettings)
 
 
 def check_pivotal_arguments(args: argparse.Namespace) -> None:
     """Flag checks that need no model (bad input fails in seconds)."""
-    given = [f"--{n}" for n, default in pivotal.DEFAULTS.items() if getattr(args, n) != default]
-    given += ["--token_embedding_max_norm"] if args.token_embedding_max_norm is not None else []
+    settings = pivotal.TokenEmbeddingSettings
+    given = [f"--{f.name}" for f in dataclasses.fields(settings)
+             if f.name != "train_token_embedding" and getattr(args, f.name) != f.default]
     if not args.train_token_embedding:
         if given:
             raise DifftuneError(f"{' and '.join(given)} given without --train_token_embedding")
         return
-    if args.num_new_tokens < 1:
-        raise DifftuneError(f"--num_new_tokens must be at least 1, got {args.num_new_tokens}")
-    if args.token_embedding_max_norm is not None and not args.token_embedding_max_norm > 0:
-        raise DifftuneError("--token_embedding_max_norm must be positive, got "
-                            f"{args.token_embedding_max_norm}")
-    if not args.token_embedding_lr > 0:
-        raise DifftuneError(f"--token_embedding_lr must be positive, got {args.token_embedding_lr}")
-    if not re.fullmatch(r"[a-z][a-z0-9]*", args.identifier):
-        raise DifftuneError(f"--identifier must be one lowercase word, got {args.identifier!r}")
+    check_values(args, settings)
     if not re.search(rf"\b{args.identifier}\b", args.instance_prompt or ""):
         raise DifftuneError(f"--identifier {args.identifier!r} does not occur in --instance_prompt "
                             f"{args.instance_prompt!r}")

@@ -7,7 +7,7 @@ A checkpoint is a folder ``checkpoint-<step>`` holding only what training change
 * ``optimizer.safetensors``, ``scheduler.safetensors``: their ``state_dict()``;
 * ``rng_state_<rank>.safetensors``: Python, NumPy and torch generators of each process;
 * ``trainer_state.json``: step, samples seen, seed and the run's settings;
-* ``checkpoint_complete.json``: the name and size of every other file, written last.
+* ``checkpoint_complete.json``: the name, size and SHA-256 of every other file, written last.
 
 The base model is never saved. The folder is written as ``.checkpoint-<step>.tmp`` and
 renamed when complete, so a run killed mid-save leaves the previous checkpoint intact
@@ -17,11 +17,16 @@ there with their sizes; pruning renames a folder away before deleting it, and th
 removes what a killed save or pruning left behind. Training states are safetensors files
 (`save_state`): tensors as tensors, the rest of the structure as JSON in the header, so a
 resumed run reads back exactly what was saved and nothing is ever unpickled; every state file
-is read and checked when resuming, before the model loads.
+is read and checked when resuming, before the model loads. Resuming also compares every file with
+the checksum written with it, so an edited ``trainer_state.json`` or a flipped bit inside a state
+file (same size, header intact) is refused naming the file; ``latest`` then falls back, with a
+warning, to the newest checkpoint that is intact.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import random
 import re
@@ -36,7 +41,7 @@ import torch
 from ..adapter_file import read_adapter_file, read_safetensors, split_sections, write_safetensors
 from ..api import find_denoiser, get_adapter, save_adapter
 from ..errors import AdapterFileError, DifftuneError
-from ..io import atomic_write, remove_stale_temp_files
+from ..io import atomic_write, remove_stale_temp_files, user_write_errors
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE = "trainer_state.json"
@@ -74,19 +79,66 @@ def incomplete_reason(path: Path) -> str | None:
     return None
 
 
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in blocks (checkpoint files can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(2**22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _marker_digest(marker: dict[str, Any]) -> str:
+    """SHA-256 of a marker's lists (sizes and checksums), so the marker vouches for itself too."""
+    lists = {key: marker.get(key) for key in ("files", "sha256")}
+    return hashlib.sha256(json.dumps(lists, sort_keys=True).encode()).hexdigest()
+
+
+def damaged_reason(path: Path) -> str | None:
+    """Which file of a complete checkpoint no longer matches the checksum written with it (the marker
+    itself included), else None. Checkpoints written before the checksums (a marker with neither
+    ``sha256`` nor ``marker_sha256``) are taken as they are."""
+    marker_file = path / COMPLETE_MARKER
+    marker = json.loads(marker_file.read_text())
+    vouched = "sha256" in marker or "marker_sha256" in marker
+    if vouched and marker.get("marker_sha256") != _marker_digest(marker):
+        return f"{marker_file} does not match the checksum written with it (edited or damaged)"
+    digests = marker.get("sha256", {})
+    for name, expected in sorted(digests.items()):
+        if not (path / name).is_file() or file_digest(path / name) != expected:
+            return f"{path / name} does not match the checksum written with it (edited or damaged)"
+    return None
+
+
 def resolve_checkpoint(output_dir: str | Path, spec: str | None) -> Path | None:
-    """``latest`` → the newest complete checkpoint (None when there is none); a path → checked."""
+    """``latest`` → the newest intact checkpoint, a damaged newer one skipped with a warning (None when
+    there is none); a path → checked, a damaged one refused naming the file."""
     if spec is None:
         return None
     if spec == "latest":
         checkpoints = list_checkpoints(output_dir)
-        return checkpoints[-1] if checkpoints else None
+        skipped = []
+        for path in reversed(checkpoints):
+            reason = damaged_reason(path)
+            if reason is None:
+                if skipped:
+                    warnings.warn(f"--resume_from_checkpoint latest: resuming from {path.name}, the newest "
+                                  f"intact checkpoint; skipped: {'; '.join(skipped)}", stacklevel=2)
+                return path
+            skipped.append(reason)
+        if skipped:
+            raise DifftuneError(f"--resume_from_checkpoint latest: every checkpoint in {output_dir} is "
+                                f"damaged ({'; '.join(skipped)}); remove them to start afresh")
+        return None
     path = Path(spec)
     if not path.is_dir():
         raise DifftuneError(f"--resume_from_checkpoint {spec}: no such checkpoint folder")
     reason = incomplete_reason(path)
     if reason is not None:
         raise DifftuneError(f"--resume_from_checkpoint {spec}: not a complete checkpoint: {reason}")
+    reason = damaged_reason(path)
+    if reason is not None:
+        raise DifftuneError(f"--resume_from_checkpoint {spec}: a damaged checkpoint: {reason}")
     return path
 
 
@@ -148,7 +200,7 @@ def _encode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
     back the very structure a ``load_state_dict`` expects."""
     if isinstance(value, torch.Tensor):
         key = f"t{len(tensors)}"
-        tensors[key] = value.detach().to("cpu").contiguous().clone()
+        tensors[key] = value.detach()  # written straight from its memory (write_safetensors), no copy
         return {"__tensor__": key}
     if isinstance(value, dict):
         return {"__dict__": [[_encode(k, tensors), _encode(v, tensors)] for k, v in value.items()]}
@@ -248,11 +300,26 @@ def save_checkpoint(
     staging = output_dir / f".{CHECKPOINT_PREFIX}{step}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+        with user_write_errors(staging):  # e.g. a file system turned read-only: one line
+            staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
     save_state(staging / f"rng_state_{accelerator.process_index}{STATE_SUFFIX}", capture_rng_state())
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        _write_checkpoint(staging, final, step, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                          trainer_state=trainer_state, accelerator=accelerator, total_limit=total_limit,
+                          base_model=base_model, text_encoders=text_encoders)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _write_checkpoint(staging: Path, final: Path, step: int, *, model: Any, optimizer: Any, lr_scheduler: Any,
+                      trainer_state: dict[str, Any], accelerator: Any, total_limit: int | None,
+                      base_model: str | None, text_encoders: dict[str, Any] | None) -> None:
+    """The main process's part of `save_checkpoint`: every file into ``staging``, the marker last, the
+    rename, then pruning. A write the machine refuses is one line; the older checkpoints stay."""
+    output_dir = final.parent
+    with user_write_errors(staging):
         denoiser, _ = find_denoiser(accelerator.unwrap_model(model))
         save_adapter(denoiser, staging, base_model=base_model, text_encoders=text_encoders or {})
         save_state(staging / f"adapter_training_state{STATE_SUFFIX}", get_adapter(denoiser).training_state())
@@ -264,17 +331,18 @@ def save_checkpoint(
         state = {**trainer_state, "step": step, "num_processes": accelerator.num_processes}
         atomic_write(staging / TRAINER_STATE,
                      lambda tmp: Path(tmp).write_text(json.dumps(state, indent=2, default=str)))
-        files = {p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.is_file()}
+        written = [p for p in sorted(staging.iterdir()) if p.is_file()]
+        marker = {"files": {p.name: p.stat().st_size for p in written},
+                  "sha256": {p.name: file_digest(p) for p in written}}
+        marker["marker_sha256"] = _marker_digest(marker)
         atomic_write(staging / COMPLETE_MARKER,  # last: the checkpoint counts from here on
-                     lambda tmp: Path(tmp).write_text(json.dumps({"files": files}, indent=1)))
+                     lambda tmp: Path(tmp).write_text(json.dumps(marker, indent=1)))
         if final.exists():  # the same step saved by an earlier run that was then resumed
             _prune(final)
         staging.rename(final)
         if total_limit is not None:
             for old in list_checkpoints(output_dir)[:-total_limit]:
                 _prune(old)
-    accelerator.wait_for_everyone()
-    return final
 
 
 # --- load -----------------------------------------------------------------------------------
@@ -295,6 +363,32 @@ def check_resume_fits(state: dict[str, Any], settings: dict[str, Any], path: str
         if state.get(key) != value:
             raise DifftuneError(f"--resume_from_checkpoint {path}: it was trained with {key} "
                                 f"{state.get(key)!r}, this run asks for {value!r}")
+
+
+OPTIMIZATION_KEY = "optimization"  # trainer state: the settings its optimizer and schedule state hold
+EXTENDABLE = ("max_train_steps", "num_train_epochs")  # a resumed run may train longer
+
+
+def optimization_record(settings: Any, **more: Any) -> dict[str, Any]:
+    """The optimisation settings (`OptimizerSettings` and ``more``, e.g. a text encoder's rate) a
+    checkpoint records: what its optimizer and schedule state were made with."""
+    record = {k: v for k, v in dataclasses.asdict(settings).items() if k not in EXTENDABLE}
+    return {**record, **more}
+
+
+def check_resume_optimization(state: dict[str, Any], record: dict[str, Any], path: str | Path) -> None:
+    """Refuse to resume with other optimisation settings than the checkpoint's, naming each: its
+    optimizer and schedule state would keep the old learning rate (and betas, decay, schedule) while
+    the run printed the new one. Checkpoints written before the record are taken as they are."""
+    saved = state.get(OPTIMIZATION_KEY)
+    if not isinstance(saved, dict):
+        return
+    changed = [f"--{name} {saved.get(name)} (this run: {value})" for name, value in record.items()
+               if saved.get(name) != value]
+    if changed:
+        raise DifftuneError(f"--resume_from_checkpoint {path}: it was trained with {', '.join(changed)}; "
+                            "its optimizer and schedule state hold those settings: resume with the same "
+                            "values, or start a new run in another --output_dir")
 
 
 def read_trainer_state(path: str | Path) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..errors import DifftuneError
 from ..families import TrainingBatch
+from ..io import read_text
 from ..paths import IMAGE_SUFFIXES, SUBJECT_FILE
 from ..streams import RandomDomain, SampleStream, sample_generator
 
@@ -74,13 +75,16 @@ def _read_metadata_captions(folder: Path, column: str | None, flag: str) -> dict
         return {}
     keys = (column,) if column else CAPTION_KEYS
     captions = {}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(read_text(path, flag).splitlines(), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise DifftuneError(f"{flag}: {path} line {number} is not JSON: {err}") from None
+        if not isinstance(row, dict):
+            raise DifftuneError(f"{flag}: {path} line {number} must be a JSON object "
+                                f"({{\"file_name\": ..., \"text\": ...}}), got {line.strip()[:40]}")
         name = row.get("file_name")
         caption = next((row[k] for k in keys if k in row), None)
         if name is None or caption is None:
@@ -103,12 +107,7 @@ def scan_image_folder(
     ``caption`` or ``prompt``, or ``caption_column``).
     """
     folder = Path(folder)
-    if not folder.exists():
-        raise DifftuneError(f"{flag} {folder}: no such folder")
-    if not folder.is_dir():
-        raise DifftuneError(f"{flag} {folder}: not a folder")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    files, images = _folder_images(folder, flag)
     image_stems = {p.stem for p in images}
     skipped = [p.name for p in files if p.suffix.lower() not in IMAGE_SUFFIXES
                and p.name not in (METADATA_FILE, SUBJECT_FILE)
@@ -116,23 +115,56 @@ def scan_image_folder(
     if skipped:
         warnings.warn(f"{flag} {folder}: skipping {len(skipped)} file(s) that are not images: "
                       f"{', '.join(skipped[:10])}{' ...' if len(skipped) > 10 else ''}", stacklevel=2)
-    if not images:
-        raise DifftuneError(f"{flag} {folder}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
     captions = _read_metadata_captions(folder, caption_column, flag)
     records = []
     for path in images:
-        try:
-            with Image.open(path) as image:
-                image.load()
-                upright = ImageOps.exif_transpose(image)
-                width, height = upright.size
-        except (OSError, SyntaxError, ValueError, UnidentifiedImageError,
-                Image.DecompressionBombError) as err:
-            raise DifftuneError(f"{flag}: cannot read image {path} (corrupt or truncated?): {err}") from None
+        width, height = _image_size(path, flag)
         sidecar = path.with_suffix(CAPTION_SUFFIX)
-        caption = sidecar.read_text().strip() if sidecar.is_file() else captions.get(path.name)
+        caption = read_text(sidecar, flag).strip() if sidecar.is_file() else captions.get(path.name)
         records.append(ImageRecord(path, width, height, caption or None))
     return records
+
+
+def _folder_images(folder: Path, flag: str) -> tuple[list[Path], list[Path]]:
+    """A folder's files and, among them, its images by suffix; a missing, file or imageless folder
+    is an error naming it."""
+    if not folder.exists():
+        raise DifftuneError(f"{flag} {folder}: no such folder")
+    if not folder.is_dir():
+        raise DifftuneError(f"{flag} {folder}: not a folder")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not images:
+        raise DifftuneError(f"{flag} {folder}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
+    return files, images
+
+
+def _image_size(path: Path, flag: str) -> tuple[int, int]:
+    """(width, height) of an image after EXIF rotation; decoded whole, so a damaged one is named."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return ImageOps.exif_transpose(image).size
+    except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as err:
+        raise DifftuneError(f"{flag}: cannot read image {path} (corrupt or truncated?): {err}") from None
+
+
+def check_writable_folder(folder: str | Path, flag: str) -> None:
+    """A folder that is there or can be made (nothing is created): not a file, under no file."""
+    folder = Path(folder)
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise DifftuneError(f"{flag} {folder}: {'is' if path == folder else f'{path} is'} a file, "
+                                    "not a folder")
+            return
+
+
+def check_image_folder(folder: str | Path, flag: str = "--instance_data_dir") -> None:
+    """The folder exists and every image in it can be read: what a user hears about first, before
+    anything that reads the folder's other files (a recipe's subject.json)."""
+    for path in _folder_images(Path(folder), flag)[1]:
+        _image_size(path, flag)
 
 
 def warn_small_images(records: Sequence[ImageRecord], resolution: int, flag: str) -> None:

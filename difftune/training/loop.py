@@ -39,6 +39,7 @@ from ..api import (
 from ..errors import DifftuneError
 from ..families import check_capability, get_family
 from ..io import check_output_dir
+from ..locking import lock_output_dir, release_all
 from ..model_factory import build_denoiser_on_meta
 from ..tuners import get_method
 from . import checkpointing
@@ -52,22 +53,60 @@ from .settings import (
 )
 
 DEFAULT_LEARNING_RATE = 1e-4  # when neither --learning_rate nor the method gives one
+# what training holds per trainable parameter at least: its fp32 value and gradient, and the
+# optimizer's state (two fp32 AdamW moments; 8-bit AdamW: two bytes)
+PARAMETER_BYTES = {"adamw": 4 + 4 + 8, "adamw-8bit": 4 + 4 + 2}
 
 
 def check_before_loading(spec: AdapterSpec, model: ModelSettings, model_info: Any, resolution: int | None,
-                         output_dir: Path) -> int:
+                         output_dir: Path, use_8bit_adam: bool = False) -> int:
     """The adapter's targets on a weightless (meta-device) denoiser (its options were checked when
-    the spec was made), the resolution (default: the model's own; against the machine's memory)
-    and the output folder; returns the resolution. Nothing heavy is loaded, so bad input fails in
-    seconds."""
+    the spec was made), the resolution (default: the model's own) and the adapter's size against the
+    machine's memory, and the output folder; returns the resolution. Nothing heavy is loaded, so
+    bad input fails in seconds."""
     check_output_dir(Path(output_dir))
-    spec.check(build_denoiser_on_meta(model_info.denoiser_config, model_info.denoiser_class))
+    denoiser = build_denoiser_on_meta(model_info.denoiser_config, model_info.denoiser_class)
+    spec.check(denoiser)
     resolution = resolution or model_info.resolution
     if resolution % model_info.size_multiple:
         raise DifftuneError(f"--resolution must be a multiple of {model_info.size_multiple} for "
                             f"{model.pretrained_model_name_or_path}, got {resolution}")
     check_resolution_fits(resolution, model_info)
+    check_adapter_fits(spec, denoiser, resolution, model_info, use_8bit_adam)
     return resolution
+
+
+def _memory() -> tuple[str, int | None]:
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    return device_type, machine.memory_bytes(device_type)
+
+
+def image_bytes(resolution: int, model_info: Any) -> int:
+    """A lower bound of encoding one image: the fp32 image and the VAE's first activation, twice."""
+    return resolution * resolution * (3 + 2 * model_info.vae_width) * 4
+
+
+def check_adapter_fits(spec: AdapterSpec, meta_denoiser: nn.Module, resolution: int, model_info: Any,
+                       use_8bit_adam: bool = False) -> None:
+    """Refuse an adapter whose trainable parameters, with their gradients and optimizer state, cannot
+    fit the machine's memory beside one image's encoding: a message now, not the system's OOM killer
+    minutes into loading. ``meta_denoiser`` is weightless (`AdapterSpec.weightless_parameter_count`)."""
+    device_type, available = _memory()
+    if available is None:
+        return
+    trainable = spec.weightless_parameter_count(meta_denoiser)
+    if trainable is None:  # only the weights decide (SaRA by threshold): the load itself will tell
+        return
+    optimizer = "adamw-8bit" if use_8bit_adam else "adamw"
+    adapter = trainable * PARAMETER_BYTES[optimizer]
+    image = image_bytes(resolution, model_info)
+    if adapter + image > available:
+        raise DifftuneError(
+            f"the {spec.method} adapter (--adapter {spec.method} and its options) trains {trainable:,} "
+            f"parameters: with their gradients and {'8-bit ' if use_8bit_adam else ''}AdamW state that is at "
+            f"least {adapter / 2**30:.1f} GiB, plus {image / 2**30:.2f} GiB to encode one image at "
+            f"--resolution {resolution}; this machine's {device_type} memory is {available / 2**30:.1f} GiB: "
+            "lower --rank, narrow --targets or use a smaller budget")
 
 
 def check_resolution_fits(resolution: int, model_info: Any) -> None:
@@ -78,9 +117,8 @@ def check_resolution_fits(resolution: int, model_info: Any) -> None:
     a lower bound, so only resolutions that cannot run anywhere on this machine are refused,
     with a message instead of the system killing the run minutes later.
     """
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    available = machine.memory_bytes(device_type)
-    needed = resolution * resolution * (3 + 2 * model_info.vae_width) * 4
+    device_type, available = _memory()
+    needed = image_bytes(resolution, model_info)
     if available is not None and needed > available:
         raise DifftuneError(
             f"--resolution {resolution} needs at least {needed / 2**30:.1f} GiB to encode one image, "
@@ -104,11 +142,29 @@ def create_accelerator(settings: AcceleratorSettings, output_dir: Path):
     )
     if settings.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
+    hold_output_dir(accelerator, output_dir)  # before this run writes or cleans anything there
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         checkpointing.remove_incomplete(output_dir)  # and temporary files of a killed save
     enable_stack_dumps()
     return accelerator
+
+
+def hold_output_dir(accelerator: Any, output_dir: Path) -> None:
+    """The main process locks ``output_dir`` for the run (`difftune.locking`); a folder another run
+    holds is refused on every process at once, in one line naming it and that run."""
+    refusal = None
+    if accelerator.is_main_process:
+        try:
+            lock_output_dir(output_dir)
+        except DifftuneError as err:
+            refusal = str(err)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        refusal = broadcast_object_list([refusal])[0]
+    if refusal is not None:
+        raise DifftuneError(refusal)
 
 
 def enable_stack_dumps() -> None:
@@ -139,6 +195,7 @@ def end_training(accelerator: Any) -> None:
             warnings.warn("a DDP-wrapped model outlives training: destroying the process group "
                           "may hang at exit", RuntimeWarning, stacklevel=2)
     accelerator.end_training()
+    release_all()  # the output folder's lock
 
 
 def resolve_seed(seed: int | None, resume_state: dict | None) -> int:
@@ -261,7 +318,22 @@ def attach_trainable_adapter(denoiser: nn.Module, spec: AdapterSpec, seed: int, 
         denoiser.enable_gradient_checkpointing()
     if memory.enable_xformers_memory_efficient_attention:
         denoiser.enable_xformers_memory_efficient_attention()
+    if memory.compile:
+        compile_denoiser(denoiser, memory.compile_backend)
     return adapter
+
+
+def compile_denoiser(denoiser: nn.Module, backend: str = "inductor") -> str:
+    """torch.compile the denoiser in place (its attributes, state dict and adapter stay as they are):
+    only its repeated blocks where the model class lists them (diffusers' regional compilation,
+    ``compile_repeated_blocks``), else the whole forward. Layers whose trained entries difftune
+    writes (SaRA) run eagerly inside the compiled code, one graph break each. Returns "regional" or
+    "whole" (``--compile_backend`` is checked with the other flags)."""
+    if getattr(denoiser, "_repeated_blocks", None) and hasattr(denoiser, "compile_repeated_blocks"):
+        denoiser.compile_repeated_blocks(backend=backend)
+        return "regional"
+    denoiser.compile(backend=backend)
+    return "whole"
 
 
 def learning_rate(settings: OptimizerSettings, adapter: Any, examples_per_step: int) -> float:

@@ -17,18 +17,42 @@ encoder) with the tokens named in the header; `difftune.load_adapter` adds them 
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ..adapter_file import TokenEmbeddings
 from ..errors import DifftuneError
+from ..families import titles_with
+from ..options import CheckedSettings, at_least, matches, option, positive
 from ..tokens import add_tokens, encoder_pairs, token_names
 
 INIT_RANDOM = "random"
-DEFAULTS = {"identifier": "sks", "num_new_tokens": 2, "token_embedding_lr": 1e-2,
-            "token_embedding_init": INIT_RANDOM}
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenEmbeddingSettings(CheckedSettings):
+    """The subject trainer's pivotal-tuning flags (the other fields apply with ``train_token_embedding``)."""
+
+    flag_group: ClassVar[str] = "pivotal tuning (new identifier tokens)"
+
+    train_token_embedding: bool = option(
+        False, lambda: "give the identifier new tokens whose embeddings train with the adapter (pivotal "
+                       f"tuning); saved in the adapter file ({titles_with('trainable_text_encoders')})")
+    identifier: str = option("sks", "the identifier word of the instance prompt that becomes the new tokens",
+                             check=matches(r"[a-z][a-z0-9]*", "one lowercase word"))
+    num_new_tokens: int = option(2, "tokens the identifier becomes (diffusers' multi-vector names: sks, "
+                                    "sks_1, ...)", check=at_least(1))
+    token_embedding_lr: float = option(1e-2, "learning rate of the new token embeddings (1e-2 measured best "
+                                             "of 1e-3, 1e-2, 3e-2 on builtin:embedded)", check=positive())
+    token_embedding_init: str = option(INIT_RANDOM, "'random' (normal, at the mean norm of the vocabulary's "
+                                                    "embeddings) or a word whose embedding every new token "
+                                                    "starts from (e.g. the class word)")
+    token_embedding_max_norm: float | None = option(None, "cap on each new embedding's norm, in multiples of "
+                                                          "the vocabulary's mean norm (default: none)",
+                                                    check=positive())
 
 
 def mean_norm(encoder: nn.Module) -> float:

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DifftuneError
+from ..io import read_text
 from ..paths import ASSETS_DIR
-from .data import SUBJECT_FILE
+from .data import SUBJECT_FILE, check_image_folder
 
 # Found on the heart subject (docs/recipes.md): 600 steps, batch 1, prior preservation with 50
 # class images of the subject's class prompt; the text encoder trained where it helped.
@@ -37,6 +38,11 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
         "tlora": {"learning_rate": 1e-3, "train_text_encoder": True, "prior_loss_weight": 0.3,
                   **_EMBEDDED_PRIOR},
     },
+}
+
+# Methods without a recipe, and why: the run falls back to the plain defaults for them.
+WITHOUT_RECIPE: dict[str, str] = {
+    "peft": "what works depends on --peft_type (LoHa, OFT and Super-Tuning want very different rates)",
 }
 
 
@@ -98,12 +104,16 @@ def apply_recipe(args: argparse.Namespace, given: set[str], table: Recipes = REC
 
 
 def subject_class_prompt(instance_data_dir: str | None) -> str:
-    """The ``class_prompt`` of a subject folder's ``subject.json``; a clear error when there is none."""
+    """The ``class_prompt`` of a subject folder's ``subject.json``; a clear error when there is none. A
+    missing folder or an unreadable image in it is said first: that is what the user has to fix."""
+    if instance_data_dir:
+        check_image_folder(instance_data_dir, "--instance_data_dir")
     path = Path(instance_data_dir or ".") / SUBJECT_FILE
     try:
-        prompt = json.loads(path.read_text()).get("class_prompt") if path.is_file() else None
-    except (OSError, json.JSONDecodeError) as error:
+        subject = json.loads(read_text(path)) if path.is_file() else {}
+    except json.JSONDecodeError as error:
         raise DifftuneError(f"{path}: unreadable ({error})") from None
+    prompt = subject.get("class_prompt") if isinstance(subject, dict) else None
     if not prompt:
         raise DifftuneError(f"the recipe trains with prior preservation but {path} gives no class_prompt: "
                             "pass --class_prompt, or --no_recipe")

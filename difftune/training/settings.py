@@ -1,100 +1,212 @@
 """The trainers' settings as small frozen dataclasses: what the library functions of
-``difftune.training`` take instead of the whole command line.
+``difftune.training`` take instead of the whole command line, and the one definition of each
+shared trainer flag.
 
-Each field is named as its flag (``--max_grad_norm`` → ``max_grad_norm``), so a script
-builds them with `arguments.settings_from_args` and a reader finds the flag behind a
-field at once. Defaults live in the parsers (training/arguments.py), not here: a field
-without a default must be given.
+Each field made with `difftune.options.option` is a flag of the same name (``max_grad_norm`` is
+``--max_grad_norm``) with its default, help, choices and `Check`; ``training/arguments.py`` builds
+the trainers' parsers from these fields, and `arguments.settings_from_args` builds the settings from
+the parsed flags, so a parser and its settings cannot drift apart. A class's ``flag_group`` is the
+section of ``--help`` and ``docs/training.md`` its flags are listed in (a field may name another).
+A plain field (no `option`) has its flag defined by another class: ``LossOptions.prediction_type``
+is filled from ``ModelSettings``' ``--prediction_type``.
+
+Settings built in code pass the same checks as flags (`CheckedSettings`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import ClassVar
 
-from ..options import DTYPES, PRECISIONS  # noqa: F401 (the trainers read them here)
+from ..families import FAMILIES
+from ..model_factory import builtin_names
+from ..options import (  # DTYPES, PRECISIONS: the trainers read them here
+    DTYPES,  # noqa: F401
+    PRECISIONS,  # noqa: F401
+    Check,
+    CheckedSettings,
+    at_least,
+    in_range,
+    non_negative,
+    option,
+    positive,
+)
 from ..sampling import GenerationSettings
+from ..tuners import METHODS
 
 # --quantize_base values and the diffusers quantization backends that load them
 QUANTIZATION_BACKENDS = {"8bit": "bitsandbytes_8bit", "4bit": "bitsandbytes_4bit"}
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                 "polynomial")
+REPORT_TO = ("tensorboard", "wandb", "comet_ml", "all", "none")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+# Above this AdamW's update overflows float32 or wrecks any adapter within a step or two.
+MAX_LEARNING_RATE = 1.0
+
+
+def quantizable_methods() -> list[str]:
+    """The methods that train on a quantised base (`Adapter.quantized_base_refusal` is empty)."""
+    return sorted(name for name, each in METHODS.items() if not each.quantized_base_refusal)
+
+
+def _model_help() -> str:
+    builtins = sorted(builtin_names(), key=lambda name: "tiny" in name)  # the embedded model first
+    families = ", ".join(family.title for family in FAMILIES.values())
+    return (f"base model: a built-in name ({', '.join(builtins)}), a hub id or a local pipeline folder "
+            f"({families})")
+
+
+def _quantize_help() -> str:
+    return ("load the frozen denoiser weights in 8-bit or 4-bit (NF4) through bitsandbytes (CUDA; "
+            f"--adapter {'/'.join(quantizable_methods())} only: the others need the dense base weights)")
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelSettings:
+class ModelSettings(CheckedSettings):
     """Which base model to load, and how."""
 
-    pretrained_model_name_or_path: str
-    revision: str | None = None
-    variant: str | None = None
-    prediction_type: str | None = None  # set on the scheduler of pipelines that sample the saved adapter
-    quantize_base: str | None = None  # "8bit" / "4bit": the denoiser through bitsandbytes
+    flag_group: ClassVar[str] = "model"
+
+    pretrained_model_name_or_path: str = option("builtin:embedded", _model_help)
+    revision: str | None = option(None, "hub revision of the base model")
+    variant: str | None = option(None, "weight variant of the base model, e.g. fp16")
+    # also set on the scheduler of pipelines that sample the saved adapter
+    prediction_type: str | None = option(None, "override the scheduler's prediction type (default: the "
+                                               "model's own)", choices=("epsilon", "v_prediction"))
+    quantize_base: str | None = option(None, _quantize_help, choices=tuple(QUANTIZATION_BACKENDS),
+                                       group="precision and memory")
 
 
 @dataclasses.dataclass(frozen=True)
-class AcceleratorSettings:
+class AdapterSettings(CheckedSettings):
+    """The trained method and its layers (each method's own options are flags generated from its config,
+    `arguments.add_method_arguments`)."""
+
+    flag_group: ClassVar[str] = "adapter"
+
+    adapter: str = option("lora", "adapter method to train", choices=lambda: sorted(METHODS))
+    targets: list[str] | None = option(None, "layers to adapt: presets attn, attn-ff, conv, all, regexes on "
+                                             "module names or module names; several are united (default: "
+                                             "the method's default)")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSettings(CheckedSettings):
+    """Batch geometry, step count, AdamW and learning-rate schedule, and gradient clipping; and the seed
+    of the run (`loop.resolve_seed`)."""
+
+    flag_group: ClassVar[str] = "optimization"
+
+    seed: int | None = option(None, "seed of everything random (default: drawn at random, printed and stored "
+                                    "in checkpoints so a resumed run continues with it)",
+                              check=Check(lambda value: 0 <= value < 2**32,  # all NumPy generators take
+                                          "must be in [0, 2**32)"))
+    train_batch_size: int = option(1, "batch size per process", check=at_least(1))
+    num_train_epochs: int = option(1, "epochs to train when --max_train_steps is not given",
+                                   check=at_least(1))
+    max_train_steps: int | None = option(None, "optimizer steps to train (overrides epochs)",
+                                         check=at_least(1))
+    gradient_accumulation_steps: int = option(1, "micro-batches accumulated per optimizer step",
+                                              check=at_least(1))
+    # None: the method's own rule, else loop.DEFAULT_LEARNING_RATE
+    learning_rate: float | None = option(
+        None, "peak learning rate (default: the method's own rule, else 1e-4)",
+        check=in_range(0, MAX_LEARNING_RATE, low_open=True,
+                       why="AdamW moves every parameter by about this much per step"))
+    scale_lr: bool = option(False, "multiply the learning rate by batch size x processes x accumulation "
+                                   "steps")
+    lr_scheduler: str = option("constant", "learning-rate schedule (diffusers.optimization.get_scheduler)",
+                               choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = option(0, "linear warm-up steps", check=non_negative())
+    lr_num_cycles: int = option(1, "restarts of cosine_with_restarts", check=at_least(1))
+    lr_power: float = option(1.0, "power of the polynomial schedule")
+    use_8bit_adam: bool = option(False, "8-bit AdamW from bitsandbytes")
+    # AdamW's own ranges, checked before the model loads (torch checks them only when the optimizer is
+    # built, after loading, with a traceback)
+    adam_beta1: float = option(0.9, "AdamW beta1", check=in_range(0, 1, high_open=True))
+    adam_beta2: float = option(0.999, "AdamW beta2", check=in_range(0, 1, high_open=True))
+    adam_weight_decay: float = option(1e-2, "AdamW weight decay", check=non_negative())
+    adam_epsilon: float = option(1e-8, "AdamW epsilon", check=positive())
+    max_grad_norm: float = option(1.0, "clip the gradient norm to this value (0 disables clipping)",
+                                  check=non_negative())
+
+
+@dataclasses.dataclass(frozen=True)
+class MemorySettings(CheckedSettings):
+    """Memory and speed options applied to the denoiser once its adapter is attached."""
+
+    flag_group: ClassVar[str] = "precision and memory"
+
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory",
+                                          group="optimization")
+    enable_xformers_memory_efficient_attention: bool = option(
+        False, "xformers attention instead of PyTorch SDPA (the default)")
+    compile: bool = option(
+        False, "torch.compile the denoiser after the adapter is attached: only its repeated blocks where "
+               "diffusers lists them (regional compilation), else the whole model; the first steps pay the "
+               "compile time")
+    compile_backend: str = option("inductor", "torch.compile backend for --compile (inductor; aot_eager and "
+                                              "eager trace without generating code, for checks)")
+
+
+@dataclasses.dataclass(frozen=True)
+class AcceleratorSettings(CheckedSettings):
     """The Accelerator's precision, tracker and logging folder (relative to the output folder)."""
 
-    mixed_precision: str | None
-    report_to: str
-    logging_dir: str
-    allow_tf32: bool = False
+    flag_group: ClassVar[str] = "precision and memory"
+
+    mixed_precision: str | None = option(
+        None, "base weights in fp16/bf16, trainable parameters kept in fp32 (default: accelerate's setting, "
+              "'no' without one); the VAE always runs in fp32", choices=MIXED_PRECISIONS)
+    report_to: str = option("tensorboard", "experiment tracker for losses and images", choices=REPORT_TO,
+                            group="logging")
+    logging_dir: str = option("logs", "tracker folder, relative to --output_dir", group="logging")
+    allow_tf32: bool = option(False, "allow TF32 matmuls on Ampere+ GPUs")
+    tracker_project_name: str = option("difftune-subject", "tracker run name", group="logging")
 
 
 @dataclasses.dataclass(frozen=True)
-class MemorySettings:
-    """Memory options applied to the denoiser once its adapter is attached."""
-
-    gradient_checkpointing: bool = False
-    enable_xformers_memory_efficient_attention: bool = False
-    offload: bool = False  # the VAE and text encoders on the CPU, on the GPU only while they run
-    free_text_encoder: bool = False  # the text encoders dropped once the prompts are encoded
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimizerSettings:
-    """Batch geometry, step count, AdamW and learning-rate schedule, and gradient clipping."""
-
-    train_batch_size: int
-    gradient_accumulation_steps: int
-    num_train_epochs: int
-    max_train_steps: int | None
-    learning_rate: float | None  # None: the method's own rule, else loop.DEFAULT_LEARNING_RATE
-    scale_lr: bool
-    lr_scheduler: str
-    lr_warmup_steps: int
-    lr_num_cycles: int
-    lr_power: float
-    use_8bit_adam: bool
-    adam_beta1: float
-    adam_beta2: float
-    adam_weight_decay: float
-    adam_epsilon: float
-    max_grad_norm: float  # 0: no clipping
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointSettings:
+class CheckpointSettings(CheckedSettings):
     """Where a run writes, how often it saves a resumable checkpoint, and what it resumes."""
 
-    output_dir: Path
-    checkpointing_steps: int
-    checkpoints_total_limit: int | None = None
-    resume_from_checkpoint: str | None = None
+    flag_group: ClassVar[str] = "checkpoints"
+
+    output_dir: Path = option("outputs/subject", "where the adapter, checkpoints, samples, logs and model "
+                                                 "card go")
+    # Longer than the recipes' subject runs (400-600 steps), so those write no checkpoint they never use;
+    # long runs (the one-step recipe's 4800 steps) still save every 1000.
+    checkpointing_steps: int = option(
+        1000, "save a resumable checkpoint (adapter, optimizer state, RNGs) every N optimizer steps; the "
+              "default leaves runs of up to 1000 steps (the recipes' 400-600) without one, as redoing them "
+              "costs about what checkpointing them would", check=at_least(1))
+    checkpoints_total_limit: int | None = option(None, "keep at most this many checkpoints (oldest removed)",
+                                                 check=at_least(1))
+    resume_from_checkpoint: str | None = option(
+        None, "a checkpoint folder, or 'latest' for the newest one in --output_dir (starts fresh when there "
+              "is none)")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "output_dir", Path(self.output_dir))
+        super().__post_init__()
 
 
 @dataclasses.dataclass(frozen=True)
-class ValidationSettings:
+class ValidationSettings(CheckedSettings):
     """The subject trainer's samples: during training every ``validation_steps``, and at the end."""
 
-    validation_prompt: str | None
-    num_validation_images: int
-    validation_steps: int
-    validation_inference_steps: int
-    validation_guidance_scale: float | None = None
-    skip_final_inference: bool = False
+    flag_group: ClassVar[str] = "validation"
+
+    validation_prompt: str | None = option(None, "prompt sampled every --validation_steps (default: none "
+                                                 "during training; the final samples then use the instance "
+                                                 "prompt)")
+    num_validation_images: int = option(4, "images per validation", check=at_least(1))
+    validation_steps: int = option(100, "validate every N optimizer steps", check=at_least(1))
+    validation_inference_steps: int = option(25, "sampler steps", check=at_least(1))
+    validation_guidance_scale: float | None = option(None, "classifier-free guidance (default: the "
+                                                           "pipeline's own)")
+    skip_final_inference: bool = option(False, "do not reload the saved adapter into a fresh pipeline for "
+                                               "final samples")
 
     def generation(self, seed: int, resolution: int) -> GenerationSettings:
         """How the samples are drawn (`validation.generate_images`): square, one image per pipeline

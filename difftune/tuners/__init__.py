@@ -12,6 +12,7 @@ from ..errors import DifftuneError
 from ..registration import check_plugin_class
 from .base import Adapter, AdapterConfig, AdapterLayer, LayerAdapter
 from .lora import LoraAdapter
+from .peft import PeftAdapter
 from .sara import SaraAdapter
 from .svfit import SVFitAdapter
 from .tlora import TLoraAdapter
@@ -49,6 +50,7 @@ register_method(LoraAdapter)
 register_method(SaraAdapter)
 register_method(SVFitAdapter)
 register_method(TLoraAdapter)
+register_method(PeftAdapter)
 
 __all__ = ["METHODS", "Adapter", "AdapterConfig", "AdapterLayer", "LayerAdapter",
            "get_method", "register_method"]

@@ -9,6 +9,7 @@ that wrap individual layers (SVFit, TLoRA) subclass `LayerAdapter` and only writ
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from abc import ABC, ABCMeta, abstractmethod
@@ -44,6 +45,9 @@ class AdapterConfig:
                 f"unknown option(s) for method '{method}': {', '.join(unknown)}. "
                 f"Valid options: {', '.join(sorted(known))}"
             )
+        for name, value in sorted(options.items()):
+            if _non_finite(value):  # NaN passes every `value <= 0` check of validate()
+                raise DifftuneError(f"{method} option '{name}' must be a finite number, got {value!r}")
         failure = None
         try:
             config = cls(**options)
@@ -64,6 +68,13 @@ class AdapterConfig:
 
     def validate(self) -> None:
         """Check option values; raise DifftuneError naming the option."""
+
+
+def _non_finite(value: Any) -> bool:
+    """Whether an option value is (or, in a list, holds) a NaN or infinite float."""
+    if isinstance(value, (list, tuple)):
+        return any(_non_finite(v) for v in value)
+    return isinstance(value, float) and not math.isfinite(value)
 
 
 def _conforms(value: Any, annotation: Any) -> bool:
@@ -163,8 +174,9 @@ class Adapter(ABC):
         self.merged = False
 
     @classmethod
-    def check_targets(cls, modules: dict[str, nn.Module]) -> None:
-        """Refuse, naming them, the targeted modules this method cannot adapt."""
+    def check_targets(cls, modules: dict[str, nn.Module], config: AdapterConfig | None = None) -> None:
+        """Refuse, naming them, the targeted modules this method cannot adapt (with ``config``, also
+        those its options rule out: a peft type that takes no Conv2d)."""
         check_layer_types(cls.method, modules, cls.supported_layers, cls.supported_description)
 
     @abstractmethod
@@ -248,6 +260,12 @@ class Adapter(ABC):
         return None
 
     @classmethod
+    def frozen_buffer_bytes(cls, layers: list[nn.Linear], trainable: int) -> int:
+        """Bytes the method keeps beside the base weights besides its trainable values, when it trains
+        ``trainable`` values on ``layers`` (`difftune.memory`'s estimate; none for most methods)."""
+        return 0
+
+    @classmethod
     def exact_lora_refusal(cls, config: Mapping[str, Any]) -> str | None:
         """Why an adapter of this method with ``config`` (its options) has no exact LoRA form for other
         tools' LoRA files; None when `lora_factors` gives one. An export then extracts one by SVD."""
@@ -257,6 +275,14 @@ class Adapter(ABC):
         """``{module: (down, up, alpha)}`` with ΔW = alpha/rank · up·down exactly (rank = down's first
         size), for methods whose `exact_lora_refusal` is None."""
         raise DifftuneError(self.exact_lora_refusal(self.config.to_dict()) or f"{self.method}: no LoRA form")
+
+    def merged_and_base_tensor(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """One tensor the adapter changes (a name of `changed_tensor_names`) on its own: its merged value
+        at the current scale and its base value, as the merged model and the bare model hold them.
+        Computed for this tensor alone and the model left as it was, so an export can stream a whole
+        model through memory one tensor at a time. None: this method merges only as a whole (an
+        export then merges everything at once); the layer-wrapping methods, LoRA and SaRA do it."""
+        return None
 
     def file_metadata(self) -> dict[str, Any]:
         """Method-specific facts stored in the file (for example what rebuilds a mask)."""
@@ -384,12 +410,18 @@ class AdapterLayer(nn.Module, metaclass=ABCMeta):
         return self.adapted_forward(x)
 
     @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """W0 + scale·ΔW in the base weight's dtype: what `merge` writes."""
+        weight = self.base_layer.weight
+        return (weight.float() + self.scale * self.delta_weight().reshape(weight.shape)).to(weight.dtype)
+
+    @torch.no_grad()
     def merge(self, keep_original: bool) -> None:
         weight = self.base_layer.weight
-        merged = weight.float() + self.scale * self.delta_weight().reshape(weight.shape)
+        merged = self.merged_weight()
         if keep_original:
             self._original_weight = weight.data
-        weight.data = merged.to(weight.dtype)
+        weight.data = merged
         self.merged = True
 
     @torch.no_grad()
@@ -436,9 +468,15 @@ class LayerAdapter(Adapter):
         for key, target in expected.items():
             value = tensors[key]
             if value.shape != target.shape:
-                raise DifftuneError(f"{source}: tensor '{key}' has shape {list(value.shape)}, "
-                                    f"expected {list(target.shape)}")
+                raise AdapterFileError(f"{source}: tensor '{key}' has shape {list(value.shape)}, "
+                                       f"expected {list(target.shape)}")
             target.copy_(value)
+
+    def merged_and_base_tensor(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        layer = self.layers.get(name.removesuffix(".weight"))
+        if layer is None or self.merged or not name.endswith(".weight"):
+            return None
+        return layer.merged_weight(), layer.base_layer.weight.detach()
 
     def _apply_scale(self, scale: float) -> None:
         for layer in self.layers.values():

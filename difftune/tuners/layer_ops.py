@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import TargetError
-from .base import LayerAdapter
+from .base import AdapterConfig, LayerAdapter
 
 WRAPPABLE_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 
@@ -38,8 +38,8 @@ class WrappingLayerAdapter(LayerAdapter):
     supported_description = "Linear and (ungrouped) Conv2d layers"
 
     @classmethod
-    def check_targets(cls, modules: dict[str, nn.Module]) -> None:
-        super().check_targets(modules)
+    def check_targets(cls, modules: dict[str, nn.Module], config: AdapterConfig | None = None) -> None:
+        super().check_targets(modules, config)
         check_ungrouped(cls.method, modules)
 
     def set_forward_mode(self, mode: str) -> None:

@@ -317,7 +317,7 @@ def load_world_clip(directory: str | Path, dtype: torch.dtype = torch.float32):
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"no world CLIP in {directory} (expected config.json there)")
-    model = CLIPModel.from_pretrained(directory, torch_dtype=dtype).eval()
+    model = CLIPModel.from_pretrained(directory, dtype=dtype).eval()
     return model, CLIPTokenizer.from_pretrained(directory)
 
 

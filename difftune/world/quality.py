@@ -40,7 +40,7 @@ def load_embedded_pipeline(model_dir: str | Path, dtype: torch.dtype = torch.flo
     model_dir = Path(model_dir)
     if not (model_dir / "model_index.json").is_file():
         raise FileNotFoundError(f"no pipeline in {model_dir} (expected model_index.json there)")
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=dtype, local_files_only=True)
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

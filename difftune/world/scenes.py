@@ -85,6 +85,10 @@ SPLITS: dict[str, tuple[int, int]] = {
     "heldout_a": (1_000_000_000, 1_100_000_000),
     "heldout_b": (1_100_000_000, 1_200_000_000),
     "subject": (1_200_000_000, 1_300_000_000),
+    # the style domains' scenes (difftune.world.styles): training, held-out, and a second real set
+    "style_train": (1_300_000_000, 1_310_000_000),
+    "style_heldout": (1_310_000_000, 1_320_000_000),
+    "style_reference": (1_320_000_000, 1_330_000_000),
 }
 
 
@@ -321,19 +325,31 @@ def downsample(canvas: np.ndarray) -> np.ndarray:
 
 def render_scene(scene: Scene) -> np.ndarray:
     """The scene as a 64×64×3 uint8 RGB array."""
-    size = IMAGE_SIZE * SUPERSAMPLE
-    canvas = np.empty((size, size, 3), dtype=np.float32)
-    canvas[:] = np.asarray(scene.background_rgb, dtype=np.float32)
+    canvas = blank_canvas(scene.background_rgb)
     for obj in scene.objects:
-        mask = shape_mask(obj.shape, obj.center, obj.radius, obj.rotation, size)
-        window = _object_window(obj, size)
-        body = np.asarray(obj.rgb, dtype=np.float32)
-        pattern = texture_mask(obj.texture, obj.texture_phase, size, window)
-        paint_object(canvas[window], mask[window], body, body * TEXTURE_SHADE, pattern)
+        paint_world_object(canvas, obj)
     return downsample(canvas)
 
 
-def _object_window(obj: WorldObject, size: int) -> tuple[slice, slice]:
+def blank_canvas(rgb: tuple[int, int, int], size: int = IMAGE_SIZE * SUPERSAMPLE) -> np.ndarray:
+    """A supersampled float canvas filled with one colour."""
+    canvas = np.empty((size, size, 3), dtype=np.float32)
+    canvas[:] = np.asarray(rgb, dtype=np.float32)
+    return canvas
+
+
+def paint_world_object(canvas: np.ndarray, obj: WorldObject) -> np.ndarray:
+    """Paint one object as the world draws it (body colour, darker texture); returns its mask."""
+    size = canvas.shape[0]
+    mask = shape_mask(obj.shape, obj.center, obj.radius, obj.rotation, size)
+    window = object_window(obj, size)
+    body = np.asarray(obj.rgb, dtype=np.float32)
+    pattern = texture_mask(obj.texture, obj.texture_phase, size, window)
+    paint_object(canvas[window], mask[window], body, body * TEXTURE_SHADE, pattern)
+    return mask
+
+
+def object_window(obj: WorldObject, size: int) -> tuple[slice, slice]:
     """Rows and columns that can hold the object (every outline stays within 1.4 radii)."""
     scale = size / IMAGE_SIZE
     reach = 1.4 * obj.radius + 1.0

@@ -2,12 +2,11 @@
 one-step image; exact resume; refusals before any model is loaded."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, train_script_runner
+from conftest import train_script_runner
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -18,7 +17,7 @@ from difftune.hipa.one_step import generate_one_step
 from difftune.model_factory import load_pipeline
 
 SIZE = 32
-run_script = train_script_runner(str(Path(ROOT) / "train_scripts" / "train_one_step.py"))
+run_script = train_script_runner("train_one_step")
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,11 @@ import json
 
 import numpy as np
 import pytest
-from conftest import build, load_script, make_subject_images
+from conftest import build, command_module, make_subject_images
 from PIL import Image
 
 import difftune
+from difftune.commands import benchmark_runs
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,7 @@ def benchmark_run(tmp_path_factory, tiny_clip_dir):
             "--train_batch_size", "1", "--resolution", "64", "--seed", "5", "--num_class_images", "3",
             "--prompts", "dreambooth", "--num_prompts", "1", "--images_per_prompt", "2",
             "--num_inference_steps", "2", "--guidance_scale", "1", "--clip_model", str(tiny_clip_dir)]
-    script = load_script("eval/benchmark.py")
+    script = command_module("benchmark")
     rows = script.main(argv)
     return script, argv, root / "out", methods, rows
 
@@ -99,7 +100,7 @@ def test_interrupted_training_resumes_from_its_checkpoint(benchmark_run, tmp_pat
     train_dir = tmp_path / "train" / "lora"
     (train_dir / "checkpoint-1").mkdir(parents=True)
     subject = script.Subject.from_dir(args.instance_data_dir)
-    command = script.trainer_command(args, subject, "lora", ["--rank", "4"], train_dir)
+    command = benchmark_runs.trainer_command(args, subject, "lora", ["--rank", "4"], train_dir)
     assert command[-2:] == ["--resume_from_checkpoint", "latest"]
     assert command[command.index("--max_train_steps") + 1] == "2"
 
@@ -118,11 +119,11 @@ def test_a_prompt_the_identifier_cannot_leave_is_refused_before_training(benchma
     (["--train_args", "--adam_beta1 2"], r"trainer flags of lora: --adam_beta1 must be in \[0, 1\)"),
     (["--method_args", "lora=--rank 0"], "trainer flags of lora: .*'rank' must be a positive integer"),
     (["--train_args=--no_such_flag"], "trainer flags of lora refused by train_subject.py"),
-    (["--resolution", "63"], "trainer flags of lora: --resolution must be a multiple of 2"),
+    (["--resolution", "63"], "trainer flags of lora: --resolution must be a multiple of 8"),
 ])
 def test_trainer_flags_are_checked_by_the_trainer_before_any_heavy_work(tmp_path, monkeypatch, flags,
                                                                         message):
-    script = load_script("eval/benchmark.py")
+    script = command_module("benchmark")
     subject = make_subject_images(tmp_path / "subject", 2, size=(64, 64))
     (subject / "subject.json").write_text(json.dumps({"identifier": "sks", "class_name": "dog"}))
 
@@ -139,8 +140,15 @@ def test_trainer_flags_are_checked_by_the_trainer_before_any_heavy_work(tmp_path
         script.main(argv)
 
 
-def test_benchmark_refuses_unknown_methods_and_bad_method_args(tmp_path):
-    script = load_script("eval/benchmark.py")
+def test_benchmark_refuses_unknown_methods_and_bad_method_args(tmp_path, capsys):
+    script = command_module("benchmark")
+    cases = ((["--method_args", "lora=--targets 'attn"],
+              "--method_args \"lora=--targets 'attn\": cannot split the flags: No closing quotation"),
+             (["--train_args", "--rank '4"], "--train_args \"--rank '4\": cannot split the flags"))
+    for flags, message in cases:
+        with pytest.raises(SystemExit):
+            script.parse_args(["--output_dir", str(tmp_path), "--methods", "lora", *flags])
+        assert message in capsys.readouterr().err
     with pytest.raises(SystemExit):
         script.parse_args(["--output_dir", str(tmp_path), "--methods", "lora", "nomethod"])
     with pytest.raises(SystemExit):
@@ -149,7 +157,7 @@ def test_benchmark_refuses_unknown_methods_and_bad_method_args(tmp_path):
 
 
 def test_sd15_preset_is_one_flag(tmp_path):
-    script = load_script("eval/benchmark.py")
+    script = command_module("benchmark")
     args = script.parse_args(["--preset", "sd15", "--output_dir", str(tmp_path)])
     assert args.pretrained_model_name_or_path == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert (args.resolution, args.mixed_precision) == (512, "fp16")

@@ -2,11 +2,10 @@
 sweep, grid, intervals, resume."""
 
 import json
-import sys
 
 import numpy as np
 import pytest
-from conftest import load_script, make_subject_images
+from conftest import command_module, make_subject_images
 from PIL import Image
 
 
@@ -68,7 +67,7 @@ def suite_run(tmp_path_factory, tiny_clip_dir):
     for name, seed in (("cat", 0), ("mug", 1)):
         folder = make_subject_images(root / "subjects" / name, 2, size=(64, 64), seed=seed)
         (folder / "subject.json").write_text(json.dumps({"identifier": "sks", "class_name": name}))
-    script = load_script("eval/benchmark.py")
+    script = command_module("benchmark")
     argv = suite_argv(root, tiny_clip_dir)
     return script, argv, root / "out", script.main(argv)
 
@@ -156,7 +155,7 @@ def test_sweep_picks_the_rate_by_its_rule_and_sara_matches_lora(suite_run):
 
 def test_suite_resumes_without_training_or_drawing_again(suite_run, monkeypatch):
     script, argv, out, result = suite_run
-    suite = sys.modules["benchmark_suite"]
+    suite = command_module("benchmark_suite")
     calls = []
     original_train = suite.train_method
 
@@ -193,7 +192,7 @@ def test_suite_resumes_without_training_or_drawing_again(suite_run, monkeypatch)
 
 def test_report_only_loads_no_model_and_keeps_the_stored_fid_floor(suite_run, monkeypatch):
     script, argv, out, result = suite_run
-    suite = sys.modules["benchmark_suite"]
+    suite = command_module("benchmark_suite")
 
     def no_model(self):
         raise AssertionError("--report_only loaded a model")
@@ -210,7 +209,7 @@ def test_report_only_loads_no_model_and_keeps_the_stored_fid_floor(suite_run, mo
 
 
 def test_suite_refuses_bad_flags_before_work(tmp_path, tiny_clip_dir):
-    script = load_script("eval/benchmark.py")
+    script = command_module("benchmark")
     (tmp_path / "subjects").mkdir()
     base = suite_argv(tmp_path, tiny_clip_dir)
     with pytest.raises(SystemExit):  # the last checkpoint must be the end of training

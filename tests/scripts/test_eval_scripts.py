@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import build, load_script, make_subject_images, randomize_adapter
+from conftest import build, command_module, make_subject_images, randomize_adapter
 from PIL import Image
 
 import difftune
@@ -86,7 +86,7 @@ def test_image_seeds_do_not_depend_on_batch_size():
 
 
 def test_evaluate_subject_end_to_end(tmp_path, toy_subject, lora_file, tiny_clip_dir, tiny_dino_dir, capsys):
-    script = load_script("eval/evaluate_subject.py")
+    script = command_module("evaluate_subject")
     class_dir = make_subject_images(tmp_path / "class", 5, seed=1)
     out = tmp_path / "eval"
     argv = ["--pretrained_model_name_or_path", "builtin:tiny-sd", "--adapter", f"lora={lora_file}",
@@ -173,7 +173,7 @@ def test_evaluate_subject_takes_another_tools_lora_file(tmp_path, toy_subject, l
 
     kohya = tmp_path / "lora_kohya.safetensors"
     export_adapter(lora_file, kohya, "kohya", base_model="builtin:tiny-sd", psnr_images=0)
-    script = load_script("eval/evaluate_subject.py")
+    script = command_module("evaluate_subject")
     argv = ["--pretrained_model_name_or_path", "builtin:tiny-sd", "--adapter", f"lora={lora_file}",
             "--adapter", f"kohya={kohya}", "--instance_data_dir", str(toy_subject), "--prompts", "dreambooth",
             "--num_prompts", "1", "--images_per_prompt", "1", "--num_inference_steps", "2", "--height", "64",
@@ -188,7 +188,7 @@ def test_evaluate_subject_takes_another_tools_lora_file(tmp_path, toy_subject, l
 
 def test_class_prompts_without_dino_and_switched_off(tmp_path, toy_subject, tiny_clip_dir):
     """No DINO model: PRES comes from CLIP-I and says so; --no_class_prompts removes the columns only."""
-    script = load_script("eval/evaluate_subject.py")
+    script = command_module("evaluate_subject")
     argv = ["--pretrained_model_name_or_path", "builtin:tiny-sd", "--include_base",
             "--instance_data_dir", str(toy_subject), "--prompts", "dreambooth", "--num_prompts", "2",
             "--images_per_prompt", "2", "--num_inference_steps", "2", "--height", "64", "--width", "64",
@@ -225,10 +225,10 @@ def test_class_prompts_without_dino_and_switched_off(tmp_path, toy_subject, tiny
         assert without[key] == with_class[key]  # the existing columns do not change
 
 
-def test_evaluate_subject_refuses_bad_input_before_loading_models(tmp_path, toy_subject):
-    script = load_script("eval/evaluate_subject.py")
+def test_evaluate_subject_refuses_bad_input_before_loading_models(tmp_path, toy_subject, tiny_clip_dir):
+    script = command_module("evaluate_subject")
     base = ["--pretrained_model_name_or_path", "builtin:tiny-sd", "--instance_data_dir", str(toy_subject),
-            "--output_dir", str(tmp_path)]
+            "--output_dir", str(tmp_path), "--clip_model", str(tiny_clip_dir)]
     with pytest.raises(difftune.DifftuneError, match="missing.safetensors does not exist"):
         script.main([*base, "--adapter", str(tmp_path / "missing.safetensors")])
     with pytest.raises(difftune.DifftuneError, match="holds no images"):
@@ -241,6 +241,12 @@ def _eval_bad_values(tmp_path, toy_subject):
     corrupt = make_subject_images(tmp_path / "corrupt", 1)
     (corrupt / "broken.png").write_bytes(b"\x89PNG broken")
     (tmp_path / "a_file").write_text("")
+    corrupt_adapter = tmp_path / "corrupt.safetensors"
+    corrupt_adapter.write_bytes(b"\x10" + b"\x00" * 20)
+    (tmp_path / "adapter.ckpt").write_bytes(b"never read")
+    sdxl = build("sdxl")  # a UNet2DConditionModel too, of another layout
+    difftune.add_adapter(sdxl.unet, "lora", targets="attn", rank=2)
+    sdxl_adapter = difftune.save_adapter(sdxl.unet, tmp_path / "sdxl.safetensors")
     return {
         "num_prompts 0": (["--num_prompts", "0"], "--num_prompts must be at least 1, got 0"),
         "num_prompts -1": (["--num_prompts", "-1"], "--num_prompts must be at least 1, got -1"),
@@ -251,7 +257,7 @@ def _eval_bad_values(tmp_path, toy_subject):
                                   "--num_inference_steps must be at least 1"),
         "generation_batch_size 0": (["--generation_batch_size", "0"],
                                     "--generation_batch_size must be at least 1"),
-        "height 7": (["--height", "7"], "--height must be a positive multiple of 2 for builtin:tiny-sd"),
+        "height 7": (["--height", "7"], "--height must be a positive multiple of 8 for builtin:tiny-sd"),
         "device bogus": (["--device", "bogus"], r"--device bogus: not a device \(cpu, cuda"),
         "missing clip model": (["--clip_model", str(tmp_path / "no_clip")],
                                "--clip_model: CLIP model folder .*no_clip does not exist"),
@@ -261,16 +267,28 @@ def _eval_bad_values(tmp_path, toy_subject):
                             "subject folder .*nowhere does not exist"),
         "corrupt image": (["--instance_data_dir", str(corrupt), "--class_name", "dog"],
                           r"cannot read image .*broken.png \(corrupt or truncated\?\)"),
+        "hub clip offline": (["--clip_model", "auto"],
+                             r"--clip_model: CLIP model openai/clip-vit-large-patch14 is a hub id, the hub "
+                             "is offline"),
+        "corrupt adapter": (["--adapter", f"corrupt={corrupt_adapter}", "--include_base"],
+                            r"--adapter corrupt: .*corrupt.safetensors: not a readable safetensors file"),
+        "pickle adapter": (["--adapter", f"pickle={tmp_path / 'adapter.ckpt'}"],
+                           r"--adapter pickle: .*adapter.ckpt: refusing a pickle-based file"),
+        "wrong-base adapter": (["--adapter", f"sdxl={sdxl_adapter}", "--include_base"],
+                               r"--adapter sdxl: .*sdxl.safetensors: base model has no module '.*' \(the "
+                               r"adapter targets it\)"),
     }
 
 
 @pytest.mark.parametrize("case", ["num_prompts 0", "num_prompts -1", "scale nan", "guidance inf",
                                   "images_per_prompt 0", "num_inference_steps 0", "generation_batch_size 0",
                                   "height 7", "device bogus", "missing clip model", "output dir is a file",
-                                  "missing subject", "corrupt image"])
+                                  "missing subject", "corrupt image", "hub clip offline", "corrupt adapter",
+                                  "pickle adapter", "wrong-base adapter"])
 def test_evaluate_subject_refuses_bad_values_in_one_line_before_loading_models(tmp_path, toy_subject,
-                                                                              lora_file, monkeypatch, case):
-    script = load_script("eval/evaluate_subject.py")
+                                                                              lora_file, tiny_clip_dir,
+                                                                              monkeypatch, case):
+    script = command_module("evaluate_subject")
 
     def no_models(*_args, **_kwargs):
         raise AssertionError("a model was loaded before the bad value was noticed")
@@ -279,15 +297,16 @@ def test_evaluate_subject_refuses_bad_values_in_one_line_before_loading_models(t
     monkeypatch.setattr(script, "load_eval_pipeline", no_models)
     flags, message = _eval_bad_values(tmp_path, toy_subject)[case]
     argv = ["--pretrained_model_name_or_path", "builtin:tiny-sd", "--adapter", str(lora_file),
-            "--instance_data_dir", str(toy_subject), "--output_dir", str(tmp_path / "out"), *flags]
+            "--instance_data_dir", str(toy_subject), "--output_dir", str(tmp_path / "out"),
+            "--clip_model", str(tiny_clip_dir), *flags]
     with pytest.raises(difftune.DifftuneError, match=message) as caught:
         script.main(argv)
     assert "\n" not in str(caught.value)
 
 
-def test_evaluate_subject_refuses_a_prompt_the_identifier_keeps_before_loading_models(tmp_path, toy_subject,
-                                                                                     monkeypatch):
-    script = load_script("eval/evaluate_subject.py")
+def test_evaluate_subject_refuses_a_prompt_the_identifier_keeps_before_loading_models(
+        tmp_path, toy_subject, tiny_clip_dir, monkeypatch):
+    script = command_module("evaluate_subject")
 
     def no_models(*_args, **_kwargs):
         raise AssertionError("a model was loaded before the prompts were checked")
@@ -295,7 +314,8 @@ def test_evaluate_subject_refuses_a_prompt_the_identifier_keeps_before_loading_m
     monkeypatch.setattr(script, "build_scorer", no_models)
     monkeypatch.setattr(script, "load_eval_pipeline", no_models)
     argv = ["--pretrained_model_name_or_path", "builtin:tiny-sd", "--include_base", "--instance_data_dir",
-            str(toy_subject), "--identifier", "<v>", "--output_dir", str(tmp_path)]  # "a <v> dog" keeps it
+            str(toy_subject), "--identifier", "<v>", "--output_dir", str(tmp_path),  # "a <v> dog" keeps it
+            "--clip_model", str(tiny_clip_dir)]
     with pytest.raises(difftune.DifftuneError, match="could not be removed .*--no_class_prompts"):
         script.main(argv)
     with pytest.raises(AssertionError, match="before the prompts were checked"):
@@ -304,7 +324,7 @@ def test_evaluate_subject_refuses_a_prompt_the_identifier_keeps_before_loading_m
 
 def test_half_precision_generation_with_adapter(tmp_path, toy_subject, lora_file, tiny_clip_dir):
     """The GPU path (pipeline in a 16-bit dtype, the loaded adapter moved to it) runs here in bf16."""
-    script = load_script("eval/evaluate_subject.py")
+    script = command_module("evaluate_subject")
     results = script.main(["--pretrained_model_name_or_path", "builtin:tiny-sd", "--adapter", str(lora_file),
                            "--instance_data_dir", str(toy_subject), "--dtype", "bf16", "--num_prompts", "1",
                            "--images_per_prompt", "1", "--num_inference_steps", "2", "--height", "64",

@@ -27,11 +27,33 @@ def test_weight_gradient_floor_computes_and_drops_every_weight_gradient(benchmar
     assert len(seen) == len(weights) and all(seen)
 
 
-@pytest.mark.parametrize("mode", ["lora-r4", "weight-grads", "sara"])
+@pytest.mark.parametrize("mode", ["lora-r4", "weight-grads", "sara", "sara-dense-grads", "supertuning",
+                                  "shira", "lora-budget"])
 def test_each_mode_runs_a_timed_step(benchmark, mode):
     threads = torch.get_num_threads()
-    result = benchmark.run_child({"mode": mode, "budget": 2e4 if mode == "sara" else None, "batch": 1,
+    budget = 2e4 if mode in benchmark.BUDGET_MODES else None
+    result = benchmark.run_child({"mode": mode, "budget": budget, "layers": "linear", "batch": 1,
                                   "resolution": 64, "device": "cpu", "steps": 1, "threads": threads,
                                   "unet": "tiny"})
     assert result["seconds"] > 0 and result["peak_gib"] > 0
     assert (result["trainable"] == 0) == (mode == "weight-grads")
+    if budget:  # the peers train about the budget, on the Linear layers only
+        assert 0.8 * budget <= result["trainable"] <= 1.3 * budget
+    if mode == "sara":  # every trained layer reports its measured route
+        assert result["routes"] and {route["path"] for route in result["routes"]} <= {"sampled", "dense"}
+    if mode == "sara-dense-grads":
+        assert result["routes"] == []
+
+
+def test_the_plan_interleaves_layer_sets_and_needs_a_local_official_copy(benchmark, tmp_path):
+    args = benchmark.parse_args(["--docs", ""])
+    modes = {(s["mode"], s["layers"]) for s in benchmark.plan(args)}
+    assert ("official-sara", "linear") not in modes  # never downloaded: only with --official_sara
+    assert ("supertuning", "linear") in modes and ("supertuning", "all") not in modes
+    assert ("sara", "all") in modes and ("weight-grads", "linear") in modes
+    args = benchmark.parse_args(["--docs", "", "--official_sara", str(tmp_path)])
+    assert any(s["mode"] == "official-sara" for s in benchmark.plan(args))
+    with pytest.raises(SystemExit, match="no optim/adamw.py"):
+        benchmark.run_child({"mode": "official-sara", "budget": 2e4, "layers": "linear", "batch": 1,
+                             "resolution": 64, "device": "cpu", "steps": 1, "threads": 1, "unet": "tiny",
+                             "official_sara": str(tmp_path)})

@@ -3,6 +3,7 @@ that fails leaves no checkpoint, and a checkpoint resumes only the run that wrot
 
 import json
 import random
+import re
 
 import numpy as np
 import pytest
@@ -130,3 +131,80 @@ def test_a_checkpoint_resumes_only_the_run_that_wrote_it(tmp_path):
                        ("method", "svfit")):
         with pytest.raises(DifftuneError, match=f"it was trained with {key} .*this run asks for"):
             checkpointing.check_resume_fits(state, {**settings, key: other}, tmp_path)
+
+
+CHECKPOINT_MUTATIONS = 200
+
+
+def _mutate_checkpoint(folder, rng: random.Random) -> str:
+    """One seeded damage to one file of a checkpoint folder; returns its kind."""
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    target = rng.choice(files)
+    data = bytearray(target.read_bytes())
+    kind = rng.choice(["bit flip", "byte edit", "truncate", "append", "delete", "json edit"])
+    if kind == "json edit" and target.suffix != ".json":
+        kind = "bit flip"
+    if kind == "bit flip":
+        data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+    elif kind == "byte edit":
+        position = rng.randrange(len(data))
+        data[position] = (data[position] + rng.randrange(1, 256)) % 256
+    elif kind == "truncate":
+        data = data[:rng.randrange(len(data))]
+    elif kind == "append":
+        data += b" "
+    elif kind == "delete":
+        target.unlink()
+        return f"{kind} {target.name}"
+    else:  # a digit of a number changed, as a hand edit of "step": 30 → 20 would
+        text = data.decode()
+        digits = [i for i, c in enumerate(text) if c.isdigit()]
+        position = rng.choice(digits)
+        text = text[:position] + str((int(text[position]) + rng.randrange(1, 10)) % 10) + text[position + 1:]
+        data = bytearray(text.encode())
+    target.write_bytes(bytes(data))
+    return f"{kind} {target.name if not target.name.startswith('rng_state') else 'rng_state'}"
+
+
+def test_every_damaged_checkpoint_is_refused_naming_the_file_and_latest_falls_back(tmp_path):
+    """Seeded single damages to every file of a checkpoint (bit flips, edits, cuts, a deleted file,
+    a digit changed in the JSON): each is refused, by name, before anything loads; `latest` then
+    resumes the older intact checkpoint. The counts by kind are printed."""
+    import shutil
+    from collections import Counter
+
+    model, optimizer, scheduler = trained(0, 2)
+    older = save(tmp_path / "out", 2, model, optimizer, scheduler)
+    pristine = save(tmp_path / "pristine", 3, model, optimizer, scheduler)
+    rng = random.Random("checkpoint-fuzz")
+    kinds: Counter = Counter()
+    for _ in range(CHECKPOINT_MUTATIONS):
+        damaged = tmp_path / "out" / "checkpoint-3"
+        shutil.rmtree(damaged, ignore_errors=True)
+        shutil.copytree(pristine, damaged)
+        kind = _mutate_checkpoint(damaged, rng)
+        try:
+            checkpointing.resolve_checkpoint(tmp_path / "out", str(damaged))
+        except DifftuneError as err:
+            assert re.search(r"checkpoint-3: (not a complete|a damaged) checkpoint: ", str(err)), (kind, err)
+            assert "\n" not in str(err)
+        else:  # only a change that means nothing may pass: whitespace added to the marker
+            assert kind == f"append {checkpointing.COMPLETE_MARKER}", kind
+            assert json.loads((damaged / checkpointing.COMPLETE_MARKER).read_text()) == json.loads(
+                (pristine / checkpointing.COMPLETE_MARKER).read_text())
+            kinds["harmless"] += 1
+            continue
+        with pytest.warns(UserWarning, match="resuming from checkpoint-2, the newest intact") \
+                if checkpointing.incomplete_reason(damaged) is None else _no_warning():
+            assert checkpointing.resolve_checkpoint(tmp_path / "out", "latest") == older
+        kinds[kind.split(" ")[0]] += 1
+    print(f"checkpoint damage: {CHECKPOINT_MUTATIONS} mutations; refused by kind, and harmless: "
+          f"{dict(sorted(kinds.items()))}")
+
+
+class _no_warning:  # an incomplete checkpoint is not listed at all: latest finds the older one silently
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

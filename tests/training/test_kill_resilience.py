@@ -1,34 +1,58 @@
-"""SIGKILL at seeded random moments of training, checkpointing, pruning and the final save.
+"""SIGKILL during training, inside a checkpoint save, during pruning and during the final save, for every
+registered method.
 
-After every kill each checkpoint that counts must load (adapter and every state file); the next
-start removes what the killed one left half-written; and the run resumed through all the kills
-ends with the adapter of an uninterrupted run, bit for bit.
+Each start of the trainer is a process forked from a server that has imported the libraries already
+(multiprocessing's forkserver), so a start costs a fraction of a second, not an import of torch and
+diffusers. Most kills are placed exactly: the child kills itself right before the rename that would
+finish a checkpoint file, a checkpoint's marker, a checkpoint folder, a pruning or the final adapter
+file (what is on disk then is what a power cut there leaves); one more comes at a random moment of the
+steps. After every kill each checkpoint that counts must be intact and load, the next start removes
+what the killed one left, and the run resumed through all the kills ends with the adapter of an
+uninterrupted run, bit for bit.
 """
 
+import multiprocessing
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 
+import kill_child
+import pytest
 import torch
-from conftest import ROOT, TRAIN_SUBJECT
+from conftest import ROOT
 from safetensors.torch import load_file
 
 import difftune
 from difftune.model_factory import load_pipeline
 from difftune.training import checkpointing
 
-KILLS = 6
-STEPS = 30  # a killed start runs a few steps: room for every kill before the end
+STEPS = 6
+# where a start kills itself: (what, file or folder name, which occurrence); None: a random moment
+KILLS = [
+    None,
+    ("replace", "optimizer.safetensors", 2),  # inside a checkpoint save, a state file written
+    ("replace", "checkpoint_complete.json", 1),  # a checkpoint's marker written, not yet in place
+    ("rename", ".checkpoint-", 1),  # a finished staging folder not yet renamed
+    ("rmtree", ".pruned.tmp", 1),  # a pruned checkpoint renamed away, not yet deleted
+    ("replace", "adapter.safetensors", "final"),  # the final adapter written, not yet in place
+]
+OPTIONS = {"lora": ["--rank", "2"], "sara": ["--sara_budget", "0.02"], "svfit": ["--rank", "2"]}
 
 
-def trainer_flags(subject_dir, out):
+def trainer_flags(subject_dir, out, method):
     return ["--pretrained_model_name_or_path", "builtin:tiny-sd", "--instance_data_dir", str(subject_dir),
             "--instance_prompt", "a photo of sks disc", "--output_dir", str(out), "--max_train_steps",
             str(STEPS), "--checkpointing_steps", "1", "--checkpoints_total_limit", "2", "--report_to", "none",
-            "--seed", "0", "--skip_final_inference", "--resume_from_checkpoint", "latest"]
+            "--seed", "0", "--skip_final_inference", "--resume_from_checkpoint", "latest",
+            "--adapter", method, *OPTIONS.get(method, [])]
+
+
+@pytest.fixture(scope="module")
+def forkserver():
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["kill_child"])
+    return context
 
 
 def latest_step(out) -> int:
@@ -40,40 +64,46 @@ def leftovers(out):
     return sorted(p.name for p in out.rglob("*.tmp"))
 
 
-def test_runs_killed_at_random_moments_resume_to_the_uninterrupted_adapter(train_subject, subject_dir,
-                                                                           tmp_path):
+@pytest.mark.parametrize("method", sorted(difftune.METHODS))
+def test_runs_killed_anywhere_resume_to_the_uninterrupted_adapter(forkserver, train_subject, subject_dir,
+                                                                  tmp_path, method, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("PYTHONPATH", ROOT)
     reference = tmp_path / "reference"
-    train_subject(*trainer_flags(subject_dir, reference))
+    train_subject(*trainer_flags(subject_dir, reference, method))
     out = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    rng = random.Random(22)
+    rng = random.Random(f"kill-{method}")
     pipe = load_pipeline("builtin:tiny-sd")
-    kills, finished = 0, False
-    while not finished:
-        process = subprocess.Popen([sys.executable, TRAIN_SUBJECT, *trainer_flags(subject_dir, out)], env=env,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for kill in [*KILLS, "finish"]:
+        placed = None if kill in (None, "finish") else kill
+        process = forkserver.Process(target=kill_child.run_trainer,
+                                     args=(trainer_flags(subject_dir, out, method), placed, str(out)))
+        process.start()
         try:
-            if kills < KILLS:  # let this start save a checkpoint, then kill it a random moment later
+            if kill is None:  # once a checkpoint more is written, a random moment later
                 start_step, deadline = latest_step(out), time.time() + 120
-                while process.poll() is None and latest_step(out) == start_step and time.time() < deadline:
-                    time.sleep(0.02)
-                time.sleep(rng.uniform(0.0, 0.5))
-                assert process.poll() is None, "the run ended before it could be killed"
+                while process.is_alive() and latest_step(out) == start_step and time.time() < deadline:
+                    time.sleep(0.01)
+                time.sleep(rng.uniform(0.0, 0.3))
+                assert process.is_alive(), "the run ended before it could be killed"
                 os.kill(process.pid, signal.SIGKILL)
-                kills += 1
-            process.wait(timeout=240)
+            process.join(timeout=240)
         finally:
-            process.kill()
-            process.wait()
-        finished = process.returncode == 0
-        for checkpoint in checkpointing.list_checkpoints(out):  # whatever counts must load
+            if process.is_alive():
+                process.kill()
+                process.join()
+        expected_code = 0 if kill == "finish" else -signal.SIGKILL
+        assert process.exitcode == expected_code, f"{method}, kill at {kill}: exit code {process.exitcode}"
+        for checkpoint in checkpointing.list_checkpoints(out):  # whatever counts is intact and loads
+            assert checkpointing.damaged_reason(checkpoint) is None, (kill, checkpoint)
             checkpointing.check_states(checkpoint)
             difftune.load_adapter(pipe, checkpoint)
             difftune.remove_adapter(pipe)
-    assert kills == KILLS
     assert leftovers(out) == []  # each start removed what the kill before it left
     final, expected = load_file(out / "adapter.safetensors"), load_file(reference / "adapter.safetensors")
     assert final.keys() == expected.keys()
-    assert all(torch.equal(final[k], expected[k]) for k in expected)
+    assert all(torch.equal(final[k], expected[k]) for k in expected), f"{method}: not bit-identical"
     assert [p.name for p in checkpointing.list_checkpoints(out)] == [f"checkpoint-{STEPS - 1}",
                                                                     f"checkpoint-{STEPS}"]
+    print(f"kills {method}: {len(KILLS)} kills ({len(KILLS) - 1} placed, 1 at a random moment), every "
+          "counted checkpoint intact and loading after each, resumed bit-identical")

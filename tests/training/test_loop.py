@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import TinyNet, load_script
+from conftest import TinyNet, command_module
 
 import difftune
 from difftune.errors import DifftuneError
@@ -172,9 +172,9 @@ def test_a_spec_builds_and_checks_its_config_once(monkeypatch):
         difftune.AdapterSpec("lora", None, {"bogus": 1})
 
 
-@pytest.mark.parametrize("script", ["train_scripts/train_subject.py", "train_scripts/train_one_step.py"])
+@pytest.mark.parametrize("script", ["train_subject.py", "train_one_step.py"])
 def test_every_setting_is_a_flag_of_the_trainers(script):
-    module = load_script(script)
+    module = command_module(script.removesuffix(".py"))
     args = module.build_parser().parse_args(["--max_grad_norm", "0.5", "--checkpointing_steps", "7",
                                              "--mixed_precision", "no"])
     kinds = [settings.ModelSettings, settings.AcceleratorSettings, settings.MemorySettings,

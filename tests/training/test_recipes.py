@@ -16,7 +16,7 @@ def parse(train_subject, *flags, model="builtin:embedded", method="lora"):
          "a large sks orange star", "--adapter", method, "--output_dir", "out", *map(str, flags)])
 
 
-@pytest.mark.parametrize("method", sorted(difftune.METHODS))
+@pytest.mark.parametrize("method", sorted(set(difftune.METHODS) - set(recipes.WITHOUT_RECIPE)))
 def test_every_method_has_a_recipe_for_the_embedded_model(train_subject, method):
     recipe = recipes.recipe_for("builtin:embedded", method)
     args = parse(train_subject, method=method)
@@ -24,6 +24,13 @@ def test_every_method_has_a_recipe_for_the_embedded_model(train_subject, method)
         assert getattr(args, name) == value, name
     prior = {"class_prompt": "a large orange star", "class_data_dir": "out/class_images"}
     assert args.recipe == {**recipe, **prior}
+
+
+@pytest.mark.parametrize("method", sorted(recipes.WITHOUT_RECIPE))
+def test_a_method_without_a_recipe_keeps_the_plain_defaults(train_subject, method):
+    assert method in difftune.METHODS and recipes.recipe_for("builtin:embedded", method) == {}
+    args = parse(train_subject, method=method)
+    assert args.recipe == {} and args.learning_rate is None and not args.with_prior_preservation
 
 
 def test_given_flags_win_over_the_recipe(train_subject, tmp_path):
@@ -49,7 +56,9 @@ def test_no_recipe_and_other_models_keep_the_plain_defaults(train_subject):
 
 
 def test_recipe_prior_needs_a_class_prompt(train_subject, tmp_path):
-    (tmp_path / "a.png").write_bytes(b"")
+    from conftest import make_subject_images
+
+    make_subject_images(tmp_path, count=1)  # a readable image: a broken one is said first
     with pytest.raises(difftune.DifftuneError, match=r"subject\.json gives no class_prompt.*--no_recipe"):
         train_subject.module.parse_args(["--pretrained_model_name_or_path", "builtin:embedded",
                                          "--instance_data_dir", str(tmp_path), "--instance_prompt", "a sks x",
@@ -72,9 +81,9 @@ def test_a_conflict_with_a_recipe_flag_names_the_recipe(train_subject):
 
 
 def test_one_step_trainer_takes_its_own_recipe_table():
-    from conftest import load_script
+    from conftest import command_module
 
-    one_step = load_script("train_scripts/train_one_step.py")
+    one_step = command_module("train_one_step")
     recipe = recipes.recipe_for("builtin:embedded", "lora", recipes.ONE_STEP_RECIPES)
     assert recipe and recipe != recipes.recipe_for("builtin:embedded", "lora")
     base = ["--pretrained_model_name_or_path", "builtin:embedded", "--output_dir", "out"]
@@ -88,3 +97,13 @@ def test_one_step_trainer_takes_its_own_recipe_table():
     plain = one_step.parse_args([*base, "--no_recipe"])
     assert plain.recipe == {} and plain.prompts_file == str(one_step.DEFAULT_PROMPTS)
     assert one_step.parse_args(["--pretrained_model_name_or_path", "builtin:tiny-sd"]).recipe == {}
+
+
+def test_the_default_checkpoint_interval_spares_short_runs_and_protects_long_ones(train_subject):
+    default = train_subject.module.build_parser().get_default("checkpointing_steps")
+    subject_steps = [recipe["max_train_steps"] for methods in recipes.RECIPES.values()
+                     for recipe in methods.values()]
+    one_step = [recipe["max_train_steps"] for methods in recipes.ONE_STEP_RECIPES.values()
+                for recipe in methods.values()]
+    assert subject_steps and max(subject_steps) < default  # the main job writes no checkpoint it never uses
+    assert min(one_step) >= 2 * default  # a 4800-step run still saves along the way

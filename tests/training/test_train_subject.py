@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import make_subject_images
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -159,6 +160,25 @@ def _bad_inputs(tmp_path, subject_dir):
     other = tmp_path / "kandinsky"
     other.mkdir()
     (other / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyV22Pipeline"}))
+
+    def subject_with(name, **files):
+        folder = make_subject_images(tmp_path / name)
+        for file_name, data in files.items():
+            (folder / file_name.replace("_dot_", ".")).write_bytes(data)
+        return folder
+
+    listed = subject_with("listed",
+                          metadata_dot_jsonl=b'{"file_name": "subject_0.png", "text": "a"}\n[1, 2, 3]\n')
+    latin = subject_with("latin", metadata_dot_jsonl='{"file_name": "subject_0.png", "text": "caf\xe9"}'
+                         .encode("latin-1"))
+    sidecar = subject_with("sidecar", subject_1_dot_txt="caf\xe9 sks".encode("latin-1"))
+    text_image = tmp_path / "text_image"
+    text_image.mkdir()
+    (text_image / "photo.png").write_text("not an image")
+    config = tmp_path / "config.yaml"
+    config.write_bytes("instance_prompt: caf\xe9".encode("latin-1"))
+    class_file = tmp_path / "class_images.png"
+    class_file.write_bytes(b"a file")
     base = ["--instance_data_dir", subject_dir, "--instance_prompt", "a sks disc",
             "--pretrained_model_name_or_path", "builtin:tiny-sd", "--output_dir", tmp_path / "o"]
     return {
@@ -179,7 +199,25 @@ def _bad_inputs(tmp_path, subject_dir):
         "snr on sd3": ([*base, "--pretrained_model_name_or_path", "builtin:tiny-sd3", "--snr_gamma", "5"],
                        "--snr_gamma only apply to SD 1.x/2.x and SDXL"),
         "resolution": ([*base, "--resolution", "63"],
-                       "--resolution must be a multiple of 2 for builtin:tiny-sd"),
+                       "--resolution must be a multiple of 8 for builtin:tiny-sd"),
+        "resolution the pipeline refuses": ([*base, "--resolution", "100"],
+                                            "--resolution must be a multiple of 8 for builtin:tiny-sd"),
+        "metadata line not an object": ([*base, "--instance_data_dir", listed],
+                                        r"metadata.jsonl line 2 must be a JSON object .*got \[1, 2, 3\]"),
+        "metadata not utf-8": ([*base, "--instance_data_dir", latin],
+                               r"--instance_data_dir .*latin/metadata.jsonl: not UTF-8 text"),
+        "caption not utf-8": ([*base, "--instance_data_dir", sidecar],
+                              r"--instance_data_dir .*sidecar/subject_1.txt: not UTF-8 text"),
+        "config not utf-8": ([*base, "--config", config], r"--config .*config.yaml: not UTF-8 text"),
+        "negative seed": ([*base, "--seed", "-1"], r"--seed must be in \[0, 2\*\*32\), got -1"),
+        "class dir is a file": ([*base, "--with_prior_preservation", "--class_prompt", "a disc",
+                                 "--class_data_dir", class_file],
+                                r"--class_data_dir .*class_images.png: is a file, not a folder"),
+        "recipe, missing dir": ([*base, "--pretrained_model_name_or_path", "builtin:embedded",
+                                 "--instance_data_dir", tmp_path / "nope"],
+                                r"--instance_data_dir .*nope: no such"),
+        "recipe, text as image": ([*base, "--pretrained_model_name_or_path", "builtin:embedded",
+                                   "--instance_data_dir", text_image], r"cannot read image .*photo.png"),
         "unsupported family": ([*base, "--pretrained_model_name_or_path", other],
                                "unsupported base model family: KandinskyV22Pipeline"),
         "unknown builtin": ([*base, "--pretrained_model_name_or_path", "builtin:huge"],
@@ -193,6 +231,11 @@ def _bad_inputs(tmp_path, subject_dir):
                                  r"--output_dir .*photo.jpg is a file, not a folder"),
         "output dir not writable": ([*base, "--output_dir", "/proc/self/difftune-out"],
                                     r"--output_dir /proc/self/difftune-out is not writable: "),
+        "adapter too large": ([*base, "--rank", "10000000"],
+                              r"the lora adapter \(--adapter lora and its options\) trains "
+                              r"35,200,000,000 parameters: with their gradients and AdamW state that is at "
+                              r"least 524.5 GiB, plus 0.00 GiB to encode one image at --resolution 64; this "
+                              r"machine's (cpu|cuda) memory is .* GiB: lower --rank"),
         "absurd resolution": ([*base, "--resolution", "100000"],
                               r"--resolution 100000 needs at least 2\d\d\d.\d GiB to encode one image, this "
                               r"machine's (cpu|cuda) memory is .* GiB; use a smaller --resolution \(the "
@@ -204,7 +247,10 @@ BAD_INPUT_CASES = ["missing dir", "empty dir", "corrupt image", "no prompt", "un
                    "bad option value", "prior without class", "class without prior", "flow flag on sd",
                    "snr on sd3", "resolution", "unsupported family", "unknown builtin", "resume missing",
                    "nan learning rate", "inf learning rate", "adam beta1", "adam epsilon",
-                   "output dir is a file", "output dir not writable", "absurd resolution"]
+                   "output dir is a file", "output dir not writable", "absurd resolution",
+                   "adapter too large", "resolution the pipeline refuses", "metadata line not an object",
+                   "metadata not utf-8", "caption not utf-8", "config not utf-8", "negative seed",
+                   "class dir is a file", "recipe, missing dir", "recipe, text as image"]
 
 
 @pytest.mark.parametrize("case", BAD_INPUT_CASES)
@@ -470,3 +516,75 @@ def test_method_training_hooks_are_called_in_order(train_subject, subject_dir, t
     assert resumed > 0 and all(c == "load_optimizer" for c in calls[1:resumed + 1])
     assert calls[resumed + 1:] == ["regularization", "regularization", ("before", 2, 3, True), "clip", "step",
                                    ("after", 3, 0.0123)]
+
+
+@pytest.mark.parametrize("method", sorted(difftune.METHODS))
+def test_compile_trains_every_method_like_eager(train_subject, subject_dir, tmp_path, method, monkeypatch):
+    """--compile on the tiny UNet, every registered method: dynamo traces the denoiser (aot_eager:
+    the forward and backward graphs without code generation, which takes minutes on a CPU) and the
+    adapter comes out as in eager mode. SaRA's trained layers run eagerly inside (graph breaks)."""
+    import torch._dynamo
+
+    from difftune.training import loop
+
+    compiled = []
+    original = loop.compile_denoiser
+
+    def recording(denoiser, backend):
+        compiled.append(original(denoiser, backend))
+        return compiled[-1]
+
+    monkeypatch.setattr(loop, "compile_denoiser", recording)
+    eager, traced = tmp_path / "eager", tmp_path / "compiled"
+    common = ("--adapter", method, *QUIET, "--skip_final_inference", "--learning_rate", "1e-3")
+    train_subject(*flags(subject_dir, eager, "builtin:tiny-sd", 2), *common)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    train_subject(*flags(subject_dir, traced, "builtin:tiny-sd", 2), *common, "--compile",
+                  "--compile_backend", "aot_eager")
+    assert compiled == ["regional"]  # the SD UNet lists BasicTransformerBlock as its repeated block
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
+    a, b = load_file(eager / "adapter.safetensors"), load_file(traced / "adapter.safetensors")
+    assert a.keys() == b.keys()
+    # compiled kernels round differently, and Adam's g/(√v + ε) turns that into visible differences
+    # where a gradient is at rounding level: compare against the size of the whole update
+    scale = max(float(t.abs().max()) for t in a.values() if t.is_floating_point())
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=0.01 * scale)
+    trained = [k for k in a if a[k].is_floating_point() and a[k].abs().sum() > 0]
+    assert trained, "the adapter did not train"
+    torch._dynamo.reset()
+
+
+def test_compile_backend_is_checked_before_loading(train_subject, subject_dir, tmp_path):
+    with pytest.raises(DifftuneError, match="--compile_backend 'nope' is not a torch.compile backend"):
+        train_subject(*flags(subject_dir, tmp_path / "out", "builtin:tiny-sd", 1), *QUIET, "--compile",
+                      "--compile_backend", "nope")
+@pytest.mark.parametrize(("method", "options"), [
+    ("lora", {"rank": 3}), ("sara", {"budget": 0.05}), ("sara", {"budget": 0.05, "include_bias_norm": True}),
+    ("svfit", {"rank": 3}), ("tlora", {"residual": "lora"})])
+def test_the_weightless_count_is_what_attaching_trains(method, options):
+    """Counted on a weightless model before loading; checked against the real attach."""
+    from difftune.api import AdapterSpec
+    from difftune.model_factory import build_denoiser_on_meta, describe_model
+
+    info = describe_model("builtin:tiny-sd")
+    spec = AdapterSpec(method, "all" if method == "sara" else None, options)
+    count = spec.weightless_parameter_count(build_denoiser_on_meta(info.denoiser_config, info.denoiser_class))
+    pipe = load_pipeline("builtin:tiny-sd")
+    spec.attach(pipe.unet)
+    assert count == difftune.count_trainable_parameters(pipe.unet)
+
+
+def test_an_adapter_too_large_for_the_memory_is_refused_before_loading(train_subject, subject_dir, tmp_path,
+                                                                       monkeypatch):
+    from difftune import machine
+
+    monkeypatch.setattr(machine, "memory_bytes", lambda device_type="cpu": 4 * 2**30)
+    monkeypatch.setattr(difftune.model_factory, "load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(DifftuneError, match=r"trains 352,000,000 parameters: .* at least 5.2 GiB, plus "
+                                            r"0.00 GiB .*; this machine's (cpu|cuda) memory is 4.0 GiB"):
+        train_subject(*flags(subject_dir, tmp_path / "o"), *QUIET, "--rank", 100000)
+    with pytest.raises(DifftuneError, match=r"the sara adapter .* trains [\d,]+ parameters"):
+        train_subject(*flags(subject_dir, tmp_path / "o"), *QUIET, "--adapter", "sara", "--targets", "all",
+                      "--sara_budget", 0.99, "--resolution", 4000)  # with the image: just over

@@ -172,11 +172,69 @@ def test_a_damaged_optimizer_state_is_refused_naming_it_before_the_model_loads(t
     data = state_file.read_bytes()
     state_file.write_bytes(data[:8] + b"{" * 40 + data[48:])  # same size: the marker still lists it
     monkeypatch.setattr(difftune.model_factory, "load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(difftune.DifftuneError, match=r"every checkpoint in .* is damaged \(.*checkpoint-1/"
+                                                     r"optimizer.safetensors does not match the checksum"):
+        train_subject(*run_flags(subject_dir, out, "builtin:tiny-sd", "lora", steps=2),
+                      "--resume_from_checkpoint", "latest")
+    # a checkpoint written before the checksums: the state file itself is read and refused
+    marker = out / "checkpoint-1" / checkpointing.COMPLETE_MARKER
+    marker.write_text(json.dumps({"files": json.loads(marker.read_text())["files"]}))
     with pytest.raises(difftune.DifftuneError, match=r"checkpoint file .*checkpoint-1/optimizer.safetensors "
                                                      r"is damaged \(truncated or not a difftune state\)"):
         train_subject(*run_flags(subject_dir, out, "builtin:tiny-sd", "lora", steps=2),
                       "--resume_from_checkpoint", "latest")
     assert not list(out.glob("checkpoint-1/*.pt"))  # no pickle is written, none would be read
+
+
+def interrupt_after_checkpoint(monkeypatch, step):
+    """Make the run die right after it has written checkpoint ``step``."""
+    original = checkpointing.save_checkpoint
+
+    def save_then_die(output_dir, at, **kwargs):
+        path = original(output_dir, at, **kwargs)
+        if at == step:
+            raise KeyboardInterrupt("simulated interruption")
+        return path
+
+    monkeypatch.setattr(checkpointing, "save_checkpoint", save_then_die)
+
+
+def flip_an_exponent_bit(path):
+    """One bit of the first float's exponent in a safetensors file: same size, header intact."""
+    data = bytearray(path.read_bytes())
+    data[8 + int.from_bytes(data[:8], "little") + 3] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_edited_checkpoint_files_are_refused_and_latest_falls_back_to_an_intact_one(
+        train_subject, subject_dir, tmp_path, monkeypatch):
+    import difftune.model_factory
+
+    full, split = tmp_path / "full", tmp_path / "split"
+    flags = ["--checkpointing_steps", 1]
+    train_subject(*run_flags(subject_dir, full, "builtin:tiny-sd", "lora", steps=4), *flags)
+    with monkeypatch.context() as patch:
+        interrupt_after_checkpoint(patch, 3)
+        with pytest.raises(KeyboardInterrupt):
+            train_subject(*run_flags(subject_dir, split, "builtin:tiny-sd", "lora", steps=4), *flags)
+    state = split / "checkpoint-3" / checkpointing.TRAINER_STATE
+    assert '"step": 3' in state.read_text()
+    state.write_text(state.read_text().replace('"step": 3', '"step": 2'))  # one character
+    flip_an_exponent_bit(split / "checkpoint-2" / "optimizer.safetensors")
+    with monkeypatch.context() as patch:
+        patch.setattr(difftune.model_factory, "load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
+        for step, name in ((3, "trainer_state.json"), (2, "optimizer.safetensors")):
+            message = (rf"--resume_from_checkpoint .*checkpoint-{step}: a damaged checkpoint: "
+                       rf".*checkpoint-{step}/{name} does not match the checksum written with it")
+            with pytest.raises(difftune.DifftuneError, match=message):
+                train_subject(*run_flags(subject_dir, split, "builtin:tiny-sd", "lora", steps=4), *flags,
+                              "--resume_from_checkpoint", split / f"checkpoint-{step}")
+    with pytest.warns(UserWarning, match=r"resuming from checkpoint-1, the newest intact checkpoint; "
+                                         r"skipped: .*checkpoint-3/trainer_state.json .*; .*checkpoint-2/"):
+        train_subject(*run_flags(subject_dir, split, "builtin:tiny-sd", "lora", steps=4), *flags,
+                      "--resume_from_checkpoint", "latest")
+    uninterrupted, resumed = load_file(full / "adapter.safetensors"), load_file(split / "adapter.safetensors")
+    assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
 
 
 def test_a_disk_too_small_for_the_checkpoints_is_warned_about_before_training(train_subject, subject_dir,
@@ -233,3 +291,65 @@ def test_killed_run_leaves_a_loadable_checkpoint_and_resumes(train_subject, subj
     assert not list(out.glob(".checkpoint-*.tmp"))
     newest = checkpointing.resolve_checkpoint(out, "latest")
     assert checkpointing.read_trainer_state(newest)["step"] == step + 1
+
+
+@pytest.mark.parametrize("where", ["checkpoint staging", "checkpoint file", "final adapter"])
+def test_a_file_system_turning_read_only_mid_run_is_one_line_and_loses_nothing(train_subject, subject_dir,
+                                                                               tmp_path, monkeypatch, where):
+    import errno
+    from pathlib import Path
+
+    from difftune import io as difftune_io
+
+    out = tmp_path / "out"
+    read_only = OSError(errno.EROFS, "Read-only file system")
+    mkdir, mkstemp = Path.mkdir, difftune_io.tempfile.mkstemp
+
+    def refusing_mkdir(self, *args, **kwargs):
+        if self.name == ".checkpoint-2.tmp":
+            raise read_only
+        return mkdir(self, *args, **kwargs)
+
+    def refusing_mkstemp(*args, prefix="", dir=None, **kwargs):
+        staging = where == "checkpoint file" and Path(dir).name == ".checkpoint-2.tmp"
+        final = where == "final adapter" and prefix.startswith(".adapter.safetensors") and Path(dir) == out
+        if staging or final:
+            raise read_only
+        return mkstemp(*args, prefix=prefix, dir=dir, **kwargs)
+
+    if where == "checkpoint staging":
+        monkeypatch.setattr(Path, "mkdir", refusing_mkdir)
+    else:
+        monkeypatch.setattr(difftune_io.tempfile, "mkstemp", refusing_mkstemp)
+    message = r"out/(\.checkpoint-2\.tmp.*|adapter.safetensors): cannot write: Read-only file system$"
+    with pytest.raises(difftune.DifftuneError, match=message) as error:
+        train_subject(*run_flags(subject_dir, out, "builtin:tiny-sd", "lora", steps=2),
+                      "--checkpointing_steps", 1)
+    assert "\n" not in str(error.value)
+    monkeypatch.undo()
+    newest = checkpointing.resolve_checkpoint(out, "latest")
+    assert newest.name == ("checkpoint-2" if where == "final adapter" else "checkpoint-1")
+    difftune.load_adapter(load_pipeline("builtin:tiny-sd"), newest)  # what was saved before still loads
+
+
+def test_resuming_with_other_optimisation_settings_is_refused_naming_them(train_subject, subject_dir,
+                                                                         tmp_path, monkeypatch):
+    import difftune.model_factory
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        interrupt_after_checkpoint(patch, 2)
+        with pytest.raises(KeyboardInterrupt):
+            train_subject(*run_flags(subject_dir, out, "builtin:tiny-sd", "lora", steps=4))
+    with monkeypatch.context() as patch:
+        patch.setattr(difftune.model_factory, "load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
+        message = (r"checkpoint-2: it was trained with --learning_rate 0.001 \(this run: 0.01\), "
+                   r"--adam_beta2 0.999 \(this run: 0.99\); its optimizer and schedule state hold")
+        with pytest.raises(difftune.DifftuneError, match=message):
+            train_subject(*run_flags(subject_dir, out, "builtin:tiny-sd", "lora", steps=4),
+                          "--learning_rate", 1e-2, "--adam_beta2", 0.99, "--resume_from_checkpoint", "latest")
+    # the same settings resume, and a run may be extended
+    train_subject(*run_flags(subject_dir, out, "builtin:tiny-sd", "lora", steps=6),
+                  "--resume_from_checkpoint", "latest")
+    card = (out / "README.md").read_text()
+    assert "| learning rate | `0.001` |" in card and "| optimizer steps | 6 |" in card

@@ -1,10 +1,16 @@
 """Damaged adapter files, fuzzed: each is refused with a DifftuneError or loads exactly the original.
 
-Seeded mutations of a file of every registered method: truncation, byte flips in the header and in the data,
-a wrong length field, junk in the metadata, missing tensors, wrong dtypes and shapes, NaN. Files
-keep their checksum (a current file damaged) or lose it first (an older file: the schema and
-tensor checks must then refuse the structural damage on their own). A mutation that escapes with
-another exception type, or loads weights or options other than the original's, fails the test.
+Seeded mutations of a file of every registered method: truncation, byte flips in the header and in
+the data, a wrong length field, junk in the metadata, missing tensors, wrong dtypes and shapes, NaN,
+and edits of the markers that tell a difftune file from another tool's (the ``difftune`` entry's key
+renamed or dropped, ``__metadata__`` dropped or its key flipped, diffusers' ``lora_adapter_metadata``
+or the checksum dropped). Files keep their checksum (a current file damaged) or lose it first (an
+older file: the schema and tensor checks must then refuse the structural damage on their own). A
+mutation that escapes with another exception type, or loads weights or options other than the
+original's, fails the test. Two marker edits leave a file that another tool may have written: a
+LoRA without difftune's entry is imported as diffusers reads it (its own ``lora_adapter_metadata``
+keeps the strength), and one without any header at all as a bare peft LoRA (alpha = rank, as
+diffusers reads it too); both are checked against that reading.
 """
 
 import json
@@ -22,6 +28,9 @@ from difftune.errors import DifftuneError
 
 MUTATIONS_PER_METHOD = 250
 JUNK_VALUES = [None, "x", "", 1, -1, 2.5, True, [], {}, [1, "a"], {"a": None}, 10**20]
+MARKER_EDITS = ("key bit flip", "key case", "entry dropped", "no __metadata__", "__metadata__ key flip",
+                "lora_adapter_metadata dropped", "format dropped", "checksum dropped")
+IMPORTED, BARE = "imported as written", "bare tensors"  # outcomes of the marker edits a LoRA survives
 
 
 def header_of(data: bytes) -> tuple[int, dict]:
@@ -43,8 +52,11 @@ def mutate(data: bytes, tensors: dict, metadata: dict, rng: random.Random) -> tu
     """``(kind, damaged bytes, must_refuse)``; ``must_refuse`` when the damage is structural."""
     size, _ = header_of(data)
     kind = rng.choice(["truncate", "header byte", "data byte", "length field", "metadata junk",
-                       "metadata extra key", "missing tensor", "wrong dtype", "wrong shape", "nan"])
+                       "metadata extra key", "missing tensor", "wrong dtype", "wrong shape", "nan",
+                       *["marker"] * 3])  # markers: several edits, each needs its share
     names = sorted(tensors)
+    if kind == "marker":
+        return marker_edit(data, tensors, metadata, rng)
     if kind == "truncate":
         return kind, data[:rng.randrange(len(data))], True
     if kind in ("header byte", "data byte"):
@@ -104,6 +116,36 @@ def mutate(data: bytes, tensors: dict, metadata: dict, rng: random.Random) -> tu
     return f"{kind} ({'checksum' if keep_checksum else 'no checksum'})", rebuilt(changed, meta), True
 
 
+def marker_edit(data: bytes, tensors: dict, metadata: dict, rng: random.Random) -> tuple[str, bytes, bool]:
+    """An edit of what marks the file kind; ``must_refuse`` False where the file may still load."""
+    edit = rng.choice([e for e in MARKER_EDITS if e != "lora_adapter_metadata dropped"
+                       or "lora_adapter_metadata" in metadata])  # always a real change
+    kind = f"marker: {edit}"
+    rest = {k: v for k, v in metadata.items() if k != METADATA_KEY}
+    entry = metadata[METADATA_KEY]
+    if edit == "key bit flip":
+        position = rng.randrange(len(METADATA_KEY))
+        key = METADATA_KEY[:position] + chr(ord(METADATA_KEY[position]) ^ 1 << rng.randrange(5)) \
+            + METADATA_KEY[position + 1:]
+        return kind, rebuilt(tensors, {**rest, key: entry}), True
+    if edit == "key case":
+        return kind, rebuilt(tensors, {**rest, METADATA_KEY.capitalize(): entry}), True
+    if edit == "entry dropped":
+        return kind, rebuilt(tensors, rest), False  # a LoRA keeps diffusers' header: imported as written
+    if edit == "no __metadata__":
+        return kind, rebuilt(tensors, None), False  # a bare LoRA: imported as bare tensors
+    if edit == "__metadata__ key flip":
+        size, _ = header_of(data)
+        start = data.index(b'"__metadata__"', 8, 8 + size) + 1 + rng.randrange(len("__metadata__"))
+        damaged = bytearray(data)
+        damaged[start] ^= 1 << rng.randrange(5)
+        return kind, bytes(damaged), True
+    if edit == "checksum dropped":
+        return kind, rebuilt(tensors, without_checksum(metadata)), False
+    key = {"lora_adapter_metadata dropped": "lora_adapter_metadata", "format dropped": "format"}[edit]
+    return kind, rebuilt(tensors, {k: v for k, v in metadata.items() if k != key}), False
+
+
 def original_file(method: str, tmp_path):
     ((_, targets, options),) = [param.values for param in method_cases("fuzz") if param.values[0] == method]
     pipe = build("sd")
@@ -113,6 +155,24 @@ def original_file(method: str, tmp_path):
     adapter = difftune.get_adapter(pipe.unet)
     state = {k: v.detach().clone() for k, v in adapter.adapter_state_dict().items()}
     return path, state, adapter.config.to_dict()
+
+
+def check_loaded(adapter, state: dict, config: dict, kind: str, trial: int) -> str:
+    """What a loaded mutation gave, asserting it is the original (or, for a LoRA whose difftune entry
+    or whole header is gone, what diffusers reads from the file); returns the outcome's name."""
+    loaded = adapter.adapter_state_dict()
+    assert loaded.keys() == state.keys(), f"trial {trial} ({kind})"
+    assert all(torch.equal(loaded[k].cpu(), state[k]) for k in state), f"trial {trial} ({kind}): weights"
+    if adapter.config.to_dict() == config:
+        return "loaded the original"
+    assert adapter.method == "lora" and kind in ("marker: entry dropped", "marker: no __metadata__"), \
+        f"trial {trial} ({kind}): options {adapter.config.to_dict()}"
+    assert adapter.config.rank == config["rank"], f"trial {trial} ({kind}): rank"
+    if kind == "marker: entry dropped":  # diffusers' lora_adapter_metadata keeps the trained alpha
+        assert adapter.config.effective_alpha == config["alpha"], f"trial {trial} ({kind}): alpha"
+        return IMPORTED
+    assert adapter.config.effective_alpha == config["rank"], f"trial {trial} ({kind}): alpha"
+    return BARE
 
 
 @pytest.mark.parametrize("method", [param.values[0] for param in method_cases("fuzz")])
@@ -145,13 +205,10 @@ def test_fuzzed_adapter_files_are_refused_or_load_exactly_the_original(method, t
         except Exception as err:  # any other type is what this test exists to catch
             pytest.fail(f"trial {trial} ({kind}) escaped as {type(err).__name__}: {err}")
         assert not must_refuse, f"trial {trial} ({kind}) was loaded"
-        loaded = adapter.adapter_state_dict()
-        assert loaded.keys() == state.keys(), f"trial {trial} ({kind})"
-        assert all(torch.equal(loaded[k].cpu(), state[k]) for k in state), f"trial {trial} ({kind}): weights"
-        assert adapter.config.to_dict() == config, f"trial {trial} ({kind}): options"
+        outcome = check_loaded(adapter, state, config, kind, trial)
         difftune.remove_adapter(pipe.unet)
-        outcomes["loaded the original"] += 1
-        kinds[kind.split(" (")[0]]["loaded the original"] += 1
+        outcomes[outcome] += 1
+        kinds[kind.split(" (")[0]][outcome] += 1
     assert all(torch.equal(v, untouched[k]) for k, v in pipe.unet.state_dict().items())
     assert outcomes["refused"] >= MUTATIONS_PER_METHOD // 2
     print(f"{method}: {MUTATIONS_PER_METHOD} mutations: {dict(outcomes)}; by kind: "

@@ -136,10 +136,37 @@ def test_options_are_checked_and_named():
                              ({"progressive_step": 2.5}, "'progressive_step'"),
                              ({"progressive_step": -1}, "'progressive_step'"),
                              ({"lambda_rank": -1.0}, "'lambda_rank'"),
+                             ({"weight_gradients": "fast"}, "'weight_gradients'"),
                              ({"threshold": 1e-30}, "selects no entry")]:
         with pytest.raises(difftune.DifftuneError, match=message):
             difftune.add_adapter(model, "sara", **options)
         assert not difftune.has_adapter(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_gradient_routes_give_the_same_unet_gradients(dtype):
+    """Sampled, dense and measured routes on the tiny UNet (3-D attention inputs, 4-D convs):
+    the same delta gradients, and no dense weight gradient kept on any route."""
+    grads = {}
+    for route in ("dense", "sampled", "auto", "measure"):
+        pipe = build("sd")
+        pipe.unet.to(dtype)
+        adapter = difftune.add_adapter(pipe.unet, "sara", weight_gradients=route, **SD)
+        with torch.no_grad():
+            for e in adapter.entries.values():
+                gen = torch.Generator().manual_seed(e.numel)
+                e.delta.copy_(torch.randn(e.delta.shape, generator=gen) * 1e-2)
+        inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in denoiser_inputs(pipe).items()}
+        pipe.unet(**inputs).sample.float().square().mean().backward()
+        grads[route] = {k: e.delta.grad.clone() for k, e in adapter.entries.items()}
+        kinds = {row["path"] for row in adapter.sparse.weight_gradient_routes()}
+        assert kinds == set() if route == "dense" else kinds <= {"sampled", "dense"} and kinds
+        assert all(p.grad is None for n, p in pipe.unet.named_parameters() if "sparse_delta" not in n)
+    tol = {} if dtype == torch.float32 else {"rtol": 0.05, "atol": 0.05}
+    for route in ("sampled", "auto", "measure"):
+        for key, grad in grads["dense"].items():
+            scale = grad.abs().max().item()
+            torch.testing.assert_close(grads[route][key] / scale, grad / scale, **tol)
 
 
 def test_auto_learning_rate_is_the_papers_rule():

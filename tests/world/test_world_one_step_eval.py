@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import load_script, randomize_adapter
+from conftest import command_module, randomize_adapter
 from PIL import Image
 
 import difftune
@@ -54,7 +54,7 @@ def tiny_world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def world_quality():
-    return load_script("eval/world_quality.py")
+    return command_module("world_quality")
 
 
 def run(world_quality, folder, adapter, output, *extra):

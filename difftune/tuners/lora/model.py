@@ -19,6 +19,7 @@ from torch import nn
 
 from ...errors import DifftuneError
 from ..base import Adapter, check_tensor_names, replace_module
+from ..peft.catalog import forget_peft_config
 from .config import LoraConfig
 
 PEFT_ADAPTER_NAME = "default"
@@ -79,6 +80,20 @@ class LoraAdapter(Adapter):
             layer.set_scale(PEFT_ADAPTER_NAME, scale)
 
     @torch.no_grad()
+    def merged_and_base_tensor(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """peft's own merge of this one layer (DoRA's magnitude included), then its base weight back."""
+        layer = self.layers.get(name.removesuffix(".weight"))
+        if layer is None or self.merged or not name.endswith(".weight"):
+            return None
+        weight = layer.get_base_layer().weight
+        base = weight.detach().clone()
+        layer.merge(adapter_names=[PEFT_ADAPTER_NAME])
+        merged = weight.detach().clone()
+        layer.unmerge()
+        weight.data.copy_(base)  # peft subtracts ΔW again, which can be off by rounding
+        return merged, base
+
+    @torch.no_grad()
     def _merge(self, keep_original: bool) -> None:
         for name, layer in self.layers.items():
             if keep_original:
@@ -96,13 +111,7 @@ class LoraAdapter(Adapter):
         for name, layer in self.layers.items():
             replace_module(self.model, name, layer.get_base_layer())
         self.layers = {}
-        # peft leaves its config on the model; without this a later LoRA (ours or
-        # diffusers' load_lora_weights) finds a stale "default" adapter entry
-        configs = self.model.__dict__.get("peft_config")
-        if isinstance(configs, dict):
-            configs.pop(PEFT_ADAPTER_NAME, None)
-            if not configs:
-                del self.model.__dict__["peft_config"]
+        forget_peft_config(self.model, PEFT_ADAPTER_NAME)
 
     def extra_header(self, component: str) -> dict[str, str]:
         """diffusers reads rank/alpha from here, so alpha != rank survives reloading."""

@@ -6,6 +6,7 @@ import dataclasses
 
 from ...errors import DifftuneError
 from ...options import option
+from ...sampled_gradients import check_path
 from ..base import AdapterConfig
 
 
@@ -30,8 +31,14 @@ class SaraConfig(AdapterConfig):
     include_bias_norm: bool = option(
         False, "also select entries of the targeted layers' biases and of every norm layer")
     seed: int = option(0, "seed of the per-step draw of low-rank matrices")
+    weight_gradients: str = option(
+        "auto", "how Linear/Conv2d weights get their trained entries' gradient: auto (per layer, the "
+        "faster of sampled and dense by a cost model measured on CPU; dense on other devices), measure "
+        "(both timed once per layer shape), sampled (only the trained entries of XᵀδY), dense (the "
+        "layer's whole weight gradient, then gathered)")
 
     def validate(self) -> None:
+        check_path(self.weight_gradients, "sara option 'weight_gradients'")
         if not self.threshold > 0:
             raise DifftuneError(f"sara option 'threshold' must be positive, got {self.threshold!r}")
         if self.budget is not None and not self.budget > 0:

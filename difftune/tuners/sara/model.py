@@ -96,6 +96,11 @@ class SaraAdapter(Adapter):
         tensors = targeted_tensors(model, modules, config.include_bias_norm)
         return budget_to_count(config.budget, sum(t.numel() for t in tensors.values()))
 
+    @classmethod
+    def frozen_buffer_bytes(cls, layers: list[nn.Linear], trainable: int) -> int:
+        """The int32 index of the selected entries."""
+        return 4 * trainable
+
     def attach(self, modules: dict[str, nn.Module]) -> None:
         cfg = self.config
         tensors = targeted_tensors(self.model, modules, cfg.include_bias_norm)
@@ -110,7 +115,7 @@ class SaraAdapter(Adapter):
         self._attach_selection(selection)
 
     def _attach_selection(self, selection: dict[str, torch.Tensor]) -> None:
-        self.sparse = SparseBackprop(self.model, selection)
+        self.sparse = SparseBackprop(self.model, selection, weight_gradients=self.config.weight_gradients)
         self.eligible = [key for key, e in self.sparse.entries.items() if is_eligible(e.shape)]
         self._rank_cache = None
 
@@ -136,6 +141,19 @@ class SaraAdapter(Adapter):
     def changed_tensor_names(self) -> list[str]:
         # every selected tensor: biases and norms too with include_bias_norm
         return list(self.entries)
+
+    @torch.no_grad()
+    def merged_and_base_tensor(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The weight holds W0 + scale·Δ at the selected entries (merged or not): it is the merged
+        value; the base is a copy with W0 written back there."""
+        entries = self.entries.get(name)
+        if entries is None:
+            return None
+        entries.sync()
+        merged = entries.weight.detach()
+        base = merged.clone()
+        entries.write(base, entries.base.to(base.dtype))
+        return merged, base
 
     # --- files (`files`) -----------------------------------------------------------------
 

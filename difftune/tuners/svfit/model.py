@@ -17,9 +17,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...adapter_file import AdapterSection
-from ...errors import BaseModelMismatchError, DifftuneError
+from ...errors import AdapterFileError, BaseModelMismatchError
 from ..base import AdapterLayer, check_file_tensor, check_tensor_names, replace_module
-from ..layer_ops import WrappingLayerAdapter
+from ..layer_ops import WrappingLayerAdapter, matrix_shape
 from . import functional as svf
 from .config import SVFitConfig
 from .layer import SVFitLayer
@@ -43,6 +43,11 @@ class SVFitAdapter(WrappingLayerAdapter):
     file_shapes_fixed = False  # the file's rank wins: its load resizes the layers, then checks shapes
     quantized_base_refusal = ("svfit needs the dense base weight (SVFit splits it by its SVD): use "
                               "--mixed_precision bf16 instead")
+
+    @classmethod
+    def frozen_buffer_bytes(cls, layers: list[nn.Linear], trainable: int) -> int:
+        """U_r and V_r in bf16, r·(out + in) per layer, at full rank (an upper bound for the energy rule)."""
+        return sum(2 * min(m.weight.shape) * sum(m.weight.shape) for m in layers)
 
     def attach(self, modules: dict[str, nn.Module]) -> None:
         self._wrap(modules, {})
@@ -134,10 +139,12 @@ class SVFitAdapter(WrappingLayerAdapter):
 def _file_ranks(tensors: dict[str, torch.Tensor], layers: dict[str, Any], source: str) -> dict[str, int]:
     """Each layer's rank in a file: the length of its ``svfit_sigma`` (present: names checked first)."""
     ranks = {}
-    for name in layers:
+    for name, layer in layers.items():
         sigma = tensors[f"{name}.svfit_sigma"]
-        if sigma.ndim != 1:
-            raise DifftuneError(f"{source}: tensor '{name}.svfit_sigma' must be 1-D")
+        most = min(matrix_shape(layer))
+        if sigma.ndim != 1 or not 1 <= sigma.shape[0] <= most:
+            raise AdapterFileError(f"{source}: tensor '{name}.svfit_sigma' must be 1-D with 1 to {most} "
+                                   f"values (the rank of '{name}'), got shape {list(sigma.shape)}")
         ranks[name] = sigma.shape[0]
     return ranks
 

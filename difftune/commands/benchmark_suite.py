@@ -1,10 +1,10 @@
 """The benchmark with power: every method against LoRA on several subjects and seeds, with intervals.
 
     # the embedded model, offline on this CPU (the committed docs/results/benchmark_embedded.json)
-    python eval/benchmark.py --suite --output_dir outputs/benchmark_embedded
+    difftune benchmark --suite --output_dir outputs/benchmark_embedded
 
     # the same protocol on real subjects (DreamBooth-style folders) and SD 1.5 / SDXL, on a GPU
-    python eval/benchmark.py --suite --preset sd15 --subjects_dir my_subjects --output_dir outputs/suite_sd15
+    difftune benchmark --suite --preset sd15 --subjects_dir my_subjects --output_dir outputs/suite_sd15
 
 The protocol is the same for every method (the numbers of each preset are in SUITE_PRESETS):
 
@@ -39,10 +39,9 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from benchmark import ADAPTER_FILE, METHOD_COLORS, machine_description, train_method
-
 from difftune.errors import DifftuneError
 from difftune.io import read_json
+from difftune.machine import machine_description
 from difftune.metrics import cli as metrics_cli
 from difftune.metrics.subject import (
     ASSETS_DIR,
@@ -56,6 +55,8 @@ from difftune.metrics.subject import (
 )
 from difftune.paths import portable_path
 from difftune.training.data import SUBJECT_FILE
+
+from .benchmark_runs import ADAPTER_FILE, METHOD_COLORS, train_method
 
 BASELINE = "lora"
 METRICS = ("clip_i", "clip_t", "pres_clip_i", "class_clip_t")
@@ -167,7 +168,9 @@ SUITE_PRESETS["sdxl"] = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="benchmark.py --suite", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="difftune benchmark --suite",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--preset",

@@ -1,0 +1,557 @@
+#!/usr/bin/env python
+"""Subject-driven (DreamBooth) training of a difftune adapter (LoRA, SaRA, SVFit, TLoRA, ...).
+
+    difftune train-subject --pretrained_model_name_or_path builtin:embedded \\
+        --instance_data_dir builtin:star --instance_prompt "a large sks orange star" \\
+        --adapter lora --rank 4 --max_train_steps 400 --output_dir outputs/subject
+
+On several GPUs: `accelerate launch -m difftune train-subject ...`. In a checkout,
+`python train_scripts/train_subject.py ...` and `accelerate launch train_scripts/train_subject.py`
+run the same. Every option is a flag and may come from a YAML or JSON file given with --config
+(flags override the file).
+
+The script reads top to bottom:
+  1. options, and every check that needs no model weights (bad input fails in seconds)
+  2. the base model, missing class images for prior preservation, the adapter
+  3. the training data, with latent and prompt-embedding caches
+  4. optimizer, learning-rate schedule and, when asked, the checkpoint to resume
+  5. the training loop: checkpoints every --checkpointing_steps, samples every --validation_steps
+  6. the adapter (and a diffusers LoRA copy), a model card, and samples from a fresh pipeline
+     that loads the saved file
+Supported bases: every model family of difftune.families (SD 1.x/2.x with epsilon and v prediction,
+SDXL, SD3, FLUX.1 dev and schnell, PixArt-α/Σ, FLUX.2 dev and klein, Qwen-Image, Z-Image).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import time
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from accelerate.utils import (
+    gather_object,
+)
+from diffusers.training_utils import offload_models
+
+import difftune
+from difftune.adapter_file import TOKEN_EMBEDDINGS
+from difftune.errors import DifftuneError, run_main
+from difftune.export import FORMATS, LORA_FORMATS, check_export_options, default_output, export_adapter
+from difftune.families import (
+    LossOptions,
+    check_capability,
+    check_export_modules,
+    check_text_encoder_training,
+    get_family,
+    titles_with,
+    training_family,
+)
+from difftune.io import copy_file
+from difftune.model_factory import build_denoiser_on_meta, describe_model, load_pipeline
+from difftune.options import CheckedSettings, at_least, check_values, option, positive
+from difftune.paths import subject_folder
+from difftune.sampling import generate_images, save_grid
+from difftune.training import arguments, checkpointing, loop, pivotal, recipes, settings
+from difftune.training.data import (
+    SubjectData,
+    SubjectDataset,
+    check_writable_folder,
+    scan_image_folder,
+    warn_small_images,
+)
+from difftune.training.model_card import write_model_card
+from difftune.training.prior import ensure_class_images
+from difftune.training.summary import reset_peak_memory, write_train_summary
+from difftune.training.text_encoder import attach_text_encoder_adapters
+from difftune.training.validation import log_images
+
+DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
+EXPORT_GROUP = "export (difftune export; docs/export.md)"
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Options
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class InstanceImages(CheckedSettings):
+    """The subject's images, their prompt, and how they become training examples."""
+
+    flag_group: ClassVar[str] = "data"
+
+    instance_data_dir: str | None = option(
+        None, "folder of subject images, or a shipped subject: builtin:heart, builtin:star, ... (required)",
+        parse=subject_folder)
+    instance_prompt: str | None = option(None, "prompt with the identifier, e.g. 'a photo of sks dog' "
+                                               "(required; per-image captions replace it)")
+    caption_column: str | None = option(None, "metadata.jsonl key of per-image captions (default: text, "
+                                              "caption or prompt); a sidecar <image>.txt wins over it")
+    resolution: int | None = option(None, "training resolution (default: the model's own)", check=positive())
+    center_crop: bool = option(False, "centre crop instead of a random crop")
+    random_flip: bool = option(False, "flip images horizontally at random")
+    cache_latents: bool = option(True, "encode every image once before training (a random crop is then drawn "
+                                       "once per image; flips are cached both ways)")
+    pre_compute_text_embeddings: bool | None = option(
+        None, "encode every prompt once before training (default: on, unless --train_text_encoder or "
+              "--train_token_embedding: a trained encoder or token must encode every step)")
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenParts(CheckedSettings):
+    """Memory of the frozen VAE and text encoders (the denoiser's: `settings.MemorySettings`)."""
+
+    flag_group: ClassVar[str] = "memory of the frozen parts"
+
+    offload: bool = option(
+        False, "keep the VAE and text encoders in CPU memory and move each to the GPU only while it runs "
+               "(class images, caching, validation), as diffusers' --offload (CUDA)")
+    free_text_encoder: bool = option(
+        False, "once the prompts and --validation_prompt are encoded, drop the text encoders from memory "
+               "(FLUX.2-dev's 24B Mistral, Qwen-Image's 7B Qwen2.5-VL); the final samples load them again")
+
+
+@dataclasses.dataclass(frozen=True)
+class PriorPreservation(CheckedSettings):
+    """DreamBooth's prior loss on class images of the base model."""
+
+    flag_group: ClassVar[str] = "prior preservation"
+
+    with_prior_preservation: bool = option(False, "add the loss on class images of the base model "
+                                                  "(DreamBooth's prior loss)")
+    class_data_dir: str | None = option(None, "folder of class images; missing ones are generated and kept")
+    class_prompt: str | None = option(None, "prompt of the class, e.g. 'a photo of dog'")
+    num_class_images: int = option(100, "class images to use", check=at_least(1))
+    prior_loss_weight: float = option(1.0, "weight of the prior loss")
+    sample_batch_size: int = option(4, "batch size of class-image generation", check=at_least(1))
+    class_inference_steps: int = option(50, "sampler steps per class image", check=at_least(1))
+    prior_generation_precision: str | None = option(None, "dtype of class-image generation (default: that of "
+                                                          "training)", choices=settings.PRECISIONS)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextEncoderTraining(CheckedSettings):
+    """An adapter on the text encoders too, in the same file."""
+
+    flag_group: ClassVar[str] = "text encoder"
+
+    train_text_encoder: bool = option(
+        False, lambda: "also train an adapter (same method and options) on the attention of the CLIP text "
+                       "encoders, as diffusers' DreamBooth scripts do; saved in the same file "
+                       f"({titles_with('trainable_text_encoders')})")
+    text_encoder_lr: float | None = option(None, "learning rate of the text-encoder adapter (default: "
+                                                 "--learning_rate)", check=positive())
+    text_encoder_targets: list[str] | None = option(None, "text-encoder modules to adapt (regex on whole "
+                                                          "module names; default: the q/k/v/out projections "
+                                                          "of every self-attention)")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterFiles(CheckedSettings):
+    """The file the adapter starts from, and the other formats it is also written in."""
+
+    flag_group: ClassVar[str] = "start from a file"
+
+    init_adapter: str | None = option(
+        None, "train on from this adapter file instead of a fresh adapter: a difftune file of the --adapter "
+              "method, or a LoRA file of kohya / A1111 / ComfyUI / diffusers (imported as a difftune LoRA); "
+              "the file's rank, targets and options replace the flags", metavar="PATH")
+    export: list[str] = option(
+        [], "also write the adapter in these formats next to adapter.safetensors: kohya (ComfyUI/A1111 "
+            "LoRA), comfyui (the LoRA names ComfyUI maps for the model family), diff, diffusers (merged "
+            "folder), single-file (merged checkpoint); a format the model family has no use for is refused "
+            "before training", choices=FORMATS, group=EXPORT_GROUP)
+    export_rank: int | None = option(None, "SVD rank of a kohya/comfyui export of a non-LoRA adapter",
+                                     check=at_least(1), group=EXPORT_GROUP)
+    export_energy: float | None = option(None, "or: per-layer energy (fraction of ‖ΔW‖²) of that SVD "
+                                               "extraction", group=EXPORT_GROUP)
+
+
+# Every flag of this trainer is a field of one of these (the method options aside, generated from the
+# registered methods' configs): tests/training/test_flags.py checks that nothing else is a flag.
+SETTINGS = (settings.ModelSettings, InstanceImages, FrozenParts, PriorPreservation, TextEncoderTraining,
+            pivotal.TokenEmbeddingSettings, AdapterFiles, *arguments.SHARED_SETTINGS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=arguments.help_formatter(recipes.RECIPES))
+    parser.add_argument_group("config file").add_argument(
+        "--config", help="YAML or JSON file of options (keys are flag names without dashes); flags on the "
+                         "command line override it")
+    arguments.add_model_arguments(parser)
+    for group in (InstanceImages, FrozenParts, PriorPreservation, TextEncoderTraining):
+        arguments.add_settings_arguments(parser, group)
+    arguments.add_pivotal_arguments(parser)
+    recipes.add_recipe_argument(parser)
+    arguments.add_settings_arguments(parser, AdapterFiles)
+    arguments.add_settings_arguments(parser, AdapterFiles, title=EXPORT_GROUP)
+    arguments.add_training_arguments(parser)  # adapter, optimization, precision, loss, validation, ...
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    tokens = arguments.command_tokens(parser, argv)
+    args = parser.parse_args(tokens)
+    for name in ("instance_data_dir", "instance_prompt"):
+        if not getattr(args, name):
+            raise DifftuneError(f"--{name} is required (on the command line or in the --config file)")
+    # flags left unset take the measured recipe of this base model and method, if there is one
+    args.recipe = recipes.apply_recipe(args, recipes.given_destinations(parser, tokens))
+    if args.with_prior_preservation:
+        missing = [f"--{n}" for n in ("class_data_dir", "class_prompt") if not getattr(args, n)]
+        if missing:
+            raise DifftuneError(f"--with_prior_preservation needs {' and '.join(missing)}")
+    else:
+        given = [f"--{n}" for n in ("class_data_dir", "class_prompt") if getattr(args, n)]
+        if given:
+            raise DifftuneError(f"{' and '.join(given)} given without --with_prior_preservation: add the "
+                                "flag to train with the prior loss, or drop them")
+    check_values(args, InstanceImages, PriorPreservation)
+    if args.train_text_encoder and args.pre_compute_text_embeddings:
+        raise DifftuneError("--pre_compute_text_embeddings cannot be used with --train_text_encoder: the "
+                            f"encoder changes every step{recipes.source_hint(args, 'train_text_encoder')}")
+    if not args.train_text_encoder and args.text_encoder_lr is not None:
+        raise DifftuneError("--text_encoder_lr given without --train_text_encoder")
+    check_values(args, TextEncoderTraining, AdapterFiles)
+    arguments.check_pivotal_arguments(args)
+    if args.pre_compute_text_embeddings is None:
+        args.pre_compute_text_embeddings = not (args.train_text_encoder or args.train_token_embedding)
+    if args.free_text_encoder and not args.pre_compute_text_embeddings:
+        raise DifftuneError("--free_text_encoder drops the text encoders once the prompts are encoded: it "
+                            "needs --pre_compute_text_embeddings and no --train_text_encoder / "
+                            "--train_token_embedding")
+    if args.offload and not torch.cuda.is_available():
+        raise DifftuneError("--offload moves the VAE and text encoders between CPU and GPU memory; there is "
+                            "no CUDA GPU here (on the CPU they already share one memory): drop the flag")
+    arguments.check_common_arguments(args)
+    return args
+
+
+def subject_loss(per_example: torch.Tensor, is_prior: torch.Tensor, prior_loss_weight: float) -> torch.Tensor:
+    """Mean loss of the subject images, plus the weighted mean loss of the class images."""
+    loss = per_example[~is_prior].mean()
+    if is_prior.any():
+        loss = loss + prior_loss_weight * per_example[is_prior].mean()
+    return loss
+
+
+def adapter_digest(model: torch.nn.Module) -> str:
+    """A hash of the adapter tensors, to show that every process holds the same adapter."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(difftune.get_adapter(model).adapter_state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_init_adapter(args: argparse.Namespace) -> None:
+    """--init_adapter: a readable file of the --adapter method (another tool's file: a LoRA)."""
+    from difftune.adapter_file import resolve_adapter_path
+    from difftune.lora_import import is_foreign_file
+
+    path = resolve_adapter_path(args.init_adapter)
+    info = {"method": "lora"} if is_foreign_file(path) else difftune.read_adapter_info(path)
+    if info["method"] != args.adapter:
+        raise DifftuneError(f"--init_adapter {path} holds a {info['method']} adapter, "
+                            f"but --adapter is {args.adapter}")
+    if args.train_text_encoder:
+        raise DifftuneError("--init_adapter cannot be combined with --train_text_encoder yet")
+    if TOKEN_EMBEDDINGS in info:
+        raise DifftuneError(f"--init_adapter {path} carries new token embeddings (pivotal tuning); "
+                            "training on from such a file is not supported yet")
+
+
+def check_before_loading(argv: list[str] | None = None):
+    """Every check that needs no model weights (bad input fails in seconds): options, model family,
+    adapter options and targets, resolution, output folder, instance images. benchmark.py runs it on
+    its trainer flags before its own heavy work. Returns (args, model_info, spec, resolution,
+    instance_images)."""
+    args = parse_args(argv)
+    model_info = describe_model(args.pretrained_model_name_or_path, args.revision)
+    family = get_family(model_info.family)
+    check_capability(family, "trainable", "train_subject.py")
+    arguments.check_family_flags(args, model_info.family)
+    if args.quantize_base:
+        check_capability(family, "quantized_base", "--quantize_base")
+    for flag in ("train_text_encoder", "train_token_embedding"):
+        if getattr(args, flag):
+            check_text_encoder_training(family, f"--{flag}")
+    spec = arguments.adapter_spec(args)  # the adapter's options, checked once
+    if args.init_adapter:
+        check_init_adapter(args)
+    for fmt in args.export:
+        check_export_options(args.adapter, spec.config.to_dict(), model_info.family, fmt,
+                             args.export_rank if fmt in LORA_FORMATS else None,
+                             args.export_energy if fmt in LORA_FORMATS else None)
+    extraction = args.export_rank is not None or args.export_energy is not None
+    if extraction and not set(args.export) & set(LORA_FORMATS):
+        raise DifftuneError("--export_rank/--export_energy apply to --export kohya or comfyui")
+    base = arguments.settings_from_args(args, settings.ModelSettings)
+    resolution = loop.check_before_loading(spec, base, model_info, args.resolution, Path(args.output_dir),
+                                           args.use_8bit_adam)
+    if args.export:  # a layer the format's tool has no name for (FLUX.2's modulation, ...)
+        modules = spec.check(build_denoiser_on_meta(model_info.denoiser_config, model_info.denoiser_class))
+        for fmt in args.export:
+            check_export_modules(family, fmt, modules)
+    instance_images = scan_image_folder(args.instance_data_dir, "--instance_data_dir", args.caption_column)
+    if args.class_data_dir:  # generated class images go there
+        check_writable_folder(args.class_data_dir, "--class_data_dir")
+    return args, model_info, spec, resolution, instance_images
+
+
+def main(argv: list[str] | None = None) -> Path:
+    started = time.perf_counter()
+    args, model_info, spec, resolution, instance_images = check_before_loading(argv)
+    base = arguments.settings_from_args(args, settings.ModelSettings)
+    base_model = base.pretrained_model_name_or_path
+    checkpoints = arguments.settings_from_args(args, settings.CheckpointSettings)
+    validation = arguments.settings_from_args(args, settings.ValidationSettings)
+    output_dir = checkpoints.output_dir
+    warn_small_images(instance_images, resolution, "--instance_data_dir")
+    run_settings = {"base_model": base_model, **spec.to_dict(), "train_text_encoder": args.train_text_encoder}
+    optimization = arguments.settings_from_args(args, settings.OptimizerSettings)
+    optimization_record = checkpointing.optimization_record(optimization,
+                                                            text_encoder_lr=args.text_encoder_lr)
+    resume_path, resume_state = checkpointing.resume_point(output_dir, checkpoints.resume_from_checkpoint)
+    if resume_state:
+        checkpointing.check_resume_fits(resume_state, run_settings, resume_path)
+        checkpointing.check_resume_optimization(resume_state, optimization_record, resume_path)
+        if resume_state.get("train_token_embedding"):
+            raise DifftuneError(f"--resume_from_checkpoint {resume_path}: a pivotal-tuning run "
+                                "(--train_token_embedding) cannot be resumed yet")
+
+    accelerator = loop.create_accelerator(arguments.settings_from_args(args, settings.AcceleratorSettings),
+                                          output_dir)
+    for flag in ("train_text_encoder", "train_token_embedding"):  # before any model loads
+        if getattr(args, flag) and accelerator.num_processes > 1:
+            raise DifftuneError(f"--{flag} runs in one process for now; launch without several "
+                                f"processes, or train the denoiser alone{recipes.source_hint(args, flag)}")
+    # FSDP: no method that writes into the base weights (SaRA), no intermediate checkpoints
+    sharded = loop.check_fsdp(accelerator, spec.method, checkpoints.resume_from_checkpoint, model_info.family)
+    device, is_main = accelerator.device, accelerator.is_main_process
+    weight_dtype = settings.DTYPES[accelerator.mixed_precision]
+    seed = loop.resolve_seed(args.seed, resume_state)
+
+    # -----------------------------------------------------------------------------------------
+    # 2. Base model, class images, adapter
+    # -----------------------------------------------------------------------------------------
+    frozen_parts = arguments.settings_from_args(args, FrozenParts)
+    pipeline = loop.load_base_pipeline(base, weight_dtype, device, offload=frozen_parts.offload)
+    loss_options = arguments.settings_from_args(args, LossOptions, skip_none=True)
+    family = training_family(pipeline, device, loss_options)
+    denoiser = family.denoiser
+    for frozen in (pipeline.vae, *family.text_encoders):
+        frozen.requires_grad_(False)
+
+    def helpers_on_device():
+        """--offload: the VAE and text encoders are on the device only inside this context."""
+        return offload_models(pipeline.vae, *family.text_encoders, device=device,
+                              offload=frozen_parts.offload)
+
+    class_images = []
+    if args.with_prior_preservation:
+        generation_dtype = settings.DTYPES[args.prior_generation_precision or accelerator.mixed_precision]
+        generator_pipeline = pipeline
+        if generation_dtype != weight_dtype:
+            generator_pipeline = load_pipeline(base_model, torch_dtype=generation_dtype,
+                                               revision=base.revision, variant=base.variant).to(device)
+            generator_pipeline.set_progress_bar_config(disable=True)
+            if base.prediction_type:
+                generator_pipeline.scheduler.register_to_config(prediction_type=base.prediction_type)
+        with helpers_on_device() if generator_pipeline is pipeline else contextlib.nullcontext():
+            ensure_class_images(generator_pipeline, args.class_data_dir, args.class_prompt,
+                                args.num_class_images, seed=seed, resolution=resolution,
+                                batch_size=args.sample_batch_size,
+                                num_inference_steps=args.class_inference_steps, accelerator=accelerator,
+                                autocast=accelerator.autocast())
+        del generator_pipeline
+        class_images = scan_image_folder(args.class_data_dir, "--class_data_dir")[:args.num_class_images]
+
+    memory = arguments.settings_from_args(args, settings.MemorySettings)
+    adapter = loop.attach_trainable_adapter(denoiser, spec, seed, memory, args.init_adapter, pipeline)
+    text_encoders: dict[str, torch.nn.Module] = {}
+    if args.train_text_encoder:
+        text_encoders = attach_text_encoder_adapters(
+            pipeline, spec.with_targets(args.text_encoder_targets or family.text_encoder_targets))
+        for encoder in text_encoders.values():
+            encoder.train()
+    tokens = None  # pivotal tuning: the identifier's new tokens
+    if args.train_token_embedding:
+        tokens = pivotal.TokenEmbeddingTraining(pipeline, args.identifier, args.num_new_tokens,
+                                                args.token_embedding_init, seed,
+                                                args.token_embedding_max_norm)
+
+    # -----------------------------------------------------------------------------------------
+    # 3. Data
+    # -----------------------------------------------------------------------------------------
+    dataset = SubjectDataset(instance_images, args.instance_prompt, class_images, args.class_prompt)
+    data = SubjectData(
+        dataset, encode_images=family.encode_images, encode_prompts=family.encode_prompts,
+        resolution=resolution, center_crop=args.center_crop, random_flip=args.random_flip, seed=seed,
+        cache_latents=args.cache_latents, cache_prompts=args.pre_compute_text_embeddings, device=device)
+    with helpers_on_device():
+        data.build_caches(show_progress=is_main)
+        validation_kwargs = {}
+        if validation.validation_prompt:  # encoded now: the text encoders may leave the device below
+            validation_kwargs = family.pipeline_prompt_kwargs(validation.validation_prompt)
+    if frozen_parts.free_text_encoder:  # every prompt is encoded: the encoders are not needed until the end
+        family.free_text_encoders()
+    # The frozen encoders are not needed on the device between validations.
+    offloaded = []
+    if device.type != "cpu":
+        offloaded = [*(family.text_encoders if args.pre_compute_text_embeddings else []),
+                     *([pipeline.vae] if args.cache_latents else [])]
+        for module in offloaded:
+            module.to("cpu")
+
+    # -----------------------------------------------------------------------------------------
+    # 4. Optimizer, schedule, resume
+    # -----------------------------------------------------------------------------------------
+    world = accelerator.num_processes
+    plan = loop.prepare_optimization(optimization, checkpoints, accelerator, denoiser, adapter, len(dataset),
+                                     resume_path, resume_state, device, text_encoders, args.text_encoder_lr,
+                                     [(tokens, args.token_embedding_lr)] if tokens else ())
+    if is_main:
+        accelerator.init_trackers(args.tracker_project_name, config=arguments.tracker_config(args))
+    max_train_steps, learning_rate = plan.max_train_steps, plan.learning_rate
+    micro_batch, accumulation = plan.micro_batch, plan.accumulation
+
+    if is_main:
+        if args.recipe:
+            print(recipes.describe(args.recipe, base_model, spec.method))
+        prior_text = f" + {len(class_images)} class images" if class_images else ""
+        resumed = f" | resumed at step {plan.global_step} from {resume_path}" if resume_path else ""
+        text_part = "".join(
+            f" + {name} {len(difftune.get_adapter(e).target_names)} layers, "
+            f"{difftune.count_trainable_parameters(e):,} parameters (lr {plan.text_encoder_lr:g})"
+            for name, e in text_encoders.items())
+        if tokens:
+            print(f"pivotal tuning: {tokens.describe()} (lr {args.token_embedding_lr:g})")
+        print(f"difftune subject training | {base_model} ({model_info.family}, "
+              f"{resolution}px, {accelerator.mixed_precision}) | {spec.method} on {adapter.config.targets}: "
+              f"{len(adapter.target_names)} layers, {difftune.count_trainable_parameters(denoiser):,} "
+              f"trainable parameters{text_part} | {len(instance_images)} instance images{prior_text} | "
+              f"{max_train_steps} steps x {micro_batch * accumulation} images (batch {plan.batch_size} x "
+              f"{world} processes x {accumulation} accumulation) | lr {learning_rate:g} | "
+              f"seed {seed}{resumed}")
+
+    trainer_state = {"base_model": base_model, **spec.to_dict(), "seed": seed,
+                     "max_train_steps": max_train_steps, "train_text_encoder": args.train_text_encoder,
+                     checkpointing.OPTIMIZATION_KEY: optimization_record,
+                     **({"train_token_embedding": True} if tokens else {})}
+
+    # -----------------------------------------------------------------------------------------
+    # 5. Training loop
+    # -----------------------------------------------------------------------------------------
+    def compute_loss(indices: range) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        batch = data.batch(indices)
+        latents = family.latents_from_moments(batch.moments, batch.generators)
+        noise = family.sample_noise(latents, batch.generators)
+        noisy = family.add_noise(latents, noise, batch.generators)
+        prediction = family.predict(plan.model, noisy, batch)
+        return subject_loss(family.per_example_loss(prediction, noisy), batch.is_prior,
+                            args.prior_loss_weight), {}
+
+    def validate(step: int) -> None:
+        nonlocal validation_kwargs
+        if not (validation.validation_prompt and step % validation.validation_steps == 0 and is_main):
+            return
+        denoiser.eval()
+        if text_encoders or tokens:  # the prompt's embedding changes as the encoders or tokens train
+            validation_kwargs = family.pipeline_prompt_kwargs(validation.validation_prompt)
+        with offload_models(*offloaded, device=device, offload=bool(offloaded)):
+            images = generate_images(pipeline, [validation_kwargs], validation.generation(seed, resolution),
+                                     show_progress=False, autocast=accelerator.autocast())[0]
+        denoiser.train()
+        save_grid(images, output_dir / "validation" / f"step-{step:06d}.png")
+        log_images(accelerator, "validation", images, step)
+
+    plan.model.train()
+    reset_peak_memory(device)
+    first_step, loop_started = plan.global_step, time.perf_counter()
+    loop.train(accelerator, plan, adapter, denoiser, compute_loss, checkpoints=checkpoints,
+               trainer_state=trainer_state, base_model=base_model, text_encoders=text_encoders,
+               save_checkpoints=not sharded, after_step=validate)
+    loop_seconds = time.perf_counter() - loop_started
+    trainable_count = difftune.count_trainable_parameters(denoiser)
+
+    # -----------------------------------------------------------------------------------------
+    # 6. Save, model card, samples from the saved file
+    # -----------------------------------------------------------------------------------------
+    accelerator.wait_for_everyone()
+    model, global_step = plan.model, plan.global_step
+    if sharded:  # every process: the adapted layers' shards become whole tensors
+        loop.gather_sharded_parameters(accelerator.unwrap_model(model), adapter.target_names)
+    if world > 1:
+        digests = gather_object([adapter_digest(denoiser)])
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"the adapters of the {world} processes differ: {digests}")
+        if is_main:
+            print(f"adapter identical on all {world} processes (sha256 {digests[0][:16]})")
+    adapter_path = output_dir / "adapter.safetensors"
+    if is_main:
+        if tokens:
+            tokens.finish()
+        difftune.save_adapter(accelerator.unwrap_model(model), adapter_path, base_model=base_model,
+                              text_encoders=text_encoders,
+                              token_embeddings=tokens.file_section() if tokens else None)
+        # a diffusers LoRA file has no place for new tokens: no copy then (pivotal.py)
+        diffusers_copy = adapter.diffusers_lora_file and get_family(model_info.family).diffusers_loads_lora
+        diffusers_name = DIFFUSERS_LORA_NAME if diffusers_copy and not tokens else None
+        if diffusers_name:
+            copy_file(adapter_path, output_dir / diffusers_name)
+        sample_names = []
+        sample_prompt = validation.validation_prompt or args.instance_prompt
+        if not validation.skip_final_inference:
+            del pipeline, family, data, model, denoiser
+            fresh = loop.load_base_pipeline(base, weight_dtype, device, adapter_path)  # sample the saved file
+            images = generate_images(fresh, [sample_prompt], validation.generation(seed, resolution),
+                                     show_progress=False, autocast=accelerator.autocast())[0]
+            save_grid(images, output_dir / "samples.png")
+            log_images(accelerator, "final", images, global_step)
+            sample_names = ["samples.png"]
+        write_model_card(
+            output_dir, base_model=base_model, family=model_info.family, method=spec.method,
+            options={k: v for k, v in adapter.config.to_dict().items() if k != "targets"},
+            targets=adapter.config.targets,
+            trainable_parameters=trainable_count,
+            steps=global_step, instance_prompt=args.instance_prompt, sample_images=sample_names,
+            sample_prompt=sample_prompt, diffusers_weight_name=diffusers_name,
+            training={"resolution": resolution, "batch size (global)": micro_batch * accumulation,
+                      "learning rate": learning_rate, "lr scheduler": args.lr_scheduler,
+                      "mixed precision": accelerator.mixed_precision, "seed": seed,
+                      "prior preservation": args.with_prior_preservation,
+                      "text encoder": (f"trained, lr {plan.text_encoder_lr:g}" if text_encoders
+                                       else "frozen")})
+        for fmt in args.export:
+            lora_format = fmt in LORA_FORMATS
+            report = export_adapter(
+                adapter_path, default_output(adapter_path, fmt), fmt,
+                base_model=base_model,
+                rank=args.export_rank if lora_format else None,
+                energy=args.export_energy if lora_format else None,
+                psnr_images=0 if validation.skip_final_inference else 2, prompt=sample_prompt,
+                num_inference_steps=validation.validation_inference_steps, seed=seed, resolution=resolution)
+            print(report.summary())
+        steps_run = global_step - first_step
+        total_seconds = time.perf_counter() - started
+        write_train_summary(output_dir, device, method=spec.method, trainable_parameters=trainable_count,
+                            steps=global_step, steps_this_run=steps_run,
+                            step_time_s=loop_seconds / max(steps_run, 1), seed=seed,
+                            resolution=resolution, batch_size=micro_batch * accumulation,
+                            mixed_precision=accelerator.mixed_precision)
+        print(f"adapter: {adapter_path} | {steps_run} steps in {loop_seconds:.1f} s "
+              f"({loop_seconds / max(steps_run, 1):.3f} s/step), {total_seconds:.1f} s in all")
+    model = plan = None  # the DDP wrapper goes before the process group (loop.end_training)
+    loop.end_training(accelerator)
+    return adapter_path
+
+
+if __name__ == "__main__":
+    run_main(main)

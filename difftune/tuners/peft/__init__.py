@@ -1,0 +1,4 @@
+from .config import PeftMethodConfig
+from .model import PeftAdapter
+
+__all__ = ["PeftAdapter", "PeftMethodConfig"]
