@@ -298,7 +298,7 @@ def check_before_loading(argv: list[str] | None = None):
     if args.export:  # a layer the format's tool has no name for (FLUX.2's modulation, ...)
         modules = spec.check(build_denoiser_on_meta(model_info.denoiser_config, model_info.denoiser_class))
         for fmt in args.export:
-            check_export_modules(family, fmt, modules)
+            check_export_modules(family, fmt, modules, model_info.denoiser_config)
     instance_images = scan_image_folder(args.instance_data_dir, "--instance_data_dir", args.caption_column)
     if args.class_data_dir:  # generated class images go there
         check_writable_folder(args.class_data_dir, "--class_data_dir")

@@ -197,9 +197,11 @@ def export_adapter(
         if not base_model:
             raise DifftuneError(f"{adapter_path}: the header names no base model; pass --base")
         # every option is checked before the weights load
-        family_name = describe_model(base_model).family
+        described = describe_model(base_model)
+        family_name = described.family
         check_export_options(info["method"], info["config"], family_name, format, rank, energy)
-        check_export_modules(get_family(family_name), format, info.get("targets", ()))
+        check_export_modules(get_family(family_name), format, info.get("targets", ()),
+                             described.denoiser_config)
         pipeline = load_pipeline(base_model)
     elif has_adapter(pipeline):
         raise DifftuneError("export_adapter: the pipeline already carries an adapter")

@@ -201,15 +201,17 @@ def check_export_format(family: type[ModelFamily], fmt: str) -> None:
         raise DifftuneError(f"--format {fmt} on a {family.title} model ({family.name}): {reason}")
 
 
-def check_export_modules(family: type[ModelFamily], fmt: str, modules: Iterable[str]) -> None:
-    """Refuse a LoRA or diff export of an adapter on ``modules`` (of the family's denoiser) that the
-    format's tool has no name for (`LoraKeyLayout.known_modules`), before anything is trained or loaded."""
+def check_export_modules(family: type[ModelFamily], fmt: str, modules: Iterable[str],
+                         denoiser_config: Any = None) -> None:
+    """Refuse a LoRA or diff export of an adapter on ``modules`` (of the family's denoiser, whose config
+    is ``denoiser_config``) that the format's tool has no name for (`LoraKeyLayout.known_modules`),
+    before anything is trained or loaded."""
     layout = family.lora_layouts.get(family.diff_layout if fmt == "diff" else fmt)
-    if fmt not in ("kohya", "comfyui", "diff") or layout is None:
+    if fmt not in ("kohya", "comfyui", "diff") or layout is None or layout.known_modules is None:
         return
     for module in modules:
         try:
-            layout.key(family.denoiser_component, module)
+            layout.key(family.denoiser_component, module, denoiser_config)
         except DifftuneError as err:
             raise DifftuneError(f"--format {fmt} on a {family.title} model ({family.name}): {err}") from None
 
