@@ -4,7 +4,9 @@ Each row runs some of the test suite's adversarial tests (pytest, in a subproces
 thread) and counts their cases: a parametrised case is one case; where one test tries many
 (the adapter-file and checkpoint fuzz tests, the kill test) it prints its counts and they are read
 here. Every case must end as its row says or its test fails, so "answered" counts the cases of the
-tests that passed; a row with a failing test shows the failures.
+tests that passed; a row with a failing test shows the failures. The campaign sets
+DIFFTUNE_FULL_CAMPAIGN=1: the fuzz, kill and checkpoint-damage tests then run their documented counts
+(the plain test suite runs a seeded sample of each, to keep CI short).
 
     python benchmarks/reliability.py                            # every row, printed
     python benchmarks/reliability.py --rows fuzz kills          # some rows
@@ -116,7 +118,8 @@ def command(row: Row) -> list[str]:
 
 def run(row: Row) -> dict:
     """The row's tests, their cases and what they printed."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "DIFFTUNE_FULL_CAMPAIGN": "1"}
     with tempfile.TemporaryDirectory() as folder:
         report = Path(folder) / "report.xml"
         started = time.perf_counter()
@@ -175,7 +178,8 @@ def table(rows: list[Row], results: dict[str, dict]) -> str:
             continue
         cases, answer = answered(row, results[row.key])
         select = f' -k "{row.select}"' if row.select else ""
-        lines.append(f"| {row.what} | {cases} | {answer} | `python -m pytest -q -s {' '.join(row.paths)}"
+        lines.append(f"| {row.what} | {cases} | {answer} | `DIFFTUNE_FULL_CAMPAIGN=1 python -m pytest -q -s "
+                     f"{' '.join(row.paths)}"
                      f"{select}` ({results[row.key]['seconds']:.0f} s) |")
     return "\n".join(lines) + "\n"
 

@@ -58,6 +58,16 @@ METHOD_CASES: dict[str, dict[str, list[tuple[object, dict]]]] = {
 }
 
 
+# The adversarial tests (fuzz, kills, checkpoint damage) run a seeded sample in the suite and their whole
+# campaign under benchmarks/reliability.py, which sets DIFFTUNE_FULL_CAMPAIGN=1 (the documented counts).
+FULL_CAMPAIGN = os.environ.get("DIFFTUNE_FULL_CAMPAIGN") == "1"
+
+
+def campaign_size(full: int, sample: int) -> int:
+    """How many cases an adversarial test runs: ``full`` in the reliability campaign, else ``sample``."""
+    return full if FULL_CAMPAIGN else sample
+
+
 def method_cases(use: str, first_only: bool = False) -> list:
     """``pytest.param(method, targets, options)`` of every registered method for ``use``."""
     from difftune.tuners import METHODS

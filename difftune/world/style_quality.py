@@ -14,10 +14,14 @@ each FID stand the numbers that say what it means:
 
 Features are the world CLIP's projected image embeddings (`difftune.metrics.fid`, float64
 statistics), the extractor the world quality evaluation and the benchmarks use.
+
+    python -m difftune.world.style_quality --measure docs/results/style_domains_embedded.json \
+        --examples_grid docs/images/style_domains_base.png --num_threads 1
 """
 
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 from typing import Any
@@ -26,11 +30,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import run_main
+from ..io import write_json
 from ..metrics.features import extract_features
 from ..metrics.fid import fid_from_features
 from .quality import SamplingSettings, generate, labelled_grid
 from .scenes import to_tensor, to_uint8
-from .styles import PARTS, STYLES, render_part, render_plain
+from .styles import PARTS, RENDER_VERSION, STYLES, render_part, render_plain
 
 PLAIN = "plain"  # the plain world's row
 
@@ -162,3 +168,80 @@ def markdown_table(report: dict[str, Any]) -> str:
                     f"{row['floor_train']['fid']:.1f} | {row['vae_vs_heldout']['fid']:.1f} | "
                     f"{'–' if plain is None else f'{plain:.1f}'} |")
     return "\n".join(rows)
+
+
+def measure(args: argparse.Namespace) -> None:
+    """The base model's FID to every chosen style (and the plain world), as JSON."""
+    import platform
+
+    import torch
+
+    from .._version import __version__
+    from ..io import save_image
+    from ..machine import cpu_name
+    from ..metrics.cli import EMBEDDED_CLIP
+    from ..metrics.fid import load_feature_extractor
+    from ..model_factory import load_pipeline
+    from ..paths import portable_path
+    from .quality import SamplingSettings
+
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    started = time.time()
+    pipe = load_pipeline(args.model, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    clip = args.clip_model or EMBEDDED_CLIP
+    extractor = load_feature_extractor(f"clip:{clip}")
+    counts = {"train": args.train_images, "heldout": args.heldout_images, "reference": args.heldout_images}
+    settings = SamplingSettings(steps=args.steps, guidance_scale=args.guidance_scale)
+    report = measure_domains(pipe, extractor, args.styles, counts, settings, args.seed)
+    report["settings"].update({
+        "model": args.model, "clip_model": portable_path(clip), "render_version": RENDER_VERSION,
+        "command": "python -m difftune.world.style_quality " + " ".join(argv_for_report(args)),
+        "machine": f"{cpu_name()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+                   f"{platform.python_implementation()} {platform.python_version()}",
+        "difftune_version": __version__, "wall_seconds": round(time.time() - started, 1),
+    })
+    if args.examples_grid:
+        save_image(args.examples_grid, examples_grid(report))
+    write_json(args.measure, without_examples(report))
+    print(markdown_table(report))
+    print(f"report: {args.measure}")
+
+
+def argv_for_report(args: argparse.Namespace) -> list[str]:
+    """The flags of a --measure run, as a reader would type them (no machine paths for the outputs)."""
+    parts = ["--styles", *args.styles, "--seed", str(args.seed), "--train_images", str(args.train_images),
+             "--heldout_images", str(args.heldout_images), "--steps", str(args.steps),
+             "--guidance_scale", str(args.guidance_scale), "--measure", args.measure.name]
+    return parts + (["--num_threads", str(args.num_threads)] if args.num_threads else [])
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="The base model's FID to each style domain of the embedded "
+                                                 "world (and to the plain world), as JSON and a table.")
+    parser.add_argument("--measure", type=Path, required=True, help="write the FID report (JSON) here")
+    parser.add_argument("--styles", nargs="+", default=list(STYLES), choices=list(STYLES),
+                        help="which styles (default: all)")
+    parser.add_argument("--train_images", type=int, default=PARTS["train"][1],
+                        help="images of the train part")
+    parser.add_argument("--heldout_images", type=int, default=PARTS["heldout"][1],
+                        help="images of the heldout and reference parts")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="which block of world scenes (0: the measured one)")
+    parser.add_argument("--examples_grid", type=Path,
+                        help="real held-out images beside the base model's for their captions")
+    parser.add_argument("--model", default="builtin:embedded", help="the base model")
+    parser.add_argument("--clip_model", default=None,
+                        help="folder of the CLIP whose image features FID uses (default: the world CLIP)")
+    parser.add_argument("--steps", type=int, default=25, help="sampler steps of the base model")
+    parser.add_argument("--guidance_scale", type=float, default=5.0)
+    parser.add_argument("--num_threads", type=int, help="torch threads")
+    args = parser.parse_args(argv)
+    for flag in ("train_images", "heldout_images", "steps"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    measure(args)
+
+
+if __name__ == "__main__":
+    run_main(main)

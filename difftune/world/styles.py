@@ -23,6 +23,8 @@ and ``text``), and reuses it while its manifest matches.
 
     python -m difftune.world.styles outputs/styles            # every style, train and held-out parts
     python -m difftune.world.styles outputs/styles --grid docs/images/style_domains.png
+
+The base model's FID to each domain: ``python -m difftune.world.style_quality --measure report.json``.
 """
 
 from __future__ import annotations
@@ -374,24 +376,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0,
                         help="which block of world scenes (0: the measured one)")
     parser.add_argument("--grid", type=Path, help="also write the style grid (plain world beside each style)")
-    measure = parser.add_argument_group("measure", "the base model's FID to each domain "
-                                                   "(difftune.world.style_quality)")
-    measure.add_argument("--measure", type=Path, help="write the FID report (JSON) here")
-    measure.add_argument("--examples_grid", type=Path,
-                         help="with --measure: real held-out images beside the base model's for their "
-                              "captions")
-    measure.add_argument("--model", default="builtin:embedded", help="the base model")
-    measure.add_argument("--clip_model", default=None,
-                         help="folder of the CLIP whose image features FID uses (default: the world CLIP)")
-    measure.add_argument("--steps", type=int, default=25, help="sampler steps of the base model")
-    measure.add_argument("--guidance_scale", type=float, default=5.0)
-    measure.add_argument("--num_threads", type=int, help="torch threads")
     args = parser.parse_args(argv)
-    for flag in ("train_images", "heldout_images", "steps"):
+    for flag in ("train_images", "heldout_images"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    if args.examples_grid and not args.measure:
-        parser.error("--examples_grid needs --measure")
     for name in args.styles:
         for part in args.parts:
             count = args.train_images if part == "train" else args.heldout_images
@@ -402,57 +390,6 @@ def main(argv: list[str] | None = None) -> None:
 
         save_image(args.grid, style_grid(seed=args.seed))
         print(f"grid: {args.grid}")
-    if args.measure:
-        measure_main(args)
-
-
-def measure_main(args: argparse.Namespace) -> None:
-    """``--measure``: the base model's FID to every chosen style (and the plain world), as JSON."""
-    import platform
-    import time
-
-    import torch
-
-    from .._version import __version__
-    from ..io import save_image
-    from ..machine import cpu_name
-    from ..metrics.cli import EMBEDDED_CLIP
-    from ..metrics.fid import load_feature_extractor
-    from ..model_factory import load_pipeline
-    from ..paths import portable_path
-    from .quality import SamplingSettings
-    from .style_quality import examples_grid, markdown_table, measure_domains, without_examples
-
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
-    started = time.time()
-    pipe = load_pipeline(args.model, torch_dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    clip = args.clip_model or EMBEDDED_CLIP
-    extractor = load_feature_extractor(f"clip:{clip}")
-    counts = {"train": args.train_images, "heldout": args.heldout_images, "reference": args.heldout_images}
-    settings = SamplingSettings(steps=args.steps, guidance_scale=args.guidance_scale)
-    report = measure_domains(pipe, extractor, args.styles, counts, settings, args.seed)
-    report["settings"].update({
-        "model": args.model, "clip_model": portable_path(clip), "render_version": RENDER_VERSION,
-        "command": "python -m difftune.world.styles " + " ".join(argv_for_report(args)),
-        "machine": f"{cpu_name()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-                   f"{platform.python_implementation()} {platform.python_version()}",
-        "difftune_version": __version__, "wall_seconds": round(time.time() - started, 1),
-    })
-    if args.examples_grid:
-        save_image(args.examples_grid, examples_grid(report))
-    write_json(args.measure, without_examples(report))
-    print(markdown_table(report))
-    print(f"report: {args.measure}")
-
-
-def argv_for_report(args: argparse.Namespace) -> list[str]:
-    """The flags of a --measure run, as a reader would type them (no machine paths for the outputs)."""
-    parts = ["--styles", *args.styles, "--seed", str(args.seed), "--train_images", str(args.train_images),
-             "--heldout_images", str(args.heldout_images), "--steps", str(args.steps),
-             "--guidance_scale", str(args.guidance_scale), "--measure", args.measure.name]
-    return parts + (["--num_threads", str(args.num_threads)] if args.num_threads else [])
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import TinyNet
+from conftest import TinyNet, campaign_size
 
 import difftune
 from difftune.errors import DifftuneError
@@ -133,7 +133,7 @@ def test_a_checkpoint_resumes_only_the_run_that_wrote_it(tmp_path):
             checkpointing.check_resume_fits(state, {**settings, key: other}, tmp_path)
 
 
-CHECKPOINT_MUTATIONS = 200
+CHECKPOINT_MUTATIONS = campaign_size(200, 50)
 
 
 def _mutate_checkpoint(folder, rng: random.Random) -> str:

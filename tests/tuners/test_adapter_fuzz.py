@@ -19,14 +19,14 @@ from collections import Counter, defaultdict
 
 import pytest
 import torch
-from conftest import build, method_cases, randomize_adapter
+from conftest import build, campaign_size, method_cases, randomize_adapter
 from safetensors.torch import load_file, save
 
 import difftune
 from difftune.adapter_file import CHECKSUM_FIELD, METADATA_KEY
 from difftune.errors import DifftuneError
 
-MUTATIONS_PER_METHOD = 250
+MUTATIONS_PER_METHOD = campaign_size(250, 60)
 JUNK_VALUES = [None, "x", "", 1, -1, 2.5, True, [], {}, [1, "a"], {"a": None}, 10**20]
 MARKER_EDITS = ("key bit flip", "key case", "entry dropped", "no __metadata__", "__metadata__ key flip",
                 "lora_adapter_metadata dropped", "format dropped", "checksum dropped")
