@@ -235,7 +235,7 @@ def split_sections(tensors: dict[str, torch.Tensor], info: dict[str, Any],
                    source: str) -> dict[str, dict[str, torch.Tensor]]:
     """A file's tensors by component (``unet``, ``text_encoder``, ...) and the new tokens' embeddings
     (``token_embeddings``), their prefixes removed."""
-    names = [info["component"], *info.get("text_encoders", {})]
+    names = [info["component"], *info.get("text_encoders", {}), *info.get(EXPERTS, {})]
     names += [TOKEN_EMBEDDINGS] if TOKEN_EMBEDDINGS in info else []
     sections: dict[str, dict[str, torch.Tensor]] = {name: {} for name in names}
     for key, value in tensors.items():
@@ -264,7 +264,12 @@ HEADER_SCHEMA: dict[str, tuple[type, ...]] = {
     "extra": (dict,),
 }
 TOKEN_EMBEDDINGS = "token_embeddings"  # header field and tensor prefix of new tokens (pivotal tuning)
-OPTIONAL_FIELDS = {CHECKSUM_FIELD: (str,), "text_encoders": (dict,), TOKEN_EMBEDDINGS: (dict,)}
+# header field of further denoisers' sections: the experts of a model with several (Wan 2.2's transformer_2)
+EXPERTS = "experts"
+OPTIONAL_FIELDS = {CHECKSUM_FIELD: (str,), "text_encoders": (dict,), EXPERTS: (dict,),
+                   TOKEN_EMBEDDINGS: (dict,)}
+# the fields that hold further components' sections, each shaped as SECTION_SCHEMA
+SECTION_FIELDS = ("text_encoders", EXPERTS)
 TOKEN_EMBEDDINGS_SCHEMA: dict[str, tuple[type, ...]] = {"identifier": (str,), "tokens": (list,)}
 # a text encoder's section (--train_text_encoder): the per-component fields of the header
 SECTION_SCHEMA = {field: HEADER_SCHEMA[field] for field in ("method", "config", "targets", "fingerprint",
@@ -307,12 +312,13 @@ def check_header(info: Any, path: Path) -> None:
         raise AdapterFileError(f"{path}: header field 'format_version' must be at least 1, "
                                f"got {info['format_version']}")
     _check_section(info, "", path)
-    for name, section in info.get("text_encoders", {}).items():
-        where = f"text_encoders.{name}."
-        if not isinstance(section, dict):
-            raise AdapterFileError(f"{path}: header field '{where[:-1]}' must be an object")
-        _check_fields(section, SECTION_SCHEMA, {}, where, path)
-        _check_section(section, where, path)
+    for field in SECTION_FIELDS:
+        for name, section in info.get(field, {}).items():
+            where = f"{field}.{name}."
+            if not isinstance(section, dict):
+                raise AdapterFileError(f"{path}: header field '{where[:-1]}' must be an object")
+            _check_fields(section, SECTION_SCHEMA, {}, where, path)
+            _check_section(section, where, path)
     if TOKEN_EMBEDDINGS in info:
         tokens = info[TOKEN_EMBEDDINGS]
         _check_fields(tokens, TOKEN_EMBEDDINGS_SCHEMA, {}, f"{TOKEN_EMBEDDINGS}.", path)
@@ -442,7 +448,7 @@ class AdapterFile:
     place, and one `AdapterSection` per adapted component."""
 
     component: str  # the denoiser's name in its pipeline (unet, transformer)
-    sections: dict[str, AdapterSection]  # the denoiser's, then each adapted text encoder's
+    sections: dict[str, AdapterSection]  # the denoiser's, then each adapted text encoder's and expert's
     base_model: str | None = None
     difftune_version: str = __version__
     format_version: int = FORMAT_VERSION
@@ -450,6 +456,7 @@ class AdapterFile:
     # further safetensors header entries written beside ours (diffusers' LoRA metadata)
     extra_header: dict[str, str] = dataclasses.field(default_factory=dict)
     token_embeddings: TokenEmbeddings | None = None  # new identifier tokens (pivotal tuning)
+    experts: tuple[str, ...] = ()  # which further sections are denoisers (experts), not text encoders
 
     @property
     def main(self) -> AdapterSection:
@@ -458,7 +465,13 @@ class AdapterFile:
 
     @property
     def text_encoders(self) -> dict[str, AdapterSection]:
-        return {name: section for name, section in self.sections.items() if name != self.component}
+        return {name: section for name, section in self.sections.items()
+                if name != self.component and name not in self.experts}
+
+    @property
+    def expert_sections(self) -> dict[str, AdapterSection]:
+        """The further denoisers' sections (Wan 2.2's low-noise expert beside its high-noise one)."""
+        return {name: self.sections[name] for name in self.experts}
 
     def header(self) -> dict[str, Any]:
         """The ``difftune`` header entry, less its checksum."""
@@ -466,6 +479,8 @@ class AdapterFile:
                 **self.main.header(), "component": self.component, "base_model": self.base_model}
         if self.text_encoders:
             info["text_encoders"] = {name: section.header() for name, section in self.text_encoders.items()}
+        if self.experts:
+            info[EXPERTS] = {name: section.header() for name, section in self.expert_sections.items()}
         if self.token_embeddings is not None:
             info[TOKEN_EMBEDDINGS] = self.token_embeddings.header()
         return info
@@ -501,14 +516,15 @@ class AdapterFile:
         source = str(path)
         local = split_sections(tensors, info, source)
         sections = {info["component"]: AdapterSection.from_header(info, local[info["component"]])}
-        sections.update({name: AdapterSection.from_header(fields, local[name])
-                         for name, fields in info.get("text_encoders", {}).items()})
+        for field in SECTION_FIELDS:
+            sections.update({name: AdapterSection.from_header(fields, local[name])
+                             for name, fields in info.get(field, {}).items()})
         tokens = info.get(TOKEN_EMBEDDINGS)
         token_embeddings = None if tokens is None else TokenEmbeddings(
             tokens["identifier"], tokens["tokens"], local[TOKEN_EMBEDDINGS])
         return cls(component=info["component"], sections=sections, base_model=info["base_model"],
                    difftune_version=info["difftune_version"], format_version=info["format_version"],
-                   source=source, token_embeddings=token_embeddings)
+                   source=source, token_embeddings=token_embeddings, experts=tuple(info.get(EXPERTS, {})))
 
     validate = staticmethod(check_header)
     fingerprint = staticmethod(fingerprint)

@@ -29,29 +29,44 @@ from .adapter_file import (
     resolve_adapter_path,
 )
 from .errors import AdapterFileError, DifftuneError
-from .families import FAMILIES, denoiser_components, text_encoder_components
+from .families import FAMILIES, denoiser_components, expert_components, text_encoder_components
 from .lora_import import is_foreign_file, read_foreign_lora
 from .targeting import resolve_targets
 from .tokens import prepare_token_loading
 from .tuners import Adapter, AdapterConfig, get_method
 
 _ADAPTER_ATTRIBUTE = "_difftune_adapter"
+_COMPONENT_ATTRIBUTE = "_difftune_component"
 
 
 def find_denoiser(obj: Any) -> tuple[nn.Module, str]:
     """Return ``(denoiser, component_name)`` for a pipeline or a model (the component a model family
-    names its class by; other models by the kind of their class name, else ``model``)."""
-    for component in denoiser_components():
-        denoiser = getattr(obj, component, None)
-        if isinstance(denoiser, nn.Module) and not isinstance(obj, nn.Module):
-            return denoiser, component
+    names its class by, or the one `name_component` gave it; other models by the kind of their class
+    name, else ``model``). Of a pipeline with several denoisers (experts) the first that carries an
+    adapter, else the first."""
+    if not isinstance(obj, nn.Module):
+        present = [(getattr(obj, name), name) for name in (*denoiser_components(), *expert_components())
+                   if isinstance(getattr(obj, name, None), nn.Module)]
+        for denoiser, component in present:
+            if denoiser.__dict__.get(_ADAPTER_ATTRIBUTE) is not None:
+                return denoiser, component
+        if present:
+            return present[0]
     if isinstance(obj, nn.Module):
         model = unwrap_model(obj)
+        if model.__dict__.get(_COMPONENT_ATTRIBUTE):
+            return model, model.__dict__[_COMPONENT_ATTRIBUTE]
         kind = type(model).__name__
         known = {family.denoiser_class: family.denoiser_component for family in FAMILIES.values()}
         guessed = "unet" if "UNet" in kind else "transformer" if "Transformer" in kind else "model"
         return model, known.get(kind, guessed)
     raise DifftuneError(f"expected a diffusers pipeline or an nn.Module, got {type(obj).__name__}")
+
+
+def name_component(model: nn.Module, component: str) -> nn.Module:
+    """Record which pipeline component a bare denoiser is (``transformer_2``), for files saved from it."""
+    model.__dict__[_COMPONENT_ATTRIBUTE] = component
+    return model
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -92,9 +107,20 @@ def adapted_text_encoders(pipeline: Any) -> dict[str, nn.Module]:
             if isinstance(encoder, nn.Module) and has_adapter(encoder)}
 
 
+def adapted_experts(pipeline: Any) -> dict[str, nn.Module]:
+    """A pipeline's further denoisers (experts, `ModelFamily.expert_components`) that carry an adapter,
+    besides the one `find_denoiser` gives."""
+    if isinstance(pipeline, nn.Module):
+        return {}
+    main = find_denoiser(pipeline)[0]
+    modules = {name: getattr(pipeline, name, None) for name in (*denoiser_components(), *expert_components())}
+    return {name: module for name, module in modules.items()
+            if isinstance(module, nn.Module) and module is not main and has_adapter(module)}
+
+
 def _adapted_modules(model: Any) -> list[nn.Module]:
-    """The denoiser, then every adapted text encoder of a pipeline."""
-    return [find_denoiser(model)[0], *adapted_text_encoders(model).values()]
+    """The denoiser, then every adapted text encoder and expert of a pipeline."""
+    return [find_denoiser(model)[0], *adapted_text_encoders(model).values(), *adapted_experts(model).values()]
 
 
 def add_adapter(
@@ -244,12 +270,17 @@ def save_adapter(model: Any, path: str | os.PathLike, base_model: str | None = N
     The header records method, config, targets, the base-model fingerprint and the
     difftune version. Text-encoder adapters go into the same file, under their component
     names (``text_encoder.``): those of a pipeline are found by themselves, or pass
-    ``text_encoders={"text_encoder": module}`` with a bare denoiser. ``token_embeddings`` adds new
-    tokens' embeddings (pivotal tuning, difftune.training.pivotal; `difftune.tokens`). The write is atomic.
+    ``text_encoders={"text_encoder": module}`` with a bare denoiser. Further adapted denoisers (experts:
+    ``transformer_2``) go into the same file too, found the same way or among ``text_encoders``.
+    ``token_embeddings`` adds new tokens' embeddings (pivotal tuning, difftune.training.pivotal;
+    `difftune.tokens`). The write is atomic.
     """
     denoiser, component = find_denoiser(model)
     adapter = get_adapter(denoiser)
-    encoders = adapted_text_encoders(model) if text_encoders is None else dict(text_encoders)
+    if text_encoders is None:
+        encoders = {**adapted_text_encoders(model), **adapted_experts(model)}
+    else:
+        encoders = dict(text_encoders)
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path / DEFAULT_FILE_NAME
@@ -259,7 +290,8 @@ def save_adapter(model: Any, path: str | os.PathLike, base_model: str | None = N
     headers = _merge_headers([each.extra_header(name) for name, each in adapters.items()])
     file = AdapterFile(component=component, base_model=base_model, extra_header=headers,
                        sections={name: each.file_section() for name, each in adapters.items()},
-                       token_embeddings=token_embeddings)
+                       token_embeddings=token_embeddings,
+                       experts=tuple(name for name in encoders if name in expert_components()))
     return file.write(path)
 
 
@@ -311,7 +343,7 @@ def load_adapter(
             files.append(read_foreign_lora(pipeline_or_model, file_path))
         else:
             files.append(AdapterFile.read(file_path, resolved=True))
-    denoiser, _component = find_denoiser(pipeline_or_model)
+    denoiser = _file_denoiser(pipeline_or_model, files[0].component)
     # every file checked (config, base model, text encoders present) before the model is touched
     plans: list[tuple[type[Adapter], AdapterConfig]] = []
     encoders: dict[str, tuple[nn.Module, AdapterSection, type[Adapter], AdapterConfig]] = {}
@@ -319,9 +351,10 @@ def load_adapter(
         plans.append(_file_config(file.main, file.source))
         for warning in file.main.check_base(denoiser, file.source):
             warnings.warn(warning, stacklevel=2)
-        for name, section in file.text_encoders.items():
+        further = [("text_encoders", file.text_encoders), ("experts", file.expert_sections)]
+        for field, name, section in ((f, n, s) for f, sections in further for n, s in sections.items()):
             encoder = _text_encoder(pipeline_or_model, name, file.source)
-            encoders[name] = (encoder, section, *_file_config(section, file.source, f"text_encoders.{name}."))
+            encoders[name] = (encoder, section, *_file_config(section, file.source, f"{field}.{name}."))
             for warning in section.check_base(encoder, f"{file.source} ({name})"):
                 warnings.warn(warning, stacklevel=2)
     add_tokens = None
@@ -357,7 +390,7 @@ def _combine(files: list[AdapterFile], scale: float | Sequence[float]
     """Several files of one method and component as one section (`Adapter.combine_files`): its
     method, the section, the joined source names, and the scale left to apply (1)."""
     sources = [file.source for file in files]
-    whole = [file.source for file in files if file.text_encoders or file.token_embeddings]
+    whole = [file.source for file in files if file.text_encoders or file.experts or file.token_embeddings]
     if whole:
         raise DifftuneError("load_adapter: files with text-encoder adapters cannot be combined, nor files "
                             "with token embeddings: " + ", ".join(whole))
@@ -381,6 +414,16 @@ def _file_config(section: AdapterSection, source: str, where: str = "",
         return adapter_class, adapter_class.config_class.from_options(section.method, dict(section.config))
     except DifftuneError as err:
         raise AdapterFileError(f"{source}: header field '{where}method'/'{where}config': {err}") from None
+
+
+def _file_denoiser(pipeline_or_model: Any, component: str) -> nn.Module:
+    """The denoiser a file's main section goes to: the pipeline's component of that name (a file of
+    Wan 2.2's low-noise expert goes to ``transformer_2``), else `find_denoiser`'s."""
+    if not isinstance(pipeline_or_model, nn.Module):
+        module = getattr(pipeline_or_model, component, None)
+        if isinstance(module, nn.Module) and component in (*denoiser_components(), *expert_components()):
+            return module
+    return find_denoiser(pipeline_or_model)[0]
 
 
 def _text_encoder(pipeline: Any, name: str, source: str) -> nn.Module:

@@ -147,6 +147,19 @@ def save_image(path: str | os.PathLike, image: Any) -> Path:
     return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
+def save_webp(frames: Any, path: str | os.PathLike, fps: float = 16.0) -> Path:
+    """PIL frames as an animated, lossless WebP that loops (one frame: a still WebP): a clip that any
+    browser plays and Pillow reads back frame for frame."""
+    duration = max(1, round(1000.0 / fps))
+
+    def write(tmp: str) -> None:
+        first, *rest = [frame.convert("RGB") for frame in frames]
+        first.save(tmp, format="WEBP", save_all=bool(rest), append_images=rest, duration=duration, loop=0,
+                   lossless=True, quality=100, method=0)
+
+    return atomic_write(path, write)
+
+
 def copy_file(source: str | os.PathLike, path: str | os.PathLike) -> Path:
     import shutil
 

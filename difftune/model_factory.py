@@ -33,7 +33,8 @@ def describe_model(name_or_path: str, revision: str | None = None) -> ModelDescr
     """
     tiny = _tiny_name(name_or_path)
     if tiny is not None:
-        return tiny_builtins()[tiny].describe_tiny()
+        family = tiny_builtins()[tiny]
+        return family.describe_tiny(family.tiny_options(tiny))
     location = _resolve_builtin(name_or_path)
     import diffusers
 
@@ -51,10 +52,12 @@ def describe_model(name_or_path: str, revision: str | None = None) -> ModelDescr
     except Exception as err:
         raise DifftuneError(f"cannot read the {subfolder}/vae configs of '{name_or_path}': "
                             f"{_first_line(err)}{offline_hint(location)}") from None
-    vae_scale_factor, vae_width = family.vae_geometry(vae_config)
+    vae_scale_factor = family.vae_scale_factor(vae_config)
     return ModelDescription(family.name, family.native_resolution(denoiser_config, vae_scale_factor),
                             family.denoiser_class, dict(denoiser_config),
-                            family.side_multiple(denoiser_config, vae_scale_factor), vae_width)
+                            family.side_multiple(denoiser_config, vae_scale_factor),
+                            family.vae_width(vae_config), family.model_experts(index),
+                            family.frame_multiple(vae_config))
 
 
 def _first_line(err: Exception) -> str:
@@ -111,8 +114,9 @@ def load_pipeline(
     """
     tiny = _tiny_name(name_or_path)
     if tiny is not None:
-        pipe = tiny_builtins()[tiny].build_tiny(**kwargs)
-        return pipe.to(torch_dtype) if torch_dtype is not None else pipe
+        family = tiny_builtins()[tiny]
+        pipe = family.build_tiny(**{**family.tiny_options(tiny), **kwargs})
+        return pipe.to(torch_dtype) if torch_dtype not in (None, torch.float32) else pipe  # built in fp32
     name_or_path = _resolve_builtin(name_or_path)
     from diffusers import DiffusionPipeline
 

@@ -6,6 +6,7 @@
     python -m difftune.params --model flux-dev-config          # FLUX.1-dev transformer, meta device
     python -m difftune.params --model qwen-image-config        # also flux2-dev-config, flux2-klein-4b-config,
                                                                # flux2-klein-9b-config, z-image-config
+    python -m difftune.params --model wan2.1-14b-config --targets attn-ff   # Wan 2.1 14B transformer
 
 Each row attaches one adapter, counts `count_trainable_parameters`, and removes it again
 (the model is restored exactly). ``sd15-config`` / ``sdxl-config`` / ``flux-dev-config`` build
@@ -60,9 +61,10 @@ FLUX_ROWS: list[tuple[str, str, dict[str, Any]]] = [
     ("TLoRA TRM R=2 + TR R=6", "tlora", {"transform_rank": 2, "residual": "tr", "rank": 6}),
 ]
 
-# default rows of a reference config (by its name) other than the papers' set: the DiTs' (FLUX.1's) rows
+# default rows of a reference config (by its name) other than the papers' set: the large DiTs' (FLUX.1's)
 DIT_CONFIGS = ("flux-dev-config", "flux2-dev-config", "flux2-klein-4b-config", "flux2-klein-9b-config",
-               "qwen-image-config", "z-image-config")
+               "qwen-image-config", "z-image-config", "wan2.1-1.3b-config", "wan2.1-14b-config",
+               "wan2.2-a14b-expert-config")
 REFERENCE_ROWS = dict.fromkeys(DIT_CONFIGS, FLUX_ROWS)
 
 

@@ -27,6 +27,7 @@ class GenerationSettings:
     height: int | None = None  # None: the pipeline's own
     width: int | None = None
     batch_size: int = 8
+    num_frames: int | None = None  # a video pipeline's clip length (None: an image pipeline, or its own)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -41,7 +42,8 @@ def generate_images(pipe: Any, prompts: Sequence[str | Mapping[str, Any]], setti
                     desc: str = "generate", show_progress: bool = True,
                     autocast: contextlib.AbstractContextManager | None = None) -> list[list[Image.Image]]:
     """``images_per_prompt`` PIL images for each prompt, in prompt order: what the evaluation
-    scores and what a trainer samples during and after training.
+    scores and what a trainer samples during and after training. A video pipeline's samples are clips
+    (lists of PIL frames), ``num_frames`` long when the settings give it.
 
     Image k of prompt p comes from its own generator seeded with `image_seed` (on the pipeline's
     device; on the CPU for MPS), so it does not depend on the batch it is drawn in. A prompt is
@@ -57,6 +59,8 @@ def generate_images(pipe: Any, prompts: Sequence[str | Mapping[str, Any]], setti
     device = getattr(pipe, "device", torch.device("cpu"))
     generator_device = "cpu" if device.type == "mps" else device
     extra = {} if settings.guidance_scale is None else {"guidance_scale": settings.guidance_scale}
+    if settings.num_frames is not None:
+        extra["num_frames"] = settings.num_frames
     pipe.set_progress_bar_config(disable=True)
     with (torch.random.fork_rng(), torch.no_grad(), autocast or contextlib.nullcontext(),
           tqdm(total=len(jobs), desc=desc, unit="img", disable=not show_progress) as bar):
@@ -69,7 +73,8 @@ def generate_images(pipe: Any, prompts: Sequence[str | Mapping[str, Any]], setti
             output = pipe(**prompt_kwargs, num_inference_steps=settings.num_inference_steps,
                           height=settings.height, width=settings.width, generator=generators,
                           output_type="pil", **extra)
-            for (p, _), image in zip(batch, output.images, strict=True):
+            samples = output.frames if hasattr(output, "frames") else output.images  # clips or images
+            for (p, _), image in zip(batch, samples, strict=True):
                 images[p].append(image)
             bar.update(len(batch))
     return images

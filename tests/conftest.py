@@ -92,13 +92,23 @@ def family(request) -> str:
     return request.param
 
 
+TINY_LATENT_FRAMES = 2  # latent frames of a video family's tiny clips (5 frames)
+TINY_NUM_FRAMES = 5
+
+
+def tiny_latents(family, batch: int = 1, generator=None, size: int = TINY_SAMPLE_SIZE) -> torch.Tensor:
+    """Random latents of a bound family's tiny model: (B, C, size, size), or a few latent frames for a
+    video family (B, C, frames, size, size)."""
+    channels = family.latent_channels(family.denoiser.config)
+    frames = (TINY_LATENT_FRAMES,) if family.video else ()
+    return torch.randn(batch, channels, *frames, size, size, generator=generator)
+
+
 def denoiser_inputs(pipe, batch: int = 1, seed: int = 0) -> dict:
     """Deterministic inputs for one denoiser forward call of any family's tiny model: random latents at
     timestep 500 of 1000, a prompt's embeddings, all laid out by the family as training does."""
     family = training_family(pipe, torch.device("cpu"), LossOptions())
-    gen = torch.Generator().manual_seed(seed)
-    channels = family.latent_channels(family.denoiser.config)
-    latents = torch.randn(batch, channels, TINY_SAMPLE_SIZE, TINY_SAMPLE_SIZE, generator=gen)
+    latents = tiny_latents(family, batch, torch.Generator().manual_seed(seed))
     with torch.no_grad():
         conditioning = family.encode_prompts(["a photo of a sks dog"] * batch)
     noisy = NoisyInput(latents, torch.full((batch,), 500), latents, torch.ones(batch))
@@ -121,10 +131,15 @@ def denoise(pipe, inputs: dict) -> torch.Tensor:
         return forward(model, inputs)
 
 
-def generate(pipe, seed: int = 0, prompt: str = "a photo of a sks dog"):
+def generate(pipe, seed: int = 0, prompt: str = "a photo of a sks dog", **kwargs):
+    """Two sampler steps at 64x64 as a numpy array: images, or a video family's frames (5 per clip)."""
+    from difftune.families import family_of
+
     gen = torch.Generator().manual_seed(seed)
-    return pipe(prompt=prompt, num_inference_steps=2, height=64, width=64, generator=gen,
-                output_type="np").images
+    video = family_of(pipe).video
+    output = pipe(prompt=prompt, num_inference_steps=2, height=64, width=64, generator=gen, output_type="np",
+                  **({"num_frames": TINY_NUM_FRAMES} if video else {}), **kwargs)
+    return output.frames if video else output.images
 
 
 def randomize_adapter(model, std: float = 0.05, seed: int = 1) -> None:
@@ -271,3 +286,59 @@ def single_layer_model(kind: str, in_dim: int, out_dim: int, tokens: int, size: 
     k = 3 if kind == "conv3x3" else 1
     return (nn.Sequential(nn.Conv2d(in_dim, out_dim, k, stride=stride, padding=k // 2)),
             torch.randn(2, in_dim, size, size))
+
+
+def moving_square(count: int, size=(24, 20), seed: int = 0):
+    """``count`` RGB frames of a red square moving right over a coloured background."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    background, top = rng.integers(0, 200, 3), int(rng.integers(2, size[1] - 10))
+    frames = []
+    for k in range(count):
+        array = np.empty((size[1], size[0], 3), dtype=np.uint8)
+        array[:] = background
+        array[top:top + 8, 2 + k:10 + k] = (230, 40, 40)
+        frames.append(Image.fromarray(array))
+    return frames
+
+
+def make_clips(folder, frames: int = 9):
+    """A training folder of every clip kind: an mp4 (PyAV), an animated WebP, a folder of frames and a
+    still image, with a sidecar caption for the mp4."""
+    from difftune.video.clips import save_mp4, save_webp
+
+    os.makedirs(folder, exist_ok=True)
+    save_mp4(moving_square(frames, seed=0), os.path.join(folder, "a.mp4"), fps=8)
+    save_webp(moving_square(frames + 2, seed=1), os.path.join(folder, "b.webp"), fps=8)
+    os.makedirs(os.path.join(folder, "c"), exist_ok=True)
+    for index, frame in enumerate(moving_square(frames, seed=2)):
+        frame.save(os.path.join(folder, "c", f"{index:03d}.png"))
+    moving_square(1, seed=3)[0].save(os.path.join(folder, "d.png"))
+    with open(os.path.join(folder, "a.txt"), "w") as handle:
+        handle.write("a sks square sliding")
+    return folder
+
+
+@pytest.fixture
+def clip_dir(tmp_path):
+    return make_clips(tmp_path / "clips")
+
+
+def example_generators(count: int, seed: int = 0) -> list:
+    """One seeded torch generator per example, as the trainers give each example its own."""
+    return [torch.Generator().manual_seed(seed + i) for i in range(count)]
+
+
+def die_after_first_checkpoint(monkeypatch) -> None:
+    """Make a trainer stop (KeyboardInterrupt) right after it has written its first checkpoint."""
+    from difftune.training import checkpointing
+
+    original = checkpointing.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        original(*args, **kwargs)
+        raise KeyboardInterrupt("simulated interruption")
+
+    monkeypatch.setattr(checkpointing, "save_checkpoint", save_then_die)

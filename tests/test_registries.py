@@ -140,6 +140,8 @@ def test_a_new_family_is_one_class(fresh_registries):
     ("QwenImageImg2ImgPipeline", "Qwen-Image", "image to image"),
     ("ZImageControlNetPipeline", "Z-Image", "control images"),
     ("ZImageOmniPipeline", "Z-Image", "editing with reference images"),
+    ("WanImageToVideoPipeline", "Wan", "image to video"),
+    ("WanVACEPipeline", "Wan", "video editing"),
 ])
 def test_a_familys_other_pipelines_are_refused_by_name(class_name, family, task):
     from difftune.families import family_of_class

@@ -1,4 +1,5 @@
-"""Evaluate subject-driven adapters with the DreamBooth protocol: DINO, CLIP-I, CLIP-T, PRES (+ CLIP, FID).
+"""Evaluate subject-driven adapters with the DreamBooth protocol: DINO, CLIP-I, CLIP-T, PRES (+ CLIP, FID);
+on a video model (Wan) every metric over the clips' frames, plus temporal consistency (--num_frames).
 
 For each adapter file and subject: ``--images_per_prompt`` images for every prompt of a
 prompt list (``{subject}`` becomes "identifier class"), then the metrics against the
@@ -90,8 +91,10 @@ def parse_adapter(spec: str) -> tuple[str, Path]:
     return name or file.parent.name, file
 
 
-def build_runs(args: argparse.Namespace) -> list[EvalRun]:
-    subjects = [Subject.from_dir(d, args.identifier, args.class_name) for d in args.instance_data_dir]
+def build_runs(args: argparse.Namespace, video: bool = False) -> list[EvalRun]:
+    """The runs to evaluate; a video model's subjects are the frames of their clips (and images)."""
+    subjects = [Subject.from_dir(d, args.identifier, args.class_name, clips=video)
+                for d in args.instance_data_dir]
     adapters = [parse_adapter(spec) for spec in args.adapter]
     names = [name for name, _ in adapters]
     if len(set(names)) != len(names):
@@ -130,7 +133,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     model = args.pretrained_model_name_or_path
     options = check_evaluation_arguments(args, model)
     device, dtype = resolve_device(options)
-    runs = build_runs(args)  # validates every path before any heavy work
+    from difftune.families import get_family
+    from difftune.model_factory import describe_model
+
+    video = get_family(describe_model(model).family).video
+    runs = build_runs(args, video)  # validates every path before any heavy work
     check_adapter_files(runs, model)
     prompt_file = resolve_prompt_file(options, model)
     for run in runs:  # a bad prompt file or an identifier the prompts keep fails before any model loads

@@ -202,6 +202,8 @@ def main(argv: list[str] | None = None) -> Path:
     # Everything until the model loads is cheap: refuse bad input here.
     model_info = describe_model(base_model, base.revision)
     check_capability(get_family(model_info.family), "trainable", "train_one_step.py")
+    # HiPA sharpens one-step images; a video model's one step has no teacher recipe here (Wan)
+    check_capability(get_family(model_info.family), "one_step", "train_one_step.py (HiPA, images)")
     # the adapter: method, targets and options, checked once
     spec = difftune.AdapterSpec(args.adapter, args.targets, adapter_options_with_defaults(args))
     resolution = loop.check_before_loading(spec, base, model_info, args.resolution, output_dir,

@@ -19,7 +19,8 @@ The script reads top to bottom:
   6. the adapter (and a diffusers LoRA copy), a model card, and samples from a fresh pipeline
      that loads the saved file
 Supported bases: every model family of difftune.families (SD 1.x/2.x with epsilon and v prediction,
-SDXL, SD3, FLUX.1 dev and schnell, PixArt-α/Σ, FLUX.2 dev and klein, Qwen-Image, Z-Image).
+SDXL, SD3, FLUX.1 dev and schnell, PixArt-α/Σ, FLUX.2 dev and klein, Qwen-Image, Z-Image, Wan 2.1/2.2
+video: a folder of clips, docs/video.md).
 """
 
 from __future__ import annotations
@@ -39,9 +40,18 @@ from accelerate.utils import (
 from diffusers.training_utils import offload_models
 
 import difftune
-from difftune.adapter_file import TOKEN_EMBEDDINGS
+from difftune.adapter_file import EXPERTS, TOKEN_EMBEDDINGS
+from difftune.api import name_component
 from difftune.errors import DifftuneError, run_main
-from difftune.export import FORMATS, LORA_FORMATS, check_export_options, default_output, export_adapter
+from difftune.export import (
+    FORMATS,
+    LORA_FORMATS,
+    check_experts_export,
+    check_export_options,
+    default_output,
+    export_adapter,
+    write_diffusers_lora_files,
+)
 from difftune.families import (
     LossOptions,
     check_capability,
@@ -69,6 +79,14 @@ from difftune.training.prior import ensure_class_images
 from difftune.training.summary import reset_peak_memory, write_train_summary
 from difftune.training.text_encoder import attach_text_encoder_adapters
 from difftune.training.validation import log_images
+from difftune.video.data import parse_resolution, warn_small_clips
+from difftune.video.training import (
+    VideoSettings,
+    check_video_flags,
+    positive_resolution,
+    save_samples,
+    video_data,
+)
 
 DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
 EXPORT_GROUP = "export (difftune export; docs/export.md)"
@@ -91,7 +109,9 @@ class InstanceImages(CheckedSettings):
                                                "(required; per-image captions replace it)")
     caption_column: str | None = option(None, "metadata.jsonl key of per-image captions (default: text, "
                                               "caption or prompt); a sidecar <image>.txt wins over it")
-    resolution: int | None = option(None, "training resolution (default: the model's own)", check=positive())
+    resolution: int | tuple[int, int] | None = option(
+        None, "training resolution (default: the model's own); video models: a side or height x width, e.g. "
+              "480x832", parse=parse_resolution, check=positive_resolution())
     center_crop: bool = option(False, "centre crop instead of a random crop")
     random_flip: bool = option(False, "flip images horizontally at random")
     cache_latents: bool = option(True, "encode every image once before training (a random crop is then drawn "
@@ -173,7 +193,8 @@ class AdapterFiles(CheckedSettings):
 
 # Every flag of this trainer is a field of one of these (the method options aside, generated from the
 # registered methods' configs): tests/training/test_flags.py checks that nothing else is a flag.
-SETTINGS = (settings.ModelSettings, InstanceImages, FrozenParts, PriorPreservation, TextEncoderTraining,
+SETTINGS = (settings.ModelSettings, InstanceImages, VideoSettings, FrozenParts, PriorPreservation,
+            TextEncoderTraining,
             pivotal.TokenEmbeddingSettings, AdapterFiles, *arguments.SHARED_SETTINGS)
 
 
@@ -184,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", help="YAML or JSON file of options (keys are flag names without dashes); flags on the "
                          "command line override it")
     arguments.add_model_arguments(parser)
-    for group in (InstanceImages, FrozenParts, PriorPreservation, TextEncoderTraining):
+    for group in (InstanceImages, VideoSettings, FrozenParts, PriorPreservation, TextEncoderTraining):
         arguments.add_settings_arguments(parser, group)
     arguments.add_pivotal_arguments(parser)
     recipes.add_recipe_argument(parser)
@@ -212,7 +233,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if given:
             raise DifftuneError(f"{' and '.join(given)} given without --with_prior_preservation: add the "
                                 "flag to train with the prior loss, or drop them")
-    check_values(args, InstanceImages, PriorPreservation)
+    check_values(args, InstanceImages, VideoSettings, PriorPreservation)
     if args.train_text_encoder and args.pre_compute_text_embeddings:
         raise DifftuneError("--pre_compute_text_embeddings cannot be used with --train_text_encoder: the "
                             f"encoder changes every step{recipes.source_hint(args, 'train_text_encoder')}")
@@ -269,14 +290,16 @@ def check_init_adapter(args: argparse.Namespace) -> None:
 
 def check_before_loading(argv: list[str] | None = None):
     """Every check that needs no model weights (bad input fails in seconds): options, model family,
-    adapter options and targets, resolution, output folder, instance images. benchmark.py runs it on
-    its trainer flags before its own heavy work. Returns (args, model_info, spec, resolution,
-    instance_images)."""
+    adapter options and targets, resolution, output folder, instance images (or clips). benchmark.py
+    runs it on its trainer flags before its own heavy work. Returns (args, model_info, spec,
+    resolution, instance_images); a video model's resolution is (height, width), its images clips."""
     args = parse_args(argv)
     model_info = describe_model(args.pretrained_model_name_or_path, args.revision)
     family = get_family(model_info.family)
     check_capability(family, "trainable", "train_subject.py")
     arguments.check_family_flags(args, model_info.family)
+    check_video_flags(args, family)
+    check_experts(args, model_info)
     if args.quantize_base:
         check_capability(family, "quantized_base", "--quantize_base")
     for flag in ("train_text_encoder", "train_token_embedding"):
@@ -289,6 +312,10 @@ def check_before_loading(argv: list[str] | None = None):
         check_export_options(args.adapter, spec.config.to_dict(), model_info.family, fmt,
                              args.export_rank if fmt in LORA_FORMATS else None,
                              args.export_energy if fmt in LORA_FORMATS else None)
+    if args.expert == "both":  # one file of two experts: only the merged pipeline holds both for others
+        for fmt in args.export:
+            check_experts_export({"component": model_info.experts[0], EXPERTS: model_info.experts[1:]},
+                                 fmt, "--expert both")
     extraction = args.export_rank is not None or args.export_energy is not None
     if extraction and not set(args.export) & set(LORA_FORMATS):
         raise DifftuneError("--export_rank/--export_energy apply to --export kohya or comfyui")
@@ -299,10 +326,29 @@ def check_before_loading(argv: list[str] | None = None):
         modules = spec.check(build_denoiser_on_meta(model_info.denoiser_config, model_info.denoiser_class))
         for fmt in args.export:
             check_export_modules(family, fmt, modules, model_info.denoiser_config)
-    instance_images = scan_image_folder(args.instance_data_dir, "--instance_data_dir", args.caption_column)
+    folder, caption_column = args.instance_data_dir, args.caption_column
+    if family.video:  # every clip read through, its frames counted, before any weights load
+        video = video_data(args, model_info, resolution)
+        resolution = video.resolution
+        instance_images = video.scan(folder, "--instance_data_dir", caption_column)
+    else:
+        instance_images = scan_image_folder(folder, "--instance_data_dir", caption_column)
     if args.class_data_dir:  # generated class images go there
         check_writable_folder(args.class_data_dir, "--class_data_dir")
     return args, model_info, spec, resolution, instance_images
+
+
+def check_experts(args: argparse.Namespace, model_info) -> None:
+    """--expert needs a model with several experts (Wan 2.2), which train together by default."""
+    if not model_info.experts:
+        if args.expert not in (None, "high"):
+            raise DifftuneError(f"--expert {args.expert}: {args.pretrained_model_name_or_path} has one "
+                                "denoiser; --expert picks among the experts of a two-expert model (Wan 2.2)")
+        return
+    if args.expert is None:
+        args.expert = "both"
+    if args.expert != "high" and args.init_adapter:
+        raise DifftuneError("--init_adapter starts the high-noise expert only; give --expert high with it")
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -313,8 +359,11 @@ def main(argv: list[str] | None = None) -> Path:
     checkpoints = arguments.settings_from_args(args, settings.CheckpointSettings)
     validation = arguments.settings_from_args(args, settings.ValidationSettings)
     output_dir = checkpoints.output_dir
-    warn_small_images(instance_images, resolution, "--instance_data_dir")
-    run_settings = {"base_model": base_model, **spec.to_dict(), "train_text_encoder": args.train_text_encoder}
+    family_class = get_family(model_info.family)
+    video = video_data(args, model_info, resolution) if family_class.video else None
+    (warn_small_clips if video else warn_small_images)(instance_images, resolution, "--instance_data_dir")
+    run_settings = {"base_model": base_model, **spec.to_dict(), "train_text_encoder": args.train_text_encoder,
+                    "expert": args.expert}
     optimization = arguments.settings_from_args(args, settings.OptimizerSettings)
     optimization_record = checkpointing.optimization_record(optimization,
                                                             text_encoder_lr=args.text_encoder_lr)
@@ -332,6 +381,9 @@ def main(argv: list[str] | None = None) -> Path:
         if getattr(args, flag) and accelerator.num_processes > 1:
             raise DifftuneError(f"--{flag} runs in one process for now; launch without several "
                                 f"processes, or train the denoiser alone{recipes.source_hint(args, flag)}")
+    if args.expert == "both" and accelerator.num_processes > 1:
+        raise DifftuneError("--expert both trains two transformers in one process for now; launch one run "
+                            "per expert (--expert high, --expert low) on several processes")
     # FSDP: no method that writes into the base weights (SaRA), no intermediate checkpoints
     sharded = loop.check_fsdp(accelerator, spec.method, checkpoints.resume_from_checkpoint, model_info.family)
     device, is_main = accelerator.device, accelerator.is_main_process
@@ -369,12 +421,21 @@ def main(argv: list[str] | None = None) -> Path:
                                 args.num_class_images, seed=seed, resolution=resolution,
                                 batch_size=args.sample_batch_size,
                                 num_inference_steps=args.class_inference_steps, accelerator=accelerator,
-                                autocast=accelerator.autocast())
+                                autocast=accelerator.autocast(),
+                                num_frames=video.sampling.num_frames if video else None)
         del generator_pipeline
-        class_images = scan_image_folder(args.class_data_dir, "--class_data_dir")[:args.num_class_images]
+        class_images = (video.scan(args.class_data_dir, "--class_data_dir") if video else
+                        scan_image_folder(args.class_data_dir, "--class_data_dir"))[:args.num_class_images]
 
     memory = arguments.settings_from_args(args, settings.MemorySettings)
+    trained = family.trained_denoisers()  # the denoiser, and under --expert both the other expert
+    for component, module in trained.items():
+        name_component(module, component)  # its files and checkpoints name the right transformer
     adapter = loop.attach_trainable_adapter(denoiser, spec, seed, memory, args.init_adapter, pipeline)
+    experts = {component: module for component, module in trained.items() if module is not denoiser}
+    for offset, module in enumerate(experts.values(), start=1):
+        module.requires_grad_(False)
+        loop.attach_trainable_adapter(module, spec, seed + offset, memory)
     text_encoders: dict[str, torch.nn.Module] = {}
     if args.train_text_encoder:
         text_encoders = attach_text_encoder_adapters(
@@ -394,7 +455,8 @@ def main(argv: list[str] | None = None) -> Path:
     data = SubjectData(
         dataset, encode_images=family.encode_images, encode_prompts=family.encode_prompts,
         resolution=resolution, center_crop=args.center_crop, random_flip=args.random_flip, seed=seed,
-        cache_latents=args.cache_latents, cache_prompts=args.pre_compute_text_embeddings, device=device)
+        cache_latents=args.cache_latents, cache_prompts=args.pre_compute_text_embeddings, device=device,
+        load_pixels=video.loader(args.center_crop) if video else None)
     with helpers_on_device():
         data.build_caches(show_progress=is_main)
         validation_kwargs = {}
@@ -414,8 +476,9 @@ def main(argv: list[str] | None = None) -> Path:
     # 4. Optimizer, schedule, resume
     # -----------------------------------------------------------------------------------------
     world = accelerator.num_processes
+    further = {**text_encoders, **experts}  # adapted besides the denoiser: optimizer, checkpoints, file
     plan = loop.prepare_optimization(optimization, checkpoints, accelerator, denoiser, adapter, len(dataset),
-                                     resume_path, resume_state, device, text_encoders, args.text_encoder_lr,
+                                     resume_path, resume_state, device, further, args.text_encoder_lr,
                                      [(tokens, args.token_embedding_lr)] if tokens else ())
     if is_main:
         accelerator.init_trackers(args.tracker_project_name, config=arguments.tracker_config(args))
@@ -425,38 +488,59 @@ def main(argv: list[str] | None = None) -> Path:
     if is_main:
         if args.recipe:
             print(recipes.describe(args.recipe, base_model, spec.method))
-        prior_text = f" + {len(class_images)} class images" if class_images else ""
+        kind = "clips" if video else "images"
+        prior_text = f" + {len(class_images)} class {kind}" if class_images else ""
         resumed = f" | resumed at step {plan.global_step} from {resume_path}" if resume_path else ""
         text_part = "".join(
             f" + {name} {len(difftune.get_adapter(e).target_names)} layers, "
             f"{difftune.count_trainable_parameters(e):,} parameters (lr {plan.text_encoder_lr:g})"
-            for name, e in text_encoders.items())
+            for name, e in further.items())
         if tokens:
             print(f"pivotal tuning: {tokens.describe()} (lr {args.token_embedding_lr:g})")
+        if experts or args.expert:
+            print(f"experts: {args.expert} ({', '.join(trained)}, each on its own noise range)")
+        size = video.describe() if video else f"{resolution}px"
         print(f"difftune subject training | {base_model} ({model_info.family}, "
-              f"{resolution}px, {accelerator.mixed_precision}) | {spec.method} on {adapter.config.targets}: "
+              f"{size}, {accelerator.mixed_precision}) | {spec.method} on {adapter.config.targets}: "
               f"{len(adapter.target_names)} layers, {difftune.count_trainable_parameters(denoiser):,} "
-              f"trainable parameters{text_part} | {len(instance_images)} instance images{prior_text} | "
+              f"trainable parameters{text_part} | {len(instance_images)} instance {kind}{prior_text} | "
               f"{max_train_steps} steps x {micro_batch * accumulation} images (batch {plan.batch_size} x "
               f"{world} processes x {accumulation} accumulation) | lr {learning_rate:g} | "
               f"seed {seed}{resumed}")
 
     trainer_state = {"base_model": base_model, **spec.to_dict(), "seed": seed,
                      "max_train_steps": max_train_steps, "train_text_encoder": args.train_text_encoder,
-                     checkpointing.OPTIMIZATION_KEY: optimization_record,
+                     "expert": args.expert, checkpointing.OPTIMIZATION_KEY: optimization_record,
                      **({"train_token_embedding": True} if tokens else {})}
 
     # -----------------------------------------------------------------------------------------
     # 5. Training loop
     # -----------------------------------------------------------------------------------------
     def compute_loss(indices: range) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        batch = data.batch(indices)
-        latents = family.latents_from_moments(batch.moments, batch.generators)
-        noise = family.sample_noise(latents, batch.generators)
-        noisy = family.add_noise(latents, noise, batch.generators)
-        prediction = family.predict(plan.model, noisy, batch)
-        return subject_loss(family.per_example_loss(prediction, noisy), batch.is_prior,
-                            args.prior_loss_weight), {}
+        losses, is_prior = [], []
+        for batch in data.batches(indices):  # one batch, or one per clip length
+            latents = family.latents_from_moments(batch.moments, batch.generators)
+            noise = family.sample_noise(latents, batch.generators)
+            noisy = family.add_noise(latents, noise, batch.generators)
+            prediction = family.predict(plan.model, noisy, batch)
+            losses.append(family.per_example_loss(prediction, noisy))
+            is_prior.append(batch.is_prior)
+        return subject_loss(torch.cat(losses), torch.cat(is_prior), args.prior_loss_weight), {}
+
+    def generation():
+        """How validation and final samples are drawn (a video model's: its clip size and length)."""
+        drawn = validation.generation(seed, resolution)
+        return video.generation(drawn) if video else drawn
+
+    def save_and_log(images, stem: Path, tag: str, step: int) -> list[str]:
+        """Samples as a grid (images) or as clips and a frame strip (video); the names written."""
+        if video:
+            names, strip = save_samples(images, stem, video.fps)
+            log_images(accelerator, tag, [strip], step)
+            return names
+        save_grid(images, stem.with_suffix(".png"))
+        log_images(accelerator, tag, images, step)
+        return [stem.with_suffix(".png").name]
 
     def validate(step: int) -> None:
         nonlocal validation_kwargs
@@ -466,20 +550,19 @@ def main(argv: list[str] | None = None) -> Path:
         if text_encoders or tokens:  # the prompt's embedding changes as the encoders or tokens train
             validation_kwargs = family.pipeline_prompt_kwargs(validation.validation_prompt)
         with offload_models(*offloaded, device=device, offload=bool(offloaded)):
-            images = generate_images(pipeline, [validation_kwargs], validation.generation(seed, resolution),
+            images = generate_images(pipeline, [validation_kwargs], generation(),
                                      show_progress=False, autocast=accelerator.autocast())[0]
         denoiser.train()
-        save_grid(images, output_dir / "validation" / f"step-{step:06d}.png")
-        log_images(accelerator, "validation", images, step)
+        save_and_log(images, output_dir / "validation" / f"step-{step:06d}", "validation", step)
 
     plan.model.train()
     reset_peak_memory(device)
     first_step, loop_started = plan.global_step, time.perf_counter()
     loop.train(accelerator, plan, adapter, denoiser, compute_loss, checkpoints=checkpoints,
-               trainer_state=trainer_state, base_model=base_model, text_encoders=text_encoders,
+               trainer_state=trainer_state, base_model=base_model, text_encoders=further,
                save_checkpoints=not sharded, after_step=validate)
     loop_seconds = time.perf_counter() - loop_started
-    trainable_count = difftune.count_trainable_parameters(denoiser)
+    trainable_count = sum(difftune.count_trainable_parameters(module) for module in trained.values())
 
     # -----------------------------------------------------------------------------------------
     # 6. Save, model card, samples from the saved file
@@ -499,23 +582,27 @@ def main(argv: list[str] | None = None) -> Path:
         if tokens:
             tokens.finish()
         difftune.save_adapter(accelerator.unwrap_model(model), adapter_path, base_model=base_model,
-                              text_encoders=text_encoders,
+                              text_encoders=further,
                               token_embeddings=tokens.file_section() if tokens else None)
         # a diffusers LoRA file has no place for new tokens: no copy then (pivotal.py)
-        diffusers_copy = adapter.diffusers_lora_file and get_family(model_info.family).diffusers_loads_lora
+        diffusers_copy = adapter.diffusers_lora_file and family_class.diffusers_loads_lora
         diffusers_name = DIFFUSERS_LORA_NAME if diffusers_copy and not tokens else None
-        if diffusers_name:
+        diffusers_loading = []
+        if diffusers_name and (experts or trained.keys() != {family_class.denoiser_component}):
+            # one file per expert, as diffusers' loader reads it (Wan 2.2: load_into_transformer_2)
+            written = write_diffusers_lora_files(adapter_path, output_dir, family_class)
+            diffusers_loading = list(written.items())
+            diffusers_name = None
+        elif diffusers_name:
             copy_file(adapter_path, output_dir / diffusers_name)
         sample_names = []
         sample_prompt = validation.validation_prompt or args.instance_prompt
         if not validation.skip_final_inference:
-            del pipeline, family, data, model, denoiser
+            del pipeline, family, data, model, denoiser, trained, experts, further
             fresh = loop.load_base_pipeline(base, weight_dtype, device, adapter_path)  # sample the saved file
-            images = generate_images(fresh, [sample_prompt], validation.generation(seed, resolution),
+            images = generate_images(fresh, [sample_prompt], generation(),
                                      show_progress=False, autocast=accelerator.autocast())[0]
-            save_grid(images, output_dir / "samples.png")
-            log_images(accelerator, "final", images, global_step)
-            sample_names = ["samples.png"]
+            sample_names = save_and_log(images, output_dir / "samples", "final", global_step)
         write_model_card(
             output_dir, base_model=base_model, family=model_info.family, method=spec.method,
             options={k: v for k, v in adapter.config.to_dict().items() if k != "targets"},
@@ -523,7 +610,10 @@ def main(argv: list[str] | None = None) -> Path:
             trainable_parameters=trainable_count,
             steps=global_step, instance_prompt=args.instance_prompt, sample_images=sample_names,
             sample_prompt=sample_prompt, diffusers_weight_name=diffusers_name,
-            training={"resolution": resolution, "batch size (global)": micro_batch * accumulation,
+            video=video is not None, diffusers_loading=diffusers_loading,
+            training={"resolution": video.describe() if video else resolution,
+                      **({"expert": args.expert} if args.expert else {}),
+                      "batch size (global)": micro_batch * accumulation,
                       "learning rate": learning_rate, "lr scheduler": args.lr_scheduler,
                       "mixed precision": accelerator.mixed_precision, "seed": seed,
                       "prior preservation": args.with_prior_preservation,

@@ -32,7 +32,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..adapter_file import TOKEN_EMBEDDINGS, LazyTensor, write_safetensors
+from ..adapter_file import (
+    EXPERTS,
+    TOKEN_EMBEDDINGS,
+    AdapterFile,
+    LazyTensor,
+    read_safetensors,
+    write_safetensors,
+)
 from ..api import (
     adapted_text_encoders,
     find_denoiser,
@@ -71,7 +78,9 @@ OUTPUT_NAMES = {
     "single-file": "merged_single_file.safetensors",
 }
 
-__all__ = ["FORMATS", "ExportReport", "check_export_options", "default_output", "export_adapter"]
+__all__ = ["FORMATS", "ExportReport", "check_export_options", "default_output", "export_adapter",
+           "write_diffusers_lora_files"]
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers' per-component LoRA config in the header
 
 
 def default_output(adapter_path: str | os.PathLike, fmt: str) -> Path:
@@ -162,6 +171,18 @@ def check_export_options(method: str, config: Mapping[str, Any], family: str, fm
         raise DifftuneError(f"--rank/--energy only apply to --format kohya/comfyui, not {fmt}")
 
 
+def check_experts_export(info: Mapping[str, Any], fmt: str, source: Any) -> None:
+    """A file of several experts (Wan 2.2 --expert both) has no one-file form in other tools' layouts:
+    ComfyUI loads each expert as a model of its own, with a LoRA of its own."""
+    experts = sorted(info.get(EXPERTS, {}))
+    if experts and fmt not in ("diffusers",):
+        raise DifftuneError(
+            f"{source}: adapts {info['component']} and {', '.join(experts)} (two experts); a --format {fmt} "
+            "file holds one model's LoRA and ComfyUI loads each expert as its own model: train one run per "
+            "expert (--expert high, --expert low) and export each, or use the per-expert diffusers files "
+            "the trainer writes (pytorch_lora_weights*.safetensors) or --format diffusers")
+
+
 def export_adapter(
     adapter_path: str | os.PathLike,
     output: str | os.PathLike,
@@ -175,7 +196,7 @@ def export_adapter(
     prompt: str = DEFAULT_PROMPT,
     num_inference_steps: int = 20,
     seed: int = 0,
-    resolution: int | None = None,
+    resolution: int | tuple[int, int] | None = None,  # a side, or height and width
 ) -> ExportReport:
     """Write ``adapter_path`` in ``format`` to ``output`` and return the report (also written as
     ``<output>.report.json``, with an image grid base | adapter | export when images are compared,
@@ -187,6 +208,7 @@ def export_adapter(
     from ..model_factory import describe_model, load_pipeline
 
     info = read_adapter_info(adapter_path)
+    check_experts_export(info, format, adapter_path)
     if TOKEN_EMBEDDINGS in info:  # difftune.training.pivotal
         tokens = ", ".join(info[TOKEN_EMBEDDINGS]["tokens"])
         raise DifftuneError(f"{adapter_path}: carries new token embeddings ({tokens}), which a {format} "
@@ -221,6 +243,40 @@ def export_adapter(
     finally:
         if has_adapter(pipeline):
             remove_adapter(pipeline)
+
+
+def diffusers_lora_name(family: type[ModelFamily], component: str) -> str:
+    """``pytorch_lora_weights.safetensors`` (diffusers' default name) for the family's denoiser,
+    ``pytorch_lora_weights_<component>.safetensors`` for another expert's."""
+    from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
+
+    if component == family.denoiser_component:
+        return LORA_WEIGHT_NAME_SAFE
+    return LORA_WEIGHT_NAME_SAFE.replace(".safetensors", f"_{component}.safetensors")
+
+
+def write_diffusers_lora_files(adapter_path: str | os.PathLike, output_dir: str | os.PathLike,
+                               family: type[ModelFamily]) -> dict[str, dict[str, Any]]:
+    """One diffusers LoRA file per denoiser of a LoRA adapter file (its own and its experts'), each
+    under the key prefix the pipeline's ``load_lora_weights`` reads for that denoiser
+    (`ModelFamily.diffusers_lora_loading`), with its part of diffusers' metadata; returns each file's
+    name and the ``load_lora_weights`` arguments that load it where it belongs."""
+    file = AdapterFile.read(adapter_path)
+    tensors, header = read_safetensors(file.source)
+    metadata = json.loads(header.get(DIFFUSERS_METADATA_KEY, "{}"))
+    names = {}
+    for component in (file.component, *file.experts):
+        prefix, load_kwargs = family.diffusers_lora_loading(component)
+
+        def renamed(mapping: Mapping[str, Any], component: str = component, prefix: str = prefix) -> dict:
+            return {f"{prefix}.{key[len(component) + 1:]}": value for key, value in mapping.items()
+                    if key.startswith(f"{component}.")}
+
+        name = diffusers_lora_name(family, component)
+        header = {"format": "pt", DIFFUSERS_METADATA_KEY: json.dumps(renamed(metadata), sort_keys=True)}
+        write_safetensors(Path(output_dir) / name, renamed(tensors), header)
+        names[name] = load_kwargs
+    return names
 
 
 def _export_merged(pipeline: Any, output: Path, fmt: str, method: str,
@@ -279,7 +335,7 @@ class _Sampling:
     prompt: str
     steps: int
     seed: int
-    resolution: int | None
+    resolution: int | tuple[int, int] | None  # a side, or height and width
 
 
 def _export_weights(
@@ -295,7 +351,10 @@ def _export_weights(
     method = info["method"]
     denoiser_config = find_denoiser(pipeline)[0].config
     layout = family.lora_layouts[family.diff_layout if fmt == "diff" else fmt]
-    reference = _sample(pipeline, family, sampling) if fmt != "diff" else None
+    # another tool's file of a further expert (Wan 2.2's transformer_2) is imported into the first one,
+    # so only files of the family's own denoiser are compared by their images
+    compared = fmt != "diff" and find_denoiser(pipeline)[1] == family.denoiser_component
+    reference = _sample(pipeline, family, sampling) if compared else None
     tensors: dict[str, torch.Tensor] = {}
     report = ExportReport(
         str(output), fmt, method, family.name, exact=False, size_bytes=0, rank=rank, energy=energy
@@ -416,14 +475,19 @@ def _factor_into(
 
 
 def _sample(pipeline: Any, family: type[ModelFamily], sampling: _Sampling) -> list[Any]:
+    """The images compared; a video model's shortest clips (1 + its frame multiple), frame by frame."""
     if sampling.images <= 0:
         return []
     denoiser, _ = find_denoiser(pipeline)
-    resolution = sampling.resolution or family.native_resolution(denoiser.config, pipeline.vae_scale_factor)
+    vae_scale = family.vae_scale_factor(pipeline.vae.config)
+    resolution = sampling.resolution or family.native_resolution(denoiser.config, vae_scale)
+    height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
+    frames = 1 + family.frame_multiple(pipeline.vae.config) if family.video else None
     settings = GenerationSettings(images_per_prompt=sampling.images, seed=sampling.seed,
-                                  num_inference_steps=sampling.steps, guidance_scale=None, height=resolution,
-                                  width=resolution, batch_size=1)
-    return generate_images(pipeline, [sampling.prompt], settings, show_progress=False)[0]
+                                  num_inference_steps=sampling.steps, guidance_scale=None, height=height,
+                                  width=width, batch_size=1, num_frames=frames)
+    samples = generate_images(pipeline, [sampling.prompt], settings, show_progress=False)[0]
+    return [frame for clip in samples for frame in clip] if family.video else samples
 
 
 def psnr(reference: list[Any], images: list[Any]) -> float:

@@ -20,7 +20,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..api import adapted_text_encoders, find_denoiser, get_adapter, merge_adapter, remove_adapter
+from ..api import (
+    adapted_experts,
+    adapted_text_encoders,
+    find_denoiser,
+    get_adapter,
+    merge_adapter,
+    remove_adapter,
+)
 from ..errors import DifftuneError
 from ..tuners.svfit.functional import rank_for_energy, singular_triplets
 
@@ -35,7 +42,7 @@ def merged_and_base(pipeline: Any) -> dict[str, dict[str, tuple[torch.Tensor, to
     attached adapter(s) change, at their current scale. The adapters are removed afterwards: the
     pipeline holds the base model again, bit for bit."""
     denoiser, component = find_denoiser(pipeline)
-    models = {component: denoiser, **adapted_text_encoders(pipeline)}
+    models = {component: denoiser, **adapted_text_encoders(pipeline), **adapted_experts(pipeline)}
     names = {part: get_adapter(model).changed_tensor_names() for part, model in models.items()}
     merge_adapter(pipeline, unload=False)
     merged = {part: {n: _tensor(models[part], n).clone() for n in names[part]} for part in models}

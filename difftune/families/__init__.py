@@ -1,7 +1,7 @@
 """The registry of model families: one place that maps a family name, a pipeline class or a built-in
 tiny model to the class that knows the family (`difftune.families.base.ModelFamily`).
 
-Each family lives in its own module (SD 1.x/2.x, SDXL, SD3, FLUX.1, PixArt); registering it here is
+Each family lives in its own module (SD 1.x/2.x, SDXL, SD3, FLUX.1, PixArt, Wan); registering it here is
 all the rest of difftune needs: detection of pipelines and folders, ``builtin:tiny-<name>``, the
 target presets, trainer-flag checks, export formats and the contract tests all read the registry.
 `register_family` checks what it is given, as peft's ``register_peft_method`` does.
@@ -35,6 +35,7 @@ from .qwen_image import QwenImageFamily
 from .sd import SDFamily
 from .sd3 import SD3Family
 from .sdxl import SDXLFamily
+from .wan import WanFamily
 from .z_image import ZImageFamily
 
 FAMILIES: dict[str, type[ModelFamily]] = {}
@@ -64,6 +65,11 @@ def register_family(family: type[ModelFamily]) -> type[ModelFamily]:
         if fmt not in EXPORT_FORMATS:
             raise DifftuneError(f"{where}: unknown export format '{fmt}' "
                                 f"(formats: {', '.join(EXPORT_FORMATS)})")
+    taken = tiny_builtins()
+    for name in [family.tiny_name(), *(f"tiny-{variant}" for variant in family.tiny_variants)]:
+        if name is not None and name in taken:
+            raise DifftuneError(f"{where}: the built-in 'builtin:{name}' belongs to the '{taken[name].name}' "
+                                "family")
     unknown = set(family.target_terms) - set(targeting.PRESETS)
     if unknown:
         raise DifftuneError(f"{where}: target_terms for unknown presets {sorted(unknown)}")
@@ -95,9 +101,10 @@ def family_of_class(class_name: str) -> type[ModelFamily]:
     if relatives:
         family = max(relatives, key=lambda f: len(f.relatives_prefix()))
         task = next((what for word, what in OTHER_TASKS.items() if word in class_name), "another task")
+        made = "video" if family.video else "image"
         raise DifftuneError(
             f"unsupported base model family: {class_name} (a {family.title} pipeline for {task}; difftune "
-            f"trains the text-to-image {' / '.join(family.pipeline_classes)}). Supported: {_supported()}")
+            f"trains the text-to-{made} {' / '.join(family.pipeline_classes)}). Supported: {_supported()}")
     raise DifftuneError(f"unsupported base model family: {class_name}. Supported: {_supported()} checkpoints")
 
 
@@ -117,13 +124,25 @@ def training_family(pipeline: Any, device: torch.device, options: LossOptions) -
 
 
 def tiny_builtins() -> dict[str, type[ModelFamily]]:
-    """``{"tiny-sd": SDFamily, ...}``: the families that have a tiny built-in, by its name."""
-    return {family.tiny_name(): family for family in FAMILIES.values() if family.tiny_name()}
+    """``{"tiny-sd": SDFamily, ...}``: the families that have a tiny built-in, by its name (and their
+    `tiny_variants`, ``tiny-wan22``, ...)."""
+    builtins = {}
+    for family in FAMILIES.values():
+        if family.tiny_name():
+            builtins[family.tiny_name()] = family
+            builtins.update({f"tiny-{variant}": family for variant in family.tiny_variants})
+    return builtins
 
 
 def denoiser_components() -> tuple[str, ...]:
     """Every registered family's denoiser component name (``unet``, ``transformer``), once each."""
     return tuple(dict.fromkeys(family.denoiser_component for family in FAMILIES.values()))
+
+
+def expert_components() -> tuple[str, ...]:
+    """Every registered family's further denoisers (experts after the first: ``transformer_2``), once each."""
+    names = (name for family in FAMILIES.values() for name in family.expert_components[1:])
+    return tuple(dict.fromkeys(names))
 
 
 def text_encoder_components() -> tuple[str, ...]:
@@ -217,14 +236,14 @@ def check_export_modules(family: type[ModelFamily], fmt: str, modules: Iterable[
 
 
 for _family in (SDFamily, SDXLFamily, SD3Family, FluxFamily, PixArtFamily, Flux2Family, Flux2KleinFamily,
-                QwenImageFamily, ZImageFamily):
+                QwenImageFamily, ZImageFamily, WanFamily):
     register_family(_family)
 
 __all__ = [
     "EXPORT_FORMATS", "FAMILIES", "DDPMFamily", "FlowMatchingFamily", "LoraKeyLayout", "LossOptions",
     "ModelDescription", "ModelFamily", "NoisyInput", "TrainingBatch", "check_capability",
     "check_export_format", "check_export_modules", "check_flags", "check_text_encoder_training",
-    "denoiser_components", "family_of",
+    "denoiser_components", "expert_components", "family_of",
     "family_of_class", "flag_defaults", "flag_families", "get_family", "pipeline_family", "register_family",
     "text_encoder_components",
     "tiny_builtins", "titles_with", "training_family",

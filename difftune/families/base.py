@@ -13,7 +13,9 @@ kohya sd-scripts' ``sdxl_train_network.py`` owns what SDXL does differently:
 * how prompts condition it (`encode_prompts`, `model_kwargs`);
 * the adapter targets it adds to the presets, what it can do (`text_encoder_targets`, ``fsdp``,
   ``single_file_layout``, ...) and how other tools name its weights (`LoraKeyLayout`);
-* the one-step (HiPA) hooks: packing of the latents a pipeline takes, embedded guidance.
+* the one-step (HiPA) hooks: packing of the latents a pipeline takes, embedded guidance;
+* video (``video``): clips as latents (B, C, frames, h, w), and several denoisers that each take a range
+  of noise levels (``expert_components``, Wan 2.2).
 
 Class attributes and class methods describe the family without a model; an instance binds it
 to a loaded pipeline for training (``family(pipeline, device, options)``). A flow-matching DiT
@@ -44,12 +46,16 @@ OTHER_TASKS = {
     "Upscale": "upscaling", "InstructPix2Pix": "instruction editing", "Redux": "image variations",
     "Prior": "image priors", "Adapter": "image adapters", "PAG": "perturbed-attention guidance",
     "Edit": "image editing", "Layered": "layer decomposition", "Omni": "editing with reference images",
+    "ImageToVideo": "image to video", "VideoToVideo": "video to video", "VACE": "video editing",
+    "Animate": "character animation",
 }
 
 
 # --weighting_scheme values (diffusers.training_utils.compute_density_for_timestep_sampling and
 # compute_loss_weighting_for_sd3)
 WEIGHTING_SCHEMES = ("logit_normal", "sigma_sqrt", "mode", "cosmap", "none")
+# --expert values: the high-noise expert, the low-noise one, or both (each on its range)
+EXPERT_CHOICES = ("high", "low", "both")
 
 
 @dataclasses.dataclass
@@ -76,10 +82,19 @@ class LossOptions(CheckedSettings):
     # a guidance embedding's value (Flux)
     guidance_scale: float | None = option(None, "value of the guidance embedding during training; ignored "
                                                 "by models without one, e.g. FLUX.1-schnell")
-    # prompt tokens (Flux's T5, the language model of FLUX.2, Qwen-Image and Z-Image)
-    max_sequence_length: int | None = option(None, "prompt tokens (T5's on Flux, the language model's on the "
-                                                   "others), at most 512",
+    # prompt tokens (the T5 of Flux and Wan, the language model of FLUX.2, Qwen-Image and Z-Image)
+    max_sequence_length: int | None = option(None, "prompt tokens (T5's on Flux and Wan, the language "
+                                                   "model's on the others), at most 512",
                                              check=in_range(1, 512, why="FLUX.1's T5 limit"))
+    # shift of the flow-matching timestep table (Wan; default: its sampler's)
+    flow_shift: float | None = option(None, "shift s of the timestep table training draws from, "
+                                            "σ' = s·σ / (1 + (s-1)·σ) (default: the shift of the model's own "
+                                            "sampler)", check=positive())
+    # which of several denoisers trains (Wan 2.2)
+    expert: str | None = option(None, "which denoiser of a two-expert model trains, on its own noise range "
+                                      "(Wan 2.2: high = transformer, t >= boundary; low = transformer_2; "
+                                      "both: each on its range, one file; default: both on such models)",
+                                choices=EXPERT_CHOICES)
 
 
 @dataclasses.dataclass
@@ -115,6 +130,8 @@ class ModelDescription:
     denoiser_config: dict[str, Any]
     size_multiple: int  # image sides must be multiples of this (VAE factor x latent patch)
     vae_width: int  # channels of the VAE encoder's first block: its activations bound memory from below
+    experts: tuple[str, ...] = ()  # its denoisers for noise ranges, when it has several (Wan 2.2)
+    frame_multiple: int = 1  # clips have 1 + k·this frames (the VAE's temporal compression; video only)
 
 
 def text_encoder_path(component: str, module: str, denoiser_config: Any = None) -> str:
@@ -182,6 +199,16 @@ class ModelFamily(ABC):
     tiny_vae_widths: ClassVar[tuple[int, ...]] = (TINY_VAE_WIDTH, 64)  # of the tiny VAE's blocks
     # full-size denoiser configs by name, for parameter counts on the meta device (difftune.params)
     reference_configs: ClassVar[dict[str, dict[str, Any]]] = {}
+    # further tiny built-ins, ``builtin:tiny-<key>``: `build_tiny` options (another layout of the family)
+    tiny_variants: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    # --- video and experts --------------------------------------------------------------
+    # the denoiser takes clips, latents (B, C, frames, h, w); its pipeline samples ``num_frames`` and
+    # returns ``frames`` (difftune.video reads and writes the clips)
+    video: ClassVar[bool] = False
+    # pipeline components that each denoise a range of noise levels, highest noise first (Wan 2.2's
+    # transformer and transformer_2); a model has them all or only the first
+    expert_components: ClassVar[tuple[str, ...]] = ()
 
     # --- geometry -----------------------------------------------------------------------
     default_sample_size: ClassVar[int | None] = None  # latent size when the config has none
@@ -217,6 +244,7 @@ class ModelFamily(ABC):
     fsdp: ClassVar[bool] = True  # train_subject.py may shard it
     quantized_base: ClassVar[bool] = True  # --quantize_base may load its denoiser in 8/4 bit
     diffusers_loads_lora: ClassVar[bool] = True  # the pipeline has diffusers' load_lora_weights
+    one_step: ClassVar[bool] = True  # train_one_step.py (HiPA) may train it
 
     # --- export -------------------------------------------------------------------------
     lora_layouts: ClassVar[dict[str, LoraKeyLayout]] = {}  # by export format (kohya, comfyui)
@@ -233,6 +261,11 @@ class ModelFamily(ABC):
     def tiny_name(cls) -> str | None:
         """``tiny-<name>`` (its built-in is ``builtin:tiny-<name>``); None without one."""
         return f"tiny-{cls.name}" if cls.tiny_denoiser_config is not None else None
+
+    @classmethod
+    def tiny_options(cls, name: str) -> dict[str, Any]:
+        """The `build_tiny` options of the built-in ``tiny-<...>`` ``name`` (a `tiny_variants` entry)."""
+        return dict(cls.tiny_variants.get(name.removeprefix("tiny-"), {}))
 
     @classmethod
     def relatives_prefix(cls) -> str:
@@ -265,18 +298,44 @@ class ModelFamily(ABC):
         return build_model(cls.denoiser_class, cls.tiny_denoiser_config)
 
     @classmethod
-    def describe_tiny(cls) -> ModelDescription:
-        """`ModelDescription` of the tiny built-in, from its configs."""
+    def describe_tiny(cls, options: Mapping[str, Any] | None = None) -> ModelDescription:
+        """`ModelDescription` of the tiny built-in (built with ``options``), from its configs."""
         config = cls.tiny_denoiser_config
         scale = 2 ** (len(cls.tiny_vae_widths) - 1)
         return ModelDescription(cls.name, TINY_SAMPLE_SIZE * scale, cls.denoiser_class, dict(config),
-                                cls.side_multiple(config, scale), cls.tiny_vae_widths[0])
+                                cls.side_multiple(config, scale), cls.tiny_vae_widths[0],
+                                cls.tiny_experts(options or {}), cls.frame_multiple({}))
 
     @classmethod
     def side_multiple(cls, denoiser_config: Mapping[str, Any], vae_scale_factor: int) -> int:
         """Image sides must be multiples of this: the latent patch in pixels, and what the family's
         diffusers pipeline itself accepts (`pipeline_side_multiple`)."""
         return math.lcm(int(vae_scale_factor) * cls.latent_patch(denoiser_config), cls.pipeline_side_multiple)
+
+    @classmethod
+    def tiny_experts(cls, options: Mapping[str, Any]) -> tuple[str, ...]:
+        """The experts (`expert_components`) of the tiny built-in made with ``options``."""
+        return ()
+
+    @classmethod
+    def model_experts(cls, model_index: Mapping[str, Any]) -> tuple[str, ...]:
+        """The experts a saved pipeline holds, from its model_index.json (none: one denoiser)."""
+        return ()
+
+    @classmethod
+    def vae_scale_factor(cls, vae_config: Mapping[str, Any]) -> int:
+        """How many pixels one latent pixel covers along a side, from the VAE's config."""
+        return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+    @classmethod
+    def vae_width(cls, vae_config: Mapping[str, Any]) -> int:
+        """Channels of the VAE encoder's first block (`ModelDescription.vae_width`)."""
+        return int(vae_config["block_out_channels"][0])
+
+    @classmethod
+    def frame_multiple(cls, vae_config: Mapping[str, Any]) -> int:
+        """A video VAE's temporal compression: clips have 1 + k·this frames (1 for images)."""
+        return 1
 
     @classmethod
     def latent_patch(cls, denoiser_config: Mapping[str, Any]) -> int:
@@ -292,12 +351,6 @@ class ModelFamily(ABC):
     def latent_channels(cls, denoiser_config: Mapping[str, Any]) -> int:
         """Channels of the VAE latent (the denoiser takes ``latent_packing``² times as many)."""
         return int(denoiser_config["in_channels"]) // cls.latent_packing**2
-
-    @classmethod
-    def vae_geometry(cls, vae_config: Mapping[str, Any]) -> tuple[int, int]:
-        """The VAE's scale factor and the channels of its encoder's first block, from its config."""
-        widths = vae_config["block_out_channels"]
-        return 2 ** (len(widths) - 1), int(widths[0])
 
     @classmethod
     def pack_latents(cls, latents: torch.Tensor) -> torch.Tensor:
@@ -363,6 +416,12 @@ class ModelFamily(ABC):
         return None
 
     @classmethod
+    def diffusers_lora_loading(cls, component: str) -> tuple[str, dict[str, Any]]:
+        """The key prefix a LoRA of ``component`` needs for the pipeline's ``load_lora_weights``, and the
+        arguments that load it into that component (the same prefix, none, for most)."""
+        return component, {}
+
+    @classmethod
     def single_file_state_dict(cls, pipeline: Any) -> dict[str, torch.Tensor]:
         """Every weight of a (merged) pipeline under its original checkpoint name."""
         raise DifftuneError(f"no single-file layout for a {cls.title} pipeline")
@@ -400,6 +459,11 @@ class ModelFamily(ABC):
     @property
     def denoiser(self) -> nn.Module:
         return getattr(self.pipeline, self.denoiser_component)
+
+    def trained_denoisers(self) -> dict[str, nn.Module]:
+        """The denoisers training adapts, by component, `denoiser` first (more than one: several experts
+        that train together, each on the examples of its noise range)."""
+        return {self.denoiser_component: self.denoiser}
 
     @property
     def text_encoders(self) -> list[nn.Module]:
@@ -564,11 +628,15 @@ class FlowMatchingFamily(ModelFamily):
                        "mode_scale": 1.29}
 
     def __init__(self, pipeline: Any, device: torch.device, options: LossOptions):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
         super().__init__(pipeline, device, options)
         # A private copy: sampling calls set_timesteps on the pipeline's scheduler.
-        self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipeline.scheduler.config)
+        self.scheduler = self.training_scheduler()
+
+    def training_scheduler(self) -> Any:
+        """The flow-matching scheduler whose timesteps and sigmas training draws from."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(self.pipeline.scheduler.config)
 
     def add_noise(self, latents, noise, generators):
         from diffusers.training_utils import (

@@ -93,9 +93,13 @@ class QwenImageFamily(LanguageModelDiTFamily):
         return int(denoiser_config["out_channels"] or denoiser_config["in_channels"] // 4)
 
     @classmethod
-    def vae_geometry(cls, vae_config):
+    def vae_scale_factor(cls, vae_config):
         """Qwen-Image's VAE halves the size once per temporal-downsampling flag (one per level)."""
-        return 2 ** len(vae_config["temperal_downsample"]), int(vae_config["base_dim"])
+        return 2 ** len(vae_config["temperal_downsample"])
+
+    @classmethod
+    def vae_width(cls, vae_config):
+        return int(vae_config["base_dim"])
 
     # Qwen-Image packs 2x2 patches into tokens as FLUX.1 does (its frame axis is one frame)
     pack_latents = FluxFamily.pack_latents

@@ -59,6 +59,9 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--height", type=int, default=None, help="default: the pipeline's")
     group.add_argument("--width", type=int, default=None, help="default: the pipeline's")
     group.add_argument("--generation_batch_size", type=int, default=8)
+    group.add_argument("--num_frames", type=int, default=None,
+                       help="video models (Wan): frames per clip, 1 + 4k (default: the pipeline's); every "
+                            "metric is then over frames, plus temporal consistency")
     group.add_argument("--eval_seed", type=int, default=0, help="seed of the generated images")
     group = parser.add_argument_group("metrics")
     group.add_argument("--clip_model", default="auto",
@@ -109,7 +112,9 @@ def check_evaluation_arguments(args: argparse.Namespace, model: str) -> Evaluati
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise DifftuneError(f"--{name} must be at least 1, got {value}")
-    multiple = describe_model(model).size_multiple  # also: an unreadable model fails here, in one line
+    described = describe_model(model)  # also: an unreadable model fails here, in one line
+    multiple = described.size_multiple
+    check_num_frames(getattr(args, "num_frames", None), described, model)
     sizes = {name: getattr(args, name) for name in ("height", "width") if getattr(args, name) is not None}
     if sizes:
         for name, value in sizes.items():
@@ -121,6 +126,20 @@ def check_evaluation_arguments(args: argparse.Namespace, model: str) -> Evaluati
     check_metric_sources(options, model)
     check_output_dir(args.output_dir)
     return options
+
+
+def check_num_frames(frames: int | None, described, model: str) -> None:
+    """``--num_frames``: video models only, a length the VAE takes (1 + k·its frame multiple)."""
+    from ..families import get_family
+
+    if frames is None:
+        return
+    if not get_family(described.family).video:
+        raise DifftuneError(f"--num_frames applies to video models (Wan); {model} is a {described.family} "
+                            "image model")
+    if frames < 1 or (frames - 1) % described.frame_multiple:
+        raise DifftuneError(f"--num_frames {frames}: clips of {model} have 1 + {described.frame_multiple}·k "
+                            "frames")
 
 
 def resolve_device(options: EvaluationOptions) -> tuple[torch.device, torch.dtype]:
@@ -208,7 +227,8 @@ def generation_settings(args: argparse.Namespace) -> GenerationSettings:
     return GenerationSettings(images_per_prompt=args.images_per_prompt, seed=args.eval_seed,
                               num_inference_steps=args.num_inference_steps,
                               guidance_scale=args.guidance_scale, height=args.height, width=args.width,
-                              batch_size=args.generation_batch_size)
+                              batch_size=args.generation_batch_size,
+                              num_frames=getattr(args, "num_frames", None))
 
 
 def write_tables(results: list[dict], output_dir: Path, title: str) -> None:

@@ -10,7 +10,9 @@ image does not depend on the batch it was drawn in), then
 - prior preservation (optional): the same prompts without the identifier ("a dog on the
   beach"), same seeds; PRES is DINO between those images and the subject images (CLIP-I
   without a DINO model; lower: the model still draws the class, not the subject) and
-  class CLIP-T their CLIP-T against those class prompts.
+  class CLIP-T their CLIP-T against those class prompts,
+- a video model's clips: every metric over their frames, plus temporal consistency
+  (`difftune.metrics.video`).
 
 ``difftune evaluate`` and ``difftune benchmark`` (difftune/commands/) are thin command lines over this.
 """
@@ -36,6 +38,7 @@ from ..sampling import GenerationSettings, generate_images, image_seed  # noqa: 
 from .features import extract_features
 from .fid import fid_from_features
 from .similarity import ClipSimilarity, DinoSimilarity, mean_pairwise_cosine, neutral_prompt
+from .video import VIDEO_COLUMNS, VIDEO_HEADERS, frames_of, is_clip, temporal_consistency, video_columns
 
 PROMPT_LISTS = {
     "dreambooth": ASSETS_DIR / "prompts" / "subject_prompts.txt",
@@ -84,8 +87,9 @@ class Subject:
 
     @classmethod
     def from_dir(cls, directory: str | Path, identifier: str | None = None,
-                 class_name: str | None = None) -> Subject:
-        """Images of a folder; identifier / class from the arguments, else the folder's subject.json."""
+                 class_name: str | None = None, clips: bool = False) -> Subject:
+        """Images of a folder (with ``clips``: every frame of its clips and images); identifier / class
+        from the arguments, else the folder's subject.json."""
         directory = Path(directory)
         if not directory.is_dir():
             raise DifftuneError(f"subject folder {directory} does not exist")
@@ -103,7 +107,12 @@ class Subject:
         if not class_name:
             raise DifftuneError(f"no class name for the subject in {directory}: pass --class_name "
                                 f"or put {{\"class_name\": ...}} in {meta_file}")
-        images = load_images(directory, "subject folder")
+        if clips:
+            from .video import subject_frames
+
+            images = subject_frames(directory)
+        else:
+            images = load_images(directory, "subject folder")
         return cls(meta.get("name") or directory.name, directory, identifier, class_name, images)
 
 
@@ -316,13 +325,17 @@ def evaluate_runs(pipe: Any, runs: list[EvalRun], prompt_file: str | Path, setti
             if run.adapter is not None:
                 remove_adapter(pipe)
         grid = save_samples(run_dir, "", generated, prompts, settings.images_per_prompt, grid_cell)
-        metrics = scorer.score(generated, prompts, run.subject, fid_reference)
+        metrics = scorer.score(frames_of(generated), prompts, run.subject, fid_reference)
         result = {"name": run.name, "method": method,
                   "adapter": str(run.adapter or ""), "scale": run.scale, **metrics}
+        clips = [sample for group in generated for sample in group if is_clip(sample)]
+        if clips:  # a video model: the image metrics were over frames
+            result.update(generated_clips=len(clips), frames_per_clip=len(clips[0]),
+                          temporal_consistency=temporal_consistency(scorer.clip, clips))
         if class_generated is not None:
             class_grid = save_samples(run_dir, "class_", class_generated, class_prompt_list,
                                       settings.images_per_prompt, grid_cell)
-            prior = scorer.score(class_generated, class_prompt_list, run.subject)
+            prior = scorer.score(frames_of(class_generated), class_prompt_list, run.subject)
             # the class prompts hold no identifier, so prior["clip_t"] scores against them as written
             result.update(pres=prior["dino"], pres_clip_i=prior["clip_i"], class_clip_t=prior["clip_t"],
                           class_prompts={"generated_images": prior["generated_images"],
@@ -336,15 +349,20 @@ def evaluate_runs(pipe: Any, runs: list[EvalRun], prompt_file: str | Path, setti
 
 def save_samples(run_dir: Path, prefix: str, generated: list[list[Image.Image]], prompts: list[str],
                  columns: int, grid_cell: int) -> Path:
-    """``<prefix>images/p<prompt>_<k>.png`` and a captioned ``<prefix>grid.png``; returns the grid's path."""
+    """``<prefix>images/p<prompt>_<k>.png`` (a clip: ``.webp``, animated) and a captioned
+    ``<prefix>grid.png`` (of a clip, its first frame); returns the grid's path."""
     from ..io import save_image
+    from ..video.clips import save_webp
     from .reporting import image_grid
 
     for p, group in enumerate(generated):
         for k, image in enumerate(group):
-            save_image(run_dir / f"{prefix}images" / f"p{p:02d}_{k}.png", image)
-    grid = image_grid([image for group in generated for image in group], columns=columns,
-                      row_captions=prompts, cell_size=grid_cell)
+            if is_clip(image):
+                save_webp(image, run_dir / f"{prefix}images" / f"p{p:02d}_{k}.webp")
+            else:
+                save_image(run_dir / f"{prefix}images" / f"p{p:02d}_{k}.png", image)
+    grid = image_grid([image[0] if is_clip(image) else image for group in generated for image in group],
+                      columns=columns, row_captions=prompts, cell_size=grid_cell)
     return save_image(run_dir / f"{prefix}grid.png", grid)
 
 
@@ -360,7 +378,7 @@ SUMMARY_COLUMNS = ["name", "method", "subject", "generated_images", "dino", "cli
 PRIOR_COLUMNS = ["pres", "pres_clip_i", "class_clip_t"]
 SUMMARY_HEADERS = {"name": "run", "generated_images": "images", "dino": "DINO", "clip_i": "CLIP-I",
                    "clip_t": "CLIP-T", "clip_score": "CLIP", "fid": "FID", "kid": "KID", "pres": "PRES",
-                   "pres_clip_i": "PRES-CLIP-I", "class_clip_t": "class CLIP-T"}
+                   "pres_clip_i": "PRES-CLIP-I", "class_clip_t": "class CLIP-T", **VIDEO_HEADERS}
 
 
 def prior_columns(results: list[dict[str, Any]]) -> list[str]:
@@ -375,8 +393,8 @@ def prior_columns(results: list[dict[str, Any]]) -> list[str]:
 
 
 def summary_columns(results: list[dict[str, Any]]) -> list[str]:
-    """SUMMARY_COLUMNS, then ``prior_columns``."""
-    return [*SUMMARY_COLUMNS, *prior_columns(results)]
+    """SUMMARY_COLUMNS, then ``prior_columns`` and a video model's ``video_columns``."""
+    return [*SUMMARY_COLUMNS, *prior_columns(results), *video_columns(results)]
 
 
 def summary_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -384,8 +402,8 @@ def summary_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for result in results:
         fid = result.get("fid") or {}
-        rows.append({**{k: result.get(k) for k in SUMMARY_COLUMNS + PRIOR_COLUMNS}, "fid": fid.get("fid"),
-                     "kid": fid.get("kid_mean")})
+        rows.append({**{k: result.get(k) for k in SUMMARY_COLUMNS + PRIOR_COLUMNS + VIDEO_COLUMNS},
+                     "fid": fid.get("fid"), "kid": fid.get("kid_mean")})
     return rows
 
 

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..adapter_file import read_adapter_file, read_safetensors, split_sections, write_safetensors
+from ..adapter_file import EXPERTS, read_adapter_file, read_safetensors, split_sections, write_safetensors
 from ..api import find_denoiser, get_adapter, save_adapter
 from ..errors import AdapterFileError, DifftuneError
 from ..io import atomic_write, remove_stale_temp_files, user_write_errors
@@ -410,13 +410,14 @@ def load_adapter_state(path: str | Path, model: Any, device: torch.device | str 
     denoiser, _ = find_denoiser(model)
     tensors, info = read_adapter_file(path / "adapter.safetensors")
     sections = split_sections(tensors, info, str(path))
-    saved, wanted = set(info.get("text_encoders", {})), set(text_encoders or {})
+    further = {**info.get("text_encoders", {}), **info.get(EXPERTS, {})}  # text encoders, experts
+    saved, wanted = set(further), set(text_encoders or {})
     if saved != wanted:
-        raise DifftuneError(f"{path}: the checkpoint adapts the text encoders {sorted(saved)}, this run "
-                            f"trains {sorted(wanted)} (--train_text_encoder must match the run that "
-                            "wrote it)")
+        raise DifftuneError(f"{path}: the checkpoint adapts {sorted(saved)} besides the denoiser, this run "
+                            f"trains {sorted(wanted)} (--train_text_encoder and --expert must match the run "
+                            "that wrote it)")
     modules = {info["component"]: (denoiser, info, f"adapter_training_state{STATE_SUFFIX}"),
-               **{name: (encoder, info["text_encoders"][name], f"adapter_training_state_{name}{STATE_SUFFIX}")
+               **{name: (encoder, further[name], f"adapter_training_state_{name}{STATE_SUFFIX}")
                   for name, encoder in (text_encoders or {}).items()}}
     for name, (module, section, state_file) in modules.items():
         adapter = get_adapter(module)

@@ -16,6 +16,7 @@ import json
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,7 +70,8 @@ def open_rgb(path: str | Path) -> Image.Image:
         return to_rgb(upright)
 
 
-def _read_metadata_captions(folder: Path, column: str | None, flag: str) -> dict[str, str]:
+def read_metadata_captions(folder: Path, column: str | None, flag: str) -> dict[str, str]:
+    """``file_name`` → caption from a folder's metadata.jsonl (empty without one)."""
     path = folder / METADATA_FILE
     if not path.is_file():
         return {}
@@ -115,7 +117,7 @@ def scan_image_folder(
     if skipped:
         warnings.warn(f"{flag} {folder}: skipping {len(skipped)} file(s) that are not images: "
                       f"{', '.join(skipped[:10])}{' ...' if len(skipped) > 10 else ''}", stacklevel=2)
-    captions = _read_metadata_captions(folder, caption_column, flag)
+    captions = read_metadata_captions(folder, caption_column, flag)
     records = []
     for path in images:
         width, height = _image_size(path, flag)
@@ -174,26 +176,51 @@ def warn_small_images(records: Sequence[ImageRecord], resolution: int, flag: str
                       f"upscaled (blurry training targets): {', '.join(small[:10])}", stacklevel=2)
 
 
-def resize_and_crop(
-    image: Image.Image, resolution: int, center_crop: bool, generator: torch.Generator
-) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
-    """Shorter side to ``resolution``, then a square crop (centre or random).
+@dataclasses.dataclass(frozen=True)
+class CropPlan:
+    """How an image of ``size`` (width, height) becomes ``target`` (height, width): resized to cover it,
+    then cropped at (top, left)."""
 
-    Returns pixels in [-1, 1] (3, res, res), the original (height, width) and the crop's
+    resized: tuple[int, int]  # width, height after resizing
+    top: int
+    left: int
+    target: tuple[int, int]  # height, width
+
+    @classmethod
+    def draw(cls, size: tuple[int, int], target: int | tuple[int, int], center_crop: bool,
+             generator: torch.Generator) -> CropPlan:
+        """The smallest resize that covers ``target`` (a side, or height and width), and a crop
+        (centred, or drawn from ``generator``)."""
+        width, height = size
+        target_h, target_w = (target, target) if isinstance(target, int) else target
+        scale = max(target_h / height, target_w / width)
+        new_width, new_height = max(target_w, round(width * scale)), max(target_h, round(height * scale))
+        if center_crop:
+            top, left = (new_height - target_h) // 2, (new_width - target_w) // 2
+        else:
+            top = int(torch.randint(0, new_height - target_h + 1, (), generator=generator))
+            left = int(torch.randint(0, new_width - target_w + 1, (), generator=generator))
+        return cls((new_width, new_height), top, left, (target_h, target_w))
+
+    def apply(self, image: Image.Image) -> torch.Tensor:
+        """Pixels in [-1, 1], (3, height, width)."""
+        resized = image.resize(self.resized, Image.Resampling.BICUBIC)
+        height, width = self.target
+        cropped = resized.crop((self.left, self.top, self.left + width, self.top + height))
+        pixels = torch.from_numpy(np.asarray(cropped, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+        return pixels.contiguous()
+
+
+def resize_and_crop(
+    image: Image.Image, resolution: int | tuple[int, int], center_crop: bool, generator: torch.Generator
+) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+    """Cover ``resolution`` (a square side, or height and width), then crop (centre or random).
+
+    Returns pixels in [-1, 1] (3, height, width), the original (height, width) and the crop's
     (top, left): SDXL is conditioned on the last two.
     """
-    width, height = image.size
-    scale = resolution / min(width, height)
-    new_width, new_height = max(resolution, round(width * scale)), max(resolution, round(height * scale))
-    resized = image.resize((new_width, new_height), Image.Resampling.BICUBIC)
-    if center_crop:
-        top, left = (new_height - resolution) // 2, (new_width - resolution) // 2
-    else:
-        top = int(torch.randint(0, new_height - resolution + 1, (), generator=generator))
-        left = int(torch.randint(0, new_width - resolution + 1, (), generator=generator))
-    cropped = resized.crop((left, top, left + resolution, top + resolution))
-    pixels = torch.from_numpy(np.asarray(cropped, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
-    return pixels.contiguous(), (height, width), (top, left)
+    plan = CropPlan.draw(image.size, resolution, center_crop, generator)
+    return plan.apply(image), (image.size[1], image.size[0]), (plan.top, plan.left)
 
 
 # --- the dataset and its stream ------------------------------------------------------------
@@ -247,9 +274,14 @@ class SubjectDataset:
 
 @dataclasses.dataclass
 class _PreparedImage:
-    moments: torch.Tensor
+    moments: torch.Tensor  # the cached posterior, or (uncached) the pixels to encode
     original_size: tuple[int, int]
     crop_top_left: tuple[int, int]
+
+
+# ``load_pixels(record, generator) -> (pixels, original (height, width), crop (top, left))``: an example's
+# pixels, its random crop (and, for a clip, its frames) drawn from ``generator``
+PixelLoader = Callable[[Any, torch.Generator], tuple[torch.Tensor, tuple[int, int], tuple[int, int]]]
 
 
 class SubjectData:
@@ -259,7 +291,8 @@ class SubjectData:
     from the model family. With ``cache_latents`` every image is encoded once (and once
     flipped when ``random_flip``), its random crop drawn once per image; without it,
     crops and flips are drawn per step. With ``cache_prompts`` each distinct prompt is
-    encoded once.
+    encoded once. ``load_pixels`` reads an example (default: the image at ``resolution``;
+    difftune.video passes a clip reader, whose examples may differ in frame count: `batches`).
     """
 
     def __init__(
@@ -276,8 +309,10 @@ class SubjectData:
         cache_prompts: bool,
         device: torch.device,
         cache_batch_size: int = 8,
+        load_pixels: PixelLoader | None = None,
     ):
         self.dataset = dataset
+        self.load_pixels = load_pixels or self._image_pixels
         self.encode_images = encode_images
         self.encode_prompts = encode_prompts
         self.resolution = resolution
@@ -308,42 +343,62 @@ class SubjectData:
                 chunk = jobs[start:start + self.cache_batch_size]
                 prepared = [self._pixels(e, flip, sample_generator(
                     self.seed, RandomDomain.CACHED_CROP, e.kind, e.index)) for e, flip in chunk]
-                moments = self.encode_images(torch.stack([p[0] for p in prepared]).to(self.device)).cpu()
-                for (example, flip), (_, size, crop), m in zip(chunk, prepared, moments, strict=True):
-                    self.latent_cache[(example.kind, example.index, flip)] = _PreparedImage(m, size, crop)
+                for group in _same_shape([p[0] for p in prepared]):
+                    pixels = torch.stack([prepared[i][0] for i in group]).to(self.device)
+                    for i, m in zip(group, self.encode_images(pixels).cpu(), strict=True):
+                        (example, flip), (_, size, crop) = chunk[i], prepared[i]
+                        self.latent_cache[(example.kind, example.index, flip)] = _PreparedImage(m, size, crop)
                 bar.update(len(chunk))
             bar.close()
 
+    def _image_pixels(self, record: ImageRecord, generator: torch.Generator):
+        return resize_and_crop(open_rgb(record.path), self.resolution, self.center_crop, generator)
+
     def _pixels(self, example: Example, flip: bool, generator: torch.Generator):
-        pixels, size, crop = resize_and_crop(open_rgb(example.record.path), self.resolution,
-                                             self.center_crop, generator)
+        pixels, size, crop = self.load_pixels(example.record, generator)
         return (pixels.flip(-1) if flip else pixels), size, crop
 
     def batch(self, positions: Sequence[int]) -> TrainingBatch:
-        """The examples at these stream positions: instance examples first, then class ones.
+        """The examples at these stream positions: instance examples first, then class ones (all of one
+        shape; see `batches`)."""
+        batches = self.batches(positions)
+        if len(batches) > 1:
+            raise DifftuneError("the examples of this batch differ in shape (clips of several frame "
+                                "counts): use SubjectData.batches")
+        return batches[0]
+
+    def batches(self, positions: Sequence[int]) -> list[TrainingBatch]:
+        """The examples at these stream positions, instance examples first, then class ones, as one
+        batch per shape (one for images; clips of other frame counts go to their own).
 
         Images are encoded without gradients; uncached prompts are encoded with them, so a
-        text encoder that is being trained (``--train_text_encoder``) gets its gradient.
+        text encoder that is being trained (``--train_text_encoder``) gets its gradient. What an
+        example draws comes from its own generator, so the grouping changes no example.
         """
         items = [(position, self.dataset.item(self.stream.index(position))) for position in positions]
         ordered = [(p, pair[0]) for p, pair in items] + [(p, pair[1]) for p, pair in items if len(pair) > 1]
         generators = [sample_generator(self.seed, RandomDomain.EXAMPLE, p, e.kind) for p, e in ordered]
         prepared = []
-        to_encode = []
         for (_, example), generator in zip(ordered, generators, strict=True):
             flip = self.random_flip and bool(torch.rand((), generator=generator) < 0.5)
             if self.latent_cache is not None:
                 prepared.append(self.latent_cache[(example.kind, example.index, flip)])
             else:  # the crop is drawn per step, from the example's generator
                 pixels, size, crop = self._pixels(example, flip, generator)
-                to_encode.append(pixels)
-                prepared.append(_PreparedImage(torch.empty(0), size, crop))
-        if to_encode:
+                prepared.append(_PreparedImage(pixels, size, crop))
+        groups = _same_shape([p.moments for p in prepared])
+        return [self._batch([ordered[i][1] for i in group], [generators[i] for i in group],
+                            [prepared[i] for i in group]) for group in groups]
+
+    def _batch(self, examples: list[Example], generators: list[torch.Generator],
+               prepared: list[_PreparedImage]) -> TrainingBatch:
+        stacked = torch.stack([p.moments for p in prepared]).to(self.device)
+        if self.latent_cache is None:  # pixels: encode them now
             with torch.no_grad():
-                moments = self.encode_images(torch.stack(to_encode).to(self.device))
+                moments = self.encode_images(stacked)
         else:
-            moments = torch.stack([p.moments for p in prepared]).to(self.device)
-        prompts = [example.prompt for _, example in ordered]
+            moments = stacked
+        prompts = [example.prompt for example in examples]
         if self.prompt_cache is not None:
             conditioning = {key: torch.cat([self.prompt_cache[p][key] for p in prompts])
                             for key in self.prompt_cache[prompts[0]]}
@@ -354,6 +409,14 @@ class SubjectData:
             conditioning=conditioning,
             original_sizes=torch.tensor([p.original_size for p in prepared], device=self.device),
             crops_top_left=torch.tensor([p.crop_top_left for p in prepared], device=self.device),
-            is_prior=torch.tensor([e.kind == CLASS for _, e in ordered], device=self.device),
+            is_prior=torch.tensor([e.kind == CLASS for e in examples], device=self.device),
             generators=generators,
         )
+
+
+def _same_shape(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
+    """Indices of ``tensors`` grouped by shape, groups in order of their first member."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, tensor in enumerate(tensors):
+        groups.setdefault(tuple(tensor.shape), []).append(index)
+    return list(groups.values())

@@ -28,16 +28,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import machine
-from ..api import (
-    AdapterSpec,
-    count_trainable_parameters,
-    find_denoiser,
-    get_adapter,
-    load_adapter,
-    trainable_parameters,
-)
+from ..api import AdapterSpec, count_trainable_parameters, get_adapter, load_adapter, trainable_parameters
 from ..errors import DifftuneError
-from ..families import check_capability, get_family
+from ..families import check_capability, denoiser_components, expert_components, get_family
 from ..io import check_output_dir
 from ..locking import lock_output_dir, release_all
 from ..model_factory import build_denoiser_on_meta
@@ -58,19 +51,22 @@ DEFAULT_LEARNING_RATE = 1e-4  # when neither --learning_rate nor the method give
 PARAMETER_BYTES = {"adamw": 4 + 4 + 8, "adamw-8bit": 4 + 4 + 2}
 
 
-def check_before_loading(spec: AdapterSpec, model: ModelSettings, model_info: Any, resolution: int | None,
-                         output_dir: Path, use_8bit_adam: bool = False) -> int:
+def check_before_loading(spec: AdapterSpec, model: ModelSettings, model_info: Any,
+                         resolution: int | tuple[int, int] | None, output_dir: Path,
+                         use_8bit_adam: bool = False) -> int | tuple[int, int]:
     """The adapter's targets on a weightless (meta-device) denoiser (its options were checked when
-    the spec was made), the resolution (default: the model's own) and the adapter's size against the
-    machine's memory, and the output folder; returns the resolution. Nothing heavy is loaded, so
-    bad input fails in seconds."""
+    the spec was made), the resolution (a side, or height and width; default: the model's own) and
+    the adapter's size against the machine's memory, and the output folder; returns the resolution.
+    Nothing heavy is loaded, so bad input fails in seconds."""
     check_output_dir(Path(output_dir))
     denoiser = build_denoiser_on_meta(model_info.denoiser_config, model_info.denoiser_class)
     spec.check(denoiser)
     resolution = resolution or model_info.resolution
-    if resolution % model_info.size_multiple:
+    sides = (resolution,) if isinstance(resolution, int) else tuple(resolution)
+    if any(side % model_info.size_multiple for side in sides):
+        shown = "x".join(map(str, sides))
         raise DifftuneError(f"--resolution must be a multiple of {model_info.size_multiple} for "
-                            f"{model.pretrained_model_name_or_path}, got {resolution}")
+                            f"{model.pretrained_model_name_or_path}, got {shown}")
     check_resolution_fits(resolution, model_info)
     check_adapter_fits(spec, denoiser, resolution, model_info, use_8bit_adam)
     return resolution
@@ -81,13 +77,15 @@ def _memory() -> tuple[str, int | None]:
     return device_type, machine.memory_bytes(device_type)
 
 
-def image_bytes(resolution: int, model_info: Any) -> int:
-    """A lower bound of encoding one image: the fp32 image and the VAE's first activation, twice."""
-    return resolution * resolution * (3 + 2 * model_info.vae_width) * 4
+def image_bytes(resolution: int | tuple[int, int], model_info: Any) -> int:
+    """A lower bound of encoding one image (one frame of a clip: a side, or height and width): the fp32
+    image and the VAE's first activation, twice."""
+    height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
+    return height * width * (3 + 2 * model_info.vae_width) * 4
 
 
-def check_adapter_fits(spec: AdapterSpec, meta_denoiser: nn.Module, resolution: int, model_info: Any,
-                       use_8bit_adam: bool = False) -> None:
+def check_adapter_fits(spec: AdapterSpec, meta_denoiser: nn.Module, resolution: int | tuple[int, int],
+                       model_info: Any, use_8bit_adam: bool = False) -> None:
     """Refuse an adapter whose trainable parameters, with their gradients and optimizer state, cannot
     fit the machine's memory beside one image's encoding: a message now, not the system's OOM killer
     minutes into loading. ``meta_denoiser`` is weightless (`AdapterSpec.weightless_parameter_count`)."""
@@ -101,15 +99,16 @@ def check_adapter_fits(spec: AdapterSpec, meta_denoiser: nn.Module, resolution: 
     adapter = trainable * PARAMETER_BYTES[optimizer]
     image = image_bytes(resolution, model_info)
     if adapter + image > available:
+        shown = resolution if isinstance(resolution, int) else "x".join(map(str, resolution))
         raise DifftuneError(
             f"the {spec.method} adapter (--adapter {spec.method} and its options) trains {trainable:,} "
             f"parameters: with their gradients and {'8-bit ' if use_8bit_adam else ''}AdamW state that is at "
             f"least {adapter / 2**30:.1f} GiB, plus {image / 2**30:.2f} GiB to encode one image at "
-            f"--resolution {resolution}; this machine's {device_type} memory is {available / 2**30:.1f} GiB: "
+            f"--resolution {shown}; this machine's {device_type} memory is {available / 2**30:.1f} GiB: "
             "lower --rank, narrow --targets or use a smaller budget")
 
 
-def check_resolution_fits(resolution: int, model_info: Any) -> None:
+def check_resolution_fits(resolution: int | tuple[int, int], model_info: Any) -> None:
     """Refuse a resolution whose smallest possible footprint exceeds the machine's memory.
 
     Encoding one image through the VAE holds at least the fp32 image and its first block's
@@ -211,7 +210,7 @@ def load_base_pipeline(model: ModelSettings, dtype: torch.dtype, device: torch.d
     """The base pipeline in ``dtype`` on ``device`` with an fp32 VAE (fp16 VAEs give NaN latents
     and black images) and no progress bars. With ``adapter_path``: the saved adapter loaded and
     ``--prediction_type`` set on the scheduler, so samples come from the file users get. With
-    ``offload`` only the denoiser goes to ``device`` (``--offload``)."""
+    ``offload`` only the denoisers go to ``device`` (``--offload``)."""
     from ..model_factory import load_pipeline
 
     pipeline = load_pipeline(model.pretrained_model_name_or_path, torch_dtype=dtype,
@@ -222,7 +221,12 @@ def load_base_pipeline(model: ModelSettings, dtype: torch.dtype, device: torch.d
         if model.prediction_type:
             pipeline.scheduler.register_to_config(prediction_type=model.prediction_type)
         load_adapter(pipeline, adapter_path)
-    (find_denoiser(pipeline)[0] if offload else pipeline).to(device)
+    if offload:  # the denoisers alone (both experts of a two-expert model); the rest stays on the CPU
+        for name in (*denoiser_components(), *expert_components()):
+            if isinstance(getattr(pipeline, name, None), nn.Module):
+                getattr(pipeline, name).to(device)
+    else:
+        pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -291,12 +295,13 @@ def quantization_kwargs(model: ModelSettings, dtype: torch.dtype) -> dict[str, A
 
     from ..model_factory import describe_model
 
-    family = get_family(describe_model(model.pretrained_model_name_or_path, model.revision).family)
-    component = family.denoiser_component
+    described = describe_model(model.pretrained_model_name_or_path, model.revision)
+    # the denoiser, or every expert of a model with several (Wan 2.2's two transformers)
+    components = list(described.experts) or [get_family(described.family).denoiser_component]
     quant_kwargs: dict[str, Any] = {"load_in_8bit": True} if bits == "8bit" else {
         "load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": dtype}
     config = PipelineQuantizationConfig(quant_backend=QUANTIZATION_BACKENDS[bits], quant_kwargs=quant_kwargs,
-                                        components_to_quantize=[component])
+                                        components_to_quantize=components)
     return {"quantization_config": config}
 
 

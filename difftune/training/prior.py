@@ -4,7 +4,8 @@ Images are written atomically, one file each (``class-00000.png``, ...), and kep
 later run with the same folder generates nothing, and a run killed mid-way keeps what
 it finished. Image ``class-k`` comes from its own generator seeded with (seed, k), so
 the set does not depend (beyond float rounding) on the batch size or the number of
-processes.
+processes. A video model's class examples are clips (``num_frames``), written as lossless
+animated WebP (``class-00000.webp``), which the clip reader takes back.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..io import atomic_write
+from ..io import atomic_write, save_webp
 from .data import IMAGE_SUFFIXES, RandomDomain, sample_generator
 
 CLASS_IMAGE_PATTERN = "class-{:05d}.png"
+CLASS_CLIP_PATTERN = "class-{:05d}.webp"
 
 
 def existing_images(class_dir: str | Path) -> list[Path]:
@@ -30,14 +32,15 @@ def existing_images(class_dir: str | Path) -> list[Path]:
                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def missing_image_numbers(class_dir: str | Path, wanted: int) -> list[int]:
-    """Numbers k of the ``class-k.png`` files to generate to reach ``wanted`` images."""
+def missing_image_numbers(class_dir: str | Path, wanted: int,
+                          pattern: str = CLASS_IMAGE_PATTERN) -> list[int]:
+    """Numbers k of the ``class-k.png`` files (``pattern``) to generate to reach ``wanted`` images."""
     class_dir = Path(class_dir)
     missing = wanted - len(existing_images(class_dir))
     numbers: list[int] = []
     k = 0
     while len(numbers) < missing:
-        if not (class_dir / CLASS_IMAGE_PATTERN.format(k)).exists():
+        if not (class_dir / pattern.format(k)).exists():
             numbers.append(k)
         k += 1
     return numbers
@@ -50,20 +53,24 @@ def ensure_class_images(
     num_class_images: int,
     *,
     seed: int,
-    resolution: int,
+    resolution: int | tuple[int, int],
     batch_size: int = 4,
     num_inference_steps: int = 50,
     accelerator: Any = None,
     autocast: contextlib.AbstractContextManager | None = None,
+    num_frames: int | None = None,
 ) -> int:
-    """Generate the class images ``class_dir`` lacks; returns how many this process made.
+    """Generate the class images ``class_dir`` lacks, at ``resolution`` (a side, or height and width);
+    returns how many this process made. With ``num_frames``, clips of a video pipeline.
 
     With several processes each generates its share; all wait for the others.
     """
     class_dir = Path(class_dir)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     is_main = accelerator.is_main_process if accelerator else True
-    numbers = missing_image_numbers(class_dir, num_class_images)
+    pattern = CLASS_IMAGE_PATTERN if num_frames is None else CLASS_CLIP_PATTERN
+    height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
+    numbers = missing_image_numbers(class_dir, num_class_images, pattern)
     if accelerator is not None:
         accelerator.wait_for_everyone()  # every process computed the same list before any write
     if not numbers:
@@ -76,13 +83,23 @@ def ensure_class_images(
         for start in range(0, len(mine), batch_size):
             chunk = mine[start:start + batch_size]
             generators = [sample_generator(seed, RandomDomain.CLASS_IMAGE, k) for k in chunk]
-            images = pipeline(prompt=[class_prompt] * len(chunk), generator=generators, height=resolution,
-                              width=resolution, num_inference_steps=num_inference_steps).images
-            for k, image in zip(chunk, images, strict=True):
-                atomic_write(class_dir / CLASS_IMAGE_PATTERN.format(k),
-                             lambda tmp, image=image: image.save(tmp, format="PNG"))
+            # a video pipeline returns numpy frames unless asked for PIL (image pipelines: PIL already)
+            clips = {} if num_frames is None else {"num_frames": num_frames, "output_type": "pil"}
+            output = pipeline(prompt=[class_prompt] * len(chunk), generator=generators, height=height,
+                              width=width, num_inference_steps=num_inference_steps, **clips)
+            samples = output.images if num_frames is None else output.frames
+            for k, sample in zip(chunk, samples, strict=True):
+                _save_class_example(class_dir / pattern.format(k), sample)
             bar.update(len(chunk))
     bar.close()
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return len(mine)
+
+
+def _save_class_example(path: Path, sample: Any) -> None:
+    """An image as PNG, a clip (a list of frames) as lossless animated WebP; atomically."""
+    if isinstance(sample, list):
+        save_webp(sample, path)
+    else:
+        atomic_write(path, lambda tmp: sample.save(tmp, format="PNG"))

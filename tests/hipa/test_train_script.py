@@ -138,3 +138,14 @@ def test_bad_input_is_refused_before_loading(tmp_path, prompt_files, extra, mess
     monkeypatch.setattr(difftune.model_factory, "load_pipeline", no_loading)
     with pytest.raises(DifftuneError, match=message):
         run_script(*command(tmp_path / "bad", prompt_files, "--max_train_steps", "1", *extra))
+
+
+def test_a_video_model_is_refused_before_loading(tmp_path, prompt_files, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(difftune.model_factory, "load_pipeline", no_loading)
+    refused = r"train_one_step.py \(HiPA, images\) supports .*the base model is wan"
+    with pytest.raises(DifftuneError, match=refused):
+        run_script(*command(tmp_path / "wan", prompt_files, "--max_train_steps", "1",
+                            model="builtin:tiny-wan"))

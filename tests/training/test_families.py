@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import build
+from conftest import build, generate
 
 from difftune.families import (
     DDPMFamily,
@@ -106,22 +106,30 @@ def test_preconditioned_sd3_predicts_x0():
 def test_latents_are_sampled_and_scaled_per_family(family):
     pipe = build(family)
     fam = training_family(pipe, CPU, LossOptions())
-    pixels = torch.rand(2, 3, 64, 64) * 2 - 1
+    frames = (5,) if fam.video else ()  # a clip: (B, 3, frames, H, W)
+    pixels = torch.rand(2, 3, *frames, 64, 64) * 2 - 1
     moments = fam.encode_images(pixels)
     with torch.no_grad():
-        video = pipe.vae.encoder.conv_in.weight.dim() == 5  # a video VAE (Qwen-Image's): one frame in and out
-        posterior = pipe.vae.encode(pixels.unsqueeze(2) if video else pixels).latent_dist
-    if video:
+        # a video VAE under an image family (Qwen-Image's): one frame in and out
+        one_frame = not fam.video and pipe.vae.encoder.conv_in.weight.dim() == 5
+        posterior = pipe.vae.encode(pixels.unsqueeze(2) if one_frame else pixels).latent_dist
+    if one_frame:
         posterior = type(posterior)(posterior.parameters[:, :, 0])
     assert torch.allclose(moments, posterior.parameters)
     latents = fam.latents_from_moments(moments, generators(2, seed=7))
     eps = torch.stack([torch.randn(posterior.mean.shape[1:], generator=g) for g in generators(2, seed=7)])
     # a posterior sample, or its mode where the family's training script takes that (FLUX.2, Z-Image)
     raw = posterior.mean + posterior.std * eps if fam.sample_posterior else posterior.mean
+    config = pipe.vae.config
+    if fam.video:  # per-channel statistics (Wan's VAE)
+        shape = (1, -1) + (1,) * (raw.dim() - 2)
+        expected = (raw - torch.tensor(config.latents_mean).view(shape)) / torch.tensor(
+            config.latents_std).view(shape)
+        assert torch.allclose(latents, expected, atol=1e-5)
+        return
     assert torch.allclose(fam.denormalize_latents(pipe.vae, latents), raw, atol=1e-5)
-    if hasattr(pipe.vae.config, "scaling_factor"):  # shift and scale (per-channel statistics: family tests)
-        shift = pipe.vae.config.shift_factor or 0.0
-        expected = (raw - shift) * pipe.vae.config.scaling_factor
+    if hasattr(config, "scaling_factor"):  # shift and scale (per-channel statistics: family tests)
+        expected = (raw - (config.shift_factor or 0.0)) * config.scaling_factor
         assert torch.allclose(latents, expected, atol=1e-5)
 
 
@@ -146,11 +154,7 @@ def test_prompt_embeddings_match_the_pipeline_and_sample_identically(family):
         embeds = embeds[0][None]
     assert torch.equal(ours["prompt_embeds"][:1, : embeds.shape[1]], embeds)
 
-    def sample(**kwargs):
-        return pipe(**kwargs, num_inference_steps=2, height=64, width=64, output_type="np",
-                    generator=torch.Generator().manual_seed(0)).images
-
-    assert np.allclose(sample(prompt="a sks dog"), sample(**first), atol=1e-6)
+    assert np.allclose(generate(pipe, prompt="a sks dog"), generate(pipe, prompt=None, **first), atol=1e-6)
 
 
 def test_sdxl_conditions_are_the_pipeline_time_ids():

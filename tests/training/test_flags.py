@@ -4,6 +4,7 @@ checks run on flags and on settings made in code alike."""
 
 import argparse
 import dataclasses
+import types
 import typing
 from pathlib import Path
 
@@ -67,10 +68,15 @@ def example_value(field: dataclasses.Field, annotation, default):
         return [value] if typing.get_origin(annotation) is list else value
     if annotation is bool:
         return not default
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # --resolution: a side or HxW
+        annotation = typing.get_args(annotation)[0]
+    candidates = {int: [3, 8, 16], float: [0.25, 0.5], str: ["xyz"], Path: ["somewhere/else"]}
     if typing.get_origin(annotation) is list:
-        return ["a.b", "c"]
-    candidates = {int: [3, 8, 16], float: [0.25, 0.5], str: ["xyz"], Path: ["somewhere/else"]}[annotation]
-    return next(v for v in candidates if v != default and (check is None or check.test(v)))
+        (item,) = typing.get_args(annotation)
+        values = ["a.b", "c"] if item is str else candidates[item][:2]
+        assert check is None or check.test(values)
+        return values
+    return next(v for v in candidates[annotation] if v != default and (check is None or check.test(v)))
 
 
 def flag_tokens(action: argparse.Action, value) -> list[str]:

@@ -9,7 +9,16 @@ import warnings
 
 import pytest
 import torch
-from conftest import METHOD_CASES, build, denoise, denoiser_inputs, forward, method_cases, randomize_adapter
+from conftest import (
+    METHOD_CASES,
+    build,
+    denoise,
+    denoiser_inputs,
+    forward,
+    method_cases,
+    randomize_adapter,
+    tiny_latents,
+)
 from torch import nn
 
 import difftune
@@ -182,7 +191,7 @@ def test_training_gradients_reach_every_trainable_tensor(family, method, targets
     randomize_adapter(pipe)
     fam = training_family(pipe, torch.device("cpu"), LossOptions())
     generators = [torch.Generator().manual_seed(0)]
-    latents = torch.randn(1, fam.latent_channels(fam.denoiser.config), 32, 32)
+    latents = tiny_latents(fam)
     noisy = fam.add_noise(latents, fam.sample_noise(latents, generators), generators)
     size = torch.tensor([[64, 64]])
     batch = TrainingBatch(None, fam.encode_prompts(["a sks dog"]), size, torch.zeros_like(size), None, [])
