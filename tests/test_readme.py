@@ -104,7 +104,7 @@ def _subject_section() -> str:
 
 
 def _markdown_table(text: str, header_start: str) -> list[list[str]]:
-    """The cells of the markdown table whose header line starts with ``header_start`` (rows after the rule)."""
+    """The cells of the markdown table whose header line starts with ``header_start``."""
     lines = text[text.index(header_start):].splitlines()
     rows = lines[2:next((i for i, line in enumerate(lines) if not line.startswith("|")), len(lines))]
     return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
