@@ -4,6 +4,8 @@
     python -m difftune.params --model sdxl-config --targets attn
     python -m difftune.params --model builtin:tiny-sd --row "svfit" --row "tlora:rank=4,residual=lora"
     python -m difftune.params --model flux-dev-config          # FLUX.1-dev transformer, meta device
+    python -m difftune.params --model qwen-image-config        # also flux2-dev-config, flux2-klein-4b-config,
+                                                               # flux2-klein-9b-config, z-image-config
     python -m difftune.params --model wan2.1-14b-config --targets attn-ff   # Wan 2.1 14B transformer
 
 Each row attaches one adapter, counts `count_trainable_parameters`, and removes it again
@@ -59,9 +61,11 @@ FLUX_ROWS: list[tuple[str, str, dict[str, Any]]] = [
     ("TLoRA TRM R=2 + TR R=6", "tlora", {"transform_rank": 2, "residual": "tr", "rank": 6}),
 ]
 
-# default rows of a reference config (by its name) other than the papers' set: the large DiTs'
-REFERENCE_ROWS = {name: FLUX_ROWS for name in ("flux-dev-config", "wan2.1-1.3b-config", "wan2.1-14b-config",
-                                               "wan2.2-a14b-expert-config")}
+# default rows of a reference config (by its name) other than the papers' set: the large DiTs' (FLUX.1's)
+DIT_CONFIGS = ("flux-dev-config", "flux2-dev-config", "flux2-klein-4b-config", "flux2-klein-9b-config",
+               "qwen-image-config", "z-image-config", "wan2.1-1.3b-config", "wan2.1-14b-config",
+               "wan2.2-a14b-expert-config")
+REFERENCE_ROWS = dict.fromkeys(DIT_CONFIGS, FLUX_ROWS)
 
 
 def meta_models() -> dict[str, tuple[dict[str, Any], str]]:

@@ -121,12 +121,18 @@ def denoiser_inputs(pipe, batch: int = 1, seed: int = 0) -> dict:
     return family.model_kwargs(noisy, sizes)
 
 
+def forward(model, inputs: dict) -> torch.Tensor:
+    """The denoiser's output on ``inputs`` as one tensor (Z-Image's transformer returns a list)."""
+    output = model(**inputs, return_dict=False)[0]
+    return torch.stack(list(output)) if isinstance(output, (list, tuple)) else output
+
+
 def denoise(pipe, inputs: dict) -> torch.Tensor:
     from difftune.api import find_denoiser
 
     model, _ = find_denoiser(pipe)
     with torch.no_grad():
-        return model(**inputs, return_dict=False)[0]
+        return forward(model, inputs)
 
 
 def generate(pipe, seed: int = 0, prompt: str = "a photo of a sks dog", **kwargs):
@@ -135,7 +141,7 @@ def generate(pipe, seed: int = 0, prompt: str = "a photo of a sks dog", **kwargs
 
     gen = torch.Generator().manual_seed(seed)
     video = family_of(pipe).video
-    output = pipe(prompt, num_inference_steps=2, height=64, width=64, generator=gen, output_type="np",
+    output = pipe(prompt=prompt, num_inference_steps=2, height=64, width=64, generator=gen, output_type="np",
                   **({"num_frames": TINY_NUM_FRAMES} if video else {}), **kwargs)
     return output.frames if video else output.images
 

@@ -100,9 +100,9 @@ def test_lora_file_loads_with_diffusers_load_lora_weights(family, targets, tmp_p
     images = generate(pipe)
     fresh = build(family)
     fresh.load_lora_weights(str(path.parent), weight_name=path.name)
-    assert abs(generate(fresh) - images).max() < 1e-6
+    assert abs(generate(fresh) - images).max() < 1e-5
     fresh.set_adapters(["default_0"], adapter_weights=[0.0])
-    assert abs(generate(fresh) - generate(build(family))).max() < 1e-6
+    assert abs(generate(fresh) - generate(build(family))).max() < 1e-5
 
 
 def test_wrong_base_model_is_refused_naming_the_module(tmp_path):

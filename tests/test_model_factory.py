@@ -80,19 +80,21 @@ def test_describe_model_reads_family_resolution_and_denoiser_without_weights(fam
     scale = FAMILIES[family].vae_scale_factor(pipe.vae.config)
     for described in (first, describe_model(str(folder))):
         assert described.family == pipeline_family(pipe) == family
-        if family == "flux":  # no sample_size: the pipeline's default height; 2x2 packed latent tokens
-            folder_resolution = pipe.default_sample_size * pipe.vae_scale_factor  # 1024 px on FLUX.1
-            assert described.resolution == (TINY_RESOLUTION if described is first else folder_resolution)
-            assert described.size_multiple == pipe.vae_scale_factor * 2
-        elif family == "wan":  # the tiny built-in's 32-latent size; WanPipeline's default height, 8x8 VAE
+        if family == "wan":  # the tiny built-in's 32-latent size; WanPipeline's default height, 8x8 VAE
             assert described.resolution == (32 * scale if described is first else 480)
             assert described.size_multiple == pipe.vae_scale_factor_spatial * denoiser.config.patch_size[-1]
         else:
-            assert described.resolution == denoiser.config.sample_size * pipe.vae_scale_factor
+            if getattr(denoiser.config, "sample_size", None) is None:  # the pipeline default (Flux: 1024 px)
+                folder_resolution = FAMILIES[family].default_sample_size * pipe.vae_scale_factor
+                assert described.resolution == (TINY_RESOLUTION if described is first else folder_resolution)
+            else:
+                assert described.resolution == denoiser.config.sample_size * pipe.vae_scale_factor
+            # what the pipeline's image processor rounds to (2x2 packed latents), or the denoiser's own
+            # patches, and diffusers' SD/SDXL pipelines' own rule (check_inputs: sides % 8)
             patch = getattr(denoiser.config, "patch_size", None) or 1
-            # the latents' patch, and diffusers' SD/SDXL pipelines' own rule (check_inputs: sides % 8)
             pipeline_rule = 8 if family in ("sd", "sdxl") else 1
-            assert described.size_multiple == math.lcm(pipe.vae_scale_factor * patch, pipeline_rule)
+            multiple = max(pipe.image_processor.config.vae_scale_factor, pipe.vae_scale_factor * patch)
+            assert described.size_multiple == math.lcm(multiple, pipeline_rule)
         meta = build_denoiser_on_meta(described.denoiser_config, described.denoiser_class)
         assert {n: p.shape for n, p in meta.named_parameters()} == {
             n: p.shape for n, p in denoiser.named_parameters()}

@@ -4,6 +4,7 @@ import re
 import shlex
 from pathlib import Path
 
+import pytest
 from conftest import command_module
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -102,14 +103,96 @@ def _subject_section() -> str:
     return _section(TRAINING, "## Subject-driven training")
 
 
-def test_subject_training_commands_parse_with_the_script(train_subject):
+def _markdown_table(text: str, header_start: str) -> list[list[str]]:
+    """The cells of the markdown table whose header line starts with ``header_start``."""
+    lines = text[text.index(header_start):].splitlines()
+    rows = lines[2:next((i for i, line in enumerate(lines) if not line.startswith("|")), len(lines))]
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
+
+
+def _readme_families() -> dict[str, list[str]]:
+    """The README's families table by family name (the first column's `name`)."""
+    rows = _markdown_table(README, "| family | pipeline |")
+    return {re.match(r"`([^`]+)`", row[0])[1]: row for row in rows}
+
+
+def test_readme_families_table_is_the_registry():
+    """One row per registered family, its pipeline classes, HiPA and export formats as the family says."""
+    from difftune.errors import DifftuneError
+    from difftune.families import EXPORT_FORMATS, FAMILIES, check_export_format
+
+    table = _readme_families()
+    assert list(table) == [name for name in table if name in FAMILIES] and set(table) == set(FAMILIES)
+    for name, (_, pipelines, hub_id, trains, hipa, formats) in table.items():
+        family = FAMILIES[name]
+        assert pipelines == ", ".join(f"`{c}`" for c in family.pipeline_classes), name
+        assert re.fullmatch(r"`[\w.-]+/[\w.-]+`", hub_id), name
+        assert hipa == ("yes" if family.one_step else "no"), name
+        assert trains.startswith("every method") and ("text encoder" in trains) == bool(
+            family.trainable_text_encoders), name
+        written = []
+        for fmt in EXPORT_FORMATS:
+            try:
+                check_export_format(family, fmt)
+                written.append(fmt)
+            except DifftuneError:
+                pass
+        assert formats == ", ".join(written), name
+
+
+@pytest.fixture
+def gpu_machine(monkeypatch):
+    """The documented hub commands are for a CUDA machine with bitsandbytes: parse them as there (no model
+    loads, nothing runs on a GPU)."""
+    import importlib.machinery
+    import importlib.util
+
+    import torch
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: importlib.machinery.ModuleSpec(
+        name, None) if name == "bitsandbytes" else find_spec(name, *rest))
+
+
+def _memory_table_total(model: str, configuration: str) -> str:
+    """docs/memory.md's estimated total of one configuration row under the ``### <model>`` heading."""
+    memory = (DOCS / "memory.md").read_text()
+    section = memory[memory.index(f"### {model}\n"):]
+    rows = {row[0]: row[-1] for row in _markdown_table(section, "| configuration |")}
+    return rows[configuration]
+
+
+def test_subject_training_commands_parse_with_the_script(train_subject, gpu_machine):
+    """Every command of the subject section parses with the trainer's parser, with the flags of its
+    model's family (the README's families table says which family a hub id is); a command's stated
+    memory is docs/memory.md's estimate for its configuration."""
+    from difftune.families import check_flags, get_family
+
+    family_of_hub_id = {row[2].strip("`"): name for name, row in _readme_families().items()}
     blocks = re.findall(r"```bash\n(.*?)```", _subject_section(), flags=re.S)
-    assert len(blocks) == 4  # embedded default, SD 1.5, SDXL and FLUX.1-dev from the hub
+    # the embedded default; SD 1.5, SDXL, FLUX.1-dev, FLUX.2 dev, FLUX.2 klein, Qwen-Image, Z-Image
+    assert len(blocks) == 8
+    families = []
     for block in blocks:
         command = shlex.split(block.replace("\\\n", " "), comments=True)
         script = command.index("train_scripts/train_subject.py")
         args = train_subject.module.parse_args(command[script + 1:])
         assert args.instance_data_dir and args.output_dir
+        model = args.pretrained_model_name_or_path
+        if model.startswith("builtin:"):
+            continue
+        family = get_family(family_of_hub_id[model])
+        check_flags(family, vars(args))
+        families.append(family.name)
+        stated = re.search(r'memory \(estimate, docs/memory\.md\): (.+?), "(.+?)": ([\d.]+ GiB)', block)
+        if family.name in ("flux2", "flux2-klein", "qwen-image", "z-image"):
+            assert stated, f"the {family.title} command states its estimated memory"
+            assert _memory_table_total(stated[1], stated[2]) == stated[3]
+            assert args.resolution == 1024 and args.gradient_checkpointing and args.mixed_precision == "bf16"
+            assert args.free_text_encoder and args.offload
+            assert (args.quantize_base == "4bit") == ("4-bit base" in stated[2])
+    assert families == ["sd", "sdxl", "flux", "flux2", "flux2-klein", "qwen-image", "z-image"]
 
 
 def test_subject_training_flag_tables_list_every_flag(train_subject):

@@ -135,6 +135,11 @@ def test_a_new_family_is_one_class(fresh_registries):
     ("StableDiffusion3ControlNetPipeline", "SD3", "control images"),
     ("FluxKontextPipeline", "Flux", "image editing"),
     ("FluxFillPipeline", "Flux", "inpainting and outpainting"),
+    ("Flux2KleinInpaintPipeline", "FLUX.2 klein", "inpainting"),
+    ("QwenImageEditPipeline", "Qwen-Image", "image editing"),
+    ("QwenImageImg2ImgPipeline", "Qwen-Image", "image to image"),
+    ("ZImageControlNetPipeline", "Z-Image", "control images"),
+    ("ZImageOmniPipeline", "Z-Image", "editing with reference images"),
     ("WanImageToVideoPipeline", "Wan", "image to video"),
     ("WanVACEPipeline", "Wan", "video editing"),
 ])

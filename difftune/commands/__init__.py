@@ -40,6 +40,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "world-quality": ("difftune.commands.world_quality",
                       "the embedded model, or a one-step adapter, measured in its world"),
     "params": ("difftune.params", "trainable parameters of each method on a model"),
+    "memory": ("difftune.memory", "estimated training memory of each method on a large model's config"),
 }
 
 

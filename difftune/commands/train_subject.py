@@ -19,26 +19,29 @@ The script reads top to bottom:
   6. the adapter (and a diffusers LoRA copy), a model card, and samples from a fresh pipeline
      that loads the saved file
 Supported bases: every model family of difftune.families (SD 1.x/2.x with epsilon and v prediction,
-SDXL, SD3, FLUX.1 dev and schnell, PixArt-α/Σ, Wan 2.1/2.2 video: a folder of clips, docs/video.md).
+SDXL, SD3, FLUX.1 dev and schnell, PixArt-α/Σ, FLUX.2 dev and klein, Qwen-Image, Z-Image, Wan 2.1/2.2
+video: a folder of clips, docs/video.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
 from typing import ClassVar
 
 import torch
+from diffusers.training_utils import offload_models
 
 import difftune
 from difftune.adapter_file import EXPERTS
 from difftune.api import name_component
 from difftune.errors import DifftuneError, run_main
 from difftune.export import check_experts_export
-from difftune.families import LossOptions, get_family, titles_with
-from difftune.model_factory import load_pipeline
+from difftune.families import LossOptions, check_export_modules, get_family, titles_with
+from difftune.model_factory import build_denoiser_on_meta, load_pipeline
 from difftune.options import CheckedSettings, at_least, check_values, option, positive
 from difftune.paths import subject_folder
 from difftune.training import arguments, checkpointing, loop, pivotal, recipes, session, settings
@@ -89,6 +92,20 @@ class InstanceImages(CheckedSettings):
 
 
 @dataclasses.dataclass(frozen=True)
+class FrozenParts(CheckedSettings):
+    """Memory of the frozen VAE and text encoders (the denoiser's: `settings.MemorySettings`)."""
+
+    flag_group: ClassVar[str] = "memory of the frozen parts"
+
+    offload: bool = option(
+        False, "keep the VAE and text encoders in CPU memory and move each to the GPU only while it runs "
+               "(class images, caching, validation), as diffusers' --offload (CUDA)")
+    free_text_encoder: bool = option(
+        False, "once the prompts and --validation_prompt are encoded, drop the text encoders from memory "
+               "(FLUX.2-dev's 24B Mistral, Qwen-Image's 7B Qwen2.5-VL); the final samples load them again")
+
+
+@dataclasses.dataclass(frozen=True)
 class PriorPreservation(CheckedSettings):
     """DreamBooth's prior loss on class images of the base model."""
 
@@ -125,7 +142,8 @@ class TextEncoderTraining(CheckedSettings):
 
 # Every flag of this trainer is a field of one of these (the method options aside, generated from the
 # registered methods' configs): tests/training/test_flags.py checks that nothing else is a flag.
-SETTINGS = (settings.ModelSettings, InstanceImages, settings.ImageSettings, VideoSettings, PriorPreservation,
+SETTINGS = (settings.ModelSettings, InstanceImages, settings.ImageSettings, VideoSettings, FrozenParts,
+            PriorPreservation,
             TextEncoderTraining, pivotal.TokenEmbeddingSettings, settings.AdapterFiles,
             *arguments.SHARED_SETTINGS)
 
@@ -134,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = arguments.trainer_parser(__doc__, recipes.RECIPES)  # with --config
     arguments.add_model_arguments(parser)
     arguments.add_settings_arguments(parser, InstanceImages, settings.ImageSettings)
-    for group in (VideoSettings, PriorPreservation, TextEncoderTraining):
+    for group in (VideoSettings, FrozenParts, PriorPreservation, TextEncoderTraining):
         arguments.add_settings_arguments(parser, group)
     arguments.add_pivotal_arguments(parser)
     recipes.add_recipe_argument(parser)
@@ -171,6 +189,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     arguments.check_pivotal_arguments(args)
     if args.pre_compute_text_embeddings is None:
         args.pre_compute_text_embeddings = not (args.train_text_encoder or args.train_token_embedding)
+    if args.free_text_encoder and not args.pre_compute_text_embeddings:
+        raise DifftuneError("--free_text_encoder drops the text encoders once the prompts are encoded: it "
+                            "needs --pre_compute_text_embeddings and no --train_text_encoder / "
+                            "--train_token_embedding")
+    if args.offload and not torch.cuda.is_available():
+        raise DifftuneError("--offload moves the VAE and text encoders between CPU and GPU memory; there is "
+                            "no CUDA GPU here (on the CPU they already share one memory): drop the flag")
     arguments.check_common_arguments(args)
     return args
 
@@ -199,8 +224,13 @@ def check_before_loading(argv: list[str] | None = None):
                                      fmt, "--expert both")
 
     model_info, spec, resolution = session.check_model_and_adapter(args, "train_subject.py", check_family)
+    family = get_family(model_info.family)
+    if args.export:  # a layer the format's tool has no name for (FLUX.2's modulation, ...)
+        modules = spec.check(build_denoiser_on_meta(model_info.denoiser_config, model_info.denoiser_class))
+        for fmt in args.export:
+            check_export_modules(family, fmt, modules, model_info.denoiser_config)
     folder, caption_column = args.instance_data_dir, args.caption_column
-    if get_family(model_info.family).video:  # every clip read through, its frames counted, before loading
+    if family.video:  # every clip read through, its frames counted, before loading
         video = video_data(args, model_info, resolution)
         resolution = video.resolution
         instance_images = video.scan(folder, "--instance_data_dir", caption_column)
@@ -260,8 +290,15 @@ def main(argv: list[str] | None = None) -> Path:
     # 2. Base model, class images, adapter
     # -----------------------------------------------------------------------------------------
     loss_options = arguments.settings_from_args(args, LossOptions, skip_none=True)
-    pipeline, family = loop.load_training_model(base, loss_options, weight_dtype, device)
+    frozen_parts = arguments.settings_from_args(args, FrozenParts)
+    pipeline, family = loop.load_training_model(base, loss_options, weight_dtype, device,
+                                                offload=frozen_parts.offload)
     denoiser = family.denoiser
+
+    def helpers_on_device():
+        """--offload: the VAE and text encoders are on the device only inside this context."""
+        return offload_models(pipeline.vae, *family.text_encoders, device=device,
+                              offload=frozen_parts.offload)
 
     class_images = []
     if args.with_prior_preservation:
@@ -273,11 +310,13 @@ def main(argv: list[str] | None = None) -> Path:
             generator_pipeline.set_progress_bar_config(disable=True)
             if base.prediction_type:
                 generator_pipeline.scheduler.register_to_config(prediction_type=base.prediction_type)
-        ensure_class_images(generator_pipeline, args.class_data_dir, args.class_prompt, args.num_class_images,
-                            seed=seed, resolution=resolution, batch_size=args.sample_batch_size,
-                            num_inference_steps=args.class_inference_steps, accelerator=accelerator,
-                            autocast=accelerator.autocast(),
-                            num_frames=video.sampling.num_frames if video else None)
+        with helpers_on_device() if generator_pipeline is pipeline else contextlib.nullcontext():
+            ensure_class_images(generator_pipeline, args.class_data_dir, args.class_prompt,
+                                args.num_class_images, seed=seed, resolution=resolution,
+                                batch_size=args.sample_batch_size,
+                                num_inference_steps=args.class_inference_steps, accelerator=accelerator,
+                                autocast=accelerator.autocast(),
+                                num_frames=video.sampling.num_frames if video else None)
         del generator_pipeline
         class_images = (video.scan(args.class_data_dir, "--class_data_dir") if video else
                         scan_image_folder(args.class_data_dir, "--class_data_dir"))[:args.num_class_images]
@@ -312,7 +351,6 @@ def main(argv: list[str] | None = None) -> Path:
         resolution=resolution, center_crop=args.center_crop, random_flip=args.random_flip, seed=seed,
         cache_latents=args.cache_latents, cache_prompts=args.pre_compute_text_embeddings, device=device,
         load_pixels=video.loader(args.center_crop) if video else None)
-    data.build_caches(show_progress=is_main)
     generation = validation.generation(seed, resolution)  # a video model's: its clip size and length
     generation = video.generation(generation) if video else generation
 
@@ -324,10 +362,14 @@ def main(argv: list[str] | None = None) -> Path:
         log_images(accelerator, tag, [strip], step)
         return names
 
-    validate = session.Validator(accelerator, family, validation, validation.prompts, seed=seed,
-                                 resolution=resolution, output_dir=output_dir,
-                                 reencode=bool(text_encoders or tokens), generation=generation,
-                                 save=save_and_log)
+    with helpers_on_device():  # the validation prompts are encoded now: the encoders may leave below
+        data.build_caches(show_progress=is_main)
+        validate = session.Validator(accelerator, family, validation, validation.prompts, seed=seed,
+                                     resolution=resolution, output_dir=output_dir,
+                                     reencode=bool(text_encoders or tokens), generation=generation,
+                                     save=save_and_log)
+    if frozen_parts.free_text_encoder:  # every prompt is encoded: the encoders are not needed until the end
+        family.free_text_encoders()
     # The frozen encoders are not needed on the device between validations.
     validate.offloaded = session.offload_frozen(
         [*(family.text_encoders if args.pre_compute_text_embeddings else []),

@@ -13,7 +13,8 @@ a style, a domain, a look, as diffusers' train_text_to_image_lora.py, kohya and 
 In a checkout, `python train_scripts/train_text_to_image.py ...` and `accelerate launch
 train_scripts/train_text_to_image.py` run the same. Every option is a flag and may come from a YAML
 or JSON file given with --config (flags override the file); --preset fills the flags left unset from
-a real model's settings (sd15, sdxl, sd3, flux, pixart).
+a real model's settings (one per image model family: sd15, sdxl, sd3, flux, pixart, flux2,
+flux2-klein, qwen-image, z-image).
 
 The command reads top to bottom:
   1. options, and every check that needs no model weights: the model, the adapter, and every image

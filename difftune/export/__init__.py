@@ -50,7 +50,14 @@ from ..api import (
     remove_adapter,
 )
 from ..errors import DifftuneError
-from ..families import EXPORT_FORMATS, ModelFamily, check_export_format, family_of, get_family
+from ..families import (
+    EXPORT_FORMATS,
+    ModelFamily,
+    check_export_format,
+    check_export_modules,
+    family_of,
+    get_family,
+)
 from ..io import atomic_write_folder, write_text
 from ..sampling import GenerationSettings, generate_images, save_grid
 from ..tuners import get_method
@@ -212,8 +219,11 @@ def export_adapter(
         if not base_model:
             raise DifftuneError(f"{adapter_path}: the header names no base model; pass --base")
         # every option is checked before the weights load
-        check_export_options(info["method"], info["config"], describe_model(base_model).family, format, rank,
-                             energy)
+        described = describe_model(base_model)
+        family_name = described.family
+        check_export_options(info["method"], info["config"], family_name, format, rank, energy)
+        check_export_modules(get_family(family_name), format, info.get("targets", ()),
+                             described.denoiser_config)
         pipeline = load_pipeline(base_model)
     elif has_adapter(pipeline):
         raise DifftuneError("export_adapter: the pipeline already carries an adapter")

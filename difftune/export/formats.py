@@ -23,13 +23,17 @@ def lora_tensors(
     denoiser_config: Mapping[str, Any] | None,
 ) -> dict[str, torch.Tensor]:
     """``{module: (down, up, alpha)}`` → the layout's keys. The LoRA update is alpha/rank · up·down
-    (rank = down's first size), which is how A1111, ComfyUI and diffusers all scale such a file."""
+    (rank = down's first size), which is how A1111, ComfyUI and diffusers all scale such a file; a
+    layout without alpha tensors (read as alpha = rank) gets alpha/rank · up instead."""
     tensors: dict[str, torch.Tensor] = {}
     for module, (down, up, alpha) in factors.items():
         name = layout.key(component, module, denoiser_config)
         tensors[f"{name}.{layout.down}"] = down
-        tensors[f"{name}.{layout.up}"] = up
-        tensors[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+        if layout.writes_alpha:
+            tensors[f"{name}.{layout.up}"] = up
+            tensors[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+        else:
+            tensors[f"{name}.{layout.up}"] = up * (float(alpha) / down.shape[0])
     return tensors
 
 

@@ -9,7 +9,7 @@ target presets, trainer-flag checks, export formats and the contract tests all r
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -29,11 +29,14 @@ from .base import (
     TrainingBatch,
 )
 from .flux import FluxFamily
+from .flux2 import Flux2Family, Flux2KleinFamily
 from .pixart import PixArtFamily
+from .qwen_image import QwenImageFamily
 from .sd import SDFamily
 from .sd3 import SD3Family
 from .sdxl import SDXLFamily
 from .wan import WanFamily
+from .z_image import ZImageFamily
 
 FAMILIES: dict[str, type[ModelFamily]] = {}
 # what a family class must define (besides the abstract methods), with the type of each
@@ -181,7 +184,8 @@ def check_flags(family: type[ModelFamily], values: Mapping[str, Any]) -> None:
     processes = {f.process_title: f.process_flags for f in trainable}
     owners = [(title, flags, [f for f in trainable if f.process_title == title], f" ({title})")
               for title, flags in processes.items()]
-    owners += [(f.name, f.family_flags, [f], "") for f in trainable if f.family_flags]
+    own_flags = dict.fromkeys(flag for f in trainable for flag in f.family_flags)
+    owners += [(flag, (flag,), [f for f in trainable if flag in f.family_flags], "") for flag in own_flags]
     applicable = set(family.applicable_flags())
     for _, flags, where, note in owners:
         given = [f"--{name}" for name in flags
@@ -216,14 +220,30 @@ def check_export_format(family: type[ModelFamily], fmt: str) -> None:
         raise DifftuneError(f"--format {fmt} on a {family.title} model ({family.name}): {reason}")
 
 
-for _family in (SDFamily, SDXLFamily, SD3Family, FluxFamily, PixArtFamily, WanFamily):
+def check_export_modules(family: type[ModelFamily], fmt: str, modules: Iterable[str],
+                         denoiser_config: Any = None) -> None:
+    """Refuse a LoRA or diff export of an adapter on ``modules`` (of the family's denoiser, whose config
+    is ``denoiser_config``) that the format's tool has no name for (`LoraKeyLayout.known_modules`),
+    before anything is trained or loaded."""
+    layout = family.lora_layouts.get(family.diff_layout if fmt == "diff" else fmt)
+    if fmt not in ("kohya", "comfyui", "diff") or layout is None or layout.known_modules is None:
+        return
+    for module in modules:
+        try:
+            layout.key(family.denoiser_component, module, denoiser_config)
+        except DifftuneError as err:
+            raise DifftuneError(f"--format {fmt} on a {family.title} model ({family.name}): {err}") from None
+
+
+for _family in (SDFamily, SDXLFamily, SD3Family, FluxFamily, PixArtFamily, Flux2Family, Flux2KleinFamily,
+                QwenImageFamily, ZImageFamily, WanFamily):
     register_family(_family)
 
 __all__ = [
     "EXPORT_FORMATS", "FAMILIES", "DDPMFamily", "FlowMatchingFamily", "LoraKeyLayout", "LossOptions",
     "ModelDescription", "ModelFamily", "NoisyInput", "TrainingBatch", "check_capability",
-    "check_export_format", "check_flags", "check_text_encoder_training", "denoiser_components",
-    "expert_components", "family_of",
+    "check_export_format", "check_export_modules", "check_flags", "check_text_encoder_training",
+    "denoiser_components", "expert_components", "family_of",
     "family_of_class", "flag_defaults", "flag_families", "get_family", "pipeline_family", "register_family",
     "text_encoder_components",
     "tiny_builtins", "titles_with", "training_family",

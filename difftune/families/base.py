@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
@@ -44,6 +45,7 @@ OTHER_TASKS = {
     "Kontext": "image editing", "Control": "control images", "Depth2Img": "depth to image",
     "Upscale": "upscaling", "InstructPix2Pix": "instruction editing", "Redux": "image variations",
     "Prior": "image priors", "Adapter": "image adapters", "PAG": "perturbed-attention guidance",
+    "Edit": "image editing", "Layered": "layer decomposition", "Omni": "editing with reference images",
     "ImageToVideo": "image to video", "VideoToVideo": "video to video", "VACE": "video editing",
     "Animate": "character animation",
 }
@@ -80,8 +82,9 @@ class LossOptions(CheckedSettings):
     # a guidance embedding's value (Flux)
     guidance_scale: float | None = option(None, "value of the guidance embedding during training; ignored "
                                                 "by models without one, e.g. FLUX.1-schnell")
-    # T5 tokens per prompt (Flux, Wan)
-    max_sequence_length: int | None = option(None, "T5 tokens per prompt, at most 512",
+    # prompt tokens (the T5 of Flux and Wan, the language model of FLUX.2, Qwen-Image and Z-Image)
+    max_sequence_length: int | None = option(None, "prompt tokens (T5's on Flux and Wan, the language "
+                                                   "model's on the others), at most 512",
                                              check=in_range(1, 512, why="FLUX.1's T5 limit"))
     # shift of the flow-matching timestep table (Wan; default: its sampler's)
     flow_shift: float | None = option(None, "shift s of the timestep table training draws from, "
@@ -152,11 +155,20 @@ class LoraKeyLayout:
     up: str = "lora_up.weight"
     module_path: Callable[[str, str, Any], str] = text_encoder_path  # (component, module, denoiser config)
     diffusers_reads: bool = True  # False: difftune renames such a file before diffusers loads it
+    tool: str = "this layout"  # whose names they are, for messages
+    # False: no ``.alpha`` tensors (a reader that refuses them); the strength alpha/rank is folded into up
+    writes_alpha: bool = True
+    # the module paths the tool maps (a regex, fullmatched); None: every module has a name
+    known_modules: str | None = None
 
     def key(self, component: str, module: str, denoiser_config: Any = None) -> str:
         if component not in self.prefixes:
             raise DifftuneError(f"no LoRA names for the {component} in this layout "
                                 f"(it names {', '.join(self.prefixes)})")
+        if self.known_modules is not None and not re.fullmatch(self.known_modules, module):
+            raise DifftuneError(f"{self.tool} has no name for the {component} module '{module}', so a file "
+                                f"that changes it cannot be written in its layout; adapt fewer layers "
+                                f"(--targets attn or attn-ff) or export with --format diffusers")
         path = self.module_path(component, module, denoiser_config)
         if self.separator == "_":
             path = path.replace(".", "_")
@@ -201,6 +213,8 @@ class ModelFamily(ABC):
     # --- geometry -----------------------------------------------------------------------
     default_sample_size: ClassVar[int | None] = None  # latent size when the config has none
     latent_packing: ClassVar[int] = 1  # side of the latent patch the pipeline packs into one token
+    # training latents: a sample of the VAE posterior (False: its mode, as FLUX.2's and Z-Image's scripts)
+    sample_posterior: ClassVar[bool] = True
     # image sides the family's diffusers pipeline accepts beyond the latent patch (its check_inputs)
     pipeline_side_multiple: ClassVar[int] = 1
 
@@ -215,6 +229,9 @@ class ModelFamily(ABC):
     sample_argument: ClassVar[str] = "hidden_states"  # the denoiser's latent argument
     conditioning_arguments: ClassVar[dict[str, str]] = {"encoder_hidden_states": "prompt_embeds"}
     embedded_guidance: ClassVar[bool] = False  # guidance_scale is an embedding's value (no CFG)
+    # the pipeline argument of classifier-free guidance, and its value that means none (one call a step)
+    guidance_argument: ClassVar[str] = "guidance_scale"
+    unguided_scale: ClassVar[float] = 1.0
 
     # --- targets and capabilities -------------------------------------------------------
     # what the family adds to the target presets: {preset: ((regex alternative, label), ...)}
@@ -341,10 +358,46 @@ class ModelFamily(ABC):
         return latents
 
     @classmethod
+    def denoiser_sample(cls, latents: torch.Tensor) -> Any:
+        """Latents as the denoiser's sample argument takes them (most pipelines pass theirs unchanged)."""
+        return cls.pack_latents(latents)
+
+    @classmethod
     def unpack_latents(cls, latents: torch.Tensor, height: int, width: int,
-                       vae_scale_factor: int) -> torch.Tensor:
-        """A pipeline's ``output_type="latent"`` result in the VAE's latent layout."""
+                       vae_scale_factor: int, vae: Any = None) -> torch.Tensor:
+        """A pipeline's ``output_type="latent"`` result in the VAE's latent layout (normalised as
+        training sees it; ``vae``: the pipeline's, for families whose pipelines return it raw)."""
         return latents
+
+    @classmethod
+    def normalize_latents(cls, vae: Any, latents: torch.Tensor) -> torch.Tensor:
+        """A VAE latent as the denoiser sees it (shifted and scaled by the VAE's factors)."""
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * vae.config.scaling_factor
+
+    @classmethod
+    def denormalize_latents(cls, vae: Any, latents: torch.Tensor) -> torch.Tensor:
+        """What `normalize_latents` undoes, as the pipeline does before decoding (per-channel
+        statistics where the VAE's config has them)."""
+        cfg = vae.config
+        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
+            std = torch.tensor(std, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
+            return latents * std / cfg.scaling_factor + mean
+        return latents / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
+
+    @classmethod
+    def decode_latents(cls, vae: Any, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (normalised, the VAE's layout) to pixels in about [-1, 1]; differentiable."""
+        return vae.decode(cls.denormalize_latents(vae, latents.to(vae.dtype)), return_dict=False)[0]
+
+    @classmethod
+    def guidance_kwargs(cls, scale: float | None) -> dict[str, Any]:
+        """Pipeline arguments for classifier-free guidance at ``scale`` (1: none); {} for None."""
+        if scale is None:
+            return {}
+        return {cls.guidance_argument: cls.unguided_scale + scale - 1.0}
 
     @classmethod
     def applicable_flags(cls) -> tuple[str, ...]:
@@ -417,6 +470,12 @@ class ModelFamily(ABC):
         encoders = (getattr(self.pipeline, name, None) for name in self.text_encoder_components)
         return [encoder for encoder in encoders if encoder is not None]
 
+    def free_text_encoders(self) -> None:
+        """Drop the text encoders from the pipeline (``--free_text_encoder``): every prompt is encoded."""
+        for name in self.text_encoder_components:
+            if getattr(self.pipeline, name, None) is not None:
+                setattr(self.pipeline, name, None)
+
     # --- prompts ------------------------------------------------------------------------
 
     def encode_prompt_kwargs(self, prompts: list[str], with_negative: bool) -> dict[str, Any]:
@@ -451,13 +510,14 @@ class ModelFamily(ABC):
 
     def latents_from_moments(self, moments: torch.Tensor,
                              generators: Sequence[torch.Generator]) -> torch.Tensor:
-        """Sample the posterior per example and normalise as the denoiser expects."""
+        """Sample the posterior per example (or take its mode, `sample_posterior`) and normalise as
+        the denoiser expects."""
         mean, logvar = moments.chunk(2, dim=1)
-        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-        sample = mean + std * randn_per_example(mean.shape[1:], generators, mean.device)
-        config = self.pipeline.vae.config
-        shift = getattr(config, "shift_factor", None) or 0.0
-        return (sample - shift) * config.scaling_factor
+        sample = mean
+        if self.sample_posterior:
+            std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+            sample = mean + std * randn_per_example(mean.shape[1:], generators, mean.device)
+        return self.normalize_latents(self.pipeline.vae, sample)
 
     # --- noise and loss -----------------------------------------------------------------
 
@@ -487,7 +547,7 @@ class ModelFamily(ABC):
     def model_kwargs(self, noisy: NoisyInput, batch: TrainingBatch) -> dict[str, Any]:
         """Keyword arguments of the denoiser's forward call."""
         prompts = {argument: batch.conditioning[key] for argument, key in self.conditioning_arguments.items()}
-        return {self.sample_argument: self.pack_latents(noisy.model_input),
+        return {self.sample_argument: self.denoiser_sample(noisy.model_input),
                 "timestep": self.denoiser_timestep(noisy), **prompts, **self.extra_model_kwargs(noisy, batch)}
 
     def predict(self, model: nn.Module, noisy: NoisyInput, batch: TrainingBatch) -> torch.Tensor:

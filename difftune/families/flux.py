@@ -107,7 +107,7 @@ class FluxFamily(FlowMatchingFamily):
         return FluxPipeline._pack_latents(latents, b, c, h, w)
 
     @classmethod
-    def unpack_latents(cls, latents, height, width, vae_scale_factor):
+    def unpack_latents(cls, latents, height, width, vae_scale_factor, vae=None):
         from diffusers import FluxPipeline
 
         if latents.dim() != 3:

@@ -35,18 +35,31 @@ def offline_clip_tokenizer(words: tuple[str, ...] = (), model_max_length: int = 
         for char in alphabet:
             vocab[char + suffix] = len(vocab)
     merges: dict[tuple[str, str], int] = {}
-    byte_to_char = dict(zip(range(256), _byte_level_chars(), strict=True))
     for word in dict.fromkeys(w.lower() for w in words):
-        chars = [byte_to_char[b] for b in word.encode("utf-8")]
-        # Merges of earlier words can interrupt this word's chain, so merge what BPE
-        # leaves of it until one token remains. New merges rank after all older ones,
-        # which leaves the tokenization of earlier words unchanged.
-        pieces = _apply_bpe([*chars[:-1], chars[-1] + "</w>"], merges)
-        while len(pieces) > 1:
-            merges.setdefault((pieces[0], pieces[1]), len(merges))
-            vocab.setdefault(pieces[0] + pieces[1], len(vocab))
-            pieces = _apply_bpe(pieces, merges)
+        chars = _byte_level_text(word)
+        _merge_into_one_token([*chars[:-1], chars[-1] + "</w>"], vocab, merges)
     return CLIPTokenizer(vocab=vocab, merges=list(merges), model_max_length=model_max_length)
+
+
+def _byte_level_text(text: str) -> list[str]:
+    """``text`` as byte-level BPE characters, one per UTF-8 byte."""
+    byte_to_char = dict(zip(range(256), _byte_level_chars(), strict=True))
+    return [byte_to_char[b] for b in text.encode("utf-8")]
+
+
+def _merge_into_one_token(pieces: list[str], vocab: dict[str, int],
+                          merges: dict[tuple[str, str], int]) -> None:
+    """Add the merges (and tokens) that make BPE turn ``pieces`` into one token.
+
+    Merges of earlier words can interrupt this word's chain, so merge what BPE leaves of it
+    until one token remains. New merges rank after all older ones, which leaves the
+    tokenization of earlier words unchanged.
+    """
+    pieces = _apply_bpe(pieces, merges)
+    while len(pieces) > 1:
+        merges.setdefault((pieces[0], pieces[1]), len(merges))
+        vocab.setdefault(pieces[0] + pieces[1], len(vocab))
+        pieces = _apply_bpe(pieces, merges)
 
 
 def _byte_level_chars() -> list[str]:
@@ -73,6 +86,70 @@ def _apply_bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str
             break
         pieces[index:index + 2] = [pieces[index] + pieces[index + 1]]
     return pieces
+
+
+def offline_chat_tokenizer(special_tokens: tuple[str, ...], chat_template: str, words: str = "",
+                           model_max_length: int = 2048, **roles: str):
+    """A byte-level BPE tokenizer of the Qwen/Mistral kind (GPT-2 byte alphabet, Qwen's
+    pre-tokenizer) with a chat template, built without any download.
+
+    Every byte is a token, so any text tokenizes; each word of ``words`` (the system prompts a
+    pipeline wraps around every prompt) also becomes one token, with and without its leading
+    space, so a wrapped prompt costs about as many tokens as with the real vocabulary.
+    ``special_tokens`` are added whole; ``roles`` names the bos/eos/pad/unk tokens among them.
+    The tokenizer round-trips through ``save_pretrained``/``from_pretrained``.
+    """
+    import re
+
+    from transformers import Qwen2Tokenizer
+
+    vocab = {char: index for index, char in enumerate(_byte_level_chars())}
+    merges: dict[tuple[str, str], int] = {}
+    for word in dict.fromkeys(re.findall(r"[A-Za-z]+", words)):
+        for text in (word, " " + word):
+            _merge_into_one_token(_byte_level_text(text), vocab, merges)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=list(merges),
+                               model_max_length=model_max_length,
+                               **{"unk_token": None, "bos_token": None, **roles})
+    tokenizer.add_special_tokens({"additional_special_tokens": [t for t in special_tokens
+                                                                if t not in roles.values()]})
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+# Qwen's chat format, written for the tiny tokenizers: turns between <|im_start|> and <|im_end|>; a
+# generation prompt opens the assistant's turn, with an empty reasoning block when thinking is off.
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}"
+    "{% endif %}")
+QWEN_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<think>", "</think>")
+
+
+def offline_qwen_tokenizer(words: str = ""):
+    """A Qwen2Tokenizer with Qwen's special tokens and chat format, built offline."""
+    return offline_chat_tokenizer(QWEN_SPECIAL_TOKENS, QWEN_CHAT_TEMPLATE, words=words,
+                                  eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+def qwen_text_config(tokenizer, layers: int, width: int) -> dict[str, Any]:
+    """A small Qwen2/Qwen3 language-model config that fits ``tokenizer``: one narrow attention head,
+    since the prompts of these pipelines are padded to hundreds of tokens."""
+    return {"vocab_size": len(tokenizer), "hidden_size": width, "intermediate_size": 2 * width,
+            "num_hidden_layers": layers, "num_attention_heads": 1, "num_key_value_heads": 1,
+            "head_dim": 8, "max_position_embeddings": 2048, "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id}
+
+
+def tiny_qwen3(layers: int, width: int = 16, causal_lm: bool = False):
+    """A Qwen tokenizer and a ``layers``-deep Qwen3 text model (``Qwen3ForCausalLM`` with
+    ``causal_lm``, else the bare ``Qwen3Model``), ``width`` wide."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
+
+    tokenizer = offline_qwen_tokenizer()
+    config = Qwen3Config(**qwen_text_config(tokenizer, layers, width))
+    return tokenizer, (Qwen3ForCausalLM if causal_lm else Qwen3Model)(config)
 
 
 def offline_t5_tokenizer(model_max_length: int = 512):

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import DifftuneError
-from ..families import family_of
+from ..families import ModelFamily, family_of
 
 FLOW_PREDICTION = "flow_prediction"
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", FLOW_PREDICTION)
@@ -80,7 +80,8 @@ def one_step_scheduler(scheduler: Any) -> Any:
     whose one step runs from σ = 1 to 0. The given scheduler is not changed.
     """
     if is_flow_matching(scheduler):
-        return type(scheduler).from_config(scheduler.config)
+        # (a terminal stretch, Qwen-Image's shift_terminal, divides by zero at one step: σ = 1 → 0 needs none)
+        return type(scheduler).from_config(scheduler.config, shift_terminal=None)
     from diffusers import DDIMScheduler
 
     prediction_type = scheduler.config.get("prediction_type", "epsilon")
@@ -136,24 +137,17 @@ def to_pipeline_latents(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
 
 def from_pipeline_latents(pipe: Any, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """The pipeline's ``output_type="latent"`` result as (B, C, h, w) (Flux unpacks its tokens)."""
-    return family_of(pipe).unpack_latents(latents, height, width, pipe.vae_scale_factor)
+    return family_of(pipe).unpack_latents(latents, height, width, pipe.vae_scale_factor, vae=pipe.vae)
 
 
-def decode_latents(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
-    """VAE-decode latents to pixels in about [-1, 1], undoing the latent scaling as pipelines do.
+def decode_latents(vae: nn.Module, latents: torch.Tensor,
+                   family: type[ModelFamily] = ModelFamily) -> torch.Tensor:
+    """VAE-decode latents to pixels in about [-1, 1], undoing the latent scaling as the family's
+    pipelines do (`ModelFamily.decode_latents`; the default: shift and scaling factors).
 
     Differentiable (HiPA's pixel losses back-propagate through the frozen decoder).
     """
-    cfg = vae.config
-    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
-    latents = latents.to(vae.dtype)
-    if mean is not None and std is not None:
-        mean = torch.tensor(mean, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(std, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
-        latents = latents * std / cfg.scaling_factor + mean
-    else:
-        latents = latents / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
-    return vae.decode(latents, return_dict=False)[0]
+    return family.decode_latents(vae, latents)
 
 
 def generate_one_step(pipe: Any, prompt: str | list[str], guidance_scale: float | None = None,
@@ -166,7 +160,7 @@ def generate_one_step(pipe: Any, prompt: str | list[str], guidance_scale: float 
     afterwards. The student is trained without classifier-free guidance, so by default
     (``None``) the guidance scale is 1.0: one denoiser call per image. On a family whose
     guidance is an embedding (Flux) the guidance scale is that embedding's value instead, and
-    ``None`` keeps the pipeline's default (3.5, what the trainer's Flux family embeds). Other
+    ``None`` is the value the trainer's family embeds (3.5 on FLUX.1 and FLUX.2 dev). Other
     keyword arguments (``height``, ``width``, ``generator``, ``latents`` (B, C, h, w; packed
     here for Flux), ``output_type``, ...) go to the pipeline. The same thing by hand, for SD / SDXL::
 
@@ -179,13 +173,17 @@ def generate_one_step(pipe: Any, prompt: str | list[str], guidance_scale: float 
     if "num_inference_steps" in kwargs or "timesteps" in kwargs or "sigmas" in kwargs:
         raise DifftuneError("generate_one_step: the number of steps is fixed at 1; "
                             "do not pass num_inference_steps, timesteps or sigmas")
-    if guidance_scale is not None or not family_of(pipe).embedded_guidance:
-        kwargs["guidance_scale"] = 1.0 if guidance_scale is None else guidance_scale
+    family = family_of(pipe)
+    if family.embedded_guidance:  # the embedding's value; None: the one the trainer embeds
+        default = family.option_defaults.get("guidance_scale")
+        kwargs["guidance_scale"] = default if guidance_scale is None else guidance_scale
+    else:
+        kwargs.update(family.guidance_kwargs(1.0 if guidance_scale is None else guidance_scale))
     if kwargs.get("latents") is not None:
         kwargs["latents"] = to_pipeline_latents(pipe, kwargs["latents"])
     original = pipe.scheduler
     pipe.scheduler = one_step_scheduler(original)
     try:
-        return pipe(prompt, num_inference_steps=1, **kwargs)
+        return pipe(prompt=prompt, num_inference_steps=1, **kwargs)
     finally:
         pipe.scheduler = original

@@ -267,20 +267,23 @@ def generate_teacher_samples(
                           for e in batch]
             with torch.no_grad():
                 # no negative prompt where guidance is an embedding's value (Flux: sampled without CFG)
-                negative = ({} if family_of(pipe).embedded_guidance or settings.guidance_scale <= 1 else
-                            {"negative_prompt": [settings.negative_prompt] * len(batch)})
+                family = family_of(pipe)
+                guided = not family.embedded_guidance and settings.guidance_scale > 1
+                negative = {"negative_prompt": [settings.negative_prompt] * len(batch)} if guided else {}
+                guidance = ({"guidance_scale": settings.guidance_scale} if family.embedded_guidance
+                            else family.guidance_kwargs(settings.guidance_scale))
                 latents = pipe(
                     prompt=[e["prompt"] for e in batch],
                     **negative,
+                    **guidance,
                     num_inference_steps=settings.num_inference_steps,
-                    guidance_scale=settings.guidance_scale,
                     height=height, width=width,
                     latents=to_pipeline_latents(pipe, noise.to(pipe.device, denoiser.dtype)),
                     generator=generators,
                     output_type="latent",
                 ).images
                 latents = from_pipeline_latents(pipe, latents, height, width)
-                images = decode_latents(pipe.vae, latents).clamp(-1, 1)
+                images = decode_latents(pipe.vae, latents, family).clamp(-1, 1)
             for entry, z, x0, image in zip(batch, noise, latents, images, strict=True):
                 _write_sample(cache, entry["index"], z, x0, image)
                 progress.update(1)

@@ -85,6 +85,6 @@ def one_step_loss(family: ModelFamily, model: nn.Module, step: OneStepTimestep, 
                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """``(loss, terms, decoded x̂0)`` of the student on one batch; differentiable through the decoder."""
     x0 = predict_x0_with_family(family, model, step, batch)
-    pixels = decode_latents(vae if vae is not None else family.pipeline.vae, x0).float()
+    pixels = decode_latents(vae if vae is not None else family.pipeline.vae, x0, type(family)).float()
     loss, terms = loss_fn(pixels, batch.target)
     return loss, terms, pixels

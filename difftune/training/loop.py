@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .. import machine
 from ..api import AdapterSpec, count_trainable_parameters, get_adapter, load_adapter, trainable_parameters
 from ..errors import DifftuneError
-from ..families import check_capability, get_family
+from ..families import check_capability, denoiser_components, expert_components, get_family
 from ..io import check_output_dir
 from ..locking import lock_output_dir, release_all
 from ..model_factory import build_denoiser_on_meta
@@ -206,10 +206,11 @@ def resolve_seed(seed: int | None, resume_state: dict | None) -> int:
 
 
 def load_base_pipeline(model: ModelSettings, dtype: torch.dtype, device: torch.device,
-                       adapter_path: Path | None = None):
+                       adapter_path: Path | None = None, offload: bool = False):
     """The base pipeline in ``dtype`` on ``device`` with an fp32 VAE (fp16 VAEs give NaN latents
     and black images) and no progress bars. With ``adapter_path``: the saved adapter loaded and
-    ``--prediction_type`` set on the scheduler, so samples come from the file users get."""
+    ``--prediction_type`` set on the scheduler, so samples come from the file users get. With
+    ``offload`` only the denoisers go to ``device`` (``--offload``)."""
     from ..model_factory import load_pipeline
 
     pipeline = load_pipeline(model.pretrained_model_name_or_path, torch_dtype=dtype,
@@ -220,17 +221,23 @@ def load_base_pipeline(model: ModelSettings, dtype: torch.dtype, device: torch.d
         if model.prediction_type:
             pipeline.scheduler.register_to_config(prediction_type=model.prediction_type)
         load_adapter(pipeline, adapter_path)
-    pipeline.to(device)
+    if offload:  # the denoisers alone (both experts of a two-expert model); the rest stays on the CPU
+        for name in (*denoiser_components(), *expert_components()):
+            if isinstance(getattr(pipeline, name, None), nn.Module):
+                getattr(pipeline, name).to(device)
+    else:
+        pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
 
-def load_training_model(model: ModelSettings, loss_options: Any, dtype: torch.dtype, device: torch.device):
+def load_training_model(model: ModelSettings, loss_options: Any, dtype: torch.dtype, device: torch.device,
+                        offload: bool = False):
     """The base pipeline and its family bound for training (noise process, loss options), the VAE
-    and text encoders frozen; returns (pipeline, family)."""
+    and text encoders frozen (left on the CPU with ``offload``); returns (pipeline, family)."""
     from ..families import training_family
 
-    pipeline = load_base_pipeline(model, dtype, device)
+    pipeline = load_base_pipeline(model, dtype, device, offload=offload)
     family = training_family(pipeline, device, loss_options)
     for frozen in (pipeline.vae, *family.text_encoders):
         frozen.requires_grad_(False)

@@ -81,6 +81,13 @@ DATASET_PRESETS: dict[str, dict[str, Any]] = {
     "flux": _style_preset("flux", "black-forest-labs/FLUX.1-dev", 1024, 1, 3000, gradient_checkpointing=True),
     "pixart": _style_preset("pixart", "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", 1024, 2, 3000,
                             gradient_checkpointing=True),
+    "flux2": _style_preset("flux2", "black-forest-labs/FLUX.2-dev", 1024, 1, 3000,
+                           gradient_checkpointing=True),
+    "flux2-klein": _style_preset("flux2-klein", "black-forest-labs/FLUX.2-klein-4B", 1024, 1, 3000,
+                                 gradient_checkpointing=True),
+    "qwen-image": _style_preset("qwen-image", "Qwen/Qwen-Image", 1024, 1, 3000, gradient_checkpointing=True),
+    "z-image": _style_preset("z-image", "Tongyi-MAI/Z-Image-Turbo", 1024, 1, 3000,
+                             gradient_checkpointing=True),
 }
 
 

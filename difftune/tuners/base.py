@@ -260,6 +260,12 @@ class Adapter(ABC):
         return None
 
     @classmethod
+    def frozen_buffer_bytes(cls, layers: list[nn.Linear], trainable: int) -> int:
+        """Bytes the method keeps beside the base weights besides its trainable values, when it trains
+        ``trainable`` values on ``layers`` (`difftune.memory`'s estimate; none for most methods)."""
+        return 0
+
+    @classmethod
     def exact_lora_refusal(cls, config: Mapping[str, Any]) -> str | None:
         """Why an adapter of this method with ``config`` (its options) has no exact LoRA form for other
         tools' LoRA files; None when `lora_factors` gives one. An export then extracts one by SVD."""

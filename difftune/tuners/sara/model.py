@@ -96,6 +96,11 @@ class SaraAdapter(Adapter):
         tensors = targeted_tensors(model, modules, config.include_bias_norm)
         return budget_to_count(config.budget, sum(t.numel() for t in tensors.values()))
 
+    @classmethod
+    def frozen_buffer_bytes(cls, layers: list[nn.Linear], trainable: int) -> int:
+        """The int32 index of the selected entries."""
+        return 4 * trainable
+
     def attach(self, modules: dict[str, nn.Module]) -> None:
         cfg = self.config
         tensors = targeted_tensors(self.model, modules, cfg.include_bias_norm)

@@ -44,6 +44,11 @@ class SVFitAdapter(WrappingLayerAdapter):
     quantized_base_refusal = ("svfit needs the dense base weight (SVFit splits it by its SVD): use "
                               "--mixed_precision bf16 instead")
 
+    @classmethod
+    def frozen_buffer_bytes(cls, layers: list[nn.Linear], trainable: int) -> int:
+        """U_r and V_r in bf16, r·(out + in) per layer, at full rank (an upper bound for the energy rule)."""
+        return sum(2 * min(m.weight.shape) * sum(m.weight.shape) for m in layers)
+
     def attach(self, modules: dict[str, nn.Module]) -> None:
         self._wrap(modules, {})
 
