@@ -699,7 +699,7 @@ def write_report(suite: StyleSuite, rows: list[Row], budgets: dict[str, Any], se
     args = suite.args
     steps = args.checkpoint_steps
     table_rows = [{"row": "base", "step": 0, **(aggregate(suite, "base", 0, None) or {})}]
-    run_rows = []
+    run_rows = [cell_row("base", style, seed, 0, cell) for style, seed, cell, _ in cells(suite, "base", 0)]
     for row in rows:
         for step in steps:
             baseline = None if row.name == row.baseline else row.baseline
@@ -710,10 +710,8 @@ def write_report(suite: StyleSuite, rows: list[Row], budgets: dict[str, Any], se
                            "trainable_parameters": budgets.get(row.name, {}).get("trainable_parameters"),
                            "learning_rate": selection.get(row.method.name, {}).get("rate")})
             table_rows.append(result)
-            for style, seed, cell, _ in cells(suite, row.name, step):
-                run_rows.append({"row": row.name, "style": style, "seed": seed, "step": step,
-                                 **{m: (float(sum(v) / len(v)) if isinstance(v, list) else v)
-                                    for m, v in cell.items() if m in METRICS}})
+            run_rows += [cell_row(row.name, style, seed, step, cell)
+                         for style, seed, cell, _ in cells(suite, row.name, step)]
     last = [r for r in table_rows if r["step"] == steps[-1] and "fid_heldout" in r
             and (r.get("level") in (MATCHED, None))]
     group = [r["row"] for r in last]
@@ -755,6 +753,13 @@ def write_report(suite: StyleSuite, rows: list[Row], budgets: dict[str, Any], se
             image.save(args.report_dir / "images" / f"style_benchmark_embedded_{name}")
     print(table)
     return report
+
+
+def cell_row(row: str, style: str, seed: int, step: int, cell: dict[str, Any]) -> dict[str, Any]:
+    """One scored cell as a row of the report: each metric's value (a per-prompt list: its mean)."""
+    return {"row": row, "style": style, "seed": seed, "step": step,
+            **{m: (float(sum(v) / len(v)) if isinstance(v, list) else v)
+               for m, v in cell.items() if m in METRICS}}
 
 
 def _cell(entry: dict[str, Any] | None, digits: int = 1) -> str:

@@ -73,8 +73,9 @@ def test_the_grid_scores_every_cell_and_reports_intervals(suite_module, in_proce
     rows = report["rows"]
     matched, curve = {"lora@20M", "sara@20M", "full_ft"}, {"lora@5M", "sara@5M"}
     expected = {(n, s, k) for n in matched for s in ("rose", "neon") for k in (1, 2)}
-    assert {(r["row"], r["style"], r["step"]) for r in rows} == expected | {(n, s, 2) for n in curve
-                                                                            for s in ("rose", "neon")}
+    expected |= {(n, s, 2) for n in curve for s in ("rose", "neon")}
+    expected |= {("base", s, 0) for s in ("rose", "neon")}
+    assert {(r["row"], r["style"], r["step"]) for r in rows} == expected
     assert not (out / "scores/rose/seed0/lora@5M/step1.json").exists()
     cell = json.loads((out / "scores/neon/seed0/sara@20M/step2.json").read_text())
     features = torch.load(out / "scores/neon/seed0/sara@20M/step2.pt", weights_only=True)
@@ -143,7 +144,7 @@ def test_an_interrupted_grid_continues_where_it_stopped(suite_module, in_process
                  "--styles", "rose")
     assert len(in_process_trainer) == first  # the trained run was not trained again
     assert (scored / "step1.json").stat().st_mtime_ns == before  # nor the scored checkpoint rescored
-    assert {(r["row"], r["step"]) for r in report["rows"]} == {("lora@20M", 1), ("lora@20M", 2)}
+    assert {(r["row"], r["step"]) for r in report["rows"]} == {("base", 0), ("lora@20M", 1), ("lora@20M", 2)}
 
 
 def test_bad_flags_are_refused(suite_module, tmp_path):
