@@ -59,36 +59,37 @@ ONE_STEP_RECIPES: dict[str, dict[str, dict[str, Any]]] = {
 Recipes = dict[str, dict[str, dict[str, Any]]]
 
 
-# --preset of the dataset trainer: one real checkpoint per trainable model family with that family's
-# usual resolution and learning rate, so one command trains a style folder on a GPU. The schedule,
-# batch and step count are SaRA's style protocol (cosine, batch 4, 5000 steps at 512 px) scaled down
-# for the larger models; starting points, not measured optima. "family" names the family the
-# checkpoint belongs to (the tests run every preset on that family's tiny model).
-def _style_preset(family: str, model: str, resolution: int, batch: int, steps: int, **flags: Any) -> dict:
+# --preset of the dataset trainer: one real checkpoint per trainable image model family with that
+# family's usual resolution and learning rate, so one command trains a style folder on a GPU. The
+# schedule, batch and step count are SaRA's style protocol (cosine, batch 4, 5000 steps at 512 px)
+# scaled down for the larger models; starting points, not measured optima. "family" names the family
+# the checkpoint belongs to (the tests run every preset on that family's tiny model).
+# name: (family, checkpoint, resolution, batch, steps)
+STYLE_PRESET_MODELS: dict[str, tuple[str, str, int, int, int]] = {
+    "sd15": ("sd", "stable-diffusion-v1-5/stable-diffusion-v1-5", 512, 4, 5000),
+    "sdxl": ("sdxl", "stabilityai/stable-diffusion-xl-base-1.0", 1024, 4, 3000),
+    "sd3": ("sd3", "stabilityai/stable-diffusion-3.5-medium", 1024, 2, 3000),
+    "flux": ("flux", "black-forest-labs/FLUX.1-dev", 1024, 1, 3000),
+    "pixart": ("pixart", "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", 1024, 2, 3000),
+    "flux2": ("flux2", "black-forest-labs/FLUX.2-dev", 1024, 1, 3000),
+    "flux2-klein": ("flux2-klein", "black-forest-labs/FLUX.2-klein-4B", 1024, 1, 3000),
+    "qwen-image": ("qwen-image", "Qwen/Qwen-Image", 1024, 1, 3000),
+    "z-image": ("z-image", "Tongyi-MAI/Z-Image-Turbo", 1024, 1, 3000),
+}
+
+
+def _style_preset(family: str, model: str, resolution: int, batch: int, steps: int) -> dict[str, Any]:
+    """The flags of one preset: gradient checkpointing above 512 px."""
     return {"family": family, "pretrained_model_name_or_path": model, "resolution": resolution,
             "learning_rate": 1e-4, "train_batch_size": batch, "max_train_steps": steps,
             "enable_bucket": True, "random_flip": True, "caption_dropout": 0.05, "lr_scheduler": "cosine",
             "lr_warmup_steps": 100, "mixed_precision": "bf16", "checkpointing_steps": 500,
-            "checkpoints_total_limit": 3, "validation_steps": 500, **flags}
+            "checkpoints_total_limit": 3, "validation_steps": 500,
+            **({"gradient_checkpointing": True} if resolution > 512 else {})}
 
 
-DATASET_PRESETS: dict[str, dict[str, Any]] = {
-    "sd15": _style_preset("sd", "stable-diffusion-v1-5/stable-diffusion-v1-5", 512, 4, 5000),
-    "sdxl": _style_preset("sdxl", "stabilityai/stable-diffusion-xl-base-1.0", 1024, 4, 3000,
-                          gradient_checkpointing=True),
-    "sd3": _style_preset("sd3", "stabilityai/stable-diffusion-3.5-medium", 1024, 2, 3000,
-                         gradient_checkpointing=True),
-    "flux": _style_preset("flux", "black-forest-labs/FLUX.1-dev", 1024, 1, 3000, gradient_checkpointing=True),
-    "pixart": _style_preset("pixart", "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", 1024, 2, 3000,
-                            gradient_checkpointing=True),
-    "flux2": _style_preset("flux2", "black-forest-labs/FLUX.2-dev", 1024, 1, 3000,
-                           gradient_checkpointing=True),
-    "flux2-klein": _style_preset("flux2-klein", "black-forest-labs/FLUX.2-klein-4B", 1024, 1, 3000,
-                                 gradient_checkpointing=True),
-    "qwen-image": _style_preset("qwen-image", "Qwen/Qwen-Image", 1024, 1, 3000, gradient_checkpointing=True),
-    "z-image": _style_preset("z-image", "Tongyi-MAI/Z-Image-Turbo", 1024, 1, 3000,
-                             gradient_checkpointing=True),
-}
+DATASET_PRESETS: dict[str, dict[str, Any]] = {name: _style_preset(*row)
+                                              for name, row in STYLE_PRESET_MODELS.items()}
 
 
 def add_preset_argument(parser: argparse.ArgumentParser) -> None:
