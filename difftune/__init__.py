@@ -2,6 +2,8 @@
 
     import difftune
     adapter = difftune.add_adapter(pipe.unet, "lora", targets="attn", rank=4)
+    ...several named adapters of any methods: add_adapter(..., name=), load_adapter(..., adapter_name=),
+    set_adapters(pipe, ["style", "subject"], [0.8, 1.0])...
     ...train difftune.trainable_parameters(pipe.unet)...
     difftune.save_adapter(pipe.unet, "out/adapter.safetensors")
     difftune.load_adapter(fresh_pipe, "out/adapter.safetensors", scale=1.0)
@@ -14,13 +16,18 @@ silence_third_party_noise()  # before diffusers and transformers are imported: s
 
 from .api import (  # noqa: E402
     AdapterSpec,
+    active_adapters,
     adapted_text_encoders,
     add_adapter,
     check_adapter,
     count_trainable_parameters,
+    delete_adapter,
+    disable_adapters,
+    enable_adapters,
     find_denoiser,
     get_adapter,
     has_adapter,
+    list_adapters,
     load_adapter,
     merge_adapter,
     named_trainable_parameters,
@@ -28,6 +35,7 @@ from .api import (  # noqa: E402
     remove_adapter,
     save_adapter,
     set_adapter_scale,
+    set_adapters,
     trainable_parameters,
     unmerge_adapter,
 )
@@ -42,15 +50,20 @@ __all__ = [
     "DifftuneError",
     "TargetError",
     "__version__",
+    "active_adapters",
     "adapted_text_encoders",
     "add_adapter",
     "check_adapter",
     "count_trainable_parameters",
+    "delete_adapter",
+    "disable_adapters",
+    "enable_adapters",
     "export_adapter",
     "find_denoiser",
     "format_parameter_table",
     "get_adapter",
     "has_adapter",
+    "list_adapters",
     "load_adapter",
     "merge_adapter",
     "named_trainable_parameters",
@@ -60,6 +73,7 @@ __all__ = [
     "remove_adapter",
     "save_adapter",
     "set_adapter_scale",
+    "set_adapters",
     "trainable_parameters",
     "unmerge_adapter",
 ]

@@ -1,8 +1,12 @@
-"""The public adapter API: attach, train, save, load, scale, merge, remove.
+"""The public adapter API: attach, train, save, load, scale, switch, merge, remove.
 
 Every function takes a denoiser (any ``nn.Module``); the ones that users call on
 pipelines (`load_adapter`, `add_adapter`) also accept a diffusers pipeline and act on
-its ``unet`` or ``transformer``. The attached adapter is kept on the module itself.
+its ``unet`` or ``transformer``. The attached adapters are kept on the module itself.
+
+A module holds any number of named adapters of any mix of methods (`difftune.adapter_set`): the
+model computes W0 + Σ wᵢ·ΔWᵢ over the active ones, wᵢ each one's scale. An adapter attached without a
+name is called ``default``, so code written for one adapter per model works as it did.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 
 from torch import nn
 
+from . import adapter_set
 from .adapter_file import (
     DEFAULT_FILE_NAME,
     AdapterFile,
@@ -34,9 +39,10 @@ from .lora_import import is_foreign_file, read_foreign_lora
 from .targeting import resolve_targets
 from .tokens import prepare_token_loading
 from .tuners import Adapter, AdapterConfig, get_method
+from .tuners.base import DEFAULT_ADAPTER_NAME
 
-_ADAPTER_ATTRIBUTE = "_difftune_adapter"
 _COMPONENT_ATTRIBUTE = "_difftune_component"
+AdapterNames = str | Sequence[str]
 
 
 def find_denoiser(obj: Any) -> tuple[nn.Module, str]:
@@ -48,7 +54,7 @@ def find_denoiser(obj: Any) -> tuple[nn.Module, str]:
         present = [(getattr(obj, name), name) for name in (*denoiser_components(), *expert_components())
                    if isinstance(getattr(obj, name, None), nn.Module)]
         for denoiser, component in present:
-            if denoiser.__dict__.get(_ADAPTER_ATTRIBUTE) is not None:
+            if adapter_set.adapters_on(denoiser):
                 return denoiser, component
         if present:
             return present[0]
@@ -80,18 +86,40 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def get_adapter(model: Any) -> Adapter:
-    """The adapter attached to a model or pipeline; a clear error when there is none."""
+def get_adapter(model: Any, name: str | None = None) -> Adapter:
+    """The adapter called ``name`` on a model or pipeline's denoiser; without a name, the ``default`` one
+    or the only one. A clear error when there is none."""
     denoiser, _ = find_denoiser(model)
-    adapter = denoiser.__dict__.get(_ADAPTER_ATTRIBUTE)
-    if adapter is None:
+    adapters = adapter_set.adapters_on(denoiser)
+    if not adapters:
         raise DifftuneError(f"no difftune adapter is attached to this {type(denoiser).__name__}")
-    return adapter
+    if name is None:
+        if DEFAULT_ADAPTER_NAME in adapters or len(adapters) == 1:
+            return adapters.get(DEFAULT_ADAPTER_NAME) or next(iter(adapters.values()))
+        raise DifftuneError(f"this {type(denoiser).__name__} holds several adapters "
+                            f"({', '.join(adapters)}): name one")
+    if name not in adapters:
+        raise DifftuneError(f"no adapter named '{name}' on this {type(denoiser).__name__} "
+                            f"(attached: {', '.join(adapters)})")
+    return adapters[name]
 
 
-def has_adapter(model: Any) -> bool:
+def has_adapter(model: Any, name: str | None = None) -> bool:
+    """Whether the denoiser holds any adapter (with ``name``: one of that name)."""
     denoiser, _ = find_denoiser(model)
-    return denoiser.__dict__.get(_ADAPTER_ATTRIBUTE) is not None
+    adapters = adapter_set.adapters_on(denoiser)
+    return bool(adapters) if name is None else name in adapters
+
+
+def list_adapters(model: Any) -> list[str]:
+    """The names of the denoiser's adapters, in the order they were attached."""
+    return list(adapter_set.adapters_on(find_denoiser(model)[0]))
+
+
+def active_adapters(model: Any) -> list[str]:
+    """The names of the denoiser's adapters the model uses now (`set_adapters`, `disable_adapters`)."""
+    return [name for name, adapter in adapter_set.adapters_on(find_denoiser(model)[0]).items()
+            if adapter.active]
 
 
 def adapted_text_encoders(pipeline: Any) -> dict[str, nn.Module]:
@@ -124,40 +152,54 @@ def _adapted_modules(model: Any) -> list[nn.Module]:
 
 
 def add_adapter(
-    model: Any, method: str = "lora", targets: str | Sequence[str] | None = None, **options: Any
+    model: Any, method: str = "lora", targets: str | Sequence[str] | None = None, name: str | None = None,
+    **options: Any
 ) -> Adapter:
-    """Attach a new adapter; only its parameters stay trainable. Returns the adapter.
+    """Attach a new adapter; only its parameters train (with the other adapters' as they were).
+    Returns the adapter.
 
     ``targets`` is a preset (attn, attn-ff, conv, all), a regex on module names, or a
     list of them; it defaults to the method's own default. ``options`` are the method's
-    (for LoRA: rank, alpha, dropout, init, use_dora).
+    (for LoRA: rank, alpha, dropout, init, use_dora). ``name`` (default ``default``) tells it apart
+    from other adapters on the same model, of any method, on the same layers or others.
     """
-    return AdapterSpec(method, targets, options).attach(model)
+    return AdapterSpec(method, targets, options).attach(model, name)
 
 
-def _refuse_second_adapter(model: nn.Module) -> None:
-    if has_adapter(model):
-        raise DifftuneError(f"a '{get_adapter(model).method}' adapter is already attached; "
-                            "call difftune.remove_adapter() or merge_adapter() first")
+def _refuse_taken_name(model: nn.Module, name: str) -> None:
+    adapters = adapter_set.adapters_on(model)
+    if name in adapters:
+        called = "" if name == DEFAULT_ADAPTER_NAME else f" as '{name}'"
+        raise DifftuneError(f"a '{adapters[name].method}' adapter is already attached{called}; "
+                            "call difftune.remove_adapter() or merge_adapter() first, or give the new one "
+                            "another name (name=... / adapter_name=...)")
+    if adapter_set.is_merged_set(model) or any(adapter.merged for adapter in adapters.values()):
+        raise DifftuneError("the attached adapters are merged: call difftune.unmerge_adapter() before "
+                            "attaching another")
 
 
-def _install(denoiser: nn.Module, adapter: Adapter, attach: Any) -> Adapter:
-    """Freeze the model, ``attach(adapter)``, and keep the adapter on the model; on any failure the
-    model is left as it was (a partial attach undone, the requires_grad flags restored)."""
+def _install(denoiser: nn.Module, adapter: Adapter, attach: Any, name: str) -> Adapter:
+    """Freeze the model but the other adapters' trainable tensors, ``attach(adapter)`` as ``name``, and
+    keep the adapter on the model; on any failure the model is left as it was (a partial attach
+    undone, the requires_grad flags restored)."""
+    adapter.name = name
     base_fingerprint = fingerprint(denoiser, adapter.target_names)
-    requires_grad_before = {name: p.requires_grad for name, p in denoiser.named_parameters()}
+    requires_grad_before = [(p, p.requires_grad) for p in denoiser.parameters()]
+    others = [p for each in adapter_set.adapters_on(denoiser).values()
+              for _, p in each.named_trainable_parameters() if p.requires_grad]
     denoiser.requires_grad_(False)
     try:
         attach(adapter)
     except BaseException:
         with contextlib.suppress(Exception):
             adapter._detach()
-        for name, param in denoiser.named_parameters():
-            param.requires_grad_(requires_grad_before.get(name, param.requires_grad))
+        for param, flag in requires_grad_before:
+            param.requires_grad_(flag)
         raise
+    for param in others:
+        param.requires_grad_(True)
     adapter.base_fingerprint = base_fingerprint
-    adapter.requires_grad_before = requires_grad_before
-    denoiser.__dict__[_ADAPTER_ATTRIBUTE] = adapter
+    adapter_set.register(denoiser, adapter, requires_grad_before)
     return adapter
 
 
@@ -239,18 +281,23 @@ class AdapterSpec:
             return None
         return sum(param.numel() for _, param in adapter.named_trainable_parameters())
 
-    def attach(self, model: Any) -> Adapter:
-        """Attach a new adapter to ``model`` (see `add_adapter`); the model is left as it was on failure."""
+    def attach(self, model: Any, name: str | None = None) -> Adapter:
+        """Attach a new adapter to ``model`` as ``name`` (see `add_adapter`); the model is left as it was
+        on failure."""
         denoiser, _ = find_denoiser(model)
-        _refuse_second_adapter(denoiser)
+        name = name or DEFAULT_ADAPTER_NAME
+        _refuse_taken_name(denoiser, name)
         modules = self.check(denoiser)
         adapter = self.adapter_class(denoiser, self.config, modules)
-        return _install(denoiser, adapter, lambda each: each.attach(modules))
+        return _install(denoiser, adapter, lambda each: each.attach(modules), name)
 
 
 def named_trainable_parameters(model: Any) -> list[tuple[str, nn.Parameter]]:
-    """``(name, parameter)`` for every trainable adapter parameter."""
-    return list(get_adapter(model).named_trainable_parameters())
+    """``(name, parameter)`` for every trainable adapter parameter (of every adapter not frozen)."""
+    denoiser, _ = find_denoiser(model)
+    _require_adapters(denoiser)
+    return [pair for adapter in adapter_set.adapters_on(denoiser).values() if not adapter.frozen
+            for pair in adapter.named_trainable_parameters()]
 
 
 def trainable_parameters(model: Any) -> list[nn.Parameter]:
@@ -264,7 +311,7 @@ def count_trainable_parameters(model: Any) -> int:
 
 def save_adapter(model: Any, path: str | os.PathLike, base_model: str | None = None,
                  text_encoders: Mapping[str, nn.Module] | None = None,
-                 token_embeddings: TokenEmbeddings | None = None) -> Path:
+                 token_embeddings: TokenEmbeddings | None = None, name: str | None = None) -> Path:
     """Write the adapter to ``path`` (a ``.safetensors`` file, or a folder for adapter.safetensors).
 
     The header records method, config, targets, the base-model fingerprint and the
@@ -273,20 +320,23 @@ def save_adapter(model: Any, path: str | os.PathLike, base_model: str | None = N
     ``text_encoders={"text_encoder": module}`` with a bare denoiser. Further adapted denoisers (experts:
     ``transformer_2``) go into the same file too, found the same way or among ``text_encoders``.
     ``token_embeddings`` adds new tokens' embeddings (pivotal tuning, difftune.training.pivotal;
-    `difftune.tokens`). The write is atomic.
+    `difftune.tokens`). The write is atomic. ``name`` picks one of several adapters (default:
+    ``default``, or the only one); the text encoders' and experts' adapters of the same name go with it.
     """
     denoiser, component = find_denoiser(model)
-    adapter = get_adapter(denoiser)
+    adapter = get_adapter(denoiser, name)
     if text_encoders is None:
         encoders = {**adapted_text_encoders(model), **adapted_experts(model)}
     else:
         encoders = dict(text_encoders)
+    encoders = {part: encoder for part, encoder in encoders.items() if has_adapter(encoder, adapter.name)}
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path / DEFAULT_FILE_NAME
     if base_model is None:
         base_model = getattr(getattr(denoiser, "config", None), "_name_or_path", None)
-    adapters = {component: adapter, **{name: get_adapter(encoder) for name, encoder in encoders.items()}}
+    adapters = {component: adapter,
+                **{part: get_adapter(encoder, adapter.name) for part, encoder in encoders.items()}}
     headers = _merge_headers([each.extra_header(name) for name, each in adapters.items()])
     file = AdapterFile(component=component, base_model=base_model, extra_header=headers,
                        sections={name: each.file_section() for name, each in adapters.items()},
@@ -317,6 +367,7 @@ def load_adapter(
     pipeline_or_model: Any,
     path: str | os.PathLike | Sequence[str | os.PathLike],
     scale: float | Sequence[float] = 1.0,
+    adapter_name: str | None = None,
 ) -> Adapter:
     """Attach the adapter stored at ``path`` to a pipeline's denoiser (or a model).
 
@@ -331,7 +382,11 @@ def load_adapter(
     A LoRA file made by another tool (kohya / A1111 / ComfyUI / diffusers / peft layout) is
     read through diffusers' own key converters as a difftune LoRA file (`difftune.lora_import`) and
     attached like one; a file with a key that maps to no module is refused whole.
+
+    ``adapter_name`` (default ``default``) attaches it beside adapters already there (of any method),
+    as diffusers' ``load_lora_weights(..., adapter_name=)`` does; `set_adapters` then weighs them.
     """
+    adapter_name = adapter_name or DEFAULT_ADAPTER_NAME
     single = isinstance(path, (str, os.PathLike))
     paths = [path] if single else list(path)
     if not paths:
@@ -366,22 +421,25 @@ def load_adapter(
         adapter_class, section, source, scale = _combine(files, scale)
         _, config = _file_config(section, source, adapter_class=adapter_class)
 
+    for module in (denoiser, *(encoder for encoder, *_ in encoders.values())):
+        _refuse_taken_name(module, adapter_name)
     attached: list[nn.Module] = []
     try:
-        adapter = _attach_from_file(denoiser, adapter_class, config, section, source)
+        adapter = _attach_from_file(denoiser, adapter_class, config, section, source, adapter_name)
         attached.append(denoiser)
         for name, (encoder, each, encoder_class, encoder_config) in encoders.items():
-            _attach_from_file(encoder, encoder_class, encoder_config, each, f"{source} ({name})")
+            _attach_from_file(encoder, encoder_class, encoder_config, each, f"{source} ({name})",
+                              adapter_name)
             attached.append(encoder)
         if add_tokens is not None:
             add_tokens()
     except BaseException:
         for module in attached:
-            remove_adapter(module)
+            delete_adapter(module, adapter_name)
         raise
     if scale != 1.0:
         for module in attached:
-            get_adapter(module).set_scale(scale)
+            get_adapter(module, adapter_name).set_scale(scale)
     return adapter
 
 
@@ -435,59 +493,172 @@ def _text_encoder(pipeline: Any, name: str, source: str) -> nn.Module:
 
 
 def _attach_from_file(model: nn.Module, adapter_class: type[Adapter], config: AdapterConfig,
-                      section: AdapterSection, source: str) -> Adapter:
+                      section: AdapterSection, source: str, name: str = DEFAULT_ADAPTER_NAME) -> Adapter:
     """Attach one component's adapter as its file section holds it (`Adapter.attach_from_file`)."""
-    _refuse_second_adapter(model)
+    _refuse_taken_name(model, name)
     modules = resolve_targets(model, section.targets)
     adapter_class.check_targets(modules, config)
     adapter = adapter_class(model, config, modules)
-    return _install(model, adapter, lambda each: each.attach_from_file(modules, section, source))
+    return _install(model, adapter, lambda each: each.attach_from_file(modules, section, source), name)
 
 
-def set_adapter_scale(model: Any, scale: float) -> None:
-    """Strength at inference: W0 + scale·ΔW (0 gives the base model); text encoders too."""
+def _modules_holding(model: Any, name: str | None = None) -> list[nn.Module]:
+    """The denoiser and every adapted text encoder (with ``name``: those that hold an adapter of it)."""
+    return [module for module in _adapted_modules(model) if name is None or has_adapter(module, name)]
+
+
+def _selected(module: nn.Module, name: str | None) -> list[Adapter]:
+    adapters = adapter_set.adapters_on(module)
+    return list(adapters.values()) if name is None else [adapters[name]] if name in adapters else []
+
+
+@contextlib.contextmanager
+def _unmerged(module: nn.Module) -> Any:
+    """Run a change of weights or switches on the adapters as they compute unmerged, then merge the
+    set again if it was merged."""
+    merged = adapter_set.is_merged_set(module)
+    if merged:
+        adapter_set.unmerge_set(module)
+    yield
+    if merged and adapter_set.adapters_on(module):
+        adapter_set.merge_set(module, keep_original=True)
+
+
+def set_adapter_scale(model: Any, scale: float, name: str | None = None) -> None:
+    """Strength at inference: W0 + scale·ΔW (0 gives the base model); text encoders too. ``name``
+    picks one adapter; without it every adapter takes ``scale``."""
+    if name is not None:
+        get_adapter(model, name)  # a clear error when there is none of that name
+    for module in _modules_holding(model, name):
+        with _unmerged(module):
+            for adapter in _selected(module, name):
+                adapter.set_scale(scale)
+
+
+def _names(names: AdapterNames) -> list[str]:
+    return [names] if isinstance(names, str) else list(names)
+
+
+def set_adapters(model: Any, names: AdapterNames, weights: float | Sequence[float] | None = None) -> None:
+    """Use exactly the adapters ``names`` with ``weights`` (one each, or one for all; default 1): the
+    model computes W0 + Σ wᵢ·ΔWᵢ over them, the others switched off (kept, at no cost). As diffusers'
+    ``pipe.set_adapters``; a pipeline's text encoders follow by the same names. Nothing reloads."""
+    names = _names(names)
+    values = [1.0] * len(names) if weights is None else _names_weights(names, weights)
+    modules = _adapted_modules(model)
+    known = {name for module in modules for name in adapter_set.adapters_on(module)}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise DifftuneError(f"set_adapters: no adapter named {', '.join(map(repr, unknown))} "
+                            f"(attached: {', '.join(sorted(known)) or 'none'})")
+    chosen = dict(zip(names, values, strict=True))
+    for module in modules:
+        with _unmerged(module):
+            for name, adapter in adapter_set.adapters_on(module).items():
+                adapter._reapply(chosen.get(name, adapter.scale), name in chosen)
+
+
+def _names_weights(names: list[str], weights: float | Sequence[float]) -> list[float]:
+    if isinstance(weights, (int, float)):
+        return [float(weights)] * len(names)
+    values = [float(w) for w in weights]
+    if len(values) != len(names):
+        raise DifftuneError(f"set_adapters: {len(names)} names but {len(values)} weights")
+    return values
+
+
+def enable_adapters(model: Any) -> None:
+    """Switch every adapter on again, each at its scale."""
+    _switch(model, True)
+
+
+def disable_adapters(model: Any) -> None:
+    """Switch every adapter off: the model computes its base output bit for bit (the adapters stay)."""
+    _switch(model, False)
+
+
+def _require_adapters(model: Any) -> None:
+    """A clear error when the denoiser holds no adapter."""
+    if not list_adapters(model):
+        get_adapter(model)
+
+
+def _switch(model: Any, active: bool) -> None:
+    _require_adapters(model)
     for module in _adapted_modules(model):
-        get_adapter(module).set_scale(scale)
+        with _unmerged(module):
+            for adapter in adapter_set.adapters_on(module).values():
+                adapter.set_active(active)
 
 
 def merge_adapter(model: Any, unload: bool = True) -> nn.Module:
-    """Fold the adapter into plain weights (same outputs, no extra cost).
+    """Fold the active adapters into plain weights, W0 + Σ wᵢ·ΔWᵢ (same outputs, no extra cost).
 
-    With ``unload=True`` (default) the adapter is removed for good and the model holds
-    plain modules. With ``unload=False`` it stays attached in merged form and
+    With ``unload=True`` (default) the adapters are removed for good (switched-off ones too) and the
+    model holds plain modules. With ``unload=False`` they stay attached in merged form and
     `unmerge_adapter` restores the exact original weights (kept in memory meanwhile).
     """
     denoiser, _ = find_denoiser(model)
-    get_adapter(denoiser)  # a clear error when there is none
+    _require_adapters(denoiser)
     for module in _adapted_modules(model):
-        adapter = get_adapter(module)
+        adapters = list(adapter_set.adapters_on(module).values())
+        alone = len(adapters) == 1 and adapters[0].active and not adapter_set.is_merged_set(module)
+        if alone:  # one adapter: its own merge, as it always was
+            if unload:
+                adapters[0].unload()
+                _forget(module, adapters[0])
+            else:
+                adapters[0].merge(keep_original=True)
+            continue
         if unload:
-            adapter.unload()
-            _forget(module, adapter, restore_requires_grad=True)
-        else:
-            adapter.merge(keep_original=True)
+            if adapter_set.is_merged_set(module):
+                adapter_set.unmerge_set(module)
+            adapter_set.merge_set(module, keep_original=False)
+            for adapter in reversed(adapters):
+                adapter.detach()
+                _forget(module, adapter)
+        elif not adapter_set.is_merged_set(module):
+            adapter_set.merge_set(module, keep_original=True)
     return denoiser
 
 
 def unmerge_adapter(model: Any) -> None:
     for module in _adapted_modules(model):
-        get_adapter(module).unmerge()
+        if adapter_set.is_merged_set(module):
+            adapter_set.unmerge_set(module)
+        for adapter in adapter_set.adapters_on(module).values():
+            adapter.unmerge()
 
 
 def remove_adapter(model: Any) -> nn.Module:
-    """Restore the original modules and weights exactly, and their requires_grad flags
-    (a pipeline's adapted text encoders too)."""
+    """Remove every adapter and restore the original modules and weights exactly, and their
+    requires_grad flags (a pipeline's adapted text encoders too)."""
     denoiser, _ = find_denoiser(model)
-    get_adapter(denoiser)  # a clear error when there is none
+    _require_adapters(denoiser)
     for module in _adapted_modules(model):
-        adapter = get_adapter(module)
-        adapter.detach()
-        _forget(module, adapter, restore_requires_grad=True)
+        for name in reversed(list(adapter_set.adapters_on(module))):
+            _delete(module, name)
     return denoiser
 
 
-def _forget(denoiser: nn.Module, adapter: Adapter, restore_requires_grad: bool) -> None:
-    if restore_requires_grad:
-        for name, param in denoiser.named_parameters():
-            param.requires_grad_(adapter.requires_grad_before.get(name, param.requires_grad))
-    del denoiser.__dict__[_ADAPTER_ATTRIBUTE]
+def delete_adapter(model: Any, name: str) -> nn.Module:
+    """Remove the adapter ``name`` (from the denoiser and the text encoders that hold one of that name);
+    the others keep computing as they did, and without any the base is back bit for bit."""
+    denoiser, _ = find_denoiser(model)
+    modules = _modules_holding(model, name)
+    if not modules:
+        get_adapter(denoiser, name)  # a clear error naming the attached ones
+    for module in modules:
+        _delete(module, name)
+    return denoiser
+
+
+def _delete(module: nn.Module, name: str) -> None:
+    with _unmerged(module):
+        adapter = adapter_set.adapters_on(module)[name]
+        adapter.detach()
+        _forget(module, adapter)
+
+
+def _forget(module: nn.Module, adapter: Adapter) -> None:
+    adapter_set.unregister(module, adapter)

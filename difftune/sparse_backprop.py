@@ -30,6 +30,10 @@ kernel stay as they are.
 
 Entries can be frozen later (SaRA's progressive adjustment): their gradient is then
 returned as 0, the parameter keeps its shape (so optimizers and DDP buckets stay valid).
+
+Several entry sets can train or hold entries of one tensor (stacked SaRA adapters): each keeps W0
+(the tensor without any set's change) as its ``base``, and the tensor then holds
+W0 + Σ scaleᵢ·deltaᵢ, summed where the sets overlap; `base_tensor` gives W0 back.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from torch.autograd.function import once_differentiable
 
 from .errors import DifftuneError
 from .sampled_gradients import GradientPaths, SampledLayer, layer_op, modelled_seconds
+from .targeting import layers_by_name, plain_layer
 
 _STATE = "_difftune_sparse_entries"
 DELTA_PREFIX = "sparse_delta_"
@@ -76,6 +81,52 @@ class _RouteGradient(torch.autograd.Function):
         return ctx.entries.gather_gradient(grad), None, None
 
 
+class _RouteGradients(torch.autograd.Function):
+    """`_RouteGradient` for several entry sets of one weight: each delta gets its entries' gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor, sets: tuple[SparseEntries, ...], *deltas: torch.Tensor):
+        ctx.sets = sets
+        return weight.view_as(weight)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor):
+        return None, None, *(entries.gather_gradient(grad) for entries in ctx.sets)
+
+
+def entry_sets(module: nn.Module, name: str) -> list[SparseEntries]:
+    """The entry sets attached to ``module.<name>`` (empty when none)."""
+    return module.__dict__.get(_STATE, {}).get(name, [])
+
+
+def base_tensor(module: nn.Module, name: str = "weight") -> torch.Tensor:
+    """``module.<name>`` without any entry set's change (W0): the parameter itself when it has none,
+    else a copy with W0 written back at every set's entries."""
+    param = module._parameters[name]
+    sets = entry_sets(module, name)
+    if not sets:
+        return param
+    with torch.no_grad():
+        base = param.detach().clone()
+        for entries in sets:
+            entries.write(base, entries.base.to(base.dtype))
+    return base
+
+
+@torch.no_grad()
+def _sync_sets(sets: list[SparseEntries], param: torch.Tensor, force: bool = False) -> None:
+    """Write W0 + Σ scaleᵢ·deltaᵢ at the entries of several sets of one tensor, if anything changed."""
+    if not force and all(entries._sync_key(param) == entries._synced for entries in sets):
+        return
+    for entries in sets:
+        entries.write(param, entries.base.to(param.dtype))
+    for entries in sets:
+        entries.add(param, (entries.delta.detach().float() * entries.scale).to(param.dtype))
+    for entries in sets:
+        entries._synced = entries._sync_key(param)
+
+
 def _routed_class(cls: type, names: tuple[str, ...]) -> type:
     """A subclass of ``cls`` whose ``names`` attributes route gradients to the deltas."""
     key = (cls, names)
@@ -96,9 +147,21 @@ def _original_class(module: nn.Module) -> type:
 
 def _routed_getter(name: str):
     def getter(module: nn.Module) -> torch.Tensor:
-        param = module._parameters[name]
-        entries = module.__dict__[_STATE].get(name)
-        return param if entries is None else entries.weight_for_forward(param)
+        # a module of the routed class made anew (peft builds its LoRA factors as ``type(layer)(...)``)
+        # has no entries, and may not have its parameter yet
+        param = module._parameters.get(name)
+        if param is None:
+            raise AttributeError(name)
+        sets = module.__dict__.get(_STATE, {}).get(name)
+        if not sets:
+            return param
+        if len(sets) == 1:
+            return sets[0].weight_for_forward(param)
+        sets[0].sync(param)
+        routed = tuple(entries for entries in sets if entries.routes_gradient())
+        if not routed:
+            return param
+        return _RouteGradients.apply(param, routed, *(entries.delta for entries in routed))
 
     getter.__name__ = name
     return getter
@@ -107,7 +170,8 @@ def _routed_getter(name: str):
 @torch.compiler.disable(reason=_EAGER_LAYER)
 def _sampled_forward(module: nn.Module, input: torch.Tensor) -> torch.Tensor:
     """The layer's forward, through `SampledLayer` when its weight's entries are being trained."""
-    entries = module.__dict__[_STATE].get("weight")
+    sets = module.__dict__.get(_STATE, {}).get("weight")
+    entries = sets[0] if sets and len(sets) == 1 else None
     op = None if entries is None else entries.sampled_op(input)
     if op is None:
         return _original_class(module).forward(module, input)
@@ -126,6 +190,10 @@ class SparseEntries:
             raise DifftuneError(f"module {type(module).__name__} has no parameter '{name}'")
         self.module = module
         self.name = name
+        stacked = entry_sets(module, name)
+        # the first set of a tensor keeps the plain attribute names; others get a number
+        self.slot = next(f"{name}{suffix}" for suffix in ("", *(f"_{i}" for i in range(1, 1 << 16)))
+                         if DELTA_PREFIX + f"{name}{suffix}" not in module._parameters)
         self.shape = tuple(param.shape)
         self.scale = 1.0
         self.routing = True
@@ -135,31 +203,33 @@ class SparseEntries:
         index = compact_index(index.reshape(-1), param.numel()).to(param.device)
         # the sampled route needs row-major order (CSR); selections are sorted, files too
         self._op = layer_op(module) if name == "weight" and bool((index[1:] > index[:-1]).all()) else None
-        base = param.detach().reshape(-1).index_select(0, index)  # logical order, any layout
-        module.register_buffer(_INDEX_PREFIX + name, index, persistent=False)
-        module.register_buffer(_BASE_PREFIX + name, base, persistent=False)
+        # logical order, any layout; W0 without the other sets' changes
+        base = base_tensor(module, name).detach().reshape(-1).index_select(0, index)
+        module.register_buffer(_INDEX_PREFIX + self.slot, index, persistent=False)
+        module.register_buffer(_BASE_PREFIX + self.slot, base, persistent=False)
         delta = nn.Parameter(torch.zeros(index.numel(), dtype=delta_dtype, device=param.device))
-        module.register_parameter(DELTA_PREFIX + name, delta)
-        self._synced = self._sync_key(param)  # weight already equals base + 0
+        module.register_parameter(DELTA_PREFIX + self.slot, delta)
+        # alone, the weight already equals base + 0; stacked, the next sync writes all sets at once
+        self._synced = None if stacked else self._sync_key(param)
         # state dicts read the Parameter directly: write pending values first
         self._hook = module.register_state_dict_pre_hook(lambda *_: self.sync())
 
     # tensors live on the module so that .to()/.cuda() move them with the model
     @property
     def index(self) -> torch.Tensor:
-        return self.module._buffers[_INDEX_PREFIX + self.name]
+        return self.module._buffers[_INDEX_PREFIX + self.slot]
 
     @property
     def base(self) -> torch.Tensor:
-        return self.module._buffers[_BASE_PREFIX + self.name]
+        return self.module._buffers[_BASE_PREFIX + self.slot]
 
     @property
     def delta(self) -> nn.Parameter:
-        return self.module._parameters[DELTA_PREFIX + self.name]
+        return self.module._parameters[DELTA_PREFIX + self.slot]
 
     @property
     def frozen(self) -> torch.Tensor | None:
-        return self.module._buffers.get(_FROZEN_PREFIX + self.name)
+        return self.module._buffers.get(_FROZEN_PREFIX + self.slot)
 
     @property
     def weight(self) -> nn.Parameter:
@@ -187,6 +257,10 @@ class SparseEntries:
     def sync(self, param: torch.Tensor | None = None) -> None:
         """Write ``base + scale·delta`` into the weight if anything changed since last time."""
         param = self.weight if param is None else param
+        sets = entry_sets(self.module, self.name)
+        if len(sets) > 1:
+            _sync_sets(sets, param)
+            return
         if self._sync_key(param) == self._synced:
             return
         self.write(param, self.values().to(param.dtype))
@@ -199,9 +273,21 @@ class SparseEntries:
         else:  # e.g. channels_last conv kernels: index the logical layout
             param.detach().index_put_(torch.unravel_index(self.index.long(), self.shape), values)
 
+    @torch.no_grad()
+    def add(self, param: torch.Tensor, values: torch.Tensor) -> None:
+        """Add ``values`` at the entries (stacked sets sum where they overlap)."""
+        if param.is_contiguous():
+            self._flat(param).index_add_(0, self.index.long(), values)
+        else:
+            param.detach().index_put_(torch.unravel_index(self.index.long(), self.shape), values,
+                                      accumulate=True)
+
+    def routes_gradient(self) -> bool:
+        return self.routing and torch.is_grad_enabled() and self.delta.requires_grad
+
     def weight_for_forward(self, param: torch.Tensor) -> torch.Tensor:
         self.sync(param)
-        if self.routing and torch.is_grad_enabled() and self.delta.requires_grad:
+        if self.routes_gradient():
             return _RouteGradient.apply(self.delta, param, self)
         return param
 
@@ -243,7 +329,7 @@ class SparseEntries:
 
     def set_frozen(self, frozen: torch.Tensor | None) -> None:
         """Freeze entries (bool over the nnz entries): their gradient becomes 0."""
-        name = _FROZEN_PREFIX + self.name
+        name = _FROZEN_PREFIX + self.slot
         if frozen is None:
             self.module._buffers.pop(name, None)
             return
@@ -255,13 +341,16 @@ class SparseEntries:
         """Drop the deltas; restore W0 exactly, or keep W0 + scale·delta in the weight."""
         self._hook.remove()
         param = self.weight
+        others = [entries for entries in entry_sets(self.module, self.name) if entries is not self]
         if restore_base:
             self.write(param, self.base.to(param.dtype))
         else:
             self.sync(param)
         for prefix in (_INDEX_PREFIX, _BASE_PREFIX, _FROZEN_PREFIX):
-            self.module._buffers.pop(prefix + self.name, None)
-        del self.module._parameters[DELTA_PREFIX + self.name]
+            self.module._buffers.pop(prefix + self.slot, None)
+        del self.module._parameters[DELTA_PREFIX + self.slot]
+        if restore_base and others:  # the other sets' values where they overlap this one's
+            _sync_sets(others, param, force=True)
 
 
 class SparseBackprop:
@@ -285,17 +374,17 @@ class SparseBackprop:
             for key, index in selection.items():
                 module_name, _, pname = key.rpartition(".")
                 module = modules.get(module_name)
+                if module is not None:  # the layer itself under any adapter layers wrapped around it
+                    module = plain_layer(module)
                 if module is None or pname not in module._parameters:
                     raise DifftuneError(f"no parameter '{key}' in {type(model).__name__}")
                 if index.numel() == 0:
                     continue
-                if module.__dict__.get(_STATE, {}).get(pname) is not None:
-                    raise DifftuneError(f"'{key}' already has trained entries attached")
                 entries = SparseEntries(module, pname, index, delta_dtype, self.paths)
                 self.entries[key] = entries
-                self._module_names[key] = module_name
+                self._module_names[key] = _parameter_owner(model, module, module_name)
                 state = module.__dict__.setdefault(_STATE, {})
-                state[pname] = entries
+                state.setdefault(pname, []).append(entries)
                 module.__class__ = _routed_class(_original_class(module), tuple(sorted(state)))
         except BaseException:
             self.detach(restore_base=True)
@@ -304,7 +393,7 @@ class SparseBackprop:
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """``(name in model.named_parameters(), delta)`` for every trained tensor."""
         for key, entries in self.entries.items():
-            yield f"{self._module_names[key]}.{DELTA_PREFIX}{entries.name}", entries.delta
+            yield f"{self._module_names[key]}.{DELTA_PREFIX}{entries.slot}", entries.delta
 
     @property
     def num_selected(self) -> int:
@@ -342,6 +431,12 @@ class SparseBackprop:
                          "sampled_s": choice.sampled_s if choice else None})
         return rows
 
+    def mark_written(self) -> None:
+        """Take the weights as holding the current values (after someone wrote them as a whole: a merge
+        of several adapters, which includes these entries), so that the next read does not rewrite them."""
+        for entries in self.entries.values():
+            entries._synced = entries._sync_key(entries.weight)
+
     def set_routing(self, enabled: bool) -> None:
         """With routing off the weights are used as plain tensors (no gradient to deltas)."""
         self.sync()
@@ -354,10 +449,30 @@ class SparseBackprop:
             module = entries.module
             entries.remove(restore_base)
             state = module.__dict__[_STATE]
-            state.pop(entries.name, None)
+            sets = [each for each in state.get(entries.name, []) if each is not entries]
+            if sets:
+                state[entries.name] = sets
+            else:
+                state.pop(entries.name, None)
             if state:
                 module.__class__ = _routed_class(_original_class(module), tuple(sorted(state)))
             else:
                 module.__class__ = _original_class(module)
                 del module.__dict__[_STATE]
             del self.entries[key]
+
+
+def _parameter_owner(model: nn.Module, module: nn.Module, name: str) -> str:
+    """The name ``model.named_parameters()`` gives ``module`` (``name`` under adapter layers wrapped
+    around it: ``<name>.base_layer...``)."""
+    top = model.get_submodule(name)
+    return next(each for each, candidate in top.named_modules(prefix=name) if candidate is module)
+
+
+def base_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's own parameters as W0 (`base_tensor`), by the names they have without adapters
+    (no ``base_layer`` of adapter layers wrapped around a layer, no adapter tensors)."""
+    return {f"{name}.{pname}": base_tensor(layer, pname)
+            for name, layer in layers_by_name(model).items()
+            for pname, param in layer._parameters.items()
+            if param is not None and not pname.startswith(DELTA_PREFIX)}

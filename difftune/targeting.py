@@ -82,13 +82,34 @@ def preset_description(preset: str) -> str:
     return f"{text} (+ {'; '.join(additions)})" if additions else text
 
 
-def _leaf_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Modules that own parameters directly (layers, norms), by name."""
-    return {
-        name: module
-        for name, module in model.named_modules()
-        if name and any(True for _ in module.parameters(recurse=False))
-    }
+WRAPPED_LAYER = "base_layer"  # the child an adapter layer (difftune's or peft's) holds what it wraps by
+
+
+def plain_layer(module: nn.Module) -> nn.Module:
+    """The model's own layer under any adapter layers wrapped around it (each holds the next as
+    ``base_layer``, as peft's tuner layers do)."""
+    while isinstance(module._modules.get(WRAPPED_LAYER), nn.Module):
+        module = module._modules[WRAPPED_LAYER]
+    return module
+
+
+def layers_by_name(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules that own parameters directly (layers, norms), by name.
+
+    A layer that adapters wrap counts once, under its own name, as the plain layer it is; the
+    adapters' inner modules (peft's ``lora_A``, ...) are no candidates: several adapters can then
+    target the same layers."""
+    layers: dict[str, nn.Module] = {}
+    inside: list[str] = []  # wrapper names whose non-chain children are adapter internals
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(prefix) for prefix in inside):
+            continue
+        if isinstance(module._modules.get(WRAPPED_LAYER), nn.Module):
+            layers[name] = plain_layer(module)
+            inside.append(name + ".")
+        elif any(True for _ in module.parameters(recurse=False)):
+            layers[name] = module
+    return layers
 
 
 def resolve_targets(model: nn.Module, targets: str | Iterable[str]) -> dict[str, nn.Module]:
@@ -99,7 +120,7 @@ def resolve_targets(model: nn.Module, targets: str | Iterable[str]) -> dict[str,
     specs = [targets] if isinstance(targets, str) else list(targets)
     if not specs:
         raise TargetError("empty target list: give a preset (attn, attn-ff, conv, all) or a regex")
-    layers = _leaf_layers(model)
+    layers = layers_by_name(model)
     chosen: set[str] = set()
     for spec in specs:
         if spec in PRESETS:

@@ -9,6 +9,7 @@ that wrap individual layers (SVFit, TLoRA) subclass `LayerAdapter` and only writ
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import types
 import typing
@@ -22,7 +23,9 @@ from torch import nn
 from ..adapter_file import AdapterSection
 from ..errors import AdapterFileError, DifftuneError
 from ..options import option
-from ..targeting import check_layer_types
+from ..targeting import WRAPPED_LAYER, check_layer_types, plain_layer
+
+DEFAULT_ADAPTER_NAME = "default"  # the name of an adapter attached without one (today's single adapter)
 
 
 @dataclasses.dataclass
@@ -144,6 +147,37 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+# Several adapters on one layer nest: each adapter layer (difftune's `AdapterLayer`, peft's tuner
+# layers) holds the next one in as ``base_layer``, down to the model's own layer; each adds its own
+# update to what the layers inside it compute, so the chain computes W0 + Σ wᵢ·ΔWᵢ. difftune's layers
+# go around the whole chain, peft's right around the model's layer (`tuners.peft.stacking`).
+
+def layer_chain(model: nn.Module, name: str) -> list[nn.Module]:
+    """The adapter layers at ``name``, outermost first, then the plain layer."""
+    chain = [model.get_submodule(name)]
+    while isinstance(chain[-1]._modules.get(WRAPPED_LAYER), nn.Module):
+        chain.append(chain[-1]._modules[WRAPPED_LAYER])
+    return chain
+
+
+def unwrap_layer(model: nn.Module, name: str, layer: nn.Module) -> None:
+    """Take the adapter layer ``layer`` out of the chain at ``name``, wherever it is in it."""
+    chain = layer_chain(model, name)
+    if chain[0] is layer:
+        replace_module(model, name, layer._modules[WRAPPED_LAYER])
+        return
+    for outer, inner in itertools.pairwise(chain):
+        if inner is layer:
+            setattr(outer, WRAPPED_LAYER, layer._modules[WRAPPED_LAYER])
+            return
+    raise DifftuneError(f"the adapter layer to remove is no longer at '{name}'")
+
+
+def strip_wrapped_names(key: str) -> str:
+    """A tensor name as it reads without adapter layers around its layer (``a.base_layer.b`` → ``a.b``)."""
+    return key.replace(f".{WRAPPED_LAYER}.", ".")
+
+
 class Adapter(ABC):
     """One adapter attached to one model (a UNet, a DiT or any nn.Module)."""
 
@@ -166,12 +200,19 @@ class Adapter(ABC):
     # benchmarks give it another method's count, for budgets that compare.
     budget_option: ClassVar[str | None] = None
 
+    # True for a method that writes its update into the base tensors themselves (SaRA): stacked
+    # with others, what those tensors hold already includes it.
+    writes_base_tensors: ClassVar[bool] = False
+
     def __init__(self, model: nn.Module, config: AdapterConfig, modules: dict[str, nn.Module]):
         self.model = model
         self.config = config
         self.target_names = list(modules)
         self.scale = 1.0
         self.merged = False
+        self.name = DEFAULT_ADAPTER_NAME  # its name among the adapters of its model (set before attach)
+        self.active = True
+        self.frozen = False  # attached as a fixed base for another adapter that trains
 
     @classmethod
     def check_targets(cls, modules: dict[str, nn.Module], config: AdapterConfig | None = None) -> None:
@@ -284,6 +325,11 @@ class Adapter(ABC):
         export then merges everything at once); the layer-wrapping methods, LoRA and SaRA do it."""
         return None
 
+    def mark_merged(self, merged: bool) -> None:
+        """Say that this adapter's update is in the base tensors (a merge of several adapters wrote
+        them: the adapter then adds nothing in the forward and trains nothing), or no longer is."""
+        raise DifftuneError(f"method '{self.method}' cannot be merged together with other adapters")
+
     def file_metadata(self) -> dict[str, Any]:
         """Method-specific facts stored in the file (for example what rebuilds a mask)."""
         return {}
@@ -342,13 +388,31 @@ class Adapter(ABC):
     # --- lifecycle helpers the public API uses --------------------------------------
 
     def set_scale(self, scale: float) -> None:
+        self._reapply(scale, self.active)
+
+    def _reapply(self, scale: float, active: bool) -> None:
         was_merged = self.merged
         if was_merged:
             self.unmerge()
-        self.scale = float(scale)
-        self._apply_scale(self.scale)
+        self.scale, self.active = float(scale), bool(active)
+        self._apply_scale(self.effective_scale)
         if was_merged:
             self.merge()
+
+    @property
+    def effective_scale(self) -> float:
+        """The weight the model uses now: the scale while active, 0 while switched off."""
+        return self.scale if self.active else 0.0
+
+    def set_active(self, active: bool) -> None:
+        """Switch the adapter on (its scale) or off (weight 0: the layers pass through)."""
+        self._reapply(self.scale, active)
+
+    def freeze(self) -> None:
+        """Keep the adapter's tensors fixed (a base another adapter trains on top of)."""
+        self.frozen = True
+        for _, param in self.named_trainable_parameters():
+            param.requires_grad_(False)
 
     def merge(self, keep_original: bool = True) -> None:
         if not self.merged:
@@ -377,7 +441,9 @@ class AdapterLayer(nn.Module, metaclass=ABCMeta):
     """Wraps one base layer. Subclasses define the adapted forward and the dense ΔW.
 
     Contract: at scale α the layer computes (W0 + α·ΔW)·x + b, where ΔW is what
-    `delta_weight` returns; α = 0 gives the base layer exactly.
+    `delta_weight` returns; α = 0 gives the base layer exactly. ``base_layer`` may be another
+    adapter's layer (stacked adapters): the layer then computes base_layer(x) + α·ΔW·x, ΔW taken
+    from the model's own layer (`plain`) as it is without any adapter (`base_weight`).
     """
 
     def __init__(self, base_layer: nn.Module):
@@ -394,7 +460,27 @@ class AdapterLayer(nn.Module, metaclass=ABCMeta):
         except AttributeError:
             if name == "base_layer":
                 raise
-            return getattr(self.base_layer, name)
+            # the model's own layer's (not another adapter layer's in between: its tensors are its own)
+            return getattr(plain_layer(self._modules["base_layer"]), name)
+
+    @property
+    def plain(self) -> nn.Module:
+        """The model's own layer under this and any other adapter layer."""
+        return plain_layer(self.base_layer)
+
+    @property
+    def stacked(self) -> bool:
+        """Whether the wrapped layer computes more than W0·x + b (another adapter's layer or entries)."""
+        from ..sparse_backprop import entry_sets
+
+        plain = self.plain
+        return plain is not self.base_layer or bool(entry_sets(plain, "weight"))
+
+    def base_weight(self) -> torch.Tensor:
+        """W0: the plain layer's weight without any adapter's change (SaRA's entries written back)."""
+        from ..sparse_backprop import base_tensor
+
+        return base_tensor(self.plain, "weight")
 
     @abstractmethod
     def delta_weight(self) -> torch.Tensor:
@@ -442,8 +528,8 @@ class LayerAdapter(Adapter):
 
     def attach(self, modules: dict[str, nn.Module]) -> None:
         self.layers: dict[str, AdapterLayer] = {}
-        for name, module in modules.items():
-            layer = self.make_layer(name, module)
+        for name in modules:
+            layer = self.make_layer(name, self.model.get_submodule(name))  # around other adapters' layers
             replace_module(self.model, name, layer)
             self.layers[name] = layer
 
@@ -482,6 +568,10 @@ class LayerAdapter(Adapter):
         for layer in self.layers.values():
             layer.scale = scale
 
+    def mark_merged(self, merged: bool) -> None:
+        for layer in self.layers.values():
+            layer.merged = merged
+
     def _merge(self, keep_original: bool) -> None:
         for layer in self.layers.values():
             layer.merge(keep_original)
@@ -492,5 +582,5 @@ class LayerAdapter(Adapter):
 
     def _detach(self) -> None:
         for name, layer in self.layers.items():
-            replace_module(self.model, name, layer.base_layer)
+            unwrap_layer(self.model, name, layer)
         self.layers = {}

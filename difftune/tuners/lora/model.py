@@ -5,6 +5,9 @@ prefix the API adds (``unet.`` / ``transformer.``) and the ``lora_adapter_metada
 header entry, the file is a diffusers LoRA file that ``pipe.load_lora_weights`` reads,
 conv layers included (diffusers' own key conversion breaks mixed attention+conv files,
 so we do not convert).
+
+Several LoRA adapters on one layer are peft's named adapters of one peft layer (the difftune
+adapter's name is the peft adapter's), summed by peft's forward, each at its own scale.
 """
 
 from __future__ import annotations
@@ -18,11 +21,9 @@ import torch
 from torch import nn
 
 from ...errors import DifftuneError
-from ..base import Adapter, check_tensor_names, replace_module
-from ..peft.catalog import forget_peft_config
+from ..base import Adapter, check_tensor_names, strip_wrapped_names
+from ..peft import stacking
 from .config import LoraConfig
-
-PEFT_ADAPTER_NAME = "default"
 
 
 class LoraAdapter(Adapter):
@@ -37,6 +38,7 @@ class LoraAdapter(Adapter):
     config: LoraConfig
 
     def _peft_config(self):
+        """peft's config of this adapter (``target_modules``: the targets' own names)."""
         from peft import LoraConfig as PeftLoraConfig
 
         cfg = self.config
@@ -51,33 +53,40 @@ class LoraAdapter(Adapter):
         )
 
     def attach(self, modules: dict[str, nn.Module]) -> None:
-        from peft import inject_adapter_in_model
-
-        inject_adapter_in_model(self._peft_config(), self.model, adapter_name=PEFT_ADAPTER_NAME)
-        self.layers = {name: self.model.get_submodule(name) for name in self.target_names}
+        stacking.check_adapter_name(self.model, self.name)
         self._originals: dict[str, torch.Tensor] = {}
+        self.layers = stacking.inject(self.model, self._peft_config(), self.target_names, self.name,
+                                      self.method, shareable=True)
 
     def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         for name, layer in self.layers.items():
             for pname, param in layer.named_parameters():
-                if "lora_" in pname and param.requires_grad:
+                ours = f".{self.name}." in f".{pname}." and not pname.startswith("base_layer.")
+                if "lora_" in pname and ours and param.requires_grad:
                     yield f"{name}.{pname}", param
 
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+    def _peft_state_dict(self) -> dict[str, torch.Tensor]:
+        """peft's state dict of this adapter, by the names the tensors have in the model now."""
         from peft import get_peft_model_state_dict
 
-        return get_peft_model_state_dict(self.model, adapter_name=PEFT_ADAPTER_NAME)
+        return get_peft_model_state_dict(self.model, adapter_name=self.name)
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """peft's keys, by the layers' own names (under other adapters' layers too)."""
+        return {strip_wrapped_names(key): value for key, value in self._peft_state_dict().items()}
 
     @torch.no_grad()
     def load_adapter_state_dict(self, tensors: dict[str, torch.Tensor], source: str) -> None:
         from peft import set_peft_model_state_dict
 
         check_tensor_names(self.adapter_state_dict(), tensors, source)
-        set_peft_model_state_dict(self.model, tensors, adapter_name=PEFT_ADAPTER_NAME)
+        in_model = {strip_wrapped_names(key): key for key in self._peft_state_dict()}
+        set_peft_model_state_dict(self.model, {in_model[key]: value for key, value in tensors.items()},
+                                  adapter_name=self.name)
 
     def _apply_scale(self, scale: float) -> None:
         for layer in self.layers.values():
-            layer.set_scale(PEFT_ADAPTER_NAME, scale)
+            layer.set_scale(self.name, scale)
 
     @torch.no_grad()
     def merged_and_base_tensor(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -87,7 +96,7 @@ class LoraAdapter(Adapter):
             return None
         weight = layer.get_base_layer().weight
         base = weight.detach().clone()
-        layer.merge(adapter_names=[PEFT_ADAPTER_NAME])
+        layer.merge(adapter_names=[self.name])
         merged = weight.detach().clone()
         layer.unmerge()
         weight.data.copy_(base)  # peft subtracts ΔW again, which can be off by rounding
@@ -98,7 +107,7 @@ class LoraAdapter(Adapter):
         for name, layer in self.layers.items():
             if keep_original:
                 self._originals[name] = layer.get_base_layer().weight.detach().clone()
-            layer.merge(adapter_names=[PEFT_ADAPTER_NAME])
+            layer.merge(adapter_names=[self.name])
 
     @torch.no_grad()
     def _unmerge(self) -> None:
@@ -108,10 +117,11 @@ class LoraAdapter(Adapter):
             layer.get_base_layer().weight.data.copy_(self._originals.pop(name))
 
     def _detach(self) -> None:
-        for name, layer in self.layers.items():
-            replace_module(self.model, name, layer.get_base_layer())
+        stacking.remove(self.model, self.target_names, self.name)
         self.layers = {}
-        forget_peft_config(self.model, PEFT_ADAPTER_NAME)
+
+    def mark_merged(self, merged: bool) -> None:
+        stacking.mark_merged(self.layers, self.name, merged)
 
     def extra_header(self, component: str) -> dict[str, str]:
         """diffusers reads rank/alpha from here, so alpha != rank survives reloading."""

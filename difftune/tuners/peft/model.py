@@ -22,9 +22,8 @@ import torch
 from torch import nn
 
 from ...errors import TargetError
-from ..base import Adapter, AdapterConfig, check_tensor_names, replace_module
-from . import catalog
-from .catalog import ADAPTER_NAME, forget_peft_config
+from ..base import Adapter, AdapterConfig, check_tensor_names, strip_wrapped_names
+from . import catalog, stacking
 from .config import PeftMethodConfig
 from .probe import check_layer_kinds, describe_kind, layer_kind
 
@@ -49,27 +48,28 @@ class PeftAdapter(Adapter):
             check_layer_kinds(config, modules)
 
     def attach(self, modules: dict[str, nn.Module]) -> None:
-        from peft import inject_adapter_in_model
         from peft.tuners.tuners_utils import BaseTunerLayer
 
+        stacking.check_adapter_name(self.model, self.name)
         self.layers: dict[str, Any] = {}
         self._originals: dict[str, dict[str, torch.Tensor]] = {}
         self._scale_hooks: list[Any] = []
         self.peft_config = self.config.peft_config(exact_names_pattern(self.target_names))
         try:
-            inject_adapter_in_model(self.peft_config, self.model, adapter_name=ADAPTER_NAME)
+            self.layers = stacking.inject(self.model, self.peft_config, self.target_names, self.name,
+                                          self.method, shareable=False)
+        except TargetError:
+            raise
         except Exception as err:
             culprit = next((name for name in self.target_names
-                            if not isinstance(self.model.get_submodule(name), BaseTunerLayer)), None)
+                            if stacking.holding_layer(self.model, name, self.name) is None), None)
             where = f" module '{culprit}' ({describe_kind(layer_kind(modules[culprit]))})" if culprit else ""
             raise TargetError(f"peft's {self.config.type} could not adapt{where}: "
                               f"{str(err).splitlines()[0]}") from None
-        skipped = [name for name in self.target_names
-                   if not isinstance(self.model.get_submodule(name), BaseTunerLayer)]
+        skipped = [name for name, layer in self.layers.items() if not isinstance(layer, BaseTunerLayer)]
         if skipped:
             raise TargetError(f"peft's {self.config.type} left {len(skipped)} targeted module(s) unwrapped: "
                               f"{', '.join(skipped[:6])}. Narrow --targets or pick another --peft_type.")
-        self.layers = {name: self.model.get_submodule(name) for name in self.target_names}
 
     def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         for name, layer in self.layers.items():
@@ -77,17 +77,23 @@ class PeftAdapter(Adapter):
                 if param.requires_grad and not pname.startswith("base_layer."):
                     yield f"{name}.{pname}", param
 
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+    def _peft_state_dict(self) -> dict[str, torch.Tensor]:
         from peft import get_peft_model_state_dict
 
-        return get_peft_model_state_dict(self.model, adapter_name=ADAPTER_NAME, save_embedding_layers=False)
+        return get_peft_model_state_dict(self.model, adapter_name=self.name, save_embedding_layers=False)
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """peft's keys, by the layers' own names (under other adapters' layers too)."""
+        return {strip_wrapped_names(key): value for key, value in self._peft_state_dict().items()}
 
     @torch.no_grad()
     def load_adapter_state_dict(self, tensors: dict[str, torch.Tensor], source: str) -> None:
         from peft import set_peft_model_state_dict
 
         check_tensor_names(self.adapter_state_dict(), tensors, source)
-        set_peft_model_state_dict(self.model, dict(tensors), adapter_name=ADAPTER_NAME)
+        in_model = {strip_wrapped_names(key): key for key in self._peft_state_dict()}
+        set_peft_model_state_dict(self.model, {in_model[key]: value for key, value in tensors.items()},
+                                  adapter_name=self.name)
 
     def file_metadata(self) -> dict[str, Any]:
         """The peft version and the resolved peft config (e.g. OFT's adjusted block size), for reference."""
@@ -120,12 +126,12 @@ class PeftAdapter(Adapter):
         base = layer.get_base_layer()
         before = {attr: getattr(base, attr).detach().clone() for attr in ("weight", "bias")
                   if getattr(base, attr, None) is not None}
-        layer.merge(adapter_names=[ADAPTER_NAME])
-        if self.scale != 1.0:  # W0 + α·(W1 − W0), from peft's merge at scale 1
+        layer.merge(adapter_names=[self.name])
+        if self.effective_scale != 1.0:  # W0 + α·(W1 − W0), from peft's merge at scale 1
             for attr, original in before.items():
                 tensor = getattr(base, attr)
                 wide = torch.promote_types(tensor.dtype, torch.float32)
-                value = original.to(wide) + self.scale * (tensor.to(wide) - original.to(wide))
+                value = original.to(wide) + self.effective_scale * (tensor.to(wide) - original.to(wide))
                 tensor.data.copy_(value.to(tensor.dtype))
         return before
 
@@ -162,24 +168,22 @@ class PeftAdapter(Adapter):
             self._restore_layer(layer, self._originals.pop(name))
 
     def _detach(self) -> None:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
         self._apply_scale(1.0)
-        for name in self.target_names:
-            module = self.model.get_submodule(name)
-            if isinstance(module, BaseTunerLayer):
-                replace_module(self.model, name, module.get_base_layer())
+        stacking.remove(self.model, self.target_names, self.name)
         self.layers = {}
-        forget_peft_config(self.model, ADAPTER_NAME)
+
+    def mark_merged(self, merged: bool) -> None:
+        stacking.mark_merged(self.layers, self.name, merged)
 
 
 def _scaled_output(scale: float):
-    """A forward hook making an unmerged peft layer output base + scale·(adapted − base)."""
+    """A forward hook making an unmerged peft layer output inner + scale·(adapted − inner), ``inner``
+    what the layer wraps (the model's layer, or other adapters' layers around it)."""
 
     def hook(layer: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
         if layer.merged:
             return output
-        base = layer.get_base_layer()(*args, **kwargs)
+        base = layer.base_layer(*args, **kwargs)
         return base + scale * (output - base)
 
     return hook

@@ -20,7 +20,7 @@ from torch import nn
 
 from ...adapter_file import AdapterSection
 from ...errors import AdapterFileError, BaseModelMismatchError, DifftuneError
-from ...sparse_backprop import SparseEntries, compact_index
+from ...sparse_backprop import SparseEntries, base_parameters, compact_index
 from .selection import decode_mask, encode_mask, mask_disagreement
 
 logger = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ def read_selection(model: nn.Module, tensors: dict[str, torch.Tensor], facts: Sa
     in ``known`` (an attached adapter's, checked when it was selected) is taken as it is."""
     known = known or {}
     stored = check_file_tensors(tensors, facts.selected, source)
-    parameters = dict(model.named_parameters())
+    parameters = base_parameters(model)  # W0, under the names the file uses
     missing = sorted(set(stored) - set(parameters))
     if missing:
         raise BaseModelMismatchError(f"{source}: the base model has no parameter '{missing[0]}' "

@@ -70,6 +70,7 @@ class SaraAdapter(Adapter):
                               "W0), so they must stay in a float dtype; use --mixed_precision bf16 to halve "
                               "their memory")
     fsdp_refusal = "SaRA trains entries of the base weights themselves, which FSDP shards"
+    writes_base_tensors = True  # W0 + scale·Δ at its entries; stacked SaRA adapters add theirs
     budget_option = "budget"
 
     config: SaraConfig
@@ -232,6 +233,13 @@ class SaraAdapter(Adapter):
     def _detach(self) -> None:
         self.sparse.detach(restore_base=not self._merged_state)
         self._merged_state = False
+
+    def mark_merged(self, merged: bool) -> None:
+        """Merged with others: the weights hold everyone's update (its own included, as always), so
+        they are taken as they are now and the deltas get no gradient."""
+        self.sparse.mark_written()  # before anything reads them: they are not to be rewritten
+        self.sparse.set_routing(not merged)
+        self._merged_state = merged
 
     # --- training hooks ------------------------------------------------------------------
 

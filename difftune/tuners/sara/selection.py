@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ...errors import DifftuneError
-from ...sparse_backprop import compact_index
+from ...sparse_backprop import base_tensor, compact_index
 
 _HIGH_BINS = 1 << 15  # top 16 bits of a non-negative float32 (sign bit 0)
 _LOW_BINS = 1 << 16
@@ -35,9 +35,8 @@ def targeted_tensors(
     tensors: dict[str, torch.Tensor] = {}
     for name, module in modules.items():
         for pname in ("weight", "bias") if include_bias_norm else ("weight",):
-            param = module._parameters.get(pname)
-            if param is not None:
-                tensors[f"{name}.{pname}"] = param
+            if module._parameters.get(pname) is not None:  # W0, without other SaRA adapters' entries
+                tensors[f"{name}.{pname}"] = base_tensor(module, pname)
     if include_bias_norm:
         for name, module in model.named_modules():
             if name not in modules and is_norm_layer(module):

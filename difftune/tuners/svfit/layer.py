@@ -14,7 +14,6 @@ from ..layer_ops import (
     matrix_shape,
     output_positions,
     up_project,
-    weight_matrix,
 )
 from . import functional as svf
 from .config import SVFitConfig
@@ -40,9 +39,10 @@ class SVFitLayer(AdapterLayer):
 
     @torch.no_grad()
     def set_rank(self, rank: int | None) -> None:
-        """(Re)compute the SVD split; ``rank`` overrides the configured rule (used by loads)."""
-        base = self.base_layer
-        weight = base.weight
+        """(Re)compute the SVD split; ``rank`` overrides the configured rule (used by loads). The SVD is
+        of W0, the layer's weight without any other adapter's change."""
+        base = self.plain
+        weight = self.base_weight()
         shape = matrix_shape(base)
         rule = self.rank_option if rank is None else rank
         if weight.is_meta:
@@ -55,7 +55,8 @@ class SVFitLayer(AdapterLayer):
             sigma = torch.empty(r, device="meta")
             vh = torch.empty(r, shape[1], device="meta")
         else:
-            u_full, sigma_full, vh_full = svf.singular_triplets(weight_matrix(base), self.svd_dtype)
+            u_full, sigma_full, vh_full = svf.singular_triplets(weight.reshape(weight.shape[0], -1),
+                                                                self.svd_dtype)
             r = svf.resolve_rank(shape, rule, self.energy, sigma_full)
             u, sigma, vh = u_full[:, :r], sigma_full[:r], vh_full[:r]
         master = adapter_dtype(base)
@@ -75,25 +76,27 @@ class SVFitLayer(AdapterLayer):
     def delta_weight(self) -> torch.Tensor:
         d = self.delta_s().float()
         matrix = svf.delta_matrix(self.svfit_U.float(), d, self.svfit_Vh.float())
-        return matrix.reshape(self.base_layer.weight.shape)
+        return matrix.reshape(self.plain.weight.shape)
 
     def choose_mode(self, x: torch.Tensor) -> str:
         if self.forward_mode != "auto":
             return self.forward_mode
-        out, k = matrix_shape(self.base_layer)
+        plain = self.plain
+        out, k = matrix_shape(plain)
         training = torch.is_grad_enabled() and self.svfit_s.requires_grad
-        return svf.cheaper_mode(output_positions(self.base_layer, x), self.rank, out, k, training)
+        return svf.cheaper_mode(output_positions(plain, x), self.rank, out, k, training)
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer
+        base = self.plain
         u, vh = self.svfit_U, self.svfit_Vh
         d = (self.delta_s() * self.scale).to(u.dtype)
-        if self.choose_mode(x) == "dense":
+        # dense only around the plain layer: around other adapters' layers their output is needed
+        if self.base_layer is base and self.choose_mode(x) == "dense":
             weight = base.weight + svf.delta_matrix(u, d, vh).reshape(base.weight.shape)
             return forward_with_weight(base, x, weight)
         z = down_project(base, x, vh)
         z = z * (d if isinstance(base, nn.Linear) else d[:, None, None])
-        return base(x) + up_project(base, z, u)
+        return self.base_layer(x) + up_project(base, z, u)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, forward_mode={self.forward_mode}"

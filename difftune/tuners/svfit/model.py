@@ -55,9 +55,10 @@ class SVFitAdapter(WrappingLayerAdapter):
     def _wrap(self, modules: dict[str, nn.Module], ranks: dict[str, int]) -> None:
         """One SVD per layer, at ``ranks[name]`` where given, else by the config's rule."""
         self.layers = {}
-        for name, module in tqdm(modules.items(), desc="svfit: SVD of the targeted weights",
-                                 disable=len(modules) < 32 or None, leave=False):
-            layer = SVFitLayer(module, self.config, name, ranks.get(name))
+        for name in tqdm(modules, desc="svfit: SVD of the targeted weights",
+                         disable=len(modules) < 32 or None, leave=False):
+            # around what is at ``name`` now: the layer, or other adapters' layers around it
+            layer = SVFitLayer(self.model.get_submodule(name), self.config, name, ranks.get(name))
             replace_module(self.model, name, layer)
             self.layers[name] = layer
 

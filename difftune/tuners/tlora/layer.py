@@ -41,6 +41,7 @@ class TLoraLayer(AdapterLayer):
 
     def __init__(self, base_layer: nn.Module, config: TLoraConfig):
         super().__init__(base_layer)
+        base_layer = self.plain  # the model's own layer (``base_layer`` may be another adapter's)
         out, k = matrix_shape(base_layer)
         channels = input_channels(base_layer)
         tensor_kwargs = {"device": base_layer.weight.device, "dtype": adapter_dtype(base_layer)}
@@ -83,8 +84,9 @@ class TLoraLayer(AdapterLayer):
         return up @ down
 
     def delta_weight(self) -> torch.Tensor:
-        """ΔW = W0·(T − I) + s·Δ, so that W0 + ΔW = W0·T + s·Δ."""
-        weight = self.base_layer.weight.float()
+        """ΔW = W0·(T − I) + s·Δ, so that W0 + ΔW = W0·T + s·Δ (W0 without any other adapter's change:
+        stacked, TLoRA's update is this ΔW, added to the others')."""
+        weight = self.base_weight().float()
         transform = self.transform_matrix().float()
         transformed = transform_weight(weight, transform) - weight
         residual = self.residual_matrix().float().reshape(weight.shape)
@@ -95,7 +97,7 @@ class TLoraLayer(AdapterLayer):
     def choose_mode(self, x: torch.Tensor) -> str:
         if self.forward_mode != "auto":
             return self.forward_mode
-        base = self.base_layer
+        base = self.plain
         out, k = matrix_shape(base)
         width = input_channels(base)
         training = torch.is_grad_enabled() and self.tlora_transform[0].requires_grad
@@ -110,10 +112,12 @@ class TLoraLayer(AdapterLayer):
         return "factored" if contract <= dense else "dense"
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer
+        base = self.plain
         scale = self.scale
         cores = self.transform_cores()
-        if self.choose_mode(x) == "dense":
+        if self.stacked:
+            y = self._stacked_transform(x, cores)
+        elif self.choose_mode(x) == "dense":
             transform = tlf.trm_dense(cores)
             if scale != 1.0:
                 eye = torch.eye(transform.shape[0], dtype=transform.dtype, device=transform.device)
@@ -130,6 +134,19 @@ class TLoraLayer(AdapterLayer):
         up, down = self.residual_pair()
         residual = up_project(base, down_project(base, x.to(down.dtype), down), up)
         return y + (residual * (scale * self.residual_scale)).to(y.dtype)
+
+    def _stacked_transform(self, x: torch.Tensor, cores: list[torch.Tensor]) -> torch.Tensor:
+        """inner(x) + W0·(s·(T − I)x): the transform's part of ΔW on top of what the wrapped layers
+        compute (other adapters), W0 without their changes. One more product with W0 than alone."""
+        base, scale = self.plain, self.scale
+
+        def change_rows(rows: torch.Tensor) -> torch.Tensor:
+            work = rows.to(cores[0].dtype)
+            return ((tlf.trm_apply(work, cores) - work) * scale).to(rows.dtype)
+
+        weight = self.base_weight()
+        change = down_project(base, map_channels(base, x, change_rows), weight.reshape(weight.shape[0], -1))
+        return self.base_layer(x) + change
 
     def extra_repr(self) -> str:
         return (f"transform_factors={self.transform_factors}, transform_rank={self.transform_rank}, "
