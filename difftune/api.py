@@ -111,6 +111,17 @@ def has_adapter(model: Any, name: str | None = None) -> bool:
     return bool(adapters) if name is None else name in adapters
 
 
+def adapter_view(model: Any) -> Adapter | adapter_set.AdapterSet:
+    """What a model's adapters change, as one adapter: the adapter itself when it is the only one, else
+    its active adapters as a set with ΔW = Σ wᵢ·ΔWᵢ (`adapter_set.AdapterSet`: what exports read)."""
+    denoiser, _ = find_denoiser(model)
+    adapters = adapter_set.adapters_on(denoiser)
+    if len(adapters) == 1:
+        return next(iter(adapters.values()))
+    _require_adapters(denoiser)
+    return adapter_set.AdapterSet(denoiser)
+
+
 def list_adapters(model: Any) -> list[str]:
     """The names of the denoiser's adapters, in the order they were attached."""
     return list(adapter_set.adapters_on(find_denoiser(model)[0]))

@@ -25,7 +25,7 @@ import functools
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +42,8 @@ from ..adapter_file import (
 )
 from ..api import (
     adapted_text_encoders,
+    adapter_view,
     find_denoiser,
-    get_adapter,
     has_adapter,
     load_adapter,
     read_adapter_info,
@@ -184,10 +184,11 @@ def check_experts_export(info: Mapping[str, Any], fmt: str, source: Any) -> None
 
 
 def export_adapter(
-    adapter_path: str | os.PathLike,
+    adapter_path: str | os.PathLike | Sequence[str | os.PathLike],
     output: str | os.PathLike,
     format: str = "kohya",
     *,
+    weights: Sequence[float] | None = None,
     base_model: str | None = None,
     pipeline: Any = None,
     rank: int | None = None,
@@ -204,15 +205,25 @@ def export_adapter(
 
     ``pipeline`` (a loaded base pipeline without an adapter) saves loading ``base_model`` (default:
     the base named in the adapter's header); it is left without an adapter afterwards.
+
+    A list of adapter files (any methods) is written as one: ΔW = Σ wᵢ·ΔWᵢ with ``weights`` (default 1
+    each), exact LoRA factors side by side when every file is a LoRA, else as one ΔW per tensor.
     """
     from ..model_factory import describe_model, load_pipeline
 
-    info = read_adapter_info(adapter_path)
-    check_experts_export(info, format, adapter_path)
-    if TOKEN_EMBEDDINGS in info:  # difftune.training.pivotal
-        tokens = ", ".join(info[TOKEN_EMBEDDINGS]["tokens"])
-        raise DifftuneError(f"{adapter_path}: carries new token embeddings ({tokens}), which a {format} "
-                            "export has no place for; use the difftune file (difftune.load_adapter)")
+    paths = [adapter_path] if isinstance(adapter_path, (str, os.PathLike)) else list(adapter_path)
+    if not paths:
+        raise DifftuneError("export_adapter: no adapter path given")
+    if weights is not None and len(weights) != len(paths):
+        raise DifftuneError(f"export_adapter: {len(paths)} adapters but {len(weights)} weights")
+    infos = [read_adapter_info(path) for path in paths]
+    for path, each in zip(paths, infos, strict=True):
+        check_experts_export(each, format, path)
+        if TOKEN_EMBEDDINGS in each:  # difftune.training.pivotal
+            tokens = ", ".join(each[TOKEN_EMBEDDINGS]["tokens"])
+            raise DifftuneError(f"{path}: carries new token embeddings ({tokens}), which a {format} "
+                                "export has no place for; use the difftune file (difftune.load_adapter)")
+    info = dict(infos[0], method="+".join(each["method"] for each in infos))
     output = Path(output)
     if pipeline is None:
         base_model = base_model or info.get("base_model")
@@ -221,18 +232,24 @@ def export_adapter(
         # every option is checked before the weights load
         described = describe_model(base_model)
         family_name = described.family
-        check_export_options(info["method"], info["config"], family_name, format, rank, energy)
-        check_export_modules(get_family(family_name), format, info.get("targets", ()),
-                             described.denoiser_config)
+        for each in infos:
+            check_export_options(each["method"], each["config"], family_name, format, rank, energy)
+            check_export_modules(get_family(family_name), format, each.get("targets", ()),
+                                 described.denoiser_config)
         pipeline = load_pipeline(base_model)
     elif has_adapter(pipeline):
         raise DifftuneError("export_adapter: the pipeline already carries an adapter")
     family = family_of(pipeline)
-    check_export_options(info["method"], info["config"], family.name, format, rank, energy)
+    for each in infos:
+        check_export_options(each["method"], each["config"], family.name, format, rank, energy)
 
     # the bare model's state dicts (views), before the adapter wraps its modules
     states = family.single_file_states(pipeline) if format == "single-file" else None
-    load_adapter(pipeline, adapter_path)
+    if len(paths) == 1 and weights is None:
+        load_adapter(pipeline, paths[0])
+    else:
+        for index, (path, weight) in enumerate(zip(paths, weights or [1.0] * len(paths), strict=True)):
+            load_adapter(pipeline, path, scale=weight, adapter_name=f"adapter_{index}")
     try:
         if format == "single-file":
             return _export_single_file(pipeline, output, info["method"], family, states)
@@ -361,7 +378,7 @@ def _export_weights(
     )
     if fmt in LORA_FORMATS and rank is None and energy is None:  # the method's own LoRA factors
         for component, model in _components(pipeline).items():
-            factors = get_adapter(model).lora_factors()
+            factors = adapter_view(model).lora_factors()
             tensors.update(lora_tensors(layout, component, factors, denoiser_config))
         remove_adapter(pipeline)
         report.exact = True

@@ -21,7 +21,11 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("adapter", help="a difftune adapter file (or a folder holding adapter.safetensors)")
+    parser.add_argument("adapter", nargs="+",
+                        help="a difftune adapter file (or a folder holding adapter.safetensors); several: "
+                             "the set of them as one file, ΔW = Σ wᵢ·ΔWᵢ (--weights)")
+    parser.add_argument("--weights", type=float, nargs="+",
+                        help="with several adapters, one weight each (default 1 each)")
     parser.add_argument("--format", required=True, choices=FORMATS, help="what to write")
     parser.add_argument(
         "--output",
@@ -53,8 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    output = Path(args.output) if args.output else default_output(args.adapter, args.format)
-    report = export_adapter(args.adapter, output, args.format, base_model=args.base, rank=args.rank,
+    adapters = args.adapter[0] if len(args.adapter) == 1 and args.weights is None else args.adapter
+    output = Path(args.output) if args.output else default_output(args.adapter[0], args.format)
+    report = export_adapter(adapters, output, args.format, base_model=args.base, rank=args.rank,
+                            weights=args.weights,
                             energy=args.energy, psnr_images=args.psnr_images, prompt=args.prompt,
                             num_inference_steps=args.num_inference_steps, seed=args.seed)
     print(report.summary())

@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from ..api import (
     adapted_experts,
     adapted_text_encoders,
+    adapter_view,
     find_denoiser,
-    get_adapter,
     merge_adapter,
     remove_adapter,
 )
@@ -43,7 +43,7 @@ def merged_and_base(pipeline: Any) -> dict[str, dict[str, tuple[torch.Tensor, to
     pipeline holds the base model again, bit for bit."""
     denoiser, component = find_denoiser(pipeline)
     models = {component: denoiser, **adapted_text_encoders(pipeline), **adapted_experts(pipeline)}
-    names = {part: get_adapter(model).changed_tensor_names() for part, model in models.items()}
+    names = {part: adapter_view(model).changed_tensor_names() for part, model in models.items()}
     merge_adapter(pipeline, unload=False)
     merged = {part: {n: _tensor(models[part], n).clone() for n in names[part]} for part in models}
     remove_adapter(pipeline)
@@ -63,7 +63,7 @@ def changed_tensors(pipeline: Any) -> dict[str, dict[str, TensorPair]]:
     a whole is merged here at once instead (`merged_and_base`, which removes the adapters)."""
     denoiser, component = find_denoiser(pipeline)
     models = {component: denoiser, **adapted_text_encoders(pipeline)}
-    adapters = {part: get_adapter(model) for part, model in models.items()}
+    adapters = {part: adapter_view(model) for part, model in models.items()}
     names = {part: adapter.changed_tensor_names() for part, adapter in adapters.items()}
     if all(not names[part] or adapter.merged_and_base_tensor(names[part][0]) is not None
            for part, adapter in adapters.items()):

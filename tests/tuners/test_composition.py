@@ -41,7 +41,8 @@ class Small(nn.Module):
         return h + self.conv(x.reshape(-1, 4, 2, 2)).reshape(x.shape)
 
 
-def reference(weights: dict[str, torch.Tensor], biases: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+def reference(weights: dict[str, torch.Tensor], biases: dict[str, torch.Tensor],
+              x: torch.Tensor) -> torch.Tensor:
     """`Small.forward` with the given weights, computed densely in float64."""
     x = x.double()
     h = F.linear(torch.tanh(F.linear(x, weights["to_q"], biases["to_q"])), weights["to_k"], biases["to_k"])
@@ -116,7 +117,7 @@ def test_two_adapters_compute_w0_plus_weighted_updates(first, second):
     with torch.no_grad():
         stacked = model(x)
     expected = stacked_reference([(first, 11, 0.7), (second, 22, -0.4)], x)
-    assert torch.allclose(stacked.double(), expected, atol=2e-5, rtol=1e-4), (stacked.double() - expected).abs().max()
+    assert torch.allclose(stacked.double(), expected, atol=2e-5, rtol=1e-4)
 
     # merged equals unmerged for the active set, and unmerging puts the weights back bit for bit
     weights = {name: module.weight.detach().clone() for name, module in base_model().named_children()}
@@ -188,11 +189,12 @@ def test_removing_the_inner_adapter_first_keeps_the_outer_one():
     attach(model, "tlora", "middle", 6)
     attach(model, "lora", "peft_slot", 7)
     attach(model, "sara", "entries", 8)
-    expected = stacked_reference([("svfit", 5, 1.0), ("tlora", 6, 1.0), ("lora", 7, 1.0), ("sara", 8, 1.0)], x)
+    parts = [("svfit", 5, 1.0), ("tlora", 6, 1.0), ("lora", 7, 1.0), ("sara", 8, 1.0)]
+    expected = stacked_reference(parts, x)
     with torch.no_grad():
         assert torch.allclose(model(x).double(), expected, atol=2e-5, rtol=1e-4)
     difftune.delete_adapter(model, "inner")
-    expected = stacked_reference([("tlora", 6, 1.0), ("lora", 7, 1.0), ("sara", 8, 1.0)], x)
+    expected = stacked_reference(parts[1:], x)
     with torch.no_grad():
         assert torch.allclose(model(x).double(), expected, atol=2e-5, rtol=1e-4)
     difftune.remove_adapter(model)
