@@ -266,10 +266,13 @@ HEADER_SCHEMA: dict[str, tuple[type, ...]] = {
 TOKEN_EMBEDDINGS = "token_embeddings"  # header field and tensor prefix of new tokens (pivotal tuning)
 # header field of further denoisers' sections: the experts of a model with several (Wan 2.2's transformer_2)
 EXPERTS = "experts"
+BASE_ADAPTERS = "base_adapters"  # the frozen adapters it was trained on top of (`--base_adapter`)
 OPTIONAL_FIELDS = {CHECKSUM_FIELD: (str,), "text_encoders": (dict,), EXPERTS: (dict,),
-                   TOKEN_EMBEDDINGS: (dict,)}
+                   TOKEN_EMBEDDINGS: (dict,), BASE_ADAPTERS: (list,)}
 # the fields that hold further components' sections, each shaped as SECTION_SCHEMA
 SECTION_FIELDS = ("text_encoders", EXPERTS)
+BASE_ADAPTER_SCHEMA: dict[str, tuple[type, ...]] = {"name": (str,), "method": (str,), "weight": (int, float),
+                                                    "source": (str, _NONE), "content": (str,)}
 TOKEN_EMBEDDINGS_SCHEMA: dict[str, tuple[type, ...]] = {"identifier": (str,), "tokens": (list,)}
 # a text encoder's section (--train_text_encoder): the per-component fields of the header
 SECTION_SCHEMA = {field: HEADER_SCHEMA[field] for field in ("method", "config", "targets", "fingerprint",
@@ -319,6 +322,10 @@ def check_header(info: Any, path: Path) -> None:
                 raise AdapterFileError(f"{path}: header field '{where[:-1]}' must be an object")
             _check_fields(section, SECTION_SCHEMA, {}, where, path)
             _check_section(section, where, path)
+    for index, record in enumerate(info.get(BASE_ADAPTERS, [])):
+        if not isinstance(record, dict):
+            raise AdapterFileError(f"{path}: header field '{BASE_ADAPTERS}.{index}' must be an object")
+        _check_fields(record, BASE_ADAPTER_SCHEMA, {}, f"{BASE_ADAPTERS}.{index}.", path)
     if TOKEN_EMBEDDINGS in info:
         tokens = info[TOKEN_EMBEDDINGS]
         _check_fields(tokens, TOKEN_EMBEDDINGS_SCHEMA, {}, f"{TOKEN_EMBEDDINGS}.", path)
@@ -457,6 +464,8 @@ class AdapterFile:
     extra_header: dict[str, str] = dataclasses.field(default_factory=dict)
     token_embeddings: TokenEmbeddings | None = None  # new identifier tokens (pivotal tuning)
     experts: tuple[str, ...] = ()  # which further sections are denoisers (experts), not text encoders
+    # the frozen adapters it was trained on top of (`--base_adapter`), as `adapter_set.base_adapter_records`
+    base_adapters: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @property
     def main(self) -> AdapterSection:
@@ -483,6 +492,8 @@ class AdapterFile:
             info[EXPERTS] = {name: section.header() for name, section in self.expert_sections.items()}
         if self.token_embeddings is not None:
             info[TOKEN_EMBEDDINGS] = self.token_embeddings.header()
+        if self.base_adapters:
+            info[BASE_ADAPTERS] = list(self.base_adapters)
         return info
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -524,7 +535,8 @@ class AdapterFile:
             tokens["identifier"], tokens["tokens"], local[TOKEN_EMBEDDINGS])
         return cls(component=info["component"], sections=sections, base_model=info["base_model"],
                    difftune_version=info["difftune_version"], format_version=info["format_version"],
-                   source=source, token_embeddings=token_embeddings, experts=tuple(info.get(EXPERTS, {})))
+                   source=source, token_embeddings=token_embeddings, experts=tuple(info.get(EXPERTS, {})),
+                   base_adapters=list(info.get(BASE_ADAPTERS, [])))
 
     validate = staticmethod(check_header)
     fingerprint = staticmethod(fingerprint)

@@ -11,6 +11,7 @@ puts them back bit for bit.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
@@ -51,6 +52,43 @@ def unregister(module: nn.Module, adapter: Adapter) -> None:
 
 def is_merged_set(module: nn.Module) -> bool:
     return _MERGED in module.__dict__
+
+
+def content_id(adapter: Adapter) -> str:
+    """SHA-256 of an adapter's method and file tensors: what a file trained on top of it records, to
+    tell on load whether the same adapter is attached (`base_adapter_warnings`)."""
+    digest = hashlib.sha256(adapter.method.encode())
+    tensors = adapter.adapter_state_dict()
+    for key in sorted(tensors):
+        value = tensors[key].detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"|{key}|{list(value.shape)}|".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def base_adapter_records(module: nn.Module, trained: Adapter) -> list[dict[str, Any]]:
+    """What a file of ``trained`` records of the frozen adapters it was trained on top of."""
+    return [{"name": adapter.name, "method": adapter.method, "weight": adapter.effective_scale,
+             "source": adapter.source, "content": content_id(adapter)}
+            for adapter in adapters_on(module).values() if adapter.frozen and adapter is not trained]
+
+
+def base_adapter_warnings(module: nn.Module, records: list[dict[str, Any]], source: str) -> list[str]:
+    """One line for each adapter a file was trained on top of that ``module`` does not hold now at the
+    weight it was trained with."""
+    present = {content_id(adapter): adapter for adapter in adapters_on(module).values()}
+    lines = []
+    for record in records:
+        what = f"the {record['method']} adapter {record['source'] or record['name']!r}"
+        adapter = present.get(record["content"])
+        if adapter is None:
+            lines.append(f"{source}: was trained on top of {what} at weight {record['weight']:g}, which is "
+                         "not attached: load it first (difftune.load_adapter(pipe, path, adapter_name=..., "
+                         f"scale={record['weight']:g})) for the result it was trained for")
+        elif abs(adapter.effective_scale - float(record["weight"])) > 1e-6:
+            lines.append(f"{source}: was trained on top of {what} at weight {record['weight']:g}; it is "
+                         f"attached as '{adapter.name}' at weight {adapter.effective_scale:g}")
+    return lines
 
 
 def _parameter(module: nn.Module, name: str) -> nn.Parameter:

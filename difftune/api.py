@@ -326,8 +326,10 @@ def save_adapter(model: Any, path: str | os.PathLike, base_model: str | None = N
     """Write the adapter to ``path`` (a ``.safetensors`` file, or a folder for adapter.safetensors).
 
     The header records method, config, targets, the base-model fingerprint and the
-    difftune version. Text-encoder adapters go into the same file, under their component
-    names (``text_encoder.``): those of a pipeline are found by themselves, or pass
+    difftune version, and the frozen adapters on the model it was trained on top of (`Adapter.freeze`:
+    their method, weight, file and a hash of their tensors; loading it without them warns).
+    Text-encoder adapters go into the same file, under their component names (``text_encoder.``):
+    those of a pipeline are found by themselves, or pass
     ``text_encoders={"text_encoder": module}`` with a bare denoiser. Further adapted denoisers (experts:
     ``transformer_2``) go into the same file too, found the same way or among ``text_encoders``.
     ``token_embeddings`` adds new tokens' embeddings (pivotal tuning, difftune.training.pivotal;
@@ -352,7 +354,8 @@ def save_adapter(model: Any, path: str | os.PathLike, base_model: str | None = N
     file = AdapterFile(component=component, base_model=base_model, extra_header=headers,
                        sections={name: each.file_section() for name, each in adapters.items()},
                        token_embeddings=token_embeddings,
-                       experts=tuple(name for name in encoders if name in expert_components()))
+                       experts=tuple(name for name in encoders if name in expert_components()),
+                       base_adapters=adapter_set.base_adapter_records(denoiser, adapter))
     return file.write(path)
 
 
@@ -434,6 +437,9 @@ def load_adapter(
 
     for module in (denoiser, *(encoder for encoder, *_ in encoders.values())):
         _refuse_taken_name(module, adapter_name)
+    for file in files:
+        for line in adapter_set.base_adapter_warnings(denoiser, file.base_adapters, file.source):
+            warnings.warn(line, stacklevel=2)
     attached: list[nn.Module] = []
     try:
         adapter = _attach_from_file(denoiser, adapter_class, config, section, source, adapter_name)
@@ -448,8 +454,9 @@ def load_adapter(
         for module in attached:
             delete_adapter(module, adapter_name)
         raise
-    if scale != 1.0:
-        for module in attached:
+    for module in attached:
+        get_adapter(module, adapter_name).source = source
+        if scale != 1.0:
             get_adapter(module, adapter_name).set_scale(scale)
     return adapter
 

@@ -213,6 +213,7 @@ class Adapter(ABC):
         self.name = DEFAULT_ADAPTER_NAME  # its name among the adapters of its model (set before attach)
         self.active = True
         self.frozen = False  # attached as a fixed base for another adapter that trains
+        self.source: str | None = None  # the file it was loaded from
 
     @classmethod
     def check_targets(cls, modules: dict[str, nn.Module], config: AdapterConfig | None = None) -> None:

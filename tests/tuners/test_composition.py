@@ -17,7 +17,7 @@ import difftune
 from difftune.adapter_set import AdapterSet
 from difftune.tuners import METHODS
 
-TARGETS = r"to_q|to_k|conv"
+TARGETS = r"to_q|to_k|mix"
 OPTIONS = {
     "lora": {"rank": 2, "alpha": 4.0},
     "sara": {"budget": 0.3},
@@ -34,11 +34,11 @@ class Small(nn.Module):
         super().__init__()
         self.to_q = nn.Linear(16, 16)
         self.to_k = nn.Linear(16, 16)
-        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.mix = nn.Conv2d(4, 4, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.to_k(torch.tanh(self.to_q(x)))
-        return h + self.conv(x.reshape(-1, 4, 2, 2)).reshape(x.shape)
+        return h + self.mix(x.reshape(-1, 4, 2, 2)).reshape(x.shape)
 
 
 def reference(weights: dict[str, torch.Tensor], biases: dict[str, torch.Tensor],
@@ -46,7 +46,7 @@ def reference(weights: dict[str, torch.Tensor], biases: dict[str, torch.Tensor],
     """`Small.forward` with the given weights, computed densely in float64."""
     x = x.double()
     h = F.linear(torch.tanh(F.linear(x, weights["to_q"], biases["to_q"])), weights["to_k"], biases["to_k"])
-    conv = F.conv2d(x.reshape(-1, 4, 2, 2), weights["conv"], biases["conv"], padding=1)
+    conv = F.conv2d(x.reshape(-1, 4, 2, 2), weights["mix"], biases["mix"], padding=1)
     return h + conv.reshape(x.shape)
 
 
@@ -323,3 +323,42 @@ def test_text_encoder_adapters_compose_the_same_way():
     difftune.remove_adapter(encoder)
     with torch.no_grad():
         assert torch.equal(encoder(ids).last_hidden_state, base_out)
+
+
+def test_a_file_trained_on_top_of_frozen_adapters_records_them(tmp_path):
+    import warnings
+
+    x = inputs()
+    source = base_model()
+    attach(source, "sara", "default", 1)
+    style_path = difftune.save_adapter(source, tmp_path / "style.safetensors")
+    model = base_model()
+    style = difftune.load_adapter(model, style_path, adapter_name="style", scale=0.8)
+    style.freeze()
+    attach(model, "lora", "default", 2)
+    subject_path = difftune.save_adapter(model, tmp_path / "subject.safetensors")
+    with torch.no_grad():
+        expected = model(x)
+    records = difftune.read_adapter_info(subject_path)["base_adapters"]
+    assert [(r["name"], r["method"], r["weight"], r["source"]) for r in records] == [
+        ("style", "sara", 0.8, str(style_path))]
+
+    alone = base_model()
+    with pytest.warns(UserWarning, match=r"trained on top of the sara adapter .*style.safetensors.* at weight "
+                                         r"0.8, which is not attached"):
+        difftune.load_adapter(alone, subject_path)
+    stacked = base_model()
+    difftune.load_adapter(stacked, style_path, adapter_name="style", scale=0.5)
+    with pytest.warns(UserWarning, match="attached as 'style' at weight 0.5"):
+        difftune.load_adapter(stacked, subject_path, adapter_name="subject")
+    difftune.set_adapter_scale(stacked, 0.8, name="style")
+    with torch.no_grad():
+        assert torch.allclose(stacked(x), expected, atol=1e-6)
+    fresh = base_model()
+    difftune.load_adapter(fresh, style_path, adapter_name="style", scale=0.8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        difftune.load_adapter(fresh, subject_path)
+    # a second SaRA file on the same weights loads beside the first (its masks checked against W0)
+    difftune.load_adapter(fresh, style_path, adapter_name="again")
+    assert difftune.list_adapters(fresh) == ["style", "default", "again"]
