@@ -409,6 +409,10 @@ def load_adapter(
     for each in paths:
         file_path = resolve_adapter_path(each)
         if single and is_foreign_file(file_path):  # a LoRA file of kohya, ComfyUI, diffusers, ...
+            if any(adapter_set.adapters_on(module) for module in _adapted_modules(pipeline_or_model)):
+                raise DifftuneError(f"{file_path}: another tool's LoRA file is read through diffusers' "
+                                    "loader, into a pipeline that holds no adapter yet: load it first, then "
+                                    "the others")
             files.append(read_foreign_lora(pipeline_or_model, file_path))
         else:
             files.append(AdapterFile.read(file_path, resolved=True))
