@@ -1,6 +1,7 @@
 """Stacked adapter files: difftune and diffusers give the same images for the same LoRA files, names
 and weights; a set of files exports as one (exact LoRA factors side by side, or one ΔW per tensor)."""
 
+import pytest
 import torch
 from conftest import build, generate, randomize_adapter
 from safetensors.torch import load_file
@@ -63,6 +64,14 @@ def test_a_set_of_lora_files_exports_as_one_exact_kohya_file(tmp_path):
     fresh = build("sd")
     fresh.load_lora_weights(str(tmp_path / "set.safetensors"))
     assert float(abs(generate(fresh) - stacked).max()) < TOL
+    # another tool's file goes in first (diffusers' loader reads it), then difftune's files beside it
+    difftune.load_adapter(pipe, style, adapter_name="style")
+    with pytest.raises(difftune.DifftuneError, match="holds no adapter yet: load it first"):
+        difftune.load_adapter(pipe, tmp_path / "set.safetensors", adapter_name="imported")
+    difftune.remove_adapter(pipe)
+    difftune.load_adapter(pipe, tmp_path / "set.safetensors", adapter_name="imported")
+    difftune.load_adapter(pipe, style, adapter_name="style")
+    assert difftune.list_adapters(pipe) == ["imported", "style"]
 
 
 def test_a_mixed_set_exports_its_summed_change_as_a_diff(tmp_path):
