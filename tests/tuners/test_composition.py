@@ -344,8 +344,8 @@ def test_a_file_trained_on_top_of_frozen_adapters_records_them(tmp_path):
         ("style", "sara", 0.8, str(style_path))]
 
     alone = base_model()
-    with pytest.warns(UserWarning, match=r"trained on top of the sara adapter .*style.safetensors.* at weight "
-                                         r"0.8, which is not attached"):
+    with pytest.warns(UserWarning, match=r"trained on top of the sara adapter .*style.safetensors.* at "
+                                         r"weight 0.8, which is not attached"):
         difftune.load_adapter(alone, subject_path)
     stacked = base_model()
     difftune.load_adapter(stacked, style_path, adapter_name="style", scale=0.5)
