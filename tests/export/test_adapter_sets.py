@@ -26,12 +26,18 @@ def lora_files(tmp_path):
     return style, subject
 
 
+def stacked(style, subject):
+    """The tiny pipeline with both files as named adapters, at `WEIGHTS`."""
+    pipe = build("sd")
+    difftune.load_adapter(pipe, style, adapter_name="style")
+    difftune.load_adapter(pipe, subject, adapter_name="subject")
+    difftune.set_adapters(pipe, ["style", "subject"], WEIGHTS)
+    return pipe
+
+
 def test_difftune_and_diffusers_agree_on_stacked_lora_files(tmp_path):
     style, subject = lora_files(tmp_path)
-    ours = build("sd")
-    difftune.load_adapter(ours, style, adapter_name="style")
-    difftune.load_adapter(ours, subject, adapter_name="subject")
-    difftune.set_adapters(ours, ["style", "subject"], WEIGHTS)
+    ours = stacked(style, subject)
     theirs = build("sd")
     theirs.load_lora_weights(str(tmp_path), weight_name=style.name, adapter_name="style")
     theirs.load_lora_weights(str(tmp_path), weight_name=subject.name, adapter_name="subject")
@@ -51,11 +57,8 @@ def test_difftune_and_diffusers_agree_on_stacked_lora_files(tmp_path):
 
 def test_a_set_of_lora_files_exports_as_one_exact_kohya_file(tmp_path):
     style, subject = lora_files(tmp_path)
-    pipe = build("sd")
-    difftune.load_adapter(pipe, style, adapter_name="style")
-    difftune.load_adapter(pipe, subject, adapter_name="subject")
-    difftune.set_adapters(pipe, ["style", "subject"], WEIGHTS)
-    stacked = generate(pipe)
+    pipe = stacked(style, subject)
+    images = generate(pipe)
     difftune.remove_adapter(pipe)
     report = export_adapter([style, subject], tmp_path / "set.safetensors", "kohya", weights=WEIGHTS,
                             pipeline=pipe, psnr_images=0)
@@ -63,7 +66,7 @@ def test_a_set_of_lora_files_exports_as_one_exact_kohya_file(tmp_path):
     assert not difftune.has_adapter(pipe)
     fresh = build("sd")
     fresh.load_lora_weights(str(tmp_path / "set.safetensors"))
-    assert float(abs(generate(fresh) - stacked).max()) < TOL
+    assert float(abs(generate(fresh) - images).max()) < TOL
     # another tool's file goes in first (diffusers' loader reads it), then difftune's files beside it
     difftune.load_adapter(pipe, style, adapter_name="style")
     with pytest.raises(difftune.DifftuneError, match="holds no adapter yet: load it first"):
