@@ -95,3 +95,32 @@ def test_a_mixed_set_exports_its_summed_change_as_a_diff(tmp_path):
     for key in changed:
         diff = diffs[f"lora_unet_{key.rsplit('.', 1)[0].replace('.', '_')}.diff"]
         assert torch.allclose(base[key] + diff, merged[key], atol=1e-6)
+
+
+def test_files_with_text_encoder_adapters_stack_by_name(tmp_path):
+    paths = []
+    cases = (("one", "lora", 5, {"rank": 2}), ("two", "sara", 6, {"budget": 0.05}))
+    for name, method, seed, options in cases:
+        pipe = build("sd")
+        difftune.add_adapter(pipe, method, targets="attn", **options)
+        difftune.add_adapter(pipe.text_encoder, method, targets=r".*(q_proj|v_proj)", **options)
+        randomize_adapter(pipe, std=0.1 if method == "lora" else 0.01, seed=seed)
+        randomize_adapter(pipe.text_encoder, std=0.1 if method == "lora" else 0.01, seed=seed)
+        paths.append(difftune.save_adapter(pipe, tmp_path / f"{name}.safetensors"))
+    base = generate(build("sd"))
+    pipe = build("sd")
+    for name, path in zip(("one", "two"), paths, strict=True):
+        difftune.load_adapter(pipe, path, adapter_name=name)
+    assert difftune.list_adapters(pipe.text_encoder) == ["one", "two"]
+    difftune.set_adapters(pipe, ["one", "two"], [0.5, 2.0])
+    images = generate(pipe)
+    encoder_adapters = difftune.adapter_set.adapters_on(pipe.text_encoder).values()
+    assert [adapter.effective_scale for adapter in encoder_adapters] == [0.5, 2.0]
+    difftune.merge_adapter(pipe, unload=False)  # both components, merged equals unmerged
+    assert float(abs(generate(pipe) - images).max()) < TOL
+    difftune.unmerge_adapter(pipe)
+    difftune.delete_adapter(pipe, "one")
+    assert difftune.list_adapters(pipe.text_encoder) == ["two"]
+    difftune.remove_adapter(pipe)
+    assert not difftune.adapted_text_encoders(pipe)
+    assert float(abs(generate(pipe) - base).max()) == 0.0
