@@ -36,7 +36,8 @@ Choices = Sequence[Any] | Callable[[], Sequence[Any]]
 
 def option(default: Any, help: str | Callable[[], str], *, choices: Choices | None = None,
            check: Check | None = None, parse: Callable[[str], Any] | None = None, group: str | None = None,
-           metavar: str | None = None, aliases: Sequence[str] = (), **kwargs: Any) -> Any:
+           metavar: str | None = None, aliases: Sequence[str] = (), repeat: bool = False,
+           **kwargs: Any) -> Any:
     """A dataclass field that is also a command-line flag: its default and help, and optionally
 
     * ``choices``: the values it takes (or a function giving them when the parser is built, for a
@@ -45,13 +46,14 @@ def option(default: Any, help: str | Callable[[], str], *, choices: Choices | No
     * ``parse``: reads the flag's text into the value (a `DifftuneError` becomes argparse's error);
     * ``group``: the help section it is listed in, when not its dataclass's ``flag_group``;
     * ``metavar``: the placeholder of its value in the usage line;
-    * ``aliases``: further spellings of the flag that other tools' users know (``--min_bucket_reso``).
+    * ``aliases``: further spellings of the flag that other tools' users know (``--min_bucket_reso``);
+    * ``repeat``: a list flag that may be given several times, each adding its values.
 
     ``help`` may be a function, called when the parser is built (text naming registered models).
     """
     metadata: dict[str, Any] = {"help": help}
     extras = {"choices": choices, "check": check, "parse": parse, "group": group, "metavar": metavar,
-              "aliases": tuple(aliases) or None}
+              "aliases": tuple(aliases) or None, "repeat": repeat or None}
     metadata.update({key: value for key, value in extras.items() if value is not None})
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: copy.copy(default), metadata=metadata, **kwargs)

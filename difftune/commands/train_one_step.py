@@ -208,6 +208,8 @@ def main(argv: list[str] | None = None) -> Path:
     spec = difftune.AdapterSpec(args.adapter, args.targets, adapter_options_with_defaults(args))
     resolution = loop.check_before_loading(spec, base, model_info, args.resolution, output_dir,
                                            args.use_8bit_adam)
+    base_adapters = arguments.base_adapters(args)
+    loop.check_base_adapters(base_adapters)
     loss_fn = HiPALoss(loss_config)  # loads LPIPS weights when asked: fails early if it cannot
     prompts = read_prompts(args.prompts_file)
     eval_prompts = [] if args.skip_evaluation else read_prompts(args.eval_prompts_file)
@@ -217,7 +219,8 @@ def main(argv: list[str] | None = None) -> Path:
     metrics = DifftuneMetrics(clip_model, fid_extractor, batch_size=args.eval_metric_batch_size) \
         if clip_model else None
     run_settings = {"base_model": base_model, **spec.to_dict(), "teacher": vars(teacher_settings),
-                    "resolution": resolution, "prompts": prompts, "loss": vars(loss_config)}
+                    "resolution": resolution, "prompts": prompts, "loss": vars(loss_config),
+                    "base_adapters": [list(pair) for pair in base_adapters]}
     optimization_record = checkpointing.optimization_record(
         arguments.settings_from_args(args, settings.OptimizerSettings))
     resume_path, resume_state = checkpointing.resume_point(output_dir, checkpoints.resume_from_checkpoint)
@@ -265,7 +268,9 @@ def main(argv: list[str] | None = None) -> Path:
         frozen.requires_grad_(False)
     step_spec = one_step_timestep(pipeline.scheduler)
     memory = arguments.settings_from_args(args, settings.MemorySettings)
-    adapter = loop.attach_trainable_adapter(denoiser, spec, seed, memory)
+    # the teacher's samples above come from the base model alone; the student trains on top of them
+    adapter = loop.attach_trainable_adapter(denoiser, spec, seed, memory, pipeline=pipeline,
+                                            base_adapters=base_adapters)
     if memory.gradient_checkpointing:
         pipeline.vae.enable_gradient_checkpointing()  # the decoder is in the graph too
     loss_fn.to(device)
@@ -328,7 +333,8 @@ def main(argv: list[str] | None = None) -> Path:
     if is_main:
         difftune.save_adapter(accelerator.unwrap_model(model), adapter_path, base_model=base_model)
         del pipeline, family, data, model, denoiser
-        fresh = loop.load_base_pipeline(base, weight_dtype, device, adapter_path)  # sample the saved file
+        fresh = loop.load_base_pipeline(base, weight_dtype, device, adapter_path,  # sample the saved file
+                                        base_adapters=base_adapters)
         with accelerator.autocast():
             final = compare_with_teacher(fresh, eval_cache or train_cache,
                                          None if eval_cache else validation_indices)

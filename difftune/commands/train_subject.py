@@ -262,8 +262,9 @@ def main(argv: list[str] | None = None) -> Path:
     family_class = get_family(model_info.family)
     video = video_data(args, model_info, resolution) if family_class.video else None
     (warn_small_clips if video else warn_small_images)(instance_images, resolution, "--instance_data_dir")
+    base_adapters = arguments.base_adapters(args)
     run_settings = {"base_model": base_model, **spec.to_dict(), "train_text_encoder": args.train_text_encoder,
-                    "expert": args.expert}
+                    "expert": args.expert, "base_adapters": [list(pair) for pair in base_adapters]}
     optimization, optimization_record, resume_path, resume_state = session.resume_point(
         args, checkpoints, run_settings, text_encoder_lr=args.text_encoder_lr)
     if resume_state and resume_state.get("train_token_embedding"):
@@ -325,7 +326,8 @@ def main(argv: list[str] | None = None) -> Path:
     trained = family.trained_denoisers()  # the denoiser, and under --expert both the other expert
     for component, module in trained.items():
         name_component(module, component)  # its files and checkpoints name the right transformer
-    adapter = loop.attach_trainable_adapter(denoiser, spec, seed, memory, args.init_adapter, pipeline)
+    adapter = loop.attach_trainable_adapter(denoiser, spec, seed, memory, args.init_adapter, pipeline,
+                                            base_adapters)
     experts = {component: module for component, module in trained.items() if module is not denoiser}
     for offset, module in enumerate(experts.values(), start=1):
         module.requires_grad_(False)
@@ -412,6 +414,7 @@ def main(argv: list[str] | None = None) -> Path:
               f"seed {seed}{resumed}")
 
     trainer_state = {"base_model": base_model, **spec.to_dict(), "seed": seed,
+                     "base_adapters": run_settings["base_adapters"],
                      "max_train_steps": max_train_steps, "train_text_encoder": args.train_text_encoder,
                      "expert": args.expert, checkpointing.OPTIMIZATION_KEY: optimization_record,
                      **({"train_token_embedding": True} if tokens else {})}
@@ -453,7 +456,8 @@ def main(argv: list[str] | None = None) -> Path:
         sample_names = session.sample_saved_adapter(base, weight_dtype, accelerator, adapter_path,
                                                     [sample_prompt], validation, seed=seed,
                                                     resolution=resolution, step=global_step,
-                                                    generation=generation, save=save_and_log)
+                                                    generation=generation, save=save_and_log,
+                                                    base_adapters=base_adapters)
         write_model_card(
             output_dir, base_model=base_model, family=model_info.family, method=spec.method,
             options={k: v for k, v in adapter.config.to_dict().items() if k != "targets"},

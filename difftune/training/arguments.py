@@ -218,8 +218,8 @@ def _add_field_flag(group: Any, dest: str, field: dataclasses.Field, annotation:
     """One flag from one option field (`difftune.options.option`): its type, choices, default and help.
 
     A bool field is a switch: ``--flag`` (store_true) when it defaults to False, else ``--flag /
-    --no-flag`` (as for every bool with ``switches``); a list field takes one or more values; a path is
-    given as text.
+    --no-flag`` (as for every bool with ``switches``); a list field takes one or more values (each time
+    it is given, with ``repeat``); a path is given as text.
     """
     annotation = _without_none(annotation)
     annotation = str if annotation is Path else annotation
@@ -234,6 +234,8 @@ def _add_field_flag(group: Any, dest: str, field: dataclasses.Field, annotation:
     elif typing.get_origin(annotation) in (list, tuple):
         (item,) = typing.get_args(annotation)[:1]
         kwargs.update(nargs="+", type=_flag_parser(field, item), choices=choices)
+        if field.metadata.get("repeat"):
+            kwargs["action"] = "extend"
     else:
         kwargs.update(type=_flag_parser(field, annotation), choices=choices)
     action = group.add_argument(f"--{dest}", *field.metadata.get("aliases", ()), **kwargs)
@@ -336,6 +338,11 @@ def adapter_spec(args: argparse.Namespace) -> AdapterSpec:
     options checked once here."""
     chosen = settings_from_args(args, AdapterSettings)
     return AdapterSpec(chosen.adapter, chosen.targets, adapter_options(args, chosen.adapter))
+
+
+def base_adapters(args: argparse.Namespace) -> list[tuple[str, float]]:
+    """``--base_adapter`` as (path, weight) pairs."""
+    return settings_from_args(args, AdapterSettings).base_adapters
 
 
 def tracker_config(args: argparse.Namespace) -> dict[str, Any]:

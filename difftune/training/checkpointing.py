@@ -363,11 +363,15 @@ def resume_point(output_dir: str | Path, spec: str | None) -> tuple[Path | None,
     return path, read_trainer_state(path)
 
 
+# trainer-state entries that checkpoints written before them lack, and the value they stood for then
+ABSENT_MEANS = {"base_adapters": []}
+
+
 def check_resume_fits(state: dict[str, Any], settings: dict[str, Any], path: str | Path) -> None:
     """A checkpoint resumes only the run that wrote it: every entry of ``settings`` (base model,
-    method, options, targets, ...) must equal the one in its trainer ``state``."""
+    method, options, targets, frozen base adapters, ...) must equal the one in its trainer ``state``."""
     for key, value in settings.items():
-        if state.get(key) != value:
+        if state.get(key, ABSENT_MEANS.get(key)) != value:
             raise DifftuneError(f"--resume_from_checkpoint {path}: it was trained with {key} "
                                 f"{state.get(key)!r}, this run asks for {value!r}")
 

@@ -28,7 +28,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import machine
-from ..api import AdapterSpec, count_trainable_parameters, get_adapter, load_adapter, trainable_parameters
+from ..api import (
+    AdapterSpec,
+    adapted_experts,
+    adapted_text_encoders,
+    count_trainable_parameters,
+    find_denoiser,
+    get_adapter,
+    has_adapter,
+    load_adapter,
+    read_adapter_info,
+    trainable_parameters,
+)
 from ..errors import DifftuneError
 from ..families import check_capability, denoiser_components, expert_components, get_family
 from ..io import check_output_dir
@@ -205,12 +216,39 @@ def resolve_seed(seed: int | None, resume_state: dict | None) -> int:
     return broadcast_object_list([seed])[0]
 
 
+BASE_ADAPTER_NAME = "base_{}"  # the names --base_adapter files are attached under, numbered from 1
+
+
+def check_base_adapters(base_adapters: Sequence[tuple[str, float]]) -> None:
+    """Each ``--base_adapter`` file is a readable difftune adapter file (one line naming it otherwise),
+    before any model loads."""
+    for path, _ in base_adapters:
+        try:
+            read_adapter_info(path)
+        except DifftuneError as err:
+            raise DifftuneError(f"--base_adapter {path}: {err}") from None
+
+
+def attach_base_adapters(model: Any, base_adapters: Sequence[tuple[str, float]]) -> None:
+    """``--base_adapter``: each file attached in order as ``base_1``, ``base_2``, ... at its weight, and
+    frozen (its text-encoder adapters too): the trained adapter goes on top of them."""
+    for index, (path, weight) in enumerate(base_adapters, 1):
+        name = BASE_ADAPTER_NAME.format(index)
+        load_adapter(model, path, scale=weight, adapter_name=name)
+        modules = [find_denoiser(model)[0], *adapted_text_encoders(model).values(),
+                   *adapted_experts(model).values()]
+        for module in modules:
+            if has_adapter(module, name):
+                get_adapter(module, name).freeze()
+
+
 def load_base_pipeline(model: ModelSettings, dtype: torch.dtype, device: torch.device,
-                       adapter_path: Path | None = None, offload: bool = False):
+                       adapter_path: Path | None = None, offload: bool = False,
+                       base_adapters: Sequence[tuple[str, float]] = ()):
     """The base pipeline in ``dtype`` on ``device`` with an fp32 VAE (fp16 VAEs give NaN latents
-    and black images) and no progress bars. With ``adapter_path``: the saved adapter loaded and
-    ``--prediction_type`` set on the scheduler, so samples come from the file users get. With
-    ``offload`` only the denoisers go to ``device`` (``--offload``)."""
+    and black images) and no progress bars. With ``adapter_path``: the saved adapter loaded (on top of
+    the ``base_adapters`` it was trained on) and ``--prediction_type`` set on the scheduler, so samples
+    come from the file users get. With ``offload`` only the denoisers go to ``device`` (``--offload``)."""
     from ..model_factory import load_pipeline
 
     pipeline = load_pipeline(model.pretrained_model_name_or_path, torch_dtype=dtype,
@@ -220,6 +258,7 @@ def load_base_pipeline(model: ModelSettings, dtype: torch.dtype, device: torch.d
     if adapter_path is not None:
         if model.prediction_type:
             pipeline.scheduler.register_to_config(prediction_type=model.prediction_type)
+        attach_base_adapters(pipeline, base_adapters)
         load_adapter(pipeline, adapter_path)
     if offload:  # the denoisers alone (both experts of a two-expert model); the rest stays on the CPU
         for name in (*denoiser_components(), *expert_components()):
@@ -319,13 +358,16 @@ def quantization_kwargs(model: ModelSettings, dtype: torch.dtype) -> dict[str, A
 
 
 def attach_trainable_adapter(denoiser: nn.Module, spec: AdapterSpec, seed: int, memory: MemorySettings,
-                             init_adapter: str | None = None, pipeline: Any = None):
+                             init_adapter: str | None = None, pipeline: Any = None,
+                             base_adapters: Sequence[tuple[str, float]] = ()):
     """The adapter of ``spec``, seeded; trainable parameters in fp32 under fp16/bf16; memory options
     applied. With ``init_adapter`` (and the pipeline) it starts from that file instead: a difftune
-    file, or another tool's LoRA file, imported."""
+    file, or another tool's LoRA file, imported. ``base_adapters`` (``--base_adapter``) are attached
+    first, frozen (`attach_base_adapters`)."""
     from accelerate.utils import set_seed
     from diffusers.training_utils import cast_training_params
 
+    attach_base_adapters(pipeline if pipeline is not None else denoiser, base_adapters)
     set_seed(seed)  # the adapter's initialisation
     if init_adapter:
         adapter = load_adapter(pipeline if pipeline is not None else denoiser, init_adapter)

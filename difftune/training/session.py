@@ -65,6 +65,7 @@ def check_model_and_adapter(args: argparse.Namespace, script: str,
     spec = arguments.adapter_spec(args)  # the adapter's options, checked once
     if args.init_adapter:
         arguments.check_init_adapter(args)
+    loop.check_base_adapters(arguments.base_adapters(args))
     arguments.check_export_arguments(args, spec, model_info.family)
     resolution = loop.check_before_loading(spec, base, model_info, args.resolution, Path(args.output_dir),
                                            args.use_8bit_adam)
@@ -238,13 +239,15 @@ def save_trained_adapter(denoiser: torch.nn.Module, output_dir: Path, base_model
 def sample_saved_adapter(base: ModelSettings, weight_dtype: torch.dtype, accelerator: Any,
                          adapter_path: Path, prompts: Sequence[str], validation: ValidationSettings, *,
                          seed: int, resolution: int, step: int, generation: GenerationSettings | None = None,
-                         save: SaveSamples | None = None) -> list[str]:
+                         save: SaveSamples | None = None,
+                         base_adapters: Sequence[tuple[str, float]] = ()) -> list[str]:
     """``samples.png`` (or what ``save`` writes) drawn by a fresh pipeline that loads the saved file
-    (what users get); returns the written names (none with --skip_final_inference). Free the
-    training pipeline first."""
+    (what users get, on top of the ``--base_adapter`` files it was trained on); returns the written
+    names (none with --skip_final_inference). Free the training pipeline first."""
     if validation.skip_final_inference:
         return []
-    fresh = loop.load_base_pipeline(base, weight_dtype, accelerator.device, adapter_path)
+    fresh = loop.load_base_pipeline(base, weight_dtype, accelerator.device, adapter_path,
+                                    base_adapters=base_adapters)
     images = generate_images(fresh, list(prompts), generation or validation.generation(seed, resolution),
                              show_progress=False, autocast=accelerator.autocast())
     save = save or functools.partial(sample_grid, accelerator=accelerator)

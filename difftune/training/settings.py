@@ -16,9 +16,11 @@ Settings built in code pass the same checks as flags (`CheckedSettings`).
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import ClassVar
 
+from ..errors import DifftuneError
 from ..families import EXPORT_FORMATS, FAMILIES
 from ..model_factory import builtin_names
 from ..options import (  # DTYPES, PRECISIONS: the trainers read them here
@@ -78,10 +80,30 @@ class ModelSettings(CheckedSettings):
                                        group="precision and memory")
 
 
+def split_base_adapter(text: str) -> tuple[str, float]:
+    """A ``--base_adapter`` value, ``PATH[:WEIGHT]``: the file and its weight (1 when none is given; a
+    colon not followed by a number belongs to the path)."""
+    path, colon, weight = text.rpartition(":")
+    if not colon or not path:
+        return text, 1.0
+    try:
+        value = float(weight)
+    except ValueError:
+        return text, 1.0
+    if not math.isfinite(value):
+        raise DifftuneError(f"--base_adapter {text}: the weight must be a finite number")
+    return path, value
+
+
+def _base_adapter_value(text: str) -> str:
+    split_base_adapter(text)  # a bad weight is the flag's error
+    return text
+
+
 @dataclasses.dataclass(frozen=True)
 class AdapterSettings(CheckedSettings):
     """The trained method and its layers (each method's own options are flags generated from its config,
-    `arguments.add_method_arguments`)."""
+    `arguments.add_method_arguments`), and the frozen adapters it trains on top of."""
 
     flag_group: ClassVar[str] = "adapter"
 
@@ -89,6 +111,16 @@ class AdapterSettings(CheckedSettings):
     targets: list[str] | None = option(None, "layers to adapt: presets attn, attn-ff, conv, all, regexes on "
                                              "module names or module names; several are united (default: "
                                              "the method's default)")
+    base_adapter: list[str] = option(
+        [], "train on top of this adapter file, frozen at WEIGHT (default 1), any method; give the flag "
+            "again for more (attached in order, before the trained adapter). The trained file records them, "
+            "and loading it without them warns (docs/adapter-sets.md)",
+        parse=_base_adapter_value, repeat=True, metavar="PATH[:WEIGHT]")
+
+    @property
+    def base_adapters(self) -> list[tuple[str, float]]:
+        """``--base_adapter`` as (path, weight) pairs."""
+        return [split_base_adapter(text) for text in self.base_adapter]
 
 
 @dataclasses.dataclass(frozen=True)

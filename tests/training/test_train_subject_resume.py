@@ -342,3 +342,47 @@ def test_resuming_with_other_optimisation_settings_is_refused_naming_them(train_
                   "--resume_from_checkpoint", "latest")
     card = (out / "README.md").read_text()
     assert "| learning rate | `0.001` |" in card and "| optimizer steps | 6 |" in card
+
+
+def test_training_on_top_of_frozen_adapters_resumes_bit_identical(train_subject, subject_dir, tmp_path,
+                                                                   monkeypatch):
+    # two frozen bases of other methods (one with text-encoder adapters), the trained LoRA on top of them
+    from conftest import build, randomize_adapter
+
+    bases = []
+    for name, method, options in (("style", "sara", {"budget": 0.02}), ("pose", "svfit", {"rank": 2})):
+        pipe = build("sd")
+        difftune.add_adapter(pipe, method, "attn", **options)
+        if name == "style":
+            difftune.add_adapter(pipe.text_encoder, method, r".*q_proj", **options)
+            randomize_adapter(pipe.text_encoder, std=0.01)
+        randomize_adapter(pipe, std=0.01)
+        bases.append(difftune.save_adapter(pipe, tmp_path / f"{name}.safetensors"))
+    flags = ["--base_adapter", f"{bases[0]}:0.7", "--base_adapter", str(bases[1])]
+    full, split = tmp_path / "full", tmp_path / "split"
+    train_subject(*run_flags(subject_dir, full, MODELS["sd"], "lora"), *flags)
+    with monkeypatch.context() as patch:
+        interrupt_after_first_checkpoint(patch)
+        with pytest.raises(KeyboardInterrupt):
+            train_subject(*run_flags(subject_dir, split, MODELS["sd"], "lora"), *flags)
+    with pytest.raises(difftune.DifftuneError, match="trained with base_adapters .*style.safetensors"):
+        train_subject(*run_flags(subject_dir, split, MODELS["sd"], "lora"), "--resume_from_checkpoint",
+                      "latest")
+    train_subject(*run_flags(subject_dir, split, MODELS["sd"], "lora"), *flags,
+                  "--resume_from_checkpoint", "latest")
+    uninterrupted, resumed = load_file(full / "adapter.safetensors"), load_file(split / "adapter.safetensors")
+    assert uninterrupted.keys() == resumed.keys()
+    assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
+
+    # the file holds the trained LoRA only, and records the bases it was trained on top of
+    info = difftune.read_adapter_info(full / "adapter.safetensors")
+    assert info["method"] == "lora" and all("lora" in key for key in uninterrupted)
+    assert [(r["name"], r["method"], r["weight"]) for r in info["base_adapters"]] == [
+        ("base_1", "sara", 0.7), ("base_2", "svfit", 1.0)]
+    pipe = load_pipeline("builtin:tiny-sd")
+    with pytest.warns(UserWarning, match="trained on top of the sara adapter"):
+        difftune.load_adapter(pipe, full / "adapter.safetensors")
+    # the bases were frozen: trained alone from the same seed, the LoRA comes out different
+    train_subject(*run_flags(subject_dir, tmp_path / "alone", MODELS["sd"], "lora"))
+    alone = load_file(tmp_path / "alone" / "adapter.safetensors")
+    assert any(not torch.equal(alone[k], uninterrupted[k]) for k in alone)
