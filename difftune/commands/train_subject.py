@@ -295,6 +295,8 @@ def main(argv: list[str] | None = None) -> Path:
     pipeline, family = loop.load_training_model(base, loss_options, weight_dtype, device,
                                                 offload=frozen_parts.offload)
     denoiser = family.denoiser
+    # --base_adapter: part of the model being fine-tuned from here on (its class images too)
+    loop.attach_base_adapters(pipeline, base_adapters)
 
     def helpers_on_device():
         """--offload: the VAE and text encoders are on the device only inside this context."""
@@ -311,6 +313,7 @@ def main(argv: list[str] | None = None) -> Path:
             generator_pipeline.set_progress_bar_config(disable=True)
             if base.prediction_type:
                 generator_pipeline.scheduler.register_to_config(prediction_type=base.prediction_type)
+            loop.attach_base_adapters(generator_pipeline, base_adapters)
         with helpers_on_device() if generator_pipeline is pipeline else contextlib.nullcontext():
             ensure_class_images(generator_pipeline, args.class_data_dir, args.class_prompt,
                                 args.num_class_images, seed=seed, resolution=resolution,
@@ -326,8 +329,7 @@ def main(argv: list[str] | None = None) -> Path:
     trained = family.trained_denoisers()  # the denoiser, and under --expert both the other expert
     for component, module in trained.items():
         name_component(module, component)  # its files and checkpoints name the right transformer
-    adapter = loop.attach_trainable_adapter(denoiser, spec, seed, memory, args.init_adapter, pipeline,
-                                            base_adapters)
+    adapter = loop.attach_trainable_adapter(denoiser, spec, seed, memory, args.init_adapter, pipeline)
     experts = {component: module for component, module in trained.items() if module is not denoiser}
     for offset, module in enumerate(experts.values(), start=1):
         module.requires_grad_(False)
