@@ -149,3 +149,17 @@ def test_a_video_model_is_refused_before_loading(tmp_path, prompt_files, monkeyp
     with pytest.raises(DifftuneError, match=refused):
         run_script(*command(tmp_path / "wan", prompt_files, "--max_train_steps", "1",
                             model="builtin:tiny-wan"))
+
+
+def test_trains_on_top_of_a_frozen_adapter(tmp_path, prompt_files):
+    from conftest import build, randomize_adapter
+
+    pipe = build("sd")
+    difftune.add_adapter(pipe, "sara", "attn", budget=0.02)
+    randomize_adapter(pipe, std=0.01)
+    base = difftune.save_adapter(pipe, tmp_path / "style.safetensors")
+    adapter_path = run_script(*command(tmp_path / "run", prompt_files, "--max_train_steps", "1",
+                                       "--skip_evaluation", "--base_adapter", f"{base}:0.5"))
+    info = difftune.read_adapter_info(adapter_path)
+    assert info["method"] == "lora"
+    assert [(r["method"], r["weight"]) for r in info["base_adapters"]] == [("sara", 0.5)]
