@@ -190,10 +190,12 @@ def main(argv: list[str] | None = None) -> Path:
     warn_small_images(examples, resolution, "--train_data_dir" if args.train_data_dir else "--dataset_name")
     # a checkpoint resumes only the run that wrote it: same model, adapter, data and average
     bucket_list = [list(bucket) for bucket in sorted(set(example_buckets))] if example_buckets else None
+    base_adapters = arguments.base_adapters(args)
     run_settings = {"base_model": base_model, **spec.to_dict(), "examples": len(examples),
                     "resolution": resolution, "buckets": bucket_list,
                     "caption_prefix": args.caption_prefix, "caption_dropout": args.caption_dropout,
-                    "ema_decay": args.ema_decay if args.use_ema else None}
+                    "ema_decay": args.ema_decay if args.use_ema else None,
+                    "base_adapters": [list(pair) for pair in base_adapters]}
     optimization, optimization_record, resume_path, resume_state = session.resume_point(
         args, checkpoints, run_settings)
 
@@ -207,6 +209,7 @@ def main(argv: list[str] | None = None) -> Path:
     loss_options = arguments.settings_from_args(args, LossOptions, skip_none=True)
     pipeline, family = loop.load_training_model(base, loss_options, weight_dtype, device)
     denoiser = family.denoiser
+    loop.attach_base_adapters(pipeline, base_adapters)  # --base_adapter: frozen, under the trained one
     memory = arguments.settings_from_args(args, settings.MemorySettings)
     adapter = loop.attach_trainable_adapter(denoiser, spec, seed, memory, args.init_adapter, pipeline)
 
@@ -281,7 +284,8 @@ def main(argv: list[str] | None = None) -> Path:
             del pipeline, family, data, model, denoiser, validate, ema  # before the fresh pipeline loads
         sample_names = session.sample_saved_adapter(base, weight_dtype, accelerator, adapter_path,
                                                     sample_prompts, validation, seed=seed,
-                                                    resolution=resolution, step=global_step)
+                                                    resolution=resolution, step=global_step,
+                                                    base_adapters=base_adapters)
         batch, precision = plan.micro_batch * plan.accumulation, accelerator.mixed_precision
         bucket_counts = buckets.describe_counts(example_buckets) if example_buckets else "off"
         write_model_card(

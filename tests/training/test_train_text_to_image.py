@@ -194,3 +194,18 @@ def test_each_preset_trains_its_family_tiny_model_on_a_style_folder(train_text_t
     assert "--enable_bucket True" in applied and "--pretrained_model_name_or_path" not in applied
     assert "aspect buckets" in printed and "| lr 0.0001 |" in printed
     assert (out / "adapter.safetensors").is_file()
+
+
+def test_trains_on_top_of_frozen_adapters(train_text_to_image, style_dir, tmp_path):
+    from conftest import build, randomize_adapter
+
+    pipe = build("sd")
+    difftune.add_adapter(pipe, "svfit", "attn", rank=2)
+    randomize_adapter(pipe, std=0.01)
+    base = difftune.save_adapter(pipe, tmp_path / "pose.safetensors")
+    out = tmp_path / "run"
+    train_text_to_image(*flags(style_dir, out, "sd", "lora", 2, "--base_adapter", f"{base}:0.6", "--use_ema"))
+    info = difftune.read_adapter_info(out / "adapter.safetensors")
+    assert info["method"] == "lora"
+    records = [(r["method"], r["weight"], r["source"]) for r in info["base_adapters"]]
+    assert records == [("svfit", 0.6, str(base))]
