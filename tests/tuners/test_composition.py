@@ -24,6 +24,7 @@ OPTIONS = {
     "svfit": {"rank": 4},
     "tlora": {"residual": "lora", "rank": 2},
     "peft": {"type": "loha", "rank": 2},
+    "full_ft": {"alpha": 1.0},
 }
 
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..base import AdapterLayer
-from ..layer_ops import adapter_dtype, forward_with_weight
+from ..layer_ops import adapter_dtype, down_project, forward_with_weight
 from .config import FullConfig
 
 
@@ -25,9 +25,12 @@ class FullLayer(AdapterLayer):
         return self.full_delta.float() * self.alpha
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.base_layer.weight
-        return forward_with_weight(self.base_layer, x,
-                                   weight + (self.full_delta * (self.alpha * self.scale)).to(weight.dtype))
+        plain = self.plain
+        delta = self.full_delta * (self.alpha * self.scale)
+        if self.base_layer is not plain:  # around other adapters' layers: ΔW·x added to what they compute
+            return self.base_layer(x) + down_project(plain, x, delta.reshape(delta.shape[0], -1).to(x.dtype))
+        weight = plain.weight
+        return forward_with_weight(plain, x, weight + delta.to(weight.dtype))
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}"
