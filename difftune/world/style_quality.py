@@ -36,7 +36,7 @@ from ..metrics.features import extract_features
 from ..metrics.fid import fid_from_features
 from .quality import SamplingSettings, generate, labelled_grid
 from .scenes import to_tensor, to_uint8
-from .styles import PARTS, RENDER_VERSION, STYLES, render_part, render_plain
+from .styles import PARTS, RENDER_VERSION, STYLES, add_domain_arguments, render_part, render_plain
 
 PLAIN = "plain"  # the plain world's row
 
@@ -220,14 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="The base model's FID to each style domain of the embedded "
                                                  "world (and to the plain world), as JSON and a table.")
     parser.add_argument("--measure", type=Path, required=True, help="write the FID report (JSON) here")
-    parser.add_argument("--styles", nargs="+", default=list(STYLES), choices=list(STYLES),
-                        help="which styles (default: all)")
-    parser.add_argument("--train_images", type=int, default=PARTS["train"][1],
-                        help="images of the train part")
-    parser.add_argument("--heldout_images", type=int, default=PARTS["heldout"][1],
-                        help="images of the heldout and reference parts")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="which block of world scenes (0: the measured one)")
+    add_domain_arguments(parser)
     parser.add_argument("--examples_grid", type=Path,
                         help="real held-out images beside the base model's for their captions")
     parser.add_argument("--model", default="builtin:embedded", help="the base model")

@@ -358,23 +358,29 @@ def style_grid(count: int = 6, part: str = "heldout", seed: int = 0, scale: int 
     return grid
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Render the style domains of the embedded world as "
-                                                 "captioned image folders (imagefolder layout).")
-    parser.add_argument("directory", type=Path, nargs="?", default=None,
-                        help=f"where <style>/<part>/ go (default: the cache, ${CACHE_ENV}/styles or "
-                             "~/.cache/difftune/styles)")
+def add_domain_arguments(parser: argparse.ArgumentParser) -> None:
+    """Which styles, how many images of each part and which block of scenes: the flags of both this
+    command and the base-model measurement (`difftune.world.style_quality`)."""
     parser.add_argument("--styles", nargs="+", default=list(STYLES), choices=list(STYLES),
                         help="which styles (default: all)")
-    parser.add_argument("--parts", nargs="+", default=["train", "heldout"], choices=list(PARTS),
-                        help="which parts (default: train and heldout; reference is the FID floor's "
-                             "second real set)")
     parser.add_argument("--train_images", type=int, default=PARTS["train"][1],
                         help="images of the train part")
     parser.add_argument("--heldout_images", type=int, default=PARTS["heldout"][1],
                         help="images of the heldout and reference parts")
     parser.add_argument("--seed", type=int, default=0,
                         help="which block of world scenes (0: the measured one)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Render the style domains of the embedded world as "
+                                                 "captioned image folders (imagefolder layout).")
+    parser.add_argument("directory", type=Path, nargs="?", default=None,
+                        help=f"where <style>/<part>/ go (default: the cache, ${CACHE_ENV}/styles or "
+                             "~/.cache/difftune/styles)")
+    add_domain_arguments(parser)
+    parser.add_argument("--parts", nargs="+", default=["train", "heldout"], choices=list(PARTS),
+                        help="which parts (default: train and heldout; reference is the FID floor's "
+                             "second real set)")
     parser.add_argument("--grid", type=Path, help="also write the style grid (plain world beside each style)")
     args = parser.parse_args(argv)
     for flag in ("train_images", "heldout_images"):

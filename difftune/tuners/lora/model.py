@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ...errors import DifftuneError
-from ..base import Adapter, check_tensor_names, strip_wrapped_names
+from ..base import Adapter
 from ..peft import stacking
 from .config import LoraConfig
 
@@ -65,24 +65,11 @@ class LoraAdapter(Adapter):
                 if "lora_" in pname and ours and param.requires_grad:
                     yield f"{name}.{pname}", param
 
-    def _peft_state_dict(self) -> dict[str, torch.Tensor]:
-        """peft's state dict of this adapter, by the names the tensors have in the model now."""
-        from peft import get_peft_model_state_dict
-
-        return get_peft_model_state_dict(self.model, adapter_name=self.name)
-
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """peft's keys, by the layers' own names (under other adapters' layers too)."""
-        return {strip_wrapped_names(key): value for key, value in self._peft_state_dict().items()}
+        return stacking.peft_state_dict(self.model, self.name)
 
-    @torch.no_grad()
     def load_adapter_state_dict(self, tensors: dict[str, torch.Tensor], source: str) -> None:
-        from peft import set_peft_model_state_dict
-
-        check_tensor_names(self.adapter_state_dict(), tensors, source)
-        in_model = {strip_wrapped_names(key): key for key in self._peft_state_dict()}
-        set_peft_model_state_dict(self.model, {in_model[key]: value for key, value in tensors.items()},
-                                  adapter_name=self.name)
+        stacking.load_peft_state_dict(self.model, self.name, tensors, source)
 
     def _apply_scale(self, scale: float) -> None:
         for layer in self.layers.values():

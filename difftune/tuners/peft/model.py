@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ...errors import TargetError
-from ..base import Adapter, AdapterConfig, check_tensor_names, strip_wrapped_names
+from ..base import Adapter, AdapterConfig
 from . import catalog, stacking
 from .config import PeftMethodConfig
 from .probe import check_layer_kinds, describe_kind, layer_kind
@@ -77,23 +77,11 @@ class PeftAdapter(Adapter):
                 if param.requires_grad and not pname.startswith("base_layer."):
                     yield f"{name}.{pname}", param
 
-    def _peft_state_dict(self) -> dict[str, torch.Tensor]:
-        from peft import get_peft_model_state_dict
-
-        return get_peft_model_state_dict(self.model, adapter_name=self.name, save_embedding_layers=False)
-
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """peft's keys, by the layers' own names (under other adapters' layers too)."""
-        return {strip_wrapped_names(key): value for key, value in self._peft_state_dict().items()}
+        return stacking.peft_state_dict(self.model, self.name, save_embedding_layers=False)
 
-    @torch.no_grad()
     def load_adapter_state_dict(self, tensors: dict[str, torch.Tensor], source: str) -> None:
-        from peft import set_peft_model_state_dict
-
-        check_tensor_names(self.adapter_state_dict(), tensors, source)
-        in_model = {strip_wrapped_names(key): key for key in self._peft_state_dict()}
-        set_peft_model_state_dict(self.model, {in_model[key]: value for key, value in tensors.items()},
-                                  adapter_name=self.name)
+        stacking.load_peft_state_dict(self.model, self.name, tensors, source, save_embedding_layers=False)
 
     def file_metadata(self) -> dict[str, Any]:
         """The peft version and the resolved peft config (e.g. OFT's adjusted block size), for reference."""

@@ -13,11 +13,12 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import torch
 from torch import nn
 
 from ...errors import DifftuneError
 from ...targeting import WRAPPED_LAYER
-from ..base import layer_chain, replace_module, unwrap_layer
+from ..base import check_tensor_names, layer_chain, replace_module, strip_wrapped_names, unwrap_layer
 from .catalog import forget_peft_config
 
 OWNERS = "_difftune_owners"
@@ -32,6 +33,28 @@ def check_adapter_name(model: nn.Module, name: str) -> None:
     if clash is not None:
         raise DifftuneError(f"adapter name {name!r} is also part of the module name '{clash}', which peft's "
                             "files cannot tell apart: choose another name")
+
+
+def peft_state_dict(model: nn.Module, name: str, **options: Any) -> dict[str, torch.Tensor]:
+    """peft's state dict of adapter ``name``, keyed by the layers' own names (under other adapters'
+    layers too), as a file holds it."""
+    from peft import get_peft_model_state_dict
+
+    return {strip_wrapped_names(key): value
+            for key, value in get_peft_model_state_dict(model, adapter_name=name, **options).items()}
+
+
+@torch.no_grad()
+def load_peft_state_dict(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], source: str,
+                         **options: Any) -> None:
+    """Load a file's tensors (keyed as `peft_state_dict` writes them) into adapter ``name``."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    in_model = {strip_wrapped_names(key): key
+                for key in get_peft_model_state_dict(model, adapter_name=name, **options)}
+    check_tensor_names(dict.fromkeys(in_model), tensors, source)
+    set_peft_model_state_dict(model, {in_model[key]: value for key, value in tensors.items()},
+                              adapter_name=name)
 
 
 def owners(layer: nn.Module) -> dict[str, str]:
