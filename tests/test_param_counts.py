@@ -4,6 +4,8 @@ Each count is checked twice: against the number the paper prints (in millions, 3
 and against a closed form over the targeted layers' shapes.
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -243,6 +245,12 @@ def test_docs_tables_of_the_new_families_are_the_closed_forms(reference_models):
         for name, cell in zip(names, cells, strict=True):
             layers, weights = REFERENCES[name][0](reference_models[name][0])[preset.strip("`")]
             assert cell == f"{layers} / {weights / 1e9:.2f}B", (preset, name)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines()
+    for preset, cells in rows.items():  # the README's targets table quotes three of the columns
+        line = next(ln for ln in readme if ln.startswith(f"| {preset} |"))
+        for name, label in (("flux2-dev-config", "FLUX.2-dev"), ("qwen-image-config", "Qwen-Image"),
+                            ("z-image-config", "Z-Image")):
+            assert f"{label} {cells[names.index(name)]}" in line, (preset, label)
     header, rows = docs_table("Trainable parameters on the published transformers")
     for name, column in zip(names, zip(*rows.values(), strict=True), strict=True):
         counts = row_closed_forms(reference_models[name][1], FLUX_ROWS)
