@@ -34,6 +34,7 @@ from ..errors import run_main
 from ..io import write_json
 from ..metrics.features import extract_features
 from ..metrics.fid import fid_from_features
+from ..paths import portable_path
 from .quality import SamplingSettings, generate, labelled_grid
 from .scenes import to_tensor, to_uint8
 from .styles import PARTS, RENDER_VERSION, STYLES, add_domain_arguments, render_part, render_plain
@@ -118,13 +119,20 @@ def measure_domains(pipe, extractor, styles: list[str] | None = None, counts: di
             "counts": counts, "seed": seed,
             "sampling": {"steps": settings.steps, "guidance_scale": settings.guidance_scale,
                          "seed": settings.seed, "scheduler": type(pipe.scheduler).__name__},
-            "extractor": _portable_name(getattr(extractor, "name", type(extractor).__name__)),
+            "extractor": _portable_extractor(getattr(extractor, "name", type(extractor).__name__)),
             "feature_dim": int(extractor.num_features),
             "resize": getattr(extractor, "describe_preprocessing", lambda: "")(),
             "statistics": "float64 (torchmetrics FrechetInceptionDistance on precomputed features)",
         },
         "domains": rows,
     }
+
+
+def _portable_extractor(name: str) -> str:
+    """``kind:path`` with a shipped path as ``assets/...`` (`paths.portable_path`): no machine paths."""
+    kind, _, location = name.rpartition(":")
+    location = portable_path(location)
+    return f"{kind}:{location}" if kind else location
 
 
 def examples_grid(report: dict[str, Any], scale: int = 2) -> Image.Image:
@@ -143,17 +151,6 @@ def without_examples(report: dict[str, Any]) -> dict[str, Any]:
     domains = {name: {k: v for k, v in row.items() if k != "examples"}
                for name, row in report["domains"].items()}
     return {**report, "domains": domains}
-
-
-def _portable_name(name: str) -> str:
-    """The extractor name, a path inside the package made relative to it (no machine paths in reports)."""
-    kind, _, location = name.rpartition(":")
-    package = Path(__file__).resolve().parents[1]
-    try:
-        location = Path(location).resolve().relative_to(package).as_posix()
-    except ValueError:
-        return name
-    return f"{kind}:{location}" if kind else location
 
 
 def markdown_table(report: dict[str, Any]) -> str:
@@ -182,7 +179,6 @@ def measure(args: argparse.Namespace) -> None:
     from ..metrics.cli import EMBEDDED_CLIP
     from ..metrics.fid import load_feature_extractor
     from ..model_factory import load_pipeline
-    from ..paths import portable_path
     from .quality import SamplingSettings
 
     if args.num_threads:
