@@ -12,7 +12,12 @@ from torch import nn
 from difftune.families import FAMILIES, LossOptions, NoisyInput, TrainingBatch, training_family
 from difftune.families.tiny import TINY_SAMPLE_SIZE
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Under pytest-xdist (`-n auto`, as CI runs) each worker gets one core: one thread in the worker and in
+# every process a test starts, as two threads beside other work are many times slower than one.
+PARALLEL_WORKER = "PYTEST_XDIST_WORKER" in os.environ
+if PARALLEL_WORKER:
+    os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1 if PARALLEL_WORKER else min(2, torch.get_num_threads()))
 
 
 class TinyNet(torch.nn.Module):
