@@ -99,7 +99,7 @@ class FrozenParts(CheckedSettings):
 
     offload: bool = option(
         False, "keep the VAE and text encoders in CPU memory and move each to the GPU only while it runs "
-               "(class images, caching, validation), as diffusers' --offload (CUDA)")
+               "(class images, caching, validation, final samples), as diffusers' --offload (CUDA)")
     free_text_encoder: bool = option(
         False, "once the prompts and --validation_prompt are encoded, drop the text encoders from memory "
                "(FLUX.2-dev's 24B Mistral, Qwen-Image's 7B Qwen2.5-VL); the final samples load them again")
@@ -459,7 +459,7 @@ def main(argv: list[str] | None = None) -> Path:
                                                     [sample_prompt], validation, seed=seed,
                                                     resolution=resolution, step=global_step,
                                                     generation=generation, save=save_and_log,
-                                                    base_adapters=base_adapters)
+                                                    base_adapters=base_adapters, offload=frozen_parts.offload)
         write_model_card(
             output_dir, base_model=base_model, family=model_info.family, method=spec.method,
             options={k: v for k, v in adapter.config.to_dict().items() if k != "targets"},

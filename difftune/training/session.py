@@ -240,14 +240,18 @@ def sample_saved_adapter(base: ModelSettings, weight_dtype: torch.dtype, acceler
                          adapter_path: Path, prompts: Sequence[str], validation: ValidationSettings, *,
                          seed: int, resolution: int, step: int, generation: GenerationSettings | None = None,
                          save: SaveSamples | None = None,
-                         base_adapters: Sequence[tuple[str, float]] = ()) -> list[str]:
+                         base_adapters: Sequence[tuple[str, float]] = (), offload: bool = False) -> list[str]:
     """``samples.png`` (or what ``save`` writes) drawn by a fresh pipeline that loads the saved file
     (what users get, on top of the ``--base_adapter`` files it was trained on); returns the written
-    names (none with --skip_final_inference). Free the training pipeline first."""
+    names (none with --skip_final_inference). Free the training pipeline first. With ``offload``
+    (``--offload``) the pipeline is loaded in CPU memory and diffusers' model offload moves each
+    component to the device only while it runs, as training did."""
     if validation.skip_final_inference:
         return []
-    fresh = loop.load_base_pipeline(base, weight_dtype, accelerator.device, adapter_path,
-                                    base_adapters=base_adapters)
+    load_on = torch.device("cpu") if offload else accelerator.device
+    fresh = loop.load_base_pipeline(base, weight_dtype, load_on, adapter_path, base_adapters=base_adapters)
+    if offload:
+        fresh.enable_model_cpu_offload(device=accelerator.device)
     images = generate_images(fresh, list(prompts), generation or validation.generation(seed, resolution),
                              show_progress=False, autocast=accelerator.autocast())
     save = save or functools.partial(sample_grid, accelerator=accelerator)

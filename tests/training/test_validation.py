@@ -120,3 +120,32 @@ def test_save_grid_writes_the_grid_and_nothing_when_the_writer_fails(tmp_path, m
         save_grid([flat((1, 2, 3))], tmp_path / "sub" / "new.png")
     assert path.read_bytes() == before  # the old grid is intact
     assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["grid.png"]  # no partial or temp file
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_final_samples_follow_offload(monkeypatch, tmp_path, offload):
+    """--offload: the fresh pipeline of the final samples is loaded in CPU memory and handed to diffusers'
+    model offload for the training device; without it, it is loaded straight onto the device."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from difftune.training import session
+
+    loaded, pipeline = [], RecordingPipeline()
+    pipeline.offloaded_to = None
+    pipeline.enable_model_cpu_offload = lambda device: setattr(pipeline, "offloaded_to", device)
+
+    def load_base_pipeline(base, dtype, device, adapter_path, base_adapters=()):
+        loaded.append((device, adapter_path))
+        return pipeline
+
+    monkeypatch.setattr(session.loop, "load_base_pipeline", load_base_pipeline)
+    accelerator = SimpleNamespace(device=torch.device("meta"), autocast=contextlib.nullcontext)
+    written = session.sample_saved_adapter(
+        None, torch.float32, accelerator, tmp_path / "adapter.safetensors", ["a prompt"],
+        ValidationSettings(num_validation_images=2, validation_inference_steps=1), seed=0, resolution=8,
+        step=3, save=lambda images, folder, tag, step: [f"{tag}-{step}"], offload=offload)
+    assert written == ["final-3"] and len(pipeline.calls) == 2  # two images of one prompt
+    expected_device = torch.device("cpu") if offload else accelerator.device
+    assert loaded == [(expected_device, tmp_path / "adapter.safetensors")]
+    assert pipeline.offloaded_to == (accelerator.device if offload else None)
