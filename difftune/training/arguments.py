@@ -680,6 +680,7 @@ def check_quantized_base(args: argparse.Namespace) -> None:
     installed; `Adapter.quantized_base_refusal`), then a clear error when bitsandbytes is missing."""
     import importlib.util
 
+    check_quantized_text_encoder(args)
     bits = getattr(args, "quantize_base", None)
     if bits is None:
         return
@@ -696,6 +697,31 @@ def check_quantized_base(args: argparse.Namespace) -> None:
     if model.startswith("builtin:"):
         raise DifftuneError(f"--quantize_base loads hub or folder models through diffusers; {model} is "
                             "built in memory")
+
+
+def check_quantized_text_encoder(args: argparse.Namespace) -> None:
+    """``--quantize_text_encoder``: the text encoders stay frozen, diffusers loads one bitsandbytes
+    setting per pipeline, and bitsandbytes must be installed (before anything loads)."""
+    import importlib.util
+
+    bits = getattr(args, "quantize_text_encoder", None)
+    if bits is None:
+        return
+    for flag in ("train_text_encoder", "train_token_embedding"):
+        if getattr(args, flag, False):
+            raise DifftuneError(f"--quantize_text_encoder {bits} cannot be used with --{flag}: a quantised "
+                                "text encoder stays frozen")
+    base_bits = getattr(args, "quantize_base", None)
+    if base_bits not in (None, bits):
+        raise DifftuneError(f"--quantize_text_encoder {bits} and --quantize_base {base_bits}: give both the "
+                            "same value (diffusers loads a pipeline with one bitsandbytes setting)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise DifftuneError(f"--quantize_text_encoder {bits} needs bitsandbytes, which is not installed: "
+                            "pip install bitsandbytes (CUDA GPU), or drop the flag")
+    model = getattr(args, "pretrained_model_name_or_path", "") or ""
+    if model.startswith("builtin:"):
+        raise DifftuneError(f"--quantize_text_encoder loads hub or folder models through diffusers; {model} "
+                            "is built in memory")
 
 
 def add_pivotal_arguments(parser: argparse.ArgumentParser) -> None:

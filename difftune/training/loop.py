@@ -338,9 +338,10 @@ def gather_sharded_parameters(model: nn.Module, module_names: Sequence[str]) -> 
 
 
 def quantization_kwargs(model: ModelSettings, dtype: torch.dtype) -> dict[str, Any]:
-    """``from_pretrained`` arguments that load the denoiser through bitsandbytes (``--quantize_base``;
-    checked by arguments.check_quantized_base before anything loads); empty without the flag."""
-    bits = model.quantize_base
+    """``from_pretrained`` arguments that load the denoiser (``--quantize_base``) and the frozen text
+    encoders (``--quantize_text_encoder``) through bitsandbytes (checked by
+    arguments.check_quantized_base before anything loads); empty without either flag."""
+    bits = model.quantize_base or model.quantize_text_encoder
     if bits is None:
         return {}
     from diffusers import PipelineQuantizationConfig
@@ -348,8 +349,12 @@ def quantization_kwargs(model: ModelSettings, dtype: torch.dtype) -> dict[str, A
     from ..model_factory import describe_model
 
     described = describe_model(model.pretrained_model_name_or_path, model.revision)
-    # the denoiser, or every expert of a model with several (Wan 2.2's two transformers)
-    components = list(described.experts) or [get_family(described.family).denoiser_component]
+    family = get_family(described.family)
+    components: list[str] = []
+    if model.quantize_base:  # the denoiser, or every expert of a model with several (Wan 2.2's two)
+        components += list(described.experts) or [family.denoiser_component]
+    if model.quantize_text_encoder:
+        components += list(family.text_encoder_components)
     quant_kwargs: dict[str, Any] = {"load_in_8bit": True} if bits == "8bit" else {
         "load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": dtype}
     config = PipelineQuantizationConfig(quant_backend=QUANTIZATION_BACKENDS[bits], quant_kwargs=quant_kwargs,

@@ -78,6 +78,11 @@ class ModelSettings(CheckedSettings):
                                                "model's own)", choices=("epsilon", "v_prediction"))
     quantize_base: str | None = option(None, _quantize_help, choices=tuple(QUANTIZATION_BACKENDS),
                                        group="precision and memory")
+    quantize_text_encoder: str | None = option(
+        None, "load the frozen text encoders in 8-bit or 4-bit (NF4) through bitsandbytes (CUDA): "
+              "FLUX.2-dev's 24B Mistral, Qwen-Image's 7B Qwen2.5-VL; the same value as --quantize_base "
+              "when both are given; not with --train_text_encoder / --train_token_embedding",
+        choices=tuple(QUANTIZATION_BACKENDS), group="precision and memory")
 
 
 def split_base_adapter(text: str) -> tuple[str, float]:

@@ -233,16 +233,19 @@ def flux_bad_inputs(tmp_path, subject_dir):
                             "svfit needs the dense base weight"),
         "no bitsandbytes": (["--adapter", "lora", "--quantize_base", "4bit"],
                             "--quantize_base 4bit needs bitsandbytes, which is not installed"),
+        "no bitsandbytes for the encoders": (["--quantize_text_encoder", "8bit"],
+                                             "--quantize_text_encoder 8bit needs bitsandbytes, which is not "
+                                             "installed"),
     }
 
 
 @pytest.mark.parametrize("case", ["guidance on sd", "t5 length on sd3", "t5 too long", "snr on flux",
                                   "resolution", "text encoder", "quantized sara", "quantized svfit",
-                                  "no bitsandbytes"])
+                                  "no bitsandbytes", "no bitsandbytes for the encoders"])
 def test_flux_bad_input_is_refused_before_loading(train_subject, subject_dir, tmp_path, monkeypatch, case):
     import importlib.util
 
-    if case == "no bitsandbytes" and importlib.util.find_spec("bitsandbytes") is not None:
+    if case.startswith("no bitsandbytes") and importlib.util.find_spec("bitsandbytes") is not None:
         pytest.skip("bitsandbytes is installed here")
 
     def must_not_load(*args, **kwargs):

@@ -168,6 +168,12 @@ BAD_INPUT = {
                               "and GPU memory; there is no CUDA GPU here"),
     "free a trained encoder": ("flux2", ["--free_text_encoder", "--no-pre_compute_text_embeddings"],
                                "--free_text_encoder drops the text encoders once the prompts are encoded"),
+    "quantized encoder bits": (
+        "flux2", ["--quantize_text_encoder", "4bit", "--quantize_base", "8bit"],
+        "--quantize_text_encoder 4bit and --quantize_base 8bit: give both the same value"),
+    "quantized encoder trained": (
+        "flux2-klein", ["--quantize_text_encoder", "8bit", "--train_token_embedding"],
+        "--quantize_text_encoder 8bit cannot be used with --train_token_embedding"),
     "unnamed module": ("flux2", ["--targets", "all", "--export", "comfyui"],
                        "--format comfyui on a FLUX.2 model .*ComfyUI has no name for the transformer module "
                        "'time_guidance_embed"),
