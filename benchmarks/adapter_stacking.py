@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SUBJECT_DIR = ROOT / "assets" / "subjects" / "heart"
 DOCS = ROOT / "docs"
 ADAPTER = "adapter.safetensors"
+REAL = "real: subject images / style images"
 
 
 def run(command: list[str], log: Path) -> float:
@@ -61,15 +62,24 @@ def train_style(method: str, folder: Path, out: Path, args: argparse.Namespace) 
                 "--report_to", "none"], out.with_suffix(".log"))
 
 
-def train_subject(method: str, out: Path, base: Path | None = None) -> float | None:
-    """The main job's command (the embedded recipe fills the rest), on top of ``base`` when given."""
+def train_subject(method: str, out: Path, args: argparse.Namespace, base: Path | None = None) -> float | None:
+    """The main job's command (the embedded recipe fills the rest), on top of ``base`` when given.
+
+    The prior-preservation class images come from the model being tuned (the base, or the base with
+    the style), so the runs on the same model share their folder: the second reuses the first's.
+    """
     if (out / ADAPTER).is_file():
         return None
     extra = ["--base_adapter", str(base / ADAPTER)] if base else []
+    if args.subject_steps:
+        extra += ["--max_train_steps", str(args.subject_steps)]
+    if args.class_images:
+        extra += ["--num_class_images", str(args.class_images)]
     return run(["difftune.commands.train_subject", "--pretrained_model_name_or_path", "builtin:embedded",
                 "--instance_data_dir", str(SUBJECT_DIR), "--instance_prompt", "a large sks red heart",
                 "--adapter", method, "--seed", "0", "--output_dir", str(out),
-                "--class_data_dir", str(out.with_name(out.name + "_class")), "--skip_final_inference",
+                "--class_data_dir", str(out.parent / f"class_{base.name if base else 'base'}"),
+                "--skip_final_inference",
                 "--report_to", "none", *extra], out.with_suffix(".log"))
 
 
@@ -98,6 +108,11 @@ def configurations(out: Path, methods: list[str], weights: list[tuple[float, flo
     return rows
 
 
+def interval(value, digits: int) -> list[float]:
+    """A bootstrap interval's ends, rounded for the report."""
+    return [round(value.low, digits), round(value.high, digits)]
+
+
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     array = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return [Image.fromarray(a) for a in array]
@@ -105,10 +120,11 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     import difftune
+    from difftune.metrics.bootstrap import bootstrap_grouped, bootstrap_mean
     from difftune.metrics.cli import EMBEDDED_CLIP
     from difftune.metrics.features import extract_features
     from difftune.metrics.fid import fid_from_features, load_feature_extractor
-    from difftune.metrics.similarity import ClipSimilarity, mean_pairwise_cosine
+    from difftune.metrics.similarity import ClipSimilarity, cosine_matrix
     from difftune.metrics.subject import PROMPT_LISTS, Subject, load_prompts
     from difftune.model_factory import load_pipeline
     from difftune.world.quality import SamplingSettings, generate
@@ -123,12 +139,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         took = train_style(m, folder, out / f"style_{m}", args)
         if took:
             seconds[f"style_{m}"] = round(took, 1)
-        took = train_subject(m, out / f"subject_{m}")
+        took = train_subject(m, out / f"subject_{m}", args)
         if took:
             seconds[f"subject_{m}"] = round(took, 1)
     for s in args.methods:
         for j in args.methods:
-            took = train_subject(j, out / f"ontop_{s}_{j}", base=out / f"style_{s}")
+            took = train_subject(j, out / f"ontop_{s}_{j}", args, base=out / f"style_{s}")
             if took:
                 seconds[f"ontop_{s}_{j}"] = round(took, 1)
 
@@ -149,12 +165,26 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         return extract_features(extractor, pixels, 100)
 
     real_features = features(real)
-    floor = fid_from_features(real_features, features(reference), extractor, kid=False).fid
+
+    def fid_interval(generated: torch.Tensor):
+        """FID to the real held-out set, with a bootstrap interval over the generated images."""
+        def fid(indices: np.ndarray) -> float:
+            return fid_from_features(real_features, generated[indices], extractor, kid=False).fid
+        return bootstrap_grouped([fid], [len(generated)], resamples=args.resamples)
+
+    floor = fid_interval(features(reference))
     subject_reference = clip.image_embeddings(subject.images)
+    # the ceiling: how alike the subject's own images are (every pair of two different ones)
+    own = cosine_matrix(subject_reference, subject_reference)
+    ceiling = float(own[~torch.eye(len(own), dtype=torch.bool)].mean())
     pipe = load_pipeline("builtin:embedded", torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     sampling = SamplingSettings(steps=args.steps, guidance_scale=5.0, batch_size=args.fid_images)
-    rows, examples = [], {}
+    rows: list[dict[str, Any]] = []
+    # what the models are measured against: the subject's own images and real images of the style
+    examples = {REAL: ([image.convert("RGB") for image in subject.images[:3]],
+                       [Image.fromarray(a) for a in real[:3]])}
+    (out / "examples").mkdir(exist_ok=True)
     for config in configurations(out, args.methods, args.weights):
         if difftune.list_adapters(pipe):
             difftune.remove_adapter(pipe)
@@ -163,21 +193,33 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         begun = time.perf_counter()
         subject_images = generate(pipe, subject_prompts, sampling)
         style_images = generate(pipe, style_prompts, sampling)
-        clip_i = mean_pairwise_cosine(clip.image_embeddings(to_pil(subject_images)), subject_reference)
-        fid = fid_from_features(real_features, features(style_images), extractor, kid=False).fid
+        # CLIP-I per prompt (its images against every subject image), resampled over prompts
+        per_image = cosine_matrix(clip.image_embeddings(to_pil(subject_images)), subject_reference).mean(1)
+        clip_i = bootstrap_mean(per_image.reshape(1, args.subject_prompts, args.images_per_prompt).mean(2),
+                                resamples=args.resamples * 10)
+        fid = fid_interval(features(style_images))
         row = {key: config.get(key) for key in ("name", "style", "subject", "on_top")}
-        row.update({"subject_clip_i": round(clip_i, 4), "style_fid": round(fid, 2),
+        row.update({"subject_clip_i": round(clip_i.mean, 4), "subject_clip_i_interval": interval(clip_i, 4),
+                    "style_fid": round(fid.mean, 2), "style_fid_interval": interval(fid, 2),
                     "seconds": round(time.perf_counter() - begun, 1)})
         rows.append(row)
-        examples[config["name"]] = (to_pil(subject_images[:3]), to_pil(style_images[:3]))
-        print(f"{config['name']:<40} subject CLIP-I {clip_i:.3f}  style FID {fid:.1f}", flush=True)
+        examples[config["name"]] = (to_pil(subject_images[::args.images_per_prompt][:3]),
+                                    to_pil(style_images[:3]))
+        for kind, images in zip(("subject", "style"), examples[config["name"]], strict=True):
+            for i, image in enumerate(images):  # kept, so the grid can be drawn again without sampling
+                image.save(out / "examples" / f"{config['name'].replace(' ', '_')}-{kind}{i}.png")
+        print(f"{config['name']:<40} subject CLIP-I {clip_i.format(3)}  style FID {fid.format(1)}",
+              flush=True)
     return {
-        "style": args.style, "methods": args.methods, "rows": rows, "style_fid_floor": round(floor, 2),
-        "subject_ceiling_clip_i": 0.765, "training_seconds": seconds,
+        "style": args.style, "methods": args.methods, "rows": rows, "style_fid_floor": round(floor.mean, 2),
+        "style_fid_floor_interval": interval(floor, 2), "subject_ceiling_clip_i": round(ceiling, 4),
+        "interval_level": 0.95, "training_seconds": seconds,
         "settings": {"subject_prompts": args.subject_prompts, "images_per_prompt": args.images_per_prompt,
                      "fid_images": args.fid_images, "real_images": args.real_images, "steps": args.steps,
                      "guidance_scale": 5.0, "style_steps": args.style_steps, "style_batch": args.style_batch,
-                     "weights": args.weights},
+                     "subject_steps": args.subject_steps or "recipe",
+                     "class_images": args.class_images or "recipe",
+                     "weights": args.weights, "resamples": args.resamples},
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, "
                    f"torch {torch.__version__}",
         "wall_seconds": round(time.perf_counter() - started, 1),
@@ -185,28 +227,36 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def grid(report: dict[str, Any], names: list[str]) -> Image.Image:
+def grid(examples: dict[str, Any], names: list[str]) -> Image.Image:
     """One row per model: three subject images, then three style images (each 64 px, doubled)."""
     from PIL import ImageDraw
 
-    size, label = 128, 300
-    canvas = Image.new("RGB", (label + 6 * size + 8, len(names) * size), "white")
+    size, label, header = 128, 300, 20
+    canvas = Image.new("RGB", (label + 6 * size + 8, header + len(names) * size), "white")
     draw = ImageDraw.Draw(canvas)
+    draw.text((label + 4, 4), "subject prompts (<style> style, a sks red heart ...)", fill="black")
+    draw.text((label + 3 * size + 12, 4), "style prompts (<style> style, <held-out caption>)", fill="black")
     for row, name in enumerate(names):
-        subject_images, style_images = report["examples"][name]
-        draw.text((4, row * size + size // 2 - 6), name, fill="black")
+        subject_images, style_images = examples[name]
+        top = header + row * size
+        draw.text((4, top + size // 2 - 6), name, fill="black")
         for col, image in enumerate([*subject_images, *style_images]):
             x = label + col * size + (8 if col >= 3 else 0)
-            canvas.paste(image.resize((size, size), Image.NEAREST), (x, row * size))
+            canvas.paste(image.resize((size, size), Image.NEAREST), (x, top))
     return canvas
 
 
 def markdown(report: dict[str, Any]) -> str:
-    lines = ["| model | subject CLIP-I ↑ | style FID ↓ |", "|---|---|---|"]
+    def cell(value: float, ends: list[float], digits: int) -> str:
+        return f"{value:.{digits}f} [{ends[0]:.{digits}f}, {ends[1]:.{digits}f}]"
+
+    lines = ["| model | subject CLIP-I ↑ [95% interval] | style FID ↓ [95% interval] |", "|---|---|---|"]
     for row in report["rows"]:
-        lines.append(f"| {row['name']} | {row['subject_clip_i']:.3f} | {row['style_fid']:.1f} |")
-    lines.append(f"| *real style images (FID floor) / subject images (CLIP-I ceiling)* | "
-                 f"{report['subject_ceiling_clip_i']:.3f} | {report['style_fid_floor']:.1f} |")
+        lines.append(f"| {row['name']} | {cell(row['subject_clip_i'], row['subject_clip_i_interval'], 3)} | "
+                     f"{cell(row['style_fid'], row['style_fid_interval'], 1)} |")
+    lines.append(f"| *subject images among themselves (CLIP-I ceiling) / real style images (FID floor)* | "
+                 f"{report['subject_ceiling_clip_i']:.3f} | "
+                 f"{cell(report['style_fid_floor'], report['style_fid_floor_interval'], 1)} |")
     return "\n".join(lines)
 
 
@@ -220,11 +270,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="style,subject weights of the stacked models")
     parser.add_argument("--style_steps", type=int, default=300)
     parser.add_argument("--style_batch", type=int, default=4)
+    parser.add_argument("--subject_steps", type=int, default=None,
+                        help="subject training steps (default: the embedded recipe's)")
+    parser.add_argument("--class_images", type=int, default=None,
+                        help="prior-preservation class images (default: the embedded recipe's)")
     parser.add_argument("--subject_prompts", type=int, default=8)
     parser.add_argument("--images_per_prompt", type=int, default=2)
     parser.add_argument("--fid_images", type=int, default=48)
     parser.add_argument("--real_images", type=int, default=200)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--resamples", type=int, default=200,
+                        help="bootstrap resamples of each FID (CLIP-I, a plain mean, takes 10x as many)")
     parser.add_argument("--num_threads", type=int, default=1)
     parser.add_argument("--docs", action="store_true", help="write the table, grid and JSON into docs/")
     args = parser.parse_args(argv)
@@ -236,9 +292,9 @@ def main(argv: list[str] | None = None) -> None:
     examples = report.pop("examples")
     (args.output_dir / "report.json").write_text(json.dumps(report, indent=2))
     if args.docs:
-        shown = [row["name"] for row in report["rows"] if "+" not in row["name"]
-                 or (row["style"][1] == 1.0 and row["subject"][1] == 1.0)]
-        grid({"examples": examples}, shown).save(DOCS / "images" / "adapter_stacking_grid.png")
+        shown = [REAL] + [row["name"] for row in report["rows"] if "+" not in row["name"]
+                          or (row["style"][1] == 1.0 and row["subject"][1] == 1.0)]
+        grid(examples, shown).save(DOCS / "images" / "adapter_stacking_grid.png")
         (DOCS / "results").mkdir(exist_ok=True)
         (DOCS / "results" / "adapter_stacking.json").write_text(json.dumps(report, indent=2) + "\n")
         print("docs: docs/images/adapter_stacking_grid.png, docs/results/adapter_stacking.json")
