@@ -12,9 +12,13 @@ of the main job (trained with the subject trainer's embedded recipe), each with 
 
     python benchmarks/adapter_stacking.py --output_dir outputs/stacking --docs
 
-Trained adapters are kept in ``--output_dir`` and reused on a rerun; ``--docs`` writes
-docs/adapter-stacking.md's table, docs/images/adapter_stacking_grid.png and
-docs/results/adapter_stacking.json.
+Each number comes with a 95% bootstrap interval: CLIP-I resampled over the subject prompts, FID
+over the generated images (bias-corrected, `bootstrap_grouped`); the FID floor at the same count
+and the CLIP-I ceiling (the subject's images among themselves) are the references.
+
+Trained adapters are kept in ``--output_dir`` and reused on a rerun; the table is printed (it is
+docs/adapter-stacking.md's, which a test holds to the JSON) and ``--docs`` writes
+docs/images/adapter_stacking_grid.png and docs/results/adapter_stacking.json.
 """
 
 from __future__ import annotations
