@@ -112,6 +112,17 @@ def configurations(out: Path, methods: list[str], weights: list[tuple[float, flo
     return rows
 
 
+def compared_with(config: dict[str, Any]) -> tuple[str | None, str | None]:
+    """Which model a row's CLIP-I and FID are compared with: its subject (style) adapter alone;
+    for an adapter alone, the base model; none where the row has no subject (style)."""
+    clip_against = fid_against = None
+    if config["subject"]:
+        clip_against = f"subject {config['subject'][0]}" if config["style"] else "base"
+    if config["style"]:
+        fid_against = f"style {config['style'][0]}" if config["subject"] else "base"
+    return clip_against, fid_against
+
+
 def interval(value, digits: int) -> list[float]:
     """A bootstrap interval's ends, rounded for the report."""
     return [round(value.low, digits), round(value.high, digits)]
@@ -124,7 +135,7 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     import difftune
-    from difftune.metrics.bootstrap import bootstrap_grouped, bootstrap_mean
+    from difftune.metrics.bootstrap import bootstrap_grouped, bootstrap_mean, bootstrap_paired_difference
     from difftune.metrics.cli import EMBEDDED_CLIP
     from difftune.metrics.features import extract_features
     from difftune.metrics.fid import fid_from_features, load_feature_extractor
@@ -170,11 +181,17 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     real_features = features(real)
 
+    def fid_of(generated: torch.Tensor, indices: np.ndarray) -> float:
+        return fid_from_features(real_features, generated[indices], extractor, kid=False).fid
+
     def fid_interval(generated: torch.Tensor):
         """FID to the real held-out set, with a bootstrap interval over the generated images."""
-        def fid(indices: np.ndarray) -> float:
-            return fid_from_features(real_features, generated[indices], extractor, kid=False).fid
-        return bootstrap_grouped([fid], [len(generated)], resamples=args.resamples)
+        return bootstrap_grouped([lambda i: fid_of(generated, i)], [len(generated)], resamples=args.resamples)
+
+    def fid_difference(generated: torch.Tensor, baseline: torch.Tensor):
+        """FID of one model minus another's, paired: the same captions and seeds drawn for both."""
+        return bootstrap_grouped([lambda i: fid_of(generated, i) - fid_of(baseline, i)], [len(generated)],
+                                 resamples=args.resamples)
 
     floor = fid_interval(features(reference))
     subject_reference = clip.image_embeddings(subject.images)
@@ -185,6 +202,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     pipe.set_progress_bar_config(disable=True)
     sampling = SamplingSettings(steps=args.steps, guidance_scale=5.0, batch_size=args.fid_images)
     rows: list[dict[str, Any]] = []
+    per_prompt: dict[str, np.ndarray] = {}  # each model's CLIP-I per subject prompt
+    style_features: dict[str, torch.Tensor] = {}  # each model's style images, in world-CLIP features
     # what the models are measured against: the subject's own images and real images of the style
     examples = {REAL: ([image.convert("RGB") for image in subject.images[:3]],
                        [Image.fromarray(a) for a in real[:3]])}
@@ -199,13 +218,27 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         style_images = generate(pipe, style_prompts, sampling)
         # CLIP-I per prompt (its images against every subject image), resampled over prompts
         per_image = cosine_matrix(clip.image_embeddings(to_pil(subject_images)), subject_reference).mean(1)
-        clip_i = bootstrap_mean(per_image.reshape(1, args.subject_prompts, args.images_per_prompt).mean(2),
-                                resamples=args.resamples * 10)
-        fid = fid_interval(features(style_images))
+        name = config["name"]
+        per_prompt[name] = per_image.reshape(1, args.subject_prompts, args.images_per_prompt).mean(2).numpy()
+        clip_i = bootstrap_mean(per_prompt[name], resamples=args.resamples * 10)
+        style_features[name] = features(style_images)
+        fid = fid_interval(style_features[name])
         row = {key: config.get(key) for key in ("name", "style", "subject", "on_top")}
         row.update({"subject_clip_i": round(clip_i.mean, 4), "subject_clip_i_interval": interval(clip_i, 4),
                     "style_fid": round(fid.mean, 2), "style_fid_interval": interval(fid, 2),
-                    "seconds": round(time.perf_counter() - begun, 1)})
+                    "subject_clip_i_per_prompt": [round(float(v), 4) for v in per_prompt[name][0]]})
+        # the paired differences to what the row adds to: the adapter alone, or for it the base
+        clip_against, fid_against = compared_with(config)
+        if clip_against:
+            change = bootstrap_paired_difference(per_prompt[name], per_prompt[clip_against],
+                                                 resamples=args.resamples * 10)
+            row.update({"clip_i_against": clip_against, "clip_i_change": round(change.mean, 4),
+                        "clip_i_change_interval": interval(change, 4)})
+        if fid_against:
+            change = fid_difference(style_features[name], style_features[fid_against])
+            row.update({"fid_against": fid_against, "fid_change": round(change.mean, 2),
+                        "fid_change_interval": interval(change, 2)})
+        row["seconds"] = round(time.perf_counter() - begun, 1)
         rows.append(row)
         examples[config["name"]] = (to_pil(subject_images[::args.images_per_prompt][:3]),
                                     to_pil(style_images[:3]))
@@ -251,16 +284,24 @@ def grid(examples: dict[str, Any], names: list[str]) -> Image.Image:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    def cell(value: float, ends: list[float], digits: int) -> str:
-        return f"{value:.{digits}f} [{ends[0]:.{digits}f}, {ends[1]:.{digits}f}]"
+    def cell(value: float, ends: list[float], digits: int, sign: str = "") -> str:
+        return f"{value:{sign}.{digits}f} [{ends[0]:{sign}.{digits}f}, {ends[1]:{sign}.{digits}f}]"
 
-    lines = ["| model | subject CLIP-I ↑ [95% interval] | style FID ↓ [95% interval] |", "|---|---|---|"]
+    def change(row: dict[str, Any], key: str, digits: int) -> str:
+        if f"{key}_change" not in row:
+            return ""
+        value = cell(row[f"{key}_change"], row[f"{key}_change_interval"], digits, "+")
+        return f"{value} vs {row[f'{key}_against']}"
+
+    lines = ["| model | subject CLIP-I ↑ | CLIP-I change (paired) | style FID ↓ | FID change (paired) |",
+             "|---|---|---|---|---|"]
     for row in report["rows"]:
         lines.append(f"| {row['name']} | {cell(row['subject_clip_i'], row['subject_clip_i_interval'], 3)} | "
-                     f"{cell(row['style_fid'], row['style_fid_interval'], 1)} |")
+                     f"{change(row, 'clip_i', 3)} | {cell(row['style_fid'], row['style_fid_interval'], 1)} | "
+                     f"{change(row, 'fid', 1)} |")
     lines.append(f"| *subject images among themselves (CLIP-I ceiling) / real style images (FID floor)* | "
-                 f"{report['subject_ceiling_clip_i']:.3f} | "
-                 f"{cell(report['style_fid_floor'], report['style_fid_floor_interval'], 1)} |")
+                 f"{report['subject_ceiling_clip_i']:.3f} | | "
+                 f"{cell(report['style_fid_floor'], report['style_fid_floor_interval'], 1)} | |")
     return "\n".join(lines)
 
 
