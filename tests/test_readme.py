@@ -1,5 +1,6 @@
 """The README's and docs' commands and examples are the ones that really run, and their links resolve."""
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -273,3 +274,18 @@ def test_tlora_is_named_and_told_apart_from_t_lora():
     assert "transformed tensor LoRA" in page.splitlines()[0]
     for text in (README, page):
         assert "T-LoRA (timestep-dependent LoRA" in text and "2507.05964" in text
+
+
+def test_readme_stacking_numbers_are_the_measured_ones():
+    """The README's stacking sentence quotes docs/results/adapter_stacking.json (adapter_stacking.py)."""
+    report = json.loads((DOCS / "results/adapter_stacking.json").read_text())
+    rows = {row["name"]: row for row in report["rows"]}
+    lora_on_lora, lora_on_sara = rows["style lora 1 + subject lora 1"], rows["style sara 1 + subject lora 1"]
+    quoted = (f"a LoRA style erases a LoRA subject (CLIP-I {lora_on_lora['subject_clip_i']:.3f}, alone "
+              f"{rows['subject lora']['subject_clip_i']:.3f}); a SaRA style keeps it "
+              f"({lora_on_sara['subject_clip_i']:.3f}) but fades (FID {lora_on_sara['style_fid']:.1f}, alone "
+              f"{rows['style sara']['style_fid']:.1f}).")
+    assert quoted in " ".join(README.split())
+    # what the sentence says of them: the subject lost on the LoRA style, kept on the SaRA one
+    assert lora_on_lora["clip_i_change_interval"][1] < 0 < lora_on_sara["clip_i_change_interval"][1]
+    assert lora_on_sara["fid_change_interval"][0] > 0
