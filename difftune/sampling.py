@@ -51,11 +51,28 @@ def generate_images(pipe: Any, prompts: Sequence[str | Mapping[str, Any]], setti
     global random state is left untouched, so sampling in the middle of training does not
     change what training draws next.
     """
+    return generate_image_sets(pipe, [prompts], settings, desc=desc, show_progress=show_progress,
+                               autocast=autocast)[0]
+
+
+def generate_image_sets(pipe: Any, prompt_sets: Sequence[Sequence[str | Mapping[str, Any]]],
+                        settings: GenerationSettings, *, desc: str = "generate", show_progress: bool = True,
+                        autocast: contextlib.AbstractContextManager | None = None
+                        ) -> list[list[list[Image.Image]]]:
+    """`generate_images` for several prompt lists at once, in shared pipeline calls: one result per list.
+
+    Image k of prompt p has the seed `image_seed` (p, k) in every list, so a list drawn here is the
+    list drawn alone (to float rounding: a batch of other prompts around it), and two lists of the same
+    length are drawn from the same noise (the evaluation's prompts and their class prompts). Batches
+    fill across the lists, so no call runs part-empty at the end of one.
+    """
     from tqdm.auto import tqdm
 
-    jobs = [(p, k) for p in range(len(prompts)) for k in range(settings.images_per_prompt)]
-    batch_size = settings.batch_size if all(isinstance(p, str) for p in prompts) else 1
-    images: list[list[Image.Image]] = [[] for _ in prompts]
+    jobs = [(s, p, k) for s, prompts in enumerate(prompt_sets) for p in range(len(prompts))
+            for k in range(settings.images_per_prompt)]
+    texts = all(isinstance(p, str) for prompts in prompt_sets for p in prompts)
+    batch_size = settings.batch_size if texts else 1
+    images: list[list[list[Image.Image]]] = [[[] for _ in prompts] for prompts in prompt_sets]
     device = getattr(pipe, "device", torch.device("cpu"))
     generator_device = "cpu" if device.type == "mps" else device
     extra = {} if settings.guidance_scale is None else {"guidance_scale": settings.guidance_scale}
@@ -67,15 +84,17 @@ def generate_images(pipe: Any, prompts: Sequence[str | Mapping[str, Any]], setti
         for start in range(0, len(jobs), batch_size):
             batch = jobs[start:start + batch_size]
             generators = [torch.Generator(generator_device).manual_seed(image_seed(settings, p, k))
-                          for p, k in batch]
-            prompt = prompts[batch[0][0]]
-            prompt_kwargs = {"prompt": [prompts[p] for p, _ in batch]} if isinstance(prompt, str) else prompt
+                          for _, p, k in batch]
+            first_set, first_prompt, _ = batch[0]
+            prompt = prompt_sets[first_set][first_prompt]
+            prompt_kwargs = ({"prompt": [prompt_sets[s][p] for s, p, _ in batch]} if isinstance(prompt, str)
+                             else prompt)
             output = pipe(**prompt_kwargs, num_inference_steps=settings.num_inference_steps,
                           height=settings.height, width=settings.width, generator=generators,
                           output_type="pil", **extra)
             samples = output.frames if hasattr(output, "frames") else output.images  # clips or images
-            for (p, _), image in zip(batch, samples, strict=True):
-                images[p].append(image)
+            for (s, p, _), image in zip(batch, samples, strict=True):
+                images[s][p].append(image)
             bar.update(len(batch))
     return images
 

@@ -360,6 +360,7 @@ class Suite:
         self.validation_settings = replace(self.test_settings, images_per_prompt=validation_images)
         self._pipe = None
         self._scorer = None
+        self._class_references: dict[str, tuple[str, list]] = {}  # rendered once per subject
         self.timings = read_json(self.out / "timings.json", missing_ok=True) or {}
 
     # -- lazily loaded models (a --report_only run loads none)
@@ -441,6 +442,7 @@ class Suite:
             self.model,
             num_prompts=num_prompts,
             with_class_prompts=True,
+            merge_adapters=True,  # the same model, drawn without the adapter's arithmetic per step
         )[0]
         result_dir = eval_dir / name / subject.name
         if not validation:
@@ -473,14 +475,23 @@ class Suite:
         return result
 
     def class_reference(self, subject: SuiteSubject) -> tuple[str, list]:
-        count = self.args.num_prompts * self.args.images_per_prompt
-        if self.args.class_reference == "world":
-            return (
-                f"world scenes with a {subject.subject.class_name} (heldout_b)",
-                world_class_images(subject, count, "heldout_b"),
-            )
-        base_dir = self.base_eval_dir(subject) / "base" / subject.name / "class_images"
-        return f"base model class images of {subject.name}", load_images(base_dir, "base class images")
+        """(name, images) of the subject's class-FID reference; made once per subject and process (the
+        scorer keeps its features by that name)."""
+        if subject.name not in self._class_references:
+            count = self.args.num_prompts * self.args.images_per_prompt
+            if self.args.class_reference == "world":
+                reference = (
+                    f"world scenes with a {subject.subject.class_name} (heldout_b)",
+                    world_class_images(subject, count, "heldout_b"),
+                )
+            else:
+                base_dir = self.base_eval_dir(subject) / "base" / subject.name / "class_images"
+                reference = (
+                    f"base model class images of {subject.name}",
+                    load_images(base_dir, "base class images"),
+                )
+            self._class_references[subject.name] = reference
+        return self._class_references[subject.name]
 
     def real_vs_real_fid(self, subject: SuiteSubject) -> float | None:
         """The FID floor of the world reference: two disjoint sets of real class scenes."""

@@ -30,11 +30,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..api import find_denoiser, load_adapter, remove_adapter
+from ..api import find_denoiser, load_adapter, merge_adapter, remove_adapter
 from ..errors import DifftuneError
 from ..io import read_text
 from ..paths import ASSETS_DIR, IMAGE_SUFFIXES, SUBJECT_FILE
-from ..sampling import GenerationSettings, generate_images, image_seed  # noqa: F401 (re-exported)
+from ..sampling import GenerationSettings, generate_image_sets, generate_images, image_seed  # noqa: F401 (re-exported)
 from .features import extract_features
 from .fid import fid_from_features
 from .similarity import ClipSimilarity, DinoSimilarity, mean_pairwise_cosine, neutral_prompt
@@ -284,13 +284,17 @@ def evaluate_runs(pipe: Any, runs: list[EvalRun], prompt_file: str | Path, setti
                   scorer: SubjectScorer, output_dir: str | Path, model: str,
                   fid_reference: tuple[str, list[Image.Image]] | None = None,
                   num_prompts: int | None = None, overwrite: bool = False,
-                  grid_cell: int = 128, with_class_prompts: bool = False) -> list[dict[str, Any]]:
+                  grid_cell: int = 128, with_class_prompts: bool = False,
+                  merge_adapters: bool = False) -> list[dict[str, Any]]:
     """Generate, save images and a grid, score; ``output_dir/<name>/<subject>/metrics.json`` per run.
 
     ``with_class_prompts``: also generate from the class prompts (``class_images/``,
-    ``class_grid.png``) and report ``pres`` (DINO; None without a DINO model),
-    ``pres_clip_i`` and ``class_clip_t``, with per-prompt detail under ``class_prompts``.
-    A run whose ``metrics.json`` has the same signature is read back, not recomputed.
+    ``class_grid.png``), in the same pipeline calls as the prompts, and report ``pres`` (DINO; None
+    without a DINO model), ``pres_clip_i`` and ``class_clip_t``, with per-prompt detail under
+    ``class_prompts``. ``merge_adapters``: fold each adapter into the weights while drawing (the same
+    model to float rounding, without the adapter's arithmetic in every denoiser call; the exact base
+    weights come back after). A run whose ``metrics.json`` has the same signature is read back, not
+    recomputed.
     """
     from ..io import read_json, write_json
 
@@ -315,12 +319,14 @@ def evaluate_runs(pipe: Any, runs: list[EvalRun], prompt_file: str | Path, setti
             method = load_adapter(pipe, run.adapter, scale=run.scale).method
             # the adapter's tensors join the pipeline's device and dtype (fp16 generation on GPU)
             denoiser.to(device=pipe.device, dtype=pipe.dtype)
-        desc = f"{run.name} / {run.subject.name}"
         try:
-            generated = generate_images(pipe, prompts, settings, desc=desc)
-            class_generated = None
-            if class_prompt_list is not None:  # the same seeds: image k of prompt p in both sets
-                class_generated = generate_images(pipe, class_prompt_list, settings, desc=f"{desc} (class)")
+            if run.adapter is not None and merge_adapters:
+                merge_adapter(pipe, unload=False)  # remove_adapter below restores the exact weights
+            # with the class prompts: the same seeds, image k of prompt p in both sets
+            prompt_sets = [prompts] if class_prompt_list is None else [prompts, class_prompt_list]
+            generated, *class_sets = generate_image_sets(pipe, prompt_sets, settings,
+                                                         desc=f"{run.name} / {run.subject.name}")
+            class_generated = class_sets[0] if class_sets else None
         finally:
             if run.adapter is not None:
                 remove_adapter(pipe)

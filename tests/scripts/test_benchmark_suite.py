@@ -169,7 +169,7 @@ def test_suite_resumes_without_training_or_drawing_again(suite_run, monkeypatch)
     def no_drawing(*args, **kwargs):
         raise AssertionError("a finished checkpoint was drawn again")
 
-    monkeypatch.setattr(subject_metrics, "generate_images", no_drawing)
+    monkeypatch.setattr(subject_metrics, "generate_image_sets", no_drawing)
     again = script.main(argv)
     assert again["aggregates"] == result["aggregates"] and again["rows"] == result["rows"]
     # a run cut short (final adapter lost, checkpoint-1 kept) continues from its checkpoint: only it trains

@@ -1,5 +1,6 @@
 """eval/ scripts end to end on tiny offline models (small N): files, numbers, resume."""
 
+import argparse
 import json
 from pathlib import Path
 
@@ -13,9 +14,11 @@ import difftune
 from difftune.metrics import ClipSimilarity, DinoSimilarity
 from difftune.metrics.comparison import benchmark_rows
 from difftune.metrics.subject import (
+    EvalRun,
     GenerationSettings,
     Subject,
     class_prompts,
+    evaluate_runs,
     generate_images,
     image_seed,
     load_images,
@@ -83,6 +86,57 @@ def test_image_seeds_do_not_depend_on_batch_size():
     for a, b in zip(one, three, strict=True):
         assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() <= 1
     assert not np.array_equal(np.asarray(one[0]), np.asarray(one[1]))
+
+
+@pytest.mark.parametrize("method, targets, options", [  # the suite's methods
+    ("lora", "all", {"rank": 4}), ("sara", "all", {"budget": 0.05}), ("svfit", None, {}),
+    ("tlora", None, {})])
+def test_merged_draw_of_prompts_and_class_prompts_equals_the_one_by_one_draw(
+        tmp_path, toy_subject, tiny_clip_dir, method, targets, options):
+    """What the suite draws (the adapter merged, prompts and class prompts in shared batches) is what
+    the adapter draws unmerged, each list alone, one image per call (8-bit images, ±1 rounding); the
+    scores agree, and the base weights come back bit for bit."""
+    from difftune.metrics.cli import build_scorer, evaluation_options
+
+    pipe = build("sd")
+    difftune.add_adapter(pipe.unet, method, targets=targets, **options)
+    randomize_adapter(pipe.unet, std=0.2)
+    adapter = difftune.save_adapter(pipe.unet, tmp_path / "adapter.safetensors")
+    difftune.remove_adapter(pipe.unet)
+    base_state = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    subject = Subject.from_dir(toy_subject)
+    prompts = load_prompts(ROOT / "assets" / "prompts" / "subject_prompts.txt", "sks", "dog", 2)
+    drawing = {"seed": 1, "num_inference_steps": 2, "guidance_scale": 3.0, "height": 64, "width": 64}
+
+    difftune.load_adapter(pipe, adapter)
+    alone = [generate_images(pipe, texts, GenerationSettings(2, batch_size=1, **drawing), show_progress=False)
+             for texts in (prompts, class_prompts(prompts, subject))]
+    difftune.remove_adapter(pipe)
+    args = argparse.Namespace(prompts="dreambooth", num_prompts=2, clip_model=str(tiny_clip_dir),
+                              dino_model="none", fid=False, fid_extractor="auto", fid_antialias=None,
+                              metric_batch_size=8, device="cpu", dtype="fp32", metric_dtype="fp32",
+                              images_per_prompt=2, eval_seed=1, num_inference_steps=2, guidance_scale=3.0,
+                              height=64, width=64, generation_batch_size=3)
+    evaluation = evaluation_options(args)
+    scorer = build_scorer(evaluation, "builtin:tiny-sd", torch.device("cpu"))
+    results = {}
+    for merged in (True, False):
+        out = tmp_path / f"merged{merged}"
+        results[merged] = evaluate_runs(pipe, [EvalRun(method, adapter, subject)],
+                                        ROOT / "assets" / "prompts" / "subject_prompts.txt",
+                                        evaluation.generation, scorer, out, "builtin:tiny-sd", num_prompts=2,
+                                        with_class_prompts=True, merge_adapters=merged)[0]
+        assert all(torch.equal(v, base_state[k]) for k, v in pipe.unet.state_dict().items())
+    out = tmp_path / "mergedTrue" / method / "toy"
+    for folder, reference in (("images", alone[0]), ("class_images", alone[1])):
+        drawn = load_images(out / folder)
+        flat = [image for group in reference for image in group]
+        assert len(drawn) == len(flat) == 4
+        for a, b in zip(drawn, flat, strict=True):
+            assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() <= 1
+    assert not np.array_equal(np.asarray(load_images(out / "images")[0]), np.asarray(alone[1][0][0]))
+    for metric in ("clip_i", "clip_t", "pres_clip_i", "class_clip_t"):
+        assert results[True][metric] == pytest.approx(results[False][metric], abs=2e-3)
 
 
 def test_evaluate_subject_end_to_end(tmp_path, toy_subject, lora_file, tiny_clip_dir, tiny_dino_dir, capsys):

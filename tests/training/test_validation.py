@@ -9,6 +9,7 @@ from PIL import Image
 from difftune import sampling
 from difftune.sampling import (
     GenerationSettings,
+    generate_image_sets,
     generate_images,
     image_grid,
     image_seed,
@@ -57,6 +58,30 @@ def test_image_k_of_prompt_p_has_its_own_seed_whatever_the_batching():
     one_by_one = generate_images(RecordingPipeline(), ["a", "b"], unbatched, show_progress=False)
     for group, other in zip(images, one_by_one, strict=True):
         assert [np.asarray(i).tolist() for i in group] == [np.asarray(i).tolist() for i in other]
+
+
+def test_prompt_lists_drawn_together_fill_batches_and_keep_each_lists_seeds():
+    settings = GenerationSettings(images_per_prompt=2, seed=1, guidance_scale=None, height=8, width=8,
+                                  batch_size=3)
+    pipe = RecordingPipeline()
+    prompts, classes = ["a sks x", "b sks x", "c sks x"], ["a x", "b x", "c x"]
+    together = generate_image_sets(pipe, [prompts, classes], settings, show_progress=False)
+    # 12 images in 4 full calls (alone: 2 calls of 3 each list); one call spans both lists
+    assert [call["prompt"] for call in pipe.calls] == [
+        ["a sks x", "a sks x", "b sks x"], ["b sks x", "c sks x", "c sks x"],
+        ["a x", "a x", "b x"], ["b x", "c x", "c x"]]
+    seeds = [s for call in pipe.calls for s in call["generator_seeds"]]
+    one_list = [image_seed(settings, p, k) for p in range(3) for k in range(2)]
+    assert seeds == one_list + one_list  # image k of prompt p: the same noise in both lists
+    for drawn, alone_prompts in zip(together, (prompts, classes), strict=True):
+        alone = generate_images(RecordingPipeline(), alone_prompts, settings, show_progress=False)
+        assert [[np.asarray(i).tolist() for i in g] for g in drawn] == \
+            [[np.asarray(i).tolist() for i in g] for g in alone]
+    odd = RecordingPipeline()
+    generate_image_sets(odd, [["a"], ["b", "c"]], GenerationSettings(1, guidance_scale=None, batch_size=2),
+                        show_progress=False)
+    assert [call["prompt"] for call in odd.calls] == [["a", "b"], ["c"]]
+    assert [call["generator_seeds"] for call in odd.calls] == [[0, 0], [1]]
 
 
 def test_precomputed_embeddings_are_drawn_one_image_per_call():
