@@ -16,6 +16,9 @@ The protocol is the same for every method (the numbers of each preset are in SUI
 2. **The grid.** Every method × subject × seed trains at its rate with prior preservation and
    saves checkpoints; at each checkpoint the model draws the test prompts and the same prompts
    without the identifier (its class images, same seeds), scored by ``difftune.metrics.subject``.
+   Both lists share the pipeline calls and the adapter is merged into the weights while it draws
+   (the same images to float rounding, less arithmetic per call); the base model draws once per
+   subject.
    The class images' FID is taken against real images of the class: world scenes holding the
    class object for the embedded model, the base model's class images for real models.
 3. **The report.** Per method and checkpoint the mean with a 95 % two-stage bootstrap interval
