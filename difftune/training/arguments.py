@@ -677,9 +677,7 @@ def check_compile_backend(args: argparse.Namespace) -> None:
 
 def check_quantized_base(args: argparse.Namespace) -> None:
     """``--quantize_base``: refused for methods that need the dense base weight (whatever is
-    installed; `Adapter.quantized_base_refusal`), then a clear error when bitsandbytes is missing."""
-    import importlib.util
-
+    installed; `Adapter.quantized_base_refusal`), then what loading through bitsandbytes needs."""
     check_quantized_text_encoder(args)
     bits = getattr(args, "quantize_base", None)
     if bits is None:
@@ -690,20 +688,12 @@ def check_quantized_base(args: argparse.Namespace) -> None:
         able = ", ".join(quantizable_methods())
         raise DifftuneError(f"--quantize_base {bits} cannot be used with --adapter {method}: {refusal} "
                             f"(--quantize_base supports --adapter {able})")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise DifftuneError(f"--quantize_base {bits} needs bitsandbytes, which is not installed: "
-                            "pip install bitsandbytes (CUDA GPU), or drop the flag")
-    model = getattr(args, "pretrained_model_name_or_path", "") or ""
-    if model.startswith("builtin:"):
-        raise DifftuneError(f"--quantize_base loads hub or folder models through diffusers; {model} is "
-                            "built in memory")
+    check_bitsandbytes_loading(args, "--quantize_base", bits)
 
 
 def check_quantized_text_encoder(args: argparse.Namespace) -> None:
     """``--quantize_text_encoder``: the text encoders stay frozen, diffusers loads one bitsandbytes
-    setting per pipeline, and bitsandbytes must be installed (before anything loads)."""
-    import importlib.util
-
+    setting per pipeline, and loading through bitsandbytes needs what `check_bitsandbytes_loading` says."""
     bits = getattr(args, "quantize_text_encoder", None)
     if bits is None:
         return
@@ -715,13 +705,20 @@ def check_quantized_text_encoder(args: argparse.Namespace) -> None:
     if base_bits not in (None, bits):
         raise DifftuneError(f"--quantize_text_encoder {bits} and --quantize_base {base_bits}: give both the "
                             "same value (diffusers loads a pipeline with one bitsandbytes setting)")
+    check_bitsandbytes_loading(args, "--quantize_text_encoder", bits)
+
+
+def check_bitsandbytes_loading(args: argparse.Namespace, flag: str, bits: str) -> None:
+    """A quantising ``flag``: bitsandbytes installed, and a model diffusers loads (not a built-in one)."""
+    import importlib.util
+
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise DifftuneError(f"--quantize_text_encoder {bits} needs bitsandbytes, which is not installed: "
+        raise DifftuneError(f"{flag} {bits} needs bitsandbytes, which is not installed: "
                             "pip install bitsandbytes (CUDA GPU), or drop the flag")
     model = getattr(args, "pretrained_model_name_or_path", "") or ""
     if model.startswith("builtin:"):
-        raise DifftuneError(f"--quantize_text_encoder loads hub or folder models through diffusers; {model} "
-                            "is built in memory")
+        raise DifftuneError(f"{flag} loads hub or folder models through diffusers; {model} is built in "
+                            "memory")
 
 
 def add_pivotal_arguments(parser: argparse.ArgumentParser) -> None:

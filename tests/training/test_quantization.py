@@ -44,3 +44,21 @@ def test_quantized_components_are_the_pipelines_denoisers_and_text_encoders(monk
 def test_no_quantization_flag_loads_as_is():
     assert loop.quantization_kwargs(ModelSettings(pretrained_model_name_or_path="builtin:tiny-sd"),
                                     torch.float32) == {}
+
+
+@pytest.mark.parametrize("flag", ["quantize_base", "quantize_text_encoder"])
+def test_a_built_in_model_is_not_quantised_even_with_bitsandbytes(monkeypatch, flag):
+    import argparse
+    import importlib.util
+
+    from difftune import DifftuneError
+    from difftune.training import arguments
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *rest: object() if name == "bitsandbytes" else find_spec(name, *rest))
+    args = argparse.Namespace(pretrained_model_name_or_path="builtin:tiny-flux", adapter="lora",
+                              **{"quantize_base": None, "quantize_text_encoder": None, flag: "4bit"})
+    with pytest.raises(DifftuneError, match=f"--{flag} loads hub or folder models through diffusers; "
+                                            "builtin:tiny-flux is built in memory"):
+        arguments.check_quantized_base(args)
