@@ -199,8 +199,12 @@ def write_docs(docs: Path, text: str, machine_text: str) -> None:
     start = page.index(SECTION)
     end = page.find("\n## ", start + len(SECTION))
     body = (f"{SECTION}\n\n`python benchmarks/reliability.py --docs docs/benchmarks.md` on {machine_text}, "
-            "`HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1`. Each row runs the tests it names; every case in them must "
-            "end as stated or the test fails, so a passing row means 100 %.\n\n" + text)
+            "`HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1`. Each row runs the tests it names with "
+            "`DIFFTUNE_FULL_CAMPAIGN=1` (the counts below; the plain test suite runs a seeded sample of the "
+            "fuzz, kill and checkpoint-damage cases); every case in them must end as stated or the test "
+            "fails, so a passing row means 100 %. The seconds are each row's wall time on the shared "
+            "machine.\n\n"
+            + text)
     docs.write_text(page[:start] + body + (page[end:] if end != -1 else ""))
 
 
