@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> Path:
               f"({teacher_settings.num_inference_steps} steps, CFG {teacher_settings.guidance_scale}) | "
               f"{max_train_steps} steps x {plan.micro_batch * plan.accumulation} | lr {learning_rate:g} | "
               f"seed {seed}"
-              f"{resumed}")
+              f"{loop.describe_base_adapters(base_adapters)}{resumed}")
 
     def validate(step: int) -> None:
         if step % args.validation_steps or not is_main:

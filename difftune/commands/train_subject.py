@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> Path:
               f"trainable parameters{text_part} | {len(instance_images)} instance {kind}{prior_text} | "
               f"{max_train_steps} steps x {micro_batch * accumulation} images (batch {plan.batch_size} x "
               f"{world} processes x {accumulation} accumulation) | lr {learning_rate:g} | "
-              f"seed {seed}{resumed}")
+              f"seed {seed}{loop.describe_base_adapters(base_adapters)}{resumed}")
 
     trainer_state = {"base_model": base_model, **spec.to_dict(), "seed": seed,
                      "base_adapters": run_settings["base_adapters"],

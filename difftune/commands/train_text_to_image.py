@@ -253,7 +253,8 @@ def main(argv: list[str] | None = None) -> Path:
               f"{len(adapter.target_names)} layers, {trainable_count:,} "
               f"trainable parameters | {len(examples)} images, {data.epoch_length} per epoch | "
               f"{plan.max_train_steps} steps x {plan.micro_batch * plan.accumulation} images | lr "
-              f"{plan.learning_rate:g} | ema {args.ema_decay if ema else 'off'} | seed {seed}{resumed}")
+              f"{plan.learning_rate:g} | ema {args.ema_decay if ema else 'off'} | seed {seed}"
+              f"{loop.describe_base_adapters(base_adapters)}{resumed}")
 
     # -----------------------------------------------------------------------------------------
     # 5. Training loop

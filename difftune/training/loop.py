@@ -229,6 +229,14 @@ def check_base_adapters(base_adapters: Sequence[tuple[str, float]]) -> None:
             raise DifftuneError(f"--base_adapter {path}: {err}") from None
 
 
+def describe_base_adapters(base_adapters: Sequence[tuple[str, float]]) -> str:
+    """The trainers' banner part for ``--base_adapter``: the frozen files under the trained adapter."""
+    if not base_adapters:
+        return ""
+    files = ", ".join(f"{Path(path).name} x{weight:g}" for path, weight in base_adapters)
+    return f" | on top of frozen {files}"
+
+
 def attach_base_adapters(model: Any, base_adapters: Sequence[tuple[str, float]]) -> None:
     """``--base_adapter``: each file attached in order as ``base_1``, ``base_2``, ... at its weight, and
     frozen (its text-encoder adapters too): the trained adapter goes on top of them."""

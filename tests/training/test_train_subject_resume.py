@@ -345,7 +345,7 @@ def test_resuming_with_other_optimisation_settings_is_refused_naming_them(train_
 
 
 def test_training_on_top_of_frozen_adapters_resumes_bit_identical(train_subject, subject_dir, tmp_path,
-                                                                   monkeypatch):
+                                                                   monkeypatch, capsys):
     # two frozen bases of other methods (one with text-encoder adapters), the trained LoRA on top of them
     from conftest import build, randomize_adapter
 
@@ -361,6 +361,7 @@ def test_training_on_top_of_frozen_adapters_resumes_bit_identical(train_subject,
     flags = ["--base_adapter", f"{bases[0]}:0.7", "--base_adapter", str(bases[1])]
     full, split = tmp_path / "full", tmp_path / "split"
     train_subject(*run_flags(subject_dir, full, MODELS["sd"], "lora"), *flags)
+    assert "| on top of frozen style.safetensors x0.7, pose.safetensors x1" in capsys.readouterr().out
     with monkeypatch.context() as patch:
         interrupt_after_first_checkpoint(patch)
         with pytest.raises(KeyboardInterrupt):

@@ -196,7 +196,7 @@ def test_each_preset_trains_its_family_tiny_model_on_a_style_folder(train_text_t
     assert (out / "adapter.safetensors").is_file()
 
 
-def test_trains_on_top_of_frozen_adapters(train_text_to_image, style_dir, tmp_path):
+def test_trains_on_top_of_frozen_adapters(train_text_to_image, style_dir, tmp_path, capsys):
     from conftest import build, randomize_adapter
 
     pipe = build("sd")
@@ -209,3 +209,4 @@ def test_trains_on_top_of_frozen_adapters(train_text_to_image, style_dir, tmp_pa
     assert info["method"] == "lora"
     records = [(r["method"], r["weight"], r["source"]) for r in info["base_adapters"]]
     assert records == [("svfit", 0.6, str(base))]
+    assert "| on top of frozen pose.safetensors x0.6" in capsys.readouterr().out  # the banner says so
