@@ -381,11 +381,21 @@ class Suite:
             self._scorer = metrics_cli.build_scorer(self.options, self.model, device)
         return self._scorer
 
-    def record_time(self, key: str, seconds: float) -> None:
+    def record_time(self, key: str, wall: float, cpu: float | None) -> None:
+        """Wall and CPU seconds of one training or scored set: on a shared machine only the CPU
+        seconds say what the grid costs."""
         from difftune.io import write_json
 
-        self.timings[key] = seconds
+        self.timings[key] = {"wall": round(wall, 2), "cpu": None if cpu is None else round(cpu, 2)}
         write_json(self.out / "timings.json", self.timings)
+
+    def total_seconds(self, kind: str, clock: str) -> float | None:
+        """Summed ``clock`` ("wall" or "cpu") seconds of every ``kind`` ("train", "score") entry;
+        None for CPU when an entry lacks it (folders written before CPU time was recorded held wall
+        seconds alone)."""
+        values = [entry.get(clock) if isinstance(entry, dict) else (entry if clock == "wall" else None)
+                  for key, entry in self.timings.items() if key.startswith(f"{kind}/")]
+        return None if any(v is None for v in values) else round(sum(values), 2)
 
     # -- training
     def train(
@@ -423,7 +433,8 @@ class Suite:
         start = time.perf_counter()
         summary = train_method(settings, subject.subject, method.adapter, flags, output_dir=run_dir)
         if fresh:
-            self.record_time(f"train/{run_dir.relative_to(self.out)}", time.perf_counter() - start)
+            self.record_time(f"train/{run_dir.relative_to(self.out)}", time.perf_counter() - start,
+                             summary.get("process_cpu_seconds"))
         return summary
 
     # -- scoring
@@ -434,7 +445,7 @@ class Suite:
         prompts = self.validation_prompts if validation else self.test_prompts
         settings = self.validation_settings if validation else self.test_settings
         num_prompts = None if validation else self.args.num_prompts
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         result = evaluate_runs(
             self.pipe,
             [EvalRun(name, adapter, subject.subject)],
@@ -451,7 +462,8 @@ class Suite:
         if not validation:
             result["class_fid"] = self.class_fid(result_dir, subject)
         if time.perf_counter() - start > 1:
-            self.record_time(f"score/{result_dir.relative_to(self.out)}", time.perf_counter() - start)
+            self.record_time(f"score/{result_dir.relative_to(self.out)}", time.perf_counter() - start,
+                             time.process_time() - cpu_start)
         return result
 
     def class_fid(self, result_dir: Path, subject: SuiteSubject) -> dict[str, Any]:
@@ -802,6 +814,13 @@ def _listing(label: str, values: dict[str, str]) -> str:
     return f"{label}: " + ", ".join(f"{name} {value}" for name, value in values.items()) + "."
 
 
+def cpu_minutes(timing: dict[str, float | None]) -> str:
+    """The report's CPU-time part, when every entry recorded it."""
+    if timing["train_cpu_s"] is None or timing["score_cpu_s"] is None:
+        return ""
+    return f" ({timing['train_cpu_s'] / 60:.0f} and {timing['score_cpu_s'] / 60:.0f} min of CPU)"
+
+
 def write_report(suite: Suite, subjects: list[SuiteSubject], selection: dict[str, Any]) -> dict[str, Any]:
     """``benchmark_suite.json`` / ``.md`` and the curves, from what is on disk."""
     import numpy as np
@@ -838,8 +857,10 @@ def write_report(suite: Suite, subjects: list[SuiteSubject], selection: dict[str
 
     expected = len(subjects) * len(args.seeds)
     timing = {
-        "train_s": sum(v for k, v in suite.timings.items() if k.startswith("train/")),
-        "score_s": sum(v for k, v in suite.timings.items() if k.startswith("score/")),
+        "train_s": suite.total_seconds("train", "wall"),
+        "score_s": suite.total_seconds("score", "wall"),
+        "train_cpu_s": suite.total_seconds("train", "cpu"),
+        "score_cpu_s": suite.total_seconds("score", "cpu"),
     }
     result = {
         "settings": {
@@ -933,8 +954,9 @@ def write_report(suite: Suite, subjects: list[SuiteSubject], selection: dict[str
             ],
             ["method", "learning rate", "tried"],
         ),
-        f"Time: training {timing['train_s'] / 60:.0f} min, scoring {timing['score_s'] / 60:.0f} min "
-        f"(machine: {', '.join(f'{k} {v}' for k, v in result['machine'].items())}).",
+        f"Time: training {timing['train_s'] / 60:.0f} min, scoring {timing['score_s'] / 60:.0f} min of wall "
+        f"time{cpu_minutes(timing)} (machine: "
+        f"{', '.join(f'{k} {v}' for k, v in result['machine'].items())}).",
     ]
     write_text(suite.out / "benchmark_suite.md", "\n".join(lines) + "\n")
     return result

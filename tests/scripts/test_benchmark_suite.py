@@ -151,6 +151,13 @@ def test_sweep_picks_the_rate_by_its_rule_and_sara_matches_lora(suite_run):
     assert summaries["sara_matched"]["trainable_parameters"] == summaries["lora"]["trainable_parameters"]
     command = (out / "runs" / "cat" / "seed0" / "lora" / "train.log").read_text().splitlines()[0]
     assert f"--learning_rate {expected}" in command
+    # wall and CPU seconds of every training and scored set, summed in the report
+    timings = json.loads((out / "timings.json").read_text())
+    assert timings and all(entry["cpu"] > 0 and entry["wall"] > 0 for entry in timings.values())
+    for kind in ("train", "score"):
+        assert result["timing"][f"{kind}_cpu_s"] == pytest.approx(
+            sum(e["cpu"] for k, e in timings.items() if k.startswith(f"{kind}/")), abs=0.05)
+    assert "min of CPU" in (out / "benchmark_suite.md").read_text()
 
 
 def test_suite_resumes_without_training_or_drawing_again(suite_run, monkeypatch):
