@@ -31,6 +31,16 @@ METHOD_COLORS = {"base": "#7f7f7f", "lora": "#1f77b4", "sara": "#d62728", "svfit
                  "tlora": "#9467bd"}
 
 
+def record_time(timings: dict[str, Any], path: Path, key: str, wall: float, cpu: float | None) -> None:
+    """One training's or scored set's wall and CPU seconds into ``timings`` and its file ``path``
+    (``timings.json``), as both suites keep them: with other work on the machine the wall time grows,
+    the CPU time (the grid's cost) much less."""
+    from difftune.io import write_json
+
+    timings[key] = {"wall": round(wall, 2), "cpu": None if cpu is None else round(cpu, 2)}
+    write_json(path, timings)
+
+
 def parse_with_preset(parser: argparse.ArgumentParser, presets: dict[str, dict[str, Any]],
                       argv: list[str] | None) -> argparse.Namespace:
     """Parse ``argv`` with the values of the ``--preset`` it names as the defaults (a flag given wins)."""

@@ -59,7 +59,7 @@ from difftune.metrics.subject import (
 from difftune.paths import portable_path
 from difftune.training.data import SUBJECT_FILE
 
-from .benchmark_runs import ADAPTER_FILE, METHOD_COLORS, train_method
+from .benchmark_runs import ADAPTER_FILE, METHOD_COLORS, record_time, train_method
 
 BASELINE = "lora"
 METRICS = ("clip_i", "clip_t", "pres_clip_i", "class_clip_t")
@@ -382,12 +382,7 @@ class Suite:
         return self._scorer
 
     def record_time(self, key: str, wall: float, cpu: float | None) -> None:
-        """Wall and CPU seconds of one training or scored set: on a shared machine only the CPU
-        seconds say what the grid costs."""
-        from difftune.io import write_json
-
-        self.timings[key] = {"wall": round(wall, 2), "cpu": None if cpu is None else round(cpu, 2)}
-        write_json(self.out / "timings.json", self.timings)
+        record_time(self.timings, self.out / "timings.json", key, wall, cpu)
 
     def total_seconds(self, kind: str, clock: str) -> float | None:
         """Summed ``clock`` ("wall" or "cpu") seconds of every ``kind`` ("train", "score") entry;

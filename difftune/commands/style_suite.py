@@ -60,7 +60,7 @@ from difftune.machine import machine_description
 from difftune.metrics.cli import EMBEDDED_CLIP
 from difftune.paths import portable_path
 
-from .benchmark_runs import ADAPTER_FILE, METHOD_COLORS, parse_with_preset, run_trainer
+from .benchmark_runs import ADAPTER_FILE, METHOD_COLORS, parse_with_preset, record_time, run_trainer
 
 TRAINER_MODULE = "difftune.commands.train_text_to_image"
 RESULT_FILE = "style_benchmark.json"
@@ -337,10 +337,7 @@ class StyleSuite:
         print(f"style benchmark: {key} failed, the grid goes on: {failures[key]}", file=sys.stderr)
 
     def record_time(self, key: str, wall: float, cpu: float | None) -> None:
-        """Wall and CPU seconds of one training or scoring (``timings.json``): with other work on the
-        machine the wall time grows, the CPU time (the grid's cost) much less."""
-        self.timings[key] = {"wall": round(wall, 2), "cpu": None if cpu is None else round(cpu, 2)}
-        write_json(self.out / "timings.json", self.timings)
+        record_time(self.timings, self.out / "timings.json", key, wall, cpu)
 
     # -- data
     def train_dir(self, style: str) -> Path:
