@@ -544,10 +544,12 @@ def main(argv=None) -> None:
     print(text)
     if args.docs:
         args.docs = Path(args.docs)
-        chart = args.docs.parent / f"benchmark_sara_memory_{args.device}.png"
+        chart = args.docs.parent / "images" / f"benchmark_sara_memory_{args.device}.png"
+        chart.parent.mkdir(parents=True, exist_ok=True)
         bar_chart(results, chart)
         command = "python benchmarks/memory_sara.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        body = f"Command: `{command.strip()}`\n\n{text}\n![chart]({chart.name})\n"
+        link = chart.relative_to(args.docs.parent).as_posix()
+        body = f"Command: `{command.strip()}`\n\n{text}\n![chart]({link})\n"
         write_section(args.docs, args.device, body)
         print(f"wrote {args.docs} and {chart}")
 
