@@ -633,8 +633,7 @@ def aggregate(suite: StyleSuite, row_name: str, step: int, baseline: str | None)
     mine = cells(suite, row_name, step)
     if not mine:
         return None
-    theirs = {(s, k): (r, p) for s, k, r, p in cells(suite, baseline, step)} if baseline else {}
-    paired = [(s, k, r, p) for s, k, r, p in mine if (s, k) in theirs]
+    theirs = cells(suite, baseline, step) if baseline else []
     resamples = suite.args.resamples
     out: dict[str, Any] = {"row": row_name, "step": step, "cells": len(mine)}
     for metric in METRICS:
@@ -643,23 +642,77 @@ def aggregate(suite: StyleSuite, row_name: str, step: int, baseline: str | None)
         if metric in SET_METRICS:
             references = {style: FidReference(reference_features(suite, metric, style)) for style, *_ in mine}
             mine_sets = [(style, load_features(p, metric)) for style, _, _, p in mine]
-            fid_resamples = max(resamples // 5, 50)
             out[metric] = bootstrap_grouped([fid_of(references[s], f) for s, f in mine_sets],
-                                            [len(f) for _, f in mine_sets], resamples=fid_resamples).to_dict()
-            if paired:
-                pairs = [(references[s], load_features(p, metric), load_features(theirs[(s, k)][1], metric))
-                         for s, k, _, p in paired]
-                out[f"{metric}_vs_{BASELINE}"] = bootstrap_grouped(
-                    [fid_difference(reference, a, b) for reference, a, b in pairs],
-                    [len(a) for _, a, _ in pairs], resamples=fid_resamples).to_dict()
+                                            [len(f) for _, f in mine_sets],
+                                            resamples=max(resamples // 5, 50)).to_dict()
         else:
             table = np.array([r[metric] for _, _, r, _ in mine])
             out[metric] = bootstrap_mean(table, resamples=resamples).to_dict()
-            if paired:
-                ours = np.array([r[metric] for _, _, r, _ in paired])
-                base = np.array([theirs[(s, k)][0][metric] for s, k, _, _ in paired])
-                out[f"{metric}_vs_{BASELINE}"] = bootstrap_mean(ours - base, resamples=resamples).to_dict()
+        difference = paired_difference(suite, metric, mine, theirs)
+        if difference is not None:
+            out[f"{metric}_vs_{BASELINE}"] = difference
     return out
+
+
+def paired_difference(suite: StyleSuite, metric: str, mine: list, theirs: list) -> dict[str, Any] | None:
+    """Mean of (mine − theirs) over the cells both rows scored (same domain, seed, prompts and sampling
+    seeds), with its two-stage interval: FID recomputed on the same drawn images of both, the other
+    metrics' per-prompt differences averaged. None where the rows share no cell."""
+    import numpy as np
+
+    from difftune.metrics.bootstrap import bootstrap_grouped, bootstrap_mean
+    from difftune.metrics.fid import FidReference
+
+    by_cell = {(s, k): (r, p) for s, k, r, p in theirs}
+    paired = [(s, k, r, p) for s, k, r, p in mine if (s, k) in by_cell and metric in r]
+    if not paired:
+        return None
+    if metric in SET_METRICS:
+        references = {s: FidReference(reference_features(suite, metric, s)) for s, *_ in paired}
+        pairs = [(references[s], load_features(p, metric), load_features(by_cell[(s, k)][1], metric))
+                 for s, k, _, p in paired]
+        return bootstrap_grouped([fid_difference(reference, a, b) for reference, a, b in pairs],
+                                 [len(a) for _, a, _ in pairs],
+                                 resamples=max(suite.args.resamples // 5, 50)).to_dict()
+    ours = np.array([r[metric] for _, _, r, _ in paired])
+    base = np.array([by_cell[(s, k)][0][metric] for s, k, _, _ in paired])
+    return bootstrap_mean(ours - base, resamples=suite.args.resamples).to_dict()
+
+
+# The README's questions: which row leads each of these, and SaRA against these rows (at the matched
+# budget, the last checkpoint).
+CONTEST_METRICS = ("fid_heldout", "fid_train", "clip", "color", "shape", "drift")
+SARA_AGAINST = ("lora", "full_ft", "supertuning", "dora")
+
+
+def comparisons(suite: StyleSuite, group: list[dict[str, Any]], step: int) -> dict[str, Any]:
+    """Who leads each metric in ``group`` (aggregate rows at one step) and which rows the data cannot
+    tell from the leader (the paired difference's 95 % interval holds zero); and SaRA's paired
+    differences to LoRA, full fine-tuning, Super-Tuning and DoRA."""
+    scored = {r["row"]: cells(suite, r["row"], step) for r in group}
+    leaders: dict[str, Any] = {}
+    for metric in CONTEST_METRICS:
+        means = {r["row"]: r[metric]["mean"] for r in group if metric in r}
+        if len(means) < 2:
+            continue
+        higher_is_better = METRICS[metric][1]
+        best = (max if higher_is_better else min)(means, key=means.get)
+        versus = {row: paired_difference(suite, metric, scored[row], scored[best])
+                  for row in means if row != best}
+        versus = {row: d for row, d in versus.items() if d is not None}
+        leaders[metric] = {"best": best, "higher_is_better": higher_is_better, "vs_best": versus,
+                           "not_told_apart": sorted(row for row, d in versus.items()
+                                                    if d["low"] <= 0 <= d["high"])}
+    methods = {r.get("method"): r["row"] for r in group}
+    sara_pairs: dict[str, Any] = {}
+    if "sara" in methods:
+        for other in SARA_AGAINST:
+            if other not in methods:
+                continue
+            differences = {metric: paired_difference(suite, metric, scored[methods["sara"]],
+                                                     scored[methods[other]]) for metric in CONTEST_METRICS}
+            sara_pairs[f"{methods['sara']} − {methods[other]}"] = {m: d for m, d in differences.items() if d}
+    return {"step": step, "group": [r["row"] for r in group], "leaders": leaders, "sara_vs": sara_pairs}
 
 
 def load_features(path: Path, metric: str):
@@ -717,6 +770,7 @@ def write_report(suite: StyleSuite, rows: list[Row], budgets: dict[str, Any], se
                       {r["row"]: r["clip"]["mean"] for r in last})
         for r in last:
             r[key] = values[r["row"]]
+    contest = comparisons(suite, last, steps[-1])
     report = {
         "settings": {
             **{k: portable_path(v) for k, v in vars(args).items()
@@ -734,11 +788,15 @@ def write_report(suite: StyleSuite, rows: list[Row], budgets: dict[str, Any], se
                    "then images",
         },
         "aggregates": table_rows,
+        "comparisons": contest,
         "rows": run_rows,
         "failures": read_json(suite.out / "failures.json", missing_ok=True) or {},
     }
     write_json(suite.out / RESULT_FILE, report)
     table = markdown_table(report)
+    contest_text = comparisons_tables(report)
+    if contest_text:
+        table += "\n\n" + contest_text
     (suite.out / "style_benchmark.md").write_text(table + "\n")
     plots = make_plots(report)
     for name, image in plots.items():
@@ -779,6 +837,37 @@ def markdown_table(report: dict[str, Any]) -> str:
         paper_text = " / ".join(map(str, paper)) if paper else ""
         lines.append(f"| {r['row']} | {r.get('trainable_parameters') or ''} | {r['step']} | {values} | "
                      f"{index} | {_cell(r.get('fid_heldout_vs_lora'))} | {paper_text} |")
+    return "\n".join(lines)
+
+
+def comparisons_tables(report: dict[str, Any]) -> str:
+    """The leaders of each metric with the rows not told apart from them, and SaRA's paired
+    differences, as markdown (empty before two rows of the group are scored)."""
+    contest = report.get("comparisons") or {}
+    leaders, sara = contest.get("leaders") or {}, contest.get("sara_vs") or {}
+    if not leaders:
+        return ""
+    means = {r["row"]: r for r in report["aggregates"] if r["step"] == contest["step"]}
+    lines = [f"Who leads, at step {contest['step']} among {', '.join(contest['group'])} (paired differences "
+             "on the same domains, prompts and seeds; 95 % intervals):", "",
+             "| metric | leader | not told apart from the leader | next row − leader |", "|---|---|---|---|"]
+    for metric, entry in leaders.items():
+        heading = METRICS[metric][0]
+        digits = 3 if metric in ("color", "shape", "drift") else 1
+        best = entry["best"]
+        versus = entry["vs_best"]
+        runner = min(versus, key=lambda row: abs(versus[row]["mean"])) if versus else None
+        runner_text = f"{runner}: {_cell(versus[runner], digits)}" if runner else "–"
+        lines.append(f"| {heading} | {best} ({means[best][metric]['mean']:.{digits}f}) | "
+                     f"{', '.join(entry['not_told_apart']) or 'none'} | {runner_text} |")
+    if sara:
+        metrics = list(CONTEST_METRICS)
+        lines += ["", "| SaRA − row | " + " | ".join(METRICS[m][0] for m in metrics) + " |",
+                  "|" + "---|" * (len(metrics) + 1)]
+        for pair, differences in sara.items():
+            cells_text = " | ".join(_cell(differences.get(m), 3 if m in ("color", "shape", "drift") else 1)
+                                    for m in metrics)
+            lines.append(f"| {pair} | {cells_text} |")
     return "\n".join(lines)
 
 

@@ -104,6 +104,25 @@ def test_the_grid_scores_every_cell_and_reports_intervals(suite_module, in_proce
     assert all(by_row[(g, 2)]["vlhi"] == pytest.approx(expected[g]) for g in group)
     assert (out / "fid_vs_drift.png").is_file() and (out / "fid_vs_params.png").is_file()
     assert "| sara@20M |" in (out / "style_benchmark.md").read_text()
+    # who leads each metric in that group, and SaRA against the others: the same paired differences
+    contest = report["comparisons"]
+    assert contest["group"] == group and contest["step"] == 2
+    for metric, higher in (("fid_heldout", False), ("clip", True), ("drift", False)):
+        entry = contest["leaders"][metric]
+        means = {g: by_row[(g, 2)][metric]["mean"] for g in group}
+        assert entry["best"] == (max if higher else min)(means, key=means.get)
+        assert set(entry["vs_best"]) == set(group) - {entry["best"]}
+        for row, difference in entry["vs_best"].items():
+            assert difference["mean"] == pytest.approx(means[row] - means[entry["best"]])
+        assert entry["not_told_apart"] == sorted(r for r, d in entry["vs_best"].items()
+                                                 if d["low"] <= 0 <= d["high"])
+    assert set(contest["sara_vs"]) == {"sara@20M − lora@20M", "sara@20M − full_ft"}
+    versus_full = contest["sara_vs"]["sara@20M − full_ft"]
+    full = by_row[("full_ft", 2)]
+    for metric in ("shape", "fid_heldout"):
+        assert versus_full[metric]["mean"] == pytest.approx(sara[metric]["mean"] - full[metric]["mean"])
+    assert contest["sara_vs"]["sara@20M − lora@20M"]["drift"] == sara["drift_vs_lora"]
+    assert "Who leads" in (out / "style_benchmark.md").read_text()
 
     # resuming trains and scores nothing again; --report_only writes the same report and the docs files
     trained = len(in_process_trainer)
