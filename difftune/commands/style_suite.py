@@ -22,6 +22,8 @@ The protocol (the numbers of each preset are in STYLE_PRESETS):
 3. **Learning rates.** Every method (at 20M) trains on the first domain at each rate of its grid (seed
    ``sweep_seed``, not a test seed) and draws the validation captions; the rate with the lowest FID
    against the domain's held-out images is kept (``sweep/selection.json``) for every domain and level.
+   A winner on an edge of the grid adds up to ``sweep_extensions`` rates beyond it (×3 up, ÷3 down),
+   as the subject suite does: a method whose best rate is its largest may learn faster still.
 4. **The grid.** Every method × domain × seed trains with ``difftune train-text-to-image`` and is
    scored at each of ``checkpoint_steps`` (a ``--curve_methods`` method at the matched budget; the
    others and the budget curve's other levels at the last one): the test captions give FID against the
@@ -166,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--guidance_scale", type=float)
     parser.add_argument("--rates", type=int, choices=(1, 2, 3), default=3,
                         help="rates of each method's grid to sweep (1: its middle one, no sweep)")
+    parser.add_argument("--sweep_extensions", type=int, default=2,
+                        help="rates tried past an edge of a method's grid when the edge rate wins "
+                             "(x3 up, /3 down)")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap replicates (FID: a fifth)")
     parser.add_argument("--data_dir", type=Path,
                         help="where the rendered domains go (default: <output_dir>/data)")
@@ -490,7 +495,11 @@ class StyleSuite:
                    "--checkpointing_steps", str(checkpointing_steps), "--lr_scheduler", "cosine",
                    "--seed", str(seed), "--mixed_precision", "no", "--report_to", "none",
                    "--skip_final_inference", "--resume_from_checkpoint", "latest"]
+        check_cell_rate(run_dir, rate)
         fresh = not (run_dir / "train_summary.json").is_file()
+        if not (run_dir / CELL_FILE).is_file():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(run_dir / CELL_FILE, {"learning_rate": rate})
         summary = run_trainer(command, run_dir, f"{row.name} {style} seed {seed}", quiet=True)
         if fresh:
             self.record_time(f"train/{run_dir.relative_to(self.out)}", summary["wall_time_s"],
@@ -507,6 +516,17 @@ class StyleSuite:
 
 
 PLAIN_SEED = 1_000_000  # plain captions draw from other seeds than the styled ones
+CELL_FILE = "suite_cell.json"  # in a run's folder: the learning rate it was trained at
+
+
+def check_cell_rate(run_dir: Path, rate: float) -> None:
+    """A run trained at another rate than the sweep's choice (the grid or the sweep changed since) is
+    refused rather than reused: its scores would be a different experiment's."""
+    recorded = read_json(run_dir / CELL_FILE, missing_ok=True)
+    if recorded is not None and not math.isclose(recorded["learning_rate"], rate):
+        raise DifftuneError(f"{run_dir} was trained at learning rate {recorded['learning_rate']:g} but the "
+                            f"sweep now chooses {rate:g}: move that folder and its scores aside to train it "
+                            "again")
 
 
 # ---------------------------------------------------------------- budgets and the sweep
@@ -536,35 +556,60 @@ def rates_of(args: argparse.Namespace, method: str) -> tuple[float, ...]:
 def sweep_rate(suite: StyleSuite, row: Row, budgets: dict[str, Any], selection: dict[str, Any],
                bar) -> float:
     """The learning rate of the row's method: lowest validation FID on the first domain, at the matched
-    budget (see the docstring); swept when first needed and kept in ``sweep/selection.json``."""
+    budget (see the docstring); swept when first needed and kept in ``sweep/selection.json``. A
+    selection made before the edge rule (no ``extended`` entry) is completed: its runs are cached."""
     args = suite.args
     path = suite.out / "sweep" / "selection.json"
     style = args.styles[0]
     method, rates = row.method.name, rates_of(args, row.method.name)
-    if method in selection:
+    if method in selection and "extended" in selection[method]:
         if row.level in (None, MATCHED):  # swept by an earlier run: its cells count as done
             bar.update(len(rates))
         return selection[method]["rate"]
     row = Row(row.method, MATCHED if row.method.levels else None)
-    tried = []
-    for rate in rates:
+    tried: list[dict[str, Any]] = []
+    attempted: list[float] = []
+    extended: list[float] = []
+    queue = list(rates) if len(rates) > 1 else []
+    while queue:
+        rate = queue.pop(0)
+        attempted.append(rate)
         run_dir = suite.out / "sweep" / method / f"lr{rate:g}"
-        if len(rates) > 1:
-            try:
-                suite.train(row, budgets[row.name]["options"], style, args.sweep_seed, rate, run_dir,
-                            args.max_train_steps, args.max_train_steps)
-                score = suite.score(run_dir / ADAPTER_FILE, style, run_dir / "validation.json",
-                                    validation=True)
-                tried.append({"rate": rate, "fid_validation": score["fid_heldout"]})
-            except DifftuneError as error:  # e.g. a rate that diverges: the others decide
-                suite.record_failure(f"sweep/{method}/lr{rate:g}", error)
+        try:
+            suite.train(row, budgets[row.name]["options"], style, args.sweep_seed, rate, run_dir,
+                        args.max_train_steps, args.max_train_steps)
+            score = suite.score(run_dir / ADAPTER_FILE, style, run_dir / "validation.json", validation=True)
+            tried.append({"rate": rate, "fid_validation": score["fid_heldout"]})
+        except DifftuneError as error:  # e.g. a rate that diverges: the others decide
+            suite.record_failure(f"sweep/{method}/lr{rate:g}", error)
+        if rate in rates:
+            bar.update(1)
+        if not queue and tried and len(extended) < args.sweep_extensions:
+            beyond = rate_beyond_edge(tried, attempted)
+            if beyond is not None:
+                extended.append(beyond)
+                queue.append(beyond)
+    if len(rates) == 1:
         bar.update(1)
-    if len(rates) > 1 and not tried:
+    elif not tried:
         raise DifftuneError(f"style benchmark: every learning rate of {method} failed (failures.json)")
     best = min(tried, key=lambda t: t["fid_validation"])["rate"] if tried else rates[0]
-    selection[method] = {"rate": best, "tried": tried, "domain": style}
+    selection[method] = {"rate": best, "tried": tried, "extended": extended, "domain": style}
     write_json(path, selection)
     return best
+
+
+def rate_beyond_edge(tried: list[dict[str, Any]], attempted: list[float]) -> float | None:
+    """A rate past the grid when the best one is the largest (×3, up to 1) or the smallest (÷3) rate
+    tried so far; None when it lies inside, or when the rate beyond was already tried (and failed)."""
+    best = min(tried, key=lambda t: t["fid_validation"])["rate"]
+    if best == max(attempted) and best * 3 <= 1:
+        beyond = best * 3
+    elif best == min(attempted):
+        beyond = best / 3
+    else:
+        return None
+    return None if any(math.isclose(beyond, a) for a in attempted) else beyond
 
 
 # ---------------------------------------------------------------- the grid
@@ -596,6 +641,7 @@ def run_grid(suite: StyleSuite, rows: list[Row], budgets: dict[str, Any], select
             for seed in args.seeds:
                 run_dir = run_dir_of(suite, row, style, seed)
                 try:
+                    check_cell_rate(run_dir, rate)
                     todo = [s for s in steps if not score_path(suite, row.name, style, seed, s).is_file()]
                     if todo:
                         suite.train(row, budgets[row.name]["options"], style, seed, rate, run_dir,

@@ -15,7 +15,8 @@ from difftune.metrics.vlhi import vlhi
 SMALL = ["--pretrained_model_name_or_path", "builtin:tiny-sd", "--styles", "rose", "neon",
          "--train_images", 8, "--test_captions", 8, "--validation_captions", 4, "--plain_captions", 6,
          "--world_images", 8, "--max_train_steps", 2, "--checkpoint_steps", 1, 2, "--train_batch_size", 2,
-         "--num_inference_steps", 2, "--generation_batch", 8, "--levels", "5M", "20M", "--resamples", 60]
+         "--num_inference_steps", 2, "--generation_batch", 8, "--levels", "5M", "20M", "--resamples", 60,
+         "--sweep_extensions", 0]  # the edge rule: its own test below
 
 
 @pytest.fixture(scope="module")
@@ -173,3 +174,60 @@ def test_bad_flags_are_refused(suite_module, tmp_path):
         suite_module.parse_args(["--output_dir", str(tmp_path), "--methods", "sara"])
     with pytest.raises(SystemExit):
         suite_module.parse_args(["--output_dir", str(tmp_path), "--styles", "nope"])
+
+
+def test_a_winner_on_the_grids_edge_extends_the_sweep(suite_module, tmp_path, monkeypatch):
+    """The sweep tries ×3 past the largest rate while it wins (÷3 below the smallest), at most
+    --sweep_extensions times; a failed rate is not tried again; an older selection is completed."""
+    import math
+
+    args = suite_module.parse_args(["--output_dir", str(tmp_path), "--styles", "rose"])
+    suite = suite_module.StyleSuite(args)
+    trained = []
+
+    def train(self, row, options, style, seed, rate, run_dir, steps, checkpointing_steps):
+        trained.append(rate)
+        if rate > 0.05:
+            raise suite_module.DifftuneError(f"{run_dir}: the loss diverged")
+        return {}
+
+    def score(self, adapter, style, path, validation=False):  # best at 0.03, the grid's top is 0.01
+        return {"fid_heldout": abs(math.log(rate_of(path) / 0.03))}
+
+    def rate_of(path):
+        return float(path.parent.name.removeprefix("lr"))
+
+    monkeypatch.setattr(suite_module.StyleSuite, "train", train)
+    monkeypatch.setattr(suite_module.StyleSuite, "score", score)
+
+    class Bar:
+        def update(self, n):
+            pass
+
+    row = suite_module.Row(suite_module.METHODS_BY_NAME["sara"], "20M")
+    selection = {}
+    rate = suite_module.sweep_rate(suite, row, {"sara@20M": {"options": {}}}, selection, Bar())
+    assert trained == pytest.approx([1e-3, 3e-3, 1e-2, 3e-2, 9e-2])  # 9e-2 fails; not retried
+    assert rate == pytest.approx(3e-2) and selection["sara"]["extended"] == pytest.approx([3e-2, 9e-2])
+    assert "sweep/sara/lr0.09" in json.loads((tmp_path / "failures.json").read_text())
+    # the smallest rate winning goes down; a rate inside the grid stops it
+    tried = [{"rate": r, "fid_validation": f} for r, f in ((1e-3, 1.0), (3e-3, 2.0), (1e-2, 3.0))]
+    assert suite_module.rate_beyond_edge(tried, [1e-3, 3e-3, 1e-2]) == pytest.approx(1e-3 / 3)
+    tried[1]["fid_validation"] = 0.5
+    assert suite_module.rate_beyond_edge(tried, [1e-3, 3e-3, 1e-2]) is None
+    # a selection written before the rule (no "extended") is completed, the rest reused
+    trained.clear()
+    old = {"sara": {"rate": 1e-2, "tried": [], "domain": "rose"}}
+    rate = suite_module.sweep_rate(suite, row, {"sara@20M": {"options": {}}}, old, Bar())
+    assert rate == pytest.approx(3e-2) and "extended" in old["sara"]
+    assert suite_module.sweep_rate(suite, row, {}, old, Bar()) == rate  # now kept as it is
+
+
+def test_a_run_trained_at_another_rate_is_refused_not_reused(suite_module, tmp_path):
+    run_dir = tmp_path / "runs/rose/seed0/sara@20M"
+    suite_module.check_cell_rate(run_dir, 0.01)  # nothing trained yet: nothing to refuse
+    run_dir.mkdir(parents=True)
+    (run_dir / suite_module.CELL_FILE).write_text(json.dumps({"learning_rate": 0.01}))
+    suite_module.check_cell_rate(run_dir, 0.01)
+    with pytest.raises(suite_module.DifftuneError, match=r"@20M was trained at learning rate 0.01 .*0.03:"):
+        suite_module.check_cell_rate(run_dir, 0.03)
