@@ -57,3 +57,16 @@ def test_the_plan_interleaves_layer_sets_and_needs_a_local_official_copy(benchma
         benchmark.run_child({"mode": "official-sara", "budget": 2e4, "layers": "linear", "batch": 1,
                              "resolution": 64, "device": "cpu", "steps": 1, "threads": 1, "unet": "tiny",
                              "official_sara": str(tmp_path)})
+
+
+def test_docs_mode_replaces_its_section_and_puts_the_chart_under_images(benchmark, tmp_path):
+    docs = tmp_path / "docs" / "benchmarks.md"
+    docs.parent.mkdir()
+    docs.write_text(f"# Benchmarks\n\n{benchmark.SECTION}\n\nold text\n\n## Next section\n\nkept\n")
+    benchmark.main(["--unet", "tiny", "--modes", "lora-r4", "weight-grads", "--layers", "linear",
+                    "--resolution", "64", "--steps", "1", "--docs", str(docs)])
+    page = docs.read_text()
+    chart = tmp_path / "docs" / "images" / "benchmark_sara_memory_cpu.png"
+    assert chart.is_file() and "![chart](images/benchmark_sara_memory_cpu.png)" in page
+    assert "old text" not in page and page.endswith("## Next section\n\nkept\n")
+    assert benchmark.SUBSECTIONS["cpu"] in page and "lora" in page.split(benchmark.SUBSECTIONS["cpu"])[1]
