@@ -6,6 +6,10 @@ world's five style domains; every method against LoRA, and what each one forgets
     # the report from partial or complete results: JSON, plots, the markdown table
     difftune benchmark --style_suite --output_dir runs/style_benchmark --report_only --report_dir docs
 
+    # one grid on several machines or GPUs: each runs a --methods subset into its own folder (with
+    # the same settings), then one folder takes the others' cells and writes the report
+    difftune benchmark --style_suite --output_dir runs/a --merge_from runs/b --report_dir docs
+
 (``python eval/benchmark.py --style_suite ...`` in a checkout is the same.)
 
 The protocol (the numbers of each preset are in STYLE_PRESETS):
@@ -146,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="defaults for everything below")
     parser.add_argument("--output_dir", type=Path, required=True, help="runs, scores, caches (resumable)")
     parser.add_argument("--report_only", action="store_true", help="write the report from what exists")
+    parser.add_argument("--merge_from", type=Path, nargs="+", default=[],
+                        help="folders of the same grid run elsewhere (a --methods subset each, stopped): "
+                             "their cells are copied in, then the report is written (trains nothing)")
     parser.add_argument("--report_dir", type=Path,
                         help="also write the report's JSON (results/style_benchmark_embedded.json), plots "
                              "(images/) and table here, e.g. docs")
@@ -820,7 +827,7 @@ def write_report(suite: StyleSuite, rows: list[Row], budgets: dict[str, Any], se
     report = {
         "settings": {
             **{k: portable_path(v) for k, v in vars(args).items()
-               if k not in ("output_dir", "data_dir", "report_dir", "report_only")},
+               if k not in ("output_dir", "data_dir", "report_dir", "report_only", "merge_from")},
             "vlhi_group": group, "baseline": BASELINE,
             "levels": {k: v / SD15_UNET_WEIGHTS for k, v in LEVELS.items()},
             "budgets": budgets, "learning_rates": selection, "machine": machine_description(),
@@ -938,6 +945,74 @@ def make_plots(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# ---------------------------------------------------------------- several folders, one grid
+
+MERGED_FILES = ("budgets.json", "timings.json", "failures.json", "sweep/selection.json")
+
+
+def merge_grid(target: Path, source: Path) -> dict[str, int]:
+    """Copy ``source``'s cells (runs, scores, sweep runs) into ``target`` where ``target`` lacks them, and
+    merge the bookkeeping: learning rates, timings, failures (a failure that a copied cell has since
+    answered is dropped). Refused, before anything is copied, when the two folders are not one grid:
+    a row budgeted differently, a method swept to a different rate, a cached reference that differs."""
+    import filecmp
+    import shutil
+
+    from difftune.io import copy_file
+
+    if not (source / "budgets.json").is_file():
+        raise DifftuneError(f"--merge_from {source}: no budgets.json there: not a style benchmark folder")
+    theirs = {name: read_json(source / name, missing_ok=True) or {} for name in MERGED_FILES}
+    ours = {name: read_json(target / name, missing_ok=True) or {} for name in MERGED_FILES}
+    for row, entry in theirs["budgets.json"].items():
+        if row in ours["budgets.json"] and ours["budgets.json"][row] != entry:
+            raise DifftuneError(f"--merge_from {source}: {row} is budgeted differently there "
+                                f"({source / 'budgets.json'} against {target / 'budgets.json'})")
+    selection_file = "sweep/selection.json"
+    for method, entry in theirs[selection_file].items():
+        mine = ours[selection_file].get(method)
+        if mine is not None and not math.isclose(mine["rate"], entry["rate"]):
+            raise DifftuneError(f"--merge_from {source}: {method} was swept to {entry['rate']:g} there and "
+                                f"{mine['rate']:g} here ({selection_file})")
+    if (source / "cache").is_dir():
+        for cached in sorted((source / "cache").iterdir()):
+            here = target / "cache" / cached.name
+            if here.is_file() and not filecmp.cmp(cached, here, shallow=False):
+                raise DifftuneError(f"--merge_from {source}: {cached} differs from {here}: the folders "
+                                    "were run with different data or settings")
+    counts = {"copied": 0, "kept": 0}
+    for part in ("runs", "scores", "sweep", "cache"):
+        for item in sorted((source / part).rglob("*")) if (source / part).is_dir() else []:
+            relative = item.relative_to(source)
+            if not item.is_file() or relative.as_posix() == selection_file:
+                continue
+            if (target / relative).exists():
+                counts["kept"] += 1
+            else:
+                copy_file(item, target / relative)
+                shutil.copystat(item, target / relative)
+                counts["copied"] += 1
+    merged = {name: {**theirs[name], **ours[name]} for name in MERGED_FILES}
+    merged["failures.json"] = {key: error for key, error in merged["failures.json"].items()
+                               if not failure_answered(target, key, merged[selection_file])}
+    for name in MERGED_FILES:
+        if merged[name] or (target / name).is_file():
+            write_json(target / name, merged[name])
+    return {**counts, "methods": len(theirs[selection_file]), "timings": len(theirs["timings.json"])}
+
+
+def failure_answered(folder: Path, key: str, selection: dict[str, Any]) -> bool:
+    """Whether a recorded failure has an answer in ``folder`` now: the cell scored, the sweep rate
+    scored, the row's method swept."""
+    parts = key.split("/")
+    if parts[0] == "sweep" and len(parts) == 3:  # sweep/<method>/lr<rate>
+        return (folder / key / "validation.json").is_file()
+    if len(parts) == 3:  # <row>/<style>/seed<k>
+        row, style, seed = parts
+        return any((folder / "scores" / style / seed / row).glob("step*.json"))
+    return key.split("@")[0] in selection  # <row>: its sweep failed
+
+
 # ---------------------------------------------------------------- main
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -947,9 +1022,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     suite = StyleSuite(args)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     rows = suite_rows(args)
+    for source in args.merge_from:
+        counts = merge_grid(suite.out, source)
+        print(f"style benchmark: from {source}: {counts['copied']} files copied, {counts['kept']} kept as "
+              f"they were here, {counts['methods']} learning rates, {counts['timings']} timings")
     budgets = read_json(suite.out / "budgets.json", missing_ok=True) or {}
     selection = read_json(suite.out / "sweep" / "selection.json", missing_ok=True) or {}
-    if not args.report_only:
+    if not args.report_only and not args.merge_from:
         budgets = resolve_budgets(suite, rows)
         sweep_cells = sum(len(rates_of(args, r.method.name)) for r in rows if r.level in (None, MATCHED))
         grid_cells = len(args.styles) * (1 + len(args.seeds) * sum(len(scored_steps(args, r)) for r in rows))

@@ -231,3 +231,58 @@ def test_a_run_trained_at_another_rate_is_refused_not_reused(suite_module, tmp_p
     suite_module.check_cell_rate(run_dir, 0.01)
     with pytest.raises(suite_module.DifftuneError, match=r"@20M was trained at learning rate 0.01 .*0.03:"):
         suite_module.check_cell_rate(run_dir, 0.03)
+
+
+def _grid_folder(root, rows, methods, cache=b"features"):
+    """A style benchmark folder as the grid leaves it: budgets, rates, a cached reference, per row a
+    trained run and a scored cell on rose, timings."""
+    root.mkdir(parents=True)
+    (root / "budgets.json").write_text(json.dumps({row: {"trainable_parameters": 10} for row in rows}))
+    (root / "sweep").mkdir()
+    (root / "sweep/selection.json").write_text(json.dumps({m: {"rate": r} for m, r in methods.items()}))
+    (root / "cache").mkdir()
+    (root / "cache/rose_heldout.pt").write_bytes(cache)
+    for row in rows:
+        (root / f"runs/rose/seed0/{row}").mkdir(parents=True)
+        (root / f"runs/rose/seed0/{row}/adapter.safetensors").write_bytes(row.encode())
+        (root / f"scores/rose/seed0/{row}").mkdir(parents=True)
+        (root / f"scores/rose/seed0/{row}/step300.json").write_text(json.dumps({"fid_heldout": len(row)}))
+    (root / "timings.json").write_text(json.dumps({f"train/runs/rose/seed0/{row}": {"cpu": 1.0}
+                                                   for row in rows}))
+    return root
+
+
+def test_folders_of_one_grid_merge_into_one(suite_module, tmp_path):
+    here = _grid_folder(tmp_path / "a", ["lora@20M", "sara@20M"], {"lora": 1e-3, "sara": 3e-2})
+    there = _grid_folder(tmp_path / "b", ["lora@20M", "svfit"], {"lora": 1e-3, "svfit": 0.27})
+    (there / "scores/rose/seed0/lora@20M/step300.json").write_text('{"fid_heldout": -1}')  # ours is kept
+    (here / "failures.json").write_text(json.dumps({"svfit/rose/seed0": "killed", "tlora/rose/seed0": "x"}))
+    counts = suite_module.merge_grid(here, there)
+    assert (here / "runs/rose/seed0/svfit/adapter.safetensors").read_bytes() == b"svfit"
+    assert json.loads((here / "scores/rose/seed0/svfit/step300.json").read_text()) == {"fid_heldout": 5}
+    assert json.loads((here / "scores/rose/seed0/lora@20M/step300.json").read_text()) == {"fid_heldout": 8}
+    assert counts["copied"] == 2 and counts["kept"] == 3  # lora's run and score, the cache
+    rates = json.loads((here / "sweep/selection.json").read_text())
+    assert {m: e["rate"] for m, e in rates.items()} == {"lora": 1e-3, "sara": 3e-2, "svfit": 0.27}
+    timings = json.loads((here / "timings.json").read_text())
+    assert set(timings) == {f"train/runs/rose/seed0/{r}" for r in ("lora@20M", "sara@20M", "svfit")}
+    assert json.loads((here / "failures.json").read_text()) == {"tlora/rose/seed0": "x"}  # svfit's answered
+    assert set(json.loads((here / "budgets.json").read_text())) == {"lora@20M", "sara@20M", "svfit"}
+
+
+@pytest.mark.parametrize("difference", ["rate", "budget", "cache", "not a grid"])
+def test_folders_of_different_grids_are_refused_before_anything_is_copied(suite_module, tmp_path, difference):
+    here = _grid_folder(tmp_path / "a", ["lora@20M"], {"lora": 1e-3})
+    there = _grid_folder(tmp_path / "b", ["lora@20M", "svfit"], {"lora": 1e-3, "svfit": 0.27},
+                         cache=b"other features" if difference == "cache" else b"features")
+    if difference == "rate":
+        (there / "sweep/selection.json").write_text(json.dumps({"lora": {"rate": 3e-3}}))
+    if difference == "budget":
+        (there / "budgets.json").write_text(json.dumps({"lora@20M": {"trainable_parameters": 11}}))
+    if difference == "not a grid":
+        (there / "budgets.json").unlink()
+    message = {"rate": "lora was swept to 0.003 there and 0.001 here", "budget": "lora@20M is budgeted",
+               "cache": "rose_heldout.pt differs", "not a grid": "not a style benchmark folder"}[difference]
+    with pytest.raises(suite_module.DifftuneError, match=message):
+        suite_module.merge_grid(here, there)
+    assert not (here / "runs/rose/seed0/svfit").exists()
