@@ -697,7 +697,7 @@ def aggregate(suite: StyleSuite, row_name: str, step: int, baseline: str | None)
             mine_sets = [(style, load_features(p, metric)) for style, _, _, p in mine]
             out[metric] = bootstrap_grouped([fid_of(references[s], f) for s, f in mine_sets],
                                             [len(f) for _, f in mine_sets],
-                                            resamples=max(resamples // 5, 50)).to_dict()
+                                            resamples=fid_resamples(suite.args)).to_dict()
         else:
             table = np.array([r[metric] for _, _, r, _ in mine])
             out[metric] = bootstrap_mean(table, resamples=resamples).to_dict()
@@ -705,6 +705,16 @@ def aggregate(suite: StyleSuite, row_name: str, step: int, baseline: str | None)
         if difference is not None:
             out[f"{metric}_vs_{BASELINE}"] = difference
     return out
+
+
+def fid_resamples(args: argparse.Namespace) -> int:
+    """Bootstrap replicates of a set statistic: each recomputes FID, so a fifth of ``--resamples``."""
+    return max(args.resamples // 5, 50)
+
+
+def digits_of(metric: str) -> int:
+    """Decimals a metric is shown with: accuracies and drift are fractions, the rest are tens."""
+    return 3 if metric in ("color", "shape", "drift") else 1
 
 
 def paired_difference(suite: StyleSuite, metric: str, mine: list, theirs: list) -> dict[str, Any] | None:
@@ -726,7 +736,7 @@ def paired_difference(suite: StyleSuite, metric: str, mine: list, theirs: list) 
                  for s, k, _, p in paired]
         return bootstrap_grouped([fid_difference(reference, a, b) for reference, a, b in pairs],
                                  [len(a) for _, a, _ in pairs],
-                                 resamples=max(suite.args.resamples // 5, 50)).to_dict()
+                                 resamples=fid_resamples(suite.args)).to_dict()
     ours = np.array([r[metric] for _, _, r, _ in paired])
     base = np.array([by_cell[(s, k)][0][metric] for s, k, _, _ in paired])
     return bootstrap_mean(ours - base, resamples=suite.args.resamples).to_dict()
@@ -756,15 +766,21 @@ def comparisons(suite: StyleSuite, group: list[dict[str, Any]], step: int) -> di
         leaders[metric] = {"best": best, "higher_is_better": higher_is_better, "vs_best": versus,
                            "not_told_apart": sorted(row for row, d in versus.items()
                                                     if d["low"] <= 0 <= d["high"])}
-    methods = {r.get("method"): r["row"] for r in group}
+    methods = {r.get("method"): r for r in group}
     sara_pairs: dict[str, Any] = {}
     if "sara" in methods:
+        sara = methods["sara"]
         for other in SARA_AGAINST:
             if other not in methods:
                 continue
-            differences = {metric: paired_difference(suite, metric, scored[methods["sara"]],
-                                                     scored[methods[other]]) for metric in CONTEST_METRICS}
-            sara_pairs[f"{methods['sara']} − {methods[other]}"] = {m: d for m, d in differences.items() if d}
+            if other == BASELINE:  # the aggregate row holds these already
+                differences = {metric: sara.get(f"{metric}_vs_{BASELINE}") for metric in CONTEST_METRICS}
+            else:
+                differences = {metric: paired_difference(suite, metric, scored[sara["row"]],
+                                                         scored[methods[other]["row"]])
+                               for metric in CONTEST_METRICS}
+            pair = f"{sara['row']} − {methods[other]['row']}"
+            sara_pairs[pair] = {metric: d for metric, d in differences.items() if d}
     return {"step": step, "group": [r["row"] for r in group], "leaders": leaders, "sara_vs": sara_pairs}
 
 
@@ -884,7 +900,7 @@ def markdown_table(report: dict[str, Any]) -> str:
     for r in report["aggregates"]:
         if r["row"] != "base" and r["step"] != steps[-1]:
             continue
-        values = " | ".join(_cell(r.get(m), 3 if m in ("color", "shape", "drift") else 1) for m in METRICS)
+        values = " | ".join(_cell(r.get(m), digits_of(m)) for m in METRICS)
         paper = PAPER.get(r.get("method")) if r.get("level") in ("50M", None) else None
         index = "" if r.get("vlhi") is None else f"{r['vlhi']:.2f}"
         paper_text = " / ".join(map(str, paper)) if paper else ""
@@ -906,7 +922,7 @@ def comparisons_tables(report: dict[str, Any]) -> str:
              "| metric | leader | not told apart from the leader | next row − leader |", "|---|---|---|---|"]
     for metric, entry in leaders.items():
         heading = METRICS[metric][0]
-        digits = 3 if metric in ("color", "shape", "drift") else 1
+        digits = digits_of(metric)
         best = entry["best"]
         versus = entry["vs_best"]
         runner = min(versus, key=lambda row: abs(versus[row]["mean"])) if versus else None
@@ -918,8 +934,7 @@ def comparisons_tables(report: dict[str, Any]) -> str:
         lines += ["", "| SaRA − row | " + " | ".join(METRICS[m][0] for m in metrics) + " |",
                   "|" + "---|" * (len(metrics) + 1)]
         for pair, differences in sara.items():
-            cells_text = " | ".join(_cell(differences.get(m), 3 if m in ("color", "shape", "drift") else 1)
-                                    for m in metrics)
+            cells_text = " | ".join(_cell(differences.get(m), digits_of(m)) for m in metrics)
             lines.append(f"| {pair} | {cells_text} |")
     return "\n".join(lines)
 
