@@ -1034,13 +1034,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     args = parse_args(argv)
-    suite = StyleSuite(args)
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    rows = suite_rows(args)
-    for source in args.merge_from:
-        counts = merge_grid(suite.out, source)
+    for source in args.merge_from:  # before the suite reads the folder's bookkeeping (its timings)
+        counts = merge_grid(args.output_dir, source)
         print(f"style benchmark: from {source}: {counts['copied']} files copied, {counts['kept']} kept as "
               f"they were here, {counts['methods']} learning rates, {counts['timings']} timings")
+    suite = StyleSuite(args)
+    rows = suite_rows(args)
     budgets = read_json(suite.out / "budgets.json", missing_ok=True) or {}
     selection = read_json(suite.out / "sweep" / "selection.json", missing_ok=True) or {}
     if not args.report_only and not args.merge_from:

@@ -71,6 +71,16 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
+# Pillow's built-in font has no arrows or minus sign; plot labels spell them out.
+_PLAIN_GLYPHS = {"↓": "(lower is better)", "↑": "(higher is better)", "−": "-"}
+
+
+def _plain_text(text: str) -> str:
+    for glyph, plain in _PLAIN_GLYPHS.items():
+        text = text.replace(glyph, plain)
+    return text
+
+
 def _text_width(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont) -> int:
     left, _, right, _ = draw.textbbox((0, 0), text, font=font)
     return right - left
@@ -174,6 +184,7 @@ def scatter_plot(points: Sequence[tuple[float, float, str]], x_label: str, y_lab
               if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)]
     if log_x and any(x <= 0 for x, _, _ in points):
         raise ValueError("a log x axis needs positive x values")
+    x_label, y_label, title = _plain_text(x_label), _plain_text(y_label), _plain_text(title)
     width, height = size
     left, right, top, bottom = 78, 24, 40, 56
     image = Image.new("RGB", size, "white")

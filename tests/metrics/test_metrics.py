@@ -291,6 +291,18 @@ def test_tables_and_plots(tmp_path):
     assert math.isclose(np.asarray(grid)[20, 10, 0], 255)
 
 
+def test_plot_labels_spell_out_the_glyphs_the_builtin_font_lacks():
+    """Pillow's built-in font draws arrows and the minus sign as empty boxes: a label written with them
+    is drawn as the same label spelled out."""
+    points = [(0.1, 80.0, "lora"), (0.4, 120.0, "sara")]
+    with_glyphs = scatter_plot(points, "drift (1 − cos) ↓", "CLIP ↑", title="FID ↓ vs drift")
+    spelled = scatter_plot(points, "drift (1 - cos) (lower is better)", "CLIP (higher is better)",
+                           title="FID (lower is better) vs drift")
+    boxed = scatter_plot(points, "drift (1 - cos) _", "CLIP _", title="FID _ vs drift")
+    assert np.array_equal(np.asarray(with_glyphs), np.asarray(spelled))
+    assert not np.array_equal(np.asarray(with_glyphs), np.asarray(boxed))
+
+
 def test_reports_name_the_shipped_clip_by_its_place_in_the_project_not_this_install():
     from difftune.metrics.cli import EMBEDDED_CLIP
     from difftune.metrics.subject import model_label

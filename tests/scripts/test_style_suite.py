@@ -270,6 +270,17 @@ def test_folders_of_one_grid_merge_into_one(suite_module, tmp_path):
     assert set(json.loads((here / "budgets.json").read_text())) == {"lora@20M", "sara@20M", "svfit"}
 
 
+def test_the_report_after_a_merge_counts_both_folders_time(suite_module, tmp_path, monkeypatch):
+    """`--merge_from` writes its report from the merged folder: every cell's time, not only this one's."""
+    here = _grid_folder(tmp_path / "a", ["lora@20M", "sara@20M"], {"lora": 1e-3, "sara": 3e-2})
+    there = _grid_folder(tmp_path / "b", ["lora@20M", "svfit"], {"lora": 1e-3, "svfit": 0.27})
+    seen = {}
+    monkeypatch.setattr(suite_module, "write_report",
+                        lambda suite, rows, budgets, selection: seen.update(timings=dict(suite.timings)))
+    suite_module.main(["--output_dir", str(here), "--merge_from", str(there)])
+    assert set(seen["timings"]) == {f"train/runs/rose/seed0/{r}" for r in ("lora@20M", "sara@20M", "svfit")}
+
+
 @pytest.mark.parametrize("difference", ["rate", "budget", "cache", "not a grid"])
 def test_folders_of_different_grids_are_refused_before_anything_is_copied(suite_module, tmp_path, difference):
     here = _grid_folder(tmp_path / "a", ["lora@20M"], {"lora": 1e-3})
