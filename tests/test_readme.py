@@ -289,3 +289,44 @@ def test_readme_stacking_numbers_are_the_measured_ones():
     # what the sentence says of them: the subject lost on the LoRA style, kept on the SaRA one
     assert lora_on_lora["clip_i_change_interval"][1] < 0 < lora_on_sara["clip_i_change_interval"][1]
     assert lora_on_sara["fid_change_interval"][0] > 0
+
+
+def test_readme_style_benchmark_summary_is_the_measured_one():
+    """The README's style-benchmark paragraph quotes docs/results/style_benchmark_embedded.json, and what
+    it calls significant, or not told apart, is what the paired 95 % intervals there say."""
+    report = json.loads((DOCS / "results/style_benchmark_embedded.json").read_text())
+    last = {a["row"]: a for a in report["aggregates"] if a["step"] == report["settings"]["max_train_steps"]}
+    contest = report["comparisons"]
+    fid, drift = contest["leaders"]["fid_heldout"], contest["leaders"]["drift"]
+    sara = contest["sara_vs"]
+
+    def interval(stat: dict, digits: int = 1) -> str:
+        return f"{stat['mean']:.{digits}f} [{stat['low']:.{digits}f}, {stat['high']:.{digits}f}]"
+
+    def mean(row: str, metric: str, digits: int) -> str:
+        return f"{last[row][metric]['mean']:.{digits}f}"
+
+    quoted = (
+        f"**full fine-tuning wins FID** ({interval(last['full_ft']['fid_heldout'])}); Super-Tuning "
+        f"({mean('supertuning@20M', 'fid_heldout', 1)}), LoKr, SVFit and TLoRA are not told apart from it, "
+        f"LoRA ({mean('lora@20M', 'fid_heldout', 1)}) is {interval(fid['vs_best']['lora@20M'])} behind. "
+        f"**DoRA and LoRA forget least** (drift {mean('dora@20M', 'drift', 3)} and "
+        f"{mean('lora@20M', 'drift', 3)}, "
+        "not told apart; every other row moves the model significantly more). **SaRA at 20M is significantly "
+        f"behind** LoRA (FID +{interval(sara['sara@20M − lora@20M']['fid_heldout'])}), full fine-tuning "
+        f"(+{interval(sara['sara@20M − full_ft']['fid_heldout'])}) and Super-Tuning "
+        f"(+{interval(sara['sara@20M − supertuning@20M']['fid_heldout'])}), and forgets as much as full "
+        f"fine-tuning (drift {mean('sara@20M', 'drift', 3)} against {mean('full_ft', 'drift', 3)})"
+    )
+    assert quoted in " ".join(README.split())
+    # the words against the intervals
+    assert fid["best"] == "full_ft"
+    assert set(fid["not_told_apart"]) == {"supertuning@20M", "lokr", "svfit", "tlora"}
+    assert fid["vs_best"]["lora@20M"]["low"] > 0
+    assert drift["best"] == "dora@20M" and drift["not_told_apart"] == ["lora@20M"]
+    assert all(sara[f"sara@20M − {row}"]["fid_heldout"]["low"] > 0
+               for row in ("lora@20M", "full_ft", "supertuning@20M"))
+    same_drift = sara["sara@20M − full_ft"]["drift"]
+    assert same_drift["low"] < 0 < same_drift["high"]
+    cpu = report["settings"]["timings_seconds"]
+    assert f"The grid took {(cpu['traincpu'] + cpu['scorecpu']) / 3600:.1f} CPU-hours." in README
