@@ -171,6 +171,9 @@ def _tick_label(value: float) -> str:
     return f"{value:g}"
 
 
+Box = tuple[float, float, float, float]  # left, top, right, bottom in pixels
+
+
 def scatter_plot(points: Sequence[tuple[float, float, str]], x_label: str, y_label: str, title: str = "",
                  log_x: bool = False, size: tuple[int, int] = (640, 460),
                  colors: Mapping[str, str] | None = None, connect: bool = False) -> Image.Image:
@@ -246,14 +249,42 @@ def scatter_plot(points: Sequence[tuple[float, float, str]], x_label: str, y_lab
             curve = [to_px(x, y) for x, y, name in points if name == label]
             if len(curve) > 1:
                 draw.line(curve, fill=color_of(0, label), width=2)
+    named = []
     for index, (x, y, label) in enumerate(points):
         px, py = to_px(x, y)
         color = color_of(index, label)
         radius = 5 if not connect or index == last_of[label] else 3
         draw.ellipse([px - radius, py - radius, px + radius, py + radius], fill=color, outline="black")
-        if connect and index != last_of[label]:
-            continue
-        text_x = px + 8 if px + 8 + _text_width(draw, label, small) < plot[2] else px - 8 - _text_width(
-            draw, label, small)
-        draw.text((text_x, py - 16), label, fill=color, font=small)
+        if not connect or index == last_of[label]:
+            named.append(((px, py), label, color))
+    sizes = [(_text_width(draw, label, small), 14) for _, label, _ in named]
+    markers = [(px - 5, py - 5, px + 5, py + 5) for px, py in (to_px(x, y) for x, y, _ in points)]
+    corners = place_labels([a for a, _, _ in named], sizes, plot, markers)
+    for (text_x, text_y), (_, label, color) in zip(corners, named, strict=True):
+        draw.text((text_x, text_y), label, fill=color, font=small)
     return image
+
+
+def place_labels(anchors: Sequence[tuple[float, float]], sizes: Sequence[tuple[float, float]], bounds: Box,
+                 obstacles: Sequence[Box] = ()) -> list[tuple[float, float]]:
+    """Top-left corners of point labels: right of and above each point, moved down or up a line (then to
+    the point's left) where it would cover a label placed before it or an obstacle (the plot's markers),
+    so crowded plots stay readable."""
+    left, top, right, bottom = bounds
+    placed: list[Box] = list(obstacles)
+    corners = []
+    for (px, py), (width, height) in zip(anchors, sizes, strict=True):
+        beside = px + 8 if px + 8 + width < right else px - 8 - width
+        other = px - 8 - width if beside > px and px - 8 - width > left else beside
+        boxes = [(x, y, x + width, y + height) for x in dict.fromkeys((beside, other))
+                 for y in (py - 16 + shift for shift in (0, height, -height, 2 * height, -2 * height))]
+        box = next((b for b in boxes if top <= b[1] and b[3] <= bottom and not _covers_any(b, placed)),
+                   boxes[0])
+        placed.append(box)
+        corners.append(box[:2])
+    return corners
+
+
+def _covers_any(box: Box, others: Sequence[Box]) -> bool:
+    x, y, x2, y2 = box
+    return any(x < a2 and a < x2 and y < b2 and b < y2 for a, b, a2, b2 in others)

@@ -303,6 +303,26 @@ def test_plot_labels_spell_out_the_glyphs_the_builtin_font_lacks():
     assert not np.array_equal(np.asarray(with_glyphs), np.asarray(boxed))
 
 
+def test_point_labels_do_not_cover_each_other():
+    """Labels of points close together are moved apart; a label with room stays right of and above it."""
+    from difftune.metrics.reporting import place_labels
+
+    bounds = (0, 0, 400, 300)
+    anchors = [(100, 150), (102, 151), (101, 149), (300, 50)]
+    sizes = [(60, 14), (60, 14), (60, 14), (40, 14)]
+    corners = place_labels(anchors, sizes, bounds)
+    assert corners[0] == (108, 134) and corners[3] == (308, 34)
+    boxes = [(x, y, x + w, y + h) for (x, y), (w, h) in zip(corners, sizes, strict=True)]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], (a, b)
+    assert all(x >= 0 and x + w <= 400 and y >= 0 and y + h <= 300
+               for (x, y), (w, h) in zip(corners, sizes, strict=True))
+    marker = (150, 130, 160, 140)  # a point's marker where the first label would go
+    (x, y), = place_labels(anchors[:1], sizes[:1], bounds, obstacles=[marker])
+    assert x + 60 <= 150 or y + 14 <= 130 or y >= 140
+
+
 def test_reports_name_the_shipped_clip_by_its_place_in_the_project_not_this_install():
     from difftune.metrics.cli import EMBEDDED_CLIP
     from difftune.metrics.subject import model_label
