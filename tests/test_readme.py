@@ -324,6 +324,8 @@ def test_readme_style_benchmark_summary_is_the_measured_one():
     assert set(fid["not_told_apart"]) == {"supertuning@20M", "lokr", "svfit", "tlora"}
     assert fid["vs_best"]["lora@20M"]["low"] > 0
     assert drift["best"] == "dora@20M" and drift["not_told_apart"] == ["lora@20M"]
+    others = [row for row in contest["group"] if row not in ("lora@20M", "dora@20M")]
+    assert others and all(last[row]["drift_vs_lora"]["low"] > 0 for row in others)  # more than both
     assert all(sara[f"sara@20M − {row}"]["fid_heldout"]["low"] > 0
                for row in ("lora@20M", "full_ft", "supertuning@20M"))
     same_drift = sara["sara@20M − full_ft"]["drift"]
