@@ -249,16 +249,16 @@ def scatter_plot(points: Sequence[tuple[float, float, str]], x_label: str, y_lab
             curve = [to_px(x, y) for x, y, name in points if name == label]
             if len(curve) > 1:
                 draw.line(curve, fill=color_of(0, label), width=2)
-    named = []
+    named, markers = [], []  # the points that carry a label; every marker, which labels keep clear of
     for index, (x, y, label) in enumerate(points):
         px, py = to_px(x, y)
         color = color_of(index, label)
         radius = 5 if not connect or index == last_of[label] else 3
         draw.ellipse([px - radius, py - radius, px + radius, py + radius], fill=color, outline="black")
+        markers.append((px - 5, py - 5, px + 5, py + 5))
         if not connect or index == last_of[label]:
             named.append(((px, py), label, color))
     sizes = [(_text_width(draw, label, small), 14) for _, label, _ in named]
-    markers = [(px - 5, py - 5, px + 5, py + 5) for px, py in (to_px(x, y) for x, y, _ in points)]
     corners = place_labels([a for a, _, _ in named], sizes, plot, markers)
     for (text_x, text_y), (_, label, color) in zip(corners, named, strict=True):
         draw.text((text_x, text_y), label, fill=color, font=small)
