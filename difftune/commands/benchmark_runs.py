@@ -41,6 +41,31 @@ def record_time(timings: dict[str, Any], path: Path, key: str, wall: float, cpu:
     write_json(path, timings)
 
 
+def copy_missing_files(source: Path, target: Path, parts: tuple[str, ...], skip: tuple[str, ...] = ()
+                       ) -> dict[str, int]:
+    """Copy each file under ``source/<part>`` that ``target`` lacks (times kept), leaving ``target``'s own
+    files as they are: how folders of one grid, each run on a share of its cells (one per core or
+    machine), become one folder. ``skip``: relative paths the caller merges itself (bookkeeping).
+    Returns how many files were copied and how many were kept as they were."""
+    import shutil
+
+    from difftune.io import copy_file
+
+    counts = {"copied": 0, "kept": 0}
+    for part in parts:
+        for item in sorted((source / part).rglob("*")) if (source / part).is_dir() else []:
+            relative = item.relative_to(source)
+            if not item.is_file() or relative.as_posix() in skip:
+                continue
+            if (target / relative).exists():
+                counts["kept"] += 1
+            else:
+                copy_file(item, target / relative)
+                shutil.copystat(item, target / relative)
+                counts["copied"] += 1
+    return counts
+
+
 def parse_with_preset(parser: argparse.ArgumentParser, presets: dict[str, dict[str, Any]],
                       argv: list[str] | None) -> argparse.Namespace:
     """Parse ``argv`` with the values of the ``--preset`` it names as the defaults (a flag given wins)."""

@@ -6,6 +6,14 @@
     # the same protocol on real subjects (DreamBooth-style folders) and SD 1.5 / SDXL, on a GPU
     difftune benchmark --suite --preset sd15 --subjects_dir my_subjects --output_dir outputs/suite_sd15
 
+    # one grid on two cores (or machines): folder a sweeps the rates (on its first subject) and trains
+    # its share of the subjects; once a/sweep/selection.json exists, folder b takes it and trains the
+    # rest; when both have finished, one report from the joined folders
+    difftune benchmark --suite --output_dir a --subjects crescent diamond heart
+    mkdir -p b/sweep && cp a/sweep/selection.json b/sweep/
+    difftune benchmark --suite --output_dir b --subjects ring star
+    difftune benchmark --suite --output_dir a --merge_from b
+
 The protocol is the same for every method (the numbers of each preset are in SUITE_PRESETS):
 
 1. **Learning-rate sweep.** Each method trains on the first subject at every rate of its grid
@@ -28,7 +36,8 @@ The protocol is the same for every method (the numbers of each preset are in SUI
 Methods: LoRA (rank 16, every layer), SaRA at LoRA's trainable-parameter count, SaRA at its
 default threshold, SVFit and TLoRA (their defaults). Everything lives on disk and resumes:
 a trained run is not retrained (an interrupted one continues from its last checkpoint) and a
-scored checkpoint is not rescored. ``--report_only`` writes the report from what exists.
+scored checkpoint is not rescored. ``--report_only`` writes the report from what exists;
+``--merge_from`` joins folders that each ran a share of one grid and writes the report.
 """
 
 from __future__ import annotations
@@ -59,7 +68,7 @@ from difftune.metrics.subject import (
 from difftune.paths import portable_path
 from difftune.training.data import SUBJECT_FILE
 
-from .benchmark_runs import ADAPTER_FILE, METHOD_COLORS, record_time, train_method
+from .benchmark_runs import ADAPTER_FILE, METHOD_COLORS, copy_missing_files, record_time, train_method
 
 BASELINE = "lora"
 METRICS = ("clip_i", "clip_t", "pres_clip_i", "class_clip_t")
@@ -184,6 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", type=Path, required=True)
     parser.add_argument(
         "--report_only", action="store_true", help="write the report from what exists; train nothing"
+    )
+    parser.add_argument(
+        "--merge_from",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="folders of the same grid run elsewhere (e.g. one process per core, split by --subjects or "
+        "--seeds): their runs and scores are copied in where this folder lacks them, then the report is "
+        "written from the merged folder (trains nothing)",
     )
     parser.add_argument(
         "--methods",
@@ -979,6 +997,42 @@ def mean_curves(run_rows: list[dict], methods: list[str], steps: list[int]) -> l
 # ---------------------------------------------------------------- main
 
 
+# ---------------------------------------------------------------- several folders, one grid
+
+SELECTION_FILE = "sweep/selection.json"
+
+
+def merge_grid(target: Path, source: Path) -> dict[str, int]:
+    """Copy ``source``'s runs, scores, sweep runs and class images into ``target`` where ``target``
+    lacks them, and merge the bookkeeping (the sweep's selection, timings). Refused, before anything is
+    copied, when the two folders are not one grid: swept on another subject or seed, or a method swept
+    to another rate."""
+    from difftune.io import write_json
+
+    theirs = read_json(source / SELECTION_FILE, missing_ok=True)
+    if theirs is None:
+        raise DifftuneError(f"--merge_from {source}: no {SELECTION_FILE} there: not a subject benchmark "
+                            "folder (or its sweep has not finished)")
+    ours = read_json(target / SELECTION_FILE, missing_ok=True) or {"methods": {}}
+    for key in ("subject", "seed"):
+        if key in ours and ours[key] != theirs.get(key):
+            raise DifftuneError(f"--merge_from {source}: its sweep ran on {key} {theirs.get(key)!r}, this "
+                                f"folder's on {ours[key]!r} ({SELECTION_FILE}): not one grid")
+    for method, entry in theirs["methods"].items():
+        mine = ours["methods"].get(method)
+        if mine is not None and not math.isclose(mine["learning_rate"], entry["learning_rate"]):
+            raise DifftuneError(f"--merge_from {source}: {method} was swept to {entry['learning_rate']:g} "
+                                f"there and {mine['learning_rate']:g} here ({SELECTION_FILE}): not one grid")
+    counts = copy_missing_files(source, target, ("runs", "eval", "sweep", "class_images"),
+                                skip=(SELECTION_FILE,))
+    methods = {**theirs["methods"], **ours["methods"]}
+    write_json(target / SELECTION_FILE, {**theirs, **ours, "methods": methods})
+    timings = read_json(source / "timings.json", missing_ok=True) or {}
+    own_timings = read_json(target / "timings.json", missing_ok=True) or {}
+    write_json(target / "timings.json", {**timings, **own_timings})
+    return {**counts, "timings": len(timings)}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
@@ -991,7 +1045,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.class_reference == "world":
             world_class_images(subject, 1, "heldout_b")
     metrics_cli.check_evaluation_arguments(args, suite.model)
-    if args.report_only:
+    if args.merge_from:
+        for source in args.merge_from:
+            counts = merge_grid(suite.out, source)
+            print(f"benchmark suite: from {source}: {counts['copied']} files copied, {counts['kept']} kept "
+                  f"as they were here, {counts['timings']} timings")
+        suite = Suite(args)  # reads the merged timings
+    if args.report_only or args.merge_from:
         stored_selection = read_json(suite.out / "sweep" / "selection.json", missing_ok=True) or {}
         selection = stored_selection.get("methods", {})
         return write_report(suite, subjects, selection)

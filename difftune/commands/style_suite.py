@@ -66,7 +66,14 @@ from difftune.machine import machine_description
 from difftune.metrics.cli import EMBEDDED_CLIP
 from difftune.paths import portable_path
 
-from .benchmark_runs import ADAPTER_FILE, METHOD_COLORS, parse_with_preset, record_time, run_trainer
+from .benchmark_runs import (
+    ADAPTER_FILE,
+    METHOD_COLORS,
+    copy_missing_files,
+    parse_with_preset,
+    record_time,
+    run_trainer,
+)
 
 TRAINER_MODULE = "difftune.commands.train_text_to_image"
 RESULT_FILE = "style_benchmark.json"
@@ -971,9 +978,6 @@ def merge_grid(target: Path, source: Path) -> dict[str, int]:
     answered is dropped). Refused, before anything is copied, when the two folders are not one grid:
     a row budgeted differently, a method swept to a different rate, a cached reference that differs."""
     import filecmp
-    import shutil
-
-    from difftune.io import copy_file
 
     if not (source / "budgets.json").is_file():
         raise DifftuneError(f"--merge_from {source}: no budgets.json there: not a style benchmark folder")
@@ -995,18 +999,7 @@ def merge_grid(target: Path, source: Path) -> dict[str, int]:
             if here.is_file() and not filecmp.cmp(cached, here, shallow=False):
                 raise DifftuneError(f"--merge_from {source}: {cached} differs from {here}: the folders "
                                     "were run with different data or settings")
-    counts = {"copied": 0, "kept": 0}
-    for part in ("runs", "scores", "sweep", "cache"):
-        for item in sorted((source / part).rglob("*")) if (source / part).is_dir() else []:
-            relative = item.relative_to(source)
-            if not item.is_file() or relative.as_posix() == selection_file:
-                continue
-            if (target / relative).exists():
-                counts["kept"] += 1
-            else:
-                copy_file(item, target / relative)
-                shutil.copystat(item, target / relative)
-                counts["copied"] += 1
+    counts = copy_missing_files(source, target, ("runs", "scores", "sweep", "cache"), skip=(selection_file,))
     merged = {name: {**theirs[name], **ours[name]} for name in MERGED_FILES}
     merged["failures.json"] = {key: error for key, error in merged["failures.json"].items()
                                if not failure_answered(target, key, merged[selection_file])}

@@ -228,3 +228,73 @@ def test_suite_refuses_bad_flags_before_work(tmp_path, tiny_clip_dir):
     with pytest.raises(DifftuneError, match="holds no subject folders"):
         script.main(base)
     assert not (tmp_path / "out").exists()
+
+
+def _split_by_subject(out, here, there):
+    """``out``'s grid as two folders, as two processes split by --subjects leave it: ``here`` swept the rates
+    and ran cat; ``there`` got the sweep's selection and ran mug."""
+    import shutil
+
+    shutil.copytree(out, here)
+    (there / "sweep").mkdir(parents=True)
+    shutil.copy(out / "sweep" / "selection.json", there / "sweep" / "selection.json")
+    for part in ("runs", "eval", "class_images"):
+        if (out / part / "mug").is_dir():
+            shutil.move(here / part / "mug", there / part / "mug")
+    timings = json.loads((out / "timings.json").read_text())
+    is_mug = {key: "/mug/" in key for key in timings}
+    assert any(is_mug.values()) and not all(is_mug.values())
+    (here / "timings.json").write_text(json.dumps({k: v for k, v in timings.items() if not is_mug[k]}))
+    (there / "timings.json").write_text(json.dumps({k: v for k, v in timings.items() if is_mug[k]}))
+    (here / "benchmark_suite.json").unlink()
+
+
+def test_merge_from_joins_folders_split_by_subject_into_the_one_folder_report(suite_run, tmp_path,
+                                                                               monkeypatch):
+    script, argv, out, result = suite_run
+    here, there = tmp_path / "a", tmp_path / "b"
+    _split_by_subject(out, here, there)
+    suite = command_module("benchmark_suite")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("--merge_from trained or drew")
+
+    monkeypatch.setattr(suite, "train_method", no_work)
+    import difftune.metrics.subject as subject_metrics
+
+    monkeypatch.setattr(subject_metrics, "generate_image_sets", no_work)
+    argv_here = [str(here) if a == str(out) else a for a in argv]
+    merged = script.main([*argv_here, "--merge_from", str(there)])
+    assert merged["complete"] and merged["subject_seed_pairs"] == result["subject_seed_pairs"]
+    assert merged["rows"] == result["rows"] and merged["aggregates"] == result["aggregates"]
+    timings = json.loads((out / "timings.json").read_text())
+    assert json.loads((here / "timings.json").read_text()) == timings
+    for kind in ("train", "score"):  # the report counts both folders' seconds, as the one folder did
+        assert merged["timing"][f"{kind}_cpu_s"] == pytest.approx(
+            sum(e["cpu"] for k, e in timings.items() if k.startswith(f"{kind}/")), abs=0.05)
+    for file in (out / "runs" / "mug").rglob("*"):  # the other folder's files arrived unchanged
+        copied = here / file.relative_to(out)
+        assert copied.exists() and (file.is_dir() or copied.read_bytes() == file.read_bytes())
+
+
+@pytest.mark.parametrize("difference", ["rate", "sweep subject", "not a suite folder"])
+def test_merge_from_refuses_folders_of_another_grid_before_copying(suite_run, tmp_path, difference):
+    _, _, out, _ = suite_run
+    here, there = tmp_path / "a", tmp_path / "b"
+    _split_by_subject(out, here, there)
+    selection = json.loads((there / "sweep" / "selection.json").read_text())
+    if difference == "rate":
+        selection["methods"]["lora"]["learning_rate"] *= 3
+    if difference == "sweep subject":
+        selection["subject"] = "mug"
+    (there / "sweep" / "selection.json").write_text(json.dumps(selection))
+    if difference == "not a suite folder":
+        (there / "sweep" / "selection.json").unlink()
+    suite = command_module("benchmark_suite")
+    message = {"rate": "lora was swept to", "sweep subject": "its sweep ran on subject 'mug'",
+               "not a suite folder": "not a subject benchmark folder"}[difference]
+    with pytest.raises(suite.DifftuneError, match=message):
+        suite.merge_grid(here, there)
+    assert not (here / "runs" / "mug").exists()
+    assert json.loads((here / "timings.json").read_text()) == {
+        k: v for k, v in json.loads((out / "timings.json").read_text()).items() if "/mug/" not in k}
