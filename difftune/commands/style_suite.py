@@ -10,6 +10,11 @@ world's five style domains; every method against LoRA, and what each one forgets
     # the same settings), then one folder takes the others' cells and writes the report
     difftune benchmark --style_suite --output_dir runs/a --merge_from runs/b --report_dir docs
 
+    # SaRA's gap to Super-Tuning taken apart (rows not in the default grid; see SARA_ABLATIONS):
+    # the rows already in the folder are reused, the new ones swept, trained and scored
+    difftune benchmark --style_suite --output_dir runs/style_benchmark --levels 20M \
+        --methods lora sara supertuning sara_attnff sara_attnff_plain
+
 (``python eval/benchmark.py --style_suite ...`` in a checkout is the same.)
 
 The protocol (the numbers of each preset are in STYLE_PRESETS):
@@ -102,6 +107,7 @@ class StyleMethod:
     options: dict[str, Any] = field(default_factory=dict)
     knob: str | None = None  # rank, budget (SaRA) or sparsity (Super-Tuning)
     levels: tuple[str, ...] = (MATCHED,)
+    ablation: bool = False  # a row that changes part of another method's recipe (see SARA_ABLATIONS)
 
 
 # In the order the grid runs them (a partial run holds the first ones on every domain): the paper's
@@ -123,13 +129,26 @@ STYLE_METHODS = (
     StyleMethod("oft", "peft", {"type": "oft", "targets": "attn"}, None, ()),
     StyleMethod("shira", "peft", {"type": "shira", "targets": "attn"}, "rank"),
 )
-METHODS_BY_NAME = {method.name: method for method in STYLE_METHODS}
+# Rows that separate SaRA's gap to Super-Tuning (the same smallest-magnitude selection at the same
+# count): SaRA on Super-Tuning's layers (every Linear of the transformer blocks instead of every Linear
+# and Conv2d), then also without its low-rank loss and progressive step (Super-Tuning's recipe with
+# SaRA's global threshold and hook). Not in the default grid: ask for them with --methods.
+SARA_ABLATIONS = (
+    StyleMethod("sara_attnff", "sara", {"targets": "attn-ff"}, "budget", ablation=True),
+    StyleMethod("sara_attnff_plain", "sara", {"targets": "attn-ff", "lambda_rank": 0, "progressive_step": 0},
+                "budget", ablation=True),
+)
+# The paired differences the ablation rows answer (row − other), each where both rows are scored.
+ABLATION_PAIRS = (("sara_attnff", "sara"), ("sara_attnff", "supertuning"),
+                  ("sara_attnff_plain", "sara_attnff"), ("sara_attnff_plain", "supertuning"))
+METHODS_BY_NAME = {method.name: method for method in STYLE_METHODS + SARA_ABLATIONS}
 
 # Learning-rate grids (each around the measured subject recipes of difftune/training/recipes.py).
 _RATES = {"lora": (3e-4, 1e-3, 3e-3), "sara": (1e-3, 3e-3, 1e-2), "svfit": (1e-3, 3e-3, 1e-2),
           "tlora": (3e-4, 1e-3, 3e-3), "full_ft": (3e-5, 1e-4, 3e-4), "dora": (3e-4, 1e-3, 3e-3),
           "loha": (3e-4, 1e-3, 3e-3), "lokr": (3e-4, 1e-3, 3e-3), "oft": (3e-4, 1e-3, 3e-3),
-          "shira": (3e-4, 1e-3, 3e-3), "supertuning": (1e-3, 3e-3, 1e-2)}
+          "shira": (3e-4, 1e-3, 3e-3), "supertuning": (1e-3, 3e-3, 1e-2), "sara_attnff": (1e-3, 3e-3, 1e-2),
+          "sara_attnff_plain": (1e-3, 3e-3, 1e-2)}
 
 STYLE_PRESETS: dict[str, dict[str, Any]] = {
     # Sized for the 2-core CPU from one measured cell (docs/benchmarks.md): one seed per domain, 300
@@ -164,7 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also write the report's JSON (results/style_benchmark_embedded.json), plots "
                              "(images/) and table here, e.g. docs")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS_BY_NAME),
-                        default=list(METHODS_BY_NAME), help="methods of the grid (lora is the baseline)")
+                        default=[m.name for m in STYLE_METHODS],
+                        help="methods of the grid (lora is the baseline); the SaRA ablation rows ("
+                             + ", ".join(m.name for m in SARA_ABLATIONS) + ") only when named")
     parser.add_argument("--levels", nargs="+", choices=list(LEVELS), default=list(LEVELS),
                         help="budget levels of the budget curve (LoRA and SaRA)")
     parser.add_argument("--styles", nargs="+", help="style domains (default: all)")
@@ -233,7 +254,7 @@ class Row:
 def suite_rows(args: argparse.Namespace) -> list[Row]:
     """The rows in the order the grid runs them: every method at the matched budget (or its defaults)
     in `STYLE_METHODS` order, then the budget curve's other levels."""
-    methods = [method for method in STYLE_METHODS if method.name in args.methods]
+    methods = [method for method in STYLE_METHODS + SARA_ABLATIONS if method.name in args.methods]
     rows = [Row(method, MATCHED if method.levels else None) for method in methods]
     return rows + [Row(method, level) for method in methods for level in method.levels
                    if level != MATCHED and level in args.levels]
@@ -755,11 +776,13 @@ CONTEST_METRICS = ("fid_heldout", "fid_train", "clip", "color", "shape", "drift"
 SARA_AGAINST = ("lora", "full_ft", "supertuning", "dora")
 
 
-def comparisons(suite: StyleSuite, group: list[dict[str, Any]], step: int) -> dict[str, Any]:
+def comparisons(suite: StyleSuite, group: list[dict[str, Any]], step: int,
+                ablations: list[dict[str, Any]] = ()) -> dict[str, Any]:
     """Who leads each metric in ``group`` (aggregate rows at one step) and which rows the data cannot
     tell from the leader (the paired difference's 95 % interval holds zero); and SaRA's paired
-    differences to LoRA, full fine-tuning, Super-Tuning and DoRA."""
-    scored = {r["row"]: cells(suite, r["row"], step) for r in group}
+    differences to LoRA, full fine-tuning, Super-Tuning and DoRA, then the ``ablations`` rows' pairs
+    (ABLATION_PAIRS)."""
+    scored = {r["row"]: cells(suite, r["row"], step) for r in [*group, *ablations]}
     leaders: dict[str, Any] = {}
     for metric in CONTEST_METRICS:
         means = {r["row"]: r[metric]["mean"] for r in group if metric in r}
@@ -788,6 +811,13 @@ def comparisons(suite: StyleSuite, group: list[dict[str, Any]], step: int) -> di
                                for metric in CONTEST_METRICS}
             pair = f"{sara['row']} − {methods[other]['row']}"
             sara_pairs[pair] = {metric: d for metric, d in differences.items() if d}
+    methods.update({r["method"]: r for r in ablations})
+    for ours, other in ABLATION_PAIRS:
+        if ours in methods and other in methods:
+            first, second = methods[ours]["row"], methods[other]["row"]
+            differences = {metric: paired_difference(suite, metric, scored[first], scored[second])
+                           for metric in CONTEST_METRICS}
+            sara_pairs[f"{first} − {second}"] = {metric: d for metric, d in differences.items() if d}
     return {"step": step, "group": [r["row"] for r in group], "leaders": leaders, "sara_vs": sara_pairs}
 
 
@@ -840,13 +870,15 @@ def write_report(suite: StyleSuite, rows: list[Row], budgets: dict[str, Any], se
                          for style, seed, cell, _ in cells(suite, row.name, step)]
     last = [r for r in table_rows if r["step"] == steps[-1] and "fid_heldout" in r
             and (r.get("level") in (MATCHED, None))]
+    ablations = [r for r in last if METHODS_BY_NAME[r["method"]].ablation]
+    last = [r for r in last if r not in ablations]  # VLHI's group and the leaders: the methods themselves
     group = [r["row"] for r in last]
     for key, fid_metric in (("vlhi", "fid_heldout"), ("vlhi_train", "fid_train")):
         values = vlhi({r["row"]: r[fid_metric]["mean"] for r in last},
                       {r["row"]: r["clip"]["mean"] for r in last})
         for r in last:
             r[key] = values[r["row"]]
-    contest = comparisons(suite, last, steps[-1])
+    contest = comparisons(suite, last, steps[-1], ablations)
     report = {
         "settings": {
             **{k: portable_path(v) for k, v in vars(args).items()
