@@ -25,6 +25,8 @@ from difftune.metrics.subject import Subject
 TRAINER_MODULE = "difftune.commands.train_subject"
 ADAPTER_FILE = "adapter.safetensors"
 SUMMARY_FILE = "train_summary.json"
+# A run folder is finished once its trainer wrote the summary; a scored set once its metrics are written.
+FINISHED_MARKERS = (SUMMARY_FILE, "metrics.json")
 
 # One colour per method in every plot.
 METHOD_COLORS = {"base": "#7f7f7f", "lora": "#1f77b4", "sara": "#d62728", "svfit": "#2ca02c",
@@ -41,27 +43,53 @@ def record_time(timings: dict[str, Any], path: Path, key: str, wall: float, cpu:
     write_json(path, timings)
 
 
-def copy_missing_files(source: Path, target: Path, parts: tuple[str, ...], skip: tuple[str, ...] = ()
-                       ) -> dict[str, int]:
-    """Copy each file under ``source/<part>`` that ``target`` lacks (times kept), leaving ``target``'s own
-    files as they are: how folders of one grid, each run on a share of its cells (one per core or
-    machine), become one folder. ``skip``: relative paths the caller merges itself (bookkeeping).
-    Returns how many files were copied and how many were kept as they were."""
+def copy_missing_files(source: Path, target: Path, parts: tuple[str, ...], skip: tuple[str, ...] = (),
+                       cells: tuple[str, ...] = ()) -> dict[str, int]:
+    """Copy what ``target`` lacks of ``source/<part>``, leaving ``target``'s own files as they are: how
+    folders of one grid, each run on a share of its cells (one per core or machine), become one folder.
+
+    ``cells`` (glob patterns relative to the folders, e.g. ``runs/*/*/*``) name the folders that are
+    one piece of work, finished when they hold a train summary or scores (``FINISHED_MARKERS``); a cell
+    moves whole, never as a mix of two runs' files: copied when ``target`` lacks it, put in place of
+    ``target``'s when only ``source``'s is finished, else ``target``'s is kept. Other files are copied
+    one by one where ``target`` lacks them. ``skip``: relative paths the caller merges itself
+    (bookkeeping). Lock files are not copied. Returns how many files were copied and how many kept."""
     import shutil
 
     from difftune.io import copy_file
+    from difftune.locking import LOCK_FILE_NAME
+
+    def finished(folder: Path) -> bool:
+        return any((folder / marker).is_file() for marker in FINISHED_MARKERS)
+
+    def copy(item: Path) -> None:
+        relative = item.relative_to(source)
+        copy_file(item, target / relative)
+        shutil.copystat(item, target / relative)
 
     counts = {"copied": 0, "kept": 0}
+    cell_dirs = {d.relative_to(source) for pattern in cells for d in source.glob(pattern) if d.is_dir()}
+    for cell in sorted(cell_dirs):
+        files = [f for f in sorted((source / cell).rglob("*")) if f.is_file() and f.name != LOCK_FILE_NAME]
+        ours = target / cell
+        if ours.exists() and (finished(ours) or not finished(source / cell)):
+            counts["kept"] += len(files)
+            continue
+        if ours.exists():  # ours unfinished, theirs finished: theirs replaces it whole
+            shutil.rmtree(ours)
+        for item in files:
+            copy(item)
+        counts["copied"] += len(files)
     for part in parts:
         for item in sorted((source / part).rglob("*")) if (source / part).is_dir() else []:
             relative = item.relative_to(source)
-            if not item.is_file() or relative.as_posix() in skip:
+            if (not item.is_file() or relative.as_posix() in skip or item.name == LOCK_FILE_NAME
+                    or any(cell in relative.parents for cell in cell_dirs)):
                 continue
             if (target / relative).exists():
                 counts["kept"] += 1
             else:
-                copy_file(item, target / relative)
-                shutil.copystat(item, target / relative)
+                copy(item)
                 counts["copied"] += 1
     return counts
 

@@ -1000,6 +1000,8 @@ def mean_curves(run_rows: list[dict], methods: list[str], steps: list[int]) -> l
 # ---------------------------------------------------------------- several folders, one grid
 
 SELECTION_FILE = "sweep/selection.json"
+# One run (its checkpoints, and for a sweep run its scores) or one scored set each: they move whole.
+GRID_CELLS = ("runs/*/seed*/*", "sweep/*/lr*", "eval/*/base/*/*", "eval/*/seed*/step*/*/*")
 
 
 def merge_grid(target: Path, source: Path) -> dict[str, int]:
@@ -1024,7 +1026,7 @@ def merge_grid(target: Path, source: Path) -> dict[str, int]:
             raise DifftuneError(f"--merge_from {source}: {method} was swept to {entry['learning_rate']:g} "
                                 f"there and {mine['learning_rate']:g} here ({SELECTION_FILE}): not one grid")
     counts = copy_missing_files(source, target, ("runs", "eval", "sweep", "class_images"),
-                                skip=(SELECTION_FILE,))
+                                skip=(SELECTION_FILE,), cells=GRID_CELLS)
     methods = {**theirs["methods"], **ours["methods"]}
     write_json(target / SELECTION_FILE, {**theirs, **ours, "methods": methods})
     timings = read_json(source / "timings.json", missing_ok=True) or {}

@@ -1031,7 +1031,8 @@ def merge_grid(target: Path, source: Path) -> dict[str, int]:
             if here.is_file() and not filecmp.cmp(cached, here, shallow=False):
                 raise DifftuneError(f"--merge_from {source}: {cached} differs from {here}: the folders "
                                     "were run with different data or settings")
-    counts = copy_missing_files(source, target, ("runs", "scores", "sweep", "cache"), skip=(selection_file,))
+    counts = copy_missing_files(source, target, ("runs", "scores", "sweep", "cache"), skip=(selection_file,),
+                                cells=("runs/*/seed*/*", "sweep/*/lr*"))  # a run moves whole
     merged = {name: {**theirs[name], **ours[name]} for name in MERGED_FILES}
     merged["failures.json"] = {key: error for key, error in merged["failures.json"].items()
                                if not failure_answered(target, key, merged[selection_file])}

@@ -165,3 +165,44 @@ def test_sd15_preset_is_one_flag(tmp_path):
     embedded = script.parse_args(["--output_dir", str(tmp_path)])
     assert embedded.pretrained_model_name_or_path == "builtin:embedded"
     assert embedded.max_train_steps == args.max_train_steps // 2 and embedded.fid
+
+
+def test_folders_of_one_grid_join_cell_by_cell_never_mixing_two_runs(tmp_path):
+    """`copy_missing_files`: a cell (a run, a scored set) moves whole; a finished one wins over an
+    unfinished one, the target's wins when both are finished or both unfinished; loose files fill gaps."""
+    def write(folder, files):
+        for name, text in files.items():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(text)
+
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    write(ours, {"runs/a/seed0/lora/checkpoint-1/adapter.safetensors": "ours 1",  # ours unfinished
+                 "runs/a/seed0/sara/train_summary.json": "ours",
+                 "runs/a/seed0/sara/adapter.safetensors": "ours",
+                 "runs/a/seed0/svfit/checkpoint-1/adapter.safetensors": "ours 1",  # both unfinished
+                 "class_images/a/0.png": "ours"})
+    write(theirs, {"runs/a/seed0/lora/checkpoint-1/adapter.safetensors": "theirs 1",
+                   "runs/a/seed0/lora/checkpoint-2/adapter.safetensors": "theirs 2",
+                   "runs/a/seed0/lora/train_summary.json": "theirs",
+                   "runs/a/seed0/lora/.difftune.lock": "pid",
+                   "runs/a/seed0/sara/train_summary.json": "theirs",
+                   "runs/a/seed0/sara/checkpoint-9/adapter.safetensors": "theirs 9",
+                   "runs/a/seed0/svfit/checkpoint-2/adapter.safetensors": "theirs 2",
+                   "runs/b/seed0/lora/train_summary.json": "theirs b",  # ours lacks it
+                   "class_images/a/0.png": "theirs", "class_images/a/1.png": "theirs"})
+    counts = benchmark_runs.copy_missing_files(theirs, ours, ("runs", "class_images"),
+                                               cells=("runs/*/seed*/*",))
+    files = {p.relative_to(ours).as_posix(): p.read_text() for p in ours.rglob("*") if p.is_file()}
+    assert files == {
+        # theirs finished, ours not: theirs whole, none of our checkpoint left beside it; no lock file
+        "runs/a/seed0/lora/checkpoint-1/adapter.safetensors": "theirs 1",
+        "runs/a/seed0/lora/checkpoint-2/adapter.safetensors": "theirs 2",
+        "runs/a/seed0/lora/train_summary.json": "theirs",
+        # both finished: ours as it was, nothing of theirs added into it
+        "runs/a/seed0/sara/train_summary.json": "ours", "runs/a/seed0/sara/adapter.safetensors": "ours",
+        # both unfinished: ours as it was (it resumes from its own checkpoint)
+        "runs/a/seed0/svfit/checkpoint-1/adapter.safetensors": "ours 1",
+        "runs/b/seed0/lora/train_summary.json": "theirs b",
+        "class_images/a/0.png": "ours", "class_images/a/1.png": "theirs",
+    }
+    assert counts == {"copied": 5, "kept": 4}

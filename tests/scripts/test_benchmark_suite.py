@@ -274,6 +274,9 @@ def test_merge_from_joins_folders_split_by_subject_into_the_one_folder_report(su
             sum(e["cpu"] for k, e in timings.items() if k.startswith(f"{kind}/")), abs=0.05)
     for file in (out / "runs" / "mug").rglob("*"):  # the other folder's files arrived unchanged
         copied = here / file.relative_to(out)
+        if file.name == ".difftune.lock":  # a trainer's lock stays where its trainer ran
+            assert not copied.exists()
+            continue
         assert copied.exists() and (file.is_dir() or copied.read_bytes() == file.read_bytes())
 
 
