@@ -994,9 +994,6 @@ def mean_curves(run_rows: list[dict], methods: list[str], steps: list[int]) -> l
     return curves
 
 
-# ---------------------------------------------------------------- main
-
-
 # ---------------------------------------------------------------- several folders, one grid
 
 SELECTION_FILE = "sweep/selection.json"
@@ -1033,6 +1030,9 @@ def merge_grid(target: Path, source: Path) -> dict[str, int]:
     own_timings = read_json(target / "timings.json", missing_ok=True) or {}
     write_json(target / "timings.json", {**timings, **own_timings})
     return {**counts, "timings": len(timings)}
+
+
+# ---------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -253,7 +253,8 @@ class Row:
 
 def suite_rows(args: argparse.Namespace) -> list[Row]:
     """The rows in the order the grid runs them: every method at the matched budget (or its defaults)
-    in `STYLE_METHODS` order, then the budget curve's other levels."""
+    in `STYLE_METHODS` order, then the SaRA ablation rows asked for, then the budget curve's other
+    levels."""
     methods = [method for method in STYLE_METHODS + SARA_ABLATIONS if method.name in args.methods]
     rows = [Row(method, MATCHED if method.levels else None) for method in methods]
     return rows + [Row(method, level) for method in methods for level in method.levels
