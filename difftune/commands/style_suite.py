@@ -107,7 +107,6 @@ class StyleMethod:
     options: dict[str, Any] = field(default_factory=dict)
     knob: str | None = None  # rank, budget (SaRA) or sparsity (Super-Tuning)
     levels: tuple[str, ...] = (MATCHED,)
-    ablation: bool = False  # a row that changes part of another method's recipe (see SARA_ABLATIONS)
 
 
 # In the order the grid runs them (a partial run holds the first ones on every domain): the paper's
@@ -134,9 +133,9 @@ STYLE_METHODS = (
 # and Conv2d), then also without its low-rank loss and progressive step (Super-Tuning's recipe with
 # SaRA's global threshold and hook). Not in the default grid: ask for them with --methods.
 SARA_ABLATIONS = (
-    StyleMethod("sara_attnff", "sara", {"targets": "attn-ff"}, "budget", ablation=True),
+    StyleMethod("sara_attnff", "sara", {"targets": "attn-ff"}, "budget"),
     StyleMethod("sara_attnff_plain", "sara", {"targets": "attn-ff", "lambda_rank": 0, "progressive_step": 0},
-                "budget", ablation=True),
+                "budget"),
 )
 # The paired differences the ablation rows answer (row − other), each where both rows are scored.
 ABLATION_PAIRS = (("sara_attnff", "sara"), ("sara_attnff", "supertuning"),
@@ -774,6 +773,7 @@ def paired_difference(suite: StyleSuite, metric: str, mine: list, theirs: list) 
 # The README's questions: which row leads each of these, and SaRA against these rows (at the matched
 # budget, the last checkpoint).
 CONTEST_METRICS = ("fid_heldout", "fid_train", "clip", "color", "shape", "drift")
+SARA = "sara"
 SARA_AGAINST = ("lora", "full_ft", "supertuning", "dora")
 
 
@@ -798,27 +798,18 @@ def comparisons(suite: StyleSuite, group: list[dict[str, Any]], step: int,
                            "not_told_apart": sorted(row for row, d in versus.items()
                                                     if d["low"] <= 0 <= d["high"])}
     methods = {r.get("method"): r for r in group}
-    sara_pairs: dict[str, Any] = {}
-    if "sara" in methods:
-        sara = methods["sara"]
-        for other in SARA_AGAINST:
-            if other not in methods:
-                continue
-            if other == BASELINE:  # the aggregate row holds these already
-                differences = {metric: sara.get(f"{metric}_vs_{BASELINE}") for metric in CONTEST_METRICS}
-            else:
-                differences = {metric: paired_difference(suite, metric, scored[sara["row"]],
-                                                         scored[methods[other]["row"]])
-                               for metric in CONTEST_METRICS}
-            pair = f"{sara['row']} − {methods[other]['row']}"
-            sara_pairs[pair] = {metric: d for metric, d in differences.items() if d}
     methods.update({r["method"]: r for r in ablations})
-    for ours, other in ABLATION_PAIRS:
-        if ours in methods and other in methods:
-            first, second = methods[ours]["row"], methods[other]["row"]
+    sara_pairs: dict[str, Any] = {}
+    for ours, other in [*((SARA, other) for other in SARA_AGAINST), *ABLATION_PAIRS]:
+        if ours not in methods or other not in methods:
+            continue
+        first, second = methods[ours]["row"], methods[other]["row"]
+        if other == BASELINE:  # the aggregate row holds these already
+            differences = {metric: methods[ours].get(f"{metric}_vs_{BASELINE}") for metric in CONTEST_METRICS}
+        else:
             differences = {metric: paired_difference(suite, metric, scored[first], scored[second])
                            for metric in CONTEST_METRICS}
-            sara_pairs[f"{first} − {second}"] = {metric: d for metric, d in differences.items() if d}
+        sara_pairs[f"{first} − {second}"] = {metric: d for metric, d in differences.items() if d}
     return {"step": step, "group": [r["row"] for r in group], "leaders": leaders, "sara_vs": sara_pairs}
 
 
@@ -871,7 +862,7 @@ def write_report(suite: StyleSuite, rows: list[Row], budgets: dict[str, Any], se
                          for style, seed, cell, _ in cells(suite, row.name, step)]
     last = [r for r in table_rows if r["step"] == steps[-1] and "fid_heldout" in r
             and (r.get("level") in (MATCHED, None))]
-    ablations = [r for r in last if METHODS_BY_NAME[r["method"]].ablation]
+    ablations = [r for r in last if METHODS_BY_NAME[r["method"]] in SARA_ABLATIONS]
     last = [r for r in last if r not in ablations]  # VLHI's group and the leaders: the methods themselves
     group = [r["row"] for r in last]
     for key, fid_metric in (("vlhi", "fid_heldout"), ("vlhi_train", "fid_train")):
