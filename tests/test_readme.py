@@ -332,3 +332,23 @@ def test_readme_style_benchmark_summary_is_the_measured_one():
     assert same_drift["low"] < 0 < same_drift["high"]
     cpu = report["settings"]["timings_seconds"]
     assert f"The grid took {(cpu['traincpu'] + cpu['scorecpu']) / 3600:.1f} CPU-hours." in README
+
+
+def test_readme_subject_rerun_sentence_is_the_measured_one():
+    """The README's re-run sentence: every mean of docs/results/benchmark_embedded_rerun.json inside the
+    first run's interval (benchmark_embedded.json), and the CPU-hours its timings recorded (plus at most
+    the earlier parts of the few trainings resumed after a stop, which the timings lack)."""
+    first, rerun = (json.loads((DOCS / f"results/{name}.json").read_text())
+                    for name in ("benchmark_embedded", "benchmark_embedded_rerun"))
+
+    def means(report: dict) -> dict:
+        return {(a["method"], a["step"], a["metric"]): a["mean"] for a in report["aggregates"]}
+
+    before, after = means(first), means(rerun)
+    assert set(before) == set(after) and len(after) == 75
+    assert all(before[key]["low"] <= after[key]["mean"] <= before[key]["high"] for key in before)
+    sentence = r"with today's code, every mean lands inside these intervals; it took ([\d.]+) CPU-hours"
+    said = re.search(sentence, " ".join(README.split()))
+    assert said, "the README's re-run sentence"
+    recorded = (rerun["timing"]["train_cpu_s"] + rerun["timing"]["score_cpu_s"]) / 3600
+    assert 0 <= float(said.group(1)) - round(recorded, 1) <= 0.1
