@@ -13,7 +13,7 @@ world's five style domains; every method against LoRA, and what each one forgets
     # SaRA's gap to Super-Tuning taken apart (rows not in the default grid; see SARA_ABLATIONS):
     # the rows already in the folder are reused, the new ones swept, trained and scored
     difftune benchmark --style_suite --output_dir runs/style_benchmark --levels 20M \
-        --methods lora sara supertuning sara_attnff sara_attnff_plain
+        --methods lora sara supertuning sara_attnff sara_attnff_norank sara_attnff_plain
 
 (``python eval/benchmark.py --style_suite ...`` in a checkout is the same.)
 
@@ -130,15 +130,17 @@ STYLE_METHODS = (
 )
 # Rows that separate SaRA's gap to Super-Tuning (the same smallest-magnitude selection at the same
 # count): SaRA on Super-Tuning's layers (every Linear of the transformer blocks instead of every Linear
-# and Conv2d), then also without its low-rank loss and progressive step (Super-Tuning's recipe with
-# SaRA's global threshold and hook). Not in the default grid: ask for them with --methods.
+# and Conv2d), then without its low-rank loss, then also without its progressive step (Super-Tuning's
+# recipe with SaRA's global threshold and hook). Not in the default grid: ask for them with --methods.
 SARA_ABLATIONS = (
     StyleMethod("sara_attnff", "sara", {"targets": "attn-ff"}, "budget"),
+    StyleMethod("sara_attnff_norank", "sara", {"targets": "attn-ff", "lambda_rank": 0}, "budget"),
     StyleMethod("sara_attnff_plain", "sara", {"targets": "attn-ff", "lambda_rank": 0, "progressive_step": 0},
                 "budget"),
 )
 # The paired differences the ablation rows answer (row − other), each where both rows are scored.
 ABLATION_PAIRS = (("sara_attnff", "sara"), ("sara_attnff", "supertuning"),
+                  ("sara_attnff_norank", "sara_attnff"), ("sara_attnff_plain", "sara_attnff_norank"),
                   ("sara_attnff_plain", "sara_attnff"), ("sara_attnff_plain", "supertuning"))
 METHODS_BY_NAME = {method.name: method for method in STYLE_METHODS + SARA_ABLATIONS}
 
@@ -147,7 +149,7 @@ _RATES = {"lora": (3e-4, 1e-3, 3e-3), "sara": (1e-3, 3e-3, 1e-2), "svfit": (1e-3
           "tlora": (3e-4, 1e-3, 3e-3), "full_ft": (3e-5, 1e-4, 3e-4), "dora": (3e-4, 1e-3, 3e-3),
           "loha": (3e-4, 1e-3, 3e-3), "lokr": (3e-4, 1e-3, 3e-3), "oft": (3e-4, 1e-3, 3e-3),
           "shira": (3e-4, 1e-3, 3e-3), "supertuning": (1e-3, 3e-3, 1e-2), "sara_attnff": (1e-3, 3e-3, 1e-2),
-          "sara_attnff_plain": (1e-3, 3e-3, 1e-2)}
+          "sara_attnff_norank": (1e-3, 3e-3, 1e-2), "sara_attnff_plain": (1e-3, 3e-3, 1e-2)}
 
 STYLE_PRESETS: dict[str, dict[str, Any]] = {
     # Sized for the 2-core CPU from one measured cell (docs/benchmarks.md): one seed per domain, 300

@@ -169,35 +169,40 @@ def test_an_interrupted_grid_continues_where_it_stopped(suite_module, in_process
 
 def test_sara_ablation_rows_change_one_part_of_the_recipe_and_answer_their_pairs(
         suite_module, in_process_trainer, tiny_clip_dir, tmp_path):
-    """SaRA on Super-Tuning's layers, then also without its low-rank loss and progressive step: asked for
-    by name, budgeted like SaRA, kept out of VLHI's group and the leaders, compared in their pairs."""
+    """SaRA on Super-Tuning's layers, then without its low-rank loss, then also without its progressive
+    step: asked for by name, budgeted like SaRA, kept out of VLHI's group and the leaders, compared in
+    their pairs."""
     defaults = suite_module.parse_args(["--output_dir", str(tmp_path)])
     assert not {m.name for m in suite_module.SARA_ABLATIONS} & set(defaults.methods)
     out = tmp_path / "suite"
     report = run(suite_module, out, tiny_clip_dir, "--methods", "lora", "sara", "supertuning", "sara_attnff",
-                 "sara_attnff_plain", "--levels", "20M", "--rates", 1, "--styles", "rose")
+                 "sara_attnff_norank", "sara_attnff_plain", "--levels", "20M", "--rates", 1,
+                 "--styles", "rose")
     budgets = report["settings"]["budgets"]
     configs = {}
-    for row in ("sara@20M", "sara_attnff@20M", "sara_attnff_plain@20M"):
+    ablations = {"sara_attnff@20M", "sara_attnff_norank@20M", "sara_attnff_plain@20M"}
+    for row in ("sara@20M", *ablations):
         assert budgets[row]["trainable_parameters"] == budgets[row]["target"]
         adapter = out / f"runs/rose/seed0/{row}/adapter.safetensors"
         configs[row] = difftune.adapter_file.read_adapter_file(adapter)[1]
     assert "conv_in" in configs["sara@20M"]["targets"]  # SaRA: every Linear and Conv2d
-    for row in ("sara_attnff@20M", "sara_attnff_plain@20M"):  # Super-Tuning's: the transformer blocks' Linear
+    for row in ablations:  # Super-Tuning's: the transformer blocks' Linear
         targets = configs[row]["targets"]
         assert targets and all(".transformer_blocks." in name for name in targets)
     lambda_rank = configs["sara@20M"]["config"]["lambda_rank"]
     assert configs["sara_attnff@20M"]["config"]["lambda_rank"] == lambda_rank > 0
     assert configs["sara_attnff@20M"]["extra"]["progressive_applied"]
+    norank = configs["sara_attnff_norank@20M"]
+    assert norank["config"]["lambda_rank"] == 0 and norank["extra"]["progressive_applied"]
     plain = configs["sara_attnff_plain@20M"]
     assert plain["config"]["lambda_rank"] == 0 and not plain["config"]["progressive_step"]
     assert not plain["extra"].get("progressive_applied")
-    ablations = {"sara_attnff@20M", "sara_attnff_plain@20M"}
     assert not ablations & set(report["settings"]["vlhi_group"])
     contest = report["comparisons"]
     for entry in contest["leaders"].values():
         assert not ablations & (set(entry["vs_best"]) | {entry["best"]})
     pairs = {"sara_attnff@20M − sara@20M", "sara_attnff@20M − supertuning@20M",
+             "sara_attnff_norank@20M − sara_attnff@20M", "sara_attnff_plain@20M − sara_attnff_norank@20M",
              "sara_attnff_plain@20M − sara_attnff@20M", "sara_attnff_plain@20M − supertuning@20M"}
     assert pairs <= set(contest["sara_vs"])
     means = {a["row"]: a for a in report["aggregates"] if a["step"] == 2}
