@@ -330,6 +330,15 @@ def test_readme_style_benchmark_summary_is_the_measured_one():
                for row in ("lora@20M", "full_ft", "supertuning@20M"))
     same_drift = sara["sara@20M − full_ft"]["drift"]
     assert same_drift["low"] < 0 < same_drift["high"]
+    ablation = (f"Without it SaRA on Super-Tuning's layers is significantly ahead of LoRA (FID "
+                f"{mean('sara_attnff_norank@20M', 'fid_heldout', 1)}; "
+                f"{mean('sara_attnff_plain@20M', 'fid_heldout', 1)} also without the progressive step, "
+                f"Super-Tuning's {mean('supertuning@20M', 'fid_heldout', 1)}); with it, it barely learns "
+                f"({mean('sara_attnff@20M', 'fid_heldout', 1)}).")
+    assert ablation in " ".join(README.split())
+    assert all(last[f"{row}@20M"]["fid_heldout_vs_lora"]["high"] < 0
+               for row in ("sara_attnff_norank", "sara_attnff_plain"))
+    assert sara["sara_attnff_norank@20M − sara_attnff@20M"]["fid_heldout"]["high"] < 0  # the loss's cost
     cpu = report["settings"]["timings_seconds"]
     assert f"The grid took {(cpu['traincpu'] + cpu['scorecpu']) / 3600:.1f} CPU-hours." in README
 
