@@ -148,8 +148,8 @@ METHODS_BY_NAME = {method.name: method for method in STYLE_METHODS + SARA_ABLATI
 _RATES = {"lora": (3e-4, 1e-3, 3e-3), "sara": (1e-3, 3e-3, 1e-2), "svfit": (1e-3, 3e-3, 1e-2),
           "tlora": (3e-4, 1e-3, 3e-3), "full_ft": (3e-5, 1e-4, 3e-4), "dora": (3e-4, 1e-3, 3e-3),
           "loha": (3e-4, 1e-3, 3e-3), "lokr": (3e-4, 1e-3, 3e-3), "oft": (3e-4, 1e-3, 3e-3),
-          "shira": (3e-4, 1e-3, 3e-3), "supertuning": (1e-3, 3e-3, 1e-2), "sara_attnff": (1e-3, 3e-3, 1e-2),
-          "sara_attnff_norank": (1e-3, 3e-3, 1e-2), "sara_attnff_plain": (1e-3, 3e-3, 1e-2)}
+          "shira": (3e-4, 1e-3, 3e-3), "supertuning": (1e-3, 3e-3, 1e-2)}
+_RATES.update({ablation.name: _RATES["sara"] for ablation in SARA_ABLATIONS})  # SaRA's grid
 
 STYLE_PRESETS: dict[str, dict[str, Any]] = {
     # Sized for the 2-core CPU from one measured cell (docs/benchmarks.md): one seed per domain, 300
